@@ -1,0 +1,69 @@
+"""The `kubenova` command: controller, agent and the embedded test ground."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kubenova.testground.procs import TestGroundError
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kubenova", description=__doc__)
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("controller", help="run the cluster controller (placement; never calls libvirt)")
+
+    agent = sub.add_parser("agent", help="run the node agent (one per node)")
+    agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
+    agent.add_argument("--libvirt-uri", default=_env("LIBVIRT_URI", "qemu:///system"),
+                       help="libvirt connection URI [$LIBVIRT_URI, qemu:///system]")
+    agent.add_argument("--domain-type", default=_env("KUBENOVA_DOMAIN_TYPE", "kvm"), choices=["kvm", "qemu"],
+                       help="kvm, or qemu for software emulation (TCG) [$KUBENOVA_DOMAIN_TYPE, kvm]")
+    agent.add_argument("--image-store", default=_env("KUBENOVA_IMAGE_STORE", "/var/lib/kubenova/images"),
+                       help="folder of boot images a spec may name [$KUBENOVA_IMAGE_STORE]")
+    agent.add_argument("--console-dir", default=_env("KUBENOVA_CONSOLE_DIR", "/var/lib/kubenova/console"),
+                       help="folder of serial console logs [$KUBENOVA_CONSOLE_DIR]")
+
+    dev = sub.add_parser("dev", help="the embedded test ground: etcd, kube-apiserver, libvirtd, kubenova")
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    up = dev_sub.add_parser("up", help="start everything (idempotent) and print how to use it")
+    up.add_argument("--no-kubenova", action="store_true", help="start only etcd, kube-apiserver and libvirtd")
+    dev_sub.add_parser("down", help="stop everything the test ground started, even after a crash")
+    dev_sub.add_parser("status", help="show what is running")
+    dev_sub.add_parser("env", help="print the shell exports for kubectl")
+    dev_sub.add_parser("demo", help="start everything, boot the sample VM and show it Running, timed")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "controller":
+            from kubenova.handlers import controller
+            controller.run()
+        elif args.command == "agent":
+            if not args.node:
+                print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)
+                return 2
+            from kubenova.handlers import agent
+            agent.run(args.node, args.libvirt_uri, args.domain_type, args.image_store, args.console_dir)
+        else:
+            from kubenova.testground import ground
+            return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False))
+    except TestGroundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

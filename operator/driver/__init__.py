@@ -1,0 +1,1 @@
+"""The node-local compute driver: Nova's ComputeDriver contract and its implementations."""

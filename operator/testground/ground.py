@@ -1,0 +1,187 @@
+"""`kubenova dev`: bring the whole test ground up or down, idempotently."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+from kubenova.testground import guest, kube, libvirt_host, procs
+from kubenova.testground.procs import Layout, TestGroundError
+
+NODE = "node-0"
+SAMPLE = kube.REPO / "deploy" / "samples" / "virtualinstance.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ground:
+    """What tests and the demo need to reach the running test ground."""
+
+    layout: Layout
+    tools: pathlib.Path
+    node: str
+    libvirt_uri: str
+
+    @property
+    def kubectl(self) -> str:
+        return str(self.tools / "kubectl")
+
+    def node_dir(self, node: str | None = None) -> pathlib.Path:
+        return self.layout.state / "nodes" / (node or self.node)
+
+    def console_log(self, uid: str, node: str | None = None) -> pathlib.Path:
+        return self.node_dir(node) / "console" / f"{uid}.log"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.layout.kubeconfig),
+                "PATH": f"{self.tools}:{os.environ.get('PATH', '')}"}
+
+
+def source_fingerprint() -> str:
+    """Changes whenever kubenova's code or CRDs change, so `up` restarts stale processes."""
+    digest = hashlib.sha256()
+    for path in sorted([*(kube.REPO / "operator").rglob("*.py"), *(kube.REPO / "crds").glob("*.yaml")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def install_crds(ground: Ground) -> None:
+    fix = "check the CRD files in crds/"
+    procs.run([ground.kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(kube.REPO / "crds")],
+              "installing the CRDs", fix, env=ground.env())
+    procs.run([ground.kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "",
+               "--all"], "waiting for the CRDs", fix, env=ground.env())
+
+
+def _kubenova_processes(ground: Ground) -> dict[str, tuple[list[str], str]]:
+    node_dir = ground.node_dir()
+    python = [sys.executable, "-m", "kubenova.cli"]
+    return {
+        "controller": ([*python, "controller"], "kubenova.cli controller"),
+        f"agent-{ground.node}": ([*python, "agent", "--node", ground.node, "--libvirt-uri", ground.libvirt_uri,
+                                  "--domain-type", "qemu", "--image-store", str(ground.layout.state / "images"),
+                                  "--console-dir", str(node_dir / "console")], f"--node {ground.node}"),
+    }
+
+
+def start_kubenova(ground: Ground) -> None:
+    """Run the controller and the node's agent as local processes, restarting them if the code changed."""
+    stamp = ground.layout.state / "kubenova.fingerprint"
+    fingerprint = source_fingerprint()
+    processes = _kubenova_processes(ground)
+    current = stamp.exists() and stamp.read_text() == fingerprint
+    for name, (argv, marker) in processes.items():
+        if procs.running_pid(ground.layout, name) and current:
+            continue
+        procs.stop(ground.layout, name)
+        procs.start(ground.layout, name, argv, marker, env=ground.env())
+    stamp.write_text(fingerprint)
+
+    def registered() -> bool:
+        proc = procs.run([ground.kubectl, "get", "computenode", ground.node, "-o", "name",
+                          "--ignore-not-found"], "asking for the ComputeNode", "", env=ground.env())
+        return bool(proc.stdout.strip())
+    procs.wait_for(registered, 60, f"the agent of {ground.node}", ground.layout.logfile(f"agent-{ground.node}"))
+
+
+def up(start_kubenova_processes: bool = True, layout: Layout | None = None) -> Ground:
+    layout = layout or Layout.default()
+    layout.state.mkdir(parents=True, exist_ok=True)
+    tools = kube.build_tools()
+    pki = kube.ensure_pki(layout)
+    kube.write_kubeconfig(layout, pki)
+    kube.start_etcd(layout, tools)
+    kube.start_apiserver(layout, tools, pki)
+    ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE))
+    guest.ensure_images(layout, layout.state / "images")
+    install_crds(ground)
+    if start_kubenova_processes:
+        start_kubenova(ground)
+    return ground
+
+
+def down(layout: Layout | None = None) -> list[str]:
+    """Stop what the test ground started (found by pid files and mount namespaces) and forget its state."""
+    layout = layout or Layout.default()
+    stopped = []
+    for pidfile in sorted((layout.state / "pids").glob("*.pid")):
+        name = pidfile.stem
+        if name in ("etcd", "kube-apiserver"):
+            continue
+        if procs.stop(layout, name):
+            stopped.append(name)
+    for node_dir in sorted((layout.state / "nodes").glob("*")):
+        if libvirt_host.stop(layout, node_dir.name):
+            stopped.append(f"libvirtd of {node_dir.name}")
+    for name in ("kube-apiserver", "etcd"):
+        if procs.stop(layout, name):
+            stopped.append(name)
+    shutil.rmtree(layout.state, ignore_errors=True)
+    return stopped
+
+
+def status(layout: Layout | None = None) -> dict[str, str]:
+    layout = layout or Layout.default()
+    found: dict[str, str] = {}
+    for pidfile in sorted((layout.state / "pids").glob("*.pid")):
+        pid = procs.running_pid(layout, pidfile.stem)
+        found[pidfile.stem] = f"running (pid {pid})" if pid else "dead"
+    for node_dir in sorted((layout.state / "nodes").glob("*")):
+        pidfile = libvirt_host.host_dir(layout, node_dir.name) / "libvirtd.pid"
+        pid = pidfile.read_text().strip() if pidfile.exists() else ""
+        alive = pid.isdigit() and procs.pid_alive(int(pid))
+        found[f"libvirtd-{node_dir.name}"] = f"running (pid {pid})" if alive else "dead"
+    return found
+
+
+def exports(ground: Ground) -> str:
+    return (f"export KUBECONFIG={ground.layout.kubeconfig}\n"
+            f"export PATH={ground.tools}:$PATH")
+
+
+def demo(ground: Ground) -> None:
+    """Apply the sample VM and show it Running with its guest's boot marker, timed."""
+    env = ground.env()
+    procs.run([ground.kubectl, "delete", "-f", str(SAMPLE), "--ignore-not-found", "--wait=true"],
+              "removing an earlier demo VM", "see the agent log", env=env)
+    start = time.monotonic()
+    procs.run([ground.kubectl, "apply", "-f", str(SAMPLE)], "applying the sample", "check deploy/samples", env=env)
+    procs.run([ground.kubectl, "wait", "--for=condition=Ready", "--timeout=120s", "-f", str(SAMPLE)],
+              "waiting for the sample VM", f"see {ground.layout.logfile('agent-' + ground.node)}", env=env)
+    running = time.monotonic() - start
+    uid = procs.run([ground.kubectl, "get", "-f", str(SAMPLE), "-o", "jsonpath={.metadata.uid}"],
+                    "reading the sample's UID", "", env=env).stdout.strip()
+    console = ground.console_log(uid)
+    procs.wait_for(lambda: console.exists() and guest.BOOT_MARKER in console.read_text(errors="replace"), 120,
+                   "the guest's boot marker", console)
+    booted = time.monotonic() - start
+    table = procs.run([ground.kubectl, "get", "virtualinstances", "-A", "-o", "wide"], "listing instances", "",
+                      env=env).stdout
+    marker = next(line for line in console.read_text(errors="replace").splitlines() if guest.BOOT_MARKER in line)
+    print(table.rstrip())
+    print(f"\nconsole ({console}):\n  {marker}")
+    print(f"\napply -> Ready (Running): {running:.2f}s; apply -> boot marker: {booted:.2f}s")
+
+
+def main(action: str, start_kubenova: bool = True) -> int:
+    if action == "up":
+        ground = up(start_kubenova)
+        for name, state in status(ground.layout).items():
+            print(f"{name:20} {state}")
+        print(f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground)}")
+    elif action == "down":
+        stopped = down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    elif action == "status":
+        for name, state in status().items() or {"test ground": "not started"}.items():
+            print(f"{name:20} {state}")
+    elif action == "env":
+        print(exports(up(start_kubenova_processes=False)))
+    elif action == "demo":
+        demo(up())
+    else:
+        raise TestGroundError(f"unknown action {action!r}")
+    return 0

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs inside a private mount namespace (unshare --mount --propagation private):
+# gives one libvirtd "host" its own /etc, /run, /var/lib, /var/cache and /var/log
+# for libvirt, then starts its virtlogd and libvirtd. The host's real libvirt
+# directories are never touched; everything lives under $1.
+set -euo pipefail
+host=$1
+for d in etc run lib cache log; do mkdir -p "$host/$d"; done
+mkdir -p "$host/lib/qemu" "$host/lib/images"
+for pair in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/cache/libvirt log:/var/log/libvirt; do
+  mkdir -p "${pair#*:}"
+  mount --bind "$host/${pair%%:*}" "${pair#*:}"
+done
+virtlogd --daemon --pid-file="$host/virtlogd.pid"
+exec libvirtd --daemon --pid-file="$host/libvirtd.pid"
