@@ -11,6 +11,7 @@ out="$cache/bin/$key"
 if [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; then
   echo "$out"; exit 0
 fi
+[ -x /usr/local/go/bin/go ] && PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "error: 'go' is not on PATH; install Go >= 1.26 (see README)" >&2; exit 1; }
 kver=$(awk '$1=="k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' "$mod/go.mod")
 [ -n "$kver" ] || { echo "error: cannot read the k8s.io/kubernetes version from $mod/go.mod" >&2; exit 1; }

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 class TestGroundError(Exception):
     """A set-up failure with a one-line cause and fix, shown without a traceback."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_node
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def node(name: str, memory: int = 1000, vcpus: int = 2, enabled: bool = True, age: int = 5) -> NodeView:
+    return NodeView(name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory)
+
+
+def test_spreads_to_the_node_with_most_free_memory() -> None:
+    nodes = {"a": node("a"), "b": node("b")}
+    assert choose_node(Usage(1, 100), None, nodes, {"a": Usage(1, 500)}, NOW) == "b"
+
+
+def test_pinning_wins_and_unknown_pin_is_explained() -> None:
+    nodes = {"a": node("a"), "b": node("b", memory=5000)}
+    assert choose_node(Usage(1, 100), "a", nodes, {}, NOW) == "a"
+    with pytest.raises(Unschedulable, match="spec.nodeName 'zzz'"):
+        choose_node(Usage(1, 100), "zzz", nodes, {}, NOW)
+
+
+@pytest.mark.parametrize("view, reason", [
+    (node("a", enabled=False), "a: disabled"),
+    (node("a", age=600), "a: agent not reporting"),
+    (node("a", memory=100), "MiB free, 1000 MiB requested"),
+])
+def test_says_why_nothing_fits(view: NodeView, reason: str) -> None:
+    with pytest.raises(Unschedulable, match=reason):
+        choose_node(Usage(1, 1000), None, {"a": view}, {}, NOW)
+
+
+def test_no_nodes_tells_to_start_an_agent() -> None:
+    with pytest.raises(Unschedulable, match="start a kubenova agent"):
+        choose_node(Usage(1, 1), None, {}, {}, NOW)
