@@ -8,7 +8,7 @@ deps:  ## Debian packages, the Python venv (the Go tools are built on first use)
 
 demo: deps  ## start the test ground and kubenova, boot the sample VM, show it Running
 	$(KUBENOVA) dev demo
-	@echo; $(KUBENOVA) dev env
+	@echo; echo "To use kubectl:"; $(KUBENOVA) dev env
 
 test: deps  ## the whole test suite against the real apiserver, etcd and libvirtd
 	$(VENV)/bin/python -m pytest

@@ -150,7 +150,9 @@ class LibvirtDriver(ComputeDriver):
             return ""
 
     def get_host_stats(self) -> HostStats:
-        model, memory_mib, cpus, *_ = self.conn.getInfo()
+        model, _, cpus, *_ = self.conn.getInfo()
+        # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
+        memory_mib = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
         caps = ET.fromstring(self.conn.getCapabilities())
         cpu_model = caps.findtext("host/cpu/model") or model
         version = self.conn.getVersion()

@@ -137,9 +137,8 @@ def status(layout: Layout | None = None) -> dict[str, str]:
     return found
 
 
-def exports(ground: Ground) -> str:
-    return (f"export KUBECONFIG={ground.layout.kubeconfig}\n"
-            f"export PATH={ground.tools}:$PATH")
+def exports(layout: Layout, tools: pathlib.Path) -> str:
+    return f"export KUBECONFIG={layout.kubeconfig}\nexport PATH={tools}:$PATH"
 
 
 def demo(ground: Ground) -> None:
@@ -171,7 +170,7 @@ def main(action: str, start_kubenova: bool = True) -> int:
         ground = up(start_kubenova)
         for name, state in status(ground.layout).items():
             print(f"{name:20} {state}")
-        print(f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground)}")
+        print(f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground.layout, ground.tools)}")
     elif action == "down":
         stopped = down()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -179,7 +178,7 @@ def main(action: str, start_kubenova: bool = True) -> int:
         for name, state in status().items() or {"test ground": "not started"}.items():
             print(f"{name:20} {state}")
     elif action == "env":
-        print(exports(up(start_kubenova_processes=False)))
+        print(exports(Layout.default(), kube.build_tools()))
     elif action == "demo":
         demo(up())
     else:
