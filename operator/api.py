@@ -1,0 +1,327 @@
+"""Typed views of the custom resources' spec and status, as the handlers read and write them.
+
+They mirror crds/ (the source of truth); tests/unit/test_api_types.py fails when a field
+is added to one and not the other. `total=False` because most fields are optional.
+"""
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class Flavor(TypedDict, total=False):
+    vcpus: int
+    memoryMiB: int
+
+
+class BootImage(TypedDict, total=False):
+    name: str
+    url: str
+    checksum: str
+
+
+class KernelBootSpec(TypedDict, total=False):
+    image: str
+    initrd: str
+    cmdline: str
+
+
+class Boot(TypedDict, total=False):
+    image: BootImage
+    kernel: KernelBootSpec
+
+
+class RootDisk(TypedDict, total=False):
+    sizeGiB: int
+
+
+class EphemeralDisk(TypedDict, total=False):
+    name: str
+    sizeGiB: int
+
+
+class Swap(TypedDict, total=False):
+    sizeMiB: int
+
+
+class Interface(TypedDict, total=False):
+    name: str
+    network: str
+    macAddress: str
+    model: str
+
+
+class Rescue(TypedDict, total=False):
+    enabled: bool
+    image: str
+
+
+class InjectedFile(TypedDict, total=False):
+    path: str
+    content: str
+
+
+class SecretKeyRef(TypedDict, total=False):
+    name: str
+    key: str
+
+
+class RebootRequest(TypedDict, total=False):
+    id: str
+    type: str
+
+
+class SnapshotRequest(TypedDict, total=False):
+    id: str
+    imageName: str
+
+
+class PasswordResetRequest(TypedDict, total=False):
+    id: str
+
+
+class Actions(TypedDict, total=False):
+    reboot: RebootRequest
+    snapshot: SnapshotRequest
+    passwordReset: PasswordResetRequest
+
+
+class VirtualInstanceSpec(TypedDict, total=False):
+    flavor: Flavor
+    boot: Boot
+    rootDisk: RootDisk
+    ephemeralDisks: list[EphemeralDisk]
+    swap: Swap
+    interfaces: list[Interface]
+    powerState: str
+    rescue: Rescue
+    userData: str
+    injectedFiles: list[InjectedFile]
+    networkConfig: str
+    adminPasswordSecretRef: SecretKeyRef
+    nodeName: str
+    nodeSelector: dict[str, str]
+    actions: Actions
+
+
+class Condition(TypedDict, total=False):
+    type: str
+    status: str
+    reason: str
+    message: str
+    lastTransitionTime: str
+    observedGeneration: int
+
+
+class Info(TypedDict, total=False):
+    maxMemKiB: int
+    memKiB: int
+    vcpus: int
+    cpuTimeNs: int
+
+
+class Console(TypedDict, total=False):
+    node: str
+    logFile: str
+
+
+class SecretRef(TypedDict, total=False):
+    name: str
+
+
+class Vnc(TypedDict, total=False):
+    host: str
+    port: int
+    passwordSecretRef: SecretRef
+
+
+class DiskStats(TypedDict, total=False):
+    name: str
+    rdReq: int
+    rdBytes: int
+    wrReq: int
+    wrBytes: int
+    errs: int
+
+
+class InterfaceStats(TypedDict, total=False):
+    name: str
+    rxBytes: int
+    rxPackets: int
+    rxErrs: int
+    rxDrop: int
+    txBytes: int
+    txPackets: int
+    txErrs: int
+    txDrop: int
+
+
+class Diagnostics(TypedDict, total=False):
+    updateTime: str
+    disks: list[DiskStats]
+    interfaces: list[InterfaceStats]
+
+
+class ActionStatus(TypedDict, total=False):
+    id: str
+    phase: str
+    progress: int
+    message: str
+    completionTime: str
+
+
+class ActionsStatus(TypedDict, total=False):
+    reboot: ActionStatus
+    snapshot: ActionStatus
+    passwordReset: ActionStatus
+
+
+class VirtualInstanceStatus(TypedDict, total=False):
+    phase: str
+    node: str
+    powerState: str
+    domainUUID: str
+    info: Info
+    ipAddresses: list[str]
+    console: Console
+    vnc: Vnc
+    diagnostics: Diagnostics
+    actions: ActionsStatus
+    observedGeneration: int
+    conditions: list[Condition]
+
+
+class InstanceRef(TypedDict, total=False):
+    name: str
+
+
+class VolumeSource(TypedDict, total=False):
+    name: str
+    sizeGiB: int
+
+
+class ImageSource(TypedDict, total=False):
+    name: str
+
+
+class Device(TypedDict, total=False):
+    name: str
+    bus: str
+
+
+class VolumeAttachmentSpec(TypedDict, total=False):
+    instanceRef: InstanceRef
+    volume: VolumeSource
+    image: ImageSource
+    device: Device
+    readOnly: bool
+
+
+class Connector(TypedDict, total=False):
+    ip: str
+    initiator: str
+    host: str
+
+
+class VolumeAttachmentStatus(TypedDict, total=False):
+    phase: str
+    node: str
+    device: str
+    connector: Connector
+    observedGeneration: int
+    conditions: list[Condition]
+
+
+class Confirmation(TypedDict, total=False):
+    policy: str
+    autoConfirmSeconds: int
+
+
+class MigrationSpec(TypedDict, total=False):
+    instanceRef: InstanceRef
+    type: str
+    targetNode: str
+    flavor: Flavor
+    confirmation: Confirmation
+    decision: str
+    cancel: bool
+
+
+class Progress(TypedDict, total=False):
+    percent: int
+    dataTotalBytes: int
+    dataProcessedBytes: int
+    dataRemainingBytes: int
+    iteration: int
+    expectedDowntimeMs: int
+    downtimeMs: int
+
+
+class MigrationStatus(TypedDict, total=False):
+    phase: str
+    sourceNode: str
+    targetNode: str
+    message: str
+    progress: Progress
+    startTime: str
+    completionTime: str
+    observedGeneration: int
+    conditions: list[Condition]
+
+
+class PowerActionRequest(TypedDict, total=False):
+    id: str
+    action: str
+
+
+class ComputeNodeSpec(TypedDict, total=False):
+    enabled: bool
+    maintenance: bool
+    powerAction: PowerActionRequest
+
+
+class CpuInfo(TypedDict, total=False):
+    arch: str
+    vendor: str
+    model: str
+    sockets: int
+    cores: int
+    threads: int
+    features: list[str]
+
+
+class Resources(TypedDict, total=False):
+    vcpus: int
+    memoryMiB: int
+    diskGiB: int
+
+
+class PowerActionStatus(TypedDict, total=False):
+    id: str
+    phase: str
+    message: str
+
+
+class ComputeNodeStatus(TypedDict, total=False):
+    hypervisorType: str
+    hypervisorVersion: str
+    hostname: str
+    hostIP: str
+    cpuModel: str
+    cpuInfo: CpuInfo
+    capacity: Resources
+    usage: Resources
+    diskAvailableLeastGiB: int
+    instanceCount: int
+    instances: list[str]
+    heartbeatTime: str
+    powerAction: PowerActionStatus
+    conditions: list[Condition]
+
+
+#: Each kind's (spec, status) views, keyed by kind.
+VIEWS: dict[str, tuple[type, type]] = {
+    "VirtualInstance": (VirtualInstanceSpec, VirtualInstanceStatus),
+    "VolumeAttachment": (VolumeAttachmentSpec, VolumeAttachmentStatus),
+    "Migration": (MigrationSpec, MigrationStatus),
+    "ComputeNode": (ComputeNodeSpec, ComputeNodeStatus),
+}
