@@ -76,15 +76,42 @@ class InstanceInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class InstanceDetail:
+    """One entry of Nova's list_instances_detail, with the Kubernetes identity kept in the domain."""
+
+    uuid: str
+    namespace: str
+    name: str
+    state: PowerState
+    vcpus: int
+    memory_mib: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    """The host CPU as compare_cpu needs it."""
+
+    arch: str
+    vendor: str
+    model: str
+    sockets: int
+    cores: int
+    threads: int
+    features: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class HostStats:
     """Nova's get_available_resource / get_host_stats, reported on the ComputeNode."""
 
     vcpus: int
     memory_mib: int
+    disk_gib: int
+    disk_free_gib: int
     hypervisor_type: str
     hypervisor_version: str
     hostname: str
-    cpu_model: str
+    cpu: CpuInfo
 
 
 class ComputeDriver(abc.ABC):
@@ -97,6 +124,10 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def list_instances(self) -> list[str]:
         """UUIDs of every instance this driver manages on the node."""
+
+    @abc.abstractmethod
+    def list_instances_detail(self) -> list[InstanceDetail]:
+        """Every managed instance with its identity, state and size (for resync and host usage)."""
 
     @abc.abstractmethod
     def instance_exists(self, uuid: str) -> bool:

@@ -11,7 +11,8 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from kubenova.driver.base import (
-    ComputeDriver, DriverError, HostStats, InstanceInfo, InstanceNotFound, InstanceSpec, PowerState,
+    ComputeDriver, CpuInfo, DriverError, HostStats, InstanceDetail, InstanceInfo, InstanceNotFound, InstanceSpec,
+    PowerState,
 )
 from kubenova.driver.domain import METADATA_NS, domain_xml
 
@@ -74,14 +75,20 @@ class LibvirtDriver(ComputeDriver):
         log.info("connected to %s (libvirt %s) as node %s", self.uri, self.conn.getLibVersion(), host)
 
     def list_instances(self) -> list[str]:
-        uuids = []
+        return [detail.uuid for detail in self.list_instances_detail()]
+
+    def list_instances_detail(self) -> list[InstanceDetail]:
+        details = []
         for dom in self.conn.listAllDomains():
             try:
-                dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+                meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS))
+                state, max_mem_kib, _, vcpus, _ = dom.info()
             except libvirt.libvirtError:
-                continue  # not ours
-            uuids.append(dom.UUIDString())
-        return uuids
+                continue  # not ours, or gone meanwhile
+            details.append(InstanceDetail(
+                uuid=dom.UUIDString(), namespace=meta.get("namespace", ""), name=meta.get("name", ""),
+                state=_STATES.get(state, PowerState.NOSTATE), vcpus=vcpus, memory_mib=max_mem_kib // 1024))
+        return details
 
     def instance_exists(self, uuid: str) -> bool:
         try:
@@ -150,13 +157,24 @@ class LibvirtDriver(ComputeDriver):
             return ""
 
     def get_host_stats(self) -> HostStats:
-        model, _, cpus, *_ = self.conn.getInfo()
+        arch, _, cpus, *_ = self.conn.getInfo()
         # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
         memory_mib = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
-        caps = ET.fromstring(self.conn.getCapabilities())
-        cpu_model = caps.findtext("host/cpu/model") or model
+        cpu = ET.fromstring(self.conn.getCapabilities()).find("host/cpu")
+        topology = cpu.find("topology") if cpu is not None else None
+        fs = os.statvfs(self.console_dir)
         version = self.conn.getVersion()
         return HostStats(
-            vcpus=cpus, memory_mib=memory_mib, hypervisor_type=self.conn.getType(),
+            vcpus=cpus, memory_mib=memory_mib,
+            disk_gib=fs.f_blocks * fs.f_frsize // 2**30, disk_free_gib=fs.f_bavail * fs.f_frsize // 2**30,
+            hypervisor_type=self.conn.getType(),
             hypervisor_version=f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}",
-            hostname=socket.gethostname(), cpu_model=cpu_model)
+            hostname=socket.gethostname(),
+            cpu=CpuInfo(
+                arch=cpu.findtext("arch", arch) if cpu is not None else arch,
+                vendor=cpu.findtext("vendor", "") if cpu is not None else "",
+                model=cpu.findtext("model", "") if cpu is not None else "",
+                sockets=int(topology.get("sockets", 1)) if topology is not None else 1,
+                cores=int(topology.get("cores", 1)) if topology is not None else 1,
+                threads=int(topology.get("threads", 1)) if topology is not None else 1,
+                features=tuple(f.get("name", "") for f in cpu.findall("feature")) if cpu is not None else ()))

@@ -23,10 +23,18 @@ def report_host(api: kubernetes.client.CustomObjectsApi, node: str, driver: Comp
         if exc.status != 409:
             raise
     stats = driver.get_host_stats()
+    instances = driver.list_instances_detail()
+    cpu = stats.cpu
     api.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, node, {"status": {
         "hypervisorType": stats.hypervisor_type, "hypervisorVersion": stats.hypervisor_version,
-        "hostname": stats.hostname, "cpuModel": stats.cpu_model, "heartbeatTime": now(),
-        "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib},
+        "hostname": stats.hostname, "cpuModel": cpu.model, "heartbeatTime": now(),
+        "cpuInfo": {"arch": cpu.arch, "vendor": cpu.vendor, "model": cpu.model, "sockets": cpu.sockets,
+                    "cores": cpu.cores, "threads": cpu.threads, "features": list(cpu.features)},
+        "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},
+        "usage": {"vcpus": sum(i.vcpus for i in instances), "memoryMiB": sum(i.memory_mib for i in instances)},
+        "diskAvailableLeastGiB": stats.disk_free_gib,
+        "instanceCount": len(instances),
+        "instances": sorted(f"{i.namespace}/{i.name}" for i in instances),
     }})
 
 

@@ -43,8 +43,9 @@ def run() -> None:
         settings.posting.level = logging.WARNING
 
     @kopf.index(*CN, registry=registry, id="node_views")
-    def node_views(name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> dict[str, NodeView]:
-        return {name: virtualinstance.node_view(name, spec, status)}
+    def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
+                   **_: Any) -> dict[str, NodeView]:
+        return {name: virtualinstance.node_view(name, labels, spec, status)}  # type: ignore[arg-type]
 
     @kopf.index(*VI, registry=registry, id="node_usage")
     def node_usage(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Usage] | None:

@@ -19,6 +19,8 @@ class NodeView:
     heartbeat: datetime.datetime | None
     vcpus: int
     memory_mib: int
+    maintenance: bool = False
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Unschedulable(Exception):
 
 
 def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView],
-                used: Mapping[str, Usage], now: datetime.datetime) -> str:
+                used: Mapping[str, Usage], now: datetime.datetime,
+                selector: Mapping[str, str] | None = None) -> str:
     """The fitting node with the most free memory (spreads instances); raises Unschedulable."""
     if not nodes:
         raise Unschedulable("no ComputeNode is registered; start a kubenova agent on a node")
@@ -47,6 +50,13 @@ def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView
     for node in candidates:
         if not node.enabled:
             reasons.append(f"{node.name}: disabled")
+            continue
+        if node.maintenance:
+            reasons.append(f"{node.name}: in maintenance")
+            continue
+        mismatch = sorted(k for k, v in (selector or {}).items() if node.labels.get(k) != v)
+        if mismatch:
+            reasons.append(f"{node.name}: labels do not match spec.nodeSelector ({', '.join(mismatch)})")
             continue
         if node.heartbeat is None or now - node.heartbeat > HEARTBEAT_GRACE:
             reasons.append(f"{node.name}: agent not reporting")

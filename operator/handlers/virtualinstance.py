@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 import kubernetes
 
+from kubenova import api
 from kubenova.driver.base import (
     ComputeDriver, DriverError, InstanceNotFound, InstanceSpec, InvalidInstanceSpec, KernelBoot, PowerState,
 )
@@ -27,13 +28,15 @@ def request_of(spec: Mapping[str, Any]) -> Usage:
     return Usage(int(flavor.get("vcpus", 1)), int(flavor.get("memoryMiB", 0)))
 
 
-def node_view(name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> NodeView:
+def node_view(name: str, labels: Mapping[str, str], spec: api.ComputeNodeSpec,
+              status: api.ComputeNodeStatus) -> NodeView:
     beat = status.get("heartbeatTime")
     capacity = status.get("capacity") or {}
     return NodeView(
         name=name, enabled=bool(spec.get("enabled", True)),
         heartbeat=datetime.datetime.fromisoformat(beat.replace("Z", "+00:00")) if beat else None,
-        vcpus=int(capacity.get("vcpus", 0)), memory_mib=int(capacity.get("memoryMiB", 0)))
+        vcpus=int(capacity.get("vcpus", 0)), memory_mib=int(capacity.get("memoryMiB", 0)),
+        maintenance=bool(spec.get("maintenance", False)), labels=dict(labels))
 
 
 def place(api: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], nodes: Mapping[str, NodeView],
@@ -52,7 +55,7 @@ def place(api: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], node
     if not node:
         try:
             node = choose_node(request_of(spec), spec.get("nodeName"), nodes, used,
-                               datetime.datetime.now(datetime.timezone.utc))
+                               datetime.datetime.now(datetime.timezone.utc), spec.get("nodeSelector"))
         except Unschedulable as exc:
             cond = condition(status, "Scheduled")
             if cond and cond.get("reason") == "Unschedulable" and cond.get("message") == str(exc):
@@ -90,13 +93,36 @@ class AgentMemo:
     images: ImageStore
 
 
-def instance_spec(uid: str, namespace: str, name: str, spec: Mapping[str, Any], images: ImageStore) -> InstanceSpec:
+#: Spec fields the API accepts but this agent does not act on yet; using one fails clearly
+#: (condition Ready=False, reason Unsupported) instead of being silently ignored.
+NOT_YET_IMPLEMENTED = ("boot.image", "rootDisk", "ephemeralDisks", "swap", "interfaces", "rescue", "userData",
+                       "injectedFiles", "networkConfig", "adminPasswordSecretRef", "actions")
+IMPLEMENTED_POWER_STATES = ("Running", "Stopped")
+
+
+def unsupported(spec: api.VirtualInstanceSpec) -> list[str]:
+    """The spec fields set here that this agent cannot honour yet, as user-facing paths."""
+    found = []
+    for path in NOT_YET_IMPLEMENTED:
+        node: Any = spec
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node not in (None, [], {}):
+            found.append(f"spec.{path}")
+    if spec.get("powerState", "Running") not in IMPLEMENTED_POWER_STATES:
+        found.append(f"spec.powerState={spec.get('powerState')}")
+    return found
+
+
+def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstanceSpec,
+                  images: ImageStore) -> InstanceSpec:
     """Translate the spec for the driver; names the offending field when the node cannot run it."""
     kernel = spec["boot"]["kernel"]
     initrd = kernel.get("initrd")
+    flavor = spec["flavor"]
     return InstanceSpec(
         uuid=uid, name=name, namespace=namespace,
-        vcpus=int(spec["flavor"]["vcpus"]), memory_mib=int(spec["flavor"]["memoryMiB"]),
+        vcpus=int(flavor["vcpus"]), memory_mib=int(flavor["memoryMiB"]),
         boot=KernelBoot(
             kernel=images.resolve("spec.boot.kernel.image", kernel["image"]),
             initrd=images.resolve("spec.boot.kernel.initrd", initrd) if initrd else None,
@@ -131,9 +157,18 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.
     driver = memo.driver
     want = spec.get("powerState", "Running")
     generation = meta.get("generation")
+    missing = unsupported(spec)  # type: ignore[arg-type]
+    if missing:
+        message = (f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
+                   "remove it from the spec to run the instance")
+        patch.status.update({"phase": "Failed", "node": memo.node})
+        set_condition(patch.status, status, "Ready", False, "Unsupported", message, generation)
+        kopf.warn(body, reason="Unsupported", message=message)
+        raise kopf.PermanentError(message)
     try:
         if not driver.instance_exists(uid):
-            driver.spawn(instance_spec(uid, namespace, name, spec, memo.images), power_on=want == "Running")
+            driver.spawn(instance_spec(uid, namespace, name, spec, memo.images),  # type: ignore[arg-type]
+                         power_on=want == "Running")
         elif want == "Running":
             driver.power_on(uid)
         else:

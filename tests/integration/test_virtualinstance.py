@@ -147,3 +147,16 @@ def test_node_name_is_immutable(custom: kubernetes.client.CustomObjectsApi, name
     assert rejected.value.status == 422 and "nodeName is immutable" in rejected.value.body
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "pinned")
     eventually(lambda: get(custom, namespace, "pinned") is None, timeout=60, what="deletion")
+
+
+def test_a_field_the_agent_cannot_honour_yet_fails_clearly(custom: kubernetes.client.CustomObjectsApi,
+                                                           hypervisor: libvirt.virConnect, namespace: str) -> None:
+    body = make("withnic", interfaces=[{"name": "eth0", "network": "default"}])
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES,
+                                                 body)["metadata"]["uid"]
+    obj = eventually(lambda: (o := get(custom, namespace, "withnic")) and cond(o, "Ready").get("reason")
+                     == "Unsupported" and o, timeout=60, what="the Unsupported condition")
+    assert "spec.interfaces" in cond(obj, "Ready")["message"]
+    assert domain(hypervisor, uid) is None
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "withnic")
+    eventually(lambda: get(custom, namespace, "withnic") is None, timeout=60, what="deletion")

@@ -9,8 +9,9 @@ from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_n
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def node(name: str, memory: int = 1000, vcpus: int = 2, enabled: bool = True, age: int = 5) -> NodeView:
-    return NodeView(name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory)
+def node(name: str, memory: int = 1000, vcpus: int = 2, enabled: bool = True, age: int = 5,
+         maintenance: bool = False, labels: dict[str, str] | None = None) -> NodeView:
+    return NodeView(name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory, maintenance, labels or {})
 
 
 def test_spreads_to_the_node_with_most_free_memory() -> None:
@@ -28,6 +29,7 @@ def test_pinning_wins_and_unknown_pin_is_explained() -> None:
 @pytest.mark.parametrize("view, reason", [
     (node("a", enabled=False), "a: disabled"),
     (node("a", age=600), "a: agent not reporting"),
+    (node("a", maintenance=True), "a: in maintenance"),
     (node("a", memory=100), "MiB free, 1000 MiB requested"),
 ])
 def test_says_why_nothing_fits(view: NodeView, reason: str) -> None:
@@ -38,3 +40,17 @@ def test_says_why_nothing_fits(view: NodeView, reason: str) -> None:
 def test_no_nodes_tells_to_start_an_agent() -> None:
     with pytest.raises(Unschedulable, match="start a kubenova agent"):
         choose_node(Usage(1, 1), None, {}, {}, NOW)
+
+
+def test_node_selector_picks_the_aggregate() -> None:
+    nodes = {"a": node("a", memory=9000), "b": node("b", labels={"compute.kubenova.io/aggregate": "ssd"})}
+    selector = {"compute.kubenova.io/aggregate": "ssd"}
+    assert choose_node(Usage(1, 100), None, nodes, {}, NOW, selector) == "b"
+    with pytest.raises(Unschedulable, match=r"a: labels do not match spec.nodeSelector \(compute.kubenova.io/aggregate\)"):
+        choose_node(Usage(1, 100), None, {"a": nodes["a"]}, {}, NOW, selector)
+
+
+def test_vcpus_are_overcommitted_like_nova() -> None:
+    assert choose_node(Usage(32, 10), None, {"a": node("a", vcpus=2)}, {}, NOW) == "a"
+    with pytest.raises(Unschedulable, match="32 vCPUs free, 33 requested"):
+        choose_node(Usage(33, 10), None, {"a": node("a", vcpus=2)}, {}, NOW)
