@@ -28,8 +28,11 @@ def parser() -> argparse.ArgumentParser:
                        help="kvm, or qemu for software emulation (TCG) [$KUBENOVA_DOMAIN_TYPE, kvm]")
     agent.add_argument("--image-store", default=_env("KUBENOVA_IMAGE_STORE", "/var/lib/kubenova/images"),
                        help="folder of boot images a spec may name [$KUBENOVA_IMAGE_STORE]")
-    agent.add_argument("--console-dir", default=_env("KUBENOVA_CONSOLE_DIR", "/var/lib/kubenova/console"),
-                       help="folder of serial console logs [$KUBENOVA_CONSOLE_DIR]")
+    agent.add_argument("--instances-dir", default=_env("KUBENOVA_INSTANCES_DIR", "/var/lib/kubenova/instances"),
+                       help="folder of the instances' own files: disks, config drives, console logs "
+                            "[$KUBENOVA_INSTANCES_DIR]")
+    agent.add_argument("--volume-store", default=_env("KUBENOVA_VOLUME_STORE", "/var/lib/kubenova/volumes"),
+                       help="folder of volumes a VolumeAttachment may name [$KUBENOVA_VOLUME_STORE]")
 
     dev = sub.add_parser("dev", help="the embedded test ground: etcd, kube-apiserver, libvirtd, kubenova")
     dev_sub = dev.add_subparsers(dest="action", required=True)
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)
                 return 2
             from kubenova.handlers import agent
-            agent.run(args.node, args.libvirt_uri, args.domain_type, args.image_store, args.console_dir)
+            agent.run(args.node, args.libvirt_uri, args.domain_type, args.image_store, args.instances_dir,
+                      args.volume_store)
         else:
             from kubenova.testground import ground
             return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False))

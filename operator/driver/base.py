@@ -1,13 +1,16 @@
 """The compute contract every node-local driver implements.
 
-Method names follow OpenStack Nova's ``ComputeDriver`` so the code can be read
-side by side with that contract; the handlers call nothing else.
+Method names follow OpenStack Nova's ``ComputeDriver`` (2012.1) so the code can be read
+side by side with that contract; the handlers call nothing else. Every method that has a
+meaning on one node is here. A driver that cannot do something raises ``Unsupported``
+with the reason; nothing is ever silently a no-op.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
 import enum
+from collections.abc import Callable, Collection
 
 
 class PowerState(enum.Enum):
@@ -23,12 +26,33 @@ class PowerState(enum.Enum):
     SUSPENDED = "Suspended"
 
 
+class RebootType(enum.Enum):
+    SOFT = "Soft"
+    HARD = "Hard"
+
+
+class HostPowerAction(enum.Enum):
+    REBOOT = "Reboot"
+    SHUTDOWN = "Shutdown"
+    STARTUP = "Startup"
+
+
+# --- exceptions ------------------------------------------------------------------------------
+
 class DriverError(Exception):
     """A failure of the hypervisor layer that retrying may cure."""
 
 
 class InstanceNotFound(DriverError):
     """The instance has no domain on this node."""
+
+
+class InstanceExists(DriverError):
+    """Another instance already holds this name on the node."""
+
+
+class InstanceNotRunning(DriverError):
+    """The operation needs a running instance."""
 
 
 class InvalidInstanceSpec(DriverError):
@@ -43,6 +67,41 @@ class InvalidInstanceSpec(DriverError):
         self.message = message
 
 
+class ImageNotFound(InvalidInstanceSpec):
+    """A named image is not in the node's store."""
+
+
+class ImageChecksumMismatch(InvalidInstanceSpec):
+    """An image's content does not match the checksum the spec gave."""
+
+
+class InsufficientResources(InvalidInstanceSpec):
+    """The host cannot give what the spec asks for (e.g. more memory than it has)."""
+
+
+class InvalidCPUInfo(DriverError):
+    """The CPU description handed to compare_cpu cannot be understood."""
+
+
+class CPUIncompatible(DriverError):
+    """This host cannot run guests made for that CPU (migration would fail)."""
+
+
+class VolumeNotFound(DriverError):
+    """No volume is attached at that device."""
+
+
+class Unsupported(DriverError):
+    """The platform cannot do this; ``reason`` says why, in words a person can act on."""
+
+    def __init__(self, operation: str, reason: str) -> None:
+        super().__init__(f"{operation} is not supported: {reason}")
+        self.operation = operation
+        self.reason = reason
+
+
+# --- what spawn is given ---------------------------------------------------------------------
+
 @dataclasses.dataclass(frozen=True)
 class KernelBoot:
     """Direct kernel boot, with paths already resolved inside the image store."""
@@ -53,16 +112,64 @@ class KernelBoot:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """An image in the node's store, by name, with an optional ``sha256:<hex>`` checksum."""
+
+    name: str
+    checksum: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    name: str
+    network: str
+    mac: str | None = None
+    model: str = "virtio"
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectedFile:
+    path: str
+    content: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceSpec:
-    """What spawn needs to know; identity comes from the Kubernetes object."""
+    """Everything spawn needs; identity (uuid = the object's UID) comes from Kubernetes."""
 
     uuid: str
     name: str
     namespace: str
     vcpus: int
     memory_mib: int
-    boot: KernelBoot
+    boot: KernelBoot | None = None
+    #: the root disk's base image (a copy-on-write overlay is made per instance)
+    image: ImageRef | None = None
+    root_gib: int | None = None
+    #: (name, size in GiB) of empty scratch disks
+    ephemeral_gib: tuple[tuple[str, int], ...] = ()
+    swap_mib: int | None = None
+    interfaces: tuple[Interface, ...] = ()
+    user_data: str | None = None
+    network_config: str | None = None
+    injected_files: tuple[InjectedFile, ...] = ()
+    admin_password: str | None = None
+    #: the VNC password; no VNC endpoint is created without one
+    vnc_password: str | None = None
 
+
+@dataclasses.dataclass(frozen=True)
+class VolumeSpec:
+    """A volume to attach: from the node's volume store (created at size_gib when missing) or an image."""
+
+    name: str
+    size_gib: int | None = None
+    from_image: bool = False
+    bus: str = "virtio"
+    read_only: bool = False
+
+
+# --- what the driver reports ---------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class InstanceInfo:
@@ -114,12 +221,118 @@ class HostStats:
     cpu: CpuInfo
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockStats:
+    """Nova's block_stats: exactly five counters."""
+
+    rd_req: int
+    rd_bytes: int
+    wr_req: int
+    wr_bytes: int
+    errs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceStats:
+    """Nova's interface_stats: exactly eight counters."""
+
+    rx_bytes: int
+    rx_packets: int
+    rx_errs: int
+    rx_drop: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errs: int
+    tx_drop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostics:
+    """Nova's get_diagnostics, per device."""
+
+    cpu_time_ns: int
+    memory_kib: int
+    disks: dict[str, BlockStats]
+    interfaces: dict[str, InterfaceStats]
+
+
+@dataclasses.dataclass(frozen=True)
+class BandwidthUsage:
+    """Nova's get_all_bw_usage entry: bytes in and out of one interface."""
+
+    uuid: str
+    interface: str
+    mac: str
+    bw_in: int
+    bw_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VncConsole:
+    """Where to reach the VNC server; it always asks for ``password``."""
+
+    host: str
+    port: int
+    password: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeConnector:
+    """Nova's get_volume_connector."""
+
+    ip: str
+    initiator: str | None
+    host: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationProgress:
+    """A snapshot of a live migration job."""
+
+    data_total: int
+    data_processed: int
+    data_remaining: int
+    iteration: int
+    expected_downtime_ms: int
+
+
+ProgressCallback = Callable[[MigrationProgress], None]
+
+
 class ComputeDriver(abc.ABC):
     """The node-local contract: one implementation per hypervisor (libvirt, fake)."""
+
+    # --- host -------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def init_host(self, host: str) -> None:
         """Connect to the hypervisor; fails early if it is not reachable."""
+
+    @abc.abstractmethod
+    def get_available_resource(self) -> HostStats:
+        """Capacity and identity of this hypervisor host."""
+
+    def get_host_stats(self, refresh: bool = False) -> HostStats:
+        """Nova's other name for the same figures."""
+        return self.get_available_resource()
+
+    @abc.abstractmethod
+    def host_power_action(self, action: HostPowerAction) -> None:
+        """Reboot, shut down or start the host itself."""
+
+    @abc.abstractmethod
+    def compare_cpu(self, cpu: CpuInfo) -> None:
+        """Raise CPUIncompatible unless guests made for ``cpu`` can run here."""
+
+    @abc.abstractmethod
+    def get_volume_connector(self) -> VolumeConnector:
+        """How storage reaches this host."""
+
+    @abc.abstractmethod
+    def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
+        """Remove cached base images no instance uses and unused longer than the grace; return their names."""
+
+    # --- instances: existence and state -------------------------------------------------
 
     @abc.abstractmethod
     def list_instances(self) -> list[str]:
@@ -137,26 +350,177 @@ class ComputeDriver(abc.ABC):
     def get_info(self, uuid: str) -> InstanceInfo:
         """Raises InstanceNotFound when there is no domain."""
 
+    # --- instances: life cycle -----------------------------------------------------------
+
     @abc.abstractmethod
     def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
         """Create the instance; idempotent for the same UUID, leaves nothing behind on failure."""
 
     @abc.abstractmethod
-    def destroy(self, uuid: str) -> None:
-        """Stop and remove the instance; succeeds when it is already gone."""
+    def destroy(self, uuid: str, destroy_disks: bool = True) -> None:
+        """Stop and remove the instance and what spawn created; succeeds when it is already gone."""
 
     @abc.abstractmethod
-    def power_on(self, uuid: str) -> None:
-        """Start a stopped instance; a running one is left alone."""
+    def reboot(self, uuid: str, reboot_type: RebootType, soft_timeout: float = 60.0) -> RebootType:
+        """Reboot; SOFT asks the guest and falls back to HARD after ``soft_timeout``. Returns what was done."""
 
     @abc.abstractmethod
     def power_off(self, uuid: str) -> None:
-        """Stop a running instance at once; a stopped one is left alone."""
+        """Stop at once; a stopped instance is left alone."""
+
+    @abc.abstractmethod
+    def power_on(self, uuid: str) -> None:
+        """Start (restoring a suspended instance's memory); a running one is left alone."""
+
+    @abc.abstractmethod
+    def pause(self, uuid: str) -> None:
+        """Halt the vCPUs, keep the memory."""
+
+    @abc.abstractmethod
+    def unpause(self, uuid: str) -> None:
+        """Let a paused instance run on."""
+
+    @abc.abstractmethod
+    def suspend(self, uuid: str) -> None:
+        """Save the memory to disk and stop (managed save)."""
+
+    @abc.abstractmethod
+    def resume(self, uuid: str) -> None:
+        """Restore a suspended instance where it stopped."""
+
+    @abc.abstractmethod
+    def rescue(self, uuid: str, rescue_image: ImageRef) -> None:
+        """Boot the rescue image with the instance's own disks attached after it."""
+
+    @abc.abstractmethod
+    def unrescue(self, uuid: str) -> None:
+        """Boot the instance normally again."""
+
+    @abc.abstractmethod
+    def snapshot(self, uuid: str, image_name: str, progress: Callable[[int], None] | None = None) -> str:
+        """Copy the root disk into a new image in the store; returns its name."""
+
+    # --- guest access ----------------------------------------------------------------------
 
     @abc.abstractmethod
     def get_console_output(self, uuid: str) -> str:
         """What the guest printed on its serial console."""
 
     @abc.abstractmethod
-    def get_host_stats(self) -> HostStats:
-        """Capacity and identity of this hypervisor host."""
+    def get_vnc_console(self, uuid: str) -> VncConsole:
+        """The password-protected VNC endpoint of a running instance."""
+
+    @abc.abstractmethod
+    def set_admin_password(self, uuid: str, password: str) -> None:
+        """Change the guest's admin password (needs an agent in the guest)."""
+
+    @abc.abstractmethod
+    def inject_file(self, uuid: str, path: str, content: bytes) -> None:
+        """Write a file into a running guest."""
+
+    @abc.abstractmethod
+    def inject_network_info(self, uuid: str, network_config: str) -> None:
+        """Hand the guest new network configuration."""
+
+    # --- diagnostics ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_diagnostics(self, uuid: str) -> Diagnostics:
+        """Counters of every disk and interface."""
+
+    @abc.abstractmethod
+    def list_disks(self, uuid: str) -> list[str]:
+        """Guest device names of the instance's disks."""
+
+    @abc.abstractmethod
+    def list_interfaces(self, uuid: str) -> list[str]:
+        """Host-side names of the instance's interfaces."""
+
+    @abc.abstractmethod
+    def block_stats(self, uuid: str, disk: str) -> BlockStats:
+        """Five counters of one disk."""
+
+    @abc.abstractmethod
+    def interface_stats(self, uuid: str, interface: str) -> InterfaceStats:
+        """Eight counters of one interface."""
+
+    @abc.abstractmethod
+    def get_all_bw_usage(self) -> list[BandwidthUsage]:
+        """Bytes in and out of every interface of every instance."""
+
+    # --- volumes -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def attach_volume(self, uuid: str, volume: VolumeSpec, device: str) -> str:
+        """Attach (hot-plug when running); returns the guest device name."""
+
+    @abc.abstractmethod
+    def detach_volume(self, uuid: str, device: str) -> None:
+        """Detach; the volume's bytes stay in the store."""
+
+    # --- networking ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """Make sure the networks the interfaces join exist on this host."""
+
+    @abc.abstractmethod
+    def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """Release what plug_vifs set up for this instance."""
+
+    @abc.abstractmethod
+    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[str]) -> None:
+        """Install the instance's firewall (security group) rules."""
+
+    @abc.abstractmethod
+    def unfilter_instance(self, uuid: str) -> None:
+        """Remove the instance's firewall rules."""
+
+    # --- migration -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
+        """Cold migration, source side: stop the instance and copy its disks; returns the disk paths."""
+
+    @abc.abstractmethod
+    def finish_migration(self, instance: InstanceSpec, power_on: bool = True) -> None:
+        """Cold migration, target side: define (with the new flavor) and start the copied instance."""
+
+    @abc.abstractmethod
+    def confirm_migration(self, uuid: str) -> None:
+        """Cold migration, source side: the move is kept, drop the source copy."""
+
+    @abc.abstractmethod
+    def finish_revert_migration(self, uuid: str, power_on: bool = True) -> None:
+        """Cold migration, source side: the move is undone, start the original again."""
+
+    @abc.abstractmethod
+    def pre_live_migration(self, instance: InstanceSpec) -> None:
+        """Live migration, target side: create disks and networks before the move."""
+
+    @abc.abstractmethod
+    def live_migration(self, uuid: str, dest_uri: str, progress: ProgressCallback | None = None,
+                       block_migration: bool = False) -> None:
+        """Live migration, source side: move the running instance; raises on failure (it stays here)."""
+
+    @abc.abstractmethod
+    def abort_live_migration(self, uuid: str) -> None:
+        """Cancel a live migration in progress; the instance keeps running here."""
+
+    @abc.abstractmethod
+    def post_live_migration_at_destination(self, uuid: str) -> None:
+        """Live migration, target side: the instance runs here now."""
+
+    @abc.abstractmethod
+    def rollback_live_migration_at_destination(self, uuid: str) -> None:
+        """Live migration, target side: remove what pre_live_migration created (the recover step)."""
+
+    # --- pollers -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def poll_rebooting_instances(self, timeout: float) -> list[str]:
+        """Instances whose reboot has not completed within ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def poll_rescued_instances(self, timeout: float) -> list[str]:
+        """Instances in rescue for longer than ``timeout`` seconds."""

@@ -1,27 +1,31 @@
-"""The node's image store: the only place a spec may point a boot source at."""
+"""A node's file store (images, volumes): the only place a spec may point at."""
 from __future__ import annotations
 
 import os
 import pathlib
 
-from kubenova.driver.base import InvalidInstanceSpec
+from kubenova.driver.base import ImageNotFound, InvalidInstanceSpec
 
 
 class ImageStore:
-    """Resolves image names to files under one root, never outside it."""
+    """Maps plain names to files under one root, never outside it (no '..', no escaping symlink)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = pathlib.Path(root).resolve()
 
+    def path(self, field: str, name: str) -> pathlib.Path:
+        """Where ``name`` lives in the store, whether it exists yet or not."""
+        if not name or "/" in name or "\x00" in name or name in (".", ".."):
+            raise InvalidInstanceSpec(field, f"{name!r} is not a plain file name in the store")
+        path = self.root / name
+        if (path.exists() or path.is_symlink()) and path.resolve().parent != self.root:
+            raise InvalidInstanceSpec(field, f"{name!r} points outside the store {self.root}")
+        return path
+
     def resolve(self, field: str, name: str) -> str:
-        """Return the real path of an image; symlinks and '..' may not leave the root."""
-        if not name or "/" in name or name in (".", ".."):
-            raise InvalidInstanceSpec(field, f"{name!r} is not a plain file name in the image store")
-        path = (self.root / name).resolve()
-        if path.parent != self.root:
-            raise InvalidInstanceSpec(field, f"{name!r} points outside the image store {self.root}")
+        """The real path of an existing file in the store."""
+        path = self.path(field, name)
         if not path.is_file():
-            raise InvalidInstanceSpec(
-                field, f"image {name!r} was not found in the image store {self.root} on this node; "
-                "copy it there or fix the name")
-        return str(path)
+            raise ImageNotFound(field, f"{name!r} was not found in the store {self.root} on this node; "
+                                       "copy it there or fix the name")
+        return str(path.resolve())

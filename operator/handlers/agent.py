@@ -9,7 +9,7 @@ import kopf
 import kubernetes
 
 from kubenova.driver.images import ImageStore
-from kubenova.driver.libvirt_driver import LibvirtDriver
+from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.handlers import computenode, virtualinstance
 from kubenova.handlers.common import GROUP, NODE_LABEL, VIRTUALINSTANCES
 from kubenova.handlers.virtualinstance import AgentMemo
@@ -28,10 +28,11 @@ def configure(settings: kopf.OperatorSettings, node: str) -> None:
     settings.execution.max_workers = 8
 
 
-def run(node: str, uri: str, domain_type: str, image_store: str, console_dir: str) -> None:
+def run(node: str, uri: str, domain_type: str, image_store: str, instances_dir: str, volume_store: str) -> None:
     registry = kopf.OperatorRegistry()
-    driver = LibvirtDriver(uri, domain_type, console_dir)
-    memo = AgentMemo(node=node, driver=driver, images=ImageStore(image_store))
+    images = ImageStore(image_store)
+    driver = LibvirtDriver(uri, domain_type, instances_dir, images, volume_store)
+    memo = AgentMemo(node=node, driver=driver, images=images)
     tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.login(registry=registry)

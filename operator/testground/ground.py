@@ -32,8 +32,18 @@ class Ground:
     def node_dir(self, node: str | None = None) -> pathlib.Path:
         return self.layout.state / "nodes" / (node or self.node)
 
+    def instance_dir(self, uid: str, node: str | None = None) -> pathlib.Path:
+        return self.node_dir(node) / "instances" / uid
+
     def console_log(self, uid: str, node: str | None = None) -> pathlib.Path:
-        return self.node_dir(node) / "console" / f"{uid}.log"
+        return self.instance_dir(uid, node) / "console.log"
+
+    @property
+    def image_store(self) -> pathlib.Path:
+        return self.layout.state / "images"
+
+    def volume_store(self, node: str | None = None) -> pathlib.Path:
+        return self.node_dir(node) / "volumes"
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.layout.kubeconfig),
@@ -62,8 +72,9 @@ def _kubenova_processes(ground: Ground) -> dict[str, tuple[list[str], str]]:
     return {
         "controller": ([*python, "controller"], "kubenova.cli controller"),
         f"agent-{ground.node}": ([*python, "agent", "--node", ground.node, "--libvirt-uri", ground.libvirt_uri,
-                                  "--domain-type", "qemu", "--image-store", str(ground.layout.state / "images"),
-                                  "--console-dir", str(node_dir / "console")], f"--node {ground.node}"),
+                                  "--domain-type", "qemu", "--image-store", str(ground.image_store),
+                                  "--instances-dir", str(node_dir / "instances"),
+                                  "--volume-store", str(ground.volume_store())], f"--node {ground.node}"),
     }
 
 

@@ -25,10 +25,10 @@ def test_rejects_a_symlink_out_of_the_store(tmp_path: pathlib.Path) -> None:
     store.mkdir()
     (tmp_path / "secret").write_text("s")
     (store / "innocent").symlink_to(tmp_path / "secret")
-    with pytest.raises(InvalidInstanceSpec, match="outside the image store"):
+    with pytest.raises(InvalidInstanceSpec, match="outside the store"):
         ImageStore(store).resolve("spec.boot.kernel.image", "innocent")
 
 
 def test_missing_image_names_the_store_and_the_fix(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(InvalidInstanceSpec, match="not found in the image store .*copy it there"):
+    with pytest.raises(InvalidInstanceSpec, match="not found in the store .*copy it there"):
         ImageStore(tmp_path).resolve("spec.boot.kernel.image", "nope")

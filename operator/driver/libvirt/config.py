@@ -1,0 +1,183 @@
+"""Domain XML as typed objects: one class per element, ``format_dom()`` to build and ``parse_dom()`` to read.
+
+Never string templates: every value goes through ElementTree, so a spec value can only
+ever become text or an attribute, not markup.
+"""
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ET
+
+METADATA_NS = "https://kubenova.io/xmlns/instance/v1"
+ET.register_namespace("kubenova", METADATA_NS)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+@dataclasses.dataclass
+class GuestDisk:
+    """A <disk>: a file (qcow2 overlay, raw volume or ISO) seen by the guest as ``target``."""
+
+    source: str
+    target: str
+    driver_type: str = "qcow2"
+    bus: str = "virtio"
+    device: str = "disk"
+    read_only: bool = False
+    serial: str | None = None
+
+    def format_dom(self) -> ET.Element:
+        disk = ET.Element("disk", type="file", device=self.device)
+        _sub(disk, "driver", name="qemu", type=self.driver_type, cache="none" if self.device == "disk" else "default")
+        _sub(disk, "source", file=self.source)
+        _sub(disk, "target", dev=self.target, bus=self.bus)
+        if self.read_only:
+            _sub(disk, "readonly")
+        if self.serial:
+            _sub(disk, "serial", self.serial)
+        return disk
+
+    @classmethod
+    def parse_dom(cls, element: ET.Element) -> "GuestDisk":
+        source, target, driver = element.find("source"), element.find("target"), element.find("driver")
+        return cls(
+            source=source.get("file", "") if source is not None else "",
+            target=target.get("dev", "") if target is not None else "",
+            driver_type=driver.get("type", "raw") if driver is not None else "raw",
+            bus=target.get("bus", "virtio") if target is not None else "virtio",
+            device=element.get("device", "disk"), read_only=element.find("readonly") is not None,
+            serial=element.findtext("serial"))
+
+
+@dataclasses.dataclass
+class GuestInterface:
+    """An <interface> on a libvirt network; ``target`` is the host-side tap name libvirt chose."""
+
+    network: str
+    mac: str | None = None
+    model: str = "virtio"
+    target: str | None = None
+
+    def format_dom(self) -> ET.Element:
+        iface = ET.Element("interface", type="network")
+        _sub(iface, "source", network=self.network)
+        if self.mac:
+            _sub(iface, "mac", address=self.mac)
+        _sub(iface, "model", type=self.model)
+        return iface
+
+    @classmethod
+    def parse_dom(cls, element: ET.Element) -> "GuestInterface":
+        source, mac = element.find("source"), element.find("mac")
+        model, target = element.find("model"), element.find("target")
+        return cls(network=source.get("network", "") if source is not None else "",
+                   mac=mac.get("address") if mac is not None else None,
+                   model=model.get("type", "virtio") if model is not None else "virtio",
+                   target=target.get("dev") if target is not None else None)
+
+
+@dataclasses.dataclass
+class GuestGraphics:
+    """VNC on loopback only, always with a password."""
+
+    password: str
+    listen: str = "127.0.0.1"
+    port: int | None = None
+
+    def format_dom(self) -> ET.Element:
+        graphics = ET.Element("graphics", type="vnc", autoport="yes", listen=self.listen, passwd=self.password)
+        _sub(graphics, "listen", type="address", address=self.listen)
+        return graphics
+
+    @classmethod
+    def parse_dom(cls, element: ET.Element) -> "GuestGraphics":
+        port = int(element.get("port", "-1"))
+        return cls(password=element.get("passwd", ""), listen=element.get("listen", ""),
+                   port=port if port > 0 else None)
+
+
+@dataclasses.dataclass
+class GuestConfig:
+    """A whole domain definition."""
+
+    uuid: str
+    name: str
+    namespace: str
+    instance_name: str
+    vcpus: int
+    memory_mib: int
+    console_path: str
+    domain_type: str = "qemu"
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    disks: list[GuestDisk] = dataclasses.field(default_factory=list)
+    interfaces: list[GuestInterface] = dataclasses.field(default_factory=list)
+    graphics: GuestGraphics | None = None
+
+    def format_dom(self) -> ET.Element:
+        dom = ET.Element("domain", type=self.domain_type)
+        _sub(dom, "name", self.name)
+        _sub(dom, "uuid", self.uuid)
+        meta = _sub(dom, "metadata")
+        ET.SubElement(meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace, name=self.instance_name)
+        _sub(dom, "memory", str(self.memory_mib), unit="MiB")
+        _sub(dom, "vcpu", str(self.vcpus))
+        os_el = _sub(dom, "os")
+        _sub(os_el, "type", "hvm", arch="x86_64")
+        if self.kernel:
+            _sub(os_el, "kernel", self.kernel)
+            if self.initrd:
+                _sub(os_el, "initrd", self.initrd)
+            _sub(os_el, "cmdline", self.cmdline or "")
+        else:
+            _sub(os_el, "boot", dev="hd")
+        _sub(_sub(dom, "features"), "acpi")
+        # A named model keeps guests migratable between hosts of different CPUs.
+        cpu = _sub(dom, "cpu", mode="custom", match="exact")
+        _sub(cpu, "model", "qemu64", fallback="forbid")
+        _sub(dom, "on_poweroff", "destroy")
+        _sub(dom, "on_reboot", "restart")
+        _sub(dom, "on_crash", "destroy")
+        devices = _sub(dom, "devices")
+        for disk in self.disks:
+            devices.append(disk.format_dom())
+        for iface in self.interfaces:
+            devices.append(iface.format_dom())
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=self.console_path, append="on")
+        _sub(serial, "target", port="0")
+        if self.graphics:
+            devices.append(self.graphics.format_dom())
+        _sub(devices, "memballoon", model="none")
+        return dom
+
+    def to_xml(self) -> str:
+        return ET.tostring(self.format_dom(), encoding="unicode")
+
+
+@dataclasses.dataclass
+class LiveDevices:
+    """What a running domain's XML says about its devices (parse side only)."""
+
+    disks: list[GuestDisk]
+    interfaces: list[GuestInterface]
+    graphics: GuestGraphics | None
+
+    @classmethod
+    def parse_dom(cls, xml: str) -> "LiveDevices":
+        root = ET.fromstring(xml)
+        graphics = root.find("devices/graphics[@type='vnc']")
+        return cls(disks=[GuestDisk.parse_dom(d) for d in root.findall("devices/disk")],
+                   interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
+                   graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None)
+
+
+def domain_name(namespace: str, name: str) -> str:
+    """Kubernetes names cannot hold '_', so this name cannot collide between namespaces."""
+    return f"{namespace}_{name}"

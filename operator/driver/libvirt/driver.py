@@ -1,0 +1,636 @@
+"""The compute contract on libvirt + QEMU.
+
+Each instance is a persistent domain whose UUID is the Kubernetes object's UID, with a
+folder of its own (``<instances>/<uuid>``) holding every file spawn creates: root overlay,
+ephemeral and swap disks, config drive, console log, rescue state. destroy removes that
+folder and nothing else: volumes and images live in their stores and are never deleted
+by an instance.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Collection
+
+import libvirt
+
+from kubenova.driver.base import (
+    BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, HostPowerAction,
+    HostStats, ImageRef, InstanceDetail, InstanceExists, InstanceInfo, InstanceNotFound, InstanceNotRunning,
+    InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
+    PowerState, ProgressCallback, RebootType, Unsupported, VncConsole, VolumeConnector,
+    VolumeNotFound, VolumeSpec,
+)
+from kubenova.driver.images import ImageStore
+from kubenova.driver.libvirt import configdrive
+from kubenova.driver.libvirt.config import (
+    METADATA_NS, GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name,
+)
+from kubenova.driver.libvirt.guest import Guest
+from kubenova.driver.libvirt.host import Host, translate
+from kubenova.driver.libvirt.imagecache import ImageCache, qemu_img
+
+log = logging.getLogger(__name__)
+
+ROOT, CONFIG_DRIVE, UNRESCUE, RESCUE_DISK = "disk", "disk.config", "unrescue.xml", "disk.rescue"
+_TARGET = re.compile(r"^(vd|sd)([a-z])$")
+
+
+def _next_target(used: Collection[str], prefix: str = "vd") -> str:
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        if f"{prefix}{letter}" not in used:
+            return f"{prefix}{letter}"
+    raise DriverError("no free disk device name left")
+
+
+class LibvirtDriver(ComputeDriver):
+    def __init__(self, uri: str, domain_type: str, instances_dir: str | os.PathLike[str], images: ImageStore,
+                 volumes_dir: str | os.PathLike[str]) -> None:
+        self.host = Host(uri)
+        self.domain_type = domain_type
+        self.instances_dir = pathlib.Path(instances_dir)
+        self.images = images
+        self.volumes = ImageStore(volumes_dir)
+        self.cache = ImageCache(images, self.instances_dir / "_base")
+        self._rebooting: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _dir(self, uuid: str) -> pathlib.Path:
+        return self.instances_dir / uuid
+
+    def console_path(self, uuid: str) -> pathlib.Path:
+        return self._dir(uuid) / "console.log"
+
+    def _guest(self, uuid: str) -> Guest:
+        return Guest(self.host.lookup(uuid))
+
+    def _running(self, uuid: str, operation: str) -> Guest:
+        guest = self._guest(uuid)
+        if not guest.active:
+            raise InstanceNotRunning(f"{operation}: the instance is not running")
+        return guest
+
+    # --- host ------------------------------------------------------------------------------
+
+    def init_host(self, host: str) -> None:
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        conn = self.host.get_connection()
+        log.info("connected to %s (libvirt %s) as node %s", self.host.uri, conn.getLibVersion(), host)
+
+    def add_lifecycle_listener(self, listener: Callable[[str, int, int], None]) -> None:
+        self.host.add_lifecycle_listener(listener)
+
+    def get_available_resource(self) -> HostStats:
+        conn = self.host.get_connection()
+        arch, _, cpus, *_ = conn.getInfo()
+        # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
+        memory_mib = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
+        cpu = ET.fromstring(conn.getCapabilities()).find("host/cpu")
+        if cpu is None:
+            raise DriverError("libvirt's capabilities describe no host CPU")
+        topology = cpu.find("topology")
+        fs = os.statvfs(self.instances_dir)
+        version = conn.getVersion()
+        return HostStats(
+            vcpus=cpus, memory_mib=memory_mib,
+            disk_gib=fs.f_blocks * fs.f_frsize // 2**30, disk_free_gib=fs.f_bavail * fs.f_frsize // 2**30,
+            hypervisor_type=conn.getType(),
+            hypervisor_version=f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}",
+            hostname=socket.gethostname(),
+            cpu=CpuInfo(arch=cpu.findtext("arch", arch), vendor=cpu.findtext("vendor", ""),
+                        model=cpu.findtext("model", ""),
+                        sockets=int(topology.get("sockets", 1)) if topology is not None else 1,
+                        cores=int(topology.get("cores", 1)) if topology is not None else 1,
+                        threads=int(topology.get("threads", 1)) if topology is not None else 1,
+                        features=tuple(f.get("name", "") for f in cpu.findall("feature"))))
+
+    def host_power_action(self, action: HostPowerAction) -> None:
+        raise Unsupported("host_power_action", "kubenova does not power hosts on or off (Nova's libvirt driver "
+                                               "did not either); use the node's own management")
+
+    def compare_cpu(self, cpu: CpuInfo) -> None:
+        if not cpu.arch or not cpu.model:
+            raise InvalidCPUInfo("the CPU description needs an arch and a model")
+        el = ET.Element("cpu")
+        ET.SubElement(el, "arch").text = cpu.arch
+        ET.SubElement(el, "model").text = cpu.model
+        if cpu.vendor:
+            ET.SubElement(el, "vendor").text = cpu.vendor
+        ET.SubElement(el, "topology", sockets=str(cpu.sockets), cores=str(cpu.cores), threads=str(cpu.threads))
+        for feature in cpu.features:
+            ET.SubElement(el, "feature", policy="require", name=feature)
+        try:
+            result = self.host.get_connection().compareCPU(ET.tostring(el, encoding="unicode"), 0)
+        except libvirt.libvirtError as exc:
+            raise InvalidCPUInfo(f"libvirt cannot read that CPU description: {exc}") from exc
+        if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+            raise CPUIncompatible(f"this host cannot run guests made for a {cpu.vendor} {cpu.model} "
+                                  f"with features {', '.join(cpu.features) or '(none)'}")
+
+    def get_volume_connector(self) -> VolumeConnector:
+        initiator = None
+        iscsi = pathlib.Path("/etc/iscsi/initiatorname.iscsi")
+        if iscsi.exists():
+            for line in iscsi.read_text().splitlines():
+                if line.startswith("InitiatorName="):
+                    initiator = line.split("=", 1)[1].strip()
+        hostname = socket.gethostname()
+        try:
+            ip = socket.gethostbyname(hostname)
+        except OSError:
+            ip = "127.0.0.1"
+        return VolumeConnector(ip=ip, initiator=initiator, host=hostname)
+
+    def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
+        used = set()
+        for overlay in self.instances_dir.glob("*/disk*"):
+            try:
+                backing = json.loads(qemu_img("info", "-U", "--output=json", str(overlay))).get("backing-filename")
+            except DriverError:
+                continue
+            if backing:
+                used.add(pathlib.Path(backing).name)
+        for name in in_use:
+            try:
+                used.add(self.cache.base(ImageRef(name), "image").name)
+            except InvalidInstanceSpec:
+                continue
+        return self.cache.manage(used, grace_seconds)
+
+    # --- existence and state ---------------------------------------------------------------
+
+    def list_instances(self) -> list[str]:
+        return [detail.uuid for detail in self.list_instances_detail()]
+
+    def list_instances_detail(self) -> list[InstanceDetail]:
+        details = []
+        for dom in self.host.get_connection().listAllDomains():
+            try:
+                meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS))
+                _, max_mem_kib, _, vcpus, _ = dom.info()
+                state = Guest(dom).state()
+            except (libvirt.libvirtError, DriverError):
+                continue  # not ours, or gone meanwhile
+            details.append(InstanceDetail(uuid=dom.UUIDString(), namespace=meta.get("namespace", ""),
+                                          name=meta.get("name", ""), state=state, vcpus=vcpus,
+                                          memory_mib=max_mem_kib // 1024))
+        return details
+
+    def instance_exists(self, uuid: str) -> bool:
+        try:
+            self._guest(uuid)
+        except InstanceNotFound:
+            return False
+        return True
+
+    def get_info(self, uuid: str) -> InstanceInfo:
+        guest = self._guest(uuid)
+        with translate("info", uuid):
+            _, max_mem, mem, ncpu, cpu_time = guest.domain.info()
+        return InstanceInfo(guest.state(), max_mem, mem, ncpu, cpu_time)
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def _check_fits(self, instance: InstanceSpec) -> None:
+        conn = self.host.get_connection()
+        try:
+            other = conn.lookupByName(domain_name(instance.namespace, instance.name))
+        except libvirt.libvirtError:
+            other = None
+        if other is not None and other.UUIDString() != instance.uuid:
+            raise InstanceExists(f"a domain named {other.name()} already exists with UUID {other.UUIDString()}")
+        total = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
+        if instance.memory_mib > total:
+            raise InsufficientResources("spec.flavor.memoryMiB", f"{instance.memory_mib} MiB is more than the "
+                                                                 f"{total} MiB this host has")
+        if instance.boot is None and instance.image is None:
+            raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+
+    def _guest_config(self, instance: InstanceSpec, folder: pathlib.Path) -> GuestConfig:
+        """Create the instance's disks in its folder and describe the domain that uses them."""
+        disks: list[GuestDisk] = []
+
+        def add(path: pathlib.Path, **kw: object) -> None:
+            disks.append(GuestDisk(source=str(path), target=_next_target([d.target for d in disks]), **kw))  # type: ignore[arg-type]
+
+        if instance.image is not None:
+            base = self.cache.base(instance.image, "spec.boot.image.name")
+            self.cache.overlay(base, folder / ROOT, instance.root_gib)
+            add(folder / ROOT)
+        elif instance.root_gib:
+            qemu_img("create", "-q", "-f", "qcow2", str(folder / ROOT), f"{instance.root_gib}G")
+            add(folder / ROOT)
+        for name, size in instance.ephemeral_gib:
+            qemu_img("create", "-q", "-f", "qcow2", str(folder / f"disk.eph.{name}"), f"{size}G")
+            add(folder / f"disk.eph.{name}")
+        if instance.swap_mib:
+            qemu_img("create", "-q", "-f", "qcow2", str(folder / "disk.swap"), f"{instance.swap_mib}M")
+            add(folder / "disk.swap")
+        if configdrive.needed(instance):
+            configdrive.write(instance, folder / CONFIG_DRIVE)
+            add(folder / CONFIG_DRIVE, driver_type="raw", read_only=True)
+        boot = instance.boot
+        return GuestConfig(
+            uuid=instance.uuid, name=domain_name(instance.namespace, instance.name), namespace=instance.namespace,
+            instance_name=instance.name, vcpus=instance.vcpus, memory_mib=instance.memory_mib,
+            console_path=str(folder / "console.log"), domain_type=self.domain_type,
+            kernel=boot.kernel if boot else None, initrd=boot.initrd if boot else None,
+            cmdline=boot.cmdline if boot else None, disks=disks,
+            interfaces=[GuestInterface(network=i.network, mac=i.mac, model=i.model) for i in instance.interfaces],
+            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None)
+
+    def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
+        if self.instance_exists(instance.uuid):  # a retry: the same object, never a second domain
+            if power_on:
+                self.power_on(instance.uuid)
+            return
+        self._check_fits(instance)
+        self.plug_vifs(instance.uuid, instance.interfaces)
+        folder = self._dir(instance.uuid)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            config = self._guest_config(instance, folder)
+            with translate("define", instance.uuid):
+                dom = self.host.get_connection().defineXML(config.to_xml())
+            if power_on:
+                with translate("start", instance.uuid):
+                    dom.create()
+        except BaseException:
+            self.destroy(instance.uuid)  # a failed spawn leaves nothing behind
+            raise
+
+    def destroy(self, uuid: str, destroy_disks: bool = True) -> None:
+        try:
+            guest = self._guest(uuid)
+        except InstanceNotFound:
+            guest = None
+        if guest is not None:
+            try:
+                if guest.domain.isActive():
+                    guest.domain.destroy()
+                guest.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                                           | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                           | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise DriverError(f"cannot remove domain {uuid}: {exc}") from exc
+        if destroy_disks:
+            shutil.rmtree(self._dir(uuid), ignore_errors=True)
+
+    def reboot(self, uuid: str, reboot_type: RebootType, soft_timeout: float = 60.0) -> RebootType:
+        guest = self._running(uuid, "reboot")
+        with self._lock:
+            self._rebooting[uuid] = time.monotonic()
+        try:
+            if reboot_type is RebootType.SOFT:
+                with translate("shutdown", uuid):
+                    guest.domain.shutdown()
+                deadline = time.monotonic() + soft_timeout
+                while time.monotonic() < deadline:
+                    if not guest.active:
+                        with translate("start", uuid):
+                            guest.domain.create()
+                        return RebootType.SOFT
+                    time.sleep(0.2)
+                log.info("%s ignored the ACPI shutdown for %.0fs; rebooting hard", uuid, soft_timeout)
+            with translate("hard reboot", uuid):
+                if guest.domain.isActive():
+                    guest.domain.destroy()
+                guest.domain.create()
+            return RebootType.HARD
+        finally:
+            with self._lock:
+                self._rebooting.pop(uuid, None)
+
+    def power_off(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        with translate("power off", uuid):
+            if guest.domain.isActive():
+                guest.domain.destroy()
+            elif guest.domain.hasManagedSaveImage():
+                guest.domain.managedSaveRemove()  # stopped means stopped: drop the saved memory
+
+    def power_on(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        state = guest.state()
+        with translate("power on", uuid):
+            if state is PowerState.PAUSED:
+                guest.domain.resume()
+            elif not guest.active:
+                guest.domain.create()  # restores the managed save of a suspended instance
+
+    def pause(self, uuid: str) -> None:
+        guest = self._running(uuid, "pause")
+        with translate("pause", uuid):
+            if guest.state() is not PowerState.PAUSED:
+                guest.domain.suspend()  # libvirt calls pausing "suspend"
+
+    def unpause(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        with translate("unpause", uuid):
+            if guest.state() is PowerState.PAUSED:
+                guest.domain.resume()
+
+    def suspend(self, uuid: str) -> None:
+        guest = self._running(uuid, "suspend")
+        with translate("suspend", uuid):
+            guest.domain.managedSave(0)
+
+    def resume(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        if guest.state() is not PowerState.SUSPENDED:
+            raise InstanceNotRunning("resume: the instance is not suspended")
+        with translate("resume", uuid):
+            guest.domain.create()
+
+    def rescue(self, uuid: str, rescue_image: ImageRef) -> None:
+        guest = self._guest(uuid)
+        folder = self._dir(uuid)
+        if (folder / UNRESCUE).exists():
+            return  # already in rescue
+        original = guest.config_xml()
+        base = self.cache.base(rescue_image, "spec.rescue.image")
+        self.cache.overlay(base, folder / RESCUE_DISK)
+        root = ET.fromstring(original)
+        os_el = root.find("os")
+        if os_el is None:
+            raise DriverError("the domain definition has no <os>")
+        for tag in ("kernel", "initrd", "cmdline", "boot"):
+            for el in os_el.findall(tag):
+                os_el.remove(el)
+        ET.SubElement(os_el, "boot", dev="hd")
+        devices = root.find("devices")
+        assert devices is not None
+        for target in devices.findall("disk/target"):
+            match = _TARGET.match(target.get("dev", ""))
+            if match:  # make room for the rescue disk in front
+                target.set("dev", match.group(1) + chr(ord(match.group(2)) + 1))
+        for disk in devices.findall("disk"):
+            address = disk.find("address")
+            if address is not None:
+                disk.remove(address)
+        devices.insert(0, GuestDisk(source=str(folder / RESCUE_DISK), target="vda").format_dom())
+        (folder / UNRESCUE).write_text(original)
+        with translate("rescue", uuid):
+            if guest.domain.isActive():
+                guest.domain.destroy()
+            self.host.get_connection().defineXML(ET.tostring(root, encoding="unicode"))
+            guest.domain.create()
+
+    def unrescue(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        folder = self._dir(uuid)
+        if not (folder / UNRESCUE).exists():
+            return
+        with translate("unrescue", uuid):
+            if guest.domain.isActive():
+                guest.domain.destroy()
+            self.host.get_connection().defineXML((folder / UNRESCUE).read_text())
+            guest.domain.create()
+        (folder / UNRESCUE).unlink()
+        (folder / RESCUE_DISK).unlink(missing_ok=True)
+
+    def snapshot(self, uuid: str, image_name: str, progress: Callable[[int], None] | None = None) -> str:
+        guest = self._guest(uuid)
+        root = self._dir(uuid) / ROOT
+        if not root.exists():
+            raise Unsupported("snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)")
+        field = "spec.actions.snapshot.imageName"
+        if "/" in image_name or image_name in ("", ".", ".."):
+            raise InvalidInstanceSpec(field, f"{image_name!r} is not a plain file name")
+        dest = self.images.root / image_name
+        if dest.exists():
+            raise InvalidInstanceSpec(field, f"image {image_name!r} already exists in the image store")
+        tmp = dest.with_name(f".{image_name}.partial")
+        paused = guest.state() is PowerState.RUNNING
+        if paused:  # a consistent copy: no guest writes while it is made
+            with translate("pause for snapshot", uuid):
+                guest.domain.suspend()
+        try:
+            proc = subprocess.Popen(["qemu-img", "convert", "-U", "-p", "-O", "qcow2", str(root), str(tmp)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            for chunk in iter(lambda: proc.stdout.read(32), ""):  # type: ignore[union-attr]
+                for percent in re.findall(r"\((\d+)\.\d+/100%\)", chunk):
+                    if progress:
+                        progress(int(percent))
+            if proc.wait() != 0:
+                raise DriverError(f"qemu-img convert failed: {proc.stderr.read().strip() if proc.stderr else ''}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if paused:
+                with translate("resume after snapshot", uuid):
+                    guest.domain.resume()
+        if progress:
+            progress(100)
+        return image_name
+
+    # --- guest access ----------------------------------------------------------------------
+
+    def get_console_output(self, uuid: str) -> str:
+        self._guest(uuid)
+        try:
+            return self.console_path(uuid).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def get_vnc_console(self, uuid: str) -> VncConsole:
+        graphics = self._running(uuid, "get_vnc_console").devices(secure=True).graphics
+        if graphics is None:
+            raise Unsupported("get_vnc_console", "the instance was created without a VNC password, so it has "
+                                                 "no VNC server")
+        if graphics.port is None:
+            raise DriverError("the VNC server has no port yet")
+        return VncConsole(host=graphics.listen, port=graphics.port, password=graphics.password)
+
+    def set_admin_password(self, uuid: str, password: str) -> None:
+        guest = self._running(uuid, "set_admin_password")
+        try:
+            guest.domain.setUserPassword("root", password, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+                                        libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                raise Unsupported("set_admin_password", "the guest runs no QEMU guest agent; the password on the "
+                                                        "config drive applies at first boot") from exc
+            raise DriverError(f"set_admin_password failed: {exc}") from exc
+
+    def inject_file(self, uuid: str, path: str, content: bytes) -> None:
+        raise Unsupported("inject_file", "libvirt cannot write into a running guest's file system; files are "
+                                         "injected at creation through the config drive (spec.injectedFiles)")
+
+    def inject_network_info(self, uuid: str, network_config: str) -> None:
+        """Rewrite the config drive's network-config; the guest reads it at its next boot."""
+        self._guest(uuid)
+        drive = self._dir(uuid) / CONFIG_DRIVE
+        if not drive.exists():
+            raise Unsupported("inject_network_info", "the instance was created without a config drive")
+        configdrive.replace_file(drive, "network-config", network_config.encode())
+
+    # --- diagnostics -----------------------------------------------------------------------
+
+    def list_disks(self, uuid: str) -> list[str]:
+        return [d.target for d in self._guest(uuid).devices().disks]
+
+    def list_interfaces(self, uuid: str) -> list[str]:
+        return [i.target for i in self._guest(uuid).devices().interfaces if i.target]
+
+    def block_stats(self, uuid: str, disk: str) -> BlockStats:
+        guest = self._running(uuid, "block_stats")
+        with translate("blockStats", uuid):
+            return BlockStats(*(int(v) for v in guest.domain.blockStats(disk)))
+
+    def interface_stats(self, uuid: str, interface: str) -> InterfaceStats:
+        guest = self._running(uuid, "interface_stats")
+        with translate("interfaceStats", uuid):
+            return InterfaceStats(*(int(v) for v in guest.domain.interfaceStats(interface)))
+
+    def get_diagnostics(self, uuid: str) -> Diagnostics:
+        info = self.get_info(uuid)
+        return Diagnostics(
+            cpu_time_ns=info.cpu_time_ns, memory_kib=info.mem_kib,
+            disks={d: self.block_stats(uuid, d) for d in self.list_disks(uuid)},
+            interfaces={i: self.interface_stats(uuid, i) for i in self.list_interfaces(uuid)})
+
+    def get_all_bw_usage(self) -> list[BandwidthUsage]:
+        usage = []
+        for uuid in self.list_instances():
+            try:
+                guest = self._guest(uuid)
+                if not guest.active:
+                    continue
+                for iface in guest.devices().interfaces:
+                    if iface.target:
+                        stats = self.interface_stats(uuid, iface.target)
+                        usage.append(BandwidthUsage(uuid, iface.target, iface.mac or "", stats.rx_bytes,
+                                                    stats.tx_bytes))
+            except (InstanceNotFound, InstanceNotRunning):
+                continue  # went away while we looked
+        return usage
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def attach_volume(self, uuid: str, volume: VolumeSpec, device: str) -> str:
+        guest = self._guest(uuid)
+        used = [d.target for d in guest.devices().disks]
+        if volume.from_image:
+            base = self.cache.base(ImageRef(volume.name), "spec.image.name")
+            path = self._dir(uuid) / f"disk.vol.{volume.name}"
+            if not path.exists():
+                self.cache.overlay(base, path)
+            fmt = "qcow2"
+        else:
+            path = self.volumes.path("spec.volume.name", volume.name)
+            if not path.exists():
+                if not volume.size_gib:
+                    raise InvalidInstanceSpec("spec.volume.sizeGiB", f"volume {volume.name!r} does not exist; "
+                                                                     "give a size to create it")
+                self.volumes.root.mkdir(parents=True, exist_ok=True)
+                with open(path, "xb") as f:
+                    f.truncate(volume.size_gib * 2**30)
+            fmt = "raw"
+        prefix = "vd" if volume.bus == "virtio" else "sd"
+        target = device or _next_target(used, prefix)
+        if target in used:
+            existing = next(d for d in guest.devices().disks if d.target == target)
+            if existing.source == str(path):
+                return target  # already attached: a retry
+            raise InvalidInstanceSpec("spec.device.name", f"{target} is already used by {existing.source}")
+        disk = GuestDisk(source=str(path), target=target, driver_type=fmt, bus=volume.bus,
+                         read_only=volume.read_only, serial=volume.name[:20])
+        with translate("attach volume", uuid):
+            guest.domain.attachDeviceFlags(ET.tostring(disk.format_dom(), encoding="unicode"), guest.device_flags())
+        return target
+
+    def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
+        guest = self._guest(uuid)
+        disk = next((d for d in guest.devices().disks if d.target == device), None)
+        if disk is None:
+            raise VolumeNotFound(f"no volume is attached at {device}")
+        with translate("detach volume", uuid):
+            guest.domain.detachDeviceFlags(ET.tostring(disk.format_dom(), encoding="unicode"), guest.device_flags())
+        deadline = time.monotonic() + timeout  # the guest acknowledges a hot unplug in its own time
+        while any(d.target == device for d in guest.devices().disks):
+            if time.monotonic() > deadline:
+                raise DriverError(f"the guest did not release {device} within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    # --- networking ------------------------------------------------------------------------
+
+    def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        conn = self.host.get_connection()
+        for index, iface in enumerate(interfaces):
+            try:
+                network = conn.networkLookupByName(iface.network)
+            except libvirt.libvirtError as exc:
+                raise InvalidInstanceSpec(f"spec.interfaces[{index}].network",
+                                          f"this node has no libvirt network named {iface.network!r}") from exc
+            with translate("start network"):
+                if not network.isActive():
+                    network.create()
+
+    def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """libvirt removes an instance's taps when its domain stops; the networks stay for others."""
+        for iface in interfaces:
+            if iface.network == "":
+                raise InvalidInstanceSpec("spec.interfaces", "an interface without a network")
+
+    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[str]) -> None:
+        raise Unsupported("ensure_filtering_rules_for_instance", "security groups (libvirt nwfilter) are not "
+                                                                 "wired into kubenova yet")
+
+    def unfilter_instance(self, uuid: str) -> None:
+        raise Unsupported("unfilter_instance", "security groups (libvirt nwfilter) are not wired into kubenova yet")
+
+    # --- migration -------------------------------------------------------------------------
+
+    def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
+        raise Unsupported("migrate_disk_and_power_off", "cold migration lands with the Migration work")
+
+    def finish_migration(self, instance: InstanceSpec, power_on: bool = True) -> None:
+        raise Unsupported("finish_migration", "cold migration lands with the Migration work")
+
+    def confirm_migration(self, uuid: str) -> None:
+        raise Unsupported("confirm_migration", "cold migration lands with the Migration work")
+
+    def finish_revert_migration(self, uuid: str, power_on: bool = True) -> None:
+        raise Unsupported("finish_revert_migration", "cold migration lands with the Migration work")
+
+    def pre_live_migration(self, instance: InstanceSpec) -> None:
+        raise Unsupported("pre_live_migration", "live migration lands with the Migration work")
+
+    def live_migration(self, uuid: str, dest_uri: str, progress: ProgressCallback | None = None,
+                       block_migration: bool = False) -> None:
+        raise Unsupported("live_migration", "live migration lands with the Migration work")
+
+    def abort_live_migration(self, uuid: str) -> None:
+        raise Unsupported("abort_live_migration", "live migration lands with the Migration work")
+
+    def post_live_migration_at_destination(self, uuid: str) -> None:
+        raise Unsupported("post_live_migration_at_destination", "live migration lands with the Migration work")
+
+    def rollback_live_migration_at_destination(self, uuid: str) -> None:
+        raise Unsupported("rollback_live_migration_at_destination", "live migration lands with the Migration work")
+
+    # --- pollers ---------------------------------------------------------------------------
+
+    def poll_rebooting_instances(self, timeout: float) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            return [uuid for uuid, started in self._rebooting.items() if now - started > timeout]
+
+    def poll_rescued_instances(self, timeout: float) -> list[str]:
+        now = time.time()
+        return [marker.parent.name for marker in self.instances_dir.glob(f"*/{UNRESCUE}")
+                if now - marker.stat().st_mtime > timeout]

@@ -1,0 +1,51 @@
+"""One domain, with the few questions the driver asks of it."""
+from __future__ import annotations
+
+import libvirt
+
+from kubenova.driver.base import PowerState
+from kubenova.driver.libvirt.config import LiveDevices
+from kubenova.driver.libvirt.host import translate
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: PowerState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,  # waiting on I/O is still running for users
+    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
+}
+
+
+class Guest:
+    def __init__(self, domain: libvirt.virDomain) -> None:
+        self.domain = domain
+        self.uuid = domain.UUIDString()
+
+    @property
+    def active(self) -> bool:
+        with translate("isActive", self.uuid):
+            return bool(self.domain.isActive())
+
+    def state(self) -> PowerState:
+        with translate("info", self.uuid):
+            state = _STATES.get(self.domain.info()[0], PowerState.NOSTATE)
+            if state is PowerState.SHUTOFF and self.domain.hasManagedSaveImage():
+                return PowerState.SUSPENDED  # memory saved on disk: Nova's suspended
+            return state
+
+    def devices(self, secure: bool = False) -> LiveDevices:
+        with translate("XMLDesc", self.uuid):
+            return LiveDevices.parse_dom(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE if secure else 0))
+
+    def config_xml(self) -> str:
+        """The persistent definition (with secrets), as it will boot next time."""
+        with translate("XMLDesc", self.uuid):
+            return str(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+    def device_flags(self) -> int:
+        """Change the persistent definition, and the running guest too when it runs."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        return flags | libvirt.VIR_DOMAIN_AFFECT_LIVE if self.active else flags
