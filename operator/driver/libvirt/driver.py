@@ -214,6 +214,9 @@ class LibvirtDriver(ComputeDriver):
         if instance.memory_mib > total:
             raise InsufficientResources("spec.flavor.memoryMiB", f"{instance.memory_mib} MiB is more than the "
                                                                  f"{total} MiB this host has")
+        if instance.vnc_password is not None and not 0 < len(instance.vnc_password) <= 8:
+            raise InvalidInstanceSpec("vncPassword", "VNC passwords have 1 to 8 characters (a limit of the "
+                                                     "VNC protocol's authentication)")
         if instance.boot is None and instance.image is None:
             raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
 

@@ -1,0 +1,146 @@
+"""One conformance suite, run against every driver (in the spirit of Nova's test_virt_drivers.py).
+
+Each driver comes with a probe: the way a test looks at real effects *outside* the
+contract. For libvirt that is the real libvirtd, the files on the host and the real VNC
+server; for the fake it is the fake's own state. Console output is read through the
+contract: for libvirt it is the file QEMU's serial port writes, so it is a real effect too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import libvirt
+import pytest
+from Crypto.Cipher import DES
+
+from kubenova.driver.base import ComputeDriver, ImageRef, InstanceSpec, KernelBoot
+from kubenova.driver.images import ImageStore
+from kubenova.driver.libvirt.driver import LibvirtDriver
+from kubenova.testground import ground as testground
+from kubenova.testground import guest
+
+NETWORK = "kubenova-test"
+
+
+class Probe(Protocol):
+    kind: str
+    images: pathlib.Path
+
+    def domains(self) -> set[str]: ...
+    def instance_files(self, uid: str) -> list[str]: ...
+    def volume_bytes(self, name: str, count: int) -> bytes: ...
+    def saved_memory_exists(self, uid: str) -> bool: ...
+    def vnc_accepts(self, host: str, port: int, password: str) -> bool: ...
+    def host_figures(self) -> tuple[int, int, int]: ...
+
+
+def vnc_auth(host: str, port: int, password: str) -> bool:
+    """An RFB 3.8 handshake with VNC authentication: True when the server accepts the password."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        f = sock.makefile("rwb")
+        assert f.read(12).startswith(b"RFB 003.")
+        f.write(b"RFB 003.008\n")
+        f.flush()
+        count = f.read(1)[0]
+        types = f.read(count)
+        assert list(types) == [2], f"the server must offer only VNC authentication, offered {list(types)}"
+        f.write(b"\x02")
+        f.flush()
+        challenge = f.read(16)
+        # VNC's DES key is the password, 8 bytes, each byte's bits mirrored.
+        key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
+        f.write(DES.new(key, DES.MODE_ECB).encrypt(challenge))
+        f.flush()
+        (result,) = struct.unpack(">I", f.read(4))
+        return result == 0
+
+
+class LibvirtProbe:
+    kind = "libvirt"
+
+    def __init__(self, ground: testground.Ground, driver: LibvirtDriver, root: pathlib.Path) -> None:
+        self.conn = libvirt.open(ground.libvirt_uri)
+        self.driver = driver
+        self.root = root
+        self.images = ground.image_store
+        self.host_dir = ground.node_dir() / "libvirt"
+
+    def domains(self) -> set[str]:
+        return {d.UUIDString() for d in self.conn.listAllDomains()}
+
+    def instance_files(self, uid: str) -> list[str]:
+        folder = self.root / "instances" / uid
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+    def volume_bytes(self, name: str, count: int) -> bytes:
+        with open(self.root / "volumes" / name, "rb") as f:
+            return f.read(count)
+
+    def saved_memory_exists(self, uid: str) -> bool:
+        name = self.conn.lookupByUUIDString(uid).name()
+        return (self.host_dir / "lib" / "qemu" / "save" / f"{name}.save").exists()
+
+    def vnc_accepts(self, host: str, port: int, password: str) -> bool:
+        return vnc_auth(host, port, password)
+
+    def host_figures(self) -> tuple[int, int, int]:
+        """vCPUs, memory MiB and instance disk GiB, read from the host itself."""
+        meminfo = pathlib.Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0]
+        fs = os.statvfs(self.root / "instances")
+        return os.cpu_count() or 0, int(meminfo) // 1024, fs.f_blocks * fs.f_frsize // 2**30
+
+
+@pytest.fixture(scope="session")
+def libvirt_env(ground: testground.Ground) -> Iterator[tuple[LibvirtDriver, LibvirtProbe]]:
+    root = ground.node_dir() / "conformance"
+    shutil.rmtree(root, ignore_errors=True)
+    driver = LibvirtDriver(ground.libvirt_uri, "qemu", root / "instances", ImageStore(ground.image_store),
+                           root / "volumes")
+    driver.init_host(ground.node)
+    conn = driver.host.get_connection()
+    try:
+        conn.networkLookupByName(NETWORK)
+    except libvirt.libvirtError:  # an isolated bridge: guests' traffic reaches the host's tap only
+        conn.networkCreateXML(f"<network><name>{NETWORK}</name><bridge name='knbr0' stp='off'/></network>")
+    yield driver, LibvirtProbe(ground, driver, root)
+    driver.host.close()
+
+
+@dataclasses.dataclass
+class Env:
+    """One driver under test, its probe, and the instances a test made (destroyed afterwards)."""
+
+    driver: ComputeDriver
+    probe: Any
+    made: list[str] = dataclasses.field(default_factory=list)
+
+    def instance(self, cmdline: str = guest.CMDLINE, **fields: Any) -> InstanceSpec:
+        """A test instance booting the test guest's kernel directly (or as given in ``fields``)."""
+        uid = str(uuid.uuid4())
+        self.made.append(uid)
+        store = ImageStore(self.probe.images)
+        fields.setdefault("boot", KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD),
+                                             cmdline))
+        return InstanceSpec(uuid=uid, name=f"c-{uid[:8]}", namespace="conformance", vcpus=1, memory_mib=128,
+                            **fields)
+
+    def image_instance(self, image: str = guest.DISK_IMAGE, **fields: Any) -> InstanceSpec:
+        """A test instance booting a disk image by BIOS, no kernel."""
+        return self.instance(boot=None, image=ImageRef(image), **fields)
+
+
+@pytest.fixture(params=["libvirt"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    driver, probe = request.getfixturevalue(f"{request.param}_env")
+    made = Env(driver, probe)
+    yield made
+    for uid in made.made:  # tests clean up through the contract; this catches failures midway
+        driver.destroy(uid)

@@ -1,0 +1,319 @@
+"""The driver contract, with real effects asserted (see conftest.py for the probes)."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+import time
+
+import pytest
+import yaml
+
+from kubenova.driver.base import (
+    BlockStats, CPUIncompatible, HostPowerAction, ImageChecksumMismatch, ImageNotFound, ImageRef, InjectedFile, InstanceExists,
+    InstanceNotFound, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, PowerState, RebootType,
+    Unsupported, VolumeSpec,
+)
+from kubenova.testground import guest
+from tests.conformance.conftest import NETWORK, Env
+from tests.helpers import eventually
+
+BOOT = 120  # seconds a TCG boot may take on a loaded 2-core machine
+
+
+def console_has(env: Env, uid: str, text: str, timeout: float = BOOT) -> str:
+    return eventually(lambda: (out := env.driver.get_console_output(uid)) and text in out and out,
+                      timeout=timeout, interval=0.2, what=f"{text!r} on the console")
+
+
+def ticks(env: Env, uid: str) -> int:
+    found = re.findall(rf"{guest.TICK} (\d+)", env.driver.get_console_output(uid))
+    return int(found[-1]) if found else -1
+
+
+def boots(env: Env, uid: str) -> int:
+    out = env.driver.get_console_output(uid)
+    return out.count(guest.BOOT_MARKER)
+
+
+# --- spawn and destroy -----------------------------------------------------------------------
+
+def test_spawn_boots_and_destroy_removes_everything(env: Env) -> None:
+    spec = env.image_instance(root_gib=1, ephemeral_gib=(("scratch", 1),), swap_mib=64)
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, guest.BOOT_MARKER)
+    assert spec.uuid in env.probe.domains()
+    assert env.driver.instance_exists(spec.uuid)
+    assert spec.uuid in env.driver.list_instances()
+    detail = next(d for d in env.driver.list_instances_detail() if d.uuid == spec.uuid)
+    assert (detail.namespace, detail.name, detail.state) == ("conformance", spec.name, PowerState.RUNNING)
+    info = env.driver.get_info(spec.uuid)
+    assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 1, 128 * 1024)
+    out = console_has(env, spec.uuid, f"{guest.DISK} vdc")
+    assert re.search(rf"{guest.DISK} vda sectors=(\d+)", out) and int(
+        re.search(rf"{guest.DISK} vda sectors=(\d+)", out).group(1)) * 512 >= 2**30  # grown to rootDisk
+    assert env.driver.list_disks(spec.uuid) == ["vda", "vdb", "vdc"]
+    assert env.probe.instance_files(spec.uuid)
+
+    env.driver.destroy(spec.uuid)
+    assert spec.uuid not in env.probe.domains()
+    assert env.probe.instance_files(spec.uuid) == []  # overlay, ephemeral, swap, console: all gone
+    assert not env.driver.instance_exists(spec.uuid)
+
+
+def test_destroy_of_an_unknown_instance_succeeds(env: Env) -> None:
+    env.driver.destroy("00000000-0000-4000-8000-000000000000")
+
+
+def test_spawn_is_idempotent_for_the_same_uid(env: Env) -> None:
+    spec = env.instance()
+    env.driver.spawn(spec)
+    env.driver.spawn(spec)
+    assert sorted(env.probe.domains()).count(spec.uuid) == 1
+    env.driver.destroy(spec.uuid)
+
+
+@pytest.mark.parametrize("case", ["missing-image", "bad-checksum", "too-much-memory", "name-taken"])
+def test_a_failed_spawn_leaves_nothing_behind(env: Env, case: str) -> None:
+    first = env.instance()
+    if case == "name-taken":
+        env.driver.spawn(first, power_on=False)
+    before = (env.probe.domains(), env.probe.instance_files(first.uuid))
+    spec, error = {
+        "missing-image": (env.image_instance(image="no-such-image.qcow2"), ImageNotFound),
+        "bad-checksum": (dataclasses.replace(env.image_instance(),
+                                             image=ImageRef(guest.DISK_IMAGE, "sha256:" + "0" * 64)),
+                         ImageChecksumMismatch),
+        "too-much-memory": (dataclasses.replace(env.instance(), memory_mib=10**8), InsufficientResources),
+        "name-taken": (dataclasses.replace(env.instance(), name=first.name), InstanceExists),
+    }[case]
+    env.made.append(spec.uuid)
+    with pytest.raises(error):
+        env.driver.spawn(spec)
+    assert (env.probe.domains(), env.probe.instance_files(first.uuid)) == before
+    assert env.probe.instance_files(spec.uuid) == []
+    assert not env.driver.instance_exists(spec.uuid)
+
+
+# --- power -----------------------------------------------------------------------------------
+
+def test_pause_stops_the_guest_and_unpause_lets_it_run_on(env: Env) -> None:
+    spec = env.instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 1")
+    env.driver.pause(spec.uuid)
+    assert env.driver.get_info(spec.uuid).state is PowerState.PAUSED
+    frozen = ticks(env, spec.uuid)
+    time.sleep(3)
+    assert ticks(env, spec.uuid) == frozen
+    env.driver.unpause(spec.uuid)
+    eventually(lambda: ticks(env, spec.uuid) > frozen, timeout=30, what="the counter to advance again")
+    assert boots(env, spec.uuid) == 1
+
+
+def test_suspend_saves_memory_and_resume_continues(env: Env) -> None:
+    spec = env.instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 2")
+    env.driver.suspend(spec.uuid)
+    assert env.driver.get_info(spec.uuid).state is PowerState.SUSPENDED
+    assert env.probe.saved_memory_exists(spec.uuid)
+    stopped_at = ticks(env, spec.uuid)
+    env.driver.resume(spec.uuid)
+    eventually(lambda: ticks(env, spec.uuid) > stopped_at, timeout=60, what="the counter to go on")
+    out = env.driver.get_console_output(spec.uuid)
+    assert out.count(guest.BOOT_MARKER) == 1, "resume must not reboot the guest"
+    assert f"{guest.TICK} 0\n" not in out.split(f"{guest.TICK} {stopped_at}\n", 1)[1]
+    assert not env.probe.saved_memory_exists(spec.uuid)
+
+
+def test_power_off_and_on(env: Env) -> None:
+    spec = env.instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, guest.BOOT_MARKER)
+    env.driver.power_off(spec.uuid)
+    assert env.driver.get_info(spec.uuid).state is PowerState.SHUTOFF
+    env.driver.power_off(spec.uuid)  # already off: fine
+    env.driver.power_on(spec.uuid)
+    eventually(lambda: boots(env, spec.uuid) == 2, timeout=BOOT, what="a second boot")
+
+
+def test_soft_reboot_of_a_guest_ignoring_acpi_falls_back_to_hard(env: Env) -> None:
+    spec = env.image_instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 0")
+    started = time.monotonic()
+    assert env.driver.reboot(spec.uuid, RebootType.SOFT, soft_timeout=3) is RebootType.HARD
+    assert time.monotonic() - started < 30
+    eventually(lambda: boots(env, spec.uuid) == 2, timeout=BOOT, what="the guest to boot again")
+    assert env.driver.list_disks(spec.uuid)[0] == "vda"
+    assert env.driver.reboot(spec.uuid, RebootType.HARD) is RebootType.HARD
+    eventually(lambda: boots(env, spec.uuid) == 3, timeout=BOOT, what="a third boot")
+    assert env.probe.instance_files(spec.uuid)  # the disks are kept
+
+
+# --- rescue and snapshot ---------------------------------------------------------------------
+
+def test_rescue_boots_the_rescue_image_with_the_disk_attached(env: Env) -> None:
+    spec = env.image_instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, guest.BOOT_MARKER)
+    env.driver.rescue(spec.uuid, ImageRef(guest.RESCUE_IMAGE))
+    out = console_has(env, spec.uuid, guest.RESCUE_MARKER)
+    out = console_has(env, spec.uuid, f"{guest.DISK} vdb")
+    assert env.driver.list_disks(spec.uuid) == ["vda", "vdb"]
+    env.driver.unrescue(spec.uuid)
+    eventually(lambda: boots(env, spec.uuid) == 2, timeout=BOOT, what="the normal boot after unrescue")
+    assert env.driver.list_disks(spec.uuid) == ["vda"]
+    assert "disk.rescue" not in env.probe.instance_files(spec.uuid)
+    del out
+
+
+def test_snapshot_makes_an_image_that_boots(env: Env) -> None:
+    spec = env.image_instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, guest.BOOT_MARKER)
+    name = f"snap-{spec.uuid[:8]}.qcow2"
+    progress: list[int] = []
+    try:
+        assert env.driver.snapshot(spec.uuid, name, progress.append) == name
+        assert progress and progress[-1] == 100
+        assert env.driver.get_info(spec.uuid).state is PowerState.RUNNING
+        clone = env.image_instance(image=name)
+        env.driver.spawn(clone)
+        console_has(env, clone.uuid, guest.BOOT_MARKER)
+    finally:
+        (env.probe.images / name).unlink(missing_ok=True)
+
+
+# --- guest access ----------------------------------------------------------------------------
+
+def test_console_and_password_protected_vnc(env: Env) -> None:
+    spec = env.instance(vnc_password="kn-s3crt")
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, guest.BOOT_MARKER)
+    vnc = env.driver.get_vnc_console(spec.uuid)
+    assert vnc.host == "127.0.0.1" and vnc.password == "kn-s3crt"
+    assert not env.probe.vnc_accepts(vnc.host, vnc.port, "wrong")
+    assert env.probe.vnc_accepts(vnc.host, vnc.port, "kn-s3crt")
+    plain = env.instance()
+    env.driver.spawn(plain)
+    with pytest.raises(Unsupported, match="without a VNC password"):
+        env.driver.get_vnc_console(plain.uuid)
+
+
+def test_config_drive_carries_user_data_files_network_config_and_password(env: Env) -> None:
+    spec = env.instance(user_data="#cloud-config\nhostname: conformance\n",
+                        network_config="version: 2\nethernets: {eth0: {dhcp4: true}}\n",
+                        injected_files=(InjectedFile("/etc/kubenova-motd", b"hello from kubenova\n"),),
+                        admin_password="pa55")
+    env.driver.spawn(spec)
+    out = console_has(env, spec.uuid, f"{guest.CD_FILE} vendor-data")
+    files = {m.group(1): base64.b64decode(m.group(2)) for m in
+             re.finditer(rf"{guest.CD_FILE} (\S+) (\S*)", out)}
+    assert files["user-data"] == b"#cloud-config\nhostname: conformance\n"
+    assert b"dhcp4: true" in files["network-config"]
+    vendor = yaml.safe_load(files["vendor-data"])
+    assert vendor["password"] == "pa55"
+    assert base64.b64decode(vendor["write_files"][0]["content"]) == b"hello from kubenova\n"
+    assert vendor["write_files"][0]["path"] == "/etc/kubenova-motd"
+    env.driver.inject_network_info(spec.uuid, "version: 2\nethernets: {eth0: {dhcp4: false}}\n")
+    env.driver.reboot(spec.uuid, RebootType.HARD)
+    out = eventually(lambda: (o := env.driver.get_console_output(spec.uuid)).count(f"{guest.CD_FILE} network-config")
+                     == 2 and o, timeout=BOOT, what="the new network config after reboot")
+    last = re.findall(rf"{guest.CD_FILE} network-config (\S+)", out)[-1]
+    assert b"dhcp4: false" in base64.b64decode(last)
+
+
+def test_unsupported_guest_operations_say_why(env: Env) -> None:
+    spec = env.instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, guest.BOOT_MARKER)
+    with pytest.raises(Unsupported, match="guest agent"):
+        env.driver.set_admin_password(spec.uuid, "x")
+    with pytest.raises(Unsupported, match="config drive"):
+        env.driver.inject_file(spec.uuid, "/etc/x", b"x")
+
+
+# --- volumes and diagnostics -----------------------------------------------------------------
+
+def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
+    pattern = f"KN-{int(time.time())}"
+    spec = env.instance(cmdline=f"{guest.CMDLINE} kubenova.write=vdb:{pattern}")
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 0")
+    name = f"vol-{spec.uuid[:8]}"
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "vdb") == "vdb"
+    console_has(env, spec.uuid, f"{guest.WROTE} vdb {pattern}", timeout=60)
+    assert "vdb" in env.driver.list_disks(spec.uuid)
+    stats = env.driver.block_stats(spec.uuid, "vdb")
+    assert stats.wr_req > 0 and stats.wr_bytes >= len(pattern)
+    env.driver.detach_volume(spec.uuid, "vdb")
+    assert "vdb" not in env.driver.list_disks(spec.uuid)
+    assert env.probe.volume_bytes(name, len(pattern)) == pattern.encode()
+    env.driver.destroy(spec.uuid)
+    assert env.probe.volume_bytes(name, len(pattern)) == pattern.encode()  # destroy never takes a volume
+
+
+def test_stats_have_exact_counters_that_grow(env: Env) -> None:
+    spec = env.instance(interfaces=(Interface("eth0", NETWORK),))
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.NET} eth0 up")
+    disks, ifaces = env.driver.list_disks(spec.uuid), env.driver.list_interfaces(spec.uuid)
+    assert len(ifaces) == 1
+    first = env.driver.interface_stats(spec.uuid, ifaces[0])
+    assert len(dataclasses.fields(first)) == 8 and len(dataclasses.fields(BlockStats)) == 5
+    grown = eventually(lambda: (s := env.driver.interface_stats(spec.uuid, ifaces[0]))
+                       and s.rx_packets + s.tx_packets > first.rx_packets + first.tx_packets and s,
+                       timeout=30, what="interface counters to grow")
+    assert all(isinstance(v, int) and v >= 0 for v in dataclasses.astuple(grown))
+    diagnostics = env.driver.get_diagnostics(spec.uuid)
+    assert set(diagnostics.interfaces) == set(ifaces) and set(diagnostics.disks) == set(disks)
+    assert all(isinstance(s, InterfaceStats) for s in diagnostics.interfaces.values())
+    assert diagnostics.cpu_time_ns > 0
+    assert any(u.uuid == spec.uuid for u in env.driver.get_all_bw_usage())
+
+
+# --- host ------------------------------------------------------------------------------------
+
+def test_compare_cpu(env: Env) -> None:
+    host = env.driver.get_available_resource().cpu
+    env.driver.compare_cpu(host)
+    alien = dataclasses.replace(host, arch="aarch64", vendor="ARM", model="cortex-a72", features=())
+    with pytest.raises((CPUIncompatible, InvalidCPUInfo)):
+        env.driver.compare_cpu(alien)
+    with pytest.raises(InvalidCPUInfo):
+        env.driver.compare_cpu(dataclasses.replace(host, arch=""))
+
+
+def test_missing_instances_raise_instance_not_found(env: Env) -> None:
+    with pytest.raises(InstanceNotFound):
+        env.driver.get_info("00000000-0000-4000-8000-000000000001")
+    with pytest.raises(InstanceNotFound):
+        env.driver.pause("00000000-0000-4000-8000-000000000001")
+
+
+def test_host_stats_match_the_host(env: Env) -> None:
+    stats = env.driver.get_available_resource()
+    assert (stats.vcpus, stats.memory_mib, stats.disk_gib) == env.probe.host_figures()
+    assert 0 <= stats.disk_free_gib <= stats.disk_gib
+    assert stats.hypervisor_type and stats.hypervisor_version and stats.cpu.arch
+    assert env.driver.get_host_stats() == stats
+    connector = env.driver.get_volume_connector()
+    assert connector.host == stats.hostname and connector.ip
+
+
+def test_image_cache_keeps_bases_in_use_and_drops_unused_ones(env: Env) -> None:
+    spec = env.image_instance()
+    env.driver.spawn(spec, power_on=False)
+    assert env.driver.manage_image_cache(in_use=(), grace_seconds=0) == []
+    env.driver.destroy(spec.uuid)
+    removed = env.driver.manage_image_cache(in_use=(), grace_seconds=0)
+    assert len(removed) == 1
+    assert env.driver.manage_image_cache(in_use=(), grace_seconds=0) == []
+    assert (env.probe.images / guest.DISK_IMAGE).exists()  # the store's own file is never touched
+
+
+def test_host_power_is_not_ours(env: Env) -> None:
+    with pytest.raises(Unsupported, match="host"):
+        env.driver.host_power_action(HostPowerAction.REBOOT)
