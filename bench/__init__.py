@@ -1,0 +1,1 @@
+"""Benchmarks: kubenova measured against raw libvirt in the same run."""
