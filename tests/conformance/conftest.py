@@ -8,6 +8,7 @@ contract: for libvirt it is the file QEMU's serial port writes, so it is a real 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 import shutil
@@ -40,6 +41,7 @@ class Probe(Protocol):
     def saved_memory_exists(self, uid: str) -> bool: ...
     def vnc_accepts(self, host: str, port: int, password: str) -> bool: ...
     def host_figures(self) -> tuple[int, int, int]: ...
+    def cache_key(self, image: str) -> str: ...
 
 
 def vnc_auth(host: str, port: int, password: str) -> bool:
@@ -90,6 +92,10 @@ class LibvirtProbe:
 
     def vnc_accepts(self, host: str, port: int, password: str) -> bool:
         return vnc_auth(host, port, password)
+
+    def cache_key(self, image: str) -> str:
+        """The image cache names a base by its content's sha256."""
+        return hashlib.sha256((self.images / image).read_bytes()).hexdigest()
 
     def host_figures(self) -> tuple[int, int, int]:
         """vCPUs, memory MiB and instance disk GiB, read from the host itself."""

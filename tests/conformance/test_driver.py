@@ -305,12 +305,14 @@ def test_host_stats_match_the_host(env: Env) -> None:
 
 def test_image_cache_keeps_bases_in_use_and_drops_unused_ones(env: Env) -> None:
     spec = env.image_instance()
+    key = env.probe.cache_key(guest.DISK_IMAGE)
     env.driver.spawn(spec, power_on=False)
-    assert env.driver.manage_image_cache(in_use=(), grace_seconds=0) == []
+    assert key not in env.driver.manage_image_cache(in_use=(), grace_seconds=0)
+    assert key not in env.driver.manage_image_cache(in_use=(), grace_seconds=3600)
     env.driver.destroy(spec.uuid)
-    removed = env.driver.manage_image_cache(in_use=(), grace_seconds=0)
-    assert len(removed) == 1
-    assert env.driver.manage_image_cache(in_use=(), grace_seconds=0) == []
+    assert key not in env.driver.manage_image_cache(in_use=(), grace_seconds=3600)  # still within the grace
+    assert key in env.driver.manage_image_cache(in_use=(), grace_seconds=0)
+    assert key not in env.driver.manage_image_cache(in_use=(), grace_seconds=0)
     assert (env.probe.images / guest.DISK_IMAGE).exists()  # the store's own file is never touched
 
 
