@@ -23,6 +23,7 @@ import pytest
 from Crypto.Cipher import DES
 
 from kubenova.driver.base import ComputeDriver, ImageRef, InstanceSpec, KernelBoot
+from kubenova.driver.fake import FakeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.testground import ground as testground
@@ -104,6 +105,45 @@ class LibvirtProbe:
         return os.cpu_count() or 0, int(meminfo) // 1024, fs.f_blocks * fs.f_frsize // 2**30
 
 
+class FakeProbe:
+    """The fake's own bookkeeping stands in for the host; the images are the test ground's files."""
+
+    kind = "fake"
+
+    def __init__(self, driver: FakeDriver, images: pathlib.Path) -> None:
+        self.driver = driver
+        self.images = images
+
+    def domains(self) -> set[str]:
+        return set(self.driver.list_instances())
+
+    def instance_files(self, uid: str) -> list[str]:
+        return self.driver.instance_files(uid)
+
+    def volume_bytes(self, name: str, count: int) -> bytes:
+        return self.driver.read_volume(name)[:count]
+
+    def saved_memory_exists(self, uid: str) -> bool:
+        return self.driver.saved_memory_exists(uid)
+
+    def vnc_accepts(self, host: str, port: int, password: str) -> bool:
+        return self.driver.vnc_accepts(host, port, password)
+
+    def host_figures(self) -> tuple[int, int, int]:
+        return self.driver.vcpus, self.driver.memory_mib, self.driver.disk_gib
+
+    def cache_key(self, image: str) -> str:
+        return hashlib.sha256((self.images / image).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def fake_env(ground: testground.Ground) -> tuple[FakeDriver, FakeProbe]:
+    names = (guest.KERNEL, guest.INITRD, guest.DISK_IMAGE, guest.RESCUE_IMAGE)
+    driver = FakeDriver(images={n: (ground.image_store / n).read_bytes() for n in names})
+    driver.init_host("fake-node")
+    return driver, FakeProbe(driver, ground.image_store)
+
+
 @pytest.fixture(scope="session")
 def libvirt_env(ground: testground.Ground) -> Iterator[tuple[LibvirtDriver, LibvirtProbe]]:
     root = ground.node_dir() / "conformance"
@@ -143,7 +183,7 @@ class Env:
         return self.instance(boot=None, image=ImageRef(image), **fields)
 
 
-@pytest.fixture(params=["libvirt"])
+@pytest.fixture(params=["fake", "libvirt"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     driver, probe = request.getfixturevalue(f"{request.param}_env")
     made = Env(driver, probe)

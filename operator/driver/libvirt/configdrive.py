@@ -1,18 +1,13 @@
-"""The NoCloud config drive: an ISO9660 volume labelled ``cidata`` that cloud-init reads.
-
-user-data stays exactly the user's; what kubenova adds (admin password, injected files)
-goes to vendor-data, which cloud-init merges under the user's own settings.
-"""
+"""The NoCloud config drive as an ISO9660 volume labelled ``cidata``, which cloud-init reads."""
 from __future__ import annotations
 
-import base64
 import io
 import os
 import pathlib
 
 import pycdlib
-import yaml
 
+from kubenova.driver import cloudinit
 from kubenova.driver.base import InstanceSpec
 
 
@@ -20,31 +15,8 @@ def _iso_name(index: int) -> str:
     return f"/F{index}.;1"
 
 
-def contents(instance: InstanceSpec) -> dict[str, bytes]:
-    files = {
-        "meta-data": yaml.safe_dump({"instance-id": instance.uuid,
-                                     "local-hostname": instance.name}).encode(),
-        "user-data": (instance.user_data or "#cloud-config\n{}\n").encode(),
-    }
-    if instance.network_config:
-        files["network-config"] = instance.network_config.encode()
-    vendor: dict[str, object] = {}
-    if instance.admin_password:
-        vendor.update({"password": instance.admin_password, "chpasswd": {"expire": False}})
-    if instance.injected_files:
-        vendor["write_files"] = [{"path": f.path, "encoding": "b64",
-                                  "content": base64.b64encode(f.content).decode()} for f in instance.injected_files]
-    if vendor:
-        files["vendor-data"] = ("#cloud-config\n" + yaml.safe_dump(vendor)).encode()
-    return files
-
-
-def needed(instance: InstanceSpec) -> bool:
-    return bool(instance.user_data or instance.network_config or instance.injected_files or instance.admin_password)
-
-
 def write(instance: InstanceSpec, path: pathlib.Path) -> None:
-    _write_iso(contents(instance), path)
+    _write_iso(cloudinit.files(instance), path)
 
 
 def replace_file(path: pathlib.Path, name: str, data: bytes) -> None:

@@ -30,6 +30,7 @@ from kubenova.driver.base import (
     PowerState, ProgressCallback, RebootType, Unsupported, VncConsole, VolumeConnector,
     VolumeNotFound, VolumeSpec,
 )
+from kubenova.driver import cloudinit
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt import configdrive
 from kubenova.driver.libvirt.config import (
@@ -240,7 +241,7 @@ class LibvirtDriver(ComputeDriver):
         if instance.swap_mib:
             qemu_img("create", "-q", "-f", "qcow2", str(folder / "disk.swap"), f"{instance.swap_mib}M")
             add(folder / "disk.swap")
-        if configdrive.needed(instance):
+        if cloudinit.needed(instance):
             configdrive.write(instance, folder / CONFIG_DRIVE)
             add(folder / CONFIG_DRIVE, driver_type="raw", read_only=True)
         boot = instance.boot

@@ -1,0 +1,36 @@
+"""What an instance's NoCloud config drive holds, shared by every driver.
+
+user-data stays exactly the user's; what kubenova adds (admin password, injected files)
+goes to vendor-data, which cloud-init merges under the user's own settings.
+"""
+from __future__ import annotations
+
+import base64
+
+import yaml
+
+from kubenova.driver.base import InstanceSpec
+
+
+def needed(instance: InstanceSpec) -> bool:
+    return bool(instance.user_data or instance.network_config or instance.injected_files or instance.admin_password)
+
+
+def files(instance: InstanceSpec, network_config: str | None = None) -> dict[str, bytes]:
+    """The drive's files by name; ``network_config`` overrides the spec's (inject_network_info)."""
+    network_config = network_config if network_config is not None else instance.network_config
+    found = {
+        "meta-data": yaml.safe_dump({"instance-id": instance.uuid, "local-hostname": instance.name}).encode(),
+        "user-data": (instance.user_data or "#cloud-config\n{}\n").encode(),
+    }
+    if network_config:
+        found["network-config"] = network_config.encode()
+    vendor: dict[str, object] = {}
+    if instance.admin_password:
+        vendor.update({"password": instance.admin_password, "chpasswd": {"expire": False}})
+    if instance.injected_files:
+        vendor["write_files"] = [{"path": f.path, "encoding": "b64", "content": base64.b64encode(f.content).decode()}
+                                 for f in instance.injected_files]
+    if vendor:
+        found["vendor-data"] = ("#cloud-config\n" + yaml.safe_dump(vendor)).encode()
+    return found
