@@ -239,7 +239,8 @@ def test_unsupported_guest_operations_say_why(env: Env) -> None:
 
 def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     pattern = f"KN-{int(time.time())}"
-    spec = env.instance(cmdline=f"{guest.CMDLINE} kubenova.write=vdb:{pattern}")
+    # The guest names disks in the order they appear: a root disk first makes the volume its vdb too.
+    spec = env.instance(cmdline=f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}", root_gib=1)
     env.driver.spawn(spec)
     console_has(env, spec.uuid, f"{guest.TICK} 0")
     name = f"vol-{spec.uuid[:8]}"
