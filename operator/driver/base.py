@@ -128,6 +128,20 @@ class Interface:
 
 
 @dataclasses.dataclass(frozen=True)
+class FirewallRule:
+    """One security group rule: let traffic of ``protocol`` from ``cidr`` to ports ``port_min``..``port_max`` in.
+
+    Everything else coming in is dropped (answers to the guest's own traffic excepted);
+    traffic going out is allowed.
+    """
+
+    protocol: str  # tcp, udp, icmp or all
+    cidr: str = "0.0.0.0/0"
+    port_min: int | None = None
+    port_max: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class InjectedFile:
     path: str
     content: bytes
@@ -469,7 +483,7 @@ class ComputeDriver(abc.ABC):
         """Release what plug_vifs set up for this instance."""
 
     @abc.abstractmethod
-    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[str]) -> None:
+    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
         """Install the instance's firewall (security group) rules."""
 
     @abc.abstractmethod
@@ -495,13 +509,22 @@ class ComputeDriver(abc.ABC):
         """Cold migration, source side: the move is undone, start the original again."""
 
     @abc.abstractmethod
-    def pre_live_migration(self, instance: InstanceSpec) -> None:
-        """Live migration, target side: create disks and networks before the move."""
+    def pre_live_migration(self, instance: InstanceSpec) -> str:
+        """Live migration, target side: create disks, networks and filters; return the target's definition.
+
+        The source hands that definition to live_migration, so the instance lands on the
+        target's own paths (disks, console) rather than the source's.
+        """
 
     @abc.abstractmethod
-    def live_migration(self, uuid: str, dest_uri: str, progress: ProgressCallback | None = None,
-                       block_migration: bool = False) -> None:
-        """Live migration, source side: move the running instance; raises on failure (it stays here)."""
+    def live_migration(self, uuid: str, dest_uri: str, dest_definition: str,
+                       progress: ProgressCallback | None = None, block_migration: bool = True,
+                       max_bandwidth_mib: int | None = None) -> None:
+        """Live migration, source side: move the running instance; raises on failure (it stays here).
+
+        ``block_migration`` copies the disks' own data (no shared storage needed); on success
+        the source's files are removed.
+        """
 
     @abc.abstractmethod
     def abort_live_migration(self, uuid: str) -> None:

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from kubenova.driver import cloudinit
 from kubenova.driver.base import (
+    FirewallRule,
     BandwidthUsage, BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, Diagnostics, DriverError, HostPowerAction,
     HostStats, ImageChecksumMismatch, ImageNotFound, ImageRef, InstanceDetail, InstanceExists, InstanceInfo,
     InstanceNotFound, InstanceNotRunning, InstanceSpec, InsufficientResources, Interface, InterfaceStats,
@@ -351,7 +352,7 @@ class FakeDriver(ComputeDriver):
         self._prepared: dict[str, InstanceSpec] = {}
         self._aborts: set[str] = set()
         self._vifs: dict[str, dict[str, Interface]] = {}
-        self._rules: dict[str, tuple[str, ...]] = {}
+        self._rules: dict[str, tuple[FirewallRule, ...]] = {}
         self._free_vnc: list[int] = []
         self._next_vnc = 0
         for name, data in (images or {}).items():
@@ -410,7 +411,7 @@ class FakeDriver(ComputeDriver):
         with self._lock:
             return tuple(self._vifs.get(uuid, {}).values())
 
-    def filtering_rules(self, uuid: str) -> tuple[str, ...]:
+    def filtering_rules(self, uuid: str) -> tuple[FirewallRule, ...]:
         """The firewall rules installed for the instance."""
         with self._lock:
             return self._rules.get(uuid, ())
@@ -751,7 +752,7 @@ class FakeDriver(ComputeDriver):
             if not plugged:
                 self._vifs.pop(uuid, None)
 
-    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[str]) -> None:
+    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
         with self._lock:
             self._rules[uuid] = tuple(rules)
 
@@ -806,7 +807,8 @@ class FakeDriver(ComputeDriver):
             if power_on:
                 self._power_on(inst, self._clock())
 
-    def pre_live_migration(self, instance: InstanceSpec) -> None:
+    def pre_live_migration(self, instance: InstanceSpec) -> str:
+        """The fake's "definition" is the target's own name for the prepared instance."""
         with self._lock:
             if instance.uuid in self._instances:
                 raise DriverError(f"instance {instance.uuid} is already defined on {self.hostname}")
@@ -815,13 +817,17 @@ class FakeDriver(ComputeDriver):
             self._instance_dirs[instance.uuid] = self._create(instance, folder, self._clock()).files
             self._prepared[instance.uuid] = instance
             self.plug_vifs(instance.uuid, instance.interfaces)
+        return f"{self.uri}/{instance.uuid}"
 
-    def live_migration(self, uuid: str, dest_uri: str, progress: ProgressCallback | None = None,
-                       block_migration: bool = False) -> None:
+    def live_migration(self, uuid: str, dest_uri: str, dest_definition: str,
+                       progress: ProgressCallback | None = None, block_migration: bool = True,
+                       max_bandwidth_mib: int | None = None) -> None:
         """Completes synchronously, in a few steps; an abort requested before a step stops it there.
 
         The fake's hosts share no storage, so the instance folder and attached volumes always travel.
         """
+        if dest_definition != f"{dest_uri}/{uuid}":
+            raise DriverError(f"{dest_definition!r} is not what pre_live_migration on {dest_uri} returned")
         with self._lock:
             inst = self._get(uuid)
             self._require(inst, *_ACTIVE)
@@ -846,6 +852,7 @@ class FakeDriver(ComputeDriver):
             inst = self._get(uuid)
             now = self._clock()
             inst.guest.stop(now)
+            inst.guest.console.clear()  # the serial log is a file of the host the guest left
             self._release(inst, now)
             volumes = {device: (name, attached.disk.copy()) for device, attached in inst.volumes.items()
                        if (name := _store_volume_name(attached)) is not None}

@@ -2,9 +2,11 @@
 # Runs inside a private mount namespace (unshare --mount --propagation private):
 # gives one libvirtd "host" its own /etc, /run, /var/lib, /var/cache and /var/log
 # for libvirt, then starts its virtlogd and libvirtd. The host's real libvirt
-# directories are never touched; everything lives under $1.
+# directories are never touched; everything lives under $1. With a second argument
+# (a host name) it also listens on TCP, as libvirtd.conf says: a migration peer.
 set -euo pipefail
 host=$1
+peer=${2:-}
 for d in etc run lib cache log; do mkdir -p "$host/$d"; done
 mkdir -p "$host/lib/qemu" "$host/lib/images"
 for pair in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/cache/libvirt log:/var/log/libvirt; do
@@ -12,4 +14,8 @@ for pair in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/ca
   mount --bind "$host/${pair%%:*}" "${pair#*:}"
 done
 virtlogd --daemon --pid-file="$host/virtlogd.pid"
+if [ -n "$peer" ]; then
+  hostname "$peer"
+  exec libvirtd --daemon --listen --pid-file="$host/libvirtd.pid"
+fi
 exec libvirtd --daemon --pid-file="$host/libvirtd.pid"

@@ -28,6 +28,50 @@ remember_owner = 0
 """
 
 
+#: Every test host gets this isolated libvirt network (a bridge with no uplink, no DHCP).
+NETWORK = "kubenova-test"
+
+
+#: Migration peers live in network namespaces on this bridge (test-only addresses on our own veths).
+PEER_BRIDGE, PEER_NET = "knmig0", "10.99.0"
+
+
+def netns(node: str) -> str:
+    return f"kn-{node}"
+
+
+def peer_uri(address: str) -> str:
+    """How one libvirtd reaches another for a peer-to-peer migration."""
+    return f"qemu+tcp://{address}/system"
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    argv = ["ip", "netns", "exec", ns, "ip", *args] if ns else ["ip", *args]
+    procs.run(argv, f"setting up the test network ({' '.join(args)})", "check that iproute2 works as root")
+
+
+def _plumb(node: str, address: str) -> None:
+    """A network namespace for the node, joined to the peer bridge by a veth pair."""
+    if subprocess.run(["ip", "link", "show", PEER_BRIDGE], capture_output=True).returncode != 0:
+        _ip("link", "add", PEER_BRIDGE, "type", "bridge")
+        _ip("addr", "add", f"{PEER_NET}.1/24", "dev", PEER_BRIDGE)
+        _ip("link", "set", PEER_BRIDGE, "up")
+    subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True)
+    subprocess.run(["ip", "link", "del", f"kv-{node}"[:15]], capture_output=True)
+    procs.run(["ip", "netns", "add", netns(node)], "creating a network namespace", "run as root")
+    outside, inside = f"kv-{node}"[:15], f"kvi-{node}"[:15]
+    _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+    _ip("link", "set", outside, "master", PEER_BRIDGE, "up")
+    _ip("link", "set", inside, "netns", netns(node))
+    _ip("addr", "add", f"{address}/24", "dev", inside, ns=netns(node))
+    _ip("link", "set", inside, "up", ns=netns(node))
+    _ip("link", "set", "lo", "up", ns=netns(node))
+
+
+def bridge(node: str) -> str:
+    return f"knbr-{node}"[:15]
+
+
 def host_dir(layout: Layout, node: str) -> pathlib.Path:
     return layout.state / "nodes" / node / "libvirt"
 
@@ -50,8 +94,12 @@ def _responds(layout: Layout, node: str) -> bool:
     return proc.returncode == 0
 
 
-def start(layout: Layout, node: str) -> str:
-    """Start (or find running) the libvirtd of `node` and return its URI."""
+def start(layout: Layout, node: str, address: str | None = None) -> str:
+    """Start (or find running) the libvirtd of `node` and return its URI.
+
+    With an ``address`` the host gets its own network namespace and listens there on TCP,
+    so libvirtd and QEMU can migrate guests to and from it.
+    """
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
     if missing:
         pkgs = " ".join(sorted({REQUIRED[c] for c in missing}))
@@ -62,6 +110,7 @@ def start(layout: Layout, node: str) -> str:
                               "run as root")
     host = host_dir(layout, node)
     if _pid(host / "libvirtd.pid") and _responds(layout, node):
+        _ensure_network(layout, node)
         return uri(layout, node)
     stop(layout, node)
     (host / "etc").mkdir(parents=True, exist_ok=True)
@@ -69,16 +118,44 @@ def start(layout: Layout, node: str) -> str:
     uuid_file = host / "host-uuid"
     if not uuid_file.exists():  # libvirt refuses to migrate between hosts with one UUID
         uuid_file.write_text(str(uuid.uuid4()))
-    (host / "etc" / "libvirtd.conf").write_text(
-        f'host_uuid = "{uuid_file.read_text().strip()}"\n'
-        'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
-        'unix_sock_rw_perms = "0770"\n')
-    procs.run(["unshare", "--mount", "--propagation", "private", "bash", str(SCRIPT), str(host)],
-              f"starting libvirtd for {node}", f"see {host / 'log' / 'libvirtd.log'}")
+    conf = (f'host_uuid = "{uuid_file.read_text().strip()}"\n'
+            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+            'unix_sock_rw_perms = "0770"\n')
+    argv = ["unshare", "--mount", "--propagation", "private", "bash", str(SCRIPT), str(host)]
+    if address:
+        _plumb(node, address)
+        # Test only: no TLS, no auth, on the namespace's own veth address.
+        conf += f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\nlisten_addr = "{address}"\n'
+        (host / "etc" / "qemu.conf").write_text(
+            QEMU_CONF + f'migration_address = "{address}"\nmigration_host = "{address}"\n')
+        argv = ["ip", "netns", "exec", netns(node), "unshare", "--uts", *argv[1:], node]
+    (host / "etc" / "libvirtd.conf").write_text(conf)
+    procs.run(argv, f"starting libvirtd for {node}", f"see {host / 'log' / 'libvirtd.log'}")
     procs.wait_for(lambda: _responds(layout, node), 30, f"libvirtd of {node}", host / "log" / "libvirtd.log")
+    _ensure_network(layout, node)
     ns = os.readlink(f"/proc/{_pid(host / 'libvirtd.pid')}/ns/mnt")
     (host / "mnt-ns").write_text(ns)
     return uri(layout, node)
+
+
+def _forget_bridge(node: str) -> None:
+    """Remove the test network's bridge and libvirt's iptables rules for it: both outlive a killed libvirtd."""
+    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
+    for line in rules.splitlines():
+        if line.startswith("-A ") and f" {bridge(node)} " in f"{line} ":
+            subprocess.run(["iptables", "-D", *line.split()[1:]], capture_output=True)
+    subprocess.run(["ip", "link", "del", bridge(node)], capture_output=True)
+
+
+def _ensure_network(layout: Layout, node: str) -> None:
+    if subprocess.run(["virsh", "-c", uri(layout, node), "net-info", NETWORK], capture_output=True).returncode == 0:
+        return
+    _forget_bridge(node)  # left by an earlier crash
+    host = host_dir(layout, node)
+    network = host / "network.xml"
+    network.write_text(f"<network><name>{NETWORK}</name><bridge name='{bridge(node)}' stp='off'/></network>")
+    procs.run(["virsh", "-c", uri(layout, node), "net-create", str(network)], f"creating the {NETWORK} network",
+              f"see {host / 'log' / 'libvirtd.log'}")
 
 
 def stop(layout: Layout, node: str) -> bool:
@@ -106,6 +183,9 @@ def stop(layout: Layout, node: str) -> bool:
     while any(procs.pid_alive(p) for p in victims) and time.monotonic() < deadline:
         time.sleep(0.05)
     (host / "mnt-ns").unlink()
+    _forget_bridge(node)
+    if subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True).returncode == 0:
+        subprocess.run(["ip", "link", "del", f"kv-{node}"[:15]], capture_output=True)
     for stale in ("libvirtd.pid", "virtlogd.pid"):
         (host / stale).unlink(missing_ok=True)
     return bool(victims)

@@ -14,6 +14,7 @@ import pathlib
 import shutil
 import socket
 import struct
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -22,14 +23,14 @@ import libvirt
 import pytest
 from Crypto.Cipher import DES
 
-from kubenova.driver.base import ComputeDriver, ImageRef, InstanceSpec, KernelBoot
+from kubenova.driver.base import ComputeDriver, FirewallRule, ImageRef, InstanceSpec, KernelBoot
 from kubenova.driver.fake import FakeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.testground import ground as testground
-from kubenova.testground import guest
+from kubenova.testground import guest, libvirt_host
 
-NETWORK = "kubenova-test"
+NETWORK = libvirt_host.NETWORK
 
 
 class Probe(Protocol):
@@ -43,6 +44,7 @@ class Probe(Protocol):
     def vnc_accepts(self, host: str, port: int, password: str) -> bool: ...
     def host_figures(self) -> tuple[int, int, int]: ...
     def cache_key(self, image: str) -> str: ...
+    def firewall_lets_in(self, uid: str, tap: str, rule: FirewallRule) -> bool: ...
 
 
 def vnc_auth(host: str, port: int, password: str) -> bool:
@@ -94,6 +96,12 @@ class LibvirtProbe:
     def vnc_accepts(self, host: str, port: int, password: str) -> bool:
         return vnc_auth(host, port, password)
 
+    def firewall_lets_in(self, uid: str, tap: str, rule: FirewallRule) -> bool:
+        """Whether the host's iptables rules for the tap accept the rule's traffic (what nwfilter wrote)."""
+        rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+        wanted = [f"-s {rule.cidr}", f"-p {rule.protocol}", f"--dport {rule.port_min}", "-j ACCEPT"]
+        return any(tap in line and all(w in line for w in wanted) for line in rules.splitlines())
+
     def cache_key(self, image: str) -> str:
         """The image cache names a base by its content's sha256."""
         return hashlib.sha256((self.images / image).read_bytes()).hexdigest()
@@ -132,6 +140,9 @@ class FakeProbe:
     def host_figures(self) -> tuple[int, int, int]:
         return self.driver.vcpus, self.driver.memory_mib, self.driver.disk_gib
 
+    def firewall_lets_in(self, uid: str, tap: str, rule: FirewallRule) -> bool:
+        return rule in self.driver.filtering_rules(uid)
+
     def cache_key(self, image: str) -> str:
         return hashlib.sha256((self.images / image).read_bytes()).hexdigest()
 
@@ -151,11 +162,6 @@ def libvirt_env(ground: testground.Ground) -> Iterator[tuple[LibvirtDriver, Libv
     driver = LibvirtDriver(ground.libvirt_uri, "qemu", root / "instances", ImageStore(ground.image_store),
                            root / "volumes")
     driver.init_host(ground.node)
-    conn = driver.host.get_connection()
-    try:
-        conn.networkLookupByName(NETWORK)
-    except libvirt.libvirtError:  # an isolated bridge: guests' traffic reaches the host's tap only
-        conn.networkCreateXML(f"<network><name>{NETWORK}</name><bridge name='knbr0' stp='off'/></network>")
     yield driver, LibvirtProbe(ground, driver, root)
     driver.host.close()
 
@@ -190,3 +196,53 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     yield made
     for uid in made.made:  # tests clean up through the contract; this catches failures midway
         driver.destroy(uid)
+
+
+@dataclasses.dataclass
+class Peer:
+    """One of two hosts for migration tests: its driver, its probe and how the other reaches it."""
+
+    driver: ComputeDriver
+    probe: Any
+    uri: str
+
+
+@pytest.fixture(scope="session")
+def libvirt_peers(ground: testground.Ground) -> Iterator[tuple[Peer, Peer]]:
+    """Two libvirtd hosts in network namespaces on a test bridge, like two nodes."""
+    peers = []
+    for node, address in (("mig-a", f"{libvirt_host.PEER_NET}.2"), ("mig-b", f"{libvirt_host.PEER_NET}.3")):
+        local = libvirt_host.start(ground.layout, node, address)
+        root = ground.layout.state / "nodes" / node / "conformance"
+        shutil.rmtree(root, ignore_errors=True)
+        driver = LibvirtDriver(local, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes")
+        driver.init_host(node)
+        node_ground = dataclasses.replace(ground, node=node, libvirt_uri=local)
+        peers.append(Peer(driver, LibvirtProbe(node_ground, driver, root), libvirt_host.peer_uri(address)))
+    yield peers[0], peers[1]
+    for peer, node in zip(peers, ("mig-a", "mig-b")):
+        peer.driver.host.close()  # type: ignore[attr-defined]
+        libvirt_host.stop(ground.layout, node)
+
+
+@pytest.fixture(scope="session")
+def fake_peers(ground: testground.Ground) -> tuple[Peer, Peer]:
+    names = (guest.KERNEL, guest.INITRD, guest.DISK_IMAGE, guest.RESCUE_IMAGE)
+    images = {n: (ground.image_store / n).read_bytes() for n in names}
+    peers = []
+    for node in ("mig-a", "mig-b"):
+        driver = FakeDriver(node, uri=f"fake://{node}", images=images)
+        driver.init_host(node)
+        peers.append(Peer(driver, FakeProbe(driver, ground.image_store), driver.uri))
+    return peers[0], peers[1]
+
+
+@pytest.fixture(params=["fake", "libvirt"])
+def peers(request: pytest.FixtureRequest) -> Iterator[tuple[Env, Env, str]]:
+    """(source, target, the target's URI); instances made through either are destroyed afterwards."""
+    source, target = request.getfixturevalue(f"{request.param}_peers")
+    envs = Env(source.driver, source.probe), Env(target.driver, target.probe)
+    yield envs[0], envs[1], target.uri
+    for env in envs:
+        for uid in envs[0].made:
+            env.driver.destroy(uid)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kubenova.driver.base import (
-    BlockStats, CPUIncompatible, HostPowerAction, ImageChecksumMismatch, ImageNotFound, ImageRef, InjectedFile, InstanceExists,
+    BlockStats, CPUIncompatible, DriverError, FirewallRule, HostPowerAction, MigrationProgress, ImageChecksumMismatch, ImageNotFound, ImageRef, InjectedFile, InstanceExists,
     InstanceNotFound, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, PowerState, RebootType,
     Unsupported, VolumeSpec,
 )
@@ -320,3 +320,64 @@ def test_image_cache_keeps_bases_in_use_and_drops_unused_ones(env: Env) -> None:
 def test_host_power_is_not_ours(env: Env) -> None:
     with pytest.raises(Unsupported, match="host"):
         env.driver.host_power_action(HostPowerAction.REBOOT)
+
+
+def test_security_group_rules_reach_the_host_firewall(env: Env) -> None:
+    spec = env.instance(interfaces=(Interface("eth0", NETWORK),))
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.NET} eth0 up")
+    tap = env.driver.list_interfaces(spec.uuid)[0]
+    ssh = FirewallRule("tcp", "10.0.0.0/8", 22, 22)
+    assert not env.probe.firewall_lets_in(spec.uuid, tap, ssh)
+    env.driver.ensure_filtering_rules_for_instance(spec.uuid, [ssh])
+    eventually(lambda: env.probe.firewall_lets_in(spec.uuid, tap, ssh), timeout=10, what="the rule in the firewall")
+    env.driver.ensure_filtering_rules_for_instance(spec.uuid, [])
+    eventually(lambda: not env.probe.firewall_lets_in(spec.uuid, tap, ssh), timeout=10, what="the rule removed")
+    env.driver.destroy(spec.uuid)
+    env.driver.unfilter_instance(spec.uuid)  # already gone with the instance: fine
+
+
+# --- live migration between two hosts --------------------------------------------------------
+
+def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env, Env, str]) -> None:
+    source, target, target_uri = peers
+    spec = source.instance(root_gib=1)
+    source.driver.spawn(spec)
+    console_has(source, spec.uuid, f"{guest.TICK} 1")
+    definition = target.driver.pre_live_migration(spec)
+    steps: list[MigrationProgress] = []
+    source.driver.live_migration(spec.uuid, target_uri, definition, steps.append)
+    target.driver.post_live_migration_at_destination(spec.uuid)
+    assert not source.driver.instance_exists(spec.uuid)
+    assert spec.uuid not in source.probe.domains() and source.probe.instance_files(spec.uuid) == []
+    assert target.driver.get_info(spec.uuid).state is PowerState.RUNNING
+    eventually(lambda: ticks(target, spec.uuid) >= 0, timeout=30, what="the counter on the target")
+    first = ticks(target, spec.uuid)
+    eventually(lambda: ticks(target, spec.uuid) > first, timeout=30, what="the counter to go on at the target")
+    assert guest.BOOT_MARKER not in target.driver.get_console_output(spec.uuid), "it moved, it did not reboot"
+    assert all(s.data_processed + s.data_remaining <= s.data_total or s.data_total == 0 for s in steps)
+    target.driver.destroy(spec.uuid)
+
+
+def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[Env, Env, str]) -> None:
+    source, target, target_uri = peers
+    spec = source.instance(root_gib=1)
+    source.driver.spawn(spec)
+    console_has(source, spec.uuid, f"{guest.TICK} 1")
+    definition = target.driver.pre_live_migration(spec)
+    steps: list[MigrationProgress] = []
+
+    def abort_at_first_report(step: MigrationProgress) -> None:
+        steps.append(step)
+        if len(steps) == 1:
+            source.driver.abort_live_migration(spec.uuid)
+    with pytest.raises(DriverError):
+        source.driver.live_migration(spec.uuid, target_uri, definition, abort_at_first_report,
+                                     max_bandwidth_mib=1)
+    target.driver.rollback_live_migration_at_destination(spec.uuid)
+    assert steps and steps[0].data_total > 0
+    assert source.driver.get_info(spec.uuid).state is PowerState.RUNNING
+    before = ticks(source, spec.uuid)
+    eventually(lambda: ticks(source, spec.uuid) > before, timeout=30, what="the counter to go on at the source")
+    assert not target.driver.instance_exists(spec.uuid)
+    assert target.probe.instance_files(spec.uuid) == []

@@ -123,7 +123,8 @@ def booted(ground: testground.Ground, conn: libvirt.virConnect, cmdline: str | N
            tap: str | None = None) -> Iterator[Guest]:
     """A running transient guest, destroyed (and its console log removed) whatever happens."""
     name = f"guestimg-{uuid.uuid4().hex[:8]}"
-    console = ground.node_dir() / "console" / f"{name}.log"
+    console = ground.node_dir() / "guestimg" / f"{name}.log"
+    console.parent.mkdir(parents=True, exist_ok=True)
     dom = conn.createXML(domain_xml(name, console, ground.layout.state / "images", cmdline, disks, tap))
     try:
         yield Guest(dom, console)

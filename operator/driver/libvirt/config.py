@@ -62,6 +62,7 @@ class GuestInterface:
     mac: str | None = None
     model: str = "virtio"
     target: str | None = None
+    filter: str | None = None
 
     def format_dom(self) -> ET.Element:
         iface = ET.Element("interface", type="network")
@@ -69,16 +70,19 @@ class GuestInterface:
         if self.mac:
             _sub(iface, "mac", address=self.mac)
         _sub(iface, "model", type=self.model)
+        if self.filter:
+            _sub(iface, "filterref", filter=self.filter)
         return iface
 
     @classmethod
     def parse_dom(cls, element: ET.Element) -> "GuestInterface":
         source, mac = element.find("source"), element.find("mac")
-        model, target = element.find("model"), element.find("target")
+        model, target, ref = element.find("model"), element.find("target"), element.find("filterref")
         return cls(network=source.get("network", "") if source is not None else "",
                    mac=mac.get("address") if mac is not None else None,
                    model=model.get("type", "virtio") if model is not None else "virtio",
-                   target=target.get("dev") if target is not None else None)
+                   target=target.get("dev") if target is not None else None,
+                   filter=ref.get("filter") if ref is not None else None)
 
 
 @dataclasses.dataclass
@@ -181,3 +185,23 @@ class LiveDevices:
 def domain_name(namespace: str, name: str) -> str:
     """Kubernetes names cannot hold '_', so this name cannot collide between namespaces."""
     return f"{namespace}_{name}"
+
+
+def firewall_filter(name: str, uuid: str, rules: "list[tuple[str, str, int | None, int | None]]") -> str:
+    """An nwfilter: out is open, in only what a rule allows and answers to the guest's own traffic.
+
+    ``rules`` are (protocol, cidr, port_min, port_max); the fixed ``uuid`` lets a redefinition
+    replace the filter in place.
+    """
+    root = ET.Element("filter", name=name, chain="root")
+    _sub(root, "uuid", uuid)
+    _sub(_sub(root, "rule", action="accept", direction="out", priority="100"), "all")
+    _sub(_sub(root, "rule", action="accept", direction="in", priority="200"), "all", state="ESTABLISHED,RELATED")
+    for protocol, cidr, port_min, port_max in rules:
+        address, _, mask = cidr.partition("/")
+        attrs = {"srcipaddr": address, "srcipmask": mask or "32"}
+        if port_min is not None and protocol in ("tcp", "udp"):
+            attrs.update(dstportstart=str(port_min), dstportend=str(port_max or port_min))
+        _sub(_sub(root, "rule", action="accept", direction="in", priority="300"), protocol, **attrs)
+    _sub(_sub(root, "rule", action="drop", direction="in", priority="1000"), "all")
+    return ET.tostring(root, encoding="unicode")

@@ -8,6 +8,7 @@ by an instance.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -18,23 +19,25 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection
 
 import libvirt
 
 from kubenova.driver.base import (
-    BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, HostPowerAction,
+    BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, FirewallRule,
+    HostPowerAction,
     HostStats, ImageRef, InstanceDetail, InstanceExists, InstanceInfo, InstanceNotFound, InstanceNotRunning,
     InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
-    PowerState, ProgressCallback, RebootType, Unsupported, VncConsole, VolumeConnector,
+    MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported, VncConsole, VolumeConnector,
     VolumeNotFound, VolumeSpec,
 )
 from kubenova.driver import cloudinit
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt import configdrive
 from kubenova.driver.libvirt.config import (
-    METADATA_NS, GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name,
+    METADATA_NS, GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name, firewall_filter,
 )
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.host import Host, translate
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 
 ROOT, CONFIG_DRIVE, UNRESCUE, RESCUE_DISK = "disk", "disk.config", "unrescue.xml", "disk.rescue"
 _TARGET = re.compile(r"^(vd|sd)([a-z])$")
+
+
+def _filter_name(uuid: str) -> str:
+    return f"kubenova-{uuid}"
 
 
 def _next_target(used: Collection[str], prefix: str = "vd") -> str:
@@ -251,7 +258,8 @@ class LibvirtDriver(ComputeDriver):
             console_path=str(folder / "console.log"), domain_type=self.domain_type,
             kernel=boot.kernel if boot else None, initrd=boot.initrd if boot else None,
             cmdline=boot.cmdline if boot else None, disks=disks,
-            interfaces=[GuestInterface(network=i.network, mac=i.mac, model=i.model) for i in instance.interfaces],
+            interfaces=[GuestInterface(network=i.network, mac=i.mac, model=i.model, filter=_filter_name(instance.uuid))
+                        for i in instance.interfaces],
             graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None)
 
     def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
@@ -264,6 +272,8 @@ class LibvirtDriver(ComputeDriver):
         folder = self._dir(instance.uuid)
         folder.mkdir(parents=True, exist_ok=True)
         try:
+            if instance.interfaces:  # in place before the first packet: no rules yet means nothing gets in
+                self.ensure_filtering_rules_for_instance(instance.uuid, ())
             config = self._guest_config(instance, folder)
             with translate("define", instance.uuid):
                 dom = self.host.get_connection().defineXML(config.to_xml())
@@ -289,6 +299,7 @@ class LibvirtDriver(ComputeDriver):
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise DriverError(f"cannot remove domain {uuid}: {exc}") from exc
+        self.unfilter_instance(uuid)
         if destroy_disks:
             shutil.rmtree(self._dir(uuid), ignore_errors=True)
 
@@ -590,12 +601,27 @@ class LibvirtDriver(ComputeDriver):
             if iface.network == "":
                 raise InvalidInstanceSpec("spec.interfaces", "an interface without a network")
 
-    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[str]) -> None:
-        raise Unsupported("ensure_filtering_rules_for_instance", "security groups (libvirt nwfilter) are not "
-                                                                 "wired into kubenova yet")
+    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
+        """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at once."""
+        for rule in rules:
+            if rule.protocol not in ("tcp", "udp", "icmp", "all"):
+                raise InvalidInstanceSpec("securityRules", f"unknown protocol {rule.protocol!r}")
+            try:
+                ipaddress.ip_network(rule.cidr)
+            except ValueError as exc:
+                raise InvalidInstanceSpec("securityRules", f"{rule.cidr!r} is not an IPv4 network") from exc
+        xml = firewall_filter(_filter_name(uuid), uuid, [(r.protocol, r.cidr, r.port_min, r.port_max) for r in rules])
+        with translate("define nwfilter", uuid):
+            self.host.get_connection().nwfilterDefineXML(xml)
 
     def unfilter_instance(self, uuid: str) -> None:
-        raise Unsupported("unfilter_instance", "security groups (libvirt nwfilter) are not wired into kubenova yet")
+        conn = self.host.get_connection()
+        try:
+            nwfilter = conn.nwfilterLookupByName(_filter_name(uuid))
+        except libvirt.libvirtError:
+            return  # no filter: nothing to remove
+        with translate("undefine nwfilter", uuid):
+            nwfilter.undefine()
 
     # --- migration -------------------------------------------------------------------------
 
@@ -611,21 +637,80 @@ class LibvirtDriver(ComputeDriver):
     def finish_revert_migration(self, uuid: str, power_on: bool = True) -> None:
         raise Unsupported("finish_revert_migration", "cold migration lands with the Migration work")
 
-    def pre_live_migration(self, instance: InstanceSpec) -> None:
-        raise Unsupported("pre_live_migration", "live migration lands with the Migration work")
+    def pre_live_migration(self, instance: InstanceSpec) -> str:
+        """Make the instance's files here as spawn would (empty overlays the copy fills) and describe the domain."""
+        if self.instance_exists(instance.uuid):
+            raise DriverError(f"instance {instance.uuid} already has a domain on this host")
+        self._check_fits(instance)
+        self.plug_vifs(instance.uuid, instance.interfaces)
+        folder = self._dir(instance.uuid)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            if instance.interfaces:
+                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+            return self._guest_config(instance, folder).to_xml()
+        except BaseException:
+            self.rollback_live_migration_at_destination(instance.uuid)
+            raise
 
-    def live_migration(self, uuid: str, dest_uri: str, progress: ProgressCallback | None = None,
-                       block_migration: bool = False) -> None:
-        raise Unsupported("live_migration", "live migration lands with the Migration work")
+    def live_migration(self, uuid: str, dest_uri: str, dest_definition: str,
+                       progress: ProgressCallback | None = None, block_migration: bool = True,
+                       max_bandwidth_mib: int | None = None) -> None:
+        guest = self._running(uuid, "live_migration")
+        host = urllib.parse.urlsplit(dest_uri).hostname
+        if not host:
+            raise InvalidInstanceSpec("targetNode", f"{dest_uri!r} names no host to migrate to")
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
+                                     libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_definition,
+                                     libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition}
+        if block_migration:  # overlays travel over NBD; the bases are already on the target
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [d.target for d in guest.devices().disks
+                                                               if not d.read_only]
+        if max_bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max_bandwidth_mib
+        outcome: list[BaseException] = []
+
+        def migrate() -> None:
+            try:
+                with translate("live migration", uuid):
+                    guest.domain.migrateToURI3(dest_uri, params, flags)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome.append(exc)
+        worker = threading.Thread(target=migrate, name=f"migrate-{uuid}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+            if progress and worker.is_alive():
+                try:
+                    stats = guest.domain.jobStats()
+                except libvirt.libvirtError:
+                    continue  # the job ended between the check and the call
+                if stats.get("data_total"):  # nothing to report before the job has sized its work
+                    progress(MigrationProgress(
+                        data_total=int(stats.get("data_total", 0)), data_processed=int(stats.get("data_processed", 0)),
+                        data_remaining=int(stats.get("data_remaining", 0)),
+                        iteration=int(stats.get("memory_iteration", 0)),
+                        expected_downtime_ms=int(stats.get("downtime", 0))))
+        if outcome:
+            raise outcome[0]  # the instance still runs here
+        self.unfilter_instance(uuid)
+        shutil.rmtree(self._dir(uuid), ignore_errors=True)
 
     def abort_live_migration(self, uuid: str) -> None:
-        raise Unsupported("abort_live_migration", "live migration lands with the Migration work")
+        guest = self._running(uuid, "abort_live_migration")
+        with translate("abort live migration", uuid):
+            guest.domain.abortJob()
 
     def post_live_migration_at_destination(self, uuid: str) -> None:
-        raise Unsupported("post_live_migration_at_destination", "live migration lands with the Migration work")
+        if self._guest(uuid).state() is not PowerState.RUNNING:
+            raise DriverError(f"instance {uuid} arrived but is not running")
 
     def rollback_live_migration_at_destination(self, uuid: str) -> None:
-        raise Unsupported("rollback_live_migration_at_destination", "live migration lands with the Migration work")
+        """Remove what pre_live_migration made; a domain that did arrive is removed too."""
+        self.destroy(uuid)
 
     # --- pollers ---------------------------------------------------------------------------
 
