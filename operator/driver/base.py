@@ -172,6 +172,18 @@ class InstanceSpec:
     vnc_password: str | None = None
 
 
+def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
+    """What every driver refuses before it makes anything, so a refusal leaves nothing behind."""
+    if instance.memory_mib > host_memory_mib:
+        raise InsufficientResources("spec.flavor.memoryMiB", f"{instance.memory_mib} MiB is more than the "
+                                                             f"{host_memory_mib} MiB this host has")
+    if instance.vnc_password is not None and not 0 < len(instance.vnc_password) <= 8:
+        raise InvalidInstanceSpec("vncPassword", "VNC passwords have 1 to 8 characters (a limit of the VNC "
+                                                 "protocol's authentication)")
+    if instance.boot is None and instance.image is None:
+        raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+
+
 @dataclasses.dataclass(frozen=True)
 class VolumeSpec:
     """A volume to attach: from the node's volume store (created at size_gib when missing) or an image."""

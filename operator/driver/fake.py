@@ -25,12 +25,11 @@ from typing import ClassVar
 
 from kubenova.driver import cloudinit
 from kubenova.driver.base import (
-    FirewallRule,
-    BandwidthUsage, BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, Diagnostics, DriverError, HostPowerAction,
-    HostStats, ImageChecksumMismatch, ImageNotFound, ImageRef, InstanceDetail, InstanceExists, InstanceInfo,
-    InstanceNotFound, InstanceNotRunning, InstanceSpec, InsufficientResources, Interface, InterfaceStats,
-    InvalidCPUInfo, InvalidInstanceSpec, KernelBoot, MigrationProgress, PowerState, ProgressCallback, RebootType,
-    Unsupported, VncConsole, VolumeConnector, VolumeNotFound, VolumeSpec,
+    BandwidthUsage, BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, Diagnostics, DriverError, FirewallRule,
+    HostPowerAction, HostStats, ImageChecksumMismatch, ImageNotFound, ImageRef, InstanceDetail, InstanceExists,
+    InstanceInfo, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface, InterfaceStats, InvalidCPUInfo,
+    InvalidInstanceSpec, KernelBoot, MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported,
+    VncConsole, VolumeConnector, VolumeNotFound, VolumeSpec, check_instance,
 )
 
 # The console lines of the real test guest (testground/guest.py), so one conformance test
@@ -971,14 +970,7 @@ class FakeDriver(ComputeDriver):
     def _validate(self, spec: InstanceSpec, folder: Mapping[str, _Disk]) -> None:
         """Everything spawn can refuse, checked before anything is made, so a failure leaves nothing."""
         self._check_name_free(spec)
-        if spec.memory_mib > self.memory_mib:
-            raise InsufficientResources("spec.flavor.memoryMiB", f"{spec.memory_mib} MiB is more than the "
-                                                                 f"{self.memory_mib} MiB this host has")
-        if spec.vnc_password is not None and not 0 < len(spec.vnc_password) <= 8:
-            raise InvalidInstanceSpec("vncPassword", "VNC passwords have 1 to 8 characters (a limit of the VNC "
-                                                     "protocol's authentication)")
-        if spec.boot is None and spec.image is None:
-            raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+        check_instance(spec, self.memory_mib)
         if spec.boot is not None:
             for field, path in (("spec.boot.kernel.image", spec.boot.kernel),
                                 ("spec.boot.kernel.initrd", spec.boot.initrd)):

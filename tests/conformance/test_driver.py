@@ -11,7 +11,7 @@ import yaml
 
 from kubenova.driver.base import (
     BlockStats, CPUIncompatible, DriverError, FirewallRule, HostPowerAction, MigrationProgress, ImageChecksumMismatch, ImageNotFound, ImageRef, InjectedFile, InstanceExists,
-    InstanceNotFound, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, PowerState, RebootType,
+    InstanceNotFound, InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, PowerState, RebootType,
     Unsupported, VolumeSpec,
 )
 from kubenova.testground import guest
@@ -339,12 +339,17 @@ def test_security_group_rules_reach_the_host_firewall(env: Env) -> None:
 
 # --- live migration between two hosts --------------------------------------------------------
 
-def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env, Env, str]) -> None:
-    source, target, target_uri = peers
+def prepared_migration(source: Env, target: Env) -> tuple[InstanceSpec, str]:
+    """A running guest on the source, and the target made ready for it."""
     spec = source.instance(root_gib=1)
     source.driver.spawn(spec)
     console_has(source, spec.uuid, f"{guest.TICK} 1")
-    definition = target.driver.pre_live_migration(spec)
+    return spec, target.driver.pre_live_migration(spec)
+
+
+def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env, Env, str]) -> None:
+    source, target, target_uri = peers
+    spec, definition = prepared_migration(source, target)
     steps: list[MigrationProgress] = []
     source.driver.live_migration(spec.uuid, target_uri, definition, steps.append)
     target.driver.post_live_migration_at_destination(spec.uuid)
@@ -361,10 +366,7 @@ def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env,
 
 def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[Env, Env, str]) -> None:
     source, target, target_uri = peers
-    spec = source.instance(root_gib=1)
-    source.driver.spawn(spec)
-    console_has(source, spec.uuid, f"{guest.TICK} 1")
-    definition = target.driver.pre_live_migration(spec)
+    spec, definition = prepared_migration(source, target)
     steps: list[MigrationProgress] = []
 
     def abort_at_first_report(step: MigrationProgress) -> None:

@@ -29,9 +29,9 @@ from kubenova.driver.base import (
     BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, FirewallRule,
     HostPowerAction,
     HostStats, ImageRef, InstanceDetail, InstanceExists, InstanceInfo, InstanceNotFound, InstanceNotRunning,
-    InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
+    InstanceSpec, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
     MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported, VncConsole, VolumeConnector,
-    VolumeNotFound, VolumeSpec,
+    VolumeNotFound, VolumeSpec, check_instance,
 )
 from kubenova.driver import cloudinit
 from kubenova.driver.images import ImageStore
@@ -218,15 +218,7 @@ class LibvirtDriver(ComputeDriver):
             other = None
         if other is not None and other.UUIDString() != instance.uuid:
             raise InstanceExists(f"a domain named {other.name()} already exists with UUID {other.UUIDString()}")
-        total = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
-        if instance.memory_mib > total:
-            raise InsufficientResources("spec.flavor.memoryMiB", f"{instance.memory_mib} MiB is more than the "
-                                                                 f"{total} MiB this host has")
-        if instance.vnc_password is not None and not 0 < len(instance.vnc_password) <= 8:
-            raise InvalidInstanceSpec("vncPassword", "VNC passwords have 1 to 8 characters (a limit of the "
-                                                     "VNC protocol's authentication)")
-        if instance.boot is None and instance.image is None:
-            raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+        check_instance(instance, conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024)
 
     def _guest_config(self, instance: InstanceSpec, folder: pathlib.Path) -> GuestConfig:
         """Create the instance's disks in its folder and describe the domain that uses them."""
