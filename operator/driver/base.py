@@ -506,11 +506,13 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
-        """Cold migration, source side: stop the instance and copy its disks; returns the disk paths."""
+        """Cold migration, source side: stop the instance; returns its disk files for finish_migration."""
 
     @abc.abstractmethod
-    def finish_migration(self, instance: InstanceSpec, power_on: bool = True) -> None:
-        """Cold migration, target side: define (with the new flavor) and start the copied instance."""
+    def finish_migration(self, instance: InstanceSpec, disk_info: list[str], source_uri: str,
+                         power_on: bool = True) -> None:
+        """Cold migration, target side: fetch the disks from the source, define the instance with the
+        (possibly new) flavor in ``instance`` and start it. The source keeps its copy until confirm."""
 
     @abc.abstractmethod
     def confirm_migration(self, uuid: str) -> None:

@@ -777,7 +777,10 @@ class FakeDriver(ComputeDriver):
             dest._instance_dirs[uuid] = copies
         return sorted(copies)
 
-    def finish_migration(self, instance: InstanceSpec, power_on: bool = True) -> None:
+    def finish_migration(self, instance: InstanceSpec, disk_info: list[str], source_uri: str,
+                         power_on: bool = True) -> None:
+        """The fake's source already pushed the files; they must be the ones ``disk_info`` names."""
+        self._peer(source_uri)
         with self._lock:
             now = self._clock()
             existing = self._instances.get(instance.uuid)
@@ -789,6 +792,9 @@ class FakeDriver(ComputeDriver):
             if folder is None:
                 raise DriverError(f"no disks of instance {instance.uuid} arrived on {self.hostname}; "
                                   "run migrate_disk_and_power_off on the source first")
+            if sorted(folder) != sorted(posixpath.basename(d) for d in disk_info):
+                raise DriverError(f"the disks that arrived ({sorted(folder)}) are not the ones the source "
+                                  f"named ({sorted(disk_info)})")
             self._validate(instance, folder)
             inst = self._create(instance, folder, now)
             del self._instance_dirs[instance.uuid]

@@ -173,6 +173,8 @@ class Env:
     driver: ComputeDriver
     probe: Any
     made: list[str] = dataclasses.field(default_factory=list)
+    #: how another host's libvirtd (or fake) reaches this one, for migrations
+    uri: str = ""
 
     def instance(self, cmdline: str = guest.CMDLINE, **fields: Any) -> InstanceSpec:
         """A test instance booting the test guest's kernel directly (or as given in ``fields``)."""
@@ -241,7 +243,7 @@ def fake_peers(ground: testground.Ground) -> tuple[Peer, Peer]:
 def peers(request: pytest.FixtureRequest) -> Iterator[tuple[Env, Env, str]]:
     """(source, target, the target's URI); instances made through either are destroyed afterwards."""
     source, target = request.getfixturevalue(f"{request.param}_peers")
-    envs = Env(source.driver, source.probe), Env(target.driver, target.probe)
+    envs = Env(source.driver, source.probe, uri=source.uri), Env(target.driver, target.probe, uri=target.uri)
     yield envs[0], envs[1], target.uri
     for env in envs:
         for uid in envs[0].made:

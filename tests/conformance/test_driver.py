@@ -383,3 +383,39 @@ def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[E
     eventually(lambda: ticks(source, spec.uuid) > before, timeout=30, what="the counter to go on at the source")
     assert not target.driver.instance_exists(spec.uuid)
     assert target.probe.instance_files(spec.uuid) == []
+
+
+# --- cold migration (resize) -----------------------------------------------------------------
+
+def test_cold_migration_resizes_and_confirm_frees_the_source(peers: tuple[Env, Env, str]) -> None:
+    source, target, target_uri = peers
+    spec = source.image_instance(ephemeral_gib=(("scratch", 1),), user_data="#cloud-config\n{}\n")
+    source.driver.spawn(spec)
+    console_has(source, spec.uuid, guest.BOOT_MARKER)
+    disks = source.driver.migrate_disk_and_power_off(spec.uuid, target_uri)
+    assert source.driver.get_info(spec.uuid).state is PowerState.SHUTOFF
+    bigger = dataclasses.replace(spec, vcpus=2, memory_mib=192, root_gib=1)
+    target.driver.finish_migration(bigger, disks, source.uri)
+    console_has(target, spec.uuid, guest.BOOT_MARKER)
+    out = console_has(target, spec.uuid, f"{guest.CD_FILE} user-data")
+    info = target.driver.get_info(spec.uuid)
+    assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 2, 192 * 1024)
+    sectors = int(re.search(rf"{guest.DISK} vda sectors=(\d+)", out).group(1))  # type: ignore[union-attr]
+    assert sectors * 512 >= 2**30  # the root disk grew to the new rootDisk
+    source.driver.confirm_migration(spec.uuid)
+    assert spec.uuid not in source.probe.domains() and source.probe.instance_files(spec.uuid) == []
+    target.driver.destroy(spec.uuid)
+
+
+def test_cold_migration_revert_runs_the_original_again(peers: tuple[Env, Env, str]) -> None:
+    source, target, target_uri = peers
+    spec = source.image_instance()
+    source.driver.spawn(spec)
+    console_has(source, spec.uuid, guest.BOOT_MARKER)
+    disks = source.driver.migrate_disk_and_power_off(spec.uuid, target_uri)
+    target.driver.finish_migration(spec, disks, source.uri)
+    console_has(target, spec.uuid, guest.BOOT_MARKER)
+    target.driver.destroy(spec.uuid)
+    source.driver.finish_revert_migration(spec.uuid)
+    eventually(lambda: boots(source, spec.uuid) == 2, timeout=BOOT, what="the original to boot again")
+    assert not target.driver.instance_exists(spec.uuid) and target.probe.instance_files(spec.uuid) == []

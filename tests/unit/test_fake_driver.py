@@ -960,11 +960,14 @@ def test_cold_migration_and_confirm(driver: FakeDriver, target: FakeDriver) -> N
     empty = free_gib(driver)
     s = image_spec(ephemeral_gib=(("e", 1),), user_data="#cloud-config\n")
     driver.spawn(s)
-    assert driver.migrate_disk_and_power_off(s.uuid, target.uri) == ["disk", "disk.eph.e"]
+    disks = driver.migrate_disk_and_power_off(s.uuid, target.uri)
+    assert disks == ["disk", "disk.eph.e"]
     assert driver.get_info(s.uuid).state is PowerState.SHUTOFF
     bigger = dataclasses.replace(s, vcpus=4, memory_mib=1024, root_gib=2)
-    target.finish_migration(bigger)
-    target.finish_migration(bigger)  # a retry
+    with pytest.raises(DriverError, match="not the ones the source named"):
+        target.finish_migration(bigger, ["disk"], driver.uri)
+    target.finish_migration(bigger, disks, driver.uri)
+    target.finish_migration(bigger, disks, driver.uri)  # a retry
     info = target.get_info(s.uuid)
     assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 4, 1024 * 1024)
     assert f"kubenova-disk vda sectors={2 * GIB // 512} head={IMAGE_DATA[:16].hex()}" in lines(target, s.uuid)
@@ -983,9 +986,9 @@ def test_cold_migration_revert(driver: FakeDriver, target: FakeDriver) -> None:
     assert boots(driver, s.uuid) == 2
 
 
-def test_finish_migration_needs_the_copied_disks(target: FakeDriver) -> None:
+def test_finish_migration_needs_the_copied_disks(driver: FakeDriver, target: FakeDriver) -> None:
     with pytest.raises(DriverError, match="migrate_disk_and_power_off"):
-        target.finish_migration(spec())
+        target.finish_migration(spec(), ["disk"], driver.uri)
 
 
 # --- concurrency and scale ---------------------------------------------------------------------------
