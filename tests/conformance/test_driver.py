@@ -159,14 +159,17 @@ def test_rescue_boots_the_rescue_image_with_the_disk_attached(env: Env) -> None:
     env.driver.spawn(spec)
     console_has(env, spec.uuid, guest.BOOT_MARKER)
     env.driver.rescue(spec.uuid, ImageRef(guest.RESCUE_IMAGE))
-    out = console_has(env, spec.uuid, guest.RESCUE_MARKER)
-    out = console_has(env, spec.uuid, f"{guest.DISK} vdb")
+    console_has(env, spec.uuid, guest.RESCUE_MARKER)
+    console_has(env, spec.uuid, f"{guest.DISK} vdb")
     assert env.driver.list_disks(spec.uuid) == ["vda", "vdb"]
+    assert spec.uuid not in env.driver.poll_rescued_instances(timeout=3600)
+    time.sleep(1.1)
+    assert spec.uuid in env.driver.poll_rescued_instances(timeout=1)
     env.driver.unrescue(spec.uuid)
     eventually(lambda: boots(env, spec.uuid) == 2, timeout=BOOT, what="the normal boot after unrescue")
     assert env.driver.list_disks(spec.uuid) == ["vda"]
     assert "disk.rescue" not in env.probe.instance_files(spec.uuid)
-    del out
+    assert spec.uuid not in env.driver.poll_rescued_instances(timeout=0)
 
 
 def test_snapshot_makes_an_image_that_boots(env: Env) -> None:

@@ -1,0 +1,40 @@
+"""The libvirt driver survives its libvirtd going away: it reconnects and keeps its event callbacks."""
+from __future__ import annotations
+
+import shutil
+import uuid
+
+from kubenova.driver.base import InstanceSpec, KernelBoot
+from kubenova.driver.images import ImageStore
+from kubenova.driver.libvirt.driver import LibvirtDriver
+from kubenova.testground import ground as testground
+from kubenova.testground import guest, libvirt_host
+from tests.helpers import eventually
+
+NODE = "reconnect"
+
+
+def test_reconnects_after_libvirtd_restarts_and_still_gets_events(ground: testground.Ground) -> None:
+    layout = ground.layout
+    root = layout.state / "nodes" / NODE / "instances"
+    shutil.rmtree(root, ignore_errors=True)
+    store = ImageStore(ground.image_store)
+    driver = LibvirtDriver(libvirt_host.start(layout, NODE), "qemu", root, store, root.parent / "volumes")
+    events: list[tuple[str, int, int]] = []
+    driver.add_lifecycle_listener(lambda uid, event, detail: events.append((uid, event, detail)))
+    try:
+        driver.init_host(NODE)
+        assert driver.list_instances() == []
+        libvirt_host.stop(layout, NODE)  # kill -9 of libvirtd, virtlogd and their QEMUs
+        libvirt_host.start(layout, NODE)
+        spec = InstanceSpec(uuid=str(uuid.uuid4()), name="after-restart", namespace="t", vcpus=1, memory_mib=96,
+                            boot=KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD),
+                                            guest.CMDLINE))
+        driver.spawn(spec)  # the first call after the restart reconnects
+        assert spec.uuid in driver.list_instances()
+        eventually(lambda: any(uid == spec.uuid for uid, _, _ in events), timeout=10,
+                   what="a lifecycle event through the new connection")
+        driver.destroy(spec.uuid)
+    finally:
+        driver.host.close()
+        libvirt_host.stop(layout, NODE)
