@@ -390,21 +390,28 @@ def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[E
 
 # --- cold migration (resize) -----------------------------------------------------------------
 
+def spec_seq() -> int:
+    return int(time.time() * 1000) % 10**9
+
+
 def test_cold_migration_resizes_and_confirm_frees_the_source(peers: tuple[Env, Env, str]) -> None:
     source, target, target_uri = peers
-    spec = source.image_instance(ephemeral_gib=(("scratch", 1),), user_data="#cloud-config\n{}\n")
+    pattern = f"COLD-{spec_seq()}"
+    spec = source.instance(cmdline=f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}", root_gib=1,
+                           ephemeral_gib=(("scratch", 1),), user_data="#cloud-config\n{}\n")
     source.driver.spawn(spec)
-    console_has(source, spec.uuid, guest.BOOT_MARKER)
+    console_has(source, spec.uuid, f"{guest.WROTE} vdb {pattern}")
     disks = source.driver.migrate_disk_and_power_off(spec.uuid, target_uri)
     assert source.driver.get_info(spec.uuid).state is PowerState.SHUTOFF
-    bigger = dataclasses.replace(spec, vcpus=2, memory_mib=192, root_gib=1)
+    bigger = dataclasses.replace(spec, vcpus=2, memory_mib=192)
     target.driver.finish_migration(bigger, disks, source.uri)
     console_has(target, spec.uuid, guest.BOOT_MARKER)
     out = console_has(target, spec.uuid, f"{guest.CD_FILE} user-data")
     info = target.driver.get_info(spec.uuid)
     assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 2, 192 * 1024)
-    sectors = int(re.search(rf"{guest.DISK} vda sectors=(\d+)", out).group(1))  # type: ignore[union-attr]
-    assert sectors * 512 >= 2**30  # the root disk grew to the new rootDisk
+    # What the guest wrote on the source came along: the target's guest reads it at boot.
+    head = pattern.encode().ljust(16, bytes(1)).hex()
+    assert f"{guest.DISK} vdb sectors={2**30 // 512} head={head}" in out
     source.driver.confirm_migration(spec.uuid)
     assert spec.uuid not in source.probe.domains() and source.probe.instance_files(spec.uuid) == []
     target.driver.destroy(spec.uuid)

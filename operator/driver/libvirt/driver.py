@@ -228,19 +228,22 @@ class LibvirtDriver(ComputeDriver):
         def add(path: pathlib.Path, **kw: object) -> None:
             disks.append(GuestDisk(source=str(path), target=_next_target([d.target for d in disks]), **kw))  # type: ignore[arg-type]
 
+        def empty(path: pathlib.Path, size: str) -> None:
+            if not path.exists():  # a migrated instance brings its disks along
+                qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+            add(path)
+
         if instance.image is not None:
-            base = self.cache.base(instance.image, "spec.boot.image.name")
-            self.cache.overlay(base, folder / ROOT, instance.root_gib)
+            if not (folder / ROOT).exists():
+                base = self.cache.base(instance.image, "spec.boot.image.name")
+                self.cache.overlay(base, folder / ROOT, instance.root_gib)
             add(folder / ROOT)
         elif instance.root_gib:
-            qemu_img("create", "-q", "-f", "qcow2", str(folder / ROOT), f"{instance.root_gib}G")
-            add(folder / ROOT)
+            empty(folder / ROOT, f"{instance.root_gib}G")
         for name, size in instance.ephemeral_gib:
-            qemu_img("create", "-q", "-f", "qcow2", str(folder / f"disk.eph.{name}"), f"{size}G")
-            add(folder / f"disk.eph.{name}")
+            empty(folder / f"disk.eph.{name}", f"{size}G")
         if instance.swap_mib:
-            qemu_img("create", "-q", "-f", "qcow2", str(folder / "disk.swap"), f"{instance.swap_mib}M")
-            add(folder / "disk.swap")
+            empty(folder / "disk.swap", f"{instance.swap_mib}M")
         if cloudinit.needed(instance):
             configdrive.write(instance, folder / CONFIG_DRIVE)
             add(folder / CONFIG_DRIVE, driver_type="raw", read_only=True)
@@ -256,6 +259,11 @@ class LibvirtDriver(ComputeDriver):
             graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None)
 
     def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
+        self._create(instance, power_on)
+
+    def _create(self, instance: InstanceSpec, power_on: bool,
+                fill: Callable[[pathlib.Path], None] | None = None) -> None:
+        """Define and start an instance whose folder ``fill`` may have stocked; on failure nothing is left."""
         if self.instance_exists(instance.uuid):  # a retry: the same object, never a second domain
             if power_on:
                 self.power_on(instance.uuid)
@@ -265,6 +273,8 @@ class LibvirtDriver(ComputeDriver):
         folder = self._dir(instance.uuid)
         folder.mkdir(parents=True, exist_ok=True)
         try:
+            if fill:
+                fill(folder)
             if instance.interfaces:  # in place before the first packet: no rules yet means nothing gets in
                 self.ensure_filtering_rules_for_instance(instance.uuid, ())
             config = self._guest_config(instance, folder)
@@ -626,35 +636,18 @@ class LibvirtDriver(ComputeDriver):
     def finish_migration(self, instance: InstanceSpec, disk_info: list[str], source_uri: str,
                          power_on: bool = True) -> None:
         """Fetch each disk from the source's libvirtd as a storage-volume download, then define and start."""
-        if self.instance_exists(instance.uuid):  # a retry after the domain was defined
-            if power_on:
-                self.power_on(instance.uuid)
-            return
-        self._check_fits(instance)
-        self.plug_vifs(instance.uuid, instance.interfaces)
-        folder = self._dir(instance.uuid)
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
+        def fill(folder: pathlib.Path) -> None:
             self._fetch_disks(instance.uuid, disk_info, source_uri, folder)
-            if instance.image is not None and (folder / ROOT).exists():  # lean on this host's own copy of the base
+            root = folder / ROOT
+            if instance.image is not None and root.exists():  # lean on this host's own copy of the base
                 base = self.cache.base(instance.image, "spec.boot.image.name")
                 fmt = json.loads(qemu_img("info", "--output=json", str(base)))["format"]
-                qemu_img("rebase", "-u", "-b", str(base), "-F", fmt, str(folder / ROOT))
-            if instance.root_gib and (folder / ROOT).exists():
-                size = json.loads(qemu_img("info", "--output=json", str(folder / ROOT)))["virtual-size"]
+                qemu_img("rebase", "-u", "-b", str(base), "-F", fmt, str(root))
+            if instance.root_gib and root.exists():
+                size = json.loads(qemu_img("info", "--output=json", str(root)))["virtual-size"]
                 if instance.root_gib * 2**30 > size:
-                    qemu_img("resize", "-q", str(folder / ROOT), f"{instance.root_gib}G")
-            if instance.interfaces:
-                self.ensure_filtering_rules_for_instance(instance.uuid, ())
-            config = self._guest_config(instance, folder)
-            with translate("define", instance.uuid):
-                dom = self.host.get_connection().defineXML(config.to_xml())
-            if power_on:
-                with translate("start", instance.uuid):
-                    dom.create()
-        except BaseException:
-            self.destroy(instance.uuid)
-            raise
+                    qemu_img("resize", "-q", str(root), f"{instance.root_gib}G")
+        self._create(instance, power_on, fill)
 
     def _fetch_disks(self, uuid: str, paths: list[str], source_uri: str, folder: pathlib.Path) -> None:
         """A transient dir pool over the source's folder makes its files downloadable volumes."""
