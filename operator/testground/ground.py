@@ -142,7 +142,9 @@ def status(layout: Layout | None = None) -> dict[str, str]:
         found[pidfile.stem] = f"running (pid {pid})" if pid else "dead"
     for node_dir in sorted((layout.state / "nodes").glob("*")):
         pidfile = libvirt_host.host_dir(layout, node_dir.name) / "libvirtd.pid"
-        pid = pidfile.read_text().strip() if pidfile.exists() else ""
+        if not pidfile.exists():
+            continue  # never started here, or stopped cleanly
+        pid = pidfile.read_text().strip()
         alive = pid.isdigit() and procs.pid_alive(int(pid))
         found[f"libvirtd-{node_dir.name}"] = f"running (pid {pid})" if alive else "dead"
     return found
