@@ -5,7 +5,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static cpio kmod
-      openssl iproute2 dosfstools mtools syslinux libvirt-daemon-driver-nwfilter iptables ebtables)
+      openssl iproute2 dosfstools mtools syslinux iptables)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
