@@ -157,14 +157,18 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.
     driver = memo.driver
     want = spec.get("powerState", "Running")
     generation = meta.get("generation")
+
+    def fail(reason: str, message: str) -> kopf.PermanentError:
+        """Retrying cannot help until the spec changes: say so in status and an Event."""
+        patch.status.update({"phase": "Failed", "node": memo.node})
+        set_condition(patch.status, status, "Ready", False, reason, message, generation)
+        kopf.warn(body, reason=reason, message=message)
+        return kopf.PermanentError(message)
+
     missing = unsupported(spec)  # type: ignore[arg-type]
     if missing:
-        message = (f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
-                   "remove it from the spec to run the instance")
-        patch.status.update({"phase": "Failed", "node": memo.node})
-        set_condition(patch.status, status, "Ready", False, "Unsupported", message, generation)
-        kopf.warn(body, reason="Unsupported", message=message)
-        raise kopf.PermanentError(message)
+        raise fail("Unsupported", f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
+                                  "remove it from the spec to run the instance")
     try:
         if not driver.instance_exists(uid):
             driver.spawn(instance_spec(uid, namespace, name, spec, memo.images),  # type: ignore[arg-type]
@@ -174,10 +178,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.
         else:
             driver.power_off(uid)
     except InvalidInstanceSpec as exc:
-        patch.status.update({"phase": "Failed", "node": memo.node})
-        set_condition(patch.status, status, "Ready", False, "InvalidSpec", str(exc), generation)
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        raise kopf.PermanentError(str(exc)) from exc
+        raise fail("InvalidSpec", str(exc)) from exc
     except DriverError as exc:
         set_condition(patch.status, status, "Ready", False, "HypervisorError", str(exc), generation)
         kopf.warn(body, reason="HypervisorError", message=str(exc))
