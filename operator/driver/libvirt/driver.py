@@ -187,8 +187,7 @@ class LibvirtDriver(ComputeDriver):
         for dom in self.host.get_connection().listAllDomains():
             try:
                 meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS))
-                _, max_mem_kib, _, vcpus, _ = dom.info()
-                state = Guest(dom).state()
+                state, max_mem_kib, _, vcpus, _ = Guest(dom).info()
             except (libvirt.libvirtError, DriverError):
                 continue  # not ours, or gone meanwhile
             details.append(InstanceDetail(uuid=dom.UUIDString(), namespace=meta.get("namespace", ""),
@@ -204,10 +203,7 @@ class LibvirtDriver(ComputeDriver):
         return True
 
     def get_info(self, uuid: str) -> InstanceInfo:
-        guest = self._guest(uuid)
-        with translate("info", uuid):
-            _, max_mem, mem, ncpu, cpu_time = guest.domain.info()
-        return InstanceInfo(guest.state(), max_mem, mem, ncpu, cpu_time)
+        return InstanceInfo(*self._guest(uuid).info())
 
     # --- life cycle ------------------------------------------------------------------------
 

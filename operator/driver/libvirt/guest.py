@@ -29,12 +29,17 @@ class Guest:
         with translate("isActive", self.uuid):
             return bool(self.domain.isActive())
 
-    def state(self) -> PowerState:
+    def info(self) -> tuple[PowerState, int, int, int, int]:
+        """libvirt's info with the state in Nova's terms: (state, max KiB, KiB, vCPUs, CPU ns)."""
         with translate("info", self.uuid):
-            state = _STATES.get(self.domain.info()[0], PowerState.NOSTATE)
+            code, max_mem, mem, ncpu, cpu_time = self.domain.info()
+            state = _STATES.get(code, PowerState.NOSTATE)
             if state is PowerState.SHUTOFF and self.domain.hasManagedSaveImage():
-                return PowerState.SUSPENDED  # memory saved on disk: Nova's suspended
-            return state
+                state = PowerState.SUSPENDED  # memory saved on disk: Nova's suspended
+        return state, max_mem, mem, ncpu, cpu_time
+
+    def state(self) -> PowerState:
+        return self.info()[0]
 
     def devices(self, secure: bool = False) -> LiveDevices:
         with translate("XMLDesc", self.uuid):
