@@ -18,7 +18,9 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("controller", help="run the cluster controller (placement; never calls libvirt)")
+    controller = sub.add_parser("controller", help="run the cluster controller (placement; never calls libvirt)")
+    controller.add_argument("--lease-namespace", default=_env("POD_NAMESPACE", "kubenova-system"),
+                            help="namespace of the leader-election Lease [$POD_NAMESPACE, kubenova-system]")
 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
@@ -33,6 +35,22 @@ def parser() -> argparse.ArgumentParser:
                             "[$KUBENOVA_INSTANCES_DIR]")
     agent.add_argument("--volume-store", default=_env("KUBENOVA_VOLUME_STORE", "/var/lib/kubenova/volumes"),
                        help="folder of volumes a VolumeAttachment may name [$KUBENOVA_VOLUME_STORE]")
+    agent.add_argument("--driver", default="libvirt", choices=["libvirt", "fake"],
+                       help="libvirt, or fake: an in-memory hypervisor for tests and scale benchmarks")
+    agent.add_argument("--host-ip", default=_env("HOST_IP"),
+                       help="the address other nodes reach this one on [$HOST_IP, the host name's address]")
+    agent.add_argument("--metrics-address", default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
+                       help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]")
+    agent.add_argument("--resync-interval", type=float, default=30.0,
+                       help="seconds between full comparisons of every domain with its spec [30]")
+    agent.add_argument("--diagnostics-interval", type=float, default=60.0,
+                       help="seconds between diagnostics reads into status and /metrics [60]")
+    agent.add_argument("--soft-reboot-timeout", type=float, default=60.0,
+                       help="seconds a guest gets to honour an ACPI shutdown before a hard reboot [60]")
+    agent.add_argument("--restart-delay", type=float, default=10.0,
+                       help="seconds before restarting a domain that stopped outside Kubernetes [10]")
+    agent.add_argument("--rescue-timeout", type=float, default=0.0,
+                       help="warn (Event) when an instance stays in rescue longer than this; 0 never [0]")
 
     dev = sub.add_parser("dev", help="the embedded test ground: etcd, kube-apiserver, libvirtd, kubenova")
     dev_sub = dev.add_subparsers(dest="action", required=True)
@@ -45,6 +63,29 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from kubenova.driver.base import ComputeDriver
+    from kubenova.driver.images import ImageStore
+    from kubenova.handlers import agent, computenode
+    from kubenova.handlers.instances import Settings
+
+    images = ImageStore(args.image_store)
+    driver: ComputeDriver
+    if args.driver == "fake":
+        from kubenova.driver.fake import FakeDriver
+        driver = FakeDriver(args.node)
+    else:
+        from kubenova.driver.libvirt.driver import LibvirtDriver
+        driver = LibvirtDriver(args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store)
+    settings = Settings(soft_reboot_timeout=args.soft_reboot_timeout, restart_delay=args.restart_delay,
+                        rescue_timeout=args.rescue_timeout)
+    agent.run(agent.AgentConfig(node=args.node, host_ip=args.host_ip or computenode.host_ip(),
+                                metrics_address=args.metrics_address, resync_interval=args.resync_interval,
+                                diagnostics_interval=args.diagnostics_interval, settings=settings),
+              driver, images)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -52,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "controller":
             from kubenova.handlers import controller
-            controller.run()
+            controller.run(args.lease_namespace)
         elif args.command == "agent":
             if not args.node:
                 print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)
                 return 2
-            from kubenova.handlers import agent
-            agent.run(args.node, args.libvirt_uri, args.domain_type, args.image_store, args.instances_dir,
-                      args.volume_store)
+            return _agent(args)
         else:
             from kubenova.testground import ground
             return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False))

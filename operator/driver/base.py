@@ -334,6 +334,13 @@ class ComputeDriver(abc.ABC):
     def init_host(self, host: str) -> None:
         """Connect to the hypervisor; fails early if it is not reachable."""
 
+    def add_lifecycle_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(uuid)`` whenever an instance's power state may have changed, from any thread.
+
+        Nova's later register_event_listener; a driver without events leaves it out and the
+        agent's periodic resync notices changes instead.
+        """
+
     @abc.abstractmethod
     def get_available_resource(self) -> HostStats:
         """Capacity and identity of this hypervisor host."""

@@ -1,38 +1,81 @@
-"""The node agent: one per node; calls only the driver contract and writes status."""
+"""The node agent: one per node; calls only the driver contract and writes status.
+
+Everything the agent does goes through a handful of kopf event handlers (no change
+handlers, timers or daemons, which would add kopf's finalizer and bookkeeping annotations
+to users' objects) and one asyncio queue fed by libvirt lifecycle events, retries and the
+periodic resync. Blocking driver calls always run in worker threads.
+"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 import kubernetes
 
+from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
-from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.handlers import computenode, virtualinstance
-from kubenova.handlers.common import GROUP, NODE_LABEL, VIRTUALINSTANCES
-from kubenova.handlers.virtualinstance import AgentMemo
+from kubenova.handlers import diagnostics
+from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
+    VOLUMEATTACHMENTS
+from kubenova.handlers.computenode import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
+from kubenova.handlers.instances import InstanceAgent, Settings
+from kubenova.handlers.volumes import VolumeAgent
 
+log = logging.getLogger(__name__)
 AGENT_PREFIX = f"agent.{GROUP}"
+WORKERS = 4
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    node: str
+    host_ip: str
+    metrics_address: str = "127.0.0.1:9464"
+    resync_interval: float = 30.0
+    diagnostics_interval: float = 60.0
+    settings: Settings = dataclasses.field(default_factory=Settings)
 
 
 def configure(settings: kopf.OperatorSettings, node: str) -> None:
-    """Own storage keys and finalizer, so the agent never collides with the controller's writes."""
+    """Server-side selection and our own names, so nothing here collides with the controller or the user."""
     settings.watching.label_selectors[GROUP, VIRTUALINSTANCES] = f"{NODE_LABEL}={node}"
-    settings.persistence.finalizer = f"{GROUP}/agent"
+    settings.watching.label_selectors[GROUP, VOLUMEATTACHMENTS] = f"{NODE_LABEL}={node}"
+    settings.watching.field_selectors[GROUP, COMPUTENODES] = f"metadata.name={node}"
+    # kopf strips its configured finalizer from objects whose handlers need none (ours need none:
+    # no change handlers), so it must not be AGENT_FINALIZER, which the agent manages itself.
+    settings.persistence.finalizer = f"{AGENT_PREFIX}/kopf"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=AGENT_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=AGENT_PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # Events for problems, not for every success
+    settings.batching.batch_window = 0.02  # act on the newest state of an object quickly
     settings.execution.max_workers = 8
 
 
-def run(node: str, uri: str, domain_type: str, image_store: str, instances_dir: str, volume_store: str) -> None:
+async def _every(interval: float, work: Callable[[], None], what: str) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(work)
+        except Exception as exc:  # a periodic task outlives a failed round (apiserver or libvirt hiccup)
+            log.warning("%s failed: %s", what, exc)
+
+
+def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
     registry = kopf.OperatorRegistry()
-    images = ImageStore(image_store)
-    driver = LibvirtDriver(uri, domain_type, instances_dir, images, volume_store)
-    memo = AgentMemo(node=node, driver=driver, images=images)
+    kubernetes.config.load_config()
+    client = kubernetes.client.ApiClient()
+    custom = kubernetes.client.CustomObjectsApi(client)
+    instances = InstanceAgent(config.node, driver, images, custom, kubernetes.client.CoreV1Api(client),
+                              config.settings)
+    volumes = VolumeAgent(instances)
+    reporter = NodeReporter(config.node, driver, custom, kubernetes.client.CoordinationV1Api(client),
+                            config.host_ip, lambda: set(instances.objects))
+    metrics = diagnostics.Metrics()
     tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.login(registry=registry)
@@ -41,18 +84,79 @@ def run(node: str, uri: str, domain_type: str, image_store: str, instances_dir: 
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings, node)
-        await asyncio.to_thread(driver.init_host, node)
-        api = kubernetes.client.CustomObjectsApi()
-        await asyncio.to_thread(computenode.report_host, api, node, driver)
-        tasks.append(asyncio.create_task(computenode.heartbeat(api, node, driver)))
+        configure(settings, config.node)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        pending: set[tuple[str, str]] = set()
+
+        def enqueue(item: tuple[str, str]) -> None:
+            if item not in pending:  # one look per object is enough however many events arrived
+                pending.add(item)
+                queue.put_nowait(item)
+
+        def schedule(kind: str) -> Callable[[str, float], None]:
+            return lambda uid, delay: loop.call_soon_threadsafe(loop.call_later, delay, enqueue, (kind, uid))
+
+        instances.schedule = schedule("instance")
+        volumes.schedule = schedule("volume")
+        def domain_ready(namespace: str, name: str) -> None:
+            for uid in volumes.waiting_for(namespace, name):
+                loop.call_soon_threadsafe(enqueue, ("volume", uid))
+
+        instances.on_domain_ready = domain_ready
+        # libvirt's event thread: only hand the UUID over; the worker reads the state.
+        driver.add_lifecycle_listener(lambda uid, *_: loop.call_soon_threadsafe(enqueue, ("observe", uid)))
+
+        work: dict[str, Callable[[str], None]] = {"instance": instances.handle, "observe": instances.observe,
+                                                  "volume": volumes.handle}
+
+        async def worker() -> None:
+            while True:
+                item = await queue.get()
+                pending.discard(item)
+                try:
+                    await asyncio.to_thread(work[item[0]], item[1])
+                except Exception:
+                    log.exception("%s %s failed", *item)
+
+        def resync() -> None:
+            for uid in list(instances.objects):
+                loop.call_soon_threadsafe(enqueue, ("instance", uid))
+            instances.poll()
+
+        await asyncio.to_thread(driver.init_host, config.node)
+        await asyncio.to_thread(reporter.register)
+        await asyncio.to_thread(reporter.renew)
+        await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
+        metrics.serve(config.metrics_address)
+        jobs: list[Awaitable[None]] = [worker() for _ in range(WORKERS)]
+        jobs += [_every(RENEW_INTERVAL, reporter.renew, "lease renewal"),
+                 _every(REPORT_INTERVAL, reporter.report, "host report"),
+                 _every(config.resync_interval, resync, "resync"),
+                 _every(config.diagnostics_interval, lambda: diagnostics.collect(instances, metrics),
+                        "diagnostics")]
+        tasks.extend(asyncio.create_task(job) for job in jobs)  # type: ignore[arg-type]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         for task in tasks:
             task.cancel()
 
-    virtualinstance.register_agent(registry)
-    kubernetes.config.load_config()
-    kopf.run(registry=registry, clusterwide=True, standalone=True, memo=memo)
+    @kopf.on.event(GROUP, VERSION, VIRTUALINSTANCES, registry=registry)
+    def instance_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        uid = instances.seen(type, body)
+        if type != "DELETED":
+            instances.handle(uid)
 
+    @kopf.on.event(GROUP, VERSION, VOLUMEATTACHMENTS, registry=registry)
+    def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        uid = volumes.seen(type, body)
+        if type != "DELETED":
+            volumes.handle(uid)
+
+    @kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)
+    def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type != "DELETED":
+            reporter.power_action(body)
+
+    kopf.run(registry=registry, clusterwide=True, standalone=True)

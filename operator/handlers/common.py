@@ -5,12 +5,19 @@ import datetime
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import kubernetes
+
 GROUP = "compute.kubenova.io"
 VERSION = "v1alpha1"
 VIRTUALINSTANCES = "virtualinstances"
+VOLUMEATTACHMENTS = "volumeattachments"
 COMPUTENODES = "computenodes"
 #: The binding label: agents watch only the objects carrying their own node name.
 NODE_LABEL = f"{GROUP}/node"
+#: The agent's finalizer; the controller adds it together with the binding label (one write).
+AGENT_FINALIZER = f"{GROUP}/agent"
+#: Where the controller's leader Lease and the agents' heartbeat Leases live.
+LEASE_NAMESPACE = "kubenova-system"
 
 
 def now() -> str:
@@ -51,3 +58,20 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
         if cond.get("type") == type_:
             return cond  # type: ignore[no-any-return]
     return None
+
+
+def remove_finalizer(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], plural: str) -> None:
+    """Drop the agent's finalizer, guarded by the list it was read with (a JSON patch test)."""
+    meta = body["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    if AGENT_FINALIZER not in finalizers:
+        return
+    remaining = [f for f in finalizers if f != AGENT_FINALIZER]
+    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+             {"op": "replace", "path": "/metadata/finalizers", "value": remaining}]
+    try:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], plural, meta["name"], patch,
+                                              _content_type="application/json-patch+json")
+    except kubernetes.client.ApiException as exc:
+        if exc.status not in (404, 422):  # gone already, or changed: the next event decides again
+            raise

@@ -1,48 +1,153 @@
-"""ComputeNode: the agent registers its host and keeps its heartbeat; the controller reads it."""
+"""ComputeNode, agent side: register the host, keep a heartbeat Lease, publish host figures on change.
+
+Liveness is a coordination Lease renewed every few seconds, like kubelet's node lease: a
+small object only the controller watches. The ComputeNode's status is written only when
+the host's figures or conditions change (and its heartbeatTime at most every few minutes),
+so an idle node costs one small write per renewal and nothing on the object users watch.
+"""
 from __future__ import annotations
 
-import asyncio
+import datetime
 import logging
+import socket
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
+import kopf
 import kubernetes
 
-from kubenova.driver.base import ComputeDriver
-from kubenova.handlers.common import COMPUTENODES, GROUP, VERSION, now
+from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
+from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, now, set_condition
 
 log = logging.getLogger(__name__)
-HEARTBEAT_INTERVAL = 20.0
+LEASE_SECONDS = 40
+RENEW_INTERVAL = 10.0
+REPORT_INTERVAL = 20.0
+HEARTBEAT_REFRESH = datetime.timedelta(minutes=5)
 
 
-def report_host(api: kubernetes.client.CustomObjectsApi, node: str, driver: ComputeDriver) -> None:
-    """Create this node's ComputeNode if needed and write host stats and a heartbeat."""
+def lease_name(node: str) -> str:
+    return f"agent-{node}"
+
+
+def host_ip() -> str:
+    """The address the host name resolves to; the agent's --host-ip (the downward API's status.hostIP in
+    the DaemonSet) overrides it where that guess is wrong."""
     try:
-        api.create_cluster_custom_object(GROUP, VERSION, COMPUTENODES, {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeNode", "metadata": {"name": node}, "spec": {}})
-        log.info("registered ComputeNode %s", node)
-    except kubernetes.client.ApiException as exc:
-        if exc.status != 409:
-            raise
-    stats = driver.get_host_stats()
-    instances = driver.list_instances_detail()
-    cpu = stats.cpu
-    api.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, node, {"status": {
-        "hypervisorType": stats.hypervisor_type, "hypervisorVersion": stats.hypervisor_version,
-        "hostname": stats.hostname, "cpuModel": cpu.model, "heartbeatTime": now(),
-        "cpuInfo": {"arch": cpu.arch, "vendor": cpu.vendor, "model": cpu.model, "sockets": cpu.sockets,
-                    "cores": cpu.cores, "threads": cpu.threads, "features": list(cpu.features)},
-        "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},
-        "usage": {"vcpus": sum(i.vcpus for i in instances), "memoryMiB": sum(i.memory_mib for i in instances)},
-        "diskAvailableLeastGiB": stats.disk_free_gib,
-        "instanceCount": len(instances),
-        "instances": sorted(f"{i.namespace}/{i.name}" for i in instances),
-    }})
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
-async def heartbeat(api: kubernetes.client.CustomObjectsApi, node: str, driver: ComputeDriver) -> None:
-    """Keep the ComputeNode fresh so placement knows this agent is alive."""
-    while True:
-        await asyncio.sleep(HEARTBEAT_INTERVAL)
+class NodeReporter:
+    """Writes this node's ComputeNode status and Lease; remembers what it wrote to skip repeats."""
+
+    def __init__(self, node: str, driver: ComputeDriver, custom: kubernetes.client.CustomObjectsApi,
+                 coordination: kubernetes.client.CoordinationV1Api, address: str,
+                 known_instances: Callable[[], Collection[str]]) -> None:
+        self.node = node
+        self.driver = driver
+        self.custom = custom
+        self.coordination = coordination
+        self.address = address
+        self.known_instances = known_instances
+        self._last: dict[str, Any] | None = None
+        self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+        self._unknown: set[str] = set()
+        self.status: dict[str, Any] = {}
+
+    def register(self) -> None:
         try:
-            await asyncio.to_thread(report_host, api, node, driver)
-        except Exception as exc:  # keep beating through apiserver or libvirt hiccups
-            log.warning("heartbeat of %s failed: %s", node, exc)
+            self.custom.create_cluster_custom_object(GROUP, VERSION, COMPUTENODES, {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeNode", "metadata": {"name": self.node},
+                "spec": {}})
+            log.info("registered ComputeNode %s", self.node)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        self.status = dict(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node)
+                           .get("status") or {})
+
+    def renew(self) -> None:
+        """Create or renew the heartbeat Lease."""
+        stamp = datetime.datetime.now(datetime.timezone.utc)
+        spec = {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": stamp}
+        try:
+            self.coordination.patch_namespaced_lease(lease_name(self.node), LEASE_NAMESPACE, {"spec": spec})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.coordination.create_namespaced_lease(LEASE_NAMESPACE, kubernetes.client.V1Lease(
+                metadata=kubernetes.client.V1ObjectMeta(name=lease_name(self.node),
+                                                        labels={NODE_LABEL: self.node}),
+                spec=kubernetes.client.V1LeaseSpec(acquire_time=stamp, holder_identity=self.node,
+                                                   lease_duration_seconds=LEASE_SECONDS, renew_time=stamp)))
+
+    def report(self) -> None:
+        """Publish host figures, usage and conditions when they differ from the last report."""
+        patch: dict[str, Any] = {}
+        try:
+            patch.update(self._figures())
+            set_condition(patch, self.status, "Ready", True, "LibvirtConnected",
+                          f"the agent reaches libvirt ({patch['hypervisorType']} {patch['hypervisorVersion']})")
+        except DriverError as exc:
+            set_condition(patch, self.status, "Ready", False, "LibvirtUnreachable", str(exc))
+        self._write(patch)
+
+    def _figures(self) -> dict[str, Any]:
+        stats = self.driver.get_host_stats(refresh=True)
+        instances = self.driver.list_instances_detail()
+        cpu = stats.cpu
+        # Unknown in two reports in a row: the first report may come before the watch listed everything.
+        known = set(self.known_instances())
+        suspects = {f"{i.namespace}/{i.name} ({i.uuid})" for i in instances if i.uuid not in known}
+        unknown, self._unknown = sorted(suspects & self._unknown), suspects
+        figures: dict[str, Any] = {
+            "hypervisorType": stats.hypervisor_type, "hypervisorVersion": stats.hypervisor_version,
+            "hostname": stats.hostname, "hostIP": self.address, "cpuModel": cpu.model,
+            "cpuInfo": {"arch": cpu.arch, "vendor": cpu.vendor, "model": cpu.model, "sockets": cpu.sockets,
+                        "cores": cpu.cores, "threads": cpu.threads, "features": list(cpu.features)},
+            "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},
+            "usage": {"vcpus": sum(i.vcpus for i in instances), "memoryMiB": sum(i.memory_mib for i in instances)},
+            "diskAvailableLeastGiB": stats.disk_free_gib,
+            "instanceCount": len(instances),
+            "instances": sorted(f"{i.namespace}/{i.name}" for i in instances),
+        }
+        set_condition(figures, self.status, "UnknownDomains", bool(unknown),
+                      "DomainsWithoutObject" if unknown else "AllDomainsKnown",
+                      ("libvirt runs kubenova domains no VirtualInstance on this node describes: "
+                       + ", ".join(unknown) + "; the agent leaves them alone") if unknown else
+                      "every kubenova domain on this host belongs to a VirtualInstance bound here")
+        return figures
+
+    def _write(self, patch: dict[str, Any]) -> None:
+        stamp = datetime.datetime.now(datetime.timezone.utc)
+        if patch == self._last and stamp - self._last_beat < HEARTBEAT_REFRESH:
+            return
+        self._last = dict(patch)
+        self._last_beat = stamp
+        fresh = self.custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, self.node,
+                                                               {"status": {**patch, "heartbeatTime": now()}})
+        self.status = dict(fresh.get("status") or {})
+
+    def power_action(self, body: Mapping[str, Any]) -> None:
+        """Nova's host_power_action, once per request id; Unsupported is a condition, not a retry."""
+        request = (body.get("spec") or {}).get("powerAction")
+        status = body.get("status") or {}
+        if not request or (status.get("powerAction") or {}).get("id") == request["id"]:
+            return
+        patch: dict[str, Any] = {}
+        try:
+            self.driver.host_power_action(HostPowerAction(request["action"]))
+            patch["powerAction"] = {"id": request["id"], "phase": "Succeeded", "message": f"{request['action']} done"}
+            set_condition(patch, status, "PowerActionSupported", True, "Supported", "host power actions work here")
+        except Unsupported as exc:
+            patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
+            set_condition(patch, status, "PowerActionSupported", False, "Unsupported", str(exc))
+            kopf.warn(dict(body), reason="Unsupported", message=str(exc))
+        except DriverError as exc:
+            patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
+            kopf.warn(dict(body), reason="PowerActionFailed", message=str(exc))
+        fresh = self.custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, self.node,
+                                                               {"status": patch})
+        self.status = dict(fresh.get("status") or {})

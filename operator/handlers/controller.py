@@ -1,22 +1,34 @@
-"""The controller: cluster-wide decisions (placement); never calls libvirt.
+"""The controller: cluster-wide decisions (placement, binding); never calls libvirt.
 
-It uses only event handlers and in-memory indexes, so it adds no finalizers and no
-bookkeeping annotations to users' objects.
+One replica is active: it holds a coordination Lease (client-go's leader election, from the
+official client) and runs kopf only while it does; losing the Lease ends the process, so a
+restarted replica starts clean. It uses only event handlers and in-memory indexes, so it
+adds no kopf finalizer and no bookkeeping annotation to users' objects.
 """
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
+import uuid
 from typing import Any
 
 import kopf
 import kubernetes
+from kubernetes.leaderelection import electionconfig, leaderelection
+from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
-from kubenova.handlers import virtualinstance
-from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers import virtualinstance, volumes
+from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, \
+    VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from kubenova.handlers.placement import NodeView, Usage
 
+log = logging.getLogger(__name__)
 VI = (GROUP, VERSION, VIRTUALINSTANCES)
 CN = (GROUP, VERSION, COMPUTENODES)
+VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
+LEADER_LEASE = "kubenova-controller"
 
 
 def _usage(index: kopf.Index[str, Usage]) -> dict[str, Usage]:
@@ -27,57 +39,116 @@ def _usage(index: kopf.Index[str, Usage]) -> dict[str, Usage]:
     return totals
 
 
-def _nodes(index: kopf.Index[str, NodeView]) -> dict[str, NodeView]:
-    return {name: next(iter(views)) for name, views in index.items()}
+def _nodes(views: kopf.Index[str, Any], leases: kopf.Index[str, Any]) -> dict[str, NodeView]:
+    nodes = {}
+    for name, found in views.items():
+        labels, spec, status = next(iter(found))
+        renewed = max((t for t in leases.get(name, []) if t), default=None)
+        nodes[name] = virtualinstance.node_view(name, labels, spec, status, renewed)
+    return nodes
 
 
-def run() -> None:
-    registry = kopf.OperatorRegistry()
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
+def register(registry: kopf.OperatorRegistry) -> None:
+    custom = kubernetes.client.CustomObjectsApi
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING
+        settings.batching.batch_window = 0.02
 
     @kopf.index(*CN, registry=registry, id="node_views")
     def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
-                   **_: Any) -> dict[str, NodeView]:
-        return {name: virtualinstance.node_view(name, labels, spec, status)}  # type: ignore[arg-type]
+                   **_: Any) -> dict[str, Any]:
+        return {name: (dict(labels), dict(spec), dict(status))}
+
+    @kopf.index("coordination.k8s.io", "v1", "leases", registry=registry, id="node_leases",
+                labels={NODE_LABEL: kopf.PRESENT})
+    def node_leases(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
+        return {labels[NODE_LABEL]: virtualinstance._time(spec.get("renewTime"))}
 
     @kopf.index(*VI, registry=registry, id="node_usage")
     def node_usage(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Usage] | None:
         node = labels.get(NODE_LABEL)
         return {node: virtualinstance.request_of(spec)} if node else None
 
+    @kopf.index(*VI, registry=registry, id="instance_nodes")
+    def instance_nodes(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta,
+                       **_: Any) -> dict[tuple[str, str], str | None]:
+        return {(namespace, name): None if meta.get("deletionTimestamp") else labels.get(NODE_LABEL)}
+
     @kopf.index(*VI, registry=registry, id="unbound", labels={NODE_LABEL: kopf.ABSENT})
     def unbound(body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {"pending": dict(body)}
 
-    api = kubernetes.client.CustomObjectsApi
+    @kopf.index(*VA, registry=registry, id="unbound_volumes", labels={NODE_LABEL: kopf.ABSENT})
+    def unbound_volumes(namespace: str, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, spec["instanceRef"]["name"]): dict(body)}
+
+    def instance_node(index: kopf.Index[Any, Any], namespace: str, name: str) -> str | None:
+        return next(iter(index.get((namespace, name), [None])), None)
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
-    def place_instance(body: kopf.Body, type: str | None, node_views: kopf.Index[str, NodeView],
-                       node_usage: kopf.Index[str, Usage], **_: Any) -> None:
+    def place_instance(body: kopf.Body, type: str | None, node_views: kopf.Index[str, Any],
+                       node_leases: kopf.Index[str, Any], node_usage: kopf.Index[str, Usage], **_: Any) -> None:
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
-        virtualinstance.place(api(), body, _nodes(node_views), _usage(node_usage))
+        virtualinstance.place(custom(), body, _nodes(node_views, node_leases), _usage(node_usage))
 
-    @kopf.on.event(*CN, registry=registry)
-    def retry_pending(type: str | None, node_views: kopf.Index[str, NodeView], node_usage: kopf.Index[str, Usage],
-                      unbound: kopf.Index[str, Any], **_: Any) -> None:
-        """A node appeared or changed: instances waiting for capacity get another chance."""
+    @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
+    def bind_waiting_volumes(namespace: str, name: str, labels: kopf.Labels, type: str | None,
+                             unbound_volumes: kopf.Index[Any, Any], **_: Any) -> None:
+        """An instance got its node: attachments that waited for it follow it there."""
         if type == "DELETED":
             return
-        nodes, used = _nodes(node_views), _usage(node_usage)
+        for body in list(unbound_volumes.get((namespace, name), [])):
+            if not body["metadata"].get("deletionTimestamp"):
+                volumes.bind(custom(), body, labels[NODE_LABEL])
+
+    @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
+    def bind_volume(namespace: str, spec: kopf.Spec, body: kopf.Body, type: str | None,
+                    instance_nodes: kopf.Index[Any, Any], **_: Any) -> None:
+        if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+            return
+        volumes.bind(custom(), body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
+
+    @kopf.on.event(*CN, registry=registry)
+    @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT})
+    def retry_pending(type: str | None, node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
+                      node_usage: kopf.Index[str, Usage], unbound: kopf.Index[str, Any], **_: Any) -> None:
+        """A node appeared, changed or came back: instances waiting for capacity get another chance."""
+        if type == "DELETED" or not unbound.get("pending"):
+            return
+        nodes, used = _nodes(node_views, node_leases), _usage(node_usage)
         for body in list(unbound.get("pending", [])):
             if body["metadata"].get("deletionTimestamp"):
                 continue
-            node = virtualinstance.place(api(), body, nodes, used)
+            node = virtualinstance.place(custom(), body, nodes, used)
             if node:  # the index learns of it later; count it now so one pass does not overfill a node
                 used[node] = used.get(node, Usage()) + virtualinstance.request_of(body.get("spec") or {})
 
+
+def run(lease_namespace: str = LEASE_NAMESPACE) -> None:
+    """Wait for the leader Lease, then run kopf; exit when the Lease is lost."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    register(registry)
     kubernetes.config.load_config()
+    identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    leading = threading.Event()
+
+    def lost() -> None:
+        log.error("lost the leader Lease %s/%s; exiting so a fresh process takes over", lease_namespace,
+                  LEADER_LEASE)
+        os._exit(1)
+
+    config = electionconfig.Config(LeaseLock(LEADER_LEASE, lease_namespace, identity), lease_duration=15,
+                                   renew_deadline=10, retry_period=2, onstarted_leading=leading.set,
+                                   onstopped_leading=lost)
+    threading.Thread(target=leaderelection.LeaderElection(config).run, daemon=True, name="leader").start()
+    leading.wait()
+    log.info("leading as %s", identity)
     kopf.run(registry=registry, clusterwide=True, standalone=True)

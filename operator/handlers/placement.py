@@ -10,6 +10,8 @@ HEARTBEAT_GRACE = datetime.timedelta(seconds=60)
 #: Nova's default overcommit: vCPUs are time-shared, memory is overcommitted a little.
 CPU_ALLOCATION_RATIO = 16.0
 RAM_ALLOCATION_RATIO = 1.5
+#: Disks are thin (qcow2 overlays); Nova's disk_allocation_ratio defaults to 1.0.
+DISK_ALLOCATION_RATIO = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +21,7 @@ class NodeView:
     heartbeat: datetime.datetime | None
     vcpus: int
     memory_mib: int
+    disk_gib: int = 0
     maintenance: bool = False
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -27,9 +30,10 @@ class NodeView:
 class Usage:
     vcpus: int = 0
     memory_mib: int = 0
+    disk_gib: int = 0
 
     def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.vcpus + other.vcpus, self.memory_mib + other.memory_mib)
+        return Usage(self.vcpus + other.vcpus, self.memory_mib + other.memory_mib, self.disk_gib + other.disk_gib)
 
 
 class Unschedulable(Exception):
@@ -63,12 +67,16 @@ def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView
             continue
         taken = used.get(node.name, Usage())
         free = Usage(int(node.vcpus * CPU_ALLOCATION_RATIO) - taken.vcpus,
-                     int(node.memory_mib * RAM_ALLOCATION_RATIO) - taken.memory_mib)
+                     int(node.memory_mib * RAM_ALLOCATION_RATIO) - taken.memory_mib,
+                     int(node.disk_gib * DISK_ALLOCATION_RATIO) - taken.disk_gib)
         if free.vcpus < request.vcpus:
             reasons.append(f"{node.name}: {free.vcpus} vCPUs free, {request.vcpus} requested")
             continue
         if free.memory_mib < request.memory_mib:
             reasons.append(f"{node.name}: {free.memory_mib} MiB free, {request.memory_mib} MiB requested")
+            continue
+        if free.disk_gib < request.disk_gib:
+            reasons.append(f"{node.name}: {free.disk_gib} GiB of disk free, {request.disk_gib} GiB requested")
             continue
         if best is None or free.memory_mib > best[0]:
             best = (free.memory_mib, node.name)

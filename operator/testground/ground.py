@@ -9,10 +9,13 @@ import shutil
 import sys
 import time
 
+from kubenova.handlers.common import LEASE_NAMESPACE
 from kubenova.testground import guest, kube, libvirt_host, procs
 from kubenova.testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
+#: The agent of NODE serves /metrics here (loopback only).
+METRICS_PORT = 39464
 SAMPLE = kube.REPO / "deploy" / "samples" / "virtualinstance.yaml"
 
 
@@ -64,6 +67,11 @@ def install_crds(ground: Ground) -> None:
               "installing the CRDs", fix, env=ground.env())
     procs.run([ground.kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "",
                "--all"], "waiting for the CRDs", fix, env=ground.env())
+    # The controller's leader Lease and the agents' heartbeat Leases live here (deploy/ makes it too).
+    namespace = procs.run([ground.kubectl, "create", "namespace", LEASE_NAMESPACE, "--dry-run=client", "-o", "yaml"],
+                          "rendering the kubenova namespace", "", env=ground.env()).stdout
+    procs.run([ground.kubectl, "apply", "-f", "-"], "creating the kubenova namespace", "", env=ground.env(),
+              input=namespace)
 
 
 def _kubenova_processes(ground: Ground) -> dict[str, tuple[list[str], str]]:
@@ -74,7 +82,8 @@ def _kubenova_processes(ground: Ground) -> dict[str, tuple[list[str], str]]:
         f"agent-{ground.node}": ([*python, "agent", "--node", ground.node, "--libvirt-uri", ground.libvirt_uri,
                                   "--domain-type", "qemu", "--image-store", str(ground.image_store),
                                   "--instances-dir", str(node_dir / "instances"),
-                                  "--volume-store", str(ground.volume_store())], f"--node {ground.node}"),
+                                  "--volume-store", str(ground.volume_store()),
+                                  "--metrics-address", f"127.0.0.1:{METRICS_PORT}"], f"--node {ground.node}"),
     }
 
 

@@ -10,8 +10,9 @@ NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 def node(name: str, memory: int = 1000, vcpus: int = 2, enabled: bool = True, age: int = 5,
-         maintenance: bool = False, labels: dict[str, str] | None = None) -> NodeView:
-    return NodeView(name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory, maintenance, labels or {})
+         maintenance: bool = False, labels: dict[str, str] | None = None, disk: int = 100) -> NodeView:
+    return NodeView(name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory, disk, maintenance,
+                    labels or {})
 
 
 def test_spreads_to_the_node_with_most_free_memory() -> None:
@@ -54,3 +55,10 @@ def test_vcpus_are_overcommitted_like_nova() -> None:
     assert choose_node(Usage(32, 10), None, {"a": node("a", vcpus=2)}, {}, NOW) == "a"
     with pytest.raises(Unschedulable, match="32 vCPUs free, 33 requested"):
         choose_node(Usage(33, 10), None, {"a": node("a", vcpus=2)}, {}, NOW)
+
+
+def test_disk_counts_what_is_placed() -> None:
+    nodes = {"a": node("a", disk=10)}
+    assert choose_node(Usage(1, 100, 6), None, nodes, {}, NOW) == "a"
+    with pytest.raises(Unschedulable, match="a: 4 GiB of disk free, 7 GiB requested"):
+        choose_node(Usage(1, 100, 7), None, nodes, {"a": Usage(1, 100, 6)}, NOW)

@@ -97,8 +97,8 @@ class LibvirtDriver(ComputeDriver):
         conn = self.host.get_connection()
         log.info("connected to %s (libvirt %s) as node %s", self.host.uri, conn.getLibVersion(), host)
 
-    def add_lifecycle_listener(self, listener: Callable[[str, int, int], None]) -> None:
-        self.host.add_lifecycle_listener(listener)
+    def add_lifecycle_listener(self, listener: Callable[[str], None]) -> None:
+        self.host.add_lifecycle_listener(lambda uuid, _event, _detail: listener(uuid))
 
     def get_available_resource(self) -> HostStats:
         conn = self.host.get_connection()

@@ -1,0 +1,107 @@
+"""Diagnostics: Nova's get_diagnostics into each instance's status and onto a Prometheus endpoint."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import prometheus_client
+
+from kubenova.driver.base import Diagnostics, DriverError, InstanceNotRunning
+from kubenova.handlers.common import now
+from kubenova.handlers.instances import InstanceAgent
+
+log = logging.getLogger(__name__)
+
+_LABELS = ("namespace", "name", "uid")
+
+
+class Metrics:
+    """The same figures as status.diagnostics, in a registry of the agent's own (no process globals)."""
+
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        reg = self.registry
+        self.cpu = prometheus_client.Gauge("kubenova_instance_cpu_seconds", "CPU time the guest has used.",
+                                           _LABELS, registry=reg)
+        self.memory = prometheus_client.Gauge("kubenova_instance_memory_bytes", "Memory the guest uses now.",
+                                              _LABELS, registry=reg)
+        self.disk = prometheus_client.Gauge("kubenova_instance_disk_bytes", "Bytes read or written per disk.",
+                                            (*_LABELS, "device", "direction"), registry=reg)
+        self.disk_requests = prometheus_client.Gauge("kubenova_instance_disk_requests",
+                                                     "Read or write requests per disk.",
+                                                     (*_LABELS, "device", "direction"), registry=reg)
+        self.net = prometheus_client.Gauge("kubenova_instance_network_bytes", "Bytes received or sent per "
+                                           "interface.", (*_LABELS, "interface", "direction"), registry=reg)
+        self.instances = prometheus_client.Gauge("kubenova_node_instances", "Instances bound to this node.",
+                                                 registry=reg)
+        self._series: dict[str, set[tuple[prometheus_client.Gauge, tuple[str, ...]]]] = {}
+
+    def serve(self, address: str) -> None:
+        """Listen on host:port; the default host is loopback, so nothing is exposed unless configured."""
+        host, _, port = address.rpartition(":")
+        prometheus_client.start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+
+    def record(self, namespace: str, name: str, uid: str, diag: Diagnostics) -> None:
+        labels = (namespace, name, uid)
+        series = self._series.setdefault(uid, set())
+
+        def put(gauge: prometheus_client.Gauge, value: float, *extra: str) -> None:
+            gauge.labels(*labels, *extra).set(value)
+            series.add((gauge, (*labels, *extra)))
+
+        put(self.cpu, diag.cpu_time_ns / 1e9)
+        put(self.memory, diag.memory_kib * 1024)
+        for device, stats in diag.disks.items():
+            for direction, value, requests in (("read", stats.rd_bytes, stats.rd_req),
+                                               ("write", stats.wr_bytes, stats.wr_req)):
+                put(self.disk, value, device, direction)
+                put(self.disk_requests, requests, device, direction)
+        for iface, stats in diag.interfaces.items():
+            put(self.net, stats.rx_bytes, iface, "rx")
+            put(self.net, stats.tx_bytes, iface, "tx")
+
+    def tracked(self) -> set[str]:
+        return set(self._series)
+
+    def forget(self, uid: str) -> None:
+        """Drop every series of an instance that is gone or stopped."""
+        for gauge, labels in self._series.pop(uid, set()):
+            gauge.remove(*labels)
+
+
+def as_status(diag: Diagnostics) -> dict[str, Any]:
+    return {
+        "disks": [{"name": name, "rdReq": s.rd_req, "rdBytes": s.rd_bytes, "wrReq": s.wr_req,
+                   "wrBytes": s.wr_bytes, "errs": s.errs} for name, s in sorted(diag.disks.items())],
+        "interfaces": [{"name": name, "rxBytes": s.rx_bytes, "rxPackets": s.rx_packets, "rxErrs": s.rx_errs,
+                        "rxDrop": s.rx_drop, "txBytes": s.tx_bytes, "txPackets": s.tx_packets,
+                        "txErrs": s.tx_errs, "txDrop": s.tx_drop} for name, s in sorted(diag.interfaces.items())],
+    }
+
+
+def collect(agent: InstanceAgent, metrics: Metrics) -> None:
+    """One pass over this node's instances; a status write only where a counter moved."""
+    metrics.instances.set(len(agent.objects))
+    for gone in metrics.tracked() - set(agent.objects):
+        metrics.forget(gone)
+    for uid, body in list(agent.objects.items()):
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp") or "powerState" not in (body.get("status") or {}):
+            continue
+        try:
+            diag = agent.driver.get_diagnostics(uid)
+        except InstanceNotRunning:
+            metrics.forget(uid)
+            continue
+        except DriverError as exc:
+            log.debug("no diagnostics for %s: %s", uid, exc)
+            continue
+        metrics.record(meta["namespace"], meta["name"], uid, diag)
+        status = body.get("status") or {}
+        figures = as_status(diag)
+        info = {**(status.get("info") or {}), "memKiB": diag.memory_kib, "cpuTimeNs": diag.cpu_time_ns}
+        old = {k: v for k, v in (status.get("diagnostics") or {}).items() if k != "updateTime"}
+        if old == figures and status.get("info") == info:
+            continue
+        with agent.lock(uid):
+            agent.write(body, {"diagnostics": {**figures, "updateTime": now()}, "info": info})

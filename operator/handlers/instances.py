@@ -1,0 +1,482 @@
+"""The agent's VirtualInstances: make each domain match its spec and report what libvirt sees.
+
+The agent is level-triggered and writes as little as it can. It does not use kopf's change
+handlers (they cost a finalizer write, a progress annotation and a diff-base annotation per
+change); every watch event, lifecycle event and resync runs the same idempotent `handle`,
+which compares the domain with the spec and writes `status` only when something differs.
+The controller adds the agent's finalizer when it binds the object, so a create costs the
+agent one write: the status that says Running.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+
+from kubenova import api
+from kubenova.driver.base import (
+    ComputeDriver, DriverError, ImageRef, InjectedFile, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface,
+    InvalidInstanceSpec, KernelBoot, PowerState, RebootType,
+)
+from kubenova.driver.images import ImageStore
+from kubenova.handlers.common import (
+    AGENT_FINALIZER, GROUP, VERSION, VIRTUALINSTANCES, condition, now, remove_finalizer, set_condition,
+)
+
+log = logging.getLogger(__name__)
+
+#: Spec fields the API accepts but this agent does not act on yet; using one fails clearly.
+NOT_YET_IMPLEMENTED = ("boot.image.url",)
+ACTIONS = ("reboot", "snapshot", "passwordReset")
+
+
+class SpecProblem(Exception):
+    """Retrying cannot help until the spec changes; ``reason`` is the condition's reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class WaitFor(Exception):
+    """Something outside the spec is missing (a Secret); retried with backoff, said in status."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Settings:
+    """The agent's tunables; defaults follow Nova's where Nova has one."""
+
+    soft_reboot_timeout: float = 60.0
+    #: After a domain stops outside Kubernetes while its spec says Running, wait this long
+    #: before starting it again, so the stop is visible and a crashing guest cannot spin.
+    restart_delay: float = 10.0
+    rescue_timeout: float = 0.0  # 0: never warn
+    reboot_timeout: float = 180.0
+    max_backoff: float = 300.0
+
+
+def unsupported(spec: Mapping[str, Any]) -> list[str]:
+    """The spec fields set here that this agent cannot honour yet, as user-facing paths."""
+    found = []
+    for path in NOT_YET_IMPLEMENTED:
+        node: Any = spec
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node not in (None, [], {}, ""):
+            found.append(f"spec.{path}")
+    return found
+
+
+def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstanceSpec, images: ImageStore,
+                  admin_password: str | None) -> InstanceSpec:
+    """Translate the spec for the driver; names the offending field when the node cannot run it."""
+    boot = spec["boot"]
+    kernel = boot.get("kernel")
+    image = boot.get("image")
+    flavor = spec["flavor"]
+    files = []
+    for index, item in enumerate(spec.get("injectedFiles") or []):
+        try:
+            files.append(InjectedFile(item["path"], base64.b64decode(item["content"], validate=True)))
+        except ValueError as exc:
+            raise InvalidInstanceSpec(f"spec.injectedFiles[{index}].content", f"not base64: {exc}") from exc
+    return InstanceSpec(
+        uuid=uid, name=name, namespace=namespace,
+        vcpus=int(flavor["vcpus"]), memory_mib=int(flavor["memoryMiB"]),
+        boot=KernelBoot(
+            kernel=images.resolve("spec.boot.kernel.image", kernel["image"]),
+            initrd=images.resolve("spec.boot.kernel.initrd", kernel["initrd"]) if kernel.get("initrd") else None,
+            cmdline=kernel.get("cmdline", "console=ttyS0")) if kernel else None,
+        image=ImageRef(image["name"], image.get("checksum")) if image else None,
+        root_gib=(spec.get("rootDisk") or {}).get("sizeGiB"),
+        ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
+        swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
+        interfaces=tuple(Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
+                         for i in spec.get("interfaces") or []),
+        user_data=spec.get("userData"), network_config=spec.get("networkConfig"),
+        injected_files=tuple(files), admin_password=admin_password)
+
+
+PHASES = {PowerState.RUNNING: "Running", PowerState.BLOCKED: "Running", PowerState.SHUTDOWN: "Running",
+          PowerState.PAUSED: "Paused", PowerState.SUSPENDED: "Suspended", PowerState.SHUTOFF: "Stopped",
+          PowerState.CRASHED: "Stopped", PowerState.NOSTATE: "Stopped"}
+
+
+class InstanceAgent:
+    """Everything the agent knows and does about the VirtualInstances bound to its node.
+
+    Methods run in worker threads (kopf's executor or asyncio.to_thread); a lock per object
+    keeps a watch event, a lifecycle event and a resync from acting on one domain at once.
+    """
+
+    def __init__(self, node: str, driver: ComputeDriver, images: ImageStore,
+                 custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
+                 settings: Settings | None = None) -> None:
+        self.node = node
+        self.driver = driver
+        self.images = images
+        self.custom = custom
+        self.core = core
+        self.settings = settings or Settings()
+        self.objects: dict[str, dict[str, Any]] = {}
+        self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._failures: dict[str, int] = {}
+        self._stopped_outside: dict[str, float] = {}
+        self._warned: set[tuple[str, str]] = set()
+        #: Called with (uid, delay) when an object needs another look later; set by the agent.
+        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
+        #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
+        self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
+        uid = body["metadata"]["uid"]
+        if event_type == "DELETED":
+            self.objects.pop(uid, None)
+        else:
+            self.objects[uid] = dict(body)
+        return str(uid)
+
+    def lock(self, uid: str) -> threading.Lock:
+        return self._locks[uid]
+
+    def find(self, namespace: str, name: str) -> dict[str, Any] | None:
+        for body in list(self.objects.values()):
+            meta = body["metadata"]
+            if meta["namespace"] == namespace and meta["name"] == name:
+                return body
+        return None
+
+    def _warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
+        """One Event per distinct problem, not one per retry."""
+        key = (body["metadata"]["uid"], f"{reason}:{message}")
+        if key not in self._warned:
+            self._warned.add(key)
+            kopf.warn(dict(body), reason=reason, message=message)
+
+    def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
+        """Patch status only when it changes something; keep the answer as the newest body."""
+        status = body.get("status") or {}
+        if all(status.get(key) == value for key, value in patch.items()):
+            return
+        meta = body["metadata"]
+        try:
+            fresh = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], {"status": patch})
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        if meta["uid"] in self.objects:
+            self.objects[meta["uid"]] = fresh
+        body.clear()
+        body.update(fresh)
+
+    # --- the reconcile loop ---------------------------------------------------------------
+
+    def handle(self, uid: str) -> None:
+        """Converge one object; on failure say why in status and try again later."""
+        with self._locks[uid]:
+            body = self.objects.get(uid)
+            if body is None:
+                return
+            if body["metadata"].get("deletionTimestamp"):
+                self._delete(body)
+                return
+            try:
+                self._reconcile(body)
+            except WaitFor as exc:
+                self._retry_later(uid, body, exc.reason, str(exc))
+            except DriverError as exc:
+                self._retry_later(uid, body, "HypervisorError", str(exc))
+            except kubernetes.client.ApiException as exc:
+                log.warning("API error on %s: %s", uid, exc.reason)
+                self.schedule(uid, self._backoff(uid))
+            else:
+                self._failures.pop(uid, None)
+
+    def _backoff(self, uid: str) -> float:
+        attempt = self._failures.get(uid, 0)
+        self._failures[uid] = attempt + 1
+        return float(min(self.settings.max_backoff, 2.0 * 2 ** attempt))
+
+    def _retry_later(self, uid: str, body: dict[str, Any], reason: str, message: str) -> None:
+        status = body.get("status") or {}
+        patch: dict[str, Any] = {}
+        set_condition(patch, status, "Ready", False, reason, message, body["metadata"].get("generation"))
+        self.write(body, patch)
+        self._warn(body, reason, message)
+        self.schedule(uid, self._backoff(uid))
+
+    def _reconcile(self, body: dict[str, Any]) -> None:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        status = body.get("status") or {}
+        uid, generation = meta["uid"], meta.get("generation")
+        if AGENT_FINALIZER not in (meta.get("finalizers") or []):
+            self._add_finalizer(body)  # the controller normally adds it when binding
+        if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
+            return  # said already; waits for a spec change
+        try:
+            self._converge(body)
+        except (SpecProblem, InvalidInstanceSpec) as exc:
+            reason = exc.reason if isinstance(exc, SpecProblem) else "InvalidSpec"
+            patch: dict[str, Any] = {"phase": "Failed", "node": self.node, "observedGeneration": generation}
+            set_condition(patch, status, "Ready", False, reason, str(exc), generation)
+            self.write(body, patch)
+            self._warn(body, reason, str(exc))
+            return
+        self.write(body, self._observed(body))
+        if spec.get("actions"):
+            self._actions(body)
+        self.on_domain_ready(meta["namespace"], meta["name"])
+        self._restart_later_if_needed(body)
+
+    def _converge(self, body: dict[str, Any]) -> None:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        uid, want = meta["uid"], spec.get("powerState", "Running")
+        missing = unsupported(spec)
+        if missing:
+            raise SpecProblem("Unsupported", f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
+                                             "remove it from the spec to run the instance")
+        driver = self.driver
+        if not driver.instance_exists(uid):
+            password = self._secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
+            driver.spawn(instance_spec(uid, meta["namespace"], meta["name"], spec, self.images, password),
+                         power_on=want != "Stopped")
+        rescue = spec.get("rescue") or {}
+        if rescue.get("enabled"):
+            driver.rescue(uid, ImageRef(rescue["image"]))
+        else:
+            driver.unrescue(uid)
+        state = driver.get_info(uid).state
+        if uid in self._stopped_outside and want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED):
+            if time.monotonic() - self._stopped_outside[uid] < self.settings.restart_delay:
+                return  # _restart_later_if_needed brings it back after the delay
+        self._stopped_outside.pop(uid, None)
+        self._power(uid, want, state)
+
+    def _power(self, uid: str, want: str, state: PowerState) -> None:
+        driver = self.driver
+        if want == "Stopped":
+            if state is not PowerState.SHUTOFF:
+                driver.power_off(uid)
+            return
+        if state is PowerState.SUSPENDED and want != "Suspended":
+            driver.resume(uid)
+            state = driver.get_info(uid).state
+        if want == "Running":
+            if state is PowerState.PAUSED:
+                driver.unpause(uid)
+            elif state is not PowerState.RUNNING:
+                driver.power_on(uid)
+        elif want == "Paused":
+            if state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
+                driver.power_on(uid)
+            if driver.get_info(uid).state is not PowerState.PAUSED:
+                driver.pause(uid)
+        elif want == "Suspended" and state is not PowerState.SUSPENDED:
+            if state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
+                driver.power_on(uid)
+            driver.suspend(uid)
+
+    def _observed(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The status fields that follow from what libvirt reports now (no ever-changing counters)."""
+        meta, spec = body["metadata"], body.get("spec") or {}
+        status = body.get("status") or {}
+        uid, generation = meta["uid"], meta.get("generation")
+        want = spec.get("powerState", "Running")
+        patch: dict[str, Any] = {"node": self.node, "domainUUID": uid, "observedGeneration": generation,
+                                 "console": {"node": self.node, "logFile": f"{uid}/console.log"}}
+        if (condition(status, "Scheduled") or {}).get("status") != "True":
+            set_condition(patch, status, "Scheduled", True, "Placed", f"placed on {self.node}")
+        try:
+            info = self.driver.get_info(uid)
+        except InstanceNotFound:
+            patch.update({"powerState": PowerState.NOSTATE.value, "phase": "Pending"})
+            set_condition(patch, status, "Ready", False, "DomainMissing",
+                          f"no libvirt domain for this instance on {self.node}", generation)
+            return patch
+        power = info.state.value
+        rescued = bool((spec.get("rescue") or {}).get("enabled")) and info.state is PowerState.RUNNING
+        patch.update({"powerState": power, "phase": "Rescued" if rescued else PHASES[info.state],
+                      "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib,
+                               "vcpus": info.num_cpu}})
+        if power == want:
+            set_condition(patch, status, "Ready", True, "PowerStateReached", f"the domain is {power}", generation)
+        elif meta["uid"] in self._stopped_outside:
+            set_condition(patch, status, "Ready", False, "StoppedOutsideKubernetes",
+                          f"the domain became {power} without a spec change (guest shutdown, crash or virsh); "
+                          f"the agent starts it again in {self.settings.restart_delay:.0f}s because the spec "
+                          f"asks for {want}", generation)
+        else:
+            set_condition(patch, status, "Ready", False, "PowerStateDiffers",
+                          f"the domain is {power}, the spec asks for {want}", generation)
+        return patch
+
+    def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
+        uid = body["metadata"]["uid"]
+        if uid in self._stopped_outside:
+            left = self.settings.restart_delay - (time.monotonic() - self._stopped_outside[uid])
+            self.schedule(uid, max(0.0, left) + 0.1)
+
+    # --- out-of-band changes ----------------------------------------------------------------
+
+    def observe(self, uid: str) -> None:
+        """A lifecycle event or a resync: put what libvirt reports into status if it changed."""
+        with self._locks[uid]:
+            body = self.objects.get(uid)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            status = body.get("status") or {}
+            if status.get("phase") in ("Failed", None) or "powerState" not in status:
+                return  # not created yet, or failed: handle() owns it
+            try:
+                state = self.driver.get_info(uid).state
+            except InstanceNotFound:
+                state = PowerState.NOSTATE
+            except DriverError as exc:
+                log.warning("cannot read the state of %s: %s", uid, exc)
+                return
+            want = (body.get("spec") or {}).get("powerState", "Running")
+            if state.value == status.get("powerState"):
+                return
+            if want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
+                self._stopped_outside.setdefault(uid, time.monotonic())
+            self.write(body, self._observed(body))
+            self._restart_later_if_needed(body)
+
+    # --- one-shot actions -----------------------------------------------------------------
+
+    def _actions(self, body: dict[str, Any]) -> None:
+        """Act once per new id; "InProgress" is written first, so a restart never repeats an action."""
+        spec, uid = body.get("spec") or {}, body["metadata"]["uid"]
+        for kind in ACTIONS:
+            request = (spec.get("actions") or {}).get(kind)
+            if not request:
+                continue
+            ack = ((body.get("status") or {}).get("actions") or {}).get(kind) or {}
+            if ack.get("id") == request["id"] and ack.get("phase") != "InProgress":
+                continue  # done already
+            interrupted = ack.get("id") == request["id"]
+            if not interrupted:
+                self.write(body, {"actions": {kind: {"id": request["id"], "phase": "InProgress",
+                                                      "message": f"{kind} started"}}})
+            try:
+                message = getattr(self, f"_do_{kind}")(body, uid, request, interrupted)
+                result = {"phase": "Succeeded", "message": message}
+            except (DriverError, WaitFor) as exc:
+                result = {"phase": "Failed", "message": str(exc)}
+                self._warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
+            self.write(body, {"actions": {kind: {"id": request["id"], "completionTime": now(), **result}}})
+
+    def _do_reboot(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
+        if interrupted:
+            state = self.driver.get_info(uid).state.value
+            raise DriverError(f"the agent restarted during this reboot, so whether it finished is unknown (the "
+                              f"domain is {state}); request another reboot with a new id if it is still needed")
+        try:
+            done = self.driver.reboot(uid, RebootType(request["type"].upper()), self.settings.soft_reboot_timeout)
+        except InstanceNotRunning as exc:
+            raise DriverError(f"cannot reboot: {exc}") from exc
+        if done is RebootType.HARD and request["type"] == "Soft":
+            return (f"the guest ignored the ACPI shutdown for {self.settings.soft_reboot_timeout:.0f}s; "
+                    "rebooted hard")
+        return f"rebooted ({request['type'].lower()})"
+
+    def _do_snapshot(self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
+        name = request["imageName"]
+        if interrupted and (self.images.root / name).is_file():
+            return f"image {name} is in the image store"
+        last = [0.0]
+
+        def progress(percent: int) -> None:
+            if time.monotonic() - last[0] >= 2.0 and percent < 100:  # a bounded write rate
+                last[0] = time.monotonic()
+                self.write(body, {"actions": {"snapshot": {"id": request["id"], "phase": "InProgress",
+                                                            "progress": percent}}})
+        self.driver.snapshot(uid, name, progress)
+        return f"image {name} is in the image store"
+
+    def _do_passwordReset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any],
+                          interrupted: bool) -> str:
+        spec = body.get("spec") or {}
+        password = self._secret(body["metadata"]["namespace"], spec.get("adminPasswordSecretRef"))
+        if password is None:
+            raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
+        self.driver.set_admin_password(uid, password)
+        return "the guest's admin password was set"
+
+    def _secret(self, namespace: str, ref: Mapping[str, Any] | None) -> str | None:
+        """The admin password from its Secret; a missing Secret is waited for, not fatal."""
+        if not ref:
+            return None
+        key = ref.get("key", "password")
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                raise WaitFor("SecretMissing", f"spec.adminPasswordSecretRef: Secret {ref['name']!r} does not "
+                                               f"exist in namespace {namespace}; create it") from exc
+            raise
+        data = (secret.data or {}).get(key)
+        if data is None:
+            raise WaitFor("SecretMissing", f"spec.adminPasswordSecretRef: Secret {ref['name']!r} has no key "
+                                           f"{key!r}; add it or set spec.adminPasswordSecretRef.key")
+        return base64.b64decode(data).decode()
+
+    # --- deletion -------------------------------------------------------------------------
+
+    def _add_finalizer(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        fresh = self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"],
+            {"metadata": {"finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
+                          "resourceVersion": meta["resourceVersion"]}})
+        body.clear()
+        body.update(fresh)
+
+    def _delete(self, body: dict[str, Any]) -> None:
+        """Destroy the domain and its own files (a missing domain is fine), then let the object go."""
+        meta = body["metadata"]
+        if AGENT_FINALIZER not in (meta.get("finalizers") or []):
+            return
+        try:
+            self.driver.destroy(meta["uid"])
+        except DriverError as exc:
+            self._warn(body, "DeleteFailed", str(exc))
+            self.schedule(meta["uid"], self._backoff(meta["uid"]))
+            return
+        remove_finalizer(self.custom, body, VIRTUALINSTANCES)
+        self._stopped_outside.pop(meta["uid"], None)
+        self._failures.pop(meta["uid"], None)
+
+    # --- pollers --------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Nova's periodic tasks: stuck reboots are finished hard, long rescues are pointed out."""
+        for uid in self.driver.poll_rebooting_instances(self.settings.reboot_timeout):
+            log.warning("reboot of %s is stuck; rebooting hard", uid)
+            try:
+                self.driver.reboot(uid, RebootType.HARD)
+            except DriverError as exc:
+                log.warning("hard reboot of %s failed: %s", uid, exc)
+        if self.settings.rescue_timeout > 0:
+            for uid in self.driver.poll_rescued_instances(self.settings.rescue_timeout):
+                body = self.objects.get(uid)
+                if body is not None:
+                    self._warn(body, "RescueTimeout",
+                               f"in rescue for more than {self.settings.rescue_timeout:.0f}s; "
+                               "set spec.rescue.enabled to false to boot normally")

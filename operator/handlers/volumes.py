@@ -1,0 +1,146 @@
+"""VolumeAttachments: the controller binds each to its instance's node; that node's agent attaches it."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+
+from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
+from kubenova.handlers.common import (
+    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition,
+)
+from kubenova.handlers.instances import InstanceAgent
+
+log = logging.getLogger(__name__)
+
+
+def _write(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
+    status = body.get("status") or {}
+    if all(status.get(key) == value for key, value in patch.items()):
+        return
+    meta = body["metadata"]
+    try:
+        custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS,
+                                                     meta["name"], {"status": patch})
+    except kubernetes.client.ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+# --- controller -------------------------------------------------------------------------------
+
+def bind(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], instance_node: str | None) -> None:
+    """Give the attachment its instance's node (label and agent finalizer in one write), or say what it waits for."""
+    meta, spec = body["metadata"], body.get("spec") or {}
+    if not instance_node:
+        instance = spec["instanceRef"]["name"]
+        message = (f"VirtualInstance {instance!r} does not exist in namespace {meta['namespace']} or is not placed "
+                   "yet; the attachment waits for it")
+        patch: dict[str, Any] = {"phase": "Pending"}
+        set_condition(patch, body.get("status") or {}, "Ready", False, "InstanceNotPlaced", message,
+                      meta.get("generation"))
+        _write(custom, body, patch)
+        return
+    try:
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
+            {"metadata": {"labels": {NODE_LABEL: instance_node}, "resourceVersion": meta["resourceVersion"],
+                          "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER]}})
+    except kubernetes.client.ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+
+
+# --- agent ------------------------------------------------------------------------------------
+
+class VolumeAgent:
+    """Attaches and detaches this node's VolumeAttachments; they wait for their instance's domain."""
+
+    def __init__(self, instances: InstanceAgent) -> None:
+        self.instances = instances
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
+
+    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
+        uid = body["metadata"]["uid"]
+        if event_type == "DELETED":
+            self.objects.pop(uid, None)
+        else:
+            self.objects[uid] = dict(body)
+        return str(uid)
+
+    def waiting_for(self, namespace: str, name: str) -> list[str]:
+        """Attachments of this instance that are not attached yet."""
+        return [uid for uid, body in list(self.objects.items())
+                if body["metadata"]["namespace"] == namespace and body["spec"]["instanceRef"]["name"] == name
+                and (body.get("status") or {}).get("phase") != "Attached"]
+
+    def handle(self, uid: str) -> None:
+        body = self.objects.get(uid)
+        if body is None:
+            return
+        meta, spec = body["metadata"], body.get("spec") or {}
+        status = body.get("status") or {}
+        generation = meta.get("generation")
+        instance = self.instances.find(meta["namespace"], spec["instanceRef"]["name"])
+        custom, driver = self.instances.custom, self.instances.driver
+        if meta.get("deletionTimestamp"):
+            if AGENT_FINALIZER not in (meta.get("finalizers") or []):
+                return
+            if instance is not None and status.get("device"):
+                try:
+                    driver.detach_volume(instance["metadata"]["uid"], status["device"])
+                except (InstanceNotFound, VolumeNotFound):
+                    pass  # nothing attached: fine
+                except DriverError as exc:
+                    _write(custom, body, self._condition(body, "Detaching", "DetachFailed", str(exc)))
+                    kopf.warn(dict(body), reason="DetachFailed", message=str(exc))
+                    self.schedule(uid, 10.0)
+                    return
+            remove_finalizer(custom, body, VOLUMEATTACHMENTS)
+            return
+        if status.get("phase") == "Attached" and status.get("observedGeneration") == generation:
+            return
+        if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
+            return
+        if instance is None or not driver.instance_exists(instance["metadata"]["uid"]):
+            _write(custom, body, self._condition(
+                body, "Pending", "InstanceNotReady",
+                f"waiting for VirtualInstance {spec['instanceRef']['name']!r} to be created on "
+                f"{self.instances.node}"))
+            return  # the instance's handler calls back once its domain exists
+        source = spec.get("volume") or spec.get("image") or {}
+        device = spec.get("device") or {}
+        volume = VolumeSpec(name=source["name"], size_gib=source.get("sizeGiB"), from_image="image" in spec,
+                            bus=device.get("bus", "virtio"), read_only=bool(spec.get("readOnly", False)))
+        try:
+            attached = driver.attach_volume(instance["metadata"]["uid"], volume, device.get("name", ""))
+            connector = driver.get_volume_connector()
+        except InvalidInstanceSpec as exc:
+            patch = self._condition(body, "Failed", "InvalidSpec", str(exc))
+            patch["observedGeneration"] = generation
+            _write(custom, body, patch)
+            kopf.warn(dict(body), reason="InvalidSpec", message=str(exc))
+            return
+        except DriverError as exc:
+            _write(custom, body, self._condition(body, "Attaching", "HypervisorError", str(exc)))
+            kopf.warn(dict(body), reason="AttachFailed", message=str(exc))
+            self.schedule(uid, 10.0)
+            return
+        patch = self._condition(body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}",
+                                ready=True)
+        patch.update({"node": self.instances.node, "device": attached, "observedGeneration": generation,
+                      "connector": {"ip": connector.ip, "host": connector.host,
+                                    **({"initiator": connector.initiator} if connector.initiator else {})}})
+        _write(custom, body, patch)
+
+    @staticmethod
+    def _condition(body: Mapping[str, Any], phase: str, reason: str, message: str,
+                   ready: bool = False) -> dict[str, Any]:
+        patch: dict[str, Any] = {"phase": phase}
+        set_condition(patch, body.get("status") or {}, "Ready", ready, reason, message,
+                      body["metadata"].get("generation"))
+        return patch
