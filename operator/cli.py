@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # kopf logs every handled watch event at INFO
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("leaderelection").setLevel(logging.WARNING)  # logs every renewal
     try:
         if args.command == "controller":
             from kubenova.handlers import controller

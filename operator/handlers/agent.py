@@ -69,12 +69,13 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
     registry = kopf.OperatorRegistry()
     kubernetes.config.load_config()
     client = kubernetes.client.ApiClient()
+    client.user_agent = "kubenova-agent"  # names the field manager in managedFields
     custom = kubernetes.client.CustomObjectsApi(client)
     instances = InstanceAgent(config.node, driver, images, custom, kubernetes.client.CoreV1Api(client),
                               config.settings)
     volumes = VolumeAgent(instances)
     reporter = NodeReporter(config.node, driver, custom, kubernetes.client.CoordinationV1Api(client),
-                            config.host_ip, lambda: set(instances.objects))
+                            config.host_ip, lambda: set(instances.objects), instances.warn)
     metrics = diagnostics.Metrics()
     tasks: list[asyncio.Task[None]] = []
 

@@ -75,3 +75,18 @@ def remove_finalizer(custom: kubernetes.client.CustomObjectsApi, body: Mapping[s
     except kubernetes.client.ApiException as exc:
         if exc.status not in (404, 422):  # gone already, or changed: the next event decides again
             raise
+
+
+def post_warning(core: kubernetes.client.CoreV1Api, body: Mapping[str, Any], reason: str, message: str,
+                 component: str) -> None:
+    """A Warning Event about ``body``; works from any thread (kopf's poster needs its own task context)."""
+    meta = body["metadata"]
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    namespace = meta.get("namespace") or "default"  # where Events about cluster-scoped objects go
+    core.create_namespaced_event(namespace, kubernetes.client.CoreV1Event(
+        metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta['name']}."),
+        involved_object=kubernetes.client.V1ObjectReference(
+            api_version=body.get("apiVersion"), kind=body.get("kind"), name=meta["name"],
+            namespace=meta.get("namespace"), uid=meta["uid"], resource_version=meta.get("resourceVersion")),
+        reason=reason, message=message[:1024], type="Warning", count=1, first_timestamp=stamp,
+        last_timestamp=stamp, source=kubernetes.client.V1EventSource(component=component)))

@@ -13,7 +13,6 @@ import socket
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-import kopf
 import kubernetes
 
 from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
@@ -44,13 +43,15 @@ class NodeReporter:
 
     def __init__(self, node: str, driver: ComputeDriver, custom: kubernetes.client.CustomObjectsApi,
                  coordination: kubernetes.client.CoordinationV1Api, address: str,
-                 known_instances: Callable[[], Collection[str]]) -> None:
+                 known_instances: Callable[[], Collection[str]],
+                 warn: Callable[[Mapping[str, Any], str, str], None]) -> None:
         self.node = node
         self.driver = driver
         self.custom = custom
         self.coordination = coordination
         self.address = address
         self.known_instances = known_instances
+        self.warn = warn
         self._last: dict[str, Any] | None = None
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
         self._unknown: set[str] = set()
@@ -144,10 +145,10 @@ class NodeReporter:
         except Unsupported as exc:
             patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
             set_condition(patch, status, "PowerActionSupported", False, "Unsupported", str(exc))
-            kopf.warn(dict(body), reason="Unsupported", message=str(exc))
+            self.warn(body, "Unsupported", str(exc))
         except DriverError as exc:
             patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
-            kopf.warn(dict(body), reason="PowerActionFailed", message=str(exc))
+            self.warn(body, "PowerActionFailed", str(exc))
         fresh = self.custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, self.node,
                                                                {"status": patch})
         self.status = dict(fresh.get("status") or {})

@@ -48,8 +48,8 @@ def _nodes(views: kopf.Index[str, Any], leases: kopf.Index[str, Any]) -> dict[st
     return nodes
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
-    custom = kubernetes.client.CustomObjectsApi
+def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient) -> None:
+    api = kubernetes.client.CustomObjectsApi(client)
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -92,7 +92,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
                        node_leases: kopf.Index[str, Any], node_usage: kopf.Index[str, Usage], **_: Any) -> None:
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
-        virtualinstance.place(custom(), body, _nodes(node_views, node_leases), _usage(node_usage))
+        virtualinstance.place(api, body, _nodes(node_views, node_leases), _usage(node_usage))
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
     def bind_waiting_volumes(namespace: str, name: str, labels: kopf.Labels, type: str | None,
@@ -102,14 +102,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
             return
         for body in list(unbound_volumes.get((namespace, name), [])):
             if not body["metadata"].get("deletionTimestamp"):
-                volumes.bind(custom(), body, labels[NODE_LABEL])
+                volumes.bind(api, body, labels[NODE_LABEL])
 
     @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
     def bind_volume(namespace: str, spec: kopf.Spec, body: kopf.Body, type: str | None,
                     instance_nodes: kopf.Index[Any, Any], **_: Any) -> None:
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
-        volumes.bind(custom(), body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
+        volumes.bind(api, body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
 
     @kopf.on.event(*CN, registry=registry)
     @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT})
@@ -122,7 +122,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for body in list(unbound.get("pending", [])):
             if body["metadata"].get("deletionTimestamp"):
                 continue
-            node = virtualinstance.place(custom(), body, nodes, used)
+            node = virtualinstance.place(api, body, nodes, used)
             if node:  # the index learns of it later; count it now so one pass does not overfill a node
                 used[node] = used.get(node, Usage()) + virtualinstance.request_of(body.get("spec") or {})
 
@@ -135,8 +135,10 @@ def run(lease_namespace: str = LEASE_NAMESPACE) -> None:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
-    register(registry)
     kubernetes.config.load_config()
+    client = kubernetes.client.ApiClient()
+    client.user_agent = "kubenova-controller"  # names the field manager in managedFields
+    register(registry, client)
     identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     leading = threading.Event()
 

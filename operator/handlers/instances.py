@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import kopf
 import kubernetes
 
 from kubenova import api
@@ -28,7 +27,8 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, VERSION, VIRTUALINSTANCES, condition, now, remove_finalizer, set_condition,
+    AGENT_FINALIZER, GROUP, VERSION, VIRTUALINSTANCES, condition, now, post_warning, remove_finalizer,
+    set_condition,
 )
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,44 @@ def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstance
         injected_files=tuple(files), admin_password=admin_password)
 
 
+def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
+    """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing integers)."""
+    if than is None:
+        return False
+    try:
+        return int(body["metadata"]["resourceVersion"]) < int(than["metadata"]["resourceVersion"])
+    except (KeyError, ValueError):
+        return False
+
+
 PHASES = {PowerState.RUNNING: "Running", PowerState.BLOCKED: "Running", PowerState.SHUTDOWN: "Running",
           PowerState.PAUSED: "Paused", PowerState.SUSPENDED: "Suspended", PowerState.SHUTOFF: "Stopped",
           PowerState.CRASHED: "Stopped", PowerState.NOSTATE: "Stopped"}
 
 
-class InstanceAgent:
+class ObjectCache:
+    """The newest version of each watched object, by UID, as the agent's handlers last saw it."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+    def lock(self, uid: str) -> threading.Lock:
+        """Serialises the work on one object across the kopf handlers and the agent's own workers."""
+        return self._locks[uid]
+
+    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
+        uid = body["metadata"]["uid"]
+        log.debug("watch event %s for %s/%s (%s)", event_type, body["metadata"]["namespace"],
+                  body["metadata"]["name"], uid)
+        if event_type == "DELETED":
+            self.objects.pop(uid, None)
+        elif not _older(body, self.objects.get(uid)):  # a queued event may predate our own last write
+            self.objects[uid] = dict(body)
+        return str(uid)
+
+
+class InstanceAgent(ObjectCache):
     """Everything the agent knows and does about the VirtualInstances bound to its node.
 
     Methods run in worker threads (kopf's executor or asyncio.to_thread); a lock per object
@@ -124,34 +156,23 @@ class InstanceAgent:
     def __init__(self, node: str, driver: ComputeDriver, images: ImageStore,
                  custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
                  settings: Settings | None = None) -> None:
+        super().__init__()
         self.node = node
         self.driver = driver
         self.images = images
         self.custom = custom
         self.core = core
         self.settings = settings or Settings()
-        self.objects: dict[str, dict[str, Any]] = {}
-        self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._failures: dict[str, int] = {}
         self._stopped_outside: dict[str, float] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._acted: dict[tuple[str, str], str] = {}
         #: Called with (uid, delay) when an object needs another look later; set by the agent.
         self.schedule: Callable[[str, float], None] = lambda uid, delay: None
         #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
         self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
 
     # --- bookkeeping ---------------------------------------------------------------------
-
-    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
-        uid = body["metadata"]["uid"]
-        if event_type == "DELETED":
-            self.objects.pop(uid, None)
-        else:
-            self.objects[uid] = dict(body)
-        return str(uid)
-
-    def lock(self, uid: str) -> threading.Lock:
-        return self._locks[uid]
 
     def find(self, namespace: str, name: str) -> dict[str, Any] | None:
         for body in list(self.objects.values()):
@@ -160,12 +181,15 @@ class InstanceAgent:
                 return body
         return None
 
-    def _warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
+    def warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
         """One Event per distinct problem, not one per retry."""
         key = (body["metadata"]["uid"], f"{reason}:{message}")
         if key not in self._warned:
             self._warned.add(key)
-            kopf.warn(dict(body), reason=reason, message=message)
+            try:
+                post_warning(self.core, body, reason, message, f"kubenova-agent/{self.node}")
+            except kubernetes.client.ApiException as exc:
+                log.warning("cannot post the Event %s about %s: %s", reason, body["metadata"]["name"], exc.reason)
 
     def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
         """Patch status only when it changes something; keep the answer as the newest body."""
@@ -189,7 +213,7 @@ class InstanceAgent:
 
     def handle(self, uid: str) -> None:
         """Converge one object; on failure say why in status and try again later."""
-        with self._locks[uid]:
+        with self.lock(uid):
             body = self.objects.get(uid)
             if body is None:
                 return
@@ -205,6 +229,9 @@ class InstanceAgent:
             except kubernetes.client.ApiException as exc:
                 log.warning("API error on %s: %s", uid, exc.reason)
                 self.schedule(uid, self._backoff(uid))
+            except Exception:  # a bug must not stop the retries (or leave an action InProgress)
+                log.exception("reconciling %s failed", uid)
+                self.schedule(uid, self._backoff(uid))
             else:
                 self._failures.pop(uid, None)
 
@@ -218,7 +245,7 @@ class InstanceAgent:
         patch: dict[str, Any] = {}
         set_condition(patch, status, "Ready", False, reason, message, body["metadata"].get("generation"))
         self.write(body, patch)
-        self._warn(body, reason, message)
+        self.warn(body, reason, message)
         self.schedule(uid, self._backoff(uid))
 
     def _reconcile(self, body: dict[str, Any]) -> None:
@@ -236,7 +263,7 @@ class InstanceAgent:
             patch: dict[str, Any] = {"phase": "Failed", "node": self.node, "observedGeneration": generation}
             set_condition(patch, status, "Ready", False, reason, str(exc), generation)
             self.write(body, patch)
-            self._warn(body, reason, str(exc))
+            self.warn(body, reason, str(exc))
             return
         self.write(body, self._observed(body))
         if spec.get("actions"):
@@ -336,7 +363,7 @@ class InstanceAgent:
 
     def observe(self, uid: str) -> None:
         """A lifecycle event or a resync: put what libvirt reports into status if it changed."""
-        with self._locks[uid]:
+        with self.lock(uid):
             body = self.objects.get(uid)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
@@ -370,7 +397,8 @@ class InstanceAgent:
             ack = ((body.get("status") or {}).get("actions") or {}).get(kind) or {}
             if ack.get("id") == request["id"] and ack.get("phase") != "InProgress":
                 continue  # done already
-            interrupted = ack.get("id") == request["id"]
+            # InProgress with this id from an earlier agent process: it may or may not have happened.
+            interrupted = ack.get("id") == request["id"] and self._acted.get((uid, kind)) != request["id"]
             if not interrupted:
                 self.write(body, {"actions": {kind: {"id": request["id"], "phase": "InProgress",
                                                       "message": f"{kind} started"}}})
@@ -379,7 +407,8 @@ class InstanceAgent:
                 result = {"phase": "Succeeded", "message": message}
             except (DriverError, WaitFor) as exc:
                 result = {"phase": "Failed", "message": str(exc)}
-                self._warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
+                self.warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
+            self._acted[(uid, kind)] = request["id"]
             self.write(body, {"actions": {kind: {"id": request["id"], "completionTime": now(), **result}}})
 
     def _do_reboot(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
@@ -388,7 +417,7 @@ class InstanceAgent:
             raise DriverError(f"the agent restarted during this reboot, so whether it finished is unknown (the "
                               f"domain is {state}); request another reboot with a new id if it is still needed")
         try:
-            done = self.driver.reboot(uid, RebootType(request["type"].upper()), self.settings.soft_reboot_timeout)
+            done = self.driver.reboot(uid, RebootType(request["type"]), self.settings.soft_reboot_timeout)
         except InstanceNotRunning as exc:
             raise DriverError(f"cannot reboot: {exc}") from exc
         if done is RebootType.HARD and request["type"] == "Soft":
@@ -456,7 +485,7 @@ class InstanceAgent:
         try:
             self.driver.destroy(meta["uid"])
         except DriverError as exc:
-            self._warn(body, "DeleteFailed", str(exc))
+            self.warn(body, "DeleteFailed", str(exc))
             self.schedule(meta["uid"], self._backoff(meta["uid"]))
             return
         remove_finalizer(self.custom, body, VIRTUALINSTANCES)
@@ -477,6 +506,6 @@ class InstanceAgent:
             for uid in self.driver.poll_rescued_instances(self.settings.rescue_timeout):
                 body = self.objects.get(uid)
                 if body is not None:
-                    self._warn(body, "RescueTimeout",
+                    self.warn(body, "RescueTimeout",
                                f"in rescue for more than {self.settings.rescue_timeout:.0f}s; "
                                "set spec.rescue.enabled to false to boot normally")

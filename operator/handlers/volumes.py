@@ -5,29 +5,31 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import kopf
 import kubernetes
 
 from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
 from kubenova.handlers.common import (
     AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition,
 )
-from kubenova.handlers.instances import InstanceAgent
+from kubenova.handlers.instances import InstanceAgent, ObjectCache
 
 log = logging.getLogger(__name__)
 
 
-def _write(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
+def _write(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any],
+           patch: dict[str, Any]) -> Mapping[str, Any]:
+    """Patch status only when it changes something; returns the newest body."""
     status = body.get("status") or {}
     if all(status.get(key) == value for key, value in patch.items()):
-        return
+        return body
     meta = body["metadata"]
     try:
-        custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS,
-                                                     meta["name"], {"status": patch})
+        return custom.patch_namespaced_custom_object_status(  # type: ignore[no-any-return]
+            GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"status": patch})
     except kubernetes.client.ApiException as exc:
         if exc.status != 404:
             raise
+        return body
 
 
 # --- controller -------------------------------------------------------------------------------
@@ -56,21 +58,13 @@ def bind(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], in
 
 # --- agent ------------------------------------------------------------------------------------
 
-class VolumeAgent:
+class VolumeAgent(ObjectCache):
     """Attaches and detaches this node's VolumeAttachments; they wait for their instance's domain."""
 
     def __init__(self, instances: InstanceAgent) -> None:
+        super().__init__()
         self.instances = instances
-        self.objects: dict[str, dict[str, Any]] = {}
         self.schedule: Callable[[str, float], None] = lambda uid, delay: None
-
-    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
-        uid = body["metadata"]["uid"]
-        if event_type == "DELETED":
-            self.objects.pop(uid, None)
-        else:
-            self.objects[uid] = dict(body)
-        return str(uid)
 
     def waiting_for(self, namespace: str, name: str) -> list[str]:
         """Attachments of this instance that are not attached yet."""
@@ -79,6 +73,15 @@ class VolumeAgent:
                 and (body.get("status") or {}).get("phase") != "Attached"]
 
     def handle(self, uid: str) -> None:
+        with self.lock(uid):
+            self._handle(uid)
+
+    def _write(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
+        fresh = _write(self.instances.custom, body, patch)
+        if fresh is not body:
+            self.seen("MODIFIED", fresh)
+
+    def _handle(self, uid: str) -> None:
         body = self.objects.get(uid)
         if body is None:
             return
@@ -96,8 +99,8 @@ class VolumeAgent:
                 except (InstanceNotFound, VolumeNotFound):
                     pass  # nothing attached: fine
                 except DriverError as exc:
-                    _write(custom, body, self._condition(body, "Detaching", "DetachFailed", str(exc)))
-                    kopf.warn(dict(body), reason="DetachFailed", message=str(exc))
+                    self._write(body, self._condition(body, "Detaching", "DetachFailed", str(exc)))
+                    self.instances.warn(body, "DetachFailed", str(exc))
                     self.schedule(uid, 10.0)
                     return
             remove_finalizer(custom, body, VOLUMEATTACHMENTS)
@@ -107,7 +110,7 @@ class VolumeAgent:
         if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
             return
         if instance is None or not driver.instance_exists(instance["metadata"]["uid"]):
-            _write(custom, body, self._condition(
+            self._write(body, self._condition(
                 body, "Pending", "InstanceNotReady",
                 f"waiting for VirtualInstance {spec['instanceRef']['name']!r} to be created on "
                 f"{self.instances.node}"))
@@ -122,12 +125,12 @@ class VolumeAgent:
         except InvalidInstanceSpec as exc:
             patch = self._condition(body, "Failed", "InvalidSpec", str(exc))
             patch["observedGeneration"] = generation
-            _write(custom, body, patch)
-            kopf.warn(dict(body), reason="InvalidSpec", message=str(exc))
+            self._write(body, patch)
+            self.instances.warn(body, "InvalidSpec", str(exc))
             return
         except DriverError as exc:
-            _write(custom, body, self._condition(body, "Attaching", "HypervisorError", str(exc)))
-            kopf.warn(dict(body), reason="AttachFailed", message=str(exc))
+            self._write(body, self._condition(body, "Attaching", "HypervisorError", str(exc)))
+            self.instances.warn(body, "AttachFailed", str(exc))
             self.schedule(uid, 10.0)
             return
         patch = self._condition(body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}",
@@ -135,7 +138,7 @@ class VolumeAgent:
         patch.update({"node": self.instances.node, "device": attached, "observedGeneration": generation,
                       "connector": {"ip": connector.ip, "host": connector.host,
                                     **({"initiator": connector.initiator} if connector.initiator else {})}})
-        _write(custom, body, patch)
+        self._write(body, patch)
 
     @staticmethod
     def _condition(body: Mapping[str, Any], phase: str, reason: str, message: str,

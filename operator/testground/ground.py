@@ -16,6 +16,9 @@ from kubenova.testground.procs import Layout, TestGroundError
 NODE = "node-0"
 #: The agent of NODE serves /metrics here (loopback only).
 METRICS_PORT = 39464
+#: Shorter waits than production so tests see each path soon: the test guest ignores ACPI, so a
+#: soft reboot always falls back to hard after the timeout.
+AGENT_TEST_SETTINGS = ("--soft-reboot-timeout", "5", "--restart-delay", "3", "--diagnostics-interval", "5")
 SAMPLE = kube.REPO / "deploy" / "samples" / "virtualinstance.yaml"
 
 
@@ -83,7 +86,8 @@ def _kubenova_processes(ground: Ground) -> dict[str, tuple[list[str], str]]:
                                   "--domain-type", "qemu", "--image-store", str(ground.image_store),
                                   "--instances-dir", str(node_dir / "instances"),
                                   "--volume-store", str(ground.volume_store()),
-                                  "--metrics-address", f"127.0.0.1:{METRICS_PORT}"], f"--node {ground.node}"),
+                                  "--metrics-address", f"127.0.0.1:{METRICS_PORT}", *AGENT_TEST_SETTINGS],
+                                 f"--node {ground.node}"),
     }
 
 
