@@ -73,7 +73,9 @@ def _agent(args: argparse.Namespace) -> int:
     driver: ComputeDriver
     if args.driver == "fake":
         from kubenova.driver.fake import FakeDriver
-        driver = FakeDriver(args.node)
+        # The in-memory hypervisor knows the store's files by name, with their bytes.
+        files = sorted(images.root.glob("*")) if images.root.is_dir() else []
+        driver = FakeDriver(args.node, images={f.name: f.read_bytes() for f in files if f.is_file()})
     else:
         from kubenova.driver.libvirt.driver import LibvirtDriver
         driver = LibvirtDriver(args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store)

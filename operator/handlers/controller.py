@@ -21,7 +21,7 @@ from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from kubenova.handlers import virtualinstance, volumes
 from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, \
-    VIRTUALINSTANCES, VOLUMEATTACHMENTS
+    VIRTUALINSTANCES, VOLUMEATTACHMENTS, remove_finalizer
 from kubenova.handlers.placement import NodeView, Usage
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,19 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
         virtualinstance.place(api, body, _nodes(node_views, node_leases), _usage(node_usage))
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
+    @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
+    def release_from_removed_node(body: kopf.Body, labels: kopf.Labels, resource: kopf.Resource,
+                                  node_views: kopf.Index[str, Any], **_: Any) -> None:
+        """A deleted object whose ComputeNode no longer exists has no agent to let it go: the controller does.
+
+        Like the pod garbage collection of removed Nodes; nothing on a host is touched.
+        """
+        if body["metadata"].get("deletionTimestamp") and labels[NODE_LABEL] not in node_views:
+            log.info("releasing %s %s/%s: its node %s was removed", resource.kind, body["metadata"]["namespace"],
+                     body["metadata"]["name"], labels[NODE_LABEL])
+            remove_finalizer(api, body, resource.plural)
+
+    @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
     def bind_waiting_volumes(namespace: str, name: str, labels: kopf.Labels, type: str | None,
                              unbound_volumes: kopf.Index[Any, Any], **_: Any) -> None:
         """An instance got its node: attachments that waited for it follow it there."""
@@ -110,6 +123,16 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
         volumes.bind(api, body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
+
+    @kopf.on.event(*CN, registry=registry)
+    def release_objects_of_removed_node(name: str, type: str | None, **_: Any) -> None:
+        if type != "DELETED":
+            return
+        for plural in (VIRTUALINSTANCES, VOLUMEATTACHMENTS):
+            for body in api.list_cluster_custom_object(GROUP, VERSION, plural,
+                                                       label_selector=f"{NODE_LABEL}={name}")["items"]:
+                if body["metadata"].get("deletionTimestamp"):
+                    remove_finalizer(api, body, plural)
 
     @kopf.on.event(*CN, registry=registry)
     @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT})
@@ -150,6 +173,7 @@ def run(lease_namespace: str = LEASE_NAMESPACE) -> None:
     config = electionconfig.Config(LeaseLock(LEADER_LEASE, lease_namespace, identity), lease_duration=15,
                                    renew_deadline=10, retry_period=2, onstarted_leading=leading.set,
                                    onstopped_leading=lost)
+    log.info("waiting for the leader Lease %s/%s as %s", lease_namespace, LEADER_LEASE, identity)
     threading.Thread(target=leaderelection.LeaderElection(config).run, daemon=True, name="leader").start()
     leading.wait()
     log.info("leading as %s", identity)
