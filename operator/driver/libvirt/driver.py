@@ -568,17 +568,35 @@ class LibvirtDriver(ComputeDriver):
         return target
 
     def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
+        """Drop the disk from the persistent definition, then ask the running guest to release it.
+
+        A guest may miss the unplug request (it was still booting, say), so the live request is
+        repeated every few seconds until the disk is gone, like Nova's detach with retries; a
+        retry after a partial detach (gone from one side only) finishes the other side.
+        """
         guest = self._guest(uuid)
-        disk = next((d for d in guest.devices().disks if d.target == device), None)
+        config = guest.config_devices()
+        live = guest.devices() if guest.active else None
+        disk = next((d for d in [*config.disks, *(live.disks if live else [])] if d.target == device), None)
         if disk is None:
             raise VolumeNotFound(f"no volume is attached at {device}")
-        with translate("detach volume", uuid):
-            guest.domain.detachDeviceFlags(ET.tostring(disk.format_dom(), encoding="unicode"), guest.device_flags())
-        deadline = time.monotonic() + timeout  # the guest acknowledges a hot unplug in its own time
-        while any(d.target == device for d in guest.devices().disks):
+        xml = ET.tostring(disk.format_dom(), encoding="unicode")
+        if any(d.target == device for d in config.disks):
+            with translate("detach volume (definition)", uuid):
+                guest.domain.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        deadline = time.monotonic() + timeout
+        while guest.active and any(d.target == device for d in guest.devices().disks):
             if time.monotonic() > deadline:
-                raise DriverError(f"the guest did not release {device} within {timeout:.0f}s")
-            time.sleep(0.2)
+                raise DriverError(f"the guest did not release {device} within {timeout:.0f}s; it is removed from "
+                                  "the definition, so it is gone after the next power off at the latest")
+            try:
+                guest.domain.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                if "not found" not in str(exc) and "already in the process of unplug" not in str(exc):
+                    raise DriverError(f"detach volume failed: {exc}") from exc
+            end = min(deadline, time.monotonic() + 5)  # the guest acknowledges a hot unplug in its own time
+            while time.monotonic() < end and any(d.target == device for d in guest.devices().disks):
+                time.sleep(0.2)
 
     # --- networking ------------------------------------------------------------------------
 

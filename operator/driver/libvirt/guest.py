@@ -50,6 +50,10 @@ class Guest:
         with translate("XMLDesc", self.uuid):
             return str(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
+    def config_devices(self) -> LiveDevices:
+        """The devices of the persistent definition (what the next boot gets)."""
+        return LiveDevices.parse_dom(self.config_xml())
+
     def device_flags(self) -> int:
         """Change the persistent definition, and the running guest too when it runs."""
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
