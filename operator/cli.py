@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
                        help="seconds a guest gets to honour an ACPI shutdown before a hard reboot [60]")
     agent.add_argument("--restart-delay", type=float, default=10.0,
                        help="seconds before restarting a domain that stopped outside Kubernetes [10]")
+    agent.add_argument("--reboot-timeout", type=float, default=180.0,
+                       help="a reboot still unfinished after this many seconds is finished hard [180]")
     agent.add_argument("--rescue-timeout", type=float, default=0.0,
                        help="warn (Event) when an instance stays in rescue longer than this; 0 never [0]")
 
@@ -80,7 +82,7 @@ def _agent(args: argparse.Namespace) -> int:
         from kubenova.driver.libvirt.driver import LibvirtDriver
         driver = LibvirtDriver(args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store)
     settings = Settings(soft_reboot_timeout=args.soft_reboot_timeout, restart_delay=args.restart_delay,
-                        rescue_timeout=args.rescue_timeout)
+                        rescue_timeout=args.rescue_timeout, reboot_timeout=args.reboot_timeout)
     agent.run(agent.AgentConfig(node=args.node, host_ip=args.host_ip or computenode.host_ip(),
                                 metrics_address=args.metrics_address, resync_interval=args.resync_interval,
                                 diagnostics_interval=args.diagnostics_interval, settings=settings),

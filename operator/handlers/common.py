@@ -77,9 +77,9 @@ def remove_finalizer(custom: kubernetes.client.CustomObjectsApi, body: Mapping[s
             raise
 
 
-def post_warning(core: kubernetes.client.CoreV1Api, body: Mapping[str, Any], reason: str, message: str,
-                 component: str) -> None:
-    """A Warning Event about ``body``; works from any thread (kopf's poster needs its own task context)."""
+def post_event(core: kubernetes.client.CoreV1Api, body: Mapping[str, Any], reason: str, message: str,
+               component: str, type_: str = "Warning") -> None:
+    """An Event about ``body``; works from any thread (kopf's poster needs its own task context)."""
     meta = body["metadata"]
     stamp = datetime.datetime.now(datetime.timezone.utc)
     namespace = meta.get("namespace") or "default"  # where Events about cluster-scoped objects go
@@ -88,5 +88,5 @@ def post_warning(core: kubernetes.client.CoreV1Api, body: Mapping[str, Any], rea
         involved_object=kubernetes.client.V1ObjectReference(
             api_version=body.get("apiVersion"), kind=body.get("kind"), name=meta["name"],
             namespace=meta.get("namespace"), uid=meta["uid"], resource_version=meta.get("resourceVersion")),
-        reason=reason, message=message[:1024], type="Warning", count=1, first_timestamp=stamp,
+        reason=reason, message=message[:1024], type=type_, count=1, first_timestamp=stamp,
         last_timestamp=stamp, source=kubernetes.client.V1EventSource(component=component)))

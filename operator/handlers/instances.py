@@ -27,7 +27,7 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, VERSION, VIRTUALINSTANCES, condition, now, post_warning, remove_finalizer,
+    AGENT_FINALIZER, GROUP, VERSION, VIRTUALINSTANCES, condition, now, post_event, remove_finalizer,
     set_condition,
 )
 
@@ -186,10 +186,13 @@ class InstanceAgent(ObjectCache):
         key = (body["metadata"]["uid"], f"{reason}:{message}")
         if key not in self._warned:
             self._warned.add(key)
-            try:
-                post_warning(self.core, body, reason, message, f"kubenova-agent/{self.node}")
-            except kubernetes.client.ApiException as exc:
-                log.warning("cannot post the Event %s about %s: %s", reason, body["metadata"]["name"], exc.reason)
+            self._event(body, reason, message, "Warning")
+
+    def _event(self, body: Mapping[str, Any], reason: str, message: str, type_: str) -> None:
+        try:
+            post_event(self.core, body, reason, message, f"kubenova-agent/{self.node}", type_)
+        except kubernetes.client.ApiException as exc:
+            log.warning("cannot post the Event %s about %s: %s", reason, body["metadata"]["name"], exc.reason)
 
     def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
         """Patch status only when it changes something; keep the answer as the newest body."""
@@ -206,6 +209,10 @@ class InstanceAgent(ObjectCache):
             raise
         if meta["uid"] in self.objects:
             self.objects[meta["uid"]] = fresh
+        phase = patch.get("phase")
+        if phase and phase != status.get("phase") and phase not in ("Failed", "Pending"):  # failures warn already
+            ready = condition(patch, "Ready") or {}
+            self._event(body, phase, f"{ready.get('message', phase)} (on {self.node})", "Normal")
         body.clear()
         body.update(fresh)
 
@@ -488,6 +495,7 @@ class InstanceAgent(ObjectCache):
             self.warn(body, "DeleteFailed", str(exc))
             self.schedule(meta["uid"], self._backoff(meta["uid"]))
             return
+        self._event(body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal")
         remove_finalizer(self.custom, body, VIRTUALINSTANCES)
         self._stopped_outside.pop(meta["uid"], None)
         self._failures.pop(meta["uid"], None)

@@ -36,10 +36,14 @@ def delta(before: collections.Counter[Any], after: collections.Counter[Any]) -> 
 
 
 def test_create_and_delete_cost_few_writes(ground: testground.Ground, api_client: kubernetes.client.ApiClient,
-                                           custom: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+                                           custom: kubernetes.client.CustomObjectsApi,
+                                           core: kubernetes.client.CoreV1Api, namespace: str) -> None:
     start = writes(api_client)
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("cheap"))
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES,
+                                                 make("cheap"))["metadata"]["uid"]
     wait_ready(custom, namespace, "cheap")
+    eventually(lambda: [e for e in core.list_namespaced_event(namespace, field_selector=f"involvedObject.uid={uid}")
+                        .items if e.reason == "Running" and e.type == "Normal"], timeout=10, what="a Running Event")
     created = delta(start, writes(api_client))
     ours = sum(created.values()) - created.pop(("POST", VIRTUALINSTANCES, ""))  # the user's create
     print(f"create -> Running: kubenova wrote {ours} times: {created}")
