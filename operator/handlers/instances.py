@@ -296,7 +296,14 @@ class InstanceAgent(ObjectCache):
         else:
             driver.unrescue(uid)
         state = driver.get_info(uid).state
-        if uid in self._stopped_outside and want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED):
+        status = body.get("status") or {}
+        stopped = want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED)
+        if stopped and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState") \
+                and status.get("observedGeneration") == meta.get("generation"):
+            # Stopped since the last status, with no spec change: outside Kubernetes (a lifecycle
+            # event this handle got ahead of, or one lost while the agent or libvirt was down).
+            self._stopped_outside.setdefault(uid, time.monotonic())
+        if uid in self._stopped_outside and stopped:
             if time.monotonic() - self._stopped_outside[uid] < self.settings.restart_delay:
                 return  # _restart_later_if_needed brings it back after the delay
         self._stopped_outside.pop(uid, None)
