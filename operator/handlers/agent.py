@@ -27,6 +27,9 @@ from kubenova.handlers.volumes import VolumeAgent
 
 log = logging.getLogger(__name__)
 AGENT_PREFIX = f"agent.{GROUP}"
+#: Threads for kopf's handlers (spawns run there): how many domains the agent starts at once.
+EXECUTOR_WORKERS = 8
+#: Tasks draining the agent's own queue (lifecycle events, retries, resyncs).
 WORKERS = 4
 
 
@@ -53,7 +56,7 @@ def configure(settings: kopf.OperatorSettings, node: str) -> None:
         prefix=AGENT_PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # Events for problems, not for every success
     settings.batching.batch_window = 0.02  # act on the newest state of an object quickly
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = EXECUTOR_WORKERS
 
 
 async def _every(interval: float, work: Callable[[], None], what: str) -> None:
@@ -145,18 +148,21 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
 
     @kopf.on.event(GROUP, VERSION, VIRTUALINSTANCES, registry=registry)
     def instance_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        metrics.watch_events.labels(VIRTUALINSTANCES).inc()
         uid = instances.seen(type, body)
         if type != "DELETED":
             instances.handle(uid)
 
     @kopf.on.event(GROUP, VERSION, VOLUMEATTACHMENTS, registry=registry)
     def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        metrics.watch_events.labels(VOLUMEATTACHMENTS).inc()
         uid = volumes.seen(type, body)
         if type != "DELETED":
             volumes.handle(uid)
 
     @kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)
     def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        metrics.watch_events.labels(COMPUTENODES).inc()
         if type != "DELETED":
             reporter.power_action(body)
 

@@ -34,6 +34,9 @@ class Metrics:
                                            "interface.", (*_LABELS, "interface", "direction"), registry=reg)
         self.instances = prometheus_client.Gauge("kubenova_node_instances", "Instances bound to this node.",
                                                  registry=reg)
+        self.watch_events = prometheus_client.Counter(
+            "kubenova_watch_events", "Watch events the agent received, by resource (the apiserver filters them "
+            "by node, so they follow this node's own objects).", ("resource",), registry=reg)
         self._series: dict[str, set[tuple[prometheus_client.Gauge, tuple[str, ...]]]] = {}
 
     def serve(self, address: str) -> None:
