@@ -21,7 +21,9 @@ from bench.common import Result, connect
 from kubenova.testground import ground as testground
 from kubenova.testground.kube import REPO
 
-FULL = {"latency": 20, "burst": 50, "api": 5, "fake": 100, "real": 20, "agents": 20, "scale": 1000, "react": 10}
+#: The burst is 30, not the 50 the issue names: 50 one-vCPU instances do not fit this 2-CPU host under
+#: Nova's default CPU overcommit (16×, so 32 vCPUs), and the controller rightly refuses the rest.
+FULL = {"latency": 20, "burst": 30, "api": 5, "fake": 100, "real": 20, "agents": 20, "scale": 1000, "react": 10}
 SMOKE = {"latency": 2, "burst": 3, "api": 1, "fake": 3, "real": 1, "agents": 2, "scale": 6, "react": 2}
 
 
