@@ -23,7 +23,7 @@ from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 from kubenova.handlers import virtualinstance, volumes
 from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, \
     VIRTUALINSTANCES, VOLUMEATTACHMENTS, remove_finalizer
-from kubenova.handlers.placement import NodeView, Usage
+from kubenova.handlers.placement import HEARTBEAT_GRACE, NodeView, Usage
 
 log = logging.getLogger(__name__)
 VI = (GROUP, VERSION, VIRTUALINSTANCES)
@@ -89,7 +89,7 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     @kopf.index("coordination.k8s.io", "v1", "leases", registry=registry, id="node_leases",
                 labels={NODE_LABEL: kopf.PRESENT})
     def node_leases(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
-        return {labels[NODE_LABEL]: virtualinstance._time(spec.get("renewTime"))}
+        return {labels[NODE_LABEL]: virtualinstance.parse_time(spec.get("renewTime"))}
 
     @kopf.index(*VI, registry=registry, id="node_usage")
     def node_usage(uid: str, labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any] | None:
@@ -167,15 +167,45 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
                 if body["metadata"].get("deletionTimestamp"):
                     remove_finalizer(api, body, plural)
 
+    # Retrying the pending instances is one pass at a time in a thread of its own: events only ask
+    # for a pass. Doing the pass inside each event handler let a few hundred pending instances make
+    # every Lease event take seconds, and the Lease index fell so far behind that live nodes looked dead.
+    wanted = threading.Event()
+    indexes: dict[str, kopf.Index[Any, Any]] = {}
+    renewals: dict[str, Any] = {}
+
+    def retry_loop() -> None:
+        while True:
+            wanted.wait()
+            wanted.clear()
+            try:
+                for body in list(indexes["unbound"].get("pending", [])):
+                    place(body, indexes["node_views"], indexes["node_leases"], indexes["node_usage"])
+            except Exception:  # the next request tries again
+                log.exception("retrying pending instances failed")
+
+    threading.Thread(target=retry_loop, daemon=True, name="retry-pending").start()
+
+    def ask_for_retry(**found: kopf.Index[Any, Any]) -> None:
+        indexes.update(found)
+        wanted.set()
+
     @kopf.on.event(*CN, registry=registry)
+    def node_changed(type: str | None, node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
+                     node_usage: kopf.Index[str, Any], unbound: kopf.Index[str, Any], **_: Any) -> None:
+        """A node appeared or changed (capacity, switches): instances waiting for room get another chance."""
+        if type != "DELETED":
+            ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)
+
     @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT})
-    def retry_pending(type: str | None, node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
-                      node_usage: kopf.Index[str, Any], unbound: kopf.Index[str, Any], **_: Any) -> None:
-        """A node appeared, changed or came back: instances waiting for capacity get another chance."""
-        if type == "DELETED":
-            return
-        for body in list(unbound.get("pending", [])):
-            place(body, node_views, node_leases, node_usage)
+    def node_came_back(labels: kopf.Labels, spec: kopf.Spec, node_views: kopf.Index[str, Any],
+                       node_leases: kopf.Index[str, Any], node_usage: kopf.Index[str, Any],
+                       unbound: kopf.Index[str, Any], **_: Any) -> None:
+        """Most renewals change nothing; only a node whose agent had stopped reporting is news."""
+        node, renewed = labels[NODE_LABEL], virtualinstance.parse_time(spec.get("renewTime"))
+        previous, renewals[node] = renewals.get(node), renewed
+        if renewed and (previous is None or renewed - previous > HEARTBEAT_GRACE):
+            ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)
 
 
 def run(lease_namespace: str = LEASE_NAMESPACE) -> None:

@@ -26,7 +26,7 @@ def request_of(spec: Mapping[str, Any]) -> Usage:
     return Usage(int(flavor.get("vcpus", 1)), int(flavor.get("memoryMiB", 0)), int(disk))
 
 
-def _time(value: Any) -> datetime.datetime | None:
+def parse_time(value: Any) -> datetime.datetime | None:
     if not value:
         return None
     if isinstance(value, datetime.datetime):
@@ -37,7 +37,7 @@ def _time(value: Any) -> datetime.datetime | None:
 def node_view(name: str, labels: Mapping[str, str], spec: api.ComputeNodeSpec, status: api.ComputeNodeStatus,
               renewed: datetime.datetime | None = None) -> NodeView:
     """The placement view of a node; liveness is the newer of its Lease renewal and its status heartbeat."""
-    beats = [t for t in (renewed, _time(status.get("heartbeatTime"))) if t is not None]
+    beats = [t for t in (renewed, parse_time(status.get("heartbeatTime"))) if t is not None]
     capacity = status.get("capacity") or {}
     return NodeView(
         name=name, enabled=bool(spec.get("enabled", True)), heartbeat=max(beats) if beats else None,
