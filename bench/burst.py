@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from bench.common import NAMESPACE, Bench, Result, create, delete_all, instance, list_version, ms, running, watch
+from bench.common import NAMESPACE, Bench, Result, create_all_and_wait, delete_all, instance, ms
 from kubenova.handlers.agent import EXECUTOR_WORKERS
 
 MEMORY_MIB = 64
@@ -17,18 +17,7 @@ MEMORY_MIB = 64
 
 def run(bench: Bench, count: int) -> Result:
     ground = bench.ground
-    version = list_version(bench)
-    started = time.monotonic()
-    for i in range(count):
-        create(bench, instance(f"burst-{i}", MEMORY_MIB))
-    applied = time.monotonic() - started
-    done: set[str] = set()
-    for event in watch(bench, version, 600):
-        if running(event["object"]):
-            done.add(event["object"]["metadata"]["name"])
-            if len(done) == count:
-                break
-    ours = time.monotonic() - started
+    applied, ours = create_all_and_wait(bench, [instance(f"burst-{i}", MEMORY_MIB) for i in range(count)])
     conn = libvirt.open(ground.libvirt_uri)
     template = ET.fromstring(conn.lookupByName(f"{NAMESPACE}_burst-0").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     delete_all(bench)

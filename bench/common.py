@@ -95,6 +95,22 @@ def watch(bench: Bench, version: str, timeout: float = 300, **selectors: str) ->
         stream.stop()
 
 
+def create_all_and_wait(bench: Bench, bodies: list[dict[str, Any]], timeout: float = 600) -> tuple[float, float]:
+    """Create every body back to back; seconds until the creates returned, and until all were Running."""
+    version = list_version(bench)
+    started = time.monotonic()
+    for body in bodies:
+        create(bench, body)
+    created = time.monotonic() - started
+    waiting = {body["metadata"]["name"] for body in bodies}
+    for event in watch(bench, version, timeout):
+        if running(event["object"]):
+            waiting.discard(event["object"]["metadata"]["name"])
+            if not waiting:
+                return created, time.monotonic() - started
+    raise TimeoutError(f"{len(waiting)} instances did not reach Running, e.g. {sorted(waiting)[:3]}")
+
+
 def list_version(bench: Bench) -> str:
     return str(bench.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)[
         "metadata"]["resourceVersion"])

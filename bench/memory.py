@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from bench.common import FAKE_INITRD, FAKE_KERNEL, Bench, Result, apply_and_wait, create, delete_all, instance, \
-    list_version, rss_mib, running, start_fake_agents, stop_fake_agents, watch
+from bench.common import FAKE_INITRD, FAKE_KERNEL, Bench, Result, apply_and_wait, create_all_and_wait, delete_all, \
+    instance, rss_mib, start_fake_agents, stop_fake_agents
 from kubenova.testground import libvirt_host, procs
 
 FAKE_NODE = "bench-mem"
@@ -27,15 +27,8 @@ def run(bench: Bench, fake_count: int, real_count: int) -> Result:
     try:
         time.sleep(3)
         fake_idle, controller_idle = rss_mib(fake), rss_mib(controller)
-        version = list_version(bench)
-        for i in range(fake_count):
-            create(bench, instance(f"mem-{i}", node=FAKE_NODE, kernel=FAKE_KERNEL, initrd=FAKE_INITRD))
-        done: set[str] = set()
-        for event in watch(bench, version, 300):
-            if running(event["object"]):
-                done.add(event["object"]["metadata"]["name"])
-                if len(done) == fake_count:
-                    break
+        create_all_and_wait(bench, [instance(f"mem-{i}", node=FAKE_NODE, kernel=FAKE_KERNEL, initrd=FAKE_INITRD)
+                                    for i in range(fake_count)])
         time.sleep(3)
         fake_loaded, controller_loaded = rss_mib(fake), rss_mib(controller)
         delete_all(bench)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-from bench.common import FAKE_INITRD, FAKE_KERNEL, Bench, Result, counted, create, delete_all, instance, \
-    list_version, metric, request_counts, running, start_fake_agents, stop_fake_agents, watch
+from bench.common import FAKE_INITRD, FAKE_KERNEL, Bench, Result, counted, create_all_and_wait, delete_all, \
+    instance, metric, request_counts, start_fake_agents, stop_fake_agents
 from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
 
 SELECTOR = {"bench.kubenova.io/pool": "scale"}
@@ -23,20 +23,12 @@ def run(bench: Bench, agents: int, count: int) -> Result:
         before_events = {node: sum(metric(port, "kubenova_watch_events_total").values())
                          for node, port in ports.items()}
         before = request_counts(bench)
-        version = list_version(bench)
-        started = time.monotonic()
+        bodies = []
         for i in range(count):
             body = instance(f"scale-{i}", kernel=FAKE_KERNEL, initrd=FAKE_INITRD)
             body["spec"]["nodeSelector"] = SELECTOR
-            create(bench, body)
-        created = time.monotonic() - started
-        done: set[str] = set()
-        for event in watch(bench, version, 600):
-            if running(event["object"]):
-                done.add(event["object"]["metadata"]["name"])
-                if len(done) == count:
-                    break
-        elapsed = time.monotonic() - started
+            bodies.append(body)
+        created, elapsed = create_all_and_wait(bench, bodies)
         requests = sum(counted(before, request_counts(bench), ("virtualinstances", "events", "computenodes",
                                                                "leases")).values())
         own = {node: 0 for node in names}
