@@ -135,12 +135,17 @@ class ObjectCache:
         """Serialises the work on one object across the kopf handlers and the agent's own workers."""
         return self._locks[uid]
 
+    def forget(self, uid: str) -> None:
+        """Drop what is kept about an object that is gone, so a long-lived agent does not grow."""
+
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
         uid = body["metadata"]["uid"]
         log.debug("watch event %s for %s/%s (%s)", event_type, body["metadata"]["namespace"],
                   body["metadata"]["name"], uid)
         if event_type == "DELETED":
             self.objects.pop(uid, None)
+            self._locks.pop(uid, None)
+            self.forget(uid)
         elif not _older(body, self.objects.get(uid)):  # a queued event may predate our own last write
             self.objects[uid] = dict(body)
         return str(uid)
@@ -180,6 +185,12 @@ class InstanceAgent(ObjectCache):
             if meta["namespace"] == namespace and meta["name"] == name:
                 return body
         return None
+
+    def forget(self, uid: str) -> None:
+        self._warned = {key for key in self._warned if key[0] != uid}
+        self._acted = {key: value for key, value in self._acted.items() if key[0] != uid}
+        self._failures.pop(uid, None)
+        self._stopped_outside.pop(uid, None)
 
     def warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
         """One Event per distinct problem, not one per retry."""
@@ -504,8 +515,6 @@ class InstanceAgent(ObjectCache):
             return
         self._event(body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal")
         remove_finalizer(self.custom, body, VIRTUALINSTANCES)
-        self._stopped_outside.pop(meta["uid"], None)
-        self._failures.pop(meta["uid"], None)
 
     # --- pollers --------------------------------------------------------------------------
 
