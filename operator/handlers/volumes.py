@@ -72,6 +72,9 @@ class VolumeAgent(ObjectCache):
                 if body["metadata"]["namespace"] == namespace and body["spec"]["instanceRef"]["name"] == name
                 and (body.get("status") or {}).get("phase") != "Attached"]
 
+    def forget(self, uid: str) -> None:
+        self.instances.forget(uid)  # its Warnings are deduplicated there
+
     def handle(self, uid: str) -> None:
         with self.lock(uid):
             self._handle(uid)
