@@ -180,6 +180,7 @@ class VirtualInstanceStatus(TypedDict, total=False):
     node: str
     powerState: str
     domainUUID: str
+    flavor: Flavor
     info: Info
     ipAddresses: list[str]
     console: Console
@@ -243,6 +244,7 @@ class MigrationSpec(TypedDict, total=False):
     flavor: Flavor
     confirmation: Confirmation
     decision: str
+    bandwidthMiBps: int
     cancel: bool
 
 
@@ -254,10 +256,24 @@ class Progress(TypedDict, total=False):
     iteration: int
     expectedDowntimeMs: int
     downtimeMs: int
+    elapsedMs: int
+
+
+class Handoff(TypedDict, total=False):
+    sourceURI: str
+    targetURI: str
+    definition: str
+    disks: list[str]
+    flavor: Flavor
+    outcome: str
+    confirmAfter: str
 
 
 class MigrationStatus(TypedDict, total=False):
     phase: str
+    instanceUID: str
+    step: str
+    handoff: Handoff
     sourceNode: str
     targetNode: str
     message: str
@@ -301,11 +317,27 @@ class PowerActionStatus(TypedDict, total=False):
     message: str
 
 
+class MaintenanceMigration(TypedDict, total=False):
+    instance: str
+    migration: str
+    phase: str
+    percent: int
+
+
+class Maintenance(TypedDict, total=False):
+    state: str
+    message: str
+    startTime: str
+    migrations: list[MaintenanceMigration]
+
+
 class ComputeNodeStatus(TypedDict, total=False):
     hypervisorType: str
     hypervisorVersion: str
     hostname: str
     hostIP: str
+    migrationURI: str
+    maintenance: Maintenance
     cpuModel: str
     cpuInfo: CpuInfo
     capacity: Resources

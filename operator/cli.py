@@ -21,6 +21,10 @@ def parser() -> argparse.ArgumentParser:
     controller = sub.add_parser("controller", help="run the cluster controller (placement; never calls libvirt)")
     controller.add_argument("--lease-namespace", default=_env("POD_NAMESPACE", "kubenova-system"),
                             help="namespace of the leader-election Lease [$POD_NAMESPACE, kubenova-system]")
+    controller.add_argument("--max-migrations-per-node", type=int, default=2,
+                            help="migrations a node takes part in at once, as source or target [2]")
+    controller.add_argument("--max-migrations", type=int, default=10,
+                            help="migrations running at once in the whole cluster [10]")
 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
@@ -39,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                        help="libvirt, or fake: an in-memory hypervisor for tests and scale benchmarks")
     agent.add_argument("--host-ip", default=_env("HOST_IP"),
                        help="the address other nodes reach this one on [$HOST_IP, the host name's address]")
+    agent.add_argument("--migration-uri", default=_env("KUBENOVA_MIGRATION_URI"),
+                       help="libvirt URI other nodes' libvirtd use to migrate instances here "
+                            "[$KUBENOVA_MIGRATION_URI, qemu+tls://<host-ip>/system]")
     agent.add_argument("--metrics-address", default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
                        help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]")
     agent.add_argument("--resync-interval", type=float, default=30.0,
@@ -58,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     dev_sub = dev.add_subparsers(dest="action", required=True)
     up = dev_sub.add_parser("up", help="start everything (idempotent) and print how to use it")
     up.add_argument("--no-kubenova", action="store_true", help="start only etcd, kube-apiserver and libvirtd")
+    up.add_argument("--nodes", type=int, default=1,
+                    help="compute nodes, each a libvirtd in its own network namespace with its own agent; "
+                         "instances migrate between them [1]")
     dev_sub.add_parser("down", help="stop everything the test ground started, even after a crash")
     dev_sub.add_parser("status", help="show what is running")
     dev_sub.add_parser("env", help="print the shell exports for kubectl")
@@ -83,7 +93,9 @@ def _agent(args: argparse.Namespace) -> int:
         driver = LibvirtDriver(args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store)
     settings = Settings(soft_reboot_timeout=args.soft_reboot_timeout, restart_delay=args.restart_delay,
                         rescue_timeout=args.rescue_timeout, reboot_timeout=args.reboot_timeout)
-    agent.run(agent.AgentConfig(node=args.node, host_ip=args.host_ip or computenode.host_ip(),
+    host_ip = args.host_ip or computenode.host_ip()
+    agent.run(agent.AgentConfig(node=args.node, host_ip=host_ip,
+                                migration_uri=args.migration_uri or f"qemu+tls://{host_ip}/system",
                                 metrics_address=args.metrics_address, resync_interval=args.resync_interval,
                                 diagnostics_interval=args.diagnostics_interval, settings=settings),
               driver, images)
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "controller":
             from kubenova.handlers import controller
-            controller.run(args.lease_namespace)
+            controller.run(args.lease_namespace, controller.MigrationLimits(args.max_migrations_per_node,
+                                                                            args.max_migrations))
         elif args.command == "agent":
             if not args.node:
                 print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)
@@ -108,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return _agent(args)
         else:
             from kubenova.testground import ground
-            return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False))
+            return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False),
+                               nodes=getattr(args, "nodes", 1))
     except TestGroundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -325,6 +325,14 @@ class MigrationProgress:
 ProgressCallback = Callable[[MigrationProgress], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class MigrationOutcome:
+    """What the target measured of a finished live migration; None where the hypervisor does not say."""
+
+    elapsed_ms: int | None = None
+    downtime_ms: int | None = None
+
+
 class ComputeDriver(abc.ABC):
     """The node-local contract: one implementation per hypervisor (libvirt, fake)."""
 
@@ -552,8 +560,8 @@ class ComputeDriver(abc.ABC):
         """Cancel a live migration in progress; the instance keeps running here."""
 
     @abc.abstractmethod
-    def post_live_migration_at_destination(self, uuid: str) -> None:
-        """Live migration, target side: the instance runs here now."""
+    def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
+        """Live migration, target side: the instance runs here now; returns the job's figures."""
 
     @abc.abstractmethod
     def rollback_live_migration_at_destination(self, uuid: str) -> None:

@@ -28,7 +28,8 @@ from kubenova.driver.base import (
     BandwidthUsage, BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, Diagnostics, DriverError, FirewallRule,
     HostPowerAction, HostStats, ImageChecksumMismatch, ImageNotFound, ImageRef, InstanceDetail, InstanceExists,
     InstanceInfo, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface, InterfaceStats, InvalidCPUInfo,
-    InvalidInstanceSpec, KernelBoot, MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported,
+    InvalidInstanceSpec, KernelBoot, MigrationOutcome, MigrationProgress, PowerState, ProgressCallback, RebootType,
+    Unsupported,
     VncConsole, VolumeConnector, VolumeNotFound, VolumeSpec, check_instance,
 )
 
@@ -876,10 +877,11 @@ class FakeDriver(ComputeDriver):
             self._get(uuid)
             self._aborts.add(uuid)
 
-    def post_live_migration_at_destination(self, uuid: str) -> None:
+    def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         with self._lock:
             self._get(uuid)
             self._prepared.pop(uuid, None)
+        return MigrationOutcome()  # the fake's switch-over is instantaneous and unmeasured
 
     def rollback_live_migration_at_destination(self, uuid: str) -> None:
         with self._lock:

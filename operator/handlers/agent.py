@@ -19,10 +19,11 @@ import kubernetes
 from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.handlers import diagnostics
-from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
+from kubenova.handlers.common import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
     VOLUMEATTACHMENTS
 from kubenova.handlers.computenode import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.instances import InstanceAgent, Settings
+from kubenova.handlers.migrations import MigrationAgent, node_label
 from kubenova.handlers.volumes import VolumeAgent
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ WORKERS = 4
 class AgentConfig:
     node: str
     host_ip: str
+    #: How other nodes' libvirtd reach this one's for migrations; published on the ComputeNode.
+    migration_uri: str = ""
     metrics_address: str = "127.0.0.1:9464"
     resync_interval: float = 30.0
     diagnostics_interval: float = 60.0
@@ -47,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, node: str) -> None:
     """Server-side selection and our own names, so nothing here collides with the controller or the user."""
     settings.watching.label_selectors[GROUP, VIRTUALINSTANCES] = f"{NODE_LABEL}={node}"
     settings.watching.label_selectors[GROUP, VOLUMEATTACHMENTS] = f"{NODE_LABEL}={node}"
+    settings.watching.label_selectors[GROUP, MIGRATIONS] = node_label(node)  # source or target
     settings.watching.field_selectors[GROUP, COMPUTENODES] = f"metadata.name={node}"
     # kopf strips its configured finalizer from objects whose handlers need none (ours need none:
     # no change handlers), so it must not be AGENT_FINALIZER, which the agent manages itself.
@@ -77,8 +81,10 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
     instances = InstanceAgent(config.node, driver, images, custom, kubernetes.client.CoreV1Api(client),
                               config.settings)
     volumes = VolumeAgent(instances)
+    migrations = MigrationAgent(instances)
+    instances.held = migrations.holds
     reporter = NodeReporter(config.node, driver, custom, kubernetes.client.CoordinationV1Api(client),
-                            config.host_ip, lambda: set(instances.objects), instances.warn)
+                            config.host_ip, lambda: set(instances.objects), instances.warn, config.migration_uri)
     metrics = diagnostics.Metrics()
     tasks: list[asyncio.Task[None]] = []
 
@@ -103,6 +109,7 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
 
         instances.schedule = schedule("instance")
         volumes.schedule = schedule("volume")
+        migrations.schedule = schedule("migration")
         def domain_ready(namespace: str, name: str) -> None:
             for uid in volumes.waiting_for(namespace, name):
                 loop.call_soon_threadsafe(enqueue, ("volume", uid))
@@ -112,7 +119,7 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         driver.add_lifecycle_listener(lambda uid, *_: loop.call_soon_threadsafe(enqueue, ("observe", uid)))
 
         work: dict[str, Callable[[str], None]] = {"instance": instances.handle, "observe": instances.observe,
-                                                  "volume": volumes.handle}
+                                                  "volume": volumes.handle, "migration": migrations.handle}
 
         async def worker() -> None:
             while True:
@@ -126,6 +133,8 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         def resync() -> None:
             for uid in list(instances.objects):
                 loop.call_soon_threadsafe(enqueue, ("instance", uid))
+            for uid in list(migrations.objects):
+                loop.call_soon_threadsafe(enqueue, ("migration", uid))
             instances.poll()
 
         await asyncio.to_thread(driver.init_host, config.node)
@@ -159,6 +168,13 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         uid = volumes.seen(type, body)
         if type != "DELETED":
             volumes.handle(uid)
+
+    @kopf.on.event(GROUP, VERSION, MIGRATIONS, registry=registry)
+    def migration_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        metrics.watch_events.labels(MIGRATIONS).inc()
+        uid = migrations.seen(type, body)
+        if type != "DELETED":
+            migrations.handle(uid)
 
     @kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)
     def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:

@@ -12,6 +12,7 @@ VERSION = "v1alpha1"
 VIRTUALINSTANCES = "virtualinstances"
 VOLUMEATTACHMENTS = "volumeattachments"
 COMPUTENODES = "computenodes"
+MIGRATIONS = "migrations"
 #: The binding label: agents watch only the objects carrying their own node name.
 NODE_LABEL = f"{GROUP}/node"
 #: The agent's finalizer; the controller adds it together with the binding label (one write).
@@ -60,13 +61,14 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
     return None
 
 
-def remove_finalizer(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], plural: str) -> None:
-    """Drop the agent's finalizer, guarded by the list it was read with (a JSON patch test)."""
+def remove_finalizer(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], plural: str,
+                     finalizer: str = AGENT_FINALIZER) -> None:
+    """Drop one finalizer, guarded by the list it was read with (a JSON patch test)."""
     meta = body["metadata"]
     finalizers = list(meta.get("finalizers") or [])
-    if AGENT_FINALIZER not in finalizers:
+    if finalizer not in finalizers:
         return
-    remaining = [f for f in finalizers if f != AGENT_FINALIZER]
+    remaining = [f for f in finalizers if f != finalizer]
     patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
              {"op": "replace", "path": "/metadata/finalizers", "value": remaining}]
     try:

@@ -44,7 +44,7 @@ class NodeReporter:
     def __init__(self, node: str, driver: ComputeDriver, custom: kubernetes.client.CustomObjectsApi,
                  coordination: kubernetes.client.CoordinationV1Api, address: str,
                  known_instances: Callable[[], Collection[str]],
-                 warn: Callable[[Mapping[str, Any], str, str], None]) -> None:
+                 warn: Callable[[Mapping[str, Any], str, str], None], migration_uri: str = "") -> None:
         self.node = node
         self.driver = driver
         self.custom = custom
@@ -52,6 +52,7 @@ class NodeReporter:
         self.address = address
         self.known_instances = known_instances
         self.warn = warn
+        self.migration_uri = migration_uri
         self._last: dict[str, Any] | None = None
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
         self._unknown: set[str] = set()
@@ -105,7 +106,8 @@ class NodeReporter:
         unknown, self._unknown = sorted(suspects & self._unknown), suspects
         figures: dict[str, Any] = {
             "hypervisorType": stats.hypervisor_type, "hypervisorVersion": stats.hypervisor_version,
-            "hostname": stats.hostname, "hostIP": self.address, "cpuModel": cpu.model,
+            "hostname": stats.hostname, "hostIP": self.address, "migrationURI": self.migration_uri,
+            "cpuModel": cpu.model,
             "cpuInfo": {"arch": cpu.arch, "vendor": cpu.vendor, "model": cpu.model, "sockets": cpu.sockets,
                         "cores": cpu.cores, "threads": cpu.threads, "features": list(cpu.features)},
             "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},

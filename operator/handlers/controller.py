@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -21,14 +22,17 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from kubenova.handlers import virtualinstance, volumes
-from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, \
+from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, MIGRATIONS, NODE_LABEL, VERSION, \
     VIRTUALINSTANCES, VOLUMEATTACHMENTS, remove_finalizer
+from kubenova.handlers.instances import flavor_of
+from kubenova.handlers.migration import MigrationLimits, Planner
 from kubenova.handlers.placement import HEARTBEAT_GRACE, NodeView, Usage
 
 log = logging.getLogger(__name__)
 VI = (GROUP, VERSION, VIRTUALINSTANCES)
 CN = (GROUP, VERSION, COMPUTENODES)
 VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
+MIG = (GROUP, VERSION, MIGRATIONS)
 LEADER_LEASE = "kubenova-controller"
 RESERVATION_SECONDS = 60.0
 
@@ -72,7 +76,25 @@ def _nodes(views: kopf.Index[str, Any], leases: kopf.Index[str, Any]) -> dict[st
     return nodes
 
 
-def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient) -> None:
+def _loop(name: str, work: Callable[[], None]) -> Callable[[], None]:
+    """Run ``work`` in a thread of its own, once per request, however many requests piled up meanwhile."""
+    wanted = threading.Event()
+
+    def loop() -> None:
+        while True:
+            wanted.wait()
+            wanted.clear()
+            try:
+                work()
+            except Exception:  # the next request tries again
+                log.exception("%s failed", name)
+
+    threading.Thread(target=loop, daemon=True, name=name).start()
+    return wanted.set
+
+
+def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient,
+             limits: MigrationLimits = MigrationLimits()) -> None:
     api = kubernetes.client.CustomObjectsApi(client)
     reservations = Reservations()
 
@@ -92,9 +114,9 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
         return {labels[NODE_LABEL]: virtualinstance.parse_time(spec.get("renewTime"))}
 
     @kopf.index(*VI, registry=registry, id="node_usage")
-    def node_usage(uid: str, labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any] | None:
-        node = labels.get(NODE_LABEL)
-        return {node: (uid, virtualinstance.request_of(spec))} if node else None
+    def node_usage(uid: str, labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+        node = labels.get(NODE_LABEL)  # a resize's flavor counts once it is in status
+        return {node: (uid, virtualinstance.request_of({**spec, "flavor": flavor_of(body)}))} if node else None
 
     @kopf.index(*VI, registry=registry, id="instance_nodes")
     def instance_nodes(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta,
@@ -170,25 +192,32 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     # Retrying the pending instances is one pass at a time in a thread of its own: events only ask
     # for a pass. Doing the pass inside each event handler let a few hundred pending instances make
     # every Lease event take seconds, and the Lease index fell so far behind that live nodes looked dead.
-    wanted = threading.Event()
     indexes: dict[str, kopf.Index[Any, Any]] = {}
     renewals: dict[str, Any] = {}
 
-    def retry_loop() -> None:
-        while True:
-            wanted.wait()
-            wanted.clear()
-            try:
-                for body in list(indexes["unbound"].get("pending", [])):
-                    place(body, indexes["node_views"], indexes["node_leases"], indexes["node_usage"])
-            except Exception:  # the next request tries again
-                log.exception("retrying pending instances failed")
+    def retry_pending() -> None:
+        for body in list(indexes["unbound"].get("pending", [])):
+            place(body, indexes["node_views"], indexes["node_leases"], indexes["node_usage"])
 
-    threading.Thread(target=retry_loop, daemon=True, name="retry-pending").start()
+    retry = _loop("retry-pending", retry_pending)
 
     def ask_for_retry(**found: kopf.Index[Any, Any]) -> None:
         indexes.update(found)
-        wanted.set()
+        retry()
+
+    def capacity() -> tuple[dict[str, NodeView], dict[str, Usage]]:
+        with reservations.lock:
+            return _nodes(indexes["node_views"], indexes["node_leases"]), reservations.totals(indexes["node_usage"])
+
+    plan = _loop("migrations", Planner(api, kubernetes.client.CoreV1Api(client), limits, capacity).run)
+
+    @kopf.on.event(*MIG, registry=registry)
+    @kopf.on.event(*CN, registry=registry)
+    def migrations_changed(node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
+                           node_usage: kopf.Index[str, Any], **_: Any) -> None:
+        """A Migration or a node (maintenance) changed: the planner takes another look at all of them."""
+        indexes.update(node_views=node_views, node_leases=node_leases, node_usage=node_usage)
+        plan()
 
     @kopf.on.event(*CN, registry=registry)
     def node_changed(type: str | None, node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
@@ -208,7 +237,7 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)
 
 
-def run(lease_namespace: str = LEASE_NAMESPACE) -> None:
+def run(lease_namespace: str = LEASE_NAMESPACE, limits: MigrationLimits = MigrationLimits()) -> None:
     """Wait for the leader Lease, then run kopf; exit when the Lease is lost."""
     registry = kopf.OperatorRegistry()
 
@@ -219,7 +248,7 @@ def run(lease_namespace: str = LEASE_NAMESPACE) -> None:
     kubernetes.config.load_config()
     client = kubernetes.client.ApiClient()
     client.user_agent = "kubenova-controller"  # names the field manager in managedFields
-    register(registry, client)
+    register(registry, client, limits)
     identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     leading = threading.Event()
 

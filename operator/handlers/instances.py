@@ -109,6 +109,12 @@ def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstance
         injected_files=tuple(files), admin_password=admin_password)
 
 
+def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
+    """The flavor an instance runs with: a resize's (status.flavor), else its spec's."""
+    flavor = (instance.get("status") or {}).get("flavor") or (instance.get("spec") or {})["flavor"]
+    return {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+
+
 def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
     """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing integers)."""
     if than is None:
@@ -176,6 +182,8 @@ class InstanceAgent(ObjectCache):
         self.schedule: Callable[[str, float], None] = lambda uid, delay: None
         #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
         self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
+        #: Says why a migration keeps the agent's hands off an instance ("active", "moved") or None.
+        self.held: Callable[[str], str | None] = lambda uid: None
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -234,6 +242,11 @@ class InstanceAgent(ObjectCache):
         with self.lock(uid):
             body = self.objects.get(uid)
             if body is None:
+                return
+            held = self.held(uid)
+            if held:  # the migration's steps move the domain; a delete waits for them to end
+                if held == "active" and not body["metadata"].get("deletionTimestamp"):
+                    self.write(body, {"phase": "Migrating"})
                 return
             if body["metadata"].get("deletionTimestamp"):
                 self._delete(body)
@@ -298,9 +311,9 @@ class InstanceAgent(ObjectCache):
                                              "remove it from the spec to run the instance")
         driver = self.driver
         if not driver.instance_exists(uid):
-            password = self._secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
-            driver.spawn(instance_spec(uid, meta["namespace"], meta["name"], spec, self.images, password),
-                         power_on=want != "Stopped")
+            password = self.secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
+            driver.spawn(instance_spec(uid, meta["namespace"], meta["name"], {**spec, "flavor": flavor_of(body)},
+                                       self.images, password), power_on=want != "Stopped")
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
             driver.rescue(uid, ImageRef(rescue["image"]))
@@ -352,7 +365,7 @@ class InstanceAgent(ObjectCache):
         want = spec.get("powerState", "Running")
         patch: dict[str, Any] = {"node": self.node, "domainUUID": uid, "observedGeneration": generation,
                                  "console": {"node": self.node, "logFile": f"{uid}/console.log"}}
-        if (condition(status, "Scheduled") or {}).get("status") != "True":
+        if (condition(status, "Scheduled") or {}).get("message") != f"placed on {self.node}":  # or moved here
             set_condition(patch, status, "Scheduled", True, "Placed", f"placed on {self.node}")
         try:
             info = self.driver.get_info(uid)
@@ -390,7 +403,7 @@ class InstanceAgent(ObjectCache):
         """A lifecycle event or a resync: put what libvirt reports into status if it changed."""
         with self.lock(uid):
             body = self.objects.get(uid)
-            if body is None or body["metadata"].get("deletionTimestamp"):
+            if body is None or body["metadata"].get("deletionTimestamp") or self.held(uid):
                 return
             status = body.get("status") or {}
             if status.get("phase") in ("Failed", None) or "powerState" not in status:
@@ -467,13 +480,13 @@ class InstanceAgent(ObjectCache):
     def _do_passwordReset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any],
                           interrupted: bool) -> str:
         spec = body.get("spec") or {}
-        password = self._secret(body["metadata"]["namespace"], spec.get("adminPasswordSecretRef"))
+        password = self.secret(body["metadata"]["namespace"], spec.get("adminPasswordSecretRef"))
         if password is None:
             raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
         self.driver.set_admin_password(uid, password)
         return "the guest's admin password was set"
 
-    def _secret(self, namespace: str, ref: Mapping[str, Any] | None) -> str | None:
+    def secret(self, namespace: str, ref: Mapping[str, Any] | None) -> str | None:
         """The admin password from its Secret; a missing Secret is waited for, not fatal."""
         if not ref:
             return None

@@ -19,6 +19,18 @@ METRICS_PORT = 39464
 #: Shorter waits than production so tests see each path soon: the test guest ignores ACPI, so a
 #: soft reboot always falls back to hard after the timeout.
 AGENT_TEST_SETTINGS = ("--soft-reboot-timeout", "5", "--restart-delay", "3", "--diagnostics-interval", "5")
+#: One migration per node at a time, so a test can see one wait and cancel it.
+CONTROLLER_TEST_SETTINGS = ("--max-migrations-per-node", "1")
+
+
+def node_address(node: str) -> str:
+    """Each node's libvirtd listens for migrations on a test-only address of the knmig0 bridge."""
+    index = int(node.rsplit("-", 1)[1])
+    return libvirt_host.BRIDGE_ADDRESS if index == 0 else f"{libvirt_host.PEER_NET}.{10 + index}"
+
+
+def node_name(index: int) -> str:
+    return f"node-{index}"
 SAMPLE = kube.REPO / "deploy" / "samples" / "virtualinstance.yaml"
 
 
@@ -77,41 +89,70 @@ def install_crds(ground: Ground) -> None:
               input=namespace)
 
 
-def _kubenova_processes(ground: Ground) -> dict[str, tuple[list[str], str]]:
-    node_dir = ground.node_dir()
-    python = [sys.executable, "-m", "kubenova.cli"]
-    return {
-        "controller": ([*python, "controller"], "kubenova.cli controller"),
-        f"agent-{ground.node}": ([*python, "agent", "--node", ground.node, "--libvirt-uri", ground.libvirt_uri,
-                                  "--domain-type", "qemu", "--image-store", str(ground.image_store),
-                                  "--instances-dir", str(node_dir / "instances"),
-                                  "--volume-store", str(ground.volume_store()),
-                                  "--metrics-address", f"127.0.0.1:{METRICS_PORT}", *AGENT_TEST_SETTINGS],
-                                 f"--node {ground.node}"),
-    }
+def _agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
+    address = node_address(node)
+    index = int(node.rsplit("-", 1)[1])
+    return ([sys.executable, "-m", "kubenova.cli", "agent", "--node", node,
+             "--libvirt-uri", libvirt_host.uri(ground.layout, node), "--domain-type", "qemu",
+             "--image-store", str(ground.image_store), "--instances-dir", str(ground.node_dir(node) / "instances"),
+             "--volume-store", str(ground.volume_store(node)), "--host-ip", address,
+             "--migration-uri", libvirt_host.peer_uri(address),
+             "--metrics-address", f"127.0.0.1:{METRICS_PORT + index}", *AGENT_TEST_SETTINGS], f"--node {node} --libvirt-uri")
 
 
-def start_kubenova(ground: Ground) -> None:
-    """Run the controller and the node's agent as local processes, restarting them if the code changed."""
+def _ensure_running(ground: Ground, processes: dict[str, tuple[list[str], str]]) -> None:
+    """Start each process that is not running, or runs code older than the source."""
     stamp = ground.layout.state / "kubenova.fingerprint"
     fingerprint = source_fingerprint()
-    processes = _kubenova_processes(ground)
     current = stamp.exists() and stamp.read_text() == fingerprint
+    if not current:  # every kubenova process runs the same code: none may stay stale
+        for pidfile in (ground.layout.state / "pids").glob("*.pid"):
+            if pidfile.stem == "controller" or pidfile.stem.startswith("agent-"):
+                procs.stop(ground.layout, pidfile.stem)
     for name, (argv, marker) in processes.items():
-        if procs.running_pid(ground.layout, name) and current:
+        if procs.running_pid(ground.layout, name):
             continue
         procs.stop(ground.layout, name)
         procs.start(ground.layout, name, argv, marker, env=ground.env())
     stamp.write_text(fingerprint)
 
+
+def _wait_registered(ground: Ground, node: str) -> None:
     def registered() -> bool:
-        proc = procs.run([ground.kubectl, "get", "computenode", ground.node, "-o", "name",
-                          "--ignore-not-found"], "asking for the ComputeNode", "", env=ground.env())
+        proc = procs.run([ground.kubectl, "get", "computenode", node, "-o", "name", "--ignore-not-found"],
+                         "asking for the ComputeNode", "", env=ground.env())
         return bool(proc.stdout.strip())
-    procs.wait_for(registered, 60, f"the agent of {ground.node}", ground.layout.logfile(f"agent-{ground.node}"))
+    procs.wait_for(registered, 60, f"the agent of {node}", ground.layout.logfile(f"agent-{node}"))
 
 
-def up(start_kubenova_processes: bool = True, layout: Layout | None = None) -> Ground:
+def start_kubenova(ground: Ground) -> None:
+    """Run the controller and the node's agent as local processes, restarting them if the code changed."""
+    python = [sys.executable, "-m", "kubenova.cli"]
+    _ensure_running(ground, {"controller": ([*python, "controller", *CONTROLLER_TEST_SETTINGS],
+                                            "kubenova.cli controller"),
+                             f"agent-{ground.node}": _agent_process(ground, ground.node)})
+    _wait_registered(ground, ground.node)
+
+
+def add_node(ground: Ground, node: str) -> str:
+    """Another compute node: its own libvirtd in a network namespace and its own agent; returns its address."""
+    libvirt_host.start(ground.layout, node, node_address(node))
+    _ensure_running(ground, {f"agent-{node}": _agent_process(ground, node)})
+    _wait_registered(ground, node)
+    return node_address(node)
+
+
+def remove_node(ground: Ground, node: str) -> None:
+    """Stop a node added by add_node and forget its ComputeNode and Lease, as an admin removing a host would."""
+    procs.stop(ground.layout, f"agent-{node}")
+    libvirt_host.stop(ground.layout, node)
+    for kind, namespace in (("computenode", None), ("lease", LEASE_NAMESPACE)):
+        name = node if kind == "computenode" else f"agent-{node}"
+        argv = [ground.kubectl, "delete", kind, name, "--ignore-not-found", "--wait=false"]
+        procs.run([*argv, "-n", namespace] if namespace else argv, f"deleting the {kind} of {node}", "",
+                  env=ground.env())
+
+def up(start_kubenova_processes: bool = True, layout: Layout | None = None, nodes: int = 1) -> Ground:
     layout = layout or Layout.default()
     layout.state.mkdir(parents=True, exist_ok=True)
     tools = kube.build_tools()
@@ -119,11 +160,13 @@ def up(start_kubenova_processes: bool = True, layout: Layout | None = None) -> G
     kube.write_kubeconfig(layout, pki)
     kube.start_etcd(layout, tools)
     kube.start_apiserver(layout, tools, pki)
-    ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE))
+    ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE, node_address(NODE)))
     guest.ensure_images(layout, layout.state / "images")
     install_crds(ground)
     if start_kubenova_processes:
         start_kubenova(ground)
+        for index in range(1, nodes):
+            add_node(ground, node_name(index))
     return ground
 
 
@@ -191,9 +234,9 @@ def demo(ground: Ground) -> None:
     print(f"\napply -> Ready (Running): {running:.2f}s; apply -> boot marker: {booted:.2f}s")
 
 
-def main(action: str, start_kubenova: bool = True) -> int:
+def main(action: str, start_kubenova: bool = True, nodes: int = 1) -> int:
     if action == "up":
-        ground = up(start_kubenova)
+        ground = up(start_kubenova, nodes=nodes)
         for name, state in status(ground.layout).items():
             print(f"{name:20} {state}")
         print(f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground.layout, ground.tools)}")

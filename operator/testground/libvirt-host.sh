@@ -3,7 +3,8 @@
 # gives one libvirtd "host" its own /etc, /run, /var/lib, /var/cache and /var/log
 # for libvirt, then starts its virtlogd and libvirtd. The host's real libvirt
 # directories are never touched; everything lives under $1. With a second argument
-# (a host name) it also listens on TCP, as libvirtd.conf says: a migration peer.
+# (a host name, set in its own UTS namespace; "-" keeps the name) it also listens on
+# TCP, as libvirtd.conf says: a migration peer.
 set -euo pipefail
 host=$1
 peer=${2:-}
@@ -15,7 +16,7 @@ for pair in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/ca
 done
 virtlogd --daemon --pid-file="$host/virtlogd.pid"
 if [ -n "$peer" ]; then
-  hostname "$peer"
+  [ "$peer" = "-" ] || hostname "$peer"
   exec libvirtd --daemon --listen --pid-file="$host/libvirtd.pid"
 fi
 exec libvirtd --daemon --pid-file="$host/libvirtd.pid"

@@ -50,12 +50,20 @@ def _ip(*args: str, ns: str | None = None) -> None:
     procs.run(argv, f"setting up the test network ({' '.join(args)})", "check that iproute2 works as root")
 
 
-def _plumb(node: str, address: str) -> None:
-    """A network namespace for the node, joined to the peer bridge by a veth pair."""
+#: The bridge's own address: the host's libvirtd (node-0, no network namespace) listens here.
+BRIDGE_ADDRESS = f"{PEER_NET}.1"
+
+
+def _ensure_bridge() -> None:
     if subprocess.run(["ip", "link", "show", PEER_BRIDGE], capture_output=True).returncode != 0:
         _ip("link", "add", PEER_BRIDGE, "type", "bridge")
-        _ip("addr", "add", f"{PEER_NET}.1/24", "dev", PEER_BRIDGE)
+        _ip("addr", "add", f"{BRIDGE_ADDRESS}/24", "dev", PEER_BRIDGE)
         _ip("link", "set", PEER_BRIDGE, "up")
+
+
+def _plumb(node: str, address: str) -> None:
+    """A network namespace for the node, joined to the peer bridge by a veth pair."""
+    _ensure_bridge()
     subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True)
     subprocess.run(["ip", "link", "del", f"kv-{node}"[:15]], capture_output=True)
     procs.run(["ip", "netns", "add", netns(node)], "creating a network namespace", "run as root")
@@ -97,8 +105,8 @@ def _responds(layout: Layout, node: str) -> bool:
 def start(layout: Layout, node: str, address: str | None = None) -> str:
     """Start (or find running) the libvirtd of `node` and return its URI.
 
-    With an ``address`` the host gets its own network namespace and listens there on TCP,
-    so libvirtd and QEMU can migrate guests to and from it.
+    With an ``address`` the host listens there on TCP, so libvirtd and QEMU can migrate guests
+    to and from it; every address but the bridge's own gets a network namespace of its own.
     """
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
     if missing:
@@ -123,12 +131,16 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
             'unix_sock_rw_perms = "0770"\n')
     argv = ["unshare", "--mount", "--propagation", "private", "bash", str(SCRIPT), str(host)]
     if address:
-        _plumb(node, address)
-        # Test only: no TLS, no auth, on the namespace's own veth address.
+        # Test only: no TLS, no auth, on a test-only address (a veth of its own, or the bridge's).
         conf += f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\nlisten_addr = "{address}"\n'
         (host / "etc" / "qemu.conf").write_text(
             QEMU_CONF + f'migration_address = "{address}"\nmigration_host = "{address}"\n')
-        argv = ["ip", "netns", "exec", netns(node), "unshare", "--uts", *argv[1:], node]
+        if address == BRIDGE_ADDRESS:
+            _ensure_bridge()
+            argv.append("-")
+        else:
+            _plumb(node, address)
+            argv = ["ip", "netns", "exec", netns(node), "unshare", "--uts", *argv[1:], node]
     (host / "etc" / "libvirtd.conf").write_text(conf)
     procs.run(argv, f"starting libvirtd for {node}", f"see {host / 'log' / 'libvirtd.log'}")
     procs.wait_for(lambda: _responds(layout, node), 30, f"libvirtd of {node}", host / "log" / "libvirtd.log")

@@ -31,7 +31,8 @@ from kubenova.driver.base import (
     HostPowerAction,
     HostStats, ImageRef, InstanceDetail, InstanceExists, InstanceInfo, InstanceNotFound, InstanceNotRunning,
     InstanceSpec, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
-    MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported, VncConsole, VolumeConnector,
+    MigrationOutcome, MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported, VncConsole,
+    VolumeConnector,
     VolumeNotFound, VolumeSpec, check_instance,
 )
 from kubenova.driver import cloudinit
@@ -766,9 +767,18 @@ class LibvirtDriver(ComputeDriver):
         with translate("abort live migration", uuid):
             guest.domain.abortJob()
 
-    def post_live_migration_at_destination(self, uuid: str) -> None:
-        if self._guest(uuid).state() is not PowerState.RUNNING:
+    def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
+        guest = self._guest(uuid)
+        if guest.state() is not PowerState.RUNNING:
             raise DriverError(f"instance {uuid} arrived but is not running")
+        try:  # the incoming job's figures stay on the domain here until the next job
+            stats = guest.domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            return MigrationOutcome()
+
+        def figure(key: str) -> int | None:
+            return int(stats[key]) if key in stats else None
+        return MigrationOutcome(elapsed_ms=figure("time_elapsed"), downtime_ms=figure("downtime"))
 
     def rollback_live_migration_at_destination(self, uuid: str) -> None:
         """Remove what pre_live_migration made; a domain that did arrive is removed too."""
