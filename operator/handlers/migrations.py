@@ -84,6 +84,7 @@ class MigrationAgent(ObjectCache):
         self._transfers: dict[str, str] = {}  # migration uid -> instance uid, while its transfer runs here
         self._aborted: set[str] = set()
         self._failures: dict[str, int] = {}
+        self._settled: set[str] = set()  # final migrations whose instance was looked at again here
 
     # --- what the instance side asks -------------------------------------------------------
 
@@ -112,6 +113,12 @@ class MigrationAgent(ObjectCache):
     def handle(self, uid: str) -> None:
         body = self.objects.get(uid)
         if body is None:
+            return
+        if is_final(body.get("status") or {}):
+            instance_uid = body["status"].get("instanceUID")
+            if uid not in self._settled and instance_uid:  # the other node ended it: this side of it resumes
+                self._settled.add(uid)
+                self.instances.schedule(instance_uid, 0.0)
             return
         if uid in self._transfers:
             if cancelled(body) and uid not in self._aborted:  # the transfer's thread holds the lock
@@ -147,6 +154,7 @@ class MigrationAgent(ObjectCache):
     def forget(self, uid: str) -> None:
         self._failures.pop(uid, None)
         self._aborted.discard(uid)
+        self._settled.discard(uid)
 
     def _step(self, body: dict[str, Any]) -> None:
         status = body.get("status") or {}
@@ -226,15 +234,14 @@ class MigrationAgent(ObjectCache):
         instance = self._instance(body)
         cpu = ((self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source).get("status") or {})
                .get("cpuInfo"))
-        if cpu:
-            try:
-                self.driver.compare_cpu(CpuInfo(**{**cpu, "features": tuple(cpu.get("features") or ())}))
-            except CPUIncompatible as exc:
-                self._finish(body, "Failed", f"{self.node} cannot run a guest started on {source}: {exc}; choose "
-                                             "another spec.targetNode, or stop the instance and use a Cold migration")
-                return
         try:
+            if cpu:
+                self.driver.compare_cpu(CpuInfo(**{**cpu, "features": tuple(cpu.get("features") or ())}))
             definition = self.driver.pre_live_migration(self._spec_for(instance, flavor_of(instance)))
+        except CPUIncompatible as exc:
+            self._finish(body, "Failed", f"{self.node} cannot run a guest started on {source}: {exc}; choose "
+                                         "another spec.targetNode, or stop the instance and use a Cold migration")
+            return
         except DriverError as exc:
             self._finish(body, "Failed", f"{self.node} could not prepare for the instance: {exc}; it stays "
                                          f"running on {source}")

@@ -27,6 +27,8 @@ DISK = "kubenova-disk"
 CD_FILE = "kubenova-cd-file"
 NET = "kubenova-net"
 WROTE = "kubenova-wrote"
+#: "kubenova-size cpus=N memtotal-kib=M": what the guest's kernel sees (a resize shows here).
+SIZE = "kubenova-size"
 KERNEL = "kubenova-test-vmlinuz"
 INITRD = "kubenova-test-initrd.img"
 DISK_IMAGE = "kubenova-test-disk.qcow2"
@@ -72,6 +74,7 @@ if [ "$role" = rescue ]; then
 else
   echo "{BOOT_MARKER} kernel=$(uname -r)"
 fi
+echo "{SIZE} cpus=$(grep -c ^processor /proc/cpuinfo) memtotal-kib=$(awk '/^MemTotal/ {{print $2}}' /proc/meminfo)"
 
 for dev in $(ls /sys/block | grep -E '^(vd|sd)' | sort); do
   head=$(od -A n -t x1 -N 16 -v "/dev/$dev" | tr -d ' \\n')
