@@ -282,7 +282,7 @@ class InstanceAgent(ObjectCache):
     def _reconcile(self, body: dict[str, Any]) -> None:
         meta, spec = body["metadata"], body.get("spec") or {}
         status = body.get("status") or {}
-        uid, generation = meta["uid"], meta.get("generation")
+        generation = meta.get("generation")
         if AGENT_FINALIZER not in (meta.get("finalizers") or []):
             self._add_finalizer(body)  # the controller normally adds it when binding
         if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:

@@ -61,15 +61,23 @@ class Planner:
 
     def run(self) -> None:
         migrations = self.custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS)["items"]
+        nodes = self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES)["items"]
+        names = {node["metadata"]["name"] for node in nodes}
         for body in migrations:
-            if body["metadata"].get("deletionTimestamp") and (not _scheduled(body) or is_final(body["status"])):
+            status = body.get("status") or {}
+            if body["metadata"].get("deletionTimestamp") and (not _scheduled(body) or is_final(status)):
                 remove_finalizer(self.custom, body, MIGRATIONS, MIGRATION_FINALIZER)
-            elif _scheduled(body) and not is_final(body["status"]):
-                self._label(body)  # a pass that died between its two writes left them out
+            elif _scheduled(body) and not is_final(status):
+                gone = sorted({status["sourceNode"], status["targetNode"]} - names)
+                if gone:  # no agent is left to take its turn, like pods of a removed Node
+                    self._end(body, "Failed", f"ComputeNode {', '.join(gone)} was removed during the migration; "
+                                              "check where the instance runs before moving it again")
+                    status["step"] = "Done"
+                else:
+                    self._label(body)  # a pass that died between its two writes left them out
         active = [b for b in migrations if _scheduled(b) and not is_final(b["status"])]
         for body in sorted((b for b in migrations if not _scheduled(b)), key=_created):
             self._schedule(body, active)
-        nodes = self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES)["items"]
         for node in nodes:
             self._maintain(node, migrations)
 

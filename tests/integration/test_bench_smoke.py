@@ -13,7 +13,7 @@ def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:
     main(["--smoke", "--out", str(out)])
     text = out.read_text()
     for title in ("Latency: apply → Running", "Burst: 3 at once", "API cost", "Memory",
-                  "Scale: 6 instances, 2 agents", "Reaction: out-of-band stop → status"):
+                  "Scale: 6 instances, 2 agents", "Reaction: out-of-band stop → status", "Live migration"):
         assert f". {title}\n" in text, title
     figures = json.loads(out.with_suffix(".json").read_text())
     assert len(figures["Latency: apply → Running"]["kubenova_running_s"]) == 2
@@ -21,3 +21,5 @@ def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:
     scale = figures["Scale: 6 instances, 2 agents"]
     assert sum(scale["own"].values()) == 6
     assert all(scale["watch_events"][node] > 0 for node, own in scale["own"].items() if own)
+    moves = figures["Live migration"]
+    assert len(moves["kubenova"]) == len(moves["virsh"]) == 1 and moves["virsh"][0]["downtime_s"] > 0

@@ -1,0 +1,67 @@
+"""Which node owns each step of a Migration, and when an agent must leave an instance alone."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubenova.handlers.migrations import MigrationAgent, owner
+
+
+def body(kind: str, step: str | None, **spec: Any) -> dict[str, Any]:
+    status = {"step": step} if step else {}
+    return {"metadata": {"name": "m", "uid": "m-uid"}, "spec": {"type": kind, **spec}, "status": status}
+
+
+@pytest.mark.parametrize("kind, step, spec, expected", [
+    ("Live", None, {}, None),
+    ("Live", "PrepareTarget", {}, "target"),
+    ("Live", "Transfer", {}, "source"),
+    ("Live", "Transferring", {}, "source"),
+    ("Live", "FinishTarget", {}, "target"),
+    ("Live", "RollbackTarget", {}, "target"),
+    ("Live", "Done", {}, None),
+    ("Cold", "PowerOffSource", {}, "source"),
+    ("Cold", "FinishTarget", {}, "target"),
+    ("Cold", "AwaitConfirmation", {}, "source"),  # Auto or Confirm: the source drops its copy
+    ("Cold", "AwaitConfirmation", {"decision": "Confirm"}, "source"),
+    ("Cold", "AwaitConfirmation", {"decision": "Revert"}, "target"),  # the target drops its copy first
+    ("Cold", "AwaitConfirmation", {"cancel": True}, "target"),
+    ("Cold", "RevertTarget", {}, "target"),
+    ("Cold", "RevertSource", {}, "source"),
+])
+def test_each_step_has_exactly_one_owner(kind: str, step: str | None, spec: dict[str, Any],
+                                         expected: str | None) -> None:
+    assert owner(body(kind, step, **spec)) == expected
+
+
+class _Instances:
+    node = "node-1"
+    driver = custom = core = None
+
+
+def agent_with(*migrations: dict[str, Any]) -> MigrationAgent:
+    agent = MigrationAgent(_Instances())  # type: ignore[arg-type]
+    for index, item in enumerate(migrations):
+        item["metadata"] = {"name": f"m{index}", "uid": f"u{index}", "namespace": "ns",
+                            "creationTimestamp": f"2026-01-01T00:00:0{index}Z", "resourceVersion": str(index)}
+        agent.seen("ADDED", item)
+    return agent
+
+
+def moved(step: str, phase: str, source: str = "node-1", kind: str = "Live") -> dict[str, Any]:
+    return {"spec": {"type": kind}, "status": {"instanceUID": "vm", "step": step, "phase": phase,
+                                               "sourceNode": source, "targetNode": "node-2"}}
+
+
+def test_an_instance_is_held_while_a_step_runs_but_not_while_awaiting_confirmation() -> None:
+    assert agent_with(moved("Transfer", "Migrating")).holds("vm") == "active"
+    assert agent_with(moved("AwaitConfirmation", "AwaitingConfirmation", kind="Cold")).holds("vm") is None
+    assert agent_with(moved("Transfer", "Migrating")).holds("other-vm") is None
+
+
+def test_the_newest_migration_decides_once_all_are_done() -> None:
+    assert agent_with(moved("Done", "Succeeded")).holds("vm") == "moved"  # it left this node
+    assert agent_with(moved("Done", "Failed")).holds("vm") is None
+    back = moved("Done", "Succeeded", source="node-2")  # and came back later
+    assert agent_with(moved("Done", "Succeeded"), back).holds("vm") is None
