@@ -2,7 +2,7 @@
 VENV := .venv
 KUBENOVA := $(VENV)/bin/kubenova
 
-.PHONY: deps demo test bench down
+.PHONY: deps demo test bench down image kind-up
 deps:  ## Debian packages, the Python venv (the Go tools are built on first use)
 	bash hack/install-deps.sh
 
@@ -15,6 +15,15 @@ test: deps  ## the whole test suite against the real apiserver, etcd and libvirt
 
 bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)
 	$(VENV)/bin/python -m bench
+
+image:  ## the container image, built without Docker (buildah), its entry point run once
+	bash hack/build-image.sh
+
+kind-up:  ## needs Docker and kind (not available on the CI machine): a kind cluster running the chart
+	kind create cluster --config deploy/kind/cluster.yaml
+	docker build -t localhost/kubenova:0.1.0 .
+	kind load docker-image localhost/kubenova:0.1.0 --name kubenova
+	helm install kubenova charts/kubenova --namespace kubenova-system --create-namespace -f deploy/kind/values.yaml
 
 down:  ## stop everything the test ground started
 	$(KUBENOVA) dev down

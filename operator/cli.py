@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
+import urllib.error
+import urllib.request
 
 from kubenova.testground.procs import TestGroundError
 
@@ -16,11 +19,17 @@ def _env(name: str, default: str | None = None) -> str | None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubenova", description=__doc__)
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top.add_argument("--version", action="version", version=f"kubenova {importlib.metadata.version('kubenova')}")
     sub = top.add_subparsers(dest="command", required=True)
+    probe = sub.add_parser("probe", help="exit 0 when URL answers 200 (the pods' liveness probes)")
+    probe.add_argument("url")
 
     controller = sub.add_parser("controller", help="run the cluster controller (placement; never calls libvirt)")
     controller.add_argument("--lease-namespace", default=_env("POD_NAMESPACE", "kubenova-system"),
                             help="namespace of the leader-election Lease [$POD_NAMESPACE, kubenova-system]")
+    controller.add_argument("--health-address", default="",
+                            help="host:port of /healthz, which answers while the process runs; empty: none "
+                                 "(the chart uses 127.0.0.1:8081)")
     controller.add_argument("--max-migrations-per-node", type=int, default=2,
                             help="migrations a node takes part in at once, as source or target [2]")
     controller.add_argument("--max-migrations", type=int, default=10,
@@ -102,6 +111,15 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return 0 if answer.status == 200 else 1
+    except (OSError, urllib.error.URLError) as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -113,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "controller":
             from kubenova.handlers import controller
             controller.run(args.lease_namespace, controller.MigrationLimits(args.max_migrations_per_node,
-                                                                            args.max_migrations))
+                                                                            args.max_migrations),
+                           args.health_address)
+        elif args.command == "probe":
+            return _probe(args.url)
         elif args.command == "agent":
             if not args.node:
                 print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)

@@ -174,7 +174,7 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         metrics.watch_events.labels(MIGRATIONS).inc()
         uid = migrations.seen(type, body)
         if type != "DELETED":
-            migrations.handle(uid)
+            migrations.notice(uid)
 
     @kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)
     def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:

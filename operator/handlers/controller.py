@@ -7,6 +7,7 @@ adds no kopf finalizer and no bookkeeping annotation to users' objects.
 """
 from __future__ import annotations
 
+import http.server
 import logging
 import os
 import socket
@@ -237,8 +238,28 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)
 
 
-def run(lease_namespace: str = LEASE_NAMESPACE, limits: MigrationLimits = MigrationLimits()) -> None:
+class _Health(http.server.BaseHTTPRequestHandler):
+    """/healthz: the process answers (standbys too, so a liveness probe never kills a waiting replica)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass  # one line per probe would drown the log
+
+
+def serve_health(address: str) -> None:
+    host, port = address.rsplit(":", 1)
+    server = http.server.ThreadingHTTPServer((host, int(port)), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
+
+
+def run(lease_namespace: str = LEASE_NAMESPACE, limits: MigrationLimits = MigrationLimits(),
+        health_address: str = "") -> None:
     """Wait for the leader Lease, then run kopf; exit when the Lease is lost."""
+    if health_address:
+        serve_health(health_address)
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)

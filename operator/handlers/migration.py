@@ -262,7 +262,10 @@ class Planner:
                               "percent": ((b.get("status") or {}).get("progress") or {}).get("percent", 0)}
                              for b in mine]
         remaining = [i for i in instances if not i["metadata"].get("deletionTimestamp")]
-        state = "Drained" if not remaining else "Draining"
+        # Drained once nothing is bound here and every move has ended (an instance is rebound just before
+        # its Migration says Succeeded).
+        settled = all(is_final(b.get("status") or {}) for b in mine)
+        state = "Drained" if not remaining and settled else "Draining"
         message = (f"no instance is left on {name}" if not remaining else
                    f"{len(remaining)} instances are still on {name}"
                    + (f"; these could not move: {'; '.join(left)}" if left else ""))

@@ -110,23 +110,33 @@ class MigrationAgent(ObjectCache):
 
     # --- the loop ------------------------------------------------------------------------
 
-    def handle(self, uid: str) -> None:
+    def notice(self, uid: str) -> None:
+        """A watch event: only a cancel is acted on here (at once); the steps run on the agent's queue.
+
+        A step can take minutes (a transfer); run inside kopf's handler it would hold back kopf's
+        next event for the same Migration, which may be the cancel.
+        """
         body = self.objects.get(uid)
         if body is None:
+            return
+        if uid in self._transfers and cancelled(body) and uid not in self._aborted:
+            self._aborted.add(uid)
+            try:
+                self.driver.abort_live_migration(self._transfers[uid])
+            except DriverError as exc:
+                log.warning("aborting the migration %s failed: %s", body["metadata"]["name"], exc)
+            return
+        self.schedule(uid, 0.0)
+
+    def handle(self, uid: str) -> None:
+        body = self.objects.get(uid)
+        if body is None or uid in self._transfers:
             return
         if is_final(body.get("status") or {}):
             instance_uid = body["status"].get("instanceUID")
             if uid not in self._settled and instance_uid:  # the other node ended it: this side of it resumes
                 self._settled.add(uid)
                 self.instances.schedule(instance_uid, 0.0)
-            return
-        if uid in self._transfers:
-            if cancelled(body) and uid not in self._aborted:  # the transfer's thread holds the lock
-                self._aborted.add(uid)
-                try:
-                    self.driver.abort_live_migration(self._transfers[uid])
-                except DriverError as exc:
-                    log.warning("aborting the migration %s failed: %s", body["metadata"]["name"], exc)
             return
         lock = self.lock(uid)
         if not lock.acquire(blocking=False):

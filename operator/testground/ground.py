@@ -89,7 +89,8 @@ def install_crds(ground: Ground) -> None:
               input=namespace)
 
 
-def _agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
+def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
+    """The agent command of a node and the marker that finds its process again."""
     address = node_address(node)
     index = int(node.rsplit("-", 1)[1])
     return ([sys.executable, "-m", "kubenova.cli", "agent", "--node", node,
@@ -130,14 +131,14 @@ def start_kubenova(ground: Ground) -> None:
     python = [sys.executable, "-m", "kubenova.cli"]
     _ensure_running(ground, {"controller": ([*python, "controller", *CONTROLLER_TEST_SETTINGS],
                                             "kubenova.cli controller"),
-                             f"agent-{ground.node}": _agent_process(ground, ground.node)})
+                             f"agent-{ground.node}": agent_process(ground, ground.node)})
     _wait_registered(ground, ground.node)
 
 
 def add_node(ground: Ground, node: str) -> str:
     """Another compute node: its own libvirtd in a network namespace and its own agent; returns its address."""
     libvirt_host.start(ground.layout, node, node_address(node))
-    _ensure_running(ground, {f"agent-{node}": _agent_process(ground, node)})
+    _ensure_running(ground, {f"agent-{node}": agent_process(ground, node)})
     _wait_registered(ground, node)
     return node_address(node)
 

@@ -20,16 +20,25 @@ SERVICE_CIDR = "10.96.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
-def build_tools() -> pathlib.Path:
-    """The folder with kube-apiserver, kubectl and etcd, built once and cached by go.sum."""
-    script = REPO / "hack" / "build-tools.sh"
+def _go_build(script_name: str, what: str) -> pathlib.Path:
+    script = REPO / "hack" / script_name
     if not script.exists():
         raise TestGroundError(f"{script} is missing: the test ground needs a source checkout of kubenova")
     proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise TestGroundError("the Go build of kube-apiserver/kubectl/etcd failed (output above); "
+        raise TestGroundError(f"the Go build of {what} failed (output above); "
                               "check that Go >= 1.26 is installed and the Go module proxy is reachable")
     return pathlib.Path(proc.stdout.strip().splitlines()[-1])
+
+
+def build_tools() -> pathlib.Path:
+    """The folder with kube-apiserver, kubectl and etcd, built once and cached by go.sum."""
+    return _go_build("build-tools.sh", "kube-apiserver/kubectl/etcd")
+
+
+def build_helm() -> pathlib.Path:
+    """The helm binary, built once and cached by its go.sum (only the chart tests need it)."""
+    return _go_build("build-helm.sh", "helm") / "helm"
 
 
 def _openssl(*args: str) -> None:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds kubenova's image from the project's Dockerfile without a Docker engine, then runs its entry
+# point once. The Debian base is made here with mmdebstrap from this machine's own apt sources (no
+# registry needed), imported with buildah; `buildah bud --isolation chroot` builds the Dockerfile.
+# Usage: hack/build-image.sh [--archive FILE]   (FILE: an OCI archive of the image, for containerd)
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+version=$(awk -F'"' '/^version = / {print $2; exit}' "$top/pyproject.toml")
+image="localhost/kubenova:$version"
+base="localhost/kubenova-base:bookworm"
+archive=""
+[ "${1:-}" = "--archive" ] && archive=$2
+
+missing=()
+for p in buildah mmdebstrap; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  # The machine's apt sources, so apt-get inside the build reaches the same mirror it does.
+  sources=()
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -s "$f" ] && sources+=("$f")
+  done
+  echo "making the base image $base with mmdebstrap..." >&2
+  mmdebstrap --quiet --variant=minbase --aptopt='Acquire::Check-Valid-Until "false"' \
+    --aptopt='Acquire::Check-Date "false"' bookworm "$tmp/rootfs.tar" "${sources[@]}" >&2
+  ctr=$(buildah from scratch)
+  buildah add "$ctr" "$tmp/rootfs.tar" / >/dev/null
+  # CRI finds executables through the image's PATH; a tarball import has none.
+  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash "$ctr"
+  buildah commit --quiet "$ctr" "$base" >/dev/null
+  buildah rm "$ctr" >/dev/null
+fi
+
+echo "building $image..." >&2
+started=$(date +%s)
+buildah bud --quiet --isolation chroot --layers --build-arg "BASE=$base" -t "$image" "$top" >&2
+echo "built in $(( $(date +%s) - started ))s" >&2
+
+# The entry point, once, in a chroot of the built image.
+ctr=$(buildah from "$image")
+mnt=$(buildah mount "$ctr")
+chroot "$mnt" /opt/kubenova/bin/kubenova --version
+buildah umount "$ctr" >/dev/null
+buildah rm "$ctr" >/dev/null
+[ -n "$archive" ] && buildah push --quiet "$image" "oci-archive:$archive:$image" >&2
+buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$image"
