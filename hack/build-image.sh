@@ -29,8 +29,11 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
     [ -s "$f" ] && sources+=("$f")
   done
   echo "making the base image $base with mmdebstrap..." >&2
+  # No manuals, translations or docs in the image (the copyright files stay).
   mmdebstrap --quiet --variant=minbase --aptopt='Acquire::Check-Valid-Until "false"' \
-    --aptopt='Acquire::Check-Date "false"' bookworm "$tmp/rootfs.tar" "${sources[@]}" >&2
+    --aptopt='Acquire::Check-Date "false"' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' bookworm "$tmp/rootfs.tar" "${sources[@]}" >&2
   ctr=$(buildah from scratch)
   buildah add "$ctr" "$tmp/rootfs.tar" / >/dev/null
   # CRI finds executables through the image's PATH; a tarball import has none.
@@ -41,7 +44,10 @@ fi
 
 echo "building $image..." >&2
 started=$(date +%s)
-buildah bud --quiet --isolation chroot --layers --build-arg "BASE=$base" -t "$image" "$top" >&2
+# The machine's CA bundle (its package index may sit behind a TLS proxy) is mounted for RUN steps only.
+ca=/etc/ssl/certs/ca-certificates.crt
+buildah bud --quiet --isolation chroot --layers --build-arg "BASE=$base" \
+  --volume "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt -t "$image" "$top" >&2
 echo "built in $(( $(date +%s) - started ))s" >&2
 
 # The entry point, once, in a chroot of the built image.

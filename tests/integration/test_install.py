@@ -112,8 +112,7 @@ def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_th
             procs.start(ground.layout, f"sa-{component}", argv, marker,
                         env={**os.environ, "KUBECONFIG": str(installed[component])})
         plugin = ["kubectl", "kubenova", "-n", namespace, "--timeout", "180"]
-        out = run([*plugin, "create", "vm", "--memory", "96", "--kernel", guest.KERNEL, "--initrd", guest.INITRD,
-                   "--cmdline", guest.CMDLINE], ground).stdout
+        out = run([*plugin, "create", "vm", "--memory", "96", "--image", guest.DISK_IMAGE], ground).stdout
         assert f"vm is Running on {ground.node}" in out
         for verb, state in (("pause", "Paused"), ("unpause", "Running"), ("suspend", "Suspended"),
                             ("resume", "Running"), ("stop", "Stopped"), ("start", "Running")):
@@ -122,6 +121,14 @@ def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_th
         assert refused.returncode == 1 and refused.stderr.strip() == "error: cannot unpause vm: it is Running"
         assert "rebooted (hard)" in run([*plugin, "reboot", "--hard", "vm"], ground).stdout
         assert "node" in run([*plugin, "diag", "vm"], ground).stdout
+        image = f"plugin-{namespace}.qcow2"
+        assert f"image {image} is in the image store" in run([*plugin, "snapshot", "vm", image], ground).stdout
+        assert (ground.image_store / image).is_file()
+        (ground.image_store / image).unlink()
+        assert run([*plugin, "rescue", "vm", "--image", guest.RESCUE_IMAGE], ground).stdout.strip() == "vm is Rescued"
+        assert run([*plugin, "unrescue", "vm"], ground).stdout.strip() == "vm is Running"
+        nowhere = run([*plugin, "migrate", "vm", "--live", "--to", "nowhere"], ground, check=False)
+        assert nowhere.returncode == 1 and "no ComputeNode is called 'nowhere'" in nowhere.stderr
         instances = ground.node_dir() / "instances"
         eventually(lambda: guest.BOOT_MARKER in run([*plugin, "console", "--instances-dir", str(instances), "vm"],
                                                     ground).stdout, timeout=120, what="the console after the reboot")

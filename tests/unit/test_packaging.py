@@ -39,3 +39,23 @@ def test_agent_without_node_name_says_how_to_fix_it() -> None:
                           env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "NODE_NAME" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_kubectl_plugin_has_help_for_every_verb() -> None:
+    plugin = pathlib.Path(sys.executable).with_name("kubectl-kubenova")
+    verbs = ("create", "delete", "start", "stop", "pause", "unpause", "suspend", "resume", "reboot", "rescue",
+             "unrescue", "snapshot", "migrate", "diag", "console")
+    out = subprocess.run([plugin, "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: kubectl kubenova")
+    for verb in verbs:
+        assert verb in out
+        text = subprocess.run([plugin, verb, "--help"], capture_output=True, text=True, check=True).stdout
+        assert text.startswith(f"usage: kubectl kubenova {verb}"), verb
+
+
+def test_the_plugin_without_a_cluster_says_so_in_one_line() -> None:
+    plugin = pathlib.Path(sys.executable).with_name("kubectl-kubenova")
+    proc = subprocess.run([plugin, "stop", "vm"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent", "HOME": "/nonexistent"})
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: no cluster to talk to") and proc.stderr.count("\n") == 1, proc.stderr
