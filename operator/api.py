@@ -85,6 +85,10 @@ class Actions(TypedDict, total=False):
     passwordReset: PasswordResetRequest
 
 
+class VncRequest(TypedDict, total=False):
+    enabled: bool
+
+
 class VirtualInstanceSpec(TypedDict, total=False):
     flavor: Flavor
     boot: Boot
@@ -99,6 +103,7 @@ class VirtualInstanceSpec(TypedDict, total=False):
     networkConfig: str
     adminPasswordSecretRef: SecretKeyRef
     nodeName: str
+    vnc: VncRequest
     nodeSelector: dict[str, str]
     actions: Actions
 

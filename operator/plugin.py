@@ -8,9 +8,13 @@ stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import pathlib
+import socket
+import socketserver
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -84,6 +88,8 @@ class Plugin:
             "image": args.kernel, "cmdline": args.cmdline, **({"initrd": args.initrd} if args.initrd else {})}}
         spec: dict[str, Any] = {"flavor": {"vcpus": args.vcpus, "memoryMiB": args.memory}, "boot": boot,
                                 "powerState": "Stopped" if args.stopped else "Running"}
+        if args.vnc:
+            spec["vnc"] = {"enabled": True}
         if args.node_selector:
             pairs = [item.split("=", 1) for item in args.node_selector]
             if any(len(pair) != 2 for pair in pairs):
@@ -204,6 +210,33 @@ class Plugin:
                          f"tx {nic.get('txBytes', 0)} B / {nic.get('txPackets', 0)} pkts")
         return "\n".join(lines)
 
+    def vnc(self, name: str, port: int, ready: Callable[[str], None]) -> None:
+        """Forward a local port to the guest's VNC server and say the password; runs until interrupted.
+
+        The VNC server listens on the loopback of the instance's node, so this runs on that node
+        (or through an SSH tunnel to it), as `console` does; nothing listens on other interfaces.
+        """
+        body = self.get(name)
+        vnc = (body.get("status") or {}).get("vnc") or {}
+        if not ((body.get("spec") or {}).get("vnc") or {}).get("enabled"):
+            raise Refused(f"{name} has no VNC server: create it with spec.vnc.enabled true")
+        if not vnc.get("port"):
+            raise Refused(f"{name} has no VNC endpoint yet (is it running?)")
+        core = kubernetes.client.CoreV1Api(self.custom.api_client)
+        secret_name = vnc["passwordSecretRef"]["name"]
+        try:
+            secret = core.read_namespaced_secret(secret_name, self.namespace)
+        except kubernetes.client.ApiException as exc:
+            raise Refused(f"cannot read the Secret {secret_name} with the VNC password: {exc.reason}") from exc
+        password = base64.b64decode((secret.data or {}).get("password", "")).decode()
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", port), _forwarder(vnc["host"], vnc["port"]))
+        server.daemon_threads = True
+        ready(f"vnc://127.0.0.1:{server.server_address[1]} password {password} (Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+
     def console(self, name: str, instances_dir: pathlib.Path, follow: bool) -> None:
         """Print the serial console log; it is a file on the instance's node, so this runs there."""
         status = self.get(name).get("status") or {}
@@ -223,6 +256,33 @@ class Plugin:
                     return
                 else:
                     time.sleep(0.5)
+
+
+def _forwarder(host: str, port: int) -> type[socketserver.BaseRequestHandler]:
+    class Forward(socketserver.BaseRequestHandler):
+        """One VNC client: bytes both ways until either side closes."""
+
+        def handle(self) -> None:
+            with socket.create_connection((host, port), timeout=10) as upstream:
+                upstream.settimeout(None)
+                pump = threading.Thread(target=_copy, args=(upstream, self.request), daemon=True)
+                pump.start()
+                _copy(self.request, upstream)
+                pump.join()
+    return Forward
+
+
+def _copy(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 def _message(exc: kubernetes.client.ApiException) -> str:
@@ -249,6 +309,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--node-selector", action="append", metavar="KEY=VALUE",
                         help="only nodes with this label (repeatable)")
     create.add_argument("--stopped", action="store_true", help="create it powered off")
+    create.add_argument("--vnc", action="store_true", help="with a VNC server (password in the Secret <name>-vnc)")
     verbs.add_parser("delete", help="delete a VirtualInstance and wait until it is gone").add_argument("name")
     helps = {"start": "power on (spec.powerState Running)", "stop": "power off (spec.powerState Stopped)",
              "pause": "pause the vCPUs (Paused)", "unpause": "run a paused instance again",
@@ -271,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", dest="target", help="the target ComputeNode [the controller chooses]")
     migrate.add_argument("--no-wait", action="store_true", help="return once the Migration exists")
     verbs.add_parser("diag", help="diagnostics as a table").add_argument("name")
+    vnc = verbs.add_parser("vnc", help="forward a local port to the guest's VNC server (on the instance's node)")
+    vnc.add_argument("name")
+    vnc.add_argument("--port", type=int, default=0, help="local port on 127.0.0.1 [any free one]")
     console = verbs.add_parser("console", help="print the serial console log (on the instance's node)")
     console.add_argument("name")
     console.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -299,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             print(plugin.migrate(args.name, args.live, args.target, not args.no_wait))
         elif args.verb == "diag":
             print(plugin.diag(args.name))
+        elif args.verb == "vnc":
+            plugin.vnc(args.name, args.port, lambda line: print(line, flush=True))
         else:
             plugin.console(args.name, args.instances_dir, args.follow)
     except Refused as exc:

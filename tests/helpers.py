@@ -1,9 +1,13 @@
 """Helpers for tests that wait on the real components."""
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from Crypto.Cipher import DES
 
 T = TypeVar("T")
 
@@ -19,3 +23,24 @@ def eventually(probe: Callable[[], T | None], timeout: float = 60, interval: flo
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def vnc_auth(host: str, port: int, password: str) -> bool:
+    """An RFB 3.8 handshake with VNC authentication: True when the server accepts the password."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        f = sock.makefile("rwb")
+        assert f.read(12).startswith(b"RFB 003.")
+        f.write(b"RFB 003.008\n")
+        f.flush()
+        count = f.read(1)[0]
+        types = f.read(count)
+        assert list(types) == [2], f"the server must offer only VNC authentication, offered {list(types)}"
+        f.write(b"\x02")
+        f.flush()
+        challenge = f.read(16)
+        # VNC's DES key is the password, 8 bytes, each byte's bits mirrored.
+        key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
+        f.write(DES.new(key, DES.MODE_ECB).encrypt(challenge))
+        f.flush()
+        (result,) = struct.unpack(">I", f.read(4))
+        return result == 0

@@ -13,6 +13,8 @@ import base64
 import collections
 import dataclasses
 import logging
+import secrets
+import string
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -80,7 +82,7 @@ def unsupported(spec: Mapping[str, Any]) -> list[str]:
 
 
 def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstanceSpec, images: ImageStore,
-                  admin_password: str | None) -> InstanceSpec:
+                  admin_password: str | None, vnc_password: str | None = None) -> InstanceSpec:
     """Translate the spec for the driver; names the offending field when the node cannot run it."""
     boot = spec["boot"]
     kernel = boot.get("kernel")
@@ -106,7 +108,11 @@ def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstance
         interfaces=tuple(Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
                          for i in spec.get("interfaces") or []),
         user_data=spec.get("userData"), network_config=spec.get("networkConfig"),
-        injected_files=tuple(files), admin_password=admin_password)
+        injected_files=tuple(files), admin_password=admin_password, vnc_password=vnc_password)
+
+
+def vnc_secret_name(instance: str) -> str:
+    return f"{instance[:249]}-vnc"
 
 
 def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
@@ -313,7 +319,7 @@ class InstanceAgent(ObjectCache):
         if not driver.instance_exists(uid):
             password = self.secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
             driver.spawn(instance_spec(uid, meta["namespace"], meta["name"], {**spec, "flavor": flavor_of(body)},
-                                       self.images, password), power_on=want != "Stopped")
+                                       self.images, password, self.vnc_password(body)), power_on=want != "Stopped")
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
             driver.rescue(uid, ImageRef(rescue["image"]))
@@ -375,6 +381,13 @@ class InstanceAgent(ObjectCache):
                           f"no libvirt domain for this instance on {self.node}", generation)
             return patch
         power = info.state.value
+        if (spec.get("vnc") or {}).get("enabled") and info.state is PowerState.RUNNING:
+            try:
+                console = self.driver.get_vnc_console(uid)
+                patch["vnc"] = {"host": console.host, "port": console.port,
+                                "passwordSecretRef": {"name": vnc_secret_name(meta["name"])}}
+            except DriverError as exc:
+                log.warning("no VNC endpoint for %s: %s", uid, exc)
         rescued = bool((spec.get("rescue") or {}).get("enabled")) and info.state is PowerState.RUNNING
         patch.update({"powerState": power, "phase": "Rescued" if rescued else PHASES[info.state],
                       "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib,
@@ -485,6 +498,32 @@ class InstanceAgent(ObjectCache):
             raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
         self.driver.set_admin_password(uid, password)
         return "the guest's admin password was set"
+
+    def vnc_password(self, body: Mapping[str, Any]) -> str | None:
+        """The instance's VNC password, kept in the Secret <name>-vnc (made once, owned by the instance).
+
+        Kept in a Secret rather than status, so that reading it takes the same RBAC as reading any
+        Secret of the namespace, and so that a restarted agent or a migration target finds the same one.
+        """
+        meta = body["metadata"]
+        if not ((body.get("spec") or {}).get("vnc") or {}).get("enabled"):
+            return None
+        name = vnc_secret_name(meta["name"])
+        password = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))  # VNC's limit
+        try:
+            self.core.create_namespaced_secret(meta["namespace"], kubernetes.client.V1Secret(
+                metadata=kubernetes.client.V1ObjectMeta(
+                    name=name, labels={f"{GROUP}/vnc-for": meta["name"]},
+                    owner_references=[kubernetes.client.V1OwnerReference(
+                        api_version=f"{GROUP}/{VERSION}", kind="VirtualInstance", name=meta["name"],
+                        uid=meta["uid"])]),
+                string_data={"password": password}))
+            return password
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.core.read_namespaced_secret(name, meta["namespace"])
+        return base64.b64decode((existing.data or {})["password"]).decode()
 
     def secret(self, namespace: str, ref: Mapping[str, Any] | None) -> str | None:
         """The admin password from its Secret; a missing Secret is waited for, not fatal."""

@@ -221,7 +221,7 @@ class MigrationAgent(ObjectCache):
         meta, spec = instance["metadata"], instance["spec"]
         password = self.instances.secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
         return instance_spec(meta["uid"], meta["namespace"], meta["name"], {**spec, "flavor": dict(flavor)},
-                             self.instances.images, password)
+                             self.instances.images, password, self.instances.vnc_password(instance))
 
     def _move_instance(self, instance: Mapping[str, Any], node: str, flavor: dict[str, int] | None) -> None:
         """Bind the instance to ``node`` (the agents' watches follow the label) and record its flavor."""

@@ -12,8 +12,6 @@ import hashlib
 import os
 import pathlib
 import shutil
-import socket
-import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -21,13 +19,13 @@ from typing import Any, Protocol
 
 import libvirt
 import pytest
-from Crypto.Cipher import DES
 
 from kubenova.driver.base import ComputeDriver, FirewallRule, ImageRef, InstanceSpec, KernelBoot
 from kubenova.driver.fake import FakeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.testground import ground as testground
+from tests.helpers import vnc_auth
 from kubenova.testground import guest, libvirt_host
 
 NETWORK = libvirt_host.NETWORK
@@ -45,27 +43,6 @@ class Probe(Protocol):
     def host_figures(self) -> tuple[int, int, int]: ...
     def cache_key(self, image: str) -> str: ...
     def firewall_lets_in(self, uid: str, tap: str, rule: FirewallRule) -> bool: ...
-
-
-def vnc_auth(host: str, port: int, password: str) -> bool:
-    """An RFB 3.8 handshake with VNC authentication: True when the server accepts the password."""
-    with socket.create_connection((host, port), timeout=10) as sock:
-        f = sock.makefile("rwb")
-        assert f.read(12).startswith(b"RFB 003.")
-        f.write(b"RFB 003.008\n")
-        f.flush()
-        count = f.read(1)[0]
-        types = f.read(count)
-        assert list(types) == [2], f"the server must offer only VNC authentication, offered {list(types)}"
-        f.write(b"\x02")
-        f.flush()
-        challenge = f.read(16)
-        # VNC's DES key is the password, 8 bytes, each byte's bits mirrored.
-        key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
-        f.write(DES.new(key, DES.MODE_ECB).encrypt(challenge))
-        f.flush()
-        (result,) = struct.unpack(">I", f.read(4))
-        return result == 0
 
 
 class LibvirtProbe:

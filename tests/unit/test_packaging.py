@@ -44,7 +44,7 @@ def test_agent_without_node_name_says_how_to_fix_it() -> None:
 def test_the_kubectl_plugin_has_help_for_every_verb() -> None:
     plugin = pathlib.Path(sys.executable).with_name("kubectl-kubenova")
     verbs = ("create", "delete", "start", "stop", "pause", "unpause", "suspend", "resume", "reboot", "rescue",
-             "unrescue", "snapshot", "migrate", "diag", "console")
+             "unrescue", "snapshot", "migrate", "diag", "vnc", "console")
     out = subprocess.run([plugin, "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("usage: kubectl kubenova")
     for verb in verbs:
