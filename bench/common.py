@@ -189,7 +189,7 @@ def fake_store(ground: testground.Ground) -> pathlib.Path:
     return store
 
 
-def start_fake_agents(bench: Bench, names: list[str], first_port: int = 39500) -> dict[str, int]:
+def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -> dict[str, int]:
     """Start one agent process per name on the in-memory driver; returns name → metrics port."""
     ground, store = bench.ground, fake_store(bench.ground)
     ports = {}

@@ -14,7 +14,7 @@ SELECTOR = {"bench.kubenova.io/pool": "scale"}
 
 def run(bench: Bench, agents: int, count: int) -> Result:
     names = [f"scale-{i:02d}" for i in range(agents)]
-    ports = start_fake_agents(bench, names, first_port=39500)
+    ports = start_fake_agents(bench, names, first_port=29500)
     try:
         for node in names:  # an aggregate of their own, so the real node takes none of these
             bench.custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node,

@@ -14,8 +14,9 @@ from kubenova.testground import guest, kube, libvirt_host, procs
 from kubenova.testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
-#: The agent of NODE serves /metrics here (loopback only).
-METRICS_PORT = 39464
+#: The agent of NODE serves /metrics here (loopback only), node-N's at METRICS_PORT + N; below the
+#: ephemeral port range, like every port of the test ground (see kube.ETCD_PORT).
+METRICS_PORT = 29464
 #: Shorter waits than production so tests see each path soon: the test guest ignores ACPI, so a
 #: soft reboot always falls back to hard after the timeout.
 AGENT_TEST_SETTINGS = ("--soft-reboot-timeout", "5", "--restart-delay", "3", "--diagnostics-interval", "5")
@@ -98,7 +99,8 @@ def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
              "--image-store", str(ground.image_store), "--instances-dir", str(ground.node_dir(node) / "instances"),
              "--volume-store", str(ground.volume_store(node)), "--host-ip", address,
              "--migration-uri", libvirt_host.peer_uri(address),
-             "--metrics-address", f"127.0.0.1:{METRICS_PORT + index}", *AGENT_TEST_SETTINGS], f"--node {node} --libvirt-uri")
+             "--metrics-address", f"127.0.0.1:{METRICS_PORT + index}", *AGENT_TEST_SETTINGS],
+            f"--node {node} --libvirt-uri")
 
 
 def _ensure_running(ground: Ground, processes: dict[str, tuple[list[str], str]]) -> None:

@@ -14,8 +14,10 @@ from kubenova.testground import procs
 from kubenova.testground.procs import Layout, TestGroundError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-ETCD_PORT = int(os.environ.get("KUBENOVA_ETCD_PORT", "32379"))
-APISERVER_PORT = int(os.environ.get("KUBENOVA_APISERVER_PORT", "36443"))
+# Every port the test ground listens on is below Linux's ephemeral range (32768-60999): inside it, an
+# outgoing connection (the apiserver's to etcd, once) can hold the port first and the bind fails.
+ETCD_PORT = int(os.environ.get("KUBENOVA_ETCD_PORT", "22379"))
+APISERVER_PORT = int(os.environ.get("KUBENOVA_APISERVER_PORT", "26443"))
 SERVICE_CIDR = "10.96.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 

@@ -82,7 +82,8 @@ def kubeconfig_for(ground: testground.Ground, core: kubernetes.client.CoreV1Api,
 
 
 @pytest.fixture(scope="module")
-def installed(helm: str, ground: testground.Ground, core: kubernetes.client.CoreV1Api) -> Iterator[dict[str, pathlib.Path]]:
+def installed(helm: str, ground: testground.Ground,
+              core: kubernetes.client.CoreV1Api) -> Iterator[dict[str, pathlib.Path]]:
     run([helm, "install", RELEASE, str(CHART), "--namespace", LEASE_NAMESPACE, "--wait=false"], ground)
     try:
         yield {c: kubeconfig_for(ground, core, c) for c in COMPONENTS}
