@@ -62,7 +62,8 @@ class Planner:
     def run(self) -> None:
         migrations = self.custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS)["items"]
         nodes = self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES)["items"]
-        names = {node["metadata"]["name"] for node in nodes}
+        uris = {node["metadata"]["name"]: (node.get("status") or {}).get("migrationURI") for node in nodes}
+        names = set(uris)
         for body in migrations:
             status = body.get("status") or {}
             if body["metadata"].get("deletionTimestamp") and (not _scheduled(body) or is_final(status)):
@@ -77,7 +78,7 @@ class Planner:
                     self._label(body)  # a pass that died between its two writes left them out
         active = [b for b in migrations if _scheduled(b) and not is_final(b["status"])]
         for body in sorted((b for b in migrations if not _scheduled(b)), key=_created):
-            self._schedule(body, active)
+            self._schedule(body, active, uris)
         for node in nodes:
             self._maintain(node, migrations)
 
@@ -114,7 +115,8 @@ class Planner:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"],
                                                    {"metadata": {"labels": wanted, "finalizers": finalizers_patch}})
 
-    def _schedule(self, body: Mapping[str, Any], active: list[dict[str, Any]]) -> None:
+    def _schedule(self, body: Mapping[str, Any], active: list[dict[str, Any]],
+                  uris: Mapping[str, str | None]) -> None:
         """Start one Pending migration if it can run now (it joins ``active``), or end it with the reason."""
         meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
         namespace, name = meta["namespace"], spec["instanceRef"]["name"]
@@ -138,11 +140,8 @@ class Planner:
             if status.get("message") != str(exc):
                 self._status(body, {"phase": "Pending", "message": str(exc)})
             return
-        uris = {}
-        for role, node in (("source", source), ("target", target)):
-            node_status = self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node).get("status") or {}
-            uris[role] = node_status.get("migrationURI")
-            if not uris[role]:
+        for node in (source, target):
+            if not uris.get(node):
                 self._end(body, "Failed", f"ComputeNode {node} publishes no migrationURI; start its agent with "
                                           "--migration-uri")
                 return
@@ -150,7 +149,7 @@ class Planner:
         patch = {"phase": "Scheduling", "step": first, "sourceNode": source, "targetNode": target,
                  "instanceUID": instance["metadata"]["uid"], "startTime": now(),
                  "observedGeneration": meta.get("generation"),
-                 "handoff": {"sourceURI": uris["source"], "targetURI": uris["target"]},
+                 "handoff": {"sourceURI": uris[source], "targetURI": uris[target]},
                  "message": f"moving from {source} to {target}"}
         self._status(body, patch)
         scheduled = {**body, "status": {**status, **patch}}
