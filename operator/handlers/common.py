@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, MutableMapping
+import itertools
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import kubernetes
@@ -19,6 +20,19 @@ NODE_LABEL = f"{GROUP}/node"
 AGENT_FINALIZER = f"{GROUP}/agent"
 #: Where the controller's leader Lease and the agents' heartbeat Leases live.
 LEASE_NAMESPACE = "kubenova-system"
+
+
+class RetryForever:
+    """kopf's backoffs between failed API requests: growing to 10 s, then every 10 s, without end.
+
+    kopf's default gives up after about a minute, and a watch that gives up ends the operator.
+    An apiserver or etcd outage must not end an agent that keeps guests running: it waits and
+    resumes its watches when the apiserver answers again. Re-iterable, so each request starts
+    from the short waits again.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1.0, 1.0, 2.0, 3.0, 5.0, 8.0), itertools.repeat(10.0))
 
 
 def now() -> str:

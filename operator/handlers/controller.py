@@ -24,7 +24,7 @@ from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from kubenova.handlers import virtualinstance, volumes
 from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, MIGRATIONS, NODE_LABEL, VERSION, \
-    VIRTUALINSTANCES, VOLUMEATTACHMENTS, remove_finalizer
+    VIRTUALINSTANCES, VOLUMEATTACHMENTS, RetryForever, remove_finalizer
 from kubenova.handlers.instances import flavor_of
 from kubenova.handlers.migration import MigrationLimits, Planner
 from kubenova.handlers.placement import HEARTBEAT_GRACE, NodeView, Usage
@@ -103,6 +103,7 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING
         settings.batching.batch_window = 0.02
+        settings.networking.error_backoffs = RetryForever()
 
     @kopf.index(*CN, registry=registry, id="node_views")
     def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,

@@ -22,7 +22,7 @@ from typing import Any
 
 import kubernetes
 
-from kubenova import api
+from kubenova import api, faults
 from kubenova.driver.base import (
     ComputeDriver, DriverError, ImageRef, InjectedFile, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface,
     InvalidInstanceSpec, KernelBoot, PowerState, RebootType,
@@ -344,6 +344,7 @@ class InstanceAgent(ObjectCache):
         if want == "Stopped":
             if state is not PowerState.SHUTOFF:
                 driver.power_off(uid)
+                faults.point("power.stopped")
             return
         if state is PowerState.SUSPENDED and want != "Suspended":
             driver.resume(uid)
@@ -488,6 +489,7 @@ class InstanceAgent(ObjectCache):
                 self.write(body, {"actions": {"snapshot": {"id": request["id"], "phase": "InProgress",
                                                             "progress": percent}}})
         self.driver.snapshot(uid, name, progress)
+        faults.point("snapshot.written")
         return f"image {name} is in the image store"
 
     def _do_passwordReset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any],
@@ -565,6 +567,7 @@ class InstanceAgent(ObjectCache):
             self.warn(body, "DeleteFailed", str(exc))
             self.schedule(meta["uid"], self._backoff(meta["uid"]))
             return
+        faults.point("delete.destroyed")
         self._event(body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal")
         remove_finalizer(self.custom, body, VIRTUALINSTANCES)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import kubernetes
 
+from kubenova import faults
 from kubenova.driver.base import (
     CPUIncompatible, CpuInfo, DriverError, InstanceNotFound, InstanceSpec, MigrationProgress,
 )
@@ -190,6 +191,7 @@ class MigrationAgent(ObjectCache):
 
     def _finish(self, body: dict[str, Any], phase: str, message: str, **extra: Any) -> None:
         """The last write of a migration; its instance is looked at again on this node."""
+        faults.point(f"migration.{body['status']['step']}")
         self._write(body, {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra})
         try:
             post_event(self.instances.core, body, phase if phase != "Succeeded" else "Migrated", message,
@@ -199,6 +201,7 @@ class MigrationAgent(ObjectCache):
         self.instances.schedule(body["status"]["instanceUID"], 0.0)
 
     def _hand_over(self, body: dict[str, Any], step: str, message: str, **extra: Any) -> None:
+        faults.point(f"migration.{body['status']['step']}")  # this step's work is done, not yet said
         self._write(body, {"step": step, "message": message, **extra})
 
     # --- the instance --------------------------------------------------------------------

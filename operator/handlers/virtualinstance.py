@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova import api
+from kubenova import api, faults
 from kubenova.handlers.common import AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, \
     set_condition
 from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_node
@@ -70,6 +70,7 @@ def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], n
         kopf.warn(dict(body), reason="Unschedulable", message=str(exc))
         return None
     finalizers = list(meta.get("finalizers") or [])
+    faults.point("placement.chosen")
     try:
         custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name, {"metadata": {
             "labels": {NODE_LABEL: node}, "resourceVersion": meta["resourceVersion"],

@@ -7,6 +7,7 @@ from typing import Any
 
 import kubernetes
 
+from kubenova import faults
 from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
 from kubenova.handlers.common import (
     AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition,
@@ -106,6 +107,7 @@ class VolumeAgent(ObjectCache):
                     self.instances.warn(body, "DetachFailed", str(exc))
                     self.schedule(uid, 10.0)
                     return
+            faults.point("volume.detached")
             remove_finalizer(custom, body, VOLUMEATTACHMENTS)
             return
         if status.get("phase") == "Attached" and status.get("observedGeneration") == generation:
@@ -136,6 +138,7 @@ class VolumeAgent(ObjectCache):
             self.instances.warn(body, "AttachFailed", str(exc))
             self.schedule(uid, 10.0)
             return
+        faults.point("volume.attached")
         patch = self._condition(body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}",
                                 ready=True)
         patch.update({"node": self.instances.node, "device": attached, "observedGeneration": generation,

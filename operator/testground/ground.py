@@ -64,9 +64,15 @@ class Ground:
     def volume_store(self, node: str | None = None) -> pathlib.Path:
         return self.node_dir(node) / "volumes"
 
+    @property
+    def fault_dir(self) -> pathlib.Path:
+        """Where the fault tests arm kubenova's crash points (see kubenova.faults)."""
+        return self.layout.state / "faults"
+
     def env(self) -> dict[str, str]:
+        self.fault_dir.mkdir(parents=True, exist_ok=True)
         return {**os.environ, "KUBECONFIG": str(self.layout.kubeconfig),
-                "PATH": f"{self.tools}:{os.environ.get('PATH', '')}"}
+                "PATH": f"{self.tools}:{os.environ.get('PATH', '')}", "KUBENOVA_FAULT_DIR": str(self.fault_dir)}
 
 
 def source_fingerprint() -> str:

@@ -150,6 +150,29 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
     return uri(layout, node)
 
 
+def kill_daemon(layout: Layout, node: str) -> int:
+    """kill -9 of this host's libvirtd alone, as a crash would: virtlogd and the QEMUs keep running."""
+    pid = _pid(host_dir(layout, node) / "libvirtd.pid")
+    if pid is None:
+        raise TestGroundError(f"the libvirtd of {node} is not running")
+    os.kill(pid, signal.SIGKILL)
+    procs.wait_for(lambda: not procs.pid_alive(pid), 10, f"the killed libvirtd of {node} to be gone")
+    return pid
+
+
+def revive_daemon(layout: Layout, node: str) -> None:
+    """Start libvirtd again inside the namespaces of the host's surviving virtlogd (like systemd restarting it)."""
+    host = host_dir(layout, node)
+    keeper = _pid(host / "virtlogd.pid")
+    if keeper is None:
+        raise TestGroundError(f"virtlogd of {node} is gone too; stop() and start() the host instead")
+    listen = ["--listen"] if "listen_tcp = 1" in (host / "etc" / "libvirtd.conf").read_text() else []
+    procs.run(["nsenter", f"--target={keeper}", "--mount", "--net", "--uts", "libvirtd", "--daemon", *listen,
+               f"--pid-file={host / 'libvirtd.pid'}"], f"restarting libvirtd for {node}",
+              f"see {host / 'log' / 'libvirtd.log'}")
+    procs.wait_for(lambda: _responds(layout, node), 30, f"libvirtd of {node}", host / "log" / "libvirtd.log")
+
+
 def _forget_bridge(node: str) -> None:
     """Remove the test network's bridge and libvirt's iptables rules for it: both outlive a killed libvirtd."""
     rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout

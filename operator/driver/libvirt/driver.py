@@ -35,6 +35,7 @@ from kubenova.driver.base import (
     VolumeConnector,
     VolumeNotFound, VolumeSpec, check_instance,
 )
+from kubenova import faults
 from kubenova.driver import cloudinit
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt import configdrive
@@ -277,6 +278,7 @@ class LibvirtDriver(ComputeDriver):
             config = self._guest_config(instance, folder)
             with translate("define", instance.uuid):
                 dom = self.host.get_connection().defineXML(config.to_xml())
+            faults.point("spawn.defined")
             if power_on:
                 with translate("start", instance.uuid):
                     dom.create()

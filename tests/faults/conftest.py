@@ -1,0 +1,21 @@
+"""Collects the fault matrix's outcomes and prints them as a table at the end of the run."""
+from __future__ import annotations
+
+from typing import Any
+
+#: (step, component) -> "converged after N s" or "failed"
+RESULTS: dict[tuple[str, str], str] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RESULTS:
+        return
+    from tests.faults.chaos import COMPONENTS
+    steps = list(dict.fromkeys(step for step, _ in RESULTS))
+    write = terminalreporter.write_line
+    write("")
+    write("fault matrix: time from the revival of the killed component to convergence")
+    write("| step | " + " | ".join(COMPONENTS) + " |")
+    write("| --- |" + " --- |" * len(COMPONENTS))
+    for step in steps:
+        write(f"| {step} | " + " | ".join(RESULTS.get((step, c), "not run") for c in COMPONENTS) + " |")
