@@ -74,15 +74,28 @@ def running_pid(layout: Layout, name: str) -> int | None:
     return None
 
 
-def check_port_free(port: int, what: str, env_var: str) -> None:
+def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
+            return False
+    return True
+
+
+def check_port_free(port: int, what: str, env_var: str, grace: float = 10.0) -> None:
+    """Fail clearly when another process holds the port; a just-killed one gets ``grace`` to let go of it.
+
+    A killed multi-threaded server shows as a zombie before its last thread has closed its sockets.
+    """
+    deadline = time.monotonic() + grace
+    while not _port_free(port):
+        if time.monotonic() > deadline:
             raise TestGroundError(
                 f"port 127.0.0.1:{port} for {what} is already in use by another process; "
-                f"stop it or choose another port with {env_var}=<port>") from None
+                f"stop it or choose another port with {env_var}=<port>")
+        time.sleep(0.1)
 
 
 def start(layout: Layout, name: str, argv: Sequence[str], marker: str,
