@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import kubernetes
 import libvirt
 import pytest
 
 from kubenova.testground import ground as testground
+from tests.helpers import REPORT
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +51,9 @@ def namespace(core: kubernetes.client.CoreV1Api) -> str:
     core.create_namespace({"metadata": {"name": name}})
     return name
 
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Figures the tests gathered (generated inputs, soak measurements), printed after the results."""
+    for line in REPORT:
+        terminalreporter.write_line(line)

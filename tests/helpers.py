@@ -44,3 +44,7 @@ def vnc_auth(host: str, port: int, password: str) -> bool:
         f.flush()
         (result,) = struct.unpack(">I", f.read(4))
         return result == 0
+
+
+#: Figures a test wants in the run's summary (the number of generated inputs, soak figures).
+REPORT: list[str] = []
