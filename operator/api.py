@@ -102,6 +102,7 @@ class VirtualInstanceSpec(TypedDict, total=False):
     injectedFiles: list[InjectedFile]
     networkConfig: str
     adminPasswordSecretRef: SecretKeyRef
+    userDataSecretRef: SecretKeyRef
     nodeName: str
     vnc: VncRequest
     nodeSelector: dict[str, str]

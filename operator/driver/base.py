@@ -349,6 +349,14 @@ class ComputeDriver(abc.ABC):
         agent's periodic resync notices changes instead.
         """
 
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(False)`` when the hypervisor connection is lost and ``listener(True)`` once it is back.
+
+        Not in Nova's 2012 contract: the agent needs it to say so on its ComputeNode at once, and to
+        look again at every instance whose events it may have missed meanwhile. A driver without a
+        connection leaves it out.
+        """
+
     @abc.abstractmethod
     def get_available_resource(self) -> HostStats:
         """Capacity and identity of this hypervisor host."""

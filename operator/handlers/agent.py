@@ -32,6 +32,8 @@ AGENT_PREFIX = f"agent.{GROUP}"
 EXECUTOR_WORKERS = 8
 #: Tasks draining the agent's own queue (lifecycle events, retries, resyncs).
 WORKERS = 4
+#: While libvirt is unreachable, how often the agent tries to reconnect (and says so on its ComputeNode).
+RECONNECT_INTERVAL = 2.0
 
 
 @dataclasses.dataclass
@@ -118,9 +120,27 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         instances.on_domain_ready = domain_ready
         # libvirt's event thread: only hand the UUID over; the worker reads the state.
         driver.add_lifecycle_listener(lambda uid, *_: loop.call_soon_threadsafe(enqueue, ("observe", uid)))
+        driver.add_connection_listener(lambda up: loop.call_soon_threadsafe(enqueue, ("hypervisor", str(up))))
+
+        def hypervisor(up: str) -> None:
+            """Say at once on the ComputeNode whether libvirt is reachable; while it is not, keep trying.
+
+            The report reconnects when libvirtd is back; the connection listener then sends "True"
+            here, and every instance is looked at again, since its lifecycle events were lost meanwhile.
+            """
+            try:
+                reporter.report()
+            except Exception as exc:  # the apiserver may be away too; the condition is written next time
+                log.warning("cannot write the hypervisor's state on the ComputeNode: %s", exc)
+            if not reporter.connected:
+                loop.call_soon_threadsafe(loop.call_later, RECONNECT_INTERVAL, enqueue, ("hypervisor", "False"))
+            elif up == "True":
+                for uid in list(instances.objects):
+                    loop.call_soon_threadsafe(enqueue, ("instance", uid))
 
         work: dict[str, Callable[[str], None]] = {"instance": instances.handle, "observe": instances.observe,
-                                                  "volume": volumes.handle, "migration": migrations.handle}
+                                                  "volume": volumes.handle, "migration": migrations.handle,
+                                                  "hypervisor": hypervisor}
 
         async def worker() -> None:
             while True:

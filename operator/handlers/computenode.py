@@ -57,6 +57,8 @@ class NodeReporter:
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
         self._unknown: set[str] = set()
         self.status: dict[str, Any] = {}
+        #: Whether the last report reached the hypervisor.
+        self.connected = False
 
     def register(self) -> None:
         try:
@@ -90,9 +92,11 @@ class NodeReporter:
         patch: dict[str, Any] = {}
         try:
             patch.update(self._figures())
+            self.connected = True
             set_condition(patch, self.status, "Ready", True, "LibvirtConnected",
                           f"the agent reaches libvirt ({patch['hypervisorType']} {patch['hypervisorVersion']})")
         except DriverError as exc:
+            self.connected = False
             set_condition(patch, self.status, "Ready", False, "LibvirtUnreachable", str(exc))
         self._write(patch)
 

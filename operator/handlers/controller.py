@@ -36,6 +36,10 @@ VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
 MIG = (GROUP, VERSION, MIGRATIONS)
 LEADER_LEASE = "kubenova-controller"
 RESERVATION_SECONDS = 60.0
+#: After a failed placement write, the next pass over every pending instance.
+PLACEMENT_RETRY = 5.0
+#: A pass over the pending instances at least this often, whatever the events said.
+PENDING_RESYNC = 60.0
 
 
 class Reservations:
@@ -94,6 +98,14 @@ def _loop(name: str, work: Callable[[], None]) -> Callable[[], None]:
     return wanted.set
 
 
+def _every(interval: float, work: Callable[[], None]) -> None:
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            work()
+    threading.Thread(target=loop, daemon=True, name="resync").start()
+
+
 def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient,
              limits: MigrationLimits = MigrationLimits()) -> None:
     api = kubernetes.client.CustomObjectsApi(client)
@@ -140,10 +152,17 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
               node_usage: kopf.Index[str, Any]) -> None:
         if body["metadata"].get("deletionTimestamp"):
             return
-        with reservations.lock:
-            node = virtualinstance.place(api, body, _nodes(node_views, node_leases), reservations.totals(node_usage))
-            if node:
-                reservations.add(body["metadata"]["uid"], node, virtualinstance.request_of(body.get("spec") or {}))
+        try:
+            with reservations.lock:
+                node = virtualinstance.place(api, body, _nodes(node_views, node_leases),
+                                             reservations.totals(node_usage))
+                if node:
+                    reservations.add(body["metadata"]["uid"], node,
+                                     virtualinstance.request_of(body.get("spec") or {}))
+        except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
+            log.warning("placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
+                        body["metadata"]["namespace"], body["metadata"]["name"], exc, PLACEMENT_RETRY)
+            threading.Timer(PLACEMENT_RETRY, lambda: retry()).start()
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
     def place_instance(body: kopf.Body, type: str | None, node_views: kopf.Index[str, Any],
@@ -198,10 +217,13 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     renewals: dict[str, Any] = {}
 
     def retry_pending() -> None:
+        if "unbound" not in indexes:
+            return  # no node has been seen yet: nothing can be placed
         for body in list(indexes["unbound"].get("pending", [])):
             place(body, indexes["node_views"], indexes["node_leases"], indexes["node_usage"])
 
     retry = _loop("retry-pending", retry_pending)
+    _every(PENDING_RESYNC, retry)  # the safety net under the event-driven passes, like an informer's resync
 
     def ask_for_retry(**found: kopf.Index[Any, Any]) -> None:
         indexes.update(found)
@@ -212,6 +234,7 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             return _nodes(indexes["node_views"], indexes["node_leases"]), reservations.totals(indexes["node_usage"])
 
     plan = _loop("migrations", Planner(api, kubernetes.client.CoreV1Api(client), limits, capacity).run)
+    _every(PENDING_RESYNC, plan)  # a pass that failed (apiserver away) is not lost until the next event
 
     @kopf.on.event(*MIG, registry=registry)
     @kopf.on.event(*CN, registry=registry)

@@ -317,9 +317,7 @@ class InstanceAgent(ObjectCache):
                                              "remove it from the spec to run the instance")
         driver = self.driver
         if not driver.instance_exists(uid):
-            password = self.secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
-            driver.spawn(instance_spec(uid, meta["namespace"], meta["name"], {**spec, "flavor": flavor_of(body)},
-                                       self.images, password, self.vnc_password(body)), power_on=want != "Stopped")
+            driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
             driver.rescue(uid, ImageRef(rescue["image"]))
@@ -495,7 +493,8 @@ class InstanceAgent(ObjectCache):
     def _do_passwordReset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any],
                           interrupted: bool) -> str:
         spec = body.get("spec") or {}
-        password = self.secret(body["metadata"]["namespace"], spec.get("adminPasswordSecretRef"))
+        password = self.secret(body["metadata"]["namespace"], spec.get("adminPasswordSecretRef"),
+                               "spec.adminPasswordSecretRef", "password")
         if password is None:
             raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
         self.driver.set_admin_password(uid, password)
@@ -525,25 +524,44 @@ class InstanceAgent(ObjectCache):
             if exc.status != 409:
                 raise
         existing = self.core.read_namespaced_secret(name, meta["namespace"])
-        return base64.b64decode((existing.data or {})["password"]).decode()
+        data = (existing.data or {}).get("password")
+        if data is None:  # a Secret of that name that kubenova did not make
+            raise WaitFor("SecretConflict", f"spec.vnc: Secret {name!r} exists without a 'password' key, so it is "
+                                            "not the one kubenova keeps the VNC password in; rename or delete it")
+        return base64.b64decode(data).decode()
 
-    def secret(self, namespace: str, ref: Mapping[str, Any] | None) -> str | None:
-        """The admin password from its Secret; a missing Secret is waited for, not fatal."""
+    def secret(self, namespace: str, ref: Mapping[str, Any] | None, field: str, default_key: str) -> str | None:
+        """A value from the Secret ``ref`` names (the field it came from, for messages); a missing one is waited for."""
         if not ref:
             return None
-        key = ref.get("key", "password")
+        key = ref.get("key", default_key)
         try:
             secret = self.core.read_namespaced_secret(ref["name"], namespace)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
-                raise WaitFor("SecretMissing", f"spec.adminPasswordSecretRef: Secret {ref['name']!r} does not "
-                                               f"exist in namespace {namespace}; create it") from exc
+                raise WaitFor("SecretMissing", f"{field}: Secret {ref['name']!r} does not exist in namespace "
+                                               f"{namespace}; create it") from exc
             raise
         data = (secret.data or {}).get(key)
         if data is None:
-            raise WaitFor("SecretMissing", f"spec.adminPasswordSecretRef: Secret {ref['name']!r} has no key "
-                                           f"{key!r}; add it or set spec.adminPasswordSecretRef.key")
-        return base64.b64decode(data).decode()
+            raise WaitFor("SecretMissing", f"{field}: Secret {ref['name']!r} has no key {key!r}; add it or set "
+                                           f"{field}.key")
+        try:
+            return base64.b64decode(data).decode()
+        except UnicodeDecodeError:
+            raise WaitFor("SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 "
+                                           "text") from None
+
+    def driver_spec(self, instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
+        """The driver's view of an instance with this flavor, its secrets read from their Secrets."""
+        meta, spec = instance["metadata"], instance.get("spec") or {}
+        namespace = meta["namespace"]
+        password = self.secret(namespace, spec.get("adminPasswordSecretRef"), "spec.adminPasswordSecretRef",
+                               "password")
+        user_data = self.secret(namespace, spec.get("userDataSecretRef"), "spec.userDataSecretRef", "userData")
+        resolved = {**spec, "flavor": dict(flavor), **({"userData": user_data} if user_data is not None else {})}
+        return instance_spec(meta["uid"], namespace, meta["name"], resolved,  # type: ignore[arg-type]
+                             self.images, password, self.vnc_password(instance))
 
     # --- deletion -------------------------------------------------------------------------
 

@@ -23,12 +23,12 @@ import kubernetes
 
 from kubenova import faults
 from kubenova.driver.base import (
-    CPUIncompatible, CpuInfo, DriverError, InstanceNotFound, InstanceSpec, MigrationProgress,
+    CPUIncompatible, CpuInfo, DriverError, InstanceNotFound, MigrationProgress,
 )
 from kubenova.handlers.common import (
     COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, now, post_event,
 )
-from kubenova.handlers.instances import InstanceAgent, ObjectCache, flavor_of, instance_spec
+from kubenova.handlers.instances import InstanceAgent, ObjectCache, flavor_of
 
 log = logging.getLogger(__name__)
 FINAL = ("Succeeded", "Failed", "Cancelled", "Reverted")
@@ -220,12 +220,6 @@ class MigrationAgent(ObjectCache):
             raise Gone(f"VirtualInstance {name!r} was deleted and created again during the migration")
         return dict(instance)
 
-    def _spec_for(self, instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
-        meta, spec = instance["metadata"], instance["spec"]
-        password = self.instances.secret(meta["namespace"], spec.get("adminPasswordSecretRef"))
-        return instance_spec(meta["uid"], meta["namespace"], meta["name"], {**spec, "flavor": dict(flavor)},
-                             self.instances.images, password, self.instances.vnc_password(instance))
-
     def _move_instance(self, instance: Mapping[str, Any], node: str, flavor: dict[str, int] | None) -> None:
         """Bind the instance to ``node`` (the agents' watches follow the label) and record its flavor."""
         meta = instance["metadata"]
@@ -250,7 +244,7 @@ class MigrationAgent(ObjectCache):
         try:
             if cpu:
                 self.driver.compare_cpu(CpuInfo(**{**cpu, "features": tuple(cpu.get("features") or ())}))
-            definition = self.driver.pre_live_migration(self._spec_for(instance, flavor_of(instance)))
+            definition = self.driver.pre_live_migration(self.instances.driver_spec(instance, flavor_of(instance)))
         except CPUIncompatible as exc:
             self._finish(body, "Failed", f"{self.node} cannot run a guest started on {source}: {exc}; choose "
                                          "another spec.targetNode, or stop the instance and use a Cold migration")
@@ -365,7 +359,7 @@ class MigrationAgent(ObjectCache):
         power_on = (instance.get("spec") or {}).get("powerState", "Running") != "Stopped"
         if not self.driver.instance_exists(status["instanceUID"]):
             try:
-                self.driver.finish_migration(self._spec_for(instance, flavor), list(handoff.get("disks") or []),
+                self.driver.finish_migration(self.instances.driver_spec(instance, flavor), list(handoff.get("disks") or []),
                                              handoff["sourceURI"], power_on)
             except DriverError as exc:
                 self.driver.destroy(status["instanceUID"])

@@ -102,6 +102,9 @@ class LibvirtDriver(ComputeDriver):
     def add_lifecycle_listener(self, listener: Callable[[str], None]) -> None:
         self.host.add_lifecycle_listener(lambda uuid, _event, _detail: listener(uuid))
 
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
+        self.host.add_connection_listener(listener)
+
     def get_available_resource(self) -> HostStats:
         conn = self.host.get_connection()
         arch, _, cpus, *_ = conn.getInfo()
@@ -424,12 +427,11 @@ class LibvirtDriver(ComputeDriver):
         if not root.exists():
             raise Unsupported("snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)")
         field = "spec.actions.snapshot.imageName"
-        if "/" in image_name or image_name in ("", ".", ".."):
-            raise InvalidInstanceSpec(field, f"{image_name!r} is not a plain file name")
-        dest = self.images.root / image_name
-        if dest.exists():
+        dest = self.images.path(field, image_name)
+        if dest.exists() or dest.is_symlink():
             raise InvalidInstanceSpec(field, f"image {image_name!r} already exists in the image store")
         tmp = dest.with_name(f".{image_name}.partial")
+        tmp.unlink(missing_ok=True)  # an interrupted snapshot's, or a link someone left: never written through
         paused = guest.state() is PowerState.RUNNING
         if paused:  # a consistent copy: no guest writes while it is made
             with translate("pause for snapshot", uuid):

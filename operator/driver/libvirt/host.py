@@ -65,11 +65,24 @@ class Host:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._listeners: list[LifecycleListener] = []
+        self._connection_listeners: list[Callable[[bool], None]] = []
         self._callback_id: int | None = None
+        self._lost = False
 
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         """``listener(uuid, event, detail)`` for every domain lifecycle event, across reconnects."""
         self._listeners.append(listener)
+
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
+        """``listener(False)`` when the connection closes, ``listener(True)`` when a later one opens."""
+        self._connection_listeners.append(listener)
+
+    def _tell(self, up: bool) -> None:
+        for listener in self._connection_listeners:
+            try:
+                listener(up)
+            except Exception:  # a listener's bug must not break the connection handling
+                log.exception("connection listener failed")
 
     def _lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int,
                    _opaque: object) -> None:
@@ -85,11 +98,14 @@ class Host:
         with self._lock:
             self._conn = None
             self._callback_id = None
+            self._lost = True
+        self._tell(False)
 
     def get_connection(self) -> libvirt.virConnect:
         with self._lock:
             if self._conn is not None and self._conn.isAlive():
                 return self._conn
+            self._lost = self._lost or self._conn is not None  # died without the close callback
             start_event_loop()
             try:
                 conn = libvirt.open(self.uri)
@@ -100,6 +116,9 @@ class Host:
             self._callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
             self._conn = conn
+            if self._lost:
+                self._lost = False
+                self._tell(True)
             return conn
 
     def lookup(self, uuid: str) -> libvirt.virDomain:
