@@ -94,8 +94,9 @@ def test_secrets_stay_out_of_status_events_and_logs(ground: testground.Ground,
     uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)["metadata"]["uid"]
     wait_ready(custom, namespace, "secretive")
     # The guest got both (through the config drive)...
-    files = eventually(lambda: dict(re.findall(rf"{guest.CD_FILE} (\S+) (\S+)", console_text(ground, uid))),
-                       timeout=120, what="the config drive's files on the console")
+    eventually(lambda: guest.TICK in console_text(ground, uid), timeout=120,
+               what="the guest past printing its config drive")
+    files = dict(re.findall(rf"{guest.CD_FILE} (\S+) (\S+)", console_text(ground, uid)))
     seen = b"".join(base64.b64decode(data) for data in files.values())
     assert marker.encode() in seen and password.encode() in seen
     # ...and a password reset (which this guest cannot do: no guest agent) fails without echoing it.
