@@ -2,7 +2,7 @@
 VENV := .venv
 KUBENOVA := $(VENV)/bin/kubenova
 
-.PHONY: deps demo test bench down image kind-up
+.PHONY: deps demo test test-long bench down image kind-up
 deps:  ## Debian packages, the Python venv (the Go tools are built on first use)
 	bash hack/install-deps.sh
 
@@ -12,6 +12,9 @@ demo: deps  ## start the test ground and kubenova, boot the sample VM, show it R
 
 test: deps  ## the whole test suite against the real apiserver, etcd and libvirtd
 	$(VENV)/bin/python -m pytest
+
+test-long: deps  ## the fault matrix, connection loss and soak (about 40 minutes; CI runs it as a step of its own)
+	$(VENV)/bin/python -m pytest -m long tests/faults
 
 bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)
 	$(VENV)/bin/python -m bench

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
+import urllib3
 
 from kubenova import api, faults
 from kubenova.driver.base import (
@@ -139,9 +140,13 @@ PHASES = {PowerState.RUNNING: "Running", PowerState.BLOCKED: "Running", PowerSta
 class ObjectCache:
     """The newest version of each watched object, by UID, as the agent's handlers last saw it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_backoff: float = 300.0) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
         self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._failures: dict[str, int] = {}
+        self.max_backoff = max_backoff
+        #: Called with (uid, delay) when an object needs another look later; set by the agent.
+        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
 
     def lock(self, uid: str) -> threading.Lock:
         """Serialises the work on one object across the kopf handlers and the agent's own workers."""
@@ -150,6 +155,15 @@ class ObjectCache:
     def forget(self, uid: str) -> None:
         """Drop what is kept about an object that is gone, so a long-lived agent does not grow."""
 
+    def retry_later(self, uid: str) -> None:
+        """Another look after a failure: 2 s, doubling up to max_backoff, so a broken object never storms."""
+        attempt = self._failures.get(uid, 0)
+        self._failures[uid] = attempt + 1
+        self.schedule(uid, float(min(self.max_backoff, 2.0 * 2 ** attempt)))
+
+    def succeeded(self, uid: str) -> None:
+        self._failures.pop(uid, None)
+
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
         uid = body["metadata"]["uid"]
         log.debug("watch event %s for %s/%s (%s)", event_type, body["metadata"]["namespace"],
@@ -157,6 +171,7 @@ class ObjectCache:
         if event_type == "DELETED":
             self.objects.pop(uid, None)
             self._locks.pop(uid, None)
+            self._failures.pop(uid, None)
             self.forget(uid)
         elif not _older(body, self.objects.get(uid)):  # a queued event may predate our own last write
             self.objects[uid] = dict(body)
@@ -173,19 +188,17 @@ class InstanceAgent(ObjectCache):
     def __init__(self, node: str, driver: ComputeDriver, images: ImageStore,
                  custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
                  settings: Settings | None = None) -> None:
-        super().__init__()
+        super().__init__((settings or Settings()).max_backoff)
         self.node = node
         self.driver = driver
         self.images = images
         self.custom = custom
         self.core = core
         self.settings = settings or Settings()
-        self._failures: dict[str, int] = {}
         self._stopped_outside: dict[str, float] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._acted: dict[tuple[str, str], str] = {}
-        #: Called with (uid, delay) when an object needs another look later; set by the agent.
-        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
+        #: (uid, action) -> (id, result) of the actions this process carried out.
+        self._acted: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
         self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
         #: Says why a migration keeps the agent's hands off an instance ("active", "moved") or None.
@@ -203,7 +216,6 @@ class InstanceAgent(ObjectCache):
     def forget(self, uid: str) -> None:
         self._warned = {key for key in self._warned if key[0] != uid}
         self._acted = {key: value for key, value in self._acted.items() if key[0] != uid}
-        self._failures.pop(uid, None)
         self._stopped_outside.pop(uid, None)
 
     def warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
@@ -263,19 +275,14 @@ class InstanceAgent(ObjectCache):
                 self._retry_later(uid, body, exc.reason, str(exc))
             except DriverError as exc:
                 self._retry_later(uid, body, "HypervisorError", str(exc))
-            except kubernetes.client.ApiException as exc:
-                log.warning("API error on %s: %s", uid, exc.reason)
-                self.schedule(uid, self._backoff(uid))
-            except Exception:  # a bug must not stop the retries (or leave an action InProgress)
+            except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+                log.warning("API error on %s: %s; trying again later", uid, getattr(exc, "reason", exc))
+                self.retry_later(uid)
+            except Exception:  # a bug or an unreachable apiserver must not stop the retries
                 log.exception("reconciling %s failed", uid)
-                self.schedule(uid, self._backoff(uid))
+                self.retry_later(uid)
             else:
-                self._failures.pop(uid, None)
-
-    def _backoff(self, uid: str) -> float:
-        attempt = self._failures.get(uid, 0)
-        self._failures[uid] = attempt + 1
-        return float(min(self.settings.max_backoff, 2.0 * 2 ** attempt))
+                self.succeeded(uid)
 
     def _retry_later(self, uid: str, body: dict[str, Any], reason: str, message: str) -> None:
         status = body.get("status") or {}
@@ -283,7 +290,7 @@ class InstanceAgent(ObjectCache):
         set_condition(patch, status, "Ready", False, reason, message, body["metadata"].get("generation"))
         self.write(body, patch)
         self.warn(body, reason, message)
-        self.schedule(uid, self._backoff(uid))
+        self.retry_later(uid)
 
     def _reconcile(self, body: dict[str, Any]) -> None:
         meta, spec = body["metadata"], body.get("spec") or {}
@@ -447,19 +454,24 @@ class InstanceAgent(ObjectCache):
             ack = ((body.get("status") or {}).get("actions") or {}).get(kind) or {}
             if ack.get("id") == request["id"] and ack.get("phase") != "InProgress":
                 continue  # done already
-            # InProgress with this id from an earlier agent process: it may or may not have happened.
-            interrupted = ack.get("id") == request["id"] and self._acted.get((uid, kind)) != request["id"]
-            if not interrupted:
-                self.write(body, {"actions": {kind: {"id": request["id"], "phase": "InProgress",
-                                                      "message": f"{kind} started"}}})
-            try:
-                message = getattr(self, f"_do_{kind}")(body, uid, request, interrupted)
-                result = {"phase": "Succeeded", "message": message}
-            except (DriverError, WaitFor) as exc:
-                result = {"phase": "Failed", "message": str(exc)}
-                self.warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
-            self._acted[(uid, kind)] = request["id"]
-            self.write(body, {"actions": {kind: {"id": request["id"], "completionTime": now(), **result}}})
+            done = self._acted.get((uid, kind))
+            if done is None or done[0] != request["id"]:
+                # InProgress with this id, yet not acted on by this process: an earlier agent process
+                # started it, and it may or may not have happened.
+                interrupted = ack.get("id") == request["id"]
+                if not interrupted:
+                    self.write(body, {"actions": {kind: {"id": request["id"], "phase": "InProgress",
+                                                          "message": f"{kind} started"}}})
+                try:
+                    message = getattr(self, f"_do_{kind}")(body, uid, request, interrupted)
+                    result = {"phase": "Succeeded", "message": message}
+                except (DriverError, WaitFor) as exc:
+                    result = {"phase": "Failed", "message": str(exc)}
+                    self.warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
+                done = (request["id"], {"completionTime": now(), **result})
+                self._acted[(uid, kind)] = done
+            # Acted on here; if this write fails (apiserver away), the retry writes it, never acts again.
+            self.write(body, {"actions": {kind: {"id": request["id"], **done[1]}}})
 
     def _do_reboot(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
         if interrupted:
@@ -583,7 +595,7 @@ class InstanceAgent(ObjectCache):
             self.driver.destroy(meta["uid"])
         except DriverError as exc:
             self.warn(body, "DeleteFailed", str(exc))
-            self.schedule(meta["uid"], self._backoff(meta["uid"]))
+            self.retry_later(meta["uid"])
             return
         faults.point("delete.destroyed")
         self._event(body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal")

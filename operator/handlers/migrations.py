@@ -16,10 +16,11 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kubernetes
+import urllib3
 
 from kubenova import faults
 from kubenova.driver.base import (
@@ -75,16 +76,13 @@ class MigrationAgent(ObjectCache):
     """The Migrations this node is the source or the target of."""
 
     def __init__(self, instances: InstanceAgent) -> None:
-        super().__init__()
+        super().__init__(instances.max_backoff)
         self.instances = instances
         self.node = instances.node
         self.driver = instances.driver
         self.custom = instances.custom
-        #: Called with (uid, delay) when a migration needs another look later; set by the agent.
-        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
         self._transfers: dict[str, str] = {}  # migration uid -> instance uid, while its transfer runs here
         self._aborted: set[str] = set()
-        self._failures: dict[str, int] = {}
         self._settled: set[str] = set()  # final migrations whose instance was looked at again here
 
     # --- what the instance side asks -------------------------------------------------------
@@ -147,23 +145,17 @@ class MigrationAgent(ObjectCache):
             body = self.objects.get(uid)
             if body is not None:
                 self._step(body)
-            self._failures.pop(uid, None)
-        except (DriverError, kubernetes.client.ApiException) as exc:
+            self.succeeded(uid)
+        except (DriverError, kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
             log.warning("migration %s: %s; trying again", uid, exc)
-            self._retry(uid)
+            self.retry_later(uid)
         except Exception:  # a bug must not stop the retries
             log.exception("migration %s failed", uid)
-            self._retry(uid)
+            self.retry_later(uid)
         finally:
             lock.release()
 
-    def _retry(self, uid: str) -> None:
-        attempt = self._failures.get(uid, 0)
-        self._failures[uid] = attempt + 1
-        self.schedule(uid, float(min(self.instances.settings.max_backoff, 2.0 * 2 ** attempt)))
-
     def forget(self, uid: str) -> None:
-        self._failures.pop(uid, None)
         self._aborted.discard(uid)
         self._settled.discard(uid)
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kubernetes
+import urllib3
 
 from kubenova import faults
 from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
@@ -63,9 +64,8 @@ class VolumeAgent(ObjectCache):
     """Attaches and detaches this node's VolumeAttachments; they wait for their instance's domain."""
 
     def __init__(self, instances: InstanceAgent) -> None:
-        super().__init__()
+        super().__init__(instances.max_backoff)
         self.instances = instances
-        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
 
     def waiting_for(self, namespace: str, name: str) -> list[str]:
         """Attachments of this instance that are not attached yet."""
@@ -78,7 +78,14 @@ class VolumeAgent(ObjectCache):
 
     def handle(self, uid: str) -> None:
         with self.lock(uid):
-            self._handle(uid)
+            try:
+                self._handle(uid)
+            except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+                log.warning("API error on attachment %s: %s; trying again later", uid, getattr(exc, "reason", exc))
+                self.retry_later(uid)
+            except Exception:  # a bug must not stop the retries
+                log.exception("attachment %s failed", uid)
+                self.retry_later(uid)
 
     def _write(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
         fresh = _write(self.instances.custom, body, patch)
@@ -105,7 +112,7 @@ class VolumeAgent(ObjectCache):
                 except DriverError as exc:
                     self._write(body, self._condition(body, "Detaching", "DetachFailed", str(exc)))
                     self.instances.warn(body, "DetachFailed", str(exc))
-                    self.schedule(uid, 10.0)
+                    self.retry_later(uid)
                     return
             faults.point("volume.detached")
             remove_finalizer(custom, body, VOLUMEATTACHMENTS)
@@ -136,7 +143,7 @@ class VolumeAgent(ObjectCache):
         except DriverError as exc:
             self._write(body, self._condition(body, "Attaching", "HypervisorError", str(exc)))
             self.instances.warn(body, "AttachFailed", str(exc))
-            self.schedule(uid, 10.0)
+            self.retry_later(uid)
             return
         faults.point("volume.attached")
         patch = self._condition(body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}",
@@ -145,6 +152,7 @@ class VolumeAgent(ObjectCache):
                       "connector": {"ip": connector.ip, "host": connector.host,
                                     **({"initiator": connector.initiator} if connector.initiator else {})}})
         self._write(body, patch)
+        self.succeeded(uid)
 
     @staticmethod
     def _condition(body: Mapping[str, Any], phase: str, reason: str, message: str,

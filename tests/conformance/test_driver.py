@@ -247,7 +247,11 @@ def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     env.driver.spawn(spec)
     console_has(env, spec.uuid, f"{guest.TICK} 0")
     name = f"vol-{spec.uuid[:8]}"
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "") == "vdb"
+    # A retry (an agent that died before recording the attach) finds it attached, under any device request.
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "") == "vdb"
     assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "vdb") == "vdb"
+    assert env.driver.list_disks(spec.uuid).count("vdb") == 1 and "vdc" not in env.driver.list_disks(spec.uuid)
     console_has(env, spec.uuid, f"{guest.WROTE} vdb {pattern}", timeout=60)
     assert "vdb" in env.driver.list_disks(spec.uuid)
     stats = env.driver.block_stats(spec.uuid, "vdb")

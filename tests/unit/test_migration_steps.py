@@ -38,6 +38,7 @@ def test_each_step_has_exactly_one_owner(kind: str, step: str | None, spec: dict
 class _Instances:
     node = "node-1"
     driver = custom = core = None
+    max_backoff = 300.0
 
 
 def agent_with(*migrations: dict[str, Any]) -> MigrationAgent:

@@ -559,12 +559,13 @@ class LibvirtDriver(ComputeDriver):
                 with open(path, "xb") as f:
                     f.truncate(volume.size_gib * 2**30)
             fmt = "raw"
-        prefix = "vd" if volume.bus == "virtio" else "sd"
-        target = device or _next_target(used, prefix)
+        disks = guest.devices().disks
+        for existing in disks:
+            if existing.source == str(path) and device in ("", existing.target):
+                return existing.target  # already attached: a retry (the agent may have died before saying so)
+        target = device or _next_target(used, "vd" if volume.bus == "virtio" else "sd")
         if target in used:
-            existing = next(d for d in guest.devices().disks if d.target == target)
-            if existing.source == str(path):
-                return target  # already attached: a retry
+            existing = next(d for d in disks if d.target == target)
             raise InvalidInstanceSpec("spec.device.name", f"{target} is already used by {existing.source}")
         disk = GuestDisk(source=str(path), target=target, driver_type=fmt, bus=volume.bus,
                          read_only=volume.read_only, serial=volume.name[:20])
