@@ -151,7 +151,17 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
                 except Exception:
                     log.exception("%s %s failed", *item)
 
+        def relist() -> None:
+            """Drop what left this node while a watch was broken (a re-list never says so)."""
+            for cache, plural, selector in (
+                    (instances, VIRTUALINSTANCES, f"{NODE_LABEL}={config.node}"),
+                    (volumes, VOLUMEATTACHMENTS, f"{NODE_LABEL}={config.node}"),
+                    (migrations, MIGRATIONS, node_label(config.node))):
+                listed = custom.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
+                cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
+
         def resync() -> None:
+            relist()
             for uid in list(instances.objects):
                 loop.call_soon_threadsafe(enqueue, ("instance", uid))
             for uid in list(migrations.objects):

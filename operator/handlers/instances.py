@@ -30,7 +30,7 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, VERSION, VIRTUALINSTANCES, condition, now, post_event, remove_finalizer,
+    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, now, post_event, remove_finalizer,
     set_condition,
 )
 
@@ -47,6 +47,10 @@ class SpecProblem(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class NotHere(Exception):
+    """The object moved to another node or went away; this agent's copy was stale."""
 
 
 class WaitFor(Exception):
@@ -155,6 +159,16 @@ class ObjectCache:
     def forget(self, uid: str) -> None:
         """Drop what is kept about an object that is gone, so a long-lived agent does not grow."""
 
+    def prune(self, listed: list[dict[str, Any]], version: str) -> None:
+        """Forget cached objects a fresh LIST at ``version`` no longer has (kopf's re-list after a broken
+        watch reports what exists, never what left the selector meanwhile)."""
+        present = {item["metadata"]["uid"] for item in listed}
+        for uid, body in list(self.objects.items()):
+            if uid not in present and not _older({"metadata": {"resourceVersion": version}}, body):
+                log.info("forgetting %s/%s: it is no longer bound here", body["metadata"]["namespace"],
+                         body["metadata"]["name"])
+                self.seen("DELETED", body)
+
     def retry_later(self, uid: str) -> None:
         """Another look after a failure: 2 s, doubling up to max_backoff, so a broken object never storms."""
         attempt = self._failures.get(uid, 0)
@@ -261,16 +275,20 @@ class InstanceAgent(ObjectCache):
             body = self.objects.get(uid)
             if body is None:
                 return
-            held = self.held(uid)
-            if held:  # the migration's steps move the domain; a delete waits for them to end
-                if held == "active" and not body["metadata"].get("deletionTimestamp"):
-                    self.write(body, {"phase": "Migrating"})
-                return
-            if body["metadata"].get("deletionTimestamp"):
-                self._delete(body)
-                return
             try:
+                held = self.held(uid)
+                if held:  # the migration's steps move the domain; a delete waits for them to end
+                    if held == "active" and not body["metadata"].get("deletionTimestamp"):
+                        self.write(body, {"phase": "Migrating"})
+                    return
+                if body["metadata"].get("deletionTimestamp"):
+                    self._delete(body)
+                    return
                 self._reconcile(body)
+            except NotHere:
+                log.info("%s/%s is not bound to %s any more; forgetting it", body["metadata"]["namespace"],
+                         body["metadata"]["name"], self.node)
+                self.seen("DELETED", body)
             except WaitFor as exc:
                 self._retry_later(uid, body, exc.reason, str(exc))
             except DriverError as exc:
@@ -324,6 +342,8 @@ class InstanceAgent(ObjectCache):
                                              "remove it from the spec to run the instance")
         driver = self.driver
         if not driver.instance_exists(uid):
+            if not self._still_here(body):
+                raise NotHere()
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
@@ -343,6 +363,27 @@ class InstanceAgent(ObjectCache):
                 return  # _restart_later_if_needed brings it back after the delay
         self._stopped_outside.pop(uid, None)
         self._power(uid, want, state)
+
+    def _still_here(self, body: dict[str, Any]) -> bool:
+        """Whether the newest version of the object is still bound to this node and not being deleted.
+
+        Asked before a domain is created, the one act a stale copy must never cause: after a migration
+        whose label change this agent missed, it would start a second copy of a guest running elsewhere.
+        """
+        meta = body["metadata"]
+        try:
+            fresh = self.custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES,
+                                                            meta["name"])
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        if fresh["metadata"]["uid"] != meta["uid"] or fresh["metadata"].get("deletionTimestamp") or \
+                (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node:
+            return False
+        body.clear()
+        body.update(fresh)
+        return True
 
     def _power(self, uid: str, want: str, state: PowerState) -> None:
         driver = self.driver

@@ -57,6 +57,10 @@ def leftovers(custom: kubernetes.client.CustomObjectsApi, namespace: str) -> Ite
     yield
     for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES):
         custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+    # Gone before the module removes its nodes: a node removed first would keep the domains.
+    eventually(lambda: not any(custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+                               for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)),
+               timeout=CONVERGE, what="the case's objects deleted")
 
 
 @dataclasses.dataclass
@@ -127,10 +131,13 @@ def running(run: Run, body: dict[str, Any]) -> None:
 
 def ready_once(run: Run, nodes: tuple[str, ...], power: str = "Running") -> str:
     """Ready with the wanted power state, and one domain, on the node the status names; returns that node."""
-    obj = wait_ready(run.custom, run.namespace, run.name, power, timeout=CONVERGE)
+    wait_ready(run.custom, run.namespace, run.name, power, timeout=CONVERGE)
+    # Ready may still be the old node's word: converged means the status names the bound node.
+    obj = eventually(lambda: (o := run.instance())["status"].get("node") == o["metadata"]["labels"][NODE_LABEL]
+                     and o["status"].get("powerState") == power and cond(o, "Ready").get("status") == "True" and o,
+                     timeout=CONVERGE, what="the status to name the node the instance is bound to")
     run.uid = obj["metadata"]["uid"]
     node = obj["metadata"]["labels"][NODE_LABEL]
-    assert obj["status"]["node"] == node
     assert where(run.ground, run.uid, nodes) == [node], "exactly one domain, on the instance's node"
     return str(node)
 
