@@ -168,6 +168,15 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
                 loop.call_soon_threadsafe(enqueue, ("migration", uid))
             instances.poll()
 
+        def know_migrations() -> None:
+            """This node's migrations, known before the first instance event: an instance whose domain
+            left for the target would otherwise look like a guest that vanished, and be started again."""
+            listed = custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS,
+                                                       label_selector=node_label(config.node))
+            for item in listed["items"]:
+                migrations.seen("ADDED", item)
+
+        await asyncio.to_thread(know_migrations)
         await asyncio.to_thread(driver.init_host, config.node)
         await asyncio.to_thread(reporter.register)
         await asyncio.to_thread(reporter.renew)
