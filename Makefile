@@ -13,7 +13,7 @@ demo: deps  ## start the test ground and kubenova, boot the sample VM, show it R
 test: deps  ## the whole test suite against the real apiserver, etcd and libvirtd
 	$(VENV)/bin/python -m pytest
 
-test-long: deps  ## the fault matrix, connection loss and soak (about 40 minutes; CI runs it as a step of its own)
+test-long: deps  ## the fault matrix, connection loss and soak (about 20 minutes; CI runs it as a step of its own)
 	$(VENV)/bin/python -m pytest -m long tests/faults
 
 bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)

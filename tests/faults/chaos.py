@@ -10,7 +10,6 @@ import dataclasses
 import os
 import pathlib
 import signal
-import time
 
 from kubenova.testground import ground as testground
 from kubenova.testground import kube, libvirt_host, procs
@@ -64,12 +63,11 @@ def _kill(pid: int) -> None:
     eventually(lambda: not procs.pid_alive(pid), timeout=10, interval=0.02, what=f"pid {pid} to die")
 
 
-def strike(ground: testground.Ground, stopped: Stopped, component: str) -> float:
+def strike(ground: testground.Ground, stopped: Stopped, component: str) -> None:
     """kill -9 ``component`` while ``stopped`` is held, let the held process run into the loss, then revive.
 
     The held process is released before the revival when it survives, so its next call meets the
     dead component (a refused connection, a closed libvirt socket) rather than a healthy one.
-    Returns the monotonic time when everything runs again: convergence is counted from there.
     """
     layout = ground.layout
     if component == "agent":
@@ -98,7 +96,6 @@ def strike(ground: testground.Ground, stopped: Stopped, component: str) -> float
     elif component == "kube-apiserver":
         kube.start_apiserver(layout, ground.tools, ground.layout.state / "pki")
     revive_kubenova(ground)
-    return time.monotonic()
 
 
 def revive_kubenova(ground: testground.Ground) -> None:

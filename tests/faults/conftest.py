@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: (step, component) -> "converged after N s" or "failed"
+#: (step, component) -> "N s" from the kill to convergence, or "failed"
 RESULTS: dict[tuple[str, str], str] = {}
 
 
@@ -14,7 +14,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     steps = list(dict.fromkeys(step for step, _ in RESULTS))
     write = terminalreporter.write_line
     write("")
-    write("fault matrix: time from the revival of the killed component to convergence")
+    write("fault matrix: seconds from the kill -9 to convergence (restarting the killed component included)")
     write("| step | " + " | ".join(COMPONENTS) + " |")
     write("| --- |" + " --- |" * len(COMPONENTS))
     for step in steps:

@@ -351,9 +351,10 @@ def test_kill_at_step_converges_without_leaks(ground: testground.Ground, custom:
     names = ["controller", *(f"agent-{node}" for node in step.nodes)]
     stopped = chaos.wait_reached(ground, step.point, names)
     try:
-        revived = chaos.strike(ground, stopped, component)
+        killed = time.monotonic()
+        chaos.strike(ground, stopped, component)
         step.converged(run)
-        RESULTS[(step.name, component)] = f"{time.monotonic() - revived:.1f} s"
+        RESULTS[(step.name, component)] = f"{time.monotonic() - killed:.1f} s"
     except BaseException:
         RESULTS[(step.name, component)] = "failed"
         raise

@@ -35,8 +35,12 @@ def usage(pid: int) -> dict[str, float]:
 
 
 def churn(custom: kubernetes.client.CustomObjectsApi, namespace: str, cycles: int, batch: int,
-          body: dict[str, Any], pid: int, after_round: Any = None) -> tuple[dict[str, float], dict[str, float]]:
-    """``cycles`` creates and deletes, ``batch`` at a time; the process's usage after round one and at the end."""
+          body: dict[str, Any], pid: int, after_round: Any = None,
+          every_round: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """``cycles`` creates and deletes, ``batch`` at a time; the process's usage after round one and at the end.
+
+    ``after_round(n)`` checks the hypervisor holds ``n`` domains, after each round or the last only.
+    """
     warm: dict[str, float] = {}
     for round_ in range(cycles // batch):
         names = [f"soak-{round_}-{i}" for i in range(batch)]
@@ -48,13 +52,14 @@ def churn(custom: kubernetes.client.CustomObjectsApi, namespace: str, cycles: in
             items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)["items"]
             return len(items) == batch and all((o.get("status") or {}).get("phase") == "Running" for o in items)
         eventually(all_running, timeout=300, interval=0.2, what=f"round {round_}: {batch} instances Running")
-        if after_round:
+        last = round_ == cycles // batch - 1
+        if after_round and (every_round or last):
             after_round(batch)
         custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)
         eventually(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
                                                                     VIRTUALINSTANCES)["items"],
                    timeout=300, interval=0.2, what=f"round {round_}: every instance deleted")
-        if after_round:
+        if after_round and (every_round or last):
             after_round(0)
         if round_ == 0:
             warm = usage(pid)
@@ -91,7 +96,8 @@ def test_500_cycles_on_the_fake_driver(ground: testground.Ground, custom: kubern
             eventually(lambda: (custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, FAKE_NODE)
                                 .get("status") or {}).get("instanceCount") == expected, timeout=60,
                        what=f"the fake hypervisor to hold {expected} domains")
-        warm, end = churn(custom, namespace, 500, 25, body, pid, counted)
+        # The ComputeNode's count is published every 20 s: checked in the last round only.
+        warm, end = churn(custom, namespace, 500, 25, body, pid, counted, every_round=False)
         flat("fake driver agent", warm, end, 500)
     finally:
         procs.stop(ground.layout, f"agent-{FAKE_NODE}")
