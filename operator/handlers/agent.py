@@ -161,7 +161,10 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
                 cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
 
         def resync() -> None:
-            relist()
+            try:
+                relist()
+            except Exception as exc:  # the apiserver is away: the instances are still looked at below
+                log.warning("re-listing this node's objects failed: %s", exc)
             for uid in list(instances.objects):
                 loop.call_soon_threadsafe(enqueue, ("instance", uid))
             for uid in list(migrations.objects):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection
 
 import libvirt
 
+from kubenova import faults
 from kubenova.driver.base import (
     BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, FirewallRule,
     HostPowerAction,
@@ -35,7 +36,6 @@ from kubenova.driver.base import (
     VolumeConnector,
     VolumeNotFound, VolumeSpec, check_instance,
 )
-from kubenova import faults
 from kubenova.driver import cloudinit
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt import configdrive
