@@ -213,12 +213,17 @@ class MigrationAgent(ObjectCache):
         return dict(instance)
 
     def _move_instance(self, instance: Mapping[str, Any], node: str, flavor: dict[str, int] | None) -> None:
-        """Bind the instance to ``node`` (the agents' watches follow the label) and record its flavor."""
+        """Bind the instance to ``node`` (the agents' watches follow the label) and record its flavor.
+
+        The status names the new node first, so that it never contradicts the Migration that says
+        Succeeded, even before the new node's agent writes its own status.
+        """
         meta = instance["metadata"]
+        status: dict[str, Any] = {"node": node, "console": {"node": node, "logFile": f"{meta['uid']}/console.log"}}
         if flavor is not None:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"],
-                {"status": {"flavor": flavor if flavor != flavor_of({"spec": instance["spec"]}) else None}})
+            status["flavor"] = flavor if flavor != flavor_of({"spec": instance["spec"]}) else None
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES,
+                                                          meta["name"], {"status": status})
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"],
                                                    {"metadata": {"labels": {NODE_LABEL: node}}})
 

@@ -109,9 +109,11 @@ def test_live_migration_moves_a_running_guest_without_restarting_it(
     assert status["progress"]["elapsedMs"] > 0 and status["progress"]["downtimeMs"] >= 0
     assert status["startTime"] and status["completionTime"]
     assert node_of(custom, namespace, "live") == target
-    obj = wait_ready(custom, namespace, "live")
-    assert obj["status"]["node"] == target
-    assert next(c for c in obj["status"]["conditions"] if c["type"] == "Scheduled")["message"] == f"placed on {target}"
+    assert get(custom, namespace, "live")["status"]["node"] == target, "the status never contradicts the Migration"
+    # Ready again once the target's agent has written its own status.
+    eventually(lambda: (o := wait_ready(custom, namespace, "live")) and next(
+        c for c in o["status"]["conditions"] if c["type"] == "Scheduled")["message"] == f"placed on {target}" and o,
+        timeout=60, what="the target's agent to report the instance")
     assert has_domain(ground, target, uid) and not has_domain(ground, source, uid)
     assert not ground.instance_dir(uid, source).exists(), "the source's files are cleaned up"
     # The same guest goes on counting on the target: no new boot.
