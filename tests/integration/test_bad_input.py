@@ -29,7 +29,8 @@ HOSTILE_INTS = [0, -1, 1, 2**31, 2**32 + 1, 2**53 + 1, 2**63, -2**63, 10**30]
 
 texts = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=80), st.text(string.printable, max_size=80))
 ints = st.one_of(st.sampled_from(HOSTILE_INTS), st.integers(-2**70, 2**70))
-scalars = st.one_of(texts, ints, st.booleans(), st.none(), st.floats(allow_nan=False))
+# No NaN or infinity: JSON has neither, so no client could send them (they are not spec input).
+scalars = st.one_of(texts, ints, st.booleans(), st.none(), st.floats(allow_nan=False, allow_infinity=False))
 values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(texts, scalars, max_size=3))
 big_text = st.integers(1, 200_000).map(lambda n: "A" * n)
 cross_ref = st.builds(lambda name, ns: {"name": name, "namespace": ns},
@@ -112,7 +113,8 @@ def test_hostile_input_is_refused_or_ends_in_a_clear_condition(
     accepted: list[dict[str, Any]] = []
     refused: list[str] = []
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    # Derandomized: every CI run tries the same 1000 objects, so a red run names a real regression.
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                      HealthCheck.data_too_large])
     @given(hostile_objects())
@@ -135,58 +137,62 @@ def test_hostile_input_is_refused_or_ends_in_a_clear_condition(
             return
         accepted.append(created)
 
-    apply()
-    REPORT.append(f"bad input: {len(refused) + len(accepted)} generated objects applied: {len(refused)} refused "
-                  f"at admission, {len(accepted)} accepted and answered in status")
-    assert len(refused) + len(accepted) >= EXAMPLES // 2
+    def check_answers(accepted: list[dict[str, Any]], refused: list[str]) -> None:
+        REPORT.append(f"bad input: {len(refused) + len(accepted)} generated objects applied: {len(refused)} refused "
+                      f"at admission, {len(accepted)} accepted and answered in status")
+        assert len(refused) + len(accepted) >= EXAMPLES // 2
 
-    def answered(obj: dict[str, Any]) -> dict[str, Any] | None:
-        plural = PLURALS[obj["kind"]]
-        try:
-            fresh = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj["metadata"]["name"])
-        except kubernetes.client.ApiException as exc:
-            return None if exc.status != 404 else obj  # a Migration of a missing instance may be gone
-        status = fresh.get("status") or {}
-        if obj["kind"] == "Migration":
-            return fresh if status.get("phase") and status.get("message") else None
-        ready = next((c for c in status.get("conditions") or [] if c["type"] in ("Ready", "Scheduled")
-                      and (c["status"] == "True" or c.get("message"))), None)
-        return fresh if ready else None
+        def answered(obj: dict[str, Any]) -> dict[str, Any] | None:
+            plural = PLURALS[obj["kind"]]
+            try:
+                fresh = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj["metadata"]["name"])
+            except kubernetes.client.ApiException as exc:
+                return None if exc.status != 404 else obj  # a Migration of a missing instance may be gone
+            status = fresh.get("status") or {}
+            if obj["kind"] == "Migration":
+                return fresh if status.get("phase") and status.get("message") else None
+            ready = next((c for c in status.get("conditions") or [] if c["type"] in ("Ready", "Scheduled")
+                          and (c["status"] == "True" or c.get("message"))), None)
+            return fresh if ready else None
 
-    def fresh(obj: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[obj["kind"]],
-                                                            obj["metadata"]["name"]))
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        def fresh(obj: dict[str, Any]) -> dict[str, Any] | None:
+            try:
+                return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[obj["kind"]],
+                                                                obj["metadata"]["name"]))
+            except kubernetes.client.ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
 
-    settled = []
-    for obj in accepted:
-        settled.append(eventually(lambda o=obj: answered(o), timeout=180, interval=0.5,
-                                  what=f"{obj['kind']} {obj['metadata']['name']} to say how it is ({obj['spec']})"))
-    # No retry storm: once settled (the first diagnostics written), nothing is rewritten while the
-    # agent keeps retrying the failed ones with backoff.
-    time.sleep(10)
-    before = {o["metadata"]["uid"]: o for o in map(fresh, settled) if o}
-    time.sleep(20)
-    rewritten = [f"{o['kind']} {o['metadata']['name']}: {before[o['metadata']['uid']].get('status')} -> "
-                 f"{o.get('status')}" for o in map(fresh, settled)
-                 if o and o["metadata"]["resourceVersion"] != before[o["metadata"]["uid"]]["metadata"]["resourceVersion"]]
-    assert not rewritten, f"rewritten while nothing changed: {rewritten}"
-    events = core.list_namespaced_event(namespace).items
-    per_object: dict[str, int] = {}
-    for event in events:
-        per_object[event.involved_object.name] = per_object.get(event.involved_object.name, 0) + (event.count or 1)
-    assert max(per_object.values(), default=0) <= 10, f"an Event storm: {sorted(per_object.items())[:5]}"
+        settled = []
+        for obj in accepted:
+            settled.append(eventually(lambda o=obj: answered(o), timeout=180, interval=0.5,
+                                      what=f"{obj['kind']} {obj['metadata']['name']} to say how it is ({obj['spec']})"))
+        # No retry storm: once settled (the first diagnostics written), nothing is rewritten while the
+        # agent keeps retrying the failed ones with backoff.
+        time.sleep(10)
+        before = {o["metadata"]["uid"]: o for o in map(fresh, settled) if o}
+        time.sleep(20)
+        rewritten = [f"{o['kind']} {o['metadata']['name']}: {before[o['metadata']['uid']].get('status')} -> "
+                     f"{o.get('status')}" for o in map(fresh, settled)
+                     if o and o["metadata"]["resourceVersion"] != before[o["metadata"]["uid"]]["metadata"]["resourceVersion"]]
+        assert not rewritten, f"rewritten while nothing changed: {rewritten}"
+        events = core.list_namespaced_event(namespace).items
+        per_object: dict[str, int] = {}
+        for event in events:
+            per_object[event.involved_object.name] = per_object.get(event.involved_object.name, 0) + (event.count or 1)
+        assert max(per_object.values(), default=0) <= 10, f"an Event storm: {sorted(per_object.items())[:5]}"
 
-    for obj in settled:
-        try:
-            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[obj["kind"]],
-                                                   obj["metadata"]["name"])
-        except kubernetes.client.ApiException as exc:
-            assert exc.status == 404
+    try:
+        apply()
+        check_answers(accepted, refused)
+    finally:  # whatever failed, the accepted objects must not crowd node-0 for the tests after this one
+        for obj in accepted:
+            try:
+                custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[obj["kind"]],
+                                                       obj["metadata"]["name"])
+            except kubernetes.client.ApiException as exc:
+                assert exc.status == 404
     for plural in PLURALS.values():
         eventually(lambda p=plural: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
                                                                              p)["items"],
@@ -197,3 +203,4 @@ def test_hostile_input_is_refused_or_ends_in_a_clear_condition(
             f.seek(offset)
             text = f.read()
         assert "Traceback" not in text, f"{name} crashed on hostile input:\n{text[text.index('Traceback'):][:3000]}"
+
