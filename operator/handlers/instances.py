@@ -296,7 +296,7 @@ class InstanceAgent(ObjectCache):
             except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
                 log.warning("API error on %s: %s; trying again later", uid, getattr(exc, "reason", exc))
                 self.retry_later(uid)
-            except Exception:  # a bug or an unreachable apiserver must not stop the retries
+            except Exception:  # a bug must not stop the retries (or leave an action InProgress)
                 log.exception("reconciling %s failed", uid)
                 self.retry_later(uid)
             else:
