@@ -15,6 +15,7 @@ from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from kubenova.handlers import virtualinstance
 from kubenova.handlers.computenode import lease_name
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
@@ -90,6 +91,19 @@ def test_a_disabled_node_gets_no_new_instances(ground: testground.Ground, custom
     obj = wait_ready(custom, namespace, "waits")  # enabling the node is the capacity it waited for
     assert obj["status"]["node"] == ground.node and cond(obj, "Scheduled")["status"] == "True"
     delete_and_wait(custom, namespace, "waits")
+
+
+def test_a_pass_holding_an_old_copy_never_calls_a_bound_instance_unschedulable(
+        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+    """Found by CI: a pending pass that read the instance before another pass bound it counted the
+    instance's own reservation against it and wrote Unschedulable over the agent's status."""
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("bound"))
+    obj = wait_ready(custom, namespace, "bound")
+    assert virtualinstance.place(custom, created, {}, {}) is None  # no node fits the old copy
+    fresh = get(custom, namespace, "bound")
+    assert fresh["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"], "nothing was written"
+    assert cond(fresh, "Scheduled")["status"] == "True" and fresh["status"]["phase"] == obj["status"]["phase"]
+    delete_and_wait(custom, namespace, "bound")
 
 
 def test_node_lease_host_facts_power_action_and_unknown_domains(
