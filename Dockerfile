@@ -3,7 +3,7 @@
 # `docker build .` works the same where Docker and Docker Hub are available.
 ARG BASE=docker.io/library/debian:bookworm-slim
 
-# --- build: the wheels of kubenova and of every dependency (libvirt-python compiles here) ---
+# --- build: kubenova and every dependency in a venv (libvirt-python compiles here) ---
 FROM ${BASE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc pkg-config libvirt-dev \
@@ -13,20 +13,26 @@ RUN apt-get update \
 # for the build's RUN steps only and names it here; it never lands in an image layer.
 ARG PIP_CERT=
 COPY pyproject.toml constraints.txt README.md /src/
+# The dependencies first (libvirt-python compiles here), so a change to kubenova's code alone
+# reuses this layer.
+RUN python3 -m venv /opt/kubenova \
+ && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    | /opt/kubenova/bin/pip install --no-cache-dir -c /src/constraints.txt -r /dev/stdin
 COPY operator /src/operator
-RUN python3 -m venv /opt/build \
- && /opt/build/bin/pip install --no-cache-dir --upgrade pip wheel \
- && /opt/build/bin/pip wheel --no-cache-dir --wheel-dir /wheels -c /src/constraints.txt /src
+RUN /opt/kubenova/bin/pip install --no-cache-dir --no-deps /src \
+ && /opt/kubenova/bin/pip uninstall -y setuptools pip
 
 # --- run: Python, the libvirt client library and qemu-img; no compiler, no pip cache ---
 FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv libvirt0 qemu-utils ca-certificates \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python3 -m venv /opt/kubenova \
- && /opt/kubenova/bin/pip install --no-cache-dir --no-index --find-links /wheels kubenova \
- && /opt/kubenova/bin/pip uninstall -y setuptools pip
+# buildah's layer cache does not compare what COPY --from takes from another stage; hack/build-image.sh
+# passes a digest of the build stage's inputs, so changed code always gives a new image.
+ARG SOURCE_DIGEST=unknown
+LABEL io.kubenova.source-digest=${SOURCE_DIGEST}
+# The same base and Python in both stages, so the venv works where it lands.
+COPY --from=build /opt/kubenova /opt/kubenova
 ENV PATH=/opt/kubenova/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # The controller runs as this user; the agent's DaemonSet runs it as root because it uses the host's
 # libvirt socket and writes the instances' files the host's QEMU opens.

@@ -2,7 +2,7 @@
 VENV := .venv
 KUBENOVA := $(VENV)/bin/kubenova
 
-.PHONY: deps demo test test-long bench down image kind-up
+.PHONY: deps demo test test-long test-cluster bench down image kind-up
 deps:  ## Debian packages, the Python venv (the Go tools are built on first use)
 	bash hack/install-deps.sh
 
@@ -15,6 +15,11 @@ test: deps  ## the whole test suite against the real apiserver, etcd and libvirt
 
 test-long: deps  ## the fault matrix, connection loss and soak (about 20 minutes; CI runs it as a step of its own)
 	$(VENV)/bin/python -m pytest -m long tests/faults
+
+test-cluster:  ## cluster mode end to end: helm install of kubenova's image on a real node (kubelet, containerd)
+	bash hack/install-deps.sh --cluster
+	$(KUBENOVA) dev down
+	$(VENV)/bin/python -m pytest -m cluster tests/cluster
 
 bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)
 	$(VENV)/bin/python -m bench

@@ -46,7 +46,10 @@ echo "building $image..." >&2
 started=$(date +%s)
 # The machine's CA bundle (its package index may sit behind a TLS proxy) is mounted for RUN steps only.
 ca=/etc/ssl/certs/ca-certificates.crt
-buildah bud --quiet --isolation chroot --layers --build-arg "BASE=$base" \
+# What the build stage reads (see the Dockerfile's SOURCE_DIGEST): a change rebuilds the installed layer.
+digest=$(cd "$top" && find operator pyproject.toml constraints.txt README.md -type f -not -path '*/__pycache__/*' \
+  -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+buildah bud --quiet --isolation chroot --layers --build-arg "BASE=$base" --build-arg "SOURCE_DIGEST=$digest" \
   --volume "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt -t "$image" "$top" >&2
 echo "built in $(( $(date +%s) - started ))s" >&2
 

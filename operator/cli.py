@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=1,
                     help="compute nodes, each a libvirtd in its own network namespace with its own agent; "
                          "instances migrate between them [1]")
+    up.add_argument("--cluster", action="store_true",
+                    help="a real single-node cluster instead of local processes: containerd, kubelet, scheduler, "
+                         "controller manager and kube-proxy run kubenova's image, installed with its helm chart")
     dev_sub.add_parser("down", help="stop everything the test ground started, even after a crash")
     dev_sub.add_parser("status", help="show what is running")
     dev_sub.add_parser("env", help="print the shell exports for kubectl")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from kubenova.testground import ground
             return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False),
-                               nodes=getattr(args, "nodes", 1))
+                               nodes=getattr(args, "nodes", 1), cluster=getattr(args, "cluster", False))
     except TestGroundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.handlers import diagnostics
 from kubenova.handlers.common import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
-    VOLUMEATTACHMENTS, RetryForever
+    VOLUMEATTACHMENTS, talk_to_the_apiserver
 from kubenova.handlers.computenode import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.instances import InstanceAgent, Settings
 from kubenova.handlers.migrations import MigrationAgent, node_label
@@ -63,7 +63,7 @@ def configure(settings: kopf.OperatorSettings, node: str) -> None:
     settings.posting.level = logging.WARNING  # Events for problems, not for every success
     settings.batching.batch_window = 0.02  # act on the newest state of an object quickly
     settings.execution.max_workers = EXECUTOR_WORKERS
-    settings.networking.error_backoffs = RetryForever()
+    talk_to_the_apiserver(settings)
 
 
 async def _every(interval: float, work: Callable[[], None], what: str) -> None:
@@ -225,4 +225,4 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         if type != "DELETED":
             reporter.power_action(body)
 
-    kopf.run(registry=registry, clusterwide=True, standalone=True)
+    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=f"agent-{config.node}")

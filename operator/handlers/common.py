@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
+import kopf
 import kubernetes
 
 GROUP = "compute.kubenova.io"
@@ -33,6 +34,17 @@ class RetryForever:
 
     def __iter__(self) -> Iterator[float]:
         return itertools.chain((1.0, 1.0, 2.0, 3.0, 5.0, 8.0), itertools.repeat(10.0))
+
+
+def talk_to_the_apiserver(settings: kopf.OperatorSettings) -> None:
+    """How both components use the API: retry without end, and serve only the resources found at start.
+
+    kopf's cluster scanning (a watch on every CRD and namespace) needs permissions neither
+    ServiceAccount has; without them, and with retries that never end, it would log a 403 every
+    10 s forever. kubenova's CRDs are installed before its pods (helm's crds/, deploy/).
+    """
+    settings.networking.error_backoffs = RetryForever()
+    settings.scanning.disabled = True
 
 
 def now() -> str:

@@ -24,7 +24,7 @@ from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from kubenova.handlers import virtualinstance, volumes
 from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, MIGRATIONS, NODE_LABEL, VERSION, \
-    VIRTUALINSTANCES, VOLUMEATTACHMENTS, RetryForever, remove_finalizer
+    VIRTUALINSTANCES, VOLUMEATTACHMENTS, remove_finalizer, talk_to_the_apiserver
 from kubenova.handlers.instances import flavor_of
 from kubenova.handlers.migration import MigrationLimits, Planner
 from kubenova.handlers.placement import HEARTBEAT_GRACE, NodeView, Usage
@@ -115,7 +115,7 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING
         settings.batching.batch_window = 0.02
-        settings.networking.error_backoffs = RetryForever()
+        talk_to_the_apiserver(settings)
 
     @kopf.index(*CN, registry=registry, id="node_views")
     def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
@@ -309,4 +309,6 @@ def run(lease_namespace: str = LEASE_NAMESPACE, limits: MigrationLimits = Migrat
     threading.Thread(target=leaderelection.LeaderElection(config).run, daemon=True, name="leader").start()
     leading.wait()
     log.info("leading as %s", identity)
-    kopf.run(registry=registry, clusterwide=True, standalone=True)
+    # An explicit identity: kopf's default asks the passwd database for the user's name, and the
+    # image's non-root UID (or a platform's random one) has no entry there.
+    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=identity)

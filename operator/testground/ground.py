@@ -10,6 +10,7 @@ import sys
 import time
 
 from kubenova.handlers.common import LEASE_NAMESPACE
+from kubenova.testground import cluster as cluster_mode
 from kubenova.testground import guest, kube, libvirt_host, procs
 from kubenova.testground.procs import Layout, TestGroundError
 
@@ -161,22 +162,64 @@ def remove_node(ground: Ground, node: str) -> None:
         procs.run([*argv, "-n", namespace] if namespace else argv, f"deleting the {kind} of {node}", "",
                   env=ground.env())
 
-def up(start_kubenova_processes: bool = True, layout: Layout | None = None, nodes: int = 1) -> Ground:
+def _check_mode(layout: Layout, cluster: bool) -> None:
+    """One machine runs one test ground: processes or cluster mode, not both on the same ports."""
+    marker = layout.state / "mode"
+    wanted = "cluster" if cluster else "processes"
+    if procs.running_pid(layout, "kube-apiserver") and marker.exists() and marker.read_text() != wanted:
+        raise TestGroundError(f"the test ground already runs in {marker.read_text()} mode; "
+                              "run `kubenova dev down` first")
+    marker.write_text(wanted)
+
+
+def up(start_kubenova_processes: bool = True, layout: Layout | None = None, nodes: int = 1,
+       cluster: bool = False) -> Ground:
+    """Bring the test ground up; with ``cluster``, kubenova runs as pods of a real node (see cluster.py)."""
     layout = layout or Layout.default()
     layout.state.mkdir(parents=True, exist_ok=True)
+    _check_mode(layout, cluster)
+    if cluster:
+        cluster_mode.check_packages()
+        if nodes != 1:
+            raise TestGroundError("cluster mode has one node; --nodes needs the default mode")
     tools = kube.build_tools()
     pki = kube.ensure_pki(layout)
-    kube.write_kubeconfig(layout, pki)
+    kube.kubeconfig(layout.kubeconfig, pki, "admin", kube.CLUSTER_ADDRESS if cluster else "127.0.0.1")
     kube.start_etcd(layout, tools)
-    kube.start_apiserver(layout, tools, pki)
+    if cluster:
+        libvirt_host.ensure_bridge()  # the apiserver's address: pods reach it, loopback they cannot
+    kube.start_apiserver(layout, tools, pki, cluster=cluster)
     ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE, node_address(NODE)))
     guest.ensure_images(layout, layout.state / "images")
+    if cluster:
+        start_cluster(ground, pki, install=start_kubenova_processes)
+        return ground
     install_crds(ground)
     if start_kubenova_processes:
         start_kubenova(ground)
         for index in range(1, nodes):
             add_node(ground, node_name(index))
     return ground
+
+
+def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
+    """The node (containerd, kubelet, scheduler, controller manager, kube-proxy), kubenova's image in it,
+    and with ``install`` the chart; it ends when the pods are Ready and the agent registered node-0."""
+    node_tools = kube.build_node_tools()
+    cluster_mode.start_containerd(ground.layout)
+    cluster_mode.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
+    cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
+    cluster_mode.ensure_kubenova_image(ground.layout, image_ref())
+    if install:
+        cluster_mode.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
+        _wait_registered(ground, ground.node)
+
+
+def image_ref() -> str:
+    """kubenova's image as hack/build-image.sh tags it and the chart names it by default."""
+    version = next(line.split('"')[1] for line in (kube.REPO / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version = "))
+    return f"localhost/kubenova:{version}"
 
 
 def down(layout: Layout | None = None) -> list[str]:
@@ -195,6 +238,7 @@ def down(layout: Layout | None = None) -> list[str]:
     for name in ("kube-apiserver", "etcd"):
         if procs.stop(layout, name):
             stopped.append(name)
+    stopped += cluster_mode.clean(layout)
     shutil.rmtree(layout.state, ignore_errors=True)
     return stopped
 
@@ -243,18 +287,18 @@ def demo(ground: Ground) -> None:
     print(f"\napply -> Ready (Running): {running:.2f}s; apply -> boot marker: {booted:.2f}s")
 
 
-def main(action: str, start_kubenova: bool = True, nodes: int = 1) -> int:
+def main(action: str, start_kubenova: bool = True, nodes: int = 1, cluster: bool = False) -> int:
     if action == "up":
-        ground = up(start_kubenova, nodes=nodes)
+        ground = up(start_kubenova, nodes=nodes, cluster=cluster)
         for name, state in status(ground.layout).items():
-            print(f"{name:20} {state}")
+            print(f"{name:24} {state}")
         print(f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground.layout, ground.tools)}")
     elif action == "down":
         stopped = down()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     elif action == "status":
         for name, state in status().items() or {"test ground": "not started"}.items():
-            print(f"{name:20} {state}")
+            print(f"{name:24} {state}")
     elif action == "env":
         print(exports(Layout.default(), kube.build_tools()))
     elif action == "demo":

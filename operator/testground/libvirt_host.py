@@ -54,7 +54,8 @@ def _ip(*args: str, ns: str | None = None) -> None:
 BRIDGE_ADDRESS = f"{PEER_NET}.1"
 
 
-def _ensure_bridge() -> None:
+def ensure_bridge() -> None:
+    """The peer bridge and its address (node-0's libvirtd, and cluster mode's apiserver and kubelet)."""
     if subprocess.run(["ip", "link", "show", PEER_BRIDGE], capture_output=True).returncode != 0:
         _ip("link", "add", PEER_BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{BRIDGE_ADDRESS}/24", "dev", PEER_BRIDGE)
@@ -63,7 +64,7 @@ def _ensure_bridge() -> None:
 
 def _plumb(node: str, address: str) -> None:
     """A network namespace for the node, joined to the peer bridge by a veth pair."""
-    _ensure_bridge()
+    ensure_bridge()
     subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True)
     subprocess.run(["ip", "link", "del", f"kv-{node}"[:15]], capture_output=True)
     procs.run(["ip", "netns", "add", netns(node)], "creating a network namespace", "run as root")
@@ -136,7 +137,7 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
         (host / "etc" / "qemu.conf").write_text(
             QEMU_CONF + f'migration_address = "{address}"\nmigration_host = "{address}"\n')
         if address == BRIDGE_ADDRESS:
-            _ensure_bridge()
+            ensure_bridge()
             argv.append("-")
         else:
             _plumb(node, address)

@@ -1,0 +1,97 @@
+"""kubenova's own image on a real node: the chart's DaemonSet and Deployment run by kubelet and containerd.
+
+The life of an install, end to end: helm install, a guest boots, the agent's pod is deleted and its
+replacement adopts the running guest, a helm upgrade rolls the pods under the running guest, the
+guest is deleted, helm uninstall leaves no pods.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import kubernetes
+import libvirt
+import pytest
+
+from kubenova.handlers.common import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from kubenova.testground import cluster, kube, procs
+from kubenova.testground import ground as testground
+from tests.helpers import REPORT, eventually
+from tests.integration.test_agent import boots, delete_and_wait, ticks, wait_ready
+from tests.integration.test_virtualinstance import domain, make
+
+pytestmark = pytest.mark.cluster
+
+
+def pods(core: kubernetes.client.CoreV1Api, component: str) -> list[Any]:
+    return [p for p in core.list_namespaced_pod(LEASE_NAMESPACE, label_selector=(
+        f"app.kubernetes.io/name=kubenova,app.kubernetes.io/component={component}")).items
+        if not p.metadata.deletion_timestamp]
+
+
+def ready_pod(core: kubernetes.client.CoreV1Api, component: str, other_than: str = "") -> Any:
+    """The one Ready pod of a component, once it is not ``other_than`` (a pod that was replaced)."""
+    def probe() -> Any:
+        found = pods(core, component)
+        ready = [p for p in found if p.metadata.uid != other_than and any(
+            c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        return ready[0] if len(found) == 1 and ready else None
+    return eventually(probe, timeout=240, interval=1, what=f"one Ready {component} pod")
+
+
+def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
+        ground: testground.Ground, core: kubernetes.client.CoreV1Api,
+        custom: kubernetes.client.CustomObjectsApi, hypervisor: libvirt.virConnect, namespace: str) -> None:
+    helm = kube.build_helm()
+    started = time.monotonic()
+    cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store)
+    agent, controller = ready_pod(core, "agent"), ready_pod(core, "controller")
+    REPORT.append(f"cluster mode: helm install -> pods Ready in {time.monotonic() - started:.1f}s")
+    image = testground.image_ref()
+    assert agent.spec.containers[0].image == image and controller.spec.containers[0].image == image
+    assert agent.spec.node_name == ground.node and agent.metadata.owner_references[0].kind == "DaemonSet"
+    assert controller.spec.service_account_name == "kubenova-controller", "its own ServiceAccount token"
+    def registered() -> Any:
+        found = custom.list_cluster_custom_object(GROUP, VERSION, "computenodes",
+                                                  field_selector=f"metadata.name={ground.node}")["items"]
+        return found and found[0].get("status", {}).get("capacity")
+    eventually(registered, timeout=120, what="the pod's agent to register node-0")
+
+    started = time.monotonic()
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES,
+                                                 make("vm"))["metadata"]["uid"]
+    wait_ready(custom, namespace, "vm")
+    eventually(lambda: boots(ground, uid) == 1, timeout=180, interval=0.5, what="the guest's boot marker")
+    REPORT.append(f"cluster mode: apply -> boot marker in {time.monotonic() - started:.2f}s")
+    dom = domain(hypervisor, uid)
+    assert dom is not None and dom.isActive()
+    qemu = dom.ID()
+
+    def keeps_running(after: str) -> None:
+        before = ticks(ground, uid)
+        eventually(lambda: ticks(ground, uid) > before, timeout=60, what=f"the guest to keep ticking {after}")
+        now = domain(hypervisor, uid)
+        assert now is not None and now.ID() == qemu, f"the same QEMU process {after}"
+        assert boots(ground, uid) == 1, f"no second boot {after}"
+
+    core.delete_namespaced_pod(agent.metadata.name, LEASE_NAMESPACE)
+    replacement = ready_pod(core, "agent", other_than=agent.metadata.uid)
+    assert replacement.metadata.name != agent.metadata.name
+    # The new agent adopted the guest: it reports it again and the guest never stopped.
+    eventually(lambda: (custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm")
+                        .get("status", {}).get("powerState") == "Running"), timeout=60, what="Running after adoption")
+    keeps_running("after the agent's pod was deleted")
+
+    cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store,
+                         "--set", "agent.resyncSeconds=20")
+    rolled = ready_pod(core, "agent", other_than=replacement.metadata.uid)
+    assert "--resync-interval=20" in rolled.spec.containers[0].args, "the upgrade rolled the DaemonSet"
+    keeps_running("after helm upgrade")
+
+    delete_and_wait(custom, namespace, "vm")
+    eventually(lambda: domain(hypervisor, uid) is None, timeout=60, what="the domain to be gone")
+
+    procs.run([str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
+              "helm uninstall", "", env=ground.env())
+    eventually(lambda: not core.list_namespaced_pod(LEASE_NAMESPACE).items, timeout=120,
+               what="no kubenova pods after helm uninstall")
