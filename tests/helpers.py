@@ -1,8 +1,10 @@
 """Helpers for tests that wait on the real components."""
 from __future__ import annotations
 
+import re
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +25,19 @@ def eventually(probe: Callable[[], T | None], timeout: float = 60, interval: flo
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def listeners(pids: set[int]) -> list[str]:
+    """The listening sockets (``ss -Hltnup`` lines) of these processes, in this network namespace.
+
+    Tests assert none of them is on 0.0.0.0, ``*`` or ``[::]``: nothing of ours listens on every interface.
+    """
+    out = subprocess.run(["ss", "-Hltnup"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
+
+
+def on_every_interface(line: str) -> bool:
+    return line.split()[4].startswith(("0.0.0.0:", "*:", "[::]:"))
 
 
 def vnc_auth(host: str, port: int, password: str) -> bool:

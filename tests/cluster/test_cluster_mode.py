@@ -6,6 +6,7 @@ guest is deleted, helm uninstall leaves no pods.
 """
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from kubenova.handlers.common import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from kubenova.testground import cluster, kube, procs
 from kubenova.testground import ground as testground
-from tests.helpers import REPORT, eventually
+from tests.helpers import REPORT, eventually, listeners, on_every_interface
 from tests.integration.test_agent import boots, delete_and_wait, ticks, wait_ready
 from tests.integration.test_virtualinstance import domain, make
 
@@ -81,6 +82,14 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     eventually(lambda: (custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm")
                         .get("status", {}).get("powerState") == "Running"), timeout=60, what="Running after adoption")
     keeps_running("after the agent's pod was deleted")
+
+    # Every component on this node, and the agent in the host's network: none listens on every interface.
+    ours = {procs.running_pid(ground.layout, name) or 0 for name in (*cluster.COMPONENTS, "kube-apiserver")}
+    ours |= {int(p) for p in subprocess.run(["pgrep", "-f", "kubenova agent|libvirtd|qemu-system"],
+                                            capture_output=True, text=True).stdout.split()}
+    found = listeners(ours)
+    assert not [line for line in found if on_every_interface(line)], f"listens on every interface: {found}"
+    assert len(found) >= 6, f"expected the kubelet, the apiserver, the agent's metrics, libvirtd... among {found}"
 
     cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store,
                          "--set", "agent.resyncSeconds=20")

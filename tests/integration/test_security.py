@@ -13,7 +13,7 @@ import libvirt
 from kubenova.handlers.common import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
-from tests.helpers import eventually
+from tests.helpers import eventually, listeners, on_every_interface
 from tests.integration.test_agent import console_text, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, domain, get, make
 
@@ -146,13 +146,6 @@ def test_nothing_listens_on_all_interfaces(ground: testground.Ground, custom: ku
     ours = {procs.running_pid(ground.layout, name) for name in ("controller", f"agent-{ground.node}")}
     ours |= {int(p) for p in subprocess.run(["pgrep", "-f", "qemu-system|libvirtd"], capture_output=True,
                                             text=True).stdout.split()}
-    out = subprocess.run(["ss", "-Hltnup"], capture_output=True, text=True, check=True).stdout
-    checked = 0
-    for line in out.splitlines():
-        pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-        if not pids & ours:
-            continue
-        local = line.split()[4]
-        checked += 1
-        assert not local.startswith(("0.0.0.0:", "*:", "[::]:")), f"listens on every interface: {line}"
-    assert checked >= 3, f"expected the agent's metrics, libvirtd and a VNC server among:\n{out}"
+    found = listeners(ours)
+    assert not [line for line in found if on_every_interface(line)], f"listens on every interface: {found}"
+    assert len(found) >= 3, f"expected the agent's metrics, libvirtd and a VNC server among:\n{found}"
