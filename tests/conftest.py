@@ -14,7 +14,8 @@ import libvirt
 import pytest
 
 from kubenova.testground import ground as testground
-from tests.helpers import REPORT
+from kubenova.handlers.common import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from tests.helpers import REPORT, eventually
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +46,25 @@ def hypervisor(ground: testground.Ground) -> Iterator[libvirt.virConnect]:
 
 
 @pytest.fixture
-def namespace(core: kubernetes.client.CoreV1Api) -> str:
-    """A fresh namespace per test (without kube-controller-manager it stays Terminating once deleted)."""
+def namespace(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.CustomObjectsApi) -> Iterator[str]:
+    """A fresh namespace per test, emptied of kubenova's objects afterwards.
+
+    The namespace itself stays (without kube-controller-manager it would stay Terminating); its
+    instances must not: left behind, they keep node-0's vCPUs and domains for every later test.
+    """
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
-    return name
+    yield name
+    for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES):
+        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, name, plural)
+
+    def left() -> list[str]:
+        return [f"{o['kind']} {o['metadata']['name']}" for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)
+                for o in custom.list_namespaced_custom_object(GROUP, VERSION, name, plural)["items"]]
+    try:
+        eventually(lambda: not left(), timeout=180)
+    except AssertionError:
+        raise AssertionError(f"after the test, namespace {name} still holds {left()}") from None
 
 
 

@@ -51,18 +51,6 @@ def nodes(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi)
                                        {"metadata": {"labels": {POOL: None}}})
 
 
-@pytest.fixture
-def leftovers(custom: kubernetes.client.CustomObjectsApi, namespace: str) -> Iterator[None]:
-    """A failed case's objects are deleted anyway, so that they do not crowd the next cases' node."""
-    yield
-    for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES):
-        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-    # Gone before the module removes its nodes: a node removed first would keep the domains.
-    eventually(lambda: not any(custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
-                               for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)),
-               timeout=CONVERGE, what="the case's objects deleted")
-
-
 @dataclasses.dataclass
 class Run:
     ground: testground.Ground
@@ -342,7 +330,7 @@ def known_domains_only(ground: testground.Ground, custom: kubernetes.client.Cust
 @pytest.mark.parametrize("component", chaos.COMPONENTS)
 @pytest.mark.parametrize("step", STEPS, ids=[s.point for s in STEPS])
 def test_kill_at_step_converges_without_leaks(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi,
-                                              namespace: str, nodes: None, leftovers: None, step: Step,
+                                              namespace: str, nodes: None, step: Step,
                                               component: str) -> None:
     run = Run(ground, custom, namespace)
     step.prepare(run)

@@ -125,10 +125,11 @@ def test_50_cycles_on_real_libvirt(ground: testground.Ground, custom: kubernetes
 
     def domains_equal_objects(expected: int) -> None:
         """Every domain of the node belongs to an instance bound there, and the other way round."""
-        bound = {o["metadata"]["uid"] for o in custom.list_cluster_custom_object(GROUP, VERSION,
-                                                                                  VIRTUALINSTANCES)["items"]
-                 if (o["metadata"].get("labels") or {}).get(NODE_LABEL) == ground.node}
-        assert len(bound) == expected
+        objects = [o["metadata"] for o in custom.list_cluster_custom_object(GROUP, VERSION, VIRTUALINSTANCES)["items"]
+                   if (o["metadata"].get("labels") or {}).get(NODE_LABEL) == ground.node]
+        bound = {m["uid"] for m in objects}
+        assert len(bound) == expected, [(m["namespace"], m["name"], m["uid"], m.get("deletionTimestamp"))
+                                        for m in objects]
         assert {d.UUIDString() for d in hypervisor.listAllDomains()} == bound
         folders = {p.name for p in (ground.node_dir() / "instances").iterdir()} - {"_base"}  # the image cache
         assert folders == bound, "disks and config drives"
