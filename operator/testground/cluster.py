@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -32,8 +33,8 @@ CNI_BRIDGE, NETWORK = "kncni0", "kubenova-pods"
 PAUSE_TAG = "3.10.2"
 PAUSE_IMAGE = f"localhost/kubenova-pause:{PAUSE_TAG}"
 RELEASE = "kubenova"
-#: kubelet, kube-scheduler, kube-controller-manager, kube-proxy: their ports are the defaults, on
-#: NODE_IP (the kubelet's API, for logs and exec) or loopback (health and metrics) only.
+#: The node's processes. The Kubernetes ones keep their default ports, on NODE_IP (the kubelet's API,
+#: for logs and exec) or loopback (health and metrics) only.
 COMPONENTS = ("containerd", "kubelet", "kube-scheduler", "kube-controller-manager", "kube-proxy")
 PACKAGES = {"containerd": "containerd", "runc": "runc", "buildah": "buildah", "gcc": "gcc",
             "iptables": "iptables", "/usr/lib/cni/bridge": "containernetworking-plugins"}
@@ -48,8 +49,7 @@ def socket(layout: Layout) -> pathlib.Path:
 
 
 def _which(command: str) -> bool:
-    return os.path.exists(command) if command.startswith("/") else \
-        subprocess.run(["sh", "-c", f"command -v {command}"], capture_output=True).returncode == 0
+    return os.path.exists(command) if command.startswith("/") else shutil.which(command) is not None
 
 
 def check_packages() -> None:
@@ -152,39 +152,31 @@ def import_image(layout: Layout, ref: str) -> None:
         archive.unlink(missing_ok=True)
 
 
-def image_id(ref: str) -> str:
+def _image_id(ref: str) -> str:
     return procs.run(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", ref],
                      f"inspecting {ref}", "run hack/build-image.sh").stdout.strip()
 
 
-def ensure_kubenova_image(layout: Layout, ref: str) -> float:
-    """Build kubenova's image from the Dockerfile (buildah, cached layers) and import it when it changed.
-
-    Returns the seconds spent, for the bring-up figures.
-    """
-    started = time.monotonic()
+def ensure_kubenova_image(layout: Layout, ref: str) -> None:
+    """Build kubenova's image from the Dockerfile (buildah, cached layers); import it when it changed."""
     procs.run(["bash", str(kube.REPO / "hack" / "build-image.sh")], "building kubenova's image",
               "run hack/build-image.sh to see the build's output")
-    stamp = cluster_dir(layout) / "kubenova-image.digest"
-    digest = image_id(ref)
-    if not (stamp.exists() and stamp.read_text() == digest and _has_image(layout, ref)):
+    stamp = cluster_dir(layout) / "kubenova-image.id"
+    built = _image_id(ref)
+    if not (stamp.exists() and stamp.read_text() == built and _has_image(layout, ref)):
         import_image(layout, ref)
-        stamp.write_text(digest)
-    return time.monotonic() - started
+        stamp.write_text(built)
 
 
 def _node_pki(layout: Layout, pki: pathlib.Path, node: str) -> dict[str, pathlib.Path]:
     """Client certificates of the node's components, named as the apiserver's bootstrap RBAC expects."""
     kube.issue_cert(pki, "kubelet", f"/O=system:nodes/CN=system:node:{node}")
     kube.issue_cert(pki, "kubelet-serving", f"/CN={node}", f"IP:{NODE_IP},DNS:{node}")
-    users = {"kubelet": "kubelet", "kube-scheduler": "/CN=system:kube-scheduler",
-             "kube-controller-manager": "/CN=system:kube-controller-manager", "kube-proxy": "/CN=system:kube-proxy"}
-    configs = {}
-    for name, subject in users.items():
-        if name != "kubelet":
-            kube.issue_cert(pki, name, subject)
-        configs[name] = kube.kubeconfig(cluster_dir(layout) / f"{name}.kubeconfig", pki, name, NODE_IP)
-    return configs
+    kube.issue_cert(pki, "kube-scheduler", "/CN=system:kube-scheduler")
+    kube.issue_cert(pki, "kube-controller-manager", "/CN=system:kube-controller-manager")
+    kube.issue_cert(pki, "kube-proxy", "/CN=system:kube-proxy")
+    return {name: kube.kubeconfig(cluster_dir(layout) / f"{name}.kubeconfig", pki, name, NODE_IP)
+            for name in ("kubelet", "kube-scheduler", "kube-controller-manager", "kube-proxy")}
 
 
 def _kubelet_config(layout: Layout, pki: pathlib.Path) -> pathlib.Path:

@@ -166,9 +166,9 @@ def _check_mode(layout: Layout, cluster: bool) -> None:
     """One machine runs one test ground: processes or cluster mode, not both on the same ports."""
     marker = layout.state / "mode"
     wanted = "cluster" if cluster else "processes"
-    if procs.running_pid(layout, "kube-apiserver") and marker.exists() and marker.read_text() != wanted:
-        raise TestGroundError(f"the test ground already runs in {marker.read_text()} mode; "
-                              "run `kubenova dev down` first")
+    running = marker.read_text() if marker.exists() else "processes"  # grounds from before the marker
+    if procs.running_pid(layout, "kube-apiserver") and running != wanted:
+        raise TestGroundError(f"the test ground already runs in {running} mode; run `kubenova dev down` first")
     marker.write_text(wanted)
 
 
