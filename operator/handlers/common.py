@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import kopf
@@ -45,6 +45,18 @@ def talk_to_the_apiserver(settings: kopf.OperatorSettings) -> None:
     """
     settings.networking.error_backoffs = RetryForever()
     settings.scanning.disabled = True
+
+
+def unless_changed(write: Callable[[], Any]) -> bool:
+    """Do a write guarded by the resourceVersion it carries; False when the object is gone or changed
+    meanwhile, so the next event decides again on a fresh copy."""
+    try:
+        write()
+    except kubernetes.client.ApiException as exc:
+        if exc.status in (404, 409):
+            return False
+        raise
+    return True
 
 
 def now() -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -11,7 +11,7 @@ import kubernetes
 
 from kubenova import api, faults
 from kubenova.handlers.common import AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, \
-    set_condition
+    set_condition, unless_changed
 from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_node
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,6 @@ def node_view(name: str, labels: Mapping[str, str], spec: api.ComputeNodeSpec, s
         maintenance=bool(spec.get("maintenance", False)), labels=dict(labels))
 
 
-def _unless_changed(write: Callable[[], Any]) -> bool:
-    """Do a write guarded by the resourceVersion it carries; False when the object is gone or changed
-    meanwhile, so the next event decides again on a fresh copy."""
-    try:
-        write()
-    except kubernetes.client.ApiException as exc:
-        if exc.status in (404, 409):
-            return False
-        raise
-    return True
-
-
 def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], nodes: Mapping[str, NodeView],
           used: Mapping[str, Usage]) -> str | None:
     """Bind one unbound instance to a node and return it (None when it stays unbound).
@@ -78,14 +66,14 @@ def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], n
         patch: dict[str, Any] = {"phase": "Pending"}
         set_condition(patch, status, "Scheduled", False, "Unschedulable", str(exc), meta.get("generation"))
         # Guarded as well: a pass holding an old copy must not call an instance bound meanwhile unschedulable.
-        if _unless_changed(lambda: custom.patch_namespaced_custom_object_status(
+        if unless_changed(lambda: custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, VIRTUALINSTANCES, name,
                 {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch})):
             kopf.warn(dict(body), reason="Unschedulable", message=str(exc))
         return None
     finalizers = list(meta.get("finalizers") or [])
     faults.point("placement.chosen")
-    if not _unless_changed(lambda: custom.patch_namespaced_custom_object(
+    if not unless_changed(lambda: custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, VIRTUALINSTANCES, name, {"metadata": {
                 "labels": {NODE_LABEL: node}, "resourceVersion": meta["resourceVersion"],
                 "finalizers": finalizers if AGENT_FINALIZER in finalizers else [*finalizers, AGENT_FINALIZER]}})):

@@ -11,7 +11,7 @@ import urllib3
 from kubenova import faults
 from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
 from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition,
+    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition, unless_changed,
 )
 from kubenova.handlers.instances import InstanceAgent, ObjectCache
 
@@ -48,14 +48,10 @@ def bind(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], in
                       meta.get("generation"))
         _write(custom, body, patch)
         return
-    try:
-        custom.patch_namespaced_custom_object(
-            GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
-            {"metadata": {"labels": {NODE_LABEL: instance_node}, "resourceVersion": meta["resourceVersion"],
-                          "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER]}})
-    except kubernetes.client.ApiException as exc:
-        if exc.status not in (404, 409):
-            raise
+    unless_changed(lambda: custom.patch_namespaced_custom_object(
+        GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
+        {"metadata": {"labels": {NODE_LABEL: instance_node}, "resourceVersion": meta["resourceVersion"],
+                      "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER]}}))
 
 
 # --- agent ------------------------------------------------------------------------------------
