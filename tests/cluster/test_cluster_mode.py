@@ -6,6 +6,7 @@ guest is deleted, helm uninstall leaves no pods.
 """
 from __future__ import annotations
 
+import datetime
 import subprocess
 import time
 from typing import Any
@@ -52,6 +53,7 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     assert agent.spec.containers[0].image == image and controller.spec.containers[0].image == image
     assert agent.spec.node_name == ground.node and agent.metadata.owner_references[0].kind == "DaemonSet"
     assert controller.spec.service_account_name == "kubenova-controller", "its own ServiceAccount token"
+
     def registered() -> Any:
         found = custom.list_cluster_custom_object(GROUP, VERSION, "computenodes",
                                                   field_selector=f"metadata.name={ground.node}")["items"]
@@ -78,9 +80,15 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     core.delete_namespaced_pod(agent.metadata.name, LEASE_NAMESPACE)
     replacement = ready_pod(core, "agent", other_than=agent.metadata.uid)
     assert replacement.metadata.name != agent.metadata.name
-    # The new agent adopted the guest: it reports it again and the guest never stopped.
-    eventually(lambda: (custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm")
-                        .get("status", {}).get("powerState") == "Running"), timeout=60, what="Running after adoption")
+    # The new agent took the running guest over: its own diagnostics (every 60 s by the chart's
+    # default) reach the status, and the guest never stopped.
+    def reported_since(pod: Any) -> bool:
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm")["status"]
+        written = datetime.datetime.strptime(status.get("diagnostics", {}).get("updateTime", "1970-01-01T00:00:00Z"),
+                                             "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        return status.get("powerState") == "Running" and written > pod.metadata.creation_timestamp
+    eventually(lambda: reported_since(replacement), timeout=150, interval=2,
+               what="the new agent's diagnostics of the adopted guest")
     keeps_running("after the agent's pod was deleted")
 
     # Every component on this node, and the agent in the host's network: none listens on every interface.
