@@ -181,12 +181,25 @@ class ActionsStatus(TypedDict, total=False):
     passwordReset: ActionStatus
 
 
+class Resize(TypedDict, total=False):
+    flavor: Flavor
+    specFlavor: Flavor
+
+
+class InterfaceStatus(TypedDict, total=False):
+    name: str
+    macAddress: str
+    network: str
+
+
 class VirtualInstanceStatus(TypedDict, total=False):
     phase: str
     node: str
     powerState: str
     domainUUID: str
     flavor: Flavor
+    resize: Resize
+    interfaces: list[InterfaceStatus]
     info: Info
     ipAddresses: list[str]
     console: Console

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import hashlib
 from collections.abc import Callable, Collection
 
 
@@ -123,8 +124,22 @@ class ImageRef:
 class Interface:
     name: str
     network: str
+    #: None: the driver uses ``stable_mac`` (never the hypervisor's random choice)
     mac: str | None = None
     model: str = "virtio"
+
+
+def stable_mac(uuid: str, interface: str) -> str:
+    """The MAC of an interface the spec gives none: derived from the instance's UID and the interface's name.
+
+    Every host derives the same address for every definition of the instance (spawn, live and cold
+    migration, resize, rescue, an agent's restart), so a live migration's target matches its source
+    and a guest's network configuration keyed by MAC survives a move. Locally administered and unicast,
+    with 46 bits from the digest, so it is never a vendor's address and hardly ever another instance's
+    (the drivers refuse the rare clash on one host).
+    """
+    digest = hashlib.sha256(f"{uuid}/{interface}".encode()).digest()
+    return ":".join(f"{octet:02x}" for octet in (digest[0] & 0xFC | 0x02, *digest[1:6]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +186,10 @@ class InstanceSpec:
     #: the VNC password; no VNC endpoint is created without one
     vnc_password: str | None = None
 
+    def macs(self) -> tuple[str, ...]:
+        """Each interface's MAC, in order: the spec's, or the stable one derived for it."""
+        return tuple(i.mac or stable_mac(self.uuid, i.name) for i in self.interfaces)
+
 
 def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
     """What every driver refuses before it makes anything, so a refusal leaves nothing behind."""
@@ -182,6 +201,17 @@ def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
                                                  "protocol's authentication)")
     if instance.boot is None and instance.image is None:
         raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+
+
+def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
+    """Refuse a MAC that another instance on the host has (``in_use``: MAC -> who): two NICs with one
+    address on a network confuse the switch and let one guest receive the other's traffic."""
+    for index, (iface, mac) in enumerate(zip(instance.interfaces, instance.macs())):
+        holder = in_use.get(mac.lower())
+        if holder is not None:
+            how = "is" if iface.mac else f"was derived for interface {iface.name!r} and is"
+            raise InvalidInstanceSpec(f"spec.interfaces[{index}].macAddress",
+                                      f"{mac} {how} already used by {holder} on this host; set another macAddress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +248,15 @@ class InstanceDetail:
     state: PowerState
     vcpus: int
     memory_mib: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceDetail:
+    """One interface as the domain has it: its name in the spec ("" when the domain does not say), MAC, network."""
+
+    name: str
+    mac: str
+    network: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +445,23 @@ class ComputeDriver(abc.ABC):
         """Create the instance; idempotent for the same UUID, leaves nothing behind on failure."""
 
     @abc.abstractmethod
+    def redefine(self, instance: InstanceSpec) -> None:
+        """Make an existing instance's definition what ``instance`` says, for its next boot (a spec change).
+
+        Not in Nova's 2012 contract, where a flavor changed only through a resize: a declarative spec
+        changes in place. Disks grow at once (live where the instance runs); everything else applies at the
+        next boot (power on, hard reboot, rescue or unrescue), and pending_changes says what waits for it.
+        Refuses (InvalidInstanceSpec) what this host cannot run, leaving the definition as it was.
+        """
+
+    @abc.abstractmethod
+    def pending_changes(self, uuid: str) -> list[str]:
+        """The spec fields (``spec.flavor.vcpus``, …) whose new values the running instance has not taken yet.
+
+        Empty when it is not running: its next boot takes the definition as it is.
+        """
+
+    @abc.abstractmethod
     def destroy(self, uuid: str, destroy_disks: bool = True) -> None:
         """Stop and remove the instance and what spawn created; succeeds when it is already gone."""
 
@@ -484,6 +540,14 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def list_interfaces(self, uuid: str) -> list[str]:
         """Host-side names of the instance's interfaces."""
+
+    @abc.abstractmethod
+    def list_interfaces_detail(self, uuid: str) -> list[InterfaceDetail]:
+        """The instance's interfaces in guest order, as the running domain (or, stopped, its definition) has them.
+
+        Not in Nova's 2012 contract: status shows each interface's MAC, which users and the guest's
+        network configuration rely on.
+        """
 
     @abc.abstractmethod
     def block_stats(self, uuid: str, disk: str) -> BlockStats:

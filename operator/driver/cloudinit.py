@@ -12,6 +12,11 @@ import yaml
 from kubenova.driver.base import InstanceSpec
 
 
+#: The spec fields behind each file of the drive, for saying which change a running guest has not seen yet.
+FIELDS = {"user-data": "spec.userData", "network-config": "spec.networkConfig",
+          "vendor-data": "spec.injectedFiles/spec.adminPasswordSecretRef"}
+
+
 def needed(instance: InstanceSpec) -> bool:
     return bool(instance.user_data or instance.network_config or instance.injected_files or instance.admin_password)
 

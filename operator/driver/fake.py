@@ -27,10 +27,11 @@ from kubenova.driver import cloudinit
 from kubenova.driver.base import (
     BandwidthUsage, BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, Diagnostics, DriverError, FirewallRule,
     HostPowerAction, HostStats, ImageChecksumMismatch, ImageNotFound, ImageRef, InstanceDetail, InstanceExists,
-    InstanceInfo, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface, InterfaceStats, InvalidCPUInfo,
+    InstanceInfo, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface, InterfaceDetail, InterfaceStats,
+    InvalidCPUInfo,
     InvalidInstanceSpec, KernelBoot, MigrationOutcome, MigrationProgress, PowerState, ProgressCallback, RebootType,
     Unsupported,
-    VncConsole, VolumeConnector, VolumeNotFound, VolumeSpec, check_instance,
+    VncConsole, VolumeConnector, VolumeNotFound, VolumeSpec, check_instance, check_macs,
 )
 
 # The console lines of the real test guest (testground/guest.py), so one conformance test
@@ -41,6 +42,8 @@ TICK = "kubenova-guest-tick"
 DISK_LINE = "kubenova-disk"
 CD_FILE_LINE = "kubenova-cd-file"
 NET_LINE = "kubenova-net"
+#: The guest prints its eth0's MAC before tick 0 and every MAC_EVERY ticks after it.
+MAC_LINE, MAC_EVERY = "kubenova-mac", 10
 WROTE_LINE = "kubenova-wrote"
 #: ``kubenova.write=<dev>:<pattern>`` on the kernel command line: once per boot the guest
 #: writes <pattern> at the start of the disk that is (or appears) at <dev>, so tests see
@@ -145,9 +148,12 @@ class _Ticks:
 
     first: int
     stop: int
+    #: the MAC the guest prints every MAC_EVERY ticks, when it has an eth0
+    mac: str | None = None
 
     def render(self) -> str:
-        return "".join(f"{TICK} {n}\n" for n in range(self.first, self.stop))
+        return "".join((f"{MAC_LINE} eth0 {self.mac}\n" if self.mac and n % MAC_EVERY == 0 else "") + f"{TICK} {n}\n"
+                       for n in range(self.first, self.stop))
 
 
 @dataclasses.dataclass
@@ -169,6 +175,8 @@ class _Guest:
     ran_before: float = 0.0
     #: whether the write hook has fired in this boot (the guest tries once per boot)
     wrote: bool = False
+    #: the MAC of the guest's eth0, None without interfaces
+    mac: str | None = None
 
     def seconds(self, now: float) -> float:
         return self.ran + (now - self.running_since if self.running_since is not None else 0.0)
@@ -181,10 +189,10 @@ class _Guest:
         if not self.boots or due <= self.ticks:
             return
         last = self.console[-1] if self.console else None
-        if isinstance(last, _Ticks) and last.stop == self.ticks:
+        if isinstance(last, _Ticks) and last.stop == self.ticks and last.mac == self.mac:
             last.stop = due
         else:
-            self.console.append(_Ticks(self.ticks, due))
+            self.console.append(_Ticks(self.ticks, due, self.mac))
         self.ticks = due
 
     def print(self, now: float, line: str) -> None:
@@ -237,6 +245,8 @@ class _Instance:
     rescue: _Device | None = None
     rescued_since: float | None = None
     rebooting_since: float | None = None
+    #: the definition redefine made for the next boot, while the running one is still ``spec``
+    defined: InstanceSpec | None = None
 
 
 def _plain_name(field: str, name: str) -> None:
@@ -260,18 +270,20 @@ def _iso_size(files: Mapping[str, bytes]) -> int:
     return ISO_OVERHEAD + sum((len(data) + ISO_BLOCK - 1) // ISO_BLOCK * ISO_BLOCK for data in files.values())
 
 
-def _boot_disk_names(count: int) -> list[str]:
-    return [f"vd{chr(ord('a') + i)}" for i in range(count)]
+def _boot_disk_names(count: int, taken: Collection[str] = ()) -> list[str]:
+    """vda, vdb, … in order, around the names attached volumes hold (as the libvirt driver names them)."""
+    return [name for name in (f"vd{chr(ord('a') + i)}" for i in range(26)) if name not in taken][:count]
 
 
 def _device_names(inst: _Instance) -> set[str]:
     """The guest devices in the instance's own definition (not its rescue one)."""
-    return set(_boot_disk_names(len(inst.local))) | set(inst.volumes)
+    return set(_boot_disk_names(len(inst.local), inst.volumes)) | set(inst.volumes)
 
 
 def _layout(inst: _Instance) -> list[tuple[str, _Device]]:
     """What the guest sees now; rescue puts its disk at vda and moves every other one a letter on."""
-    named = list(zip(_boot_disk_names(len(inst.local)), inst.local.values())) + sorted(inst.volumes.items())
+    named = list(zip(_boot_disk_names(len(inst.local), inst.volumes), inst.local.values())) \
+        + sorted(inst.volumes.items())
     if inst.rescue is None:
         return named
     return [("vda", inst.rescue)] + [(name[:-1] + chr(ord(name[-1]) + 1), device) for name, device in named]
@@ -290,12 +302,32 @@ def _taps(inst: _Instance) -> list[str]:
     return [f"tap{inst.spec.uuid[:8]}-{i}" for i in range(len(inst.spec.interfaces))]
 
 
-def _mac(uuid: str, index: int, interface: Interface) -> str:
-    """libvirt invents a MAC when none is given; the fake's is derived, so it is stable."""
-    if interface.mac:
-        return interface.mac
-    digest = hashlib.sha256(f"{uuid}/{index}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+def _changed_fields(running: InstanceSpec, defined: InstanceSpec) -> list[str]:
+    """The spec fields in which ``defined`` differs from what runs, in the libvirt driver's terms and order."""
+    fields = []
+    if running.vcpus != defined.vcpus:
+        fields.append("spec.flavor.vcpus")
+    if running.memory_mib != defined.memory_mib:
+        fields.append("spec.flavor.memoryMiB")
+    if running.boot != defined.boot:
+        fields.append("spec.boot.kernel")
+
+    def disks(spec: InstanceSpec) -> set[str]:
+        names = {f"disk.eph.{name}" for name, _ in spec.ephemeral_gib}
+        return names | ({ROOT} if spec.image is not None or spec.root_gib else set()) | ({SWAP} if spec.swap_mib else set())
+    for name in sorted(disks(running) ^ disks(defined)):
+        fields.append("spec.rootDisk" if name == ROOT else "spec.swap" if name == SWAP else "spec.ephemeralDisks")
+
+    def drive(spec: InstanceSpec) -> dict[str, bytes]:
+        return cloudinit.files(spec) if cloudinit.needed(spec) else {}
+    before, after = drive(running), drive(defined)
+    fields += [field for file, field in cloudinit.FIELDS.items() if before.get(file) != after.get(file)]
+
+    def nics(spec: InstanceSpec) -> list[tuple[str, str, str, str]]:
+        return [(i.name, i.network, mac, i.model) for i, mac in zip(spec.interfaces, spec.macs())]
+    if nics(running) != nics(defined):
+        fields.append("spec.interfaces")
+    return fields
 
 
 def _block_stats(counters: _BlockCounters) -> BlockStats:
@@ -503,6 +535,29 @@ class FakeDriver(ComputeDriver):
             if power_on:
                 self._boot(inst, now)
 
+    def redefine(self, instance: InstanceSpec) -> None:
+        """Disks grow at once; the rest waits for the next boot, as libvirt's persistent definition does."""
+        with self._lock:
+            now = self._clock()
+            inst = self._get(instance.uuid)
+            self._validate(instance, inst.files)
+            self.plug_vifs(instance.uuid, instance.interfaces)
+            sizes = {f"disk.eph.{name}": gib * GIB for name, gib in instance.ephemeral_gib}
+            sizes.update({ROOT: (instance.root_gib or 0) * GIB, SWAP: (instance.swap_mib or 0) * MIB})
+            for name, size in sizes.items():
+                if name in inst.files:
+                    inst.files[name].size = max(inst.files[name].size, size)
+            inst.defined = instance
+            if inst.state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
+                self._apply_definition(inst, now)
+
+    def pending_changes(self, uuid: str) -> list[str]:
+        with self._lock:
+            inst = self._get(uuid)
+            if inst.defined is None or inst.rescue is not None or inst.state not in _ACTIVE:
+                return []
+            return _changed_fields(inst.spec, inst.defined)
+
     def destroy(self, uuid: str, destroy_disks: bool = True) -> None:
         """Also unplugs and unfilters, as Nova's libvirt driver does: a stopped domain has no taps."""
         with self._lock:
@@ -668,6 +723,11 @@ class FakeDriver(ComputeDriver):
         with self._lock:
             return _taps(self._get(uuid))
 
+    def list_interfaces_detail(self, uuid: str) -> list[InterfaceDetail]:
+        with self._lock:
+            spec = self._get(uuid).spec
+            return [InterfaceDetail(i.name, mac, i.network) for i, mac in zip(spec.interfaces, spec.macs())]
+
     def block_stats(self, uuid: str, disk: str) -> BlockStats:
         with self._lock:
             inst = self._get(uuid)
@@ -692,9 +752,8 @@ class FakeDriver(ComputeDriver):
             usage = []
             for inst in self._instances.values():
                 stats = _interface_stats(inst, now)
-                usage += [BandwidthUsage(uuid=inst.spec.uuid, interface=tap, mac=_mac(inst.spec.uuid, i, iface),
-                                         bw_in=stats.rx_bytes, bw_out=stats.tx_bytes)
-                          for i, (tap, iface) in enumerate(zip(_taps(inst), inst.spec.interfaces))]
+                usage += [BandwidthUsage(uuid=inst.spec.uuid, interface=tap, mac=mac, bw_in=stats.rx_bytes,
+                                         bw_out=stats.tx_bytes) for tap, mac in zip(_taps(inst), inst.spec.macs())]
             return usage
 
     # --- volumes ---------------------------------------------------------------------------
@@ -979,6 +1038,9 @@ class FakeDriver(ComputeDriver):
         """Everything spawn can refuse, checked before anything is made, so a failure leaves nothing."""
         self._check_name_free(spec)
         check_instance(spec, self.memory_mib)
+        if spec.interfaces:
+            check_macs(spec, {mac.lower(): f"{i.spec.namespace}/{i.spec.name}" for i in self._instances.values()
+                              if i.spec.uuid != spec.uuid for mac in i.spec.macs()})
         if spec.boot is not None:
             for field, path in (("spec.boot.kernel.image", spec.boot.kernel),
                                 ("spec.boot.kernel.initrd", spec.boot.initrd)):
@@ -1087,8 +1149,17 @@ class FakeDriver(ComputeDriver):
         for digest in digests:
             self._bases[digest] = now
 
+    def _apply_definition(self, inst: _Instance, now: float) -> None:
+        """The definition redefine left for the next boot becomes the instance's (its disks as _create makes them)."""
+        if inst.defined is None:
+            return
+        fresh = self._create(inst.defined, inst.files, now)
+        inst.spec, inst.files, inst.local = fresh.spec, fresh.files, fresh.local
+        inst.write_hook, inst.network_config, inst.defined = fresh.write_hook, fresh.network_config, None
+
     def _boot(self, inst: _Instance, now: float) -> None:
         """A fresh boot: whatever ran (or was saved) is gone; the guest prints its boot lines."""
+        self._apply_definition(inst, now)
         inst.state = PowerState.RUNNING
         layout = _layout(inst)
         for _, device in layout:  # the guest reads each disk's first sector to print its head
@@ -1102,6 +1173,7 @@ class FakeDriver(ComputeDriver):
                       for path, data in sorted(cloudinit.files(inst.spec, inst.network_config).items())]
         if inst.spec.interfaces:
             lines.append(f"{NET_LINE} eth0 up")
+        inst.guest.mac = inst.spec.macs()[0] if inst.spec.interfaces else None
         inst.guest.boot(now, lines)
         self._guest_writes(inst, now)
 

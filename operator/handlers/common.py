@@ -92,6 +92,12 @@ def set_condition(status_patch: MutableMapping[str, Any], status: Mapping[str, A
     status_patch["conditions"] = conditions
 
 
+def drop_condition(status_patch: MutableMapping[str, Any], status: Mapping[str, Any], type_: str) -> None:
+    """Remove a condition that no longer applies (RestartRequired once the change is applied), keeping the others."""
+    current = status_patch.get("conditions", status.get("conditions") or [])
+    status_patch["conditions"] = [dict(c) for c in current if c.get("type") != type_]
+
+
 def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
     for cond in status.get("conditions") or []:
         if cond.get("type") == type_:

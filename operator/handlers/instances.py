@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import hashlib
 import logging
 import secrets
 import string
@@ -30,8 +31,8 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, now, post_event, remove_finalizer,
-    set_condition,
+    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, drop_condition, now, post_event,
+    remove_finalizer, set_condition,
 )
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,26 @@ def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstance
 
 
 def vnc_secret_name(instance: str) -> str:
-    return f"{instance[:249]}-vnc"
+    """``<name>-vnc``; a name too long for the suffix is cut and keeps a digest of the whole, so two
+    long names that share their start never share a password."""
+    if len(instance) <= 249:
+        return f"{instance}-vnc"
+    return f"{instance[:236]}-{hashlib.sha256(instance.encode()).hexdigest()[:12]}-vnc"
 
 
 def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
-    """The flavor an instance runs with: a resize's (status.flavor), else its spec's."""
-    flavor = (instance.get("status") or {}).get("flavor") or (instance.get("spec") or {})["flavor"]
-    return {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    """The flavor an instance is meant to run with: its spec's, or the one a resize gave it.
+
+    A resize (a Cold Migration with a flavor) never rewrites spec; its flavor stands as long as
+    spec.flavor is what it was when the resize happened. A later change of spec.flavor is the user's
+    newer word, and wins.
+    """
+    flavor = (instance.get("spec") or {})["flavor"]
+    spec_flavor = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    resize = (instance.get("status") or {}).get("resize") or {}
+    if resize.get("flavor") and resize.get("specFlavor") == spec_flavor:
+        return {"vcpus": int(resize["flavor"]["vcpus"]), "memoryMiB": int(resize["flavor"]["memoryMiB"])}
+    return spec_flavor
 
 
 def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
@@ -246,8 +260,17 @@ class InstanceAgent(ObjectCache):
             log.warning("cannot post the Event %s about %s: %s", reason, body["metadata"]["name"], exc.reason)
 
     def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
-        """Patch status only when it changes something; keep the answer as the newest body."""
+        """Patch status only when it changes something; keep the answer as the newest body.
+
+        Every answer of this agent also says the instance is placed here: the controller binds with a
+        metadata write and leaves the Scheduled condition to the agent, whatever the spec's outcome
+        (an instance that waited Unschedulable and fails here is still placed).
+        """
         status = body.get("status") or {}
+        placed = f"placed on {self.node}"
+        scheduled = condition(patch, "Scheduled") or condition(status, "Scheduled") or {}
+        if (scheduled.get("status"), scheduled.get("message")) != ("True", placed):
+            set_condition(patch, status, "Scheduled", True, "Placed", placed)
         if all(status.get(key) == value for key, value in patch.items()):
             return
         meta = body["metadata"]
@@ -328,8 +351,8 @@ class InstanceAgent(ObjectCache):
             self.warn(body, reason, str(exc))
             return
         self.write(body, self._observed(body))
-        if spec.get("actions"):
-            self._actions(body)
+        if spec.get("actions") and self._actions(body):
+            self.write(body, self._observed(body))  # a reboot may have applied a pending change
         self.on_domain_ready(meta["namespace"], meta["name"])
         self._restart_later_if_needed(body)
 
@@ -345,6 +368,10 @@ class InstanceAgent(ObjectCache):
             if not self._still_here(body):
                 raise NotHere()
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
+        elif (body.get("status") or {}).get("observedGeneration") != meta.get("generation"):
+            # The spec changed since the status was written: the definition follows it (for the next
+            # boot where the running domain cannot take it; _observed says so as RestartRequired).
+            driver.redefine(self.driver_spec(body, flavor_of(body)))
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
             driver.rescue(uid, ImageRef(rescue["image"]))
@@ -418,8 +445,6 @@ class InstanceAgent(ObjectCache):
         want = spec.get("powerState", "Running")
         patch: dict[str, Any] = {"node": self.node, "domainUUID": uid, "observedGeneration": generation,
                                  "console": {"node": self.node, "logFile": f"{uid}/console.log"}}
-        if (condition(status, "Scheduled") or {}).get("message") != f"placed on {self.node}":  # or moved here
-            set_condition(patch, status, "Scheduled", True, "Placed", f"placed on {self.node}")
         try:
             info = self.driver.get_info(uid)
         except InstanceNotFound:
@@ -437,6 +462,7 @@ class InstanceAgent(ObjectCache):
                 log.warning("no VNC endpoint for %s: %s", uid, exc)
         rescued = bool((spec.get("rescue") or {}).get("enabled")) and info.state is PowerState.RUNNING
         patch.update({"powerState": power, "phase": "Rescued" if rescued else PHASES[info.state],
+                      "flavor": {"vcpus": info.num_cpu, "memoryMiB": info.max_mem_kib // 1024},
                       "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib,
                                "vcpus": info.num_cpu}})
         if power == want:
@@ -449,7 +475,28 @@ class InstanceAgent(ObjectCache):
         else:
             set_condition(patch, status, "Ready", False, "PowerStateDiffers",
                           f"the domain is {power}, the spec asks for {want}", generation)
+        try:
+            interfaces = self._interfaces(uid, spec)
+            pending = self.driver.pending_changes(uid)
+        except DriverError as exc:  # the domain went away meanwhile: the next look says so
+            log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
+            return patch
+        if interfaces or status.get("interfaces"):
+            patch["interfaces"] = interfaces or None
+        if pending:
+            set_condition(patch, status, "RestartRequired", True, "SpecChangedWhileRunning",
+                          f"{', '.join(pending)} changed while the domain runs; it takes them at its next boot "
+                          "(stop and start it, or a Hard reboot); until then it runs as before", generation)
+        elif condition(status, "RestartRequired"):
+            drop_condition(patch, status, "RestartRequired")
         return patch
+
+    def _interfaces(self, uid: str, spec: Mapping[str, Any]) -> list[dict[str, str]]:
+        """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by order)."""
+        named = [i["name"] for i in spec.get("interfaces") or []]
+        return [{"name": d.name or (named[index] if index < len(named) else f"#{index}"), "macAddress": d.mac,
+                 "network": d.network}
+                for index, d in enumerate(self.driver.list_interfaces_detail(uid))]
 
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
         uid = body["metadata"]["uid"]
@@ -485,9 +532,13 @@ class InstanceAgent(ObjectCache):
 
     # --- one-shot actions -----------------------------------------------------------------
 
-    def _actions(self, body: dict[str, Any]) -> None:
-        """Act once per new id; "InProgress" is written first, so a restart never repeats an action."""
+    def _actions(self, body: dict[str, Any]) -> bool:
+        """Act once per new id; "InProgress" is written first, so a restart never repeats an action.
+
+        Returns whether this call acted on anything.
+        """
         spec, uid = body.get("spec") or {}, body["metadata"]["uid"]
+        acted = False
         for kind in ACTIONS:
             request = (spec.get("actions") or {}).get(kind)
             if not request:
@@ -511,8 +562,10 @@ class InstanceAgent(ObjectCache):
                     self.warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
                 done = (request["id"], {"completionTime": now(), **result})
                 self._acted[(uid, kind)] = done
+                acted = True
             # Acted on here; if this write fails (apiserver away), the retry writes it, never acts again.
             self.write(body, {"actions": {kind: {"id": request["id"], **done[1]}}})
+        return acted
 
     def _do_reboot(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
         if interrupted:
@@ -567,7 +620,7 @@ class InstanceAgent(ObjectCache):
         try:
             self.core.create_namespaced_secret(meta["namespace"], kubernetes.client.V1Secret(
                 metadata=kubernetes.client.V1ObjectMeta(
-                    name=name, labels={f"{GROUP}/vnc-for": meta["name"]},
+                    name=name, labels={f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
                     owner_references=[kubernetes.client.V1OwnerReference(
                         api_version=f"{GROUP}/{VERSION}", kind="VirtualInstance", name=meta["name"],
                         uid=meta["uid"])]),

@@ -221,7 +221,8 @@ class MigrationAgent(ObjectCache):
         meta = instance["metadata"]
         status: dict[str, Any] = {"node": node, "console": {"node": node, "logFile": f"{meta['uid']}/console.log"}}
         if flavor is not None:
-            status["flavor"] = flavor if flavor != flavor_of({"spec": instance["spec"]}) else None
+            spec_flavor = flavor_of({"spec": instance["spec"]})
+            status["resize"] = {"flavor": flavor, "specFlavor": spec_flavor} if flavor != spec_flavor else None
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES,
                                                           meta["name"], {"status": status})
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"],

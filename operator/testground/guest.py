@@ -26,6 +26,10 @@ TICK = "kubenova-guest-tick"
 DISK = "kubenova-disk"
 CD_FILE = "kubenova-cd-file"
 NET = "kubenova-net"
+#: "kubenova-mac eth0 <address>": the MAC the guest's eth0 has, before tick 0 and every tenth tick after it,
+#: so a guest that moved (live migration: no new boot) still says which address it sees.
+MAC = "kubenova-mac"
+MAC_EVERY = 10
 WROTE = "kubenova-wrote"
 #: "kubenova-size cpus=N memtotal-kib=M": what the guest's kernel sees (a resize shows here).
 SIZE = "kubenova-size"
@@ -113,6 +117,9 @@ while true; do
     printf '%s' "$write_pattern" | dd of="/dev/$write_dev" bs=512 conv=notrunc,fsync 2>/dev/null \\
       && sync && echo "{WROTE} $write_dev $write_pattern"
     written=1
+  fi
+  if [ -e /sys/class/net/eth0 ] && [ $((i % {MAC_EVERY})) = 0 ]; then
+    echo "{MAC} eth0 $(cat /sys/class/net/eth0/address)"
   fi
   echo "{TICK} $i"
   i=$((i + 1))

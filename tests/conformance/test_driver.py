@@ -11,8 +11,8 @@ import yaml
 
 from kubenova.driver.base import (
     BlockStats, CPUIncompatible, DriverError, FirewallRule, HostPowerAction, MigrationProgress, ImageChecksumMismatch, ImageNotFound, ImageRef, InjectedFile, InstanceExists,
-    InstanceNotFound, InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, PowerState, RebootType,
-    Unsupported, VolumeSpec,
+    InstanceNotFound, InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo,
+    InvalidInstanceSpec, PowerState, RebootType, Unsupported, VolumeSpec, stable_mac,
 )
 from kubenova.testground import guest
 from tests.conformance.conftest import NETWORK, Env
@@ -34,6 +34,20 @@ def ticks(env: Env, uid: str) -> int:
 def boots(env: Env, uid: str) -> int:
     out = env.driver.get_console_output(uid)
     return out.count(guest.BOOT_MARKER)
+
+
+def macs(env: Env, uid: str) -> list[str]:
+    """The MACs the domain has, and (below) the one its guest says eth0 has."""
+    return [i.mac for i in env.driver.list_interfaces_detail(uid)]
+
+
+def guest_mac(env: Env, uid: str) -> str:
+    """The last MAC the guest printed for eth0 (it does so every few ticks)."""
+    found = re.findall(rf"{guest.MAC} eth0 (\S+)", console_has(env, uid, guest.MAC))
+    return found[-1]
+
+
+NIC = (Interface("eth0", NETWORK),)  # no macAddress: the driver derives it
 
 
 # --- spawn and destroy -----------------------------------------------------------------------
@@ -170,6 +184,65 @@ def test_rescue_boots_the_rescue_image_with_the_disk_attached(env: Env) -> None:
     assert env.driver.list_disks(spec.uuid) == ["vda"]
     assert "disk.rescue" not in env.probe.instance_files(spec.uuid)
     assert spec.uuid not in env.driver.poll_rescued_instances(timeout=0)
+
+
+def test_an_interface_without_a_mac_keeps_one_mac_through_rescue_and_restarts(env: Env) -> None:
+    spec = env.instance(interfaces=NIC)
+    env.driver.spawn(spec)
+    derived = stable_mac(spec.uuid, "eth0")
+    assert macs(env, spec.uuid) == [derived] and guest_mac(env, spec.uuid) == derived
+    detail = env.driver.list_interfaces_detail(spec.uuid)[0]
+    assert (detail.name, detail.network) == ("eth0", NETWORK)
+    env.driver.rescue(spec.uuid, ImageRef(guest.RESCUE_IMAGE))
+    assert macs(env, spec.uuid) == [derived]
+    env.driver.unrescue(spec.uuid)
+    eventually(lambda: boots(env, spec.uuid) == 2, timeout=BOOT, what="the boot after unrescue")
+    env.driver.power_off(spec.uuid)
+    env.driver.power_on(spec.uuid)
+    eventually(lambda: boots(env, spec.uuid) == 3, timeout=BOOT, what="the boot after a restart")
+    assert macs(env, spec.uuid) == [derived] and guest_mac(env, spec.uuid) == derived
+    # A second instance may not take that address on this host: given or derived, it is refused.
+    clash = env.instance(interfaces=(Interface("eth0", NETWORK, derived),))
+    with pytest.raises(InvalidInstanceSpec, match=r"spec.interfaces\[0\].macAddress"):
+        env.driver.spawn(clash)
+    assert clash.uuid not in env.probe.domains()
+
+
+def test_a_changed_spec_is_defined_for_the_next_boot_and_said_until_then(env: Env) -> None:
+    spec = env.instance(root_gib=1)
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 0")
+    assert env.driver.pending_changes(spec.uuid) == []
+    bigger = dataclasses.replace(spec, vcpus=2, memory_mib=192, root_gib=2, ephemeral_gib=(("scratch", 1),),
+                                 interfaces=NIC, user_data="#cloud-config\n{}\n")
+    env.driver.redefine(bigger)
+    assert env.driver.pending_changes(spec.uuid) == [
+        "spec.flavor.vcpus", "spec.flavor.memoryMiB", "spec.ephemeralDisks", "spec.userData", "spec.interfaces"]
+    info = env.driver.get_info(spec.uuid)
+    assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 1, 128 * 1024)  # until a boot
+    env.driver.redefine(bigger)  # again: nothing more happens
+    assert len(env.driver.pending_changes(spec.uuid)) == 5
+    env.driver.reboot(spec.uuid, RebootType.HARD)
+    eventually(lambda: boots(env, spec.uuid) == 2, timeout=BOOT, what="the boot with the new definition")
+    info = env.driver.get_info(spec.uuid)
+    assert (info.num_cpu, info.max_mem_kib) == (2, 192 * 1024)
+    assert env.driver.pending_changes(spec.uuid) == []
+    assert env.driver.list_disks(spec.uuid) == ["vda", "vdb", "vdc"]  # root, the new scratch disk, the drive
+    out = console_has(env, spec.uuid, f"{guest.DISK} vdc")
+    root = re.findall(rf"{guest.DISK} vda sectors=(\d+)", out)[-1]
+    assert int(root) * 512 == 2 * 2**30, "the root disk grew at once"
+    assert macs(env, spec.uuid) == [stable_mac(spec.uuid, "eth0")]
+    # Stopped, a change is simply the definition the next start boots; nothing is pending.
+    env.driver.power_off(spec.uuid)
+    env.driver.redefine(dataclasses.replace(bigger, vcpus=1, ephemeral_gib=()))
+    assert env.driver.pending_changes(spec.uuid) == [] and env.driver.get_info(spec.uuid).num_cpu == 1
+    env.driver.power_on(spec.uuid)
+    eventually(lambda: boots(env, spec.uuid) == 3, timeout=BOOT, what="the boot after the stopped change")
+    assert env.driver.get_info(spec.uuid).num_cpu == 1 and env.driver.list_disks(spec.uuid) == ["vda", "vdb"]
+    # What this host cannot run is refused, and the definition stays as it was.
+    with pytest.raises(InsufficientResources):
+        env.driver.redefine(dataclasses.replace(bigger, memory_mib=2**30))
+    assert env.driver.get_info(spec.uuid).max_mem_kib == 192 * 1024
 
 
 def test_snapshot_makes_an_image_that_boots(env: Env) -> None:
@@ -347,8 +420,8 @@ def test_security_group_rules_reach_the_host_firewall(env: Env) -> None:
 # --- live migration between two hosts --------------------------------------------------------
 
 def prepared_migration(source: Env, target: Env) -> tuple[InstanceSpec, str]:
-    """A running guest on the source, and the target made ready for it."""
-    spec = source.instance(root_gib=1)
+    """A running guest with a NIC that names no MAC on the source, and the target made ready for it."""
+    spec = source.instance(root_gib=1, interfaces=NIC)
     source.driver.spawn(spec)
     console_has(source, spec.uuid, f"{guest.TICK} 1")
     return spec, target.driver.pre_live_migration(spec)
@@ -358,8 +431,10 @@ def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env,
     source, target, target_uri = peers
     spec, definition = prepared_migration(source, target)
     steps: list[MigrationProgress] = []
+    mac = guest_mac(source, spec.uuid)
     source.driver.live_migration(spec.uuid, target_uri, definition, steps.append)
     target.driver.post_live_migration_at_destination(spec.uuid)
+    assert macs(target, spec.uuid) == [mac] == [stable_mac(spec.uuid, "eth0")]
     assert not source.driver.instance_exists(spec.uuid)
     assert spec.uuid not in source.probe.domains() and source.probe.instance_files(spec.uuid) == []
     assert target.driver.get_info(spec.uuid).state is PowerState.RUNNING
@@ -367,6 +442,7 @@ def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env,
     first = ticks(target, spec.uuid)
     eventually(lambda: ticks(target, spec.uuid) > first, timeout=30, what="the counter to go on at the target")
     assert guest.BOOT_MARKER not in target.driver.get_console_output(spec.uuid), "it moved, it did not reboot"
+    assert guest_mac(target, spec.uuid) == mac, "the guest sees the same address after the move"
     assert all(s.data_processed + s.data_remaining <= s.data_total or s.data_total == 0 for s in steps)
     target.driver.destroy(spec.uuid)
 
@@ -402,7 +478,7 @@ def test_cold_migration_resizes_and_confirm_frees_the_source(peers: tuple[Env, E
     source, target, target_uri = peers
     pattern = f"COLD-{spec_seq()}"
     spec = source.instance(cmdline=f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}", root_gib=1,
-                           ephemeral_gib=(("scratch", 1),), user_data="#cloud-config\n{}\n")
+                           ephemeral_gib=(("scratch", 1),), user_data="#cloud-config\n{}\n", interfaces=NIC)
     source.driver.spawn(spec)
     console_has(source, spec.uuid, f"{guest.WROTE} vdb {pattern}")
     disks = source.driver.migrate_disk_and_power_off(spec.uuid, target_uri)
@@ -413,6 +489,7 @@ def test_cold_migration_resizes_and_confirm_frees_the_source(peers: tuple[Env, E
     out = console_has(target, spec.uuid, f"{guest.CD_FILE} user-data")
     info = target.driver.get_info(spec.uuid)
     assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 2, 192 * 1024)
+    assert macs(target, spec.uuid) == [stable_mac(spec.uuid, "eth0")] == [guest_mac(target, spec.uuid)]
     # What the guest wrote on the source came along: the target's guest reads it at boot.
     head = pattern.encode().ljust(16, bytes(1)).hex()
     assert f"{guest.DISK} vdb sectors={2**30 // 512} head={head}" in out

@@ -265,3 +265,48 @@ def test_metrics_listen_on_loopback_only(ground: testground.Ground) -> None:
     ss = procs.run(["ss", "-Hltn", f"sport = :{testground.METRICS_PORT}"], "listing sockets", "").stdout
     local = [line.split()[3] for line in ss.splitlines()]  # State Recv-Q Send-Q Local Peer
     assert local == [f"127.0.0.1:{testground.METRICS_PORT}"], ss
+
+
+def size_line(ground: testground.Ground, uid: str) -> tuple[int, int] | None:
+    """(cpus, MemTotal KiB) from the guest's last kubenova-size line: what its kernel sees."""
+    found = re.findall(rf"{guest.SIZE} cpus=(\d+) memtotal-kib=(\d+)", console_text(ground, uid))
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+def kubectl_columns(ground: testground.Ground, namespace: str, name: str) -> dict[str, str]:
+    """`kubectl get vi -o wide`, as a user reads it: header -> value."""
+    out = procs.run([ground.kubectl, "get", "vi", name, "-n", namespace, "-o", "wide"], "kubectl get", "",
+                    env=ground.env()).stdout.splitlines()
+    return dict(zip(out[0].split(), out[1].split()))
+
+
+def test_a_flavor_change_waits_for_a_boot_and_status_says_so(
+        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, hypervisor: libvirt.virConnect,
+        namespace: str) -> None:
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make(
+        "size", flavor={"vcpus": 1, "memoryMiB": 128}))["metadata"]["uid"]
+    assert wait_ready(custom, namespace, "size")["status"]["flavor"] == {"vcpus": 1, "memoryMiB": 128}
+    cpus, memory = eventually(lambda: size_line(ground, uid), timeout=120, what="the guest's size line")
+    assert cpus == 1
+
+    patch_spec(custom, namespace, "size", {"flavor": {"vcpus": 2, "memoryMiB": 256}})
+    obj = eventually(lambda: (o := get(custom, namespace, "size")) and cond(o, "RestartRequired").get("status")
+                     == "True" and o["status"]["observedGeneration"] == o["metadata"]["generation"] and o,
+                     timeout=60, what="RestartRequired")
+    message = cond(obj, "RestartRequired")["message"]
+    assert "spec.flavor.vcpus" in message and "spec.flavor.memoryMiB" in message, message
+    assert obj["status"]["flavor"] == {"vcpus": 1, "memoryMiB": 128}, "status shows what runs, not the spec"
+    assert cond(obj, "Ready")["status"] == "True" and domain(hypervisor, uid).info()[3] == 1
+    columns = kubectl_columns(ground, namespace, "size")
+    assert (columns["FLAVOR-VCPUS"], columns["MEMORY-MIB"]) == ("1", "128"), columns
+
+    patch_spec(custom, namespace, "size", {"actions": {"reboot": {"id": "apply-size", "type": "Hard"}}})
+    assert wait_action(custom, namespace, "size", "reboot", "apply-size")["phase"] == "Succeeded"
+    obj = eventually(lambda: (o := get(custom, namespace, "size")) and not cond(o, "RestartRequired")
+                     and o["status"]["flavor"] == {"vcpus": 2, "memoryMiB": 256} and o,
+                     timeout=30, what="the condition gone and the new flavor in status after the hard reboot")
+    eventually(lambda: (s := size_line(ground, uid)) and s[0] == 2 and s[1] > memory, timeout=120,
+               what="the guest to see 2 vCPUs and more memory")
+    columns = kubectl_columns(ground, namespace, "size")
+    assert (columns["FLAVOR-VCPUS"], columns["MEMORY-MIB"]) == ("2", "256"), columns
+    delete_and_wait(custom, namespace, "size")

@@ -160,6 +160,16 @@ IMMUTABLE: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("mig-decision-changed", with_(MIG, "spec.decision", "Confirm"), {"spec": {"decision": "Revert"}},
      "cannot change once made"),
     ("mig-uncancel", with_(MIG, "spec.cancel", True), {"spec": {"cancel": False}}, "cannot go back to false"),
+    ("vi-root-disk-shrinks", with_(VI, "spec.rootDisk", {"sizeGiB": 2}), {"spec": {"rootDisk": {"sizeGiB": 1}}},
+     "spec.rootDisk.sizeGiB can only grow"),
+    ("vi-ephemeral-disk-shrinks", with_(VI, "spec.ephemeralDisks", [{"name": "e", "sizeGiB": 2}]),
+     {"spec": {"ephemeralDisks": [{"name": "e", "sizeGiB": 1}]}}, "sizeGiB can only grow"),
+    ("vi-swap-shrinks", with_(VI, "spec.swap", {"sizeMiB": 64}), {"spec": {"swap": {"sizeMiB": 32}}},
+     "spec.swap.sizeMiB can only grow"),
+    ("vi-boot-image-changed", with_(VI, "spec.boot", {"image": {"name": "a.qcow2"}}),
+     {"spec": {"boot": {"image": {"name": "b.qcow2"}}}}, "spec.boot.image is fixed"),
+    ("vi-kernel-to-image", VI, {"spec": {"boot": {"kernel": None, "image": {"name": "b.qcow2"}}}},
+     "spec.boot.image is fixed"),
 ]
 
 

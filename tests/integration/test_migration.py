@@ -52,6 +52,16 @@ def console(ground: testground.Ground, uid: str, node: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def guest_mac(ground: testground.Ground, uid: str, node: str) -> str | None:
+    """The MAC the guest last said its eth0 has (it says so every few ticks)."""
+    found = re.findall(rf"{guest.MAC} eth0 (\S+)", console(ground, uid, node))
+    return found[-1] if found else None
+
+
+#: The most common NIC: no macAddress, so kubenova chooses one (it must keep it for the instance's life).
+NIC = [{"name": "eth0", "network": libvirt_host.NETWORK}]
+
+
 def ticks(ground: testground.Ground, uid: str, node: str) -> int:
     found = re.findall(rf"{guest.TICK} (\d+)", console(ground, uid, node))
     return int(found[-1]) if found else -1
@@ -109,8 +119,11 @@ def running_again(custom: kubernetes.client.CustomObjectsApi, namespace: str, na
 def test_live_migration_moves_a_running_guest_without_restarting_it(
         ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
         nodes: tuple[str, str]) -> None:
-    uid, source = running(ground, custom, namespace, vi("live"))
+    uid, source = running(ground, custom, namespace, vi("live", interfaces=NIC))
     target = other(source)
+    mac = eventually(lambda: guest_mac(ground, uid, source), timeout=BOOT, what="the guest's MAC")
+    assert get(custom, namespace, "live")["status"]["interfaces"] == [
+        {"name": "eth0", "macAddress": mac, "network": libvirt_host.NETWORK}]
     migrate(custom, namespace, "live-1", "live")
     done = wait_phase(custom, namespace, "live-1", "Succeeded", "Failed")
     status = done["status"]
@@ -131,6 +144,9 @@ def test_live_migration_moves_a_running_guest_without_restarting_it(
                        what="the counter on the target")
     eventually(lambda: ticks(ground, uid, target) > first, timeout=30, what="the counter to go on")
     assert guest.BOOT_MARKER not in console(ground, uid, target)
+    assert eventually(lambda: guest_mac(ground, uid, target), timeout=30, what="the guest's MAC on the target") \
+        == mac, "the guest sees the address it had"
+    assert get(custom, namespace, "live")["status"]["interfaces"][0]["macAddress"] == mac
     delete_and_wait(custom, namespace, "live")
     assert not has_domain(ground, target, uid)
 
@@ -270,8 +286,8 @@ def test_maintenance_empties_a_node_and_turning_it_off_cancels_what_has_not_star
     custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, second, {"spec": {"enabled": False}})
     try:
         names = [f"busy-{i}" for i in range(3)]
-        for name in names:
-            assert running(ground, custom, namespace, vi(name))[1] == first
+        for name in names:  # NICs without a MAC: the most common VM must not block a drain
+            assert running(ground, custom, namespace, vi(name, interfaces=NIC))[1] == first
     finally:
         custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, second, {"spec": {"enabled": True}})
     maintenance(custom, first, True)
@@ -306,3 +322,48 @@ def test_maintenance_empties_a_node_and_turning_it_off_cancels_what_has_not_star
     assert state == "Stopped"
     for name in names:
         delete_and_wait(custom, namespace, name)
+
+
+def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
+        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
+        nodes: tuple[str, str]) -> None:
+    # 63 characters of namespace, 253 of name: "<namespace>_<name>" would pass libvirt's 255-byte file names.
+    namespace = f"t-{uuid.uuid4().hex}".ljust(63, "n")
+    name = f"long-{uuid.uuid4().hex[:8]}.".ljust(252, "x") + "z"
+    assert (len(namespace), len(name)) == (63, 253)
+    core.create_namespace({"metadata": {"name": namespace}})
+    snapshot = ground.image_store / (f"snap-{uuid.uuid4().hex}".ljust(247, "s") + ".qcow2")  # 253 as well
+    try:
+        uid, source = running(ground, custom, namespace, vi(name, rootDisk={"sizeGiB": 1}, vnc={"enabled": True}))
+        conn = libvirt.open(libvirt_host.uri(ground.layout, source))
+        try:
+            dom = conn.lookupByUUIDString(uid)
+            assert len(dom.name()) <= 200 and dom.name().startswith(f"{namespace}_long-"), dom.name()
+            assert dom.metadata(libvirt.VIR_DOMAIN_METADATA_TITLE, None) == f"{namespace}/{name}"
+        finally:
+            conn.close()
+        status = eventually(lambda: (o := get(custom, namespace, name)) and o["status"].get("vnc") and o["status"],
+                            timeout=60, what="the VNC endpoint in status")
+        secret = status["vnc"]["passwordSecretRef"]["name"]
+        assert len(secret) <= 253 and secret.endswith("-vnc")
+        assert core.read_namespaced_secret(secret, namespace).data["password"]
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name, {"spec": {
+            "actions": {"snapshot": {"id": "long", "imageName": snapshot.name}}}})
+        done = wait_action(custom, namespace, name, "snapshot", "long")
+        assert done["phase"] == "Succeeded", done
+        assert snapshot.exists()
+        migrate(custom, namespace, "move", name)
+        moved = wait_phase(custom, namespace, "move", "Succeeded", "Failed")["status"]
+        assert moved["phase"] == "Succeeded", moved.get("message")
+        target = other(source)
+        assert has_domain(ground, target, uid) and not has_domain(ground, source, uid)
+        eventually(lambda: ticks(ground, uid, target) >= 0, timeout=30, what="the guest on the target")
+        delete_and_wait(custom, namespace, name)
+        assert not has_domain(ground, target, uid) and not ground.instance_dir(uid, target).exists()
+    finally:
+        for plural in (MIGRATIONS, VIRTUALINSTANCES):
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        eventually(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                    VIRTUALINSTANCES)["items"],
+                   timeout=120, what="the long-named instance gone")
+        snapshot.unlink(missing_ok=True)

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import copy
+import pathlib
 from typing import Any
 
 import kubernetes
 import libvirt
 import pytest
+import yaml
 
-from kubenova.handlers.common import GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from kubenova.testground import ground as testground
 from kubenova.testground import guest
 from tests.helpers import eventually
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 VI: dict[str, Any] = {
     "apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualInstance",
@@ -161,3 +165,29 @@ def test_a_field_the_agent_cannot_honour_yet_fails_clearly(custom: kubernetes.cl
     assert domain(hypervisor, uid) is None
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "fetched")
     eventually(lambda: get(custom, namespace, "fetched") is None, timeout=60, what="deletion")
+
+
+def test_an_instance_placed_after_waiting_says_scheduled_whatever_the_agent_answers(
+        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+    sample = yaml.safe_load((REPO / "deploy" / "samples" / "virtualinstance-image.yaml").read_text())
+    selector = sample["spec"]["nodeSelector"]
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, sample)
+    name = sample["metadata"]["name"]
+    waiting = eventually(lambda: (o := get(custom, namespace, name)) and cond(o, "Scheduled").get("reason")
+                         == "Unschedulable" and o, timeout=60, what="Unschedulable: no node has the label")
+    assert cond(waiting, "Scheduled")["status"] == "False"
+    custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, ground.node, {"metadata": {"labels": selector}})
+    try:
+        obj = eventually(lambda: (o := get(custom, namespace, name)) and cond(o, "Ready").get("reason")
+                         and cond(o, "Ready").get("reason") != "Unschedulable" and o.get("status", {}).get("node")
+                         and o, timeout=60, what="the agent's answer")
+    finally:
+        custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, ground.node,
+                                           {"metadata": {"labels": {key: None for key in selector}}})
+    assert obj["metadata"]["labels"][NODE_LABEL] == ground.node
+    assert cond(obj, "Ready")["status"] == "False", cond(obj, "Ready")
+    scheduled = cond(obj, "Scheduled")
+    assert (scheduled["status"], scheduled["reason"], scheduled["message"]) == (
+        "True", "Placed", f"placed on {ground.node}"), scheduled
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name)
+    eventually(lambda: get(custom, namespace, name) is None, timeout=60, what="deletion")

@@ -21,7 +21,7 @@ from kubenova.driver.base import (
     BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, DriverError, HostPowerAction, ImageChecksumMismatch,
     ImageNotFound, ImageRef, InjectedFile, InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec,
     InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec, KernelBoot,
-    MigrationProgress, PowerState, RebootType, Unsupported, VolumeNotFound, VolumeSpec,
+    MigrationProgress, PowerState, RebootType, Unsupported, VolumeNotFound, VolumeSpec, stable_mac,
 )
 from kubenova.driver.fake import FakeDriver
 from kubenova.testground import guest
@@ -120,8 +120,9 @@ def test_every_abstract_method_is_implemented() -> None:
 
 def test_console_words_match_the_real_test_guest() -> None:
     assert (fake.BOOT_MARKER, fake.RESCUE_MARKER, fake.TICK, fake.DISK_LINE, fake.CD_FILE_LINE, fake.NET_LINE,
-            fake.WROTE_LINE) == (guest.BOOT_MARKER, guest.RESCUE_MARKER, guest.TICK, guest.DISK, guest.CD_FILE,
-                                 guest.NET, guest.WROTE)
+            fake.WROTE_LINE, fake.MAC_LINE, fake.MAC_EVERY) == (
+        guest.BOOT_MARKER, guest.RESCUE_MARKER, guest.TICK, guest.DISK, guest.CD_FILE, guest.NET, guest.WROTE,
+        guest.MAC, guest.MAC_EVERY)
     assert guest.write_hook("vdb", "P-1") == f"{fake.WRITE_HOOK}vdb:P-1"
 
 
@@ -243,6 +244,7 @@ def test_boot_lines_name_every_disk_the_config_drive_and_the_network(driver: Fak
         f"kubenova-disk vdd sectors={iso_sectors} head={'00' * 16}",
         *(f"kubenova-cd-file {name} {base64.b64encode(data).decode()}" for name, data in sorted(drive.items())),
         "kubenova-net eth0 up",
+        f"kubenova-mac eth0 {s.macs()[0]}",
         "kubenova-guest-tick 0",
     ]
     assert driver.list_disks(s.uuid) == ["vda", "vdb", "vdc", "vdd"]
@@ -563,7 +565,7 @@ def test_counters_have_exactly_the_contract_fields_and_grow(driver: FakeDriver, 
     usage = driver.get_all_bw_usage()
     assert [(u.uuid, u.interface, u.bw_in, u.bw_out) for u in usage] == [
         (s.uuid, t, later_net.rx_bytes, later_net.tx_bytes) for t in driver.list_interfaces(s.uuid)]
-    assert usage[1].mac == "52:54:00:00:00:01" and usage[0].mac.startswith("52:54:00:")
+    assert usage[1].mac == "52:54:00:00:00:01" and usage[0].mac == stable_mac(s.uuid, s.interfaces[0].name)
 
 
 def test_unknown_devices_are_named_in_the_error(driver: FakeDriver) -> None:

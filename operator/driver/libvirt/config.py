@@ -6,6 +6,7 @@ ever become text or an attribute, not markup.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import xml.etree.ElementTree as ET
 
 METADATA_NS = "https://kubenova.io/xmlns/instance/v1"
@@ -54,15 +55,24 @@ class GuestDisk:
             serial=element.findtext("serial"))
 
 
+#: libvirt keeps user-chosen device aliases only with this prefix.
+USER_ALIAS = "ua-"
+
+
 @dataclasses.dataclass
 class GuestInterface:
-    """An <interface> on a libvirt network; ``target`` is the host-side tap name libvirt chose."""
+    """An <interface> on a libvirt network; ``target`` is the host-side tap name libvirt chose.
+
+    ``name`` is the interface's name in the spec, kept in the domain as the device's alias so that
+    what the domain reports can be matched to the spec.
+    """
 
     network: str
     mac: str | None = None
     model: str = "virtio"
     target: str | None = None
     filter: str | None = None
+    name: str = ""
 
     def format_dom(self) -> ET.Element:
         iface = ET.Element("interface", type="network")
@@ -72,17 +82,22 @@ class GuestInterface:
         _sub(iface, "model", type=self.model)
         if self.filter:
             _sub(iface, "filterref", filter=self.filter)
+        if self.name:
+            _sub(iface, "alias", name=f"{USER_ALIAS}{self.name}")
         return iface
 
     @classmethod
     def parse_dom(cls, element: ET.Element) -> "GuestInterface":
         source, mac = element.find("source"), element.find("mac")
         model, target, ref = element.find("model"), element.find("target"), element.find("filterref")
+        alias = element.find("alias")
+        name = alias.get("name", "") if alias is not None else ""
         return cls(network=source.get("network", "") if source is not None else "",
                    mac=mac.get("address") if mac is not None else None,
                    model=model.get("type", "virtio") if model is not None else "virtio",
                    target=target.get("dev") if target is not None else None,
-                   filter=ref.get("filter") if ref is not None else None)
+                   filter=ref.get("filter") if ref is not None else None,
+                   name=name.removeprefix(USER_ALIAS) if name.startswith(USER_ALIAS) else "")
 
 
 @dataclasses.dataclass
@@ -123,13 +138,19 @@ class GuestConfig:
     disks: list[GuestDisk] = dataclasses.field(default_factory=list)
     interfaces: list[GuestInterface] = dataclasses.field(default_factory=list)
     graphics: GuestGraphics | None = None
+    #: a digest of each config drive file (file name -> digest), so a changed drive is seen without opening it
+    drive: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def format_dom(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
         _sub(dom, "name", self.name)
         _sub(dom, "uuid", self.uuid)
+        _sub(dom, "title", f"{self.namespace}/{self.instance_name}")  # whole, where the name had to be cut
         meta = _sub(dom, "metadata")
-        ET.SubElement(meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace, name=self.instance_name)
+        instance = ET.SubElement(meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace,
+                                 name=self.instance_name)
+        for file, digest in sorted(self.drive.items()):
+            ET.SubElement(instance, f"{{{METADATA_NS}}}drive", file=file, digest=digest)
         _sub(dom, "memory", str(self.memory_mib), unit="MiB")
         _sub(dom, "vcpu", str(self.vcpus))
         os_el = _sub(dom, "os")
@@ -164,6 +185,41 @@ class GuestConfig:
     def to_xml(self) -> str:
         return ET.tostring(self.format_dom(), encoding="unicode")
 
+    @classmethod
+    def parse_dom(cls, xml: str) -> "GuestConfig":
+        """What a domain's XML (running, or its definition) says in the terms above; the rest is libvirt's."""
+        root = ET.fromstring(xml)
+        meta = root.find(f"metadata/{{{METADATA_NS}}}instance")
+        memory = root.find("memory")
+        os_el = root.find("os")
+        serial = root.find("devices/serial/source")
+        graphics = root.find("devices/graphics[@type='vnc']")
+
+        def text(tag: str) -> str | None:
+            return os_el.findtext(tag) if os_el is not None else None
+        return cls(
+            uuid=root.findtext("uuid", ""), name=root.findtext("name", ""),
+            namespace=meta.get("namespace", "") if meta is not None else "",
+            instance_name=meta.get("name", "") if meta is not None else "",
+            vcpus=int(root.findtext("vcpu", "0")),
+            memory_mib=_mib(int(memory.text or 0), memory.get("unit", "KiB")) if memory is not None else 0,
+            console_path=serial.get("path", "") if serial is not None else "",
+            domain_type=root.get("type", "qemu"), kernel=text("kernel"), initrd=text("initrd"),
+            cmdline=text("cmdline") if text("kernel") else None,
+            disks=[GuestDisk.parse_dom(d) for d in root.findall("devices/disk")],
+            interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
+            graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None,
+            drive={d.get("file", ""): d.get("digest", "") for d in meta.findall(f"{{{METADATA_NS}}}drive")}
+            if meta is not None else {})
+
+
+_UNITS = {"b": 1, "bytes": 1, "KB": 1000, "k": 1024, "KiB": 1024, "MB": 1000**2, "M": 1024**2, "MiB": 1024**2,
+          "GB": 1000**3, "G": 1024**3, "GiB": 1024**3}
+
+
+def _mib(value: int, unit: str) -> int:
+    return value * _UNITS[unit] // 1024**2
+
 
 @dataclasses.dataclass
 class LiveDevices:
@@ -182,9 +238,22 @@ class LiveDevices:
                    graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None)
 
 
+#: libvirt names files after the domain (``<name>.xml.new``, ``<name>.log``, ``<name>.save``), and a file
+#: name has at most 255 bytes; a namespace (63) and a name (253) together can pass that.
+MAX_DOMAIN_NAME = 200
+
+
 def domain_name(namespace: str, name: str) -> str:
-    """Kubernetes names cannot hold '_', so this name cannot collide between namespaces."""
-    return f"{namespace}_{name}"
+    """``<namespace>_<name>``, readable in ``virsh list``; bounded, so every name the API accepts can run.
+
+    Kubernetes names cannot hold '_', so the pair cannot collide between namespaces. A longer pair
+    is cut and ends in a digest of the whole, which keeps it unique and the same on every node.
+    """
+    full = f"{namespace}_{name}"
+    if len(full) <= MAX_DOMAIN_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:12]
+    return f"{full[:MAX_DOMAIN_NAME - len(digest) - 1]}-{digest}"
 
 
 def firewall_filter(name: str, uuid: str, rules: "list[tuple[str, str, int | None, int | None]]") -> str:

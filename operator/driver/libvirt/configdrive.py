@@ -7,16 +7,16 @@ import pathlib
 
 import pycdlib
 
-from kubenova.driver import cloudinit
-from kubenova.driver.base import InstanceSpec
 
 
 def _iso_name(index: int) -> str:
     return f"/F{index}.;1"
 
 
-def write(instance: InstanceSpec, path: pathlib.Path) -> None:
-    _write_iso(cloudinit.files(instance), path)
+def write(files: dict[str, bytes], path: pathlib.Path) -> None:
+    """Write the drive with these files (cloudinit.files); a guest running on the old drive keeps reading it
+    (the new one replaces the file, not its content), the next boot gets this one."""
+    _write_iso(files, path)
 
 
 def replace_file(path: pathlib.Path, name: str, data: bytes) -> None:

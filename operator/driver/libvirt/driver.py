@@ -9,6 +9,7 @@ by an instance.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -23,6 +24,7 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection
+from typing import Any
 
 import libvirt
 
@@ -31,10 +33,10 @@ from kubenova.driver.base import (
     BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, FirewallRule,
     HostPowerAction,
     HostStats, ImageRef, InstanceDetail, InstanceExists, InstanceInfo, InstanceNotFound, InstanceNotRunning,
-    InstanceSpec, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
+    InstanceSpec, Interface, InterfaceDetail, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
     MigrationOutcome, MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported, VncConsole,
     VolumeConnector,
-    VolumeNotFound, VolumeSpec, check_instance,
+    VolumeNotFound, VolumeSpec, check_instance, check_macs,
 )
 from kubenova.driver import cloudinit
 from kubenova.driver.images import ImageStore
@@ -49,7 +51,52 @@ from kubenova.driver.libvirt.imagecache import ImageCache, qemu_img
 log = logging.getLogger(__name__)
 
 ROOT, CONFIG_DRIVE, UNRESCUE, RESCUE_DISK = "disk", "disk.config", "unrescue.xml", "disk.rescue"
+SWAP, EPHEMERAL, VOLUME = "disk.swap", "disk.eph.", "disk.vol."
 _TARGET = re.compile(r"^(vd|sd)([a-z])$")
+
+
+def bounded(file_name: str) -> str:
+    """A file name within the 255 bytes a file system allows: a longer one is cut and ends in a digest of the
+    whole, so it stays unique (store names may have 253 characters, before any prefix or suffix)."""
+    if len(file_name.encode()) <= 255:
+        return file_name
+    return f"{file_name[:230]}-{hashlib.sha256(file_name.encode()).hexdigest()[:16]}"
+
+
+def partial_name(image_name: str) -> str:
+    """Where a snapshot is written before it becomes ``image_name`` in the store."""
+    return bounded(f".{image_name}.partial")
+
+
+def _own_disk(source: str, folder: pathlib.Path) -> bool:
+    """Whether a disk is one of the instance's own (root, ephemeral, swap, config drive), not an attached volume."""
+    path = pathlib.PurePath(source)
+    return path.parent == folder and not path.name.startswith(VOLUME)
+
+
+def changed_fields(running: GuestConfig, defined: GuestConfig, folder: pathlib.Path) -> list[str]:
+    """The spec fields in which the definition for the next boot differs from what the domain runs with."""
+    fields = []
+    if running.vcpus != defined.vcpus:
+        fields.append("spec.flavor.vcpus")
+    if running.memory_mib != defined.memory_mib:
+        fields.append("spec.flavor.memoryMiB")
+    if (running.kernel, running.initrd, running.cmdline) != (defined.kernel, defined.initrd, defined.cmdline):
+        fields.append("spec.boot.kernel")
+
+    def own(config: GuestConfig) -> set[str]:
+        return {pathlib.PurePath(d.source).name for d in config.disks if _own_disk(d.source, folder)}
+    for name in sorted((own(running) ^ own(defined)) - {CONFIG_DRIVE}):
+        fields.append("spec.rootDisk" if name == ROOT else "spec.swap" if name == SWAP else "spec.ephemeralDisks")
+    if CONFIG_DRIVE not in own(running) or running.drive:  # a drive made before drives had digests: unknown
+        fields += [field for file, field in cloudinit.FIELDS.items()
+                   if running.drive.get(file) != defined.drive.get(file)]
+
+    def nics(config: GuestConfig) -> list[tuple[str, str, str | None, str]]:
+        return [(i.name, i.network, i.mac, i.model) for i in config.interfaces]
+    if nics(running) != nics(defined):
+        fields.append("spec.interfaces")
+    return list(dict.fromkeys(fields))
 
 
 def _filter_name(uuid: str) -> str:
@@ -108,8 +155,7 @@ class LibvirtDriver(ComputeDriver):
     def get_available_resource(self) -> HostStats:
         conn = self.host.get_connection()
         arch, _, cpus, *_ = conn.getInfo()
-        # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
-        memory_mib = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
+        memory_mib = self._host_memory_mib()
         cpu = ET.fromstring(conn.getCapabilities()).find("host/cpu")
         if cpu is None:
             raise DriverError("libvirt's capabilities describe no host CPU")
@@ -128,6 +174,10 @@ class LibvirtDriver(ComputeDriver):
                         cores=int(topology.get("cores", 1)) if topology is not None else 1,
                         threads=int(topology.get("threads", 1)) if topology is not None else 1,
                         features=tuple(f.get("name", "") for f in cpu.findall("feature"))))
+
+    def _host_memory_mib(self) -> int:
+        # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
+        return int(self.host.get_connection().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"]) // 1024
 
     def host_power_action(self, action: HostPowerAction) -> None:
         raise Unsupported("host_power_action", "kubenova does not power hosts on or off (Nova's libvirt driver "
@@ -220,44 +270,127 @@ class LibvirtDriver(ComputeDriver):
             other = None
         if other is not None and other.UUIDString() != instance.uuid:
             raise InstanceExists(f"a domain named {other.name()} already exists with UUID {other.UUIDString()}")
-        check_instance(instance, conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024)
+        check_instance(instance, self._host_memory_mib())
+        if instance.interfaces:
+            check_macs(instance, self._macs_in_use(instance.uuid))
 
-    def _guest_config(self, instance: InstanceSpec, folder: pathlib.Path) -> GuestConfig:
-        """Create the instance's disks in its folder and describe the domain that uses them."""
-        disks: list[GuestDisk] = []
+    def _macs_in_use(self, uuid: str) -> dict[str, str]:
+        """MAC -> "namespace/name" of every other domain on this host that has it (running or defined)."""
+        used = {}
+        for dom in self.host.get_connection().listAllDomains():
+            try:
+                if dom.UUIDString() == uuid:
+                    continue
+                root = ET.fromstring(dom.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+            meta = root.find(f"metadata/{{{METADATA_NS}}}instance")
+            owner = f"{meta.get('namespace')}/{meta.get('name')}" if meta is not None else f"domain {dom.name()}"
+            for mac in root.findall("devices/interface/mac"):
+                used[mac.get("address", "").lower()] = owner
+        return used
 
-        def add(path: pathlib.Path, **kw: object) -> None:
-            disks.append(GuestDisk(source=str(path), target=_next_target([d.target for d in disks]), **kw))  # type: ignore[arg-type]
+    def _guest_config(self, instance: InstanceSpec, folder: pathlib.Path,
+                      current: GuestConfig | None = None) -> GuestConfig:
+        """Create the instance's disks in its folder and describe the domain that uses them.
+
+        With the ``current`` definition (a spec change), attached volumes stay as they are, and the config
+        drive is rewritten only when its files changed.
+        """
+        own: list[tuple[pathlib.Path, dict[str, Any]]] = []
 
         def empty(path: pathlib.Path, size: str) -> None:
             if not path.exists():  # a migrated instance brings its disks along
                 qemu_img("create", "-q", "-f", "qcow2", str(path), size)
-            add(path)
+            own.append((path, {}))
 
         if instance.image is not None:
             if not (folder / ROOT).exists():
                 base = self.cache.base(instance.image, "spec.boot.image.name")
                 self.cache.overlay(base, folder / ROOT, instance.root_gib)
-            add(folder / ROOT)
+            own.append((folder / ROOT, {}))
         elif instance.root_gib:
             empty(folder / ROOT, f"{instance.root_gib}G")
         for name, size in instance.ephemeral_gib:
-            empty(folder / f"disk.eph.{name}", f"{size}G")
+            empty(folder / f"{EPHEMERAL}{name}", f"{size}G")
         if instance.swap_mib:
-            empty(folder / "disk.swap", f"{instance.swap_mib}M")
+            empty(folder / SWAP, f"{instance.swap_mib}M")
+        drive: dict[str, str] = {}
         if cloudinit.needed(instance):
-            configdrive.write(instance, folder / CONFIG_DRIVE)
-            add(folder / CONFIG_DRIVE, driver_type="raw", read_only=True)
+            files = cloudinit.files(instance)
+            drive = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in files.items()}
+            if current is None or current.drive != drive or not (folder / CONFIG_DRIVE).exists():
+                configdrive.write(files, folder / CONFIG_DRIVE)
+            own.append((folder / CONFIG_DRIVE, {"driver_type": "raw", "read_only": True}))
+        volumes = [d for d in current.disks if not _own_disk(d.source, folder)] if current else []
+        used = {v.target for v in volumes}
+        disks = []
+        for path, kw in own:  # in guest order, around the names attached volumes hold
+            target = _next_target(used)
+            used.add(target)
+            disks.append(GuestDisk(source=str(path), target=target, **kw))
         boot = instance.boot
         return GuestConfig(
             uuid=instance.uuid, name=domain_name(instance.namespace, instance.name), namespace=instance.namespace,
             instance_name=instance.name, vcpus=instance.vcpus, memory_mib=instance.memory_mib,
             console_path=str(folder / "console.log"), domain_type=self.domain_type,
             kernel=boot.kernel if boot else None, initrd=boot.initrd if boot else None,
-            cmdline=boot.cmdline if boot else None, disks=disks,
-            interfaces=[GuestInterface(network=i.network, mac=i.mac, model=i.model, filter=_filter_name(instance.uuid))
-                        for i in instance.interfaces],
-            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None)
+            cmdline=boot.cmdline if boot else None, disks=disks + volumes,
+            interfaces=[GuestInterface(network=i.network, mac=mac, model=i.model, filter=_filter_name(instance.uuid),
+                                       name=i.name) for i, mac in zip(instance.interfaces, instance.macs())],
+            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None, drive=drive)
+
+    def redefine(self, instance: InstanceSpec) -> None:
+        """Define the instance as the spec now says, for its next boot; disks grow at once (live when it runs).
+
+        A running domain keeps what it was started with (libvirt's persistent definition is what the next
+        start uses); pending_changes says what differs. In rescue, the saved original is updated, so
+        unrescue boots the new definition.
+        """
+        guest = self._guest(instance.uuid)
+        check_instance(instance, self._host_memory_mib())
+        folder = self._dir(instance.uuid)
+        saved = folder / UNRESCUE
+        current = GuestConfig.parse_dom(saved.read_text() if saved.exists() else guest.config_xml())
+        if instance.interfaces:
+            check_macs(instance, self._macs_in_use(instance.uuid))
+            self.plug_vifs(instance.uuid, instance.interfaces)
+            try:  # the first interface of an instance that had none: its filter, with no rules yet
+                self.host.get_connection().nwfilterLookupByName(_filter_name(instance.uuid))
+            except libvirt.libvirtError:
+                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+        desired = self._guest_config(instance, folder, current)
+        if desired.to_xml() != current.to_xml():
+            if saved.exists():
+                saved.write_text(desired.to_xml())
+            else:
+                with translate("define", instance.uuid):
+                    self.host.get_connection().defineXML(desired.to_xml())
+        self._grow_disks(guest, instance, folder)
+
+    def _grow_disks(self, guest: Guest, instance: InstanceSpec, folder: pathlib.Path) -> None:
+        """Grow the instance's disks to the spec's sizes (never shrink): libvirt resizes a running guest's disk live."""
+        sizes = [(folder / f"{EPHEMERAL}{name}", gib * 2**30) for name, gib in instance.ephemeral_gib]
+        if instance.root_gib:
+            sizes.append((folder / ROOT, instance.root_gib * 2**30))
+        if instance.swap_mib:
+            sizes.append((folder / SWAP, instance.swap_mib * 2**20))
+        live = {d.source for d in guest.devices().disks} if guest.active else set()
+        for path, size in sizes:
+            if not path.exists() or json.loads(qemu_img("info", "-U", "--output=json", str(path)))["virtual-size"] >= size:
+                continue
+            if str(path) in live:
+                with translate("grow disk", instance.uuid):
+                    guest.domain.blockResize(str(path), size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            else:
+                qemu_img("resize", "-q", str(path), str(size))
+
+    def pending_changes(self, uuid: str) -> list[str]:
+        guest = self._guest(uuid)
+        if not guest.active or (self._dir(uuid) / UNRESCUE).exists():
+            return []
+        return changed_fields(GuestConfig.parse_dom(guest.live_xml()), GuestConfig.parse_dom(guest.config_xml()),
+                              self._dir(uuid))
 
     def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
         self._create(instance, power_on)
@@ -430,7 +563,7 @@ class LibvirtDriver(ComputeDriver):
         dest = self.images.path(field, image_name)
         if dest.exists() or dest.is_symlink():
             raise InvalidInstanceSpec(field, f"image {image_name!r} already exists in the image store")
-        tmp = dest.with_name(f".{image_name}.partial")
+        tmp = dest.with_name(partial_name(image_name))
         tmp.unlink(missing_ok=True)  # an interrupted snapshot's, or a link someone left: never written through
         paused = guest.state() is PowerState.RUNNING
         if paused:  # a consistent copy: no guest writes while it is made
@@ -505,6 +638,10 @@ class LibvirtDriver(ComputeDriver):
     def list_interfaces(self, uuid: str) -> list[str]:
         return [i.target for i in self._guest(uuid).devices().interfaces if i.target]
 
+    def list_interfaces_detail(self, uuid: str) -> list[InterfaceDetail]:
+        return [InterfaceDetail(name=i.name, mac=i.mac or "", network=i.network)
+                for i in self._guest(uuid).devices().interfaces]
+
     def block_stats(self, uuid: str, disk: str) -> BlockStats:
         guest = self._running(uuid, "block_stats")
         with translate("blockStats", uuid):
@@ -545,7 +682,7 @@ class LibvirtDriver(ComputeDriver):
         used = [d.target for d in guest.devices().disks]
         if volume.from_image:
             base = self.cache.base(ImageRef(volume.name), "spec.image.name")
-            path = self._dir(uuid) / f"disk.vol.{volume.name}"
+            path = self._dir(uuid) / bounded(f"{VOLUME}{volume.name}")
             if not path.exists():
                 self.cache.overlay(base, path)
             fmt = "qcow2"

@@ -45,6 +45,11 @@ class Guest:
         with translate("XMLDesc", self.uuid):
             return LiveDevices.parse_dom(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE if secure else 0))
 
+    def live_xml(self) -> str:
+        """What the domain runs with now (its definition, when it is not running)."""
+        with translate("XMLDesc", self.uuid):
+            return str(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
+
     def config_xml(self) -> str:
         """The persistent definition (with secrets), as it will boot next time."""
         with translate("XMLDesc", self.uuid):
