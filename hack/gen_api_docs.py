@@ -15,6 +15,33 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "api.md"
 ORDER = ["VirtualInstance", "VolumeAttachment", "Migration", "ComputeNode"]
+#: What the schema cannot say, written once here and placed after a kind's table.
+NOTES = {"VirtualInstance": """### Changing a running instance
+
+kubenova never reports a spec as applied while the domain runs something else. A change the running
+domain cannot take is defined for its next boot at once, and the condition `RestartRequired` names the
+fields until a boot takes them: stop and start the instance, or request a `Hard` reboot (a `Soft` one
+also does when the guest powers off on ACPI; a reboot from inside the guest keeps the running
+definition). `status.flavor` always shows the size the domain runs with, and so do the `kubectl get -o
+wide` columns; `status.observedGeneration` says the agent has seen the spec.
+
+| field | how a change applies |
+| --- | --- |
+| `spec.flavor` (vCPUs, memory) | next boot (`RestartRequired`) |
+| `spec.boot.kernel` (kernel, initrd, cmdline) | next boot (`RestartRequired`) |
+| `spec.boot.image` | fixed at creation (the root disk is made from it); refused at apply time |
+| `spec.rootDisk.sizeGiB`, `spec.ephemeralDisks[].sizeGiB`, `spec.swap.sizeMiB` | grow at once, live while the guest runs (it sees the new size); shrinking is refused at apply time |
+| an added or removed `spec.rootDisk`, ephemeral disk or `spec.swap` | next boot (`RestartRequired`); a removed disk's file stays until the instance is deleted |
+| `spec.interfaces` | next boot (`RestartRequired`); each interface keeps its MAC (`status.interfaces`) |
+| `spec.userData`, `spec.userDataSecretRef`, `spec.networkConfig`, `spec.injectedFiles`, `spec.adminPasswordSecretRef` | the config drive is rewritten for the next boot (`RestartRequired`); cloud-init runs its per-instance modules once per instance, so most of them act only on a new instance |
+| `spec.powerState`, `spec.rescue`, `spec.actions` | at once |
+| `spec.nodeSelector` | placement only: a placed instance stays where it is (move it with a Migration) |
+| `spec.nodeName`, `spec.vnc` | immutable |
+
+A MAC address is kept for the instance's whole life: an interface without `macAddress` gets one derived
+from the instance's UID and the interface's name (locally administered, unicast), the same on every
+node, so live and cold migration, rescue, restarts and resizes never change it.
+"""}
 
 
 def _constraints(schema: dict[str, Any]) -> str:
@@ -75,6 +102,8 @@ def render(crd_dir: pathlib.Path = REPO / "crds") -> str:
             if part in schema["properties"]:
                 lines += _fields(schema["properties"][part], part, part in schema.get("required", []))
         lines.append("")
+        if names["kind"] in NOTES:
+            lines += [NOTES[names["kind"]]]
     return "\n".join(lines)
 
 

@@ -61,5 +61,25 @@ def vnc_auth(host: str, port: int, password: str) -> bool:
         return result == 0
 
 
+#: ERROR lines that are not failures of kubenova: kopf retrying a watch or request the apiserver refused
+#: for a moment (it logs every retry as an error, and gives the reason). Everything else that says ERROR,
+#: and every traceback, is a handler that failed.
+EXPECTED_ERRORS = re.compile(r" ERROR kopf\._cogs\.clients\.\w+: Request attempt #\d+ failed; will retry: ")
+
+
+def log_problems(text: str) -> list[str]:
+    """The tracebacks (each with the line that logged it and its last line) and the unexpected ERROR lines."""
+    problems: list[str] = []
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            end = next((i for i in range(index + 1, len(lines)) if not lines[i].startswith((" ", "Traceback"))),
+                       len(lines) - 1)
+            problems.append(f"{lines[index - 1] if index else ''} ... {lines[end]}")
+        elif " ERROR " in line and not EXPECTED_ERRORS.search(line):
+            problems.append(line)
+    return problems
+
+
 #: Figures a test wants in the run's summary (the number of generated inputs, soak figures).
 REPORT: list[str] = []

@@ -275,9 +275,10 @@ def size_line(ground: testground.Ground, uid: str) -> tuple[int, int] | None:
 
 def kubectl_columns(ground: testground.Ground, namespace: str, name: str) -> dict[str, str]:
     """`kubectl get vi -o wide`, as a user reads it: header -> value."""
-    out = procs.run([ground.kubectl, "get", "vi", name, "-n", namespace, "-o", "wide"], "kubectl get", "",
-                    env=ground.env()).stdout.splitlines()
-    return dict(zip(out[0].split(), out[1].split()))
+    header, row = procs.run([ground.kubectl, "get", "vi", name, "-n", namespace, "-o", "wide"], "kubectl get", "",
+                            env=ground.env()).stdout.splitlines()[:2]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]  # a column may be empty (IP): cut by position
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None])}
 
 
 def test_a_flavor_change_waits_for_a_boot_and_status_says_so(

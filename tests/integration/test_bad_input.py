@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kubenova.handlers.common import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from kubenova.testground import ground as testground
 from kubenova.testground import guest
-from tests.helpers import REPORT, eventually
+from tests.helpers import REPORT, eventually, log_problems
 
 EXAMPLES = 1000
 HOSTILE = ["../../etc/shadow", "/etc/passwd", "..", ".", "a/../../b", "$(reboot)", "`id`", "; rm -rf /", "x\x00y",
@@ -117,6 +117,16 @@ def logs(ground: testground.Ground) -> dict[str, int]:
     return {name: ground.layout.logfile(name).stat().st_size for name in ("controller", f"agent-{ground.node}")}
 
 
+def new_log_lines(ground: testground.Ground, since: dict[str, int]) -> dict[str, str]:
+    """What each of kubenova's processes logged after ``since`` (the logs fixture)."""
+    found = {}
+    for name, offset in since.items():
+        with open(ground.layout.logfile(name), "rb") as log:
+            log.seek(offset)
+            found[name] = log.read().decode(errors="replace")
+    return found
+
+
 def test_hostile_input_is_refused_or_ends_in_a_clear_condition(
         ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
         namespace: str, logs: dict[str, int]) -> None:
@@ -210,3 +220,7 @@ def test_hostile_input_is_refused_or_ends_in_a_clear_condition(
         eventually(lambda p=plural: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
                                                                              p)["items"],
                    timeout=180, what=f"every accepted {plural} deleted (no finalizer stuck)")
+    # "No traceback in the logs" (docs/reliability.md): nothing failed inside a handler, from apply to delete.
+    for name, text in new_log_lines(ground, logs).items():
+        problems = log_problems(text)
+        assert not problems, f"{name} logged {len(problems)} failures on the bad input: {problems[:5]}"
