@@ -57,6 +57,11 @@ class Reservations:
     def add(self, uid: str, node: str, usage: Usage) -> None:
         self._pending[uid] = (node, usage, time.monotonic())
 
+    def release(self, uid: str) -> None:
+        """The instance is gone: what it reserved is free at once, not after RESERVATION_SECONDS."""
+        with self.lock:
+            self._pending.pop(uid, None)
+
     def totals(self, index: kopf.Index[str, tuple[str, Usage]]) -> dict[str, Usage]:
         totals: dict[str, Usage] = {}
         seen = set()
@@ -163,6 +168,13 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             log.warning("placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
                         body["metadata"]["namespace"], body["metadata"]["name"], exc, PLACEMENT_RETRY)
             threading.Timer(PLACEMENT_RETRY, lambda: retry()).start()
+
+    @kopf.on.event(*VI, registry=registry)
+    def release_deleted(type: str | None, uid: str, **_: Any) -> None:
+        # kopf may fold "bound" and "deleted" into one event, so the usage index never counts the
+        # instance and its reservation would hold the capacity for a minute.
+        if type == "DELETED":
+            reservations.release(uid)
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
     def place_instance(body: kopf.Body, type: str | None, node_views: kopf.Index[str, Any],

@@ -13,6 +13,7 @@ import base64
 import collections
 import dataclasses
 import hashlib
+import json
 import logging
 import secrets
 import string
@@ -140,6 +141,18 @@ def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
     return spec_flavor
 
 
+#: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
+#: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
+RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
+
+
+def definition_digest(instance: Mapping[str, Any]) -> str:
+    """A digest of what the domain's definition is made from: the spec but its runtime fields, and the flavor."""
+    shaping = {k: v for k, v in (instance.get("spec") or {}).items() if k not in RUNTIME_FIELDS}
+    shaping["flavor"] = flavor_of(instance)
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
 def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
     """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing integers)."""
     if than is None:
@@ -227,6 +240,8 @@ class InstanceAgent(ObjectCache):
         self._warned: set[tuple[str, str]] = set()
         #: (uid, action) -> (id, result) of the actions this process carried out.
         self._acted: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        #: uid -> definition_digest of the spec this process last defined the domain from
+        self._defined: dict[str, str] = {}
         #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
         self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
         #: Says why a migration keeps the agent's hands off an instance ("active", "moved") or None.
@@ -245,6 +260,7 @@ class InstanceAgent(ObjectCache):
         self._warned = {key for key in self._warned if key[0] != uid}
         self._acted = {key: value for key, value in self._acted.items() if key[0] != uid}
         self._stopped_outside.pop(uid, None)
+        self._defined.pop(uid, None)
 
     def warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
         """One Event per distinct problem, not one per retry."""
@@ -364,14 +380,30 @@ class InstanceAgent(ObjectCache):
             raise SpecProblem("Unsupported", f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
                                              "remove it from the spec to run the instance")
         driver = self.driver
+        waiting: WaitFor | None = None
+        definition = definition_digest(body)
         if not driver.instance_exists(uid):
             if not self._still_here(body):
                 raise NotHere()
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
-        elif (body.get("status") or {}).get("observedGeneration") != meta.get("generation"):
-            # The spec changed since the status was written: the definition follows it (for the next
-            # boot where the running domain cannot take it; _observed says so as RestartRequired).
-            driver.redefine(self.driver_spec(body, flavor_of(body)))
+            self._defined[uid] = definition
+        elif (body.get("status") or {}).get("observedGeneration") != meta.get("generation") \
+                and self._defined.get(uid) != definition:
+            # The spec changed in what makes the domain: the definition follows it, for the next boot
+            # where the running domain cannot take it (_observed says so as RestartRequired).
+            try:
+                driver.redefine(self.driver_spec(body, flavor_of(body)))
+                self._defined[uid] = definition
+            except WaitFor as exc:  # a Secret it needs is gone: the power state is still followed below
+                waiting = exc
+        self._follow(body, want)
+        if waiting is not None:
+            raise waiting
+
+    def _follow(self, body: dict[str, Any], want: str) -> None:
+        """Rescue and power state as the spec says."""
+        meta, spec = body["metadata"], body.get("spec") or {}
+        uid, driver = meta["uid"], self.driver
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
             driver.rescue(uid, ImageRef(rescue["image"]))

@@ -37,7 +37,25 @@ class Usage:
 
 
 class Unschedulable(Exception):
-    """No node fits; the message says why in words a person can act on."""
+    """No node fits. The message says why in words a person can act on, and names only which constraints
+    fail, never the live figures: it goes into the instance's status, which must not be rewritten every
+    time some node's free capacity moves. ``detail`` adds the figures, for the Event.
+    """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+def _short(request: Usage, have: Usage) -> list[str]:
+    return [what for what, want, got in (("vCPUs", request.vcpus, have.vcpus),
+                                         ("memory", request.memory_mib, have.memory_mib),
+                                         ("disk", request.disk_gib, have.disk_gib)) if want > got]
+
+
+def _figures(request: Usage, have: Usage, what: str) -> str:
+    return (f"{have.vcpus} vCPUs {what}, {request.vcpus} requested; {have.memory_mib} MiB {what}, "
+            f"{request.memory_mib} MiB requested; {have.disk_gib} GiB of disk {what}, {request.disk_gib} GiB requested")
 
 
 def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView],
@@ -49,37 +67,44 @@ def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView
     candidates = [nodes[pinned]] if pinned in nodes else [] if pinned else list(nodes.values())
     if pinned and not candidates:
         raise Unschedulable(f"spec.nodeName {pinned!r} names no registered ComputeNode")
-    reasons = []
+    reasons, details = [], []
     best: tuple[int, str] | None = None
     for node in candidates:
-        if not node.enabled:
-            reasons.append(f"{node.name}: disabled")
+        reason, detail = _misfit(node, request, used.get(node.name, Usage()), now, selector)
+        if reason:
+            reasons.append(f"{node.name}: {reason}")
+            details.append(f"{node.name}: {detail or reason}")
             continue
-        if node.maintenance:
-            reasons.append(f"{node.name}: in maintenance")
-            continue
-        mismatch = sorted(k for k, v in (selector or {}).items() if node.labels.get(k) != v)
-        if mismatch:
-            reasons.append(f"{node.name}: labels do not match spec.nodeSelector ({', '.join(mismatch)})")
-            continue
-        if node.heartbeat is None or now - node.heartbeat > HEARTBEAT_GRACE:
-            reasons.append(f"{node.name}: agent not reporting")
-            continue
-        taken = used.get(node.name, Usage())
-        free = Usage(int(node.vcpus * CPU_ALLOCATION_RATIO) - taken.vcpus,
-                     int(node.memory_mib * RAM_ALLOCATION_RATIO) - taken.memory_mib,
-                     int(node.disk_gib * DISK_ALLOCATION_RATIO) - taken.disk_gib)
-        if free.vcpus < request.vcpus:
-            reasons.append(f"{node.name}: {free.vcpus} vCPUs free, {request.vcpus} requested")
-            continue
-        if free.memory_mib < request.memory_mib:
-            reasons.append(f"{node.name}: {free.memory_mib} MiB free, {request.memory_mib} MiB requested")
-            continue
-        if free.disk_gib < request.disk_gib:
-            reasons.append(f"{node.name}: {free.disk_gib} GiB of disk free, {request.disk_gib} GiB requested")
-            continue
-        if best is None or free.memory_mib > best[0]:
-            best = (free.memory_mib, node.name)
+        free_memory = int(node.memory_mib * RAM_ALLOCATION_RATIO) - used.get(node.name, Usage()).memory_mib
+        if best is None or free_memory > best[0]:
+            best = (free_memory, node.name)
     if best is None:
-        raise Unschedulable("no ComputeNode fits: " + "; ".join(reasons))
+        raise Unschedulable("no ComputeNode fits: " + "; ".join(reasons),
+                            "no ComputeNode fits: " + "; ".join(details))
     return best[1]
+
+
+def _misfit(node: NodeView, request: Usage, taken: Usage, now: datetime.datetime,
+            selector: Mapping[str, str] | None) -> tuple[str, str]:
+    """Why ``node`` cannot take the request ("" when it can), and the same with the figures."""
+    if not node.enabled:
+        return "disabled", ""
+    if node.maintenance:
+        return "in maintenance", ""
+    mismatch = sorted(k for k, v in (selector or {}).items() if node.labels.get(k) != v)
+    if mismatch:
+        return f"labels do not match spec.nodeSelector ({', '.join(mismatch)})", ""
+    if node.heartbeat is None or now - node.heartbeat > HEARTBEAT_GRACE:
+        return "agent not reporting", ""
+    capacity = Usage(int(node.vcpus * CPU_ALLOCATION_RATIO), int(node.memory_mib * RAM_ALLOCATION_RATIO),
+                     int(node.disk_gib * DISK_ALLOCATION_RATIO))
+    too_big = _short(request, capacity)
+    if too_big:  # however much is freed, it never fits here
+        return (f"asks for more {' and '.join(too_big)} than the node has in all",
+                _figures(request, capacity, "in all"))
+    free = Usage(capacity.vcpus - taken.vcpus, capacity.memory_mib - taken.memory_mib,
+                 capacity.disk_gib - taken.disk_gib)
+    short = _short(request, free)
+    if short:
+        return f"not enough free {' and '.join(short)}", _figures(request, free, "free")
+    return "", ""

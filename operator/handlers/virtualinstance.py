@@ -69,7 +69,7 @@ def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], n
         if unless_changed(lambda: custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, VIRTUALINSTANCES, name,
                 {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch})):
-            kopf.warn(dict(body), reason="Unschedulable", message=str(exc))
+            kopf.warn(dict(body), reason="Unschedulable", message=exc.detail)  # the figures of this moment
         return None
     finalizers = list(meta.get("finalizers") or [])
     faults.point("placement.chosen")

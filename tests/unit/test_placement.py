@@ -31,7 +31,7 @@ def test_pinning_wins_and_unknown_pin_is_explained() -> None:
     (node("a", enabled=False), "a: disabled"),
     (node("a", age=600), "a: agent not reporting"),
     (node("a", maintenance=True), "a: in maintenance"),
-    (node("a", memory=100), "MiB free, 1000 MiB requested"),
+    (node("a", memory=100), "a: asks for more memory than the node has in all"),
 ])
 def test_says_why_nothing_fits(view: NodeView, reason: str) -> None:
     with pytest.raises(Unschedulable, match=reason):
@@ -53,12 +53,33 @@ def test_node_selector_picks_the_aggregate() -> None:
 
 def test_vcpus_are_overcommitted_like_nova() -> None:
     assert choose_node(Usage(32, 10), None, {"a": node("a", vcpus=2)}, {}, NOW) == "a"
-    with pytest.raises(Unschedulable, match="32 vCPUs free, 33 requested"):
+    with pytest.raises(Unschedulable, match="a: asks for more vCPUs than the node has in all") as err:
         choose_node(Usage(33, 10), None, {"a": node("a", vcpus=2)}, {}, NOW)
+    assert "32 vCPUs in all, 33 requested" in err.value.detail
 
 
 def test_disk_counts_what_is_placed() -> None:
     nodes = {"a": node("a", disk=10)}
     assert choose_node(Usage(1, 100, 6), None, nodes, {}, NOW) == "a"
-    with pytest.raises(Unschedulable, match="a: 4 GiB of disk free, 7 GiB requested"):
+    with pytest.raises(Unschedulable, match="a: not enough free disk") as err:
         choose_node(Usage(1, 100, 7), None, nodes, {"a": Usage(1, 100, 6)}, NOW)
+    assert "4 GiB of disk free, 7 GiB requested" in err.value.detail
+
+
+def test_the_message_names_the_constraints_and_leaves_the_figures_to_the_detail() -> None:
+    """A pending instance's status must not change every time some node's free capacity moves."""
+    nodes = {"a": node("a", vcpus=1, memory=1000, disk=100)}
+    messages, details = set(), set()
+    for taken in (Usage(15, 100, 10), Usage(16, 100, 10), Usage(16, 900, 40)):
+        with pytest.raises(Unschedulable) as err:
+            choose_node(Usage(2, 200, 5), None, nodes, {"a": taken}, NOW)
+        messages.add(str(err.value))
+        details.add(err.value.detail)
+    assert messages == {"no ComputeNode fits: a: not enough free vCPUs"}, messages
+    assert len(details) == 3
+    with pytest.raises(Unschedulable, match="a: not enough free vCPUs and memory"):
+        choose_node(Usage(2, 1200, 5), None, nodes, {"a": Usage(16, 900, 40)}, NOW)
+    # Too big for the node at all: the same words whatever else runs there.
+    for taken in (Usage(), Usage(16, 1400, 90)):
+        with pytest.raises(Unschedulable, match="a: asks for more disk than the node has in all"):
+            choose_node(Usage(1, 10, 936), None, nodes, {"a": taken}, NOW)
