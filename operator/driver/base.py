@@ -185,6 +185,9 @@ class InstanceSpec:
     admin_password: str | None = None
     #: the VNC password; no VNC endpoint is created without one
     vnc_password: str | None = None
+    #: what the caller made this from (the agent: a digest of the spec), kept with the definition so that
+    #: defined_revision tells whether the spec changed since, without reading anything else
+    revision: str = ""
 
     def macs(self) -> tuple[str, ...]:
         """Each interface's MAC, in order: the spec's, or the stable one derived for it."""
@@ -453,6 +456,10 @@ class ComputeDriver(abc.ABC):
         next boot (power on, hard reboot, rescue or unrescue), and pending_changes says what waits for it.
         Refuses (InvalidInstanceSpec) what this host cannot run, leaving the definition as it was.
         """
+
+    @abc.abstractmethod
+    def defined_revision(self, uuid: str) -> str:
+        """The ``revision`` of the InstanceSpec the current definition was made from ("" when it had none)."""
 
     @abc.abstractmethod
     def pending_changes(self, uuid: str) -> list[str]:

@@ -551,6 +551,11 @@ class FakeDriver(ComputeDriver):
             if inst.state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
                 self._apply_definition(inst, now)
 
+    def defined_revision(self, uuid: str) -> str:
+        with self._lock:
+            inst = self._get(uuid)
+            return (inst.defined or inst.spec).revision
+
     def pending_changes(self, uuid: str) -> list[str]:
         with self._lock:
             inst = self._get(uuid)

@@ -146,11 +146,15 @@ def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
 RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
 
 
-def definition_digest(instance: Mapping[str, Any]) -> str:
-    """A digest of what the domain's definition is made from: the spec but its runtime fields, and the flavor."""
-    shaping = {k: v for k, v in (instance.get("spec") or {}).items() if k not in RUNTIME_FIELDS}
-    shaping["flavor"] = flavor_of(instance)
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str:
+    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor.
+
+    The driver keeps it with the definition (InstanceSpec.revision), so the agent redefines a domain only
+    when this changed, even after a restart, and never for a change of power state.
+    """
+    shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
+    shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
@@ -240,8 +244,6 @@ class InstanceAgent(ObjectCache):
         self._warned: set[tuple[str, str]] = set()
         #: (uid, action) -> (id, result) of the actions this process carried out.
         self._acted: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-        #: uid -> definition_digest of the spec this process last defined the domain from
-        self._defined: dict[str, str] = {}
         #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
         self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
         #: Says why a migration keeps the agent's hands off an instance ("active", "moved") or None.
@@ -260,7 +262,6 @@ class InstanceAgent(ObjectCache):
         self._warned = {key for key in self._warned if key[0] != uid}
         self._acted = {key: value for key, value in self._acted.items() if key[0] != uid}
         self._stopped_outside.pop(uid, None)
-        self._defined.pop(uid, None)
 
     def warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
         """One Event per distinct problem, not one per retry."""
@@ -381,19 +382,15 @@ class InstanceAgent(ObjectCache):
                                              "remove it from the spec to run the instance")
         driver = self.driver
         waiting: WaitFor | None = None
-        definition = definition_digest(body)
         if not driver.instance_exists(uid):
             if not self._still_here(body):
                 raise NotHere()
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
-            self._defined[uid] = definition
-        elif (body.get("status") or {}).get("observedGeneration") != meta.get("generation") \
-                and self._defined.get(uid) != definition:
+        elif driver.defined_revision(uid) != definition_digest(spec, flavor_of(body)):
             # The spec changed in what makes the domain: the definition follows it, for the next boot
             # where the running domain cannot take it (_observed says so as RestartRequired).
             try:
                 driver.redefine(self.driver_spec(body, flavor_of(body)))
-                self._defined[uid] = definition
             except WaitFor as exc:  # a Secret it needs is gone: the power state is still followed below
                 waiting = exc
         self._follow(body, want)
@@ -698,8 +695,10 @@ class InstanceAgent(ObjectCache):
                                "password")
         user_data = self.secret(namespace, spec.get("userDataSecretRef"), "spec.userDataSecretRef", "userData")
         resolved = {**spec, "flavor": dict(flavor), **({"userData": user_data} if user_data is not None else {})}
-        return instance_spec(meta["uid"], namespace, meta["name"], resolved,  # type: ignore[arg-type]
-                             self.images, password, self.vnc_password(instance))
+        return dataclasses.replace(
+            instance_spec(meta["uid"], namespace, meta["name"], resolved,  # type: ignore[arg-type]
+                          self.images, password, self.vnc_password(instance)),
+            revision=definition_digest(spec, flavor))
 
     # --- deletion -------------------------------------------------------------------------
 

@@ -209,13 +209,14 @@ def test_an_interface_without_a_mac_keeps_one_mac_through_rescue_and_restarts(en
 
 
 def test_a_changed_spec_is_defined_for_the_next_boot_and_said_until_then(env: Env) -> None:
-    spec = env.instance(root_gib=1)
+    spec = env.instance(root_gib=1, revision="r1")
     env.driver.spawn(spec)
     console_has(env, spec.uuid, f"{guest.TICK} 0")
-    assert env.driver.pending_changes(spec.uuid) == []
+    assert env.driver.pending_changes(spec.uuid) == [] and env.driver.defined_revision(spec.uuid) == "r1"
     bigger = dataclasses.replace(spec, vcpus=2, memory_mib=192, root_gib=2, ephemeral_gib=(("scratch", 1),),
-                                 interfaces=NIC, user_data="#cloud-config\n{}\n")
+                                 interfaces=NIC, user_data="#cloud-config\n{}\n", revision="r2")
     env.driver.redefine(bigger)
+    assert env.driver.defined_revision(spec.uuid) == "r2", "the definition is the new one, the domain runs the old"
     assert env.driver.pending_changes(spec.uuid) == [
         "spec.flavor.vcpus", "spec.flavor.memoryMiB", "spec.ephemeralDisks", "spec.userData", "spec.interfaces"]
     info = env.driver.get_info(spec.uuid)

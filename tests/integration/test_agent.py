@@ -311,3 +311,22 @@ def test_a_flavor_change_waits_for_a_boot_and_status_says_so(
     columns = kubectl_columns(ground, namespace, "size")
     assert (columns["FLAVOR-VCPUS"], columns["MEMORY-MIB"]) == ("2", "256"), columns
     delete_and_wait(custom, namespace, "size")
+
+
+def test_an_instance_whose_password_secret_is_gone_still_follows_its_power_state(
+        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
+        hypervisor: libvirt.virConnect, namespace: str) -> None:
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "pw"}, "stringData": {"password": "s3cret"}})
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make(
+        "nopw", adminPasswordSecretRef={"name": "pw"}))["metadata"]["uid"]
+    wait_ready(custom, namespace, "nopw")
+    core.delete_namespaced_secret("pw", namespace)  # hygiene after the first boot: the drive has the password
+    patch_spec(custom, namespace, "nopw", {"powerState": "Stopped"})
+    wait_ready(custom, namespace, "nopw", "Stopped")  # a power change needs no Secret
+    # A change of the definition does: the power state is still followed, and status names what is missing.
+    patch_spec(custom, namespace, "nopw", {"powerState": "Running", "flavor": {"vcpus": 2, "memoryMiB": 96}})
+    obj = eventually(lambda: (o := get(custom, namespace, "nopw")) and cond(o, "Ready").get("reason")
+                     == "SecretMissing" and o, timeout=60, what="SecretMissing")
+    assert "spec.adminPasswordSecretRef" in cond(obj, "Ready")["message"]
+    eventually(lambda: domain(hypervisor, uid).isActive(), timeout=30, what="the domain running again")
+    delete_and_wait(custom, namespace, "nopw")

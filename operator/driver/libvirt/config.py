@@ -140,6 +140,8 @@ class GuestConfig:
     graphics: GuestGraphics | None = None
     #: a digest of each config drive file (file name -> digest), so a changed drive is seen without opening it
     drive: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: what the definition was made from (InstanceSpec.revision)
+    revision: str = ""
 
     def format_dom(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
@@ -149,6 +151,8 @@ class GuestConfig:
         meta = _sub(dom, "metadata")
         instance = ET.SubElement(meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace,
                                  name=self.instance_name)
+        if self.revision:
+            instance.set("revision", self.revision)
         for file, digest in sorted(self.drive.items()):
             ET.SubElement(instance, f"{{{METADATA_NS}}}drive", file=file, digest=digest)
         _sub(dom, "memory", str(self.memory_mib), unit="MiB")
@@ -210,7 +214,8 @@ class GuestConfig:
             interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
             graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None,
             drive={d.get("file", ""): d.get("digest", "") for d in meta.findall(f"{{{METADATA_NS}}}drive")}
-            if meta is not None else {})
+            if meta is not None else {},
+            revision=meta.get("revision", "") if meta is not None else "")
 
 
 _UNITS = {"b": 1, "bytes": 1, "KB": 1000, "k": 1024, "KiB": 1024, "MB": 1000**2, "M": 1024**2, "MiB": 1024**2,

@@ -338,7 +338,8 @@ class LibvirtDriver(ComputeDriver):
             cmdline=boot.cmdline if boot else None, disks=disks + volumes,
             interfaces=[GuestInterface(network=i.network, mac=mac, model=i.model, filter=_filter_name(instance.uuid),
                                        name=i.name) for i, mac in zip(instance.interfaces, instance.macs())],
-            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None, drive=drive)
+            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None, drive=drive,
+            revision=instance.revision)
 
     def redefine(self, instance: InstanceSpec) -> None:
         """Define the instance as the spec now says, for its next boot; disks grow at once (live when it runs).
@@ -384,6 +385,11 @@ class LibvirtDriver(ComputeDriver):
                     guest.domain.blockResize(str(path), size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
             else:
                 qemu_img("resize", "-q", str(path), str(size))
+
+    def defined_revision(self, uuid: str) -> str:
+        guest = self._guest(uuid)
+        saved = self._dir(uuid) / UNRESCUE  # in rescue, the definition unrescue restores
+        return GuestConfig.parse_dom(saved.read_text() if saved.exists() else guest.config_xml()).revision
 
     def pending_changes(self, uuid: str) -> list[str]:
         guest = self._guest(uuid)
