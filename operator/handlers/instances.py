@@ -504,9 +504,12 @@ class InstanceAgent(ObjectCache):
         else:
             set_condition(patch, status, "Ready", False, "PowerStateDiffers",
                           f"the domain is {power}, the spec asks for {want}", generation)
+        # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
+        # the condition then present asks about: most looks need neither question.
+        ask = condition(status, "RestartRequired") or status.get("observedGeneration") != generation
         try:
-            interfaces = self._interfaces(uid, spec)
-            pending = self.driver.pending_changes(uid)
+            interfaces = self._interfaces(uid, spec) if spec.get("interfaces") or status.get("interfaces") else []
+            pending = self.driver.pending_changes(uid) if ask else []
         except DriverError as exc:  # the domain went away meanwhile: the next look says so
             log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
             return patch
