@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from bench.common import NAMESPACE, Bench, Result, create_all_and_wait, delete_all, instance, ms
-from kubenova.handlers.agent import EXECUTOR_WORKERS
+from kubenova.handlers.agent.app import EXECUTOR_WORKERS
 
 MEMORY_MIB = 64
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
-from kubenova.handlers.computenode import lease_name
+from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
 

@@ -12,7 +12,7 @@ import libvirt
 from bench.common import NAMESPACE, Bench, Result, create, delete_all, instance, list_version, ms, percentile, \
     running, vs, watch
 from bench.driver_spawn import wait_marker
-from kubenova.handlers.common import NODE_LABEL
+from kubenova.handlers.shared import NODE_LABEL
 
 
 def _domain_started(conn: libvirt.virConnect, name: str, started: float, out: dict[str, float]) -> None:

@@ -13,7 +13,7 @@ from bench.common import NAMESPACE, Bench, Result, apply_and_wait, delete_all, i
 from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.handlers.common import COMPUTENODES, GROUP, MIGRATIONS, VERSION
+from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, VERSION
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, libvirt_host
 

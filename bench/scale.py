@@ -7,7 +7,7 @@ import time
 
 from bench.common import FAKE_INITRD, FAKE_KERNEL, Bench, Result, counted, create_all_and_wait, delete_all, \
     instance, metric, request_counts, start_fake_agents, stop_fake_agents
-from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
 
 SELECTOR = {"bench.kubenova.io/pool": "scale"}
 

@@ -90,8 +90,9 @@ def parser() -> argparse.ArgumentParser:
 def _agent(args: argparse.Namespace) -> int:
     from kubenova.driver.base import ComputeDriver
     from kubenova.driver.images import ImageStore
-    from kubenova.handlers import agent, computenode
-    from kubenova.handlers.instances import Settings
+    from kubenova.handlers.agent import app as agent
+    from kubenova.handlers.agent import node_reporter
+    from kubenova.handlers.agent.instances import Settings
 
     images = ImageStore(args.image_store)
     driver: ComputeDriver
@@ -105,7 +106,7 @@ def _agent(args: argparse.Namespace) -> int:
         driver = LibvirtDriver(args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store)
     settings = Settings(soft_reboot_timeout=args.soft_reboot_timeout, restart_delay=args.restart_delay,
                         rescue_timeout=args.rescue_timeout, reboot_timeout=args.reboot_timeout)
-    host_ip = args.host_ip or computenode.host_ip()
+    host_ip = args.host_ip or node_reporter.host_ip()
     agent.run(agent.AgentConfig(node=args.node, host_ip=host_ip,
                                 migration_uri=args.migration_uri or f"qemu+tls://{host_ip}/system",
                                 metrics_address=args.metrics_address, resync_interval=args.resync_interval,
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("leaderelection").setLevel(logging.WARNING)  # logs every renewal
     try:
         if args.command == "controller":
-            from kubenova.handlers import controller
+            from kubenova.handlers.controller import app as controller
             controller.run(args.lease_namespace, controller.MigrationLimits(args.max_migrations_per_node,
                                                                             args.max_migrations),
                            args.health_address)

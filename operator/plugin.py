@@ -22,7 +22,7 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.common import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES
 
 #: verb -> (spec.powerState it asks for, powerStates it makes sense from)
 POWER = {"start": ("Running", ("Stopped", "Crashed", "NoState")),

@@ -14,7 +14,7 @@ import libvirt
 import pytest
 
 from kubenova.testground import ground as testground
-from kubenova.handlers.common import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from tests.helpers import REPORT, eventually
 
 

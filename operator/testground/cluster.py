@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from kubenova.handlers.common import LEASE_NAMESPACE
+from kubenova.handlers.shared import LEASE_NAMESPACE
 from kubenova.testground import kube, libvirt_host, procs
 from kubenova.testground.procs import Layout, TestGroundError
 

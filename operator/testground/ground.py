@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 
-from kubenova.handlers.common import LEASE_NAMESPACE
+from kubenova.handlers.shared import LEASE_NAMESPACE
 from kubenova.testground import cluster as cluster_mode
 from kubenova.testground import guest, kube, libvirt_host, procs
 from kubenova.testground.procs import Layout, TestGroundError

@@ -15,7 +15,7 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.common import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from kubenova.testground import cluster, kube, procs
 from kubenova.testground import ground as testground
 from tests.helpers import REPORT, eventually, listeners, on_every_interface

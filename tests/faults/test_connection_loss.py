@@ -9,7 +9,7 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.common import COMPUTENODES, GROUP, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, VIRTUALINSTANCES
 from kubenova.testground import ground as testground
 from kubenova.testground import kube, libvirt_host, procs
 from tests.faults import chaos

@@ -20,7 +20,7 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.common import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
+from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
     VOLUMEATTACHMENTS
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, libvirt_host

@@ -15,8 +15,8 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
-from kubenova.handlers.computenode import lease_name
+from kubenova.handlers.shared import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
 from tests.helpers import REPORT, eventually

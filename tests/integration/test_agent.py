@@ -14,7 +14,7 @@ import kubernetes
 import libvirt
 import yaml
 
-from kubenova.handlers.common import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, libvirt_host, procs
 from tests.helpers import eventually

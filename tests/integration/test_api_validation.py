@@ -15,7 +15,7 @@ import kubernetes
 import pytest
 import yaml
 
-from kubenova.handlers.common import GROUP, VERSION
+from kubenova.handlers.shared import GROUP, VERSION
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SHA = "sha256:" + "a" * 64

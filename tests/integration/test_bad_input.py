@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubenova.handlers.common import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from kubenova.testground import ground as testground
 from kubenova.testground import guest
 from tests.helpers import REPORT, eventually, log_problems

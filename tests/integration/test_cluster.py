@@ -14,9 +14,9 @@ import pytest
 from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
-from kubenova.handlers import virtualinstance
-from kubenova.handlers.computenode import lease_name
+from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.controller import binding
+from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
 from tests.helpers import eventually
@@ -99,7 +99,7 @@ def test_a_pass_holding_an_old_copy_never_calls_a_bound_instance_unschedulable(
     instance's own reservation against it and wrote Unschedulable over the agent's status."""
     created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("bound"))
     obj = wait_ready(custom, namespace, "bound")
-    assert virtualinstance.place(custom, created, {}, {}) is None  # no node fits the old copy
+    assert binding.place(custom, created, {}, {}) is None  # no node fits the old copy
     fresh = get(custom, namespace, "bound")
     assert fresh["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"], "nothing was written"
     assert cond(fresh, "Scheduled")["status"] == "True" and fresh["status"]["phase"] == obj["status"]["phase"]

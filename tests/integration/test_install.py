@@ -12,7 +12,7 @@ import kubernetes
 import pytest
 import yaml
 
-from kubenova.handlers.common import GROUP, LEASE_NAMESPACE, VERSION
+from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, kube, procs
 from tests.helpers import eventually, vnc_auth

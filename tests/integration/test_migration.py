@@ -10,8 +10,8 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.common import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
-from kubenova.handlers.migration import EVACUATION_LABEL
+from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, libvirt_host
 from tests.helpers import eventually

@@ -10,7 +10,7 @@ import uuid
 import kubernetes
 import libvirt
 
-from kubenova.handlers.common import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
 from tests.helpers import eventually, listeners, on_every_interface

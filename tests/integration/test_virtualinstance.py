@@ -10,7 +10,7 @@ import libvirt
 import pytest
 import yaml
 
-from kubenova.handlers.common import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from kubenova.testground import ground as testground
 from kubenova.testground import guest
 from tests.helpers import eventually

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubenova.handlers.common import set_condition
+from kubenova.handlers.shared import set_condition
 
 
 def test_keeps_other_conditions_and_transition_time_when_unchanged() -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from kubenova.handlers.migrations import MigrationAgent, owner
+from kubenova.handlers.agent.migration_steps import MigrationAgent, owner
 
 
 def body(kind: str, step: str | None, **spec: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 
-from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_node
+from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 

@@ -7,8 +7,8 @@ from typing import Any
 import prometheus_client
 
 from kubenova.driver.base import Diagnostics, DriverError, InstanceNotRunning
-from kubenova.handlers.common import now
-from kubenova.handlers.instances import InstanceAgent
+from kubenova.handlers.shared import now
+from kubenova.handlers.agent.instances import InstanceAgent
 
 log = logging.getLogger(__name__)
 

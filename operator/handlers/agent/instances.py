@@ -31,9 +31,9 @@ from kubenova.driver.base import (
     InvalidInstanceSpec, KernelBoot, PowerState, RebootType,
 )
 from kubenova.driver.images import ImageStore
-from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, drop_condition, now, post_event,
-    remove_finalizer, set_condition,
+from kubenova.handlers.shared import (
+    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, drop_condition, flavor_of, now,
+    post_event, remove_finalizer, set_condition,
 )
 
 log = logging.getLogger(__name__)
@@ -124,21 +124,6 @@ def vnc_secret_name(instance: str) -> str:
     if len(instance) <= 249:
         return f"{instance}-vnc"
     return f"{instance[:236]}-{hashlib.sha256(instance.encode()).hexdigest()[:12]}-vnc"
-
-
-def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
-    """The flavor an instance is meant to run with: its spec's, or the one a resize gave it.
-
-    A resize (a Cold Migration with a flavor) never rewrites spec; its flavor stands as long as
-    spec.flavor is what it was when the resize happened. A later change of spec.flavor is the user's
-    newer word, and wins.
-    """
-    flavor = (instance.get("spec") or {})["flavor"]
-    spec_flavor = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
-    resize = (instance.get("status") or {}).get("resize") or {}
-    if resize.get("flavor") and resize.get("specFlavor") == spec_flavor:
-        return {"vcpus": int(resize["flavor"]["vcpus"]), "memoryMiB": int(resize["flavor"]["memoryMiB"])}
-    return spec_flavor
 
 
 #: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and

@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes
 
 from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
-from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, now, set_condition
+from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, now, set_condition
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 40

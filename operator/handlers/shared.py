@@ -1,4 +1,5 @@
-"""Names and the one condition helper shared by the controller and the agent."""
+"""What the controller and the agent both use: names, labels, the condition helpers and the API's own rules
+(an instance's flavor, a Migration's end). Nothing here knows which side runs it."""
 from __future__ import annotations
 
 import datetime
@@ -136,3 +137,36 @@ def post_event(core: kubernetes.client.CoreV1Api, body: Mapping[str, Any], reaso
             namespace=meta.get("namespace"), uid=meta["uid"], resource_version=meta.get("resourceVersion")),
         reason=reason, message=message[:1024], type=type_, count=1, first_timestamp=stamp,
         last_timestamp=stamp, source=kubernetes.client.V1EventSource(component=component)))
+
+
+def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:
+    """The flavor an instance is meant to run with: its spec's, or the one a resize gave it.
+
+    A resize (a Cold Migration with a flavor) never rewrites spec; its flavor stands as long as
+    spec.flavor is what it was when the resize happened. A later change of spec.flavor is the user's
+    newer word, and wins.
+    """
+    flavor = (instance.get("spec") or {})["flavor"]
+    spec_flavor = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    resize = (instance.get("status") or {}).get("resize") or {}
+    if resize.get("flavor") and resize.get("specFlavor") == spec_flavor:
+        return {"vcpus": int(resize["flavor"]["vcpus"]), "memoryMiB": int(resize["flavor"]["memoryMiB"])}
+    return spec_flavor
+
+
+#: The phases in which a Migration has ended.
+FINAL = ("Succeeded", "Failed", "Cancelled", "Reverted")
+
+
+def node_label(node: str) -> str:
+    """The label that makes a Migration visible to a node's agent; its value is the node's role."""
+    return f"nodes.{GROUP}/{node}"
+
+
+def is_final(status: Mapping[str, Any]) -> bool:
+    return status.get("step") == "Done" or status.get("phase") in FINAL
+
+
+def cancelled(body: Mapping[str, Any]) -> bool:
+    """spec.cancel, or a deleted Migration: both stop it where it is."""
+    return bool((body.get("spec") or {}).get("cancel")) or bool(body["metadata"].get("deletionTimestamp"))

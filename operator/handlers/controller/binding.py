@@ -1,4 +1,4 @@
-"""VirtualInstance, controller side: placement and binding (the agent side is in instances.py)."""
+"""Binding, controller side: an instance goes to the node placement chose, an attachment to its instance's."""
 from __future__ import annotations
 
 import datetime
@@ -10,9 +10,9 @@ import kopf
 import kubernetes
 
 from kubenova import api, faults
-from kubenova.handlers.common import AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, \
-    set_condition, unless_changed
-from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_node
+from kubenova.handlers.shared import AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
+    VOLUMEATTACHMENTS, condition, set_condition, unless_changed
+from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +80,28 @@ def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], n
         return None
     log.info("bound %s/%s to %s", namespace, name, node)
     return node
+
+
+def bind_volume(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], instance_node: str | None) -> None:
+    """Give the attachment its instance's node (label and agent finalizer in one write), or say what it waits for.
+
+    Both writes carry the resourceVersion they were decided on, so a pass holding an old copy never
+    calls an attachment bound meanwhile pending.
+    """
+    meta, spec = body["metadata"], body.get("spec") or {}
+    if not instance_node:
+        instance = spec["instanceRef"]["name"]
+        message = (f"VirtualInstance {instance!r} does not exist in namespace {meta['namespace']} or is not placed "
+                   "yet; the attachment waits for it")
+        status = body.get("status") or {}
+        patch: dict[str, Any] = {"phase": "Pending"}
+        set_condition(patch, status, "Ready", False, "InstanceNotPlaced", message, meta.get("generation"))
+        if any(status.get(key) != value for key, value in patch.items()):
+            unless_changed(lambda: custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
+                {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}))
+        return
+    unless_changed(lambda: custom.patch_namespaced_custom_object(
+        GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
+        {"metadata": {"labels": {NODE_LABEL: instance_node}, "resourceVersion": meta["resourceVersion"],
+                      "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER]}}))

@@ -1,4 +1,4 @@
-"""VolumeAttachments: the controller binds each to its instance's node; that node's agent attaches it."""
+"""VolumeAttachments, agent side: attach and detach the ones the controller bound to this node."""
 from __future__ import annotations
 
 import logging
@@ -10,51 +10,13 @@ import urllib3
 
 from kubenova import faults
 from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
-from kubenova.handlers.common import (
-    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition, unless_changed,
+from kubenova.handlers.shared import (
+    AGENT_FINALIZER, GROUP, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition,
 )
-from kubenova.handlers.instances import InstanceAgent, ObjectCache
+from kubenova.handlers.agent.instances import InstanceAgent, ObjectCache
 
 log = logging.getLogger(__name__)
 
-
-def _write(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any],
-           patch: dict[str, Any]) -> Mapping[str, Any]:
-    """Patch status only when it changes something; returns the newest body."""
-    status = body.get("status") or {}
-    if all(status.get(key) == value for key, value in patch.items()):
-        return body
-    meta = body["metadata"]
-    try:
-        return custom.patch_namespaced_custom_object_status(  # type: ignore[no-any-return]
-            GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"status": patch})
-    except kubernetes.client.ApiException as exc:
-        if exc.status != 404:
-            raise
-        return body
-
-
-# --- controller -------------------------------------------------------------------------------
-
-def bind(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], instance_node: str | None) -> None:
-    """Give the attachment its instance's node (label and agent finalizer in one write), or say what it waits for."""
-    meta, spec = body["metadata"], body.get("spec") or {}
-    if not instance_node:
-        instance = spec["instanceRef"]["name"]
-        message = (f"VirtualInstance {instance!r} does not exist in namespace {meta['namespace']} or is not placed "
-                   "yet; the attachment waits for it")
-        patch: dict[str, Any] = {"phase": "Pending"}
-        set_condition(patch, body.get("status") or {}, "Ready", False, "InstanceNotPlaced", message,
-                      meta.get("generation"))
-        _write(custom, body, patch)
-        return
-    unless_changed(lambda: custom.patch_namespaced_custom_object(
-        GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
-        {"metadata": {"labels": {NODE_LABEL: instance_node}, "resourceVersion": meta["resourceVersion"],
-                      "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER]}}))
-
-
-# --- agent ------------------------------------------------------------------------------------
 
 class VolumeAgent(ObjectCache):
     """Attaches and detaches this node's VolumeAttachments; they wait for their instance's domain."""
@@ -84,9 +46,19 @@ class VolumeAgent(ObjectCache):
                 self.retry_later(uid)
 
     def _write(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
-        fresh = _write(self.instances.custom, body, patch)
-        if fresh is not body:
-            self.seen("MODIFIED", fresh)
+        """Patch status only when it changes something; the answer is the newest body."""
+        status = body.get("status") or {}
+        if all(status.get(key) == value for key, value in patch.items()):
+            return
+        meta = body["metadata"]
+        try:
+            fresh = self.instances.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"status": patch})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        self.seen("MODIFIED", fresh)
 
     def _handle(self, uid: str) -> None:
         body = self.objects.get(uid)

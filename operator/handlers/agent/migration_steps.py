@@ -26,13 +26,13 @@ from kubenova import faults
 from kubenova.driver.base import (
     CPUIncompatible, CpuInfo, DriverError, InstanceNotFound, MigrationProgress,
 )
-from kubenova.handlers.common import (
-    COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, now, post_event,
+from kubenova.handlers.shared import (
+    COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, cancelled, flavor_of, is_final, now,
+    post_event,
 )
-from kubenova.handlers.instances import InstanceAgent, ObjectCache, flavor_of
+from kubenova.handlers.agent.instances import InstanceAgent, ObjectCache
 
 log = logging.getLogger(__name__)
-FINAL = ("Succeeded", "Failed", "Cancelled", "Reverted")
 #: Progress of a live transfer is written at most this often.
 PROGRESS_INTERVAL = 2.0
 #: Which side does each step; AwaitConfirmation belongs to the target for a revert, else the source.
@@ -41,20 +41,6 @@ OWNERS = {("Live", "PrepareTarget"): "target", ("Live", "Transfer"): "source",
           ("Live", "RollbackTarget"): "target", ("Cold", "PowerOffSource"): "source",
           ("Cold", "FinishTarget"): "target", ("Cold", "RevertTarget"): "target",
           ("Cold", "RevertSource"): "source"}
-
-
-def node_label(node: str) -> str:
-    """The label that makes a Migration visible to a node's agent; its value is the node's role."""
-    return f"nodes.{GROUP}/{node}"
-
-
-def is_final(status: Mapping[str, Any]) -> bool:
-    return status.get("step") == "Done" or status.get("phase") in FINAL
-
-
-def cancelled(body: Mapping[str, Any]) -> bool:
-    """spec.cancel, or a deleted Migration: both stop it where it is."""
-    return bool((body.get("spec") or {}).get("cancel")) or bool(body["metadata"].get("deletionTimestamp"))
 
 
 def owner(body: Mapping[str, Any]) -> str | None:

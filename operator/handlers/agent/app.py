@@ -18,13 +18,13 @@ import kubernetes
 
 from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
-from kubenova.handlers import diagnostics
-from kubenova.handlers.common import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
-    VOLUMEATTACHMENTS, talk_to_the_apiserver
-from kubenova.handlers.computenode import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
-from kubenova.handlers.instances import InstanceAgent, Settings
-from kubenova.handlers.migrations import MigrationAgent, node_label
-from kubenova.handlers.volumes import VolumeAgent
+from kubenova.handlers.agent import diagnostics
+from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
+    VOLUMEATTACHMENTS, node_label, talk_to_the_apiserver
+from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
+from kubenova.handlers.agent.instances import InstanceAgent, Settings
+from kubenova.handlers.agent.migration_steps import MigrationAgent
+from kubenova.handlers.agent.volumes import VolumeAgent
 
 log = logging.getLogger(__name__)
 AGENT_PREFIX = f"agent.{GROUP}"

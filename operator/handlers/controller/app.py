@@ -22,12 +22,11 @@ import kubernetes
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
-from kubenova.handlers import virtualinstance, volumes
-from kubenova.handlers.common import COMPUTENODES, GROUP, LEASE_NAMESPACE, MIGRATIONS, NODE_LABEL, VERSION, \
-    VIRTUALINSTANCES, VOLUMEATTACHMENTS, remove_finalizer, talk_to_the_apiserver
-from kubenova.handlers.instances import flavor_of
-from kubenova.handlers.migration import MigrationLimits, Planner
-from kubenova.handlers.placement import HEARTBEAT_GRACE, NodeView, Usage
+from kubenova.handlers.controller import binding
+from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, MIGRATIONS, NODE_LABEL, VERSION, \
+    VIRTUALINSTANCES, VOLUMEATTACHMENTS, flavor_of, remove_finalizer, talk_to_the_apiserver
+from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
+from kubenova.handlers.controller.placement import HEARTBEAT_GRACE, NodeView, Usage
 
 log = logging.getLogger(__name__)
 VI = (GROUP, VERSION, VIRTUALINSTANCES)
@@ -82,7 +81,7 @@ def _nodes(views: kopf.Index[str, Any], leases: kopf.Index[str, Any]) -> dict[st
     for name, found in views.items():
         labels, spec, status = next(iter(found))
         renewed = max((t for t in leases.get(name, []) if t), default=None)
-        nodes[name] = virtualinstance.node_view(name, labels, spec, status, renewed)
+        nodes[name] = binding.node_view(name, labels, spec, status, renewed)
     return nodes
 
 
@@ -130,12 +129,12 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     @kopf.index("coordination.k8s.io", "v1", "leases", registry=registry, id="node_leases",
                 labels={NODE_LABEL: kopf.PRESENT})
     def node_leases(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
-        return {labels[NODE_LABEL]: virtualinstance.parse_time(spec.get("renewTime"))}
+        return {labels[NODE_LABEL]: binding.parse_time(spec.get("renewTime"))}
 
     @kopf.index(*VI, registry=registry, id="node_usage")
     def node_usage(uid: str, labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         node = labels.get(NODE_LABEL)  # a resize's flavor counts once it is in status
-        return {node: (uid, virtualinstance.request_of({**spec, "flavor": flavor_of(body)}))} if node else None
+        return {node: (uid, binding.request_of({**spec, "flavor": flavor_of(body)}))} if node else None
 
     @kopf.index(*VI, registry=registry, id="instance_nodes")
     def instance_nodes(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta,
@@ -159,11 +158,11 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             return
         try:
             with reservations.lock:
-                node = virtualinstance.place(api, body, _nodes(node_views, node_leases),
+                node = binding.place(api, body, _nodes(node_views, node_leases),
                                              reservations.totals(node_usage))
                 if node:
                     reservations.add(body["metadata"]["uid"], node,
-                                     virtualinstance.request_of(body.get("spec") or {}))
+                                     binding.request_of(body.get("spec") or {}))
         except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
             log.warning("placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
                         body["metadata"]["namespace"], body["metadata"]["name"], exc, PLACEMENT_RETRY)
@@ -203,14 +202,14 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             return
         for body in list(unbound_volumes.get((namespace, name), [])):
             if not body["metadata"].get("deletionTimestamp"):
-                volumes.bind(api, body, labels[NODE_LABEL])
+                binding.bind_volume(api, body, labels[NODE_LABEL])
 
     @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
     def bind_volume(namespace: str, spec: kopf.Spec, body: kopf.Body, type: str | None,
                     instance_nodes: kopf.Index[Any, Any], **_: Any) -> None:
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
-        volumes.bind(api, body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
+        binding.bind_volume(api, body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
 
     @kopf.on.event(*CN, registry=registry)
     def release_objects_of_removed_node(name: str, type: str | None, **_: Any) -> None:
@@ -268,7 +267,7 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
                        node_leases: kopf.Index[str, Any], node_usage: kopf.Index[str, Any],
                        unbound: kopf.Index[str, Any], **_: Any) -> None:
         """Most renewals change nothing; only a node whose agent had stopped reporting is news."""
-        node, renewed = labels[NODE_LABEL], virtualinstance.parse_time(spec.get("renewTime"))
+        node, renewed = labels[NODE_LABEL], binding.parse_time(spec.get("renewTime"))
         previous, renewals[node] = renewals.get(node), renewed
         if renewed and (previous is None or renewed - previous > HEARTBEAT_GRACE):
             ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)

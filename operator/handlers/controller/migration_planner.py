@@ -16,14 +16,12 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.common import (
-    COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS, now, post_event,
-    remove_finalizer,
+from kubenova.handlers.shared import (
+    COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS, cancelled, flavor_of,
+    is_final, node_label, now, post_event, remove_finalizer,
 )
-from kubenova.handlers.instances import flavor_of
-from kubenova.handlers.migrations import cancelled, is_final, node_label
-from kubenova.handlers.placement import NodeView, Unschedulable, Usage, choose_node
-from kubenova.handlers.virtualinstance import request_of
+from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
+from kubenova.handlers.controller.binding import request_of
 
 log = logging.getLogger(__name__)
 #: Keeps a running Migration until its agents have cleaned up, even when a user deletes it.

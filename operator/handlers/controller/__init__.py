@@ -1,0 +1,1 @@
+"""The controller: placement (pure), binding, migration planning and maintenance, and its entry point (app)."""
