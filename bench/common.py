@@ -1,5 +1,6 @@
 """What every benchmark needs: the API, timing through watches, percentiles, process memory,
 the apiserver's own request counters, and extra agents on the in-memory driver."""
+
 from __future__ import annotations
 
 import collections
@@ -14,13 +15,13 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from kubenova.handlers.agent.node_reporter import lease_name
+from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, procs
 
 NAMESPACE = "bench"
-_SAMPLE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+_SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
 
 
 @dataclasses.dataclass
@@ -68,34 +69,55 @@ def vs(ours: list[float], raw: list[float], p: float) -> str:
     return f"{ms(a)} / {ms(b)} ({a / b:.2f}×)"
 
 
-def instance(name: str, memory_mib: int = 96, node: str | None = None, kernel: str = guest.KERNEL,
-             initrd: str = guest.INITRD) -> dict[str, Any]:
-    spec: dict[str, Any] = {"flavor": {"vcpus": 1, "memoryMiB": memory_mib},
-                            "boot": {"kernel": {"image": kernel, "initrd": initrd, "cmdline": guest.CMDLINE}}}
+def instance(
+    name: str,
+    memory_mib: int = 96,
+    node: str | None = None,
+    kernel: str = guest.KERNEL,
+    initrd: str = guest.INITRD,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "flavor": {"vcpus": 1, "memoryMiB": memory_mib},
+        "boot": {"kernel": {"image": kernel, "initrd": initrd, "cmdline": guest.CMDLINE}},
+    }
     if node:
         spec["nodeName"] = node
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualInstance", "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VirtualInstance",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def running(obj: dict[str, Any]) -> bool:
     status = obj.get("status") or {}
     return status.get("powerState") == "Running" and any(
-        c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+        c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])
+    )
 
 
 def watch(bench: Bench, version: str, timeout: float = 300, **selectors: str) -> Iterator[dict[str, Any]]:
     """VirtualInstance watch events in the bench namespace from ``version`` on."""
     stream = kubernetes.watch.Watch()
     try:
-        for event in stream.stream(bench.custom.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE,
-                                   VIRTUALINSTANCES, resource_version=version, timeout_seconds=int(timeout),
-                                   **selectors):
-            yield event
+        yield from stream.stream(
+            bench.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            NAMESPACE,
+            VIRTUALINSTANCES,
+            resource_version=version,
+            timeout_seconds=int(timeout),
+            **selectors,
+        )
     finally:
         stream.stop()
 
 
-def create_all_and_wait(bench: Bench, bodies: list[dict[str, Any]], timeout: float = 600) -> tuple[float, float]:
+def create_all_and_wait(
+    bench: Bench, bodies: list[dict[str, Any]], timeout: float = 600
+) -> tuple[float, float]:
     """Create every body back to back; seconds until the creates returned, and until all were Running."""
     version = list_version(bench)
     started = time.monotonic()
@@ -112,12 +134,20 @@ def create_all_and_wait(bench: Bench, bodies: list[dict[str, Any]], timeout: flo
 
 
 def list_version(bench: Bench) -> str:
-    return str(bench.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)[
-        "metadata"]["resourceVersion"])
+    return str(
+        bench.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)["metadata"][
+            "resourceVersion"
+        ]
+    )
 
 
-def time_until(bench: Bench, name: str, act: Callable[[], Any], done: Callable[[dict[str, Any]], bool],
-               timeout: float = 120) -> tuple[float, Any]:
+def time_until(
+    bench: Bench,
+    name: str,
+    act: Callable[[], Any],
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float = 120,
+) -> tuple[float, Any]:
     """Seconds from just before ``act()`` to the first watch event of ``name`` that is ``done``."""
     version = list_version(bench)
     started = time.monotonic()
@@ -129,8 +159,11 @@ def time_until(bench: Bench, name: str, act: Callable[[], Any], done: Callable[[
 
 
 def create(bench: Bench, body: dict[str, Any]) -> str:
-    return str(bench.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, body)[
-        "metadata"]["uid"])
+    return str(
+        bench.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, body)[
+            "metadata"
+        ]["uid"]
+    )
 
 
 def apply_and_wait(bench: Bench, body: dict[str, Any]) -> tuple[float, str]:
@@ -157,22 +190,25 @@ def rss_mib(pid: int) -> float:
 
 def request_counts(bench: Bench) -> collections.Counter[tuple[str, str, str]]:
     """The apiserver's apiserver_request_total, by (verb, resource, subresource)."""
-    text = bench.client.rest_client.request("GET", f"{bench.client.configuration.host}/metrics").read().decode()
+    text = (
+        bench.client.rest_client.request("GET", f"{bench.client.configuration.host}/metrics").read().decode()
+    )
     counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
-            counts[labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", "")] += \
-                int(float(match["value"]))
+            counts[labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", "")] += int(
+                float(match["value"])
+            )
     return counts
 
 
-def counted(before: collections.Counter[Any], after: collections.Counter[Any],
-            resources: Iterable[str]) -> dict[tuple[str, str, str], int]:
+def counted(
+    before: collections.Counter[Any], after: collections.Counter[Any], resources: Iterable[str]
+) -> dict[tuple[str, str, str], int]:
     keep = set(resources)
-    return {key: after[key] - before[key] for key in after
-            if key[1] in keep and after[key] != before[key]}
+    return {key: after[key] - before[key] for key in after if key[1] in keep and after[key] != before[key]}
 
 
 # --- agents on the in-memory driver ----------------------------------------------------------
@@ -195,14 +231,33 @@ def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -
     ports = {}
     for index, node in enumerate(names):
         ports[node] = first_port + index
-        procs.start(ground.layout, f"agent-{node}",
-                    [sys.executable, "-m", "kubenova.cli", "agent", "--node", node, "--driver", "fake",
-                     "--image-store", str(store), "--metrics-address", f"127.0.0.1:{ports[node]}"],
-                    f"--node {node}", env=ground.env())
+        procs.start(
+            ground.layout,
+            f"agent-{node}",
+            [
+                sys.executable,
+                "-m",
+                "kubenova.cli",
+                "agent",
+                "--node",
+                node,
+                "--driver",
+                "fake",
+                "--image-store",
+                str(store),
+                "--metrics-address",
+                f"127.0.0.1:{ports[node]}",
+            ],
+            f"--node {node}",
+            env=ground.env(),
+        )
     deadline = time.monotonic() + 120
     while True:
-        nodes = {n["metadata"]["name"] for n in bench.custom.list_cluster_custom_object(
-            GROUP, VERSION, COMPUTENODES)["items"] if (n.get("status") or {}).get("capacity")}
+        nodes = {
+            n["metadata"]["name"]
+            for n in bench.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES)["items"]
+            if (n.get("status") or {}).get("capacity")
+        }
         if set(names) <= nodes:
             return ports
         if time.monotonic() > deadline:
@@ -215,8 +270,10 @@ def stop_fake_agents(bench: Bench, names: list[str]) -> None:
     leases = kubernetes.client.CoordinationV1Api(bench.client)
     for node in names:
         procs.stop(bench.ground.layout, f"agent-{node}")
-        for delete in (lambda: bench.custom.delete_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node),
-                       lambda: leases.delete_namespaced_lease(lease_name(node), LEASE_NAMESPACE)):
+        for delete in (
+            lambda n=node: bench.custom.delete_cluster_custom_object(GROUP, VERSION, COMPUTENODES, n),
+            lambda n=node: leases.delete_namespaced_lease(lease_name(n), LEASE_NAMESPACE),
+        ):
             try:
                 delete()
             except kubernetes.client.ApiException as exc:
@@ -230,6 +287,6 @@ def metric(port: int, name: str) -> dict[str, float]:
     found = {}
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
-            labels, _, value = line[len(name):].rpartition(" ")
+            labels, _, value = line[len(name) :].rpartition(" ")
             found[labels] = float(value)
     return found

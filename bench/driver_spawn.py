@@ -4,6 +4,7 @@ Run: python -m bench.driver_spawn [--runs N]. Starts the test ground if needed (
 processes). Prints a markdown table; each row shows kubenova's figure, the raw-libvirt
 baseline measured in the same run, and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     boot = KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD), guest.CMDLINE)
     spawn_t, spawn_m, raw_t, raw_m = [], [], [], []
     for i in range(opts.runs):
-        spec = InstanceSpec(uuid=str(uuid.uuid4()), name=f"bench-{i}", namespace="bench", vcpus=1, memory_mib=128,
-                            boot=boot)
+        spec = InstanceSpec(
+            uuid=str(uuid.uuid4()), name=f"bench-{i}", namespace="bench", vcpus=1, memory_mib=128, boot=boot
+        )
         started = time.monotonic()
         driver.spawn(spec)
         spawn_t.append(time.monotonic() - started)

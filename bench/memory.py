@@ -1,11 +1,23 @@
 """Process memory: the controller and an agent idle, with 100 instances (in-memory driver) and with
 real guests; the per-VM cost outside QEMU."""
+
 from __future__ import annotations
 
 import time
 
-from bench.common import FAKE_INITRD, FAKE_KERNEL, Bench, Result, apply_and_wait, create_all_and_wait, delete_all, \
-    instance, rss_mib, start_fake_agents, stop_fake_agents
+from bench.common import (
+    FAKE_INITRD,
+    FAKE_KERNEL,
+    Bench,
+    Result,
+    apply_and_wait,
+    create_all_and_wait,
+    delete_all,
+    instance,
+    rss_mib,
+    start_fake_agents,
+    stop_fake_agents,
+)
 from kubenova.testground import libvirt_host, procs
 
 FAKE_NODE = "bench-mem"
@@ -27,8 +39,13 @@ def run(bench: Bench, fake_count: int, real_count: int) -> Result:
     try:
         time.sleep(3)
         fake_idle, controller_idle = rss_mib(fake), rss_mib(controller)
-        create_all_and_wait(bench, [instance(f"mem-{i}", node=FAKE_NODE, kernel=FAKE_KERNEL, initrd=FAKE_INITRD)
-                                    for i in range(fake_count)])
+        create_all_and_wait(
+            bench,
+            [
+                instance(f"mem-{i}", node=FAKE_NODE, kernel=FAKE_KERNEL, initrd=FAKE_INITRD)
+                for i in range(fake_count)
+            ],
+        )
         time.sleep(3)
         fake_loaded, controller_loaded = rss_mib(fake), rss_mib(controller)
         delete_all(bench)
@@ -43,25 +60,40 @@ def run(bench: Bench, fake_count: int, real_count: int) -> Result:
     delete_all(bench)
     per_fake = (fake_loaded - fake_idle) / fake_count * 1024
     per_real = (agent_loaded - agent_idle + libvirtd_loaded - libvirtd_idle) / real_count * 1024
-    lines = ["RSS in MiB (VmRSS).", "",
-             "| process | idle | loaded | per instance |", "| --- | --- | --- | --- |",
-             f"| agent, in-memory driver, {fake_count} instances | {fake_idle:.1f} | {fake_loaded:.1f} | "
-             f"{per_fake:.0f} KiB |",
-             f"| controller, same {fake_count} instances | {controller_idle:.1f} | {controller_loaded:.1f} | "
-             f"{(controller_loaded - controller_idle) / fake_count * 1024:.0f} KiB |",
-             f"| agent, libvirt, {real_count} real guests | {agent_idle:.1f} | {agent_loaded:.1f} | "
-             f"{(agent_loaded - agent_idle) / real_count * 1024:.0f} KiB |",
-             f"| libvirtd, same {real_count} guests | {libvirtd_idle:.1f} | {libvirtd_loaded:.1f} | "
-             f"{(libvirtd_loaded - libvirtd_idle) / real_count * 1024:.0f} KiB |", "",
-             f"Per-VM overhead outside QEMU (agent + libvirtd): {per_real:.0f} KiB; KubeVirt's is about "
-             "220 MiB (virt-launcher pod). Targets: ≤ 1 MiB per VM "
-             f"({'met' if per_real <= 1024 and per_fake <= 1024 else 'missed'}), agent ≤ 80 MiB at 100 VMs "
-             f"({'met' if fake_loaded <= 80 else f'missed: {fake_loaded:.0f} MiB'}). Most of an agent's RSS "
-             "is imports before any work: Python with kopf and the official client (which kopf loads too) is "
-             "about 62 MiB here."]
-    return Result("Memory", lines, {"fake_agent_idle_mib": fake_idle, "fake_agent_loaded_mib": fake_loaded,
-                                    "controller_idle_mib": controller_idle,
-                                    "controller_loaded_mib": controller_loaded, "agent_idle_mib": agent_idle,
-                                    "agent_loaded_mib": agent_loaded, "libvirtd_idle_mib": libvirtd_idle,
-                                    "libvirtd_loaded_mib": libvirtd_loaded, "fake_count": fake_count,
-                                    "real_count": real_count})
+    lines = [
+        "RSS in MiB (VmRSS).",
+        "",
+        "| process | idle | loaded | per instance |",
+        "| --- | --- | --- | --- |",
+        f"| agent, in-memory driver, {fake_count} instances | {fake_idle:.1f} | {fake_loaded:.1f} | "
+        f"{per_fake:.0f} KiB |",
+        f"| controller, same {fake_count} instances | {controller_idle:.1f} | {controller_loaded:.1f} | "
+        f"{(controller_loaded - controller_idle) / fake_count * 1024:.0f} KiB |",
+        f"| agent, libvirt, {real_count} real guests | {agent_idle:.1f} | {agent_loaded:.1f} | "
+        f"{(agent_loaded - agent_idle) / real_count * 1024:.0f} KiB |",
+        f"| libvirtd, same {real_count} guests | {libvirtd_idle:.1f} | {libvirtd_loaded:.1f} | "
+        f"{(libvirtd_loaded - libvirtd_idle) / real_count * 1024:.0f} KiB |",
+        "",
+        f"Per-VM overhead outside QEMU (agent + libvirtd): {per_real:.0f} KiB; KubeVirt's is about "
+        "220 MiB (virt-launcher pod). Targets: ≤ 1 MiB per VM "
+        f"({'met' if per_real <= 1024 and per_fake <= 1024 else 'missed'}), agent ≤ 80 MiB at 100 VMs "
+        f"({'met' if fake_loaded <= 80 else f'missed: {fake_loaded:.0f} MiB'}). Most of an agent's RSS "
+        "is imports before any work: Python with kopf and the official client (which kopf loads too) is "
+        "about 62 MiB here.",
+    ]
+    return Result(
+        "Memory",
+        lines,
+        {
+            "fake_agent_idle_mib": fake_idle,
+            "fake_agent_loaded_mib": fake_loaded,
+            "controller_idle_mib": controller_idle,
+            "controller_loaded_mib": controller_loaded,
+            "agent_idle_mib": agent_idle,
+            "agent_loaded_mib": agent_loaded,
+            "libvirtd_idle_mib": libvirtd_idle,
+            "libvirtd_loaded_mib": libvirtd_loaded,
+            "fake_count": fake_count,
+            "real_count": real_count,
+        },
+    )

@@ -1,5 +1,6 @@
 """Live migration through a Migration object next to `virsh migrate` of the same guest, both between
 the same two libvirtd hosts (node-1, node-2) in the same run."""
+
 from __future__ import annotations
 
 import re
@@ -27,16 +28,30 @@ def _kubenova(bench: Bench, index: int) -> dict[str, float]:
     body = instance(f"mig-{index}", memory_mib=MEMORY_MIB)
     body["spec"]["nodeSelector"] = {POOL: "migration"}
     _, uid = apply_and_wait(bench, body)
-    node = bench.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "virtualinstances",
-                                                     f"mig-{index}")["status"]["node"]
+    node = bench.custom.get_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, "virtualinstances", f"mig-{index}"
+    )["status"]["node"]
     _wait_ticking(bench.ground.console_log(uid, node))
     started = time.monotonic()
-    bench.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, MIGRATIONS, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Migration", "metadata": {"name": f"mig-{index}"},
-        "spec": {"instanceRef": {"name": f"mig-{index}"}, "type": "Live"}})
+    bench.custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        NAMESPACE,
+        MIGRATIONS,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Migration",
+            "metadata": {"name": f"mig-{index}"},
+            "spec": {"instanceRef": {"name": f"mig-{index}"}, "type": "Live"},
+        },
+    )
     while True:
-        status = bench.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, MIGRATIONS,
-                                                           f"mig-{index}").get("status") or {}
+        status = (
+            bench.custom.get_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, MIGRATIONS, f"mig-{index}"
+            ).get("status")
+            or {}
+        )
         if status.get("phase") in ("Succeeded", "Failed", "Cancelled"):
             break
         time.sleep(0.05)
@@ -44,8 +59,11 @@ def _kubenova(bench: Bench, index: int) -> dict[str, float]:
     if status["phase"] != "Succeeded":
         raise RuntimeError(f"migration mig-{index}: {status.get('message')}")
     progress = status.get("progress") or {}
-    return {"wall_s": wall, "elapsed_s": progress.get("elapsedMs", 0) / 1000,
-            "downtime_s": progress.get("downtimeMs", 0) / 1000}
+    return {
+        "wall_s": wall,
+        "elapsed_s": progress.get("elapsedMs", 0) / 1000,
+        "downtime_s": progress.get("downtimeMs", 0) / 1000,
+    }
 
 
 def _wait_ticking(console: Any, timeout: float = 120) -> None:
@@ -64,24 +82,48 @@ def _virsh(bench: Bench, index: int) -> dict[str, float]:
     store = ImageStore(ground.image_store)
     driver = LibvirtDriver(libvirt_host.uri(ground.layout, NODES[0]), "qemu", root, store, root / "volumes")
     driver.init_host(NODES[0])
-    spec = InstanceSpec(uuid=str(uuid.uuid4()), name=f"raw-mig-{index}", namespace="bench-raw", vcpus=1,
-                        memory_mib=MEMORY_MIB, boot=KernelBoot(store.resolve("k", guest.KERNEL),
-                                                               store.resolve("i", guest.INITRD), guest.CMDLINE))
+    spec = InstanceSpec(
+        uuid=str(uuid.uuid4()),
+        name=f"raw-mig-{index}",
+        namespace="bench-raw",
+        vcpus=1,
+        memory_mib=MEMORY_MIB,
+        boot=KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD), guest.CMDLINE),
+    )
     source, target = libvirt_host.uri(ground.layout, NODES[0]), libvirt_host.uri(ground.layout, NODES[1])
     try:
         driver.spawn(spec)
         _wait_ticking(driver.console_path(spec.uuid))
         started = time.monotonic()
-        subprocess.run(["virsh", "-c", source, "migrate", "--live", "--p2p", "--persistent", "--undefinesource",
-                        spec.uuid, libvirt_host.peer_uri(testground.node_address(NODES[1])),
-                        f"tcp://{testground.node_address(NODES[1])}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "virsh",
+                "-c",
+                source,
+                "migrate",
+                "--live",
+                "--p2p",
+                "--persistent",
+                "--undefinesource",
+                spec.uuid,
+                libvirt_host.peer_uri(testground.node_address(NODES[1])),
+                f"tcp://{testground.node_address(NODES[1])}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         wall = time.monotonic() - started
-        info = subprocess.run(["virsh", "-c", target, "domjobinfo", "--completed", spec.uuid], check=True,
-                              capture_output=True, text=True).stdout
+        info = subprocess.run(
+            ["virsh", "-c", target, "domjobinfo", "--completed", spec.uuid],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
 
         def figure(label: str) -> float:
             match = re.search(rf"^{label}:\s+(\d+)\s+ms", info, re.MULTILINE)
             return int(match.group(1)) / 1000 if match else 0.0
+
         return {"wall_s": wall, "elapsed_s": figure("Time elapsed"), "downtime_s": figure("Total downtime")}
     finally:
         for command in ("destroy", "undefine"):
@@ -94,8 +136,9 @@ def _virsh(bench: Bench, index: int) -> dict[str, float]:
 def run(bench: Bench, count: int) -> Result:
     for node in NODES:
         testground.add_node(bench.ground, node)
-        bench.custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node,
-                                                 {"metadata": {"labels": {POOL: "migration"}}})
+        bench.custom.patch_cluster_custom_object(
+            GROUP, VERSION, COMPUTENODES, node, {"metadata": {"labels": {POOL: "migration"}}}
+        )
     try:
         ours = [_kubenova(bench, i) for i in range(count)]
         raw = [_virsh(bench, i) for i in range(count)]
@@ -107,18 +150,26 @@ def run(bench: Bench, count: int) -> Result:
 
     def row(what: str, key: str) -> str:
         a, b = [r[key] for r in ours], [r[key] for r in raw]
-        return (f"| {what} | {ms(percentile(a, 50))} / {ms(percentile(b, 50))} | "
-                f"{ms(percentile(a, 95))} / {ms(percentile(b, 95))} |")
-    lines = [f"{count} running guests ({MEMORY_MIB} MiB, TCG) moved live between two libvirtd hosts in network "
-             "namespaces, one at a time: through a `Migration` object, then the same guest definition spawned "
-             "straight through libvirt and moved with `virsh migrate --live --p2p --persistent --undefinesource`. "
-             "Figures in ms, kubenova / virsh.", "",
-             "| step | p50 | p95 |", "| --- | --- | --- |",
-             row("wall: Migration created → phase Succeeded / virsh returned", "wall_s"),
-             row("libvirt's job time (time_elapsed on the target)", "elapsed_s"),
-             row("guest downtime (libvirt's measured downtime)", "downtime_s"), "",
-             "kubenova's wall time also holds the two agents' hand-over through the apiserver (the target "
-             "prepares and writes its definition, the source transfers, the target finishes and rebinds the "
-             "instance); virsh's holds its own connection set-up. libvirt's figures are read on the target "
-             "(`virsh domjobinfo --completed`)."]
+        return (
+            f"| {what} | {ms(percentile(a, 50))} / {ms(percentile(b, 50))} | "
+            f"{ms(percentile(a, 95))} / {ms(percentile(b, 95))} |"
+        )
+
+    lines = [
+        f"{count} running guests ({MEMORY_MIB} MiB, TCG) moved live between two libvirtd hosts in network "
+        "namespaces, one at a time: through a `Migration` object, then the same guest definition spawned "
+        "straight through libvirt and moved with `virsh migrate --live --p2p --persistent --undefinesource`. "
+        "Figures in ms, kubenova / virsh.",
+        "",
+        "| step | p50 | p95 |",
+        "| --- | --- | --- |",
+        row("wall: Migration created → phase Succeeded / virsh returned", "wall_s"),
+        row("libvirt's job time (time_elapsed on the target)", "elapsed_s"),
+        row("guest downtime (libvirt's measured downtime)", "downtime_s"),
+        "",
+        "kubenova's wall time also holds the two agents' hand-over through the apiserver (the target "
+        "prepares and writes its definition, the source transfers, the target finishes and rebinds the "
+        "instance); virsh's holds its own connection set-up. libvirt's figures are read on the target "
+        "(`virsh domjobinfo --completed`).",
+    ]
     return Result("Live migration", lines, {"kubenova": ours, "virsh": raw})

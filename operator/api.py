@@ -3,6 +3,7 @@
 They mirror crds/ (the source of truth); tests/unit/test_api_types.py fails when a field
 is added to one and not the other. `total=False` because most fields are optional.
 """
+
 from __future__ import annotations
 
 from typing import TypedDict

@@ -1,4 +1,5 @@
 """The `kubenova` command: controller, agent and the embedded test ground."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,67 +20,142 @@ def _env(name: str, default: str | None = None) -> str | None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubenova", description=__doc__)
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    top.add_argument("--version", action="version", version=f"kubenova {importlib.metadata.version('kubenova')}")
+    top.add_argument(
+        "--version", action="version", version=f"kubenova {importlib.metadata.version('kubenova')}"
+    )
     sub = top.add_subparsers(dest="command", required=True)
     probe = sub.add_parser("probe", help="exit 0 when URL answers 200 (the pods' liveness probes)")
     probe.add_argument("url")
 
-    controller = sub.add_parser("controller", help="run the cluster controller (placement; never calls libvirt)")
-    controller.add_argument("--lease-namespace", default=_env("POD_NAMESPACE", "kubenova-system"),
-                            help="namespace of the leader-election Lease [$POD_NAMESPACE, kubenova-system]")
-    controller.add_argument("--health-address", default="",
-                            help="host:port of /healthz, which answers while the process runs; empty: none "
-                                 "(the chart uses 127.0.0.1:8081)")
-    controller.add_argument("--max-migrations-per-node", type=int, default=2,
-                            help="migrations a node takes part in at once, as source or target [2]")
-    controller.add_argument("--max-migrations", type=int, default=10,
-                            help="migrations running at once in the whole cluster [10]")
+    controller = sub.add_parser(
+        "controller", help="run the cluster controller (placement; never calls libvirt)"
+    )
+    controller.add_argument(
+        "--lease-namespace",
+        default=_env("POD_NAMESPACE", "kubenova-system"),
+        help="namespace of the leader-election Lease [$POD_NAMESPACE, kubenova-system]",
+    )
+    controller.add_argument(
+        "--health-address",
+        default="",
+        help="host:port of /healthz, which answers while the process runs; empty: none "
+        "(the chart uses 127.0.0.1:8081)",
+    )
+    controller.add_argument(
+        "--max-migrations-per-node",
+        type=int,
+        default=2,
+        help="migrations a node takes part in at once, as source or target [2]",
+    )
+    controller.add_argument(
+        "--max-migrations", type=int, default=10, help="migrations running at once in the whole cluster [10]"
+    )
 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
-    agent.add_argument("--libvirt-uri", default=_env("LIBVIRT_URI", "qemu:///system"),
-                       help="libvirt connection URI [$LIBVIRT_URI, qemu:///system]")
-    agent.add_argument("--domain-type", default=_env("KUBENOVA_DOMAIN_TYPE", "kvm"), choices=["kvm", "qemu"],
-                       help="kvm, or qemu for software emulation (TCG) [$KUBENOVA_DOMAIN_TYPE, kvm]")
-    agent.add_argument("--image-store", default=_env("KUBENOVA_IMAGE_STORE", "/var/lib/kubenova/images"),
-                       help="folder of boot images a spec may name [$KUBENOVA_IMAGE_STORE]")
-    agent.add_argument("--instances-dir", default=_env("KUBENOVA_INSTANCES_DIR", "/var/lib/kubenova/instances"),
-                       help="folder of the instances' own files: disks, config drives, console logs "
-                            "[$KUBENOVA_INSTANCES_DIR]")
-    agent.add_argument("--volume-store", default=_env("KUBENOVA_VOLUME_STORE", "/var/lib/kubenova/volumes"),
-                       help="folder of volumes a VolumeAttachment may name [$KUBENOVA_VOLUME_STORE]")
-    agent.add_argument("--driver", default="libvirt", choices=["libvirt", "fake"],
-                       help="libvirt, or fake: an in-memory hypervisor for tests and scale benchmarks")
-    agent.add_argument("--host-ip", default=_env("HOST_IP"),
-                       help="the address other nodes reach this one on [$HOST_IP, the host name's address]")
-    agent.add_argument("--migration-uri", default=_env("KUBENOVA_MIGRATION_URI"),
-                       help="libvirt URI other nodes' libvirtd use to migrate instances here "
-                            "[$KUBENOVA_MIGRATION_URI, qemu+tls://<host-ip>/system]")
-    agent.add_argument("--metrics-address", default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
-                       help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]")
-    agent.add_argument("--resync-interval", type=float, default=30.0,
-                       help="seconds between full comparisons of every domain with its spec [30]")
-    agent.add_argument("--diagnostics-interval", type=float, default=60.0,
-                       help="seconds between diagnostics reads into status and /metrics [60]")
-    agent.add_argument("--soft-reboot-timeout", type=float, default=60.0,
-                       help="seconds a guest gets to honour an ACPI shutdown before a hard reboot [60]")
-    agent.add_argument("--restart-delay", type=float, default=10.0,
-                       help="seconds before restarting a domain that stopped outside Kubernetes [10]")
-    agent.add_argument("--reboot-timeout", type=float, default=180.0,
-                       help="a reboot still unfinished after this many seconds is finished hard [180]")
-    agent.add_argument("--rescue-timeout", type=float, default=0.0,
-                       help="warn (Event) when an instance stays in rescue longer than this; 0 never [0]")
+    agent.add_argument(
+        "--libvirt-uri",
+        default=_env("LIBVIRT_URI", "qemu:///system"),
+        help="libvirt connection URI [$LIBVIRT_URI, qemu:///system]",
+    )
+    agent.add_argument(
+        "--domain-type",
+        default=_env("KUBENOVA_DOMAIN_TYPE", "kvm"),
+        choices=["kvm", "qemu"],
+        help="kvm, or qemu for software emulation (TCG) [$KUBENOVA_DOMAIN_TYPE, kvm]",
+    )
+    agent.add_argument(
+        "--image-store",
+        default=_env("KUBENOVA_IMAGE_STORE", "/var/lib/kubenova/images"),
+        help="folder of boot images a spec may name [$KUBENOVA_IMAGE_STORE]",
+    )
+    agent.add_argument(
+        "--instances-dir",
+        default=_env("KUBENOVA_INSTANCES_DIR", "/var/lib/kubenova/instances"),
+        help="folder of the instances' own files: disks, config drives, console logs "
+        "[$KUBENOVA_INSTANCES_DIR]",
+    )
+    agent.add_argument(
+        "--volume-store",
+        default=_env("KUBENOVA_VOLUME_STORE", "/var/lib/kubenova/volumes"),
+        help="folder of volumes a VolumeAttachment may name [$KUBENOVA_VOLUME_STORE]",
+    )
+    agent.add_argument(
+        "--driver",
+        default="libvirt",
+        choices=["libvirt", "fake"],
+        help="libvirt, or fake: an in-memory hypervisor for tests and scale benchmarks",
+    )
+    agent.add_argument(
+        "--host-ip",
+        default=_env("HOST_IP"),
+        help="the address other nodes reach this one on [$HOST_IP, the host name's address]",
+    )
+    agent.add_argument(
+        "--migration-uri",
+        default=_env("KUBENOVA_MIGRATION_URI"),
+        help="libvirt URI other nodes' libvirtd use to migrate instances here "
+        "[$KUBENOVA_MIGRATION_URI, qemu+tls://<host-ip>/system]",
+    )
+    agent.add_argument(
+        "--metrics-address",
+        default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
+        help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]",
+    )
+    agent.add_argument(
+        "--resync-interval",
+        type=float,
+        default=30.0,
+        help="seconds between full comparisons of every domain with its spec [30]",
+    )
+    agent.add_argument(
+        "--diagnostics-interval",
+        type=float,
+        default=60.0,
+        help="seconds between diagnostics reads into status and /metrics [60]",
+    )
+    agent.add_argument(
+        "--soft-reboot-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a guest gets to honour an ACPI shutdown before a hard reboot [60]",
+    )
+    agent.add_argument(
+        "--restart-delay",
+        type=float,
+        default=10.0,
+        help="seconds before restarting a domain that stopped outside Kubernetes [10]",
+    )
+    agent.add_argument(
+        "--reboot-timeout",
+        type=float,
+        default=180.0,
+        help="a reboot still unfinished after this many seconds is finished hard [180]",
+    )
+    agent.add_argument(
+        "--rescue-timeout",
+        type=float,
+        default=0.0,
+        help="warn (Event) when an instance stays in rescue longer than this; 0 never [0]",
+    )
 
     dev = sub.add_parser("dev", help="the embedded test ground: etcd, kube-apiserver, libvirtd, kubenova")
     dev_sub = dev.add_subparsers(dest="action", required=True)
     up = dev_sub.add_parser("up", help="start everything (idempotent) and print how to use it")
     up.add_argument("--no-kubenova", action="store_true", help="start only etcd, kube-apiserver and libvirtd")
-    up.add_argument("--nodes", type=int, default=1,
-                    help="compute nodes, each a libvirtd in its own network namespace with its own agent; "
-                         "instances migrate between them [1]")
-    up.add_argument("--cluster", action="store_true",
-                    help="a real single-node cluster instead of local processes: containerd, kubelet, scheduler, "
-                         "controller manager and kube-proxy run kubenova's image, installed with its helm chart")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="compute nodes, each a libvirtd in its own network namespace with its own agent; "
+        "instances migrate between them [1]",
+    )
+    up.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a real single-node cluster instead of local processes: containerd, kubelet, scheduler, "
+        "controller manager and kube-proxy run kubenova's image, installed with its helm chart",
+    )
     dev_sub.add_parser("down", help="stop everything the test ground started, even after a crash")
     dev_sub.add_parser("status", help="show what is running")
     dev_sub.add_parser("env", help="print the shell exports for kubectl")
@@ -98,20 +174,36 @@ def _agent(args: argparse.Namespace) -> int:
     driver: ComputeDriver
     if args.driver == "fake":
         from kubenova.driver.fake import FakeDriver
+
         # The in-memory hypervisor knows the store's files by name, with their bytes.
         files = sorted(images.root.glob("*")) if images.root.is_dir() else []
         driver = FakeDriver(args.node, images={f.name: f.read_bytes() for f in files if f.is_file()})
     else:
         from kubenova.driver.libvirt.driver import LibvirtDriver
-        driver = LibvirtDriver(args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store)
-    settings = Settings(soft_reboot_timeout=args.soft_reboot_timeout, restart_delay=args.restart_delay,
-                        rescue_timeout=args.rescue_timeout, reboot_timeout=args.reboot_timeout)
+
+        driver = LibvirtDriver(
+            args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store
+        )
+    settings = Settings(
+        soft_reboot_timeout=args.soft_reboot_timeout,
+        restart_delay=args.restart_delay,
+        rescue_timeout=args.rescue_timeout,
+        reboot_timeout=args.reboot_timeout,
+    )
     host_ip = args.host_ip or node_reporter.host_ip()
-    agent.run(agent.AgentConfig(node=args.node, host_ip=host_ip,
-                                migration_uri=args.migration_uri or f"qemu+tls://{host_ip}/system",
-                                metrics_address=args.metrics_address, resync_interval=args.resync_interval,
-                                diagnostics_interval=args.diagnostics_interval, settings=settings),
-              driver, images)
+    agent.run(
+        agent.AgentConfig(
+            node=args.node,
+            host_ip=host_ip,
+            migration_uri=args.migration_uri or f"qemu+tls://{host_ip}/system",
+            metrics_address=args.metrics_address,
+            resync_interval=args.resync_interval,
+            diagnostics_interval=args.diagnostics_interval,
+            settings=settings,
+        ),
+        driver,
+        images,
+    )
     return 0
 
 
@@ -126,17 +218,22 @@ def _probe(url: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:  # kopf logs every handled watch event at INFO
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("leaderelection").setLevel(logging.WARNING)  # logs every renewal
     try:
         if args.command == "controller":
             from kubenova.handlers.controller import app as controller
-            controller.run(args.lease_namespace, controller.MigrationLimits(args.max_migrations_per_node,
-                                                                            args.max_migrations),
-                           args.health_address)
+
+            controller.run(
+                args.lease_namespace,
+                controller.MigrationLimits(args.max_migrations_per_node, args.max_migrations),
+                args.health_address,
+            )
         elif args.command == "probe":
             return _probe(args.url)
         elif args.command == "agent":
@@ -146,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
             return _agent(args)
         else:
             from kubenova.testground import ground
-            return ground.main(args.action, start_kubenova=not getattr(args, "no_kubenova", False),
-                               nodes=getattr(args, "nodes", 1), cluster=getattr(args, "cluster", False))
+
+            return ground.main(
+                args.action,
+                start_kubenova=not getattr(args, "no_kubenova", False),
+                nodes=getattr(args, "nodes", 1),
+                cluster=getattr(args, "cluster", False),
+            )
     except TestGroundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ Without the variable (every real deployment: the chart never sets it) a point co
 a module-level value. Points sit where a step has done its work but not yet said so in the
 apiserver, the window where a crash is most likely to duplicate or leak something.
 """
+
 from __future__ import annotations
 
 import os

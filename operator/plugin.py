@@ -5,6 +5,7 @@ action id, a Migration) and then waits for kubenova's answer in status, so the p
 holds state of its own and a GitOps user can do the same with YAML. Problems are one line on
 stderr and a non-zero exit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,14 @@ import kubernetes
 from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES
 
 #: verb -> (spec.powerState it asks for, powerStates it makes sense from)
-POWER = {"start": ("Running", ("Stopped", "Crashed", "NoState")),
-         "stop": ("Stopped", ("Running", "Paused", "Suspended", "Crashed", "Blocked")),
-         "pause": ("Paused", ("Running",)),
-         "unpause": ("Running", ("Paused",)),
-         "suspend": ("Suspended", ("Running",)),
-         "resume": ("Running", ("Suspended",))}
+POWER = {
+    "start": ("Running", ("Stopped", "Crashed", "NoState")),
+    "stop": ("Stopped", ("Running", "Paused", "Suspended", "Crashed", "Blocked")),
+    "pause": ("Paused", ("Running",)),
+    "unpause": ("Running", ("Paused",)),
+    "suspend": ("Suspended", ("Running",)),
+    "resume": ("Running", ("Suspended",)),
+}
 FINAL = ("Succeeded", "Failed", "Cancelled", "Reverted", "AwaitingConfirmation")
 
 
@@ -57,14 +60,18 @@ class Plugin:
 
     def get(self, name: str, plural: str = VIRTUALINSTANCES) -> dict[str, Any]:
         try:
-            return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name))
+            return dict(
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 kind = "VirtualInstance" if plural == VIRTUALINSTANCES else "Migration"
                 raise Refused(f"{kind} {name!r} not found in namespace {self.namespace}") from exc
             raise
 
-    def wait(self, name: str, done: Callable[[dict[str, Any]], str | None], plural: str = VIRTUALINSTANCES) -> str:
+    def wait(
+        self, name: str, done: Callable[[dict[str, Any]], str | None], plural: str = VIRTUALINSTANCES
+    ) -> str:
         """Poll until ``done`` returns a message; a timeout is a refusal naming what did not happen."""
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
@@ -75,8 +82,9 @@ class Plugin:
         raise Refused(f"{name}: no answer from kubenova within {self.timeout:.0f}s; see kubectl describe")
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, VIRTUALINSTANCES, name,
-                                                   {"spec": spec})
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, VIRTUALINSTANCES, name, {"spec": spec}
+        )
 
     # --- verbs ---------------------------------------------------------------------------
 
@@ -84,10 +92,22 @@ class Plugin:
         """A VirtualInstance from flags: the same object `kubectl apply` of a manifest makes."""
         if bool(args.image) == bool(args.kernel):
             raise Refused("create needs either --image or --kernel (with --initrd and --cmdline)")
-        boot = {"image": {"name": args.image}} if args.image else {"kernel": {
-            "image": args.kernel, "cmdline": args.cmdline, **({"initrd": args.initrd} if args.initrd else {})}}
-        spec: dict[str, Any] = {"flavor": {"vcpus": args.vcpus, "memoryMiB": args.memory}, "boot": boot,
-                                "powerState": "Stopped" if args.stopped else "Running"}
+        boot = (
+            {"image": {"name": args.image}}
+            if args.image
+            else {
+                "kernel": {
+                    "image": args.kernel,
+                    "cmdline": args.cmdline,
+                    **({"initrd": args.initrd} if args.initrd else {}),
+                }
+            }
+        )
+        spec: dict[str, Any] = {
+            "flavor": {"vcpus": args.vcpus, "memoryMiB": args.memory},
+            "boot": boot,
+            "powerState": "Stopped" if args.stopped else "Running",
+        }
         if args.vnc:
             spec["vnc"] = {"enabled": True}
         if args.node_selector:
@@ -96,12 +116,23 @@ class Plugin:
                 raise Refused("--node-selector takes key=value")
             spec["nodeSelector"] = dict(pairs)
         try:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, VIRTUALINSTANCES, {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualInstance", "metadata": {"name": name},
-                "spec": spec})
+            self.custom.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                VIRTUALINSTANCES,
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "VirtualInstance",
+                    "metadata": {"name": name},
+                    "spec": spec,
+                },
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 409:
-                raise Refused(f"VirtualInstance {name!r} already exists in namespace {self.namespace}") from exc
+                raise Refused(
+                    f"VirtualInstance {name!r} already exists in namespace {self.namespace}"
+                ) from exc
             if exc.status == 422:  # the schema's own message names the field
                 raise Refused(f"refused: {_message(exc)}") from exc
             raise
@@ -115,6 +146,7 @@ class Plugin:
             if status.get("powerState") == want and ready_.get("status") == "True":
                 return f"{name} is {want} on {status.get('node')}"
             return None
+
         return self.wait(name, ready)
 
     def delete(self, name: str) -> str:
@@ -139,9 +171,13 @@ class Plugin:
 
         def reached(obj: dict[str, Any]) -> str | None:
             status = obj.get("status") or {}
-            if status.get("powerState") == want and status.get("observedGeneration") == obj["metadata"]["generation"]:
+            if (
+                status.get("powerState") == want
+                and status.get("observedGeneration") == obj["metadata"]["generation"]
+            ):
                 return f"{name} is {want}"
             return None
+
         return self.wait(name, reached)
 
     def action(self, name: str, kind: str, request: dict[str, Any]) -> str:
@@ -156,6 +192,7 @@ class Plugin:
             if ack["phase"] == "Failed":
                 raise Refused(f"{kind} of {name} failed: {ack.get('message', '')}")
             return f"{name}: {ack.get('message', kind + ' done')}"
+
         return self.wait(name, acknowledged)
 
     def rescue(self, name: str, image: str | None, enabled: bool) -> str:
@@ -169,17 +206,33 @@ class Plugin:
             raise Refused("rescue needs --image: a rescue image in the node's image store")
         self.patch_spec(name, {"rescue": {"enabled": enabled, **({"image": image} if image else {})}})
         want = "Rescued" if enabled else "Running"
-        return self.wait(name, lambda o: f"{name} is {want}" if (o.get("status") or {}).get("phase") == want
-                         and o["status"].get("observedGeneration") == o["metadata"]["generation"] else None)
+        return self.wait(
+            name,
+            lambda o: (
+                f"{name} is {want}"
+                if (o.get("status") or {}).get("phase") == want
+                and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+                else None
+            ),
+        )
 
     def migrate(self, name: str, live: bool, target: str | None, wait: bool) -> str:
         self.get(name)
         spec: dict[str, Any] = {"instanceRef": {"name": name}, "type": "Live" if live else "Cold"}
         if target:
             spec["targetNode"] = target
-        made = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, MIGRATIONS, {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "Migration",
-            "metadata": {"generateName": f"{name[:50]}-"}, "spec": spec})
+        made = self.custom.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            self.namespace,
+            MIGRATIONS,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "Migration",
+                "metadata": {"generateName": f"{name[:50]}-"},
+                "spec": spec,
+            },
+        )
         migration = made["metadata"]["name"]
         if not wait:
             return f"migration {migration} created"
@@ -191,6 +244,7 @@ class Plugin:
             if status["phase"] in ("Failed", "Cancelled"):
                 raise Refused(f"migration {migration} {status['phase']}: {status.get('message', '')}")
             return f"migration {migration} {status['phase']}: {status.get('message', '')}"
+
         return self.wait(migration, ended, MIGRATIONS)
 
     def diag(self, name: str) -> str:
@@ -198,16 +252,25 @@ class Plugin:
         diagnostics, info = status.get("diagnostics") or {}, status.get("info") or {}
         if not diagnostics and not info:
             raise Refused(f"{name} has no diagnostics yet (the agent reads them while it runs)")
-        rows = [("node", status.get("node", "")), ("power state", status.get("powerState", "")),
-                ("vCPUs", info.get("vcpus", "")), ("memory (KiB)", info.get("maxMemKiB", "")),
-                ("CPU time (ns)", info.get("cpuTimeNs", "")), ("read at", diagnostics.get("updateTime", ""))]
+        rows = [
+            ("node", status.get("node", "")),
+            ("power state", status.get("powerState", "")),
+            ("vCPUs", info.get("vcpus", "")),
+            ("memory (KiB)", info.get("maxMemKiB", "")),
+            ("CPU time (ns)", info.get("cpuTimeNs", "")),
+            ("read at", diagnostics.get("updateTime", "")),
+        ]
         lines = [f"{key:<16}{value}" for key, value in rows]
         for disk in diagnostics.get("disks") or []:
-            lines.append(f"disk {disk['name']:<11}read {disk.get('rdBytes', 0)} B in {disk.get('rdReq', 0)}, "
-                         f"wrote {disk.get('wrBytes', 0)} B in {disk.get('wrReq', 0)}, errors {disk.get('errs', 0)}")
+            lines.append(
+                f"disk {disk['name']:<11}read {disk.get('rdBytes', 0)} B in {disk.get('rdReq', 0)}, "
+                f"wrote {disk.get('wrBytes', 0)} B in {disk.get('wrReq', 0)}, errors {disk.get('errs', 0)}"
+            )
         for nic in diagnostics.get("interfaces") or []:
-            lines.append(f"nic {nic['name']:<12}rx {nic.get('rxBytes', 0)} B / {nic.get('rxPackets', 0)} pkts, "
-                         f"tx {nic.get('txBytes', 0)} B / {nic.get('txPackets', 0)} pkts")
+            lines.append(
+                f"nic {nic['name']:<12}rx {nic.get('rxBytes', 0)} B / {nic.get('rxPackets', 0)} pkts, "
+                f"tx {nic.get('txBytes', 0)} B / {nic.get('txPackets', 0)} pkts"
+            )
         return "\n".join(lines)
 
     def vnc(self, name: str, port: int, ready: Callable[[str], None]) -> None:
@@ -227,7 +290,9 @@ class Plugin:
         try:
             secret = core.read_namespaced_secret(secret_name, self.namespace)
         except kubernetes.client.ApiException as exc:
-            raise Refused(f"cannot read the Secret {secret_name} with the VNC password: {exc.reason}") from exc
+            raise Refused(
+                f"cannot read the Secret {secret_name} with the VNC password: {exc.reason}"
+            ) from exc
         password = base64.b64decode((secret.data or {}).get("password", "")).decode()
         server = socketserver.ThreadingTCPServer(("127.0.0.1", port), _forwarder(vnc["host"], vnc["port"]))
         server.daemon_threads = True
@@ -245,7 +310,9 @@ class Plugin:
             raise Refused(f"{name} has no console yet")
         path = instances_dir / log
         if not path.is_file():
-            raise Refused(f"{path} is not here: run this on node {status.get('node')} or pass --instances-dir")
+            raise Refused(
+                f"{path} is not here: run this on node {status.get('node')} or pass --instances-dir"
+            )
         with path.open(errors="replace") as handle:
             while True:
                 chunk = handle.read()
@@ -269,6 +336,7 @@ def _forwarder(host: str, port: int) -> type[socketserver.BaseRequestHandler]:
                 pump.start()
                 _copy(self.request, upstream)
                 pump.join()
+
     return Forward
 
 
@@ -293,9 +361,12 @@ def _message(exc: kubernetes.client.ApiException) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="kubectl kubenova", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("-n", "--namespace", help="the instance's namespace [the kubeconfig context's, or default]")
+    top = argparse.ArgumentParser(
+        prog="kubectl kubenova", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    top.add_argument(
+        "-n", "--namespace", help="the instance's namespace [the kubeconfig context's, or default]"
+    )
     top.add_argument("--timeout", type=float, default=300, help="seconds to wait for kubenova's answer [300]")
     verbs = top.add_subparsers(dest="verb", required=True)
     create = verbs.add_parser("create", help="create a VirtualInstance and wait until it runs")
@@ -306,14 +377,25 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--kernel", help="or boot this kernel from the node's image store")
     create.add_argument("--initrd", help="with this initramfs")
     create.add_argument("--cmdline", default="console=ttyS0", help="with this command line [console=ttyS0]")
-    create.add_argument("--node-selector", action="append", metavar="KEY=VALUE",
-                        help="only nodes with this label (repeatable)")
+    create.add_argument(
+        "--node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only nodes with this label (repeatable)",
+    )
     create.add_argument("--stopped", action="store_true", help="create it powered off")
-    create.add_argument("--vnc", action="store_true", help="with a VNC server (password in the Secret <name>-vnc)")
+    create.add_argument(
+        "--vnc", action="store_true", help="with a VNC server (password in the Secret <name>-vnc)"
+    )
     verbs.add_parser("delete", help="delete a VirtualInstance and wait until it is gone").add_argument("name")
-    helps = {"start": "power on (spec.powerState Running)", "stop": "power off (spec.powerState Stopped)",
-             "pause": "pause the vCPUs (Paused)", "unpause": "run a paused instance again",
-             "suspend": "save the guest's memory and stop (Suspended)", "resume": "restore a suspended instance"}
+    helps = {
+        "start": "power on (spec.powerState Running)",
+        "stop": "power off (spec.powerState Stopped)",
+        "pause": "pause the vCPUs (Paused)",
+        "unpause": "run a paused instance again",
+        "suspend": "save the guest's memory and stop (Suspended)",
+        "resume": "restore a suspended instance",
+    }
     for verb, text in helps.items():
         verbs.add_parser(verb, help=text, description=text).add_argument("name")
     reboot = verbs.add_parser("reboot", help="reboot once (spec.actions.reboot with a new id)")
@@ -332,14 +414,20 @@ def parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", dest="target", help="the target ComputeNode [the controller chooses]")
     migrate.add_argument("--no-wait", action="store_true", help="return once the Migration exists")
     verbs.add_parser("diag", help="diagnostics as a table").add_argument("name")
-    vnc = verbs.add_parser("vnc", help="forward a local port to the guest's VNC server (on the instance's node)")
+    vnc = verbs.add_parser(
+        "vnc", help="forward a local port to the guest's VNC server (on the instance's node)"
+    )
     vnc.add_argument("name")
     vnc.add_argument("--port", type=int, default=0, help="local port on 127.0.0.1 [any free one]")
     console = verbs.add_parser("console", help="print the serial console log (on the instance's node)")
     console.add_argument("name")
     console.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    console.add_argument("--instances-dir", type=pathlib.Path, default=pathlib.Path("/var/lib/kubenova/instances"),
-                         help="the agent's --instances-dir on this node [/var/lib/kubenova/instances]")
+    console.add_argument(
+        "--instances-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("/var/lib/kubenova/instances"),
+        help="the agent's --instances-dir on this node [/var/lib/kubenova/instances]",
+    )
     return top
 
 

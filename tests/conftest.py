@@ -3,6 +3,7 @@
 A test that needs etcd, kube-apiserver or libvirtd fails when they cannot be started;
 nothing here skips.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -13,8 +14,8 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.testground import ground as testground
 from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from kubenova.testground import ground as testground
 from tests.helpers import REPORT, eventually
 
 
@@ -59,13 +60,16 @@ def namespace(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.Custo
         custom.delete_collection_namespaced_custom_object(GROUP, VERSION, name, plural)
 
     def left() -> list[str]:
-        return [f"{o['kind']} {o['metadata']['name']}" for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)
-                for o in custom.list_namespaced_custom_object(GROUP, VERSION, name, plural)["items"]]
+        return [
+            f"{o['kind']} {o['metadata']['name']}"
+            for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)
+            for o in custom.list_namespaced_custom_object(GROUP, VERSION, name, plural)["items"]
+        ]
+
     try:
         eventually(lambda: not left(), timeout=180)
     except AssertionError:
         raise AssertionError(f"after the test, namespace {name} still holds {left()}") from None
-
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

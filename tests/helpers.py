@@ -1,4 +1,5 @@
 """Helpers for tests that wait on the real components."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,9 @@ from Crypto.Cipher import DES
 T = TypeVar("T")
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 60, interval: float = 0.1,
-               what: str = "condition") -> T:
+def eventually(
+    probe: Callable[[], T | None], timeout: float = 60, interval: float = 0.1, what: str = "condition"
+) -> T:
     """Poll until `probe` returns something truthy; fail with `what` otherwise."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -73,8 +75,10 @@ def log_problems(text: str) -> list[str]:
     lines = text.splitlines()
     for index, line in enumerate(lines):
         if line.startswith("Traceback (most recent call last)"):
-            end = next((i for i in range(index + 1, len(lines)) if not lines[i].startswith((" ", "Traceback"))),
-                       len(lines) - 1)
+            end = next(
+                (i for i in range(index + 1, len(lines)) if not lines[i].startswith((" ", "Traceback"))),
+                len(lines) - 1,
+            )
             problems.append(f"{lines[index - 1] if index else ''} ... {lines[end]}")
         elif " ERROR " in line and not EXPECTED_ERRORS.search(line):
             problems.append(line)

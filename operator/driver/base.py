@@ -5,6 +5,7 @@ side by side with that contract; the handlers call nothing else. Every method th
 meaning on one node is here. A driver that cannot do something raises ``Unsupported``
 with the reason; nothing is ever silently a no-op.
 """
+
 from __future__ import annotations
 
 import abc
@@ -39,6 +40,7 @@ class HostPowerAction(enum.Enum):
 
 
 # --- exceptions ------------------------------------------------------------------------------
+
 
 class DriverError(Exception):
     """A failure of the hypervisor layer that retrying may cure."""
@@ -103,6 +105,7 @@ class Unsupported(DriverError):
 
 # --- what spawn is given ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class KernelBoot:
     """Direct kernel boot, with paths already resolved inside the image store."""
@@ -144,7 +147,8 @@ def stable_mac(uuid: str, interface: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FirewallRule:
-    """One security group rule: let traffic of ``protocol`` from ``cidr`` to ports ``port_min``..``port_max`` in.
+    """One security group rule: let traffic of ``protocol`` from ``cidr`` to ports ``port_min``..``port_max``
+    in.
 
     Everything else coming in is dropped (answers to the guest's own traffic excepted);
     traffic going out is allowed.
@@ -197,11 +201,15 @@ class InstanceSpec:
 def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
     """What every driver refuses before it makes anything, so a refusal leaves nothing behind."""
     if instance.memory_mib > host_memory_mib:
-        raise InsufficientResources("spec.flavor.memoryMiB", f"{instance.memory_mib} MiB is more than the "
-                                                             f"{host_memory_mib} MiB this host has")
+        raise InsufficientResources(
+            "spec.flavor.memoryMiB",
+            f"{instance.memory_mib} MiB is more than the {host_memory_mib} MiB this host has",
+        )
     if instance.vnc_password is not None and not 0 < len(instance.vnc_password) <= 8:
-        raise InvalidInstanceSpec("vncPassword", "VNC passwords have 1 to 8 characters (a limit of the VNC "
-                                                 "protocol's authentication)")
+        raise InvalidInstanceSpec(
+            "vncPassword",
+            "VNC passwords have 1 to 8 characters (a limit of the VNC protocol's authentication)",
+        )
     if instance.boot is None and instance.image is None:
         raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
 
@@ -209,12 +217,14 @@ def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
 def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
     """Refuse a MAC that another instance on the host has (``in_use``: MAC -> who): two NICs with one
     address on a network confuse the switch and let one guest receive the other's traffic."""
-    for index, (iface, mac) in enumerate(zip(instance.interfaces, instance.macs())):
+    for index, (iface, mac) in enumerate(zip(instance.interfaces, instance.macs(), strict=True)):
         holder = in_use.get(mac.lower())
         if holder is not None:
             how = "is" if iface.mac else f"was derived for interface {iface.name!r} and is"
-            raise InvalidInstanceSpec(f"spec.interfaces[{index}].macAddress",
-                                      f"{mac} {how} already used by {holder} on this host; set another macAddress")
+            raise InvalidInstanceSpec(
+                f"spec.interfaces[{index}].macAddress",
+                f"{mac} {how} already used by {holder} on this host; set another macAddress",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +239,7 @@ class VolumeSpec:
 
 
 # --- what the driver reports ---------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class InstanceInfo:
@@ -255,7 +266,8 @@ class InstanceDetail:
 
 @dataclasses.dataclass(frozen=True)
 class InterfaceDetail:
-    """One interface as the domain has it: its name in the spec ("" when the domain does not say), MAC, network."""
+    """One interface as the domain has it: its name in the spec ("" when the domain does not say), MAC,
+    network."""
 
     name: str
     mac: str
@@ -384,15 +396,16 @@ class ComputeDriver(abc.ABC):
     def init_host(self, host: str) -> None:
         """Connect to the hypervisor; fails early if it is not reachable."""
 
-    def add_lifecycle_listener(self, listener: Callable[[str], None]) -> None:
+    def add_lifecycle_listener(self, listener: Callable[[str], None]) -> None:  # noqa: B027 (optional: no-op)
         """Call ``listener(uuid)`` whenever an instance's power state may have changed, from any thread.
 
         Nova's later register_event_listener; a driver without events leaves it out and the
         agent's periodic resync notices changes instead.
         """
 
-    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
-        """Call ``listener(False)`` when the hypervisor connection is lost and ``listener(True)`` once it is back.
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:  # noqa: B027 (optional: no-op)
+        """Call ``listener(False)`` when the hypervisor connection is lost and ``listener(True)`` once it is
+        back.
 
         Not in Nova's 2012 contract: the agent needs it to say so on its ComputeNode at once, and to
         look again at every instance whose events it may have missed meanwhile. A driver without a
@@ -474,7 +487,8 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def reboot(self, uuid: str, reboot_type: RebootType, soft_timeout: float = 60.0) -> RebootType:
-        """Reboot; SOFT asks the guest and falls back to HARD after ``soft_timeout``. Returns what was done."""
+        """Reboot; SOFT asks the guest and falls back to HARD after ``soft_timeout``. Returns what was
+        done."""
 
     @abc.abstractmethod
     def power_off(self, uuid: str) -> None:
@@ -550,7 +564,8 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def list_interfaces_detail(self, uuid: str) -> list[InterfaceDetail]:
-        """The instance's interfaces in guest order, as the running domain (or, stopped, its definition) has them.
+        """The instance's interfaces in guest order, as the running domain (or, stopped, its definition) has
+        them.
 
         Not in Nova's 2012 contract: status shows each interface's MAC, which users and the guest's
         network configuration rely on.
@@ -603,8 +618,9 @@ class ComputeDriver(abc.ABC):
         """Cold migration, source side: stop the instance; returns its disk files for finish_migration."""
 
     @abc.abstractmethod
-    def finish_migration(self, instance: InstanceSpec, disk_info: list[str], source_uri: str,
-                         power_on: bool = True) -> None:
+    def finish_migration(
+        self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
+    ) -> None:
         """Cold migration, target side: fetch the disks from the source, define the instance with the
         (possibly new) flavor in ``instance`` and start it. The source keeps its copy until confirm."""
 
@@ -625,9 +641,15 @@ class ComputeDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def live_migration(self, uuid: str, dest_uri: str, dest_definition: str,
-                       progress: ProgressCallback | None = None, block_migration: bool = True,
-                       max_bandwidth_mib: int | None = None) -> None:
+    def live_migration(
+        self,
+        uuid: str,
+        dest_uri: str,
+        dest_definition: str,
+        progress: ProgressCallback | None = None,
+        block_migration: bool = True,
+        max_bandwidth_mib: int | None = None,
+    ) -> None:
         """Live migration, source side: move the running instance; raises on failure (it stays here).
 
         ``block_migration`` copies the disks' own data (no shared storage needed); on success

@@ -7,6 +7,7 @@ prints the same console lines as the real test guest (testground/guest.py), the 
 folder, config drive and image cache follow the libvirt driver's, and every time-dependent
 behaviour reads an injectable clock, so tests move time instead of waiting.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,13 +26,43 @@ from typing import ClassVar
 
 from kubenova.driver import cloudinit
 from kubenova.driver.base import (
-    BandwidthUsage, BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, Diagnostics, DriverError, FirewallRule,
-    HostPowerAction, HostStats, ImageChecksumMismatch, ImageNotFound, ImageRef, InstanceDetail, InstanceExists,
-    InstanceInfo, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface, InterfaceDetail, InterfaceStats,
+    BandwidthUsage,
+    BlockStats,
+    ComputeDriver,
+    CPUIncompatible,
+    CpuInfo,
+    Diagnostics,
+    DriverError,
+    FirewallRule,
+    HostPowerAction,
+    HostStats,
+    ImageChecksumMismatch,
+    ImageNotFound,
+    ImageRef,
+    InstanceDetail,
+    InstanceExists,
+    InstanceInfo,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InstanceSpec,
+    Interface,
+    InterfaceDetail,
+    InterfaceStats,
     InvalidCPUInfo,
-    InvalidInstanceSpec, KernelBoot, MigrationOutcome, MigrationProgress, PowerState, ProgressCallback, RebootType,
+    InvalidInstanceSpec,
+    KernelBoot,
+    MigrationOutcome,
+    MigrationProgress,
+    PowerState,
+    ProgressCallback,
+    RebootType,
     Unsupported,
-    VncConsole, VolumeConnector, VolumeNotFound, VolumeSpec, check_instance, check_macs,
+    VncConsole,
+    VolumeConnector,
+    VolumeNotFound,
+    VolumeSpec,
+    check_instance,
+    check_macs,
 )
 
 # The console lines of the real test guest (testground/guest.py), so one conformance test
@@ -77,7 +108,19 @@ LIVE_MIGRATION_ITERATIONS = 3
 EXPECTED_DOWNTIME_MS = 30
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
 
-DEFAULT_CPU_FEATURES = ("fpu", "sse", "sse2", "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "aes", "avx", "avx2")
+DEFAULT_CPU_FEATURES = (
+    "fpu",
+    "sse",
+    "sse2",
+    "sse3",
+    "ssse3",
+    "sse4.1",
+    "sse4.2",
+    "popcnt",
+    "aes",
+    "avx",
+    "avx2",
+)
 
 _ACTIVE = (PowerState.RUNNING, PowerState.PAUSED)
 
@@ -111,12 +154,12 @@ class _Disk:
 
     def write(self, payload: bytes) -> None:
         """Write at offset 0, as the guest's write hook does; a disk never grows past its size."""
-        payload = payload[:self.size]
+        payload = payload[: self.size]
         if not isinstance(self.data, bytearray):
             self.data = bytearray(self.data)
         if len(self.data) < len(payload):
             self.data.extend(bytes(len(payload) - len(self.data)))
-        self.data[:len(payload)] = payload
+        self.data[: len(payload)] = payload
 
     def copy(self) -> _Disk:
         return _Disk(self.size, bytes(self.data), self.base)
@@ -152,8 +195,10 @@ class _Ticks:
     mac: str | None = None
 
     def render(self) -> str:
-        return "".join((f"{MAC_LINE} eth0 {self.mac}\n" if self.mac and n % MAC_EVERY == 0 else "") + f"{TICK} {n}\n"
-                       for n in range(self.first, self.stop))
+        return "".join(
+            (f"{MAC_LINE} eth0 {self.mac}\n" if self.mac and n % MAC_EVERY == 0 else "") + f"{TICK} {n}\n"
+            for n in range(self.first, self.stop)
+        )
 
 
 @dataclasses.dataclass
@@ -256,8 +301,11 @@ def _plain_name(field: str, name: str) -> None:
 
 
 def _write_hook(boot: KernelBoot | None) -> tuple[str, str] | None:
-    hooks = [arg.removeprefix(WRITE_HOOK).partition(":") for arg in (boot.cmdline.split() if boot else ())
-             if arg.startswith(WRITE_HOOK) and ":" in arg]
+    hooks = [
+        arg.removeprefix(WRITE_HOOK).partition(":")
+        for arg in (boot.cmdline.split() if boot else ())
+        if arg.startswith(WRITE_HOOK) and ":" in arg
+    ]
     if not hooks:
         return None
     device, _, pattern = hooks[-1]
@@ -282,8 +330,9 @@ def _device_names(inst: _Instance) -> set[str]:
 
 def _layout(inst: _Instance) -> list[tuple[str, _Device]]:
     """What the guest sees now; rescue puts its disk at vda and moves every other one a letter on."""
-    named = list(zip(_boot_disk_names(len(inst.local), inst.volumes), inst.local.values())) \
-        + sorted(inst.volumes.items())
+    named = list(
+        zip(_boot_disk_names(len(inst.local), inst.volumes), inst.local.values(), strict=True)
+    ) + sorted(inst.volumes.items())
     if inst.rescue is None:
         return named
     return [("vda", inst.rescue)] + [(name[:-1] + chr(ord(name[-1]) + 1), device) for name, device in named]
@@ -303,7 +352,8 @@ def _taps(inst: _Instance) -> list[str]:
 
 
 def _changed_fields(running: InstanceSpec, defined: InstanceSpec) -> list[str]:
-    """The spec fields in which ``defined`` differs from what runs, in the libvirt driver's terms and order."""
+    """The spec fields in which ``defined`` differs from what runs, in the libvirt driver's terms and
+    order."""
     fields = []
     if running.vcpus != defined.vcpus:
         fields.append("spec.flavor.vcpus")
@@ -314,17 +364,28 @@ def _changed_fields(running: InstanceSpec, defined: InstanceSpec) -> list[str]:
 
     def disks(spec: InstanceSpec) -> set[str]:
         names = {f"disk.eph.{name}" for name, _ in spec.ephemeral_gib}
-        return names | ({ROOT} if spec.image is not None or spec.root_gib else set()) | ({SWAP} if spec.swap_mib else set())
+        return (
+            names
+            | ({ROOT} if spec.image is not None or spec.root_gib else set())
+            | ({SWAP} if spec.swap_mib else set())
+        )
+
     for name in sorted(disks(running) ^ disks(defined)):
-        fields.append("spec.rootDisk" if name == ROOT else "spec.swap" if name == SWAP else "spec.ephemeralDisks")
+        fields.append(
+            "spec.rootDisk" if name == ROOT else "spec.swap" if name == SWAP else "spec.ephemeralDisks"
+        )
 
     def drive(spec: InstanceSpec) -> dict[str, bytes]:
         return cloudinit.files(spec) if cloudinit.needed(spec) else {}
+
     before, after = drive(running), drive(defined)
     fields += [field for file, field in cloudinit.FIELDS.items() if before.get(file) != after.get(file)]
 
     def nics(spec: InstanceSpec) -> list[tuple[str, str, str, str]]:
-        return [(i.name, i.network, mac, i.model) for i, mac in zip(spec.interfaces, spec.macs())]
+        return [
+            (i.name, i.network, mac, i.model) for i, mac in zip(spec.interfaces, spec.macs(), strict=True)
+        ]
+
     if nics(running) != nics(defined):
         fields.append("spec.interfaces")
     return fields
@@ -339,8 +400,16 @@ def _interface_stats(inst: _Instance, now: float) -> InterfaceStats:
     seconds = math.floor(inst.guest.lifetime_seconds(now))
     packets = inst.guest.boots + seconds
     octets = inst.guest.boots * DHCP_BYTES + seconds * FRAME_BYTES
-    return InterfaceStats(rx_bytes=octets, rx_packets=packets, rx_errs=0, rx_drop=0,
-                          tx_bytes=octets, tx_packets=packets, tx_errs=0, tx_drop=0)
+    return InterfaceStats(
+        rx_bytes=octets,
+        rx_packets=packets,
+        rx_errs=0,
+        rx_drop=0,
+        tx_bytes=octets,
+        tx_packets=packets,
+        tx_errs=0,
+        tx_drop=0,
+    )
 
 
 def _bases(files: Iterable[_Disk]) -> set[str]:
@@ -356,17 +425,32 @@ class FakeDriver(ComputeDriver):
 
     _registry: ClassVar[weakref.WeakValueDictionary[str, FakeDriver]] = weakref.WeakValueDictionary()
 
-    def __init__(self, hostname: str | None = None, *, uri: str | None = None,
-                 images: Mapping[str, bytes] | None = None, vcpus: int = 8, memory_mib: int = 16384,
-                 disk_gib: int = 100, cpu: CpuInfo | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        hostname: str | None = None,
+        *,
+        uri: str | None = None,
+        images: Mapping[str, bytes] | None = None,
+        vcpus: int = 8,
+        memory_mib: int = 16384,
+        disk_gib: int = 100,
+        cpu: CpuInfo | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.hostname = hostname or socket.gethostname()
         self.uri = uri or f"fake://{self.hostname}"
         self.vcpus = vcpus
         self.memory_mib = memory_mib
         self.disk_gib = disk_gib
-        self.cpu = cpu or CpuInfo(arch="x86_64", vendor="Fake", model="fake64", sockets=1, cores=vcpus,
-                                  threads=1, features=DEFAULT_CPU_FEATURES)
+        self.cpu = cpu or CpuInfo(
+            arch="x86_64",
+            vendor="Fake",
+            model="fake64",
+            sockets=1,
+            cores=vcpus,
+            threads=1,
+            features=DEFAULT_CPU_FEATURES,
+        )
         self._clock = clock
         # Re-entrant, so a test clock or callback may call back into the driver.
         self._lock = threading.RLock()
@@ -433,8 +517,11 @@ class FakeDriver(ComputeDriver):
         """The VNC server at host:port, asked whether ``password`` opens it."""
         with self._lock:
             for inst in self._instances.values():
-                if (host, port) == (VNC_HOST, VNC_BASE_PORT + inst.vnc_index) and inst.state in _ACTIVE \
-                        and inst.spec.vnc_password is not None:
+                if (
+                    (host, port) == (VNC_HOST, VNC_BASE_PORT + inst.vnc_index)
+                    and inst.state in _ACTIVE
+                    and inst.spec.vnc_password is not None
+                ):
                     return password == inst.spec.vnc_password
         raise ConnectionRefusedError(f"no VNC server listens on {host}:{port}")
 
@@ -461,9 +548,15 @@ class FakeDriver(ComputeDriver):
             used += sum(disk.size for inst in self._instances.values() for disk in inst.files.values())
             used += sum(disk.size for files in self._instance_dirs.values() for disk in files.values())
         return HostStats(
-            vcpus=self.vcpus, memory_mib=self.memory_mib, disk_gib=self.disk_gib,
+            vcpus=self.vcpus,
+            memory_mib=self.memory_mib,
+            disk_gib=self.disk_gib,
             disk_free_gib=max(0, (self.disk_gib * GIB - used) // GIB),
-            hypervisor_type="fake", hypervisor_version="1.0.0", hostname=self.hostname, cpu=self.cpu)
+            hypervisor_type="fake",
+            hypervisor_version="1.0.0",
+            hostname=self.hostname,
+            cpu=self.cpu,
+        )
 
     def host_power_action(self, action: HostPowerAction) -> None:
         raise Unsupported("host_power_action", "the fake host has no power")
@@ -481,14 +574,18 @@ class FakeDriver(ComputeDriver):
         return VolumeConnector(ip="127.0.0.1", initiator=None, host=self.hostname)
 
     def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
-        """Removes cached bases (named by their sha256, like the libvirt driver's); the store stays as it is."""
+        """Removes cached bases (named by their sha256, like the libvirt driver's); the store stays as it
+        is."""
         with self._lock:
             now = self._clock()
             used = _bases(disk for files in self._folders() for disk in files.values())
             used |= {self._images[name].sha256 for name in in_use if name in self._images}
             self._touch(used, now)
-            removed = sorted(digest for digest, last_used in self._bases.items()
-                             if digest not in used and now - last_used > grace_seconds)
+            removed = sorted(
+                digest
+                for digest, last_used in self._bases.items()
+                if digest not in used and now - last_used > grace_seconds
+            )
             for digest in removed:
                 del self._bases[digest]
             return removed
@@ -501,9 +598,17 @@ class FakeDriver(ComputeDriver):
 
     def list_instances_detail(self) -> list[InstanceDetail]:
         with self._lock:
-            return [InstanceDetail(uuid=i.spec.uuid, namespace=i.spec.namespace, name=i.spec.name, state=i.state,
-                                   vcpus=i.spec.vcpus, memory_mib=i.spec.memory_mib)
-                    for i in self._instances.values()]
+            return [
+                InstanceDetail(
+                    uuid=i.spec.uuid,
+                    namespace=i.spec.namespace,
+                    name=i.spec.name,
+                    state=i.state,
+                    vcpus=i.spec.vcpus,
+                    memory_mib=i.spec.memory_mib,
+                )
+                for i in self._instances.values()
+            ]
 
     def instance_exists(self, uuid: str) -> bool:
         with self._lock:
@@ -513,8 +618,9 @@ class FakeDriver(ComputeDriver):
         with self._lock:
             inst = self._get(uuid)
             memory_kib = inst.spec.memory_mib * 1024
-            return InstanceInfo(inst.state, memory_kib, memory_kib, inst.spec.vcpus,
-                                self._cpu_time_ns(inst, self._clock()))
+            return InstanceInfo(
+                inst.state, memory_kib, memory_kib, inst.spec.vcpus, self._cpu_time_ns(inst, self._clock())
+            )
 
     # --- instances: life cycle -------------------------------------------------------------
 
@@ -659,8 +765,9 @@ class FakeDriver(ComputeDriver):
         with self._lock:
             root = self._get(uuid).files.get(ROOT)
             if root is None:
-                raise Unsupported("snapshot", "the instance has no root disk (direct kernel boot without "
-                                              "spec.rootDisk)")
+                raise Unsupported(
+                    "snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)"
+                )
             field = "spec.actions.snapshot.imageName"
             _plain_name(field, image_name)
             if image_name in self._images:
@@ -681,21 +788,30 @@ class FakeDriver(ComputeDriver):
             inst = self._get(uuid)
             self._require(inst, *_ACTIVE)
             if inst.spec.vnc_password is None:
-                raise Unsupported("get_vnc_console", "the instance was created without a VNC password, so it has "
-                                                     "no VNC server")
-            return VncConsole(host=VNC_HOST, port=VNC_BASE_PORT + inst.vnc_index, password=inst.spec.vnc_password)
+                raise Unsupported(
+                    "get_vnc_console",
+                    "the instance was created without a VNC password, so it has no VNC server",
+                )
+            return VncConsole(
+                host=VNC_HOST, port=VNC_BASE_PORT + inst.vnc_index, password=inst.spec.vnc_password
+            )
 
     def set_admin_password(self, uuid: str, password: str) -> None:
         with self._lock:
             self._require(self._get(uuid), *_ACTIVE)
-        raise Unsupported("set_admin_password", "the guest runs no QEMU guest agent; the password on the config "
-                                                "drive applies at first boot")
+        raise Unsupported(
+            "set_admin_password",
+            "the guest runs no QEMU guest agent; the password on the config drive applies at first boot",
+        )
 
     def inject_file(self, uuid: str, path: str, content: bytes) -> None:
         with self._lock:
             self._get(uuid)
-        raise Unsupported("inject_file", "nothing can write into a running guest's file system; files are injected "
-                                         "at creation through the config drive (spec.injectedFiles)")
+        raise Unsupported(
+            "inject_file",
+            "nothing can write into a running guest's file system; files are injected "
+            "at creation through the config drive (spec.injectedFiles)",
+        )
 
     def inject_network_info(self, uuid: str, network_config: str) -> None:
         """Rewrites the config drive's network-config; the guest reads it at its next boot."""
@@ -716,9 +832,11 @@ class FakeDriver(ComputeDriver):
             self._require(inst, *_ACTIVE)
             stats = _interface_stats(inst, now)
             return Diagnostics(
-                cpu_time_ns=self._cpu_time_ns(inst, now), memory_kib=inst.spec.memory_mib * 1024,
+                cpu_time_ns=self._cpu_time_ns(inst, now),
+                memory_kib=inst.spec.memory_mib * 1024,
                 disks={name: _block_stats(device.counters) for name, device in _layout(inst)},
-                interfaces={tap: stats for tap in _taps(inst)})
+                interfaces={tap: stats for tap in _taps(inst)},
+            )
 
     def list_disks(self, uuid: str) -> list[str]:
         with self._lock:
@@ -731,7 +849,10 @@ class FakeDriver(ComputeDriver):
     def list_interfaces_detail(self, uuid: str) -> list[InterfaceDetail]:
         with self._lock:
             spec = self._get(uuid).spec
-            return [InterfaceDetail(i.name, mac, i.network) for i, mac in zip(spec.interfaces, spec.macs())]
+            return [
+                InterfaceDetail(i.name, mac, i.network)
+                for i, mac in zip(spec.interfaces, spec.macs(), strict=True)
+            ]
 
     def block_stats(self, uuid: str, disk: str) -> BlockStats:
         with self._lock:
@@ -739,7 +860,9 @@ class FakeDriver(ComputeDriver):
             self._require(inst, *_ACTIVE)
             devices = dict(_layout(inst))
             if disk not in devices:
-                raise VolumeNotFound(f"instance {uuid} has no disk {disk}; it has {', '.join(devices) or 'none'}")
+                raise VolumeNotFound(
+                    f"instance {uuid} has no disk {disk}; it has {', '.join(devices) or 'none'}"
+                )
             return _block_stats(devices[disk].counters)
 
     def interface_stats(self, uuid: str, interface: str) -> InterfaceStats:
@@ -748,7 +871,9 @@ class FakeDriver(ComputeDriver):
             self._require(inst, *_ACTIVE)
             taps = _taps(inst)
             if interface not in taps:
-                raise DriverError(f"instance {uuid} has no interface {interface}; it has {', '.join(taps) or 'none'}")
+                raise DriverError(
+                    f"instance {uuid} has no interface {interface}; it has {', '.join(taps) or 'none'}"
+                )
             return _interface_stats(inst, self._clock())
 
     def get_all_bw_usage(self) -> list[BandwidthUsage]:
@@ -757,8 +882,16 @@ class FakeDriver(ComputeDriver):
             usage = []
             for inst in self._instances.values():
                 stats = _interface_stats(inst, now)
-                usage += [BandwidthUsage(uuid=inst.spec.uuid, interface=tap, mac=mac, bw_in=stats.rx_bytes,
-                                         bw_out=stats.tx_bytes) for tap, mac in zip(_taps(inst), inst.spec.macs())]
+                usage += [
+                    BandwidthUsage(
+                        uuid=inst.spec.uuid,
+                        interface=tap,
+                        mac=mac,
+                        bw_in=stats.rx_bytes,
+                        bw_out=stats.tx_bytes,
+                    )
+                    for tap, mac in zip(_taps(inst), inst.spec.macs(), strict=False)  # no taps while stopped
+                ]
             return usage
 
     # --- volumes ---------------------------------------------------------------------------
@@ -778,7 +911,9 @@ class FakeDriver(ComputeDriver):
             in_use = _device_names(inst)
             device = device or self._free_device(in_use, "vd" if volume.bus == "virtio" else "sd")
             if device in in_use:
-                raise InvalidInstanceSpec("spec.device.name", f"{device} is already in use on instance {uuid}")
+                raise InvalidInstanceSpec(
+                    "spec.device.name", f"{device} is already in use on instance {uuid}"
+                )
             if volume.from_image:
                 overlay = self._overlay(ImageRef(volume.name), "spec.image.name", now)
                 disk = inst.files.setdefault(f"disk.vol.{volume.name}", overlay)
@@ -842,8 +977,9 @@ class FakeDriver(ComputeDriver):
             dest._instance_dirs[uuid] = copies
         return sorted(copies)
 
-    def finish_migration(self, instance: InstanceSpec, disk_info: list[str], source_uri: str,
-                         power_on: bool = True) -> None:
+    def finish_migration(
+        self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
+    ) -> None:
         """The fake's source already pushed the files; they must be the ones ``disk_info`` names."""
         self._peer(source_uri)
         with self._lock:
@@ -855,11 +991,15 @@ class FakeDriver(ComputeDriver):
                 return
             folder = self._instance_dirs.get(instance.uuid)
             if folder is None:
-                raise DriverError(f"no disks of instance {instance.uuid} arrived on {self.hostname}; "
-                                  "run migrate_disk_and_power_off on the source first")
+                raise DriverError(
+                    f"no disks of instance {instance.uuid} arrived on {self.hostname}; "
+                    "run migrate_disk_and_power_off on the source first"
+                )
             if sorted(folder) != sorted(posixpath.basename(d) for d in disk_info):
-                raise DriverError(f"the disks that arrived ({sorted(folder)}) are not the ones the source "
-                                  f"named ({sorted(disk_info)})")
+                raise DriverError(
+                    f"the disks that arrived ({sorted(folder)}) are not the ones the source "
+                    f"named ({sorted(disk_info)})"
+                )
             self._validate(instance, folder)
             inst = self._create(instance, folder, now)
             del self._instance_dirs[instance.uuid]
@@ -889,9 +1029,15 @@ class FakeDriver(ComputeDriver):
             self.plug_vifs(instance.uuid, instance.interfaces)
         return f"{self.uri}/{instance.uuid}"
 
-    def live_migration(self, uuid: str, dest_uri: str, dest_definition: str,
-                       progress: ProgressCallback | None = None, block_migration: bool = True,
-                       max_bandwidth_mib: int | None = None) -> None:
+    def live_migration(
+        self,
+        uuid: str,
+        dest_uri: str,
+        dest_definition: str,
+        progress: ProgressCallback | None = None,
+        block_migration: bool = True,
+        max_bandwidth_mib: int | None = None,
+    ) -> None:
         """Completes synchronously, in a few steps; an abort requested before a step stops it there.
 
         The fake's hosts share no storage, so the instance folder and attached volumes always travel.
@@ -908,15 +1054,23 @@ class FakeDriver(ComputeDriver):
                 total += sum(disk.size for disk in inst.files.values())
         with dest._lock:
             if uuid not in dest._prepared:
-                raise DriverError(f"{dest.hostname} is not prepared for instance {uuid}; "
-                                  "run pre_live_migration there first")
+                raise DriverError(
+                    f"{dest.hostname} is not prepared for instance {uuid}; run pre_live_migration there first"
+                )
         for iteration in range(1, LIVE_MIGRATION_ITERATIONS + 1):
             with self._lock:
                 self._check_abort(uuid)
             done = total * iteration // LIVE_MIGRATION_ITERATIONS
             if progress is not None:
-                progress(MigrationProgress(data_total=total, data_processed=done, data_remaining=total - done,
-                                           iteration=iteration, expected_downtime_ms=EXPECTED_DOWNTIME_MS))
+                progress(
+                    MigrationProgress(
+                        data_total=total,
+                        data_processed=done,
+                        data_remaining=total - done,
+                        iteration=iteration,
+                        expected_downtime_ms=EXPECTED_DOWNTIME_MS,
+                    )
+                )
         with self._lock:
             self._check_abort(uuid)
             inst = self._get(uuid)
@@ -924,8 +1078,11 @@ class FakeDriver(ComputeDriver):
             inst.guest.stop(now)
             inst.guest.console.clear()  # the serial log is a file of the host the guest left
             self._release(inst, now)
-            volumes = {device: (name, attached.disk.copy()) for device, attached in inst.volumes.items()
-                       if (name := _store_volume_name(attached)) is not None}
+            volumes = {
+                device: (name, attached.disk.copy())
+                for device, attached in inst.volumes.items()
+                if (name := _store_volume_name(attached)) is not None
+            }
         try:
             dest._arrive(inst, volumes)
         except DriverError:
@@ -960,14 +1117,20 @@ class FakeDriver(ComputeDriver):
     def poll_rebooting_instances(self, timeout: float) -> list[str]:
         with self._lock:
             now = self._clock()
-            return [uuid for uuid, inst in self._instances.items()
-                    if inst.rebooting_since is not None and now - inst.rebooting_since > timeout]
+            return [
+                uuid
+                for uuid, inst in self._instances.items()
+                if inst.rebooting_since is not None and now - inst.rebooting_since > timeout
+            ]
 
     def poll_rescued_instances(self, timeout: float) -> list[str]:
         with self._lock:
             now = self._clock()
-            return [uuid for uuid, inst in self._instances.items()
-                    if inst.rescued_since is not None and now - inst.rescued_since > timeout]
+            return [
+                uuid
+                for uuid, inst in self._instances.items()
+                if inst.rescued_since is not None and now - inst.rescued_since > timeout
+            ]
 
     # --- internals (callers hold the lock) ------------------------------------------------------
 
@@ -1014,23 +1177,32 @@ class FakeDriver(ComputeDriver):
     def _check_abort(self, uuid: str) -> None:
         if uuid in self._aborts:
             self._aborts.discard(uuid)
-            raise DriverError(f"the live migration of instance {uuid} was aborted; it stays on {self.hostname}")
+            raise DriverError(
+                f"the live migration of instance {uuid} was aborted; it stays on {self.hostname}"
+            )
 
     def _check_name_free(self, spec: InstanceSpec) -> None:
         holder = self._names.get((spec.namespace, spec.name))
         if holder is not None and holder != spec.uuid:
-            raise InstanceExists(f"{spec.namespace}/{spec.name} is already instance {holder} on {self.hostname}")
+            raise InstanceExists(
+                f"{spec.namespace}/{spec.name} is already instance {holder} on {self.hostname}"
+            )
 
     def _checked_image(self, ref: ImageRef, field: str) -> _Image:
         """An image from the store, checked like the libvirt driver's image cache checks it."""
         _plain_name(field, ref.name)
         image = self._images.get(ref.name)
         if image is None:
-            raise ImageNotFound(field, f"image {ref.name!r} is not in the image store of {self.hostname}; "
-                                       "copy it there or fix the name")
+            raise ImageNotFound(
+                field,
+                f"image {ref.name!r} is not in the image store of {self.hostname}; "
+                "copy it there or fix the name",
+            )
         if ref.checksum and ref.checksum != f"sha256:{image.sha256}":
-            raise ImageChecksumMismatch(field.rsplit(".", 1)[0] + ".checksum",
-                                        f"image {ref.name!r} has sha256:{image.sha256}, the spec expects {ref.checksum}")
+            raise ImageChecksumMismatch(
+                field.rsplit(".", 1)[0] + ".checksum",
+                f"image {ref.name!r} has sha256:{image.sha256}, the spec expects {ref.checksum}",
+            )
         return image
 
     def _overlay(self, ref: ImageRef, field: str, now: float) -> _Disk:
@@ -1044,14 +1216,26 @@ class FakeDriver(ComputeDriver):
         self._check_name_free(spec)
         check_instance(spec, self.memory_mib)
         if spec.interfaces:
-            check_macs(spec, {mac.lower(): f"{i.spec.namespace}/{i.spec.name}" for i in self._instances.values()
-                              if i.spec.uuid != spec.uuid for mac in i.spec.macs()})
+            check_macs(
+                spec,
+                {
+                    mac.lower(): f"{i.spec.namespace}/{i.spec.name}"
+                    for i in self._instances.values()
+                    if i.spec.uuid != spec.uuid
+                    for mac in i.spec.macs()
+                },
+            )
         if spec.boot is not None:
-            for field, path in (("spec.boot.kernel.image", spec.boot.kernel),
-                                ("spec.boot.kernel.initrd", spec.boot.initrd)):
+            for field, path in (
+                ("spec.boot.kernel.image", spec.boot.kernel),
+                ("spec.boot.kernel.initrd", spec.boot.initrd),
+            ):
                 if path is not None and posixpath.basename(path) not in self._images:
-                    raise ImageNotFound(field, f"{posixpath.basename(path)!r} is not in the image store of "
-                                               f"{self.hostname}; copy it there or fix the name")
+                    raise ImageNotFound(
+                        field,
+                        f"{posixpath.basename(path)!r} is not in the image store of "
+                        f"{self.hostname}; copy it there or fix the name",
+                    )
         if spec.image is not None and ROOT not in folder:
             self._checked_image(spec.image, "spec.boot.image.name")
 
@@ -1077,8 +1261,14 @@ class FakeDriver(ComputeDriver):
             files[CONFIG_DRIVE] = _Disk(_iso_size(cloudinit.files(spec, spec.network_config)))
             local[CONFIG_DRIVE] = _Device(files[CONFIG_DRIVE], read_only=True)
         self._touch(_bases(files.values()), now)
-        return _Instance(spec=spec, state=PowerState.SHUTOFF, files=files, local=local,
-                         write_hook=_write_hook(spec.boot), network_config=spec.network_config)
+        return _Instance(
+            spec=spec,
+            state=PowerState.SHUTOFF,
+            files=files,
+            local=local,
+            write_hook=_write_hook(spec.boot),
+            network_config=spec.network_config,
+        )
 
     def _admit(self, inst: _Instance) -> None:
         """Make the instance one of this host's: its name, a VNC display and its volumes' locks."""
@@ -1119,7 +1309,9 @@ class FakeDriver(ComputeDriver):
             for name, _ in volumes.values():
                 holder = self._volume_holders.get(name)
                 if holder is not None:
-                    raise DriverError(f"volume {name!r} is attached to instance {holder[0]} on {self.hostname}")
+                    raise DriverError(
+                        f"volume {name!r} is attached to instance {holder[0]} on {self.hostname}"
+                    )
             for device, (name, disk) in volumes.items():
                 self._volumes[name] = inst.volumes[device].disk = disk
             self._instance_dirs.pop(uuid, None)
@@ -1133,13 +1325,16 @@ class FakeDriver(ComputeDriver):
         _plain_name("spec.volume.name", volume.name)
         holder = self._volume_holders.get(volume.name)
         if holder is not None:
-            raise DriverError(f"volume {volume.name!r} is attached to instance {holder[0]} at {holder[1]}; "
-                              "detach it there first")
+            raise DriverError(
+                f"volume {volume.name!r} is attached to instance {holder[0]} at {holder[1]}; "
+                "detach it there first"
+            )
         disk = self._volumes.get(volume.name)
         if disk is None:
             if not volume.size_gib:
-                raise InvalidInstanceSpec("spec.volume.sizeGiB", f"volume {volume.name!r} does not exist; "
-                                                                 "give a size to create it")
+                raise InvalidInstanceSpec(
+                    "spec.volume.sizeGiB", f"volume {volume.name!r} does not exist; give a size to create it"
+                )
             disk = self._volumes[volume.name] = _Disk(volume.size_gib * GIB, bytearray())
         return disk
 
@@ -1155,7 +1350,8 @@ class FakeDriver(ComputeDriver):
             self._bases[digest] = now
 
     def _apply_definition(self, inst: _Instance, now: float) -> None:
-        """The definition redefine left for the next boot becomes the instance's (its disks as _create makes them)."""
+        """The definition redefine left for the next boot becomes the instance's (its disks as _create makes
+        them)."""
         if inst.defined is None:
             return
         fresh = self._create(inst.defined, inst.files, now)
@@ -1171,11 +1367,15 @@ class FakeDriver(ComputeDriver):
             device.counters.rd_req += 1
             device.counters.rd_bytes += SECTOR
         lines = [f"{RESCUE_MARKER if inst.rescue else BOOT_MARKER} kernel=fake"]
-        lines += [f"{DISK_LINE} {name} sectors={device.disk.sectors} head={device.disk.head()}"
-                  for name, device in sorted(layout, key=lambda named: named[0])]
+        lines += [
+            f"{DISK_LINE} {name} sectors={device.disk.sectors} head={device.disk.head()}"
+            for name, device in sorted(layout, key=lambda named: named[0])
+        ]
         if CONFIG_DRIVE in inst.files:
-            lines += [f"{CD_FILE_LINE} {path} {base64.b64encode(data).decode()}"
-                      for path, data in sorted(cloudinit.files(inst.spec, inst.network_config).items())]
+            lines += [
+                f"{CD_FILE_LINE} {path} {base64.b64encode(data).decode()}"
+                for path, data in sorted(cloudinit.files(inst.spec, inst.network_config).items())
+            ]
         if inst.spec.interfaces:
             lines.append(f"{NET_LINE} eth0 up")
         inst.guest.mac = inst.spec.macs()[0] if inst.spec.interfaces else None
@@ -1200,8 +1400,12 @@ class FakeDriver(ComputeDriver):
         The rescue image boots with its own command line, so rescue never writes. A read-only
         device uses up the try without a line, as the real guest's failing dd does.
         """
-        if (inst.write_hook is None or inst.guest.wrote or inst.state is not PowerState.RUNNING
-                or inst.rescue is not None):
+        if (
+            inst.write_hook is None
+            or inst.guest.wrote
+            or inst.state is not PowerState.RUNNING
+            or inst.rescue is not None
+        ):
             return
         name, pattern = inst.write_hook
         device = dict(_layout(inst)).get(name)

@@ -1,4 +1,5 @@
 """A node's file store (images, volumes): the only place a spec may point at."""
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,9 @@ class ImageStore:
         """The real path of an existing file in the store."""
         path = self.path(field, name)
         if not path.is_file():
-            raise ImageNotFound(field, f"{name!r} was not found in the store {self.root} on this node; "
-                                       "copy it there or fix the name")
+            raise ImageNotFound(
+                field,
+                f"{name!r} was not found in the store {self.root} on this node; "
+                "copy it there or fix the name",
+            )
         return str(path.resolve())

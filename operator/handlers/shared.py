@@ -1,5 +1,6 @@
 """What the controller and the agent both use: names, labels, the condition helpers and the API's own rules
 (an instance's flavor, a Migration's end). Nothing here knows which side runs it."""
+
 from __future__ import annotations
 
 import datetime
@@ -61,11 +62,18 @@ def unless_changed(write: Callable[[], Any]) -> bool:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def set_condition(status_patch: MutableMapping[str, Any], status: Mapping[str, Any], type_: str,
-                  value: bool, reason: str, message: str, generation: int | None = None) -> None:
+def set_condition(
+    status_patch: MutableMapping[str, Any],
+    status: Mapping[str, Any],
+    type_: str,
+    value: bool,
+    reason: str,
+    message: str,
+    generation: int | None = None,
+) -> None:
     """Write one condition into the patch, keeping the others and the transition time if unchanged.
 
     Conditions are patched as a whole list (merge patch), so the list starts from what the
@@ -84,8 +92,15 @@ def set_condition(status_patch: MutableMapping[str, Any], status: Mapping[str, A
                 cond["lastTransitionTime"] = now()
         conditions.append(dict(cond))
     if not found:
-        conditions.append({"type": type_, "status": wanted, "reason": reason, "message": message,
-                           "lastTransitionTime": now()})
+        conditions.append(
+            {
+                "type": type_,
+                "status": wanted,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now(),
+            }
+        )
     if generation is not None:
         for cond in conditions:
             if cond["type"] == type_:
@@ -94,7 +109,8 @@ def set_condition(status_patch: MutableMapping[str, Any], status: Mapping[str, A
 
 
 def drop_condition(status_patch: MutableMapping[str, Any], status: Mapping[str, Any], type_: str) -> None:
-    """Remove a condition that no longer applies (RestartRequired once the change is applied), keeping the others."""
+    """Remove a condition that no longer applies (RestartRequired once the change is applied), keeping the
+    others."""
     current = status_patch.get("conditions", status.get("conditions") or [])
     status_patch["conditions"] = [dict(c) for c in current if c.get("type") != type_]
 
@@ -106,37 +122,70 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
     return None
 
 
-def remove_finalizer(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], plural: str,
-                     finalizer: str = AGENT_FINALIZER) -> None:
+def remove_finalizer(
+    custom: kubernetes.client.CustomObjectsApi,
+    body: Mapping[str, Any],
+    plural: str,
+    finalizer: str = AGENT_FINALIZER,
+) -> None:
     """Drop one finalizer, guarded by the list it was read with (a JSON patch test)."""
     meta = body["metadata"]
     finalizers = list(meta.get("finalizers") or [])
     if finalizer not in finalizers:
         return
     remaining = [f for f in finalizers if f != finalizer]
-    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-             {"op": "replace", "path": "/metadata/finalizers", "value": remaining}]
+    patch = [
+        {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+        {"op": "replace", "path": "/metadata/finalizers", "value": remaining},
+    ]
     try:
-        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], plural, meta["name"], patch,
-                                              _content_type="application/json-patch+json")
+        custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            patch,
+            _content_type="application/json-patch+json",
+        )
     except kubernetes.client.ApiException as exc:
         if exc.status not in (404, 422):  # gone already, or changed: the next event decides again
             raise
 
 
-def post_event(core: kubernetes.client.CoreV1Api, body: Mapping[str, Any], reason: str, message: str,
-               component: str, type_: str = "Warning") -> None:
+def post_event(
+    core: kubernetes.client.CoreV1Api,
+    body: Mapping[str, Any],
+    reason: str,
+    message: str,
+    component: str,
+    type_: str = "Warning",
+) -> None:
     """An Event about ``body``; works from any thread (kopf's poster needs its own task context)."""
     meta = body["metadata"]
-    stamp = datetime.datetime.now(datetime.timezone.utc)
+    stamp = datetime.datetime.now(datetime.UTC)
     namespace = meta.get("namespace") or "default"  # where Events about cluster-scoped objects go
-    core.create_namespaced_event(namespace, kubernetes.client.CoreV1Event(
-        metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta['name']}."),
-        involved_object=kubernetes.client.V1ObjectReference(
-            api_version=body.get("apiVersion"), kind=body.get("kind"), name=meta["name"],
-            namespace=meta.get("namespace"), uid=meta["uid"], resource_version=meta.get("resourceVersion")),
-        reason=reason, message=message[:1024], type=type_, count=1, first_timestamp=stamp,
-        last_timestamp=stamp, source=kubernetes.client.V1EventSource(component=component)))
+    core.create_namespaced_event(
+        namespace,
+        kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta['name']}."),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=body.get("apiVersion"),
+                kind=body.get("kind"),
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                uid=meta["uid"],
+                resource_version=meta.get("resourceVersion"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            count=1,
+            first_timestamp=stamp,
+            last_timestamp=stamp,
+            source=kubernetes.client.V1EventSource(component=component),
+        ),
+    )
 
 
 def flavor_of(instance: Mapping[str, Any]) -> dict[str, int]:

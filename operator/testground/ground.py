@@ -1,4 +1,5 @@
 """`kubenova dev`: bring the whole test ground up or down, idempotently."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,8 @@ def node_address(node: str) -> str:
 
 def node_name(index: int) -> str:
     return f"node-{index}"
+
+
 SAMPLE = kube.REPO / "deploy" / "samples" / "virtualinstance.yaml"
 
 
@@ -72,8 +75,12 @@ class Ground:
 
     def env(self) -> dict[str, str]:
         self.fault_dir.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, "KUBECONFIG": str(self.layout.kubeconfig),
-                "PATH": f"{self.tools}:{os.environ.get('PATH', '')}", "KUBENOVA_FAULT_DIR": str(self.fault_dir)}
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.layout.kubeconfig),
+            "PATH": f"{self.tools}:{os.environ.get('PATH', '')}",
+            "KUBENOVA_FAULT_DIR": str(self.fault_dir),
+        }
 
 
 def source_fingerprint() -> str:
@@ -86,28 +93,66 @@ def source_fingerprint() -> str:
 
 def install_crds(ground: Ground) -> None:
     fix = "check the CRD files in crds/"
-    procs.run([ground.kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(kube.REPO / "crds")],
-              "installing the CRDs", fix, env=ground.env())
-    procs.run([ground.kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "",
-               "--all"], "waiting for the CRDs", fix, env=ground.env())
+    procs.run(
+        [ground.kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(kube.REPO / "crds")],
+        "installing the CRDs",
+        fix,
+        env=ground.env(),
+    )
+    procs.run(
+        [ground.kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "", "--all"],
+        "waiting for the CRDs",
+        fix,
+        env=ground.env(),
+    )
     # The controller's leader Lease and the agents' heartbeat Leases live here (deploy/ makes it too).
-    namespace = procs.run([ground.kubectl, "create", "namespace", LEASE_NAMESPACE, "--dry-run=client", "-o", "yaml"],
-                          "rendering the kubenova namespace", "", env=ground.env()).stdout
-    procs.run([ground.kubectl, "apply", "-f", "-"], "creating the kubenova namespace", "", env=ground.env(),
-              input=namespace)
+    namespace = procs.run(
+        [ground.kubectl, "create", "namespace", LEASE_NAMESPACE, "--dry-run=client", "-o", "yaml"],
+        "rendering the kubenova namespace",
+        "",
+        env=ground.env(),
+    ).stdout
+    procs.run(
+        [ground.kubectl, "apply", "-f", "-"],
+        "creating the kubenova namespace",
+        "",
+        env=ground.env(),
+        input=namespace,
+    )
 
 
 def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
     """The agent command of a node and the marker that finds its process again."""
     address = node_address(node)
     index = int(node.rsplit("-", 1)[1])
-    return ([sys.executable, "-m", "kubenova.cli", "agent", "--node", node,
-             "--libvirt-uri", libvirt_host.uri(ground.layout, node), "--domain-type", "qemu",
-             "--image-store", str(ground.image_store), "--instances-dir", str(ground.node_dir(node) / "instances"),
-             "--volume-store", str(ground.volume_store(node)), "--host-ip", address,
-             "--migration-uri", libvirt_host.peer_uri(address),
-             "--metrics-address", f"127.0.0.1:{METRICS_PORT + index}", *AGENT_TEST_SETTINGS],
-            f"--node {node} --libvirt-uri")
+    return (
+        [
+            sys.executable,
+            "-m",
+            "kubenova.cli",
+            "agent",
+            "--node",
+            node,
+            "--libvirt-uri",
+            libvirt_host.uri(ground.layout, node),
+            "--domain-type",
+            "qemu",
+            "--image-store",
+            str(ground.image_store),
+            "--instances-dir",
+            str(ground.node_dir(node) / "instances"),
+            "--volume-store",
+            str(ground.volume_store(node)),
+            "--host-ip",
+            address,
+            "--migration-uri",
+            libvirt_host.peer_uri(address),
+            "--metrics-address",
+            f"127.0.0.1:{METRICS_PORT + index}",
+            *AGENT_TEST_SETTINGS,
+        ],
+        f"--node {node} --libvirt-uri",
+    )
 
 
 def _ensure_running(ground: Ground, processes: dict[str, tuple[list[str], str]]) -> None:
@@ -129,23 +174,33 @@ def _ensure_running(ground: Ground, processes: dict[str, tuple[list[str], str]])
 
 def _wait_registered(ground: Ground, node: str) -> None:
     def registered() -> bool:
-        proc = procs.run([ground.kubectl, "get", "computenode", node, "-o", "name", "--ignore-not-found"],
-                         "asking for the ComputeNode", "", env=ground.env())
+        proc = procs.run(
+            [ground.kubectl, "get", "computenode", node, "-o", "name", "--ignore-not-found"],
+            "asking for the ComputeNode",
+            "",
+            env=ground.env(),
+        )
         return bool(proc.stdout.strip())
+
     procs.wait_for(registered, 60, f"the agent of {node}", ground.layout.logfile(f"agent-{node}"))
 
 
 def start_kubenova(ground: Ground) -> None:
     """Run the controller and the node's agent as local processes, restarting them if the code changed."""
     python = [sys.executable, "-m", "kubenova.cli"]
-    _ensure_running(ground, {"controller": ([*python, "controller", *CONTROLLER_TEST_SETTINGS],
-                                            "kubenova.cli controller"),
-                             f"agent-{ground.node}": agent_process(ground, ground.node)})
+    _ensure_running(
+        ground,
+        {
+            "controller": ([*python, "controller", *CONTROLLER_TEST_SETTINGS], "kubenova.cli controller"),
+            f"agent-{ground.node}": agent_process(ground, ground.node),
+        },
+    )
     _wait_registered(ground, ground.node)
 
 
 def add_node(ground: Ground, node: str) -> str:
-    """Another compute node: its own libvirtd in a network namespace and its own agent; returns its address."""
+    """Another compute node: its own libvirtd in a network namespace and its own agent; returns its
+    address."""
     libvirt_host.start(ground.layout, node, node_address(node))
     _ensure_running(ground, {f"agent-{node}": agent_process(ground, node)})
     _wait_registered(ground, node)
@@ -153,14 +208,20 @@ def add_node(ground: Ground, node: str) -> str:
 
 
 def remove_node(ground: Ground, node: str) -> None:
-    """Stop a node added by add_node and forget its ComputeNode and Lease, as an admin removing a host would."""
+    """Stop a node added by add_node and forget its ComputeNode and Lease, as an admin removing a host
+    would."""
     procs.stop(ground.layout, f"agent-{node}")
     libvirt_host.stop(ground.layout, node)
     for kind, namespace in (("computenode", None), ("lease", LEASE_NAMESPACE)):
         name = node if kind == "computenode" else f"agent-{node}"
         argv = [ground.kubectl, "delete", kind, name, "--ignore-not-found", "--wait=false"]
-        procs.run([*argv, "-n", namespace] if namespace else argv, f"deleting the {kind} of {node}", "",
-                  env=ground.env())
+        procs.run(
+            [*argv, "-n", namespace] if namespace else argv,
+            f"deleting the {kind} of {node}",
+            "",
+            env=ground.env(),
+        )
+
 
 def _check_mode(layout: Layout, cluster: bool) -> None:
     """One machine runs one test ground: processes or cluster mode, not both on the same ports."""
@@ -168,12 +229,15 @@ def _check_mode(layout: Layout, cluster: bool) -> None:
     wanted = "cluster" if cluster else "processes"
     running = marker.read_text() if marker.exists() else "processes"  # grounds from before the marker
     if procs.running_pid(layout, "kube-apiserver") and running != wanted:
-        raise TestGroundError(f"the test ground already runs in {running} mode; run `kubenova dev down` first")
+        raise TestGroundError(
+            f"the test ground already runs in {running} mode; run `kubenova dev down` first"
+        )
     marker.write_text(wanted)
 
 
-def up(start_kubenova_processes: bool = True, layout: Layout | None = None, nodes: int = 1,
-       cluster: bool = False) -> Ground:
+def up(
+    start_kubenova_processes: bool = True, layout: Layout | None = None, nodes: int = 1, cluster: bool = False
+) -> Ground:
     """Bring the test ground up; with ``cluster``, kubenova runs as pods of a real node (see cluster.py)."""
     layout = layout or Layout.default()
     layout.state.mkdir(parents=True, exist_ok=True)
@@ -211,14 +275,19 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
     cluster_mode.ensure_kubenova_image(ground.layout, image_ref())
     if install:
-        cluster_mode.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
+        cluster_mode.helm_install(
+            ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store
+        )
         _wait_registered(ground, ground.node)
 
 
 def image_ref() -> str:
     """kubenova's image as hack/build-image.sh tags it and the chart names it by default."""
-    version = next(line.split('"')[1] for line in (kube.REPO / "pyproject.toml").read_text().splitlines()
-                   if line.startswith("version = "))
+    version = next(
+        line.split('"')[1]
+        for line in (kube.REPO / "pyproject.toml").read_text().splitlines()
+        if line.startswith("version = ")
+    )
     return f"localhost/kubenova:{version}"
 
 
@@ -266,22 +335,43 @@ def exports(layout: Layout, tools: pathlib.Path) -> str:
 def demo(ground: Ground) -> None:
     """Apply the sample VM and show it Running with its guest's boot marker, timed."""
     env = ground.env()
-    procs.run([ground.kubectl, "delete", "-f", str(SAMPLE), "--ignore-not-found", "--wait=true"],
-              "removing an earlier demo VM", "see the agent log", env=env)
+    procs.run(
+        [ground.kubectl, "delete", "-f", str(SAMPLE), "--ignore-not-found", "--wait=true"],
+        "removing an earlier demo VM",
+        "see the agent log",
+        env=env,
+    )
     start = time.monotonic()
-    procs.run([ground.kubectl, "apply", "-f", str(SAMPLE)], "applying the sample", "check deploy/samples", env=env)
-    procs.run([ground.kubectl, "wait", "--for=condition=Ready", "--timeout=120s", "-f", str(SAMPLE)],
-              "waiting for the sample VM", f"see {ground.layout.logfile('agent-' + ground.node)}", env=env)
+    procs.run(
+        [ground.kubectl, "apply", "-f", str(SAMPLE)], "applying the sample", "check deploy/samples", env=env
+    )
+    procs.run(
+        [ground.kubectl, "wait", "--for=condition=Ready", "--timeout=120s", "-f", str(SAMPLE)],
+        "waiting for the sample VM",
+        f"see {ground.layout.logfile('agent-' + ground.node)}",
+        env=env,
+    )
     running = time.monotonic() - start
-    uid = procs.run([ground.kubectl, "get", "-f", str(SAMPLE), "-o", "jsonpath={.metadata.uid}"],
-                    "reading the sample's UID", "", env=env).stdout.strip()
+    uid = procs.run(
+        [ground.kubectl, "get", "-f", str(SAMPLE), "-o", "jsonpath={.metadata.uid}"],
+        "reading the sample's UID",
+        "",
+        env=env,
+    ).stdout.strip()
     console = ground.console_log(uid)
-    procs.wait_for(lambda: console.exists() and guest.BOOT_MARKER in console.read_text(errors="replace"), 120,
-                   "the guest's boot marker", console)
+    procs.wait_for(
+        lambda: console.exists() and guest.BOOT_MARKER in console.read_text(errors="replace"),
+        120,
+        "the guest's boot marker",
+        console,
+    )
     booted = time.monotonic() - start
-    table = procs.run([ground.kubectl, "get", "virtualinstances", "-A", "-o", "wide"], "listing instances", "",
-                      env=env).stdout
-    marker = next(line for line in console.read_text(errors="replace").splitlines() if guest.BOOT_MARKER in line)
+    table = procs.run(
+        [ground.kubectl, "get", "virtualinstances", "-A", "-o", "wide"], "listing instances", "", env=env
+    ).stdout
+    marker = next(
+        line for line in console.read_text(errors="replace").splitlines() if guest.BOOT_MARKER in line
+    )
     print(table.rstrip())
     print(f"\nconsole ({console}):\n  {marker}")
     print(f"\napply -> Ready (Running): {running:.2f}s; apply -> boot marker: {booted:.2f}s")
@@ -292,7 +382,9 @@ def main(action: str, start_kubenova: bool = True, nodes: int = 1, cluster: bool
         ground = up(start_kubenova, nodes=nodes, cluster=cluster)
         for name, state in status(ground.layout).items():
             print(f"{name:24} {state}")
-        print(f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground.layout, ground.tools)}")
+        print(
+            f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground.layout, ground.tools)}"
+        )
     elif action == "down":
         stopped = down()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))

@@ -5,6 +5,7 @@ network, hot-plugged volumes, pause), so conformance tests can check real effect
 real guest. The same kernel and initramfs also come as BIOS-bootable disk images (a normal
 one and a rescue one) for image-backed boots and rescue.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -78,7 +79,8 @@ if [ "$role" = rescue ]; then
 else
   echo "{BOOT_MARKER} kernel=$(uname -r)"
 fi
-echo "{SIZE} cpus=$(grep -c ^processor /proc/cpuinfo) memtotal-kib=$(awk '/^MemTotal/ {{print $2}}' /proc/meminfo)"
+memtotal=$(awk '/^MemTotal/ {{print $2}}' /proc/meminfo)
+echo "{SIZE} cpus=$(grep -c ^processor /proc/cpuinfo) memtotal-kib=$memtotal"
 
 for dev in $(ls /sys/block | grep -E '^(vd|sd)' | sort); do
   head=$(od -A n -t x1 -N 16 -v "/dev/$dev" | tr -d ' \\n')
@@ -137,7 +139,9 @@ def write_hook(dev: str, pattern: str) -> str:
     The guest ignores malformed hooks, so a typo here would show only as a missing line: refuse it early.
     """
     if not _DEV.fullmatch(dev) or not _PATTERN.fullmatch(pattern):
-        raise ValueError(f"kubenova.write needs dev [a-z0-9]+ and pattern [A-Za-z0-9-]+, not {dev!r}:{pattern!r}")
+        raise ValueError(
+            f"kubenova.write needs dev [a-z0-9]+ and pattern [A-Za-z0-9-]+, not {dev!r}:{pattern!r}"
+        )
     return f"kubenova.write={dev}:{pattern}"
 
 
@@ -151,12 +155,16 @@ def _kernel_package(cache: pathlib.Path) -> tuple[str, str]:
     stamp = cache / f"kernel-package-{_digest(*(f'{p.name} {p.stat().st_mtime_ns}' for p in lists))}"
 
     def resolve(dest: pathlib.Path) -> None:
-        out = procs.run(["apt-cache", "show", "--no-all-versions", "linux-image-cloud-amd64"],
-                        "finding Debian's cloud kernel", "run 'apt-get update' first").stdout
+        out = procs.run(
+            ["apt-cache", "show", "--no-all-versions", "linux-image-cloud-amd64"],
+            "finding Debian's cloud kernel",
+            "run 'apt-get update' first",
+        ).stdout
         found = re.search(r"^Depends:.*?\b(linux-image-\S+-cloud-amd64) \(= (\S+)\)", out, re.MULTILINE)
         if not found:
-            raise TestGroundError("linux-image-cloud-amd64 names no linux-image-*-cloud-amd64 package; "
-                                  "run 'apt-get update'")
+            raise TestGroundError(
+                "linux-image-cloud-amd64 names no linux-image-*-cloud-amd64 package; run 'apt-get update'"
+            )
         dest.write_text(f"{found[1]} {found[2]}\n")
 
     name, version = _cached(stamp, resolve).read_text().split()
@@ -164,7 +172,8 @@ def _kernel_package(cache: pathlib.Path) -> tuple[str, str]:
 
 
 def _load_order(moddir: pathlib.Path) -> list[tuple[str, str]]:
-    """(name, path in moddir) of MODULES and their dependencies, each after what it needs; built-ins left out."""
+    """(name, path in moddir) of MODULES and their dependencies, each after what it needs; built-ins left
+    out."""
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
         path, _, needs = line.partition(":")
@@ -176,7 +185,9 @@ def _load_order(moddir: pathlib.Path) -> list[tuple[str, str]]:
         if name in builtin or any(name == done for done, _ in order):
             return
         if name not in deps:
-            raise TestGroundError(f"kernel module {name} is neither built in nor in {moddir.name}'s modules.dep")
+            raise TestGroundError(
+                f"kernel module {name} is neither built in nor in {moddir.name}'s modules.dep"
+            )
         path, needs = deps[name]
         if not path.endswith(".ko"):
             raise TestGroundError(f"{path} is compressed; busybox insmod needs plain .ko files")
@@ -196,8 +207,12 @@ def _module_name(path: str) -> str:
 def _build_kernel(dest: pathlib.Path, package: str, version: str) -> None:
     """Fill `dest` with the kernel image and the modules the guest loads, all from one package."""
     with tempfile.TemporaryDirectory() as tmp:
-        procs.run(["apt-get", "download", f"{package}={version}"], f"downloading {package} {version}",
-                  "check that Debian's package mirror is reachable", cwd=tmp)
+        procs.run(
+            ["apt-get", "download", f"{package}={version}"],
+            f"downloading {package} {version}",
+            "check that Debian's package mirror is reachable",
+            cwd=tmp,
+        )
         deb = next(pathlib.Path(tmp).glob("*.deb"))
         root = pathlib.Path(tmp, "root")
         procs.run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}", "check free disk space")
@@ -206,8 +221,11 @@ def _build_kernel(dest: pathlib.Path, package: str, version: str) -> None:
         shutil.copyfile(next((root / "boot").glob("vmlinuz-*")), dest / "vmlinuz")
         moddir = next((root / "lib" / "modules").iterdir())
         # The package ships no modules.dep (its postinst runs depmod); make it here.
-        procs.run(["depmod", "-b", str(root), moddir.name], f"indexing the modules of {package}",
-                  "apt-get install kmod")
+        procs.run(
+            ["depmod", "-b", str(root), moddir.name],
+            f"indexing the modules of {package}",
+            "apt-get install kmod",
+        )
         order = _load_order(moddir)
         for name, path in order:
             shutil.copyfile(moddir / path, modules / f"{name}.ko")
@@ -226,15 +244,22 @@ def _build_initrd(dest: pathlib.Path, modules: pathlib.Path) -> None:
         (root / "init").write_text(INIT)
         (root / "init").chmod(0o755)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-        archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tmp, check=True,
-                                 capture_output=True, input=("\n".join(files) + "\n").encode()).stdout
+        archive = subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            input=("\n".join(files) + "\n").encode(),
+        ).stdout
     dest.write_bytes(gzip.compress(archive, mtime=0))
 
 
 def _syslinux_cfg(cmdline: str) -> str:
     """Boot straight into the kernel; SERIAL makes syslinux itself visible in the console log."""
-    return ("SERIAL 0 115200\nDEFAULT kubenova\nPROMPT 0\nTIMEOUT 0\n"
-            f"LABEL kubenova\n  LINUX /vmlinuz\n  INITRD /initrd.img\n  APPEND {cmdline}\n")
+    return (
+        "SERIAL 0 115200\nDEFAULT kubenova\nPROMPT 0\nTIMEOUT 0\n"
+        f"LABEL kubenova\n  LINUX /vmlinuz\n  INITRD /initrd.img\n  APPEND {cmdline}\n"
+    )
 
 
 def _build_disk(dest: pathlib.Path, kernel: pathlib.Path, initrd: pathlib.Path, cmdline: str) -> None:
@@ -247,9 +272,13 @@ def _build_disk(dest: pathlib.Path, kernel: pathlib.Path, initrd: pathlib.Path, 
         cfg.write_text(_syslinux_cfg(cmdline))
         procs.run(["mkfs.vfat", "-n", "KUBENOVA", str(raw)], "making the guest disk's FAT filesystem", fix)
         for src, name in ((kernel, "vmlinuz"), (initrd, "initrd.img"), (cfg, "syslinux.cfg")):
-            procs.run(["mcopy", "-i", str(raw), str(src), f"::{name}"], f"copying {name} onto the guest disk", fix)
+            procs.run(
+                ["mcopy", "-i", str(raw), str(src), f"::{name}"], f"copying {name} onto the guest disk", fix
+            )
         procs.run(["syslinux", "--install", str(raw)], "installing syslinux on the guest disk", fix)
-        procs.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(dest)], "converting the guest disk", fix)
+        procs.run(
+            ["qemu-img", "convert", "-O", "qcow2", str(raw), str(dest)], "converting the guest disk", fix
+        )
 
 
 def _cached(path: pathlib.Path, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
@@ -286,16 +315,19 @@ def ensure_images(layout: Layout, image_store: pathlib.Path) -> None:
     cache = layout.cache / "guest"
     cache.mkdir(parents=True, exist_ok=True)
     package, version = _kernel_package(cache)
-    kernel_dir = _cached(cache / f"kernel-{_digest(package, version, *MODULES)}",
-                         lambda d: _build_kernel(d, package, version))
+    kernel_dir = _cached(
+        cache / f"kernel-{_digest(package, version, *MODULES)}", lambda d: _build_kernel(d, package, version)
+    )
     kernel, modules = kernel_dir / "vmlinuz", kernel_dir / "modules"
     initrd_key = _digest(kernel_dir.name, INIT, BUSYBOX.read_bytes())
     initrd = _cached(cache / f"initrd-{initrd_key}.img", lambda d: _build_initrd(d, modules))
     images = {KERNEL: kernel, INITRD: initrd}
     for name, cmdline in ((DISK_IMAGE, CMDLINE), (RESCUE_IMAGE, RESCUE_CMDLINE)):
         key = _digest(initrd_key, _syslinux_cfg(cmdline), str(DISK_IMAGE_MIB))
-        images[name] = _cached(cache / f"{name.removesuffix('.qcow2')}-{key}.qcow2",
-                               lambda d, c=cmdline: _build_disk(d, kernel, initrd, c))
+        images[name] = _cached(
+            cache / f"{name.removesuffix('.qcow2')}-{key}.qcow2",
+            lambda d, c=cmdline: _build_disk(d, kernel, initrd, c),
+        )
     image_store.mkdir(parents=True, exist_ok=True)
     for name, src in images.items():
         dst = image_store / name

@@ -1,4 +1,5 @@
 """libvirtd "hosts" for the test ground, each isolated in its own mount namespace."""
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,14 @@ from kubenova.testground import procs
 from kubenova.testground.procs import Layout, TestGroundError
 
 SCRIPT = pathlib.Path(__file__).with_name("libvirt-host.sh")
-REQUIRED = {"libvirtd": "libvirt-daemon-system", "virtlogd": "libvirt-daemon-system",
-            "qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils", "unshare": "util-linux",
-            "virsh": "libvirt-clients"}
+REQUIRED = {
+    "libvirtd": "libvirt-daemon-system",
+    "virtlogd": "libvirt-daemon-system",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "unshare": "util-linux",
+    "virsh": "libvirt-clients",
+}
 
 QEMU_CONF = """\
 # Test ground only: run QEMU as root without confinement, as this sandbox needs.
@@ -112,11 +118,13 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
     if missing:
         pkgs = " ".join(sorted({REQUIRED[c] for c in missing}))
-        raise TestGroundError(f"{', '.join(missing)} not found; run hack/install-deps.sh "
-                              f"(or: apt-get install {pkgs})")
+        raise TestGroundError(
+            f"{', '.join(missing)} not found; run hack/install-deps.sh (or: apt-get install {pkgs})"
+        )
     if os.geteuid() != 0:
-        raise TestGroundError("the test ground's libvirtd needs root (mount namespaces, QEMU as root); "
-                              "run as root")
+        raise TestGroundError(
+            "the test ground's libvirtd needs root (mount namespaces, QEMU as root); run as root"
+        )
     host = host_dir(layout, node)
     if _pid(host / "libvirtd.pid") and _responds(layout, node):
         _ensure_network(layout, node)
@@ -127,15 +135,18 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
     uuid_file = host / "host-uuid"
     if not uuid_file.exists():  # libvirt refuses to migrate between hosts with one UUID
         uuid_file.write_text(str(uuid.uuid4()))
-    conf = (f'host_uuid = "{uuid_file.read_text().strip()}"\n'
-            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
-            'unix_sock_rw_perms = "0770"\n')
+    conf = (
+        f'host_uuid = "{uuid_file.read_text().strip()}"\n'
+        'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+        'unix_sock_rw_perms = "0770"\n'
+    )
     argv = ["unshare", "--mount", "--propagation", "private", "bash", str(SCRIPT), str(host)]
     if address:
         # Test only: no TLS, no auth, on a test-only address (a veth of its own, or the bridge's).
         conf += f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\nlisten_addr = "{address}"\n'
         (host / "etc" / "qemu.conf").write_text(
-            QEMU_CONF + f'migration_address = "{address}"\nmigration_host = "{address}"\n')
+            QEMU_CONF + f'migration_address = "{address}"\nmigration_host = "{address}"\n'
+        )
         if address == BRIDGE_ADDRESS:
             ensure_bridge()
             argv.append("-")
@@ -162,20 +173,34 @@ def kill_daemon(layout: Layout, node: str) -> int:
 
 
 def revive_daemon(layout: Layout, node: str) -> None:
-    """Start libvirtd again inside the namespaces of the host's surviving virtlogd (like systemd restarting it)."""
+    """Start libvirtd again inside the namespaces of the host's surviving virtlogd (like systemd restarting
+    it)."""
     host = host_dir(layout, node)
     keeper = _pid(host / "virtlogd.pid")
     if keeper is None:
         raise TestGroundError(f"virtlogd of {node} is gone too; stop() and start() the host instead")
     listen = ["--listen"] if "listen_tcp = 1" in (host / "etc" / "libvirtd.conf").read_text() else []
-    procs.run(["nsenter", f"--target={keeper}", "--mount", "--net", "--uts", "libvirtd", "--daemon", *listen,
-               f"--pid-file={host / 'libvirtd.pid'}"], f"restarting libvirtd for {node}",
-              f"see {host / 'log' / 'libvirtd.log'}")
+    procs.run(
+        [
+            "nsenter",
+            f"--target={keeper}",
+            "--mount",
+            "--net",
+            "--uts",
+            "libvirtd",
+            "--daemon",
+            *listen,
+            f"--pid-file={host / 'libvirtd.pid'}",
+        ],
+        f"restarting libvirtd for {node}",
+        f"see {host / 'log' / 'libvirtd.log'}",
+    )
     procs.wait_for(lambda: _responds(layout, node), 30, f"libvirtd of {node}", host / "log" / "libvirtd.log")
 
 
 def _forget_bridge(node: str) -> None:
-    """Remove the test network's bridge and libvirt's iptables rules for it: both outlive a killed libvirtd."""
+    """Remove the test network's bridge and libvirt's iptables rules for it: both outlive a killed
+    libvirtd."""
     rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
     for line in rules.splitlines():
         if line.startswith("-A ") and f" {bridge(node)} " in f"{line} ":
@@ -184,14 +209,22 @@ def _forget_bridge(node: str) -> None:
 
 
 def _ensure_network(layout: Layout, node: str) -> None:
-    if subprocess.run(["virsh", "-c", uri(layout, node), "net-info", NETWORK], capture_output=True).returncode == 0:
+    if (
+        subprocess.run(
+            ["virsh", "-c", uri(layout, node), "net-info", NETWORK], capture_output=True
+        ).returncode
+        == 0
+    ):
         return
     _forget_bridge(node)  # left by an earlier crash
     host = host_dir(layout, node)
     network = host / "network.xml"
     network.write_text(f"<network><name>{NETWORK}</name><bridge name='{bridge(node)}' stp='off'/></network>")
-    procs.run(["virsh", "-c", uri(layout, node), "net-create", str(network)], f"creating the {NETWORK} network",
-              f"see {host / 'log' / 'libvirtd.log'}")
+    procs.run(
+        ["virsh", "-c", uri(layout, node), "net-create", str(network)],
+        f"creating the {NETWORK} network",
+        f"see {host / 'log' / 'libvirtd.log'}",
+    )
 
 
 def stop(layout: Layout, node: str) -> bool:
@@ -225,4 +258,3 @@ def stop(layout: Layout, node: str) -> bool:
     for stale in ("libvirtd.pid", "virtlogd.pid"):
         (host / stale).unlink(missing_ok=True)
     return bool(victims)
-

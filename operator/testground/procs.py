@@ -1,4 +1,5 @@
 """Background processes of the test ground, tracked by pid files so `down` stops only ours."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ class Layout:
     cache: pathlib.Path
 
     @classmethod
-    def default(cls) -> "Layout":
+    def default(cls) -> Layout:
         home = pathlib.Path.home()
         state = os.environ.get("KUBENOVA_DEV_DIR", str(home / ".kubenova" / "dev"))
         cache = os.environ.get("KUBENOVA_CACHE", str(home / ".cache" / "kubenova"))
@@ -94,19 +95,27 @@ def check_port_free(port: int, what: str, env_var: str, grace: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise TestGroundError(
                 f"port 127.0.0.1:{port} for {what} is already in use by another process; "
-                f"stop it or choose another port with {env_var}=<port>")
+                f"stop it or choose another port with {env_var}=<port>"
+            )
         time.sleep(0.1)
 
 
-def start(layout: Layout, name: str, argv: Sequence[str], marker: str,
-          env: Mapping[str, str] | None = None) -> int:
+def start(
+    layout: Layout, name: str, argv: Sequence[str], marker: str, env: Mapping[str, str] | None = None
+) -> int:
     """Start `argv` detached, logging to logs/<name>.log; `marker` identifies it in /proc later."""
     log = layout.logfile(name)
     log.parent.mkdir(parents=True, exist_ok=True)
     layout.pidfile(name).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=dict(env) if env is not None else None)
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=dict(env) if env is not None else None,
+        )
     layout.pidfile(name).write_text(f"{proc.pid}\n{marker}\n")
     return proc.pid
 

@@ -4,6 +4,7 @@ The life of an install, end to end: helm install, a guest boots, the agent's pod
 replacement adopts the running guest, a helm upgrade rolls the pods under the running guest, the
 guest is deleted, helm uninstall leaves no pods.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -26,24 +27,39 @@ pytestmark = pytest.mark.cluster
 
 
 def pods(core: kubernetes.client.CoreV1Api, component: str) -> list[Any]:
-    return [p for p in core.list_namespaced_pod(LEASE_NAMESPACE, label_selector=(
-        f"app.kubernetes.io/name=kubenova,app.kubernetes.io/component={component}")).items
-        if not p.metadata.deletion_timestamp]
+    return [
+        p
+        for p in core.list_namespaced_pod(
+            LEASE_NAMESPACE,
+            label_selector=(f"app.kubernetes.io/name=kubenova,app.kubernetes.io/component={component}"),
+        ).items
+        if not p.metadata.deletion_timestamp
+    ]
 
 
 def ready_pod(core: kubernetes.client.CoreV1Api, component: str, other_than: str = "") -> Any:
     """The one Ready pod of a component, once it is not ``other_than`` (a pod that was replaced)."""
+
     def probe() -> Any:
         found = pods(core, component)
-        ready = [p for p in found if p.metadata.uid != other_than and any(
-            c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        ready = [
+            p
+            for p in found
+            if p.metadata.uid != other_than
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
         return ready[0] if len(found) == 1 and ready else None
+
     return eventually(probe, timeout=240, interval=1, what=f"one Ready {component} pod")
 
 
 def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
-        ground: testground.Ground, core: kubernetes.client.CoreV1Api,
-        custom: kubernetes.client.CustomObjectsApi, hypervisor: libvirt.virConnect, namespace: str) -> None:
+    ground: testground.Ground,
+    core: kubernetes.client.CoreV1Api,
+    custom: kubernetes.client.CustomObjectsApi,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
     helm = kube.build_helm()
     started = time.monotonic()
     cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store)
@@ -55,14 +71,17 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     assert controller.spec.service_account_name == "kubenova-controller", "its own ServiceAccount token"
 
     def registered() -> Any:
-        found = custom.list_cluster_custom_object(GROUP, VERSION, "computenodes",
-                                                  field_selector=f"metadata.name={ground.node}")["items"]
+        found = custom.list_cluster_custom_object(
+            GROUP, VERSION, "computenodes", field_selector=f"metadata.name={ground.node}"
+        )["items"]
         return found and found[0].get("status", {}).get("capacity")
+
     eventually(registered, timeout=120, what="the pod's agent to register node-0")
 
     started = time.monotonic()
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES,
-                                                 make("vm"))["metadata"]["uid"]
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("vm"))[
+        "metadata"
+    ]["uid"]
     wait_ready(custom, namespace, "vm")
     eventually(lambda: boots(ground, uid) == 1, timeout=180, interval=0.5, what="the guest's boot marker")
     REPORT.append(f"cluster mode: apply -> boot marker in {time.monotonic() - started:.2f}s")
@@ -80,27 +99,43 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     core.delete_namespaced_pod(agent.metadata.name, LEASE_NAMESPACE)
     replacement = ready_pod(core, "agent", other_than=agent.metadata.uid)
     assert replacement.metadata.name != agent.metadata.name
+
     # The new agent took the running guest over: its own diagnostics (every 60 s by the chart's
     # default) reach the status, and the guest never stopped.
     def reported_since(pod: Any) -> bool:
-        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm")["status"]
-        written = datetime.datetime.strptime(status.get("diagnostics", {}).get("updateTime", "1970-01-01T00:00:00Z"),
-                                             "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm")[
+            "status"
+        ]
+        written = datetime.datetime.strptime(
+            status.get("diagnostics", {}).get("updateTime", "1970-01-01T00:00:00Z"), "%Y-%m-%dT%H:%M:%SZ"
+        ).replace(tzinfo=datetime.UTC)
         return status.get("powerState") == "Running" and written > pod.metadata.creation_timestamp
-    eventually(lambda: reported_since(replacement), timeout=150, interval=2,
-               what="the new agent's diagnostics of the adopted guest")
+
+    eventually(
+        lambda: reported_since(replacement),
+        timeout=150,
+        interval=2,
+        what="the new agent's diagnostics of the adopted guest",
+    )
     keeps_running("after the agent's pod was deleted")
 
     # Every component on this node, and the agent in the host's network: none listens on every interface.
     ours = {procs.running_pid(ground.layout, name) or 0 for name in (*cluster.COMPONENTS, "kube-apiserver")}
-    ours |= {int(p) for p in subprocess.run(["pgrep", "-f", "kubenova agent|libvirtd|qemu-system"],
-                                            capture_output=True, text=True).stdout.split()}
+    ours |= {
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-f", "kubenova agent|libvirtd|qemu-system"], capture_output=True, text=True
+        ).stdout.split()
+    }
     found = listeners(ours)
     assert not [line for line in found if on_every_interface(line)], f"listens on every interface: {found}"
-    assert len(found) >= 6, f"expected the kubelet, the apiserver, the agent's metrics, libvirtd... among {found}"
+    assert len(found) >= 6, (
+        f"expected the kubelet, the apiserver, the agent's metrics, libvirtd... among {found}"
+    )
 
-    cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store,
-                         "--set", "agent.resyncSeconds=20")
+    cluster.helm_install(
+        ground.layout, helm, ground.env(), ground.node, ground.image_store, "--set", "agent.resyncSeconds=20"
+    )
     rolled = ready_pod(core, "agent", other_than=replacement.metadata.uid)
     assert "--resync-interval=20" in rolled.spec.containers[0].args, "the upgrade rolled the DaemonSet"
     keeps_running("after helm upgrade")
@@ -108,7 +143,14 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     delete_and_wait(custom, namespace, "vm")
     eventually(lambda: domain(hypervisor, uid) is None, timeout=60, what="the domain to be gone")
 
-    procs.run([str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
-              "helm uninstall", "", env=ground.env())
-    eventually(lambda: not core.list_namespaced_pod(LEASE_NAMESPACE).items, timeout=120,
-               what="no kubenova pods after helm uninstall")
+    procs.run(
+        [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
+        "helm uninstall",
+        "",
+        env=ground.env(),
+    )
+    eventually(
+        lambda: not core.list_namespaced_pod(LEASE_NAMESPACE).items,
+        timeout=120,
+        what="no kubenova pods after helm uninstall",
+    )

@@ -5,6 +5,7 @@ contract. For libvirt that is the real libvirtd, the files on the host and the r
 server; for the fake it is the fake's own state. Console output is read through the
 contract: for libvirt it is the file QEMU's serial port writes, so it is a real effect too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,8 @@ from kubenova.driver.fake import FakeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.testground import ground as testground
-from tests.helpers import vnc_auth
 from kubenova.testground import guest, libvirt_host
+from tests.helpers import vnc_auth
 
 NETWORK = libvirt_host.NETWORK
 
@@ -136,8 +137,9 @@ def fake_env(ground: testground.Ground) -> tuple[FakeDriver, FakeProbe]:
 def libvirt_env(ground: testground.Ground) -> Iterator[tuple[LibvirtDriver, LibvirtProbe]]:
     root = ground.node_dir() / "conformance"
     shutil.rmtree(root, ignore_errors=True)
-    driver = LibvirtDriver(ground.libvirt_uri, "qemu", root / "instances", ImageStore(ground.image_store),
-                           root / "volumes")
+    driver = LibvirtDriver(
+        ground.libvirt_uri, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes"
+    )
     driver.init_host(ground.node)
     yield driver, LibvirtProbe(ground, driver, root)
     driver.host.close()
@@ -158,10 +160,12 @@ class Env:
         uid = str(uuid.uuid4())
         self.made.append(uid)
         store = ImageStore(self.probe.images)
-        fields.setdefault("boot", KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD),
-                                             cmdline))
-        return InstanceSpec(uuid=uid, name=f"c-{uid[:8]}", namespace="conformance", vcpus=1, memory_mib=128,
-                            **fields)
+        fields.setdefault(
+            "boot", KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD), cmdline)
+        )
+        return InstanceSpec(
+            uuid=uid, name=f"c-{uid[:8]}", namespace="conformance", vcpus=1, memory_mib=128, **fields
+        )
 
     def image_instance(self, image: str = guest.DISK_IMAGE, **fields: Any) -> InstanceSpec:
         """A test instance booting a disk image by BIOS, no kernel."""
@@ -194,12 +198,14 @@ def libvirt_peers(ground: testground.Ground) -> Iterator[tuple[Peer, Peer]]:
         local = libvirt_host.start(ground.layout, node, address)
         root = ground.layout.state / "nodes" / node / "conformance"
         shutil.rmtree(root, ignore_errors=True)
-        driver = LibvirtDriver(local, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes")
+        driver = LibvirtDriver(
+            local, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes"
+        )
         driver.init_host(node)
         node_ground = dataclasses.replace(ground, node=node, libvirt_uri=local)
         peers.append(Peer(driver, LibvirtProbe(node_ground, driver, root), libvirt_host.peer_uri(address)))
     yield peers[0], peers[1]
-    for peer, node in zip(peers, ("mig-a", "mig-b")):
+    for peer, node in zip(peers, ("mig-a", "mig-b"), strict=True):
         peer.driver.host.close()  # type: ignore[attr-defined]
         libvirt_host.stop(ground.layout, node)
 

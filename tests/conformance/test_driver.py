@@ -1,4 +1,5 @@
 """The driver contract, with real effects asserted (see conftest.py for the probes)."""
+
 from __future__ import annotations
 
 import base64
@@ -10,9 +11,29 @@ import pytest
 import yaml
 
 from kubenova.driver.base import (
-    BlockStats, CPUIncompatible, DriverError, FirewallRule, HostPowerAction, MigrationProgress, ImageChecksumMismatch, ImageNotFound, ImageRef, InjectedFile, InstanceExists,
-    InstanceNotFound, InstanceSpec, InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo,
-    InvalidInstanceSpec, PowerState, RebootType, Unsupported, VolumeSpec, stable_mac,
+    BlockStats,
+    CPUIncompatible,
+    DriverError,
+    FirewallRule,
+    HostPowerAction,
+    ImageChecksumMismatch,
+    ImageNotFound,
+    ImageRef,
+    InjectedFile,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceSpec,
+    InsufficientResources,
+    Interface,
+    InterfaceStats,
+    InvalidCPUInfo,
+    InvalidInstanceSpec,
+    MigrationProgress,
+    PowerState,
+    RebootType,
+    Unsupported,
+    VolumeSpec,
+    stable_mac,
 )
 from kubenova.testground import guest
 from tests.conformance.conftest import NETWORK, Env
@@ -22,8 +43,12 @@ BOOT = 120  # seconds a TCG boot may take on a loaded 2-core machine
 
 
 def console_has(env: Env, uid: str, text: str, timeout: float = BOOT) -> str:
-    return eventually(lambda: (out := env.driver.get_console_output(uid)) and text in out and out,
-                      timeout=timeout, interval=0.2, what=f"{text!r} on the console")
+    return eventually(
+        lambda: (out := env.driver.get_console_output(uid)) and text in out and out,
+        timeout=timeout,
+        interval=0.2,
+        what=f"{text!r} on the console",
+    )
 
 
 def ticks(env: Env, uid: str) -> int:
@@ -52,6 +77,7 @@ NIC = (Interface("eth0", NETWORK),)  # no macAddress: the driver derives it
 
 # --- spawn and destroy -----------------------------------------------------------------------
 
+
 def test_spawn_boots_and_destroy_removes_everything(env: Env) -> None:
     spec = env.image_instance(root_gib=1, ephemeral_gib=(("scratch", 1),), swap_mib=64)
     env.driver.spawn(spec)
@@ -64,8 +90,10 @@ def test_spawn_boots_and_destroy_removes_everything(env: Env) -> None:
     info = env.driver.get_info(spec.uuid)
     assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 1, 128 * 1024)
     out = console_has(env, spec.uuid, f"{guest.DISK} vdc")
-    assert re.search(rf"{guest.DISK} vda sectors=(\d+)", out) and int(
-        re.search(rf"{guest.DISK} vda sectors=(\d+)", out).group(1)) * 512 >= 2**30  # grown to rootDisk
+    assert (
+        re.search(rf"{guest.DISK} vda sectors=(\d+)", out)
+        and int(re.search(rf"{guest.DISK} vda sectors=(\d+)", out).group(1)) * 512 >= 2**30
+    )  # grown to rootDisk
     assert env.driver.list_disks(spec.uuid) == ["vda", "vdb", "vdc"]
     assert env.probe.instance_files(spec.uuid)
 
@@ -95,9 +123,10 @@ def test_a_failed_spawn_leaves_nothing_behind(env: Env, case: str) -> None:
     before = (env.probe.domains(), env.probe.instance_files(first.uuid))
     spec, error = {
         "missing-image": (env.image_instance(image="no-such-image.qcow2"), ImageNotFound),
-        "bad-checksum": (dataclasses.replace(env.image_instance(),
-                                             image=ImageRef(guest.DISK_IMAGE, "sha256:" + "0" * 64)),
-                         ImageChecksumMismatch),
+        "bad-checksum": (
+            dataclasses.replace(env.image_instance(), image=ImageRef(guest.DISK_IMAGE, "sha256:" + "0" * 64)),
+            ImageChecksumMismatch,
+        ),
         "too-much-memory": (dataclasses.replace(env.instance(), memory_mib=10**8), InsufficientResources),
         "name-taken": (dataclasses.replace(env.instance(), name=first.name), InstanceExists),
     }[case]
@@ -110,6 +139,7 @@ def test_a_failed_spawn_leaves_nothing_behind(env: Env, case: str) -> None:
 
 
 # --- power -----------------------------------------------------------------------------------
+
 
 def test_pause_stops_the_guest_and_unpause_lets_it_run_on(env: Env) -> None:
     spec = env.instance()
@@ -168,6 +198,7 @@ def test_soft_reboot_of_a_guest_ignoring_acpi_falls_back_to_hard(env: Env) -> No
 
 # --- rescue and snapshot ---------------------------------------------------------------------
 
+
 def test_rescue_boots_the_rescue_image_with_the_disk_attached(env: Env) -> None:
     spec = env.image_instance()
     env.driver.spawn(spec)
@@ -213,12 +244,27 @@ def test_a_changed_spec_is_defined_for_the_next_boot_and_said_until_then(env: En
     env.driver.spawn(spec)
     console_has(env, spec.uuid, f"{guest.TICK} 0")
     assert env.driver.pending_changes(spec.uuid) == [] and env.driver.defined_revision(spec.uuid) == "r1"
-    bigger = dataclasses.replace(spec, vcpus=2, memory_mib=192, root_gib=2, ephemeral_gib=(("scratch", 1),),
-                                 interfaces=NIC, user_data="#cloud-config\n{}\n", revision="r2")
+    bigger = dataclasses.replace(
+        spec,
+        vcpus=2,
+        memory_mib=192,
+        root_gib=2,
+        ephemeral_gib=(("scratch", 1),),
+        interfaces=NIC,
+        user_data="#cloud-config\n{}\n",
+        revision="r2",
+    )
     env.driver.redefine(bigger)
-    assert env.driver.defined_revision(spec.uuid) == "r2", "the definition is the new one, the domain runs the old"
+    assert env.driver.defined_revision(spec.uuid) == "r2", (
+        "the definition is the new one, the domain runs the old"
+    )
     assert env.driver.pending_changes(spec.uuid) == [
-        "spec.flavor.vcpus", "spec.flavor.memoryMiB", "spec.ephemeralDisks", "spec.userData", "spec.interfaces"]
+        "spec.flavor.vcpus",
+        "spec.flavor.memoryMiB",
+        "spec.ephemeralDisks",
+        "spec.userData",
+        "spec.interfaces",
+    ]
     info = env.driver.get_info(spec.uuid)
     assert (info.state, info.num_cpu, info.max_mem_kib) == (PowerState.RUNNING, 1, 128 * 1024)  # until a boot
     env.driver.redefine(bigger)  # again: nothing more happens
@@ -265,6 +311,7 @@ def test_snapshot_makes_an_image_that_boots(env: Env) -> None:
 
 # --- guest access ----------------------------------------------------------------------------
 
+
 def test_console_and_password_protected_vnc(env: Env) -> None:
     spec = env.instance(vnc_password="kn-s3crt")
     env.driver.spawn(spec)
@@ -280,14 +327,17 @@ def test_console_and_password_protected_vnc(env: Env) -> None:
 
 
 def test_config_drive_carries_user_data_files_network_config_and_password(env: Env) -> None:
-    spec = env.instance(user_data="#cloud-config\nhostname: conformance\n",
-                        network_config="version: 2\nethernets: {eth0: {dhcp4: true}}\n",
-                        injected_files=(InjectedFile("/etc/kubenova-motd", b"hello from kubenova\n"),),
-                        admin_password="pa55")
+    spec = env.instance(
+        user_data="#cloud-config\nhostname: conformance\n",
+        network_config="version: 2\nethernets: {eth0: {dhcp4: true}}\n",
+        injected_files=(InjectedFile("/etc/kubenova-motd", b"hello from kubenova\n"),),
+        admin_password="pa55",
+    )
     env.driver.spawn(spec)
     out = console_has(env, spec.uuid, f"{guest.CD_FILE} vendor-data")
-    files = {m.group(1): base64.b64decode(m.group(2)) for m in
-             re.finditer(rf"{guest.CD_FILE} (\S+) (\S*)", out)}
+    files = {
+        m.group(1): base64.b64decode(m.group(2)) for m in re.finditer(rf"{guest.CD_FILE} (\S+) (\S*)", out)
+    }
     assert files["user-data"] == b"#cloud-config\nhostname: conformance\n"
     assert b"dhcp4: true" in files["network-config"]
     vendor = yaml.safe_load(files["vendor-data"])
@@ -296,8 +346,14 @@ def test_config_drive_carries_user_data_files_network_config_and_password(env: E
     assert vendor["write_files"][0]["path"] == "/etc/kubenova-motd"
     env.driver.inject_network_info(spec.uuid, "version: 2\nethernets: {eth0: {dhcp4: false}}\n")
     env.driver.reboot(spec.uuid, RebootType.HARD)
-    out = eventually(lambda: (o := env.driver.get_console_output(spec.uuid)).count(f"{guest.CD_FILE} network-config")
-                     == 2 and o, timeout=BOOT, what="the new network config after reboot")
+    out = eventually(
+        lambda: (
+            (o := env.driver.get_console_output(spec.uuid)).count(f"{guest.CD_FILE} network-config") == 2
+            and o
+        ),
+        timeout=BOOT,
+        what="the new network config after reboot",
+    )
     last = re.findall(rf"{guest.CD_FILE} network-config (\S+)", out)[-1]
     assert b"dhcp4: false" in base64.b64decode(last)
 
@@ -314,6 +370,7 @@ def test_unsupported_guest_operations_say_why(env: Env) -> None:
 
 # --- volumes and diagnostics -----------------------------------------------------------------
 
+
 def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     pattern = f"KN-{int(time.time())}"
     # The guest names disks in the order they appear: a root disk first makes the volume its vdb too.
@@ -325,7 +382,9 @@ def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     # A retry (an agent that died before recording the attach) finds it attached, under any device request.
     assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "") == "vdb"
     assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "vdb") == "vdb"
-    assert env.driver.list_disks(spec.uuid).count("vdb") == 1 and "vdc" not in env.driver.list_disks(spec.uuid)
+    assert env.driver.list_disks(spec.uuid).count("vdb") == 1 and "vdc" not in env.driver.list_disks(
+        spec.uuid
+    )
     console_has(env, spec.uuid, f"{guest.WROTE} vdb {pattern}", timeout=60)
     assert "vdb" in env.driver.list_disks(spec.uuid)
     stats = env.driver.block_stats(spec.uuid, "vdb")
@@ -345,9 +404,15 @@ def test_stats_have_exact_counters_that_grow(env: Env) -> None:
     assert len(ifaces) == 1
     first = env.driver.interface_stats(spec.uuid, ifaces[0])
     assert len(dataclasses.fields(first)) == 8 and len(dataclasses.fields(BlockStats)) == 5
-    grown = eventually(lambda: (s := env.driver.interface_stats(spec.uuid, ifaces[0]))
-                       and s.rx_packets + s.tx_packets > first.rx_packets + first.tx_packets and s,
-                       timeout=30, what="interface counters to grow")
+    grown = eventually(
+        lambda: (
+            (s := env.driver.interface_stats(spec.uuid, ifaces[0]))
+            and s.rx_packets + s.tx_packets > first.rx_packets + first.tx_packets
+            and s
+        ),
+        timeout=30,
+        what="interface counters to grow",
+    )
     assert all(isinstance(v, int) and v >= 0 for v in dataclasses.astuple(grown))
     diagnostics = env.driver.get_diagnostics(spec.uuid)
     assert set(diagnostics.interfaces) == set(ifaces) and set(diagnostics.disks) == set(disks)
@@ -357,6 +422,7 @@ def test_stats_have_exact_counters_that_grow(env: Env) -> None:
 
 
 # --- host ------------------------------------------------------------------------------------
+
 
 def test_compare_cpu(env: Env) -> None:
     host = env.driver.get_available_resource().cpu
@@ -411,14 +477,19 @@ def test_security_group_rules_reach_the_host_firewall(env: Env) -> None:
     ssh = FirewallRule("tcp", "10.0.0.0/8", 22, 22)
     assert not env.probe.firewall_lets_in(spec.uuid, tap, ssh)
     env.driver.ensure_filtering_rules_for_instance(spec.uuid, [ssh])
-    eventually(lambda: env.probe.firewall_lets_in(spec.uuid, tap, ssh), timeout=10, what="the rule in the firewall")
+    eventually(
+        lambda: env.probe.firewall_lets_in(spec.uuid, tap, ssh), timeout=10, what="the rule in the firewall"
+    )
     env.driver.ensure_filtering_rules_for_instance(spec.uuid, [])
-    eventually(lambda: not env.probe.firewall_lets_in(spec.uuid, tap, ssh), timeout=10, what="the rule removed")
+    eventually(
+        lambda: not env.probe.firewall_lets_in(spec.uuid, tap, ssh), timeout=10, what="the rule removed"
+    )
     env.driver.destroy(spec.uuid)
     env.driver.unfilter_instance(spec.uuid)  # already gone with the instance: fine
 
 
 # --- live migration between two hosts --------------------------------------------------------
+
 
 def prepared_migration(source: Env, target: Env) -> tuple[InstanceSpec, str]:
     """A running guest with a NIC that names no MAC on the source, and the target made ready for it."""
@@ -441,7 +512,9 @@ def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env,
     assert target.driver.get_info(spec.uuid).state is PowerState.RUNNING
     eventually(lambda: ticks(target, spec.uuid) >= 0, timeout=30, what="the counter on the target")
     first = ticks(target, spec.uuid)
-    eventually(lambda: ticks(target, spec.uuid) > first, timeout=30, what="the counter to go on at the target")
+    eventually(
+        lambda: ticks(target, spec.uuid) > first, timeout=30, what="the counter to go on at the target"
+    )
     assert guest.BOOT_MARKER not in target.driver.get_console_output(spec.uuid), "it moved, it did not reboot"
     assert guest_mac(target, spec.uuid) == mac, "the guest sees the same address after the move"
     assert all(s.data_processed + s.data_remaining <= s.data_total or s.data_total == 0 for s in steps)
@@ -457,19 +530,24 @@ def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[E
         steps.append(step)
         if len(steps) == 1:
             source.driver.abort_live_migration(spec.uuid)
+
     with pytest.raises(DriverError):
-        source.driver.live_migration(spec.uuid, target_uri, definition, abort_at_first_report,
-                                     max_bandwidth_mib=1)
+        source.driver.live_migration(
+            spec.uuid, target_uri, definition, abort_at_first_report, max_bandwidth_mib=1
+        )
     target.driver.rollback_live_migration_at_destination(spec.uuid)
     assert steps and steps[0].data_total > 0
     assert source.driver.get_info(spec.uuid).state is PowerState.RUNNING
     before = ticks(source, spec.uuid)
-    eventually(lambda: ticks(source, spec.uuid) > before, timeout=30, what="the counter to go on at the source")
+    eventually(
+        lambda: ticks(source, spec.uuid) > before, timeout=30, what="the counter to go on at the source"
+    )
     assert not target.driver.instance_exists(spec.uuid)
     assert target.probe.instance_files(spec.uuid) == []
 
 
 # --- cold migration (resize) -----------------------------------------------------------------
+
 
 def spec_seq() -> int:
     return int(time.time() * 1000) % 10**9
@@ -478,8 +556,13 @@ def spec_seq() -> int:
 def test_cold_migration_resizes_and_confirm_frees_the_source(peers: tuple[Env, Env, str]) -> None:
     source, target, target_uri = peers
     pattern = f"COLD-{spec_seq()}"
-    spec = source.instance(cmdline=f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}", root_gib=1,
-                           ephemeral_gib=(("scratch", 1),), user_data="#cloud-config\n{}\n", interfaces=NIC)
+    spec = source.instance(
+        cmdline=f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}",
+        root_gib=1,
+        ephemeral_gib=(("scratch", 1),),
+        user_data="#cloud-config\n{}\n",
+        interfaces=NIC,
+    )
     source.driver.spawn(spec)
     console_has(source, spec.uuid, f"{guest.WROTE} vdb {pattern}")
     disks = source.driver.migrate_disk_and_power_off(spec.uuid, target_uri)

@@ -4,6 +4,7 @@ The crash points are kubenova.faults': a process stops at an armed point and wai
 happens at the same step every run. Which process stopped there is read from the point's
 ``.reached`` file, so the test kills exactly that one when the victim is its kind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,12 @@ def release(ground: testground.Ground, stopped: Stopped) -> None:
     """Let the held process go on, and wait until it has (the point consumes its .go file)."""
     go = ground.fault_dir / f"{stopped.point}.go"
     go.write_text("go\n")
-    eventually(lambda: not go.exists() or not procs.pid_alive(stopped.pid), timeout=10, interval=0.02,
-               what=f"{stopped.name} to leave {stopped.point}")
+    eventually(
+        lambda: not go.exists() or not procs.pid_alive(stopped.pid),
+        timeout=10,
+        interval=0.02,
+        what=f"{stopped.name} to leave {stopped.point}",
+    )
 
 
 def _kill(pid: int) -> None:
@@ -71,8 +76,11 @@ def strike(ground: testground.Ground, stopped: Stopped, component: str) -> None:
     """
     layout = ground.layout
     if component == "agent":
-        victim = stopped.pid if stopped.name.startswith("agent-") else \
-            procs.running_pid(layout, f"agent-{stopped.node}")
+        victim = (
+            stopped.pid
+            if stopped.name.startswith("agent-")
+            else procs.running_pid(layout, f"agent-{stopped.node}")
+        )
         assert victim
         _kill(victim)
     elif component == "controller":
@@ -102,5 +110,8 @@ def revive_kubenova(ground: testground.Ground) -> None:
     """What the Deployment and the DaemonSet do: start each kubenova process that is not running."""
     testground.start_kubenova(ground)
     for node_dir in sorted((ground.layout.state / "nodes").glob("node-*")):
-        if node_dir.name != ground.node and (libvirt_host.host_dir(ground.layout, node_dir.name) / "mnt-ns").exists():
+        if (
+            node_dir.name != ground.node
+            and (libvirt_host.host_dir(ground.layout, node_dir.name) / "mnt-ns").exists()
+        ):
             testground.add_node(ground, node_dir.name)

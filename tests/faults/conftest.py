@@ -1,4 +1,5 @@
 """Collects the fault matrix's outcomes and prints them as a table at the end of the run."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,6 +12,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not RESULTS:
         return
     from tests.faults.chaos import COMPONENTS
+
     steps = list(dict.fromkeys(step for step, _ in RESULTS))
     write = terminalreporter.write_line
     write("")

@@ -1,4 +1,5 @@
 """libvirtd restarts and apiserver or etcd outages are survived by the running agent, without a restart."""
+
 from __future__ import annotations
 
 import os
@@ -27,20 +28,27 @@ def node_ready(custom: kubernetes.client.CustomObjectsApi, node: str) -> dict[st
     return cond(custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node), "Ready")
 
 
-def test_libvirtd_restart_is_noticed_said_and_survived(ground: testground.Ground,
-                                                       custom: kubernetes.client.CustomObjectsApi,
-                                                       namespace: str) -> None:
+def test_libvirtd_restart_is_noticed_said_and_survived(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
+) -> None:
     agent = procs.running_pid(ground.layout, f"agent-{ground.node}")
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES,
-                                                 make("steady"))["metadata"]["uid"]
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("steady"))[
+        "metadata"
+    ]["uid"]
     wait_ready(custom, namespace, "steady")
     libvirt_host.kill_daemon(ground.layout, ground.node)
-    lost = eventually(lambda: (c := node_ready(custom, ground.node)).get("status") == "False" and c, timeout=30,
-                      what="the ComputeNode to say libvirt is unreachable")
+    lost = eventually(
+        lambda: (c := node_ready(custom, ground.node)).get("status") == "False" and c,
+        timeout=30,
+        what="the ComputeNode to say libvirt is unreachable",
+    )
     assert lost["reason"] == "LibvirtUnreachable", lost
     libvirt_host.revive_daemon(ground.layout, ground.node)
-    eventually(lambda: node_ready(custom, ground.node).get("reason") == "LibvirtConnected", timeout=30,
-               what="the ComputeNode Ready again")
+    eventually(
+        lambda: node_ready(custom, ground.node).get("reason") == "LibvirtConnected",
+        timeout=30,
+        what="the ComputeNode Ready again",
+    )
     assert procs.running_pid(ground.layout, f"agent-{ground.node}") == agent, "the agent was not restarted"
     # The guest ran on through it (QEMU is not libvirtd's child), and events flow on the new connection:
     # a stop from outside shows within seconds, long before the 30 s resync would find it.
@@ -51,17 +59,24 @@ def test_libvirtd_restart_is_noticed_said_and_survived(ground: testground.Ground
         dom.destroy()
     finally:
         conn.close()
-    eventually(lambda: cond(get(custom, namespace, "steady"), "Ready").get("reason") == "StoppedOutsideKubernetes",
-               timeout=10, what="the stop seen through libvirt's events")
+    eventually(
+        lambda: cond(get(custom, namespace, "steady"), "Ready").get("reason") == "StoppedOutsideKubernetes",
+        timeout=10,
+        what="the stop seen through libvirt's events",
+    )
     wait_ready(custom, namespace, "steady")  # and started again after the restart delay
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "steady")
     eventually(lambda: get(custom, namespace, "steady") is None, timeout=60, what="the instance deleted")
 
 
 @pytest.mark.parametrize("component,outage", [("kube-apiserver", APISERVER_OUTAGE), ("etcd", 20)])
-def test_the_agent_waits_out_an_apiserver_outage(ground: testground.Ground,
-                                                 custom: kubernetes.client.CustomObjectsApi, namespace: str,
-                                                 component: str, outage: float) -> None:
+def test_the_agent_waits_out_an_apiserver_outage(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    component: str,
+    outage: float,
+) -> None:
     agent = procs.running_pid(ground.layout, f"agent-{ground.node}")
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("patient"))
     wait_ready(custom, namespace, "patient")

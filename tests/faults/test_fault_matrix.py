@@ -7,6 +7,7 @@ user would: the object converges, there is exactly one domain for it on exactly 
 status names, the bytes the guest wrote are still on its volume, and after the delete no
 domain, overlay, config drive or finalizer is left anywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,15 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
-    VOLUMEATTACHMENTS
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    MIGRATIONS,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
+)
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, libvirt_host
 from tests.faults import chaos
@@ -43,12 +51,15 @@ def nodes(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi)
     for node in PAIR:
         testground.add_node(ground, node)
     for node, pool in ((SINGLE[0], "single"), *((n, "pair") for n in PAIR)):
-        custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node, {"metadata": {"labels": {POOL: pool}}})
+        custom.patch_cluster_custom_object(
+            GROUP, VERSION, COMPUTENODES, node, {"metadata": {"labels": {POOL: pool}}}
+        )
     yield
     for node in PAIR:
         testground.remove_node(ground, node)
-    custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, SINGLE[0],
-                                       {"metadata": {"labels": {POOL: None}}})
+    custom.patch_cluster_custom_object(
+        GROUP, VERSION, COMPUTENODES, SINGLE[0], {"metadata": {"labels": {POOL: None}}}
+    )
 
 
 @dataclasses.dataclass
@@ -76,6 +87,7 @@ class Run:
 
 # --- libvirt and the node's files, as the test sees them ---------------------------------------
 
+
 def domains(ground: testground.Ground, node: str) -> dict[str, str]:
     """Every domain of the node's libvirtd: UUID -> state."""
     conn = libvirt.open(libvirt_host.uri(ground.layout, node))
@@ -99,10 +111,17 @@ def volume_xml(ground: testground.Ground, node: str, uid: str) -> str:
 
 # --- the steps -------------------------------------------------------------------------------
 
+
 def image_vm(run: Run, **spec: Any) -> dict[str, Any]:
     """An image boot with a root overlay and a config drive: the files a leak would leave behind."""
-    return make(run.name, boot={"image": {"name": guest.DISK_IMAGE}}, rootDisk={"sizeGiB": 1},
-                userData="#cloud-config\nhostname: fault\n", nodeSelector={POOL: "single"}, **spec)
+    return make(
+        run.name,
+        boot={"image": {"name": guest.DISK_IMAGE}},
+        rootDisk={"sizeGiB": 1},
+        userData="#cloud-config\nhostname: fault\n",
+        nodeSelector={POOL: "single"},
+        **spec,
+    )
 
 
 def kernel_vm(run: Run, pool: str, hook: str | None = None) -> dict[str, Any]:
@@ -121,9 +140,16 @@ def ready_once(run: Run, nodes: tuple[str, ...], power: str = "Running") -> str:
     """Ready with the wanted power state, and one domain, on the node the status names; returns that node."""
     wait_ready(run.custom, run.namespace, run.name, power, timeout=CONVERGE)
     # Ready may still be the old node's word: converged means the status names the bound node.
-    obj = eventually(lambda: (o := run.instance())["status"].get("node") == o["metadata"]["labels"][NODE_LABEL]
-                     and o["status"].get("powerState") == power and cond(o, "Ready").get("status") == "True" and o,
-                     timeout=CONVERGE, what="the status to name the node the instance is bound to")
+    obj = eventually(
+        lambda: (
+            (o := run.instance())["status"].get("node") == o["metadata"]["labels"][NODE_LABEL]
+            and o["status"].get("powerState") == power
+            and cond(o, "Ready").get("status") == "True"
+            and o
+        ),
+        timeout=CONVERGE,
+        what="the status to name the node the instance is bound to",
+    )
     run.uid = obj["metadata"]["uid"]
     node = obj["metadata"]["labels"][NODE_LABEL]
     assert where(run.ground, run.uid, nodes) == [node], "exactly one domain, on the instance's node"
@@ -135,8 +161,12 @@ def booted(run: Run, node: str) -> None:
 
 
 def va(run: Run) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VolumeAttachment", "metadata": {"name": "data"},
-            "spec": {"instanceRef": {"name": run.name}, "volume": {"name": f"vol-{run.namespace}", "sizeGiB": 1}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VolumeAttachment",
+        "metadata": {"name": "data"},
+        "spec": {"instanceRef": {"name": run.name}, "volume": {"name": f"vol-{run.namespace}", "sizeGiB": 1}},
+    }
 
 
 def volume_holds_pattern(run: Run) -> bool:
@@ -146,8 +176,9 @@ def volume_holds_pattern(run: Run) -> bool:
 
 def attachment(run: Run) -> dict[str, Any] | None:
     try:
-        return dict(run.custom.get_namespaced_custom_object(GROUP, VERSION, run.namespace, VOLUMEATTACHMENTS,
-                                                            "data"))
+        return dict(
+            run.custom.get_namespaced_custom_object(GROUP, VERSION, run.namespace, VOLUMEATTACHMENTS, "data")
+        )
     except kubernetes.client.ApiException as exc:
         if exc.status == 404:
             return None
@@ -155,13 +186,20 @@ def attachment(run: Run) -> dict[str, Any] | None:
 
 
 def attached(run: Run) -> None:
-    eventually(lambda: ((attachment(run) or {}).get("status") or {}).get("phase") == "Attached",
-               timeout=CONVERGE, what="the VolumeAttachment Attached")
-    eventually(lambda: f"{guest.WROTE} vda {run.pattern}" in run.console(SINGLE[0]), timeout=CONVERGE,
-               what="the guest writing its pattern to the volume")
+    eventually(
+        lambda: ((attachment(run) or {}).get("status") or {}).get("phase") == "Attached",
+        timeout=CONVERGE,
+        what="the VolumeAttachment Attached",
+    )
+    eventually(
+        lambda: f"{guest.WROTE} vda {run.pattern}" in run.console(SINGLE[0]),
+        timeout=CONVERGE,
+        what="the guest writing its pattern to the volume",
+    )
     assert volume_holds_pattern(run), "the volume holds the bytes the guest wrote"
-    assert str(run.ground.volume_store(SINGLE[0]) / f"vol-{run.namespace}") in volume_xml(run.ground, SINGLE[0],
-                                                                                          run.uid)
+    assert str(run.ground.volume_store(SINGLE[0]) / f"vol-{run.namespace}") in volume_xml(
+        run.ground, SINGLE[0], run.uid
+    )
 
 
 def migration(run: Run) -> dict[str, Any]:
@@ -170,24 +208,37 @@ def migration(run: Run) -> dict[str, Any]:
 
 def migrate(run: Run, kind: str) -> None:
     source = run.extra["source"]
-    spec: dict[str, Any] = {"instanceRef": {"name": run.name}, "type": kind,
-                            "targetNode": PAIR[1] if source == PAIR[0] else PAIR[0]}
+    spec: dict[str, Any] = {
+        "instanceRef": {"name": run.name},
+        "type": kind,
+        "targetNode": PAIR[1] if source == PAIR[0] else PAIR[0],
+    }
     if kind == "Cold":
         spec["confirmation"] = {"policy": "Auto", "autoConfirmSeconds": 0}
-    run.create(MIGRATIONS, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Migration", "metadata": {"name": "move"},
-                            "spec": spec})
+    run.create(
+        MIGRATIONS,
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Migration", "metadata": {"name": "move"}, "spec": spec},
+    )
 
 
 def migrated(run: Run, phases: tuple[str, ...]) -> None:
-    done = eventually(lambda: (m := migration(run)).get("status", {}).get("phase") in
-                      ("Succeeded", "Failed", "Cancelled", "Reverted") and m, timeout=CONVERGE,
-                      what="the Migration to end")
+    done = eventually(
+        lambda: (
+            (m := migration(run)).get("status", {}).get("phase")
+            in ("Succeeded", "Failed", "Cancelled", "Reverted")
+            and m
+        ),
+        timeout=CONVERGE,
+        what="the Migration to end",
+    )
     assert done["status"]["phase"] in phases, done["status"]
     node = ready_once(run, PAIR)
     expected = done["status"]["targetNode"] if done["status"]["phase"] == "Succeeded" else run.extra["source"]
     assert node == expected, (node, done["status"])
     other = PAIR[1] if node == PAIR[0] else PAIR[0]
-    assert not run.ground.instance_dir(run.uid, other).exists(), "nothing of the instance is left on the other node"
+    assert not run.ground.instance_dir(run.uid, other).exists(), (
+        "nothing of the instance is left on the other node"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +274,12 @@ def _stopped(run: Run) -> None:
 
 def _snapshot(run: Run) -> None:
     run.extra["image"] = f"snap-{run.namespace}.qcow2"
-    patch_spec(run.custom, run.namespace, run.name,
-               {"actions": {"snapshot": {"id": "s1", "imageName": run.extra["image"]}}})
+    patch_spec(
+        run.custom,
+        run.namespace,
+        run.name,
+        {"actions": {"snapshot": {"id": "s1", "imageName": run.extra["image"]}}},
+    )
 
 
 def _snapshotted(run: Run) -> None:
@@ -241,8 +296,11 @@ def _delete(run: Run) -> None:
 
 
 def _deleted(run: Run) -> None:
-    eventually(lambda: get(run.custom, run.namespace, run.name) is None, timeout=CONVERGE,
-               what="the instance gone (its finalizer released)")
+    eventually(
+        lambda: get(run.custom, run.namespace, run.name) is None,
+        timeout=CONVERGE,
+        what="the instance gone (its finalizer released)",
+    )
 
 
 def _volume_vm(run: Run) -> None:
@@ -273,16 +331,22 @@ def _detached(run: Run) -> None:
 def _pair_vm(run: Run) -> None:
     running(run, kernel_vm(run, "pair"))
     run.extra["source"] = run.instance()["metadata"]["labels"][NODE_LABEL]
-    eventually(lambda: f"{guest.TICK} 1" in run.console(run.extra["source"]), timeout=CONVERGE,
-               what="the guest ticking")
+    eventually(
+        lambda: f"{guest.TICK} 1" in run.console(run.extra["source"]),
+        timeout=CONVERGE,
+        what="the guest ticking",
+    )
 
 
 def _live_migrated(run: Run) -> None:
     migrated(run, ("Succeeded", "Failed"))
     node = run.instance()["metadata"]["labels"][NODE_LABEL]
     start = len(re.findall(guest.TICK, run.console(node)))
-    eventually(lambda: len(re.findall(guest.TICK, run.console(node))) > start, timeout=60,
-               what="the guest still ticking")
+    eventually(
+        lambda: len(re.findall(guest.TICK, run.console(node))) > start,
+        timeout=60,
+        what="the guest still ticking",
+    )
     boots = run.console(node).count(guest.BOOT_MARKER)
     assert boots == (1 if node == run.extra["source"] else 0), "a live migration never restarts the guest"
 
@@ -295,10 +359,22 @@ STEPS = [
     Step("detach", "volume.detached", SINGLE, _attached_vm, _detach, _detached),
     Step("snapshot", "snapshot.written", SINGLE, lambda r: running(r, image_vm(r)), _snapshot, _snapshotted),
     Step("delete", "delete.destroyed", SINGLE, lambda r: running(r, image_vm(r)), _delete, _deleted),
-    Step("cold migration (target finished)", "migration.FinishTarget", PAIR, _pair_vm,
-         lambda r: migrate(r, "Cold"), lambda r: migrated(r, ("Succeeded",))),
-    Step("live migration (transferred)", "migration.Transferring", PAIR, _pair_vm,
-         lambda r: migrate(r, "Live"), _live_migrated),
+    Step(
+        "cold migration (target finished)",
+        "migration.FinishTarget",
+        PAIR,
+        _pair_vm,
+        lambda r: migrate(r, "Cold"),
+        lambda r: migrated(r, ("Succeeded",)),
+    ),
+    Step(
+        "live migration (transferred)",
+        "migration.Transferring",
+        PAIR,
+        _pair_vm,
+        lambda r: migrate(r, "Live"),
+        _live_migrated,
+    ),
 ]
 
 
@@ -306,11 +382,16 @@ def no_leaks(run: Run, nodes: tuple[str, ...]) -> None:
     """After the delete: no object, no finalizer, no domain and no file of the instance on any node."""
     for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES):
         for obj in run.custom.list_namespaced_custom_object(GROUP, VERSION, run.namespace, plural)["items"]:
-            run.custom.delete_namespaced_custom_object(GROUP, VERSION, run.namespace, plural,
-                                                       obj["metadata"]["name"])
-        eventually(lambda: not run.custom.list_namespaced_custom_object(GROUP, VERSION, run.namespace,
-                                                                        plural)["items"],
-                   timeout=CONVERGE, what=f"every {plural} of the case gone (finalizers released)")
+            run.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, run.namespace, plural, obj["metadata"]["name"]
+            )
+        eventually(
+            lambda p=plural: (
+                not run.custom.list_namespaced_custom_object(GROUP, VERSION, run.namespace, p)["items"]
+            ),
+            timeout=CONVERGE,
+            what=f"every {plural} of the case gone (finalizers released)",
+        )
     for node in nodes:
         assert run.uid not in domains(run.ground, node), f"a leaked domain on {node}"
         assert not run.ground.instance_dir(run.uid, node).exists(), f"leaked disks or config drive on {node}"
@@ -320,8 +401,10 @@ def no_leaks(run: Run, nodes: tuple[str, ...]) -> None:
 
 def known_domains_only(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi) -> None:
     """Across the whole test ground: every domain belongs to a VirtualInstance bound to its node."""
-    bound = {(o["metadata"]["uid"], (o["metadata"].get("labels") or {}).get(NODE_LABEL))
-             for o in custom.list_cluster_custom_object(GROUP, VERSION, VIRTUALINSTANCES)["items"]}
+    bound = {
+        (o["metadata"]["uid"], (o["metadata"].get("labels") or {}).get(NODE_LABEL))
+        for o in custom.list_cluster_custom_object(GROUP, VERSION, VIRTUALINSTANCES)["items"]
+    }
     for node in (*SINGLE, *PAIR):
         for uid in domains(ground, node):
             assert (uid, node) in bound, f"domain {uid} on {node} belongs to no VirtualInstance there"
@@ -329,9 +412,14 @@ def known_domains_only(ground: testground.Ground, custom: kubernetes.client.Cust
 
 @pytest.mark.parametrize("component", chaos.COMPONENTS)
 @pytest.mark.parametrize("step", STEPS, ids=[s.point for s in STEPS])
-def test_kill_at_step_converges_without_leaks(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi,
-                                              namespace: str, nodes: None, step: Step,
-                                              component: str) -> None:
+def test_kill_at_step_converges_without_leaks(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: None,
+    step: Step,
+    component: str,
+) -> None:
     run = Run(ground, custom, namespace)
     step.prepare(run)
     chaos.arm(ground, step.point)

@@ -1,4 +1,5 @@
 """Every agent verb through the Kubernetes API only, each checked in libvirt and in the guest."""
+
 from __future__ import annotations
 
 import base64
@@ -21,24 +22,50 @@ from tests.helpers import eventually
 from tests.integration.test_virtualinstance import cond, domain, get, make
 
 
-def patch_spec(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, spec: dict[str, Any]) -> None:
+def patch_spec(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, spec: dict[str, Any]
+) -> None:
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name, {"spec": spec})
 
 
-def wait_ready(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, power: str = "Running",
-               timeout: float = 120) -> dict[str, Any]:
-    return eventually(lambda: (o := get(custom, namespace, name)) and o.get("status", {}).get("powerState") == power
-                      and cond(o, "Ready").get("status") == "True"
-                      and o["status"].get("observedGeneration") == o["metadata"]["generation"] and o,
-                      timeout=timeout, what=f"{name} Ready and {power}")
+def wait_ready(
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    name: str,
+    power: str = "Running",
+    timeout: float = 120,
+) -> dict[str, Any]:
+    return eventually(
+        lambda: (
+            (o := get(custom, namespace, name))
+            and o.get("status", {}).get("powerState") == power
+            and cond(o, "Ready").get("status") == "True"
+            and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+            and o
+        ),
+        timeout=timeout,
+        what=f"{name} Ready and {power}",
+    )
 
 
-def wait_action(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, kind: str,
-                action_id: str, timeout: float = 120) -> dict[str, Any]:
-    return eventually(lambda: (a := (((get(custom, namespace, name) or {}).get("status") or {}).get("actions")
-                                     or {}).get(kind)) and a.get("id") == action_id
-                      and a.get("phase") in ("Succeeded", "Failed") and a,
-                      timeout=timeout, what=f"{kind} {action_id} acknowledged")
+def wait_action(
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    name: str,
+    kind: str,
+    action_id: str,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    return eventually(
+        lambda: (
+            (a := (((get(custom, namespace, name) or {}).get("status") or {}).get("actions") or {}).get(kind))
+            and a.get("id") == action_id
+            and a.get("phase") in ("Succeeded", "Failed")
+            and a
+        ),
+        timeout=timeout,
+        what=f"{kind} {action_id} acknowledged",
+    )
 
 
 def console_text(ground: testground.Ground, uid: str) -> str:
@@ -65,18 +92,30 @@ def restart_agent(ground: testground.Ground) -> None:
     testground.start_kubenova(ground)
 
 
-def delete_and_wait(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str,
-                    plural: str = VIRTUALINSTANCES) -> None:
+def delete_and_wait(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, plural: str = VIRTUALINSTANCES
+) -> None:
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-    eventually(lambda: not custom.list_namespaced_custom_object(
-        GROUP, VERSION, namespace, plural, field_selector=f"metadata.name={name}")["items"],
-        timeout=90, what=f"{plural}/{name} to be gone")
+    eventually(
+        lambda: (
+            not custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, field_selector=f"metadata.name={name}"
+            )["items"]
+        ),
+        timeout=90,
+        what=f"{plural}/{name} to be gone",
+    )
 
 
-def test_power_states_actions_and_adoption(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi,
-                                           hypervisor: libvirt.virConnect, namespace: str) -> None:
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES,
-                                                 make("verbs"))["metadata"]["uid"]
+def test_power_states_actions_and_adoption(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("verbs"))[
+        "metadata"
+    ]["uid"]
     wait_ready(custom, namespace, "verbs")
     eventually(lambda: ticks(ground, uid) >= 1, timeout=120, what="the guest's counter")
 
@@ -131,17 +170,27 @@ def test_power_states_actions_and_adoption(ground: testground.Ground, custom: ku
     # Out of band: virsh destroy shows in status at once; the spec still says Running, so the
     # agent starts it again after its restart delay.
     domain(hypervisor, uid).destroy()
-    obj = eventually(lambda: (o := get(custom, namespace, "verbs")) and o["status"]["powerState"] == "Stopped"
-                     and o, timeout=10, interval=0.05, what="the out-of-band stop in status")
+    obj = eventually(
+        lambda: (o := get(custom, namespace, "verbs")) and o["status"]["powerState"] == "Stopped" and o,
+        timeout=10,
+        interval=0.05,
+        what="the out-of-band stop in status",
+    )
     assert cond(obj, "Ready")["reason"] == "StoppedOutsideKubernetes"
     wait_ready(custom, namespace, "verbs")
     eventually(lambda: boots(ground, uid) == 4, timeout=120, what="the guest booted again by the agent")
 
     # A password reset needs a guest agent the test guest lacks: acknowledged as Failed, once.
     core = kubernetes.client.CoreV1Api(custom.api_client)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "admin"}, "stringData": {"password": "s3cret"}})
-    patch_spec(custom, namespace, "verbs", {"adminPasswordSecretRef": {"name": "admin"},
-                                            "actions": {"passwordReset": {"id": "p1"}}})
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "admin"}, "stringData": {"password": "s3cret"}}
+    )
+    patch_spec(
+        custom,
+        namespace,
+        "verbs",
+        {"adminPasswordSecretRef": {"name": "admin"}, "actions": {"passwordReset": {"id": "p1"}}},
+    )
     ack = wait_action(custom, namespace, "verbs", "passwordReset", "p1")
     assert ack["phase"] == "Failed" and "guest agent" in ack["message"], ack
 
@@ -152,19 +201,32 @@ def test_power_states_actions_and_adoption(ground: testground.Ground, custom: ku
 
 
 def test_image_boot_with_disks_config_drive_rescue_and_snapshot(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
-        hypervisor: libvirt.virConnect, namespace: str) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
     core.create_namespaced_secret(namespace, {"metadata": {"name": "pw"}, "stringData": {"pass": "hunter2"}})
-    body = make("full", boot={"image": {"name": guest.DISK_IMAGE}}, rootDisk={"sizeGiB": 1},
-                ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}], swap={"sizeMiB": 64},
-                interfaces=[{"name": "eth0", "network": libvirt_host.NETWORK, "macAddress": "52:54:00:aa:bb:01"}],
-                userData="#cloud-config\nhostname: full\n",
-                injectedFiles=[{"path": "/etc/motd", "content": base64.b64encode(b"hello from kubenova").decode()}],
-                adminPasswordSecretRef={"name": "pw", "key": "pass"})
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)["metadata"]["uid"]
+    body = make(
+        "full",
+        boot={"image": {"name": guest.DISK_IMAGE}},
+        rootDisk={"sizeGiB": 1},
+        ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}],
+        swap={"sizeMiB": 64},
+        interfaces=[{"name": "eth0", "network": libvirt_host.NETWORK, "macAddress": "52:54:00:aa:bb:01"}],
+        userData="#cloud-config\nhostname: full\n",
+        injectedFiles=[{"path": "/etc/motd", "content": base64.b64encode(b"hello from kubenova").decode()}],
+        adminPasswordSecretRef={"name": "pw", "key": "pass"},
+    )
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)[
+        "metadata"
+    ]["uid"]
     obj = wait_ready(custom, namespace, "full")
     assert obj["status"]["console"] == {"node": ground.node, "logFile": f"{uid}/console.log"}
-    eventually(lambda: f"{guest.NET} eth0 up" in console_text(ground, uid), timeout=120, what="the guest's NIC")
+    eventually(
+        lambda: f"{guest.NET} eth0 up" in console_text(ground, uid), timeout=120, what="the guest's NIC"
+    )
     text = console_text(ground, uid)
     disks = re.findall(rf"{guest.DISK} (\w+) sectors=(\d+)", text)
     sizes = dict(disks)
@@ -173,8 +235,9 @@ def test_image_boot_with_disks_config_drive_rescue_and_snapshot(
     files = {name: base64.b64decode(data) for name, data in re.findall(rf"{guest.CD_FILE} (\S+) (\S+)", text)}
     assert any(b"hostname: full" in data for data in files.values()), files.keys()
     vendor = yaml.safe_load(files["vendor-data"].split(b"\n", 1)[1])  # after the #cloud-config line
-    assert [(f["path"], base64.b64decode(f["content"])) for f in vendor["write_files"]] == \
-        [("/etc/motd", b"hello from kubenova")]
+    assert [(f["path"], base64.b64decode(f["content"])) for f in vendor["write_files"]] == [
+        ("/etc/motd", b"hello from kubenova")
+    ]
     assert vendor["password"] == "hunter2", "the admin password reaches the config drive"
     assert "hunter2" not in str(get(custom, namespace, "full")), "the password never shows in the object"
     assert "<mac address='52:54:00:aa:bb:01'/>" in domain(hypervisor, uid).XMLDesc()
@@ -189,40 +252,80 @@ def test_image_boot_with_disks_config_drive_rescue_and_snapshot(
 
     # Rescue boots the rescue image with the original disk behind it; leaving it boots normally.
     patch_spec(custom, namespace, "full", {"rescue": {"enabled": True, "image": guest.RESCUE_IMAGE}})
-    eventually(lambda: (o := get(custom, namespace, "full"))["status"].get("phase") == "Rescued"
-               and cond(o, "Ready").get("status") == "True", timeout=120, what="phase Rescued")
-    eventually(lambda: guest.RESCUE_MARKER in console_text(ground, uid), timeout=120, what="the rescue marker")
+    eventually(
+        lambda: (
+            (o := get(custom, namespace, "full"))["status"].get("phase") == "Rescued"
+            and cond(o, "Ready").get("status") == "True"
+        ),
+        timeout=120,
+        what="phase Rescued",
+    )
+    eventually(
+        lambda: guest.RESCUE_MARKER in console_text(ground, uid), timeout=120, what="the rescue marker"
+    )
     patch_spec(custom, namespace, "full", {"rescue": {"enabled": False}})
-    eventually(lambda: get(custom, namespace, "full")["status"].get("phase") == "Running", timeout=120,
-               what="phase Running after unrescue")
-    eventually(lambda: console_text(ground, uid).rsplit(guest.RESCUE_MARKER, 1)[-1].count(guest.BOOT_MARKER),
-               timeout=120, what="a normal boot after unrescue")
+    eventually(
+        lambda: get(custom, namespace, "full")["status"].get("phase") == "Running",
+        timeout=120,
+        what="phase Running after unrescue",
+    )
+    eventually(
+        lambda: console_text(ground, uid).rsplit(guest.RESCUE_MARKER, 1)[-1].count(guest.BOOT_MARKER),
+        timeout=120,
+        what="a normal boot after unrescue",
+    )
 
     delete_and_wait(custom, namespace, "full")
     assert domain(hypervisor, uid) is None and not ground.instance_dir(uid).exists()
 
 
-def test_volume_hot_attach_and_detach(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi,
-                                      hypervisor: libvirt.virConnect, namespace: str) -> None:
+def test_volume_hot_attach_and_detach(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
     pattern = f"KNVOL-{uuid.uuid4().hex[:10]}"
     body = make("withvol")
     body["spec"]["boot"]["kernel"]["cmdline"] = f"{guest.CMDLINE} {guest.write_hook('vda', pattern)}"
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)["metadata"]["uid"]
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)[
+        "metadata"
+    ]["uid"]
     volume = f"vol-{namespace}"
     # Created before the instance is even placed: the attachment waits for it, then follows it.
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "VolumeAttachment", "metadata": {"name": "data"},
-        "spec": {"instanceRef": {"name": "withvol"}, "volume": {"name": volume, "sizeGiB": 1}}})
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VOLUMEATTACHMENTS,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VolumeAttachment",
+            "metadata": {"name": "data"},
+            "spec": {"instanceRef": {"name": "withvol"}, "volume": {"name": volume, "sizeGiB": 1}},
+        },
+    )
     wait_ready(custom, namespace, "withvol")
-    va = eventually(lambda: (v := custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS,
-                                                                      "data"))
-                    .get("status", {}).get("phase") == "Attached" and v, timeout=120, what="Attached")
+    va = eventually(
+        lambda: (
+            (v := custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, "data"))
+            .get("status", {})
+            .get("phase")
+            == "Attached"
+            and v
+        ),
+        timeout=120,
+        what="Attached",
+    )
     assert va["status"]["device"] == "vda" and va["status"]["node"] == ground.node
     assert va["status"]["connector"]["host"] and va["status"]["connector"]["ip"]
     assert cond(va, "Ready")["status"] == "True"
     assert str(ground.volume_store() / volume) in domain(hypervisor, uid).XMLDesc()
-    eventually(lambda: f"{guest.WROTE} vda {pattern}" in console_text(ground, uid), timeout=120,
-               what="the guest writing to the hot-plugged volume")
+    eventually(
+        lambda: f"{guest.WROTE} vda {pattern}" in console_text(ground, uid),
+        timeout=120,
+        what="the guest writing to the hot-plugged volume",
+    )
     with open(ground.volume_store() / volume, "rb") as f:
         assert f.read(len(pattern)) == pattern.encode(), "the volume holds the bytes the guest wrote"
 
@@ -230,34 +333,63 @@ def test_volume_hot_attach_and_detach(ground: testground.Ground, custom: kuberne
     assert str(ground.volume_store() / volume) not in domain(hypervisor, uid).XMLDesc(), "detached"
     assert (ground.volume_store() / volume).exists(), "detaching never deletes the volume"
     delete_and_wait(custom, namespace, "withvol")
-    assert (ground.volume_store() / volume).read_bytes()[:len(pattern)] == pattern.encode()
+    assert (ground.volume_store() / volume).read_bytes()[: len(pattern)] == pattern.encode()
     (ground.volume_store() / volume).unlink()
 
 
-def test_diagnostics_in_status_and_on_metrics(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi,
-                                              namespace: str) -> None:
+def test_diagnostics_in_status_and_on_metrics(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
+) -> None:
     uid = custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, VIRTUALINSTANCES,
-        make("diag", ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}]))["metadata"]["uid"]
+        GROUP,
+        VERSION,
+        namespace,
+        VIRTUALINSTANCES,
+        make("diag", ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}]),
+    )["metadata"]["uid"]
     wait_ready(custom, namespace, "diag")
     eventually(lambda: ticks(ground, uid) >= 1, timeout=120, what="the guest running")
-    obj = eventually(lambda: (o := get(custom, namespace, "diag")) and any(
-        d["name"] == "vda" and d["rdBytes"] > 0 for d in o["status"].get("diagnostics", {}).get("disks", []))
-        and o, timeout=60, what="disk counters in status.diagnostics")
+    obj = eventually(
+        lambda: (
+            (o := get(custom, namespace, "diag"))
+            and any(
+                d["name"] == "vda" and d["rdBytes"] > 0
+                for d in o["status"].get("diagnostics", {}).get("disks", [])
+            )
+            and o
+        ),
+        timeout=60,
+        what="disk counters in status.diagnostics",
+    )
     assert obj["status"]["info"]["cpuTimeNs"] > 0 and obj["status"]["info"]["memKiB"] > 0
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{testground.METRICS_PORT}/metrics", timeout=5).read().decode()
-    assert re.search(r'kubenova_instance_cpu_seconds\{[^}]*name="diag"[^}]*\} [0-9.e+]+', metrics), metrics[:2000]
+    metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{testground.METRICS_PORT}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert re.search(r'kubenova_instance_cpu_seconds\{[^}]*name="diag"[^}]*\} [0-9.e+]+', metrics), metrics[
+        :2000
+    ]
     assert 'device="vda",direction="read"' in metrics and f'uid="{uid}"' in metrics
 
     # Stopped: the counters no longer move, so the agent stops writing them.
     patch_spec(custom, namespace, "diag", {"powerState": "Stopped"})
     wait_ready(custom, namespace, "diag", "Stopped")
-    eventually(lambda: f'uid="{uid}"' not in urllib.request.urlopen(
-        f"http://127.0.0.1:{testground.METRICS_PORT}/metrics", timeout=5).read().decode(),
-        timeout=30, what="the stopped instance's series to go")
+    eventually(
+        lambda: (
+            f'uid="{uid}"'
+            not in urllib.request.urlopen(f"http://127.0.0.1:{testground.METRICS_PORT}/metrics", timeout=5)
+            .read()
+            .decode()
+        ),
+        timeout=30,
+        what="the stopped instance's series to go",
+    )
     version = get(custom, namespace, "diag")["metadata"]["resourceVersion"]
     time.sleep(11)  # two diagnostics rounds of the test ground's agent (every 5 s)
-    assert get(custom, namespace, "diag")["metadata"]["resourceVersion"] == version, "no write without a change"
+    assert get(custom, namespace, "diag")["metadata"]["resourceVersion"] == version, (
+        "no write without a change"
+    )
     delete_and_wait(custom, namespace, "diag")
 
 
@@ -275,25 +407,40 @@ def size_line(ground: testground.Ground, uid: str) -> tuple[int, int] | None:
 
 def kubectl_columns(ground: testground.Ground, namespace: str, name: str) -> dict[str, str]:
     """`kubectl get vi -o wide`, as a user reads it: header -> value."""
-    header, row = procs.run([ground.kubectl, "get", "vi", name, "-n", namespace, "-o", "wide"], "kubectl get", "",
-                            env=ground.env()).stdout.splitlines()[:2]
+    header, row = procs.run(
+        [ground.kubectl, "get", "vi", name, "-n", namespace, "-o", "wide"],
+        "kubectl get",
+        "",
+        env=ground.env(),
+    ).stdout.splitlines()[:2]
     starts = [m.start() for m in re.finditer(r"\S+", header)]  # a column may be empty (IP): cut by position
-    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None])}
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)}
 
 
 def test_a_flavor_change_waits_for_a_boot_and_status_says_so(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, hypervisor: libvirt.virConnect,
-        namespace: str) -> None:
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make(
-        "size", flavor={"vcpus": 1, "memoryMiB": 128}))["metadata"]["uid"]
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
+    uid = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, VIRTUALINSTANCES, make("size", flavor={"vcpus": 1, "memoryMiB": 128})
+    )["metadata"]["uid"]
     assert wait_ready(custom, namespace, "size")["status"]["flavor"] == {"vcpus": 1, "memoryMiB": 128}
     cpus, memory = eventually(lambda: size_line(ground, uid), timeout=120, what="the guest's size line")
     assert cpus == 1
 
     patch_spec(custom, namespace, "size", {"flavor": {"vcpus": 2, "memoryMiB": 256}})
-    obj = eventually(lambda: (o := get(custom, namespace, "size")) and cond(o, "RestartRequired").get("status")
-                     == "True" and o["status"]["observedGeneration"] == o["metadata"]["generation"] and o,
-                     timeout=60, what="RestartRequired")
+    obj = eventually(
+        lambda: (
+            (o := get(custom, namespace, "size"))
+            and cond(o, "RestartRequired").get("status") == "True"
+            and o["status"]["observedGeneration"] == o["metadata"]["generation"]
+            and o
+        ),
+        timeout=60,
+        what="RestartRequired",
+    )
     message = cond(obj, "RestartRequired")["message"]
     assert "spec.flavor.vcpus" in message and "spec.flavor.memoryMiB" in message, message
     assert obj["status"]["flavor"] == {"vcpus": 1, "memoryMiB": 128}, "status shows what runs, not the spec"
@@ -303,30 +450,52 @@ def test_a_flavor_change_waits_for_a_boot_and_status_says_so(
 
     patch_spec(custom, namespace, "size", {"actions": {"reboot": {"id": "apply-size", "type": "Hard"}}})
     assert wait_action(custom, namespace, "size", "reboot", "apply-size")["phase"] == "Succeeded"
-    obj = eventually(lambda: (o := get(custom, namespace, "size")) and not cond(o, "RestartRequired")
-                     and o["status"]["flavor"] == {"vcpus": 2, "memoryMiB": 256} and o,
-                     timeout=30, what="the condition gone and the new flavor in status after the hard reboot")
-    eventually(lambda: (s := size_line(ground, uid)) and s[0] == 2 and s[1] > memory, timeout=120,
-               what="the guest to see 2 vCPUs and more memory")
+    obj = eventually(
+        lambda: (
+            (o := get(custom, namespace, "size"))
+            and not cond(o, "RestartRequired")
+            and o["status"]["flavor"] == {"vcpus": 2, "memoryMiB": 256}
+            and o
+        ),
+        timeout=30,
+        what="the condition gone and the new flavor in status after the hard reboot",
+    )
+    eventually(
+        lambda: (s := size_line(ground, uid)) and s[0] == 2 and s[1] > memory,
+        timeout=120,
+        what="the guest to see 2 vCPUs and more memory",
+    )
     columns = kubectl_columns(ground, namespace, "size")
     assert (columns["FLAVOR-VCPUS"], columns["MEMORY-MIB"]) == ("2", "256"), columns
     delete_and_wait(custom, namespace, "size")
 
 
 def test_an_instance_whose_password_secret_is_gone_still_follows_its_power_state(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
-        hypervisor: libvirt.virConnect, namespace: str) -> None:
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "pw"}, "stringData": {"password": "s3cret"}})
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make(
-        "nopw", adminPasswordSecretRef={"name": "pw"}))["metadata"]["uid"]
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "pw"}, "stringData": {"password": "s3cret"}}
+    )
+    uid = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, VIRTUALINSTANCES, make("nopw", adminPasswordSecretRef={"name": "pw"})
+    )["metadata"]["uid"]
     wait_ready(custom, namespace, "nopw")
     core.delete_namespaced_secret("pw", namespace)  # hygiene after the first boot: the drive has the password
     patch_spec(custom, namespace, "nopw", {"powerState": "Stopped"})
     wait_ready(custom, namespace, "nopw", "Stopped")  # a power change needs no Secret
     # A change of the definition does: the power state is still followed, and status names what is missing.
     patch_spec(custom, namespace, "nopw", {"powerState": "Running", "flavor": {"vcpus": 2, "memoryMiB": 96}})
-    obj = eventually(lambda: (o := get(custom, namespace, "nopw")) and cond(o, "Ready").get("reason")
-                     == "SecretMissing" and o, timeout=60, what="SecretMissing")
+    obj = eventually(
+        lambda: (
+            (o := get(custom, namespace, "nopw")) and cond(o, "Ready").get("reason") == "SecretMissing" and o
+        ),
+        timeout=60,
+        what="SecretMissing",
+    )
     assert "spec.adminPasswordSecretRef" in cond(obj, "Ready")["message"]
     eventually(lambda: domain(hypervisor, uid).isActive(), timeout=30, what="the domain running again")
     delete_and_wait(custom, namespace, "nopw")

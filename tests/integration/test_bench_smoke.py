@@ -1,4 +1,5 @@
 """The benchmarks run end to end with tiny counts, so they never rot; no timing is asserted."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:
     out.unlink(missing_ok=True)
     main(["--smoke", "--out", str(out)])
     text = out.read_text()
-    for title in ("Latency: apply → Running", "Burst: 3 at once", "API cost", "Memory",
-                  "Scale: 6 instances, 2 agents", "Reaction: out-of-band stop → status", "Live migration"):
+    for title in (
+        "Latency: apply → Running",
+        "Burst: 3 at once",
+        "API cost",
+        "Memory",
+        "Scale: 6 instances, 2 agents",
+        "Reaction: out-of-band stop → status",
+        "Live migration",
+    ):
         assert f". {title}\n" in text, title
     figures = json.loads(out.with_suffix(".json").read_text())
     assert len(figures["Latency: apply → Running"]["kubenova_running_s"]) == 2

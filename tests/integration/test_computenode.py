@@ -1,4 +1,5 @@
 """The agent registers its host as a ComputeNode with stats that match the host."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,15 @@ from tests.integration.test_virtualinstance import cond, get, make
 
 
 def meminfo_mib() -> int:
-    line = next(l for l in pathlib.Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
+    line = next(
+        row for row in pathlib.Path("/proc/meminfo").read_text().splitlines() if row.startswith("MemTotal:")
+    )
     return int(line.split()[1]) // 1024
 
 
 def test_capacity_matches_the_host_and_instances_are_counted(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str) -> None:
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
+) -> None:
     node = custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, ground.node)
     status = node["status"]
     assert status["capacity"]["vcpus"] == os.cpu_count()
@@ -29,12 +33,22 @@ def test_capacity_matches_the_host_and_instances_are_counted(
     assert status["cpuInfo"]["features"], "the host CPU's feature flags are reported"
 
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("counted"))
-    eventually(lambda: cond(get(custom, namespace, "counted"), "Ready").get("status") == "True", timeout=120,
-               what="Running")
+    eventually(
+        lambda: cond(get(custom, namespace, "counted"), "Ready").get("status") == "True",
+        timeout=120,
+        what="Running",
+    )
     # The next heartbeat (every 20 s) lists it.
-    node = eventually(lambda: (n := custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, ground.node))
-                      and f"{namespace}/counted" in n["status"].get("instances", []) and n,
-                      timeout=45, interval=1, what="the instance in the ComputeNode's status")
+    node = eventually(
+        lambda: (
+            (n := custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, ground.node))
+            and f"{namespace}/counted" in n["status"].get("instances", [])
+            and n
+        ),
+        timeout=45,
+        interval=1,
+        what="the instance in the ComputeNode's status",
+    )
     assert node["status"]["instanceCount"] == len(node["status"]["instances"])
     assert node["status"]["usage"]["memoryMiB"] >= 96
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "counted")

@@ -4,6 +4,7 @@ Driver conformance tests trust the guest's console lines as evidence of what a d
 these tests prove each line tells the truth, with domains defined straight through libvirt
 (transient, named guestimg-*, always destroyed) so no driver code is involved.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,12 +47,16 @@ class Guest:
     def lines(self) -> list[str]:
         """The complete lines so far: QEMU may be halfway through writing the last one."""
         text = self.console.read_text(errors="replace") if self.console.exists() else ""
-        return [line.strip() for line in text[:text.rfind("\n") + 1].splitlines()]
+        return [line.strip() for line in text[: text.rfind("\n") + 1].splitlines()]
 
     def wait_for(self, words: str, timeout: float = BOOT_TIMEOUT) -> str:
         """The first console line that is `words` or starts with them and a space, once printed."""
-        return eventually(lambda: next((line for line in self.lines() if f"{line} ".startswith(f"{words} ")), None),
-                          timeout=timeout, interval=0.2, what=f"{words!r} on {self.console}")
+        return eventually(
+            lambda: next((line for line in self.lines() if f"{line} ".startswith(f"{words} ")), None),
+            timeout=timeout,
+            interval=0.2,
+            what=f"{words!r} on {self.console}",
+        )
 
 
 @pytest.fixture
@@ -86,8 +91,14 @@ def disk_xml(disk: Disk) -> str:
     return ET.tostring(element, encoding="unicode")
 
 
-def domain_xml(name: str, console: pathlib.Path, store: pathlib.Path, cmdline: str | None,
-               disks: list[Disk], tap: str | None = None) -> str:
+def domain_xml(
+    name: str,
+    console: pathlib.Path,
+    store: pathlib.Path,
+    cmdline: str | None,
+    disks: list[Disk],
+    tap: str | None = None,
+) -> str:
     """A minimal TCG domain; `cmdline` None boots from the first disk through SeaBIOS instead of directly."""
     dom = ET.Element("domain", type="qemu")
     _sub(dom, "name", name)
@@ -119,8 +130,13 @@ def domain_xml(name: str, console: pathlib.Path, store: pathlib.Path, cmdline: s
 
 
 @contextlib.contextmanager
-def booted(ground: testground.Ground, conn: libvirt.virConnect, cmdline: str | None, disks: list[Disk],
-           tap: str | None = None) -> Iterator[Guest]:
+def booted(
+    ground: testground.Ground,
+    conn: libvirt.virConnect,
+    cmdline: str | None,
+    disks: list[Disk],
+    tap: str | None = None,
+) -> Iterator[Guest]:
     """A running transient guest, destroyed (and its console log removed) whatever happens."""
     name = f"guestimg-{uuid.uuid4().hex[:8]}"
     console = ground.node_dir() / "guestimg" / f"{name}.log"
@@ -161,23 +177,39 @@ def config_iso(path: pathlib.Path, label: str, files: dict[str, bytes]) -> pathl
             if parent not in iso_dirs:
                 iso_dirs[parent] = f"{iso_dirs[parent.parent]}/D{len(iso_dirs)}"
                 iso.add_directory(iso_dirs[parent], rr_name=parent.name, joliet_path=str(parent))
-        iso.add_fp(io.BytesIO(content), len(content), f"{iso_dirs[rel.parent]}/F{i}.;1", rr_name=rel.name,
-                   joliet_path=str(rel))
+        iso.add_fp(
+            io.BytesIO(content),
+            len(content),
+            f"{iso_dirs[rel.parent]}/F{i}.;1",
+            rr_name=rel.name,
+            joliet_path=str(rel),
+        )
     iso.write(str(path))
     iso.close()
     return path
 
 
-def test_direct_boot_reports_marker_ticks_and_disk_head(ground: testground.Ground, conn: libvirt.virConnect,
-                                                        workdir: pathlib.Path) -> None:
+def test_direct_boot_reports_marker_ticks_and_disk_head(
+    ground: testground.Ground, conn: libvirt.virConnect, workdir: pathlib.Path
+) -> None:
     head = b"kubenova-head-01"
-    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw_disk(workdir / "base.raw", head)),
-             str(workdir / "base.qcow2"))
+    qemu_img(
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        str(raw_disk(workdir / "base.raw", head)),
+        str(workdir / "base.qcow2"),
+    )
     disk = overlay(workdir / "base.qcow2", workdir / "vda.qcow2")
     with booted(ground, conn, guest.CMDLINE, [Disk(disk, "vda")]) as vm:
         marker = vm.wait_for(guest.BOOT_MARKER)
         assert marker.startswith(f"{guest.BOOT_MARKER} kernel=") and marker.endswith("-cloud-amd64")
-        assert vm.wait_for(f"{guest.DISK} vda") == f"{guest.DISK} vda sectors={(8 << 20) // 512} head={head.hex()}"
+        assert (
+            vm.wait_for(f"{guest.DISK} vda")
+            == f"{guest.DISK} vda sectors={(8 << 20) // 512} head={head.hex()}"
+        )
         vm.wait_for(f"{guest.TICK} 2", timeout=30)
         ticks = [int(line.split()[1]) for line in vm.lines() if line.startswith(f"{guest.TICK} ")]
         assert ticks == list(range(len(ticks)))
@@ -185,13 +217,16 @@ def test_direct_boot_reports_marker_ticks_and_disk_head(ground: testground.Groun
         vm.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
         vm.wait_for(f"{guest.TICK} {len(ticks) + 2}", timeout=30)
         assert vm.dom.isActive()
-        assert not any(line.startswith((guest.RESCUE_MARKER, guest.CD_FILE, guest.NET, guest.WROTE))
-                       for line in vm.lines())
+        assert not any(
+            line.startswith((guest.RESCUE_MARKER, guest.CD_FILE, guest.NET, guest.WROTE))
+            for line in vm.lines()
+        )
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_write_hook_writes_to_a_hot_plugged_disk(ground: testground.Ground, conn: libvirt.virConnect,
-                                                 workdir: pathlib.Path, fmt: str) -> None:
+def test_write_hook_writes_to_a_hot_plugged_disk(
+    ground: testground.Ground, conn: libvirt.virConnect, workdir: pathlib.Path, fmt: str
+) -> None:
     pattern = f"KN-{uuid.uuid4().hex[:12]}"
     volume = raw_disk(workdir / "volume.raw")
     if fmt == "qcow2":
@@ -210,7 +245,9 @@ def test_write_hook_writes_to_a_hot_plugged_disk(ground: testground.Ground, conn
         eventually(lambda: str(volume) not in vm.dom.XMLDesc(), timeout=60, what="the guest to release vdb")
         tick = len([line for line in vm.lines() if line.startswith(guest.TICK)])
         vm.wait_for(f"{guest.TICK} {tick + 1}", timeout=30)  # written once, and the guest lives on
-        assert [line for line in vm.lines() if line.startswith(guest.WROTE)] == [f"{guest.WROTE} vdb {pattern}"]
+        assert [line for line in vm.lines() if line.startswith(guest.WROTE)] == [
+            f"{guest.WROTE} vdb {pattern}"
+        ]
     if fmt == "qcow2":
         qemu_img("convert", "-f", "qcow2", "-O", "raw", str(volume), str(workdir / "readback.raw"))
         volume = workdir / "readback.raw"
@@ -218,22 +255,35 @@ def test_write_hook_writes_to_a_hot_plugged_disk(ground: testground.Ground, conn
         assert f.read(len(pattern) + 1) == pattern.encode() + b"\0"
 
 
-NOCLOUD = {"meta-data": b"instance-id: iid-guestimg\nlocal-hostname: guestimg\n",
-           "user-data": b"#cloud-config\nruncmd: [echo hi]\n",
-           "network-config": b"version: 2\nethernets:\n  eth0:\n    addresses: [169.254.10.2/16]\n"}
-OPENSTACK = {"openstack/latest/meta_data.json": b'{"uuid": "guestimg", "files": []}',
-             "openstack/latest/network_data.json": b'{"links": [], "networks": [], "services": []}',
-             "openstack/latest/user_data": b"#!/bin/sh\necho hi\n",
-             "openstack/content/0000": b"injected file\n"}
+NOCLOUD = {
+    "meta-data": b"instance-id: iid-guestimg\nlocal-hostname: guestimg\n",
+    "user-data": b"#cloud-config\nruncmd: [echo hi]\n",
+    "network-config": b"version: 2\nethernets:\n  eth0:\n    addresses: [169.254.10.2/16]\n",
+}
+OPENSTACK = {
+    "openstack/latest/meta_data.json": b'{"uuid": "guestimg", "files": []}',
+    "openstack/latest/network_data.json": b'{"links": [], "networks": [], "services": []}',
+    "openstack/latest/user_data": b"#!/bin/sh\necho hi\n",
+    "openstack/content/0000": b"injected file\n",
+}
 
 
-@pytest.mark.parametrize("label, files, device, bus", [
-    ("cidata", NOCLOUD, "disk", "virtio"),
-    ("config-2", OPENSTACK, "cdrom", "ide"),  # Nova's default config drive on a pc machine
-])
-def test_config_drive_files_are_printed(ground: testground.Ground, conn: libvirt.virConnect,
-                                        workdir: pathlib.Path, label: str, files: dict[str, bytes],
-                                        device: str, bus: str) -> None:
+@pytest.mark.parametrize(
+    "label, files, device, bus",
+    [
+        ("cidata", NOCLOUD, "disk", "virtio"),
+        ("config-2", OPENSTACK, "cdrom", "ide"),  # Nova's default config drive on a pc machine
+    ],
+)
+def test_config_drive_files_are_printed(
+    ground: testground.Ground,
+    conn: libvirt.virConnect,
+    workdir: pathlib.Path,
+    label: str,
+    files: dict[str, bytes],
+    device: str,
+    bus: str,
+) -> None:
     iso = config_iso(workdir / "config.iso", label, files)
     target = "vdb" if bus == "virtio" else "hdc"
     disks = [Disk(raw_disk(workdir / "root.raw"), "vda", format="raw"), Disk(iso, target, "raw", device, bus)]
@@ -244,19 +294,30 @@ def test_config_drive_files_are_printed(ground: testground.Ground, conn: libvirt
         assert {fields[1]: base64.b64decode(fields[2]) for fields in printed} == files
 
 
-@pytest.mark.parametrize("image, marker, other", [
-    (guest.DISK_IMAGE, guest.BOOT_MARKER, guest.RESCUE_MARKER),
-    (guest.RESCUE_IMAGE, guest.RESCUE_MARKER, guest.BOOT_MARKER),
-])
-def test_disk_images_boot_through_the_bios(ground: testground.Ground, conn: libvirt.virConnect,
-                                           workdir: pathlib.Path, image: str, marker: str, other: str) -> None:
+@pytest.mark.parametrize(
+    "image, marker, other",
+    [
+        (guest.DISK_IMAGE, guest.BOOT_MARKER, guest.RESCUE_MARKER),
+        (guest.RESCUE_IMAGE, guest.RESCUE_MARKER, guest.BOOT_MARKER),
+    ],
+)
+def test_disk_images_boot_through_the_bios(
+    ground: testground.Ground,
+    conn: libvirt.virConnect,
+    workdir: pathlib.Path,
+    image: str,
+    marker: str,
+    other: str,
+) -> None:
     root = overlay(ground.layout.state / "images" / image, workdir / "root.qcow2")
     second = raw_disk(workdir / "second.raw", b"the-instance-disk", 4 << 20)
     with booted(ground, conn, None, [Disk(root, "vda"), Disk(second, "vdb", format="raw")]) as vm:
         assert vm.wait_for(marker).startswith(f"{marker} kernel=")
         assert b"SYSLINUX".hex() in vm.wait_for(f"{guest.DISK} vda")
-        assert vm.wait_for(f"{guest.DISK} vdb") == \
-            f"{guest.DISK} vdb sectors={(4 << 20) // 512} head={b'the-instance-disk'[:16].hex()}"
+        assert (
+            vm.wait_for(f"{guest.DISK} vdb")
+            == f"{guest.DISK} vdb sectors={(4 << 20) // 512} head={b'the-instance-disk'[:16].hex()}"
+        )
         assert not any(line.startswith(other) for line in vm.lines())
 
 
@@ -267,4 +328,5 @@ def test_network_interface_comes_up_and_sends(ground: testground.Ground, conn: l
         def packets() -> int:
             stats = vm.dom.interfaceStats(TAP)  # rx_bytes, rx_packets, ..., tx_bytes, tx_packets, ...
             return stats[1] + stats[5]
+
         eventually(packets, timeout=30, interval=0.5, what=f"traffic on {TAP}")

@@ -1,5 +1,6 @@
 """Installing kubenova: Helm and kustomize against the real apiserver, each component running with
 its own ServiceAccount's token, and VMs driven by the kubectl plugin."""
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,9 @@ def helm() -> str:
     return str(kube.build_helm())
 
 
-def run(argv: list[str], ground: testground.Ground, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], ground: testground.Ground, check: bool = True, **env: str
+) -> subprocess.CompletedProcess[str]:
     bin_dir = pathlib.Path(sys.executable).parent  # kubectl-kubenova, for `kubectl kubenova`
     environment = {**ground.env(), **env}
     environment["PATH"] = f"{bin_dir}:{environment['PATH']}"
@@ -40,16 +43,24 @@ def run(argv: list[str], ground: testground.Ground, check: bool = True, **env: s
     return proc
 
 
-def test_the_chart_lints_clean_and_the_generated_files_are_current(helm: str, ground: testground.Ground) -> None:
+def test_the_chart_lints_clean_and_the_generated_files_are_current(
+    helm: str, ground: testground.Ground
+) -> None:
     run([helm, "lint", "--strict", str(CHART)], ground)
     run([sys.executable, str(REPO / "hack" / "gen_deploy.py"), "--check", helm], ground)
 
 
 def test_invalid_values_fail_on_the_schema_with_the_field_named(helm: str, ground: testground.Ground) -> None:
-    for setting, field in (("agent.domainType=xen", "domainType"), ("controller.replicas=0", "replicas"),
-                           ("agent.imageStore=relative/path", "imageStore"), ("agnet.domainType=kvm", "agnet")):
+    for setting, field in (
+        ("agent.domainType=xen", "domainType"),
+        ("controller.replicas=0", "replicas"),
+        ("agent.imageStore=relative/path", "imageStore"),
+        ("agnet.domainType=kvm", "agnet"),
+    ):
         proc = run([helm, *TEMPLATE, "--set", setting], ground, check=False)
-        assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, setting
+        assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, (
+            setting
+        )
         assert field in proc.stderr, proc.stderr
     proc = run([helm, *TEMPLATE, "--set", "agent.libvirt.mode=sidecar"], ground, check=False)
     assert proc.returncode != 0 and "set agent.libvirt.sidecar.image" in proc.stderr
@@ -57,33 +68,54 @@ def test_invalid_values_fail_on_the_schema_with_the_field_named(helm: str, groun
 
 def test_every_manifest_is_accepted_by_the_apiserver(helm: str, ground: testground.Ground) -> None:
     run([ground.kubectl, "apply", "--dry-run=server", "-k", str(REPO / "deploy")], ground)
-    for values in ([], ["--set", "agent.libvirt.mode=sidecar", "--set", "agent.libvirt.sidecar.image=libvirtd:x"]):
+    for values in (
+        [],
+        ["--set", "agent.libvirt.mode=sidecar", "--set", "agent.libvirt.sidecar.image=libvirtd:x"],
+    ):
         rendered = run([helm, *TEMPLATE, "--namespace", LEASE_NAMESPACE, *values], ground).stdout
-        proc = subprocess.run([ground.kubectl, "apply", "--dry-run=server", "-f", "-"], input=rendered,
-                              capture_output=True, text=True, env=ground.env())
+        proc = subprocess.run(
+            [ground.kubectl, "apply", "--dry-run=server", "-f", "-"],
+            input=rendered,
+            capture_output=True,
+            text=True,
+            env=ground.env(),
+        )
         assert proc.returncode == 0, proc.stderr
 
 
-def kubeconfig_for(ground: testground.Ground, core: kubernetes.client.CoreV1Api, component: str) -> pathlib.Path:
+def kubeconfig_for(
+    ground: testground.Ground, core: kubernetes.client.CoreV1Api, component: str
+) -> pathlib.Path:
     """A kubeconfig holding a fresh token of the component's own ServiceAccount (TokenRequest)."""
     token = core.create_namespaced_service_account_token(
-        f"kubenova-{component}", LEASE_NAMESPACE,
-        kubernetes.client.AuthenticationV1TokenRequest(spec=kubernetes.client.V1TokenRequestSpec(
-            audiences=[], expiration_seconds=3600))).status.token
+        f"kubenova-{component}",
+        LEASE_NAMESPACE,
+        kubernetes.client.AuthenticationV1TokenRequest(
+            spec=kubernetes.client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+        ),
+    ).status.token
     admin = yaml.safe_load(ground.layout.kubeconfig.read_text())
     cluster = admin["clusters"][0]["cluster"]
     path = ground.layout.state / f"sa-{component}.kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": component,
-        "clusters": [{"name": "ground", "cluster": cluster}],
-        "users": [{"name": component, "user": {"token": token}}],
-        "contexts": [{"name": component, "context": {"cluster": "ground", "user": component}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": component,
+                "clusters": [{"name": "ground", "cluster": cluster}],
+                "users": [{"name": component, "user": {"token": token}}],
+                "contexts": [{"name": component, "context": {"cluster": "ground", "user": component}}],
+            }
+        )
+    )
     return path
 
 
 @pytest.fixture(scope="module")
-def installed(helm: str, ground: testground.Ground,
-              core: kubernetes.client.CoreV1Api) -> Iterator[dict[str, pathlib.Path]]:
+def installed(
+    helm: str, ground: testground.Ground, core: kubernetes.client.CoreV1Api
+) -> Iterator[dict[str, pathlib.Path]]:
     run([helm, "install", RELEASE, str(CHART), "--namespace", LEASE_NAMESPACE, "--wait=false"], ground)
     try:
         yield {c: kubeconfig_for(ground, core, c) for c in COMPONENTS}
@@ -91,34 +123,57 @@ def installed(helm: str, ground: testground.Ground,
         run([helm, "uninstall", RELEASE, "--namespace", LEASE_NAMESPACE], ground, check=False)
 
 
-def test_each_service_account_can_do_exactly_its_listed_verbs(ground: testground.Ground,
-                                                              installed: dict[str, pathlib.Path]) -> None:
+def test_each_service_account_can_do_exactly_its_listed_verbs(
+    ground: testground.Ground, installed: dict[str, pathlib.Path]
+) -> None:
     for component, config in installed.items():
-        got = run([ground.kubectl, "auth", "can-i", "--list", "--namespace", LEASE_NAMESPACE], ground,
-                  KUBECONFIG=str(config)).stdout
+        got = run(
+            [ground.kubectl, "auth", "can-i", "--list", "--namespace", LEASE_NAMESPACE],
+            ground,
+            KUBECONFIG=str(config),
+        ).stdout
         expected = (REPO / "deploy" / "rbac" / f"{component}.txt").read_text()
         # The rows are what matters; kubectl groups them in an order that follows the rules' order.
-        assert sorted(got.splitlines()) == sorted(expected.splitlines()), \
+        assert sorted(got.splitlines()) == sorted(expected.splitlines()), (
             f"kubectl auth can-i --list for kubenova-{component} changed:\n{got}"
+        )
 
 
 def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_the_plugin(
-        ground: testground.Ground, installed: dict[str, pathlib.Path], namespace: str,
-        custom: kubernetes.client.CustomObjectsApi) -> None:
+    ground: testground.Ground,
+    installed: dict[str, pathlib.Path],
+    namespace: str,
+    custom: kubernetes.client.CustomObjectsApi,
+) -> None:
     """The test ground's admin-run processes give way to the same processes holding only their tokens."""
     for name in ("controller", f"agent-{ground.node}"):
         procs.stop(ground.layout, name)
-    commands = {"controller": ([sys.executable, "-m", "kubenova.cli", "controller"], "kubenova.cli controller"),
-                "agent": testground.agent_process(ground, ground.node)}
+    commands = {
+        "controller": ([sys.executable, "-m", "kubenova.cli", "controller"], "kubenova.cli controller"),
+        "agent": testground.agent_process(ground, ground.node),
+    }
     try:
         for component, (argv, marker) in commands.items():
-            procs.start(ground.layout, f"sa-{component}", argv, marker,
-                        env={**os.environ, "KUBECONFIG": str(installed[component])})
+            procs.start(
+                ground.layout,
+                f"sa-{component}",
+                argv,
+                marker,
+                env={**os.environ, "KUBECONFIG": str(installed[component])},
+            )
         plugin = ["kubectl", "kubenova", "-n", namespace, "--timeout", "180"]
-        out = run([*plugin, "create", "vm", "--memory", "96", "--image", guest.DISK_IMAGE, "--vnc"], ground).stdout
+        out = run(
+            [*plugin, "create", "vm", "--memory", "96", "--image", guest.DISK_IMAGE, "--vnc"], ground
+        ).stdout
         assert f"vm is Running on {ground.node}" in out
-        for verb, state in (("pause", "Paused"), ("unpause", "Running"), ("suspend", "Suspended"),
-                            ("resume", "Running"), ("stop", "Stopped"), ("start", "Running")):
+        for verb, state in (
+            ("pause", "Paused"),
+            ("unpause", "Running"),
+            ("suspend", "Suspended"),
+            ("resume", "Running"),
+            ("stop", "Stopped"),
+            ("start", "Running"),
+        ):
             assert run([*plugin, verb, "vm"], ground).stdout.strip() == f"vm is {state}", verb
         refused = run([*plugin, "unpause", "vm"], ground, check=False)
         assert refused.returncode == 1 and refused.stderr.strip() == "error: cannot unpause vm: it is Running"
@@ -126,20 +181,33 @@ def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_th
         assert "node" in run([*plugin, "diag", "vm"], ground).stdout
         check_vnc(ground, plugin, custom, namespace)
         image = f"plugin-{namespace}.qcow2"
-        assert f"image {image} is in the image store" in run([*plugin, "snapshot", "vm", image], ground).stdout
+        assert (
+            f"image {image} is in the image store" in run([*plugin, "snapshot", "vm", image], ground).stdout
+        )
         assert (ground.image_store / image).is_file()
         (ground.image_store / image).unlink()
-        assert run([*plugin, "rescue", "vm", "--image", guest.RESCUE_IMAGE], ground).stdout.strip() == "vm is Rescued"
+        assert (
+            run([*plugin, "rescue", "vm", "--image", guest.RESCUE_IMAGE], ground).stdout.strip()
+            == "vm is Rescued"
+        )
         assert run([*plugin, "unrescue", "vm"], ground).stdout.strip() == "vm is Running"
         nowhere = run([*plugin, "migrate", "vm", "--live", "--to", "nowhere"], ground, check=False)
         assert nowhere.returncode == 1 and "no ComputeNode is called 'nowhere'" in nowhere.stderr
         instances = ground.node_dir() / "instances"
-        eventually(lambda: guest.BOOT_MARKER in run([*plugin, "console", "--instances-dir", str(instances), "vm"],
-                                                    ground).stdout, timeout=120, what="the console after the reboot")
+        eventually(
+            lambda: (
+                guest.BOOT_MARKER
+                in run([*plugin, "console", "--instances-dir", str(instances), "vm"], ground).stdout
+            ),
+            timeout=120,
+            what="the console after the reboot",
+        )
         assert run([*plugin, "delete", "vm"], ground).stdout.strip() == "vm deleted"
         missing = run([*plugin, "stop", "vm"], ground, check=False)
-        assert missing.returncode == 1 and missing.stderr.strip() == \
-            f"error: VirtualInstance 'vm' not found in namespace {namespace}"
+        assert (
+            missing.returncode == 1
+            and missing.stderr.strip() == f"error: VirtualInstance 'vm' not found in namespace {namespace}"
+        )
         # Nothing was done as admin: the object's writers are the two components' ServiceAccounts.
         events = kubernetes.client.CoreV1Api(custom.api_client).list_namespaced_event(namespace).items
         assert any(e.reason == "Deleted" for e in events)
@@ -149,8 +217,9 @@ def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_th
         testground.start_kubenova(ground)
 
 
-def check_vnc(ground: testground.Ground, plugin: list[str], custom: kubernetes.client.CustomObjectsApi,
-              namespace: str) -> None:
+def check_vnc(
+    ground: testground.Ground, plugin: list[str], custom: kubernetes.client.CustomObjectsApi, namespace: str
+) -> None:
     """`kubectl kubenova vnc` forwards a loopback port to the guest's VNC server, which wants the password."""
     vi = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "virtualinstances", "vm")
     assert vi["status"]["vnc"]["host"] == "127.0.0.1", "the VNC server listens on the node's loopback only"
@@ -168,26 +237,56 @@ def check_vnc(ground: testground.Ground, plugin: list[str], custom: kubernetes.c
 
 
 def test_helm_upgrade_changes_the_workloads_and_uninstall_removes_them(
-        helm: str, ground: testground.Ground, installed: dict[str, pathlib.Path],
-        api_client: kubernetes.client.ApiClient) -> None:
+    helm: str,
+    ground: testground.Ground,
+    installed: dict[str, pathlib.Path],
+    api_client: kubernetes.client.ApiClient,
+) -> None:
     apps = kubernetes.client.AppsV1Api(api_client)
-    run([helm, "upgrade", RELEASE, str(CHART), "--namespace", LEASE_NAMESPACE, "--set", "controller.maxMigrations=3",
-         "--set", "agent.domainType=qemu", "--wait=false"], ground)
+    run(
+        [
+            helm,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            LEASE_NAMESPACE,
+            "--set",
+            "controller.maxMigrations=3",
+            "--set",
+            "agent.domainType=qemu",
+            "--wait=false",
+        ],
+        ground,
+    )
     controller = apps.read_namespaced_deployment("kubenova-controller", LEASE_NAMESPACE)
     assert "--max-migrations=3" in controller.spec.template.spec.containers[0].args
     agent = apps.read_namespaced_daemon_set("kubenova-agent", LEASE_NAMESPACE)
     assert "--domain-type=qemu" in agent.spec.template.spec.containers[0].args
     assert agent.spec.template.spec.service_account_name == "kubenova-agent"
     run([helm, "uninstall", RELEASE, "--namespace", LEASE_NAMESPACE], ground)
-    eventually(lambda: not apps.list_namespaced_deployment(LEASE_NAMESPACE).items
-               and not apps.list_namespaced_daemon_set(LEASE_NAMESPACE).items, timeout=30,
-               what="the workloads to be gone")
+    eventually(
+        lambda: (
+            not apps.list_namespaced_deployment(LEASE_NAMESPACE).items
+            and not apps.list_namespaced_daemon_set(LEASE_NAMESPACE).items
+        ),
+        timeout=30,
+        what="the workloads to be gone",
+    )
     core = kubernetes.client.CoreV1Api(api_client)
-    assert not [sa for sa in core.list_namespaced_service_account(LEASE_NAMESPACE).items
-                if sa.metadata.name.startswith("kubenova-")]
+    assert not [
+        sa
+        for sa in core.list_namespaced_service_account(LEASE_NAMESPACE).items
+        if sa.metadata.name.startswith("kubenova-")
+    ]
     # Helm never deletes CRDs (nor, so, anyone's VMs).
-    assert kubernetes.client.ApiextensionsV1Api(api_client).read_custom_resource_definition(
-        f"virtualinstances.{GROUP}").spec.versions[0].name == VERSION
+    assert (
+        kubernetes.client.ApiextensionsV1Api(api_client)
+        .read_custom_resource_definition(f"virtualinstances.{GROUP}")
+        .spec.versions[0]
+        .name
+        == VERSION
+    )
 
 
 def test_the_sample_values_render_for_kind(helm: str, ground: testground.Ground) -> None:
@@ -198,4 +297,7 @@ def test_the_sample_values_render_for_kind(helm: str, ground: testground.Ground)
     assert (cluster["kind"], cluster["apiVersion"]) == ("Cluster", "kind.x-k8s.io/v1alpha4")
     assert {n["role"] for n in cluster["nodes"]} == {"control-plane", "worker"}
     makefile = (REPO / "Makefile").read_text()
-    assert "kind load docker-image localhost/kubenova:0.1.0" in makefile and "-f deploy/kind/values.yaml" in makefile
+    assert (
+        "kind load docker-image localhost/kubenova:0.1.0" in makefile
+        and "-f deploy/kind/values.yaml" in makefile
+    )

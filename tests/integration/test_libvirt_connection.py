@@ -1,4 +1,5 @@
 """The libvirt driver survives its libvirtd going away: it reconnects and keeps its event callbacks."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,13 +28,21 @@ def test_reconnects_after_libvirtd_restarts_and_still_gets_events(ground: testgr
         assert driver.list_instances() == []
         libvirt_host.stop(layout, NODE)  # kill -9 of libvirtd, virtlogd and their QEMUs
         libvirt_host.start(layout, NODE)
-        spec = InstanceSpec(uuid=str(uuid.uuid4()), name="after-restart", namespace="t", vcpus=1, memory_mib=96,
-                            boot=KernelBoot(store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD),
-                                            guest.CMDLINE))
+        spec = InstanceSpec(
+            uuid=str(uuid.uuid4()),
+            name="after-restart",
+            namespace="t",
+            vcpus=1,
+            memory_mib=96,
+            boot=KernelBoot(
+                store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD), guest.CMDLINE
+            ),
+        )
         driver.spawn(spec)  # the first call after the restart reconnects
         assert spec.uuid in driver.list_instances()
-        eventually(lambda: spec.uuid in events, timeout=10,
-                   what="a lifecycle event through the new connection")
+        eventually(
+            lambda: spec.uuid in events, timeout=10, what="a lifecycle event through the new connection"
+        )
         driver.destroy(spec.uuid)
     finally:
         driver.host.close()

@@ -1,4 +1,5 @@
 """Migrations between two real libvirtd hosts (node-1, node-2), driven only through the Kubernetes API."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,8 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
+from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from kubenova.testground import ground as testground
 from kubenova.testground import guest, libvirt_host
 from tests.helpers import eventually
@@ -25,11 +26,13 @@ BOOT = 120
 
 @pytest.fixture(scope="module")
 def nodes(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi) -> Iterator[tuple[str, str]]:
-    """Two more compute nodes, labelled so that only this module's instances (which select the label) go there."""
+    """Two more compute nodes, labelled so that only this module's instances (which select the label) go
+    there."""
     for node in NODES:
         testground.add_node(ground, node)
-        custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node,
-                                           {"metadata": {"labels": {POOL: "migration"}}})
+        custom.patch_cluster_custom_object(
+            GROUP, VERSION, COMPUTENODES, node, {"metadata": {"labels": {POOL: "migration"}}}
+        )
     yield NODES
     for node in NODES:
         testground.remove_node(ground, node)
@@ -78,8 +81,12 @@ def has_domain(ground: testground.Ground, node: str, uid: str) -> bool:
         conn.close()
 
 
-def running(ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-            body: dict[str, Any]) -> tuple[str, str]:
+def running(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    body: dict[str, Any],
+) -> tuple[str, str]:
     """Create the instance and wait until its guest ticks; returns (uid, node)."""
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
     obj = wait_ready(custom, namespace, body["metadata"]["name"])
@@ -89,21 +96,36 @@ def running(ground: testground.Ground, custom: kubernetes.client.CustomObjectsAp
     return uid, node
 
 
-def migrate(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str,
-            **spec: Any) -> None:
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATIONS, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Migration", "metadata": {"name": name},
-        "spec": {"instanceRef": {"name": instance}, "type": "Live", **spec}})
+def migrate(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str, **spec: Any
+) -> None:
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        MIGRATIONS,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Migration",
+            "metadata": {"name": name},
+            "spec": {"instanceRef": {"name": instance}, "type": "Live", **spec},
+        },
+    )
 
 
 def migration(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
     return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATIONS, name))
 
 
-def wait_phase(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, *phases: str,
-               timeout: float = 180) -> dict[str, Any]:
-    return eventually(lambda: (m := migration(custom, namespace, name)).get("status", {}).get("phase") in phases
-                      and m, timeout=timeout, interval=0.2, what=f"Migration {name} {'/'.join(phases)}")
+def wait_phase(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, *phases: str, timeout: float = 180
+) -> dict[str, Any]:
+    return eventually(
+        lambda: (m := migration(custom, namespace, name)).get("status", {}).get("phase") in phases and m,
+        timeout=timeout,
+        interval=0.2,
+        what=f"Migration {name} {'/'.join(phases)}",
+    )
 
 
 def running_again(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> None:
@@ -112,18 +134,26 @@ def running_again(custom: kubernetes.client.CustomObjectsApi, namespace: str, na
     The source wrote phase Migrating while the migration's steps ran; it says Running once it sees
     the migration end, at the latest at its next resync (30 s).
     """
-    eventually(lambda: wait_ready(custom, namespace, name)["status"]["phase"] == "Running", timeout=90,
-               interval=1, what=f"{name} Running again")
+    eventually(
+        lambda: wait_ready(custom, namespace, name)["status"]["phase"] == "Running",
+        timeout=90,
+        interval=1,
+        what=f"{name} Running again",
+    )
 
 
 def test_live_migration_moves_a_running_guest_without_restarting_it(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
     uid, source = running(ground, custom, namespace, vi("live", interfaces=NIC))
     target = other(source)
     mac = eventually(lambda: guest_mac(ground, uid, source), timeout=BOOT, what="the guest's MAC")
     assert get(custom, namespace, "live")["status"]["interfaces"] == [
-        {"name": "eth0", "macAddress": mac, "network": libvirt_host.NETWORK}]
+        {"name": "eth0", "macAddress": mac, "network": libvirt_host.NETWORK}
+    ]
     migrate(custom, namespace, "live-1", "live")
     done = wait_phase(custom, namespace, "live-1", "Succeeded", "Failed")
     status = done["status"]
@@ -132,57 +162,101 @@ def test_live_migration_moves_a_running_guest_without_restarting_it(
     assert status["progress"]["elapsedMs"] > 0 and status["progress"]["downtimeMs"] >= 0
     assert status["startTime"] and status["completionTime"]
     assert node_of(custom, namespace, "live") == target
-    assert get(custom, namespace, "live")["status"]["node"] == target, "the status never contradicts the Migration"
+    assert get(custom, namespace, "live")["status"]["node"] == target, (
+        "the status never contradicts the Migration"
+    )
     # Ready again once the target's agent has written its own status.
-    eventually(lambda: (o := wait_ready(custom, namespace, "live")) and next(
-        c for c in o["status"]["conditions"] if c["type"] == "Scheduled")["message"] == f"placed on {target}" and o,
-        timeout=60, what="the target's agent to report the instance")
+    eventually(
+        lambda: (
+            (o := wait_ready(custom, namespace, "live"))
+            and next(c for c in o["status"]["conditions"] if c["type"] == "Scheduled")["message"]
+            == f"placed on {target}"
+            and o
+        ),
+        timeout=60,
+        what="the target's agent to report the instance",
+    )
     assert has_domain(ground, target, uid) and not has_domain(ground, source, uid)
     assert not ground.instance_dir(uid, source).exists(), "the source's files are cleaned up"
     # The same guest goes on counting on the target: no new boot.
-    first = eventually(lambda: ticks(ground, uid, target) >= 0 and ticks(ground, uid, target), timeout=30,
-                       what="the counter on the target")
+    first = eventually(
+        lambda: ticks(ground, uid, target) >= 0 and ticks(ground, uid, target),
+        timeout=30,
+        what="the counter on the target",
+    )
     eventually(lambda: ticks(ground, uid, target) > first, timeout=30, what="the counter to go on")
     assert guest.BOOT_MARKER not in console(ground, uid, target)
-    assert eventually(lambda: guest_mac(ground, uid, target), timeout=30, what="the guest's MAC on the target") \
-        == mac, "the guest sees the address it had"
+    assert (
+        eventually(lambda: guest_mac(ground, uid, target), timeout=30, what="the guest's MAC on the target")
+        == mac
+    ), "the guest sees the address it had"
     assert get(custom, namespace, "live")["status"]["interfaces"][0]["macAddress"] == mac
     delete_and_wait(custom, namespace, "live")
     assert not has_domain(ground, target, uid)
 
 
 def test_live_block_migration_keeps_what_the_guest_wrote(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
     pattern = f"LIVE-{uuid.uuid4().hex[:8]}"
     cmdline = f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}"
-    body = vi("disk", rootDisk={"sizeGiB": 1}, ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}],
-              boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}})
+    body = vi(
+        "disk",
+        rootDisk={"sizeGiB": 1},
+        ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}],
+        boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
+    )
     uid, source = running(ground, custom, namespace, body)
-    eventually(lambda: f"{guest.WROTE} vdb {pattern}" in console(ground, uid, source), timeout=BOOT,
-               what="the guest to write its pattern")
+    eventually(
+        lambda: f"{guest.WROTE} vdb {pattern}" in console(ground, uid, source),
+        timeout=BOOT,
+        what="the guest to write its pattern",
+    )
     migrate(custom, namespace, "disk-1", "disk")
     assert wait_phase(custom, namespace, "disk-1", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
     target = other(source)
     # A fresh boot on the target reads the disk back from its own copy.
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "disk",
-                                          {"spec": {"actions": {"reboot": {"id": "after-move", "type": "Hard"}}}})
+    custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VIRTUALINSTANCES,
+        "disk",
+        {"spec": {"actions": {"reboot": {"id": "after-move", "type": "Hard"}}}},
+    )
     assert wait_action(custom, namespace, "disk", "reboot", "after-move")["phase"] == "Succeeded"
     head = pattern.encode().ljust(16, bytes(1)).hex()
-    eventually(lambda: f"{guest.DISK} vdb sectors={2**30 // 512} head={head}" in console(ground, uid, target),
-               timeout=BOOT, what="the target's guest to read the pattern at boot")
+    eventually(
+        lambda: f"{guest.DISK} vdb sectors={2**30 // 512} head={head}" in console(ground, uid, target),
+        timeout=BOOT,
+        what="the target's guest to read the pattern at boot",
+    )
     delete_and_wait(custom, namespace, "disk")
 
 
 def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
     uid, source = running(ground, custom, namespace, vi("stay"))
     target = other(source)
     migrate(custom, namespace, "slow", "stay", bandwidthMiBps=1)  # 128 MiB at 1 MiB/s: minutes
-    eventually(lambda: (migration(custom, namespace, "slow").get("status", {}).get("progress") or {})
-               .get("dataProcessedBytes"), timeout=60, interval=0.2, what="the transfer to report progress")
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATIONS, "slow", {"spec": {"cancel": True}})
+    eventually(
+        lambda: (migration(custom, namespace, "slow").get("status", {}).get("progress") or {}).get(
+            "dataProcessedBytes"
+        ),
+        timeout=60,
+        interval=0.2,
+        what="the transfer to report progress",
+    )
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, MIGRATIONS, "slow", {"spec": {"cancel": True}}
+    )
     status = wait_phase(custom, namespace, "slow", "Cancelled", "Failed", "Succeeded", timeout=60)["status"]
     assert status["phase"] == "Cancelled", status.get("message")
     assert f"keeps running on {source}" in status["message"]
@@ -190,14 +264,19 @@ def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
     assert has_domain(ground, source, uid) and not has_domain(ground, target, uid)
     assert not ground.instance_dir(uid, target).exists(), "nothing is left on the target"
     before = ticks(ground, uid, source)
-    eventually(lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on at the source")
+    eventually(
+        lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on at the source"
+    )
     running_again(custom, namespace, "stay")
     delete_and_wait(custom, namespace, "stay")
 
 
 def test_a_migration_to_a_dead_target_fails_clearly_and_leaves_the_guest_alone(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
     uid, source = running(ground, custom, namespace, vi("alone"))
     target = other(source)
     libvirt_host.stop(ground.layout, target)  # kill -9 of the target's libvirtd and its QEMUs
@@ -205,7 +284,9 @@ def test_a_migration_to_a_dead_target_fails_clearly_and_leaves_the_guest_alone(
         migrate(custom, namespace, "doomed", "alone", targetNode=target)
         status = wait_phase(custom, namespace, "doomed", "Failed", "Succeeded", timeout=120)["status"]
         assert status["phase"] == "Failed"
-        assert f"{target} could not prepare" in status["message"] and f"running on {source}" in status["message"]
+        assert (
+            f"{target} could not prepare" in status["message"] and f"running on {source}" in status["message"]
+        )
         assert node_of(custom, namespace, "alone") == source and has_domain(ground, source, uid)
         before = ticks(ground, uid, source)
         eventually(lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on")
@@ -222,53 +303,90 @@ def size_line(ground: testground.Ground, uid: str, node: str) -> tuple[int, int]
 
 
 def test_cold_resize_confirm_revert_and_auto_confirm(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
     uid, first = running(ground, custom, namespace, vi("grow"))
     second = other(first)
-    cpus, small = eventually(lambda: size_line(ground, uid, first), timeout=BOOT, what="the guest's size line")
+    cpus, small = eventually(
+        lambda: size_line(ground, uid, first), timeout=BOOT, what="the guest's size line"
+    )
     assert cpus == 1
     bigger = {"vcpus": 2, "memoryMiB": 256}
     # Resize, confirmed by hand: the guest boots on the other node with more memory; the source copy goes.
-    migrate(custom, namespace, "resize", "grow", type="Cold", flavor=bigger, confirmation={"policy": "Manual"})
+    migrate(
+        custom, namespace, "resize", "grow", type="Cold", flavor=bigger, confirmation={"policy": "Manual"}
+    )
     waiting = wait_phase(custom, namespace, "resize", "AwaitingConfirmation", "Failed")["status"]
     assert waiting["phase"] == "AwaitingConfirmation", waiting.get("message")
     assert node_of(custom, namespace, "grow") == second
-    grown = eventually(lambda: size_line(ground, uid, second), timeout=BOOT, what="the resized guest's size line")
+    grown = eventually(
+        lambda: size_line(ground, uid, second), timeout=BOOT, what="the resized guest's size line"
+    )
     assert grown[0] == 2 and grown[1] > small
     assert has_domain(ground, first, uid), "the source keeps its copy until the resize is confirmed"
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATIONS, "resize",
-                                          {"spec": {"decision": "Confirm"}})
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, MIGRATIONS, "resize", {"spec": {"decision": "Confirm"}}
+    )
     assert wait_phase(custom, namespace, "resize", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
     assert not has_domain(ground, first, uid) and not ground.instance_dir(uid, first).exists()
     obj = wait_ready(custom, namespace, "grow")
-    assert obj["status"]["flavor"] == bigger and obj["spec"]["flavor"]["vcpus"] == 1, "spec is never rewritten"
+    assert obj["status"]["flavor"] == bigger and obj["spec"]["flavor"]["vcpus"] == 1, (
+        "spec is never rewritten"
+    )
     assert obj["status"]["info"]["vcpus"] == 2
     # A second resize, reverted: the instance runs where it was, with the flavor it had.
-    migrate(custom, namespace, "shrink", "grow", type="Cold", flavor=obj["spec"]["flavor"],
-            confirmation={"policy": "Manual"})
-    assert wait_phase(custom, namespace, "shrink", "AwaitingConfirmation", "Failed")["status"]["phase"] \
+    migrate(
+        custom,
+        namespace,
+        "shrink",
+        "grow",
+        type="Cold",
+        flavor=obj["spec"]["flavor"],
+        confirmation={"policy": "Manual"},
+    )
+    assert (
+        wait_phase(custom, namespace, "shrink", "AwaitingConfirmation", "Failed")["status"]["phase"]
         == "AwaitingConfirmation"
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATIONS, "shrink",
-                                          {"spec": {"decision": "Revert"}})
+    )
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, MIGRATIONS, "shrink", {"spec": {"decision": "Revert"}}
+    )
     reverted = wait_phase(custom, namespace, "shrink", "Reverted", "Failed")["status"]
     assert reverted["phase"] == "Reverted", reverted.get("message")
     assert node_of(custom, namespace, "grow") == second
     assert has_domain(ground, second, uid) and not has_domain(ground, first, uid)
-    obj = eventually(lambda: (o := wait_ready(custom, namespace, "grow")) and o["status"]["info"]["vcpus"] == 2
-                     and o, timeout=60, what="the original flavor back")
+    obj = eventually(
+        lambda: (o := wait_ready(custom, namespace, "grow")) and o["status"]["info"]["vcpus"] == 2 and o,
+        timeout=60,
+        what="the original flavor back",
+    )
     assert obj["status"]["flavor"] == bigger
     # Auto confirmation once the window passes (Nova's resize_confirm_window).
-    migrate(custom, namespace, "auto", "grow", type="Cold", confirmation={"policy": "Auto", "autoConfirmSeconds": 3})
+    migrate(
+        custom,
+        namespace,
+        "auto",
+        "grow",
+        type="Cold",
+        confirmation={"policy": "Auto", "autoConfirmSeconds": 3},
+    )
     auto = wait_phase(custom, namespace, "auto", "Succeeded", "Failed")["status"]
     assert auto["phase"] == "Succeeded" and "confirmed automatically" in auto["message"]
     assert node_of(custom, namespace, "grow") == first and not has_domain(ground, second, uid)
     delete_and_wait(custom, namespace, "grow")
 
 
-def evacuations(custom: kubernetes.client.CustomObjectsApi, node: str, namespace: str) -> list[dict[str, Any]]:
-    return list(custom.list_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATIONS,
-                                                     label_selector=f"{EVACUATION_LABEL}={node}")["items"])
+def evacuations(
+    custom: kubernetes.client.CustomObjectsApi, node: str, namespace: str
+) -> list[dict[str, Any]]:
+    return list(
+        custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, MIGRATIONS, label_selector=f"{EVACUATION_LABEL}={node}"
+        )["items"]
+    )
 
 
 def maintenance(custom: kubernetes.client.CustomObjectsApi, node: str, on: bool) -> None:
@@ -280,8 +398,11 @@ def node_status(custom: kubernetes.client.CustomObjectsApi, node: str) -> dict[s
 
 
 def test_maintenance_empties_a_node_and_turning_it_off_cancels_what_has_not_started(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
     first, second = nodes
     custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, second, {"spec": {"enabled": False}})
     try:
@@ -292,41 +413,71 @@ def test_maintenance_empties_a_node_and_turning_it_off_cancels_what_has_not_star
         custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, second, {"spec": {"enabled": True}})
     maintenance(custom, first, True)
     try:
-        drained = eventually(lambda: (m := node_status(custom, first).get("maintenance") or {})
-                             .get("state") == "Drained" and m, timeout=300, interval=0.5, what=f"{first} drained")
+        drained = eventually(
+            lambda: (
+                (m := node_status(custom, first).get("maintenance") or {}).get("state") == "Drained" and m
+            ),
+            timeout=300,
+            interval=0.5,
+            what=f"{first} drained",
+        )
     finally:
         maintenance(custom, first, False)
-    assert sorted(e["phase"] for e in drained["migrations"] if e["instance"].startswith(f"{namespace}/")) \
+    assert (
+        sorted(e["phase"] for e in drained["migrations"] if e["instance"].startswith(f"{namespace}/"))
         == ["Succeeded"] * 3
+    )
     assert all(node_of(custom, namespace, name) == second for name in names)
-    eventually(lambda: "maintenance" not in node_status(custom, first), timeout=30,
-               what="the maintenance status to go once it is off")
+    eventually(
+        lambda: "maintenance" not in node_status(custom, first),
+        timeout=30,
+        what="the maintenance status to go once it is off",
+    )
     # Now the other way, stopped after the first move: what has not started is cancelled.
     maintenance(custom, second, True)
     try:
-        eventually(lambda: any(m.get("status", {}).get("phase") == "Succeeded"
-                               for m in evacuations(custom, second, namespace)),
-                   timeout=120, interval=0.2, what="the first evacuation to finish")
+        eventually(
+            lambda: any(
+                m.get("status", {}).get("phase") == "Succeeded"
+                for m in evacuations(custom, second, namespace)
+            ),
+            timeout=120,
+            interval=0.2,
+            what="the first evacuation to finish",
+        )
     finally:
         maintenance(custom, second, False)
-    final = eventually(lambda: (ms := evacuations(custom, second, namespace)) and all(
-        m.get("status", {}).get("step") == "Done" for m in ms) and ms, timeout=120, what="every evacuation to end")
+    final = eventually(
+        lambda: (
+            (ms := evacuations(custom, second, namespace))
+            and all(m.get("status", {}).get("step") == "Done" for m in ms)
+            and ms
+        ),
+        timeout=120,
+        what="every evacuation to end",
+    )
     phases = sorted(m["status"]["phase"] for m in final)
     assert "Cancelled" in phases and "Failed" not in phases, phases
     stayed = [m["spec"]["instanceRef"]["name"] for m in final if m["status"]["phase"] == "Cancelled"]
     for name in stayed:
         assert node_of(custom, namespace, name) == second
         running_again(custom, namespace, name)
-    state = eventually(lambda: (node_status(custom, second).get("maintenance") or {}).get("state"), timeout=30,
-                       what="the maintenance state")
+    state = eventually(
+        lambda: (node_status(custom, second).get("maintenance") or {}).get("state"),
+        timeout=30,
+        what="the maintenance state",
+    )
     assert state == "Stopped"
     for name in names:
         delete_and_wait(custom, namespace, name)
 
 
 def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
-        ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
-        nodes: tuple[str, str]) -> None:
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+    nodes: tuple[str, str],
+) -> None:
     # 63 characters of namespace, 253 of name: "<namespace>_<name>" would pass libvirt's 255-byte file names.
     namespace = f"t-{uuid.uuid4().hex}".ljust(63, "n")
     name = f"long-{uuid.uuid4().hex[:8]}.".ljust(252, "x") + "z"
@@ -334,7 +485,9 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
     core.create_namespace({"metadata": {"name": namespace}})
     snapshot = ground.image_store / (f"snap-{uuid.uuid4().hex}".ljust(247, "s") + ".qcow2")  # 253 as well
     try:
-        uid, source = running(ground, custom, namespace, vi(name, rootDisk={"sizeGiB": 1}, vnc={"enabled": True}))
+        uid, source = running(
+            ground, custom, namespace, vi(name, rootDisk={"sizeGiB": 1}, vnc={"enabled": True})
+        )
         conn = libvirt.open(libvirt_host.uri(ground.layout, source))
         try:
             dom = conn.lookupByUUIDString(uid)
@@ -342,13 +495,22 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
             assert dom.metadata(libvirt.VIR_DOMAIN_METADATA_TITLE, None) == f"{namespace}/{name}"
         finally:
             conn.close()
-        status = eventually(lambda: (o := get(custom, namespace, name)) and o["status"].get("vnc") and o["status"],
-                            timeout=60, what="the VNC endpoint in status")
+        status = eventually(
+            lambda: (o := get(custom, namespace, name)) and o["status"].get("vnc") and o["status"],
+            timeout=60,
+            what="the VNC endpoint in status",
+        )
         secret = status["vnc"]["passwordSecretRef"]["name"]
         assert len(secret) <= 253 and secret.endswith("-vnc")
         assert core.read_namespaced_secret(secret, namespace).data["password"]
-        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name, {"spec": {
-            "actions": {"snapshot": {"id": "long", "imageName": snapshot.name}}}})
+        custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            VIRTUALINSTANCES,
+            name,
+            {"spec": {"actions": {"snapshot": {"id": "long", "imageName": snapshot.name}}}},
+        )
         done = wait_action(custom, namespace, name, "snapshot", "long")
         assert done["phase"] == "Succeeded", done
         assert snapshot.exists()
@@ -363,7 +525,11 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
     finally:
         for plural in (MIGRATIONS, VIRTUALINSTANCES):
             custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-        eventually(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                                    VIRTUALINSTANCES)["items"],
-                   timeout=120, what="the long-named instance gone")
+        eventually(
+            lambda: (
+                not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)["items"]
+            ),
+            timeout=120,
+            what="the long-named instance gone",
+        )
         snapshot.unlink(missing_ok=True)

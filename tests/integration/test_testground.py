@@ -1,4 +1,5 @@
 """The test ground itself: the real components are up, versioned and secured as promised."""
+
 from __future__ import annotations
 
 import json
@@ -17,23 +18,29 @@ from kubenova.testground.procs import Layout, TestGroundError
 
 
 def kubectl(ground: testground.Ground, *args: str) -> str:
-    return subprocess.run([ground.kubectl, *args], env=ground.env(), capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [ground.kubectl, *args], env=ground.env(), capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_apiserver_and_kubectl_report_the_pinned_release(ground: testground.Ground) -> None:
     versions = json.loads(kubectl(ground, "version", "-o", "json"))
-    pinned = next(line.split()[1] for line in (kube.REPO / "hack/tools/kube/go.mod").read_text().splitlines()
-                  if line.strip().startswith("k8s.io/kubernetes v"))
+    pinned = next(
+        line.split()[1]
+        for line in (kube.REPO / "hack/tools/kube/go.mod").read_text().splitlines()
+        if line.strip().startswith("k8s.io/kubernetes v")
+    )
     assert versions["serverVersion"]["gitVersion"] == pinned
     assert versions["clientVersion"]["gitVersion"] == pinned
 
 
-def test_rbac_is_enforced_and_tokenrequest_works(ground: testground.Ground, core: kubernetes.client.CoreV1Api,
-                                                  namespace: str) -> None:
+def test_rbac_is_enforced_and_tokenrequest_works(
+    ground: testground.Ground, core: kubernetes.client.CoreV1Api, namespace: str
+) -> None:
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "nobody"}})
     token = core.create_namespaced_service_account_token(
-        "nobody", namespace, {"spec": {"expirationSeconds": 600}}).status.token
+        "nobody", namespace, {"spec": {"expirationSeconds": 600}}
+    ).status.token
     config = kubernetes.client.Configuration()
     config.host = f"https://127.0.0.1:{kube.APISERVER_PORT}"
     config.ssl_ca_cert = str(ground.layout.state / "pki" / "ca.crt")

@@ -1,4 +1,5 @@
 """The typed views in kubenova.api match the CRDs field for field, and docs/api.md is current."""
+
 from __future__ import annotations
 
 import pathlib
@@ -69,11 +70,13 @@ def test_every_field_has_a_description() -> None:
         if "items" in schema:
             missing += [p for p in undocumented(schema["items"], f"{path}[]") if p != f"{path}[]"]
         return missing
+
     for kind, schema in crds().items():
         assert undocumented(schema, kind) == []
 
 
 def test_api_docs_are_current() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "hack" / "gen_api_docs.py"), "--check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "hack" / "gen_api_docs.py"), "--check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr

@@ -6,10 +6,18 @@ from kubenova.handlers.shared import set_condition
 
 
 def test_keeps_other_conditions_and_transition_time_when_unchanged() -> None:
-    status = {"conditions": [
-        {"type": "Scheduled", "status": "True", "reason": "Placed", "message": "", "lastTransitionTime": "T0"},
-        {"type": "Ready", "status": "False", "reason": "X", "message": "", "lastTransitionTime": "T1"},
-    ]}
+    status = {
+        "conditions": [
+            {
+                "type": "Scheduled",
+                "status": "True",
+                "reason": "Placed",
+                "message": "",
+                "lastTransitionTime": "T0",
+            },
+            {"type": "Ready", "status": "False", "reason": "X", "message": "", "lastTransitionTime": "T1"},
+        ]
+    }
     patch: dict[str, Any] = {}
     set_condition(patch, status, "Ready", False, "Y", "still not", 3)
     ready = patch["conditions"][1]

@@ -1,4 +1,5 @@
 """Domain XML, checked by libvirt's own parser through its test:///default driver."""
+
 from __future__ import annotations
 
 import uuid
@@ -7,18 +8,35 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from kubenova.driver.libvirt.config import (
-    METADATA_NS, GuestConfig, GuestDisk, GuestGraphics, GuestInterface, LiveDevices, domain_name,
+    METADATA_NS,
+    GuestConfig,
+    GuestDisk,
+    GuestGraphics,
+    GuestInterface,
+    LiveDevices,
+    domain_name,
 )
 
 
 def config() -> GuestConfig:
     return GuestConfig(
-        uuid=str(uuid.uuid4()), name=domain_name("team-a", "web"), namespace="team-a", instance_name="web",
-        vcpus=2, memory_mib=256, console_path="/console/x.log", kernel="/images/vmlinuz",
-        initrd="/images/initrd.img", cmdline="console=ttyS0 <&'\">",
-        disks=[GuestDisk("/i/disk", "vda"), GuestDisk("/i/disk.config", "vdb", driver_type="raw", read_only=True)],
+        uuid=str(uuid.uuid4()),
+        name=domain_name("team-a", "web"),
+        namespace="team-a",
+        instance_name="web",
+        vcpus=2,
+        memory_mib=256,
+        console_path="/console/x.log",
+        kernel="/images/vmlinuz",
+        initrd="/images/initrd.img",
+        cmdline="console=ttyS0 <&'\">",
+        disks=[
+            GuestDisk("/i/disk", "vda"),
+            GuestDisk("/i/disk.config", "vdb", driver_type="raw", read_only=True),
+        ],
         interfaces=[GuestInterface("default", mac="52:54:00:00:00:01")],
-        graphics=GuestGraphics(password="s3cret"))
+        graphics=GuestGraphics(password="s3cret"),
+    )
 
 
 def test_libvirt_accepts_and_keeps_every_field() -> None:

@@ -2,6 +2,7 @@
 
 Time is a Clock the tests move; nothing here sleeps.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,10 +19,33 @@ import pytest
 
 from kubenova.driver import base, cloudinit, fake
 from kubenova.driver.base import (
-    BlockStats, ComputeDriver, CpuInfo, CPUIncompatible, DriverError, HostPowerAction, ImageChecksumMismatch,
-    ImageNotFound, ImageRef, InjectedFile, InstanceExists, InstanceNotFound, InstanceNotRunning, InstanceSpec,
-    InsufficientResources, Interface, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec, KernelBoot,
-    MigrationProgress, PowerState, RebootType, Unsupported, VolumeNotFound, VolumeSpec, stable_mac,
+    BlockStats,
+    ComputeDriver,
+    CPUIncompatible,
+    CpuInfo,
+    DriverError,
+    HostPowerAction,
+    ImageChecksumMismatch,
+    ImageNotFound,
+    ImageRef,
+    InjectedFile,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InstanceSpec,
+    InsufficientResources,
+    Interface,
+    InterfaceStats,
+    InvalidCPUInfo,
+    InvalidInstanceSpec,
+    KernelBoot,
+    MigrationProgress,
+    PowerState,
+    RebootType,
+    Unsupported,
+    VolumeNotFound,
+    VolumeSpec,
+    stable_mac,
 )
 from kubenova.driver.fake import FakeDriver
 from kubenova.testground import guest
@@ -71,8 +95,13 @@ def target(clock: Clock) -> FakeDriver:
 def spec(name: str = "vm", **overrides: Any) -> InstanceSpec:
     """A kernel-booted instance, the shape the real test guest has."""
     fields: dict[str, Any] = dict(
-        uuid=str(uuidlib.uuid4()), name=name, namespace="ns", vcpus=1, memory_mib=128,
-        boot=KernelBoot(f"/images/{KERNEL}", f"/images/{INITRD}", "console=ttyS0"))
+        uuid=str(uuidlib.uuid4()),
+        name=name,
+        namespace="ns",
+        vcpus=1,
+        memory_mib=128,
+        boot=KernelBoot(f"/images/{KERNEL}", f"/images/{INITRD}", "console=ttyS0"),
+    )
     fields.update(overrides)
     return InstanceSpec(**fields)
 
@@ -99,8 +128,11 @@ def wrote(driver: FakeDriver, uuid: str) -> list[str]:
 
 def cd_files(driver: FakeDriver, uuid: str) -> dict[str, bytes]:
     """The config drive as the guest listed it at its last boot."""
-    return {line.split()[1]: base64.b64decode(line.split()[2] if len(line.split()) > 2 else "")
-            for line in lines(driver, uuid) if line.startswith(guest.CD_FILE)}
+    return {
+        line.split()[1]: base64.b64decode(line.split()[2] if len(line.split()) > 2 else "")
+        for line in lines(driver, uuid)
+        if line.startswith(guest.CD_FILE)
+    }
 
 
 def free_gib(driver: FakeDriver) -> int:
@@ -113,25 +145,51 @@ def digest(data: bytes) -> str:
 
 # --- the contract --------------------------------------------------------------------------------
 
+
 def test_every_abstract_method_is_implemented() -> None:
     assert not FakeDriver.__abstractmethods__
     assert issubclass(FakeDriver, ComputeDriver)
 
 
 def test_console_words_match_the_real_test_guest() -> None:
-    assert (fake.BOOT_MARKER, fake.RESCUE_MARKER, fake.TICK, fake.DISK_LINE, fake.CD_FILE_LINE, fake.NET_LINE,
-            fake.WROTE_LINE, fake.MAC_LINE, fake.MAC_EVERY) == (
-        guest.BOOT_MARKER, guest.RESCUE_MARKER, guest.TICK, guest.DISK, guest.CD_FILE, guest.NET, guest.WROTE,
-        guest.MAC, guest.MAC_EVERY)
+    assert (
+        fake.BOOT_MARKER,
+        fake.RESCUE_MARKER,
+        fake.TICK,
+        fake.DISK_LINE,
+        fake.CD_FILE_LINE,
+        fake.NET_LINE,
+        fake.WROTE_LINE,
+        fake.MAC_LINE,
+        fake.MAC_EVERY,
+    ) == (
+        guest.BOOT_MARKER,
+        guest.RESCUE_MARKER,
+        guest.TICK,
+        guest.DISK,
+        guest.CD_FILE,
+        guest.NET,
+        guest.WROTE,
+        guest.MAC,
+        guest.MAC_EVERY,
+    )
     assert guest.write_hook("vdb", "P-1") == f"{fake.WRITE_HOOK}vdb:P-1"
 
 
-@pytest.mark.parametrize("fields", [
-    {"user_data": "#cloud-config\nhostname: a\n"},
-    {"network_config": "version: 2\n", "admin_password": "pw"},
-    {"injected_files": (InjectedFile("/etc/motd", b"hi\x00"), InjectedFile("/root/k", b""))},
-    {"admin_password": "pw", "user_data": "x", "network_config": "y", "injected_files": (InjectedFile("/a", b"b"),)},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"user_data": "#cloud-config\nhostname: a\n"},
+        {"network_config": "version: 2\n", "admin_password": "pw"},
+        {"injected_files": (InjectedFile("/etc/motd", b"hi\x00"), InjectedFile("/root/k", b""))},
+        {
+            "admin_password": "pw",
+            "user_data": "x",
+            "network_config": "y",
+            "injected_files": (InjectedFile("/a", b"b"),),
+        },
+    ],
+)
 def test_the_console_lists_the_config_drive_files(driver: FakeDriver, fields: dict[str, Any]) -> None:
     s = spec(**fields)
     driver.spawn(s)
@@ -141,15 +199,22 @@ def test_the_console_lists_the_config_drive_files(driver: FakeDriver, fields: di
 
 # --- spawn ----------------------------------------------------------------------------------------
 
+
 def test_spawn_runs_the_instance(driver: FakeDriver) -> None:
     s = spec(vcpus=2, memory_mib=256)
     driver.spawn(s)
     info = driver.get_info(s.uuid)
-    assert (info.state, info.max_mem_kib, info.mem_kib, info.num_cpu) == (PowerState.RUNNING, 256 * 1024,
-                                                                          256 * 1024, 2)
+    assert (info.state, info.max_mem_kib, info.mem_kib, info.num_cpu) == (
+        PowerState.RUNNING,
+        256 * 1024,
+        256 * 1024,
+        2,
+    )
     assert driver.instance_exists(s.uuid)
     assert driver.list_instances() == [s.uuid]
-    assert driver.list_instances_detail() == [base.InstanceDetail(s.uuid, "ns", "vm", PowerState.RUNNING, 2, 256)]
+    assert driver.list_instances_detail() == [
+        base.InstanceDetail(s.uuid, "ns", "vm", PowerState.RUNNING, 2, 256)
+    ]
 
 
 def test_spawn_is_idempotent_for_the_same_uuid(driver: FakeDriver) -> None:
@@ -184,19 +249,26 @@ def test_spawn_without_power_on_leaves_it_stopped(driver: FakeDriver) -> None:
     assert driver.instance_files(s.uuid) == []  # no disk, and QEMU never opened the console log
 
 
-@pytest.mark.parametrize(("overrides", "error", "field"), [
-    ({"memory_mib": 16385}, InsufficientResources, "spec.flavor.memoryMiB"),
-    ({"boot": None, "image": ImageRef("missing.img")}, ImageNotFound, "spec.boot.image.name"),
-    ({"boot": None, "image": ImageRef(IMAGE, "sha256:" + "0" * 64)}, ImageChecksumMismatch,
-     "spec.boot.image.checksum"),
-    ({"boot": KernelBoot("/images/nope", None, "")}, ImageNotFound, "spec.boot.kernel.image"),
-    ({"boot": KernelBoot(KERNEL, "/x/nope", "")}, ImageNotFound, "spec.boot.kernel.initrd"),
-    ({"boot": None}, InvalidInstanceSpec, "spec.boot"),
-    ({"vnc_password": "123456789"}, InvalidInstanceSpec, "vncPassword"),
-    ({"vnc_password": ""}, InvalidInstanceSpec, "vncPassword"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "error", "field"),
+    [
+        ({"memory_mib": 16385}, InsufficientResources, "spec.flavor.memoryMiB"),
+        ({"boot": None, "image": ImageRef("missing.img")}, ImageNotFound, "spec.boot.image.name"),
+        (
+            {"boot": None, "image": ImageRef(IMAGE, "sha256:" + "0" * 64)},
+            ImageChecksumMismatch,
+            "spec.boot.image.checksum",
+        ),
+        ({"boot": KernelBoot("/images/nope", None, "")}, ImageNotFound, "spec.boot.kernel.image"),
+        ({"boot": KernelBoot(KERNEL, "/x/nope", "")}, ImageNotFound, "spec.boot.kernel.initrd"),
+        ({"boot": None}, InvalidInstanceSpec, "spec.boot"),
+        ({"vnc_password": "123456789"}, InvalidInstanceSpec, "vncPassword"),
+        ({"vnc_password": ""}, InvalidInstanceSpec, "vncPassword"),
+    ],
+)
 def test_spawn_refuses_what_the_node_cannot_run_and_leaves_nothing(
-        driver: FakeDriver, overrides: dict[str, Any], error: type[InvalidInstanceSpec], field: str) -> None:
+    driver: FakeDriver, overrides: dict[str, Any], error: type[InvalidInstanceSpec], field: str
+) -> None:
     before = driver.get_available_resource()
     bad = spec(interfaces=(Interface("eth0", "default"),), **overrides)
     with pytest.raises(error) as err:
@@ -223,16 +295,28 @@ def test_a_kernel_boot_with_a_root_size_gets_an_empty_root_disk(driver: FakeDriv
 def test_the_instance_folder_has_the_libvirt_drivers_files(driver: FakeDriver) -> None:
     s = image_spec(ephemeral_gib=(("scratch", 1),), swap_mib=8, user_data="x")
     driver.spawn(s)
-    assert driver.instance_files(s.uuid) == ["console.log", "disk", "disk.config", "disk.eph.scratch", "disk.swap"]
+    assert driver.instance_files(s.uuid) == [
+        "console.log",
+        "disk",
+        "disk.config",
+        "disk.eph.scratch",
+        "disk.swap",
+    ]
     driver.destroy(s.uuid)
     assert driver.instance_files(s.uuid) == []
 
 
 # --- the guest console --------------------------------------------------------------------------
 
+
 def test_boot_lines_name_every_disk_the_config_drive_and_the_network(driver: FakeDriver) -> None:
-    s = image_spec(root_gib=1, ephemeral_gib=(("scratch", 2),), swap_mib=64, user_data="#cloud-config\n",
-                   interfaces=(Interface("eth0", "default"),))
+    s = image_spec(
+        root_gib=1,
+        ephemeral_gib=(("scratch", 2),),
+        swap_mib=64,
+        user_data="#cloud-config\n",
+        interfaces=(Interface("eth0", "default"),),
+    )
     driver.spawn(s)
     drive = cloudinit.files(s)
     iso_sectors = (64 * 1024 + 2048 * len(drive)) // 512  # each file is shorter than an ISO block
@@ -242,7 +326,10 @@ def test_boot_lines_name_every_disk_the_config_drive_and_the_network(driver: Fak
         f"kubenova-disk vdb sectors={2 * GIB // 512} head={'00' * 16}",
         f"kubenova-disk vdc sectors={64 * 2**20 // 512} head={'00' * 16}",
         f"kubenova-disk vdd sectors={iso_sectors} head={'00' * 16}",
-        *(f"kubenova-cd-file {name} {base64.b64encode(data).decode()}" for name, data in sorted(drive.items())),
+        *(
+            f"kubenova-cd-file {name} {base64.b64encode(data).decode()}"
+            for name, data in sorted(drive.items())
+        ),
         "kubenova-net eth0 up",
         f"kubenova-mac eth0 {s.macs()[0]}",
         "kubenova-guest-tick 0",
@@ -255,7 +342,10 @@ def test_disk_lines_are_sorted_by_device_as_the_guest_lists_them(driver: FakeDri
     driver.spawn(s, power_on=False)
     driver.attach_volume(s.uuid, VolumeSpec("scsi", 1, bus="scsi"), "")
     driver.power_on(s.uuid)
-    assert [line.split()[1] for line in lines(driver, s.uuid) if line.startswith("kubenova-disk")] == ["sda", "vda"]
+    assert [line.split()[1] for line in lines(driver, s.uuid) if line.startswith("kubenova-disk")] == [
+        "sda",
+        "vda",
+    ]
     assert driver.list_disks(s.uuid) == ["vda", "sda"]
 
 
@@ -263,7 +353,8 @@ def test_a_small_image_is_a_small_disk(driver: FakeDriver) -> None:
     s = image_spec()
     driver.spawn(s)
     assert f"kubenova-disk vda sectors={len(IMAGE_DATA) // 512 + 1} head={IMAGE_DATA[:16].hex()}" in lines(
-        driver, s.uuid)
+        driver, s.uuid
+    )
 
 
 def test_no_config_drive_without_anything_to_put_on_it(driver: FakeDriver) -> None:
@@ -357,14 +448,24 @@ def test_resume_needs_a_suspended_instance(driver: FakeDriver) -> None:
         driver.resume(s.uuid)
 
 
-@pytest.mark.parametrize("call", [
-    lambda d, u: d.pause(u), lambda d, u: d.suspend(u), lambda d, u: d.resume(u), lambda d, u: d.get_vnc_console(u),
-    lambda d, u: d.get_diagnostics(u), lambda d, u: d.block_stats(u, "vda"), lambda d, u: d.interface_stats(u, "t"),
-    lambda d, u: d.set_admin_password(u, "pw"), lambda d, u: d.reboot(u, RebootType.HARD),
-    lambda d, u: d.live_migration(u, "fake://elsewhere", f"fake://elsewhere/{u}"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d, u: d.pause(u),
+        lambda d, u: d.suspend(u),
+        lambda d, u: d.resume(u),
+        lambda d, u: d.get_vnc_console(u),
+        lambda d, u: d.get_diagnostics(u),
+        lambda d, u: d.block_stats(u, "vda"),
+        lambda d, u: d.interface_stats(u, "t"),
+        lambda d, u: d.set_admin_password(u, "pw"),
+        lambda d, u: d.reboot(u, RebootType.HARD),
+        lambda d, u: d.live_migration(u, "fake://elsewhere", f"fake://elsewhere/{u}"),
+    ],
+)
 def test_what_needs_a_live_guest_refuses_a_stopped_one(
-        driver: FakeDriver, call: Callable[[FakeDriver, str], object]) -> None:
+    driver: FakeDriver, call: Callable[[FakeDriver, str], object]
+) -> None:
     s = spec(vnc_password="secret")
     driver.spawn(s, power_on=False)
     with pytest.raises(InstanceNotRunning):
@@ -383,6 +484,7 @@ def test_cpu_time_grows_while_running(driver: FakeDriver, clock: Clock) -> None:
 
 
 # --- reboot ---------------------------------------------------------------------------------------
+
 
 def test_hard_reboot_boots_again_and_keeps_the_disks(driver: FakeDriver, clock: Clock) -> None:
     s = image_spec()
@@ -438,23 +540,42 @@ def test_a_paused_instance_reboots_too(driver: FakeDriver) -> None:
 # --- missing instances ----------------------------------------------------------------------------
 
 ONE_UUID_CALLS: list[Callable[[FakeDriver, str], object]] = [
-    lambda d, u: d.get_info(u), lambda d, u: d.reboot(u, RebootType.HARD), lambda d, u: d.power_off(u),
-    lambda d, u: d.power_on(u), lambda d, u: d.pause(u), lambda d, u: d.unpause(u), lambda d, u: d.suspend(u),
-    lambda d, u: d.resume(u), lambda d, u: d.rescue(u, ImageRef(RESCUE)), lambda d, u: d.unrescue(u),
-    lambda d, u: d.snapshot(u, "snap"), lambda d, u: d.get_console_output(u), lambda d, u: d.get_vnc_console(u),
-    lambda d, u: d.set_admin_password(u, "pw"), lambda d, u: d.inject_file(u, "/x", b""),
-    lambda d, u: d.inject_network_info(u, ""), lambda d, u: d.get_diagnostics(u), lambda d, u: d.list_disks(u),
-    lambda d, u: d.list_interfaces(u), lambda d, u: d.block_stats(u, "vda"),
-    lambda d, u: d.interface_stats(u, "tap"), lambda d, u: d.attach_volume(u, VolumeSpec("v", 1), "vdb"),
-    lambda d, u: d.detach_volume(u, "vdb"), lambda d, u: d.migrate_disk_and_power_off(u, "fake://x"),
-    lambda d, u: d.finish_revert_migration(u), lambda d, u: d.live_migration(u, "fake://x", f"fake://x/{u}"),
-    lambda d, u: d.abort_live_migration(u), lambda d, u: d.post_live_migration_at_destination(u),
+    lambda d, u: d.get_info(u),
+    lambda d, u: d.reboot(u, RebootType.HARD),
+    lambda d, u: d.power_off(u),
+    lambda d, u: d.power_on(u),
+    lambda d, u: d.pause(u),
+    lambda d, u: d.unpause(u),
+    lambda d, u: d.suspend(u),
+    lambda d, u: d.resume(u),
+    lambda d, u: d.rescue(u, ImageRef(RESCUE)),
+    lambda d, u: d.unrescue(u),
+    lambda d, u: d.snapshot(u, "snap"),
+    lambda d, u: d.get_console_output(u),
+    lambda d, u: d.get_vnc_console(u),
+    lambda d, u: d.set_admin_password(u, "pw"),
+    lambda d, u: d.inject_file(u, "/x", b""),
+    lambda d, u: d.inject_network_info(u, ""),
+    lambda d, u: d.get_diagnostics(u),
+    lambda d, u: d.list_disks(u),
+    lambda d, u: d.list_interfaces(u),
+    lambda d, u: d.block_stats(u, "vda"),
+    lambda d, u: d.interface_stats(u, "tap"),
+    lambda d, u: d.attach_volume(u, VolumeSpec("v", 1), "vdb"),
+    lambda d, u: d.detach_volume(u, "vdb"),
+    lambda d, u: d.migrate_disk_and_power_off(u, "fake://x"),
+    lambda d, u: d.finish_revert_migration(u),
+    lambda d, u: d.live_migration(u, "fake://x", f"fake://x/{u}"),
+    lambda d, u: d.abort_live_migration(u),
+    lambda d, u: d.post_live_migration_at_destination(u),
     lambda d, u: d.saved_memory_exists(u),
 ]
 
 
 @pytest.mark.parametrize("call", ONE_UUID_CALLS)
-def test_a_missing_instance_is_not_found(driver: FakeDriver, call: Callable[[FakeDriver, str], object]) -> None:
+def test_a_missing_instance_is_not_found(
+    driver: FakeDriver, call: Callable[[FakeDriver, str], object]
+) -> None:
     with pytest.raises(InstanceNotFound):
         call(driver, str(uuidlib.uuid4()))
 
@@ -485,6 +606,7 @@ def test_destroy_keeping_disks_lets_the_instance_come_back_with_them(driver: Fak
 
 
 # --- guest access --------------------------------------------------------------------------------
+
 
 def test_vnc_console_port_and_password(driver: FakeDriver) -> None:
     a, b, c = spec("a", vnc_password="pa"), spec("b", vnc_password="pb"), spec("c", vnc_password="pc")
@@ -542,9 +664,12 @@ def test_host_power_action_is_unsupported(driver: FakeDriver) -> None:
 
 # --- diagnostics -----------------------------------------------------------------------------------
 
+
 def test_counters_have_exactly_the_contract_fields_and_grow(driver: FakeDriver, clock: Clock) -> None:
-    s = image_spec(ephemeral_gib=(("e", 1),), interfaces=(Interface("eth0", "default"),
-                                                          Interface("eth1", "default", mac="52:54:00:00:00:01")))
+    s = image_spec(
+        ephemeral_gib=(("e", 1),),
+        interfaces=(Interface("eth0", "default"), Interface("eth1", "default", mac="52:54:00:00:00:01")),
+    )
     driver.spawn(s)
     assert driver.list_interfaces(s.uuid) == [f"tap{s.uuid[:8]}-0", f"tap{s.uuid[:8]}-1"]
     tap = driver.list_interfaces(s.uuid)[0]
@@ -561,10 +686,14 @@ def test_counters_have_exactly_the_contract_fields_and_grow(driver: FakeDriver, 
     diagnostics = driver.get_diagnostics(s.uuid)
     assert diagnostics.disks == {"vda": later_disk, "vdb": driver.block_stats(s.uuid, "vdb")}
     assert diagnostics.interfaces == {t: later_net for t in driver.list_interfaces(s.uuid)}
-    assert diagnostics.memory_kib == 128 * 1024 and diagnostics.cpu_time_ns == driver.get_info(s.uuid).cpu_time_ns
+    assert (
+        diagnostics.memory_kib == 128 * 1024
+        and diagnostics.cpu_time_ns == driver.get_info(s.uuid).cpu_time_ns
+    )
     usage = driver.get_all_bw_usage()
     assert [(u.uuid, u.interface, u.bw_in, u.bw_out) for u in usage] == [
-        (s.uuid, t, later_net.rx_bytes, later_net.tx_bytes) for t in driver.list_interfaces(s.uuid)]
+        (s.uuid, t, later_net.rx_bytes, later_net.tx_bytes) for t in driver.list_interfaces(s.uuid)
+    ]
     assert usage[1].mac == "52:54:00:00:00:01" and usage[0].mac == stable_mac(s.uuid, s.interfaces[0].name)
 
 
@@ -584,6 +713,7 @@ def test_a_stopped_instance_has_no_taps(driver: FakeDriver) -> None:
 
 
 # --- volumes --------------------------------------------------------------------------------------
+
 
 def test_attach_creates_a_sparse_volume_and_detach_keeps_it(driver: FakeDriver) -> None:
     empty = free_gib(driver)
@@ -656,14 +786,21 @@ def test_an_image_volume_is_an_overlay_kept_in_the_instance_folder(driver: FakeD
 
 # --- the guest's write hook --------------------------------------------------------------------------
 
-def test_the_guest_writes_what_its_cmdline_asks_to_a_hot_plugged_volume(driver: FakeDriver, clock: Clock) -> None:
+
+def test_the_guest_writes_what_its_cmdline_asks_to_a_hot_plugged_volume(
+    driver: FakeDriver, clock: Clock
+) -> None:
     s = spec(boot=KernelBoot(KERNEL, INITRD, "console=ttyS0 kubenova.write=vdb:KUBENOVA-PATTERN"))
     driver.spawn(s)
     clock.advance(1.5)
     driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
     clock.advance(1)
-    assert lines(driver, s.uuid)[-4:] == ["kubenova-guest-tick 0", "kubenova-guest-tick 1",
-                                          "kubenova-wrote vdb KUBENOVA-PATTERN", "kubenova-guest-tick 2"]
+    assert lines(driver, s.uuid)[-4:] == [
+        "kubenova-guest-tick 0",
+        "kubenova-guest-tick 1",
+        "kubenova-wrote vdb KUBENOVA-PATTERN",
+        "kubenova-guest-tick 2",
+    ]
     stats = driver.block_stats(s.uuid, "vdb")
     assert (stats.wr_req, stats.wr_bytes) == (1, len("KUBENOVA-PATTERN"))
     driver.detach_volume(s.uuid, "vdb")
@@ -673,7 +810,9 @@ def test_the_guest_writes_what_its_cmdline_asks_to_a_hot_plugged_volume(driver: 
 
 
 def test_the_write_hook_waits_for_a_running_guest_and_fires_once_per_boot(driver: FakeDriver) -> None:
-    s = spec(boot=KernelBoot(KERNEL, INITRD, "kubenova.write=vdc:Q kubenova.write=vdb:P"))  # the last one counts
+    s = spec(
+        boot=KernelBoot(KERNEL, INITRD, "kubenova.write=vdc:Q kubenova.write=vdb:P")
+    )  # the last one counts
     driver.spawn(s, power_on=False)
     driver.attach_volume(s.uuid, VolumeSpec("p", 1), "vdb")
     driver.attach_volume(s.uuid, VolumeSpec("q", 1), "vdc")
@@ -699,8 +838,10 @@ def test_a_read_only_device_uses_up_the_write(driver: FakeDriver) -> None:
     assert driver.read_volume("ro") == driver.read_volume("rw") == b"" and wrote(driver, s.uuid) == []
 
 
-@pytest.mark.parametrize("cmdline", ["kubenova.write=vdb:bad_pattern", "kubenova.write=vdb:P kubenova.write=VDB:P",
-                                     "kubenova.write=vdb"])
+@pytest.mark.parametrize(
+    "cmdline",
+    ["kubenova.write=vdb:bad_pattern", "kubenova.write=vdb:P kubenova.write=VDB:P", "kubenova.write=vdb"],
+)
 def test_a_malformed_write_hook_does_nothing(driver: FakeDriver, cmdline: str) -> None:
     s = spec(boot=KernelBoot(KERNEL, INITRD, cmdline))
     driver.spawn(s)
@@ -719,6 +860,7 @@ def test_the_write_hook_reaches_any_disk_the_guest_sees(driver: FakeDriver) -> N
 
 # --- rescue and snapshot ----------------------------------------------------------------------------
 
+
 def test_rescue_boots_the_rescue_image_with_every_disk_a_letter_on(driver: FakeDriver, clock: Clock) -> None:
     s = image_spec()
     driver.spawn(s)
@@ -726,10 +868,12 @@ def test_rescue_boots_the_rescue_image_with_every_disk_a_letter_on(driver: FakeD
     driver.rescue(s.uuid, ImageRef(RESCUE))
     driver.rescue(s.uuid, ImageRef(RESCUE))  # a retry
     out = lines(driver, s.uuid)
-    rescue_boot = out[out.index("KUBENOVA-RESCUE-BOOTED kernel=fake"):]
-    assert rescue_boot[1:4] == [f"kubenova-disk vda sectors=1 head={RESCUE_DATA[:16].hex()}",
-                                f"kubenova-disk vdb sectors=3 head={IMAGE_DATA[:16].hex()}",
-                                f"kubenova-disk vdc sectors={GIB // 512} head={'00' * 16}"]
+    rescue_boot = out[out.index("KUBENOVA-RESCUE-BOOTED kernel=fake") :]
+    assert rescue_boot[1:4] == [
+        f"kubenova-disk vda sectors=1 head={RESCUE_DATA[:16].hex()}",
+        f"kubenova-disk vdb sectors=3 head={IMAGE_DATA[:16].hex()}",
+        f"kubenova-disk vdc sectors={GIB // 512} head={'00' * 16}",
+    ]
     assert driver.list_disks(s.uuid) == ["vda", "vdb", "vdc"]
     assert {"disk.rescue", "unrescue.xml"} <= set(driver.instance_files(s.uuid))
     clock.advance(30)
@@ -772,6 +916,7 @@ def test_snapshot_of_a_kernel_boot_has_no_root_disk(driver: FakeDriver) -> None:
 
 # --- networking --------------------------------------------------------------------------------------
 
+
 def test_vifs_and_filtering_rules_are_recorded(driver: FakeDriver) -> None:
     eth0, eth1 = Interface("eth0", "default"), Interface("eth1", "storage")
     driver.plug_vifs("u", [eth0, eth1])
@@ -796,11 +941,18 @@ def test_spawn_plugs_its_vifs_and_destroy_releases_them_and_the_rules(driver: Fa
 
 # --- host -----------------------------------------------------------------------------------------
 
+
 def test_host_figures(clock: Clock) -> None:
     driver = FakeDriver("node-7", clock=clock, vcpus=4, memory_mib=8192, disk_gib=50)
     stats = driver.get_available_resource()
-    assert (stats.vcpus, stats.memory_mib, stats.disk_gib, stats.disk_free_gib, stats.hypervisor_type,
-            stats.hostname) == (4, 8192, 50, 50, "fake", "node-7")
+    assert (
+        stats.vcpus,
+        stats.memory_mib,
+        stats.disk_gib,
+        stats.disk_free_gib,
+        stats.hypervisor_type,
+        stats.hostname,
+    ) == (4, 8192, 50, 50, "fake", "node-7")
     assert driver.get_host_stats() == stats
     assert driver.uri == "fake://node-7"
     assert driver.get_volume_connector() == base.VolumeConnector("127.0.0.1", None, "node-7")
@@ -859,8 +1011,13 @@ def test_image_cache_keeps_what_instances_and_the_caller_use(driver: FakeDriver,
 
 # --- migrations ---------------------------------------------------------------------------------------
 
-def test_live_migration_moves_the_running_instance(driver: FakeDriver, target: FakeDriver, clock: Clock) -> None:
-    s = image_spec(boot=KernelBoot(KERNEL, None, "kubenova.write=vdb:LIVE"), interfaces=(Interface("e", "n"),))
+
+def test_live_migration_moves_the_running_instance(
+    driver: FakeDriver, target: FakeDriver, clock: Clock
+) -> None:
+    s = image_spec(
+        boot=KernelBoot(KERNEL, None, "kubenova.write=vdb:LIVE"), interfaces=(Interface("e", "n"),)
+    )
     driver.spawn(s)
     driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
     clock.advance(2.5)
@@ -902,7 +1059,9 @@ def test_pre_live_migration_checks_the_target_can_run_it(clock: Clock) -> None:
         small.pre_live_migration(image_spec(image=ImageRef("only-on-the-source.img"), memory_mib=64))
 
 
-def test_an_abort_requested_beforehand_keeps_the_instance_here(driver: FakeDriver, target: FakeDriver) -> None:
+def test_an_abort_requested_beforehand_keeps_the_instance_here(
+    driver: FakeDriver, target: FakeDriver
+) -> None:
     empty = free_gib(target)
     s = image_spec(root_gib=3, interfaces=(Interface("e", "n"),))
     driver.spawn(s)
@@ -935,7 +1094,9 @@ def test_an_abort_from_another_thread_stops_the_migration(driver: FakeDriver, ta
     assert driver.instance_exists(s.uuid) and not target.instance_exists(s.uuid)
 
 
-def test_live_migration_to_a_host_that_has_the_name_rolls_back(driver: FakeDriver, target: FakeDriver) -> None:
+def test_live_migration_to_a_host_that_has_the_name_rolls_back(
+    driver: FakeDriver, target: FakeDriver
+) -> None:
     s = spec()
     driver.spawn(s)
     target.pre_live_migration(s)
@@ -994,6 +1155,7 @@ def test_finish_migration_needs_the_copied_disks(driver: FakeDriver, target: Fak
 
 
 # --- concurrency and scale ---------------------------------------------------------------------------
+
 
 def test_concurrent_calls_keep_the_state_consistent(driver: FakeDriver) -> None:
     specs = [spec(f"vm-{i}", vnc_password="pw") for i in range(200)]

@@ -1,4 +1,6 @@
-"""The bad-input test's log check (tests.helpers.log_problems) on logs written the way kubenova writes them."""
+"""The bad-input test's log check (tests.helpers.log_problems) on logs written the way kubenova writes
+them."""
+
 from __future__ import annotations
 
 import io
@@ -32,6 +34,7 @@ def test_a_handler_that_raised_is_found() -> None:
         except KeyError:
             log.exception("reconciling x1 failed")
         log.info("next")
+
     problems = log_problems(logged(handler))
     assert len(problems) == 2, problems  # the ERROR line and its traceback
     assert "reconciling x1 failed" in problems[0] and "KeyError: 'spec'" in problems[1]
@@ -41,8 +44,11 @@ def test_warnings_and_kopf_retries_are_not_failures() -> None:
     def calm(log: logging.Logger) -> None:
         log.warning("API error on abc: Conflict; trying again later")
         log.info("bound default/vm to node-0")
-    text = logged(calm) + ("2026-11-29 06:44:51,095 ERROR kopf._cogs.clients.watching: Request attempt #1 failed; "
-                           "will retry: GET https://127.0.0.1:26443/apis/x -> APITooManyRequestsError('storage')\n")
+
+    text = logged(calm) + (
+        "2026-11-29 06:44:51,095 ERROR kopf._cogs.clients.watching: Request attempt #1 failed; "
+        "will retry: GET https://127.0.0.1:26443/apis/x -> APITooManyRequestsError('storage')\n"
+    )
     assert log_problems(text) == []
 
 

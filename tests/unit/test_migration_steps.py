@@ -1,4 +1,5 @@
 """Which node owns each step of a Migration, and when an agent must leave an instance alone."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,25 +14,29 @@ def body(kind: str, step: str | None, **spec: Any) -> dict[str, Any]:
     return {"metadata": {"name": "m", "uid": "m-uid"}, "spec": {"type": kind, **spec}, "status": status}
 
 
-@pytest.mark.parametrize("kind, step, spec, expected", [
-    ("Live", None, {}, None),
-    ("Live", "PrepareTarget", {}, "target"),
-    ("Live", "Transfer", {}, "source"),
-    ("Live", "Transferring", {}, "source"),
-    ("Live", "FinishTarget", {}, "target"),
-    ("Live", "RollbackTarget", {}, "target"),
-    ("Live", "Done", {}, None),
-    ("Cold", "PowerOffSource", {}, "source"),
-    ("Cold", "FinishTarget", {}, "target"),
-    ("Cold", "AwaitConfirmation", {}, "source"),  # Auto or Confirm: the source drops its copy
-    ("Cold", "AwaitConfirmation", {"decision": "Confirm"}, "source"),
-    ("Cold", "AwaitConfirmation", {"decision": "Revert"}, "target"),  # the target drops its copy first
-    ("Cold", "AwaitConfirmation", {"cancel": True}, "target"),
-    ("Cold", "RevertTarget", {}, "target"),
-    ("Cold", "RevertSource", {}, "source"),
-])
-def test_each_step_has_exactly_one_owner(kind: str, step: str | None, spec: dict[str, Any],
-                                         expected: str | None) -> None:
+@pytest.mark.parametrize(
+    "kind, step, spec, expected",
+    [
+        ("Live", None, {}, None),
+        ("Live", "PrepareTarget", {}, "target"),
+        ("Live", "Transfer", {}, "source"),
+        ("Live", "Transferring", {}, "source"),
+        ("Live", "FinishTarget", {}, "target"),
+        ("Live", "RollbackTarget", {}, "target"),
+        ("Live", "Done", {}, None),
+        ("Cold", "PowerOffSource", {}, "source"),
+        ("Cold", "FinishTarget", {}, "target"),
+        ("Cold", "AwaitConfirmation", {}, "source"),  # Auto or Confirm: the source drops its copy
+        ("Cold", "AwaitConfirmation", {"decision": "Confirm"}, "source"),
+        ("Cold", "AwaitConfirmation", {"decision": "Revert"}, "target"),  # the target drops its copy first
+        ("Cold", "AwaitConfirmation", {"cancel": True}, "target"),
+        ("Cold", "RevertTarget", {}, "target"),
+        ("Cold", "RevertSource", {}, "source"),
+    ],
+)
+def test_each_step_has_exactly_one_owner(
+    kind: str, step: str | None, spec: dict[str, Any], expected: str | None
+) -> None:
     assert owner(body(kind, step, **spec)) == expected
 
 
@@ -44,15 +49,28 @@ class _Instances:
 def agent_with(*migrations: dict[str, Any]) -> MigrationAgent:
     agent = MigrationAgent(_Instances())  # type: ignore[arg-type]
     for index, item in enumerate(migrations):
-        item["metadata"] = {"name": f"m{index}", "uid": f"u{index}", "namespace": "ns",
-                            "creationTimestamp": f"2026-01-01T00:00:0{index}Z", "resourceVersion": str(index)}
+        item["metadata"] = {
+            "name": f"m{index}",
+            "uid": f"u{index}",
+            "namespace": "ns",
+            "creationTimestamp": f"2026-01-01T00:00:0{index}Z",
+            "resourceVersion": str(index),
+        }
         agent.seen("ADDED", item)
     return agent
 
 
 def moved(step: str, phase: str, source: str = "node-1", kind: str = "Live") -> dict[str, Any]:
-    return {"spec": {"type": kind}, "status": {"instanceUID": "vm", "step": step, "phase": phase,
-                                               "sourceNode": source, "targetNode": "node-2"}}
+    return {
+        "spec": {"type": kind},
+        "status": {
+            "instanceUID": "vm",
+            "step": step,
+            "phase": phase,
+            "sourceNode": source,
+            "targetNode": "node-2",
+        },
+    }
 
 
 def test_an_instance_is_held_while_a_step_runs_but_not_while_awaiting_confirmation() -> None:

@@ -6,13 +6,22 @@ import pytest
 
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 
-NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
-def node(name: str, memory: int = 1000, vcpus: int = 2, enabled: bool = True, age: int = 5,
-         maintenance: bool = False, labels: dict[str, str] | None = None, disk: int = 100) -> NodeView:
-    return NodeView(name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory, disk, maintenance,
-                    labels or {})
+def node(
+    name: str,
+    memory: int = 1000,
+    vcpus: int = 2,
+    enabled: bool = True,
+    age: int = 5,
+    maintenance: bool = False,
+    labels: dict[str, str] | None = None,
+    disk: int = 100,
+) -> NodeView:
+    return NodeView(
+        name, enabled, NOW - datetime.timedelta(seconds=age), vcpus, memory, disk, maintenance, labels or {}
+    )
 
 
 def test_spreads_to_the_node_with_most_free_memory() -> None:
@@ -27,12 +36,15 @@ def test_pinning_wins_and_unknown_pin_is_explained() -> None:
         choose_node(Usage(1, 100), "zzz", nodes, {}, NOW)
 
 
-@pytest.mark.parametrize("view, reason", [
-    (node("a", enabled=False), "a: disabled"),
-    (node("a", age=600), "a: agent not reporting"),
-    (node("a", maintenance=True), "a: in maintenance"),
-    (node("a", memory=100), "a: asks for more memory than the node has in all"),
-])
+@pytest.mark.parametrize(
+    "view, reason",
+    [
+        (node("a", enabled=False), "a: disabled"),
+        (node("a", age=600), "a: agent not reporting"),
+        (node("a", maintenance=True), "a: in maintenance"),
+        (node("a", memory=100), "a: asks for more memory than the node has in all"),
+    ],
+)
 def test_says_why_nothing_fits(view: NodeView, reason: str) -> None:
     with pytest.raises(Unschedulable, match=reason):
         choose_node(Usage(1, 1000), None, {"a": view}, {}, NOW)
@@ -47,7 +59,9 @@ def test_node_selector_picks_the_aggregate() -> None:
     nodes = {"a": node("a", memory=9000), "b": node("b", labels={"compute.kubenova.io/aggregate": "ssd"})}
     selector = {"compute.kubenova.io/aggregate": "ssd"}
     assert choose_node(Usage(1, 100), None, nodes, {}, NOW, selector) == "b"
-    with pytest.raises(Unschedulable, match=r"a: labels do not match spec.nodeSelector \(compute.kubenova.io/aggregate\)"):
+    with pytest.raises(
+        Unschedulable, match=r"a: labels do not match spec.nodeSelector \(compute.kubenova.io/aggregate\)"
+    ):
         choose_node(Usage(1, 100), None, {"a": nodes["a"]}, {}, NOW, selector)
 
 

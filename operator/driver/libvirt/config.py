@@ -3,6 +3,7 @@
 Never string templates: every value goes through ElementTree, so a spec value can only
 ever become text or an attribute, not markup.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,13 @@ class GuestDisk:
 
     def format_dom(self) -> ET.Element:
         disk = ET.Element("disk", type="file", device=self.device)
-        _sub(disk, "driver", name="qemu", type=self.driver_type, cache="none" if self.device == "disk" else "default")
+        _sub(
+            disk,
+            "driver",
+            name="qemu",
+            type=self.driver_type,
+            cache="none" if self.device == "disk" else "default",
+        )
         _sub(disk, "source", file=self.source)
         _sub(disk, "target", dev=self.target, bus=self.bus)
         if self.read_only:
@@ -44,15 +51,17 @@ class GuestDisk:
         return disk
 
     @classmethod
-    def parse_dom(cls, element: ET.Element) -> "GuestDisk":
+    def parse_dom(cls, element: ET.Element) -> GuestDisk:
         source, target, driver = element.find("source"), element.find("target"), element.find("driver")
         return cls(
             source=source.get("file", "") if source is not None else "",
             target=target.get("dev", "") if target is not None else "",
             driver_type=driver.get("type", "raw") if driver is not None else "raw",
             bus=target.get("bus", "virtio") if target is not None else "virtio",
-            device=element.get("device", "disk"), read_only=element.find("readonly") is not None,
-            serial=element.findtext("serial"))
+            device=element.get("device", "disk"),
+            read_only=element.find("readonly") is not None,
+            serial=element.findtext("serial"),
+        )
 
 
 #: libvirt keeps user-chosen device aliases only with this prefix.
@@ -87,17 +96,19 @@ class GuestInterface:
         return iface
 
     @classmethod
-    def parse_dom(cls, element: ET.Element) -> "GuestInterface":
+    def parse_dom(cls, element: ET.Element) -> GuestInterface:
         source, mac = element.find("source"), element.find("mac")
         model, target, ref = element.find("model"), element.find("target"), element.find("filterref")
         alias = element.find("alias")
         name = alias.get("name", "") if alias is not None else ""
-        return cls(network=source.get("network", "") if source is not None else "",
-                   mac=mac.get("address") if mac is not None else None,
-                   model=model.get("type", "virtio") if model is not None else "virtio",
-                   target=target.get("dev") if target is not None else None,
-                   filter=ref.get("filter") if ref is not None else None,
-                   name=name.removeprefix(USER_ALIAS) if name.startswith(USER_ALIAS) else "")
+        return cls(
+            network=source.get("network", "") if source is not None else "",
+            mac=mac.get("address") if mac is not None else None,
+            model=model.get("type", "virtio") if model is not None else "virtio",
+            target=target.get("dev") if target is not None else None,
+            filter=ref.get("filter") if ref is not None else None,
+            name=name.removeprefix(USER_ALIAS) if name.startswith(USER_ALIAS) else "",
+        )
 
 
 @dataclasses.dataclass
@@ -109,15 +120,20 @@ class GuestGraphics:
     port: int | None = None
 
     def format_dom(self) -> ET.Element:
-        graphics = ET.Element("graphics", type="vnc", autoport="yes", listen=self.listen, passwd=self.password)
+        graphics = ET.Element(
+            "graphics", type="vnc", autoport="yes", listen=self.listen, passwd=self.password
+        )
         _sub(graphics, "listen", type="address", address=self.listen)
         return graphics
 
     @classmethod
-    def parse_dom(cls, element: ET.Element) -> "GuestGraphics":
+    def parse_dom(cls, element: ET.Element) -> GuestGraphics:
         port = int(element.get("port", "-1"))
-        return cls(password=element.get("passwd", ""), listen=element.get("listen", ""),
-                   port=port if port > 0 else None)
+        return cls(
+            password=element.get("passwd", ""),
+            listen=element.get("listen", ""),
+            port=port if port > 0 else None,
+        )
 
 
 @dataclasses.dataclass
@@ -149,8 +165,9 @@ class GuestConfig:
         _sub(dom, "uuid", self.uuid)
         _sub(dom, "title", f"{self.namespace}/{self.instance_name}")  # whole, where the name had to be cut
         meta = _sub(dom, "metadata")
-        instance = ET.SubElement(meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace,
-                                 name=self.instance_name)
+        instance = ET.SubElement(
+            meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace, name=self.instance_name
+        )
         if self.revision:
             instance.set("revision", self.revision)
         for file, digest in sorted(self.drive.items()):
@@ -190,7 +207,7 @@ class GuestConfig:
         return ET.tostring(self.format_dom(), encoding="unicode")
 
     @classmethod
-    def parse_dom(cls, xml: str) -> "GuestConfig":
+    def parse_dom(cls, xml: str) -> GuestConfig:
         """What a domain's XML (running, or its definition) says in the terms above; the rest is libvirt's."""
         root = ET.fromstring(xml)
         meta = root.find(f"metadata/{{{METADATA_NS}}}instance")
@@ -201,25 +218,42 @@ class GuestConfig:
 
         def text(tag: str) -> str | None:
             return os_el.findtext(tag) if os_el is not None else None
+
         return cls(
-            uuid=root.findtext("uuid", ""), name=root.findtext("name", ""),
+            uuid=root.findtext("uuid", ""),
+            name=root.findtext("name", ""),
             namespace=meta.get("namespace", "") if meta is not None else "",
             instance_name=meta.get("name", "") if meta is not None else "",
             vcpus=int(root.findtext("vcpu", "0")),
             memory_mib=_mib(int(memory.text or 0), memory.get("unit", "KiB")) if memory is not None else 0,
             console_path=serial.get("path", "") if serial is not None else "",
-            domain_type=root.get("type", "qemu"), kernel=text("kernel"), initrd=text("initrd"),
+            domain_type=root.get("type", "qemu"),
+            kernel=text("kernel"),
+            initrd=text("initrd"),
             cmdline=text("cmdline") if text("kernel") else None,
             disks=[GuestDisk.parse_dom(d) for d in root.findall("devices/disk")],
             interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
             graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None,
             drive={d.get("file", ""): d.get("digest", "") for d in meta.findall(f"{{{METADATA_NS}}}drive")}
-            if meta is not None else {},
-            revision=meta.get("revision", "") if meta is not None else "")
+            if meta is not None
+            else {},
+            revision=meta.get("revision", "") if meta is not None else "",
+        )
 
 
-_UNITS = {"b": 1, "bytes": 1, "KB": 1000, "k": 1024, "KiB": 1024, "MB": 1000**2, "M": 1024**2, "MiB": 1024**2,
-          "GB": 1000**3, "G": 1024**3, "GiB": 1024**3}
+_UNITS = {
+    "b": 1,
+    "bytes": 1,
+    "KB": 1000,
+    "k": 1024,
+    "KiB": 1024,
+    "MB": 1000**2,
+    "M": 1024**2,
+    "MiB": 1024**2,
+    "GB": 1000**3,
+    "G": 1024**3,
+    "GiB": 1024**3,
+}
 
 
 def _mib(value: int, unit: str) -> int:
@@ -235,12 +269,14 @@ class LiveDevices:
     graphics: GuestGraphics | None
 
     @classmethod
-    def parse_dom(cls, xml: str) -> "LiveDevices":
+    def parse_dom(cls, xml: str) -> LiveDevices:
         root = ET.fromstring(xml)
         graphics = root.find("devices/graphics[@type='vnc']")
-        return cls(disks=[GuestDisk.parse_dom(d) for d in root.findall("devices/disk")],
-                   interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
-                   graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None)
+        return cls(
+            disks=[GuestDisk.parse_dom(d) for d in root.findall("devices/disk")],
+            interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
+            graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None,
+        )
 
 
 #: libvirt names files after the domain (``<name>.xml.new``, ``<name>.log``, ``<name>.save``), and a file
@@ -258,10 +294,10 @@ def domain_name(namespace: str, name: str) -> str:
     if len(full) <= MAX_DOMAIN_NAME:
         return full
     digest = hashlib.sha256(full.encode()).hexdigest()[:12]
-    return f"{full[:MAX_DOMAIN_NAME - len(digest) - 1]}-{digest}"
+    return f"{full[: MAX_DOMAIN_NAME - len(digest) - 1]}-{digest}"
 
 
-def firewall_filter(name: str, uuid: str, rules: "list[tuple[str, str, int | None, int | None]]") -> str:
+def firewall_filter(name: str, uuid: str, rules: list[tuple[str, str, int | None, int | None]]) -> str:
     """An nwfilter: out is open, in only what a rule allows and answers to the guest's own traffic.
 
     ``rules`` are (protocol, cidr, port_min, port_max); the fixed ``uuid`` lets a redefinition
@@ -270,7 +306,11 @@ def firewall_filter(name: str, uuid: str, rules: "list[tuple[str, str, int | Non
     root = ET.Element("filter", name=name, chain="root")
     _sub(root, "uuid", uuid)
     _sub(_sub(root, "rule", action="accept", direction="out", priority="100"), "all")
-    _sub(_sub(root, "rule", action="accept", direction="in", priority="200"), "all", state="ESTABLISHED,RELATED")
+    _sub(
+        _sub(root, "rule", action="accept", direction="in", priority="200"),
+        "all",
+        state="ESTABLISHED,RELATED",
+    )
     for protocol, cidr, port_min, port_max in rules:
         address, _, mask = cidr.partition("/")
         attrs = {"srcipaddr": address, "srcipmask": mask or "32"}

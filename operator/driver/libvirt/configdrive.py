@@ -1,4 +1,5 @@
 """The NoCloud config drive as an ISO9660 volume labelled ``cidata``, which cloud-init reads."""
+
 from __future__ import annotations
 
 import io
@@ -6,7 +7,6 @@ import os
 import pathlib
 
 import pycdlib
-
 
 
 def _iso_name(index: int) -> str:

@@ -6,6 +6,7 @@ ephemeral and swap disks, config drive, console log, rescue state. destroy remov
 folder and nothing else: volumes and images live in their stores and are never deleted
 by an instance.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,20 +30,53 @@ from typing import Any
 import libvirt
 
 from kubenova import faults
-from kubenova.driver.base import (
-    BandwidthUsage, BlockStats, ComputeDriver, CPUIncompatible, CpuInfo, Diagnostics, DriverError, FirewallRule,
-    HostPowerAction,
-    HostStats, ImageRef, InstanceDetail, InstanceExists, InstanceInfo, InstanceNotFound, InstanceNotRunning,
-    InstanceSpec, Interface, InterfaceDetail, InterfaceStats, InvalidCPUInfo, InvalidInstanceSpec,
-    MigrationOutcome, MigrationProgress, PowerState, ProgressCallback, RebootType, Unsupported, VncConsole,
-    VolumeConnector,
-    VolumeNotFound, VolumeSpec, check_instance, check_macs,
-)
 from kubenova.driver import cloudinit
+from kubenova.driver.base import (
+    BandwidthUsage,
+    BlockStats,
+    ComputeDriver,
+    CPUIncompatible,
+    CpuInfo,
+    Diagnostics,
+    DriverError,
+    FirewallRule,
+    HostPowerAction,
+    HostStats,
+    ImageRef,
+    InstanceDetail,
+    InstanceExists,
+    InstanceInfo,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InstanceSpec,
+    Interface,
+    InterfaceDetail,
+    InterfaceStats,
+    InvalidCPUInfo,
+    InvalidInstanceSpec,
+    MigrationOutcome,
+    MigrationProgress,
+    PowerState,
+    ProgressCallback,
+    RebootType,
+    Unsupported,
+    VncConsole,
+    VolumeConnector,
+    VolumeNotFound,
+    VolumeSpec,
+    check_instance,
+    check_macs,
+)
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt import configdrive
 from kubenova.driver.libvirt.config import (
-    METADATA_NS, GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name, firewall_filter,
+    METADATA_NS,
+    GuestConfig,
+    GuestDisk,
+    GuestGraphics,
+    GuestInterface,
+    domain_name,
+    firewall_filter,
 )
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.host import Host, translate
@@ -69,7 +103,8 @@ def partial_name(image_name: str) -> str:
 
 
 def _own_disk(source: str, folder: pathlib.Path) -> bool:
-    """Whether a disk is one of the instance's own (root, ephemeral, swap, config drive), not an attached volume."""
+    """Whether a disk is one of the instance's own (root, ephemeral, swap, config drive), not an attached
+    volume."""
     path = pathlib.PurePath(source)
     return path.parent == folder and not path.name.startswith(VOLUME)
 
@@ -86,14 +121,21 @@ def changed_fields(running: GuestConfig, defined: GuestConfig, folder: pathlib.P
 
     def own(config: GuestConfig) -> set[str]:
         return {pathlib.PurePath(d.source).name for d in config.disks if _own_disk(d.source, folder)}
+
     for name in sorted((own(running) ^ own(defined)) - {CONFIG_DRIVE}):
-        fields.append("spec.rootDisk" if name == ROOT else "spec.swap" if name == SWAP else "spec.ephemeralDisks")
+        fields.append(
+            "spec.rootDisk" if name == ROOT else "spec.swap" if name == SWAP else "spec.ephemeralDisks"
+        )
     if CONFIG_DRIVE not in own(running) or running.drive:  # a drive made before drives had digests: unknown
-        fields += [field for file, field in cloudinit.FIELDS.items()
-                   if running.drive.get(file) != defined.drive.get(file)]
+        fields += [
+            field
+            for file, field in cloudinit.FIELDS.items()
+            if running.drive.get(file) != defined.drive.get(file)
+        ]
 
     def nics(config: GuestConfig) -> list[tuple[str, str, str | None, str]]:
         return [(i.name, i.network, i.mac, i.model) for i in config.interfaces]
+
     if nics(running) != nics(defined):
         fields.append("spec.interfaces")
     return list(dict.fromkeys(fields))
@@ -111,8 +153,14 @@ def _next_target(used: Collection[str], prefix: str = "vd") -> str:
 
 
 class LibvirtDriver(ComputeDriver):
-    def __init__(self, uri: str, domain_type: str, instances_dir: str | os.PathLike[str], images: ImageStore,
-                 volumes_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        uri: str,
+        domain_type: str,
+        instances_dir: str | os.PathLike[str],
+        images: ImageStore,
+        volumes_dir: str | os.PathLike[str],
+    ) -> None:
         self.host = Host(uri)
         self.domain_type = domain_type
         self.instances_dir = pathlib.Path(instances_dir)
@@ -163,25 +211,37 @@ class LibvirtDriver(ComputeDriver):
         fs = os.statvfs(self.instances_dir)
         version = conn.getVersion()
         return HostStats(
-            vcpus=cpus, memory_mib=memory_mib,
-            disk_gib=fs.f_blocks * fs.f_frsize // 2**30, disk_free_gib=fs.f_bavail * fs.f_frsize // 2**30,
+            vcpus=cpus,
+            memory_mib=memory_mib,
+            disk_gib=fs.f_blocks * fs.f_frsize // 2**30,
+            disk_free_gib=fs.f_bavail * fs.f_frsize // 2**30,
             hypervisor_type=conn.getType(),
             hypervisor_version=f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}",
             hostname=socket.gethostname(),
-            cpu=CpuInfo(arch=cpu.findtext("arch", arch), vendor=cpu.findtext("vendor", ""),
-                        model=cpu.findtext("model", ""),
-                        sockets=int(topology.get("sockets", 1)) if topology is not None else 1,
-                        cores=int(topology.get("cores", 1)) if topology is not None else 1,
-                        threads=int(topology.get("threads", 1)) if topology is not None else 1,
-                        features=tuple(f.get("name", "") for f in cpu.findall("feature"))))
+            cpu=CpuInfo(
+                arch=cpu.findtext("arch", arch),
+                vendor=cpu.findtext("vendor", ""),
+                model=cpu.findtext("model", ""),
+                sockets=int(topology.get("sockets", 1)) if topology is not None else 1,
+                cores=int(topology.get("cores", 1)) if topology is not None else 1,
+                threads=int(topology.get("threads", 1)) if topology is not None else 1,
+                features=tuple(f.get("name", "") for f in cpu.findall("feature")),
+            ),
+        )
 
     def _host_memory_mib(self) -> int:
         # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
-        return int(self.host.get_connection().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"]) // 1024
+        return (
+            int(self.host.get_connection().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"])
+            // 1024
+        )
 
     def host_power_action(self, action: HostPowerAction) -> None:
-        raise Unsupported("host_power_action", "kubenova does not power hosts on or off (Nova's libvirt driver "
-                                               "did not either); use the node's own management")
+        raise Unsupported(
+            "host_power_action",
+            "kubenova does not power hosts on or off (Nova's libvirt driver "
+            "did not either); use the node's own management",
+        )
 
     def compare_cpu(self, cpu: CpuInfo) -> None:
         if not cpu.arch or not cpu.model:
@@ -191,7 +251,9 @@ class LibvirtDriver(ComputeDriver):
         ET.SubElement(el, "model").text = cpu.model
         if cpu.vendor:
             ET.SubElement(el, "vendor").text = cpu.vendor
-        ET.SubElement(el, "topology", sockets=str(cpu.sockets), cores=str(cpu.cores), threads=str(cpu.threads))
+        ET.SubElement(
+            el, "topology", sockets=str(cpu.sockets), cores=str(cpu.cores), threads=str(cpu.threads)
+        )
         for feature in cpu.features:
             ET.SubElement(el, "feature", policy="require", name=feature)
         try:
@@ -199,8 +261,10 @@ class LibvirtDriver(ComputeDriver):
         except libvirt.libvirtError as exc:
             raise InvalidCPUInfo(f"libvirt cannot read that CPU description: {exc}") from exc
         if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
-            raise CPUIncompatible(f"this host cannot run guests made for a {cpu.vendor} {cpu.model} "
-                                  f"with features {', '.join(cpu.features) or '(none)'}")
+            raise CPUIncompatible(
+                f"this host cannot run guests made for a {cpu.vendor} {cpu.model} "
+                f"with features {', '.join(cpu.features) or '(none)'}"
+            )
 
     def get_volume_connector(self) -> VolumeConnector:
         initiator = None
@@ -220,7 +284,9 @@ class LibvirtDriver(ComputeDriver):
         used = set()
         for overlay in self.instances_dir.glob("*/disk*"):
             try:
-                backing = json.loads(qemu_img("info", "-U", "--output=json", str(overlay))).get("backing-filename")
+                backing = json.loads(qemu_img("info", "-U", "--output=json", str(overlay))).get(
+                    "backing-filename"
+                )
             except DriverError:
                 continue
             if backing:
@@ -245,9 +311,16 @@ class LibvirtDriver(ComputeDriver):
                 state, max_mem_kib, _, vcpus, _ = Guest(dom).info()
             except (libvirt.libvirtError, DriverError):
                 continue  # not ours, or gone meanwhile
-            details.append(InstanceDetail(uuid=dom.UUIDString(), namespace=meta.get("namespace", ""),
-                                          name=meta.get("name", ""), state=state, vcpus=vcpus,
-                                          memory_mib=max_mem_kib // 1024))
+            details.append(
+                InstanceDetail(
+                    uuid=dom.UUIDString(),
+                    namespace=meta.get("namespace", ""),
+                    name=meta.get("name", ""),
+                    state=state,
+                    vcpus=vcpus,
+                    memory_mib=max_mem_kib // 1024,
+                )
+            )
         return details
 
     def instance_exists(self, uuid: str) -> bool:
@@ -269,7 +342,9 @@ class LibvirtDriver(ComputeDriver):
         except libvirt.libvirtError:
             other = None
         if other is not None and other.UUIDString() != instance.uuid:
-            raise InstanceExists(f"a domain named {other.name()} already exists with UUID {other.UUIDString()}")
+            raise InstanceExists(
+                f"a domain named {other.name()} already exists with UUID {other.UUIDString()}"
+            )
         check_instance(instance, self._host_memory_mib())
         if instance.interfaces:
             check_macs(instance, self._macs_in_use(instance.uuid))
@@ -285,13 +360,16 @@ class LibvirtDriver(ComputeDriver):
             except libvirt.libvirtError:
                 continue  # gone meanwhile
             meta = root.find(f"metadata/{{{METADATA_NS}}}instance")
-            owner = f"{meta.get('namespace')}/{meta.get('name')}" if meta is not None else f"domain {dom.name()}"
+            owner = (
+                f"{meta.get('namespace')}/{meta.get('name')}" if meta is not None else f"domain {dom.name()}"
+            )
             for mac in root.findall("devices/interface/mac"):
                 used[mac.get("address", "").lower()] = owner
         return used
 
-    def _guest_config(self, instance: InstanceSpec, folder: pathlib.Path,
-                      current: GuestConfig | None = None) -> GuestConfig:
+    def _guest_config(
+        self, instance: InstanceSpec, folder: pathlib.Path, current: GuestConfig | None = None
+    ) -> GuestConfig:
         """Create the instance's disks in its folder and describe the domain that uses them.
 
         With the ``current`` definition (a spec change), attached volumes stay as they are, and the config
@@ -331,18 +409,32 @@ class LibvirtDriver(ComputeDriver):
             disks.append(GuestDisk(source=str(path), target=target, **kw))
         boot = instance.boot
         return GuestConfig(
-            uuid=instance.uuid, name=domain_name(instance.namespace, instance.name), namespace=instance.namespace,
-            instance_name=instance.name, vcpus=instance.vcpus, memory_mib=instance.memory_mib,
-            console_path=str(folder / "console.log"), domain_type=self.domain_type,
-            kernel=boot.kernel if boot else None, initrd=boot.initrd if boot else None,
-            cmdline=boot.cmdline if boot else None, disks=disks + volumes,
-            interfaces=[GuestInterface(network=i.network, mac=mac, model=i.model, filter=_filter_name(instance.uuid),
-                                       name=i.name) for i, mac in zip(instance.interfaces, instance.macs())],
-            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None, drive=drive,
-            revision=instance.revision)
+            uuid=instance.uuid,
+            name=domain_name(instance.namespace, instance.name),
+            namespace=instance.namespace,
+            instance_name=instance.name,
+            vcpus=instance.vcpus,
+            memory_mib=instance.memory_mib,
+            console_path=str(folder / "console.log"),
+            domain_type=self.domain_type,
+            kernel=boot.kernel if boot else None,
+            initrd=boot.initrd if boot else None,
+            cmdline=boot.cmdline if boot else None,
+            disks=disks + volumes,
+            interfaces=[
+                GuestInterface(
+                    network=i.network, mac=mac, model=i.model, filter=_filter_name(instance.uuid), name=i.name
+                )
+                for i, mac in zip(instance.interfaces, instance.macs(), strict=True)
+            ],
+            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None,
+            drive=drive,
+            revision=instance.revision,
+        )
 
     def redefine(self, instance: InstanceSpec) -> None:
-        """Define the instance as the spec now says, for its next boot; disks grow at once (live when it runs).
+        """Define the instance as the spec now says, for its next boot; disks grow at once (live when it
+        runs).
 
         A running domain keeps what it was started with (libvirt's persistent definition is what the next
         start uses); pending_changes says what differs. In rescue, the saved original is updated, so
@@ -370,7 +462,8 @@ class LibvirtDriver(ComputeDriver):
         self._grow_disks(guest, instance, folder)
 
     def _grow_disks(self, guest: Guest, instance: InstanceSpec, folder: pathlib.Path) -> None:
-        """Grow the instance's disks to the spec's sizes (never shrink): libvirt resizes a running guest's disk live."""
+        """Grow the instance's disks to the spec's sizes (never shrink): libvirt resizes a running guest's
+        disk live."""
         sizes = [(folder / f"{EPHEMERAL}{name}", gib * 2**30) for name, gib in instance.ephemeral_gib]
         if instance.root_gib:
             sizes.append((folder / ROOT, instance.root_gib * 2**30))
@@ -378,7 +471,10 @@ class LibvirtDriver(ComputeDriver):
             sizes.append((folder / SWAP, instance.swap_mib * 2**20))
         live = {d.source for d in guest.devices().disks} if guest.active else set()
         for path, size in sizes:
-            if not path.exists() or json.loads(qemu_img("info", "-U", "--output=json", str(path)))["virtual-size"] >= size:
+            if (
+                not path.exists()
+                or json.loads(qemu_img("info", "-U", "--output=json", str(path)))["virtual-size"] >= size
+            ):
                 continue
             if str(path) in live:
                 with translate("grow disk", instance.uuid):
@@ -395,14 +491,18 @@ class LibvirtDriver(ComputeDriver):
         guest = self._guest(uuid)
         if not guest.active or (self._dir(uuid) / UNRESCUE).exists():
             return []
-        return changed_fields(GuestConfig.parse_dom(guest.live_xml()), GuestConfig.parse_dom(guest.config_xml()),
-                              self._dir(uuid))
+        return changed_fields(
+            GuestConfig.parse_dom(guest.live_xml()),
+            GuestConfig.parse_dom(guest.config_xml()),
+            self._dir(uuid),
+        )
 
     def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
         self._create(instance, power_on)
 
-    def _create(self, instance: InstanceSpec, power_on: bool,
-                fill: Callable[[pathlib.Path], None] | None = None) -> None:
+    def _create(
+        self, instance: InstanceSpec, power_on: bool, fill: Callable[[pathlib.Path], None] | None = None
+    ) -> None:
         """Define and start an instance whose folder ``fill`` may have stocked; on failure nothing is left."""
         if self.instance_exists(instance.uuid):  # a retry: the same object, never a second domain
             if power_on:
@@ -437,9 +537,11 @@ class LibvirtDriver(ComputeDriver):
             try:
                 if guest.domain.isActive():
                     guest.domain.destroy()
-                guest.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                                           | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                                           | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                guest.domain.undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                    | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                )
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise DriverError(f"cannot remove domain {uuid}: {exc}") from exc
@@ -564,27 +666,37 @@ class LibvirtDriver(ComputeDriver):
         guest = self._guest(uuid)
         root = self._dir(uuid) / ROOT
         if not root.exists():
-            raise Unsupported("snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)")
+            raise Unsupported(
+                "snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)"
+            )
         field = "spec.actions.snapshot.imageName"
         dest = self.images.path(field, image_name)
         if dest.exists() or dest.is_symlink():
             raise InvalidInstanceSpec(field, f"image {image_name!r} already exists in the image store")
         tmp = dest.with_name(partial_name(image_name))
-        tmp.unlink(missing_ok=True)  # an interrupted snapshot's, or a link someone left: never written through
+        tmp.unlink(
+            missing_ok=True
+        )  # an interrupted snapshot's, or a link someone left: never written through
         paused = guest.state() is PowerState.RUNNING
         if paused:  # a consistent copy: no guest writes while it is made
             with translate("pause for snapshot", uuid):
                 guest.domain.suspend()
         try:
-            proc = subprocess.Popen(["qemu-img", "convert", "-U", "-p", "-O", "qcow2", str(root), str(tmp)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                ["qemu-img", "convert", "-U", "-p", "-O", "qcow2", str(root), str(tmp)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             assert proc.stdout is not None
             for chunk in iter(lambda: proc.stdout.read(32), ""):  # type: ignore[union-attr]
                 for percent in re.findall(r"\((\d+)\.\d+/100%\)", chunk):
                     if progress:
                         progress(int(percent))
             if proc.wait() != 0:
-                raise DriverError(f"qemu-img convert failed: {proc.stderr.read().strip() if proc.stderr else ''}")
+                raise DriverError(
+                    f"qemu-img convert failed: {proc.stderr.read().strip() if proc.stderr else ''}"
+                )
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -607,8 +719,9 @@ class LibvirtDriver(ComputeDriver):
     def get_vnc_console(self, uuid: str) -> VncConsole:
         graphics = self._running(uuid, "get_vnc_console").devices(secure=True).graphics
         if graphics is None:
-            raise Unsupported("get_vnc_console", "the instance was created without a VNC password, so it has "
-                                                 "no VNC server")
+            raise Unsupported(
+                "get_vnc_console", "the instance was created without a VNC password, so it has no VNC server"
+            )
         if graphics.port is None:
             raise DriverError("the VNC server has no port yet")
         return VncConsole(host=graphics.listen, port=graphics.port, password=graphics.password)
@@ -618,15 +731,24 @@ class LibvirtDriver(ComputeDriver):
         try:
             guest.domain.setUserPassword("root", password, 0)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
-                                        libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
-                raise Unsupported("set_admin_password", "the guest runs no QEMU guest agent; the password on the "
-                                                        "config drive applies at first boot") from exc
+            if exc.get_error_code() in (
+                libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+                libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+                libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+            ):
+                raise Unsupported(
+                    "set_admin_password",
+                    "the guest runs no QEMU guest agent; the password on the "
+                    "config drive applies at first boot",
+                ) from exc
             raise DriverError(f"set_admin_password failed: {exc}") from exc
 
     def inject_file(self, uuid: str, path: str, content: bytes) -> None:
-        raise Unsupported("inject_file", "libvirt cannot write into a running guest's file system; files are "
-                                         "injected at creation through the config drive (spec.injectedFiles)")
+        raise Unsupported(
+            "inject_file",
+            "libvirt cannot write into a running guest's file system; files are "
+            "injected at creation through the config drive (spec.injectedFiles)",
+        )
 
     def inject_network_info(self, uuid: str, network_config: str) -> None:
         """Rewrite the config drive's network-config; the guest reads it at its next boot."""
@@ -645,8 +767,10 @@ class LibvirtDriver(ComputeDriver):
         return [i.target for i in self._guest(uuid).devices().interfaces if i.target]
 
     def list_interfaces_detail(self, uuid: str) -> list[InterfaceDetail]:
-        return [InterfaceDetail(name=i.name, mac=i.mac or "", network=i.network)
-                for i in self._guest(uuid).devices().interfaces]
+        return [
+            InterfaceDetail(name=i.name, mac=i.mac or "", network=i.network)
+            for i in self._guest(uuid).devices().interfaces
+        ]
 
     def block_stats(self, uuid: str, disk: str) -> BlockStats:
         guest = self._running(uuid, "block_stats")
@@ -661,9 +785,11 @@ class LibvirtDriver(ComputeDriver):
     def get_diagnostics(self, uuid: str) -> Diagnostics:
         info = self.get_info(uuid)
         return Diagnostics(
-            cpu_time_ns=info.cpu_time_ns, memory_kib=info.mem_kib,
+            cpu_time_ns=info.cpu_time_ns,
+            memory_kib=info.mem_kib,
             disks={d: self.block_stats(uuid, d) for d in self.list_disks(uuid)},
-            interfaces={i: self.interface_stats(uuid, i) for i in self.list_interfaces(uuid)})
+            interfaces={i: self.interface_stats(uuid, i) for i in self.list_interfaces(uuid)},
+        )
 
     def get_all_bw_usage(self) -> list[BandwidthUsage]:
         usage = []
@@ -675,8 +801,11 @@ class LibvirtDriver(ComputeDriver):
                 for iface in guest.devices().interfaces:
                     if iface.target:
                         stats = self.interface_stats(uuid, iface.target)
-                        usage.append(BandwidthUsage(uuid, iface.target, iface.mac or "", stats.rx_bytes,
-                                                    stats.tx_bytes))
+                        usage.append(
+                            BandwidthUsage(
+                                uuid, iface.target, iface.mac or "", stats.rx_bytes, stats.tx_bytes
+                            )
+                        )
             except (InstanceNotFound, InstanceNotRunning):
                 continue  # went away while we looked
         return usage
@@ -696,8 +825,10 @@ class LibvirtDriver(ComputeDriver):
             path = self.volumes.path("spec.volume.name", volume.name)
             if not path.exists():
                 if not volume.size_gib:
-                    raise InvalidInstanceSpec("spec.volume.sizeGiB", f"volume {volume.name!r} does not exist; "
-                                                                     "give a size to create it")
+                    raise InvalidInstanceSpec(
+                        "spec.volume.sizeGiB",
+                        f"volume {volume.name!r} does not exist; give a size to create it",
+                    )
                 self.volumes.root.mkdir(parents=True, exist_ok=True)
                 with open(path, "xb") as f:
                     f.truncate(volume.size_gib * 2**30)
@@ -710,10 +841,18 @@ class LibvirtDriver(ComputeDriver):
         if target in used:
             existing = next(d for d in disks if d.target == target)
             raise InvalidInstanceSpec("spec.device.name", f"{target} is already used by {existing.source}")
-        disk = GuestDisk(source=str(path), target=target, driver_type=fmt, bus=volume.bus,
-                         read_only=volume.read_only, serial=volume.name[:20])
+        disk = GuestDisk(
+            source=str(path),
+            target=target,
+            driver_type=fmt,
+            bus=volume.bus,
+            read_only=volume.read_only,
+            serial=volume.name[:20],
+        )
         with translate("attach volume", uuid):
-            guest.domain.attachDeviceFlags(ET.tostring(disk.format_dom(), encoding="unicode"), guest.device_flags())
+            guest.domain.attachDeviceFlags(
+                ET.tostring(disk.format_dom(), encoding="unicode"), guest.device_flags()
+            )
         return target
 
     def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
@@ -736,8 +875,10 @@ class LibvirtDriver(ComputeDriver):
         deadline = time.monotonic() + timeout
         while guest.active and any(d.target == device for d in guest.devices().disks):
             if time.monotonic() > deadline:
-                raise DriverError(f"the guest did not release {device} within {timeout:.0f}s; it is removed from "
-                                  "the definition, so it is gone after the next power off at the latest")
+                raise DriverError(
+                    f"the guest did not release {device} within {timeout:.0f}s; it is removed from "
+                    "the definition, so it is gone after the next power off at the latest"
+                )
             try:
                 guest.domain.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError as exc:
@@ -755,8 +896,10 @@ class LibvirtDriver(ComputeDriver):
             try:
                 network = conn.networkLookupByName(iface.network)
             except libvirt.libvirtError as exc:
-                raise InvalidInstanceSpec(f"spec.interfaces[{index}].network",
-                                          f"this node has no libvirt network named {iface.network!r}") from exc
+                raise InvalidInstanceSpec(
+                    f"spec.interfaces[{index}].network",
+                    f"this node has no libvirt network named {iface.network!r}",
+                ) from exc
             with translate("start network"):
                 if not network.isActive():
                     network.create()
@@ -766,7 +909,8 @@ class LibvirtDriver(ComputeDriver):
         networks plug_vifs started serve other instances too."""
 
     def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
-        """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at once."""
+        """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at
+        once."""
         for rule in rules:
             if rule.protocol not in ("tcp", "udp", "icmp", "all"):
                 raise InvalidInstanceSpec("securityRules", f"unknown protocol {rule.protocol!r}")
@@ -774,7 +918,9 @@ class LibvirtDriver(ComputeDriver):
                 ipaddress.ip_network(rule.cidr)
             except ValueError as exc:
                 raise InvalidInstanceSpec("securityRules", f"{rule.cidr!r} is not an IPv4 network") from exc
-        xml = firewall_filter(_filter_name(uuid), uuid, [(r.protocol, r.cidr, r.port_min, r.port_max) for r in rules])
+        xml = firewall_filter(
+            _filter_name(uuid), uuid, [(r.protocol, r.cidr, r.port_min, r.port_max) for r in rules]
+        )
         with translate("define nwfilter", uuid):
             self.host.get_connection().nwfilterDefineXML(xml)
 
@@ -790,13 +936,18 @@ class LibvirtDriver(ComputeDriver):
     # --- migration -------------------------------------------------------------------------
 
     def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
-        """Stop the instance; its folder stays as it is for the target to fetch (the config drive is remade there)."""
+        """Stop the instance; its folder stays as it is for the target to fetch (the config drive is remade
+        there)."""
         self.power_off(uuid)
-        return sorted(str(p) for p in self._dir(uuid).glob("disk*") if p.name not in (CONFIG_DRIVE, RESCUE_DISK))
+        return sorted(
+            str(p) for p in self._dir(uuid).glob("disk*") if p.name not in (CONFIG_DRIVE, RESCUE_DISK)
+        )
 
-    def finish_migration(self, instance: InstanceSpec, disk_info: list[str], source_uri: str,
-                         power_on: bool = True) -> None:
+    def finish_migration(
+        self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
+    ) -> None:
         """Fetch each disk from the source's libvirtd as a storage-volume download, then define and start."""
+
         def fill(folder: pathlib.Path) -> None:
             self._fetch_disks(instance.uuid, disk_info, source_uri, folder)
             root = folder / ROOT
@@ -808,13 +959,16 @@ class LibvirtDriver(ComputeDriver):
                 size = json.loads(qemu_img("info", "--output=json", str(root)))["virtual-size"]
                 if instance.root_gib * 2**30 > size:
                     qemu_img("resize", "-q", str(root), f"{instance.root_gib}G")
+
         self._create(instance, power_on, fill)
 
     def _fetch_disks(self, uuid: str, paths: list[str], source_uri: str, folder: pathlib.Path) -> None:
         """A transient dir pool over the source's folder makes its files downloadable volumes."""
         folders = {str(pathlib.PurePath(p).parent) for p in paths}
         if len(folders) > 1:
-            raise DriverError(f"the source's disks are spread over {sorted(folders)}; expected one instance folder")
+            raise DriverError(
+                f"the source's disks are spread over {sorted(folders)}; expected one instance folder"
+            )
         if not folders:
             return
         pool_xml = ET.Element("pool", type="dir")
@@ -849,7 +1003,8 @@ class LibvirtDriver(ComputeDriver):
             self.power_on(uuid)
 
     def pre_live_migration(self, instance: InstanceSpec) -> str:
-        """Make the instance's files here as spawn would (empty overlays the copy fills) and describe the domain."""
+        """Make the instance's files here as spawn would (empty overlays the copy fills) and describe the
+        domain."""
         if self.instance_exists(instance.uuid):
             raise DriverError(f"instance {instance.uuid} already has a domain on this host")
         self._check_fits(instance)
@@ -864,22 +1019,35 @@ class LibvirtDriver(ComputeDriver):
             self.rollback_live_migration_at_destination(instance.uuid)
             raise
 
-    def live_migration(self, uuid: str, dest_uri: str, dest_definition: str,
-                       progress: ProgressCallback | None = None, block_migration: bool = True,
-                       max_bandwidth_mib: int | None = None) -> None:
+    def live_migration(
+        self,
+        uuid: str,
+        dest_uri: str,
+        dest_definition: str,
+        progress: ProgressCallback | None = None,
+        block_migration: bool = True,
+        max_bandwidth_mib: int | None = None,
+    ) -> None:
         guest = self._running(uuid, "live_migration")
         host = urllib.parse.urlsplit(dest_uri).hostname
         if not host:
             raise InvalidInstanceSpec("targetNode", f"{dest_uri!r} names no host to migrate to")
-        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
-                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
-        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
-                                     libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_definition,
-                                     libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition}
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        )
+        params: dict[str, object] = {
+            libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_definition,
+            libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition,
+        }
         if block_migration:  # overlays travel over NBD; the bases are already on the target
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
-            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [d.target for d in guest.devices().disks
-                                                               if not d.read_only]
+            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [
+                d.target for d in guest.devices().disks if not d.read_only
+            ]
         if max_bandwidth_mib:
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max_bandwidth_mib
         outcome: list[BaseException] = []
@@ -890,6 +1058,7 @@ class LibvirtDriver(ComputeDriver):
                     guest.domain.migrateToURI3(dest_uri, params, flags)
             except BaseException as exc:  # handed to the caller's thread below
                 outcome.append(exc)
+
         worker = threading.Thread(target=migrate, name=f"migrate-{uuid}", daemon=True)
         worker.start()
         while worker.is_alive():
@@ -900,11 +1069,15 @@ class LibvirtDriver(ComputeDriver):
                 except libvirt.libvirtError:
                     continue  # the job ended between the check and the call
                 if stats.get("data_total"):  # nothing to report before the job has sized its work
-                    progress(MigrationProgress(
-                        data_total=int(stats.get("data_total", 0)), data_processed=int(stats.get("data_processed", 0)),
-                        data_remaining=int(stats.get("data_remaining", 0)),
-                        iteration=int(stats.get("memory_iteration", 0)),
-                        expected_downtime_ms=int(stats.get("downtime", 0))))
+                    progress(
+                        MigrationProgress(
+                            data_total=int(stats.get("data_total", 0)),
+                            data_processed=int(stats.get("data_processed", 0)),
+                            data_remaining=int(stats.get("data_remaining", 0)),
+                            iteration=int(stats.get("memory_iteration", 0)),
+                            expected_downtime_ms=int(stats.get("downtime", 0)),
+                        )
+                    )
         if outcome:
             raise outcome[0]  # the instance still runs here
         self.unfilter_instance(uuid)
@@ -926,6 +1099,7 @@ class LibvirtDriver(ComputeDriver):
 
         def figure(key: str) -> int | None:
             return int(stats[key]) if key in stats else None
+
         return MigrationOutcome(elapsed_ms=figure("time_elapsed"), downtime_ms=figure("downtime"))
 
     def rollback_live_migration_at_destination(self, uuid: str) -> None:
@@ -941,5 +1115,8 @@ class LibvirtDriver(ComputeDriver):
 
     def poll_rescued_instances(self, timeout: float) -> list[str]:
         now = time.time()
-        return [marker.parent.name for marker in self.instances_dir.glob(f"*/{UNRESCUE}")
-                if now - marker.stat().st_mtime > timeout]
+        return [
+            marker.parent.name
+            for marker in self.instances_dir.glob(f"*/{UNRESCUE}")
+            if now - marker.stat().st_mtime > timeout
+        ]

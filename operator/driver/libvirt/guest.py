@@ -1,4 +1,5 @@
 """One domain, with the few questions the driver asks of it."""
+
 from __future__ import annotations
 
 import libvirt

@@ -4,6 +4,7 @@ libvirt delivers events and keepalives only while an event loop runs, so the def
 implementation is registered once per process, before any connection is opened, and run
 in a daemon thread. Callbacks run on that thread and must only hand work off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +40,7 @@ def start_event_loop() -> None:
         def run() -> None:
             while True:
                 libvirt.virEventRunDefaultImpl()
+
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _loop_started = True
 
@@ -84,8 +86,9 @@ class Host:
             except Exception:  # a listener's bug must not break the connection handling
                 log.exception("connection listener failed")
 
-    def _lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int,
-                   _opaque: object) -> None:
+    def _lifecycle(
+        self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, _opaque: object
+    ) -> None:
         uuid = dom.UUIDString()
         for listener in self._listeners:
             try:
@@ -114,7 +117,8 @@ class Host:
             conn.setKeepAlive(5, 3)
             conn.registerCloseCallback(self._closed, None)
             self._callback_id = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+            )
             self._conn = conn
             if self._lost:
                 self._lost = False

@@ -4,6 +4,7 @@ A base is the image-store file, checked against its checksum once and hard-linke
 the cache under its sha256, so instances never depend on a store file a person may
 replace or delete, and a base is stored once however many instances use it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,10 @@ class ImageCache:
         source = self.store.resolve(field, image.name)
         digest = self._sha256(source)
         if image.checksum and image.checksum != f"sha256:{digest}":
-            raise ImageChecksumMismatch(field.rsplit(".", 1)[0] + ".checksum",
-                                        f"image {image.name!r} has sha256:{digest}, the spec expects {image.checksum}")
+            raise ImageChecksumMismatch(
+                field.rsplit(".", 1)[0] + ".checksum",
+                f"image {image.name!r} has sha256:{digest}, the spec expects {image.checksum}",
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         cached = self.dir / digest
         if not cached.exists():

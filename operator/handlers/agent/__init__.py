@@ -1,1 +1,2 @@
-"""The node agent: instances, volumes, migration steps, the node reporter, diagnostics, and its entry point (app)."""
+"""The node agent: instances, volumes, migration steps, the node reporter, diagnostics, and its entry point
+(app)."""

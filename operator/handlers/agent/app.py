@@ -5,6 +5,7 @@ handlers, timers or daemons, which would add kopf's finalizer and bookkeeping an
 to users' objects) and one asyncio queue fed by libvirt lifecycle events, retries and the
 periodic resync. Blocking driver calls always run in worker threads.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,12 +20,21 @@ import kubernetes
 from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import diagnostics
-from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
-    VOLUMEATTACHMENTS, node_label, talk_to_the_apiserver
-from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
 from kubenova.handlers.agent.migration_steps import MigrationAgent
+from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.volumes import VolumeAgent
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    MIGRATIONS,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
+    node_label,
+    talk_to_the_apiserver,
+)
 
 log = logging.getLogger(__name__)
 AGENT_PREFIX = f"agent.{GROUP}"
@@ -59,7 +69,8 @@ def configure(settings: kopf.OperatorSettings, node: str) -> None:
     settings.persistence.finalizer = f"{AGENT_PREFIX}/kopf"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=AGENT_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=AGENT_PREFIX, key="last-handled-configuration")
+        prefix=AGENT_PREFIX, key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING  # Events for problems, not for every success
     settings.batching.batch_window = 0.02  # act on the newest state of an object quickly
     settings.execution.max_workers = EXECUTOR_WORKERS
@@ -81,13 +92,22 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
     client = kubernetes.client.ApiClient()
     client.user_agent = "kubenova-agent"  # names the field manager in managedFields
     custom = kubernetes.client.CustomObjectsApi(client)
-    instances = InstanceAgent(config.node, driver, images, custom, kubernetes.client.CoreV1Api(client),
-                              config.settings)
+    instances = InstanceAgent(
+        config.node, driver, images, custom, kubernetes.client.CoreV1Api(client), config.settings
+    )
     volumes = VolumeAgent(instances)
     migrations = MigrationAgent(instances)
     instances.held = migrations.holds
-    reporter = NodeReporter(config.node, driver, custom, kubernetes.client.CoordinationV1Api(client),
-                            config.host_ip, lambda: set(instances.objects), instances.warn, config.migration_uri)
+    reporter = NodeReporter(
+        config.node,
+        driver,
+        custom,
+        kubernetes.client.CoordinationV1Api(client),
+        config.host_ip,
+        lambda: set(instances.objects),
+        instances.warn,
+        config.migration_uri,
+    )
     metrics = diagnostics.Metrics()
     tasks: list[asyncio.Task[None]] = []
 
@@ -113,6 +133,7 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         instances.schedule = schedule("instance")
         volumes.schedule = schedule("volume")
         migrations.schedule = schedule("migration")
+
         def domain_ready(namespace: str, name: str) -> None:
             for uid in volumes.waiting_for(namespace, name):
                 loop.call_soon_threadsafe(enqueue, ("volume", uid))
@@ -133,14 +154,20 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
             except Exception as exc:  # the apiserver may be away too; the condition is written next time
                 log.warning("cannot write the hypervisor's state on the ComputeNode: %s", exc)
             if not reporter.connected:
-                loop.call_soon_threadsafe(loop.call_later, RECONNECT_INTERVAL, enqueue, ("hypervisor", "False"))
+                loop.call_soon_threadsafe(
+                    loop.call_later, RECONNECT_INTERVAL, enqueue, ("hypervisor", "False")
+                )
             elif up == "True":
                 for uid in list(instances.objects):
                     loop.call_soon_threadsafe(enqueue, ("instance", uid))
 
-        work: dict[str, Callable[[str], None]] = {"instance": instances.handle, "observe": instances.observe,
-                                                  "volume": volumes.handle, "migration": migrations.handle,
-                                                  "hypervisor": hypervisor}
+        work: dict[str, Callable[[str], None]] = {
+            "instance": instances.handle,
+            "observe": instances.observe,
+            "volume": volumes.handle,
+            "migration": migrations.handle,
+            "hypervisor": hypervisor,
+        }
 
         async def worker() -> None:
             while True:
@@ -154,9 +181,10 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         def relist() -> None:
             """Drop what left this node while a watch was broken (a re-list never says so)."""
             for cache, plural, selector in (
-                    (instances, VIRTUALINSTANCES, f"{NODE_LABEL}={config.node}"),
-                    (volumes, VOLUMEATTACHMENTS, f"{NODE_LABEL}={config.node}"),
-                    (migrations, MIGRATIONS, node_label(config.node))):
+                (instances, VIRTUALINSTANCES, f"{NODE_LABEL}={config.node}"),
+                (volumes, VOLUMEATTACHMENTS, f"{NODE_LABEL}={config.node}"),
+                (migrations, MIGRATIONS, node_label(config.node)),
+            ):
                 listed = custom.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
                 cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
 
@@ -174,8 +202,9 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         def know_migrations() -> None:
             """This node's migrations, known before the first instance event: an instance whose domain
             left for the target would otherwise look like a guest that vanished, and be started again."""
-            listed = custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS,
-                                                       label_selector=node_label(config.node))
+            listed = custom.list_cluster_custom_object(
+                GROUP, VERSION, MIGRATIONS, label_selector=node_label(config.node)
+            )
             for item in listed["items"]:
                 migrations.seen("ADDED", item)
 
@@ -186,11 +215,14 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
         await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
         metrics.serve(config.metrics_address)
         jobs: list[Awaitable[None]] = [worker() for _ in range(WORKERS)]
-        jobs += [_every(RENEW_INTERVAL, reporter.renew, "lease renewal"),
-                 _every(REPORT_INTERVAL, reporter.report, "host report"),
-                 _every(config.resync_interval, resync, "resync"),
-                 _every(config.diagnostics_interval, lambda: diagnostics.collect(instances, metrics),
-                        "diagnostics")]
+        jobs += [
+            _every(RENEW_INTERVAL, reporter.renew, "lease renewal"),
+            _every(REPORT_INTERVAL, reporter.report, "host report"),
+            _every(config.resync_interval, resync, "resync"),
+            _every(
+                config.diagnostics_interval, lambda: diagnostics.collect(instances, metrics), "diagnostics"
+            ),
+        ]
         tasks.extend(asyncio.create_task(job) for job in jobs)  # type: ignore[arg-type]
 
     @kopf.on.cleanup(registry=registry)

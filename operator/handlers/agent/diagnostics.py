@@ -1,4 +1,5 @@
 """Diagnostics: Nova's get_diagnostics into each instance's status and onto a Prometheus endpoint."""
+
 from __future__ import annotations
 
 import logging
@@ -7,8 +8,8 @@ from typing import Any
 import prometheus_client
 
 from kubenova.driver.base import Diagnostics, DriverError, InstanceNotRunning
-from kubenova.handlers.shared import now
 from kubenova.handlers.agent.instances import InstanceAgent
+from kubenova.handlers.shared import now
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +22,40 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = prometheus_client.CollectorRegistry()
         reg = self.registry
-        self.cpu = prometheus_client.Gauge("kubenova_instance_cpu_seconds", "CPU time the guest has used.",
-                                           _LABELS, registry=reg)
-        self.memory = prometheus_client.Gauge("kubenova_instance_memory_bytes", "Memory the guest uses now.",
-                                              _LABELS, registry=reg)
-        self.disk = prometheus_client.Gauge("kubenova_instance_disk_bytes", "Bytes read or written per disk.",
-                                            (*_LABELS, "device", "direction"), registry=reg)
-        self.disk_requests = prometheus_client.Gauge("kubenova_instance_disk_requests",
-                                                     "Read or write requests per disk.",
-                                                     (*_LABELS, "device", "direction"), registry=reg)
-        self.net = prometheus_client.Gauge("kubenova_instance_network_bytes", "Bytes received or sent per "
-                                           "interface.", (*_LABELS, "interface", "direction"), registry=reg)
-        self.instances = prometheus_client.Gauge("kubenova_node_instances", "Instances bound to this node.",
-                                                 registry=reg)
+        self.cpu = prometheus_client.Gauge(
+            "kubenova_instance_cpu_seconds", "CPU time the guest has used.", _LABELS, registry=reg
+        )
+        self.memory = prometheus_client.Gauge(
+            "kubenova_instance_memory_bytes", "Memory the guest uses now.", _LABELS, registry=reg
+        )
+        self.disk = prometheus_client.Gauge(
+            "kubenova_instance_disk_bytes",
+            "Bytes read or written per disk.",
+            (*_LABELS, "device", "direction"),
+            registry=reg,
+        )
+        self.disk_requests = prometheus_client.Gauge(
+            "kubenova_instance_disk_requests",
+            "Read or write requests per disk.",
+            (*_LABELS, "device", "direction"),
+            registry=reg,
+        )
+        self.net = prometheus_client.Gauge(
+            "kubenova_instance_network_bytes",
+            "Bytes received or sent per interface.",
+            (*_LABELS, "interface", "direction"),
+            registry=reg,
+        )
+        self.instances = prometheus_client.Gauge(
+            "kubenova_node_instances", "Instances bound to this node.", registry=reg
+        )
         self.watch_events = prometheus_client.Counter(
-            "kubenova_watch_events", "Watch events the agent received, by resource (the apiserver filters them "
-            "by node, so they follow this node's own objects).", ("resource",), registry=reg)
+            "kubenova_watch_events",
+            "Watch events the agent received, by resource (the apiserver filters them "
+            "by node, so they follow this node's own objects).",
+            ("resource",),
+            registry=reg,
+        )
         self._series: dict[str, set[tuple[prometheus_client.Gauge, tuple[str, ...]]]] = {}
 
     def serve(self, address: str) -> None:
@@ -55,8 +74,10 @@ class Metrics:
         put(self.cpu, diag.cpu_time_ns / 1e9)
         put(self.memory, diag.memory_kib * 1024)
         for device, stats in diag.disks.items():
-            for direction, value, requests in (("read", stats.rd_bytes, stats.rd_req),
-                                               ("write", stats.wr_bytes, stats.wr_req)):
+            for direction, value, requests in (
+                ("read", stats.rd_bytes, stats.rd_req),
+                ("write", stats.wr_bytes, stats.wr_req),
+            ):
                 put(self.disk, value, device, direction)
                 put(self.disk_requests, requests, device, direction)
         for iface, stats in diag.interfaces.items():
@@ -74,11 +95,31 @@ class Metrics:
 
 def as_status(diag: Diagnostics) -> dict[str, Any]:
     return {
-        "disks": [{"name": name, "rdReq": s.rd_req, "rdBytes": s.rd_bytes, "wrReq": s.wr_req,
-                   "wrBytes": s.wr_bytes, "errs": s.errs} for name, s in sorted(diag.disks.items())],
-        "interfaces": [{"name": name, "rxBytes": s.rx_bytes, "rxPackets": s.rx_packets, "rxErrs": s.rx_errs,
-                        "rxDrop": s.rx_drop, "txBytes": s.tx_bytes, "txPackets": s.tx_packets,
-                        "txErrs": s.tx_errs, "txDrop": s.tx_drop} for name, s in sorted(diag.interfaces.items())],
+        "disks": [
+            {
+                "name": name,
+                "rdReq": s.rd_req,
+                "rdBytes": s.rd_bytes,
+                "wrReq": s.wr_req,
+                "wrBytes": s.wr_bytes,
+                "errs": s.errs,
+            }
+            for name, s in sorted(diag.disks.items())
+        ],
+        "interfaces": [
+            {
+                "name": name,
+                "rxBytes": s.rx_bytes,
+                "rxPackets": s.rx_packets,
+                "rxErrs": s.rx_errs,
+                "rxDrop": s.rx_drop,
+                "txBytes": s.tx_bytes,
+                "txPackets": s.tx_packets,
+                "txErrs": s.tx_errs,
+                "txDrop": s.tx_drop,
+            }
+            for name, s in sorted(diag.interfaces.items())
+        ],
     }
 
 

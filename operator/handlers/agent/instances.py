@@ -7,6 +7,7 @@ which compares the domain with the spec and writes `status` only when something 
 The controller adds the agent's finalizer when it binds the object, so a create costs the
 agent one write: the status that says Running.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,13 +28,33 @@ import urllib3
 
 from kubenova import api, faults
 from kubenova.driver.base import (
-    ComputeDriver, DriverError, ImageRef, InjectedFile, InstanceNotFound, InstanceNotRunning, InstanceSpec, Interface,
-    InvalidInstanceSpec, KernelBoot, PowerState, RebootType,
+    ComputeDriver,
+    DriverError,
+    ImageRef,
+    InjectedFile,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InstanceSpec,
+    Interface,
+    InvalidInstanceSpec,
+    KernelBoot,
+    PowerState,
+    RebootType,
 )
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.shared import (
-    AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, condition, drop_condition, flavor_of, now,
-    post_event, remove_finalizer, set_condition,
+    AGENT_FINALIZER,
+    GROUP,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    condition,
+    drop_condition,
+    flavor_of,
+    now,
+    post_event,
+    remove_finalizer,
+    set_condition,
 )
 
 log = logging.getLogger(__name__)
@@ -88,8 +109,15 @@ def unsupported(spec: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstanceSpec, images: ImageStore,
-                  admin_password: str | None, vnc_password: str | None = None) -> InstanceSpec:
+def instance_spec(
+    uid: str,
+    namespace: str,
+    name: str,
+    spec: api.VirtualInstanceSpec,
+    images: ImageStore,
+    admin_password: str | None,
+    vnc_password: str | None = None,
+) -> InstanceSpec:
     """Translate the spec for the driver; names the offending field when the node cannot run it."""
     boot = spec["boot"]
     kernel = boot.get("kernel")
@@ -102,20 +130,34 @@ def instance_spec(uid: str, namespace: str, name: str, spec: api.VirtualInstance
         except ValueError as exc:
             raise InvalidInstanceSpec(f"spec.injectedFiles[{index}].content", f"not base64: {exc}") from exc
     return InstanceSpec(
-        uuid=uid, name=name, namespace=namespace,
-        vcpus=int(flavor["vcpus"]), memory_mib=int(flavor["memoryMiB"]),
+        uuid=uid,
+        name=name,
+        namespace=namespace,
+        vcpus=int(flavor["vcpus"]),
+        memory_mib=int(flavor["memoryMiB"]),
         boot=KernelBoot(
             kernel=images.resolve("spec.boot.kernel.image", kernel["image"]),
-            initrd=images.resolve("spec.boot.kernel.initrd", kernel["initrd"]) if kernel.get("initrd") else None,
-            cmdline=kernel.get("cmdline", "console=ttyS0")) if kernel else None,
+            initrd=images.resolve("spec.boot.kernel.initrd", kernel["initrd"])
+            if kernel.get("initrd")
+            else None,
+            cmdline=kernel.get("cmdline", "console=ttyS0"),
+        )
+        if kernel
+        else None,
         image=ImageRef(image["name"], image.get("checksum")) if image else None,
         root_gib=(spec.get("rootDisk") or {}).get("sizeGiB"),
         ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
         swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
-        interfaces=tuple(Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
-                         for i in spec.get("interfaces") or []),
-        user_data=spec.get("userData"), network_config=spec.get("networkConfig"),
-        injected_files=tuple(files), admin_password=admin_password, vnc_password=vnc_password)
+        interfaces=tuple(
+            Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
+            for i in spec.get("interfaces") or []
+        ),
+        user_data=spec.get("userData"),
+        network_config=spec.get("networkConfig"),
+        injected_files=tuple(files),
+        admin_password=admin_password,
+        vnc_password=vnc_password,
+    )
 
 
 def vnc_secret_name(instance: str) -> str:
@@ -143,7 +185,8 @@ def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str
 
 
 def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
-    """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing integers)."""
+    """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing
+    integers)."""
     if than is None:
         return False
     try:
@@ -152,9 +195,16 @@ def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
         return False
 
 
-PHASES = {PowerState.RUNNING: "Running", PowerState.BLOCKED: "Running", PowerState.SHUTDOWN: "Running",
-          PowerState.PAUSED: "Paused", PowerState.SUSPENDED: "Suspended", PowerState.SHUTOFF: "Stopped",
-          PowerState.CRASHED: "Stopped", PowerState.NOSTATE: "Stopped"}
+PHASES = {
+    PowerState.RUNNING: "Running",
+    PowerState.BLOCKED: "Running",
+    PowerState.SHUTDOWN: "Running",
+    PowerState.PAUSED: "Paused",
+    PowerState.SUSPENDED: "Suspended",
+    PowerState.SHUTOFF: "Stopped",
+    PowerState.CRASHED: "Stopped",
+    PowerState.NOSTATE: "Stopped",
+}
 
 
 class ObjectCache:
@@ -181,23 +231,31 @@ class ObjectCache:
         present = {item["metadata"]["uid"] for item in listed}
         for uid, body in list(self.objects.items()):
             if uid not in present and not _older({"metadata": {"resourceVersion": version}}, body):
-                log.info("forgetting %s/%s: it is no longer bound here", body["metadata"]["namespace"],
-                         body["metadata"]["name"])
+                log.info(
+                    "forgetting %s/%s: it is no longer bound here",
+                    body["metadata"]["namespace"],
+                    body["metadata"]["name"],
+                )
                 self.seen("DELETED", body)
 
     def retry_later(self, uid: str) -> None:
         """Another look after a failure: 2 s, doubling up to max_backoff, so a broken object never storms."""
         attempt = self._failures.get(uid, 0)
         self._failures[uid] = attempt + 1
-        self.schedule(uid, float(min(self.max_backoff, 2.0 * 2 ** attempt)))
+        self.schedule(uid, float(min(self.max_backoff, 2.0 * 2**attempt)))
 
     def succeeded(self, uid: str) -> None:
         self._failures.pop(uid, None)
 
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
         uid = body["metadata"]["uid"]
-        log.debug("watch event %s for %s/%s (%s)", event_type, body["metadata"]["namespace"],
-                  body["metadata"]["name"], uid)
+        log.debug(
+            "watch event %s for %s/%s (%s)",
+            event_type,
+            body["metadata"]["namespace"],
+            body["metadata"]["name"],
+            uid,
+        )
         if event_type == "DELETED":
             self.objects.pop(uid, None)
             self._locks.pop(uid, None)
@@ -215,9 +273,15 @@ class InstanceAgent(ObjectCache):
     keeps a watch event, a lifecycle event and a resync from acting on one domain at once.
     """
 
-    def __init__(self, node: str, driver: ComputeDriver, images: ImageStore,
-                 custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
-                 settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        driver: ComputeDriver,
+        images: ImageStore,
+        custom: kubernetes.client.CustomObjectsApi,
+        core: kubernetes.client.CoreV1Api,
+        settings: Settings | None = None,
+    ) -> None:
         super().__init__((settings or Settings()).max_backoff)
         self.node = node
         self.driver = driver
@@ -278,7 +342,8 @@ class InstanceAgent(ObjectCache):
         meta = body["metadata"]
         try:
             fresh = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], {"status": patch})
+                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], {"status": patch}
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return
@@ -286,7 +351,9 @@ class InstanceAgent(ObjectCache):
         if meta["uid"] in self.objects:
             self.objects[meta["uid"]] = fresh
         phase = patch.get("phase")
-        if phase and phase != status.get("phase") and phase not in ("Failed", "Pending"):  # failures warn already
+        if (
+            phase and phase != status.get("phase") and phase not in ("Failed", "Pending")
+        ):  # failures warn already
             ready = condition(patch, "Ready") or {}
             self._event(body, phase, f"{ready.get('message', phase)} (on {self.node})", "Normal")
         body.clear()
@@ -311,8 +378,12 @@ class InstanceAgent(ObjectCache):
                     return
                 self._reconcile(body)
             except NotHere:
-                log.info("%s/%s is not bound to %s any more; forgetting it", body["metadata"]["namespace"],
-                         body["metadata"]["name"], self.node)
+                log.info(
+                    "%s/%s is not bound to %s any more; forgetting it",
+                    body["metadata"]["namespace"],
+                    body["metadata"]["name"],
+                    self.node,
+                )
                 self.seen("DELETED", body)
             except WaitFor as exc:
                 self._retry_later(uid, body, exc.reason, str(exc))
@@ -363,8 +434,11 @@ class InstanceAgent(ObjectCache):
         uid, want = meta["uid"], spec.get("powerState", "Running")
         missing = unsupported(spec)
         if missing:
-            raise SpecProblem("Unsupported", f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
-                                             "remove it from the spec to run the instance")
+            raise SpecProblem(
+                "Unsupported",
+                f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
+                "remove it from the spec to run the instance",
+            )
         driver = self.driver
         waiting: WaitFor | None = None
         if not driver.instance_exists(uid):
@@ -394,8 +468,11 @@ class InstanceAgent(ObjectCache):
         state = driver.get_info(uid).state
         status = body.get("status") or {}
         stopped = want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED)
-        if stopped and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState") \
-                and status.get("observedGeneration") == meta.get("generation"):
+        if (
+            stopped
+            and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState")
+            and status.get("observedGeneration") == meta.get("generation")
+        ):
             # Stopped since the last status, with no spec change: outside Kubernetes (a lifecycle
             # event this handle got ahead of, or one lost while the agent or libvirt was down).
             self._stopped_outside.setdefault(uid, time.monotonic())
@@ -413,14 +490,18 @@ class InstanceAgent(ObjectCache):
         """
         meta = body["metadata"]
         try:
-            fresh = self.custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES,
-                                                            meta["name"])
+            fresh = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"]
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return False
             raise
-        if fresh["metadata"]["uid"] != meta["uid"] or fresh["metadata"].get("deletionTimestamp") or \
-                (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node:
+        if (
+            fresh["metadata"]["uid"] != meta["uid"]
+            or fresh["metadata"].get("deletionTimestamp")
+            or (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node
+        ):
             return False
         body.clear()
         body.update(fresh)
@@ -457,43 +538,79 @@ class InstanceAgent(ObjectCache):
         status = body.get("status") or {}
         uid, generation = meta["uid"], meta.get("generation")
         want = spec.get("powerState", "Running")
-        patch: dict[str, Any] = {"node": self.node, "domainUUID": uid, "observedGeneration": generation,
-                                 "console": {"node": self.node, "logFile": f"{uid}/console.log"}}
+        patch: dict[str, Any] = {
+            "node": self.node,
+            "domainUUID": uid,
+            "observedGeneration": generation,
+            "console": {"node": self.node, "logFile": f"{uid}/console.log"},
+        }
         try:
             info = self.driver.get_info(uid)
         except InstanceNotFound:
             patch.update({"powerState": PowerState.NOSTATE.value, "phase": "Pending"})
-            set_condition(patch, status, "Ready", False, "DomainMissing",
-                          f"no libvirt domain for this instance on {self.node}", generation)
+            set_condition(
+                patch,
+                status,
+                "Ready",
+                False,
+                "DomainMissing",
+                f"no libvirt domain for this instance on {self.node}",
+                generation,
+            )
             return patch
         power = info.state.value
         if (spec.get("vnc") or {}).get("enabled") and info.state is PowerState.RUNNING:
             try:
                 console = self.driver.get_vnc_console(uid)
-                patch["vnc"] = {"host": console.host, "port": console.port,
-                                "passwordSecretRef": {"name": vnc_secret_name(meta["name"])}}
+                patch["vnc"] = {
+                    "host": console.host,
+                    "port": console.port,
+                    "passwordSecretRef": {"name": vnc_secret_name(meta["name"])},
+                }
             except DriverError as exc:
                 log.warning("no VNC endpoint for %s: %s", uid, exc)
         rescued = bool((spec.get("rescue") or {}).get("enabled")) and info.state is PowerState.RUNNING
-        patch.update({"powerState": power, "phase": "Rescued" if rescued else PHASES[info.state],
-                      "flavor": {"vcpus": info.num_cpu, "memoryMiB": info.max_mem_kib // 1024},
-                      "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib,
-                               "vcpus": info.num_cpu}})
+        patch.update(
+            {
+                "powerState": power,
+                "phase": "Rescued" if rescued else PHASES[info.state],
+                "flavor": {"vcpus": info.num_cpu, "memoryMiB": info.max_mem_kib // 1024},
+                "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib, "vcpus": info.num_cpu},
+            }
+        )
         if power == want:
-            set_condition(patch, status, "Ready", True, "PowerStateReached", f"the domain is {power}", generation)
+            set_condition(
+                patch, status, "Ready", True, "PowerStateReached", f"the domain is {power}", generation
+            )
         elif meta["uid"] in self._stopped_outside:
-            set_condition(patch, status, "Ready", False, "StoppedOutsideKubernetes",
-                          f"the domain became {power} without a spec change (guest shutdown, crash or virsh); "
-                          f"the agent starts it again in {self.settings.restart_delay:.0f}s because the spec "
-                          f"asks for {want}", generation)
+            set_condition(
+                patch,
+                status,
+                "Ready",
+                False,
+                "StoppedOutsideKubernetes",
+                f"the domain became {power} without a spec change (guest shutdown, crash or virsh); "
+                f"the agent starts it again in {self.settings.restart_delay:.0f}s because the spec "
+                f"asks for {want}",
+                generation,
+            )
         else:
-            set_condition(patch, status, "Ready", False, "PowerStateDiffers",
-                          f"the domain is {power}, the spec asks for {want}", generation)
+            set_condition(
+                patch,
+                status,
+                "Ready",
+                False,
+                "PowerStateDiffers",
+                f"the domain is {power}, the spec asks for {want}",
+                generation,
+            )
         # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
         # the condition then present asks about: most looks need neither question.
         ask = condition(status, "RestartRequired") or status.get("observedGeneration") != generation
         try:
-            interfaces = self._interfaces(uid, spec) if spec.get("interfaces") or status.get("interfaces") else []
+            interfaces = (
+                self._interfaces(uid, spec) if spec.get("interfaces") or status.get("interfaces") else []
+            )
             pending = self.driver.pending_changes(uid) if ask else []
         except DriverError as exc:  # the domain went away meanwhile: the next look says so
             log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
@@ -501,19 +618,32 @@ class InstanceAgent(ObjectCache):
         if interfaces or status.get("interfaces"):
             patch["interfaces"] = interfaces or None
         if pending:
-            set_condition(patch, status, "RestartRequired", True, "SpecChangedWhileRunning",
-                          f"{', '.join(pending)} changed while the domain runs; it takes them at its next boot "
-                          "(stop and start it, or a Hard reboot); until then it runs as before", generation)
+            set_condition(
+                patch,
+                status,
+                "RestartRequired",
+                True,
+                "SpecChangedWhileRunning",
+                f"{', '.join(pending)} changed while the domain runs; it takes them at its next boot "
+                "(stop and start it, or a Hard reboot); until then it runs as before",
+                generation,
+            )
         elif condition(status, "RestartRequired"):
             drop_condition(patch, status, "RestartRequired")
         return patch
 
     def _interfaces(self, uid: str, spec: Mapping[str, Any]) -> list[dict[str, str]]:
-        """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by order)."""
+        """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by
+        order)."""
         named = [i["name"] for i in spec.get("interfaces") or []]
-        return [{"name": d.name or (named[index] if index < len(named) else f"#{index}"), "macAddress": d.mac,
-                 "network": d.network}
-                for index, d in enumerate(self.driver.list_interfaces_detail(uid))]
+        return [
+            {
+                "name": d.name or (named[index] if index < len(named) else f"#{index}"),
+                "macAddress": d.mac,
+                "network": d.network,
+            }
+            for index, d in enumerate(self.driver.list_interfaces_detail(uid))
+        ]
 
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
         uid = body["metadata"]["uid"]
@@ -569,8 +699,18 @@ class InstanceAgent(ObjectCache):
                 # started it, and it may or may not have happened.
                 interrupted = ack.get("id") == request["id"]
                 if not interrupted:
-                    self.write(body, {"actions": {kind: {"id": request["id"], "phase": "InProgress",
-                                                          "message": f"{kind} started"}}})
+                    self.write(
+                        body,
+                        {
+                            "actions": {
+                                kind: {
+                                    "id": request["id"],
+                                    "phase": "InProgress",
+                                    "message": f"{kind} started",
+                                }
+                            }
+                        },
+                    )
                 try:
                     message = getattr(self, f"_do_{kind}")(body, uid, request, interrupted)
                     result = {"phase": "Succeeded", "message": message}
@@ -584,21 +724,29 @@ class InstanceAgent(ObjectCache):
             self.write(body, {"actions": {kind: {"id": request["id"], **done[1]}}})
         return acted
 
-    def _do_reboot(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
+    def _do_reboot(
+        self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
+    ) -> str:
         if interrupted:
             state = self.driver.get_info(uid).state.value
-            raise DriverError(f"the agent restarted during this reboot, so whether it finished is unknown (the "
-                              f"domain is {state}); request another reboot with a new id if it is still needed")
+            raise DriverError(
+                f"the agent restarted during this reboot, so whether it finished is unknown (the "
+                f"domain is {state}); request another reboot with a new id if it is still needed"
+            )
         try:
             done = self.driver.reboot(uid, RebootType(request["type"]), self.settings.soft_reboot_timeout)
         except InstanceNotRunning as exc:
             raise DriverError(f"cannot reboot: {exc}") from exc
         if done is RebootType.HARD and request["type"] == "Soft":
-            return (f"the guest ignored the ACPI shutdown for {self.settings.soft_reboot_timeout:.0f}s; "
-                    "rebooted hard")
+            return (
+                f"the guest ignored the ACPI shutdown for {self.settings.soft_reboot_timeout:.0f}s; "
+                "rebooted hard"
+            )
         return f"rebooted ({request['type'].lower()})"
 
-    def _do_snapshot(self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
+    def _do_snapshot(
+        self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
+    ) -> str:
         name = request["imageName"]
         if interrupted and (self.images.root / name).is_file():
             return f"image {name} is in the image store"
@@ -607,17 +755,29 @@ class InstanceAgent(ObjectCache):
         def progress(percent: int) -> None:
             if time.monotonic() - last[0] >= 2.0 and percent < 100:  # a bounded write rate
                 last[0] = time.monotonic()
-                self.write(body, {"actions": {"snapshot": {"id": request["id"], "phase": "InProgress",
-                                                            "progress": percent}}})
+                self.write(
+                    body,
+                    {
+                        "actions": {
+                            "snapshot": {"id": request["id"], "phase": "InProgress", "progress": percent}
+                        }
+                    },
+                )
+
         self.driver.snapshot(uid, name, progress)
         faults.point("snapshot.written")
         return f"image {name} is in the image store"
 
-    def _do_passwordReset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any],
-                          interrupted: bool) -> str:
+    def _do_passwordReset(
+        self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
+    ) -> str:
         spec = body.get("spec") or {}
-        password = self.secret(body["metadata"]["namespace"], spec.get("adminPasswordSecretRef"),
-                               "spec.adminPasswordSecretRef", "password")
+        password = self.secret(
+            body["metadata"]["namespace"],
+            spec.get("adminPasswordSecretRef"),
+            "spec.adminPasswordSecretRef",
+            "password",
+        )
         if password is None:
             raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
         self.driver.set_admin_password(uid, password)
@@ -633,15 +793,28 @@ class InstanceAgent(ObjectCache):
         if not ((body.get("spec") or {}).get("vnc") or {}).get("enabled"):
             return None
         name = vnc_secret_name(meta["name"])
-        password = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))  # VNC's limit
+        password = "".join(
+            secrets.choice(string.ascii_letters + string.digits) for _ in range(8)
+        )  # VNC's limit
         try:
-            self.core.create_namespaced_secret(meta["namespace"], kubernetes.client.V1Secret(
-                metadata=kubernetes.client.V1ObjectMeta(
-                    name=name, labels={f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
-                    owner_references=[kubernetes.client.V1OwnerReference(
-                        api_version=f"{GROUP}/{VERSION}", kind="VirtualInstance", name=meta["name"],
-                        uid=meta["uid"])]),
-                string_data={"password": password}))
+            self.core.create_namespaced_secret(
+                meta["namespace"],
+                kubernetes.client.V1Secret(
+                    metadata=kubernetes.client.V1ObjectMeta(
+                        name=name,
+                        labels={f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
+                        owner_references=[
+                            kubernetes.client.V1OwnerReference(
+                                api_version=f"{GROUP}/{VERSION}",
+                                kind="VirtualInstance",
+                                name=meta["name"],
+                                uid=meta["uid"],
+                            )
+                        ],
+                    ),
+                    string_data={"password": password},
+                ),
+            )
             return password
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
@@ -649,12 +822,18 @@ class InstanceAgent(ObjectCache):
         existing = self.core.read_namespaced_secret(name, meta["namespace"])
         data = (existing.data or {}).get("password")
         if data is None:  # a Secret of that name that kubenova did not make
-            raise WaitFor("SecretConflict", f"spec.vnc: Secret {name!r} exists without a 'password' key, so it is "
-                                            "not the one kubenova keeps the VNC password in; rename or delete it")
+            raise WaitFor(
+                "SecretConflict",
+                f"spec.vnc: Secret {name!r} exists without a 'password' key, so it is "
+                "not the one kubenova keeps the VNC password in; rename or delete it",
+            )
         return base64.b64decode(data).decode()
 
-    def secret(self, namespace: str, ref: Mapping[str, Any] | None, field: str, default_key: str) -> str | None:
-        """A value from the Secret ``ref`` names (the field it came from, for messages); a missing one is waited for."""
+    def secret(
+        self, namespace: str, ref: Mapping[str, Any] | None, field: str, default_key: str
+    ) -> str | None:
+        """A value from the Secret ``ref`` names (the field it came from, for messages); a missing one is
+        waited for."""
         if not ref:
             return None
         key = ref.get("key", default_key)
@@ -662,40 +841,69 @@ class InstanceAgent(ObjectCache):
             secret = self.core.read_namespaced_secret(ref["name"], namespace)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
-                raise WaitFor("SecretMissing", f"{field}: Secret {ref['name']!r} does not exist in namespace "
-                                               f"{namespace}; create it") from exc
+                raise WaitFor(
+                    "SecretMissing",
+                    f"{field}: Secret {ref['name']!r} does not exist in namespace {namespace}; create it",
+                ) from exc
             raise
         data = (secret.data or {}).get(key)
         if data is None:
-            raise WaitFor("SecretMissing", f"{field}: Secret {ref['name']!r} has no key {key!r}; add it or set "
-                                           f"{field}.key")
+            raise WaitFor(
+                "SecretMissing",
+                f"{field}: Secret {ref['name']!r} has no key {key!r}; add it or set {field}.key",
+            )
         try:
             return base64.b64decode(data).decode()
         except UnicodeDecodeError:
-            raise WaitFor("SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 "
-                                           "text") from None
+            raise WaitFor(
+                "SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 text"
+            ) from None
 
     def driver_spec(self, instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
         """The driver's view of an instance with this flavor, its secrets read from their Secrets."""
         meta, spec = instance["metadata"], instance.get("spec") or {}
         namespace = meta["namespace"]
-        password = self.secret(namespace, spec.get("adminPasswordSecretRef"), "spec.adminPasswordSecretRef",
-                               "password")
-        user_data = self.secret(namespace, spec.get("userDataSecretRef"), "spec.userDataSecretRef", "userData")
-        resolved = {**spec, "flavor": dict(flavor), **({"userData": user_data} if user_data is not None else {})}
+        password = self.secret(
+            namespace, spec.get("adminPasswordSecretRef"), "spec.adminPasswordSecretRef", "password"
+        )
+        user_data = self.secret(
+            namespace, spec.get("userDataSecretRef"), "spec.userDataSecretRef", "userData"
+        )
+        resolved = {
+            **spec,
+            "flavor": dict(flavor),
+            **({"userData": user_data} if user_data is not None else {}),
+        }
         return dataclasses.replace(
-            instance_spec(meta["uid"], namespace, meta["name"], resolved,  # type: ignore[arg-type]
-                          self.images, password, self.vnc_password(instance)),
-            revision=definition_digest(spec, flavor))
+            instance_spec(
+                meta["uid"],
+                namespace,
+                meta["name"],
+                resolved,  # type: ignore[arg-type]
+                self.images,
+                password,
+                self.vnc_password(instance),
+            ),
+            revision=definition_digest(spec, flavor),
+        )
 
     # --- deletion -------------------------------------------------------------------------
 
     def _add_finalizer(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         fresh = self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"],
-            {"metadata": {"finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
-                          "resourceVersion": meta["resourceVersion"]}})
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            VIRTUALINSTANCES,
+            meta["name"],
+            {
+                "metadata": {
+                    "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
+                    "resourceVersion": meta["resourceVersion"],
+                }
+            },
+        )
         body.clear()
         body.update(fresh)
 
@@ -711,7 +919,9 @@ class InstanceAgent(ObjectCache):
             self.retry_later(meta["uid"])
             return
         faults.point("delete.destroyed")
-        self._event(body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal")
+        self._event(
+            body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal"
+        )
         remove_finalizer(self.custom, body, VIRTUALINSTANCES)
 
     # --- pollers --------------------------------------------------------------------------
@@ -728,6 +938,9 @@ class InstanceAgent(ObjectCache):
             for uid in self.driver.poll_rescued_instances(self.settings.rescue_timeout):
                 body = self.objects.get(uid)
                 if body is not None:
-                    self.warn(body, "RescueTimeout",
-                               f"in rescue for more than {self.settings.rescue_timeout:.0f}s; "
-                               "set spec.rescue.enabled to false to boot normally")
+                    self.warn(
+                        body,
+                        "RescueTimeout",
+                        f"in rescue for more than {self.settings.rescue_timeout:.0f}s; "
+                        "set spec.rescue.enabled to false to boot normally",
+                    )

@@ -11,6 +11,7 @@ While a migration of an instance is under way its agents leave the domain alone:
 instance side asks ``holds`` before converging, so a resync never "repairs" a domain that is
 leaving or arriving.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,27 +25,46 @@ import urllib3
 
 from kubenova import faults
 from kubenova.driver.base import (
-    CPUIncompatible, CpuInfo, DriverError, InstanceNotFound, MigrationProgress,
-)
-from kubenova.handlers.shared import (
-    COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, cancelled, flavor_of, is_final, now,
-    post_event,
+    CPUIncompatible,
+    CpuInfo,
+    DriverError,
+    InstanceNotFound,
+    MigrationProgress,
 )
 from kubenova.handlers.agent.instances import InstanceAgent, ObjectCache
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    MIGRATIONS,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    cancelled,
+    flavor_of,
+    is_final,
+    now,
+    post_event,
+)
 
 log = logging.getLogger(__name__)
 #: Progress of a live transfer is written at most this often.
 PROGRESS_INTERVAL = 2.0
 #: Which side does each step; AwaitConfirmation belongs to the target for a revert, else the source.
-OWNERS = {("Live", "PrepareTarget"): "target", ("Live", "Transfer"): "source",
-          ("Live", "Transferring"): "source", ("Live", "FinishTarget"): "target",
-          ("Live", "RollbackTarget"): "target", ("Cold", "PowerOffSource"): "source",
-          ("Cold", "FinishTarget"): "target", ("Cold", "RevertTarget"): "target",
-          ("Cold", "RevertSource"): "source"}
+OWNERS = {
+    ("Live", "PrepareTarget"): "target",
+    ("Live", "Transfer"): "source",
+    ("Live", "Transferring"): "source",
+    ("Live", "FinishTarget"): "target",
+    ("Live", "RollbackTarget"): "target",
+    ("Cold", "PowerOffSource"): "source",
+    ("Cold", "FinishTarget"): "target",
+    ("Cold", "RevertTarget"): "target",
+    ("Cold", "RevertSource"): "source",
+}
 
 
 def owner(body: Mapping[str, Any]) -> str | None:
-    """"source" or "target": the side whose turn it is, None when nobody's (not scheduled, or done)."""
+    """ "source" or "target": the side whose turn it is, None when nobody's (not scheduled, or done)."""
     spec, status = body.get("spec") or {}, body.get("status") or {}
     step = status.get("step")
     if step == "AwaitConfirmation":
@@ -80,7 +100,11 @@ class MigrationAgent(ObjectCache):
         on the target then, and that agent looks after it as usual). "moved": its newest migration
         took it away from this node; the watch will drop the object soon.
         """
-        mine = [b for b in list(self.objects.values()) if (b.get("status") or {}).get("instanceUID") == instance_uid]
+        mine = [
+            b
+            for b in list(self.objects.values())
+            if (b.get("status") or {}).get("instanceUID") == instance_uid
+        ]
         if not mine:
             return None
         for body in mine:
@@ -151,7 +175,9 @@ class MigrationAgent(ObjectCache):
         if role is None or is_final(status) or owner(body) != role:
             return
         kind, step = body["spec"]["type"], status["step"]
-        log.info("migration %s/%s: %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"], step, role)
+        log.info(
+            "migration %s/%s: %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"], step, role
+        )
         try:
             getattr(self, f"_{kind.lower()}_{step.lower()}")(body)
         except Gone as exc:
@@ -162,7 +188,8 @@ class MigrationAgent(ObjectCache):
     def _write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
         meta = body["metadata"]
         fresh = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"], {"status": patch})
+            GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"], {"status": patch}
+        )
         self.seen("MODIFIED", fresh)
         body.clear()
         body.update(fresh)
@@ -170,10 +197,18 @@ class MigrationAgent(ObjectCache):
     def _finish(self, body: dict[str, Any], phase: str, message: str, **extra: Any) -> None:
         """The last write of a migration; its instance is looked at again on this node."""
         faults.point(f"migration.{body['status']['step']}")
-        self._write(body, {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra})
+        self._write(
+            body, {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra}
+        )
         try:
-            post_event(self.instances.core, body, phase if phase != "Succeeded" else "Migrated", message,
-                       f"kubenova-agent/{self.node}", "Normal" if phase in ("Succeeded", "Reverted") else "Warning")
+            post_event(
+                self.instances.core,
+                body,
+                phase if phase != "Succeeded" else "Migrated",
+                message,
+                f"kubenova-agent/{self.node}",
+                "Normal" if phase in ("Succeeded", "Reverted") else "Warning",
+            )
         except kubernetes.client.ApiException as exc:
             log.warning("cannot post an Event about %s: %s", body["metadata"]["name"], exc.reason)
         self.instances.schedule(body["status"]["instanceUID"], 0.0)
@@ -188,8 +223,9 @@ class MigrationAgent(ObjectCache):
         meta, status = body["metadata"], body.get("status") or {}
         name = body["spec"]["instanceRef"]["name"]
         try:
-            instance = self.custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"],
-                                                                VIRTUALINSTANCES, name)
+            instance = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, name
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 raise Gone(f"VirtualInstance {name!r} was deleted during the migration") from exc
@@ -205,14 +241,26 @@ class MigrationAgent(ObjectCache):
         Succeeded, even before the new node's agent writes its own status.
         """
         meta = instance["metadata"]
-        status: dict[str, Any] = {"node": node, "console": {"node": node, "logFile": f"{meta['uid']}/console.log"}}
+        status: dict[str, Any] = {
+            "node": node,
+            "console": {"node": node, "logFile": f"{meta['uid']}/console.log"},
+        }
         if flavor is not None:
             spec_flavor = flavor_of({"spec": instance["spec"]})
-            status["resize"] = {"flavor": flavor, "specFlavor": spec_flavor} if flavor != spec_flavor else None
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES,
-                                                          meta["name"], {"status": status})
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"],
-                                                   {"metadata": {"labels": {NODE_LABEL: node}}})
+            status["resize"] = (
+                {"flavor": flavor, "specFlavor": spec_flavor} if flavor != spec_flavor else None
+            )
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], {"status": status}
+        )
+        self.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            VIRTUALINSTANCES,
+            meta["name"],
+            {"metadata": {"labels": {NODE_LABEL: node}}},
+        )
 
     # --- live ----------------------------------------------------------------------------
 
@@ -223,29 +271,48 @@ class MigrationAgent(ObjectCache):
             self._finish(body, "Cancelled", f"cancelled before the transfer; the instance stays on {source}")
             return
         instance = self._instance(body)
-        cpu = ((self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source).get("status") or {})
-               .get("cpuInfo"))
+        cpu = (
+            self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source).get("status") or {}
+        ).get("cpuInfo")
         try:
             if cpu:
                 self.driver.compare_cpu(CpuInfo(**{**cpu, "features": tuple(cpu.get("features") or ())}))
-            definition = self.driver.pre_live_migration(self.instances.driver_spec(instance, flavor_of(instance)))
+            definition = self.driver.pre_live_migration(
+                self.instances.driver_spec(instance, flavor_of(instance))
+            )
         except CPUIncompatible as exc:
-            self._finish(body, "Failed", f"{self.node} cannot run a guest started on {source}: {exc}; choose "
-                                         "another spec.targetNode, or stop the instance and use a Cold migration")
+            self._finish(
+                body,
+                "Failed",
+                f"{self.node} cannot run a guest started on {source}: {exc}; choose "
+                "another spec.targetNode, or stop the instance and use a Cold migration",
+            )
             return
         except DriverError as exc:
-            self._finish(body, "Failed", f"{self.node} could not prepare for the instance: {exc}; it stays "
-                                         f"running on {source}")
+            self._finish(
+                body,
+                "Failed",
+                f"{self.node} could not prepare for the instance: {exc}; it stays running on {source}",
+            )
             return
-        self._hand_over(body, "Transfer", f"{self.node} is prepared; {source} transfers the instance",
-                        phase="Migrating", handoff={"definition": definition})
+        self._hand_over(
+            body,
+            "Transfer",
+            f"{self.node} is prepared; {source} transfers the instance",
+            phase="Migrating",
+            handoff={"definition": definition},
+        )
 
     def _live_transfer(self, body: dict[str, Any]) -> None:
         status, spec = body["status"], body["spec"]
         uid, instance_uid = body["metadata"]["uid"], status["instanceUID"]
         if cancelled(body):
-            self._hand_over(body, "RollbackTarget", f"cancelled before the transfer; the instance stays on "
-                                                   f"{self.node}", handoff={"outcome": "Cancelled"})
+            self._hand_over(
+                body,
+                "RollbackTarget",
+                f"cancelled before the transfer; the instance stays on {self.node}",
+                handoff={"outcome": "Cancelled"},
+            )
             return
         self._hand_over(body, "Transferring", f"transferring from {self.node} to {status['targetNode']}")
         last = [0.0]
@@ -256,10 +323,19 @@ class MigrationAgent(ObjectCache):
             last[0] = time.monotonic()
             done = step.data_processed * 100 // step.data_total if step.data_total else 0
             try:
-                self._write(body, {"progress": {
-                    "percent": min(99, done), "dataTotalBytes": step.data_total,
-                    "dataProcessedBytes": step.data_processed, "dataRemainingBytes": step.data_remaining,
-                    "iteration": step.iteration, "expectedDowntimeMs": step.expected_downtime_ms}})
+                self._write(
+                    body,
+                    {
+                        "progress": {
+                            "percent": min(99, done),
+                            "dataTotalBytes": step.data_total,
+                            "dataProcessedBytes": step.data_processed,
+                            "dataRemainingBytes": step.data_remaining,
+                            "iteration": step.iteration,
+                            "expectedDowntimeMs": step.expected_downtime_ms,
+                        }
+                    },
+                )
             except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
                 log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
             if cancelled(self.objects.get(uid, body)) and uid not in self._aborted:
@@ -268,21 +344,34 @@ class MigrationAgent(ObjectCache):
 
         self._transfers[uid] = instance_uid
         try:
-            self.driver.live_migration(instance_uid, status["handoff"]["targetURI"],
-                                       status["handoff"]["definition"], progress,
-                                       max_bandwidth_mib=spec.get("bandwidthMiBps"))
+            self.driver.live_migration(
+                instance_uid,
+                status["handoff"]["targetURI"],
+                status["handoff"]["definition"],
+                progress,
+                max_bandwidth_mib=spec.get("bandwidthMiBps"),
+            )
         except DriverError as exc:
             if uid in self._aborted:
-                outcome, message = "Cancelled", f"cancelled during the transfer; the instance keeps running on " \
-                                                f"{self.node}"
+                outcome, message = (
+                    "Cancelled",
+                    f"cancelled during the transfer; the instance keeps running on {self.node}",
+                )
             else:
-                outcome, message = "Failed", f"the transfer failed: {exc}; the instance keeps running on {self.node}"
+                outcome, message = (
+                    "Failed",
+                    f"the transfer failed: {exc}; the instance keeps running on {self.node}",
+                )
             self._hand_over(body, "RollbackTarget", message, handoff={"outcome": outcome})
             return
         finally:
             self._transfers.pop(uid, None)
-        self._hand_over(body, "FinishTarget", f"transferred; {status['targetNode']} takes over",
-                        progress={**(status.get("progress") or {}), "percent": 100, "dataRemainingBytes": 0})
+        self._hand_over(
+            body,
+            "FinishTarget",
+            f"transferred; {status['targetNode']} takes over",
+            progress={**(status.get("progress") or {}), "percent": 100, "dataRemainingBytes": 0},
+        )
 
     def _live_transferring(self, body: dict[str, Any]) -> None:
         """Found on start-up: this agent died during the transfer, so whether it finished is unknown."""
@@ -292,9 +381,13 @@ class MigrationAgent(ObjectCache):
                 self.driver.abort_live_migration(instance_uid)
             except DriverError:
                 pass  # no job was running any more
-            self._hand_over(body, "RollbackTarget", f"the agent on {self.node} restarted during the transfer; the "
-                                                    f"instance stays on {self.node}; create a new Migration to move it",
-                            handoff={"outcome": "Failed"})
+            self._hand_over(
+                body,
+                "RollbackTarget",
+                f"the agent on {self.node} restarted during the transfer; the "
+                f"instance stays on {self.node}; create a new Migration to move it",
+                handoff={"outcome": "Failed"},
+            )
         else:
             self._hand_over(body, "FinishTarget", "the transfer completed while the source's agent restarted")
 
@@ -304,15 +397,26 @@ class MigrationAgent(ObjectCache):
         try:
             outcome = self.driver.post_live_migration_at_destination(status["instanceUID"])
         except InstanceNotFound:
-            self._finish(body, "Failed", f"the instance did not arrive on {self.node}; check the source "
-                                         f"{status['sourceNode']} and the libvirt logs")
+            self._finish(
+                body,
+                "Failed",
+                f"the instance did not arrive on {self.node}; check the source "
+                f"{status['sourceNode']} and the libvirt logs",
+            )
             return
         self._move_instance(instance, self.node, None)
-        figures = {key: value for key, value in (("elapsedMs", outcome.elapsed_ms),
-                                                  ("downtimeMs", outcome.downtime_ms)) if value is not None}
+        figures = {
+            key: value
+            for key, value in (("elapsedMs", outcome.elapsed_ms), ("downtimeMs", outcome.downtime_ms))
+            if value is not None
+        }
         said = ", ".join(f"{k[:-2]} {v} ms" for k, v in figures.items())
-        self._finish(body, "Succeeded", f"moved from {status['sourceNode']} to {self.node}"
-                     + (f" ({said})" if said else ""), progress={**(status.get("progress") or {}), **figures})
+        self._finish(
+            body,
+            "Succeeded",
+            f"moved from {status['sourceNode']} to {self.node}" + (f" ({said})" if said else ""),
+            progress={**(status.get("progress") or {}), **figures},
+        )
 
     def _live_rollbacktarget(self, body: dict[str, Any]) -> None:
         status = body["status"]
@@ -328,64 +432,98 @@ class MigrationAgent(ObjectCache):
             return
         instance = self._instance(body)
         disks = self.driver.migrate_disk_and_power_off(status["instanceUID"], status["handoff"]["targetURI"])
-        self._hand_over(body, "FinishTarget", f"stopped on {self.node}; {status['targetNode']} copies the disks",
-                        phase="Migrating", handoff={"disks": disks, "flavor": flavor_of(instance)})
+        self._hand_over(
+            body,
+            "FinishTarget",
+            f"stopped on {self.node}; {status['targetNode']} copies the disks",
+            phase="Migrating",
+            handoff={"disks": disks, "flavor": flavor_of(instance)},
+        )
 
     def _cold_finishtarget(self, body: dict[str, Any]) -> None:
         status, spec = body["status"], body["spec"]
         source, handoff = status["sourceNode"], status["handoff"]
         if cancelled(body):
-            self._hand_over(body, "RevertSource", f"cancelled; {source} starts the instance again",
-                            handoff={"outcome": "Cancelled"})
+            self._hand_over(
+                body,
+                "RevertSource",
+                f"cancelled; {source} starts the instance again",
+                handoff={"outcome": "Cancelled"},
+            )
             return
         instance = self._instance(body)
         flavor = dict(spec.get("flavor") or handoff["flavor"])
         power_on = (instance.get("spec") or {}).get("powerState", "Running") != "Stopped"
         if not self.driver.instance_exists(status["instanceUID"]):
             try:
-                self.driver.finish_migration(self.instances.driver_spec(instance, flavor), list(handoff.get("disks") or []),
-                                             handoff["sourceURI"], power_on)
+                self.driver.finish_migration(
+                    self.instances.driver_spec(instance, flavor),
+                    list(handoff.get("disks") or []),
+                    handoff["sourceURI"],
+                    power_on,
+                )
             except DriverError as exc:
                 self.driver.destroy(status["instanceUID"])
-                self._hand_over(body, "RevertSource", f"{self.node} could not start the instance: {exc}; {source} "
-                                                      "starts the original again", handoff={"outcome": "Failed"})
+                self._hand_over(
+                    body,
+                    "RevertSource",
+                    f"{self.node} could not start the instance: {exc}; {source} starts the original again",
+                    handoff={"outcome": "Failed"},
+                )
                 return
         self._move_instance(instance, self.node, flavor)
         confirmation = spec.get("confirmation") or {}
         size = f"{flavor['vcpus']} vCPU, {flavor['memoryMiB']} MiB"
         if confirmation.get("policy", "Auto") == "Auto":
             seconds = int(confirmation.get("autoConfirmSeconds", 300))
-            deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+            deadline = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
             when = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
-            self._hand_over(body, "AwaitConfirmation", f"running on {self.node} ({size}); confirms itself at {when} "
-                                                       "unless spec.decision says Revert first",
-                            phase="AwaitingConfirmation", handoff={"confirmAfter": when})
+            self._hand_over(
+                body,
+                "AwaitConfirmation",
+                f"running on {self.node} ({size}); confirms itself at {when} "
+                "unless spec.decision says Revert first",
+                phase="AwaitingConfirmation",
+                handoff={"confirmAfter": when},
+            )
         else:
-            self._hand_over(body, "AwaitConfirmation", f"running on {self.node} ({size}); set spec.decision to "
-                                                       f"Confirm (frees {source}) or Revert",
-                            phase="AwaitingConfirmation")
+            self._hand_over(
+                body,
+                "AwaitConfirmation",
+                f"running on {self.node} ({size}); set spec.decision to Confirm (frees {source}) or Revert",
+                phase="AwaitingConfirmation",
+            )
 
     def _cold_awaitconfirmation(self, body: dict[str, Any]) -> None:
         status, spec = body["status"], body["spec"]
         if spec.get("decision") == "Revert" or cancelled(body):  # this is the target
             # First a step of its own: while it runs, this node's instance side keeps its hands off.
-            self._hand_over(body, "RevertTarget", f"reverting; {self.node} deletes its copy",
-                            handoff={"outcome": "Reverted" if spec.get("decision") == "Revert" else "Cancelled"})
+            self._hand_over(
+                body,
+                "RevertTarget",
+                f"reverting; {self.node} deletes its copy",
+                handoff={"outcome": "Reverted" if spec.get("decision") == "Revert" else "Cancelled"},
+            )
             self._cold_reverttarget(body)
             return
         deadline = status["handoff"].get("confirmAfter")
         if spec.get("decision") != "Confirm":
             if not deadline:
                 return  # Manual: waits for spec.decision
-            left = (datetime.datetime.fromisoformat(deadline.replace("Z", "+00:00"))
-                    - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            left = (
+                datetime.datetime.fromisoformat(deadline.replace("Z", "+00:00"))
+                - datetime.datetime.now(datetime.UTC)
+            ).total_seconds()
             if left > 0:
                 self.schedule(body["metadata"]["uid"], left + 0.1)
                 return
         self.driver.confirm_migration(status["instanceUID"])
         how = "confirmed" if spec.get("decision") == "Confirm" else "confirmed automatically"
-        self._finish(body, "Succeeded", f"{how}: the instance runs on {status['targetNode']}; its copy on "
-                                        f"{self.node} is deleted")
+        self._finish(
+            body,
+            "Succeeded",
+            f"{how}: the instance runs on {status['targetNode']}; its copy on {self.node} is deleted",
+        )
 
     def _cold_reverttarget(self, body: dict[str, Any]) -> None:
         status = body["status"]
@@ -400,6 +538,9 @@ class MigrationAgent(ObjectCache):
         power_on = (instance.get("spec") or {}).get("powerState", "Running") != "Stopped"
         self.driver.finish_revert_migration(status["instanceUID"], power_on)
         outcome = status["handoff"].get("outcome", "Reverted")
-        message = status.get("message", "") if outcome != "Reverted" else \
-            f"reverted: the instance runs on {self.node} again with its original flavor"
+        message = (
+            status.get("message", "")
+            if outcome != "Reverted"
+            else f"reverted: the instance runs on {self.node} again with its original flavor"
+        )
         self._finish(body, outcome, message)

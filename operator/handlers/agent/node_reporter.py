@@ -5,6 +5,7 @@ small object only the controller watches. The ComputeNode's status is written on
 the host's figures or conditions change (and its heartbeatTime at most every few minutes),
 so an idle node costs one small write per renewal and nothing on the object users watch.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -16,7 +17,15 @@ from typing import Any
 import kubernetes
 
 from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
-from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, NODE_LABEL, VERSION, now, set_condition
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    LEASE_NAMESPACE,
+    NODE_LABEL,
+    VERSION,
+    now,
+    set_condition,
+)
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 40
@@ -41,10 +50,17 @@ def host_ip() -> str:
 class NodeReporter:
     """Writes this node's ComputeNode status and Lease; remembers what it wrote to skip repeats."""
 
-    def __init__(self, node: str, driver: ComputeDriver, custom: kubernetes.client.CustomObjectsApi,
-                 coordination: kubernetes.client.CoordinationV1Api, address: str,
-                 known_instances: Callable[[], Collection[str]],
-                 warn: Callable[[Mapping[str, Any], str, str], None], migration_uri: str = "") -> None:
+    def __init__(
+        self,
+        node: str,
+        driver: ComputeDriver,
+        custom: kubernetes.client.CustomObjectsApi,
+        coordination: kubernetes.client.CoordinationV1Api,
+        address: str,
+        known_instances: Callable[[], Collection[str]],
+        warn: Callable[[Mapping[str, Any], str, str], None],
+        migration_uri: str = "",
+    ) -> None:
         self.node = node
         self.driver = driver
         self.custom = custom
@@ -54,7 +70,7 @@ class NodeReporter:
         self.warn = warn
         self.migration_uri = migration_uri
         self._last: dict[str, Any] | None = None
-        self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+        self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.UTC)
         self._unknown: set[str] = set()
         self.status: dict[str, Any] = {}
         #: Whether the last report reached the hypervisor.
@@ -62,30 +78,48 @@ class NodeReporter:
 
     def register(self) -> None:
         try:
-            self.custom.create_cluster_custom_object(GROUP, VERSION, COMPUTENODES, {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeNode", "metadata": {"name": self.node},
-                "spec": {}})
+            self.custom.create_cluster_custom_object(
+                GROUP,
+                VERSION,
+                COMPUTENODES,
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "ComputeNode",
+                    "metadata": {"name": self.node},
+                    "spec": {},
+                },
+            )
             log.info("registered ComputeNode %s", self.node)
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
                 raise
-        self.status = dict(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node)
-                           .get("status") or {})
+        self.status = dict(
+            self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node).get("status") or {}
+        )
 
     def renew(self) -> None:
         """Create or renew the heartbeat Lease."""
-        stamp = datetime.datetime.now(datetime.timezone.utc)
+        stamp = datetime.datetime.now(datetime.UTC)
         spec = {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": stamp}
         try:
             self.coordination.patch_namespaced_lease(lease_name(self.node), LEASE_NAMESPACE, {"spec": spec})
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(LEASE_NAMESPACE, kubernetes.client.V1Lease(
-                metadata=kubernetes.client.V1ObjectMeta(name=lease_name(self.node),
-                                                        labels={NODE_LABEL: self.node}),
-                spec=kubernetes.client.V1LeaseSpec(acquire_time=stamp, holder_identity=self.node,
-                                                   lease_duration_seconds=LEASE_SECONDS, renew_time=stamp)))
+            self.coordination.create_namespaced_lease(
+                LEASE_NAMESPACE,
+                kubernetes.client.V1Lease(
+                    metadata=kubernetes.client.V1ObjectMeta(
+                        name=lease_name(self.node), labels={NODE_LABEL: self.node}
+                    ),
+                    spec=kubernetes.client.V1LeaseSpec(
+                        acquire_time=stamp,
+                        holder_identity=self.node,
+                        lease_duration_seconds=LEASE_SECONDS,
+                        renew_time=stamp,
+                    ),
+                ),
+            )
 
     def report(self) -> None:
         """Publish host figures, usage and conditions when they differ from the last report."""
@@ -93,8 +127,14 @@ class NodeReporter:
         try:
             patch.update(self._figures())
             self.connected = True
-            set_condition(patch, self.status, "Ready", True, "LibvirtConnected",
-                          f"the agent reaches libvirt ({patch['hypervisorType']} {patch['hypervisorVersion']})")
+            set_condition(
+                patch,
+                self.status,
+                "Ready",
+                True,
+                "LibvirtConnected",
+                f"the agent reaches libvirt ({patch['hypervisorType']} {patch['hypervisorVersion']})",
+            )
         except DriverError as exc:
             self.connected = False
             set_condition(patch, self.status, "Ready", False, "LibvirtUnreachable", str(exc))
@@ -109,32 +149,55 @@ class NodeReporter:
         suspects = {f"{i.namespace}/{i.name} ({i.uuid})" for i in instances if i.uuid not in known}
         unknown, self._unknown = sorted(suspects & self._unknown), suspects
         figures: dict[str, Any] = {
-            "hypervisorType": stats.hypervisor_type, "hypervisorVersion": stats.hypervisor_version,
-            "hostname": stats.hostname, "hostIP": self.address, "migrationURI": self.migration_uri,
+            "hypervisorType": stats.hypervisor_type,
+            "hypervisorVersion": stats.hypervisor_version,
+            "hostname": stats.hostname,
+            "hostIP": self.address,
+            "migrationURI": self.migration_uri,
             "cpuModel": cpu.model,
-            "cpuInfo": {"arch": cpu.arch, "vendor": cpu.vendor, "model": cpu.model, "sockets": cpu.sockets,
-                        "cores": cpu.cores, "threads": cpu.threads, "features": list(cpu.features)},
+            "cpuInfo": {
+                "arch": cpu.arch,
+                "vendor": cpu.vendor,
+                "model": cpu.model,
+                "sockets": cpu.sockets,
+                "cores": cpu.cores,
+                "threads": cpu.threads,
+                "features": list(cpu.features),
+            },
             "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},
-            "usage": {"vcpus": sum(i.vcpus for i in instances), "memoryMiB": sum(i.memory_mib for i in instances)},
+            "usage": {
+                "vcpus": sum(i.vcpus for i in instances),
+                "memoryMiB": sum(i.memory_mib for i in instances),
+            },
             "diskAvailableLeastGiB": stats.disk_free_gib,
             "instanceCount": len(instances),
             "instances": sorted(f"{i.namespace}/{i.name}" for i in instances),
         }
-        set_condition(figures, self.status, "UnknownDomains", bool(unknown),
-                      "DomainsWithoutObject" if unknown else "AllDomainsKnown",
-                      ("libvirt runs kubenova domains no VirtualInstance on this node describes: "
-                       + ", ".join(unknown) + "; the agent leaves them alone") if unknown else
-                      "every kubenova domain on this host belongs to a VirtualInstance bound here")
+        set_condition(
+            figures,
+            self.status,
+            "UnknownDomains",
+            bool(unknown),
+            "DomainsWithoutObject" if unknown else "AllDomainsKnown",
+            (
+                "libvirt runs kubenova domains no VirtualInstance on this node describes: "
+                + ", ".join(unknown)
+                + "; the agent leaves them alone"
+            )
+            if unknown
+            else "every kubenova domain on this host belongs to a VirtualInstance bound here",
+        )
         return figures
 
     def _write(self, patch: dict[str, Any]) -> None:
-        stamp = datetime.datetime.now(datetime.timezone.utc)
+        stamp = datetime.datetime.now(datetime.UTC)
         if patch == self._last and stamp - self._last_beat < HEARTBEAT_REFRESH:
             return
         self._last = dict(patch)
         self._last_beat = stamp
-        fresh = self.custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, self.node,
-                                                               {"status": {**patch, "heartbeatTime": now()}})
+        fresh = self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, COMPUTENODES, self.node, {"status": {**patch, "heartbeatTime": now()}}
+        )
         self.status = dict(fresh.get("status") or {})
 
     def power_action(self, body: Mapping[str, Any]) -> None:
@@ -146,8 +209,14 @@ class NodeReporter:
         patch: dict[str, Any] = {}
         try:
             self.driver.host_power_action(HostPowerAction(request["action"]))
-            patch["powerAction"] = {"id": request["id"], "phase": "Succeeded", "message": f"{request['action']} done"}
-            set_condition(patch, status, "PowerActionSupported", True, "Supported", "host power actions work here")
+            patch["powerAction"] = {
+                "id": request["id"],
+                "phase": "Succeeded",
+                "message": f"{request['action']} done",
+            }
+            set_condition(
+                patch, status, "PowerActionSupported", True, "Supported", "host power actions work here"
+            )
         except Unsupported as exc:
             patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
             set_condition(patch, status, "PowerActionSupported", False, "Unsupported", str(exc))
@@ -155,6 +224,7 @@ class NodeReporter:
         except DriverError as exc:
             patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
             self.warn(body, "PowerActionFailed", str(exc))
-        fresh = self.custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, self.node,
-                                                               {"status": patch})
+        fresh = self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, COMPUTENODES, self.node, {"status": patch}
+        )
         self.status = dict(fresh.get("status") or {})

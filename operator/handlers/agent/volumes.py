@@ -1,4 +1,5 @@
 """VolumeAttachments, agent side: attach and detach the ones the controller bound to this node."""
+
 from __future__ import annotations
 
 import logging
@@ -9,11 +10,22 @@ import kubernetes
 import urllib3
 
 from kubenova import faults
-from kubenova.driver.base import DriverError, InstanceNotFound, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
-from kubenova.handlers.shared import (
-    AGENT_FINALIZER, GROUP, VERSION, VOLUMEATTACHMENTS, remove_finalizer, set_condition,
+from kubenova.driver.base import (
+    DriverError,
+    InstanceNotFound,
+    InvalidInstanceSpec,
+    VolumeNotFound,
+    VolumeSpec,
 )
 from kubenova.handlers.agent.instances import InstanceAgent, ObjectCache
+from kubenova.handlers.shared import (
+    AGENT_FINALIZER,
+    GROUP,
+    VERSION,
+    VOLUMEATTACHMENTS,
+    remove_finalizer,
+    set_condition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +39,13 @@ class VolumeAgent(ObjectCache):
 
     def waiting_for(self, namespace: str, name: str) -> list[str]:
         """Attachments of this instance that are not attached yet."""
-        return [uid for uid, body in list(self.objects.items())
-                if body["metadata"]["namespace"] == namespace and body["spec"]["instanceRef"]["name"] == name
-                and (body.get("status") or {}).get("phase") != "Attached"]
+        return [
+            uid
+            for uid, body in list(self.objects.items())
+            if body["metadata"]["namespace"] == namespace
+            and body["spec"]["instanceRef"]["name"] == name
+            and (body.get("status") or {}).get("phase") != "Attached"
+        ]
 
     def forget(self, uid: str) -> None:
         self.instances.forget(uid)  # its Warnings are deduplicated there
@@ -39,7 +55,9 @@ class VolumeAgent(ObjectCache):
             try:
                 self._handle(uid)
             except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
-                log.warning("API error on attachment %s: %s; trying again later", uid, getattr(exc, "reason", exc))
+                log.warning(
+                    "API error on attachment %s: %s; trying again later", uid, getattr(exc, "reason", exc)
+                )
                 self.retry_later(uid)
             except Exception:  # a bug must not stop the retries
                 log.exception("attachment %s failed", uid)
@@ -53,7 +71,8 @@ class VolumeAgent(ObjectCache):
         meta = body["metadata"]
         try:
             fresh = self.instances.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"status": patch})
+                GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"status": patch}
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:
                 raise
@@ -90,15 +109,26 @@ class VolumeAgent(ObjectCache):
         if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
             return
         if instance is None or not driver.instance_exists(instance["metadata"]["uid"]):
-            self._write(body, self._condition(
-                body, "Pending", "InstanceNotReady",
-                f"waiting for VirtualInstance {spec['instanceRef']['name']!r} to be created on "
-                f"{self.instances.node}"))
+            self._write(
+                body,
+                self._condition(
+                    body,
+                    "Pending",
+                    "InstanceNotReady",
+                    f"waiting for VirtualInstance {spec['instanceRef']['name']!r} to be created on "
+                    f"{self.instances.node}",
+                ),
+            )
             return  # the instance's handler calls back once its domain exists
         source = spec.get("volume") or spec.get("image") or {}
         device = spec.get("device") or {}
-        volume = VolumeSpec(name=source["name"], size_gib=source.get("sizeGiB"), from_image="image" in spec,
-                            bus=device.get("bus", "virtio"), read_only=bool(spec.get("readOnly", False)))
+        volume = VolumeSpec(
+            name=source["name"],
+            size_gib=source.get("sizeGiB"),
+            from_image="image" in spec,
+            bus=device.get("bus", "virtio"),
+            read_only=bool(spec.get("readOnly", False)),
+        )
         try:
             attached = driver.attach_volume(instance["metadata"]["uid"], volume, device.get("name", ""))
             connector = driver.get_volume_connector()
@@ -114,18 +144,36 @@ class VolumeAgent(ObjectCache):
             self.retry_later(uid)
             return
         faults.point("volume.attached")
-        patch = self._condition(body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}",
-                                ready=True)
-        patch.update({"node": self.instances.node, "device": attached, "observedGeneration": generation,
-                      "connector": {"ip": connector.ip, "host": connector.host,
-                                    **({"initiator": connector.initiator} if connector.initiator else {})}})
+        patch = self._condition(
+            body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}", ready=True
+        )
+        patch.update(
+            {
+                "node": self.instances.node,
+                "device": attached,
+                "observedGeneration": generation,
+                "connector": {
+                    "ip": connector.ip,
+                    "host": connector.host,
+                    **({"initiator": connector.initiator} if connector.initiator else {}),
+                },
+            }
+        )
         self._write(body, patch)
         self.succeeded(uid)
 
     @staticmethod
-    def _condition(body: Mapping[str, Any], phase: str, reason: str, message: str,
-                   ready: bool = False) -> dict[str, Any]:
+    def _condition(
+        body: Mapping[str, Any], phase: str, reason: str, message: str, ready: bool = False
+    ) -> dict[str, Any]:
         patch: dict[str, Any] = {"phase": phase}
-        set_condition(patch, body.get("status") or {}, "Ready", ready, reason, message,
-                      body["metadata"].get("generation"))
+        set_condition(
+            patch,
+            body.get("status") or {},
+            "Ready",
+            ready,
+            reason,
+            message,
+            body["metadata"].get("generation"),
+        )
         return patch

@@ -1,1 +1,2 @@
-"""The controller: placement (pure), binding, migration planning and maintenance, and its entry point (app)."""
+"""The controller: placement (pure), binding, migration planning and maintenance, and its entry point
+(app)."""

@@ -5,6 +5,7 @@ official client) and runs kopf only while it does; losing the Lease ends the pro
 restarted replica starts clean. It uses only event handlers and in-memory indexes, so it
 adds no kopf finalizer and no bookkeeping annotation to users' objects.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -23,10 +24,21 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from kubenova.handlers.controller import binding
-from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, MIGRATIONS, NODE_LABEL, VERSION, \
-    VIRTUALINSTANCES, VOLUMEATTACHMENTS, flavor_of, remove_finalizer, talk_to_the_apiserver
 from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
 from kubenova.handlers.controller.placement import HEARTBEAT_GRACE, NodeView, Usage
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    LEASE_NAMESPACE,
+    MIGRATIONS,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
+    flavor_of,
+    remove_finalizer,
+    talk_to_the_apiserver,
+)
 
 log = logging.getLogger(__name__)
 VI = (GROUP, VERSION, VIRTUALINSTANCES)
@@ -107,11 +119,16 @@ def _every(interval: float, work: Callable[[], None]) -> None:
         while True:
             time.sleep(interval)
             work()
+
     threading.Thread(target=loop, daemon=True, name="resync").start()
 
 
-def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient,
-             limits: MigrationLimits = MigrationLimits()) -> None:
+def register(
+    registry: kopf.OperatorRegistry,
+    client: kubernetes.client.ApiClient,
+    limits: MigrationLimits | None = None,
+) -> None:
+    limits = limits or MigrationLimits()
     api = kubernetes.client.CustomObjectsApi(client)
     reservations = Reservations()
 
@@ -122,23 +139,33 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
         talk_to_the_apiserver(settings)
 
     @kopf.index(*CN, registry=registry, id="node_views")
-    def node_views(name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
-                   **_: Any) -> dict[str, Any]:
+    def node_views(
+        name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status, **_: Any
+    ) -> dict[str, Any]:
         return {name: (dict(labels), dict(spec), dict(status))}
 
-    @kopf.index("coordination.k8s.io", "v1", "leases", registry=registry, id="node_leases",
-                labels={NODE_LABEL: kopf.PRESENT})
+    @kopf.index(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        registry=registry,
+        id="node_leases",
+        labels={NODE_LABEL: kopf.PRESENT},
+    )
     def node_leases(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
         return {labels[NODE_LABEL]: binding.parse_time(spec.get("renewTime"))}
 
     @kopf.index(*VI, registry=registry, id="node_usage")
-    def node_usage(uid: str, labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    def node_usage(
+        uid: str, labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any
+    ) -> dict[str, Any] | None:
         node = labels.get(NODE_LABEL)  # a resize's flavor counts once it is in status
         return {node: (uid, binding.request_of({**spec, "flavor": flavor_of(body)}))} if node else None
 
     @kopf.index(*VI, registry=registry, id="instance_nodes")
-    def instance_nodes(namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta,
-                       **_: Any) -> dict[tuple[str, str], str | None]:
+    def instance_nodes(
+        namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, **_: Any
+    ) -> dict[tuple[str, str], str | None]:
         return {(namespace, name): None if meta.get("deletionTimestamp") else labels.get(NODE_LABEL)}
 
     @kopf.index(*VI, registry=registry, id="unbound", labels={NODE_LABEL: kopf.ABSENT})
@@ -152,20 +179,31 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     def instance_node(index: kopf.Index[Any, Any], namespace: str, name: str) -> str | None:
         return next(iter(index.get((namespace, name), [None])), None)
 
-    def place(body: kopf.Body, node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
-              node_usage: kopf.Index[str, Any]) -> None:
+    def place(
+        body: kopf.Body,
+        node_views: kopf.Index[str, Any],
+        node_leases: kopf.Index[str, Any],
+        node_usage: kopf.Index[str, Any],
+    ) -> None:
         if body["metadata"].get("deletionTimestamp"):
             return
         try:
             with reservations.lock:
-                node = binding.place(api, body, _nodes(node_views, node_leases),
-                                             reservations.totals(node_usage))
+                node = binding.place(
+                    api, body, _nodes(node_views, node_leases), reservations.totals(node_usage)
+                )
                 if node:
-                    reservations.add(body["metadata"]["uid"], node,
-                                     binding.request_of(body.get("spec") or {}))
+                    reservations.add(
+                        body["metadata"]["uid"], node, binding.request_of(body.get("spec") or {})
+                    )
         except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
-            log.warning("placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
-                        body["metadata"]["namespace"], body["metadata"]["name"], exc, PLACEMENT_RETRY)
+            log.warning(
+                "placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                exc,
+                PLACEMENT_RETRY,
+            )
             threading.Timer(PLACEMENT_RETRY, lambda: retry()).start()
 
     @kopf.on.event(*VI, registry=registry)
@@ -176,27 +214,49 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
             reservations.release(uid)
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
-    def place_instance(body: kopf.Body, type: str | None, node_views: kopf.Index[str, Any],
-                       node_leases: kopf.Index[str, Any], node_usage: kopf.Index[str, Any], **_: Any) -> None:
+    def place_instance(
+        body: kopf.Body,
+        type: str | None,
+        node_views: kopf.Index[str, Any],
+        node_leases: kopf.Index[str, Any],
+        node_usage: kopf.Index[str, Any],
+        **_: Any,
+    ) -> None:
         if type != "DELETED":
             place(body, node_views, node_leases, node_usage)
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
     @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
-    def release_from_removed_node(body: kopf.Body, labels: kopf.Labels, resource: kopf.Resource,
-                                  node_views: kopf.Index[str, Any], **_: Any) -> None:
+    def release_from_removed_node(
+        body: kopf.Body,
+        labels: kopf.Labels,
+        resource: kopf.Resource,
+        node_views: kopf.Index[str, Any],
+        **_: Any,
+    ) -> None:
         """A deleted object whose ComputeNode no longer exists has no agent to let it go: the controller does.
 
         Like the pod garbage collection of removed Nodes; nothing on a host is touched.
         """
         if body["metadata"].get("deletionTimestamp") and labels[NODE_LABEL] not in node_views:
-            log.info("releasing %s %s/%s: its node %s was removed", resource.kind, body["metadata"]["namespace"],
-                     body["metadata"]["name"], labels[NODE_LABEL])
+            log.info(
+                "releasing %s %s/%s: its node %s was removed",
+                resource.kind,
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                labels[NODE_LABEL],
+            )
             remove_finalizer(api, body, resource.plural)
 
     @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
-    def bind_waiting_volumes(namespace: str, name: str, labels: kopf.Labels, type: str | None,
-                             unbound_volumes: kopf.Index[Any, Any], **_: Any) -> None:
+    def bind_waiting_volumes(
+        namespace: str,
+        name: str,
+        labels: kopf.Labels,
+        type: str | None,
+        unbound_volumes: kopf.Index[Any, Any],
+        **_: Any,
+    ) -> None:
         """An instance got its node: attachments that waited for it follow it there."""
         if type == "DELETED":
             return
@@ -205,8 +265,14 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
                 binding.bind_volume(api, body, labels[NODE_LABEL])
 
     @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
-    def bind_volume(namespace: str, spec: kopf.Spec, body: kopf.Body, type: str | None,
-                    instance_nodes: kopf.Index[Any, Any], **_: Any) -> None:
+    def bind_volume(
+        namespace: str,
+        spec: kopf.Spec,
+        body: kopf.Body,
+        type: str | None,
+        instance_nodes: kopf.Index[Any, Any],
+        **_: Any,
+    ) -> None:
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
         binding.bind_volume(api, body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
@@ -216,8 +282,9 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
         if type != "DELETED":
             return
         for plural in (VIRTUALINSTANCES, VOLUMEATTACHMENTS):
-            for body in api.list_cluster_custom_object(GROUP, VERSION, plural,
-                                                       label_selector=f"{NODE_LABEL}={name}")["items"]:
+            for body in api.list_cluster_custom_object(
+                GROUP, VERSION, plural, label_selector=f"{NODE_LABEL}={name}"
+            )["items"]:
                 if body["metadata"].get("deletionTimestamp"):
                     remove_finalizer(api, body, plural)
 
@@ -242,35 +309,59 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
 
     def capacity() -> tuple[dict[str, NodeView], dict[str, Usage]]:
         with reservations.lock:
-            return _nodes(indexes["node_views"], indexes["node_leases"]), reservations.totals(indexes["node_usage"])
+            return _nodes(indexes["node_views"], indexes["node_leases"]), reservations.totals(
+                indexes["node_usage"]
+            )
 
     plan = _loop("migrations", Planner(api, kubernetes.client.CoreV1Api(client), limits, capacity).run)
     _every(PENDING_RESYNC, plan)  # a pass that failed (apiserver away) is not lost until the next event
 
     @kopf.on.event(*MIG, registry=registry)
     @kopf.on.event(*CN, registry=registry)
-    def migrations_changed(node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
-                           node_usage: kopf.Index[str, Any], **_: Any) -> None:
+    def migrations_changed(
+        node_views: kopf.Index[str, Any],
+        node_leases: kopf.Index[str, Any],
+        node_usage: kopf.Index[str, Any],
+        **_: Any,
+    ) -> None:
         """A Migration or a node (maintenance) changed: the planner takes another look at all of them."""
         indexes.update(node_views=node_views, node_leases=node_leases, node_usage=node_usage)
         plan()
 
     @kopf.on.event(*CN, registry=registry)
-    def node_changed(type: str | None, node_views: kopf.Index[str, Any], node_leases: kopf.Index[str, Any],
-                     node_usage: kopf.Index[str, Any], unbound: kopf.Index[str, Any], **_: Any) -> None:
+    def node_changed(
+        type: str | None,
+        node_views: kopf.Index[str, Any],
+        node_leases: kopf.Index[str, Any],
+        node_usage: kopf.Index[str, Any],
+        unbound: kopf.Index[str, Any],
+        **_: Any,
+    ) -> None:
         """A node appeared or changed (capacity, switches): instances waiting for room get another chance."""
         if type != "DELETED":
-            ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)
+            ask_for_retry(
+                node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound
+            )
 
-    @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT})
-    def node_came_back(labels: kopf.Labels, spec: kopf.Spec, node_views: kopf.Index[str, Any],
-                       node_leases: kopf.Index[str, Any], node_usage: kopf.Index[str, Any],
-                       unbound: kopf.Index[str, Any], **_: Any) -> None:
+    @kopf.on.event(
+        "coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT}
+    )
+    def node_came_back(
+        labels: kopf.Labels,
+        spec: kopf.Spec,
+        node_views: kopf.Index[str, Any],
+        node_leases: kopf.Index[str, Any],
+        node_usage: kopf.Index[str, Any],
+        unbound: kopf.Index[str, Any],
+        **_: Any,
+    ) -> None:
         """Most renewals change nothing; only a node whose agent had stopped reporting is news."""
         node, renewed = labels[NODE_LABEL], binding.parse_time(spec.get("renewTime"))
         previous, renewals[node] = renewals.get(node), renewed
         if renewed and (previous is None or renewed - previous > HEARTBEAT_GRACE):
-            ask_for_retry(node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound)
+            ask_for_retry(
+                node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound
+            )
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -290,8 +381,11 @@ def serve_health(address: str) -> None:
     threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 
 
-def run(lease_namespace: str = LEASE_NAMESPACE, limits: MigrationLimits = MigrationLimits(),
-        health_address: str = "") -> None:
+def run(
+    lease_namespace: str = LEASE_NAMESPACE,
+    limits: MigrationLimits | None = None,
+    health_address: str = "",
+) -> None:
     """Wait for the leader Lease, then run kopf; exit when the Lease is lost."""
     if health_address:
         serve_health(health_address)
@@ -309,13 +403,21 @@ def run(lease_namespace: str = LEASE_NAMESPACE, limits: MigrationLimits = Migrat
     leading = threading.Event()
 
     def lost() -> None:
-        log.error("lost the leader Lease %s/%s; exiting so a fresh process takes over", lease_namespace,
-                  LEADER_LEASE)
+        log.error(
+            "lost the leader Lease %s/%s; exiting so a fresh process takes over",
+            lease_namespace,
+            LEADER_LEASE,
+        )
         os._exit(1)
 
-    config = electionconfig.Config(LeaseLock(LEADER_LEASE, lease_namespace, identity), lease_duration=15,
-                                   renew_deadline=10, retry_period=2, onstarted_leading=leading.set,
-                                   onstopped_leading=lost)
+    config = electionconfig.Config(
+        LeaseLock(LEADER_LEASE, lease_namespace, identity),
+        lease_duration=15,
+        renew_deadline=10,
+        retry_period=2,
+        onstarted_leading=leading.set,
+        onstopped_leading=lost,
+    )
     log.info("waiting for the leader Lease %s/%s as %s", lease_namespace, LEADER_LEASE, identity)
     threading.Thread(target=leaderelection.LeaderElection(config).run, daemon=True, name="leader").start()
     leading.wait()

@@ -1,4 +1,5 @@
 """Binding, controller side: an instance goes to the node placement chose, an attachment to its instance's."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,9 +11,18 @@ import kopf
 import kubernetes
 
 from kubenova import api, faults
-from kubenova.handlers.shared import AGENT_FINALIZER, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES, \
-    VOLUMEATTACHMENTS, condition, set_condition, unless_changed
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
+from kubenova.handlers.shared import (
+    AGENT_FINALIZER,
+    GROUP,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
+    condition,
+    set_condition,
+    unless_changed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +44,34 @@ def parse_time(value: Any) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
-def node_view(name: str, labels: Mapping[str, str], spec: api.ComputeNodeSpec, status: api.ComputeNodeStatus,
-              renewed: datetime.datetime | None = None) -> NodeView:
+def node_view(
+    name: str,
+    labels: Mapping[str, str],
+    spec: api.ComputeNodeSpec,
+    status: api.ComputeNodeStatus,
+    renewed: datetime.datetime | None = None,
+) -> NodeView:
     """The placement view of a node; liveness is the newer of its Lease renewal and its status heartbeat."""
     beats = [t for t in (renewed, parse_time(status.get("heartbeatTime"))) if t is not None]
     capacity = status.get("capacity") or {}
     return NodeView(
-        name=name, enabled=bool(spec.get("enabled", True)), heartbeat=max(beats) if beats else None,
-        vcpus=int(capacity.get("vcpus", 0)), memory_mib=int(capacity.get("memoryMiB", 0)),
+        name=name,
+        enabled=bool(spec.get("enabled", True)),
+        heartbeat=max(beats) if beats else None,
+        vcpus=int(capacity.get("vcpus", 0)),
+        memory_mib=int(capacity.get("memoryMiB", 0)),
         disk_gib=int(capacity.get("diskGiB", 0)),
-        maintenance=bool(spec.get("maintenance", False)), labels=dict(labels))
+        maintenance=bool(spec.get("maintenance", False)),
+        labels=dict(labels),
+    )
 
 
-def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], nodes: Mapping[str, NodeView],
-          used: Mapping[str, Usage]) -> str | None:
+def place(
+    custom: kubernetes.client.CustomObjectsApi,
+    body: Mapping[str, Any],
+    nodes: Mapping[str, NodeView],
+    used: Mapping[str, Usage],
+) -> str | None:
     """Bind one unbound instance to a node and return it (None when it stays unbound).
 
     Binding is one write: the node label agents select on, plus the agent's finalizer, guarded
@@ -57,8 +81,14 @@ def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], n
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
     try:
-        node = choose_node(request_of(spec), spec.get("nodeName"), nodes, used,
-                           datetime.datetime.now(datetime.timezone.utc), spec.get("nodeSelector"))
+        node = choose_node(
+            request_of(spec),
+            spec.get("nodeName"),
+            nodes,
+            used,
+            datetime.datetime.now(datetime.UTC),
+            spec.get("nodeSelector"),
+        )
     except Unschedulable as exc:
         cond = condition(status, "Scheduled")
         if cond and cond.get("reason") == "Unschedulable" and cond.get("message") == str(exc):
@@ -66,24 +96,48 @@ def place(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], n
         patch: dict[str, Any] = {"phase": "Pending"}
         set_condition(patch, status, "Scheduled", False, "Unschedulable", str(exc), meta.get("generation"))
         # Guarded as well: a pass holding an old copy must not call an instance bound meanwhile unschedulable.
-        if unless_changed(lambda: custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, VIRTUALINSTANCES, name,
-                {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch})):
+        if unless_changed(
+            lambda: custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                VIRTUALINSTANCES,
+                name,
+                {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch},
+            )
+        ):
             kopf.warn(dict(body), reason="Unschedulable", message=exc.detail)  # the figures of this moment
         return None
     finalizers = list(meta.get("finalizers") or [])
     faults.point("placement.chosen")
-    if not unless_changed(lambda: custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, VIRTUALINSTANCES, name, {"metadata": {
-                "labels": {NODE_LABEL: node}, "resourceVersion": meta["resourceVersion"],
-                "finalizers": finalizers if AGENT_FINALIZER in finalizers else [*finalizers, AGENT_FINALIZER]}})):
+    if not unless_changed(
+        lambda: custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            VIRTUALINSTANCES,
+            name,
+            {
+                "metadata": {
+                    "labels": {NODE_LABEL: node},
+                    "resourceVersion": meta["resourceVersion"],
+                    "finalizers": finalizers
+                    if AGENT_FINALIZER in finalizers
+                    else [*finalizers, AGENT_FINALIZER],
+                }
+            },
+        )
+    ):
         return None
     log.info("bound %s/%s to %s", namespace, name, node)
     return node
 
 
-def bind_volume(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], instance_node: str | None) -> None:
-    """Give the attachment its instance's node (label and agent finalizer in one write), or say what it waits for.
+def bind_volume(
+    custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], instance_node: str | None
+) -> None:
+    """Give the attachment its instance's node (label and agent finalizer in one write), or say what it waits
+    for.
 
     Both writes carry the resourceVersion they were decided on, so a pass holding an old copy never
     calls an attachment bound meanwhile pending.
@@ -91,17 +145,38 @@ def bind_volume(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, A
     meta, spec = body["metadata"], body.get("spec") or {}
     if not instance_node:
         instance = spec["instanceRef"]["name"]
-        message = (f"VirtualInstance {instance!r} does not exist in namespace {meta['namespace']} or is not placed "
-                   "yet; the attachment waits for it")
+        message = (
+            f"VirtualInstance {instance!r} does not exist in namespace {meta['namespace']} or is not placed "
+            "yet; the attachment waits for it"
+        )
         status = body.get("status") or {}
         patch: dict[str, Any] = {"phase": "Pending"}
         set_condition(patch, status, "Ready", False, "InstanceNotPlaced", message, meta.get("generation"))
         if any(status.get(key) != value for key, value in patch.items()):
-            unless_changed(lambda: custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
-                {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}))
+            unless_changed(
+                lambda: custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    meta["namespace"],
+                    VOLUMEATTACHMENTS,
+                    meta["name"],
+                    {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch},
+                )
+            )
         return
-    unless_changed(lambda: custom.patch_namespaced_custom_object(
-        GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"],
-        {"metadata": {"labels": {NODE_LABEL: instance_node}, "resourceVersion": meta["resourceVersion"],
-                      "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER]}}))
+    unless_changed(
+        lambda: custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            VOLUMEATTACHMENTS,
+            meta["name"],
+            {
+                "metadata": {
+                    "labels": {NODE_LABEL: instance_node},
+                    "resourceVersion": meta["resourceVersion"],
+                    "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
+                }
+            },
+        )
+    )

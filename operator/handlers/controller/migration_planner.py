@@ -6,6 +6,7 @@ ComputeNodes fresh from the apiserver: a pass never acts on stale copies of what
 previous pass wrote, so it cannot start one migration twice or evacuate one instance twice.
 Events only ask for a pass.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +17,24 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.shared import (
-    COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS, cancelled, flavor_of,
-    is_final, node_label, now, post_event, remove_finalizer,
-)
-from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 from kubenova.handlers.controller.binding import request_of
+from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    MIGRATIONS,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
+    cancelled,
+    flavor_of,
+    is_final,
+    node_label,
+    now,
+    post_event,
+    remove_finalizer,
+)
 
 log = logging.getLogger(__name__)
 #: Keeps a running Migration until its agents have cleaned up, even when a user deletes it.
@@ -49,9 +62,13 @@ def _created(body: Mapping[str, Any]) -> str:
 class Planner:
     """One planning pass: release, schedule and evacuate."""
 
-    def __init__(self, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
-                 limits: MigrationLimits,
-                 capacity: Callable[[], tuple[Mapping[str, NodeView], Mapping[str, Usage]]]) -> None:
+    def __init__(
+        self,
+        custom: kubernetes.client.CustomObjectsApi,
+        core: kubernetes.client.CoreV1Api,
+        limits: MigrationLimits,
+        capacity: Callable[[], tuple[Mapping[str, NodeView], Mapping[str, Usage]]],
+    ) -> None:
         self.custom = custom
         self.core = core
         self.limits = limits
@@ -69,8 +86,12 @@ class Planner:
             elif _scheduled(body) and not is_final(status):
                 gone = sorted({status["sourceNode"], status["targetNode"]} - names)
                 if gone:  # no agent is left to take its turn, like pods of a removed Node
-                    self._end(body, "Failed", f"ComputeNode {', '.join(gone)} was removed during the migration; "
-                                              "check where the instance runs before moving it again")
+                    self._end(
+                        body,
+                        "Failed",
+                        f"ComputeNode {', '.join(gone)} was removed during the migration; "
+                        "check where the instance runs before moving it again",
+                    )
                     status["step"] = "Done"
                 else:
                     self._label(body)  # a pass that died between its two writes left them out
@@ -85,8 +106,9 @@ class Planner:
     def _status(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
         meta = body["metadata"]
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], MIGRATIONS,
-                                                              meta["name"], {"status": patch})
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"], {"status": patch}
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:
                 raise
@@ -109,12 +131,21 @@ class Planner:
         if meta.get("deletionTimestamp"):
             finalizers_patch = finalizers  # no new finalizers on an object being deleted
         else:
-            finalizers_patch = finalizers if MIGRATION_FINALIZER in finalizers else [*finalizers, MIGRATION_FINALIZER]
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"],
-                                                   {"metadata": {"labels": wanted, "finalizers": finalizers_patch}})
+            finalizers_patch = (
+                finalizers if MIGRATION_FINALIZER in finalizers else [*finalizers, MIGRATION_FINALIZER]
+            )
+        self.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            MIGRATIONS,
+            meta["name"],
+            {"metadata": {"labels": wanted, "finalizers": finalizers_patch}},
+        )
 
-    def _schedule(self, body: Mapping[str, Any], active: list[dict[str, Any]],
-                  uris: Mapping[str, str | None]) -> None:
+    def _schedule(
+        self, body: Mapping[str, Any], active: list[dict[str, Any]], uris: Mapping[str, str | None]
+    ) -> None:
         """Start one Pending migration if it can run now (it joins ``active``), or end it with the reason."""
         meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
         namespace, name = meta["namespace"], spec["instanceRef"]["name"]
@@ -122,12 +153,17 @@ class Planner:
             self._end(body, "Cancelled", "cancelled before it started; the instance did not move")
             return
         try:
-            instance = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name)
+            instance = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, VIRTUALINSTANCES, name
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:
                 raise
-            self._end(body, "Failed", f"spec.instanceRef: VirtualInstance {name!r} does not exist in namespace "
-                                      f"{namespace}")
+            self._end(
+                body,
+                "Failed",
+                f"spec.instanceRef: VirtualInstance {name!r} does not exist in namespace {namespace}",
+            )
             return
         try:
             source, target = self._choose(body, instance, active)
@@ -140,23 +176,33 @@ class Planner:
             return
         for node in (source, target):
             if not uris.get(node):
-                self._end(body, "Failed", f"ComputeNode {node} publishes no migrationURI; start its agent with "
-                                          "--migration-uri")
+                self._end(
+                    body,
+                    "Failed",
+                    f"ComputeNode {node} publishes no migrationURI; start its agent with --migration-uri",
+                )
                 return
         first = "PrepareTarget" if spec["type"] == "Live" else "PowerOffSource"
-        patch = {"phase": "Scheduling", "step": first, "sourceNode": source, "targetNode": target,
-                 "instanceUID": instance["metadata"]["uid"], "startTime": now(),
-                 "observedGeneration": meta.get("generation"),
-                 "handoff": {"sourceURI": uris[source], "targetURI": uris[target]},
-                 "message": f"moving from {source} to {target}"}
+        patch = {
+            "phase": "Scheduling",
+            "step": first,
+            "sourceNode": source,
+            "targetNode": target,
+            "instanceUID": instance["metadata"]["uid"],
+            "startTime": now(),
+            "observedGeneration": meta.get("generation"),
+            "handoff": {"sourceURI": uris[source], "targetURI": uris[target]},
+            "message": f"moving from {source} to {target}",
+        }
         self._status(body, patch)
         scheduled = {**body, "status": {**status, **patch}}
         self._label(scheduled)
         log.info("migration %s/%s: %s -> %s (%s)", namespace, meta["name"], source, target, spec["type"])
         active.append(scheduled)
 
-    def _choose(self, body: Mapping[str, Any], instance: Mapping[str, Any],
-                active: list[dict[str, Any]]) -> tuple[str, str]:
+    def _choose(
+        self, body: Mapping[str, Any], instance: Mapping[str, Any], active: list[dict[str, Any]]
+    ) -> tuple[str, str]:
         """(source, target), or Unschedulable (the Migration fails) or _Wait (it stays Pending)."""
         spec = body["spec"]
         imeta, ispec, istatus = instance["metadata"], instance.get("spec") or {}, instance.get("status") or {}
@@ -165,25 +211,39 @@ class Planner:
         if imeta.get("deletionTimestamp"):
             raise Unschedulable(f"VirtualInstance {name!r} is being deleted")
         if not source:
-            raise Unschedulable(f"VirtualInstance {name!r} is not placed on a node yet; there is nothing to move")
+            raise Unschedulable(
+                f"VirtualInstance {name!r} is not placed on a node yet; there is nothing to move"
+            )
         if ispec.get("nodeName"):
-            raise Unschedulable(f"VirtualInstance {name!r} is pinned to {source} by spec.nodeName (immutable); only "
-                                "instances the controller placed can move")
+            raise Unschedulable(
+                f"VirtualInstance {name!r} is pinned to {source} by spec.nodeName (immutable); only "
+                "instances the controller placed can move"
+            )
         for other in active:
             if other["status"].get("instanceUID") == imeta["uid"]:
-                raise Unschedulable(f"Migration {other['metadata']['name']!r} is already moving {name!r}; wait for "
-                                    "it to finish")
+                raise Unschedulable(
+                    f"Migration {other['metadata']['name']!r} is already moving {name!r}; wait for "
+                    "it to finish"
+                )
         power = istatus.get("powerState")
         if spec["type"] == "Live" and power not in ("Running", "Paused"):
-            raise Unschedulable(f"a Live migration needs a running instance and {name!r} is {power or 'not running'};"
-                                " use type: Cold")
-        attached = [va["metadata"]["name"] for va in self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, imeta["namespace"], VOLUMEATTACHMENTS)["items"]
-            if va["spec"]["instanceRef"]["name"] == name]
+            raise Unschedulable(
+                f"a Live migration needs a running instance and {name!r} is {power or 'not running'};"
+                " use type: Cold"
+            )
+        attached = [
+            va["metadata"]["name"]
+            for va in self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, imeta["namespace"], VOLUMEATTACHMENTS
+            )["items"]
+            if va["spec"]["instanceRef"]["name"] == name
+        ]
         if attached:
-            raise Unschedulable(f"VolumeAttachments {', '.join(sorted(attached))} are attached to {name!r}; moving "
-                                "attached volumes is not supported yet, delete them first and attach them again "
-                                "after the move")
+            raise Unschedulable(
+                f"VolumeAttachments {', '.join(sorted(attached))} are attached to {name!r}; moving "
+                "attached volumes is not supported yet, delete them first and attach them again "
+                "after the move"
+            )
         nodes, used = self.capacity()
         wanted = spec.get("targetNode")
         if wanted == source:
@@ -195,8 +255,14 @@ class Planner:
         if not candidates:
             raise Unschedulable(f"no other ComputeNode than {source} is registered")
         try:
-            target = choose_node(request, wanted, candidates, used,
-                                 datetime.datetime.now(datetime.timezone.utc), ispec.get("nodeSelector"))
+            target = choose_node(
+                request,
+                wanted,
+                candidates,
+                used,
+                datetime.datetime.now(datetime.UTC),
+                ispec.get("nodeSelector"),
+            )
         except Unschedulable as exc:
             raise Unschedulable(f"no target: {exc}") from exc
         busy: dict[str, int] = {}
@@ -207,7 +273,9 @@ class Planner:
             raise _Wait(f"waiting: {len(active)} migrations run in the cluster (limit {self.limits.cluster})")
         for node in (source, target):
             if busy.get(node, 0) >= self.limits.per_node:
-                raise _Wait(f"waiting: {busy[node]} migrations run on {node} (limit {self.limits.per_node} per node)")
+                raise _Wait(
+                    f"waiting: {busy[node]} migrations run on {node} (limit {self.limits.per_node} per node)"
+                )
         return source, target
 
     # --- maintenance ---------------------------------------------------------------------
@@ -218,56 +286,90 @@ class Planner:
         current = (node.get("status") or {}).get("maintenance") or {}
         if not wanted and not current:
             return
-        evacuations = sorted((b for b in migrations if (b["metadata"].get("labels") or {}).get(EVACUATION_LABEL)
-                              == name), key=_created)
+        evacuations = sorted(
+            (b for b in migrations if (b["metadata"].get("labels") or {}).get(EVACUATION_LABEL) == name),
+            key=_created,
+        )
         if not wanted:
             cancelled_now = 0
             for body in evacuations:
                 if not _scheduled(body) and not is_final(body.get("status") or {}) and not cancelled(body):
                     meta = body["metadata"]
-                    self.custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], MIGRATIONS,
-                                                               meta["name"], {"spec": {"cancel": True}})
+                    self.custom.patch_namespaced_custom_object(
+                        GROUP,
+                        VERSION,
+                        meta["namespace"],
+                        MIGRATIONS,
+                        meta["name"],
+                        {"spec": {"cancel": True}},
+                    )
                     cancelled_now += 1
             if current.get("state") == "Draining":
-                self._node_status(name, current, {
-                    **current, "state": "Stopped",
-                    "message": f"maintenance was turned off before the node was empty; {cancelled_now} migrations "
-                               "that had not started were cancelled, the running ones finish"})
+                self._node_status(
+                    name,
+                    current,
+                    {
+                        **current,
+                        "state": "Stopped",
+                        "message": "maintenance was turned off before the node was empty; "
+                        f"{cancelled_now} migrations that had not started were cancelled, "
+                        "the running ones finish",
+                    },
+                )
             elif current.get("state") == "Drained":
                 self._node_status(name, current, None)
             return
         since = current.get("startTime") if current.get("state") in ("Draining", "Drained") else now()
-        instances = self.custom.list_cluster_custom_object(GROUP, VERSION, VIRTUALINSTANCES,
-                                                           label_selector=f"{NODE_LABEL}={name}")["items"]
+        instances = self.custom.list_cluster_custom_object(
+            GROUP, VERSION, VIRTUALINSTANCES, label_selector=f"{NODE_LABEL}={name}"
+        )["items"]
         mine = [b for b in evacuations if _created(b) >= since]
         left = []
         for instance in instances:
             imeta = instance["metadata"]
             if imeta.get("deletionTimestamp"):
                 continue
-            tries = [b for b in mine if b["spec"]["instanceRef"]["name"] == imeta["name"]
-                     and b["metadata"]["namespace"] == imeta["namespace"]]
+            tries = [
+                b
+                for b in mine
+                if b["spec"]["instanceRef"]["name"] == imeta["name"]
+                and b["metadata"]["namespace"] == imeta["namespace"]
+            ]
             failed = [b for b in tries if b.get("status", {}).get("phase") == "Failed"]
             if failed:
-                left.append(f"{imeta['namespace']}/{imeta['name']} ({failed[-1]['status'].get('message', 'failed')})")
-            elif not any(not is_final(b.get("status") or {}) or (b.get("status") or {}).get("phase") == "Succeeded"
-                         for b in tries):
+                left.append(
+                    f"{imeta['namespace']}/{imeta['name']} ({failed[-1]['status'].get('message', 'failed')})"
+                )
+            elif not any(
+                not is_final(b.get("status") or {}) or (b.get("status") or {}).get("phase") == "Succeeded"
+                for b in tries
+            ):
                 mine.append(self._evacuate(name, instance))
-        migrations_status = [{"instance": f"{b['metadata']['namespace']}/{b['spec']['instanceRef']['name']}",
-                              "migration": b["metadata"]["name"],
-                              "phase": (b.get("status") or {}).get("phase", "Pending"),
-                              "percent": ((b.get("status") or {}).get("progress") or {}).get("percent", 0)}
-                             for b in mine]
+        migrations_status = [
+            {
+                "instance": f"{b['metadata']['namespace']}/{b['spec']['instanceRef']['name']}",
+                "migration": b["metadata"]["name"],
+                "phase": (b.get("status") or {}).get("phase", "Pending"),
+                "percent": ((b.get("status") or {}).get("progress") or {}).get("percent", 0),
+            }
+            for b in mine
+        ]
         remaining = [i for i in instances if not i["metadata"].get("deletionTimestamp")]
         # Drained once nothing is bound here and every move has ended (an instance is rebound just before
         # its Migration says Succeeded).
         settled = all(is_final(b.get("status") or {}) for b in mine)
         state = "Drained" if not remaining and settled else "Draining"
-        message = (f"no instance is left on {name}" if not remaining else
-                   f"{len(remaining)} instances are still on {name}"
-                   + (f"; these could not move: {'; '.join(left)}" if left else ""))
-        self._node_status(name, current, {"state": state, "startTime": since, "message": message,
-                                          "migrations": migrations_status})
+        message = (
+            f"no instance is left on {name}"
+            if not remaining
+            else f"{len(remaining)} instances are still on {name}"
+            + (f"; these could not move: {'; '.join(left)}" if left else "")
+        )
+        self._node_status(
+            name,
+            current,
+            {"state": state, "startTime": since, "message": message, "migrations": migrations_status},
+        )
 
     def _evacuate(self, node: str, instance: Mapping[str, Any]) -> dict[str, Any]:
         """Create the Migration that moves one instance off a node in maintenance (Live if it runs)."""
@@ -276,20 +378,34 @@ class Planner:
         spec: dict[str, Any] = {"instanceRef": {"name": imeta["name"]}, "type": "Live" if running else "Cold"}
         if not running:  # nobody is there to confirm a move made for maintenance
             spec["confirmation"] = {"policy": "Auto", "autoConfirmSeconds": 0}
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Migration",
-                "metadata": {"generateName": f"evacuate-{imeta['name'][:40]}-", "namespace": imeta["namespace"],
-                             "labels": {EVACUATION_LABEL: node}}, "spec": spec}
-        made: dict[str, Any] = self.custom.create_namespaced_custom_object(GROUP, VERSION, imeta["namespace"],
-                                                                           MIGRATIONS, body)
-        log.info("maintenance of %s: migration %s/%s for %s", node, imeta["namespace"], made["metadata"]["name"],
-                 imeta["name"])
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Migration",
+            "metadata": {
+                "generateName": f"evacuate-{imeta['name'][:40]}-",
+                "namespace": imeta["namespace"],
+                "labels": {EVACUATION_LABEL: node},
+            },
+            "spec": spec,
+        }
+        made: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, imeta["namespace"], MIGRATIONS, body
+        )
+        log.info(
+            "maintenance of %s: migration %s/%s for %s",
+            node,
+            imeta["namespace"],
+            made["metadata"]["name"],
+            imeta["name"],
+        )
         return made
 
     def _node_status(self, name: str, current: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> None:
         if dict(current) == (dict(wanted) if wanted else {}):
             return
-        self.custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, name,
-                                                       {"status": {"maintenance": wanted}})
+        self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, COMPUTENODES, name, {"status": {"maintenance": wanted}}
+        )
 
 
 class _Wait(Exception):

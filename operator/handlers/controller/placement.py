@@ -1,4 +1,5 @@
 """Placement: which ComputeNode an instance goes to. Pure functions, so they are unit-tested alone."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,10 @@ class Usage:
     memory_mib: int = 0
     disk_gib: int = 0
 
-    def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.vcpus + other.vcpus, self.memory_mib + other.memory_mib, self.disk_gib + other.disk_gib)
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.vcpus + other.vcpus, self.memory_mib + other.memory_mib, self.disk_gib + other.disk_gib
+        )
 
 
 class Unschedulable(Exception):
@@ -48,19 +51,33 @@ class Unschedulable(Exception):
 
 
 def _short(request: Usage, have: Usage) -> list[str]:
-    return [what for what, want, got in (("vCPUs", request.vcpus, have.vcpus),
-                                         ("memory", request.memory_mib, have.memory_mib),
-                                         ("disk", request.disk_gib, have.disk_gib)) if want > got]
+    return [
+        what
+        for what, want, got in (
+            ("vCPUs", request.vcpus, have.vcpus),
+            ("memory", request.memory_mib, have.memory_mib),
+            ("disk", request.disk_gib, have.disk_gib),
+        )
+        if want > got
+    ]
 
 
 def _figures(request: Usage, have: Usage, what: str) -> str:
-    return (f"{have.vcpus} vCPUs {what}, {request.vcpus} requested; {have.memory_mib} MiB {what}, "
-            f"{request.memory_mib} MiB requested; {have.disk_gib} GiB of disk {what}, {request.disk_gib} GiB requested")
+    return (
+        f"{have.vcpus} vCPUs {what}, {request.vcpus} requested; {have.memory_mib} MiB {what}, "
+        f"{request.memory_mib} MiB requested; {have.disk_gib} GiB of disk {what}, "
+        f"{request.disk_gib} GiB requested"
+    )
 
 
-def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView],
-                used: Mapping[str, Usage], now: datetime.datetime,
-                selector: Mapping[str, str] | None = None) -> str:
+def choose_node(
+    request: Usage,
+    pinned: str | None,
+    nodes: Mapping[str, NodeView],
+    used: Mapping[str, Usage],
+    now: datetime.datetime,
+    selector: Mapping[str, str] | None = None,
+) -> str:
     """The fitting node with the most free memory (spreads instances); raises Unschedulable."""
     if not nodes:
         raise Unschedulable("no ComputeNode is registered; start a kubenova agent on a node")
@@ -79,13 +96,15 @@ def choose_node(request: Usage, pinned: str | None, nodes: Mapping[str, NodeView
         if best is None or free_memory > best[0]:
             best = (free_memory, node.name)
     if best is None:
-        raise Unschedulable("no ComputeNode fits: " + "; ".join(reasons),
-                            "no ComputeNode fits: " + "; ".join(details))
+        raise Unschedulable(
+            "no ComputeNode fits: " + "; ".join(reasons), "no ComputeNode fits: " + "; ".join(details)
+        )
     return best[1]
 
 
-def _misfit(node: NodeView, request: Usage, taken: Usage, now: datetime.datetime,
-            selector: Mapping[str, str] | None) -> tuple[str, str]:
+def _misfit(
+    node: NodeView, request: Usage, taken: Usage, now: datetime.datetime, selector: Mapping[str, str] | None
+) -> tuple[str, str]:
     """Why ``node`` cannot take the request ("" when it can), and the same with the figures."""
     if not node.enabled:
         return "disabled", ""
@@ -96,14 +115,22 @@ def _misfit(node: NodeView, request: Usage, taken: Usage, now: datetime.datetime
         return f"labels do not match spec.nodeSelector ({', '.join(mismatch)})", ""
     if node.heartbeat is None or now - node.heartbeat > HEARTBEAT_GRACE:
         return "agent not reporting", ""
-    capacity = Usage(int(node.vcpus * CPU_ALLOCATION_RATIO), int(node.memory_mib * RAM_ALLOCATION_RATIO),
-                     int(node.disk_gib * DISK_ALLOCATION_RATIO))
+    capacity = Usage(
+        int(node.vcpus * CPU_ALLOCATION_RATIO),
+        int(node.memory_mib * RAM_ALLOCATION_RATIO),
+        int(node.disk_gib * DISK_ALLOCATION_RATIO),
+    )
     too_big = _short(request, capacity)
     if too_big:  # however much is freed, it never fits here
-        return (f"asks for more {' and '.join(too_big)} than the node has in all",
-                _figures(request, capacity, "in all"))
-    free = Usage(capacity.vcpus - taken.vcpus, capacity.memory_mib - taken.memory_mib,
-                 capacity.disk_gib - taken.disk_gib)
+        return (
+            f"asks for more {' and '.join(too_big)} than the node has in all",
+            _figures(request, capacity, "in all"),
+        )
+    free = Usage(
+        capacity.vcpus - taken.vcpus,
+        capacity.memory_mib - taken.memory_mib,
+        capacity.disk_gib - taken.disk_gib,
+    )
     short = _short(request, free)
     if short:
         return f"not enough free {' and '.join(short)}", _figures(request, free, "free")
