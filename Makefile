@@ -2,7 +2,7 @@
 VENV := .venv
 KUBENOVA := $(VENV)/bin/kubenova
 
-.PHONY: deps demo test test-long test-cluster bench down image kind-up
+.PHONY: deps demo test test-long test-cluster lint bench down image kind-up
 deps:  ## Debian packages, the Python venv (the Go tools are built on first use)
 	bash hack/install-deps.sh
 
@@ -20,6 +20,12 @@ test-cluster:  ## cluster mode end to end: helm install of kubenova's image on a
 	bash hack/install-deps.sh --cluster
 	$(KUBENOVA) dev down
 	$(VENV)/bin/python -m pytest -m cluster tests/cluster
+
+lint: deps  ## ruff (lint and format), the import contracts, mypy strict over the driver
+	$(VENV)/bin/ruff check operator tests bench hack
+	$(VENV)/bin/ruff format --check operator tests bench hack
+	$(VENV)/bin/lint-imports
+	MYPYPATH=hack/mypy-path $(VENV)/bin/mypy --strict -p kubenova.driver
 
 bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)
 	$(VENV)/bin/python -m bench

@@ -29,6 +29,6 @@ if [ ! -x "$venv/bin/python" ] || [ "$top/constraints.txt" -nt "$venv/.installed
   echo "creating the Python venv in $venv" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >&2
-  "$venv/bin/pip" install -q -c "$top/constraints.txt" -e "$top[test]" >&2
+  "$venv/bin/pip" install -q -c "$top/constraints.txt" -e "$top[test,lint]" >&2
   touch "$venv/.installed"
 fi

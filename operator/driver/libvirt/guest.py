@@ -62,5 +62,5 @@ class Guest:
 
     def device_flags(self) -> int:
         """Change the persistent definition, and the running guest too when it runs."""
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        flags: int = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         return flags | libvirt.VIR_DOMAIN_AFFECT_LIVE if self.active else flags

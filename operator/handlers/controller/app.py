@@ -123,77 +123,87 @@ def _every(interval: float, work: Callable[[], None]) -> None:
     threading.Thread(target=loop, daemon=True, name="resync").start()
 
 
-def register(
-    registry: kopf.OperatorRegistry,
-    client: kubernetes.client.ApiClient,
-    limits: MigrationLimits | None = None,
-) -> None:
-    limits = limits or MigrationLimits()
-    api = kubernetes.client.CustomObjectsApi(client)
-    reservations = Reservations()
+class Controller:
+    """Everything the active controller knows and decides: the indexes as kopf last handed them over, the
+    reservations of its recent binds, and the two passes (pending instances, migrations) that events ask for.
 
-    @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.posting.level = logging.WARNING
-        settings.batching.batch_window = 0.02
-        talk_to_the_apiserver(settings)
+    The passes run one at a time in threads of their own: events only ask for a pass. Doing the pass
+    inside each event handler let a few hundred pending instances make every Lease event take seconds,
+    and the Lease index fell so far behind that live nodes looked dead.
+    """
 
-    @kopf.index(*CN, registry=registry, id="node_views")
-    def node_views(
+    def __init__(
+        self,
+        api: kubernetes.client.CustomObjectsApi,
+        core: kubernetes.client.CoreV1Api,
+        limits: MigrationLimits,
+    ) -> None:
+        self.api = api
+        self.reservations = Reservations()
+        self.indexes: dict[str, kopf.Index[Any, Any]] = {}
+        self._renewals: dict[str, Any] = {}
+        self.retry = _loop("retry-pending", self._retry_pending)
+        _every(PENDING_RESYNC, self.retry)  # the safety net under the event-driven passes, like a resync
+        self.plan = _loop("migrations", Planner(api, core, limits, self._capacity).run)
+        _every(
+            PENDING_RESYNC, self.plan
+        )  # a pass that failed (apiserver away) is not lost until the next event
+
+    # --- indexes (kopf keeps them; these say what goes in) ---------------------------------------
+
+    @staticmethod
+    def node_view_entry(
         name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status, **_: Any
     ) -> dict[str, Any]:
         return {name: (dict(labels), dict(spec), dict(status))}
 
-    @kopf.index(
-        "coordination.k8s.io",
-        "v1",
-        "leases",
-        registry=registry,
-        id="node_leases",
-        labels={NODE_LABEL: kopf.PRESENT},
-    )
-    def node_leases(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
+    @staticmethod
+    def lease_entry(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
         return {labels[NODE_LABEL]: binding.parse_time(spec.get("renewTime"))}
 
-    @kopf.index(*VI, registry=registry, id="node_usage")
-    def node_usage(
+    @staticmethod
+    def usage_entry(
         uid: str, labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any
     ) -> dict[str, Any] | None:
         node = labels.get(NODE_LABEL)  # a resize's flavor counts once it is in status
         return {node: (uid, binding.request_of({**spec, "flavor": flavor_of(body)}))} if node else None
 
-    @kopf.index(*VI, registry=registry, id="instance_nodes")
-    def instance_nodes(
-        namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, **_: Any
-    ) -> dict[tuple[str, str], str | None]:
+    @staticmethod
+    def node_of_instance_entry(
+        namespace: str | None, name: str, labels: kopf.Labels, meta: kopf.Meta, **_: Any
+    ) -> dict[tuple[str | None, str], str | None]:
         return {(namespace, name): None if meta.get("deletionTimestamp") else labels.get(NODE_LABEL)}
 
-    @kopf.index(*VI, registry=registry, id="unbound", labels={NODE_LABEL: kopf.ABSENT})
-    def unbound(body: kopf.Body, **_: Any) -> dict[str, Any]:
+    @staticmethod
+    def unbound_entry(body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {"pending": dict(body)}
 
-    @kopf.index(*VA, registry=registry, id="unbound_volumes", labels={NODE_LABEL: kopf.ABSENT})
-    def unbound_volumes(namespace: str, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    @staticmethod
+    def unbound_volume_entry(
+        namespace: str | None, spec: kopf.Spec, body: kopf.Body, **_: Any
+    ) -> dict[Any, Any]:
         return {(namespace, spec["instanceRef"]["name"]): dict(body)}
 
-    def instance_node(index: kopf.Index[Any, Any], namespace: str, name: str) -> str | None:
-        return next(iter(index.get((namespace, name), [None])), None)
+    def _keep(self, **found: Any) -> None:
+        """Remember the newest indexes kopf handed over, for the passes that run outside its handlers."""
+        self.indexes.update({k: v for k, v in found.items() if k in INDEXES})
 
-    def place(
-        body: kopf.Body,
-        node_views: kopf.Index[str, Any],
-        node_leases: kopf.Index[str, Any],
-        node_usage: kopf.Index[str, Any],
-    ) -> None:
+    # --- instances -------------------------------------------------------------------------------
+
+    def _place(self, body: kopf.Body | dict[str, Any]) -> None:
         if body["metadata"].get("deletionTimestamp"):
             return
+        indexes = self.indexes
         try:
-            with reservations.lock:
+            with self.reservations.lock:
                 node = binding.place(
-                    api, body, _nodes(node_views, node_leases), reservations.totals(node_usage)
+                    self.api,
+                    body,
+                    _nodes(indexes["node_views"], indexes["node_leases"]),
+                    self.reservations.totals(indexes["node_usage"]),
                 )
                 if node:
-                    reservations.add(
+                    self.reservations.add(
                         body["metadata"]["uid"], node, binding.request_of(body.get("spec") or {})
                     )
         except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
@@ -204,41 +214,72 @@ def register(
                 exc,
                 PLACEMENT_RETRY,
             )
-            threading.Timer(PLACEMENT_RETRY, lambda: retry()).start()
+            threading.Timer(PLACEMENT_RETRY, self.retry).start()
 
-    @kopf.on.event(*VI, registry=registry)
-    def release_deleted(type: str | None, uid: str, **_: Any) -> None:
-        # kopf may fold "bound" and "deleted" into one event, so the usage index never counts the
-        # instance and its reservation would hold the capacity for a minute.
-        if type == "DELETED":
-            reservations.release(uid)
+    def _retry_pending(self) -> None:
+        if "unbound" not in self.indexes:
+            return  # no node has been seen yet: nothing can be placed
+        for body in list(self.indexes["unbound"].get("pending", [])):
+            self._place(body)
 
-    @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
-    def place_instance(
-        body: kopf.Body,
-        type: str | None,
-        node_views: kopf.Index[str, Any],
-        node_leases: kopf.Index[str, Any],
-        node_usage: kopf.Index[str, Any],
-        **_: Any,
+    def instance_changed(
+        self, type: str | None, uid: str, body: kopf.Body, labels: kopf.Labels, **found: Any
     ) -> None:
-        if type != "DELETED":
-            place(body, node_views, node_leases, node_usage)
+        """Place an unbound instance; forget the reservation of a deleted one at once.
 
-    @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
-    @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
+        kopf may fold "bound" and "deleted" into one event, so the usage index never counts such an
+        instance, and its reservation would hold the capacity for a minute.
+        """
+        self._keep(**found)
+        if type == "DELETED":
+            self.reservations.release(uid)
+        elif NODE_LABEL not in labels:
+            self._place(body)
+
+    def instance_bound(
+        self,
+        type: str | None,
+        namespace: str | None,
+        name: str,
+        labels: kopf.Labels,
+        **indexes: Any,
+    ) -> None:
+        """An instance got its node: attachments that waited for it follow it there."""
+        if type == "DELETED":
+            return
+        for body in list(indexes["unbound_volumes"].get((namespace, name), [])):
+            if not body["metadata"].get("deletionTimestamp"):
+                binding.bind_volume(self.api, body, labels[NODE_LABEL])
+
+    # --- attachments -----------------------------------------------------------------------------
+
+    def volume_unbound(
+        self,
+        type: str | None,
+        namespace: str | None,
+        spec: kopf.Spec,
+        body: kopf.Body,
+        **indexes: Any,
+    ) -> None:
+        if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+            return
+        node = next(
+            iter(indexes["instance_nodes"].get((namespace, spec["instanceRef"]["name"]), [None])), None
+        )
+        binding.bind_volume(self.api, body, node)
+
     def release_from_removed_node(
+        self,
         body: kopf.Body,
         labels: kopf.Labels,
         resource: kopf.Resource,
-        node_views: kopf.Index[str, Any],
-        **_: Any,
+        **indexes: Any,
     ) -> None:
         """A deleted object whose ComputeNode no longer exists has no agent to let it go: the controller does.
 
         Like the pod garbage collection of removed Nodes; nothing on a host is touched.
         """
-        if body["metadata"].get("deletionTimestamp") and labels[NODE_LABEL] not in node_views:
+        if body["metadata"].get("deletionTimestamp") and labels[NODE_LABEL] not in indexes["node_views"]:
             log.info(
                 "releasing %s %s/%s: its node %s was removed",
                 resource.kind,
@@ -246,122 +287,95 @@ def register(
                 body["metadata"]["name"],
                 labels[NODE_LABEL],
             )
-            remove_finalizer(api, body, resource.plural)
+            remove_finalizer(self.api, body, resource.plural)
 
-    @kopf.on.event(*VI, registry=registry, labels={NODE_LABEL: kopf.PRESENT})
-    def bind_waiting_volumes(
-        namespace: str,
-        name: str,
-        labels: kopf.Labels,
-        type: str | None,
-        unbound_volumes: kopf.Index[Any, Any],
-        **_: Any,
-    ) -> None:
-        """An instance got its node: attachments that waited for it follow it there."""
-        if type == "DELETED":
-            return
-        for body in list(unbound_volumes.get((namespace, name), [])):
-            if not body["metadata"].get("deletionTimestamp"):
-                binding.bind_volume(api, body, labels[NODE_LABEL])
+    # --- nodes and migrations --------------------------------------------------------------------
 
-    @kopf.on.event(*VA, registry=registry, labels={NODE_LABEL: kopf.ABSENT})
-    def bind_volume(
-        namespace: str,
-        spec: kopf.Spec,
-        body: kopf.Body,
-        type: str | None,
-        instance_nodes: kopf.Index[Any, Any],
-        **_: Any,
-    ) -> None:
-        if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
-            return
-        binding.bind_volume(api, body, instance_node(instance_nodes, namespace, spec["instanceRef"]["name"]))
-
-    @kopf.on.event(*CN, registry=registry)
-    def release_objects_of_removed_node(name: str, type: str | None, **_: Any) -> None:
+    def node_changed(self, type: str | None, name: str, **found: Any) -> None:
+        """A node appeared or changed (capacity, switches, maintenance): instances waiting for room get
+        another chance, and the planner another look; a removed node's deleted objects are let go."""
+        self._keep(**found)
+        self.plan()
         if type != "DELETED":
+            self.retry()
             return
         for plural in (VIRTUALINSTANCES, VOLUMEATTACHMENTS):
-            for body in api.list_cluster_custom_object(
+            listed = self.api.list_cluster_custom_object(
                 GROUP, VERSION, plural, label_selector=f"{NODE_LABEL}={name}"
-            )["items"]:
+            )
+            for body in listed["items"]:
                 if body["metadata"].get("deletionTimestamp"):
-                    remove_finalizer(api, body, plural)
+                    remove_finalizer(self.api, body, plural)
 
-    # Retrying the pending instances is one pass at a time in a thread of its own: events only ask
-    # for a pass. Doing the pass inside each event handler let a few hundred pending instances make
-    # every Lease event take seconds, and the Lease index fell so far behind that live nodes looked dead.
-    indexes: dict[str, kopf.Index[Any, Any]] = {}
-    renewals: dict[str, Any] = {}
-
-    def retry_pending() -> None:
-        if "unbound" not in indexes:
-            return  # no node has been seen yet: nothing can be placed
-        for body in list(indexes["unbound"].get("pending", [])):
-            place(body, indexes["node_views"], indexes["node_leases"], indexes["node_usage"])
-
-    retry = _loop("retry-pending", retry_pending)
-    _every(PENDING_RESYNC, retry)  # the safety net under the event-driven passes, like an informer's resync
-
-    def ask_for_retry(**found: kopf.Index[Any, Any]) -> None:
-        indexes.update(found)
-        retry()
-
-    def capacity() -> tuple[dict[str, NodeView], dict[str, Usage]]:
-        with reservations.lock:
-            return _nodes(indexes["node_views"], indexes["node_leases"]), reservations.totals(
-                indexes["node_usage"]
-            )
-
-    plan = _loop("migrations", Planner(api, kubernetes.client.CoreV1Api(client), limits, capacity).run)
-    _every(PENDING_RESYNC, plan)  # a pass that failed (apiserver away) is not lost until the next event
-
-    @kopf.on.event(*MIG, registry=registry)
-    @kopf.on.event(*CN, registry=registry)
-    def migrations_changed(
-        node_views: kopf.Index[str, Any],
-        node_leases: kopf.Index[str, Any],
-        node_usage: kopf.Index[str, Any],
-        **_: Any,
-    ) -> None:
-        """A Migration or a node (maintenance) changed: the planner takes another look at all of them."""
-        indexes.update(node_views=node_views, node_leases=node_leases, node_usage=node_usage)
-        plan()
-
-    @kopf.on.event(*CN, registry=registry)
-    def node_changed(
-        type: str | None,
-        node_views: kopf.Index[str, Any],
-        node_leases: kopf.Index[str, Any],
-        node_usage: kopf.Index[str, Any],
-        unbound: kopf.Index[str, Any],
-        **_: Any,
-    ) -> None:
-        """A node appeared or changed (capacity, switches): instances waiting for room get another chance."""
-        if type != "DELETED":
-            ask_for_retry(
-                node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound
-            )
-
-    @kopf.on.event(
-        "coordination.k8s.io", "v1", "leases", registry=registry, labels={NODE_LABEL: kopf.PRESENT}
-    )
-    def node_came_back(
-        labels: kopf.Labels,
-        spec: kopf.Spec,
-        node_views: kopf.Index[str, Any],
-        node_leases: kopf.Index[str, Any],
-        node_usage: kopf.Index[str, Any],
-        unbound: kopf.Index[str, Any],
-        **_: Any,
-    ) -> None:
+    def lease_renewed(self, labels: kopf.Labels, spec: kopf.Spec, **found: Any) -> None:
         """Most renewals change nothing; only a node whose agent had stopped reporting is news."""
+        self._keep(**found)
         node, renewed = labels[NODE_LABEL], binding.parse_time(spec.get("renewTime"))
-        previous, renewals[node] = renewals.get(node), renewed
+        previous, self._renewals[node] = self._renewals.get(node), renewed
         if renewed and (previous is None or renewed - previous > HEARTBEAT_GRACE):
-            ask_for_retry(
-                node_views=node_views, node_leases=node_leases, node_usage=node_usage, unbound=unbound
+            self.retry()
+
+    def migration_changed(self, **found: Any) -> None:
+        """A Migration changed: the planner takes another look at all of them."""
+        self._keep(**found)
+        self.plan()
+
+    def _capacity(self) -> tuple[dict[str, NodeView], dict[str, Usage]]:
+        with self.reservations.lock:
+            return (
+                _nodes(self.indexes["node_views"], self.indexes["node_leases"]),
+                self.reservations.totals(self.indexes["node_usage"]),
             )
+
+
+#: The indexes the passes read outside kopf's handlers.
+INDEXES = ("node_views", "node_leases", "node_usage", "unbound")
+
+
+def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.level = logging.WARNING
+    settings.batching.batch_window = 0.02
+    talk_to_the_apiserver(settings)
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    client: kubernetes.client.ApiClient,
+    limits: MigrationLimits | None = None,
+) -> Controller:
+    """Wire kopf's handlers to one Controller: each decorated function is one call into it."""
+    c = Controller(
+        kubernetes.client.CustomObjectsApi(client),
+        kubernetes.client.CoreV1Api(client),
+        limits or MigrationLimits(),
+    )
+    lease = ("coordination.k8s.io", "v1", "leases")
+    kopf.on.startup(registry=registry)(_startup)
+    kopf.index(*CN, registry=registry, id="node_views")(c.node_view_entry)
+    kopf.index(*lease, registry=registry, id="node_leases", labels={NODE_LABEL: kopf.PRESENT})(c.lease_entry)
+    kopf.index(*VI, registry=registry, id="node_usage")(c.usage_entry)
+    kopf.index(*VI, registry=registry, id="instance_nodes")(c.node_of_instance_entry)
+    kopf.index(*VI, registry=registry, id="unbound", labels={NODE_LABEL: kopf.ABSENT})(c.unbound_entry)
+    kopf.index(*VA, registry=registry, id="unbound_volumes", labels={NODE_LABEL: kopf.ABSENT})(
+        c.unbound_volume_entry
+    )
+    kopf.on.event(*VI, registry=registry, id="instance_changed")(c.instance_changed)
+    kopf.on.event(*VI, registry=registry, id="instance_bound", labels={NODE_LABEL: kopf.PRESENT})(
+        c.instance_bound
+    )
+    kopf.on.event(*VA, registry=registry, id="volume_unbound", labels={NODE_LABEL: kopf.ABSENT})(
+        c.volume_unbound
+    )
+    for kind in (VI, VA):
+        kopf.on.event(
+            *kind, registry=registry, id="release_from_removed_node", labels={NODE_LABEL: kopf.PRESENT}
+        )(c.release_from_removed_node)
+    kopf.on.event(*CN, registry=registry, id="node_changed")(c.node_changed)
+    kopf.on.event(*lease, registry=registry, id="lease_renewed", labels={NODE_LABEL: kopf.PRESENT})(
+        c.lease_renewed
+    )
+    kopf.on.event(*MIG, registry=registry, id="migration_changed")(c.migration_changed)
+    return c
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
