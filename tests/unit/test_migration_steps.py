@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kubenova.handlers.agent.migration_steps import MigrationAgent, owner
+from kubenova.handlers.agent.migration_steps import holds, owner
 
 
 def body(kind: str, step: str | None, **spec: Any) -> dict[str, Any]:
@@ -40,14 +40,7 @@ def test_each_step_has_exactly_one_owner(
     assert owner(body(kind, step, **spec)) == expected
 
 
-class _Instances:
-    node = "node-1"
-    driver = custom = core = None
-    max_backoff = 300.0
-
-
-def agent_with(*migrations: dict[str, Any]) -> MigrationAgent:
-    agent = MigrationAgent(_Instances())  # type: ignore[arg-type]
+def migrations_of(*migrations: dict[str, Any]) -> list[dict[str, Any]]:
     for index, item in enumerate(migrations):
         item["metadata"] = {
             "name": f"m{index}",
@@ -56,8 +49,7 @@ def agent_with(*migrations: dict[str, Any]) -> MigrationAgent:
             "creationTimestamp": f"2026-01-01T00:00:0{index}Z",
             "resourceVersion": str(index),
         }
-        agent.seen("ADDED", item)
-    return agent
+    return list(migrations)
 
 
 def moved(step: str, phase: str, source: str = "node-1", kind: str = "Live") -> dict[str, Any]:
@@ -74,13 +66,16 @@ def moved(step: str, phase: str, source: str = "node-1", kind: str = "Live") -> 
 
 
 def test_an_instance_is_held_while_a_step_runs_but_not_while_awaiting_confirmation() -> None:
-    assert agent_with(moved("Transfer", "Migrating")).holds("vm") == "active"
-    assert agent_with(moved("AwaitConfirmation", "AwaitingConfirmation", kind="Cold")).holds("vm") is None
-    assert agent_with(moved("Transfer", "Migrating")).holds("other-vm") is None
+    assert holds(migrations_of(moved("Transfer", "Migrating")), "vm", "node-1") == "active"
+    assert (
+        holds(migrations_of(moved("AwaitConfirmation", "AwaitingConfirmation", kind="Cold")), "vm", "node-1")
+        is None
+    )
+    assert holds(migrations_of(moved("Transfer", "Migrating")), "other-vm", "node-1") is None
 
 
 def test_the_newest_migration_decides_once_all_are_done() -> None:
-    assert agent_with(moved("Done", "Succeeded")).holds("vm") == "moved"  # it left this node
-    assert agent_with(moved("Done", "Failed")).holds("vm") is None
+    assert holds(migrations_of(moved("Done", "Succeeded")), "vm", "node-1") == "moved"  # it left this node
+    assert holds(migrations_of(moved("Done", "Failed")), "vm", "node-1") is None
     back = moved("Done", "Succeeded", source="node-2")  # and came back later
-    assert agent_with(moved("Done", "Succeeded"), back).holds("vm") is None
+    assert holds(migrations_of(moved("Done", "Succeeded"), back), "vm", "node-1") is None

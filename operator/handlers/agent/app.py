@@ -1,9 +1,8 @@
 """The node agent: one per node; calls only the driver contract and writes status.
 
-Everything the agent does goes through a handful of kopf event handlers (no change
-handlers, timers or daemons, which would add kopf's finalizer and bookkeeping annotations
-to users' objects) and one asyncio queue fed by libvirt lifecycle events, retries and the
-periodic resync. Blocking driver calls always run in worker threads.
+kopf delivers the watch events of this node's objects (only event handlers: change handlers, timers
+or daemons would add kopf's finalizer and bookkeeping annotations to users' objects); everything
+else goes through one work queue (workqueue.py) drained by a fixed pool of threads.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -20,10 +19,13 @@ import kubernetes
 from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import diagnostics
+from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
 from kubenova.handlers.agent.migration_steps import MigrationAgent
 from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.volumes import VolumeAgent
+from kubenova.handlers.agent.workqueue import WorkQueue
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -38,10 +40,10 @@ from kubenova.handlers.shared import (
 
 log = logging.getLogger(__name__)
 AGENT_PREFIX = f"agent.{GROUP}"
-#: Threads for kopf's handlers (spawns run there): how many domains the agent starts at once.
-EXECUTOR_WORKERS = 8
-#: Tasks draining the agent's own queue (lifecycle events, retries, resyncs).
-WORKERS = 4
+#: Threads for kopf's handlers: they only record a body and add a key, so a few are plenty.
+EXECUTOR_WORKERS = 2
+#: Threads draining the work queue: how many objects the agent works on at once (spawns included).
+WORKERS = 8
 #: While libvirt is unreachable, how often the agent tries to reconnect (and says so on its ComputeNode).
 RECONNECT_INTERVAL = 2.0
 
@@ -86,175 +88,187 @@ async def _every(interval: float, work: Callable[[], None], what: str) -> None:
             log.warning("%s failed: %s", what, exc)
 
 
+class Agent:
+    """One node's agent: the caches its watches fill, the work queue, the reconcilers and the node reporter.
+
+    kopf's event handlers only record the newest body and add the object's key to the queue; libvirt's
+    lifecycle events, retries and the resync add keys too. A fixed pool of worker threads drains the
+    queue, so no reconcile runs on kopf's threads and no object is worked on twice at once.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        driver: ComputeDriver,
+        images: ImageStore,
+        client: kubernetes.client.ApiClient,
+    ) -> None:
+        self.config = config
+        self.driver = driver
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.queue = WorkQueue(WORKERS, config.settings.max_backoff)
+        self.instance_cache = ObjectCache(self.queue, "instance")
+        self.volume_cache = ObjectCache(self.queue, "volume")
+        self.migration_cache = ObjectCache(self.queue, "migration")
+        self.events = EventPoster(kubernetes.client.CoreV1Api(client), config.node)
+        self.instances = InstanceAgent(
+            config.node,
+            driver,
+            images,
+            self.custom,
+            self.events,
+            self.instance_cache,
+            self.volume_cache,
+            self.migration_cache,
+            config.settings,
+        )
+        self.volumes = VolumeAgent(self.instances, self.volume_cache)
+        self.migrations = MigrationAgent(self.instances, self.migration_cache)
+        self.reporter = NodeReporter(
+            config.node,
+            driver,
+            self.custom,
+            kubernetes.client.CoordinationV1Api(client),
+            config.host_ip,
+            lambda: set(self.instance_cache.objects),
+            self.events.warn,
+            config.migration_uri,
+        )
+        self.metrics = diagnostics.Metrics()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Know this node's migrations, reach libvirt, register the node, then drain the queue."""
+        driver, reporter, config = self.driver, self.reporter, self.config
+        # libvirt's event thread only hands the UUID over; a worker reads the state.
+        driver.add_lifecycle_listener(lambda uid, *_: self.queue.add(("observe", uid)))
+        driver.add_connection_listener(lambda up: self.queue.add(("hypervisor", str(up))))
+        await asyncio.to_thread(self._know_migrations)
+        await asyncio.to_thread(driver.init_host, config.node)
+        await asyncio.to_thread(reporter.register)
+        await asyncio.to_thread(reporter.renew)
+        await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
+        self.metrics.serve(config.metrics_address)
+        self.queue.start(
+            {
+                "instance": self.instances.handle,
+                "observe": self.instances.observe,
+                "volume": self.volumes.handle,
+                "migration": self.migrations.handle,
+                "hypervisor": self._hypervisor,
+            }
+        )
+        jobs = [
+            _every(RENEW_INTERVAL, reporter.renew, "lease renewal"),
+            _every(REPORT_INTERVAL, reporter.report, "host report"),
+            _every(config.resync_interval, self._resync, "resync"),
+            _every(
+                config.diagnostics_interval,
+                lambda: diagnostics.collect(self.instances, self.metrics),
+                "diagnostics",
+            ),
+        ]
+        self._tasks.extend(asyncio.create_task(job) for job in jobs)
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.queue.stop()
+
+    def _know_migrations(self) -> None:
+        """This node's migrations, known before the first instance event: an instance whose domain
+        left for the target would otherwise look like a guest that vanished, and be started again."""
+        listed = self.custom.list_cluster_custom_object(
+            GROUP, VERSION, MIGRATIONS, label_selector=node_label(self.config.node)
+        )
+        for item in listed["items"]:
+            self.migration_cache.seen("ADDED", item)
+
+    def _hypervisor(self, up: str) -> None:
+        """Say at once on the ComputeNode whether libvirt is reachable; while it is not, keep trying.
+
+        The report reconnects when libvirtd is back; the connection listener then adds "True" here,
+        and every instance is looked at again, since its lifecycle events were lost meanwhile.
+        """
+        try:
+            self.reporter.report()
+        except Exception as exc:  # the apiserver may be away too; the condition is written next time
+            log.warning("cannot write the hypervisor's state on the ComputeNode: %s", exc)
+        if not self.reporter.connected:
+            self.queue.add_after(("hypervisor", "False"), RECONNECT_INTERVAL)
+        elif up == "True":
+            for uid in list(self.instance_cache.objects):
+                self.instance_cache.look(uid)
+
+    def _resync(self) -> None:
+        """Drop what left this node while a watch was broken (a re-list never says so), then look at all."""
+        node = self.config.node
+        try:
+            for cache, plural, selector in (
+                (self.instance_cache, VIRTUALINSTANCES, f"{NODE_LABEL}={node}"),
+                (self.volume_cache, VOLUMEATTACHMENTS, f"{NODE_LABEL}={node}"),
+                (self.migration_cache, MIGRATIONS, node_label(node)),
+            ):
+                listed = self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, plural, label_selector=selector
+                )
+                cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
+        except Exception as exc:  # the apiserver is away: the instances are still looked at below
+            log.warning("re-listing this node's objects failed: %s", exc)
+        for uid in list(self.instance_cache.objects):
+            self.instance_cache.look(uid)
+        for uid in list(self.migration_cache.objects):
+            self.migration_cache.look(uid)
+        self.instances.poll()
+
+    # --- kopf's event handlers: record the newest body, then ask for work --------------------------
+
+    def instance_event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
+        self.metrics.watch_events.labels(VIRTUALINSTANCES).inc()
+        uid = self.instance_cache.seen(type, body)
+        if type != "DELETED":
+            self.instance_cache.look(uid)
+
+    def volume_event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
+        self.metrics.watch_events.labels(VOLUMEATTACHMENTS).inc()
+        uid = self.volume_cache.seen(type, body)
+        if type != "DELETED":
+            self.volume_cache.look(uid)
+
+    def migration_event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
+        """A cancel is acted on at once (a transfer holds its worker for minutes); steps go to the queue."""
+        self.metrics.watch_events.labels(MIGRATIONS).inc()
+        uid = self.migration_cache.seen(type, body)
+        if type != "DELETED":
+            self.migrations.notice(uid)
+
+    def node_event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
+        self.metrics.watch_events.labels(COMPUTENODES).inc()
+        if type != "DELETED":
+            self.reporter.power_action(body)
+
+
 def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
     registry = kopf.OperatorRegistry()
     kubernetes.config.load_config()
     client = kubernetes.client.ApiClient()
     client.user_agent = "kubenova-agent"  # names the field manager in managedFields
-    custom = kubernetes.client.CustomObjectsApi(client)
-    instances = InstanceAgent(
-        config.node, driver, images, custom, kubernetes.client.CoreV1Api(client), config.settings
-    )
-    volumes = VolumeAgent(instances)
-    migrations = MigrationAgent(instances)
-    instances.held = migrations.holds
-    reporter = NodeReporter(
-        config.node,
-        driver,
-        custom,
-        kubernetes.client.CoordinationV1Api(client),
-        config.host_ip,
-        lambda: set(instances.objects),
-        instances.warn,
-        config.migration_uri,
-    )
-    metrics = diagnostics.Metrics()
-    tasks: list[asyncio.Task[None]] = []
+    agent = Agent(config, driver, images, client)
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
-
-    @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, config.node)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        pending: set[tuple[str, str]] = set()
+        await agent.start()
 
-        def enqueue(item: tuple[str, str]) -> None:
-            if item not in pending:  # one look per object is enough however many events arrived
-                pending.add(item)
-                queue.put_nowait(item)
-
-        def schedule(kind: str) -> Callable[[str, float], None]:
-            return lambda uid, delay: loop.call_soon_threadsafe(loop.call_later, delay, enqueue, (kind, uid))
-
-        instances.schedule = schedule("instance")
-        volumes.schedule = schedule("volume")
-        migrations.schedule = schedule("migration")
-
-        def domain_ready(namespace: str, name: str) -> None:
-            for uid in volumes.waiting_for(namespace, name):
-                loop.call_soon_threadsafe(enqueue, ("volume", uid))
-
-        instances.on_domain_ready = domain_ready
-        # libvirt's event thread: only hand the UUID over; the worker reads the state.
-        driver.add_lifecycle_listener(lambda uid, *_: loop.call_soon_threadsafe(enqueue, ("observe", uid)))
-        driver.add_connection_listener(lambda up: loop.call_soon_threadsafe(enqueue, ("hypervisor", str(up))))
-
-        def hypervisor(up: str) -> None:
-            """Say at once on the ComputeNode whether libvirt is reachable; while it is not, keep trying.
-
-            The report reconnects when libvirtd is back; the connection listener then sends "True"
-            here, and every instance is looked at again, since its lifecycle events were lost meanwhile.
-            """
-            try:
-                reporter.report()
-            except Exception as exc:  # the apiserver may be away too; the condition is written next time
-                log.warning("cannot write the hypervisor's state on the ComputeNode: %s", exc)
-            if not reporter.connected:
-                loop.call_soon_threadsafe(
-                    loop.call_later, RECONNECT_INTERVAL, enqueue, ("hypervisor", "False")
-                )
-            elif up == "True":
-                for uid in list(instances.objects):
-                    loop.call_soon_threadsafe(enqueue, ("instance", uid))
-
-        work: dict[str, Callable[[str], None]] = {
-            "instance": instances.handle,
-            "observe": instances.observe,
-            "volume": volumes.handle,
-            "migration": migrations.handle,
-            "hypervisor": hypervisor,
-        }
-
-        async def worker() -> None:
-            while True:
-                item = await queue.get()
-                pending.discard(item)
-                try:
-                    await asyncio.to_thread(work[item[0]], item[1])
-                except Exception:
-                    log.exception("%s %s failed", *item)
-
-        def relist() -> None:
-            """Drop what left this node while a watch was broken (a re-list never says so)."""
-            for cache, plural, selector in (
-                (instances, VIRTUALINSTANCES, f"{NODE_LABEL}={config.node}"),
-                (volumes, VOLUMEATTACHMENTS, f"{NODE_LABEL}={config.node}"),
-                (migrations, MIGRATIONS, node_label(config.node)),
-            ):
-                listed = custom.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
-                cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
-
-        def resync() -> None:
-            try:
-                relist()
-            except Exception as exc:  # the apiserver is away: the instances are still looked at below
-                log.warning("re-listing this node's objects failed: %s", exc)
-            for uid in list(instances.objects):
-                loop.call_soon_threadsafe(enqueue, ("instance", uid))
-            for uid in list(migrations.objects):
-                loop.call_soon_threadsafe(enqueue, ("migration", uid))
-            instances.poll()
-
-        def know_migrations() -> None:
-            """This node's migrations, known before the first instance event: an instance whose domain
-            left for the target would otherwise look like a guest that vanished, and be started again."""
-            listed = custom.list_cluster_custom_object(
-                GROUP, VERSION, MIGRATIONS, label_selector=node_label(config.node)
-            )
-            for item in listed["items"]:
-                migrations.seen("ADDED", item)
-
-        await asyncio.to_thread(know_migrations)
-        await asyncio.to_thread(driver.init_host, config.node)
-        await asyncio.to_thread(reporter.register)
-        await asyncio.to_thread(reporter.renew)
-        await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
-        metrics.serve(config.metrics_address)
-        jobs: list[Awaitable[None]] = [worker() for _ in range(WORKERS)]
-        jobs += [
-            _every(RENEW_INTERVAL, reporter.renew, "lease renewal"),
-            _every(REPORT_INTERVAL, reporter.report, "host report"),
-            _every(config.resync_interval, resync, "resync"),
-            _every(
-                config.diagnostics_interval, lambda: diagnostics.collect(instances, metrics), "diagnostics"
-            ),
-        ]
-        tasks.extend(asyncio.create_task(job) for job in jobs)  # type: ignore[arg-type]
-
-    @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        for task in tasks:
-            task.cancel()
+        agent.stop()
 
-    @kopf.on.event(GROUP, VERSION, VIRTUALINSTANCES, registry=registry)
-    def instance_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        metrics.watch_events.labels(VIRTUALINSTANCES).inc()
-        uid = instances.seen(type, body)
-        if type != "DELETED":
-            instances.handle(uid)
-
-    @kopf.on.event(GROUP, VERSION, VOLUMEATTACHMENTS, registry=registry)
-    def volume_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        metrics.watch_events.labels(VOLUMEATTACHMENTS).inc()
-        uid = volumes.seen(type, body)
-        if type != "DELETED":
-            volumes.handle(uid)
-
-    @kopf.on.event(GROUP, VERSION, MIGRATIONS, registry=registry)
-    def migration_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        metrics.watch_events.labels(MIGRATIONS).inc()
-        uid = migrations.seen(type, body)
-        if type != "DELETED":
-            migrations.notice(uid)
-
-    @kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)
-    def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        metrics.watch_events.labels(COMPUTENODES).inc()
-        if type != "DELETED":
-            reporter.power_action(body)
-
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    kopf.on.startup(registry=registry)(startup)
+    kopf.on.cleanup(registry=registry)(cleanup)
+    kopf.on.event(GROUP, VERSION, VIRTUALINSTANCES, registry=registry)(agent.instance_event)
+    kopf.on.event(GROUP, VERSION, VOLUMEATTACHMENTS, registry=registry)(agent.volume_event)
+    kopf.on.event(GROUP, VERSION, MIGRATIONS, registry=registry)(agent.migration_event)
+    kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)(agent.node_event)
+    # An explicit identity: kopf's default asks the passwd database for the user's name, and the
+    # image's non-root UID has no entry there.
     kopf.run(registry=registry, clusterwide=True, standalone=True, identity=f"agent-{config.node}")

@@ -125,10 +125,10 @@ def as_status(diag: Diagnostics) -> dict[str, Any]:
 
 def collect(agent: InstanceAgent, metrics: Metrics) -> None:
     """One pass over this node's instances; a status write only where a counter moved."""
-    metrics.instances.set(len(agent.objects))
-    for gone in metrics.tracked() - set(agent.objects):
+    metrics.instances.set(len(agent.cache.objects))
+    for gone in metrics.tracked() - set(agent.cache.objects):
         metrics.forget(gone)
-    for uid, body in list(agent.objects.items()):
+    for uid, body in list(agent.cache.objects.items()):
         meta = body["metadata"]
         if meta.get("deletionTimestamp") or "powerState" not in (body.get("status") or {}):
             continue
@@ -147,5 +147,5 @@ def collect(agent: InstanceAgent, metrics: Metrics) -> None:
         old = {k: v for k, v in (status.get("diagnostics") or {}).items() if k != "updateTime"}
         if old == figures and status.get("info") == info:
             continue
-        with agent.lock(uid):
+        with agent.cache.queue.lock(uid):  # not while the queue works on it
             agent.write(body, {"diagnostics": {**figures, "updateTime": now()}, "info": info})

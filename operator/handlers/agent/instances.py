@@ -11,16 +11,14 @@ agent one write: the status that says Running.
 from __future__ import annotations
 
 import base64
-import collections
 import dataclasses
 import hashlib
 import json
 import logging
 import secrets
 import string
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kubernetes
@@ -42,6 +40,10 @@ from kubenova.driver.base import (
     RebootType,
 )
 from kubenova.driver.images import ImageStore
+from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.events import EventPoster
+from kubenova.handlers.agent.migration_steps import holds
+from kubenova.handlers.agent.volumes import waiting_for
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
     GROUP,
@@ -52,7 +54,6 @@ from kubenova.handlers.shared import (
     drop_condition,
     flavor_of,
     now,
-    post_event,
     remove_finalizer,
     set_condition,
 )
@@ -184,17 +185,6 @@ def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
-    """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing
-    integers)."""
-    if than is None:
-        return False
-    try:
-        return int(body["metadata"]["resourceVersion"]) < int(than["metadata"]["resourceVersion"])
-    except (KeyError, ValueError):
-        return False
-
-
 PHASES = {
     PowerState.RUNNING: "Running",
     PowerState.BLOCKED: "Running",
@@ -207,70 +197,13 @@ PHASES = {
 }
 
 
-class ObjectCache:
-    """The newest version of each watched object, by UID, as the agent's handlers last saw it."""
-
-    def __init__(self, max_backoff: float = 300.0) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-        self._failures: dict[str, int] = {}
-        self.max_backoff = max_backoff
-        #: Called with (uid, delay) when an object needs another look later; set by the agent.
-        self.schedule: Callable[[str, float], None] = lambda uid, delay: None
-
-    def lock(self, uid: str) -> threading.Lock:
-        """Serialises the work on one object across the kopf handlers and the agent's own workers."""
-        return self._locks[uid]
-
-    def forget(self, uid: str) -> None:
-        """Drop what is kept about an object that is gone, so a long-lived agent does not grow."""
-
-    def prune(self, listed: list[dict[str, Any]], version: str) -> None:
-        """Forget cached objects a fresh LIST at ``version`` no longer has (kopf's re-list after a broken
-        watch reports what exists, never what left the selector meanwhile)."""
-        present = {item["metadata"]["uid"] for item in listed}
-        for uid, body in list(self.objects.items()):
-            if uid not in present and not _older({"metadata": {"resourceVersion": version}}, body):
-                log.info(
-                    "forgetting %s/%s: it is no longer bound here",
-                    body["metadata"]["namespace"],
-                    body["metadata"]["name"],
-                )
-                self.seen("DELETED", body)
-
-    def retry_later(self, uid: str) -> None:
-        """Another look after a failure: 2 s, doubling up to max_backoff, so a broken object never storms."""
-        attempt = self._failures.get(uid, 0)
-        self._failures[uid] = attempt + 1
-        self.schedule(uid, float(min(self.max_backoff, 2.0 * 2**attempt)))
-
-    def succeeded(self, uid: str) -> None:
-        self._failures.pop(uid, None)
-
-    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
-        uid = body["metadata"]["uid"]
-        log.debug(
-            "watch event %s for %s/%s (%s)",
-            event_type,
-            body["metadata"]["namespace"],
-            body["metadata"]["name"],
-            uid,
-        )
-        if event_type == "DELETED":
-            self.objects.pop(uid, None)
-            self._locks.pop(uid, None)
-            self._failures.pop(uid, None)
-            self.forget(uid)
-        elif not _older(body, self.objects.get(uid)):  # a queued event may predate our own last write
-            self.objects[uid] = dict(body)
-        return str(uid)
-
-
-class InstanceAgent(ObjectCache):
+class InstanceAgent:
     """Everything the agent knows and does about the VirtualInstances bound to its node.
 
-    Methods run in worker threads (kopf's executor or asyncio.to_thread); a lock per object
-    keeps a watch event, a lifecycle event and a resync from acting on one domain at once.
+    Its methods run on the agent's work queue ("instance" and "observe" keys), which never runs two
+    pieces of work on one object at once. It reads the node's VolumeAttachments and Migrations from
+    their caches: attachments waiting for a domain are asked for once it exists, and a migration
+    under way keeps its hands off the domain.
     """
 
     def __init__(
@@ -279,51 +212,42 @@ class InstanceAgent(ObjectCache):
         driver: ComputeDriver,
         images: ImageStore,
         custom: kubernetes.client.CustomObjectsApi,
-        core: kubernetes.client.CoreV1Api,
+        events: EventPoster,
+        cache: ObjectCache,
+        volumes: ObjectCache,
+        migrations: ObjectCache,
         settings: Settings | None = None,
     ) -> None:
-        super().__init__((settings or Settings()).max_backoff)
         self.node = node
         self.driver = driver
         self.images = images
         self.custom = custom
-        self.core = core
+        self.core = events.core
+        self.events = events
+        self.cache = cache
+        self.volumes = volumes
+        self.migrations = migrations
         self.settings = settings or Settings()
         self._stopped_outside: dict[str, float] = {}
-        self._warned: set[tuple[str, str]] = set()
         #: (uid, action) -> (id, result) of the actions this process carried out.
         self._acted: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-        #: Called with an instance's (namespace, name) once its domain exists (volumes wait for it).
-        self.on_domain_ready: Callable[[str, str], None] = lambda namespace, name: None
-        #: Says why a migration keeps the agent's hands off an instance ("active", "moved") or None.
-        self.held: Callable[[str], str | None] = lambda uid: None
+        cache.on_forget(self._forget)
+        cache.on_forget(events.forget)
 
     # --- bookkeeping ---------------------------------------------------------------------
 
-    def find(self, namespace: str, name: str) -> dict[str, Any] | None:
-        for body in list(self.objects.values()):
-            meta = body["metadata"]
-            if meta["namespace"] == namespace and meta["name"] == name:
-                return body
-        return None
-
-    def forget(self, uid: str) -> None:
-        self._warned = {key for key in self._warned if key[0] != uid}
+    def _forget(self, uid: str) -> None:
         self._acted = {key: value for key, value in self._acted.items() if key[0] != uid}
         self._stopped_outside.pop(uid, None)
 
-    def warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
-        """One Event per distinct problem, not one per retry."""
-        key = (body["metadata"]["uid"], f"{reason}:{message}")
-        if key not in self._warned:
-            self._warned.add(key)
-            self._event(body, reason, message, "Warning")
+    def held(self, uid: str) -> str | None:
+        """Why a migration keeps the agent's hands off the instance ("active", "moved"), or None."""
+        return holds(self.migrations.objects.values(), uid, self.node)
 
-    def _event(self, body: Mapping[str, Any], reason: str, message: str, type_: str) -> None:
-        try:
-            post_event(self.core, body, reason, message, f"kubenova-agent/{self.node}", type_)
-        except kubernetes.client.ApiException as exc:
-            log.warning("cannot post the Event %s about %s: %s", reason, body["metadata"]["name"], exc.reason)
+    def _domain_ready(self, namespace: str, name: str) -> None:
+        """Attachments that waited for this instance's domain get their look."""
+        for uid in waiting_for(self.volumes.objects.values(), namespace, name):
+            self.volumes.look(uid)
 
     def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
         """Patch status only when it changes something; keep the answer as the newest body.
@@ -348,63 +272,62 @@ class InstanceAgent(ObjectCache):
             if exc.status == 404:
                 return
             raise
-        if meta["uid"] in self.objects:
-            self.objects[meta["uid"]] = fresh
+        if meta["uid"] in self.cache.objects:
+            self.cache.objects[meta["uid"]] = fresh
         phase = patch.get("phase")
         if (
             phase and phase != status.get("phase") and phase not in ("Failed", "Pending")
         ):  # failures warn already
             ready = condition(patch, "Ready") or {}
-            self._event(body, phase, f"{ready.get('message', phase)} (on {self.node})", "Normal")
+            self.events.post(body, phase, f"{ready.get('message', phase)} (on {self.node})", "Normal")
         body.clear()
         body.update(fresh)
 
     # --- the reconcile loop ---------------------------------------------------------------
 
     def handle(self, uid: str) -> None:
-        """Converge one object; on failure say why in status and try again later."""
-        with self.lock(uid):
-            body = self.objects.get(uid)
-            if body is None:
+        """Converge one object; on failure say why in status and try again later (the queue's backoff)."""
+        body = self.cache.objects.get(uid)
+        if body is None:
+            return
+        try:
+            held = self.held(uid)
+            if held:  # the migration's steps move the domain; a delete waits for them to end
+                if held == "active" and not body["metadata"].get("deletionTimestamp"):
+                    self.write(body, {"phase": "Migrating"})
                 return
-            try:
-                held = self.held(uid)
-                if held:  # the migration's steps move the domain; a delete waits for them to end
-                    if held == "active" and not body["metadata"].get("deletionTimestamp"):
-                        self.write(body, {"phase": "Migrating"})
-                    return
-                if body["metadata"].get("deletionTimestamp"):
-                    self._delete(body)
-                    return
-                self._reconcile(body)
-            except NotHere:
-                log.info(
-                    "%s/%s is not bound to %s any more; forgetting it",
-                    body["metadata"]["namespace"],
-                    body["metadata"]["name"],
-                    self.node,
-                )
-                self.seen("DELETED", body)
-            except WaitFor as exc:
-                self._retry_later(uid, body, exc.reason, str(exc))
-            except DriverError as exc:
-                self._retry_later(uid, body, "HypervisorError", str(exc))
-            except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
-                log.warning("API error on %s: %s; trying again later", uid, getattr(exc, "reason", exc))
-                self.retry_later(uid)
-            except Exception:  # a bug must not stop the retries (or leave an action InProgress)
-                log.exception("reconciling %s failed", uid)
-                self.retry_later(uid)
-            else:
-                self.succeeded(uid)
+            if body["metadata"].get("deletionTimestamp"):
+                self._delete(body)
+                return
+            self._reconcile(body)
+        except NotHere:
+            log.info(
+                "%s/%s is not bound to %s any more; forgetting it",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                self.node,
+            )
+            self.cache.seen("DELETED", body)
+        except WaitFor as exc:
+            self._retry_later(uid, body, exc.reason, str(exc))
+        except DriverError as exc:
+            self._retry_later(uid, body, "HypervisorError", str(exc))
+        except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+            log.warning("API error on %s: %s; trying again later", uid, getattr(exc, "reason", exc))
+            self.cache.retry_later(uid)
+        except Exception:  # a bug must not stop the retries (or leave an action InProgress)
+            log.exception("reconciling %s failed", uid)
+            self.cache.retry_later(uid)
+        else:
+            self.cache.succeeded(uid)
 
     def _retry_later(self, uid: str, body: dict[str, Any], reason: str, message: str) -> None:
         status = body.get("status") or {}
         patch: dict[str, Any] = {}
         set_condition(patch, status, "Ready", False, reason, message, body["metadata"].get("generation"))
         self.write(body, patch)
-        self.warn(body, reason, message)
-        self.retry_later(uid)
+        self.events.warn(body, reason, message)
+        self.cache.retry_later(uid)
 
     def _reconcile(self, body: dict[str, Any]) -> None:
         meta, spec = body["metadata"], body.get("spec") or {}
@@ -421,12 +344,12 @@ class InstanceAgent(ObjectCache):
             patch: dict[str, Any] = {"phase": "Failed", "node": self.node, "observedGeneration": generation}
             set_condition(patch, status, "Ready", False, reason, str(exc), generation)
             self.write(body, patch)
-            self.warn(body, reason, str(exc))
+            self.events.warn(body, reason, str(exc))
             return
         self.write(body, self._observed(body))
         if spec.get("actions") and self._actions(body):
             self.write(body, self._observed(body))  # a reboot may have applied a pending change
-        self.on_domain_ready(meta["namespace"], meta["name"])
+        self._domain_ready(meta["namespace"], meta["name"])
         self._restart_later_if_needed(body)
 
     def _converge(self, body: dict[str, Any]) -> None:
@@ -649,33 +572,32 @@ class InstanceAgent(ObjectCache):
         uid = body["metadata"]["uid"]
         if uid in self._stopped_outside:
             left = self.settings.restart_delay - (time.monotonic() - self._stopped_outside[uid])
-            self.schedule(uid, max(0.0, left) + 0.1)
+            self.cache.schedule(uid, max(0.0, left) + 0.1)
 
     # --- out-of-band changes ----------------------------------------------------------------
 
     def observe(self, uid: str) -> None:
         """A lifecycle event or a resync: put what libvirt reports into status if it changed."""
-        with self.lock(uid):
-            body = self.objects.get(uid)
-            if body is None or body["metadata"].get("deletionTimestamp") or self.held(uid):
-                return
-            status = body.get("status") or {}
-            if status.get("phase") in ("Failed", None) or "powerState" not in status:
-                return  # not created yet, or failed: handle() owns it
-            try:
-                state = self.driver.get_info(uid).state
-            except InstanceNotFound:
-                state = PowerState.NOSTATE
-            except DriverError as exc:
-                log.warning("cannot read the state of %s: %s", uid, exc)
-                return
-            want = (body.get("spec") or {}).get("powerState", "Running")
-            if state.value == status.get("powerState"):
-                return
-            if want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
-                self._stopped_outside.setdefault(uid, time.monotonic())
-            self.write(body, self._observed(body))
-            self._restart_later_if_needed(body)
+        body = self.cache.objects.get(uid)
+        if body is None or body["metadata"].get("deletionTimestamp") or self.held(uid):
+            return
+        status = body.get("status") or {}
+        if status.get("phase") in ("Failed", None) or "powerState" not in status:
+            return  # not created yet, or failed: handle() owns it
+        try:
+            state = self.driver.get_info(uid).state
+        except InstanceNotFound:
+            state = PowerState.NOSTATE
+        except DriverError as exc:
+            log.warning("cannot read the state of %s: %s", uid, exc)
+            return
+        want = (body.get("spec") or {}).get("powerState", "Running")
+        if state.value == status.get("powerState"):
+            return
+        if want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
+            self._stopped_outside.setdefault(uid, time.monotonic())
+        self.write(body, self._observed(body))
+        self._restart_later_if_needed(body)
 
     # --- one-shot actions -----------------------------------------------------------------
 
@@ -716,7 +638,9 @@ class InstanceAgent(ObjectCache):
                     result = {"phase": "Succeeded", "message": message}
                 except (DriverError, WaitFor) as exc:
                     result = {"phase": "Failed", "message": str(exc)}
-                    self.warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
+                    self.events.warn(
+                        body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}"
+                    )
                 done = (request["id"], {"completionTime": now(), **result})
                 self._acted[(uid, kind)] = done
                 acted = True
@@ -915,11 +839,11 @@ class InstanceAgent(ObjectCache):
         try:
             self.driver.destroy(meta["uid"])
         except DriverError as exc:
-            self.warn(body, "DeleteFailed", str(exc))
-            self.retry_later(meta["uid"])
+            self.events.warn(body, "DeleteFailed", str(exc))
+            self.cache.retry_later(meta["uid"])
             return
         faults.point("delete.destroyed")
-        self._event(
+        self.events.post(
             body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal"
         )
         remove_finalizer(self.custom, body, VIRTUALINSTANCES)
@@ -936,9 +860,9 @@ class InstanceAgent(ObjectCache):
                 log.warning("hard reboot of %s failed: %s", uid, exc)
         if self.settings.rescue_timeout > 0:
             for uid in self.driver.poll_rescued_instances(self.settings.rescue_timeout):
-                body = self.objects.get(uid)
+                body = self.cache.objects.get(uid)
                 if body is not None:
-                    self.warn(
+                    self.events.warn(
                         body,
                         "RescueTimeout",
                         f"in rescue for more than {self.settings.rescue_timeout:.0f}s; "

@@ -17,8 +17,8 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import kubernetes
 import urllib3
@@ -31,7 +31,7 @@ from kubenova.driver.base import (
     InstanceNotFound,
     MigrationProgress,
 )
-from kubenova.handlers.agent.instances import InstanceAgent, ObjectCache
+from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -43,8 +43,10 @@ from kubenova.handlers.shared import (
     flavor_of,
     is_final,
     now,
-    post_event,
 )
+
+if TYPE_CHECKING:  # the instance side reads this module's holds
+    from kubenova.handlers.agent.instances import InstanceAgent
 
 log = logging.getLogger(__name__)
 #: Progress of a live transfer is written at most this often.
@@ -78,44 +80,40 @@ class Gone(Exception):
     """The instance this migration moves was deleted or replaced."""
 
 
-class MigrationAgent(ObjectCache):
-    """The Migrations this node is the source or the target of."""
+def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str) -> str | None:
+    """Why the instance's domain must be left alone on ``node`` now, or None.
 
-    def __init__(self, instances: InstanceAgent) -> None:
-        super().__init__(instances.max_backoff)
+    "active": a migration of it is between steps (AwaitConfirmation excepted: the instance runs
+    on the target then, and that agent looks after it as usual). "moved": its newest migration
+    took it away from this node; the watch will drop the object soon.
+    """
+    mine = [b for b in list(migrations) if (b.get("status") or {}).get("instanceUID") == instance_uid]
+    if not mine:
+        return None
+    for body in mine:
+        status = body.get("status") or {}
+        if not is_final(status) and status.get("step") != "AwaitConfirmation":
+            return "active"
+    newest = max(mine, key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
+    status = newest.get("status") or {}
+    if status.get("phase") == "Succeeded" and status.get("sourceNode") == node:
+        return "moved"
+    return None
+
+
+class MigrationAgent:
+    """The Migrations this node is the source or the target of ("migration" keys of the agent's queue)."""
+
+    def __init__(self, instances: InstanceAgent, cache: ObjectCache) -> None:
         self.instances = instances
+        self.cache = cache
         self.node = instances.node
         self.driver = instances.driver
         self.custom = instances.custom
         self._transfers: dict[str, str] = {}  # migration uid -> instance uid, while its transfer runs here
         self._aborted: set[str] = set()
         self._settled: set[str] = set()  # final migrations whose instance was looked at again here
-
-    # --- what the instance side asks -------------------------------------------------------
-
-    def holds(self, instance_uid: str) -> str | None:
-        """Why the instance's domain must be left alone here now, or None.
-
-        "active": a migration of it is between steps (AwaitConfirmation excepted: the instance runs
-        on the target then, and that agent looks after it as usual). "moved": its newest migration
-        took it away from this node; the watch will drop the object soon.
-        """
-        mine = [
-            b
-            for b in list(self.objects.values())
-            if (b.get("status") or {}).get("instanceUID") == instance_uid
-        ]
-        if not mine:
-            return None
-        for body in mine:
-            status = body.get("status") or {}
-            if not is_final(status) and status.get("step") != "AwaitConfirmation":
-                return "active"
-        newest = max(mine, key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
-        status = newest.get("status") or {}
-        if status.get("phase") == "Succeeded" and status.get("sourceNode") == self.node:
-            return "moved"
-        return None
+        cache.on_forget(self._forget)
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -125,7 +123,7 @@ class MigrationAgent(ObjectCache):
         A step can take minutes (a transfer); run inside kopf's handler it would hold back kopf's
         next event for the same Migration, which may be the cancel.
         """
-        body = self.objects.get(uid)
+        body = self.cache.objects.get(uid)
         if body is None:
             return
         if uid in self._transfers and cancelled(body) and uid not in self._aborted:
@@ -135,37 +133,29 @@ class MigrationAgent(ObjectCache):
             except DriverError as exc:
                 log.warning("aborting the migration %s failed: %s", body["metadata"]["name"], exc)
             return
-        self.schedule(uid, 0.0)
+        self.cache.schedule(uid, 0.0)
 
     def handle(self, uid: str) -> None:
-        body = self.objects.get(uid)
+        body = self.cache.objects.get(uid)
         if body is None or uid in self._transfers:
             return
         if is_final(body.get("status") or {}):
             instance_uid = body["status"].get("instanceUID")
             if uid not in self._settled and instance_uid:  # the other node ended it: this side of it resumes
                 self._settled.add(uid)
-                self.instances.schedule(instance_uid, 0.0)
-            return
-        lock = self.lock(uid)
-        if not lock.acquire(blocking=False):
-            self.schedule(uid, 1.0)  # a step is running; look again when it is done
+                self.instances.cache.schedule(instance_uid, 0.0)
             return
         try:
-            body = self.objects.get(uid)
-            if body is not None:
-                self._step(body)
-            self.succeeded(uid)
+            self._step(body)
+            self.cache.succeeded(uid)
         except (DriverError, kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
             log.warning("migration %s: %s; trying again", uid, exc)
-            self.retry_later(uid)
+            self.cache.retry_later(uid)
         except Exception:  # a bug must not stop the retries
             log.exception("migration %s failed", uid)
-            self.retry_later(uid)
-        finally:
-            lock.release()
+            self.cache.retry_later(uid)
 
-    def forget(self, uid: str) -> None:
+    def _forget(self, uid: str) -> None:
         self._aborted.discard(uid)
         self._settled.discard(uid)
 
@@ -190,7 +180,7 @@ class MigrationAgent(ObjectCache):
         fresh = self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"], {"status": patch}
         )
-        self.seen("MODIFIED", fresh)
+        self.cache.seen("MODIFIED", fresh)
         body.clear()
         body.update(fresh)
 
@@ -200,18 +190,13 @@ class MigrationAgent(ObjectCache):
         self._write(
             body, {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra}
         )
-        try:
-            post_event(
-                self.instances.core,
-                body,
-                phase if phase != "Succeeded" else "Migrated",
-                message,
-                f"kubenova-agent/{self.node}",
-                "Normal" if phase in ("Succeeded", "Reverted") else "Warning",
-            )
-        except kubernetes.client.ApiException as exc:
-            log.warning("cannot post an Event about %s: %s", body["metadata"]["name"], exc.reason)
-        self.instances.schedule(body["status"]["instanceUID"], 0.0)
+        self.instances.events.post(
+            body,
+            phase if phase != "Succeeded" else "Migrated",
+            message,
+            "Normal" if phase in ("Succeeded", "Reverted") else "Warning",
+        )
+        self.instances.cache.schedule(body["status"]["instanceUID"], 0.0)
 
     def _hand_over(self, body: dict[str, Any], step: str, message: str, **extra: Any) -> None:
         faults.point(f"migration.{body['status']['step']}")  # this step's work is done, not yet said
@@ -338,7 +323,7 @@ class MigrationAgent(ObjectCache):
                 )
             except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
                 log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
-            if cancelled(self.objects.get(uid, body)) and uid not in self._aborted:
+            if cancelled(self.cache.objects.get(uid, body)) and uid not in self._aborted:
                 self._aborted.add(uid)
                 self.driver.abort_live_migration(instance_uid)
 
@@ -515,7 +500,7 @@ class MigrationAgent(ObjectCache):
                 - datetime.datetime.now(datetime.UTC)
             ).total_seconds()
             if left > 0:
-                self.schedule(body["metadata"]["uid"], left + 0.1)
+                self.cache.schedule(body["metadata"]["uid"], left + 0.1)
                 return
         self.driver.confirm_migration(status["instanceUID"])
         how = "confirmed" if spec.get("decision") == "Confirm" else "confirmed automatically"

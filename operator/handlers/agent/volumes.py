@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import kubernetes
 import urllib3
@@ -17,7 +17,7 @@ from kubenova.driver.base import (
     VolumeNotFound,
     VolumeSpec,
 )
-from kubenova.handlers.agent.instances import InstanceAgent, ObjectCache
+from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
     GROUP,
@@ -27,41 +27,43 @@ from kubenova.handlers.shared import (
     set_condition,
 )
 
+if TYPE_CHECKING:  # the instance side reads this module's waiting_for
+    from kubenova.handlers.agent.instances import InstanceAgent
+
 log = logging.getLogger(__name__)
 
 
-class VolumeAgent(ObjectCache):
-    """Attaches and detaches this node's VolumeAttachments; they wait for their instance's domain."""
+def waiting_for(attachments: Iterable[Mapping[str, Any]], namespace: str, name: str) -> list[str]:
+    """The UIDs of this instance's attachments that are not attached yet."""
+    return [
+        body["metadata"]["uid"]
+        for body in list(attachments)
+        if body["metadata"]["namespace"] == namespace
+        and body["spec"]["instanceRef"]["name"] == name
+        and (body.get("status") or {}).get("phase") != "Attached"
+    ]
 
-    def __init__(self, instances: InstanceAgent) -> None:
-        super().__init__(instances.max_backoff)
+
+class VolumeAgent:
+    """Attaches and detaches this node's VolumeAttachments ("volume" keys of the agent's queue); each
+    waits for its instance's domain."""
+
+    def __init__(self, instances: InstanceAgent, cache: ObjectCache) -> None:
         self.instances = instances
-
-    def waiting_for(self, namespace: str, name: str) -> list[str]:
-        """Attachments of this instance that are not attached yet."""
-        return [
-            uid
-            for uid, body in list(self.objects.items())
-            if body["metadata"]["namespace"] == namespace
-            and body["spec"]["instanceRef"]["name"] == name
-            and (body.get("status") or {}).get("phase") != "Attached"
-        ]
-
-    def forget(self, uid: str) -> None:
-        self.instances.forget(uid)  # its Warnings are deduplicated there
+        self.cache = cache
+        cache.on_forget(instances.events.forget)
 
     def handle(self, uid: str) -> None:
-        with self.lock(uid):
-            try:
-                self._handle(uid)
-            except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
-                log.warning(
-                    "API error on attachment %s: %s; trying again later", uid, getattr(exc, "reason", exc)
-                )
-                self.retry_later(uid)
-            except Exception:  # a bug must not stop the retries
-                log.exception("attachment %s failed", uid)
-                self.retry_later(uid)
+        try:
+            self._handle(uid)
+        except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+            log.warning(
+                "API error on attachment %s: %s; trying again later", uid, getattr(exc, "reason", exc)
+            )
+            self.cache.retry_later(uid)
+        except Exception:  # a bug must not stop the retries
+            log.exception("attachment %s failed", uid)
+            self.cache.retry_later(uid)
 
     def _write(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
         """Patch status only when it changes something; the answer is the newest body."""
@@ -77,16 +79,16 @@ class VolumeAgent(ObjectCache):
             if exc.status != 404:
                 raise
             return
-        self.seen("MODIFIED", fresh)
+        self.cache.seen("MODIFIED", fresh)
 
     def _handle(self, uid: str) -> None:
-        body = self.objects.get(uid)
+        body = self.cache.objects.get(uid)
         if body is None:
             return
         meta, spec = body["metadata"], body.get("spec") or {}
         status = body.get("status") or {}
         generation = meta.get("generation")
-        instance = self.instances.find(meta["namespace"], spec["instanceRef"]["name"])
+        instance = self.instances.cache.find(meta["namespace"], spec["instanceRef"]["name"])
         custom, driver = self.instances.custom, self.instances.driver
         if meta.get("deletionTimestamp"):
             if AGENT_FINALIZER not in (meta.get("finalizers") or []):
@@ -98,8 +100,8 @@ class VolumeAgent(ObjectCache):
                     pass  # nothing attached: fine
                 except DriverError as exc:
                     self._write(body, self._condition(body, "Detaching", "DetachFailed", str(exc)))
-                    self.instances.warn(body, "DetachFailed", str(exc))
-                    self.retry_later(uid)
+                    self.instances.events.warn(body, "DetachFailed", str(exc))
+                    self.cache.retry_later(uid)
                     return
             faults.point("volume.detached")
             remove_finalizer(custom, body, VOLUMEATTACHMENTS)
@@ -136,12 +138,12 @@ class VolumeAgent(ObjectCache):
             patch = self._condition(body, "Failed", "InvalidSpec", str(exc))
             patch["observedGeneration"] = generation
             self._write(body, patch)
-            self.instances.warn(body, "InvalidSpec", str(exc))
+            self.instances.events.warn(body, "InvalidSpec", str(exc))
             return
         except DriverError as exc:
             self._write(body, self._condition(body, "Attaching", "HypervisorError", str(exc)))
-            self.instances.warn(body, "AttachFailed", str(exc))
-            self.retry_later(uid)
+            self.instances.events.warn(body, "AttachFailed", str(exc))
+            self.cache.retry_later(uid)
             return
         faults.point("volume.attached")
         patch = self._condition(
@@ -160,7 +162,7 @@ class VolumeAgent(ObjectCache):
             }
         )
         self._write(body, patch)
-        self.succeeded(uid)
+        self.cache.succeeded(uid)
 
     @staticmethod
     def _condition(

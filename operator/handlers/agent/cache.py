@@ -1,0 +1,92 @@
+"""What the agent's watches last saw of each object (an informer's store), and how work on it is asked for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubenova.handlers.agent.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+def older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
+    """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing
+    integers)."""
+    if than is None:
+        return False
+    try:
+        return int(body["metadata"]["resourceVersion"]) < int(than["metadata"]["resourceVersion"])
+    except (KeyError, ValueError):
+        return False
+
+
+class ObjectCache:
+    """The newest version of each watched object of one kind, by UID.
+
+    Work on an object is asked for through the agent's queue under the key (kind, uid); the
+    reconciler of that kind is the queue's handler for it. Whoever keeps something per object
+    subscribes to ``on_forget``, so a long-lived agent does not grow.
+    """
+
+    def __init__(self, queue: WorkQueue, kind: str) -> None:
+        self.queue = queue
+        self.kind = kind
+        self.objects: dict[str, dict[str, Any]] = {}
+        self._forget: list[Callable[[str], None]] = []
+
+    def on_forget(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(uid)`` once an object is gone from the cache."""
+        self._forget.append(callback)
+
+    def find(self, namespace: str, name: str) -> dict[str, Any] | None:
+        for body in list(self.objects.values()):
+            meta = body["metadata"]
+            if meta["namespace"] == namespace and meta["name"] == name:
+                return body
+        return None
+
+    # --- asking for work ---------------------------------------------------------------------------
+
+    def look(self, uid: str) -> None:
+        """Have the reconciler look at the object as soon as it can."""
+        self.queue.add((self.kind, uid))
+
+    def schedule(self, uid: str, delay: float) -> None:
+        """Have the reconciler look at the object in ``delay`` seconds."""
+        self.queue.add_after((self.kind, uid), delay)
+
+    def retry_later(self, uid: str) -> None:
+        """Another look after a failure, with the queue's backoff, so a broken object never storms."""
+        self.queue.retry((self.kind, uid))
+
+    def succeeded(self, uid: str) -> None:
+        self.queue.forget((self.kind, uid))
+
+    # --- what the watches say ----------------------------------------------------------------------
+
+    def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
+        """Record a watch event (or a fresh body from our own write); returns the object's UID."""
+        uid = str(body["metadata"]["uid"])
+        if event_type == "DELETED":
+            self.objects.pop(uid, None)
+            self.queue.drop(uid)
+            for forget in self._forget:
+                forget(uid)
+        elif not older(body, self.objects.get(uid)):  # a queued event may predate our own last write
+            self.objects[uid] = dict(body)
+        return uid
+
+    def prune(self, listed: list[dict[str, Any]], version: str) -> None:
+        """Forget cached objects a fresh LIST at ``version`` no longer has (kopf's re-list after a broken
+        watch reports what exists, never what left the selector meanwhile)."""
+        present = {item["metadata"]["uid"] for item in listed}
+        for uid, body in list(self.objects.items()):
+            if uid not in present and not older({"metadata": {"resourceVersion": version}}, body):
+                log.info(
+                    "forgetting %s/%s: it is no longer bound here",
+                    body["metadata"]["namespace"],
+                    body["metadata"]["name"],
+                )
+                self.seen("DELETED", body)
