@@ -21,11 +21,11 @@ test-cluster:  ## cluster mode end to end: helm install of kubenova's image on a
 	$(KUBENOVA) dev down
 	$(VENV)/bin/python -m pytest -m cluster tests/cluster
 
-lint: deps  ## ruff (lint and format), the import contracts, mypy strict over the driver
+lint: deps  ## ruff (lint and format), the import contracts, mypy strict over the driver and the handlers
 	$(VENV)/bin/ruff check operator tests bench hack
 	$(VENV)/bin/ruff format --check operator tests bench hack
 	$(VENV)/bin/lint-imports
-	MYPYPATH=hack/mypy-path $(VENV)/bin/mypy --strict -p kubenova.driver
+	MYPYPATH=hack/mypy-path $(VENV)/bin/mypy --strict -p kubenova.driver -p kubenova.handlers
 
 bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)
 	$(VENV)/bin/python -m bench

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import itertools
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes
@@ -59,6 +59,51 @@ def unless_changed(write: Callable[[], Any]) -> bool:
             return False
         raise
     return True
+
+
+def typed(answer: object) -> dict[str, Any]:
+    """What the custom objects API returns: its generated code declares ``object``; it is a JSON object."""
+    return cast(dict[str, Any], answer)
+
+
+class StatusWriter:
+    """Every status write of both components, with one set of rules.
+
+    A patch that changes nothing is not sent. A 404 means the object is gone: nothing to say any more.
+    With ``guard``, the write carries the resourceVersion the decision was made on, and a 409 (the
+    object changed meanwhile) is no failure either: the next event decides again on a fresh copy.
+    """
+
+    def __init__(self, custom: kubernetes.client.CustomObjectsApi, plural: str) -> None:
+        self.custom = custom
+        self.plural = plural
+
+    def write(
+        self, body: Mapping[str, Any], patch: Mapping[str, Any], guard: bool = False
+    ) -> Mapping[str, Any] | None:
+        """Returns the fresh object, ``body`` itself when there was nothing to write, or None when the
+        object is gone (or, guarded, changed meanwhile)."""
+        status = body.get("status") or {}
+        if all(status.get(key) == value for key, value in patch.items()):
+            return body
+        meta = body["metadata"]
+        payload: dict[str, Any] = {"status": dict(patch)}
+        if guard:
+            payload["metadata"] = {"resourceVersion": meta["resourceVersion"]}
+        try:
+            if meta.get("namespace"):
+                fresh = self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, meta["namespace"], self.plural, meta["name"], payload
+                )
+            else:
+                fresh = self.custom.patch_cluster_custom_object_status(
+                    GROUP, VERSION, self.plural, meta["name"], payload
+                )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404 or (guard and exc.status == 409):
+                return None
+            raise
+        return cast(dict[str, Any], fresh)
 
 
 def now() -> str:

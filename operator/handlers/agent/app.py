@@ -36,6 +36,7 @@ from kubenova.handlers.shared import (
     VOLUMEATTACHMENTS,
     node_label,
     talk_to_the_apiserver,
+    typed,
 )
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,10 @@ class Agent:
     def _know_migrations(self) -> None:
         """This node's migrations, known before the first instance event: an instance whose domain
         left for the target would otherwise look like a guest that vanished, and be started again."""
-        listed = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, MIGRATIONS, label_selector=node_label(self.config.node)
+        listed = typed(
+            self.custom.list_cluster_custom_object(
+                GROUP, VERSION, MIGRATIONS, label_selector=node_label(self.config.node)
+            )
         )
         for item in listed["items"]:
             self.migration_cache.seen("ADDED", item)
@@ -209,8 +212,8 @@ class Agent:
                 (self.volume_cache, VOLUMEATTACHMENTS, f"{NODE_LABEL}={node}"),
                 (self.migration_cache, MIGRATIONS, node_label(node)),
             ):
-                listed = self.custom.list_cluster_custom_object(
-                    GROUP, VERSION, plural, label_selector=selector
+                listed = typed(
+                    self.custom.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
                 )
                 cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
         except Exception as exc:  # the apiserver is away: the instances are still looked at below
@@ -271,4 +274,5 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
     kopf.on.event(GROUP, VERSION, COMPUTENODES, registry=registry)(agent.node_event)
     # An explicit identity: kopf's default asks the passwd database for the user's name, and the
     # image's non-root UID has no entry there.
-    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=f"agent-{config.node}")
+    # kopf's Identity is a NewType of str, which mypy does not take a plain str for.
+    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=f"agent-{config.node}")  # type: ignore[arg-type]

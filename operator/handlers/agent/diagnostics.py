@@ -80,9 +80,9 @@ class Metrics:
             ):
                 put(self.disk, value, device, direction)
                 put(self.disk_requests, requests, device, direction)
-        for iface, stats in diag.interfaces.items():
-            put(self.net, stats.rx_bytes, iface, "rx")
-            put(self.net, stats.tx_bytes, iface, "tx")
+        for iface, counters in diag.interfaces.items():
+            put(self.net, counters.rx_bytes, iface, "rx")
+            put(self.net, counters.tx_bytes, iface, "tx")
 
     def tracked(self) -> set[str]:
         return set(self._series)

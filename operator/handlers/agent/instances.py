@@ -50,12 +50,14 @@ from kubenova.handlers.shared import (
     NODE_LABEL,
     VERSION,
     VIRTUALINSTANCES,
+    StatusWriter,
     condition,
     drop_condition,
     flavor_of,
     now,
     remove_finalizer,
     set_condition,
+    typed,
 )
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,7 @@ class InstanceAgent:
         self.cache = cache
         self.volumes = volumes
         self.migrations = migrations
+        self.status = StatusWriter(custom, VIRTUALINSTANCES)
         self.settings = settings or Settings()
         self._stopped_outside: dict[str, float] = {}
         #: (uid, action) -> (id, result) of the actions this process carried out.
@@ -261,19 +264,12 @@ class InstanceAgent:
         scheduled = condition(patch, "Scheduled") or condition(status, "Scheduled") or {}
         if (scheduled.get("status"), scheduled.get("message")) != ("True", placed):
             set_condition(patch, status, "Scheduled", True, "Placed", placed)
-        if all(status.get(key) == value for key, value in patch.items()):
+        fresh = self.status.write(body, patch)
+        if fresh is None or fresh is body:  # gone, or nothing to say
             return
         meta = body["metadata"]
-        try:
-            fresh = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], {"status": patch}
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return
-            raise
         if meta["uid"] in self.cache.objects:
-            self.cache.objects[meta["uid"]] = fresh
+            self.cache.objects[meta["uid"]] = dict(fresh)
         phase = patch.get("phase")
         if (
             phase and phase != status.get("phase") and phase not in ("Failed", "Pending")
@@ -413,8 +409,10 @@ class InstanceAgent:
         """
         meta = body["metadata"]
         try:
-            fresh = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"]
+            fresh = typed(
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"]
+                )
             )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
@@ -815,18 +813,20 @@ class InstanceAgent:
 
     def _add_finalizer(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
-        fresh = self.custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            VIRTUALINSTANCES,
-            meta["name"],
-            {
-                "metadata": {
-                    "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
-                    "resourceVersion": meta["resourceVersion"],
-                }
-            },
+        fresh = typed(
+            self.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                VIRTUALINSTANCES,
+                meta["name"],
+                {
+                    "metadata": {
+                        "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
+                        "resourceVersion": meta["resourceVersion"],
+                    }
+                },
+            )
         )
         body.clear()
         body.update(fresh)

@@ -39,10 +39,12 @@ from kubenova.handlers.shared import (
     NODE_LABEL,
     VERSION,
     VIRTUALINSTANCES,
+    StatusWriter,
     cancelled,
     flavor_of,
     is_final,
     now,
+    typed,
 )
 
 if TYPE_CHECKING:  # the instance side reads this module's holds
@@ -107,6 +109,8 @@ class MigrationAgent:
     def __init__(self, instances: InstanceAgent, cache: ObjectCache) -> None:
         self.instances = instances
         self.cache = cache
+        self.status = StatusWriter(instances.custom, MIGRATIONS)
+        self.instance_status = StatusWriter(instances.custom, VIRTUALINSTANCES)
         self.node = instances.node
         self.driver = instances.driver
         self.custom = instances.custom
@@ -176,10 +180,9 @@ class MigrationAgent:
     # --- status --------------------------------------------------------------------------
 
     def _write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        fresh = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"], {"status": patch}
-        )
+        fresh = self.status.write(body, patch)
+        if fresh is None or fresh is body:  # gone (its watch event drops it here), or nothing new
+            return
         self.cache.seen("MODIFIED", fresh)
         body.clear()
         body.update(fresh)
@@ -208,8 +211,10 @@ class MigrationAgent:
         meta, status = body["metadata"], body.get("status") or {}
         name = body["spec"]["instanceRef"]["name"]
         try:
-            instance = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, name
+            instance = typed(
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, name
+                )
             )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
@@ -235,9 +240,7 @@ class MigrationAgent:
             status["resize"] = (
                 {"flavor": flavor, "specFlavor": spec_flavor} if flavor != spec_flavor else None
             )
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], {"status": status}
-        )
+        self.instance_status.write(instance, status)
         self.custom.patch_namespaced_custom_object(
             GROUP,
             VERSION,
@@ -257,7 +260,8 @@ class MigrationAgent:
             return
         instance = self._instance(body)
         cpu = (
-            self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source).get("status") or {}
+            typed(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source)).get("status")
+            or {}
         ).get("cpuInfo")
         try:
             if cpu:

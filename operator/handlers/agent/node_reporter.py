@@ -23,8 +23,10 @@ from kubenova.handlers.shared import (
     LEASE_NAMESPACE,
     NODE_LABEL,
     VERSION,
+    StatusWriter,
     now,
     set_condition,
+    typed,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class NodeReporter:
         self.address = address
         self.known_instances = known_instances
         self.warn = warn
+        self.writer = StatusWriter(custom, COMPUTENODES)
         self.migration_uri = migration_uri
         self._last: dict[str, Any] | None = None
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.UTC)
@@ -94,7 +97,10 @@ class NodeReporter:
             if exc.status != 409:
                 raise
         self.status = dict(
-            self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node).get("status") or {}
+            typed(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node)).get(
+                "status"
+            )
+            or {}
         )
 
     def renew(self) -> None:
@@ -195,9 +201,13 @@ class NodeReporter:
             return
         self._last = dict(patch)
         self._last_beat = stamp
-        fresh = self.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, COMPUTENODES, self.node, {"status": {**patch, "heartbeatTime": now()}}
-        )
+        self._save({**patch, "heartbeatTime": now()})
+
+    def _save(self, patch: dict[str, Any]) -> None:
+        fresh = self.writer.write({"metadata": {"name": self.node}, "status": self.status}, patch)
+        if fresh is None:
+            log.warning("ComputeNode %s is gone; the agent registers it again when it restarts", self.node)
+            return
         self.status = dict(fresh.get("status") or {})
 
     def power_action(self, body: Mapping[str, Any]) -> None:
@@ -224,7 +234,4 @@ class NodeReporter:
         except DriverError as exc:
             patch["powerAction"] = {"id": request["id"], "phase": "Failed", "message": str(exc)}
             self.warn(body, "PowerActionFailed", str(exc))
-        fresh = self.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, COMPUTENODES, self.node, {"status": patch}
-        )
-        self.status = dict(fresh.get("status") or {})
+        self._save(patch)

@@ -20,9 +20,8 @@ from kubenova.driver.base import (
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
-    GROUP,
-    VERSION,
     VOLUMEATTACHMENTS,
+    StatusWriter,
     remove_finalizer,
     set_condition,
 )
@@ -51,6 +50,7 @@ class VolumeAgent:
     def __init__(self, instances: InstanceAgent, cache: ObjectCache) -> None:
         self.instances = instances
         self.cache = cache
+        self.status = StatusWriter(instances.custom, VOLUMEATTACHMENTS)
         cache.on_forget(instances.events.forget)
 
     def handle(self, uid: str) -> None:
@@ -67,19 +67,9 @@ class VolumeAgent:
 
     def _write(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
         """Patch status only when it changes something; the answer is the newest body."""
-        status = body.get("status") or {}
-        if all(status.get(key) == value for key, value in patch.items()):
-            return
-        meta = body["metadata"]
-        try:
-            fresh = self.instances.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"status": patch}
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 404:
-                raise
-            return
-        self.cache.seen("MODIFIED", fresh)
+        fresh = self.status.write(body, patch)
+        if fresh is not None and fresh is not body:
+            self.cache.seen("MODIFIED", fresh)
 
     def _handle(self, uid: str) -> None:
         body = self.cache.objects.get(uid)

@@ -38,6 +38,7 @@ from kubenova.handlers.shared import (
     flavor_of,
     remove_finalizer,
     talk_to_the_apiserver,
+    typed,
 )
 
 log = logging.getLogger(__name__)
@@ -300,8 +301,10 @@ class Controller:
             self.retry()
             return
         for plural in (VIRTUALINSTANCES, VOLUMEATTACHMENTS):
-            listed = self.api.list_cluster_custom_object(
-                GROUP, VERSION, plural, label_selector=f"{NODE_LABEL}={name}"
+            listed = typed(
+                self.api.list_cluster_custom_object(
+                    GROUP, VERSION, plural, label_selector=f"{NODE_LABEL}={name}"
+                )
             )
             for body in listed["items"]:
                 if body["metadata"].get("deletionTimestamp"):
@@ -438,4 +441,5 @@ def run(
     log.info("leading as %s", identity)
     # An explicit identity: kopf's default asks the passwd database for the user's name, and the
     # image's non-root UID (or a platform's random one) has no entry there.
-    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=identity)
+    # kopf's Identity is a NewType of str, which mypy does not take a plain str for.
+    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=identity)  # type: ignore[arg-type]

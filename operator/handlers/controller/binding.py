@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes
@@ -19,6 +19,7 @@ from kubenova.handlers.shared import (
     VERSION,
     VIRTUALINSTANCES,
     VOLUMEATTACHMENTS,
+    StatusWriter,
     condition,
     set_condition,
     unless_changed,
@@ -96,17 +97,10 @@ def place(
         patch: dict[str, Any] = {"phase": "Pending"}
         set_condition(patch, status, "Scheduled", False, "Unschedulable", str(exc), meta.get("generation"))
         # Guarded as well: a pass holding an old copy must not call an instance bound meanwhile unschedulable.
-        if unless_changed(
-            lambda: custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                VIRTUALINSTANCES,
-                name,
-                {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch},
-            )
-        ):
-            kopf.warn(dict(body), reason="Unschedulable", message=exc.detail)  # the figures of this moment
+        written = StatusWriter(custom, VIRTUALINSTANCES).write(body, patch, guard=True)
+        if written is not None and written is not body:
+            # kopf takes a plain mapping too; the figures of this moment go into the Event only.
+            kopf.warn(cast(kopf.Body, dict(body)), reason="Unschedulable", message=exc.detail)
         return None
     finalizers = list(meta.get("finalizers") or [])
     faults.point("placement.chosen")
@@ -152,17 +146,7 @@ def bind_volume(
         status = body.get("status") or {}
         patch: dict[str, Any] = {"phase": "Pending"}
         set_condition(patch, status, "Ready", False, "InstanceNotPlaced", message, meta.get("generation"))
-        if any(status.get(key) != value for key, value in patch.items()):
-            unless_changed(
-                lambda: custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    meta["namespace"],
-                    VOLUMEATTACHMENTS,
-                    meta["name"],
-                    {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch},
-                )
-            )
+        StatusWriter(custom, VOLUMEATTACHMENTS).write(body, patch, guard=True)
         return
     unless_changed(
         lambda: custom.patch_namespaced_custom_object(

@@ -27,6 +27,7 @@ from kubenova.handlers.shared import (
     VERSION,
     VIRTUALINSTANCES,
     VOLUMEATTACHMENTS,
+    StatusWriter,
     cancelled,
     flavor_of,
     is_final,
@@ -34,6 +35,7 @@ from kubenova.handlers.shared import (
     now,
     post_event,
     remove_finalizer,
+    typed,
 )
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,12 @@ class Planner:
         self.core = core
         self.limits = limits
         self.capacity = capacity
+        self.status = StatusWriter(custom, MIGRATIONS)
+        self.node_status = StatusWriter(custom, COMPUTENODES)
 
     def run(self) -> None:
-        migrations = self.custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS)["items"]
-        nodes = self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES)["items"]
+        migrations = typed(self.custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS))["items"]
+        nodes = typed(self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES))["items"]
         uris = {node["metadata"]["name"]: (node.get("status") or {}).get("migrationURI") for node in nodes}
         names = set(uris)
         for body in migrations:
@@ -104,14 +108,7 @@ class Planner:
     # --- one Migration -------------------------------------------------------------------
 
     def _status(self, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"], {"status": patch}
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 404:
-                raise
+        self.status.write(body, patch)
 
     def _end(self, body: Mapping[str, Any], phase: str, message: str) -> None:
         self._status(body, {"phase": phase, "step": "Done", "message": message, "completionTime": now()})
@@ -153,8 +150,8 @@ class Planner:
             self._end(body, "Cancelled", "cancelled before it started; the instance did not move")
             return
         try:
-            instance = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, VIRTUALINSTANCES, name
+            instance = typed(
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name)
             )
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:
@@ -233,8 +230,10 @@ class Planner:
             )
         attached = [
             va["metadata"]["name"]
-            for va in self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, imeta["namespace"], VOLUMEATTACHMENTS
+            for va in typed(
+                self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, imeta["namespace"], VOLUMEATTACHMENTS
+                )
             )["items"]
             if va["spec"]["instanceRef"]["name"] == name
         ]
@@ -319,9 +318,12 @@ class Planner:
             elif current.get("state") == "Drained":
                 self._node_status(name, current, None)
             return
-        since = current.get("startTime") if current.get("state") in ("Draining", "Drained") else now()
-        instances = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, VIRTUALINSTANCES, label_selector=f"{NODE_LABEL}={name}"
+        draining = current.get("state") in ("Draining", "Drained")
+        since = str(current.get("startTime") or now()) if draining else now()
+        instances = typed(
+            self.custom.list_cluster_custom_object(
+                GROUP, VERSION, VIRTUALINSTANCES, label_selector=f"{NODE_LABEL}={name}"
+            )
         )["items"]
         mine = [b for b in evacuations if _created(b) >= since]
         left = []
@@ -388,8 +390,8 @@ class Planner:
             },
             "spec": spec,
         }
-        made: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, imeta["namespace"], MIGRATIONS, body
+        made: dict[str, Any] = typed(
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, imeta["namespace"], MIGRATIONS, body)
         )
         log.info(
             "maintenance of %s: migration %s/%s for %s",
@@ -403,9 +405,7 @@ class Planner:
     def _node_status(self, name: str, current: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> None:
         if dict(current) == (dict(wanted) if wanted else {}):
             return
-        self.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, COMPUTENODES, name, {"status": {"maintenance": wanted}}
-        )
+        self.node_status.write({"metadata": {"name": name}, "status": {}}, {"maintenance": wanted})
 
 
 class _Wait(Exception):

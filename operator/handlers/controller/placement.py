@@ -81,7 +81,7 @@ def choose_node(
     """The fitting node with the most free memory (spreads instances); raises Unschedulable."""
     if not nodes:
         raise Unschedulable("no ComputeNode is registered; start a kubenova agent on a node")
-    candidates = [nodes[pinned]] if pinned in nodes else [] if pinned else list(nodes.values())
+    candidates = [nodes[pinned]] if pinned and pinned in nodes else [] if pinned else list(nodes.values())
     if pinned and not candidates:
         raise Unschedulable(f"spec.nodeName {pinned!r} names no registered ComputeNode")
     reasons, details = [], []
