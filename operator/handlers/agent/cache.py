@@ -69,6 +69,13 @@ class ObjectCache:
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
         """Record a watch event (or a fresh body from our own write); returns the object's UID."""
         uid = str(body["metadata"]["uid"])
+        log.debug(
+            "watch event %s for %s/%s (%s)",
+            event_type,
+            body["metadata"]["namespace"],
+            body["metadata"]["name"],
+            uid,
+        )
         if event_type == "DELETED":
             self.objects.pop(uid, None)
             self.queue.drop(uid)

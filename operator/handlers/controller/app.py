@@ -69,6 +69,10 @@ class Reservations:
     def add(self, uid: str, node: str, usage: Usage) -> None:
         self._pending[uid] = (node, usage, time.monotonic())
 
+    def made(self, uid: str) -> bool:
+        """Whether this controller bound the instance and its usage index has not caught up yet."""
+        return uid in self._pending
+
     def release(self, uid: str) -> None:
         """The instance is gone: what it reserved is free at once, not after RESERVATION_SECONDS."""
         with self.lock:
@@ -197,6 +201,8 @@ class Controller:
         indexes = self.indexes
         try:
             with self.reservations.lock:
+                if self.reservations.made(body["metadata"]["uid"]):
+                    return  # bound a moment ago: this is an older copy (its write would be refused)
                 node = binding.place(
                     self.api,
                     body,
