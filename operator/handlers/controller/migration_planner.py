@@ -405,7 +405,9 @@ class Planner:
     def _node_status(self, name: str, current: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> None:
         if dict(current) == (dict(wanted) if wanted else {}):
             return
-        self.node_status.write({"metadata": {"name": name}, "status": {}}, {"maintenance": wanted})
+        self.node_status.write(
+            {"metadata": {"name": name}, "status": {"maintenance": dict(current)}}, {"maintenance": wanted}
+        )
 
 
 class _Wait(Exception):
