@@ -40,7 +40,7 @@ from kubenova.driver.base import (
     RebootType,
 )
 from kubenova.driver.images import ImageStore
-from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.cache import ObjectCache, older
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.migration_steps import holds
 from kubenova.handlers.agent.volumes import waiting_for
@@ -77,6 +77,10 @@ class SpecProblem(Exception):
 
 class NotHere(Exception):
     """The object moved to another node or went away; this agent's copy was stale."""
+
+
+class BeingDeleted(Exception):
+    """The newest version of the object, still bound here, is being deleted: no domain is made for it."""
 
 
 class WaitFor(Exception):
@@ -267,9 +271,8 @@ class InstanceAgent:
         fresh = self.status.write(body, patch)
         if fresh is None or fresh is body:  # gone, or nothing to say
             return
-        meta = body["metadata"]
-        if meta["uid"] in self.cache.objects:
-            self.cache.objects[meta["uid"]] = dict(fresh)
+        if body["metadata"]["uid"] in self.cache.objects:
+            self.cache.seen("MODIFIED", fresh)  # unless a newer version arrived meanwhile
         phase = patch.get("phase")
         if (
             phase and phase != status.get("phase") and phase not in ("Failed", "Pending")
@@ -296,6 +299,8 @@ class InstanceAgent:
                 self._delete(body)
                 return
             self._reconcile(body)
+        except BeingDeleted:
+            self._delete(body)
         except NotHere:
             log.info(
                 "%s/%s is not bound to %s any more; forgetting it",
@@ -303,7 +308,8 @@ class InstanceAgent:
                 body["metadata"]["name"],
                 self.node,
             )
-            self.cache.seen("DELETED", body)
+            if not older(body, self.cache.objects.get(uid)):  # a newer version seen meanwhile decides anew
+                self.cache.seen("DELETED", body)
         except WaitFor as exc:
             self._retry_later(uid, body, exc.reason, str(exc))
         except DriverError as exc:
@@ -402,7 +408,8 @@ class InstanceAgent:
         self._power(uid, want, state)
 
     def _still_here(self, body: dict[str, Any]) -> bool:
-        """Whether the newest version of the object is still bound to this node and not being deleted.
+        """Whether the newest version of the object is still bound to this node (BeingDeleted when it is,
+        but is being deleted).
 
         Asked before a domain is created, the one act a stale copy must never cause: after a migration
         whose label change this agent missed, it would start a second copy of a guest running elsewhere.
@@ -420,12 +427,13 @@ class InstanceAgent:
             raise
         if (
             fresh["metadata"]["uid"] != meta["uid"]
-            or fresh["metadata"].get("deletionTimestamp")
             or (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node
         ):
             return False
         body.clear()
         body.update(fresh)
+        if fresh["metadata"].get("deletionTimestamp"):  # still ours to let go: our finalizer holds it
+            raise BeingDeleted()
         return True
 
     def _power(self, uid: str, want: str, state: PowerState) -> None:
