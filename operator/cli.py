@@ -115,6 +115,18 @@ def parser() -> argparse.ArgumentParser:
         help="seconds between diagnostics reads into status and /metrics [60]",
     )
     agent.add_argument(
+        "--image-cache-interval",
+        type=float,
+        default=2400.0,
+        help="seconds between passes of the image cache manager (Nova's image_cache_manager_interval) [2400]",
+    )
+    agent.add_argument(
+        "--image-cache-grace",
+        type=float,
+        default=86400.0,
+        help="a cached base image no instance uses is removed after this many seconds unused [86400]",
+    )
+    agent.add_argument(
         "--soft-reboot-timeout",
         type=float,
         default=60.0,
@@ -199,6 +211,8 @@ def _agent(args: argparse.Namespace) -> int:
             metrics_address=args.metrics_address,
             resync_interval=args.resync_interval,
             diagnostics_interval=args.diagnostics_interval,
+            image_cache_interval=args.image_cache_interval,
+            image_cache_grace=args.image_cache_grace,
             settings=settings,
         ),
         driver,

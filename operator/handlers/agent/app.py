@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -58,7 +58,24 @@ class AgentConfig:
     metrics_address: str = "127.0.0.1:9464"
     resync_interval: float = 30.0
     diagnostics_interval: float = 60.0
+    #: Nova's image_cache_manager_interval and remove_unused_original_minimum_age_seconds.
+    image_cache_interval: float = 2400.0
+    image_cache_grace: float = 86400.0
     settings: Settings = dataclasses.field(default_factory=Settings)
+
+
+def images_in_use(
+    instances: Iterable[Mapping[str, Any]], attachments: Iterable[Mapping[str, Any]]
+) -> set[str]:
+    """The store images this node's objects name: boot and rescue images, attached images."""
+    names = set()
+    for body in instances:
+        spec = body.get("spec") or {}
+        names.add(((spec.get("boot") or {}).get("image") or {}).get("name"))
+        names.add((spec.get("rescue") or {}).get("image"))
+    for body in attachments:
+        names.add(((body.get("spec") or {}).get("image") or {}).get("name"))
+    return {name for name in names if name}
 
 
 def configure(settings: kopf.OperatorSettings, node: str) -> None:
@@ -168,6 +185,7 @@ class Agent:
                 lambda: diagnostics.collect(self.instances, self.metrics),
                 "diagnostics",
             ),
+            _every(config.image_cache_interval, self._manage_image_cache, "image cache"),
         ]
         self._tasks.extend(asyncio.create_task(job) for job in jobs)
 
@@ -175,6 +193,15 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         self.queue.stop()
+
+    def _manage_image_cache(self) -> None:
+        """Nova's image cache manager: cached bases no instance here uses go after the grace period."""
+        in_use = images_in_use(
+            list(self.instance_cache.objects.values()), list(self.volume_cache.objects.values())
+        )
+        removed = self.driver.manage_image_cache(in_use, self.config.image_cache_grace)
+        if removed:
+            log.info("removed %d unused cached base images: %s", len(removed), ", ".join(removed))
 
     def _know_migrations(self) -> None:
         """This node's migrations, known before the first instance event: an instance whose domain
