@@ -293,8 +293,13 @@ class HostStats:
 
     vcpus: int
     memory_mib: int
+    #: measured free host memory now (Nova's host_memory_free), not capacity minus instances
+    memory_free_mib: int
     disk_gib: int
+    #: plain free space of the filesystem that holds the instances' files
     disk_free_gib: int
+    #: free disk if every copy-on-write disk grew to its full virtual size (Nova's disk_available_least)
+    disk_available_least_gib: int
     hypervisor_type: str
     hypervisor_version: str
     hostname: str
@@ -335,16 +340,6 @@ class Diagnostics:
     disks: dict[str, BlockStats]
     interfaces: dict[str, InterfaceStats]
 
-
-@dataclasses.dataclass(frozen=True)
-class BandwidthUsage:
-    """Nova's get_all_bw_usage entry: bytes in and out of one interface."""
-
-    uuid: str
-    interface: str
-    mac: str
-    bw_in: int
-    bw_out: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +499,7 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def unpause(self, uuid: str) -> None:
-        """Let a paused instance run on."""
+        """Let a paused instance run on; an instance that is not paused is left as it is."""
 
     @abc.abstractmethod
     def suspend(self, uuid: str) -> None:
@@ -512,7 +507,8 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def resume(self, uuid: str) -> None:
-        """Restore a suspended instance where it stopped."""
+        """Restore a suspended instance where it stopped; an instance that is not suspended is left as it is
+        (like unpause and unrescue: asking for the state an instance is already in is no error)."""
 
     @abc.abstractmethod
     def rescue(self, uuid: str, rescue_image: ImageRef) -> None:
@@ -520,7 +516,7 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def unrescue(self, uuid: str) -> None:
-        """Boot the instance normally again."""
+        """Boot the instance normally again; an instance that is not in rescue is left as it is."""
 
     @abc.abstractmethod
     def snapshot(self, uuid: str, image_name: str, progress: Callable[[int], None] | None = None) -> str:
@@ -539,14 +535,6 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def set_admin_password(self, uuid: str, password: str) -> None:
         """Change the guest's admin password (needs an agent in the guest)."""
-
-    @abc.abstractmethod
-    def inject_file(self, uuid: str, path: str, content: bytes) -> None:
-        """Write a file into a running guest."""
-
-    @abc.abstractmethod
-    def inject_network_info(self, uuid: str, network_config: str) -> None:
-        """Hand the guest new network configuration."""
 
     # --- diagnostics ---------------------------------------------------------------------
 
@@ -578,10 +566,6 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def interface_stats(self, uuid: str, interface: str) -> InterfaceStats:
         """Eight counters of one interface."""
-
-    @abc.abstractmethod
-    def get_all_bw_usage(self) -> list[BandwidthUsage]:
-        """Bytes in and out of every interface of every instance."""
 
     # --- volumes -------------------------------------------------------------------------
 
