@@ -363,6 +363,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     capacity: Resources
     usage: Resources
     diskAvailableLeastGiB: int
+    memoryFreeMiB: int
     instanceCount: int
     instances: list[str]
     heartbeatTime: str

@@ -31,6 +31,10 @@ def test_capacity_matches_the_host_and_instances_are_counted(
     assert status["capacity"]["diskGiB"] == fs.f_blocks * fs.f_frsize // 2**30
     assert status["hypervisorType"] == "QEMU" and status["cpuInfo"]["arch"] == "x86_64"
     assert status["cpuInfo"]["features"], "the host CPU's feature flags are reported"
+    # Measured, not capacity minus instances: the host's own use counts too.
+    assert 0 < status["memoryFreeMiB"] < status["capacity"]["memoryMiB"]
+    # Never more than the plain free space: copy-on-write disks may still grow into it.
+    assert status["diskAvailableLeastGiB"] <= (fs.f_bavail * fs.f_frsize) // 2**30 + 1
 
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("counted"))
     eventually(
