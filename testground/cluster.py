@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
-from kubenova.testground import kube, libvirt_host, procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import kube, libvirt_host, procs
+from testground.procs import Layout, TestGroundError
 
 NODE_IP = kube.CLUSTER_ADDRESS
 POD_CIDR = "10.244.0.0/24"
