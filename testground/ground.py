@@ -12,7 +12,7 @@ import time
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
 from testground import cluster as cluster_mode
-from testground import guest, kube, libvirt_host, procs
+from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, procs
 from testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
@@ -271,9 +271,9 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     and with ``install`` the chart; it ends when the pods are Ready and the agent registered node-0."""
     node_tools = kube.build_node_tools()
     cluster_mode.start_containerd(ground.layout)
-    cluster_mode.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
+    cluster_images.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
-    cluster_mode.ensure_kubenova_image(ground.layout, image_ref())
+    cluster_images.ensure_kubenova_image(ground.layout, image_ref())
     if install:
         cluster_mode.helm_install(
             ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store
@@ -307,7 +307,7 @@ def down(layout: Layout | None = None) -> list[str]:
     for name in ("kube-apiserver", "etcd"):
         if procs.stop(layout, name):
             stopped.append(name)
-    stopped += cluster_mode.clean(layout)
+    stopped += cluster_clean.clean(layout)
     shutil.rmtree(layout.state, ignore_errors=True)
     return stopped
 
