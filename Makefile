@@ -1,14 +1,18 @@
 # The two commands of the README, and what they build on.
 VENV := .venv
-KUBENOVA := $(VENV)/bin/kubenova
+# The test ground runs from the checkout (testground/ is not part of the installed kubenova).
+TESTGROUND := $(VENV)/bin/python -m testground
 
-.PHONY: deps demo test test-long test-cluster lint bench down image kind-up
+.PHONY: deps up demo test test-long test-cluster lint bench down image kind-up
 deps:  ## Debian packages, the Python venv (the Go tools are built on first use)
 	bash hack/install-deps.sh
 
+up: deps  ## start the test ground and kubenova (idempotent), print how to use kubectl
+	$(TESTGROUND) up
+
 demo: deps  ## start the test ground and kubenova, boot the sample VM, show it Running
-	$(KUBENOVA) dev demo
-	@echo; echo "To use kubectl:"; $(KUBENOVA) dev env
+	$(TESTGROUND) demo
+	@echo; echo "To use kubectl:"; $(TESTGROUND) env
 
 test: deps  ## the whole test suite against the real apiserver, etcd and libvirtd
 	$(VENV)/bin/python -m pytest
@@ -18,12 +22,12 @@ test-long: deps  ## the fault matrix, connection loss and soak (about 20 minutes
 
 test-cluster:  ## cluster mode end to end: helm install of kubenova's image on a real node (kubelet, containerd)
 	bash hack/install-deps.sh --cluster
-	$(KUBENOVA) dev down
+	$(TESTGROUND) down
 	$(VENV)/bin/python -m pytest -m cluster tests/cluster
 
 lint: deps  ## ruff (lint and format), the import contracts, mypy strict over the driver and the handlers
-	$(VENV)/bin/ruff check operator tests bench hack
-	$(VENV)/bin/ruff format --check operator tests bench hack
+	$(VENV)/bin/ruff check operator testground tests bench hack
+	$(VENV)/bin/ruff format --check operator testground tests bench hack
 	$(VENV)/bin/lint-imports
 	MYPYPATH=hack/mypy-path $(VENV)/bin/mypy --strict -p kubenova.driver -p kubenova.handlers
 
@@ -40,4 +44,4 @@ kind-up:  ## needs Docker and kind (not available on the CI machine): a kind clu
 	helm install kubenova charts/kubenova --namespace kubenova-system --create-namespace -f deploy/kind/values.yaml
 
 down:  ## stop everything the test ground started
-	$(KUBENOVA) dev down
+	$(TESTGROUND) down

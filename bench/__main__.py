@@ -19,8 +19,8 @@ import subprocess
 
 from bench import api_cost, burst, latency, memory, migration, reaction, scale
 from bench.common import Result, connect
-from kubenova.testground import ground as testground
-from kubenova.testground.kube import REPO
+from testground import ground as testground
+from testground.kube import REPO
 
 #: The burst is 30, not the 50 the issue names: 50 one-vCPU instances do not fit this 2-CPU host under
 #: Nova's default CPU overcommit (16×, so 32 vCPUs), and the controller rightly refuses the rest.

@@ -17,8 +17,8 @@ import kubernetes
 
 from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, procs
+from testground import ground as testground
+from testground import guest, procs
 
 NAMESPACE = "bench"
 _SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")

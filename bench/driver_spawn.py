@@ -20,8 +20,8 @@ import libvirt
 from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.testground import ground as testground
-from kubenova.testground import guest
+from testground import ground as testground
+from testground import guest
 
 
 def wait_marker(path: pathlib.Path, started: float, timeout: float = 120) -> float:

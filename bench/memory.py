@@ -18,7 +18,7 @@ from bench.common import (
     start_fake_agents,
     stop_fake_agents,
 )
-from kubenova.testground import libvirt_host, procs
+from testground import libvirt_host, procs
 
 FAKE_NODE = "bench-mem"
 

@@ -15,8 +15,8 @@ from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, VERSION
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, libvirt_host
+from testground import ground as testground
+from testground import guest, libvirt_host
 
 NODES = ("node-1", "node-2")
 POOL = "bench.kubenova.io/pool"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test ground needs (libvirtd, QEMU, tools for
 # the guest image) and the Python venv. Idempotent: installed packages are skipped.
-# --cluster adds what cluster mode's node needs (`kubenova dev up --cluster`).
+# --cluster adds what cluster mode's node needs (`python -m testground up --cluster`).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients

@@ -1,4 +1,7 @@
-"""The `kubenova` command: controller, agent and the embedded test ground."""
+"""The `kubenova` command: the controller and the node agent.
+
+The embedded test ground is not part of it: from a source checkout it runs as `python -m testground`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ import os
 import sys
 import urllib.error
 import urllib.request
-
-from kubenova.testground.procs import TestGroundError
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -151,27 +152,6 @@ def parser() -> argparse.ArgumentParser:
         help="warn (Event) when an instance stays in rescue longer than this; 0 never [0]",
     )
 
-    dev = sub.add_parser("dev", help="the embedded test ground: etcd, kube-apiserver, libvirtd, kubenova")
-    dev_sub = dev.add_subparsers(dest="action", required=True)
-    up = dev_sub.add_parser("up", help="start everything (idempotent) and print how to use it")
-    up.add_argument("--no-kubenova", action="store_true", help="start only etcd, kube-apiserver and libvirtd")
-    up.add_argument(
-        "--nodes",
-        type=int,
-        default=1,
-        help="compute nodes, each a libvirtd in its own network namespace with its own agent; "
-        "instances migrate between them [1]",
-    )
-    up.add_argument(
-        "--cluster",
-        action="store_true",
-        help="a real single-node cluster instead of local processes: containerd, kubelet, scheduler, "
-        "controller manager and kube-proxy run kubenova's image, installed with its helm chart",
-    )
-    dev_sub.add_parser("down", help="stop everything the test ground started, even after a crash")
-    dev_sub.add_parser("status", help="show what is running")
-    dev_sub.add_parser("env", help="print the shell exports for kubectl")
-    dev_sub.add_parser("demo", help="start everything, boot the sample VM and show it Running, timed")
     return top
 
 
@@ -239,34 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # kopf logs every handled watch event at INFO
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("leaderelection").setLevel(logging.WARNING)  # logs every renewal
-    try:
-        if args.command == "controller":
-            from kubenova.handlers.controller import app as controller
+    if args.command == "controller":
+        from kubenova.handlers.controller import app as controller
 
-            controller.run(
-                args.lease_namespace,
-                controller.MigrationLimits(args.max_migrations_per_node, args.max_migrations),
-                args.health_address,
-            )
-        elif args.command == "probe":
-            return _probe(args.url)
-        elif args.command == "agent":
-            if not args.node:
-                print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)
-                return 2
-            return _agent(args)
-        else:
-            from kubenova.testground import ground
-
-            return ground.main(
-                args.action,
-                start_kubenova=not getattr(args, "no_kubenova", False),
-                nodes=getattr(args, "nodes", 1),
-                cluster=getattr(args, "cluster", False),
-            )
-    except TestGroundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        controller.run(
+            args.lease_namespace,
+            controller.MigrationLimits(args.max_migrations_per_node, args.max_migrations),
+            args.health_address,
+        )
+    elif args.command == "probe":
+        return _probe(args.url)
+    elif args.command == "agent":
+        if not args.node:
+            print("error: the agent needs its node name: set NODE_NAME or pass --node", file=sys.stderr)
+            return 2
+        return _agent(args)
     return 0
 
 

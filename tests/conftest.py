@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
-from kubenova.testground import ground as testground
+from testground import ground as testground
 from tests.helpers import REPORT, eventually
 
 

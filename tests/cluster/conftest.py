@@ -1,4 +1,4 @@
-"""Cluster mode: the test ground as a real single node (see kubenova.testground.cluster).
+"""Cluster mode: the test ground as a real single node (see testground.cluster).
 
 Its own CI step (`make test-cluster`): the default test ground and this one use the same ports.
 """
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kubenova.testground import ground as testground
+from testground import ground as testground
 from tests.helpers import REPORT
 
 

@@ -17,8 +17,8 @@ import libvirt
 import pytest
 
 from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
-from kubenova.testground import cluster, kube, procs
-from kubenova.testground import ground as testground
+from testground import cluster, kube, procs
+from testground import ground as testground
 from tests.helpers import REPORT, eventually, listeners, on_every_interface
 from tests.integration.test_agent import boots, delete_and_wait, ticks, wait_ready
 from tests.integration.test_virtualinstance import domain, make

@@ -25,8 +25,8 @@ from kubenova.driver.base import ComputeDriver, FirewallRule, ImageRef, Instance
 from kubenova.driver.fake import FakeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, libvirt_host
+from testground import ground as testground
+from testground import guest, libvirt_host
 from tests.helpers import vnc_auth
 
 NETWORK = libvirt_host.NETWORK

@@ -35,7 +35,7 @@ from kubenova.driver.base import (
     VolumeSpec,
     stable_mac,
 )
-from kubenova.testground import guest
+from testground import guest
 from tests.conformance.conftest import NETWORK, Env
 from tests.helpers import eventually
 

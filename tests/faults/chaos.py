@@ -12,8 +12,8 @@ import os
 import pathlib
 import signal
 
-from kubenova.testground import ground as testground
-from kubenova.testground import kube, libvirt_host, procs
+from testground import ground as testground
+from testground import kube, libvirt_host, procs
 from tests.helpers import eventually
 
 COMPONENTS = ("agent", "controller", "libvirtd", "kube-apiserver", "etcd")

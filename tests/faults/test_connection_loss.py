@@ -11,8 +11,8 @@ import libvirt
 import pytest
 
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
-from kubenova.testground import kube, libvirt_host, procs
+from testground import ground as testground
+from testground import kube, libvirt_host, procs
 from tests.faults import chaos
 from tests.helpers import eventually
 from tests.integration.test_agent import patch_spec, wait_ready

@@ -30,8 +30,8 @@ from kubenova.handlers.shared import (
     VIRTUALINSTANCES,
     VOLUMEATTACHMENTS,
 )
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, libvirt_host
+from testground import ground as testground
+from testground import guest, libvirt_host
 from tests.faults import chaos
 from tests.faults.conftest import RESULTS
 from tests.helpers import eventually

@@ -18,8 +18,8 @@ import pytest
 
 from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.handlers.shared import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, procs
+from testground import ground as testground
+from testground import guest, procs
 from tests.helpers import REPORT, eventually
 from tests.integration.test_virtualinstance import make
 

@@ -16,8 +16,8 @@ import libvirt
 import yaml
 
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, libvirt_host, procs
+from testground import ground as testground
+from testground import guest, libvirt_host, procs
 from tests.helpers import eventually
 from tests.integration.test_virtualinstance import cond, domain, get, make
 

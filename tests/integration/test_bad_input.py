@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
-from kubenova.testground import ground as testground
-from kubenova.testground import guest
+from testground import ground as testground
+from testground import guest
 from tests.helpers import REPORT, eventually, log_problems
 
 EXAMPLES = 1000

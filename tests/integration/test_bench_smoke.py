@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from bench.__main__ import main
-from kubenova.testground import ground as testground
+from testground import ground as testground
 
 
 def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:

@@ -18,8 +18,8 @@ from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.handlers.controller import binding
 from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, procs
+from testground import ground as testground
+from testground import guest, procs
 from tests.helpers import eventually
 from tests.integration.test_agent import delete_and_wait, wait_ready
 from tests.integration.test_virtualinstance import cond, domain, get, make

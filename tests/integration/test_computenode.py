@@ -8,7 +8,7 @@ import pathlib
 import kubernetes
 
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
+from testground import ground as testground
 from tests.helpers import eventually
 from tests.integration.test_virtualinstance import cond, get, make
 

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes
 
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
-from kubenova.testground import ground as testground
+from testground import ground as testground
 from tests.helpers import eventually
 from tests.integration.test_agent import delete_and_wait, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import get, make

@@ -22,8 +22,8 @@ import libvirt
 import pycdlib
 import pytest
 
-from kubenova.testground import ground as testground
-from kubenova.testground import guest
+from testground import ground as testground
+from testground import guest
 from tests.helpers import eventually
 
 BOOT_TIMEOUT = 120

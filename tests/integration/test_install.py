@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, kube, procs
+from testground import ground as testground
+from testground import guest, kube, procs
 from tests.helpers import eventually, vnc_auth
 
 REPO = kube.REPO

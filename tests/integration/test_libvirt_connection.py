@@ -8,8 +8,8 @@ import uuid
 from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, libvirt_host
+from testground import ground as testground
+from testground import guest, libvirt_host
 from tests.helpers import eventually
 
 NODE = "reconnect"

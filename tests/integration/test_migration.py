@@ -13,8 +13,8 @@ import pytest
 
 from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, libvirt_host
+from testground import ground as testground
+from testground import guest, libvirt_host
 from tests.helpers import eventually
 from tests.integration.test_agent import delete_and_wait, wait_action, wait_ready
 from tests.integration.test_virtualinstance import get, make

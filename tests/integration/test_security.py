@@ -12,8 +12,8 @@ import kubernetes
 import libvirt
 
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
-from kubenova.testground import ground as testground
-from kubenova.testground import guest, procs
+from testground import ground as testground
+from testground import guest, procs
 from tests.helpers import eventually, listeners, on_every_interface
 from tests.integration.test_agent import console_text, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, domain, get, make

@@ -12,9 +12,9 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.testground import ground as testground
-from kubenova.testground import kube, libvirt_host, procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import ground as testground
+from testground import kube, libvirt_host, procs
+from testground.procs import Layout, TestGroundError
 
 
 def kubectl(ground: testground.Ground, *args: str) -> str:

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from kubenova.handlers.shared import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
-from kubenova.testground import ground as testground
-from kubenova.testground import guest
+from testground import ground as testground
+from testground import guest
 from tests.helpers import eventually
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

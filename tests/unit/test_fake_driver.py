@@ -48,7 +48,7 @@ from kubenova.driver.base import (
     stable_mac,
 )
 from kubenova.driver.fake import FakeDriver
-from kubenova.testground import guest
+from testground import guest
 
 KERNEL, INITRD, IMAGE, RESCUE = "vmlinuz", "initrd.img", "disk.img", "rescue.img"
 IMAGE_DATA = bytes(range(32)) * 40

@@ -1,4 +1,4 @@
-"""`kubenova dev`: bring the whole test ground up or down, idempotently."""
+"""Bring the whole test ground up or down, idempotently (`python -m testground`, see __main__.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 import time
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
-from kubenova.testground import cluster as cluster_mode
-from kubenova.testground import guest, kube, libvirt_host, procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import cluster as cluster_mode
+from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, procs
+from testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
 #: The agent of NODE serves /metrics here (loopback only), node-N's at METRICS_PORT + N; below the
@@ -230,7 +230,7 @@ def _check_mode(layout: Layout, cluster: bool) -> None:
     running = marker.read_text() if marker.exists() else "processes"  # grounds from before the marker
     if procs.running_pid(layout, "kube-apiserver") and running != wanted:
         raise TestGroundError(
-            f"the test ground already runs in {running} mode; run `kubenova dev down` first"
+            f"the test ground already runs in {running} mode; run `python -m testground down` first"
         )
     marker.write_text(wanted)
 
@@ -271,9 +271,9 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     and with ``install`` the chart; it ends when the pods are Ready and the agent registered node-0."""
     node_tools = kube.build_node_tools()
     cluster_mode.start_containerd(ground.layout)
-    cluster_mode.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
+    cluster_images.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
-    cluster_mode.ensure_kubenova_image(ground.layout, image_ref())
+    cluster_images.ensure_kubenova_image(ground.layout, image_ref())
     if install:
         cluster_mode.helm_install(
             ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store
@@ -307,7 +307,7 @@ def down(layout: Layout | None = None) -> list[str]:
     for name in ("kube-apiserver", "etcd"):
         if procs.stop(layout, name):
             stopped.append(name)
-    stopped += cluster_mode.clean(layout)
+    stopped += cluster_clean.clean(layout)
     shutil.rmtree(layout.state, ignore_errors=True)
     return stopped
 
@@ -375,26 +375,3 @@ def demo(ground: Ground) -> None:
     print(table.rstrip())
     print(f"\nconsole ({console}):\n  {marker}")
     print(f"\napply -> Ready (Running): {running:.2f}s; apply -> boot marker: {booted:.2f}s")
-
-
-def main(action: str, start_kubenova: bool = True, nodes: int = 1, cluster: bool = False) -> int:
-    if action == "up":
-        ground = up(start_kubenova, nodes=nodes, cluster=cluster)
-        for name, state in status(ground.layout).items():
-            print(f"{name:24} {state}")
-        print(
-            f"\nlogs: {ground.layout.state / 'logs'}\nTo use kubectl:\n{exports(ground.layout, ground.tools)}"
-        )
-    elif action == "down":
-        stopped = down()
-        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-    elif action == "status":
-        for name, state in status().items() or {"test ground": "not started"}.items():
-            print(f"{name:24} {state}")
-    elif action == "env":
-        print(exports(Layout.default(), kube.build_tools()))
-    elif action == "demo":
-        demo(up())
-    else:
-        raise TestGroundError(f"unknown action {action!r}")
-    return 0

@@ -1,5 +1,5 @@
 """etcd and kube-apiserver: by default the way envtest runs them (no kubelet, no scheduler); cluster mode
-adds those in kubenova.testground.cluster."""
+adds those in testground.cluster."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import urllib.request
 
 import yaml
 
-from kubenova.testground import procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import procs
+from testground.procs import Layout, TestGroundError
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 # Every port the test ground listens on is below Linux's ephemeral range (32768-60999): inside it, an
 # outgoing connection (the apiserver's to etcd, once) can hold the port first and the bind fails.
 ETCD_PORT = int(os.environ.get("KUBENOVA_ETCD_PORT", "22379"))

@@ -10,8 +10,8 @@ import subprocess
 import time
 import uuid
 
-from kubenova.testground import procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import procs
+from testground.procs import Layout, TestGroundError
 
 SCRIPT = pathlib.Path(__file__).with_name("libvirt-host.sh")
 REQUIRED = {

@@ -18,8 +18,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
-from kubenova.testground import procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import procs
+from testground.procs import Layout, TestGroundError
 
 BOOT_MARKER = "KUBENOVA-GUEST-BOOTED"
 RESCUE_MARKER = "KUBENOVA-RESCUE-BOOTED"

@@ -7,6 +7,9 @@ the agent reaches node-0's libvirtd through its socket folder, the chart's ``age
 
 Where this machine (a sandbox: cgroup v1, no CAP_SYS_RESOURCE) needs a setting a real node would not,
 the setting says why here; the chart itself is the production chart, unchanged.
+
+This module runs the node and installs the chart; cluster_images builds the images the node runs,
+cluster_clean removes what the node leaves behind.
 """
 
 from __future__ import annotations
@@ -14,18 +17,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shlex
 import shutil
-import signal
 import subprocess
-import time
 from typing import Any
 
 import yaml
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
-from kubenova.testground import kube, libvirt_host, procs
-from kubenova.testground.procs import Layout, TestGroundError
+from testground import kube, libvirt_host, procs
+from testground.procs import Layout, TestGroundError
 
 NODE_IP = kube.CLUSTER_ADDRESS
 POD_CIDR = "10.244.0.0/24"
@@ -66,14 +66,6 @@ def check_packages() -> None:
             f"cluster mode needs the Debian packages {', '.join(missing)}; run "
             f"hack/install-deps.sh --cluster (or: apt-get install {' '.join(missing)})"
         )
-
-
-def _ctr(layout: Layout, *args: str, what: str) -> subprocess.CompletedProcess[str]:
-    return procs.run(
-        ["ctr", "--address", str(socket(layout)), "--namespace", "k8s.io", *args],
-        what,
-        f"see {layout.logfile('containerd')}",
-    )
 
 
 def _containerd_config(layout: Layout) -> str:
@@ -149,93 +141,6 @@ def start_containerd(layout: Layout) -> None:
         "containerd",
         layout.logfile("containerd"),
     )
-
-
-def _has_image(layout: Layout, ref: str) -> bool:
-    return ref in _ctr(layout, "images", "ls", "-q", what="listing containerd's images").stdout.split()
-
-
-def ensure_pause_image(layout: Layout, node_module: pathlib.Path) -> None:
-    """The sandbox image, compiled from the pinned Kubernetes module's build/pause (static, as upstream)."""
-    if _has_image(layout, PAUSE_IMAGE):
-        return
-    source = procs.run(
-        ["go", "list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"],
-        "finding the Kubernetes module",
-        "run hack/build-tools.sh node first",
-        cwd=node_module,
-        env={
-            **os.environ,
-            "PATH": f"{os.environ.get('PATH', '')}:/usr/local/go/bin",
-            "GOFLAGS": "-mod=mod",
-            "GOTOOLCHAIN": "local",
-        },
-    ).stdout.strip()
-    work = cluster_dir(layout) / "pause"
-    work.mkdir(parents=True, exist_ok=True)
-    procs.run(
-        [
-            "gcc",
-            "-Os",
-            "-Wall",
-            "-Werror",
-            "-static",
-            f"-DVERSION=v{PAUSE_TAG}-kubenova",
-            "-o",
-            str(work / "pause"),
-            f"{source}/build/pause/linux/pause.c",
-        ],
-        "compiling pause",
-        "install gcc",
-    )
-    ctr = procs.run(
-        ["buildah", "from", "scratch"], "making the pause image", "install buildah"
-    ).stdout.strip()
-    try:
-        procs.run(
-            ["buildah", "copy", "--chmod", "0755", ctr, str(work / "pause"), "/pause"], "copying pause", ""
-        )
-        procs.run(
-            ["buildah", "config", "--entrypoint", '["/pause"]', "--user", "65535:65535", ctr],
-            "configuring the pause image",
-            "",
-        )
-        procs.run(["buildah", "commit", "--quiet", ctr, PAUSE_IMAGE], "committing the pause image", "")
-    finally:
-        subprocess.run(["buildah", "rm", ctr], capture_output=True)
-    import_image(layout, PAUSE_IMAGE)
-
-
-def import_image(layout: Layout, ref: str) -> None:
-    """Hand an image buildah holds to containerd's k8s.io namespace, where the kubelet finds it."""
-    archive = cluster_dir(layout) / "image.tar"
-    procs.run(["buildah", "push", "--quiet", ref, f"oci-archive:{archive}:{ref}"], f"exporting {ref}", "")
-    try:
-        _ctr(layout, "images", "import", str(archive), what=f"importing {ref} into containerd")
-    finally:
-        archive.unlink(missing_ok=True)
-
-
-def _image_id(ref: str) -> str:
-    return procs.run(
-        ["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", ref],
-        f"inspecting {ref}",
-        "run hack/build-image.sh",
-    ).stdout.strip()
-
-
-def ensure_kubenova_image(layout: Layout, ref: str) -> None:
-    """Build kubenova's image from the Dockerfile (buildah, cached layers); import it when it changed."""
-    procs.run(
-        ["bash", str(kube.REPO / "hack" / "build-image.sh")],
-        "building kubenova's image",
-        "run hack/build-image.sh to see the build's output",
-    )
-    stamp = cluster_dir(layout) / "kubenova-image.id"
-    built = _image_id(ref)
-    if not (stamp.exists() and stamp.read_text() == built and _has_image(layout, ref)):
-        import_image(layout, ref)
-        stamp.write_text(built)
 
 
 def _node_pki(layout: Layout, pki: pathlib.Path, node: str) -> dict[str, pathlib.Path]:
@@ -407,90 +312,3 @@ def helm_install(
         f"see the pods: kubectl -n {LEASE_NAMESPACE} get pods",
         env=env,
     )
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-#: Chains the kubelet makes for itself (kube-proxy's own go with `kube-proxy --cleanup`).
-KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
-
-
-def _clean_rules() -> None:
-    """The kubelet's chains, and the masquerade rules our CNI network keeps for pods killed without a CNI
-    DEL."""
-    for tool in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle"):
-            listed = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True).stdout
-            chains = set(KUBELET_CHAINS)
-            for rule in listed.splitlines():
-                words = shlex.split(rule)
-                target = words[words.index("-j") + 1] if "-j" in words else ""
-                if words[:1] == ["-A"] and (
-                    target in KUBELET_CHAINS or any(f'"{NETWORK}"' in w for w in words)
-                ):
-                    subprocess.run([tool, "-t", table, "-D", *words[1:]], capture_output=True)
-                    if target.startswith("CNI-"):
-                        chains.add(target)
-            for chain in chains:
-                subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
-                subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
-
-
-def clean(layout: Layout) -> list[str]:
-    """After the components stopped: containers (the shims outlive containerd), their network
-    namespaces, mounts, netfilter rules, the bridge."""
-    cleaned = []
-    sock = str(socket(layout)).encode()
-    namespaces = set()
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"containerd-shim-runc-v2") and sock in argv:
-            for pid in reversed(_descendants(int(entry.name))):
-                try:
-                    namespaces.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            cleaned.append(f"containerd shim {entry.name}")
-    time.sleep(0.5)
-    pinned = pathlib.Path("/run/netns")  # where containerd pins each pod's network namespace
-    for path in pinned.glob("cni-*") if pinned.exists() else []:
-        try:
-            ours = path.stat().st_ino in namespaces
-        except OSError:
-            continue
-        if ours:
-            subprocess.run(["ip", "netns", "del", path.name], capture_output=True)
-    base = str(cluster_dir(layout))
-    mounts = [line.split()[4] for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()]
-    for point in sorted(
-        (m for m in mounts if m.startswith(base) or m.startswith("/run/containerd/")), key=len, reverse=True
-    ):
-        subprocess.run(["umount", "-l", point], capture_output=True)
-    proxy = cluster_dir(layout) / "kube-proxy"  # its iptables chains (a link to the binary start_node ran)
-    if proxy.exists():
-        subprocess.run([str(proxy), "--cleanup"], capture_output=True)
-        _clean_rules()
-    if subprocess.run(["ip", "link", "del", CNI_BRIDGE], capture_output=True).returncode == 0:
-        cleaned.append(f"bridge {CNI_BRIDGE}")
-    return cleaned

@@ -1,0 +1,131 @@
+"""`kubectl kubenova`: day-to-day verbs for VirtualInstances.
+
+Each verb writes only what a user could write by hand (a field of the instance's spec, a new
+action id, a Migration) and then waits for kubenova's answer in status, so the plugin never
+holds state of its own and a GitOps user can do the same with YAML. Problems are one line on
+stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import kubernetes
+
+from kubenova.plugin import node
+from kubenova.plugin.verbs import POWER, Plugin, Refused
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kubectl kubenova", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    top.add_argument(
+        "-n", "--namespace", help="the instance's namespace [the kubeconfig context's, or default]"
+    )
+    top.add_argument("--timeout", type=float, default=300, help="seconds to wait for kubenova's answer [300]")
+    verbs = top.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="create a VirtualInstance and wait until it runs")
+    create.add_argument("name")
+    create.add_argument("--vcpus", type=int, default=1, help="virtual CPUs [1]")
+    create.add_argument("--memory", type=int, default=256, help="memory in MiB [256]")
+    create.add_argument("--image", help="boot this disk image from the node's image store")
+    create.add_argument("--kernel", help="or boot this kernel from the node's image store")
+    create.add_argument("--initrd", help="with this initramfs")
+    create.add_argument("--cmdline", default="console=ttyS0", help="with this command line [console=ttyS0]")
+    create.add_argument(
+        "--node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only nodes with this label (repeatable)",
+    )
+    create.add_argument("--stopped", action="store_true", help="create it powered off")
+    create.add_argument(
+        "--vnc", action="store_true", help="with a VNC server (password in the Secret <name>-vnc)"
+    )
+    verbs.add_parser("delete", help="delete a VirtualInstance and wait until it is gone").add_argument("name")
+    helps = {
+        "start": "power on (spec.powerState Running)",
+        "stop": "power off (spec.powerState Stopped)",
+        "pause": "pause the vCPUs (Paused)",
+        "unpause": "run a paused instance again",
+        "suspend": "save the guest's memory and stop (Suspended)",
+        "resume": "restore a suspended instance",
+    }
+    for verb, text in helps.items():
+        verbs.add_parser(verb, help=text, description=text).add_argument("name")
+    reboot = verbs.add_parser("reboot", help="reboot once (spec.actions.reboot with a new id)")
+    reboot.add_argument("name")
+    reboot.add_argument("--hard", action="store_true", help="reset instead of asking the guest (ACPI)")
+    rescue = verbs.add_parser("rescue", help="boot a rescue image with the root disk attached")
+    rescue.add_argument("name")
+    rescue.add_argument("--image", help="rescue image in the node's image store [the spec's]")
+    verbs.add_parser("unrescue", help="boot normally again").add_argument("name")
+    snapshot = verbs.add_parser("snapshot", help="save the root disk as an image in the node's image store")
+    snapshot.add_argument("name")
+    snapshot.add_argument("image", help="file name of the new image")
+    migrate = verbs.add_parser("migrate", help="move the instance to another node (a Migration object)")
+    migrate.add_argument("name")
+    migrate.add_argument("--live", action="store_true", help="keep it running (Live); default Cold")
+    migrate.add_argument("--to", dest="target", help="the target ComputeNode [the controller chooses]")
+    migrate.add_argument("--no-wait", action="store_true", help="return once the Migration exists")
+    verbs.add_parser("diag", help="diagnostics as a table").add_argument("name")
+    vnc = verbs.add_parser(
+        "vnc", help="forward a local port to the guest's VNC server (on the instance's node)"
+    )
+    vnc.add_argument("name")
+    vnc.add_argument("--port", type=int, default=0, help="local port on 127.0.0.1 [any free one]")
+    console = verbs.add_parser("console", help="print the serial console log (on the instance's node)")
+    console.add_argument("name")
+    console.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    console.add_argument(
+        "--instances-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("/var/lib/kubenova/instances"),
+        help="the agent's --instances-dir on this node [/var/lib/kubenova/instances]",
+    )
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        plugin = Plugin(args.namespace, args.timeout)
+        if args.verb == "create":
+            print(plugin.create(args.name, args))
+        elif args.verb == "delete":
+            print(plugin.delete(args.name))
+        elif args.verb in POWER:
+            print(plugin.power(args.verb, args.name))
+        elif args.verb == "reboot":
+            print(plugin.action(args.name, "reboot", {"type": "Hard" if args.hard else "Soft"}))
+        elif args.verb in ("rescue", "unrescue"):
+            print(plugin.rescue(args.name, getattr(args, "image", None), args.verb == "rescue"))
+        elif args.verb == "snapshot":
+            print(plugin.action(args.name, "snapshot", {"imageName": args.image}))
+        elif args.verb == "migrate":
+            print(plugin.migrate(args.name, args.live, args.target, not args.no_wait))
+        elif args.verb == "diag":
+            print(plugin.diag(args.name))
+        elif args.verb == "vnc":
+            node.vnc(plugin, args.name, args.port, lambda line: print(line, flush=True))
+        else:
+            node.console(plugin, args.name, args.instances_dir, args.follow)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except kubernetes.config.ConfigException as exc:
+        print(f"error: no cluster to talk to: {exc}", file=sys.stderr)
+        return 1
+    except kubernetes.client.ApiException as exc:
+        print(f"error: the apiserver said {exc.status} {exc.reason}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
