@@ -238,16 +238,16 @@ def start_node(
         if not procs.running_pid(layout, name):
             procs.start(layout, name, argv, marker=argv[1])
     kubectl = [str(tools / "kubectl"), f"--kubeconfig={layout.kubeconfig}"]
+    procs.wait_for(lambda: _node_ready(kubectl, node), 120, f"the Node {node}", layout.logfile("kubelet"))
 
-    def ready() -> bool:
-        proc = subprocess.run(
-            [*kubectl, "get", "node", node, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}"],
-            capture_output=True,
-            text=True,
-        )
-        return proc.stdout.strip() == "True"
 
-    procs.wait_for(ready, 120, f"the Node {node}", layout.logfile("kubelet"))
+def _node_ready(kubectl: list[str], node: str) -> bool:
+    proc = subprocess.run(
+        [*kubectl, "get", "node", node, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}"],
+        capture_output=True,
+        text=True,
+    )
+    return proc.stdout.strip() == "True"
 
 
 def _proxy_config(layout: Layout, kubeconfig: pathlib.Path) -> pathlib.Path:

@@ -80,31 +80,7 @@ class Plugin:
 
     def create(self, name: str, args: argparse.Namespace) -> str:
         """A VirtualInstance from flags: the same object `kubectl apply` of a manifest makes."""
-        if bool(args.image) == bool(args.kernel):
-            raise Refused("create needs either --image or --kernel (with --initrd and --cmdline)")
-        boot = (
-            {"image": {"name": args.image}}
-            if args.image
-            else {
-                "kernel": {
-                    "image": args.kernel,
-                    "cmdline": args.cmdline,
-                    **({"initrd": args.initrd} if args.initrd else {}),
-                }
-            }
-        )
-        spec: dict[str, Any] = {
-            "flavor": {"vcpus": args.vcpus, "memoryMiB": args.memory},
-            "boot": boot,
-            "powerState": "Stopped" if args.stopped else "Running",
-        }
-        if args.vnc:
-            spec["vnc"] = {"enabled": True}
-        if args.node_selector:
-            pairs = [item.split("=", 1) for item in args.node_selector]
-            if any(len(pair) != 2 for pair in pairs):
-                raise Refused("--node-selector takes key=value")
-            spec["nodeSelector"] = dict(pairs)
+        spec = _spec_from_flags(args)
         try:
             self.custom.create_namespaced_custom_object(
                 GROUP,
@@ -269,3 +245,33 @@ def _message(exc: kubernetes.client.ApiException) -> str:
         return str(json.loads(exc.body)["message"])
     except (TypeError, ValueError, KeyError):
         return str(exc.reason)
+
+
+def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec `create`'s flags describe; flags that contradict each other are refused before any call."""
+    if bool(args.image) == bool(args.kernel):
+        raise Refused("create needs either --image or --kernel (with --initrd and --cmdline)")
+    boot = (
+        {"image": {"name": args.image}}
+        if args.image
+        else {
+            "kernel": {
+                "image": args.kernel,
+                "cmdline": args.cmdline,
+                **({"initrd": args.initrd} if args.initrd else {}),
+            }
+        }
+    )
+    spec: dict[str, Any] = {
+        "flavor": {"vcpus": args.vcpus, "memoryMiB": args.memory},
+        "boot": boot,
+        "powerState": "Stopped" if args.stopped else "Running",
+    }
+    if args.vnc:
+        spec["vnc"] = {"enabled": True}
+    if args.node_selector:
+        pairs = [item.split("=", 1) for item in args.node_selector]
+        if any(len(pair) != 2 for pair in pairs):
+            raise Refused("--node-selector takes key=value")
+        spec["nodeSelector"] = dict(pairs)
+    return spec
