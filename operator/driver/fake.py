@@ -26,7 +26,6 @@ from typing import ClassVar
 
 from kubenova.driver import cloudinit
 from kubenova.driver.base import (
-    BandwidthUsage,
     BlockStats,
     ComputeDriver,
     CPUIncompatible,
@@ -144,6 +143,17 @@ class _Disk:
     data: bytes | bytearray = b""
     #: sha256 of the cached base behind it, which the image cache must therefore keep
     base: str | None = None
+    #: a copy-on-write file (qcow2, as the libvirt driver makes the root, ephemeral, swap and overlay disks):
+    #: it holds only what the guest wrote and may grow to ``size``; any other file (config drive, store
+    #: volume) takes its whole size
+    cow: bool = False
+    #: how far into a copy-on-write disk the guest has written, the bytes its file holds
+    written: int = 0
+
+    @property
+    def allocated(self) -> int:
+        """The bytes the file takes on the host's disk now."""
+        return self.written if self.cow else self.size
 
     @property
     def sectors(self) -> int:
@@ -160,9 +170,10 @@ class _Disk:
         if len(self.data) < len(payload):
             self.data.extend(bytes(len(payload) - len(self.data)))
         self.data[: len(payload)] = payload
+        self.written = max(self.written, len(payload))
 
     def copy(self) -> _Disk:
-        return _Disk(self.size, bytes(self.data), self.base)
+        return _Disk(self.size, bytes(self.data), self.base, self.cow, self.written)
 
 
 @dataclasses.dataclass
@@ -281,8 +292,6 @@ class _Instance:
     local: dict[str, _Device]
     #: (device, pattern) of the kernel command line's write hook
     write_hook: tuple[str, str] | None
-    #: the config drive's network-config, which inject_network_info replaces
-    network_config: str | None
     guest: _Guest = dataclasses.field(default_factory=_Guest)
     #: attached volumes by guest device
     volumes: dict[str, _Device] = dataclasses.field(default_factory=dict)
@@ -542,16 +551,22 @@ class FakeDriver(ComputeDriver):
         self._registry[self.uri] = self
 
     def get_available_resource(self) -> HostStats:
+        """The fake host measures itself: the memory its running and paused instances hold (a suspended
+        one's is saved to disk), the store's images and volumes and every instance folder's files."""
         with self._lock:
+            held_mib = sum(inst.spec.memory_mib for inst in self._instances.values() if inst.state in _ACTIVE)
+            disks = [*self._volumes.values(), *(disk for files in self._folders() for disk in files.values())]
             used = sum(len(image.data) for image in self._images.values())
-            used += sum(volume.size for volume in self._volumes.values())
-            used += sum(disk.size for inst in self._instances.values() for disk in inst.files.values())
-            used += sum(disk.size for files in self._instance_dirs.values() for disk in files.values())
+            used += sum(disk.allocated for disk in disks)
+            # what the copy-on-write disks may still take, each up to its virtual size
+            growth = sum(disk.size - disk.allocated for disk in disks)
         return HostStats(
             vcpus=self.vcpus,
             memory_mib=self.memory_mib,
+            memory_free_mib=max(0, self.memory_mib - held_mib),
             disk_gib=self.disk_gib,
             disk_free_gib=max(0, (self.disk_gib * GIB - used) // GIB),
+            disk_available_least_gib=max(0, (self.disk_gib * GIB - used - growth) // GIB),
             hypervisor_type="fake",
             hypervisor_version="1.0.0",
             hostname=self.hostname,
@@ -735,8 +750,8 @@ class FakeDriver(ComputeDriver):
     def resume(self, uuid: str) -> None:
         with self._lock:
             inst = self._get(uuid)
-            self._require(inst, PowerState.SUSPENDED)
-            self._continue(inst, self._clock())
+            if inst.state is PowerState.SUSPENDED:
+                self._continue(inst, self._clock())
 
     def rescue(self, uuid: str, rescue_image: ImageRef) -> None:
         """Any power state: rescue is for instances that do not come up, which are often stopped."""
@@ -804,25 +819,6 @@ class FakeDriver(ComputeDriver):
             "the guest runs no QEMU guest agent; the password on the config drive applies at first boot",
         )
 
-    def inject_file(self, uuid: str, path: str, content: bytes) -> None:
-        with self._lock:
-            self._get(uuid)
-        raise Unsupported(
-            "inject_file",
-            "nothing can write into a running guest's file system; files are injected "
-            "at creation through the config drive (spec.injectedFiles)",
-        )
-
-    def inject_network_info(self, uuid: str, network_config: str) -> None:
-        """Rewrites the config drive's network-config; the guest reads it at its next boot."""
-        with self._lock:
-            inst = self._get(uuid)
-            drive = inst.files.get(CONFIG_DRIVE)
-            if drive is None:
-                raise Unsupported("inject_network_info", "the instance was created without a config drive")
-            inst.network_config = network_config
-            drive.size = _iso_size(cloudinit.files(inst.spec, network_config))
-
     # --- diagnostics -----------------------------------------------------------------------
 
     def get_diagnostics(self, uuid: str) -> Diagnostics:
@@ -875,24 +871,6 @@ class FakeDriver(ComputeDriver):
                     f"instance {uuid} has no interface {interface}; it has {', '.join(taps) or 'none'}"
                 )
             return _interface_stats(inst, self._clock())
-
-    def get_all_bw_usage(self) -> list[BandwidthUsage]:
-        with self._lock:
-            now = self._clock()
-            usage = []
-            for inst in self._instances.values():
-                stats = _interface_stats(inst, now)
-                usage += [
-                    BandwidthUsage(
-                        uuid=inst.spec.uuid,
-                        interface=tap,
-                        mac=mac,
-                        bw_in=stats.rx_bytes,
-                        bw_out=stats.tx_bytes,
-                    )
-                    for tap, mac in zip(_taps(inst), inst.spec.macs(), strict=False)  # no taps while stopped
-                ]
-            return usage
 
     # --- volumes ---------------------------------------------------------------------------
 
@@ -1209,7 +1187,7 @@ class FakeDriver(ComputeDriver):
         """A copy-on-write disk on the image's cached base."""
         image = self._checked_image(ref, field)
         self._bases[image.sha256] = now
-        return _Disk(len(image.data), image.data, image.sha256)
+        return _Disk(len(image.data), image.data, image.sha256, cow=True)
 
     def _validate(self, spec: InstanceSpec, folder: Mapping[str, _Disk]) -> None:
         """Everything spawn can refuse, checked before anything is made, so a failure leaves nothing."""
@@ -1245,7 +1223,7 @@ class FakeDriver(ComputeDriver):
         local: dict[str, _Device] = {}
 
         def boot_disk(name: str, size: int) -> None:
-            disk = files.setdefault(name, _Disk(0))
+            disk = files.setdefault(name, _Disk(0, cow=True))
             disk.size = max(disk.size, size)  # grown to the flavor, never shrunk
             local[name] = _Device(disk)
 
@@ -1258,7 +1236,7 @@ class FakeDriver(ComputeDriver):
         if spec.swap_mib:
             boot_disk(SWAP, spec.swap_mib * MIB)
         if cloudinit.needed(spec):
-            files[CONFIG_DRIVE] = _Disk(_iso_size(cloudinit.files(spec, spec.network_config)))
+            files[CONFIG_DRIVE] = _Disk(_iso_size(cloudinit.files(spec)))
             local[CONFIG_DRIVE] = _Device(files[CONFIG_DRIVE], read_only=True)
         self._touch(_bases(files.values()), now)
         return _Instance(
@@ -1267,7 +1245,6 @@ class FakeDriver(ComputeDriver):
             files=files,
             local=local,
             write_hook=_write_hook(spec.boot),
-            network_config=spec.network_config,
         )
 
     def _admit(self, inst: _Instance) -> None:
@@ -1356,7 +1333,7 @@ class FakeDriver(ComputeDriver):
             return
         fresh = self._create(inst.defined, inst.files, now)
         inst.spec, inst.files, inst.local = fresh.spec, fresh.files, fresh.local
-        inst.write_hook, inst.network_config, inst.defined = fresh.write_hook, fresh.network_config, None
+        inst.write_hook, inst.defined = fresh.write_hook, None
 
     def _boot(self, inst: _Instance, now: float) -> None:
         """A fresh boot: whatever ran (or was saved) is gone; the guest prints its boot lines."""
@@ -1374,7 +1351,7 @@ class FakeDriver(ComputeDriver):
         if CONFIG_DRIVE in inst.files:
             lines += [
                 f"{CD_FILE_LINE} {path} {base64.b64encode(data).decode()}"
-                for path, data in sorted(cloudinit.files(inst.spec, inst.network_config).items())
+                for path, data in sorted(cloudinit.files(inst.spec).items())
             ]
         if inst.spec.interfaces:
             lines.append(f"{NET_LINE} eth0 up")
