@@ -47,6 +47,7 @@ from kubenova.driver.base import (
     VolumeSpec,
 )
 from kubenova.driver.fake import FakeDriver
+from kubenova.driver.fake.disks import Disk
 from kubenova.testground import guest
 
 KERNEL, INITRD, IMAGE, RESCUE = "vmlinuz", "initrd.img", "disk.img", "rescue.img"
@@ -1019,6 +1020,18 @@ def test_disk_available_least_counts_every_copy_on_write_disk_at_its_full_size(c
     assert disk() == (46, 30)  # the kept folder still claims its space
     driver.destroy(s.uuid)
     assert disk() == (46, 46)
+
+
+def test_a_copy_on_write_disk_takes_what_the_guest_wrote_and_any_other_its_whole_size() -> None:
+    cow, thick = Disk(GIB, cow=True), Disk(GIB)
+    assert (cow.allocated, thick.allocated) == (0, GIB)
+    cow.write(b"pattern")
+    thick.write(b"pattern")
+    assert (cow.allocated, thick.allocated) == (7, GIB)
+    assert cow.copy().allocated == 7  # a migrated copy holds what the original held
+    small = Disk(4, cow=True)
+    small.write(b"too long")
+    assert small.allocated == 4  # never more than its virtual size
 
 
 def test_disk_available_least_is_never_below_zero(clock: Clock) -> None:
