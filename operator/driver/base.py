@@ -4,198 +4,99 @@ Method names follow OpenStack Nova's ``ComputeDriver`` (2012.1) so the code can 
 side by side with that contract; the handlers call nothing else. Every method that has a
 meaning on one node is here. A driver that cannot do something raises ``Unsupported``
 with the reason; nothing is ever silently a no-op.
+
+The values it passes and returns live in ``kubenova.driver.types``, its errors in
+``kubenova.driver.errors``; this module re-exports both (``__all__``), so callers import
+everything from here.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
-import enum
-import hashlib
 from collections.abc import Callable, Collection
 
+from kubenova.driver.errors import (
+    CPUIncompatible,
+    DriverError,
+    ImageChecksumMismatch,
+    ImageNotFound,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InsufficientResources,
+    InvalidCPUInfo,
+    InvalidInstanceSpec,
+    Unsupported,
+    VolumeNotFound,
+)
+from kubenova.driver.types import (
+    BlockStats,
+    CpuInfo,
+    Diagnostics,
+    FirewallRule,
+    HostPowerAction,
+    HostStats,
+    ImageRef,
+    InjectedFile,
+    InstanceDetail,
+    InstanceInfo,
+    InstanceSpec,
+    Interface,
+    InterfaceDetail,
+    InterfaceStats,
+    KernelBoot,
+    MigrationOutcome,
+    MigrationProgress,
+    PowerState,
+    ProgressCallback,
+    RebootType,
+    VncConsole,
+    VolumeConnector,
+    VolumeSpec,
+    stable_mac,
+)
 
-class PowerState(enum.Enum):
-    """Nova's power states; the values are what ``status.powerState`` shows."""
-
-    NOSTATE = "NoState"
-    RUNNING = "Running"
-    BLOCKED = "Blocked"
-    PAUSED = "Paused"
-    SHUTDOWN = "ShuttingDown"
-    SHUTOFF = "Stopped"
-    CRASHED = "Crashed"
-    SUSPENDED = "Suspended"
-
-
-class RebootType(enum.Enum):
-    SOFT = "Soft"
-    HARD = "Hard"
-
-
-class HostPowerAction(enum.Enum):
-    REBOOT = "Reboot"
-    SHUTDOWN = "Shutdown"
-    STARTUP = "Startup"
-
-
-# --- exceptions ------------------------------------------------------------------------------
-
-
-class DriverError(Exception):
-    """A failure of the hypervisor layer that retrying may cure."""
-
-
-class InstanceNotFound(DriverError):
-    """The instance has no domain on this node."""
-
-
-class InstanceExists(DriverError):
-    """Another instance already holds this name on the node."""
-
-
-class InstanceNotRunning(DriverError):
-    """The operation needs a running instance."""
-
-
-class InvalidInstanceSpec(DriverError):
-    """The instance spec cannot work on this node; retrying will not help until it changes.
-
-    ``field`` names the spec field so the user can be told what to fix.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class ImageNotFound(InvalidInstanceSpec):
-    """A named image is not in the node's store."""
-
-
-class ImageChecksumMismatch(InvalidInstanceSpec):
-    """An image's content does not match the checksum the spec gave."""
-
-
-class InsufficientResources(InvalidInstanceSpec):
-    """The host cannot give what the spec asks for (e.g. more memory than it has)."""
-
-
-class InvalidCPUInfo(DriverError):
-    """The CPU description handed to compare_cpu cannot be understood."""
-
-
-class CPUIncompatible(DriverError):
-    """This host cannot run guests made for that CPU (migration would fail)."""
-
-
-class VolumeNotFound(DriverError):
-    """No volume is attached at that device."""
-
-
-class Unsupported(DriverError):
-    """The platform cannot do this; ``reason`` says why, in words a person can act on."""
-
-    def __init__(self, operation: str, reason: str) -> None:
-        super().__init__(f"{operation} is not supported: {reason}")
-        self.operation = operation
-        self.reason = reason
-
-
-# --- what spawn is given ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelBoot:
-    """Direct kernel boot, with paths already resolved inside the image store."""
-
-    kernel: str
-    initrd: str | None
-    cmdline: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageRef:
-    """An image in the node's store, by name, with an optional ``sha256:<hex>`` checksum."""
-
-    name: str
-    checksum: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Interface:
-    name: str
-    network: str
-    #: None: the driver uses ``stable_mac`` (never the hypervisor's random choice)
-    mac: str | None = None
-    model: str = "virtio"
-
-
-def stable_mac(uuid: str, interface: str) -> str:
-    """The MAC of an interface the spec gives none: derived from the instance's UID and the interface's name.
-
-    Every host derives the same address for every definition of the instance (spawn, live and cold
-    migration, resize, rescue, an agent's restart), so a live migration's target matches its source
-    and a guest's network configuration keyed by MAC survives a move. Locally administered and unicast,
-    with 46 bits from the digest, so it is never a vendor's address and hardly ever another instance's
-    (the drivers refuse the rare clash on one host).
-    """
-    digest = hashlib.sha256(f"{uuid}/{interface}".encode()).digest()
-    return ":".join(f"{octet:02x}" for octet in (digest[0] & 0xFC | 0x02, *digest[1:6]))
-
-
-@dataclasses.dataclass(frozen=True)
-class FirewallRule:
-    """One security group rule: let traffic of ``protocol`` from ``cidr`` to ports ``port_min``..``port_max``
-    in.
-
-    Everything else coming in is dropped (answers to the guest's own traffic excepted);
-    traffic going out is allowed.
-    """
-
-    protocol: str  # tcp, udp, icmp or all
-    cidr: str = "0.0.0.0/0"
-    port_min: int | None = None
-    port_max: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class InjectedFile:
-    path: str
-    content: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class InstanceSpec:
-    """Everything spawn needs; identity (uuid = the object's UID) comes from Kubernetes."""
-
-    uuid: str
-    name: str
-    namespace: str
-    vcpus: int
-    memory_mib: int
-    boot: KernelBoot | None = None
-    #: the root disk's base image (a copy-on-write overlay is made per instance)
-    image: ImageRef | None = None
-    root_gib: int | None = None
-    #: (name, size in GiB) of empty scratch disks
-    ephemeral_gib: tuple[tuple[str, int], ...] = ()
-    swap_mib: int | None = None
-    interfaces: tuple[Interface, ...] = ()
-    user_data: str | None = None
-    network_config: str | None = None
-    injected_files: tuple[InjectedFile, ...] = ()
-    admin_password: str | None = None
-    #: the VNC password; no VNC endpoint is created without one
-    vnc_password: str | None = None
-    #: what the caller made this from (the agent: a digest of the spec), kept with the definition so that
-    #: defined_revision tells whether the spec changed since, without reading anything else
-    revision: str = ""
-
-    def macs(self) -> tuple[str, ...]:
-        """Each interface's MAC, in order: the spec's, or the stable one derived for it."""
-        return tuple(i.mac or stable_mac(self.uuid, i.name) for i in self.interfaces)
+__all__ = [
+    "ComputeDriver",
+    "check_instance",
+    "check_macs",
+    "DriverError",
+    "InstanceNotFound",
+    "InstanceExists",
+    "InstanceNotRunning",
+    "InvalidInstanceSpec",
+    "ImageNotFound",
+    "ImageChecksumMismatch",
+    "InsufficientResources",
+    "InvalidCPUInfo",
+    "CPUIncompatible",
+    "VolumeNotFound",
+    "Unsupported",
+    "PowerState",
+    "RebootType",
+    "HostPowerAction",
+    "KernelBoot",
+    "ImageRef",
+    "Interface",
+    "stable_mac",
+    "FirewallRule",
+    "InjectedFile",
+    "InstanceSpec",
+    "VolumeSpec",
+    "InstanceInfo",
+    "InstanceDetail",
+    "InterfaceDetail",
+    "CpuInfo",
+    "HostStats",
+    "BlockStats",
+    "InterfaceStats",
+    "Diagnostics",
+    "VncConsole",
+    "VolumeConnector",
+    "MigrationProgress",
+    "ProgressCallback",
+    "MigrationOutcome",
+]
 
 
 def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
@@ -225,161 +126,6 @@ def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
                 f"spec.interfaces[{index}].macAddress",
                 f"{mac} {how} already used by {holder} on this host; set another macAddress",
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class VolumeSpec:
-    """A volume to attach: from the node's volume store (created at size_gib when missing) or an image."""
-
-    name: str
-    size_gib: int | None = None
-    from_image: bool = False
-    bus: str = "virtio"
-    read_only: bool = False
-
-
-# --- what the driver reports ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class InstanceInfo:
-    """Nova's get_info: state, max/used memory (KiB), vCPUs and CPU time (ns)."""
-
-    state: PowerState
-    max_mem_kib: int
-    mem_kib: int
-    num_cpu: int
-    cpu_time_ns: int
-
-
-@dataclasses.dataclass(frozen=True)
-class InstanceDetail:
-    """One entry of Nova's list_instances_detail, with the Kubernetes identity kept in the domain."""
-
-    uuid: str
-    namespace: str
-    name: str
-    state: PowerState
-    vcpus: int
-    memory_mib: int
-
-
-@dataclasses.dataclass(frozen=True)
-class InterfaceDetail:
-    """One interface as the domain has it: its name in the spec ("" when the domain does not say), MAC,
-    network."""
-
-    name: str
-    mac: str
-    network: str
-
-
-@dataclasses.dataclass(frozen=True)
-class CpuInfo:
-    """The host CPU as compare_cpu needs it."""
-
-    arch: str
-    vendor: str
-    model: str
-    sockets: int
-    cores: int
-    threads: int
-    features: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class HostStats:
-    """Nova's get_available_resource / get_host_stats, reported on the ComputeNode."""
-
-    vcpus: int
-    memory_mib: int
-    #: measured free host memory now (Nova's host_memory_free), not capacity minus instances
-    memory_free_mib: int
-    disk_gib: int
-    #: plain free space of the filesystem that holds the instances' files
-    disk_free_gib: int
-    #: free disk if every copy-on-write disk grew to its full virtual size (Nova's disk_available_least)
-    disk_available_least_gib: int
-    hypervisor_type: str
-    hypervisor_version: str
-    hostname: str
-    cpu: CpuInfo
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockStats:
-    """Nova's block_stats: exactly five counters."""
-
-    rd_req: int
-    rd_bytes: int
-    wr_req: int
-    wr_bytes: int
-    errs: int
-
-
-@dataclasses.dataclass(frozen=True)
-class InterfaceStats:
-    """Nova's interface_stats: exactly eight counters."""
-
-    rx_bytes: int
-    rx_packets: int
-    rx_errs: int
-    rx_drop: int
-    tx_bytes: int
-    tx_packets: int
-    tx_errs: int
-    tx_drop: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Diagnostics:
-    """Nova's get_diagnostics, per device."""
-
-    cpu_time_ns: int
-    memory_kib: int
-    disks: dict[str, BlockStats]
-    interfaces: dict[str, InterfaceStats]
-
-
-
-@dataclasses.dataclass(frozen=True)
-class VncConsole:
-    """Where to reach the VNC server; it always asks for ``password``."""
-
-    host: str
-    port: int
-    password: str
-
-
-@dataclasses.dataclass(frozen=True)
-class VolumeConnector:
-    """Nova's get_volume_connector."""
-
-    ip: str
-    initiator: str | None
-    host: str
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationProgress:
-    """A snapshot of a live migration job."""
-
-    data_total: int
-    data_processed: int
-    data_remaining: int
-    iteration: int
-    expected_downtime_ms: int
-
-
-ProgressCallback = Callable[[MigrationProgress], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationOutcome:
-    """What the target measured of a finished live migration; None where the hypervisor does not say."""
-
-    elapsed_ms: int | None = None
-    downtime_ms: int | None = None
 
 
 class ComputeDriver(abc.ABC):

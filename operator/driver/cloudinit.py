@@ -26,15 +26,14 @@ def needed(instance: InstanceSpec) -> bool:
     )
 
 
-def files(instance: InstanceSpec, network_config: str | None = None) -> dict[str, bytes]:
-    """The drive's files by name; ``network_config`` overrides the spec's (inject_network_info)."""
-    network_config = network_config if network_config is not None else instance.network_config
+def files(instance: InstanceSpec) -> dict[str, bytes]:
+    """The drive's files by name."""
     found = {
         "meta-data": yaml.safe_dump({"instance-id": instance.uuid, "local-hostname": instance.name}).encode(),
         "user-data": (instance.user_data or "#cloud-config\n{}\n").encode(),
     }
-    if network_config:
-        found["network-config"] = network_config.encode()
+    if instance.network_config:
+        found["network-config"] = instance.network_config.encode()
     vendor: dict[str, object] = {}
     if instance.admin_password:
         vendor.update({"password": instance.admin_password, "chpasswd": {"expire": False}})

@@ -45,9 +45,9 @@ from kubenova.driver.base import (
     Unsupported,
     VolumeNotFound,
     VolumeSpec,
-    stable_mac,
 )
 from kubenova.driver.fake import FakeDriver
+from kubenova.driver.fake.disks import Disk
 from testground import guest
 
 KERNEL, INITRD, IMAGE, RESCUE = "vmlinuz", "initrd.img", "disk.img", "rescue.img"
@@ -135,8 +135,9 @@ def cd_files(driver: FakeDriver, uuid: str) -> dict[str, bytes]:
     }
 
 
-def free_gib(driver: FakeDriver) -> int:
-    return driver.get_available_resource().disk_free_gib
+def least_gib(driver: FakeDriver) -> int:
+    """Free disk if every disk grew to its full size: what the instances' disks may take at most."""
+    return driver.get_available_resource().disk_available_least_gib
 
 
 def digest(data: bytes) -> str:
@@ -438,14 +439,32 @@ def test_unpause_of_an_instance_that_is_not_paused_changes_nothing(driver: FakeD
     assert driver.get_info(s.uuid).state is PowerState.SHUTOFF
 
 
-def test_resume_needs_a_suspended_instance(driver: FakeDriver) -> None:
+@pytest.mark.parametrize("state", ["running", "paused", "stopped", "rescued"])
+def test_resume_of_an_instance_that_is_not_suspended_changes_nothing(
+    driver: FakeDriver, clock: Clock, state: str
+) -> None:
+    s = spec()
+    driver.spawn(s, power_on=state != "stopped")
+    if state == "paused":
+        driver.pause(s.uuid)
+    if state == "rescued":
+        driver.rescue(s.uuid, ImageRef(RESCUE))
+    clock.advance(3)
+    before = (driver.get_info(s.uuid), driver.get_console_output(s.uuid))
+    driver.resume(s.uuid)
+    assert (driver.get_info(s.uuid), driver.get_console_output(s.uuid)) == before
+
+
+def test_the_idempotent_verbs_leave_an_instance_in_another_state_as_it_is(driver: FakeDriver) -> None:
     s = spec()
     driver.spawn(s)
-    with pytest.raises(InstanceNotRunning):
-        driver.resume(s.uuid)
-    driver.pause(s.uuid)
-    with pytest.raises(InstanceNotRunning):
-        driver.resume(s.uuid)
+    driver.suspend(s.uuid)
+    for verb in (driver.unpause, driver.unrescue):
+        verb(s.uuid)
+        assert driver.get_info(s.uuid).state is PowerState.SUSPENDED and driver.saved_memory_exists(s.uuid)
+    driver.resume(s.uuid)
+    driver.resume(s.uuid)  # a second resume finds it running
+    assert driver.get_info(s.uuid).state is PowerState.RUNNING and boots(driver, s.uuid) == 1
 
 
 @pytest.mark.parametrize(
@@ -453,7 +472,6 @@ def test_resume_needs_a_suspended_instance(driver: FakeDriver) -> None:
     [
         lambda d, u: d.pause(u),
         lambda d, u: d.suspend(u),
-        lambda d, u: d.resume(u),
         lambda d, u: d.get_vnc_console(u),
         lambda d, u: d.get_diagnostics(u),
         lambda d, u: d.block_stats(u, "vda"),
@@ -554,8 +572,6 @@ ONE_UUID_CALLS: list[Callable[[FakeDriver, str], object]] = [
     lambda d, u: d.get_console_output(u),
     lambda d, u: d.get_vnc_console(u),
     lambda d, u: d.set_admin_password(u, "pw"),
-    lambda d, u: d.inject_file(u, "/x", b""),
-    lambda d, u: d.inject_network_info(u, ""),
     lambda d, u: d.get_diagnostics(u),
     lambda d, u: d.list_disks(u),
     lambda d, u: d.list_interfaces(u),
@@ -592,17 +608,17 @@ def test_destroy_succeeds_when_already_gone(driver: FakeDriver) -> None:
 
 
 def test_destroy_keeping_disks_lets_the_instance_come_back_with_them(driver: FakeDriver) -> None:
-    empty = free_gib(driver)
+    empty = least_gib(driver)
     s = image_spec(root_gib=4)
     driver.spawn(s)
     driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
     driver.destroy(s.uuid, destroy_disks=False)
     assert driver.instance_files(s.uuid) == ["disk"]
-    assert free_gib(driver) == empty - 4 - 1
+    assert least_gib(driver) == empty - 4 - 1
     driver.spawn(s)
-    assert free_gib(driver) == empty - 4 - 1
+    assert least_gib(driver) == empty - 4 - 1
     driver.destroy(s.uuid)
-    assert free_gib(driver) == empty - 1  # the volume stays in its store
+    assert least_gib(driver) == empty - 1  # the volume stays in its store
 
 
 # --- guest access --------------------------------------------------------------------------------
@@ -639,21 +655,12 @@ def test_guest_agent_operations_are_unsupported_with_a_reason(driver: FakeDriver
     with pytest.raises(Unsupported, match="guest agent") as err:
         driver.set_admin_password(s.uuid, "pw")
     assert err.value.operation == "set_admin_password"
-    with pytest.raises(Unsupported, match="config drive") as err:
-        driver.inject_file(s.uuid, "/etc/x", b"x")
-    assert err.value.operation == "inject_file"
-    with pytest.raises(Unsupported, match="without a config drive") as err:
-        driver.inject_network_info(s.uuid, "version: 2\n")
-    assert err.value.operation == "inject_network_info"
 
 
-def test_inject_network_info_rewrites_the_config_drive_for_the_next_boot(driver: FakeDriver) -> None:
-    s = spec(user_data="#cloud-config\n")
-    driver.spawn(s)
-    driver.inject_network_info(s.uuid, "version: 2\nethernets: {}\n")
-    assert "network-config" not in cd_files(driver, s.uuid)
-    driver.reboot(s.uuid, RebootType.HARD)
-    assert cd_files(driver, s.uuid)["network-config"] == b"version: 2\nethernets: {}\n"
+def test_the_methods_that_left_the_contract_are_gone() -> None:
+    for name in ("inject_file", "inject_network_info", "get_all_bw_usage"):
+        assert not hasattr(ComputeDriver, name) and not hasattr(FakeDriver, name)
+    assert not hasattr(base, "BandwidthUsage")
 
 
 def test_host_power_action_is_unsupported(driver: FakeDriver) -> None:
@@ -690,11 +697,6 @@ def test_counters_have_exactly_the_contract_fields_and_grow(driver: FakeDriver, 
         diagnostics.memory_kib == 128 * 1024
         and diagnostics.cpu_time_ns == driver.get_info(s.uuid).cpu_time_ns
     )
-    usage = driver.get_all_bw_usage()
-    assert [(u.uuid, u.interface, u.bw_in, u.bw_out) for u in usage] == [
-        (s.uuid, t, later_net.rx_bytes, later_net.tx_bytes) for t in driver.list_interfaces(s.uuid)
-    ]
-    assert usage[1].mac == "52:54:00:00:00:01" and usage[0].mac == stable_mac(s.uuid, s.interfaces[0].name)
 
 
 def test_unknown_devices_are_named_in_the_error(driver: FakeDriver) -> None:
@@ -709,14 +711,14 @@ def test_unknown_devices_are_named_in_the_error(driver: FakeDriver) -> None:
 def test_a_stopped_instance_has_no_taps(driver: FakeDriver) -> None:
     s = spec(interfaces=(Interface("eth0", "default"),))
     driver.spawn(s, power_on=False)
-    assert driver.list_interfaces(s.uuid) == [] and driver.get_all_bw_usage() == []
+    assert driver.list_interfaces(s.uuid) == []
 
 
 # --- volumes --------------------------------------------------------------------------------------
 
 
 def test_attach_creates_a_sparse_volume_and_detach_keeps_it(driver: FakeDriver) -> None:
-    empty = free_gib(driver)
+    empty = least_gib(driver)
     s = spec()
     driver.spawn(s)
     assert driver.attach_volume(s.uuid, VolumeSpec("data", size_gib=50), "vdb") == "vdb"
@@ -724,7 +726,7 @@ def test_attach_creates_a_sparse_volume_and_detach_keeps_it(driver: FakeDriver) 
     assert driver.volume_size("data") == 50 * GIB
     assert driver.read_volume("data") == b""
     assert driver.list_disks(s.uuid) == ["vdb"]
-    assert free_gib(driver) == empty - 50
+    assert least_gib(driver) == empty - 50
     driver.detach_volume(s.uuid, "vdb")
     assert driver.list_disks(s.uuid) == []
     assert driver.volume_size("data") == 50 * GIB
@@ -948,17 +950,95 @@ def test_host_figures(clock: Clock) -> None:
     assert (
         stats.vcpus,
         stats.memory_mib,
+        stats.memory_free_mib,
         stats.disk_gib,
         stats.disk_free_gib,
+        stats.disk_available_least_gib,
         stats.hypervisor_type,
         stats.hostname,
-    ) == (4, 8192, 50, 50, "fake", "node-7")
+    ) == (4, 8192, 8192, 50, 50, 50, "fake", "node-7")
     assert driver.get_host_stats() == stats
     assert driver.uri == "fake://node-7"
     assert driver.get_volume_connector() == base.VolumeConnector("127.0.0.1", None, "node-7")
     driver.add_image("img", b"x")
     driver.spawn(image_spec(image=ImageRef("img"), root_gib=10, ephemeral_gib=(("e", 5),)))
-    assert free_gib(driver) == 50 - 10 - 5 - 1  # and a little for the image
+    assert least_gib(driver) == 50 - 10 - 5 - 1  # and a little for the image
+    assert driver.get_available_resource().disk_free_gib == 50 - 1  # the new overlays hold nothing yet
+
+
+def test_free_memory_is_what_running_and_paused_instances_do_not_hold(clock: Clock) -> None:
+    driver = make_driver(clock, memory_mib=8192)
+
+    def free() -> int:
+        return driver.get_available_resource().memory_free_mib
+
+    a, b = spec("a", memory_mib=1024), spec("b", memory_mib=2048)
+    driver.spawn(a)
+    driver.spawn(b, power_on=False)
+    assert free() == 8192 - 1024  # a stopped instance holds none
+    driver.power_on(b.uuid)
+    assert free() == 8192 - 1024 - 2048
+    driver.pause(a.uuid)
+    assert free() == 8192 - 1024 - 2048  # a paused one keeps its memory
+    driver.suspend(a.uuid)
+    assert free() == 8192 - 2048  # a suspended one's memory is saved to disk
+    driver.power_off(b.uuid)
+    assert free() == 8192
+    driver.resume(a.uuid)
+    assert free() == 8192 - 1024
+    driver.redefine(dataclasses.replace(a, memory_mib=4096))
+    assert free() == 8192 - 1024  # what runs holds memory, not what the next boot will have
+    driver.reboot(a.uuid, RebootType.HARD)
+    assert free() == 8192 - 4096
+    driver.destroy(a.uuid)
+    assert free() == 8192
+
+
+def test_free_memory_is_never_below_zero(clock: Clock) -> None:
+    driver = make_driver(clock, memory_mib=8192)
+    for name in ("a", "b"):
+        driver.spawn(spec(name, memory_mib=6000))  # the fake, like a host with swap, lets both run
+    assert driver.get_available_resource().memory_free_mib == 0
+
+
+def test_disk_available_least_counts_every_copy_on_write_disk_at_its_full_size(clock: Clock) -> None:
+    driver = FakeDriver("d", clock=clock, disk_gib=50, images={"img": b"x"})
+
+    def disk() -> tuple[int, int]:
+        stats = driver.get_available_resource()
+        return stats.disk_free_gib, stats.disk_available_least_gib
+
+    assert disk() == (49, 49)  # the image's byte
+    s = image_spec(image=ImageRef("img"), root_gib=10, ephemeral_gib=(("e", 5),), swap_mib=1024)
+    driver.spawn(s)
+    assert disk() == (49, 49 - 10 - 5 - 1)  # the root overlay, ephemeral and swap disks hold nothing yet
+    driver.attach_volume(s.uuid, VolumeSpec("data", 3), "")
+    assert disk() == (49 - 3, 49 - 16 - 3)  # the fake's store volumes take their whole size at once
+    driver.power_off(s.uuid)
+    assert disk() == (46, 30)
+    driver.destroy(s.uuid, destroy_disks=False)
+    assert disk() == (46, 30)  # the kept folder still claims its space
+    driver.destroy(s.uuid)
+    assert disk() == (46, 46)
+
+
+def test_a_copy_on_write_disk_takes_what_the_guest_wrote_and_any_other_its_whole_size() -> None:
+    cow, thick = Disk(GIB, cow=True), Disk(GIB)
+    assert (cow.allocated, thick.allocated) == (0, GIB)
+    cow.write(b"pattern")
+    thick.write(b"pattern")
+    assert (cow.allocated, thick.allocated) == (7, GIB)
+    assert cow.copy().allocated == 7  # a migrated copy holds what the original held
+    small = Disk(4, cow=True)
+    small.write(b"too long")
+    assert small.allocated == 4  # never more than its virtual size
+
+
+def test_disk_available_least_is_never_below_zero(clock: Clock) -> None:
+    driver = FakeDriver("d", clock=clock, disk_gib=10, images={"img": b"x"})
+    driver.spawn(image_spec(image=ImageRef("img"), root_gib=8, ephemeral_gib=(("e", 8),)))
+    stats = driver.get_available_resource()
+    assert (stats.disk_free_gib, stats.disk_available_least_gib) == (9, 0)
 
 
 def test_default_host_figures() -> None:
@@ -1062,17 +1142,17 @@ def test_pre_live_migration_checks_the_target_can_run_it(clock: Clock) -> None:
 def test_an_abort_requested_beforehand_keeps_the_instance_here(
     driver: FakeDriver, target: FakeDriver
 ) -> None:
-    empty = free_gib(target)
+    empty = least_gib(target)
     s = image_spec(root_gib=3, interfaces=(Interface("e", "n"),))
     driver.spawn(s)
     target.pre_live_migration(s)
-    assert free_gib(target) == empty - 3
+    assert least_gib(target) == empty - 3
     driver.abort_live_migration(s.uuid)
     with pytest.raises(DriverError, match="aborted"):
         driver.live_migration(s.uuid, target.uri, f"{target.uri}/{s.uuid}")
     assert driver.get_info(s.uuid).state is PowerState.RUNNING and not target.instance_exists(s.uuid)
     target.rollback_live_migration_at_destination(s.uuid)
-    assert target.vifs(s.uuid) == () and free_gib(target) == empty and target.instance_files(s.uuid) == []
+    assert target.vifs(s.uuid) == () and least_gib(target) == empty and target.instance_files(s.uuid) == []
     target.pre_live_migration(s)
     driver.live_migration(s.uuid, target.uri, f"{target.uri}/{s.uuid}")  # the abort was used up
     assert target.instance_exists(s.uuid)
@@ -1120,7 +1200,7 @@ def test_an_instance_in_rescue_does_not_migrate(driver: FakeDriver, target: Fake
 
 
 def test_cold_migration_and_confirm(driver: FakeDriver, target: FakeDriver) -> None:
-    empty = free_gib(driver)
+    empty = least_gib(driver)
     s = image_spec(ephemeral_gib=(("e", 1),), user_data="#cloud-config\n")
     driver.spawn(s)
     disks = driver.migrate_disk_and_power_off(s.uuid, target.uri)
@@ -1137,7 +1217,7 @@ def test_cold_migration_and_confirm(driver: FakeDriver, target: FakeDriver) -> N
     assert cd_files(target, s.uuid) == cloudinit.files(bigger)
     driver.confirm_migration(s.uuid)
     assert not driver.instance_exists(s.uuid)
-    assert free_gib(driver) == empty
+    assert least_gib(driver) == empty
 
 
 def test_cold_migration_revert(driver: FakeDriver, target: FakeDriver) -> None:

@@ -1,0 +1,329 @@
+"""The fake host: its state behind one lock, its figures, stores and networks, and the look-ups all use.
+
+FakeDriver is made of layers over this class (instances, life cycle, guest access, volumes, migration), one
+module each; they share this state and lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import ClassVar
+
+from kubenova.driver.base import (
+    ComputeDriver,
+    CPUIncompatible,
+    CpuInfo,
+    DriverError,
+    FirewallRule,
+    HostPowerAction,
+    HostStats,
+    ImageChecksumMismatch,
+    ImageNotFound,
+    ImageRef,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InstanceSpec,
+    Interface,
+    InvalidCPUInfo,
+    PowerState,
+    Unsupported,
+    VolumeConnector,
+    VolumeNotFound,
+)
+from kubenova.driver.fake.disks import CONSOLE_LOG, GIB, UNRESCUE, Disk, Image, bases_of, plain_name
+from kubenova.driver.fake.instance import ACTIVE, Instance
+
+VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
+
+DEFAULT_CPU_FEATURES = (
+    "fpu",
+    "sse",
+    "sse2",
+    "sse3",
+    "ssse3",
+    "sse4.1",
+    "sse4.2",
+    "popcnt",
+    "aes",
+    "avx",
+    "avx2",
+)
+
+
+class FakeHost(ComputeDriver):
+    """Instances, images and volumes in dictionaries, behind one lock.
+
+    Migrations need a second host: every fake host registers under its ``uri`` in a process-wide
+    registry, and ``dest_uri`` names another one in it.
+    """
+
+    _registry: ClassVar[weakref.WeakValueDictionary[str, FakeHost]] = weakref.WeakValueDictionary()
+
+    def __init__(
+        self,
+        hostname: str | None = None,
+        *,
+        uri: str | None = None,
+        images: Mapping[str, bytes] | None = None,
+        vcpus: int = 8,
+        memory_mib: int = 16384,
+        disk_gib: int = 100,
+        cpu: CpuInfo | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.hostname = hostname or socket.gethostname()
+        self.uri = uri or f"fake://{self.hostname}"
+        self.vcpus = vcpus
+        self.memory_mib = memory_mib
+        self.disk_gib = disk_gib
+        self.cpu = cpu or CpuInfo(
+            arch="x86_64",
+            vendor="Fake",
+            model="fake64",
+            sockets=1,
+            cores=vcpus,
+            threads=1,
+            features=DEFAULT_CPU_FEATURES,
+        )
+        self._clock = clock
+        # Re-entrant, so a test clock or callback may call back into the driver.
+        self._lock = threading.RLock()
+        self._images: dict[str, Image] = {}
+        #: the image cache: sha256 of each cached base -> when an instance last used it
+        self._bases: dict[str, float] = {}
+        self._volumes: dict[str, Disk] = {}
+        #: volume name -> (uuid, device) holding it: QEMU locks an image against a second writer
+        self._volume_holders: dict[str, tuple[str, str]] = {}
+        self._instances: dict[str, Instance] = {}
+        self._names: dict[tuple[str, str], str] = {}
+        #: folders whose instance is not defined here: kept by destroy(destroy_disks=False),
+        #: copied in by a cold migration or made by pre_live_migration
+        self._instance_dirs: dict[str, dict[str, Disk]] = {}
+        self._prepared: dict[str, InstanceSpec] = {}
+        self._aborts: set[str] = set()
+        self._vifs: dict[str, dict[str, Interface]] = {}
+        self._rules: dict[str, tuple[FirewallRule, ...]] = {}
+        self._free_vnc: list[int] = []
+        self._next_vnc = 0
+        for name, data in (images or {}).items():
+            self.add_image(name, data)
+        self._registry[self.uri] = self
+
+    # --- outside the contract: what a test or benchmark sets up and looks at ----------------------
+
+    def add_image(self, name: str, data: bytes) -> None:
+        """Put a file into the image store, as an operator would copy one onto the node."""
+        with self._lock:
+            self._images[name] = Image(bytes(data), hashlib.sha256(data).hexdigest())
+
+    def read_image(self, name: str) -> bytes:
+        with self._lock:
+            return self._images[name].data
+
+    def read_volume(self, name: str) -> bytes:
+        """The bytes written at the start of a volume; the rest of it reads as zeros."""
+        with self._lock:
+            return bytes(self._volume(name).data)
+
+    def volume_size(self, name: str) -> int:
+        """A volume's virtual size in bytes."""
+        with self._lock:
+            return self._volume(name).size
+
+    def instance_files(self, uuid: str) -> list[str]:
+        """The instance folder as the libvirt driver would have it, defined instance or not."""
+        with self._lock:
+            inst = self._instances.get(uuid)
+            if inst is None:
+                return sorted(self._instance_dirs.get(uuid, {}))
+            names = set(inst.files)
+            if inst.guest.boots:
+                names.add(CONSOLE_LOG)
+            if inst.rescue is not None:
+                names.add(UNRESCUE)
+            return sorted(names)
+
+    def saved_memory_exists(self, uuid: str) -> bool:
+        with self._lock:
+            return self._get(uuid).state is PowerState.SUSPENDED
+
+    def vnc_accepts(self, host: str, port: int, password: str) -> bool:
+        """The VNC server at host:port, asked whether ``password`` opens it."""
+        with self._lock:
+            for inst in self._instances.values():
+                if (
+                    (host, port) == (VNC_HOST, VNC_BASE_PORT + inst.vnc_index)
+                    and inst.state in ACTIVE
+                    and inst.spec.vnc_password is not None
+                ):
+                    return password == inst.spec.vnc_password
+        raise ConnectionRefusedError(f"no VNC server listens on {host}:{port}")
+
+    def vifs(self, uuid: str) -> tuple[Interface, ...]:
+        """What plug_vifs set up for the instance and unplug_vifs has not released."""
+        with self._lock:
+            return tuple(self._vifs.get(uuid, {}).values())
+
+    def filtering_rules(self, uuid: str) -> tuple[FirewallRule, ...]:
+        """The firewall rules installed for the instance."""
+        with self._lock:
+            return self._rules.get(uuid, ())
+
+    # --- host -------------------------------------------------------------------------------------
+
+    def init_host(self, host: str) -> None:
+        """There is no hypervisor to reach; connecting means being the host migrations to ``uri`` reach."""
+        self._registry[self.uri] = self
+
+    def get_available_resource(self) -> HostStats:
+        """The fake host measures itself: the memory its running and paused instances hold (a suspended
+        one's is saved to disk), the store's images and volumes and every instance folder's files."""
+        with self._lock:
+            held_mib = sum(inst.spec.memory_mib for inst in self._instances.values() if inst.state in ACTIVE)
+            disks = [*self._volumes.values(), *(disk for files in self._folders() for disk in files.values())]
+            used = sum(len(image.data) for image in self._images.values())
+            used += sum(disk.allocated for disk in disks)
+            # what the copy-on-write disks may still take, each up to its virtual size
+            growth = sum(disk.size - disk.allocated for disk in disks)
+        return HostStats(
+            vcpus=self.vcpus,
+            memory_mib=self.memory_mib,
+            memory_free_mib=max(0, self.memory_mib - held_mib),
+            disk_gib=self.disk_gib,
+            disk_free_gib=max(0, (self.disk_gib * GIB - used) // GIB),
+            disk_available_least_gib=max(0, (self.disk_gib * GIB - used - growth) // GIB),
+            hypervisor_type="fake",
+            hypervisor_version="1.0.0",
+            hostname=self.hostname,
+            cpu=self.cpu,
+        )
+
+    def host_power_action(self, action: HostPowerAction) -> None:
+        raise Unsupported("host_power_action", "the fake host has no power")
+
+    def compare_cpu(self, cpu: CpuInfo) -> None:
+        if not cpu.arch or not cpu.model:
+            raise InvalidCPUInfo("the CPU description needs an arch and a model")
+        if cpu.arch != self.cpu.arch:
+            raise CPUIncompatible(f"guests made for {cpu.arch} cannot run on this {self.cpu.arch} host")
+        missing = sorted(set(cpu.features) - set(self.cpu.features))
+        if missing:
+            raise CPUIncompatible(f"this host's CPU lacks {', '.join(missing)}")
+
+    def get_volume_connector(self) -> VolumeConnector:
+        return VolumeConnector(ip="127.0.0.1", initiator=None, host=self.hostname)
+
+    def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
+        """Removes cached bases (named by their sha256, like the libvirt driver's); the store stays as it
+        is."""
+        with self._lock:
+            now = self._clock()
+            used = bases_of(disk for files in self._folders() for disk in files.values())
+            used |= {self._images[name].sha256 for name in in_use if name in self._images}
+            self._touch(used, now)
+            removed = sorted(
+                digest
+                for digest, last_used in self._bases.items()
+                if digest not in used and now - last_used > grace_seconds
+            )
+            for digest in removed:
+                del self._bases[digest]
+            return removed
+
+    # --- networking -------------------------------------------------------------------------------
+
+    def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """Recorded per instance, defined or not: spawn plugs its own, Nova plugs before a migration too."""
+        with self._lock:
+            if interfaces:
+                self._vifs.setdefault(uuid, {}).update((iface.name, iface) for iface in interfaces)
+
+    def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        with self._lock:
+            plugged = self._vifs.get(uuid, {})
+            for iface in interfaces:
+                plugged.pop(iface.name, None)
+            if not plugged:
+                self._vifs.pop(uuid, None)
+
+    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
+        with self._lock:
+            self._rules[uuid] = tuple(rules)
+
+    def unfilter_instance(self, uuid: str) -> None:
+        with self._lock:
+            self._rules.pop(uuid, None)
+
+    # --- look-ups and the image store (callers hold the lock) -------------------------------------
+
+    def _get(self, uuid: str) -> Instance:
+        try:
+            return self._instances[uuid]
+        except KeyError:
+            raise InstanceNotFound(uuid) from None
+
+    def _volume(self, name: str) -> Disk:
+        try:
+            return self._volumes[name]
+        except KeyError:
+            raise VolumeNotFound(f"no volume {name!r} in the volume store of {self.hostname}") from None
+
+    def _folders(self) -> Iterable[Mapping[str, Disk]]:
+        """Every instance folder on the host, whether its instance is defined here or not."""
+        yield from (inst.files for inst in self._instances.values())
+        yield from self._instance_dirs.values()
+
+    @staticmethod
+    def _require(inst: Instance, *states: PowerState) -> None:
+        if inst.state not in states:
+            raise InstanceNotRunning(f"instance {inst.spec.uuid} is {inst.state.value}")
+
+    @staticmethod
+    def _refuse_rescued(inst: Instance) -> None:
+        if inst.rescue is not None:
+            raise DriverError(f"instance {inst.spec.uuid} is in rescue; unrescue it before migrating it")
+
+    @staticmethod
+    def _cpu_time_ns(inst: Instance, now: float) -> int:
+        """libvirt reports no CPU time for a domain without a process."""
+        return inst.guest.cpu_time_ns(now) if inst.state in ACTIVE else 0
+
+    def _check_name_free(self, spec: InstanceSpec) -> None:
+        holder = self._names.get((spec.namespace, spec.name))
+        if holder is not None and holder != spec.uuid:
+            raise InstanceExists(
+                f"{spec.namespace}/{spec.name} is already instance {holder} on {self.hostname}"
+            )
+
+    def _checked_image(self, ref: ImageRef, field: str) -> Image:
+        """An image from the store, checked like the libvirt driver's image cache checks it."""
+        plain_name(field, ref.name)
+        image = self._images.get(ref.name)
+        if image is None:
+            raise ImageNotFound(
+                field,
+                f"image {ref.name!r} is not in the image store of {self.hostname}; "
+                "copy it there or fix the name",
+            )
+        if ref.checksum and ref.checksum != f"sha256:{image.sha256}":
+            raise ImageChecksumMismatch(
+                field.rsplit(".", 1)[0] + ".checksum",
+                f"image {ref.name!r} has sha256:{image.sha256}, the spec expects {ref.checksum}",
+            )
+        return image
+
+    def _overlay(self, ref: ImageRef, field: str, now: float) -> Disk:
+        """A copy-on-write disk on the image's cached base."""
+        image = self._checked_image(ref, field)
+        self._bases[image.sha256] = now
+        return Disk(len(image.data), image.data, image.sha256, cow=True)
+
+    def _touch(self, digests: Iterable[str], now: float) -> None:
+        for digest in digests:
+            self._bases[digest] = now
