@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from kubenova.handlers.controller.app import Reservations
 from kubenova.handlers.controller.placement import Usage
+from kubenova.handlers.controller.reservations import Reservations
 
 
 def test_binds_count_until_the_index_has_them() -> None:
