@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import itertools
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import kopf
 import kubernetes
@@ -64,6 +64,14 @@ def unless_changed(write: Callable[[], Any]) -> bool:
 def typed(answer: object) -> dict[str, Any]:
     """What the custom objects API returns: its generated code declares ``object``; it is a JSON object."""
     return cast(dict[str, Any], answer)
+
+
+class WritesStatus(Protocol):
+    """What a reconciler needs of a status writer: ``StatusWriter``, or an in-memory one in unit tests."""
+
+    def write(
+        self, body: Mapping[str, Any], patch: Mapping[str, Any], guard: bool = False
+    ) -> Mapping[str, Any] | None: ...
 
 
 class StatusWriter:

@@ -24,6 +24,7 @@ from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
 from kubenova.handlers.agent.migration_steps import MigrationAgent
 from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
+from kubenova.handlers.agent.secret_reader import SecretReader
 from kubenova.handlers.agent.volumes import VolumeAgent
 from kubenova.handlers.agent.workqueue import WorkQueue
 from kubenova.handlers.shared import (
@@ -34,6 +35,7 @@ from kubenova.handlers.shared import (
     VERSION,
     VIRTUALINSTANCES,
     VOLUMEATTACHMENTS,
+    StatusWriter,
     node_label,
     talk_to_the_apiserver,
     typed,
@@ -128,20 +130,42 @@ class Agent:
         self.instance_cache = ObjectCache(self.queue, "instance")
         self.volume_cache = ObjectCache(self.queue, "volume")
         self.migration_cache = ObjectCache(self.queue, "migration")
-        self.events = EventPoster(kubernetes.client.CoreV1Api(client), config.node)
+        core = kubernetes.client.CoreV1Api(client)
+        self.events = EventPoster(core, config.node)
+        instance_status = StatusWriter(self.custom, VIRTUALINSTANCES)
         self.instances = InstanceAgent(
             config.node,
             driver,
             images,
             self.custom,
+            instance_status,
             self.events,
+            SecretReader(core),
             self.instance_cache,
             self.volume_cache,
             self.migration_cache,
             config.settings,
         )
-        self.volumes = VolumeAgent(self.instances, self.volume_cache)
-        self.migrations = MigrationAgent(self.instances, self.migration_cache)
+        self.volumes = VolumeAgent(
+            config.node,
+            driver,
+            self.custom,
+            StatusWriter(self.custom, VOLUMEATTACHMENTS),
+            self.events,
+            self.volume_cache,
+            self.instance_cache,
+        )
+        self.migrations = MigrationAgent(
+            config.node,
+            driver,
+            self.custom,
+            StatusWriter(self.custom, MIGRATIONS),
+            instance_status,
+            self.events,
+            self.migration_cache,
+            self.instance_cache,
+            self.instances.driver_spec,
+        )
         self.reporter = NodeReporter(
             config.node,
             driver,

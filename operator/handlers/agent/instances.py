@@ -6,17 +6,15 @@ change); every watch event, lifecycle event and resync runs the same idempotent 
 which compares the domain with the spec and writes `status` only when something differs.
 The controller adds the agent's finalizer when it binds the object, so a create costs the
 agent one write: the status that says Running.
+
+The pure steps live beside it: spec translation (translate.py), the power state machine
+(power.py) and the one-shot action protocol (actions.py); this module reads, orchestrates and writes.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import json
 import logging
-import secrets
-import string
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,25 +22,26 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from kubenova import api, faults
+from kubenova import faults
 from kubenova.driver.base import (
     ComputeDriver,
     DriverError,
     ImageRef,
-    InjectedFile,
     InstanceNotFound,
-    InstanceNotRunning,
     InstanceSpec,
-    Interface,
     InvalidInstanceSpec,
-    KernelBoot,
     PowerState,
     RebootType,
 )
 from kubenova.driver.images import ImageStore
+from kubenova.handlers.agent import power
+from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache, older
+from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
-from kubenova.handlers.agent.migration_steps import holds
+from kubenova.handlers.agent.migration_turns import holds
+from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
+from kubenova.handlers.agent.translate import definition_digest, driver_spec, unsupported
 from kubenova.handlers.agent.volumes import waiting_for
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
@@ -50,21 +49,15 @@ from kubenova.handlers.shared import (
     NODE_LABEL,
     VERSION,
     VIRTUALINSTANCES,
-    StatusWriter,
+    WritesStatus,
     condition,
-    drop_condition,
     flavor_of,
-    now,
     remove_finalizer,
     set_condition,
     typed,
 )
 
 log = logging.getLogger(__name__)
-
-#: Spec fields the API accepts but this agent does not act on yet; using one fails clearly.
-NOT_YET_IMPLEMENTED = ("boot.image.url",)
-ACTIONS = ("reboot", "snapshot", "passwordReset")
 
 
 class SpecProblem(Exception):
@@ -83,14 +76,6 @@ class BeingDeleted(Exception):
     """The newest version of the object, still bound here, is being deleted: no domain is made for it."""
 
 
-class WaitFor(Exception):
-    """Something outside the spec is missing (a Secret); retried with backoff, said in status."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclasses.dataclass
 class Settings:
     """The agent's tunables; defaults follow Nova's where Nova has one."""
@@ -102,105 +87,6 @@ class Settings:
     rescue_timeout: float = 0.0  # 0: never warn
     reboot_timeout: float = 180.0
     max_backoff: float = 300.0
-
-
-def unsupported(spec: Mapping[str, Any]) -> list[str]:
-    """The spec fields set here that this agent cannot honour yet, as user-facing paths."""
-    found = []
-    for path in NOT_YET_IMPLEMENTED:
-        node: Any = spec
-        for key in path.split("."):
-            node = node.get(key) if isinstance(node, Mapping) else None
-        if node not in (None, [], {}, ""):
-            found.append(f"spec.{path}")
-    return found
-
-
-def instance_spec(
-    uid: str,
-    namespace: str,
-    name: str,
-    spec: api.VirtualInstanceSpec,
-    images: ImageStore,
-    admin_password: str | None,
-    vnc_password: str | None = None,
-) -> InstanceSpec:
-    """Translate the spec for the driver; names the offending field when the node cannot run it."""
-    boot = spec["boot"]
-    kernel = boot.get("kernel")
-    image = boot.get("image")
-    flavor = spec["flavor"]
-    files = []
-    for index, item in enumerate(spec.get("injectedFiles") or []):
-        try:
-            files.append(InjectedFile(item["path"], base64.b64decode(item["content"], validate=True)))
-        except ValueError as exc:
-            raise InvalidInstanceSpec(f"spec.injectedFiles[{index}].content", f"not base64: {exc}") from exc
-    return InstanceSpec(
-        uuid=uid,
-        name=name,
-        namespace=namespace,
-        vcpus=int(flavor["vcpus"]),
-        memory_mib=int(flavor["memoryMiB"]),
-        boot=KernelBoot(
-            kernel=images.resolve("spec.boot.kernel.image", kernel["image"]),
-            initrd=images.resolve("spec.boot.kernel.initrd", kernel["initrd"])
-            if kernel.get("initrd")
-            else None,
-            cmdline=kernel.get("cmdline", "console=ttyS0"),
-        )
-        if kernel
-        else None,
-        image=ImageRef(image["name"], image.get("checksum")) if image else None,
-        root_gib=(spec.get("rootDisk") or {}).get("sizeGiB"),
-        ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
-        swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
-        interfaces=tuple(
-            Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
-            for i in spec.get("interfaces") or []
-        ),
-        user_data=spec.get("userData"),
-        network_config=spec.get("networkConfig"),
-        injected_files=tuple(files),
-        admin_password=admin_password,
-        vnc_password=vnc_password,
-    )
-
-
-def vnc_secret_name(instance: str) -> str:
-    """``<name>-vnc``; a name too long for the suffix is cut and keeps a digest of the whole, so two
-    long names that share their start never share a password."""
-    if len(instance) <= 249:
-        return f"{instance}-vnc"
-    return f"{instance[:236]}-{hashlib.sha256(instance.encode()).hexdigest()[:12]}-vnc"
-
-
-#: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
-#: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
-RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
-
-
-def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str:
-    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor.
-
-    The driver keeps it with the definition (InstanceSpec.revision), so the agent redefines a domain only
-    when this changed, even after a restart, and never for a change of power state.
-    """
-    shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
-    shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
-
-
-PHASES = {
-    PowerState.RUNNING: "Running",
-    PowerState.BLOCKED: "Running",
-    PowerState.SHUTDOWN: "Running",
-    PowerState.PAUSED: "Paused",
-    PowerState.SUSPENDED: "Suspended",
-    PowerState.SHUTOFF: "Stopped",
-    PowerState.CRASHED: "Stopped",
-    PowerState.NOSTATE: "Stopped",
-}
 
 
 class InstanceAgent:
@@ -217,34 +103,40 @@ class InstanceAgent:
         node: str,
         driver: ComputeDriver,
         images: ImageStore,
-        custom: kubernetes.client.CustomObjectsApi,
+        objects: kubernetes.client.CustomObjectsApi,
+        status: WritesStatus,
         events: EventPoster,
+        secrets: SecretReader,
         cache: ObjectCache,
         volumes: ObjectCache,
         migrations: ObjectCache,
         settings: Settings | None = None,
     ) -> None:
+        """``objects`` reads and patches VirtualInstances (their metadata), ``status`` writes their status,
+        ``secrets`` reads the Secrets they name; the caches are the node's instances, attachments and
+        migrations as the watches last saw them."""
         self.node = node
         self.driver = driver
         self.images = images
-        self.custom = custom
-        self.core = events.core
+        self.objects = objects
+        self.status = status
         self.events = events
+        self.secrets = secrets
         self.cache = cache
         self.volumes = volumes
         self.migrations = migrations
-        self.status = StatusWriter(custom, VIRTUALINSTANCES)
         self.settings = settings or Settings()
         self._stopped_outside: dict[str, float] = {}
-        #: (uid, action) -> (id, result) of the actions this process carried out.
-        self._acted: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self.actions = ActionRunner(
+            driver, images, secrets, events, self.write, self.settings.soft_reboot_timeout
+        )
         cache.on_forget(self._forget)
         cache.on_forget(events.forget)
 
     # --- bookkeeping ---------------------------------------------------------------------
 
     def _forget(self, uid: str) -> None:
-        self._acted = {key: value for key, value in self._acted.items() if key[0] != uid}
+        self.actions.forget(uid)
         self._stopped_outside.pop(uid, None)
 
     def held(self, uid: str) -> str | None:
@@ -349,7 +241,7 @@ class InstanceAgent:
             self.events.warn(body, reason, str(exc))
             return
         self.write(body, self._observed(body))
-        if spec.get("actions") and self._actions(body):
+        if spec.get("actions") and self.actions.run(body):
             self.write(body, self._observed(body))  # a reboot may have applied a pending change
         self._domain_ready(meta["namespace"], meta["name"])
         self._restart_later_if_needed(body)
@@ -391,21 +283,21 @@ class InstanceAgent:
         else:
             driver.unrescue(uid)
         state = driver.get_info(uid).state
-        status = body.get("status") or {}
-        stopped = want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED)
-        if (
-            stopped
-            and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState")
-            and status.get("observedGeneration") == meta.get("generation")
-        ):
-            # Stopped since the last status, with no spec change: outside Kubernetes (a lifecycle
-            # event this handle got ahead of, or one lost while the agent or libvirt was down).
-            self._stopped_outside.setdefault(uid, time.monotonic())
-        if uid in self._stopped_outside and stopped:
-            if time.monotonic() - self._stopped_outside[uid] < self.settings.restart_delay:
-                return  # _restart_later_if_needed brings it back after the delay
-        self._stopped_outside.pop(uid, None)
-        self._power(uid, want, state)
+        decision = power.follow(
+            want,
+            state,
+            body.get("status") or {},
+            meta.get("generation"),
+            self._stopped_outside.get(uid),
+            time.monotonic(),
+            self.settings.restart_delay,
+        )
+        if decision.stopped_since is not None:
+            self._stopped_outside[uid] = decision.stopped_since
+        else:
+            self._stopped_outside.pop(uid, None)
+        if decision.plan is not None:  # else _restart_later_if_needed brings it back after the delay
+            self._power(uid, want, decision.plan)
 
     def _still_here(self, body: dict[str, Any]) -> bool:
         """Whether the newest version of the object is still bound to this node (BeingDeleted when it is,
@@ -417,7 +309,7 @@ class InstanceAgent:
         meta = body["metadata"]
         try:
             fresh = typed(
-                self.custom.get_namespaced_custom_object(
+                self.objects.get_namespaced_custom_object(
                     GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"]
                 )
             )
@@ -436,143 +328,21 @@ class InstanceAgent:
             raise BeingDeleted()
         return True
 
-    def _power(self, uid: str, want: str, state: PowerState) -> None:
-        driver = self.driver
-        if want == "Stopped":
-            if state is not PowerState.SHUTOFF:
-                driver.power_off(uid)
-                faults.point("power.stopped")
-            return
-        if state is PowerState.SUSPENDED and want != "Suspended":
-            driver.resume(uid)
-            state = driver.get_info(uid).state
-        if want == "Running":
-            if state is PowerState.PAUSED:
-                driver.unpause(uid)
-            elif state is not PowerState.RUNNING:
-                driver.power_on(uid)
-        elif want == "Paused":
-            if state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
-                driver.power_on(uid)
-            if driver.get_info(uid).state is not PowerState.PAUSED:
-                driver.pause(uid)
-        elif want == "Suspended" and state is not PowerState.SUSPENDED:
-            if state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
-                driver.power_on(uid)
-            driver.suspend(uid)
+    def _power(self, uid: str, want: str, plan: power.PowerPlan) -> None:
+        """Carry out the plan; where its outcome is uncertain, read the state and plan anew (bounded)."""
+        for looks in range(3):  # resume, then power on, then pause: the longest way there
+            for step in plan.steps:
+                getattr(self.driver, step.value)(uid)
+                if step is power.PowerStep.POWER_OFF:
+                    faults.point("power.stopped")
+            if not plan.look_again or looks == 2:
+                return
+            plan = power.power_plan(want, self.driver.get_info(uid).state)
 
     def _observed(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The status fields that follow from what libvirt reports now (no ever-changing counters)."""
-        meta, spec = body["metadata"], body.get("spec") or {}
-        status = body.get("status") or {}
-        uid, generation = meta["uid"], meta.get("generation")
-        want = spec.get("powerState", "Running")
-        patch: dict[str, Any] = {
-            "node": self.node,
-            "domainUUID": uid,
-            "observedGeneration": generation,
-            "console": {"node": self.node, "logFile": f"{uid}/console.log"},
-        }
-        try:
-            info = self.driver.get_info(uid)
-        except InstanceNotFound:
-            patch.update({"powerState": PowerState.NOSTATE.value, "phase": "Pending"})
-            set_condition(
-                patch,
-                status,
-                "Ready",
-                False,
-                "DomainMissing",
-                f"no libvirt domain for this instance on {self.node}",
-                generation,
-            )
-            return patch
-        power = info.state.value
-        if (spec.get("vnc") or {}).get("enabled") and info.state is PowerState.RUNNING:
-            try:
-                console = self.driver.get_vnc_console(uid)
-                patch["vnc"] = {
-                    "host": console.host,
-                    "port": console.port,
-                    "passwordSecretRef": {"name": vnc_secret_name(meta["name"])},
-                }
-            except DriverError as exc:
-                log.warning("no VNC endpoint for %s: %s", uid, exc)
-        rescued = bool((spec.get("rescue") or {}).get("enabled")) and info.state is PowerState.RUNNING
-        patch.update(
-            {
-                "powerState": power,
-                "phase": "Rescued" if rescued else PHASES[info.state],
-                "flavor": {"vcpus": info.num_cpu, "memoryMiB": info.max_mem_kib // 1024},
-                "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib, "vcpus": info.num_cpu},
-            }
-        )
-        if power == want:
-            set_condition(
-                patch, status, "Ready", True, "PowerStateReached", f"the domain is {power}", generation
-            )
-        elif meta["uid"] in self._stopped_outside:
-            set_condition(
-                patch,
-                status,
-                "Ready",
-                False,
-                "StoppedOutsideKubernetes",
-                f"the domain became {power} without a spec change (guest shutdown, crash or virsh); "
-                f"the agent starts it again in {self.settings.restart_delay:.0f}s because the spec "
-                f"asks for {want}",
-                generation,
-            )
-        else:
-            set_condition(
-                patch,
-                status,
-                "Ready",
-                False,
-                "PowerStateDiffers",
-                f"the domain is {power}, the spec asks for {want}",
-                generation,
-            )
-        # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
-        # the condition then present asks about: most looks need neither question.
-        ask = condition(status, "RestartRequired") or status.get("observedGeneration") != generation
-        try:
-            interfaces = (
-                self._interfaces(uid, spec) if spec.get("interfaces") or status.get("interfaces") else []
-            )
-            pending = self.driver.pending_changes(uid) if ask else []
-        except DriverError as exc:  # the domain went away meanwhile: the next look says so
-            log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
-            return patch
-        if interfaces or status.get("interfaces"):
-            patch["interfaces"] = interfaces or None
-        if pending:
-            set_condition(
-                patch,
-                status,
-                "RestartRequired",
-                True,
-                "SpecChangedWhileRunning",
-                f"{', '.join(pending)} changed while the domain runs; it takes them at its next boot "
-                "(stop and start it, or a Hard reboot); until then it runs as before",
-                generation,
-            )
-        elif condition(status, "RestartRequired"):
-            drop_condition(patch, status, "RestartRequired")
-        return patch
-
-    def _interfaces(self, uid: str, spec: Mapping[str, Any]) -> list[dict[str, str]]:
-        """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by
-        order)."""
-        named = [i["name"] for i in spec.get("interfaces") or []]
-        return [
-            {
-                "name": d.name or (named[index] if index < len(named) else f"#{index}"),
-                "macAddress": d.mac,
-                "network": d.network,
-            }
-            for index, d in enumerate(self.driver.list_interfaces_detail(uid))
-        ]
+        """The status fields that follow from what libvirt reports now."""
+        stopped_outside = body["metadata"]["uid"] in self._stopped_outside
+        return observed_status(self.driver, self.node, body, stopped_outside, self.settings.restart_delay)
 
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
         uid = body["metadata"]["uid"]
@@ -600,229 +370,21 @@ class InstanceAgent:
         want = (body.get("spec") or {}).get("powerState", "Running")
         if state.value == status.get("powerState"):
             return
-        if want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE):
+        if power.stopped_against_spec(want, state):
             self._stopped_outside.setdefault(uid, time.monotonic())
         self.write(body, self._observed(body))
         self._restart_later_if_needed(body)
 
-    # --- one-shot actions -----------------------------------------------------------------
-
-    def _actions(self, body: dict[str, Any]) -> bool:
-        """Act once per new id; "InProgress" is written first, so a restart never repeats an action.
-
-        Returns whether this call acted on anything.
-        """
-        spec, uid = body.get("spec") or {}, body["metadata"]["uid"]
-        acted = False
-        for kind in ACTIONS:
-            request = (spec.get("actions") or {}).get(kind)
-            if not request:
-                continue
-            ack = ((body.get("status") or {}).get("actions") or {}).get(kind) or {}
-            if ack.get("id") == request["id"] and ack.get("phase") != "InProgress":
-                continue  # done already
-            done = self._acted.get((uid, kind))
-            if done is None or done[0] != request["id"]:
-                # InProgress with this id, yet not acted on by this process: an earlier agent process
-                # started it, and it may or may not have happened.
-                interrupted = ack.get("id") == request["id"]
-                if not interrupted:
-                    self.write(
-                        body,
-                        {
-                            "actions": {
-                                kind: {
-                                    "id": request["id"],
-                                    "phase": "InProgress",
-                                    "message": f"{kind} started",
-                                }
-                            }
-                        },
-                    )
-                try:
-                    message = getattr(self, f"_do_{kind}")(body, uid, request, interrupted)
-                    result = {"phase": "Succeeded", "message": message}
-                except (DriverError, WaitFor) as exc:
-                    result = {"phase": "Failed", "message": str(exc)}
-                    self.events.warn(
-                        body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}"
-                    )
-                done = (request["id"], {"completionTime": now(), **result})
-                self._acted[(uid, kind)] = done
-                acted = True
-            # Acted on here; if this write fails (apiserver away), the retry writes it, never acts again.
-            self.write(body, {"actions": {kind: {"id": request["id"], **done[1]}}})
-        return acted
-
-    def _do_reboot(
-        self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
-    ) -> str:
-        if interrupted:
-            state = self.driver.get_info(uid).state.value
-            raise DriverError(
-                f"the agent restarted during this reboot, so whether it finished is unknown (the "
-                f"domain is {state}); request another reboot with a new id if it is still needed"
-            )
-        try:
-            done = self.driver.reboot(uid, RebootType(request["type"]), self.settings.soft_reboot_timeout)
-        except InstanceNotRunning as exc:
-            raise DriverError(f"cannot reboot: {exc}") from exc
-        if done is RebootType.HARD and request["type"] == "Soft":
-            return (
-                f"the guest ignored the ACPI shutdown for {self.settings.soft_reboot_timeout:.0f}s; "
-                "rebooted hard"
-            )
-        return f"rebooted ({request['type'].lower()})"
-
-    def _do_snapshot(
-        self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
-    ) -> str:
-        name = request["imageName"]
-        if interrupted and (self.images.root / name).is_file():
-            return f"image {name} is in the image store"
-        last = [0.0]
-
-        def progress(percent: int) -> None:
-            if time.monotonic() - last[0] >= 2.0 and percent < 100:  # a bounded write rate
-                last[0] = time.monotonic()
-                self.write(
-                    body,
-                    {
-                        "actions": {
-                            "snapshot": {"id": request["id"], "phase": "InProgress", "progress": percent}
-                        }
-                    },
-                )
-
-        self.driver.snapshot(uid, name, progress)
-        faults.point("snapshot.written")
-        return f"image {name} is in the image store"
-
-    def _do_passwordReset(
-        self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
-    ) -> str:
-        spec = body.get("spec") or {}
-        password = self.secret(
-            body["metadata"]["namespace"],
-            spec.get("adminPasswordSecretRef"),
-            "spec.adminPasswordSecretRef",
-            "password",
-        )
-        if password is None:
-            raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
-        self.driver.set_admin_password(uid, password)
-        return "the guest's admin password was set"
-
-    def vnc_password(self, body: Mapping[str, Any]) -> str | None:
-        """The instance's VNC password, kept in the Secret <name>-vnc (made once, owned by the instance).
-
-        Kept in a Secret rather than status, so that reading it takes the same RBAC as reading any
-        Secret of the namespace, and so that a restarted agent or a migration target finds the same one.
-        """
-        meta = body["metadata"]
-        if not ((body.get("spec") or {}).get("vnc") or {}).get("enabled"):
-            return None
-        name = vnc_secret_name(meta["name"])
-        password = "".join(
-            secrets.choice(string.ascii_letters + string.digits) for _ in range(8)
-        )  # VNC's limit
-        try:
-            self.core.create_namespaced_secret(
-                meta["namespace"],
-                kubernetes.client.V1Secret(
-                    metadata=kubernetes.client.V1ObjectMeta(
-                        name=name,
-                        labels={f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
-                        owner_references=[
-                            kubernetes.client.V1OwnerReference(
-                                api_version=f"{GROUP}/{VERSION}",
-                                kind="VirtualInstance",
-                                name=meta["name"],
-                                uid=meta["uid"],
-                            )
-                        ],
-                    ),
-                    string_data={"password": password},
-                ),
-            )
-            return password
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 409:
-                raise
-        existing = self.core.read_namespaced_secret(name, meta["namespace"])
-        data = (existing.data or {}).get("password")
-        if data is None:  # a Secret of that name that kubenova did not make
-            raise WaitFor(
-                "SecretConflict",
-                f"spec.vnc: Secret {name!r} exists without a 'password' key, so it is "
-                "not the one kubenova keeps the VNC password in; rename or delete it",
-            )
-        return base64.b64decode(data).decode()
-
-    def secret(
-        self, namespace: str, ref: Mapping[str, Any] | None, field: str, default_key: str
-    ) -> str | None:
-        """A value from the Secret ``ref`` names (the field it came from, for messages); a missing one is
-        waited for."""
-        if not ref:
-            return None
-        key = ref.get("key", default_key)
-        try:
-            secret = self.core.read_namespaced_secret(ref["name"], namespace)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                raise WaitFor(
-                    "SecretMissing",
-                    f"{field}: Secret {ref['name']!r} does not exist in namespace {namespace}; create it",
-                ) from exc
-            raise
-        data = (secret.data or {}).get(key)
-        if data is None:
-            raise WaitFor(
-                "SecretMissing",
-                f"{field}: Secret {ref['name']!r} has no key {key!r}; add it or set {field}.key",
-            )
-        try:
-            return base64.b64decode(data).decode()
-        except UnicodeDecodeError:
-            raise WaitFor(
-                "SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 text"
-            ) from None
-
     def driver_spec(self, instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
-        """The driver's view of an instance with this flavor, its secrets read from their Secrets."""
-        meta, spec = instance["metadata"], instance.get("spec") or {}
-        namespace = meta["namespace"]
-        password = self.secret(
-            namespace, spec.get("adminPasswordSecretRef"), "spec.adminPasswordSecretRef", "password"
-        )
-        user_data = self.secret(
-            namespace, spec.get("userDataSecretRef"), "spec.userDataSecretRef", "userData"
-        )
-        resolved = {
-            **spec,
-            "flavor": dict(flavor),
-            **({"userData": user_data} if user_data is not None else {}),
-        }
-        return dataclasses.replace(
-            instance_spec(
-                meta["uid"],
-                namespace,
-                meta["name"],
-                resolved,  # type: ignore[arg-type]
-                self.images,
-                password,
-                self.vnc_password(instance),
-            ),
-            revision=definition_digest(spec, flavor),
-        )
+        """The driver's view of an instance with this flavor, its secrets read from their Secrets first."""
+        return driver_spec(instance, flavor, self.images, self.secrets.for_instance(instance))
 
     # --- deletion -------------------------------------------------------------------------
 
     def _add_finalizer(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         fresh = typed(
-            self.custom.patch_namespaced_custom_object(
+            self.objects.patch_namespaced_custom_object(
                 GROUP,
                 VERSION,
                 meta["namespace"],
@@ -854,7 +416,7 @@ class InstanceAgent:
         self.events.post(
             body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal"
         )
-        remove_finalizer(self.custom, body, VIRTUALINSTANCES)
+        remove_finalizer(self.objects, body, VIRTUALINSTANCES)
 
     # --- pollers --------------------------------------------------------------------------
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kubernetes
 import urllib3
 
 from kubenova import faults
 from kubenova.driver.base import (
+    ComputeDriver,
     DriverError,
     InstanceNotFound,
     InvalidInstanceSpec,
@@ -18,16 +19,14 @@ from kubenova.driver.base import (
     VolumeSpec,
 )
 from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
     VOLUMEATTACHMENTS,
-    StatusWriter,
+    WritesStatus,
     remove_finalizer,
     set_condition,
 )
-
-if TYPE_CHECKING:  # the instance side reads this module's waiting_for
-    from kubenova.handlers.agent.instances import InstanceAgent
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,26 @@ class VolumeAgent:
     """Attaches and detaches this node's VolumeAttachments ("volume" keys of the agent's queue); each
     waits for its instance's domain."""
 
-    def __init__(self, instances: InstanceAgent, cache: ObjectCache) -> None:
-        self.instances = instances
+    def __init__(
+        self,
+        node: str,
+        driver: ComputeDriver,
+        objects: kubernetes.client.CustomObjectsApi,
+        status: WritesStatus,
+        events: EventPoster,
+        cache: ObjectCache,
+        instances: ObjectCache,
+    ) -> None:
+        """``objects`` patches the attachments' metadata (the finalizer), ``status`` writes their status;
+        ``instances`` is the node's instance cache, where each attachment finds its instance."""
+        self.node = node
+        self.driver = driver
+        self.objects = objects
+        self.status = status
+        self.events = events
         self.cache = cache
-        self.status = StatusWriter(instances.custom, VOLUMEATTACHMENTS)
-        cache.on_forget(instances.events.forget)
+        self.instances = instances
+        cache.on_forget(events.forget)
 
     def handle(self, uid: str) -> None:
         try:
@@ -78,8 +92,8 @@ class VolumeAgent:
         meta, spec = body["metadata"], body.get("spec") or {}
         status = body.get("status") or {}
         generation = meta.get("generation")
-        instance = self.instances.cache.find(meta["namespace"], spec["instanceRef"]["name"])
-        custom, driver = self.instances.custom, self.instances.driver
+        instance = self.instances.find(meta["namespace"], spec["instanceRef"]["name"])
+        driver = self.driver
         if meta.get("deletionTimestamp"):
             if AGENT_FINALIZER not in (meta.get("finalizers") or []):
                 return
@@ -90,11 +104,11 @@ class VolumeAgent:
                     pass  # nothing attached: fine
                 except DriverError as exc:
                     self._write(body, self._condition(body, "Detaching", "DetachFailed", str(exc)))
-                    self.instances.events.warn(body, "DetachFailed", str(exc))
+                    self.events.warn(body, "DetachFailed", str(exc))
                     self.cache.retry_later(uid)
                     return
             faults.point("volume.detached")
-            remove_finalizer(custom, body, VOLUMEATTACHMENTS)
+            remove_finalizer(self.objects, body, VOLUMEATTACHMENTS)
             return
         if status.get("phase") == "Attached" and status.get("observedGeneration") == generation:
             return
@@ -108,7 +122,7 @@ class VolumeAgent:
                     "Pending",
                     "InstanceNotReady",
                     f"waiting for VirtualInstance {spec['instanceRef']['name']!r} to be created on "
-                    f"{self.instances.node}",
+                    f"{self.node}",
                 ),
             )
             return  # the instance's handler calls back once its domain exists
@@ -128,20 +142,20 @@ class VolumeAgent:
             patch = self._condition(body, "Failed", "InvalidSpec", str(exc))
             patch["observedGeneration"] = generation
             self._write(body, patch)
-            self.instances.events.warn(body, "InvalidSpec", str(exc))
+            self.events.warn(body, "InvalidSpec", str(exc))
             return
         except DriverError as exc:
             self._write(body, self._condition(body, "Attaching", "HypervisorError", str(exc)))
-            self.instances.events.warn(body, "AttachFailed", str(exc))
+            self.events.warn(body, "AttachFailed", str(exc))
             self.cache.retry_later(uid)
             return
         faults.point("volume.attached")
         patch = self._condition(
-            body, "Attached", "Attached", f"attached as {attached} on {self.instances.node}", ready=True
+            body, "Attached", "Attached", f"attached as {attached} on {self.node}", ready=True
         )
         patch.update(
             {
-                "node": self.instances.node,
+                "node": self.node,
                 "device": attached,
                 "observedGeneration": generation,
                 "connector": {

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kubenova.handlers.agent.migration_steps import holds, owner
+from kubenova.handlers.agent.migration_turns import holds, owner
 
 
 def body(kind: str, step: str | None, **spec: Any) -> dict[str, Any]:

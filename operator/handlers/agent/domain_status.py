@@ -1,0 +1,115 @@
+"""What status says about an instance's domain: read from the driver now, never ever-changing counters.
+
+The power state, phase, Ready (from power.py), the flavor and memory the domain runs with, its VNC
+endpoint and interfaces, and RestartRequired while a spec change waits for the next boot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kubenova.driver.base import ComputeDriver, DriverError, InstanceNotFound, PowerState
+from kubenova.handlers.agent import power
+from kubenova.handlers.agent.translate import vnc_secret_name
+from kubenova.handlers.shared import condition, drop_condition, set_condition
+
+log = logging.getLogger(__name__)
+
+
+def observed_status(
+    driver: ComputeDriver, node: str, body: Mapping[str, Any], stopped_outside: bool, restart_delay: float
+) -> dict[str, Any]:
+    """The status fields that follow from what libvirt reports now (no ever-changing counters).
+
+    ``stopped_outside``: the domain stopped outside Kubernetes and the agent starts it again after
+    ``restart_delay``, which the Ready condition says.
+    """
+    meta, spec = body["metadata"], body.get("spec") or {}
+    status = body.get("status") or {}
+    uid, generation = meta["uid"], meta.get("generation")
+    want = spec.get("powerState", "Running")
+    patch: dict[str, Any] = {
+        "node": node,
+        "domainUUID": uid,
+        "observedGeneration": generation,
+        "console": {"node": node, "logFile": f"{uid}/console.log"},
+    }
+    try:
+        info = driver.get_info(uid)
+    except InstanceNotFound:
+        patch.update({"powerState": PowerState.NOSTATE.value, "phase": "Pending"})
+        set_condition(
+            patch,
+            status,
+            "Ready",
+            False,
+            "DomainMissing",
+            f"no libvirt domain for this instance on {node}",
+            generation,
+        )
+        return patch
+    power_state = info.state.value
+    if (spec.get("vnc") or {}).get("enabled") and info.state is PowerState.RUNNING:
+        try:
+            console = driver.get_vnc_console(uid)
+            patch["vnc"] = {
+                "host": console.host,
+                "port": console.port,
+                "passwordSecretRef": {"name": vnc_secret_name(meta["name"])},
+            }
+        except DriverError as exc:
+            log.warning("no VNC endpoint for %s: %s", uid, exc)
+    rescued = bool((spec.get("rescue") or {}).get("enabled"))
+    patch.update(
+        {
+            "powerState": power_state,
+            "phase": power.phase(info.state, rescued),
+            "flavor": {"vcpus": info.num_cpu, "memoryMiB": info.max_mem_kib // 1024},
+            "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib, "vcpus": info.num_cpu},
+        }
+    )
+    ready, reason, message = power.readiness(want, power_state, stopped_outside, restart_delay)
+    set_condition(patch, status, "Ready", ready, reason, message, generation)
+    # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
+    # the condition then present asks about: most looks need neither question.
+    ask = condition(status, "RestartRequired") or status.get("observedGeneration") != generation
+    try:
+        interfaces = (
+            interfaces_of(driver, uid, spec) if spec.get("interfaces") or status.get("interfaces") else []
+        )
+        pending = driver.pending_changes(uid) if ask else []
+    except DriverError as exc:  # the domain went away meanwhile: the next look says so
+        log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
+        return patch
+    if interfaces or status.get("interfaces"):
+        patch["interfaces"] = interfaces or None
+    if pending:
+        set_condition(
+            patch,
+            status,
+            "RestartRequired",
+            True,
+            "SpecChangedWhileRunning",
+            f"{', '.join(pending)} changed while the domain runs; it takes them at its next boot "
+            "(stop and start it, or a Hard reboot); until then it runs as before",
+            generation,
+        )
+    elif condition(status, "RestartRequired"):
+        drop_condition(patch, status, "RestartRequired")
+    return patch
+
+
+def interfaces_of(driver: ComputeDriver, uid: str, spec: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by
+    order)."""
+    named = [i["name"] for i in spec.get("interfaces") or []]
+    return [
+        {
+            "name": d.name or (named[index] if index < len(named) else f"#{index}"),
+            "macAddress": d.mac,
+            "network": d.network,
+        }
+        for index, d in enumerate(driver.list_interfaces_detail(uid))
+    ]

@@ -1,0 +1,240 @@
+"""The steps of a Live migration: prepare the target, transfer the running guest, finish or roll back.
+
+The transfer is the one step that must not run twice: it is marked ``Transferring`` before it starts,
+and an agent that finds its own ``Transferring`` step on start-up knows it died during the transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kubernetes
+
+from kubenova.driver.base import (
+    ComputeDriver,
+    CPUIncompatible,
+    CpuInfo,
+    DriverError,
+    InstanceNotFound,
+    InstanceSpec,
+    MigrationProgress,
+)
+from kubenova.handlers.agent.migration_handover import Handover
+from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, cancelled, flavor_of, typed
+
+log = logging.getLogger(__name__)
+#: Progress of a live transfer is written at most this often.
+PROGRESS_INTERVAL = 2.0
+
+
+class LiveSteps:
+    """This node's steps of Live migrations, and the transfers running here (which a cancel aborts)."""
+
+    def __init__(
+        self,
+        node: str,
+        driver: ComputeDriver,
+        handover: Handover,
+        spec_for: Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec],
+        objects: kubernetes.client.CustomObjectsApi,
+    ) -> None:
+        """``spec_for(instance, flavor)``: the driver's view of the instance, its Secrets read."""
+        self.node = node
+        self.driver = driver
+        self.handover = handover
+        self.spec_for = spec_for
+        self.objects = objects
+        self._transfers: dict[str, str] = {}  # migration uid -> instance uid, while its transfer runs here
+        self._aborted: set[str] = set()
+        self.steps: dict[str, Callable[[dict[str, Any]], None]] = {
+            "PrepareTarget": self.prepare_target,
+            "Transfer": self.transfer,
+            "Transferring": self.transferring,
+            "FinishTarget": self.finish_target,
+            "RollbackTarget": self.rollback_target,
+        }
+
+    def running(self, uid: str) -> bool:
+        """Whether the migration's transfer runs here now (it holds a worker until it ends)."""
+        return uid in self._transfers
+
+    def abort(self, uid: str, body: Mapping[str, Any]) -> bool:
+        """Abort the migration's transfer running here if it was cancelled; whether it was cancelled."""
+        if uid not in self._transfers or not cancelled(body) or uid in self._aborted:
+            return False
+        self._aborted.add(uid)
+        try:
+            self.driver.abort_live_migration(self._transfers[uid])
+        except DriverError as exc:
+            log.warning("aborting the migration %s failed: %s", body["metadata"]["name"], exc)
+        return True
+
+    def forget(self, uid: str) -> None:
+        self._aborted.discard(uid)
+
+    def prepare_target(self, body: dict[str, Any]) -> None:
+        status = body["status"]
+        source = status["sourceNode"]
+        if cancelled(body):
+            self.handover.finish(
+                body, "Cancelled", f"cancelled before the transfer; the instance stays on {source}"
+            )
+            return
+        instance = self.handover.instance(body)
+        cpu = (
+            typed(self.objects.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source)).get("status")
+            or {}
+        ).get("cpuInfo")
+        try:
+            if cpu:
+                self.driver.compare_cpu(CpuInfo(**{**cpu, "features": tuple(cpu.get("features") or ())}))
+            definition = self.driver.pre_live_migration(self.spec_for(instance, flavor_of(instance)))
+        except CPUIncompatible as exc:
+            self.handover.finish(
+                body,
+                "Failed",
+                f"{self.node} cannot run a guest started on {source}: {exc}; choose "
+                "another spec.targetNode, or stop the instance and use a Cold migration",
+            )
+            return
+        except DriverError as exc:
+            self.handover.finish(
+                body,
+                "Failed",
+                f"{self.node} could not prepare for the instance: {exc}; it stays running on {source}",
+            )
+            return
+        self.handover.hand_over(
+            body,
+            "Transfer",
+            f"{self.node} is prepared; {source} transfers the instance",
+            phase="Migrating",
+            handoff={"definition": definition},
+        )
+
+    def transfer(self, body: dict[str, Any]) -> None:
+        status, spec = body["status"], body["spec"]
+        uid, instance_uid = body["metadata"]["uid"], status["instanceUID"]
+        if cancelled(body):
+            self.handover.hand_over(
+                body,
+                "RollbackTarget",
+                f"cancelled before the transfer; the instance stays on {self.node}",
+                handoff={"outcome": "Cancelled"},
+            )
+            return
+        self.handover.hand_over(
+            body, "Transferring", f"transferring from {self.node} to {status['targetNode']}"
+        )
+        last = [0.0]
+
+        def progress(step: MigrationProgress) -> None:
+            if time.monotonic() - last[0] < PROGRESS_INTERVAL:
+                return
+            last[0] = time.monotonic()
+            done = step.data_processed * 100 // step.data_total if step.data_total else 0
+            try:
+                self.handover.write(
+                    body,
+                    {
+                        "progress": {
+                            "percent": min(99, done),
+                            "dataTotalBytes": step.data_total,
+                            "dataProcessedBytes": step.data_processed,
+                            "dataRemainingBytes": step.data_remaining,
+                            "iteration": step.iteration,
+                            "expectedDowntimeMs": step.expected_downtime_ms,
+                        }
+                    },
+                )
+            except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
+                log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
+            if cancelled(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
+                self._aborted.add(uid)
+                self.driver.abort_live_migration(instance_uid)
+
+        self._transfers[uid] = instance_uid
+        try:
+            self.driver.live_migration(
+                instance_uid,
+                status["handoff"]["targetURI"],
+                status["handoff"]["definition"],
+                progress,
+                max_bandwidth_mib=spec.get("bandwidthMiBps"),
+            )
+        except DriverError as exc:
+            if uid in self._aborted:
+                outcome, message = (
+                    "Cancelled",
+                    f"cancelled during the transfer; the instance keeps running on {self.node}",
+                )
+            else:
+                outcome, message = (
+                    "Failed",
+                    f"the transfer failed: {exc}; the instance keeps running on {self.node}",
+                )
+            self.handover.hand_over(body, "RollbackTarget", message, handoff={"outcome": outcome})
+            return
+        finally:
+            self._transfers.pop(uid, None)
+        self.handover.hand_over(
+            body,
+            "FinishTarget",
+            f"transferred; {status['targetNode']} takes over",
+            progress={**(status.get("progress") or {}), "percent": 100, "dataRemainingBytes": 0},
+        )
+
+    def transferring(self, body: dict[str, Any]) -> None:
+        """Found on start-up: this agent died during the transfer, so whether it finished is unknown."""
+        instance_uid = body["status"]["instanceUID"]
+        if self.driver.instance_exists(instance_uid):
+            try:
+                self.driver.abort_live_migration(instance_uid)
+            except DriverError:
+                pass  # no job was running any more
+            self.handover.hand_over(
+                body,
+                "RollbackTarget",
+                f"the agent on {self.node} restarted during the transfer; the "
+                f"instance stays on {self.node}; create a new Migration to move it",
+                handoff={"outcome": "Failed"},
+            )
+        else:
+            self.handover.hand_over(
+                body, "FinishTarget", "the transfer completed while the source's agent restarted"
+            )
+
+    def finish_target(self, body: dict[str, Any]) -> None:
+        status = body["status"]
+        instance = self.handover.instance(body)
+        try:
+            outcome = self.driver.post_live_migration_at_destination(status["instanceUID"])
+        except InstanceNotFound:
+            self.handover.finish(
+                body,
+                "Failed",
+                f"the instance did not arrive on {self.node}; check the source "
+                f"{status['sourceNode']} and the libvirt logs",
+            )
+            return
+        self.handover.move_instance(instance, self.node, None)
+        figures = {
+            key: value
+            for key, value in (("elapsedMs", outcome.elapsed_ms), ("downtimeMs", outcome.downtime_ms))
+            if value is not None
+        }
+        said = ", ".join(f"{k[:-2]} {v} ms" for k, v in figures.items())
+        self.handover.finish(
+            body,
+            "Succeeded",
+            f"moved from {status['sourceNode']} to {self.node}" + (f" ({said})" if said else ""),
+            progress={**(status.get("progress") or {}), **figures},
+        )
+
+    def rollback_target(self, body: dict[str, Any]) -> None:
+        status = body["status"]
+        self.driver.rollback_live_migration_at_destination(status["instanceUID"])
+        self.handover.finish(body, status["handoff"].get("outcome", "Failed"), status.get("message", ""))

@@ -1,0 +1,56 @@
+"""Whose turn a Migration's step is, and when an agent must leave the instance it moves alone.
+
+Pure: read by the migration steps (``owner``) and by the instance reconciler (``holds``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubenova.handlers.shared import cancelled, is_final
+
+#: Which side does each step; AwaitConfirmation belongs to the target for a revert, else the source.
+OWNERS = {
+    ("Live", "PrepareTarget"): "target",
+    ("Live", "Transfer"): "source",
+    ("Live", "Transferring"): "source",
+    ("Live", "FinishTarget"): "target",
+    ("Live", "RollbackTarget"): "target",
+    ("Cold", "PowerOffSource"): "source",
+    ("Cold", "FinishTarget"): "target",
+    ("Cold", "RevertTarget"): "target",
+    ("Cold", "RevertSource"): "source",
+}
+
+
+def owner(body: Mapping[str, Any]) -> str | None:
+    """ "source" or "target": the side whose turn it is, None when nobody's (not scheduled, or done)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    step = status.get("step")
+    if step == "AwaitConfirmation":
+        if spec.get("decision") == "Revert" or cancelled(body):
+            return "target"
+        return "source"
+    return OWNERS.get((spec.get("type", ""), step or ""))
+
+
+def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str) -> str | None:
+    """Why the instance's domain must be left alone on ``node`` now, or None.
+
+    "active": a migration of it is between steps (AwaitConfirmation excepted: the instance runs
+    on the target then, and that agent looks after it as usual). "moved": its newest migration
+    took it away from this node; the watch will drop the object soon.
+    """
+    mine = [b for b in list(migrations) if (b.get("status") or {}).get("instanceUID") == instance_uid]
+    if not mine:
+        return None
+    for body in mine:
+        status = body.get("status") or {}
+        if not is_final(status) and status.get("step") != "AwaitConfirmation":
+            return "active"
+    newest = max(mine, key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
+    status = newest.get("status") or {}
+    if status.get("phase") == "Succeeded" and status.get("sourceNode") == node:
+        return "moved"
+    return None

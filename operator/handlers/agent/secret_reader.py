@@ -1,0 +1,122 @@
+"""The Secrets an instance names (admin password, user data) and the one the agent keeps for it (VNC).
+
+Read by the reconciler before the spec is translated, so translation stays pure; a Secret that is
+missing or unusable is ``WaitFor``: said in status and retried, never a failure of the spec.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import string
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+
+from kubenova.handlers.agent.translate import SecretValues, vnc_secret_name
+from kubenova.handlers.shared import GROUP, VERSION
+
+
+class WaitFor(Exception):
+    """Something outside the spec is missing (a Secret); retried with backoff, said in status."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SecretReader:
+    """Reads and makes Secrets through the core API it is given (a fake one in unit tests)."""
+
+    def __init__(self, core: kubernetes.client.CoreV1Api) -> None:
+        self.core = core
+
+    def for_instance(self, instance: Mapping[str, Any]) -> SecretValues:
+        """Every Secret value the instance's definition needs, in the order a first boot needs them."""
+        namespace, spec = instance["metadata"]["namespace"], instance.get("spec") or {}
+        return SecretValues(
+            admin_password=self.value(
+                namespace, spec.get("adminPasswordSecretRef"), "spec.adminPasswordSecretRef", "password"
+            ),
+            user_data=self.value(
+                namespace, spec.get("userDataSecretRef"), "spec.userDataSecretRef", "userData"
+            ),
+            vnc_password=self.vnc_password(instance),
+        )
+
+    def value(
+        self, namespace: str, ref: Mapping[str, Any] | None, field: str, default_key: str
+    ) -> str | None:
+        """A value from the Secret ``ref`` names (the field it came from, for messages); a missing one is
+        waited for."""
+        if not ref:
+            return None
+        key = ref.get("key", default_key)
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                raise WaitFor(
+                    "SecretMissing",
+                    f"{field}: Secret {ref['name']!r} does not exist in namespace {namespace}; create it",
+                ) from exc
+            raise
+        data = (secret.data or {}).get(key)
+        if data is None:
+            raise WaitFor(
+                "SecretMissing",
+                f"{field}: Secret {ref['name']!r} has no key {key!r}; add it or set {field}.key",
+            )
+        try:
+            return base64.b64decode(data).decode()
+        except UnicodeDecodeError:
+            raise WaitFor(
+                "SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 text"
+            ) from None
+
+    def vnc_password(self, body: Mapping[str, Any]) -> str | None:
+        """The instance's VNC password, kept in the Secret <name>-vnc (made once, owned by the instance).
+
+        Kept in a Secret rather than status, so that reading it takes the same RBAC as reading any
+        Secret of the namespace, and so that a restarted agent or a migration target finds the same one.
+        """
+        meta = body["metadata"]
+        if not ((body.get("spec") or {}).get("vnc") or {}).get("enabled"):
+            return None
+        name = vnc_secret_name(meta["name"])
+        password = "".join(
+            secrets.choice(string.ascii_letters + string.digits) for _ in range(8)
+        )  # VNC's limit
+        try:
+            self.core.create_namespaced_secret(
+                meta["namespace"],
+                kubernetes.client.V1Secret(
+                    metadata=kubernetes.client.V1ObjectMeta(
+                        name=name,
+                        labels={f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
+                        owner_references=[
+                            kubernetes.client.V1OwnerReference(
+                                api_version=f"{GROUP}/{VERSION}",
+                                kind="VirtualInstance",
+                                name=meta["name"],
+                                uid=meta["uid"],
+                            )
+                        ],
+                    ),
+                    string_data={"password": password},
+                ),
+            )
+            return password
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.core.read_namespaced_secret(name, meta["namespace"])
+        data = (existing.data or {}).get("password")
+        if data is None:  # a Secret of that name that kubenova did not make
+            raise WaitFor(
+                "SecretConflict",
+                f"spec.vnc: Secret {name!r} exists without a 'password' key, so it is "
+                "not the one kubenova keeps the VNC password in; rename or delete it",
+            )
+        return base64.b64decode(data).decode()

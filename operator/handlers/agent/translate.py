@@ -1,0 +1,151 @@
+"""Spec translation: a VirtualInstance's spec and flavor, as the driver's InstanceSpec.
+
+Pure: the Secrets it needs are read (or, for VNC, made) by the reconciler beforehand and come in as
+``SecretValues``, so translating never writes anything and a unit test needs no apiserver.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from kubenova import api
+from kubenova.driver.base import (
+    ImageRef,
+    InjectedFile,
+    InstanceSpec,
+    Interface,
+    InvalidInstanceSpec,
+    KernelBoot,
+)
+from kubenova.driver.images import ImageStore
+
+#: Spec fields the API accepts but this agent does not act on yet; using one fails clearly.
+NOT_YET_IMPLEMENTED = ("boot.image.url",)
+
+#: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
+#: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
+RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretValues:
+    """What an instance's Secrets hold, read before translation; None where the spec names no Secret."""
+
+    admin_password: str | None = None
+    user_data: str | None = None
+    vnc_password: str | None = None
+
+
+def unsupported(spec: Mapping[str, Any]) -> list[str]:
+    """The spec fields set here that this agent cannot honour yet, as user-facing paths."""
+    found = []
+    for path in NOT_YET_IMPLEMENTED:
+        node: Any = spec
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node not in (None, [], {}, ""):
+            found.append(f"spec.{path}")
+    return found
+
+
+def instance_spec(
+    uid: str,
+    namespace: str,
+    name: str,
+    spec: api.VirtualInstanceSpec,
+    images: ImageStore,
+    admin_password: str | None,
+    vnc_password: str | None = None,
+) -> InstanceSpec:
+    """Translate the spec for the driver; names the offending field when the node cannot run it."""
+    boot = spec["boot"]
+    kernel = boot.get("kernel")
+    image = boot.get("image")
+    flavor = spec["flavor"]
+    files = []
+    for index, item in enumerate(spec.get("injectedFiles") or []):
+        try:
+            files.append(InjectedFile(item["path"], base64.b64decode(item["content"], validate=True)))
+        except ValueError as exc:
+            raise InvalidInstanceSpec(f"spec.injectedFiles[{index}].content", f"not base64: {exc}") from exc
+    return InstanceSpec(
+        uuid=uid,
+        name=name,
+        namespace=namespace,
+        vcpus=int(flavor["vcpus"]),
+        memory_mib=int(flavor["memoryMiB"]),
+        boot=KernelBoot(
+            kernel=images.resolve("spec.boot.kernel.image", kernel["image"]),
+            initrd=images.resolve("spec.boot.kernel.initrd", kernel["initrd"])
+            if kernel.get("initrd")
+            else None,
+            cmdline=kernel.get("cmdline", "console=ttyS0"),
+        )
+        if kernel
+        else None,
+        image=ImageRef(image["name"], image.get("checksum")) if image else None,
+        root_gib=(spec.get("rootDisk") or {}).get("sizeGiB"),
+        ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
+        swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
+        interfaces=tuple(
+            Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
+            for i in spec.get("interfaces") or []
+        ),
+        user_data=spec.get("userData"),
+        network_config=spec.get("networkConfig"),
+        injected_files=tuple(files),
+        admin_password=admin_password,
+        vnc_password=vnc_password,
+    )
+
+
+def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str:
+    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor.
+
+    The driver keeps it with the definition (InstanceSpec.revision), so the agent redefines a domain only
+    when this changed, even after a restart, and never for a change of power state.
+    """
+    shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
+    shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def driver_spec(
+    instance: Mapping[str, Any], flavor: Mapping[str, Any], images: ImageStore, secrets: SecretValues
+) -> InstanceSpec:
+    """The driver's view of an instance with this flavor (its own or a resize's), with its Secrets' values.
+
+    The revision is the digest of the spec it was made from, so a later look can tell whether the
+    definition still matches the spec without reading any Secret.
+    """
+    meta, spec = instance["metadata"], instance.get("spec") or {}
+    resolved = {
+        **spec,
+        "flavor": dict(flavor),
+        **({"userData": secrets.user_data} if secrets.user_data is not None else {}),
+    }
+    return dataclasses.replace(
+        instance_spec(
+            meta["uid"],
+            meta["namespace"],
+            meta["name"],
+            resolved,  # type: ignore[arg-type]
+            images,
+            secrets.admin_password,
+            secrets.vnc_password,
+        ),
+        revision=definition_digest(spec, flavor),
+    )
+
+
+def vnc_secret_name(instance: str) -> str:
+    """``<name>-vnc``; a name too long for the suffix is cut and keeps a digest of the whole, so two
+    long names that share their start never share a password."""
+    if len(instance) <= 249:
+        return f"{instance}-vnc"
+    return f"{instance[:236]}-{hashlib.sha256(instance.encode()).hexdigest()[:12]}-vnc"
