@@ -1,0 +1,218 @@
+"""What the agent's reconcilers talk to, in memory: the apiserver's objects, Secrets and Events, a status
+writer with StatusWriter's rules, and a queue that records what was asked of it.
+
+The reconcilers themselves run for real against these and FakeDriver; tests assert what ended up in
+the fake apiserver and the driver.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+import types
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+
+from kubenova.handlers.shared import AGENT_FINALIZER, NODE_LABEL
+
+Key = tuple[str, str]
+
+
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386), as the apiserver applies one to custom objects."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value) if not isinstance(value, Mapping) else _merge({}, value)
+    return target
+
+
+def _missing(what: str) -> kubernetes.client.ApiException:
+    return kubernetes.client.ApiException(status=404, reason=f"{what} not found")
+
+
+class FakeApiserver:
+    """Custom objects by (plural, namespace, name), Secrets and Events; the calls the agent makes of
+    CustomObjectsApi and CoreV1Api, with their 404, 409 and 422 answers."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, message)
+        self._versions = itertools.count(1)
+
+    # --- what a test sets up and looks at ------------------------------------------------------------
+
+    def add(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("generation", 1)
+        meta["resourceVersion"] = str(next(self._versions))
+        self.objects[(plural, meta.get("namespace"), meta["name"])] = body
+        return copy.deepcopy(body)
+
+    def get(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        found = self.objects.get((plural, namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def change(
+        self, plural: str, namespace: str | None, name: str, spec: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A user's spec change: merged in, a new generation."""
+        body = self.objects[(plural, namespace, name)]
+        _merge(body.setdefault("spec", {}), spec)
+        body["metadata"]["generation"] += 1
+        return self.touch(body)
+
+    def touch(self, body: dict[str, Any]) -> dict[str, Any]:
+        body["metadata"]["resourceVersion"] = str(next(self._versions))
+        return copy.deepcopy(body)
+
+    def add_secret(self, namespace: str, name: str, **data: str) -> None:
+        self.secrets[(namespace, name)] = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+
+    def reasons(self, name: str) -> list[str]:
+        return [reason for obj, _, reason, _ in self.events if obj == name]
+
+    # --- CustomObjectsApi ----------------------------------------------------------------------------
+
+    def get_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str
+    ) -> dict[str, Any]:
+        found = self.get(plural, namespace, name)
+        if found is None:
+            raise _missing(f"{plural}/{name}")
+        return found
+
+    def get_cluster_custom_object(self, group: str, version: str, plural: str, name: str) -> dict[str, Any]:
+        found = self.get(plural, None, name)
+        if found is None:
+            raise _missing(f"{plural}/{name}")
+        return found
+
+    def patch_namespaced_custom_object(
+        self,
+        group: str,
+        version: str,
+        namespace: str,
+        plural: str,
+        name: str,
+        body: Any,
+        _content_type: str | None = None,
+    ) -> dict[str, Any]:
+        stored = self.objects.get((plural, namespace, name))
+        if stored is None:
+            raise _missing(f"{plural}/{name}")
+        meta = stored["metadata"]
+        if isinstance(body, list):  # a JSON patch: test, then replace, of /metadata/finalizers
+            for op in body:
+                if op["op"] == "test" and meta.get("finalizers", []) != op["value"]:
+                    raise kubernetes.client.ApiException(status=422, reason="test failed")
+                if op["op"] == "replace":
+                    meta["finalizers"] = list(op["value"])
+        else:
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != meta["resourceVersion"]:
+                raise kubernetes.client.ApiException(status=409, reason="Conflict")
+            _merge(
+                stored,
+                {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "resourceVersion"}},
+            )
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            del self.objects[(plural, namespace, name)]  # the last finalizer went: the object is gone
+            return copy.deepcopy(stored)
+        return self.touch(stored)
+
+    # --- CoreV1Api -----------------------------------------------------------------------------------
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> types.SimpleNamespace:
+        data = self.secrets.get((namespace, name))
+        if data is None:
+            raise _missing(f"Secret {name}")
+        return types.SimpleNamespace(data=dict(data))
+
+    def create_namespaced_secret(self, namespace: str, secret: kubernetes.client.V1Secret) -> None:
+        if (namespace, secret.metadata.name) in self.secrets:
+            raise kubernetes.client.ApiException(status=409, reason="AlreadyExists")
+        self.add_secret(namespace, secret.metadata.name, **secret.string_data)
+
+    def create_namespaced_event(self, namespace: str, event: kubernetes.client.CoreV1Event) -> None:
+        self.events.append((event.involved_object.name, event.type, event.reason, event.message))
+
+
+class MemoryStatusWriter:
+    """StatusWriter's rules against the FakeApiserver: an unchanged status is not written, a missing
+    object is None, a guarded write on a changed object is None; ``patches`` records what was sent."""
+
+    def __init__(self, api: FakeApiserver, plural: str) -> None:
+        self.api = api
+        self.plural = plural
+        self.patches: list[dict[str, Any]] = []
+
+    def write(
+        self, body: Mapping[str, Any], patch: Mapping[str, Any], guard: bool = False
+    ) -> Mapping[str, Any] | None:
+        status = body.get("status") or {}
+        if all(status.get(key) == value for key, value in patch.items()):
+            return body
+        meta = body["metadata"]
+        stored = self.api.objects.get((self.plural, meta.get("namespace"), meta["name"]))
+        if stored is None or (guard and stored["metadata"]["resourceVersion"] != meta["resourceVersion"]):
+            return None
+        self.patches.append(copy.deepcopy(dict(patch)))
+        _merge(stored.setdefault("status", {}), patch)
+        return self.api.touch(stored)
+
+
+class RecordingQueue:
+    """The WorkQueue calls an ObjectCache makes, recorded instead of run."""
+
+    def __init__(self) -> None:
+        self.added: list[Key] = []
+        self.later: list[tuple[Key, float]] = []
+        self.retried: list[Key] = []
+        self.forgotten: list[Key] = []
+
+    def add(self, key: Key) -> None:
+        self.added.append(key)
+
+    def add_after(self, key: Key, delay: float) -> None:
+        self.later.append((key, delay))
+
+    def retry(self, key: Key) -> float:
+        self.retried.append(key)
+        return 0.0
+
+    def forget(self, key: Key) -> None:
+        self.forgotten.append(key)
+
+    def drop(self, uid: str) -> None:
+        pass
+
+
+def bound(name: str, node: str, spec: Mapping[str, Any], namespace: str = "ns") -> dict[str, Any]:
+    """An object as the controller leaves it: labelled with its node, the agent's finalizer on it."""
+    return {
+        "apiVersion": "compute.kubenova.io/v1alpha1",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {NODE_LABEL: node},
+            "finalizers": [AGENT_FINALIZER],
+        },
+        "spec": copy.deepcopy(dict(spec)),
+    }
+
+
+def condition(body: Mapping[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
+    return {}
