@@ -3,94 +3,16 @@ state, rescue, the one-shot actions, VNC, and the failure branches the integrati
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import time
-import uuid
 from typing import Any
 
 import pytest
 
 from kubenova.driver.base import PowerState
-from kubenova.driver.fake import FakeDriver
-from kubenova.driver.images import ImageStore
-from kubenova.handlers.agent.cache import ObjectCache
-from kubenova.handlers.agent.events import EventPoster
-from kubenova.handlers.agent.instances import InstanceAgent, Settings
-from kubenova.handlers.agent.secret_reader import SecretReader
 from kubenova.handlers.shared import MIGRATIONS, NODE_LABEL, VIRTUALINSTANCES
-from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter, RecordingQueue, bound, condition
-
-NODE = "node-0"
-STORE = {"vmlinuz": b"kernel", "initrd.img": b"initrd", "disk.img": b"root disk", "rescue.img": b"rescue"}
-KERNEL = {"kernel": {"image": "vmlinuz", "initrd": "initrd.img"}}
-
-
-@dataclasses.dataclass
-class Node:
-    """One node's instance reconciler and everything it talks to."""
-
-    api: FakeApiserver
-    driver: FakeDriver
-    queue: RecordingQueue
-    cache: ObjectCache
-    volumes: ObjectCache
-    migrations: ObjectCache
-    status: MemoryStatusWriter
-    agent: InstanceAgent
-
-    def create(self, name: str, **spec: Any) -> str:
-        body = self.api.add(VIRTUALINSTANCES, bound(name, NODE, {"flavor": FLAVOR, "boot": KERNEL, **spec}))
-        return self.look(body)
-
-    def look(self, body: dict[str, Any]) -> str:
-        """A watch event, then the queue's run of the object's key."""
-        uid = self.cache.seen("MODIFIED", body)
-        self.agent.handle(uid)
-        return uid
-
-    def change(self, name: str, **spec: Any) -> dict[str, Any]:
-        self.look(self.api.change(VIRTUALINSTANCES, "ns", name, spec))
-        return self.get(name)
-
-    def get(self, name: str) -> dict[str, Any]:
-        found = self.api.get(VIRTUALINSTANCES, "ns", name)
-        assert found is not None, f"{name} is gone"
-        return found
-
-    def state(self, uid: str) -> PowerState:
-        return self.driver.get_info(uid).state
-
-
-FLAVOR = {"vcpus": 1, "memoryMiB": 128}
-
-
-def make_node(
-    tmp_path: pathlib.Path,
-    api: FakeApiserver | None = None,
-    driver: FakeDriver | None = None,
-    **settings: Any,
-) -> Node:
-    """A fresh agent process; ``api`` and ``driver`` given: one restarted on the same node."""
-    api = api or FakeApiserver()
-    for name, data in STORE.items():
-        (tmp_path / name).write_bytes(data)
-    driver = driver or FakeDriver(f"{NODE}-{uuid.uuid4().hex[:6]}", images=STORE)
-    queue = RecordingQueue()
-    caches = [ObjectCache(queue, kind) for kind in ("instance", "volume", "migration")]  # type: ignore[arg-type]
-    status = MemoryStatusWriter(api, VIRTUALINSTANCES)
-    agent = InstanceAgent(
-        NODE,
-        driver,
-        ImageStore(tmp_path),
-        api,  # type: ignore[arg-type]
-        status,
-        EventPoster(api, NODE),  # type: ignore[arg-type]
-        SecretReader(api),  # type: ignore[arg-type]
-        *caches,
-        Settings(**{"soft_reboot_timeout": 5.0, **settings}),
-    )
-    return Node(api, driver, queue, *caches, status, agent)
+from tests.unit.agent_harness import FLAVOR, KERNEL, NODE, STORE, Node, make_node
+from tests.unit.reconcile_fakes import bound, condition
 
 
 @pytest.fixture
