@@ -26,6 +26,7 @@ KERNEL = {"kernel": {"image": "vmlinuz", "initrd": "initrd.img"}}
 class Node:
     """One node's instance reconciler and everything it talks to."""
 
+    name: str
     api: FakeApiserver
     driver: FakeDriver
     queue: RecordingQueue
@@ -36,7 +37,9 @@ class Node:
     agent: InstanceAgent
 
     def create(self, name: str, **spec: Any) -> str:
-        body = self.api.add(VIRTUALINSTANCES, bound(name, NODE, {"flavor": FLAVOR, "boot": KERNEL, **spec}))
+        body = self.api.add(
+            VIRTUALINSTANCES, bound(name, self.name, {"flavor": FLAVOR, "boot": KERNEL, **spec})
+        )
         return self.look(body)
 
     def look(self, body: dict[str, Any]) -> str:
@@ -65,25 +68,27 @@ def make_node(
     tmp_path: pathlib.Path,
     api: FakeApiserver | None = None,
     driver: FakeDriver | None = None,
+    name: str = NODE,
     **settings: Any,
 ) -> Node:
-    """A fresh agent process; ``api`` and ``driver`` given: one restarted on the same node."""
+    """A fresh agent process on node ``name``; ``api`` and ``driver`` given: one restarted on the same node,
+    or another node of the same cluster."""
     api = api or FakeApiserver()
-    for name, data in STORE.items():
-        (tmp_path / name).write_bytes(data)
-    driver = driver or FakeDriver(f"{NODE}-{uuid.uuid4().hex[:6]}", images=STORE)
+    for file, data in STORE.items():
+        (tmp_path / file).write_bytes(data)
+    driver = driver or FakeDriver(f"{name}-{uuid.uuid4().hex[:6]}", images=STORE)
     queue = RecordingQueue()
     caches = [ObjectCache(queue, kind) for kind in ("instance", "volume", "migration")]  # type: ignore[arg-type]
     status = MemoryStatusWriter(api, VIRTUALINSTANCES)
     agent = InstanceAgent(
-        NODE,
+        name,
         driver,
         ImageStore(tmp_path),
         api,  # type: ignore[arg-type]
         status,
-        EventPoster(api, NODE),  # type: ignore[arg-type]
+        EventPoster(api, name),  # type: ignore[arg-type]
         SecretReader(api),  # type: ignore[arg-type]
         *caches,
         Settings(**{"soft_reboot_timeout": 5.0, **settings}),
     )
-    return Node(api, driver, queue, *caches, status, agent)
+    return Node(name, api, driver, queue, *caches, status, agent)

@@ -1,0 +1,239 @@
+"""The migration steps (MigrationAgent) of two nodes against two FakeDrivers and one in-memory apiserver:
+live and cold moves, cancel, revert, confirm, a CPU the target lacks, an agent restarted mid-transfer
+and an instance deleted meanwhile. The controller's part (choosing the target) is the test's."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from kubenova.driver.base import PowerState
+from kubenova.handlers.agent.events import EventPoster
+from kubenova.handlers.agent.migration_steps import MigrationAgent
+from kubenova.handlers.shared import COMPUTENODES, MIGRATIONS, NODE_LABEL, VIRTUALINSTANCES
+from tests.unit.agent_harness import Node, make_node
+from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter
+
+
+@dataclasses.dataclass
+class Side:
+    node: Node
+    migrations: MigrationAgent
+
+
+class CancelDuringTransfer(MemoryStatusWriter):
+    """The user's cancel arrives just as the transfer starts: after "Transferring" is said, before it ends."""
+
+    def write(
+        self, body: Mapping[str, Any], patch: Mapping[str, Any], guard: bool = False
+    ) -> Mapping[str, Any] | None:
+        if patch.get("step") == "Transferring":
+            self.api.objects[(MIGRATIONS, "ns", "m")]["spec"]["cancel"] = True
+        return super().write(body, patch, guard)
+
+
+def side(
+    tmp_path: pathlib.Path,
+    api: FakeApiserver,
+    name: str,
+    writer: type[MemoryStatusWriter] = MemoryStatusWriter,
+) -> Side:
+    folder = tmp_path / name
+    folder.mkdir()
+    node = make_node(folder, api=api, name=name)
+    agent = MigrationAgent(
+        name,
+        node.driver,
+        api,  # type: ignore[arg-type]
+        writer(api, MIGRATIONS),
+        node.status,
+        EventPoster(api, name),  # type: ignore[arg-type]
+        node.migrations,
+        node.cache,
+        node.agent.driver_spec,
+    )
+    return Side(node, agent)
+
+
+class Cluster:
+    """A source and a target node; ``start`` does what the controller's planner does."""
+
+    def __init__(self, tmp_path: pathlib.Path, writer: type[MemoryStatusWriter] = MemoryStatusWriter) -> None:
+        self.api = FakeApiserver()
+        self.source = side(tmp_path, self.api, "node-0", writer)
+        self.target = side(tmp_path, self.api, "node-1")
+        for each in (self.source, self.target):  # as each agent registers its node
+            cpu = dataclasses.asdict(each.node.driver.cpu)
+            self.api.add(COMPUTENODES, {"metadata": {"name": each.node.name}, "status": {"cpuInfo": cpu}})
+        self.uid = self.source.node.create("vm", boot={"image": {"name": "disk.img"}})
+
+    def start(self, kind: str, **spec: Any) -> None:
+        self.api.add(
+            MIGRATIONS,
+            {
+                "metadata": {"name": "m", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"type": kind, "instanceRef": {"name": "vm"}, **spec},
+                "status": {
+                    "phase": "Scheduling",
+                    "step": "PrepareTarget" if kind == "Live" else "PowerOffSource",
+                    "instanceUID": self.uid,
+                    "sourceNode": "node-0",
+                    "targetNode": "node-1",
+                    "handoff": {
+                        "sourceURI": self.source.node.driver.uri,
+                        "targetURI": self.target.node.driver.uri,
+                    },
+                },
+            },
+        )
+
+    def migration(self) -> dict[str, Any]:
+        found = self.api.get(MIGRATIONS, "ns", "m")
+        assert found is not None
+        return found
+
+    def change(self, **spec: Any) -> None:
+        self.api.change(MIGRATIONS, "ns", "m", spec)
+
+    def run(self, rounds: int = 8) -> dict[str, Any]:
+        """Both agents see the newest Migration and take their turns until nobody has one left."""
+        for _ in range(rounds):
+            for each in (self.source, self.target):
+                uid = each.node.migrations.seen("MODIFIED", self.migration())
+                each.migrations.handle(uid)
+        return self.migration()
+
+    def instance(self) -> dict[str, Any]:
+        found = self.api.get(VIRTUALINSTANCES, "ns", "vm")
+        assert found is not None
+        return found
+
+
+@pytest.fixture
+def cluster(tmp_path: pathlib.Path) -> Cluster:
+    return Cluster(tmp_path)
+
+
+def test_a_live_migration_moves_the_running_guest_and_the_binding(cluster: Cluster) -> None:
+    cluster.start("Live")
+    done = cluster.run()
+    assert (done["status"]["phase"], done["status"]["step"]) == ("Succeeded", "Done")
+    assert done["status"]["progress"]["percent"] == 100
+    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
+    instance = cluster.instance()
+    assert instance["metadata"]["labels"][NODE_LABEL] == "node-1"
+    assert instance["status"]["node"] == "node-1"
+    assert "Migrated" in cluster.api.reasons("m")
+    assert ("instance", cluster.uid) in [key for key, _ in cluster.target.node.queue.later]
+
+
+def test_a_live_migration_cancelled_before_the_transfer_leaves_the_guest_on_the_source(
+    cluster: Cluster,
+) -> None:
+    cluster.start("Live")
+    cluster.target.migrations.handle(cluster.target.node.migrations.seen("ADDED", cluster.migration()))
+    assert cluster.migration()["status"]["step"] == "Transfer"
+    cluster.change(cancel=True)
+    done = cluster.run()
+    assert done["status"]["phase"] == "Cancelled"
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+    assert cluster.target.node.driver.instance_files(cluster.uid) == []  # its prepared folder went too
+    assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-0"
+
+
+def test_a_live_migration_cancelled_during_the_transfer_is_aborted(tmp_path: pathlib.Path) -> None:
+    cluster = Cluster(tmp_path, CancelDuringTransfer)
+    cluster.start("Live")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Cancelled" and "during the transfer" in done["status"]["message"]
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+    assert cluster.target.node.driver.instance_files(cluster.uid) == []
+
+
+def test_a_target_whose_cpu_lacks_a_feature_refuses_before_anything_moves(cluster: Cluster) -> None:
+    source = cluster.api.objects[(COMPUTENODES, None, "node-0")]["status"]["cpuInfo"]
+    source["features"] = [*source["features"], "avx512-fake"]
+    cluster.start("Live")
+    done = cluster.run()
+    assert (
+        done["status"]["phase"] == "Failed"
+        and "cannot run a guest started on node-0" in done["status"]["message"]
+    )
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+
+
+def test_a_source_agent_restarted_during_the_transfer_rolls_back(cluster: Cluster) -> None:
+    cluster.start("Live")
+    cluster.target.migrations.handle(cluster.target.node.migrations.seen("ADDED", cluster.migration()))
+    stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
+    stored["status"]["step"] = "Transferring"  # said, then the agent died before the transfer ended
+    cluster.api.touch(stored)
+    done = cluster.run()
+    assert (
+        done["status"]["phase"] == "Failed" and "restarted during the transfer" in done["status"]["message"]
+    )
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+    assert cluster.target.node.driver.instance_files(cluster.uid) == []
+
+
+def test_an_instance_deleted_during_the_migration_ends_it(cluster: Cluster) -> None:
+    cluster.start("Live")
+    del cluster.api.objects[(VIRTUALINSTANCES, "ns", "vm")]
+    done = cluster.run()
+    assert (
+        done["status"]["phase"] == "Failed"
+        and "was deleted during the migration" in done["status"]["message"]
+    )
+
+
+def test_a_cold_resize_waits_for_confirmation_then_frees_the_source(cluster: Cluster) -> None:
+    cluster.start("Cold", flavor={"vcpus": 2, "memoryMiB": 256}, confirmation={"policy": "Manual"})
+    waiting = cluster.run()
+    assert (waiting["status"]["phase"], waiting["status"]["step"]) == (
+        "AwaitingConfirmation",
+        "AwaitConfirmation",
+    )
+    assert cluster.target.node.driver.get_info(cluster.uid).num_cpu == 2
+    assert cluster.source.node.state(cluster.uid) is PowerState.SHUTOFF  # kept until confirmed
+    instance = cluster.instance()
+    assert instance["metadata"]["labels"][NODE_LABEL] == "node-1"
+    assert instance["status"]["resize"]["flavor"] == {"vcpus": 2, "memoryMiB": 256}
+
+    cluster.change(decision="Confirm")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Succeeded" and done["status"]["message"].startswith("confirmed")
+    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+
+
+def test_a_cold_migration_reverted_runs_the_original_again(cluster: Cluster) -> None:
+    cluster.start("Cold", confirmation={"policy": "Manual"})
+    cluster.run()
+    cluster.change(decision="Revert")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Reverted"
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+    assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-0"
+
+
+def test_an_auto_confirmation_waits_for_its_deadline(cluster: Cluster) -> None:
+    cluster.start("Cold", confirmation={"policy": "Auto", "autoConfirmSeconds": 300})
+    waiting = cluster.run()
+    assert "confirms itself at" in waiting["status"]["message"]
+    later = [delay for key, delay in cluster.source.node.queue.later if key[0] == "migration"]
+    assert later and 290 < later[-1] <= 300.1  # asked for again at the deadline
+    assert cluster.source.node.driver.instance_exists(cluster.uid)
+
+
+def test_a_cold_migration_cancelled_before_it_starts_changes_nothing(cluster: Cluster) -> None:
+    cluster.start("Cold", cancel=True)
+    done = cluster.run()
+    assert done["status"]["phase"] == "Cancelled"
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
