@@ -6,6 +6,7 @@ and an agent that finds its own ``Transferring`` step on start-up knows it died 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +29,19 @@ from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, cancelled, fl
 log = logging.getLogger(__name__)
 #: Progress of a live transfer is written at most this often.
 PROGRESS_INTERVAL = 2.0
+
+
+def progress_of(step: MigrationProgress) -> dict[str, Any]:
+    """status.progress of a transfer under way; 100 % is said only once it has ended."""
+    done = step.data_processed * 100 // step.data_total if step.data_total else 0
+    return {
+        "percent": min(99, done),
+        "dataTotalBytes": step.data_total,
+        "dataProcessedBytes": step.data_processed,
+        "dataRemainingBytes": step.data_remaining,
+        "iteration": step.iteration,
+        "expectedDowntimeMs": step.expected_downtime_ms,
+    }
 
 
 class LiveSteps:
@@ -129,40 +143,13 @@ class LiveSteps:
         self.handover.hand_over(
             body, "Transferring", f"transferring from {self.node} to {status['targetNode']}"
         )
-        last = [0.0]
-
-        def progress(step: MigrationProgress) -> None:
-            if time.monotonic() - last[0] < PROGRESS_INTERVAL:
-                return
-            last[0] = time.monotonic()
-            done = step.data_processed * 100 // step.data_total if step.data_total else 0
-            try:
-                self.handover.write(
-                    body,
-                    {
-                        "progress": {
-                            "percent": min(99, done),
-                            "dataTotalBytes": step.data_total,
-                            "dataProcessedBytes": step.data_processed,
-                            "dataRemainingBytes": step.data_remaining,
-                            "iteration": step.iteration,
-                            "expectedDowntimeMs": step.expected_downtime_ms,
-                        }
-                    },
-                )
-            except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
-                log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
-            if cancelled(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
-                self._aborted.add(uid)
-                self.driver.abort_live_migration(instance_uid)
-
         self._transfers[uid] = instance_uid
         try:
             self.driver.live_migration(
                 instance_uid,
                 status["handoff"]["targetURI"],
                 status["handoff"]["definition"],
-                progress,
+                functools.partial(self._progress, body, [0.0]),
                 max_bandwidth_mib=spec.get("bandwidthMiBps"),
             )
         except DriverError as exc:
@@ -186,6 +173,21 @@ class LiveSteps:
             f"transferred; {status['targetNode']} takes over",
             progress={**(status.get("progress") or {}), "percent": 100, "dataRemainingBytes": 0},
         )
+
+    def _progress(self, body: dict[str, Any], last: list[float], step: MigrationProgress) -> None:
+        """The transfer's progress callback: said at most every PROGRESS_INTERVAL (``last`` holds when it
+        was said), and a cancel the watch brought meanwhile aborts the transfer."""
+        uid = body["metadata"]["uid"]
+        if time.monotonic() - last[0] < PROGRESS_INTERVAL:
+            return
+        last[0] = time.monotonic()
+        try:
+            self.handover.write(body, {"progress": progress_of(step)})
+        except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
+            log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
+        if cancelled(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
+            self._aborted.add(uid)
+            self.driver.abort_live_migration(body["status"]["instanceUID"])
 
     def transferring(self, body: dict[str, Any]) -> None:
         """Found on start-up: this agent died during the transfer, so whether it finished is unknown."""

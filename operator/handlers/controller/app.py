@@ -8,6 +8,7 @@ adds no kopf finalizer and no bookkeeping annotation to users' objects.
 
 from __future__ import annotations
 
+import functools
 import http.server
 import logging
 import os
@@ -365,6 +366,14 @@ def serve_health(address: str) -> None:
     threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 
 
+def _lost_the_lease(lease_namespace: str) -> None:
+    """Exit at once: a fresh process starts clean, never a former leader that still acts."""
+    log.error(
+        "lost the leader Lease %s/%s; exiting so a fresh process takes over", lease_namespace, LEADER_LEASE
+    )
+    os._exit(1)
+
+
 def run(
     lease_namespace: str = LEASE_NAMESPACE,
     limits: MigrationLimits | None = None,
@@ -374,33 +383,20 @@ def run(
     if health_address:
         serve_health(health_address)
     registry = kopf.OperatorRegistry()
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
-
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     kubernetes.config.load_config()
     client = kubernetes.client.ApiClient()
     client.user_agent = "kubenova-controller"  # names the field manager in managedFields
     register(registry, client, limits)
     identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     leading = threading.Event()
-
-    def lost() -> None:
-        log.error(
-            "lost the leader Lease %s/%s; exiting so a fresh process takes over",
-            lease_namespace,
-            LEADER_LEASE,
-        )
-        os._exit(1)
-
     config = electionconfig.Config(
         LeaseLock(LEADER_LEASE, lease_namespace, identity),
         lease_duration=15,
         renew_deadline=10,
         retry_period=2,
         onstarted_leading=leading.set,
-        onstopped_leading=lost,
+        onstopped_leading=functools.partial(_lost_the_lease, lease_namespace),
     )
     log.info("waiting for the leader Lease %s/%s as %s", lease_namespace, LEADER_LEASE, identity)
     threading.Thread(target=leaderelection.LeaderElection(config).run, daemon=True, name="leader").start()
