@@ -54,7 +54,6 @@ class MigrationAgent:
         """``objects`` reads and labels the instances moved, ``status`` writes Migrations, ``instance_status``
         the instances'; ``spec_for(instance, flavor)`` is the driver's view of an instance, Secrets read."""
         self.node = node
-        self.driver = driver
         self.cache = cache
         self.instance_cache = instance_cache
         handover = Handover(objects, status, instance_status, events, cache, instance_cache)

@@ -54,17 +54,17 @@ class VolumeAgent:
         status: WritesStatus,
         events: EventPoster,
         cache: ObjectCache,
-        instances: ObjectCache,
+        instance_cache: ObjectCache,
     ) -> None:
         """``objects`` patches the attachments' metadata (the finalizer), ``status`` writes their status;
-        ``instances`` is the node's instance cache, where each attachment finds its instance."""
+        ``instance_cache`` holds the node's instances, where each attachment finds its instance."""
         self.node = node
         self.driver = driver
         self.objects = objects
         self.status = status
         self.events = events
         self.cache = cache
-        self.instances = instances
+        self.instance_cache = instance_cache
         cache.on_forget(events.forget)
 
     def handle(self, uid: str) -> None:
@@ -92,7 +92,7 @@ class VolumeAgent:
         meta, spec = body["metadata"], body.get("spec") or {}
         status = body.get("status") or {}
         generation = meta.get("generation")
-        instance = self.instances.find(meta["namespace"], spec["instanceRef"]["name"])
+        instance = self.instance_cache.find(meta["namespace"], spec["instanceRef"]["name"])
         driver = self.driver
         if meta.get("deletionTimestamp"):
             if AGENT_FINALIZER not in (meta.get("finalizers") or []):
