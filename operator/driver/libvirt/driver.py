@@ -32,7 +32,6 @@ import libvirt
 from kubenova import faults
 from kubenova.driver import cloudinit
 from kubenova.driver.base import (
-    BandwidthUsage,
     BlockStats,
     ComputeDriver,
     CPUIncompatible,
@@ -87,6 +86,9 @@ log = logging.getLogger(__name__)
 ROOT, CONFIG_DRIVE, UNRESCUE, RESCUE_DISK = "disk", "disk.config", "unrescue.xml", "disk.rescue"
 SWAP, EPHEMERAL, VOLUME = "disk.swap", "disk.eph.", "disk.vol."
 _TARGET = re.compile(r"^(vd|sd)([a-z])$")
+#: what an invalid rule is named after: the method's own argument, since no CRD carries firewall rules yet
+#: (they are to come from a future spec.firewall); never a spec field that does not exist
+RULES_FIELD = "rules"
 
 
 def bounded(file_name: str) -> str:
@@ -209,12 +211,15 @@ class LibvirtDriver(ComputeDriver):
             raise DriverError("libvirt's capabilities describe no host CPU")
         topology = cpu.find("topology")
         fs = os.statvfs(self.instances_dir)
+        free = fs.f_bavail * fs.f_frsize
         version = conn.getVersion()
         return HostStats(
             vcpus=cpus,
             memory_mib=memory_mib,
+            memory_free_mib=self._host_free_memory_mib(),
             disk_gib=fs.f_blocks * fs.f_frsize // 2**30,
-            disk_free_gib=fs.f_bavail * fs.f_frsize // 2**30,
+            disk_free_gib=free // 2**30,
+            disk_available_least_gib=(free - self._disk_over_commit()) // 2**30,
             hypervisor_type=conn.getType(),
             hypervisor_version=f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}",
             hostname=socket.gethostname(),
@@ -235,6 +240,37 @@ class LibvirtDriver(ComputeDriver):
             int(self.host.get_connection().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"])
             // 1024
         )
+
+    def _host_free_memory_mib(self) -> int:
+        """Memory the host can give now: free plus what the kernel reclaims on demand (buffers, page cache).
+
+        The same figure as Nova's libvirt driver (total minus used, used being total - free - buffers -
+        cached from /proc/meminfo), read through libvirtd so it is the hypervisor host's even when remote.
+        getFreeMemory() (MemFree alone) would count a warm page cache as used and starve placement.
+        """
+        stats = self.host.get_connection().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+        free = int(stats.get("free", 0)) + int(stats.get("buffers", 0)) + int(stats.get("cached", 0))
+        return min(free, int(stats["total"])) // 1024
+
+    def _disk_over_commit(self) -> int:
+        """Bytes the instances' disks may still claim on this host's instance file system (Nova's
+        disk_over_committed_size_total): for every disk file of every domain, running or stopped, that
+        lives under the instances folder, its virtual size minus what it has allocated. Copy-on-write
+        overlays and sparse files count; attached store volumes live elsewhere and do not."""
+        total = 0
+        for dom in self.host.get_connection().listAllDomains():
+            try:
+                guest = Guest(dom)
+                for disk in guest.devices().disks:  # a stopped domain's: its definition
+                    if not disk.source or not pathlib.PurePath(disk.source).is_relative_to(
+                        self.instances_dir
+                    ):
+                        continue
+                    capacity, allocation, _physical = dom.blockInfo(disk.source, 0)
+                    total += max(0, int(capacity) - int(allocation))
+            except (libvirt.libvirtError, DriverError):
+                continue  # gone meanwhile, or a disk file missing: nothing it can claim
+        return total
 
     def host_power_action(self, action: HostPowerAction) -> None:
         raise Unsupported(
@@ -609,11 +645,11 @@ class LibvirtDriver(ComputeDriver):
             guest.domain.managedSave(0)
 
     def resume(self, uuid: str) -> None:
+        """Restore the saved memory; an instance that is not suspended is left as it is."""
         guest = self._guest(uuid)
-        if guest.state() is not PowerState.SUSPENDED:
-            raise InstanceNotRunning("resume: the instance is not suspended")
-        with translate("resume", uuid):
-            guest.domain.create()
+        if guest.state() is PowerState.SUSPENDED:
+            with translate("resume", uuid):
+                guest.domain.create()
 
     def rescue(self, uuid: str, rescue_image: ImageRef) -> None:
         guest = self._guest(uuid)
@@ -743,21 +779,6 @@ class LibvirtDriver(ComputeDriver):
                 ) from exc
             raise DriverError(f"set_admin_password failed: {exc}") from exc
 
-    def inject_file(self, uuid: str, path: str, content: bytes) -> None:
-        raise Unsupported(
-            "inject_file",
-            "libvirt cannot write into a running guest's file system; files are "
-            "injected at creation through the config drive (spec.injectedFiles)",
-        )
-
-    def inject_network_info(self, uuid: str, network_config: str) -> None:
-        """Rewrite the config drive's network-config; the guest reads it at its next boot."""
-        self._guest(uuid)
-        drive = self._dir(uuid) / CONFIG_DRIVE
-        if not drive.exists():
-            raise Unsupported("inject_network_info", "the instance was created without a config drive")
-        configdrive.replace_file(drive, "network-config", network_config.encode())
-
     # --- diagnostics -----------------------------------------------------------------------
 
     def list_disks(self, uuid: str) -> list[str]:
@@ -790,25 +811,6 @@ class LibvirtDriver(ComputeDriver):
             disks={d: self.block_stats(uuid, d) for d in self.list_disks(uuid)},
             interfaces={i: self.interface_stats(uuid, i) for i in self.list_interfaces(uuid)},
         )
-
-    def get_all_bw_usage(self) -> list[BandwidthUsage]:
-        usage = []
-        for uuid in self.list_instances():
-            try:
-                guest = self._guest(uuid)
-                if not guest.active:
-                    continue
-                for iface in guest.devices().interfaces:
-                    if iface.target:
-                        stats = self.interface_stats(uuid, iface.target)
-                        usage.append(
-                            BandwidthUsage(
-                                uuid, iface.target, iface.mac or "", stats.rx_bytes, stats.tx_bytes
-                            )
-                        )
-            except (InstanceNotFound, InstanceNotRunning):
-                continue  # went away while we looked
-        return usage
 
     # --- volumes ---------------------------------------------------------------------------
 
@@ -911,13 +913,14 @@ class LibvirtDriver(ComputeDriver):
     def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
         """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at
         once."""
-        for rule in rules:
+        for index, rule in enumerate(rules):
+            field = f"{RULES_FIELD}[{index}]"
             if rule.protocol not in ("tcp", "udp", "icmp", "all"):
-                raise InvalidInstanceSpec("securityRules", f"unknown protocol {rule.protocol!r}")
+                raise InvalidInstanceSpec(f"{field}.protocol", f"unknown protocol {rule.protocol!r}")
             try:
                 ipaddress.ip_network(rule.cidr)
             except ValueError as exc:
-                raise InvalidInstanceSpec("securityRules", f"{rule.cidr!r} is not an IPv4 network") from exc
+                raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
         xml = firewall_filter(
             _filter_name(uuid), uuid, [(r.protocol, r.cidr, r.port_min, r.port_max) for r in rules]
         )
