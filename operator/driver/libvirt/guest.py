@@ -124,10 +124,6 @@ class Guest:
         with translate("suspend", self.uuid):
             self._domain.managedSave(0)
 
-    def has_saved_memory(self) -> bool:
-        with translate("hasManagedSaveImage", self.uuid):
-            return bool(self._domain.hasManagedSaveImage())
-
     def remove_saved_memory(self) -> None:
         with translate("power off", self.uuid):
             if self._domain.hasManagedSaveImage():

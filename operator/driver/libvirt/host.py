@@ -1,4 +1,5 @@
-"""The libvirt connection of one node: event loop, keepalive, reconnection, error translation.
+"""The libvirt connection of one node: event loop, keepalive, reconnection; its domains as Guests, and the
+host's own figures (memory, CPU).
 
 libvirt delivers events and keepalives only while an event loop runs, so the default
 implementation is registered once per process, before any connection is opened, and run
