@@ -579,3 +579,57 @@ def test_cold_migration_revert_runs_the_original_again(peers: tuple[Env, Env, st
     source.driver.finish_revert_migration(spec.uuid)
     eventually(lambda: boots(source, spec.uuid) == 2, timeout=BOOT, what="the original to boot again")
     assert not target.driver.instance_exists(spec.uuid) and target.probe.instance_files(spec.uuid) == []
+
+
+# --- the contract's truths (issue 17): measured free memory, disk_available_least, idempotent verbs ---
+# Kept together and apart from the rest, so the fake's own unit tests and these can change independently.
+
+#: a root disk much larger than the image it starts from: its overlay may still take this much
+GROWN_ROOT_GIB = 40
+
+
+def test_free_memory_is_measured_and_within_the_host(env: Env) -> None:
+    stats = env.driver.get_available_resource()
+    assert 0 < stats.memory_free_mib <= stats.memory_mib
+
+
+def over_commit(env: Env) -> tuple[int, int]:
+    """(disk_available_least, what copy-on-write disks may still take), in GiB, never above the free space."""
+    stats = env.driver.get_available_resource()
+    assert stats.disk_available_least_gib <= stats.disk_free_gib <= stats.disk_gib
+    return stats.disk_available_least_gib, stats.disk_free_gib - stats.disk_available_least_gib
+
+
+def test_disk_available_least_counts_what_copy_on_write_disks_may_still_take(env: Env) -> None:
+    # Others may use the same host meanwhile (the libvirt driver runs on the test ground's node), so the
+    # checks allow for a few GiB of their churn; the grown root alone moves the figure far more.
+    least, claim = over_commit(env)
+    spec = env.image_instance(root_gib=GROWN_ROOT_GIB)
+    env.driver.spawn(spec, power_on=False)
+    stopped_least, stopped_claim = over_commit(env)  # a stopped instance's disks may grow when it runs
+    assert stopped_least <= least - GROWN_ROOT_GIB // 2
+    assert stopped_claim >= claim + GROWN_ROOT_GIB // 2
+    env.driver.power_on(spec.uuid)
+    running_least, _ = over_commit(env)
+    assert running_least <= least - GROWN_ROOT_GIB // 2
+    env.driver.destroy(spec.uuid)
+    assert over_commit(env)[0] >= running_least + GROWN_ROOT_GIB // 2  # its claim leaves with it
+
+
+def test_resume_unpause_and_unrescue_of_an_instance_not_in_that_state_change_nothing(env: Env) -> None:
+    spec = env.instance()
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 1")
+    env.driver.resume(spec.uuid)
+    env.driver.unpause(spec.uuid)
+    env.driver.unrescue(spec.uuid)
+    assert env.driver.get_info(spec.uuid).state is PowerState.RUNNING
+    running_at = ticks(env, spec.uuid)
+    eventually(lambda: ticks(env, spec.uuid) > running_at, timeout=30, what="the counter to go on")
+    assert boots(env, spec.uuid) == 1, "none of them may restart the guest"
+    env.driver.power_off(spec.uuid)
+    env.driver.resume(spec.uuid)
+    env.driver.unpause(spec.uuid)
+    env.driver.unrescue(spec.uuid)
+    assert env.driver.get_info(spec.uuid).state is PowerState.SHUTOFF, "a stopped instance stays stopped"
+    env.driver.destroy(spec.uuid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import uuid
 import xml.etree.ElementTree as ET
 
@@ -9,12 +10,16 @@ import libvirt
 
 from kubenova.driver.libvirt.config import (
     METADATA_NS,
+    CPUConfig,
     GuestConfig,
     GuestDisk,
     GuestGraphics,
     GuestInterface,
+    InstanceMeta,
     LiveDevices,
+    StoragePool,
     domain_name,
+    rescue_definition,
 )
 
 
@@ -75,3 +80,84 @@ def test_disk_image_boot_has_no_kernel() -> None:
 def test_names_cannot_collide_across_namespaces() -> None:
     # Kubernetes names hold no '_', so the separator makes the pair unambiguous.
     assert domain_name("a-b", "c") != domain_name("a", "b-c")
+
+
+def test_instance_metadata_reads_back_what_the_definition_wrote() -> None:
+    root = config().format_dom()
+    meta = root.find(f"metadata/{{{METADATA_NS}}}instance")
+    assert meta is not None
+    assert InstanceMeta.parse_dom(ET.tostring(meta, encoding="unicode")) == InstanceMeta("team-a", "web")
+
+
+def test_a_disk_round_trips() -> None:
+    disk = GuestDisk("/v/vol-a", "sdb", driver_type="raw", bus="scsi", read_only=True, serial="vol-a")
+    assert GuestDisk.parse_dom(ET.fromstring(disk.to_xml())) == disk
+
+
+def test_the_rescue_definition_boots_the_rescue_disk_and_keeps_the_rest() -> None:
+    cfg = config()
+    cfg.disks.append(GuestDisk("/i/disk.eph.scratch", "vdc"))
+    original = ET.fromstring(cfg.to_xml())
+    # libvirt adds addresses to a defined domain's disks: they must go, so the new order gets fresh ones
+    ET.SubElement(original.findall("devices/disk")[0], "address", type="pci", slot="0x04")
+    rescue = rescue_definition(ET.tostring(original, encoding="unicode"), "/i/disk.rescue")
+    root = ET.fromstring(rescue)
+    os_el = root.find("os")
+    assert os_el is not None and [e.tag for e in os_el] == ["type", "boot"]  # no kernel, initrd or cmdline
+    parsed = GuestConfig.parse_dom(rescue)
+    assert [(d.source, d.target) for d in parsed.disks] == [
+        ("/i/disk.rescue", "vda"),
+        ("/i/disk", "vdb"),
+        ("/i/disk.config", "vdc"),
+        ("/i/disk.eph.scratch", "vdd"),
+    ]
+    assert root.find("devices/disk/address") is None
+    # everything else stays: identity, metadata, size, interfaces, VNC
+    assert (parsed.uuid, parsed.namespace, parsed.instance_name) == (cfg.uuid, "team-a", "web")
+    assert (parsed.vcpus, parsed.memory_mib) == (2, 256)
+    assert parsed.interfaces == cfg.interfaces and parsed.graphics == cfg.graphics
+    conn = libvirt.open("test:///default")
+    try:  # and libvirt takes it
+        conn.defineXML(rescue).undefine()
+    finally:
+        conn.close()
+
+
+def test_a_cpu_description_round_trips() -> None:
+    cpu = CPUConfig(
+        arch="x86_64",
+        model="Skylake-Client",
+        vendor="Intel",
+        sockets=1,
+        cores=4,
+        threads=2,
+        features=("vmx", "aes"),
+    )
+    element = cpu.format_dom()
+    assert [f.get("policy") for f in element.findall("feature")] == ["require", "require"]
+    assert CPUConfig.parse_dom(ET.fromstring(cpu.to_xml())) == cpu
+
+
+def test_the_host_cpu_comes_from_libvirts_capabilities() -> None:
+    conn = libvirt.open("test:///default")
+    try:
+        caps = conn.getCapabilities()
+    finally:
+        conn.close()
+    cpu = CPUConfig.from_capabilities(caps, arch="fallback")
+    assert cpu is not None and cpu.arch and cpu.sockets >= 1
+    assert CPUConfig.from_capabilities("<capabilities><host/></capabilities>") is None
+    bare = CPUConfig.from_capabilities("<capabilities><host><cpu/></host></capabilities>", arch="i686")
+    assert bare == CPUConfig(arch="i686", model="")
+
+
+def test_a_storage_pool_round_trips_and_libvirt_accepts_it(tmp_path: pathlib.Path) -> None:
+    pool = StoragePool(name="kubenova-out-x", path=str(tmp_path))
+    assert StoragePool.parse_dom(pool.format_dom()) == pool
+    conn = libvirt.open("test:///default")
+    try:
+        defined = conn.storagePoolCreateXML(pool.to_xml(), 0)
+        assert StoragePool.parse_dom(ET.fromstring(defined.XMLDesc(0))) == pool
+        defined.destroy()
+    finally:
+        conn.close()

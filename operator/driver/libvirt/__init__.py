@@ -1,6 +1,9 @@
 """The compute contract on libvirt + QEMU, arranged like Nova's libvirt driver.
 
-host.py owns the connection and its event loop, guest.py wraps one domain, config.py
-builds and parses domain XML, imagecache.py and configdrive.py make the disks, and
-driver.py puts them together. Only this package imports libvirt.
+host.py owns the connection, its event loop and the host's own figures; guest.py wraps one domain (the
+only module that touches a raw ``virDomain``); errors.py turns libvirt's errors into the contract's;
+config.py builds and parses every piece of XML as typed objects; imagecache.py holds the shared bases
+and all qemu-img work, configdrive.py the config drive, disks.py the names in an instance's folder.
+driver.py puts the driver together from its parts by role: core.py (what they share), lifecycle.py,
+volumes.py, network.py and migration.py. Only this package imports libvirt.
 """

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import xml.etree.ElementTree as ET
+
+from kubenova.driver.base import DriverError
 
 METADATA_NS = "https://kubenova.io/xmlns/instance/v1"
 ET.register_namespace("kubenova", METADATA_NS)
@@ -49,6 +52,9 @@ class GuestDisk:
         if self.serial:
             _sub(disk, "serial", self.serial)
         return disk
+
+    def to_xml(self) -> str:
+        return ET.tostring(self.format_dom(), encoding="unicode")
 
     @classmethod
     def parse_dom(cls, element: ET.Element) -> GuestDisk:
@@ -260,6 +266,20 @@ def _mib(value: int, unit: str) -> int:
     return value * _UNITS[unit] // 1024**2
 
 
+@dataclasses.dataclass(frozen=True)
+class InstanceMeta:
+    """kubenova's own metadata element of a domain: which object it runs."""
+
+    namespace: str
+    name: str
+
+    @classmethod
+    def parse_dom(cls, xml: str) -> InstanceMeta:
+        """The element as libvirt's metadata call returns it."""
+        element = ET.fromstring(xml)
+        return cls(namespace=element.get("namespace", ""), name=element.get("name", ""))
+
+
 @dataclasses.dataclass
 class LiveDevices:
     """What a running domain's XML says about its devices (parse side only)."""
@@ -319,3 +339,107 @@ def firewall_filter(name: str, uuid: str, rules: list[tuple[str, str, int | None
         _sub(_sub(root, "rule", action="accept", direction="in", priority="300"), protocol, **attrs)
     _sub(_sub(root, "rule", action="drop", direction="in", priority="1000"), "all")
     return ET.tostring(root, encoding="unicode")
+
+
+_TARGET = re.compile(r"^(vd|sd)([a-z])$")
+
+
+def rescue_definition(original: str, rescue_disk: str) -> str:
+    """The domain ``original`` booting ``rescue_disk`` (as vda) by BIOS, with its own disks moved one name on.
+
+    Everything else of the definition stays as libvirt wrote it; the device addresses go, so libvirt
+    assigns them afresh around the new first disk.
+    """
+    root = ET.fromstring(original)
+    os_el = root.find("os")
+    if os_el is None:
+        raise DriverError("the domain definition has no <os>")
+    for tag in ("kernel", "initrd", "cmdline", "boot"):
+        for el in os_el.findall(tag):
+            os_el.remove(el)
+    _sub(os_el, "boot", dev="hd")
+    devices = root.find("devices")
+    if devices is None:
+        raise DriverError("the domain definition has no <devices>")
+    for target in devices.findall("disk/target"):
+        match = _TARGET.match(target.get("dev", ""))
+        if match:  # make room for the rescue disk in front
+            target.set("dev", match.group(1) + chr(ord(match.group(2)) + 1))
+    for disk in devices.findall("disk"):
+        address = disk.find("address")
+        if address is not None:
+            disk.remove(address)
+    devices.insert(0, GuestDisk(source=rescue_disk, target="vda").format_dom())
+    return ET.tostring(root, encoding="unicode")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPUConfig:
+    """A host CPU: as libvirt's capabilities say (``parse_dom``), as compareCPU reads it (``format_dom``)."""
+
+    arch: str
+    model: str
+    vendor: str = ""
+    sockets: int = 1
+    cores: int = 1
+    threads: int = 1
+    features: tuple[str, ...] = ()
+
+    def format_dom(self) -> ET.Element:
+        cpu = ET.Element("cpu")
+        _sub(cpu, "arch", self.arch)
+        _sub(cpu, "model", self.model)
+        if self.vendor:
+            _sub(cpu, "vendor", self.vendor)
+        _sub(cpu, "topology", sockets=str(self.sockets), cores=str(self.cores), threads=str(self.threads))
+        for feature in self.features:
+            _sub(cpu, "feature", policy="require", name=feature)
+        return cpu
+
+    def to_xml(self) -> str:
+        return ET.tostring(self.format_dom(), encoding="unicode")
+
+    @classmethod
+    def parse_dom(cls, element: ET.Element, arch: str = "") -> CPUConfig:
+        """A ``<cpu>`` element; ``arch`` stands in when it names none."""
+        topology = element.find("topology")
+
+        def count(name: str) -> int:
+            return int(topology.get(name, 1)) if topology is not None else 1
+
+        return cls(
+            arch=element.findtext("arch", arch),
+            model=element.findtext("model", ""),
+            vendor=element.findtext("vendor", ""),
+            sockets=count("sockets"),
+            cores=count("cores"),
+            threads=count("threads"),
+            features=tuple(f.get("name", "") for f in element.findall("feature")),
+        )
+
+    @classmethod
+    def from_capabilities(cls, xml: str, arch: str = "") -> CPUConfig | None:
+        """The host CPU of libvirt's capabilities XML; None when it describes none."""
+        cpu = ET.fromstring(xml).find("host/cpu")
+        return cls.parse_dom(cpu, arch) if cpu is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoragePool:
+    """A directory storage pool: its files become volumes libvirt can upload and download."""
+
+    name: str
+    path: str
+
+    def format_dom(self) -> ET.Element:
+        pool = ET.Element("pool", type="dir")
+        _sub(pool, "name", self.name)
+        _sub(_sub(pool, "target"), "path", self.path)
+        return pool
+
+    def to_xml(self) -> str:
+        return ET.tostring(self.format_dom(), encoding="unicode")
+
+    @classmethod
+    def parse_dom(cls, element: ET.Element) -> StoragePool:
+        return cls(name=element.findtext("name", ""), path=element.findtext("target/path", ""))

@@ -19,22 +19,6 @@ def write(files: dict[str, bytes], path: pathlib.Path) -> None:
     _write_iso(files, path)
 
 
-def replace_file(path: pathlib.Path, name: str, data: bytes) -> None:
-    """Rewrite one file of an existing drive, keeping the others."""
-    iso = pycdlib.PyCdlib()
-    iso.open(str(path))
-    files = {}
-    for child in iso.list_children(rr_path="/"):
-        if child.is_file():
-            rr_name = child.rock_ridge.name().decode()
-            buf = io.BytesIO()
-            iso.get_file_from_iso_fp(buf, rr_path=f"/{rr_name}")
-            files[rr_name] = buf.getvalue()
-    iso.close()
-    files[name] = data
-    _write_iso(files, path)
-
-
 def _write_iso(files: dict[str, bytes], path: pathlib.Path) -> None:
     """Write the ISO; readable by root only, since it may hold the admin password."""
     iso = pycdlib.PyCdlib()

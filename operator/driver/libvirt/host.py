@@ -1,4 +1,5 @@
-"""The libvirt connection of one node: event loop, keepalive, reconnection, error translation.
+"""The libvirt connection of one node: event loop, keepalive, reconnection; its domains as Guests, and the
+host's own figures (memory, CPU).
 
 libvirt delivers events and keepalives only while an event loop runs, so the default
 implementation is registered once per process, before any connection is opened, and run
@@ -10,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import libvirt
 
-from kubenova.driver.base import DriverError, InstanceNotFound, InstanceNotRunning
+from kubenova.driver.base import DriverError
+from kubenova.driver.libvirt.config import CPUConfig
+from kubenova.driver.libvirt.errors import translate
+from kubenova.driver.libvirt.guest import Guest
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +47,6 @@ def start_event_loop() -> None:
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _loop_started = True
-
-
-@contextlib.contextmanager
-def translate(operation: str, uuid: str = "") -> Iterator[None]:
-    """The one place libvirt's error codes become the contract's exceptions."""
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        code = exc.get_error_code()
-        if code == libvirt.VIR_ERR_NO_DOMAIN:
-            raise InstanceNotFound(uuid) from exc
-        if code == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in str(exc):
-            raise InstanceNotRunning(f"{operation}: the instance is not running") from exc
-        raise DriverError(f"{operation} failed: {exc}") from exc
 
 
 class Host:
@@ -89,7 +79,7 @@ class Host:
     def _lifecycle(
         self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, _opaque: object
     ) -> None:
-        uuid = dom.UUIDString()
+        uuid = Guest(dom).uuid
         for listener in self._listeners:
             try:
                 listener(uuid, event, detail)
@@ -125,9 +115,76 @@ class Host:
                 self._tell(True)
             return conn
 
-    def lookup(self, uuid: str) -> libvirt.virDomain:
+    # --- domains ---------------------------------------------------------------------------
+
+    def get_guest(self, uuid: str) -> Guest:
+        """InstanceNotFound when no domain has that UUID."""
         with translate("lookup", uuid):
-            return self.get_connection().lookupByUUIDString(uuid)
+            return Guest(self.get_connection().lookupByUUIDString(uuid))
+
+    def find_guest_by_name(self, name: str) -> Guest | None:
+        try:
+            return Guest(self.get_connection().lookupByName(name))
+        except libvirt.libvirtError:
+            return None
+
+    def list_guests(self) -> list[Guest]:
+        """Every domain, running or only defined."""
+        guests = []
+        for dom in self.get_connection().listAllDomains():
+            try:
+                guests.append(Guest(dom))
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+        return guests
+
+    def define(self, xml: str, uuid: str = "") -> Guest:
+        """Define (or redefine) a persistent domain."""
+        with translate("define", uuid):
+            return Guest(self.get_connection().defineXML(xml))
+
+    def has_nwfilter(self, name: str) -> bool:
+        try:
+            self.get_connection().nwfilterLookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    # --- the host's own figures ------------------------------------------------------------
+
+    def memory_stats_kib(self) -> dict[str, int]:
+        """The host's memory counters across NUMA cells (total, free, buffers, cached), in KiB."""
+        with translate("getMemoryStats"):
+            stats = self.get_connection().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+        return {key: int(value) for key, value in stats.items()}
+
+    def memory_mib(self) -> int:
+        # getInfo sums NUMA cells, which can miss hot-added memory; the host-wide total does not.
+        return self.memory_stats_kib()["total"] // 1024
+
+    def free_memory_mib(self) -> int:
+        """Memory the host can give now: free plus what the kernel reclaims on demand (buffers, page cache).
+
+        The same figure as Nova's libvirt driver (total minus used, used being total - free - buffers -
+        cached from /proc/meminfo), read through libvirtd so it is the hypervisor host's even when remote.
+        getFreeMemory() (MemFree alone) would count a warm page cache as used and starve placement.
+        """
+        stats = self.memory_stats_kib()
+        free = stats.get("free", 0) + stats.get("buffers", 0) + stats.get("cached", 0)
+        return min(free, stats["total"]) // 1024
+
+    def cpu(self) -> CPUConfig:
+        """The host CPU as libvirt's capabilities describe it."""
+        conn = self.get_connection()
+        cpu = CPUConfig.from_capabilities(conn.getCapabilities(), arch=conn.getInfo()[0])
+        if cpu is None:
+            raise DriverError("libvirt's capabilities describe no host CPU")
+        return cpu
+
+    def compare_cpu(self, cpu: CPUConfig) -> int:
+        """libvirt's verdict on running guests made for ``cpu`` here (a VIR_CPU_COMPARE_* code); libvirtError
+        when libvirt cannot read the description."""
+        return int(self.get_connection().compareCPU(cpu.to_xml(), 0))
 
     def close(self) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Base images shared by instances, and each instance's copy-on-write overlays.
+"""Base images shared by instances, each instance's copy-on-write overlays, and all qemu-img work on disks.
 
 A base is the image-store file, checked against its checksum once and hard-linked into
 the cache under its sha256, so instances never depend on a store file a person may
@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 from kubenova.driver.base import DriverError, ImageChecksumMismatch, ImageRef
 from kubenova.driver.images import ImageStore
@@ -27,6 +29,60 @@ def qemu_img(*args: str) -> str:
     if proc.returncode != 0:
         raise DriverError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def info(path: str | os.PathLike[str], force_share: bool = False) -> dict[str, Any]:
+    """qemu-img info as JSON (format, virtual-size, backing-filename...); ``force_share`` reads an image a
+    running guest holds open."""
+    args = ["info", *(["-U"] if force_share else []), "--output=json", str(path)]
+    result: dict[str, Any] = json.loads(qemu_img(*args))
+    return result
+
+
+def virtual_size(path: str | os.PathLike[str], force_share: bool = False) -> int:
+    """The size the guest sees, in bytes."""
+    return int(info(path, force_share)["virtual-size"])
+
+
+def backing_file(path: str | os.PathLike[str]) -> str | None:
+    """The base an overlay reads through, None for none (or an unreadable file)."""
+    try:
+        return info(path, force_share=True).get("backing-filename") or None
+    except DriverError:
+        return None
+
+
+def create_empty(path: str | os.PathLike[str], size: str) -> None:
+    """An empty qcow2 disk of ``size`` (qemu-img's notation: "10G", "64M", bytes)."""
+    qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+
+
+def resize(path: str | os.PathLike[str], size: str) -> None:
+    """Grow a disk no guest runs on (a running guest's grows through the guest's blockResize)."""
+    qemu_img("resize", "-q", str(path), size)
+
+
+def rebase(overlay: str | os.PathLike[str], base: str | os.PathLike[str]) -> None:
+    """Point an overlay at another copy of the same base (an unsafe rebase: no data is read or written)."""
+    qemu_img("rebase", "-u", "-b", str(base), "-F", info(base)["format"], str(overlay))
+
+
+def convert(source: pathlib.Path, dest: pathlib.Path, progress: Callable[[int], None] | None = None) -> None:
+    """A standalone qcow2 copy of ``source`` (backing chain flattened), telling its progress in percent."""
+    proc = subprocess.Popen(
+        ["qemu-img", "convert", "-U", "-p", "-O", "qcow2", str(source), str(dest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout = proc.stdout
+    assert stdout is not None
+    for chunk in iter(lambda: stdout.read(32), ""):
+        for percent in re.findall(r"\((\d+)\.\d+/100%\)", chunk):
+            if progress:
+                progress(int(percent))
+    if proc.wait() != 0:
+        raise DriverError(f"qemu-img convert failed: {proc.stderr.read().strip() if proc.stderr else ''}")
 
 
 class ImageCache:
@@ -74,10 +130,10 @@ class ImageCache:
     @staticmethod
     def overlay(base: pathlib.Path, path: pathlib.Path, size_gib: int | None = None) -> None:
         """A qcow2 overlay of ``base``, grown to ``size_gib`` (never shrunk)."""
-        info = json.loads(qemu_img("info", "--output=json", str(base)))
-        args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", info["format"], str(path)]
+        base_info = info(base)
+        args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_info["format"], str(path)]
         if size_gib:
-            args.append(str(max(int(info["virtual-size"]), size_gib * 2**30)))
+            args.append(str(max(int(base_info["virtual-size"]), size_gib * 2**30)))
         qemu_img(*args)
 
     def manage(self, in_use: Collection[str], grace_seconds: float) -> list[str]:

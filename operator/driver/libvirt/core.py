@@ -1,0 +1,197 @@
+"""What every part of the libvirt driver shares: the host, the instance folders, the image cache, and the
+steps from a spec to a defined domain (checks, disks, definition) that spawn, redefinition and both
+migrations take.
+
+Each instance is a persistent domain whose UUID is the Kubernetes object's UID, with a folder of its own
+(``<instances>/<uuid>``) holding every file spawn creates: root overlay, ephemeral and swap disks, config
+drive, console log, rescue state. destroy removes that folder and nothing else: volumes and images live in
+their stores and are never deleted by an instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubenova import faults
+from kubenova.driver import cloudinit
+from kubenova.driver.base import (
+    ComputeDriver,
+    DriverError,
+    InstanceExists,
+    InstanceNotRunning,
+    InstanceSpec,
+    check_instance,
+    check_macs,
+)
+from kubenova.driver.images import ImageStore
+from kubenova.driver.libvirt import configdrive, imagecache
+from kubenova.driver.libvirt.config import GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name
+from kubenova.driver.libvirt.disks import CONFIG_DRIVE, EPHEMERAL, ROOT, SWAP, next_target, own_disk
+from kubenova.driver.libvirt.guest import Guest
+from kubenova.driver.libvirt.host import Host
+from kubenova.driver.libvirt.imagecache import ImageCache
+
+
+def filter_name(uuid: str) -> str:
+    """The instance's nwfilter."""
+    return f"kubenova-{uuid}"
+
+
+def _empty(path: pathlib.Path, size: str) -> tuple[pathlib.Path, dict[str, Any]]:
+    """An empty disk of the instance's, made unless it is there already (a migrated instance brings its
+    disks along)."""
+    if not path.exists():
+        imagecache.create_empty(path, size)
+    return path, {}
+
+
+class LibvirtCore(ComputeDriver):
+    def __init__(
+        self,
+        uri: str,
+        domain_type: str,
+        instances_dir: str | os.PathLike[str],
+        images: ImageStore,
+        volumes_dir: str | os.PathLike[str],
+    ) -> None:
+        self.host = Host(uri)
+        self.domain_type = domain_type
+        self.instances_dir = pathlib.Path(instances_dir)
+        self.images = images
+        self.volumes = ImageStore(volumes_dir)
+        self.cache = ImageCache(images, self.instances_dir / "_base")
+        self._rebooting: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _dir(self, uuid: str) -> pathlib.Path:
+        return self.instances_dir / uuid
+
+    def console_path(self, uuid: str) -> pathlib.Path:
+        return self._dir(uuid) / "console.log"
+
+    def _guest(self, uuid: str) -> Guest:
+        return self.host.get_guest(uuid)
+
+    def _running(self, uuid: str, operation: str) -> Guest:
+        guest = self._guest(uuid)
+        if not guest.active:
+            raise InstanceNotRunning(f"{operation}: the instance is not running")
+        return guest
+
+    def _check_fits(self, instance: InstanceSpec) -> None:
+        other = self.host.find_guest_by_name(domain_name(instance.namespace, instance.name))
+        if other is not None and other.uuid != instance.uuid:
+            raise InstanceExists(f"a domain named {other.name} already exists with UUID {other.uuid}")
+        check_instance(instance, self.host.memory_mib())
+        if instance.interfaces:
+            check_macs(instance, self._macs_in_use(instance.uuid))
+
+    def _macs_in_use(self, uuid: str) -> dict[str, str]:
+        """MAC -> "namespace/name" of every other domain on this host that has it (running or defined)."""
+        used = {}
+        for guest in self.host.list_guests():
+            if guest.uuid == uuid:
+                continue
+            try:
+                config = guest.live_config()
+                owner = (
+                    f"{config.namespace}/{config.instance_name}"
+                    if config.namespace or config.instance_name
+                    else f"domain {config.name}"
+                )
+            except DriverError:
+                continue  # gone meanwhile
+            for iface in config.interfaces:
+                if iface.mac is not None:
+                    used[iface.mac.lower()] = owner
+        return used
+
+    def _guest_config(
+        self, instance: InstanceSpec, folder: pathlib.Path, current: GuestConfig | None = None
+    ) -> GuestConfig:
+        """Create the instance's disks in its folder and describe the domain that uses them.
+
+        With the ``current`` definition (a spec change), attached volumes stay as they are, and the config
+        drive is rewritten only when its files changed.
+        """
+        own: list[tuple[pathlib.Path, dict[str, Any]]] = []
+        if instance.image is not None:
+            if not (folder / ROOT).exists():
+                base = self.cache.base(instance.image, "spec.boot.image.name")
+                self.cache.overlay(base, folder / ROOT, instance.root_gib)
+            own.append((folder / ROOT, {}))
+        elif instance.root_gib:
+            own.append(_empty(folder / ROOT, f"{instance.root_gib}G"))
+        for name, size in instance.ephemeral_gib:
+            own.append(_empty(folder / f"{EPHEMERAL}{name}", f"{size}G"))
+        if instance.swap_mib:
+            own.append(_empty(folder / SWAP, f"{instance.swap_mib}M"))
+        drive: dict[str, str] = {}
+        if cloudinit.needed(instance):
+            files = cloudinit.files(instance)
+            drive = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in files.items()}
+            if current is None or current.drive != drive or not (folder / CONFIG_DRIVE).exists():
+                configdrive.write(files, folder / CONFIG_DRIVE)
+            own.append((folder / CONFIG_DRIVE, {"driver_type": "raw", "read_only": True}))
+        volumes = [d for d in current.disks if not own_disk(d.source, folder)] if current else []
+        used = {v.target for v in volumes}
+        disks = []
+        for path, kw in own:  # in guest order, around the names attached volumes hold
+            target = next_target(used)
+            used.add(target)
+            disks.append(GuestDisk(source=str(path), target=target, **kw))
+        boot = instance.boot
+        return GuestConfig(
+            uuid=instance.uuid,
+            name=domain_name(instance.namespace, instance.name),
+            namespace=instance.namespace,
+            instance_name=instance.name,
+            vcpus=instance.vcpus,
+            memory_mib=instance.memory_mib,
+            console_path=str(folder / "console.log"),
+            domain_type=self.domain_type,
+            kernel=boot.kernel if boot else None,
+            initrd=boot.initrd if boot else None,
+            cmdline=boot.cmdline if boot else None,
+            disks=disks + volumes,
+            interfaces=[
+                GuestInterface(
+                    network=i.network, mac=mac, model=i.model, filter=filter_name(instance.uuid), name=i.name
+                )
+                for i, mac in zip(instance.interfaces, instance.macs(), strict=True)
+            ],
+            graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None,
+            drive=drive,
+            revision=instance.revision,
+        )
+
+    def _create(
+        self, instance: InstanceSpec, power_on: bool, fill: Callable[[pathlib.Path], None] | None = None
+    ) -> None:
+        """Define and start an instance whose folder ``fill`` may have stocked; on failure nothing is left."""
+        if self.instance_exists(instance.uuid):  # a retry: the same object, never a second domain
+            if power_on:
+                self.power_on(instance.uuid)
+            return
+        self._check_fits(instance)
+        self.plug_vifs(instance.uuid, instance.interfaces)
+        folder = self._dir(instance.uuid)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            if fill:
+                fill(folder)
+            if instance.interfaces:  # in place before the first packet: no rules yet means nothing gets in
+                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+            config = self._guest_config(instance, folder)
+            guest = self.host.define(config.to_xml(), instance.uuid)
+            faults.point("spawn.defined")
+            if power_on:
+                guest.launch()
+        except BaseException:
+            self.destroy(instance.uuid)  # a failed spawn leaves nothing behind
+            raise

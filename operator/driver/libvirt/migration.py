@@ -1,0 +1,214 @@
+"""Both migrations between two hosts' libvirtds.
+
+Cold: the source stops the instance and keeps its folder; the target fetches each disk as a libvirt
+storage-volume download from a transient pool over that folder, then defines and starts. Live:
+peer-to-peer, the overlays copied over NBD (the bases are on both hosts already), the definition made
+by the target's pre_live_migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import shutil
+import threading
+import urllib.parse
+from typing import Any
+
+import libvirt
+
+from kubenova.driver.base import (
+    DriverError,
+    InstanceSpec,
+    InvalidInstanceSpec,
+    MigrationOutcome,
+    MigrationProgress,
+    PowerState,
+    ProgressCallback,
+)
+from kubenova.driver.libvirt import imagecache
+from kubenova.driver.libvirt.config import StoragePool
+from kubenova.driver.libvirt.core import LibvirtCore
+from kubenova.driver.libvirt.disks import CONFIG_DRIVE, RESCUE_DISK, ROOT
+from kubenova.driver.libvirt.errors import translate
+from kubenova.driver.libvirt.guest import Guest
+
+
+def _migrate(
+    guest: Guest, dest_uri: str, params: dict[str, Any], flags: int, outcome: list[BaseException]
+) -> None:
+    """The migration job, on a thread of its own; what it raises is handed to the caller's thread."""
+    try:
+        guest.migrate(dest_uri, params, flags)
+    except BaseException as exc:
+        outcome.append(exc)
+
+
+def _report(guest: Guest, progress: ProgressCallback) -> None:
+    stats = guest.job_stats()
+    if stats and stats.get("data_total"):  # nothing to report before the job has sized its work
+        progress(
+            MigrationProgress(
+                data_total=int(stats.get("data_total", 0)),
+                data_processed=int(stats.get("data_processed", 0)),
+                data_remaining=int(stats.get("data_remaining", 0)),
+                iteration=int(stats.get("memory_iteration", 0)),
+                expected_downtime_ms=int(stats.get("downtime", 0)),
+            )
+        )
+
+
+class Migration(LibvirtCore):
+    # --- cold ------------------------------------------------------------------------------
+
+    def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
+        """Stop the instance; its folder stays as it is for the target to fetch (the config drive is remade
+        there)."""
+        self.power_off(uuid)
+        return sorted(
+            str(p) for p in self._dir(uuid).glob("disk*") if p.name not in (CONFIG_DRIVE, RESCUE_DISK)
+        )
+
+    def finish_migration(
+        self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
+    ) -> None:
+        """Fetch each disk from the source's libvirtd as a storage-volume download, then define and start."""
+
+        def fill(folder: pathlib.Path) -> None:
+            self._fetch_disks(instance.uuid, disk_info, source_uri, folder)
+            root = folder / ROOT
+            if instance.image is not None and root.exists():  # lean on this host's own copy of the base
+                imagecache.rebase(root, self.cache.base(instance.image, "spec.boot.image.name"))
+            if (
+                instance.root_gib
+                and root.exists()
+                and instance.root_gib * 2**30 > imagecache.virtual_size(root)
+            ):
+                imagecache.resize(root, f"{instance.root_gib}G")
+
+        self._create(instance, power_on, fill)
+
+    def _fetch_disks(self, uuid: str, paths: list[str], source_uri: str, folder: pathlib.Path) -> None:
+        """A transient dir pool over the source's folder makes its files downloadable volumes."""
+        folders = {str(pathlib.PurePath(p).parent) for p in paths}
+        if len(folders) > 1:
+            raise DriverError(
+                f"the source's disks are spread over {sorted(folders)}; expected one instance folder"
+            )
+        if not folders:
+            return
+        pool_xml = StoragePool(name=f"kubenova-out-{uuid}", path=folders.pop()).to_xml()
+        try:
+            source = libvirt.open(source_uri)
+        except libvirt.libvirtError as exc:
+            raise DriverError(f"cannot reach the source host at {source_uri}: {exc}") from exc
+        try:
+            with translate("expose the source's disks", uuid):
+                pool = source.storagePoolCreateXML(pool_xml, 0)
+            try:
+                for name in (pathlib.PurePath(p).name for p in paths):
+                    with translate(f"fetch {name}", uuid), open(folder / name, "wb") as out:
+                        stream = source.newStream(0)
+                        pool.storageVolLookupByName(name).download(stream, 0, 0, 0)
+                        stream.recvAll(lambda _s, data, f: f.write(data), out)
+                        stream.finish()
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    pool.destroy()
+        finally:
+            source.close()
+
+    def confirm_migration(self, uuid: str) -> None:
+        self.destroy(uuid)
+
+    def finish_revert_migration(self, uuid: str, power_on: bool = True) -> None:
+        self._guest(uuid)
+        if power_on:
+            self.power_on(uuid)
+
+    # --- live ------------------------------------------------------------------------------
+
+    def pre_live_migration(self, instance: InstanceSpec) -> str:
+        """Make the instance's files here as spawn would (empty overlays the copy fills) and describe the
+        domain."""
+        if self.instance_exists(instance.uuid):
+            raise DriverError(f"instance {instance.uuid} already has a domain on this host")
+        self._check_fits(instance)
+        self.plug_vifs(instance.uuid, instance.interfaces)
+        folder = self._dir(instance.uuid)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            if instance.interfaces:
+                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+            return self._guest_config(instance, folder).to_xml()
+        except BaseException:
+            self.rollback_live_migration_at_destination(instance.uuid)
+            raise
+
+    def live_migration(
+        self,
+        uuid: str,
+        dest_uri: str,
+        dest_definition: str,
+        progress: ProgressCallback | None = None,
+        block_migration: bool = True,
+        max_bandwidth_mib: int | None = None,
+    ) -> None:
+        guest = self._running(uuid, "live_migration")
+        host = urllib.parse.urlsplit(dest_uri).hostname
+        if not host:
+            raise InvalidInstanceSpec("targetNode", f"{dest_uri!r} names no host to migrate to")
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        )
+        params: dict[str, Any] = {
+            libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_definition,
+            libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition,
+        }
+        if block_migration:  # overlays travel over NBD; the bases are already on the target
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [
+                d.target for d in guest.devices().disks if not d.read_only
+            ]
+        if max_bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max_bandwidth_mib
+        outcome: list[BaseException] = []
+        worker = threading.Thread(
+            target=_migrate,
+            args=(guest, dest_uri, params, flags, outcome),
+            name=f"migrate-{uuid}",
+            daemon=True,
+        )
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+            if progress and worker.is_alive():
+                _report(guest, progress)
+        if outcome:
+            raise outcome[0]  # the instance still runs here
+        self.unfilter_instance(uuid)
+        shutil.rmtree(self._dir(uuid), ignore_errors=True)
+
+    def abort_live_migration(self, uuid: str) -> None:
+        self._running(uuid, "abort_live_migration").abort_job()
+
+    def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
+        guest = self._guest(uuid)
+        if guest.state() is not PowerState.RUNNING:
+            raise DriverError(f"instance {uuid} arrived but is not running")
+        stats = guest.job_stats(completed=True)  # the incoming job's figures stay here until the next job
+        if stats is None:
+            return MigrationOutcome()
+
+        def figure(key: str) -> int | None:
+            return int(stats[key]) if key in stats else None
+
+        return MigrationOutcome(elapsed_ms=figure("time_elapsed"), downtime_ms=figure("downtime"))
+
+    def rollback_live_migration_at_destination(self, uuid: str) -> None:
+        """Remove what pre_live_migration made; a domain that did arrive is removed too."""
+        self.destroy(uuid)

@@ -1,0 +1,79 @@
+"""Volumes: a raw file in the volume store (or a copy-on-write overlay of an image), hot-plugged as a disk."""
+
+from __future__ import annotations
+
+import time
+
+from kubenova.driver.base import DriverError, ImageRef, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
+from kubenova.driver.libvirt.config import GuestDisk
+from kubenova.driver.libvirt.core import LibvirtCore
+from kubenova.driver.libvirt.disks import VOLUME, bounded, next_target
+
+
+class Volumes(LibvirtCore):
+    def attach_volume(self, uuid: str, volume: VolumeSpec, device: str) -> str:
+        guest = self._guest(uuid)
+        used = [d.target for d in guest.devices().disks]
+        if volume.from_image:
+            base = self.cache.base(ImageRef(volume.name), "spec.image.name")
+            path = self._dir(uuid) / bounded(f"{VOLUME}{volume.name}")
+            if not path.exists():
+                self.cache.overlay(base, path)
+            fmt = "qcow2"
+        else:
+            path = self.volumes.path("spec.volume.name", volume.name)
+            if not path.exists():
+                if not volume.size_gib:
+                    raise InvalidInstanceSpec(
+                        "spec.volume.sizeGiB",
+                        f"volume {volume.name!r} does not exist; give a size to create it",
+                    )
+                self.volumes.root.mkdir(parents=True, exist_ok=True)
+                with open(path, "xb") as f:
+                    f.truncate(volume.size_gib * 2**30)
+            fmt = "raw"
+        disks = guest.devices().disks
+        for existing in disks:
+            if existing.source == str(path) and device in ("", existing.target):
+                return existing.target  # already attached: a retry (the agent may have died before saying so)
+        target = device or next_target(used, "vd" if volume.bus == "virtio" else "sd")
+        if target in used:
+            existing = next(d for d in disks if d.target == target)
+            raise InvalidInstanceSpec("spec.device.name", f"{target} is already used by {existing.source}")
+        disk = GuestDisk(
+            source=str(path),
+            target=target,
+            driver_type=fmt,
+            bus=volume.bus,
+            read_only=volume.read_only,
+            serial=volume.name[:20],
+        )
+        guest.attach_disk(disk)
+        return target
+
+    def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
+        """Drop the disk from the persistent definition, then ask the running guest to release it.
+
+        A guest may miss the unplug request (it was still booting, say), so the live request is
+        repeated every few seconds until the disk is gone, like Nova's detach with retries; a
+        retry after a partial detach (gone from one side only) finishes the other side.
+        """
+        guest = self._guest(uuid)
+        config = guest.config_devices()
+        live = guest.devices() if guest.active else None
+        disk = next((d for d in [*config.disks, *(live.disks if live else [])] if d.target == device), None)
+        if disk is None:
+            raise VolumeNotFound(f"no volume is attached at {device}")
+        if any(d.target == device for d in config.disks):
+            guest.detach_disk_config(disk)
+        deadline = time.monotonic() + timeout
+        while guest.active and any(d.target == device for d in guest.devices().disks):
+            if time.monotonic() > deadline:
+                raise DriverError(
+                    f"the guest did not release {device} within {timeout:.0f}s; it is removed from "
+                    "the definition, so it is gone after the next power off at the latest"
+                )
+            guest.detach_disk_live(disk)
+            end = min(deadline, time.monotonic() + 5)  # the guest acknowledges a hot unplug in its own time
+            while time.monotonic() < end and any(d.target == device for d in guest.devices().disks):
+                time.sleep(0.2)
