@@ -13,6 +13,7 @@ everything from here.
 from __future__ import annotations
 
 import abc
+import ipaddress
 from collections.abc import Callable, Collection
 
 from kubenova.driver.errors import (
@@ -57,6 +58,7 @@ from kubenova.driver.types import (
 )
 
 __all__ = [
+    "check_rules",
     "ComputeDriver",
     "check_instance",
     "check_macs",
@@ -126,6 +128,25 @@ def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
                 f"spec.interfaces[{index}].macAddress",
                 f"{mac} {how} already used by {holder} on this host; set another macAddress",
             )
+
+
+#: What an invalid rule is named after: the method's own argument, since no CRD carries firewall rules yet
+#: (a future spec.firewall brings them); never a spec field that does not exist.
+RULES_FIELD = "rules"
+PROTOCOLS = ("tcp", "udp", "icmp", "all")
+
+
+def check_rules(rules: Collection[FirewallRule]) -> None:
+    """Refuse a rule no firewall can express, naming it by its place, before anything is applied: a filter
+    half redefined would let in less, or more, than either the old rules or the new."""
+    for index, rule in enumerate(rules):
+        field = f"{RULES_FIELD}[{index}]"
+        if rule.protocol not in PROTOCOLS:
+            raise InvalidInstanceSpec(f"{field}.protocol", f"unknown protocol {rule.protocol!r}")
+        try:
+            ipaddress.ip_network(rule.cidr)
+        except ValueError as exc:
+            raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
 
 
 class ComputeDriver(abc.ABC):

@@ -473,6 +473,23 @@ def test_security_group_rules_reach_the_host_firewall(env: Env) -> None:
     env.driver.unfilter_instance(spec.uuid)  # already gone with the instance: fine
 
 
+def test_a_rule_no_firewall_can_express_is_named_by_its_place(env: Env) -> None:
+    spec = env.instance(interfaces=(Interface("eth0", NETWORK),))
+    env.driver.spawn(spec, power_on=False)
+    ssh = FirewallRule("tcp", "10.0.0.0/8", 22, 22)
+    with pytest.raises(InvalidInstanceSpec) as bad_protocol:
+        env.driver.ensure_filtering_rules_for_instance(
+            spec.uuid, [ssh, FirewallRule("sctp", "10.0.0.0/8", 1, 1)]
+        )
+    assert bad_protocol.value.field == "rules[1].protocol" and "sctp" in str(bad_protocol.value)
+    with pytest.raises(InvalidInstanceSpec) as bad_cidr:
+        env.driver.ensure_filtering_rules_for_instance(
+            spec.uuid, [FirewallRule("udp", "10.0.0.0/33", 53, 53)]
+        )
+    assert bad_cidr.value.field == "rules[0].cidr" and "10.0.0.0/33" in str(bad_cidr.value)
+    env.driver.destroy(spec.uuid)
+
+
 # --- live migration between two hosts --------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from kubenova.driver.base import (
     Unsupported,
     VolumeConnector,
     VolumeNotFound,
+    check_rules,
 )
 from kubenova.driver.fake.disks import CONSOLE_LOG, GIB, UNRESCUE, Disk, Image, bases_of, plain_name
 from kubenova.driver.fake.instance import ACTIVE, Instance
@@ -253,6 +254,7 @@ class FakeHost(ComputeDriver):
                 self._vifs.pop(uuid, None)
 
     def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
+        check_rules(rules)
         with self._lock:
             self._rules[uuid] = tuple(rules)
 

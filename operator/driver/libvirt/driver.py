@@ -74,7 +74,7 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
             memory_free_mib=self.host.free_memory_mib(),
             disk_gib=fs.f_blocks * fs.f_frsize // 2**30,
             disk_free_gib=free // 2**30,
-            disk_available_least_gib=(free - self._disk_over_commit()) // 2**30,
+            disk_available_least_gib=max(0, (free - self._disk_over_commit()) // 2**30),
             hypervisor_type=conn.getType(),
             hypervisor_version=f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}",
             hostname=socket.gethostname(),

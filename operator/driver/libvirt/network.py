@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Collection
 
 import libvirt
 
-from kubenova.driver.base import FirewallRule, Interface, InvalidInstanceSpec
+from kubenova.driver.base import FirewallRule, Interface, InvalidInstanceSpec, check_rules
 from kubenova.driver.libvirt.config import firewall_filter
 from kubenova.driver.libvirt.core import LibvirtCore, filter_name
 from kubenova.driver.libvirt.errors import translate
-
-#: what an invalid rule is named after: the method's own argument, since no CRD carries firewall rules yet
-#: (they are to come from a future spec.firewall); never a spec field that does not exist
-RULES_FIELD = "rules"
 
 
 class Network(LibvirtCore):
@@ -39,14 +34,7 @@ class Network(LibvirtCore):
     def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
         """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at
         once."""
-        for index, rule in enumerate(rules):
-            field = f"{RULES_FIELD}[{index}]"
-            if rule.protocol not in ("tcp", "udp", "icmp", "all"):
-                raise InvalidInstanceSpec(f"{field}.protocol", f"unknown protocol {rule.protocol!r}")
-            try:
-                ipaddress.ip_network(rule.cidr)
-            except ValueError as exc:
-                raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
+        check_rules(rules)
         xml = firewall_filter(
             filter_name(uuid), uuid, [(r.protocol, r.cidr, r.port_min, r.port_max) for r in rules]
         )
