@@ -43,5 +43,5 @@ kind-up:  ## needs Docker and kind (not available on the CI machine): a kind clu
 	kind load docker-image localhost/kubenova:0.1.0 --name kubenova
 	helm install kubenova charts/kubenova --namespace kubenova-system --create-namespace -f deploy/kind/values.yaml
 
-down:  ## stop everything the test ground started
+down: deps  ## stop everything the test ground started (on a fresh clone it first makes the venv it runs from)
 	$(TESTGROUND) down
