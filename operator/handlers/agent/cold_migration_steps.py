@@ -36,6 +36,8 @@ class ColdSteps:
         }
 
     def power_off_source(self, body: dict[str, Any]) -> None:
+        """Source, first: stop the guest and name its disks for the target; the flavor it ran with goes
+        along, so a revert can give it back."""
         status = body["status"]
         if cancelled(body):
             self.handover.finish(
@@ -53,6 +55,8 @@ class ColdSteps:
         )
 
     def finish_target(self, body: dict[str, Any]) -> None:
+        """Target: copy the disks (resized to the new flavor) and start the instance here; the source's
+        copy stays until the decision."""
         status, spec = body["status"], body["spec"]
         source, handoff = status["sourceNode"], status["handoff"]
         if cancelled(body):
@@ -107,6 +111,8 @@ class ColdSteps:
             )
 
     def await_confirmation(self, body: dict[str, Any]) -> None:
+        """Both nodes look; whichever owns the decision acts: Revert (or a cancel) goes to the target
+        first, Confirm (by hand or after the deadline) lets the source delete its copy."""
         status, spec = body["status"], body["spec"]
         if spec.get("decision") == "Revert" or cancelled(body):  # this is the target
             # First a step of its own: while it runs, this node's instance side keeps its hands off.
@@ -138,6 +144,7 @@ class ColdSteps:
         )
 
     def revert_target(self, body: dict[str, Any]) -> None:
+        """Target: delete its copy and give the instance back to the source, old flavor included."""
         status = body["status"]
         instance = self.handover.instance(body)
         self.driver.destroy(status["instanceUID"])
@@ -147,6 +154,7 @@ class ColdSteps:
         )
 
     def revert_source(self, body: dict[str, Any]) -> None:
+        """Source, last: start the original again (unless the spec asks it stopped)."""
         status = body["status"]
         instance = self.handover.instance(body)
         power_on = (instance.get("spec") or {}).get("powerState", "Running") != "Stopped"

@@ -87,9 +87,12 @@ class LiveSteps:
         return True
 
     def forget(self, uid: str) -> None:
+        """A deleted Migration's abort mark goes with it, so a long-lived agent does not grow."""
         self._aborted.discard(uid)
 
     def prepare_target(self, body: dict[str, Any]) -> None:
+        """Target, first: refuse a source CPU this host lacks before any byte moves, then define the
+        instance here (its own paths) and hand the definition to the source."""
         status = body["status"]
         source = status["sourceNode"]
         if cancelled(body):
@@ -130,6 +133,8 @@ class LiveSteps:
         )
 
     def transfer(self, body: dict[str, Any]) -> None:
+        """Source: move the running guest (holding this worker until it ends); any failure or cancel
+        hands over to the target's rollback, and the guest keeps running here."""
         status, spec = body["status"], body["spec"]
         uid, instance_uid = body["metadata"]["uid"], status["instanceUID"]
         if cancelled(body):
@@ -210,6 +215,7 @@ class LiveSteps:
             )
 
     def finish_target(self, body: dict[str, Any]) -> None:
+        """Target, last: the guest runs here; the instance object follows it (status, then the label)."""
         status = body["status"]
         instance = self.handover.instance(body)
         try:
@@ -237,6 +243,7 @@ class LiveSteps:
         )
 
     def rollback_target(self, body: dict[str, Any]) -> None:
+        """Target: drop what pre_live_migration made, then end the Migration with the source's outcome."""
         status = body["status"]
         self.driver.rollback_live_migration_at_destination(status["instanceUID"])
         self.handover.finish(body, status["handoff"].get("outcome", "Failed"), status.get("message", ""))
