@@ -24,6 +24,7 @@ from kubenova.driver.base import (
     CPUIncompatible,
     CpuInfo,
     DriverError,
+    FirewallRule,
     HostPowerAction,
     ImageChecksumMismatch,
     ImageNotFound,
@@ -922,9 +923,10 @@ def test_snapshot_of_a_kernel_boot_has_no_root_disk(driver: FakeDriver) -> None:
 def test_vifs_and_filtering_rules_are_recorded(driver: FakeDriver) -> None:
     eth0, eth1 = Interface("eth0", "default"), Interface("eth1", "storage")
     driver.plug_vifs("u", [eth0, eth1])
-    driver.ensure_filtering_rules_for_instance("u", ["allow tcp 22", "allow icmp"])
+    ssh, ping = FirewallRule("tcp", "10.0.0.0/8", 22, 22), FirewallRule("icmp", "0.0.0.0/0", 0, 0)
+    driver.ensure_filtering_rules_for_instance("u", [ssh, ping])
     assert driver.vifs("u") == (eth0, eth1)
-    assert driver.filtering_rules("u") == ("allow tcp 22", "allow icmp")
+    assert driver.filtering_rules("u") == (ssh, ping)
     driver.unplug_vifs("u", [eth0])
     assert driver.vifs("u") == (eth1,)
     driver.unplug_vifs("u", [eth1])
@@ -935,7 +937,7 @@ def test_vifs_and_filtering_rules_are_recorded(driver: FakeDriver) -> None:
 def test_spawn_plugs_its_vifs_and_destroy_releases_them_and_the_rules(driver: FakeDriver) -> None:
     s = spec(interfaces=(Interface("eth0", "default"),))
     driver.spawn(s)
-    driver.ensure_filtering_rules_for_instance(s.uuid, ["allow tcp 22"])
+    driver.ensure_filtering_rules_for_instance(s.uuid, [FirewallRule("tcp", "10.0.0.0/8", 22, 22)])
     assert driver.vifs(s.uuid) == s.interfaces
     driver.destroy(s.uuid)
     assert (driver.vifs(s.uuid), driver.filtering_rules(s.uuid)) == ((), ())
