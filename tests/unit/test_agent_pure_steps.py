@@ -36,6 +36,11 @@ P = PowerStep
         ("Suspended", S.RUNNING, PowerPlan((P.SUSPEND,))),
         ("Suspended", S.PAUSED, PowerPlan((P.SUSPEND,))),
         ("Suspended", S.NOSTATE, PowerPlan((P.POWER_ON, P.SUSPEND))),
+        # Being shut down (a destroy takes a second or two): wait for the stop, never start it behind it.
+        ("Running", S.SHUTDOWN, PowerPlan()),
+        ("Paused", S.SHUTDOWN, PowerPlan()),
+        ("Suspended", S.SHUTDOWN, PowerPlan()),
+        ("Stopped", S.SHUTDOWN, PowerPlan((P.POWER_OFF,))),
     ],
 )
 def test_the_power_plan_from_each_state(want: str, state: PowerState, plan: PowerPlan) -> None:

@@ -52,6 +52,11 @@ def power_plan(want: str, state: PowerState) -> PowerPlan:
     """How to get from ``state`` to the spec's powerState ``want`` (Running, Stopped, Paused, Suspended)."""
     if want == "Stopped":
         return PowerPlan((PowerStep.POWER_OFF,) if state is not PowerState.SHUTOFF else ())
+    if state is PowerState.SHUTDOWN:
+        # On its way down (a guest shutdown, or a destroy under way: libvirt reports it while QEMU goes).
+        # Starting it now would bring it back behind the stop, unseen; the stop's lifecycle event brings
+        # the next look, which says "stopped outside Kubernetes" and restarts it after the delay.
+        return PowerPlan()
     if state is PowerState.SUSPENDED and want != "Suspended":
         return PowerPlan((PowerStep.RESUME,), look_again=True)
     if want == "Running":
