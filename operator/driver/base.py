@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+import posixpath
 from collections.abc import Callable, Collection
 
 from kubenova.driver.errors import (
@@ -147,6 +148,23 @@ def check_rules(rules: Collection[FirewallRule]) -> None:
             ipaddress.ip_network(rule.cidr)
         except ValueError as exc:
             raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
+
+
+def check_handed_disks(uuid: str, disk_info: Collection[str]) -> None:
+    """Refuse a cold migration's hand-off that names any file but the moved instance's own.
+
+    The list travels in the Migration's status from the source: taken as is, a forged one would make
+    the target fetch any file the source's libvirtd can read (another tenant's disk, a host secret)
+    into a guest. Only files directly in a folder named for the instance (instances/<uuid>/) pass.
+    """
+    for path in disk_info:
+        pure = posixpath.normpath(path)
+        folder, name = posixpath.split(pure)
+        if pure != path or not posixpath.isabs(path) or posixpath.basename(folder) != uuid or not name:
+            raise DriverError(
+                f"refused the source's hand-off: {path!r} is not a file of instances/{uuid}/, the "
+                "folder of the instance being moved"
+            )
 
 
 class ComputeDriver(abc.ABC):
@@ -373,7 +391,9 @@ class ComputeDriver(abc.ABC):
         self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
     ) -> None:
         """Cold migration, target side: fetch the disks from the source, define the instance with the
-        (possibly new) flavor in ``instance`` and start it. The source keeps its copy until confirm."""
+        (possibly new) flavor in ``instance`` and start it. The source keeps its copy until confirm.
+
+        ``disk_info`` is refused unless ``check_handed_disks`` passes it."""
 
     @abc.abstractmethod
     def confirm_migration(self, uuid: str) -> None:

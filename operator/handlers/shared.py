@@ -21,6 +21,10 @@ MIGRATIONS = "migrations"
 NODE_LABEL = f"{GROUP}/node"
 #: The agent's finalizer; the controller adds it together with the binding label (one write).
 AGENT_FINALIZER = f"{GROUP}/agent"
+#: On an instance while a Migration moves it; the value is the target node. The controller sets it when
+#: it schedules the Migration, so that admission lets that node's agent take the instance over (the
+#: agent may write only objects bound to its node or targeted at it); the move removes it.
+MIGRATION_TARGET_LABEL = f"{GROUP}/migration-target"
 #: Where the controller's leader Lease and the agents' heartbeat Leases live.
 LEASE_NAMESPACE = "kubenova-system"
 

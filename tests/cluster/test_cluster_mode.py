@@ -21,6 +21,7 @@ from testground import cluster, kube, procs
 from testground import ground as testground
 from tests.helpers import REPORT, eventually, listeners, on_every_interface
 from tests.integration.test_agent import boots, delete_and_wait, ticks, wait_ready
+from tests.integration.test_install import expected_rows, kubenova_rows
 from tests.integration.test_virtualinstance import domain, make
 
 pytestmark = pytest.mark.cluster
@@ -77,6 +78,8 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
         return found and found[0].get("status", {}).get("capacity")
 
     eventually(registered, timeout=120, what="the pod's agent to register node-0")
+    the_pods_token_names_its_node_and_admission_keeps_it_there(ground, custom, agent.metadata.name)
+    the_built_in_roles_carry_kubenovas_by_aggregation(ground, core, namespace)
 
     started = time.monotonic()
     uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("vm"))[
@@ -154,3 +157,76 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
         timeout=120,
         what="no kubenova pods after helm uninstall",
     )
+
+
+def the_pods_token_names_its_node_and_admission_keeps_it_there(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, pod: str
+) -> None:
+    """The kubelet binds the agent's projected token to its pod, so the apiserver knows the node that
+    speaks: kubenova-agent-scope lets it write its own ComputeNode and refuses it another's."""
+    read = "print(open('/var/run/secrets/kubernetes.io/serviceaccount/token').read())"
+    token = subprocess.run(
+        [ground.kubectl, "exec", "-n", LEASE_NAMESPACE, pod, "-c", "agent", "--", "python3", "-c", read],
+        capture_output=True,
+        text=True,
+        env=ground.env(),
+        check=True,
+    ).stdout.strip()
+    config = kubernetes.client.Configuration()
+    config.host = custom.api_client.configuration.host
+    config.ssl_ca_cert = custom.api_client.configuration.ssl_ca_cert
+    config.api_key = {"authorization": f"Bearer {token}"}
+    client = kubernetes.client.ApiClient(config)
+    review = kubernetes.client.AuthenticationV1Api(client).create_self_subject_review({})
+    assert review.status.user_info.extra["authentication.kubernetes.io/node-name"] == [ground.node]
+    as_agent = kubernetes.client.CustomObjectsApi(client)
+    current = custom.get_cluster_custom_object(GROUP, VERSION, "computenodes", ground.node)
+    own = {"status": {"hostname": current["status"]["hostname"]}}  # allowed, and changes nothing
+    as_agent.patch_cluster_custom_object_status(GROUP, VERSION, "computenodes", ground.node, own)
+    ghost = "ghost-node"
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "computenodes",
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeNode", "metadata": {"name": ghost}},
+    )
+    try:
+        with pytest.raises(kubernetes.client.ApiException) as denied:
+            as_agent.patch_cluster_custom_object_status(GROUP, VERSION, "computenodes", ghost, own)
+        assert denied.value.status == 403 and "may write only its own ComputeNode" in denied.value.body
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "computenodes", ghost)
+
+
+def the_built_in_roles_carry_kubenovas_by_aggregation(
+    ground: testground.Ground, core: kubernetes.client.CoreV1Api, namespace: str
+) -> None:
+    """kube-controller-manager aggregates kubenova-view/-edit/-admin into view, edit and admin: a user
+    holding only a built-in role gets exactly the rows of deploy/rbac/user-<role>.txt (the default test
+    ground, without kube-controller-manager, binds them by hand)."""
+    rbac = kubernetes.client.RbacAuthorizationV1Api(core.api_client)
+    for role in ("view", "edit", "admin"):
+        user = f"{role}-user"
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": user},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+            },
+        )
+
+        def listed(user: str = user) -> str:
+            return subprocess.run(
+                [ground.kubectl, "auth", "can-i", "--list", "-n", namespace, "--as", user],
+                capture_output=True,
+                text=True,
+                env=ground.env(),
+                check=True,
+            ).stdout
+
+        eventually(
+            lambda r=role, listed=listed: kubenova_rows(listed()) == expected_rows(r),
+            timeout=60,
+            what=f"kubenova's rows in the built-in {role} role (aggregation)",
+        )

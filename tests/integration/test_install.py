@@ -3,7 +3,6 @@ its own ServiceAccount's token, and VMs driven by the kubectl plugin."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,13 +14,13 @@ import yaml
 
 from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION
 from testground import ground as testground
-from testground import guest, kube, procs
+from testground import guest, kube
 from tests.helpers import eventually, vnc_auth
+from tests.integration import service_accounts
 
 REPO = kube.REPO
 CHART = REPO / "charts" / "kubenova"
 RELEASE = "kubenova"
-COMPONENTS = ("controller", "agent")
 #: helm template has no cluster to ask for its version; the chart needs >= 1.30.
 TEMPLATE = ["template", RELEASE, str(CHART), "--kube-version", "1.36.0"]
 
@@ -83,44 +82,16 @@ def test_every_manifest_is_accepted_by_the_apiserver(helm: str, ground: testgrou
         assert proc.returncode == 0, proc.stderr
 
 
-def kubeconfig_for(
-    ground: testground.Ground, core: kubernetes.client.CoreV1Api, component: str
-) -> pathlib.Path:
-    """A kubeconfig holding a fresh token of the component's own ServiceAccount (TokenRequest)."""
-    token = core.create_namespaced_service_account_token(
-        f"kubenova-{component}",
-        LEASE_NAMESPACE,
-        kubernetes.client.AuthenticationV1TokenRequest(
-            spec=kubernetes.client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
-        ),
-    ).status.token
-    admin = yaml.safe_load(ground.layout.kubeconfig.read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    path = ground.layout.state / f"sa-{component}.kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": component,
-                "clusters": [{"name": "ground", "cluster": cluster}],
-                "users": [{"name": component, "user": {"token": token}}],
-                "contexts": [{"name": component, "context": {"cluster": "ground", "user": component}}],
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def installed(
     helm: str, ground: testground.Ground, core: kubernetes.client.CoreV1Api
 ) -> Iterator[dict[str, pathlib.Path]]:
-    run([helm, "install", RELEASE, str(CHART), "--namespace", LEASE_NAMESPACE, "--wait=false"], ground)
-    try:
-        yield {c: kubeconfig_for(ground, core, c) for c in COMPONENTS}
-    finally:
-        run([helm, "uninstall", RELEASE, "--namespace", LEASE_NAMESPACE], ground, check=False)
+    """The chart installed; each component's kubeconfig holds only its ServiceAccount's token."""
+    with service_accounts.chart_installed(ground):
+        yield {
+            "controller": service_accounts.kubeconfig(ground, core, "controller"),
+            "agent": service_accounts.kubeconfig(ground, core, "agent", ground.node),
+        }
 
 
 def test_each_service_account_can_do_exactly_its_listed_verbs(
@@ -139,28 +110,65 @@ def test_each_service_account_can_do_exactly_its_listed_verbs(
         )
 
 
+def kubenova_rows(listed: str) -> list[str]:
+    """kubenova's rows of `kubectl auth can-i --list`, without the padding that depends on the others."""
+    return sorted(" ".join(row.split()) for row in listed.splitlines() if GROUP in row)
+
+
+def expected_rows(role: str) -> list[str]:
+    return kubenova_rows((REPO / "deploy" / "rbac" / f"user-{role}.txt").read_text())
+
+
+def test_namespace_users_get_kubenova_through_the_built_in_roles_and_nothing_above(
+    ground: testground.Ground,
+    installed: dict[str, pathlib.Path],
+    namespace: str,
+    api_client: kubernetes.client.ApiClient,
+) -> None:
+    """view, edit and admin in one namespace: kubenova's rows of `kubectl auth can-i --list`
+    (aggregation bound by hand here: see service_accounts.AGGREGATED)."""
+    for role in ("view", "edit", "admin"):
+        user = f"{role}-user"
+        service_accounts.grant(api_client, namespace, user, role)
+
+        def listed(user: str = user) -> str:
+            return run(
+                [ground.kubectl, "auth", "can-i", "--list", "-n", namespace, "--as", user], ground
+            ).stdout
+
+        eventually(  # RBAC's caches see the new bindings within a moment
+            lambda r=role, listed=listed: kubenova_rows(listed()) == expected_rows(r),
+            timeout=30,
+            what=f"kubenova's rows of can-i --list for {role} as in deploy/rbac/user-{role}.txt",
+        )
+        # What no namespace user gets of kubenova, whatever the role: status, ComputeNodes, other namespaces.
+        for verb, resource, *more in (
+            ("patch", "virtualinstances", "--subresource=status"),
+            ("update", "migrations", "--subresource=status"),
+            ("create", "computenodes"),
+            ("patch", "computenodes"),
+            ("get", "virtualinstances", "-n", "kube-system"),
+        ):
+            argv = [ground.kubectl, "auth", "can-i", verb, resource, "-n", namespace, *more, "--as", user]
+            answer = run(argv, ground, check=False).stdout.strip()
+            assert answer == "no", (role, verb, resource, more)
+    can_edit = run(
+        [ground.kubectl, "auth", "can-i", "create", "virtualinstances", "-n", namespace, "--as", "edit-user"],
+        ground,
+    )
+    assert can_edit.stdout.strip() == "yes"
+
+
 def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_the_plugin(
     ground: testground.Ground,
     installed: dict[str, pathlib.Path],
     namespace: str,
     custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
 ) -> None:
     """The test ground's admin-run processes give way to the same processes holding only their tokens."""
-    for name in ("controller", f"agent-{ground.node}"):
-        procs.stop(ground.layout, name)
-    commands = {
-        "controller": ([sys.executable, "-m", "kubenova.cli", "controller"], "kubenova.cli controller"),
-        "agent": testground.agent_process(ground, ground.node),
-    }
-    try:
-        for component, (argv, marker) in commands.items():
-            procs.start(
-                ground.layout,
-                f"sa-{component}",
-                argv,
-                marker,
-                env={**os.environ, "KUBECONFIG": str(installed[component])},
-            )
+    service_accounts.opt_in(custom.api_client, namespace)  # the VNC password's Secret
+    with service_accounts.running_as_service_accounts(ground, core, [ground.node]):
         plugin = ["kubectl", "kubenova", "-n", namespace, "--timeout", "180"]
         out = run(
             [*plugin, "create", "vm", "--memory", "96", "--image", guest.DISK_IMAGE, "--vnc"], ground
@@ -211,10 +219,6 @@ def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_th
         # Nothing was done as admin: the object's writers are the two components' ServiceAccounts.
         events = kubernetes.client.CoreV1Api(custom.api_client).list_namespaced_event(namespace).items
         assert any(e.reason == "Deleted" for e in events)
-    finally:
-        for component in COMPONENTS:
-            procs.stop(ground.layout, f"sa-{component}")
-        testground.start_kubenova(ground)
 
 
 def check_vnc(

@@ -40,12 +40,13 @@ def _missing(what: str) -> kubernetes.client.ApiException:
 
 class FakeApiserver:
     """Custom objects by (plural, namespace, name), Secrets and Events; the calls the agent makes of
-    CustomObjectsApi and CoreV1Api, with their 404, 409 and 422 answers."""
+    CustomObjectsApi and CoreV1Api, with their 403, 404, 409 and 422 answers."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, message)
+        self.forbidden_secrets = False  # True: Secret reads answer 403, as in a namespace not opted in
         self._versions = itertools.count(1)
 
     # --- what a test sets up and looks at ------------------------------------------------------------
@@ -133,6 +134,8 @@ class FakeApiserver:
     # --- CoreV1Api -----------------------------------------------------------------------------------
 
     def read_namespaced_secret(self, name: str, namespace: str) -> types.SimpleNamespace:
+        if self.forbidden_secrets:  # a namespace that gave the agent no RoleBinding
+            raise kubernetes.client.ApiException(status=403, reason="Forbidden")
         data = self.secrets.get((namespace, name))
         if data is None:
             raise _missing(f"Secret {name}")

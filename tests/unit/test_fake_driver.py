@@ -1206,11 +1206,11 @@ def test_cold_migration_and_confirm(driver: FakeDriver, target: FakeDriver) -> N
     s = image_spec(ephemeral_gib=(("e", 1),), user_data="#cloud-config\n")
     driver.spawn(s)
     disks = driver.migrate_disk_and_power_off(s.uuid, target.uri)
-    assert disks == ["disk", "disk.eph.e"]
+    assert [d.rsplit("/", 2)[1:] for d in disks] == [[s.uuid, "disk"], [s.uuid, "disk.eph.e"]]
     assert driver.get_info(s.uuid).state is PowerState.SHUTOFF
     bigger = dataclasses.replace(s, vcpus=4, memory_mib=1024, root_gib=2)
     with pytest.raises(DriverError, match="not the ones the source named"):
-        target.finish_migration(bigger, ["disk"], driver.uri)
+        target.finish_migration(bigger, disks[:1], driver.uri)
     target.finish_migration(bigger, disks, driver.uri)
     target.finish_migration(bigger, disks, driver.uri)  # a retry
     info = target.get_info(s.uuid)
@@ -1232,8 +1232,9 @@ def test_cold_migration_revert(driver: FakeDriver, target: FakeDriver) -> None:
 
 
 def test_finish_migration_needs_the_copied_disks(driver: FakeDriver, target: FakeDriver) -> None:
+    s = spec()
     with pytest.raises(DriverError, match="migrate_disk_and_power_off"):
-        target.finish_migration(spec(), ["disk"], driver.uri)
+        target.finish_migration(s, [f"/elsewhere/instances/{s.uuid}/disk"], driver.uri)
 
 
 # --- concurrency and scale ---------------------------------------------------------------------------

@@ -214,6 +214,33 @@ def test_an_instance_that_left_for_another_node_is_not_started_again(node: Node)
     assert not node.driver.instance_exists(uid)
 
 
+def test_an_instance_whose_status_names_another_node_is_not_started_here(node: Node) -> None:
+    """A label moved by hand (an admin: users are refused by admission) does not start a second copy."""
+    body = bound("vm", NODE, {"flavor": FLAVOR, "boot": KERNEL})
+    body["status"] = {"node": "node-9", "phase": "Running", "powerState": "Running"}
+    uid = node.look(node.api.add(VIRTUALINSTANCES, body))
+    assert not node.driver.instance_exists(uid)
+    ready = condition(node.get("vm"), "Ready")
+    assert ready["reason"] == "BoundElsewhere" and "runs on node-9" in ready["message"]
+    assert "BoundElsewhere" in node.api.reasons("vm")
+    assert node.get("vm")["status"]["node"] == "node-9", "status keeps naming where it may still run"
+
+    moved = migration(uid, "Done", "Succeeded", source="node-9")  # a Migration moved it here
+    moved["status"]["targetNode"] = NODE
+    node.migrations.seen("ADDED", node.api.add(MIGRATIONS, moved))
+    node.look(node.get("vm"))
+    assert node.state(uid) is PowerState.RUNNING
+    assert node.get("vm")["status"]["node"] == NODE
+
+
+def test_a_secret_in_a_namespace_that_did_not_opt_in_is_named_with_the_fix(node: Node) -> None:
+    node.api.forbidden_secrets = True
+    node.create("vm", adminPasswordSecretRef={"name": "pw"})
+    ready = condition(node.get("vm"), "Ready")
+    assert ready["reason"] == "SecretForbidden"
+    assert "spec.adminPasswordSecretRef" in ready["message"] and "kubenova-agent-secrets" in ready["message"]
+
+
 def test_a_flavor_change_waits_for_a_boot_and_a_hard_reboot_applies_it(node: Node) -> None:
     uid = node.create("vm")
     body = node.change("vm", flavor={"vcpus": 2, "memoryMiB": 256})

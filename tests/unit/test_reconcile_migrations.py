@@ -68,7 +68,8 @@ class Cluster:
         self.target = side(tmp_path, self.api, "node-1")
         for each in (self.source, self.target):  # as each agent registers its node
             cpu = dataclasses.asdict(each.node.driver.cpu)
-            self.api.add(COMPUTENODES, {"metadata": {"name": each.node.name}, "status": {"cpuInfo": cpu}})
+            published = {"cpuInfo": cpu, "migrationURI": each.node.driver.uri}
+            self.api.add(COMPUTENODES, {"metadata": {"name": each.node.name}, "status": published})
         self.uid = self.source.node.create("vm", boot={"image": {"name": "disk.img"}})
 
     def start(self, kind: str, **spec: Any) -> None:
@@ -237,3 +238,39 @@ def test_a_cold_migration_cancelled_before_it_starts_changes_nothing(cluster: Cl
     done = cluster.run()
     assert done["status"]["phase"] == "Cancelled"
     assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+
+
+class ForgedHandoff(MemoryStatusWriter):
+    """A hostile writer of the hand-off: the disks it names are another instance's, the source URI
+    another host's."""
+
+    def write(
+        self, body: Mapping[str, Any], patch: Mapping[str, Any], guard: bool = False
+    ) -> Mapping[str, Any] | None:
+        handoff = patch.get("handoff") or {}
+        if handoff.get("disks"):
+            patch = {
+                **patch,
+                "handoff": {**handoff, "disks": ["/var/lib/kubenova/instances/someone-else/disk"]},
+            }
+        return super().write(body, patch, guard)
+
+
+def test_a_forged_cold_hand_off_is_refused_and_the_original_runs_again(tmp_path: pathlib.Path) -> None:
+    cluster = Cluster(tmp_path, writer=ForgedHandoff)
+    cluster.start("Cold")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Failed", done["status"]
+    assert "refused the source's hand-off" in done["status"]["message"]
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+    assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-0"
+
+
+def test_the_target_fetches_from_the_uri_the_source_publishes_not_the_hand_off(cluster: Cluster) -> None:
+    cluster.start("Cold")
+    status = cluster.api.objects[(MIGRATIONS, "ns", "m")]["status"]
+    status["handoff"]["sourceURI"] = "fake://a-host-of-the-attackers-choice"
+    waiting = cluster.run()
+    assert waiting["status"]["phase"] == "AwaitingConfirmation", waiting["status"]
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING

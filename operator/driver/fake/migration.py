@@ -12,6 +12,7 @@ from kubenova.driver.base import (
     MigrationProgress,
     PowerState,
     ProgressCallback,
+    check_handed_disks,
 )
 from kubenova.driver.fake.disks import CONFIG_DRIVE, MIB, Disk, bases_of, store_volume_name
 from kubenova.driver.fake.instance import ACTIVE, Instance
@@ -25,7 +26,8 @@ class FakeMigration(FakeInstances):
     """The contract's migration verbs, both sides."""
 
     def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
-        """Returns the names of the files copied into the destination's instance folder.
+        """Returns the paths of the files copied into the destination's instance folder, as this host's
+        instances/<uuid>/ holds them.
 
         The config drive is not among them: finish_migration writes it afresh from the spec.
         """
@@ -38,12 +40,13 @@ class FakeMigration(FakeInstances):
             copies = {name: disk.copy() for name, disk in inst.files.items() if name != CONFIG_DRIVE}
         with dest._lock:
             dest._instance_dirs[uuid] = copies
-        return sorted(copies)
+        return [f"/{self.hostname}/instances/{uuid}/{name}" for name in sorted(copies)]
 
     def finish_migration(
         self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
     ) -> None:
         """The fake's source already pushed the files; they must be the ones ``disk_info`` names."""
+        check_handed_disks(instance.uuid, disk_info)
         self._peer(source_uri)
         with self._lock:
             now = self._clock()

@@ -25,6 +25,7 @@ from kubenova.driver.base import (
     MigrationProgress,
     PowerState,
     ProgressCallback,
+    check_handed_disks,
 )
 from kubenova.driver.libvirt import imagecache
 from kubenova.driver.libvirt.config import StoragePool
@@ -90,6 +91,7 @@ class Migration(LibvirtCore):
 
     def _fetch_disks(self, uuid: str, paths: list[str], source_uri: str, folder: pathlib.Path) -> None:
         """A transient dir pool over the source's folder makes its files downloadable volumes."""
+        check_handed_disks(uuid, paths)
         folders = {str(pathlib.PurePath(p).parent) for p in paths}
         if len(folders) > 1:
             raise DriverError(

@@ -75,7 +75,7 @@ class ColdSteps:
                 self.driver.finish_migration(
                     self.spec_for(instance, flavor),
                     list(handoff.get("disks") or []),
-                    handoff["sourceURI"],
+                    self.handover.published_uri(source),
                     power_on,
                 )
             except DriverError as exc:

@@ -39,7 +39,7 @@ from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache, older
 from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
-from kubenova.handlers.agent.migration_turns import holds
+from kubenova.handlers.agent.migration_turns import bound_elsewhere, holds
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
 from kubenova.handlers.agent.translate import definition_digest, driver_spec, unsupported
 from kubenova.handlers.agent.volumes import waiting_for
@@ -261,6 +261,9 @@ class InstanceAgent:
         if not driver.instance_exists(uid):
             if not self._still_here(body):
                 raise NotHere()
+            refusal = bound_elsewhere(body, self.migrations.objects.values(), self.node)
+            if refusal:  # never a second copy of a guest that may run where status says
+                raise WaitFor("BoundElsewhere", refusal)
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
         elif driver.defined_revision(uid) != definition_digest(spec, flavor_of(body)):
             # The spec changed in what makes the domain: the definition follows it, for the next boot

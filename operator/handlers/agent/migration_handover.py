@@ -13,10 +13,13 @@ from typing import Any
 import kubernetes
 
 from kubenova import faults
+from kubenova.driver.base import DriverError
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.shared import (
+    COMPUTENODES,
     GROUP,
+    MIGRATION_TARGET_LABEL,
     NODE_LABEL,
     VERSION,
     VIRTUALINSTANCES,
@@ -78,6 +81,15 @@ class Handover:
         faults.point(f"migration.{body['status']['step']}")  # this step's work is done, not yet said
         self.write(body, {"step": step, "message": message, **extra})
 
+    def published_uri(self, node: str) -> str:
+        """The migration URI ``node``'s own agent publishes in its ComputeNode (admission lets no other
+        node write it), rather than the one the Migration's hand-off carries."""
+        found = typed(self.objects.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node))
+        uri = (found.get("status") or {}).get("migrationURI")
+        if not uri:
+            raise DriverError(f"ComputeNode {node} publishes no migrationURI")
+        return str(uri)
+
     def instance(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """The instance the migration moves, read fresh; Gone when it was deleted or replaced."""
         meta, status = body["metadata"], body.get("status") or {}
@@ -119,5 +131,5 @@ class Handover:
             meta["namespace"],
             VIRTUALINSTANCES,
             meta["name"],
-            {"metadata": {"labels": {NODE_LABEL: node}}},
+            {"metadata": {"labels": {NODE_LABEL: node, MIGRATION_TARGET_LABEL: None}}},
         )

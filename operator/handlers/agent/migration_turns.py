@@ -1,6 +1,7 @@
 """Whose turn a Migration's step is, and when an agent must leave the instance it moves alone.
 
-Pure: read by the migration steps (``owner``) and by the instance reconciler (``holds``).
+Pure: read by the migration steps (``owner``) and by the instance reconciler (``holds``,
+``bound_elsewhere``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kubenova.handlers.shared import cancelled, is_final
+from kubenova.handlers.shared import NODE_LABEL, cancelled, is_final
 
 #: Which side does each step; AwaitConfirmation belongs to the target for a revert, else the source.
 OWNERS = {
@@ -54,3 +55,32 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
     if status.get("phase") == "Succeeded" and status.get("sourceNode") == node:
         return "moved"
     return None
+
+
+def bound_elsewhere(
+    body: Mapping[str, Any], migrations: Iterable[Mapping[str, Any]], node: str
+) -> str | None:
+    """Why ``node`` must not create the instance's domain, or None when it may: it never ran, it last
+    ran on ``node``, or a Succeeded Migration moved it there.
+
+    The label that binds an instance is kubenova's (admission refuses it to users), but a cluster
+    admin can still change it, and the node status names may still run the guest: starting it on
+    ``node`` too would run one instance twice.
+    """
+    uid, where = body["metadata"]["uid"], (body.get("status") or {}).get("node")
+    if not where or where == node:
+        return None
+    for migration in migrations:
+        status = migration.get("status") or {}
+        if (status.get("instanceUID"), status.get("targetNode"), status.get("phase")) == (
+            uid,
+            node,
+            "Succeeded",
+        ):
+            return None
+    return (
+        f"status.node says this instance runs on {where}, and no Migration moved it to {node}: a "
+        f"changed {NODE_LABEL} label does not move a running guest, so it is not started here too. "
+        f"Set the label back to {where} or create a Migration; if {where} is gone for good, a cluster "
+        "admin clears status.node to start it here"
+    )

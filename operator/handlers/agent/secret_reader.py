@@ -26,6 +26,16 @@ class WaitFor(Exception):
         self.reason = reason
 
 
+def not_opted_in(namespace: str, field: str) -> WaitFor:
+    """The agent reads Secrets only in namespaces that opted in (docs/security.md)."""
+    return WaitFor(
+        "SecretForbidden",
+        f"{field}: kubenova's agent may not use Secrets in namespace {namespace}: a namespace opts in "
+        "with a RoleBinding of the ClusterRole kubenova-agent-secrets to the ServiceAccount "
+        "kubenova-agent (the chart's tenantNamespaces makes one)",
+    )
+
+
 class SecretReader:
     """Reads and makes Secrets through the core API it is given (a fake one in unit tests)."""
 
@@ -61,6 +71,8 @@ class SecretReader:
                     "SecretMissing",
                     f"{field}: Secret {ref['name']!r} does not exist in namespace {namespace}; create it",
                 ) from exc
+            if exc.status == 403:
+                raise not_opted_in(namespace, field) from exc
             raise
         data = (secret.data or {}).get(key)
         if data is None:
@@ -109,6 +121,8 @@ class SecretReader:
             )
             return password
         except kubernetes.client.ApiException as exc:
+            if exc.status == 403:
+                raise not_opted_in(meta["namespace"], "spec.vnc") from exc
             if exc.status != 409:
                 raise
         existing = self.core.read_namespaced_secret(name, meta["namespace"])

@@ -22,6 +22,7 @@ from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usag
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
+    MIGRATION_TARGET_LABEL,
     MIGRATIONS,
     NODE_LABEL,
     VERSION,
@@ -36,6 +37,7 @@ from kubenova.handlers.shared import (
     post_event,
     remove_finalizer,
     typed,
+    unless_changed,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class Planner:
                 else:
                     self._label(body)  # a pass that died between its two writes left them out
         active = [b for b in migrations if _scheduled(b) and not is_final(b["status"])]
+        self._release_targets(active)
         for body in sorted((b for b in migrations if not _scheduled(b)), key=_created):
             self._schedule(body, active, uris)
         for node in nodes:
@@ -139,6 +142,34 @@ class Planner:
             meta["name"],
             {"metadata": {"labels": wanted, "finalizers": finalizers_patch}},
         )
+
+    def _target(self, instance: Mapping[str, Any], node: str | None) -> None:
+        """Label the instance with its Migration's target (None: remove it), before that node's agent
+        acts: admission lets an agent write only instances bound or targeted to its node."""
+        meta = instance["metadata"]
+        unless_changed(
+            lambda: self.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                VIRTUALINSTANCES,
+                meta["name"],
+                {"metadata": {"labels": {MIGRATION_TARGET_LABEL: node}}},
+            )
+        )
+
+    def _release_targets(self, active: list[dict[str, Any]]) -> None:
+        """A target label outlives its Migration when the move never happened (failed, cancelled):
+        the target node must not keep a hold on the instance."""
+        moving = {b["status"].get("instanceUID") for b in active}
+        labelled = typed(
+            self.custom.list_cluster_custom_object(
+                GROUP, VERSION, VIRTUALINSTANCES, label_selector=MIGRATION_TARGET_LABEL
+            )
+        )["items"]
+        for instance in labelled:
+            if instance["metadata"]["uid"] not in moving:
+                self._target(instance, None)
 
     def _schedule(
         self, body: Mapping[str, Any], active: list[dict[str, Any]], uris: Mapping[str, str | None]
@@ -192,6 +223,7 @@ class Planner:
             "message": f"moving from {source} to {target}",
         }
         self._status(body, patch)
+        self._target(instance, target)
         scheduled = {**body, "status": {**status, **patch}}
         self._label(scheduled)
         log.info("migration %s/%s: %s -> %s (%s)", namespace, meta["name"], source, target, spec["type"])
