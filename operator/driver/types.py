@@ -133,8 +133,13 @@ class InstanceSpec:
 
 @dataclasses.dataclass(frozen=True)
 class VolumeSpec:
-    """A volume to attach: from the node's volume store (created at size_gib when missing) or an image."""
+    """A volume to attach: from the node's volume store (created at size_gib when missing) or an image.
 
+    A store volume is its namespace's: ``<volume store>/<namespace>/<name>``, so two namespaces that
+    ask for the same name never share bytes.
+    """
+
+    namespace: str
     name: str
     size_gib: int | None = None
     from_image: bool = False

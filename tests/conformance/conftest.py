@@ -38,7 +38,7 @@ class Probe(Protocol):
 
     def domains(self) -> set[str]: ...
     def instance_files(self, uid: str) -> list[str]: ...
-    def volume_bytes(self, name: str, count: int) -> bytes: ...
+    def volume_bytes(self, namespace: str, name: str, count: int) -> bytes: ...
     def saved_memory_exists(self, uid: str) -> bool: ...
     def vnc_accepts(self, host: str, port: int, password: str) -> bool: ...
     def host_figures(self) -> tuple[int, int, int]: ...
@@ -63,8 +63,8 @@ class LibvirtProbe:
         folder = self.root / "instances" / uid
         return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
-    def volume_bytes(self, name: str, count: int) -> bytes:
-        with open(self.root / "volumes" / name, "rb") as f:
+    def volume_bytes(self, namespace: str, name: str, count: int) -> bytes:
+        with open(self.root / "volumes" / namespace / name, "rb") as f:
             return f.read(count)
 
     def saved_memory_exists(self, uid: str) -> bool:
@@ -106,8 +106,8 @@ class FakeProbe:
     def instance_files(self, uid: str) -> list[str]:
         return self.driver.instance_files(uid)
 
-    def volume_bytes(self, name: str, count: int) -> bytes:
-        return self.driver.read_volume(name)[:count]
+    def volume_bytes(self, namespace: str, name: str, count: int) -> bytes:
+        return self.driver.read_volume(namespace, name)[:count]
 
     def saved_memory_exists(self, uid: str) -> bool:
         return self.driver.saved_memory_exists(uid)

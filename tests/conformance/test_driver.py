@@ -365,10 +365,10 @@ def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     env.driver.spawn(spec)
     console_has(env, spec.uuid, f"{guest.TICK} 0")
     name = f"vol-{spec.uuid[:8]}"
-    assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "") == "vdb"
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec("ns", name, size_gib=1), "") == "vdb"
     # A retry (an agent that died before recording the attach) finds it attached, under any device request.
-    assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "") == "vdb"
-    assert env.driver.attach_volume(spec.uuid, VolumeSpec(name, size_gib=1), "vdb") == "vdb"
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec("ns", name, size_gib=1), "") == "vdb"
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec("ns", name, size_gib=1), "vdb") == "vdb"
     assert env.driver.list_disks(spec.uuid).count("vdb") == 1 and "vdc" not in env.driver.list_disks(
         spec.uuid
     )
@@ -378,9 +378,15 @@ def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     assert stats.wr_req > 0 and stats.wr_bytes >= len(pattern)
     env.driver.detach_volume(spec.uuid, "vdb")
     assert "vdb" not in env.driver.list_disks(spec.uuid)
-    assert env.probe.volume_bytes(name, len(pattern)) == pattern.encode()
+    assert env.probe.volume_bytes("ns", name, len(pattern)) == pattern.encode()
+    # The same name in another namespace is another volume: not one byte is shared.
+    assert env.driver.attach_volume(spec.uuid, VolumeSpec("other", name, size_gib=1), "") == "vdb"
+    assert not env.probe.volume_bytes("other", name, len(pattern)).strip(bytes(1))
+    env.driver.detach_volume(spec.uuid, "vdb")
     env.driver.destroy(spec.uuid)
-    assert env.probe.volume_bytes(name, len(pattern)) == pattern.encode()  # destroy never takes a volume
+    assert (
+        env.probe.volume_bytes("ns", name, len(pattern)) == pattern.encode()
+    )  # destroy never takes a volume
 
 
 def test_stats_have_exact_counters_that_grow(env: Env) -> None:

@@ -170,7 +170,7 @@ def va(run: Run) -> dict[str, Any]:
 
 
 def volume_holds_pattern(run: Run) -> bool:
-    with open(run.ground.volume_store(SINGLE[0]) / f"vol-{run.namespace}", "rb") as f:
+    with open(run.ground.volume_store(SINGLE[0]) / run.namespace / f"vol-{run.namespace}", "rb") as f:
         return f.read(len(run.pattern)) == run.pattern.encode()
 
 
@@ -197,7 +197,7 @@ def attached(run: Run) -> None:
         what="the guest writing its pattern to the volume",
     )
     assert volume_holds_pattern(run), "the volume holds the bytes the guest wrote"
-    assert str(run.ground.volume_store(SINGLE[0]) / f"vol-{run.namespace}") in volume_xml(
+    assert str(run.ground.volume_store(SINGLE[0]) / run.namespace / f"vol-{run.namespace}") in volume_xml(
         run.ground, SINGLE[0], run.uid
     )
 
@@ -395,7 +395,7 @@ def no_leaks(run: Run, nodes: tuple[str, ...]) -> None:
     for node in nodes:
         assert run.uid not in domains(run.ground, node), f"a leaked domain on {node}"
         assert not run.ground.instance_dir(run.uid, node).exists(), f"leaked disks or config drive on {node}"
-    volume = run.ground.volume_store(SINGLE[0]) / f"vol-{run.namespace}"
+    volume = run.ground.volume_store(SINGLE[0]) / run.namespace / f"vol-{run.namespace}"
     volume.unlink(missing_ok=True)  # the test's volume: kubenova never deletes one
 
 

@@ -320,21 +320,23 @@ def test_volume_hot_attach_and_detach(
     assert va["status"]["device"] == "vda" and va["status"]["node"] == ground.node
     assert va["status"]["connector"]["host"] and va["status"]["connector"]["ip"]
     assert cond(va, "Ready")["status"] == "True"
-    assert str(ground.volume_store() / volume) in domain(hypervisor, uid).XMLDesc()
+    assert str(ground.volume_store() / namespace / volume) in domain(hypervisor, uid).XMLDesc()
     eventually(
         lambda: f"{guest.WROTE} vda {pattern}" in console_text(ground, uid),
         timeout=120,
         what="the guest writing to the hot-plugged volume",
     )
-    with open(ground.volume_store() / volume, "rb") as f:
+    with open(ground.volume_store() / namespace / volume, "rb") as f:
         assert f.read(len(pattern)) == pattern.encode(), "the volume holds the bytes the guest wrote"
 
     delete_and_wait(custom, namespace, "data", VOLUMEATTACHMENTS)
-    assert str(ground.volume_store() / volume) not in domain(hypervisor, uid).XMLDesc(), "detached"
-    assert (ground.volume_store() / volume).exists(), "detaching never deletes the volume"
+    assert str(ground.volume_store() / namespace / volume) not in domain(hypervisor, uid).XMLDesc(), (
+        "detached"
+    )
+    assert (ground.volume_store() / namespace / volume).exists(), "detaching never deletes the volume"
     delete_and_wait(custom, namespace, "withvol")
-    assert (ground.volume_store() / volume).read_bytes()[: len(pattern)] == pattern.encode()
-    (ground.volume_store() / volume).unlink()
+    assert (ground.volume_store() / namespace / volume).read_bytes()[: len(pattern)] == pattern.encode()
+    (ground.volume_store() / namespace / volume).unlink()
 
 
 def test_diagnostics_in_status_and_on_metrics(

@@ -128,4 +128,4 @@ def test_kubenova_never_writes_spec(
         assert not any(owner.startswith("kubenova") for owner in owners), owners
     delete_and_wait(custom, namespace, "d", VOLUMEATTACHMENTS)
     delete_and_wait(custom, namespace, "gitops")
-    (ground.volume_store() / f"gitops-{namespace}").unlink()
+    (ground.volume_store() / namespace / f"gitops-{namespace}").unlink()

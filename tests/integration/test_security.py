@@ -42,10 +42,10 @@ def test_a_spec_reaches_no_file_outside_the_stores(
     outside.write_bytes(b"host secret\n")
     links = [
         ground.image_store / f"link-{namespace}",
-        ground.volume_store() / f"link-{namespace}",
+        ground.volume_store() / namespace / f"link-{namespace}",
         ground.image_store / f".snap-{namespace}.qcow2.partial",
     ]
-    ground.volume_store().mkdir(parents=True, exist_ok=True)
+    (ground.volume_store() / namespace).mkdir(parents=True, exist_ok=True)
     for link in links:
         link.symlink_to(outside)
     try:

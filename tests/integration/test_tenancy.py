@@ -27,9 +27,10 @@ from kubenova.handlers.shared import (
     NODE_LABEL,
     VERSION,
     VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
 )
 from testground import ground as testground
-from testground import libvirt_host
+from testground import guest, libvirt_host
 from tests.helpers import eventually
 from tests.integration import service_accounts
 from tests.integration.test_agent import wait_ready
@@ -352,6 +353,60 @@ def test_a_live_migration_moves_an_instance_between_two_nodes_each_writing_only_
     assert obj["metadata"]["labels"][NODE_LABEL] == target and obj["status"]["node"] == target
     assert MIGRATION_TARGET_LABEL not in obj["metadata"]["labels"]
     assert domains(ground, uid) == [target]
+
+
+def test_two_namespaces_asking_for_the_same_volume_name_share_no_bytes(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+    namespace: str,
+    tenancy: Any,
+) -> None:
+    other_namespace = f"{namespace}-b"
+    core.create_namespace({"metadata": {"name": other_namespace}})
+    written = {}
+    try:
+        for ns in (namespace, other_namespace):
+            pattern = f"KN-{ns}"
+            body = make("vm")
+            body["spec"]["boot"]["kernel"]["cmdline"] += f" {guest.write_hook('vda', pattern)}"
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, VIRTUALINSTANCES, body)
+            attachment = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "VolumeAttachment",
+                "metadata": {"name": "data"},
+                "spec": {"instanceRef": {"name": "vm"}, "volume": {"name": "shared-name", "sizeGiB": 1}},
+            }
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, VOLUMEATTACHMENTS, attachment)
+            uid, node = running(custom, ns, "vm")
+            eventually(
+                lambda u=uid, n=node, p=pattern: f"{guest.WROTE} vda {p}" in console(ground, u, n),
+                timeout=120,
+                what=f"the guest of {ns} writing to its volume",
+            )
+            written[ns] = (ground.volume_store(node) / ns / "shared-name", pattern)
+        for path, pattern in written.values():
+            with open(path, "rb") as f:
+                assert f.read(len(pattern)) == pattern.encode(), path
+    finally:
+        for plural in (VOLUMEATTACHMENTS, VIRTUALINSTANCES):
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, other_namespace, plural)
+        eventually(
+            lambda: (
+                not custom.list_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES)[
+                    "items"
+                ]
+            ),
+            timeout=120,
+            what="the second namespace's VM gone",
+        )
+        for path, _ in written.values():
+            path.unlink(missing_ok=True)
+
+
+def console(ground: testground.Ground, uid: str, node: str) -> str:
+    path = ground.console_log(uid, node)
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def yaml_of(body: dict[str, Any]) -> str:

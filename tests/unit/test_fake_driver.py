@@ -342,7 +342,7 @@ def test_boot_lines_name_every_disk_the_config_drive_and_the_network(driver: Fak
 def test_disk_lines_are_sorted_by_device_as_the_guest_lists_them(driver: FakeDriver) -> None:
     s = spec(ephemeral_gib=(("e", 1),))
     driver.spawn(s, power_on=False)
-    driver.attach_volume(s.uuid, VolumeSpec("scsi", 1, bus="scsi"), "")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "scsi", 1, bus="scsi"), "")
     driver.power_on(s.uuid)
     assert [line.split()[1] for line in lines(driver, s.uuid) if line.startswith("kubenova-disk")] == [
         "sda",
@@ -578,7 +578,7 @@ ONE_UUID_CALLS: list[Callable[[FakeDriver, str], object]] = [
     lambda d, u: d.list_interfaces(u),
     lambda d, u: d.block_stats(u, "vda"),
     lambda d, u: d.interface_stats(u, "tap"),
-    lambda d, u: d.attach_volume(u, VolumeSpec("v", 1), "vdb"),
+    lambda d, u: d.attach_volume(u, VolumeSpec("ns", "v", 1), "vdb"),
     lambda d, u: d.detach_volume(u, "vdb"),
     lambda d, u: d.migrate_disk_and_power_off(u, "fake://x"),
     lambda d, u: d.finish_revert_migration(u),
@@ -612,7 +612,7 @@ def test_destroy_keeping_disks_lets_the_instance_come_back_with_them(driver: Fak
     empty = least_gib(driver)
     s = image_spec(root_gib=4)
     driver.spawn(s)
-    driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "data", 1), "vdb")
     driver.destroy(s.uuid, destroy_disks=False)
     assert driver.instance_files(s.uuid) == ["disk"]
     assert least_gib(driver) == empty - 4 - 1
@@ -722,15 +722,15 @@ def test_attach_creates_a_sparse_volume_and_detach_keeps_it(driver: FakeDriver) 
     empty = least_gib(driver)
     s = spec()
     driver.spawn(s)
-    assert driver.attach_volume(s.uuid, VolumeSpec("data", size_gib=50), "vdb") == "vdb"
-    assert driver.attach_volume(s.uuid, VolumeSpec("data", size_gib=50), "vdb") == "vdb"  # a retry
-    assert driver.volume_size("data") == 50 * GIB
-    assert driver.read_volume("data") == b""
+    assert driver.attach_volume(s.uuid, VolumeSpec("ns", "data", size_gib=50), "vdb") == "vdb"
+    assert driver.attach_volume(s.uuid, VolumeSpec("ns", "data", size_gib=50), "vdb") == "vdb"  # a retry
+    assert driver.volume_size("ns", "data") == 50 * GIB
+    assert driver.read_volume("ns", "data") == b""
     assert driver.list_disks(s.uuid) == ["vdb"]
     assert least_gib(driver) == empty - 50
     driver.detach_volume(s.uuid, "vdb")
     assert driver.list_disks(s.uuid) == []
-    assert driver.volume_size("data") == 50 * GIB
+    assert driver.volume_size("ns", "data") == 50 * GIB
     with pytest.raises(VolumeNotFound):
         driver.detach_volume(s.uuid, "vdb")
 
@@ -738,25 +738,25 @@ def test_attach_creates_a_sparse_volume_and_detach_keeps_it(driver: FakeDriver) 
 def test_attach_picks_the_first_free_device_and_refuses_a_taken_one(driver: FakeDriver) -> None:
     s = image_spec()
     driver.spawn(s)
-    assert driver.attach_volume(s.uuid, VolumeSpec("a", 1), "") == "vdb"
-    assert driver.attach_volume(s.uuid, VolumeSpec("a", 1), "") == "vdb"  # a retry
-    assert driver.attach_volume(s.uuid, VolumeSpec("b", 1), "") == "vdc"
-    assert driver.attach_volume(s.uuid, VolumeSpec("c", 1, bus="scsi"), "") == "sda"
+    assert driver.attach_volume(s.uuid, VolumeSpec("ns", "a", 1), "") == "vdb"
+    assert driver.attach_volume(s.uuid, VolumeSpec("ns", "a", 1), "") == "vdb"  # a retry
+    assert driver.attach_volume(s.uuid, VolumeSpec("ns", "b", 1), "") == "vdc"
+    assert driver.attach_volume(s.uuid, VolumeSpec("ns", "c", 1, bus="scsi"), "") == "sda"
     with pytest.raises(InvalidInstanceSpec) as err:
-        driver.attach_volume(s.uuid, VolumeSpec("d", 1), "vda")
+        driver.attach_volume(s.uuid, VolumeSpec("ns", "d", 1), "vda")
     assert err.value.field == "spec.device.name"
     with pytest.raises(VolumeNotFound):
-        driver.read_volume("d")  # nothing was left behind
+        driver.read_volume("ns", "d")  # nothing was left behind
     kernel_only = spec("k")
     driver.spawn(kernel_only)
-    assert driver.attach_volume(kernel_only.uuid, VolumeSpec("e", 1), "") == "vda"
+    assert driver.attach_volume(kernel_only.uuid, VolumeSpec("ns", "e", 1), "") == "vda"
 
 
 def test_a_missing_volume_needs_a_size(driver: FakeDriver) -> None:
     s = spec()
     driver.spawn(s)
     with pytest.raises(InvalidInstanceSpec) as err:
-        driver.attach_volume(s.uuid, VolumeSpec("new"), "vdb")
+        driver.attach_volume(s.uuid, VolumeSpec("ns", "new"), "vdb")
     assert err.value.field == "spec.volume.sizeGiB"
 
 
@@ -764,26 +764,26 @@ def test_a_volume_is_attached_to_one_instance_at_a_time(driver: FakeDriver) -> N
     a, b = spec("a"), spec("b")
     driver.spawn(a)
     driver.spawn(b)
-    driver.attach_volume(a.uuid, VolumeSpec("shared", 1), "vdb")
+    driver.attach_volume(a.uuid, VolumeSpec("ns", "shared", 1), "vdb")
     with pytest.raises(DriverError, match="detach it there first"):
-        driver.attach_volume(b.uuid, VolumeSpec("shared", 1), "vdb")
+        driver.attach_volume(b.uuid, VolumeSpec("ns", "shared", 1), "vdb")
     driver.detach_volume(a.uuid, "vdb")
-    driver.attach_volume(b.uuid, VolumeSpec("shared", 1), "vdb")
+    driver.attach_volume(b.uuid, VolumeSpec("ns", "shared", 1), "vdb")
 
 
 def test_an_image_volume_is_an_overlay_kept_in_the_instance_folder(driver: FakeDriver) -> None:
     s = spec(boot=KernelBoot(KERNEL, None, "console=ttyS0 kubenova.write=vdb:XYZ"))
     driver.spawn(s)
-    driver.attach_volume(s.uuid, VolumeSpec(IMAGE, from_image=True), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", IMAGE, from_image=True), "vdb")
     assert wrote(driver, s.uuid) == ["kubenova-wrote vdb XYZ"]
     assert driver.read_image(IMAGE) == IMAGE_DATA
     assert f"disk.vol.{IMAGE}" in driver.instance_files(s.uuid)
     driver.detach_volume(s.uuid, "vdb")
-    driver.attach_volume(s.uuid, VolumeSpec(IMAGE, from_image=True), "vdc")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", IMAGE, from_image=True), "vdc")
     driver.reboot(s.uuid, RebootType.HARD)
     assert f"kubenova-disk vdc sectors=3 head={(b'XYZ' + IMAGE_DATA[3:16]).hex()}" in lines(driver, s.uuid)
     with pytest.raises(ImageNotFound) as err:
-        driver.attach_volume(s.uuid, VolumeSpec("nope.img", from_image=True), "vdd")
+        driver.attach_volume(s.uuid, VolumeSpec("ns", "nope.img", from_image=True), "vdd")
     assert err.value.field == "spec.image.name"
 
 
@@ -796,7 +796,7 @@ def test_the_guest_writes_what_its_cmdline_asks_to_a_hot_plugged_volume(
     s = spec(boot=KernelBoot(KERNEL, INITRD, "console=ttyS0 kubenova.write=vdb:KUBENOVA-PATTERN"))
     driver.spawn(s)
     clock.advance(1.5)
-    driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "data", 1), "vdb")
     clock.advance(1)
     assert lines(driver, s.uuid)[-4:] == [
         "kubenova-guest-tick 0",
@@ -807,9 +807,9 @@ def test_the_guest_writes_what_its_cmdline_asks_to_a_hot_plugged_volume(
     stats = driver.block_stats(s.uuid, "vdb")
     assert (stats.wr_req, stats.wr_bytes) == (1, len("KUBENOVA-PATTERN"))
     driver.detach_volume(s.uuid, "vdb")
-    assert driver.read_volume("data") == b"KUBENOVA-PATTERN"
+    assert driver.read_volume("ns", "data") == b"KUBENOVA-PATTERN"
     driver.destroy(s.uuid)
-    assert driver.read_volume("data") == b"KUBENOVA-PATTERN"  # destroy never takes a volume
+    assert driver.read_volume("ns", "data") == b"KUBENOVA-PATTERN"  # destroy never takes a volume
 
 
 def test_the_write_hook_waits_for_a_running_guest_and_fires_once_per_boot(driver: FakeDriver) -> None:
@@ -817,28 +817,31 @@ def test_the_write_hook_waits_for_a_running_guest_and_fires_once_per_boot(driver
         boot=KernelBoot(KERNEL, INITRD, "kubenova.write=vdc:Q kubenova.write=vdb:P")
     )  # the last one counts
     driver.spawn(s, power_on=False)
-    driver.attach_volume(s.uuid, VolumeSpec("p", 1), "vdb")
-    driver.attach_volume(s.uuid, VolumeSpec("q", 1), "vdc")
-    assert driver.read_volume("p") == b""
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "p", 1), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "q", 1), "vdc")
+    assert driver.read_volume("ns", "p") == b""
     driver.power_on(s.uuid)
-    assert driver.read_volume("p") == b"P" and driver.read_volume("q") == b""
+    assert driver.read_volume("ns", "p") == b"P" and driver.read_volume("ns", "q") == b""
     assert lines(driver, s.uuid)[-2:] == ["kubenova-wrote vdb P", "kubenova-guest-tick 0"]
     driver.pause(s.uuid)
     driver.detach_volume(s.uuid, "vdb")
-    driver.attach_volume(s.uuid, VolumeSpec("p2", 1), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "p2", 1), "vdb")
     driver.unpause(s.uuid)
-    assert driver.read_volume("p2") == b"" and len(wrote(driver, s.uuid)) == 1
+    assert driver.read_volume("ns", "p2") == b"" and len(wrote(driver, s.uuid)) == 1
     driver.reboot(s.uuid, RebootType.HARD)
-    assert driver.read_volume("p2") == b"P" and len(wrote(driver, s.uuid)) == 2
+    assert driver.read_volume("ns", "p2") == b"P" and len(wrote(driver, s.uuid)) == 2
 
 
 def test_a_read_only_device_uses_up_the_write(driver: FakeDriver) -> None:
     s = spec(boot=KernelBoot(KERNEL, INITRD, "kubenova.write=vdb:P"))
     driver.spawn(s)
-    driver.attach_volume(s.uuid, VolumeSpec("ro", 1, read_only=True), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "ro", 1, read_only=True), "vdb")
     driver.detach_volume(s.uuid, "vdb")
-    driver.attach_volume(s.uuid, VolumeSpec("rw", 1), "vdb")
-    assert driver.read_volume("ro") == driver.read_volume("rw") == b"" and wrote(driver, s.uuid) == []
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "rw", 1), "vdb")
+    assert (
+        driver.read_volume("ns", "ro") == driver.read_volume("ns", "rw") == b""
+        and wrote(driver, s.uuid) == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -848,8 +851,8 @@ def test_a_read_only_device_uses_up_the_write(driver: FakeDriver) -> None:
 def test_a_malformed_write_hook_does_nothing(driver: FakeDriver, cmdline: str) -> None:
     s = spec(boot=KernelBoot(KERNEL, INITRD, cmdline))
     driver.spawn(s)
-    driver.attach_volume(s.uuid, VolumeSpec("v", 1), "vdb")
-    assert driver.read_volume("v") == b"" and wrote(driver, s.uuid) == []
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "v", 1), "vdb")
+    assert driver.read_volume("ns", "v") == b"" and wrote(driver, s.uuid) == []
 
 
 def test_the_write_hook_reaches_any_disk_the_guest_sees(driver: FakeDriver) -> None:
@@ -867,7 +870,7 @@ def test_the_write_hook_reaches_any_disk_the_guest_sees(driver: FakeDriver) -> N
 def test_rescue_boots_the_rescue_image_with_every_disk_a_letter_on(driver: FakeDriver, clock: Clock) -> None:
     s = image_spec()
     driver.spawn(s)
-    driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "data", 1), "vdb")
     driver.rescue(s.uuid, ImageRef(RESCUE))
     driver.rescue(s.uuid, ImageRef(RESCUE))  # a retry
     out = lines(driver, s.uuid)
@@ -1014,7 +1017,7 @@ def test_disk_available_least_counts_every_copy_on_write_disk_at_its_full_size(c
     s = image_spec(image=ImageRef("img"), root_gib=10, ephemeral_gib=(("e", 5),), swap_mib=1024)
     driver.spawn(s)
     assert disk() == (49, 49 - 10 - 5 - 1)  # the root overlay, ephemeral and swap disks hold nothing yet
-    driver.attach_volume(s.uuid, VolumeSpec("data", 3), "")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "data", 3), "")
     assert disk() == (49 - 3, 49 - 16 - 3)  # the fake's store volumes take their whole size at once
     driver.power_off(s.uuid)
     assert disk() == (46, 30)
@@ -1101,7 +1104,7 @@ def test_live_migration_moves_the_running_instance(
         boot=KernelBoot(KERNEL, None, "kubenova.write=vdb:LIVE"), interfaces=(Interface("e", "n"),)
     )
     driver.spawn(s)
-    driver.attach_volume(s.uuid, VolumeSpec("data", 1), "vdb")
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "data", 1), "vdb")
     clock.advance(2.5)
     target.pre_live_migration(s)
     assert target.vifs(s.uuid) == s.interfaces and target.instance_files(s.uuid) == ["disk"]
@@ -1117,7 +1120,7 @@ def test_live_migration_moves_the_running_instance(
     # The counter goes on where it was; the target's serial log holds only what was printed there.
     assert ticks(target, s.uuid) == [3]
     assert boots(target, s.uuid) == 0
-    assert target.read_volume("data") == b"LIVE"
+    assert target.read_volume("ns", "data") == b"LIVE"
     assert target.list_disks(s.uuid) == ["vda", "vdb"]
 
 
@@ -1186,7 +1189,7 @@ def test_live_migration_to_a_host_that_has_the_name_rolls_back(
     with pytest.raises(InstanceExists):
         driver.live_migration(s.uuid, target.uri, f"{target.uri}/{s.uuid}")
     assert driver.get_info(s.uuid).state is PowerState.RUNNING
-    driver.attach_volume(s.uuid, VolumeSpec("v", 1), "vdb")  # everything still works here
+    driver.attach_volume(s.uuid, VolumeSpec("ns", "v", 1), "vdb")  # everything still works here
 
 
 def test_an_instance_in_rescue_does_not_migrate(driver: FakeDriver, target: FakeDriver) -> None:

@@ -110,10 +110,15 @@ def boot_disk_names(count: int, taken: Collection[str] = ()) -> list[str]:
     return [name for name in (f"vd{chr(ord('a') + i)}" for i in range(26)) if name not in taken][:count]
 
 
+def store_key(volume: VolumeSpec) -> str:
+    """Where a store volume lives: its namespace's folder of the store."""
+    return f"{volume.namespace}/{volume.name}"
+
+
 def store_volume_name(device: Device) -> str | None:
     """The volume store entry behind a device; None for the instance's own disks and image overlays."""
     source = device.source
-    return source.name if source is not None and not source.from_image else None
+    return store_key(source) if source is not None and not source.from_image else None
 
 
 def block_stats_of(counters: BlockCounters) -> BlockStats:

@@ -127,15 +127,15 @@ class FakeHost(ComputeDriver):
         with self._lock:
             return self._images[name].data
 
-    def read_volume(self, name: str) -> bytes:
-        """The bytes written at the start of a volume; the rest of it reads as zeros."""
+    def read_volume(self, namespace: str, name: str) -> bytes:
+        """The bytes written at the start of a namespace's volume; the rest of it reads as zeros."""
         with self._lock:
-            return bytes(self._volume(name).data)
+            return bytes(self._volume(f"{namespace}/{name}").data)
 
-    def volume_size(self, name: str) -> int:
-        """A volume's virtual size in bytes."""
+    def volume_size(self, namespace: str, name: str) -> int:
+        """A namespace's volume's virtual size in bytes."""
         with self._lock:
-            return self._volume(name).size
+            return self._volume(f"{namespace}/{name}").size
 
     def instance_files(self, uuid: str) -> list[str]:
         """The instance folder as the libvirt driver would have it, defined instance or not."""

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from kubenova.driver.base import DriverError, ImageRef, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
-from kubenova.driver.fake.disks import GIB, Device, Disk, bases_of, free_device, plain_name, store_volume_name
+from kubenova.driver.fake.disks import (
+    GIB,
+    Device,
+    Disk,
+    bases_of,
+    free_device,
+    plain_name,
+    store_key,
+    store_volume_name,
+)
 from kubenova.driver.fake.instance import device_names
 from kubenova.driver.fake.instances import FakeInstances
 
@@ -34,7 +43,7 @@ class FakeVolumes(FakeInstances):
                 disk = inst.files.setdefault(f"disk.vol.{volume.name}", overlay)
             else:
                 disk = self._store_volume(volume)
-                self._volume_holders[volume.name] = (uuid, device)
+                self._volume_holders[store_key(volume)] = (uuid, device)
             inst.volumes[device] = Device(disk, read_only=volume.read_only, source=volume)
             self._guest_writes(inst, now)
             return device
@@ -52,17 +61,19 @@ class FakeVolumes(FakeInstances):
 
     def _store_volume(self, volume: VolumeSpec) -> Disk:
         plain_name("spec.volume.name", volume.name)
-        holder = self._volume_holders.get(volume.name)
+        plain_name("metadata.namespace", volume.namespace)
+        key = store_key(volume)
+        holder = self._volume_holders.get(key)
         if holder is not None:
             raise DriverError(
                 f"volume {volume.name!r} is attached to instance {holder[0]} at {holder[1]}; "
                 "detach it there first"
             )
-        disk = self._volumes.get(volume.name)
+        disk = self._volumes.get(key)
         if disk is None:
             if not volume.size_gib:
                 raise InvalidInstanceSpec(
                     "spec.volume.sizeGiB", f"volume {volume.name!r} does not exist; give a size to create it"
                 )
-            disk = self._volumes[volume.name] = Disk(volume.size_gib * GIB, bytearray())
+            disk = self._volumes[key] = Disk(volume.size_gib * GIB, bytearray())
         return disk

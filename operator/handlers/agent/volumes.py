@@ -129,6 +129,7 @@ class VolumeAgent:
         source = spec.get("volume") or spec.get("image") or {}
         device = spec.get("device") or {}
         volume = VolumeSpec(
+            namespace=body["metadata"]["namespace"],
             name=source["name"],
             size_gib=source.get("sizeGiB"),
             from_image="image" in spec,
