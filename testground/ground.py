@@ -65,6 +65,10 @@ class Ground:
     def image_store(self) -> pathlib.Path:
         return self.layout.state / "images"
 
+    def snapshots(self, namespace: str) -> pathlib.Path:
+        """A namespace's own snapshots in the image store (kubenova's images.SNAPSHOTS)."""
+        return self.image_store / "snapshots" / namespace
+
     def volume_store(self, node: str | None = None) -> pathlib.Path:
         return self.node_dir(node) / "volumes"
 

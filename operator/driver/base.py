@@ -151,9 +151,8 @@ def check_rules(rules: Collection[FirewallRule]) -> None:
 
 
 def check_handed_disks(uuid: str, disk_info: Collection[str]) -> None:
-    """Refuse a cold migration's hand-off that names any file but the moved instance's own.
-
-    The list travels in the Migration's status from the source: taken as is, a forged one would make
+    """Refuse a cold migration's hand-off that names any file but the moved instance's own: the list
+    travels in the Migration's status from the source, and taken as is, a forged one would make
     the target fetch any file the source's libvirtd can read (another tenant's disk, a host secret)
     into a guest. Only files directly in a folder named for the instance (instances/<uuid>/) pass.
     """
@@ -304,8 +303,9 @@ class ComputeDriver(abc.ABC):
         """Boot the instance normally again; an instance that is not in rescue is left as it is."""
 
     @abc.abstractmethod
-    def snapshot(self, uuid: str, image_name: str, progress: Callable[[int], None] | None = None) -> str:
-        """Copy the root disk into a new image in the store; returns its name."""
+    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
+        """Copy the root disk into a new image among ``image.namespace``'s own snapshots (never the public
+        tier, never a name either tier has already); returns its name."""
 
     # --- guest access ----------------------------------------------------------------------
 

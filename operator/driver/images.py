@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import pathlib
 
-from kubenova.driver.base import ImageNotFound, InvalidInstanceSpec
+from kubenova.driver.base import ImageNotFound, ImageRef, InvalidInstanceSpec
+
+#: The folder of the image store that holds each namespace's own snapshots (see ImageRef).
+SNAPSHOTS = "snapshots"
 
 
 class ImageStore:
@@ -22,6 +25,24 @@ class ImageStore:
         if (path.exists() or path.is_symlink()) and path.resolve().parent != self.root:
             raise InvalidInstanceSpec(field, f"{name!r} points outside the store {self.root}")
         return path
+
+    def snapshots(self, namespace: str) -> ImageStore:
+        """The namespace's own snapshots: ``<root>/snapshots/<namespace>``, inside the store."""
+        folder = ImageStore(self.path("metadata.namespace", SNAPSHOTS)).path("metadata.namespace", namespace)
+        return ImageStore(folder)
+
+    def find(self, field: str, image: ImageRef) -> str:
+        """The real path of an image: the namespace's own snapshot of that name, else the public one."""
+        if image.namespace:
+            own = self.snapshots(image.namespace).path(field, image.name)
+            if own.is_file():
+                return str(own.resolve())
+        return self.resolve(field, image.name)
+
+    def taken(self, field: str, image: ImageRef) -> bool:
+        """Whether a new snapshot of this name would shadow or replace an image either tier has."""
+        paths = (self.path(field, image.name), self.snapshots(image.namespace).path(field, image.name))
+        return any(p.exists() or p.is_symlink() for p in paths)
 
     def resolve(self, field: str, name: str) -> str:
         """The real path of an existing file in the store."""

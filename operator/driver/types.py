@@ -50,10 +50,17 @@ class KernelBoot:
 
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
-    """An image in the node's store, by name, with an optional ``sha256:<hex>`` checksum."""
+    """An image in the node's store, by name, with an optional ``sha256:<hex>`` checksum.
+
+    The store has two tiers: the public one (``<image store>/<name>``, put there by the node's
+    admin, read-only to kubenova) and each namespace's own snapshots
+    (``<image store>/snapshots/<namespace>/<name>``). With a ``namespace``, the name is looked up in
+    that namespace's snapshots first, then in the public tier; another namespace's are never seen.
+    """
 
     name: str
     checksum: str | None = None
+    namespace: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

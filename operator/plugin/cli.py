@@ -63,7 +63,9 @@ def parser() -> argparse.ArgumentParser:
     rescue.add_argument("name")
     rescue.add_argument("--image", help="rescue image in the node's image store [the spec's]")
     verbs.add_parser("unrescue", help="boot normally again").add_argument("name")
-    snapshot = verbs.add_parser("snapshot", help="save the root disk as an image in the node's image store")
+    snapshot = verbs.add_parser(
+        "snapshot", help="save the root disk as an image among the namespace's own snapshots on the node"
+    )
     snapshot.add_argument("name")
     snapshot.add_argument("image", help="file name of the new image")
     migrate = verbs.add_parser("migrate", help="move the instance to another node (a Migration object)")

@@ -300,14 +300,19 @@ def test_snapshot_makes_an_image_that_boots(env: Env) -> None:
     name = f"snap-{spec.uuid[:8]}.qcow2"
     progress: list[int] = []
     try:
-        assert env.driver.snapshot(spec.uuid, name, progress.append) == name
+        assert env.driver.snapshot(spec.uuid, ImageRef(name, namespace="ns"), progress.append) == name
         assert progress and progress[-1] == 100
         assert env.driver.get_info(spec.uuid).state is PowerState.RUNNING
-        clone = env.image_instance(image=name)
+        # Another namespace's instance cannot boot it: it is the snapshotting namespace's own.
+        stranger = dataclasses.replace(env.image_instance(), image=ImageRef(name, namespace="other"))
+        with pytest.raises(ImageNotFound):
+            env.driver.spawn(stranger)
+        assert not env.driver.instance_exists(stranger.uuid)
+        clone = dataclasses.replace(env.image_instance(), image=ImageRef(name, namespace="ns"))
         env.driver.spawn(clone)
         console_has(env, clone.uuid, guest.BOOT_MARKER)
     finally:
-        (env.probe.images / name).unlink(missing_ok=True)
+        (env.probe.images / "snapshots" / "ns" / name).unlink(missing_ok=True)
 
 
 # --- guest access ----------------------------------------------------------------------------

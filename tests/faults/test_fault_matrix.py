@@ -285,7 +285,7 @@ def _snapshot(run: Run) -> None:
 def _snapshotted(run: Run) -> None:
     ack = wait_action(run.custom, run.namespace, run.name, "snapshot", "s1", timeout=CONVERGE)
     assert ack["phase"] == "Succeeded", ack
-    image = run.ground.image_store / run.extra["image"]
+    image = run.ground.snapshots(run.namespace) / run.extra["image"]
     assert image.stat().st_size > 0
     image.unlink()  # the test made it: the test removes it
     ready_once(run, SINGLE)

@@ -242,13 +242,14 @@ def test_image_boot_with_disks_config_drive_rescue_and_snapshot(
     assert "hunter2" not in str(get(custom, namespace, "full")), "the password never shows in the object"
     assert "<mac address='52:54:00:aa:bb:01'/>" in domain(hypervisor, uid).XMLDesc()
 
-    # Snapshot: a new image in the node's image store.
+    # Snapshot: a new image among the namespace's own in the node's image store.
     image = f"snap-{namespace}.qcow2"
     patch_spec(custom, namespace, "full", {"actions": {"snapshot": {"id": "s1", "imageName": image}}})
     ack = wait_action(custom, namespace, "full", "snapshot", "s1", timeout=180)
     assert ack["phase"] == "Succeeded", ack
-    assert (ground.image_store / image).stat().st_size > 0
-    (ground.image_store / image).unlink()
+    assert (ground.snapshots(namespace) / image).stat().st_size > 0
+    assert not (ground.image_store / image).exists(), "the public tier is the node admin's"
+    (ground.snapshots(namespace) / image).unlink()
 
     # Rescue boots the rescue image with the original disk behind it; leaving it boots normally.
     patch_spec(custom, namespace, "full", {"rescue": {"enabled": True, "image": guest.RESCUE_IMAGE}})

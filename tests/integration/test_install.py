@@ -197,10 +197,11 @@ def test_controller_and_agent_run_the_lifecycle_with_their_own_tokens_through_th
         check_vnc(ground, plugin, custom, namespace)
         image = f"plugin-{namespace}.qcow2"
         assert (
-            f"image {image} is in the image store" in run([*plugin, "snapshot", "vm", image], ground).stdout
+            f"image {image} is among the namespace's snapshots in the image store"
+            in run([*plugin, "snapshot", "vm", image], ground).stdout
         )
-        assert (ground.image_store / image).is_file()
-        (ground.image_store / image).unlink()
+        assert (ground.snapshots(namespace) / image).is_file()
+        (ground.snapshots(namespace) / image).unlink()
         assert (
             run([*plugin, "rescue", "vm", "--image", guest.RESCUE_IMAGE], ground).stdout.strip()
             == "vm is Rescued"

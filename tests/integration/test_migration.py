@@ -483,7 +483,9 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
     name = f"long-{uuid.uuid4().hex[:8]}.".ljust(252, "x") + "z"
     assert (len(namespace), len(name)) == (63, 253)
     core.create_namespace({"metadata": {"name": namespace}})
-    snapshot = ground.image_store / (f"snap-{uuid.uuid4().hex}".ljust(247, "s") + ".qcow2")  # 253 as well
+    snapshot = ground.snapshots(namespace) / (
+        f"snap-{uuid.uuid4().hex}".ljust(247, "s") + ".qcow2"
+    )  # 253 too
     try:
         uid, source = running(
             ground, custom, namespace, vi(name, rootDisk={"sizeGiB": 1}, vnc={"enabled": True})

@@ -43,9 +43,10 @@ def test_a_spec_reaches_no_file_outside_the_stores(
     links = [
         ground.image_store / f"link-{namespace}",
         ground.volume_store() / namespace / f"link-{namespace}",
-        ground.image_store / f".snap-{namespace}.qcow2.partial",
+        ground.snapshots(namespace) / f".snap-{namespace}.qcow2.partial",
     ]
     (ground.volume_store() / namespace).mkdir(parents=True, exist_ok=True)
+    ground.snapshots(namespace).mkdir(parents=True, exist_ok=True)
     for link in links:
         link.symlink_to(outside)
     try:
@@ -115,7 +116,7 @@ def test_a_spec_reaches_no_file_outside_the_stores(
             {"actions": {"snapshot": {"id": "s", "imageName": f"snap-{namespace}.qcow2"}}},
         )
         assert wait_action(custom, namespace, "img", "snapshot", "s", timeout=180)["phase"] == "Succeeded"
-        (ground.image_store / f"snap-{namespace}.qcow2").unlink()
+        (ground.snapshots(namespace) / f"snap-{namespace}.qcow2").unlink()
         assert outside.read_bytes() == b"host secret\n", "no host file was written through a link"
     finally:
         for link in links:

@@ -33,7 +33,7 @@ from testground import ground as testground
 from testground import guest, libvirt_host
 from tests.helpers import eventually
 from tests.integration import service_accounts
-from tests.integration.test_agent import wait_ready
+from tests.integration.test_agent import patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, get, make
 
 OTHER = testground.node_name(1)
@@ -402,6 +402,64 @@ def test_two_namespaces_asking_for_the_same_volume_name_share_no_bytes(
         )
         for path, _ in written.values():
             path.unlink(missing_ok=True)
+
+
+def test_a_snapshot_boots_in_its_own_namespace_only(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+    namespace: str,
+    tenancy: Any,
+) -> None:
+    image = f"snap-{namespace}.qcow2"
+    body = make("img", boot={"image": {"name": guest.DISK_IMAGE}}, rootDisk={"sizeGiB": 1})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+    running(custom, namespace, "img")
+    patch_spec(custom, namespace, "img", {"actions": {"snapshot": {"id": "s", "imageName": image}}})
+    assert wait_action(custom, namespace, "img", "snapshot", "s", timeout=180)["phase"] == "Succeeded"
+    other_namespace = f"{namespace}-b"
+    core.create_namespace({"metadata": {"name": other_namespace}})
+    try:
+        # Another namespace names it: not found, as if it did not exist (it does not, for that namespace).
+        stranger = make("stranger", boot={"image": {"name": image}})
+        custom.create_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES, stranger)
+        failed = eventually(
+            lambda: (
+                (o := get(custom, other_namespace, "stranger"))
+                and o.get("status", {}).get("phase") == "Failed"
+                and o
+            ),
+            timeout=60,
+            what="the other namespace's instance to fail",
+        )
+        assert "spec.boot.image.name" in cond(failed, "Ready")["message"]
+        assert not (o := get(custom, other_namespace, "stranger")) or not domains(
+            ground, o["metadata"]["uid"]
+        )
+        # Its own namespace boots it.
+        mine = make("clone", boot={"image": {"name": image}})
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, mine)
+        running(custom, namespace, "clone")
+    finally:
+        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES)
+        eventually(
+            lambda: (
+                not custom.list_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES)[
+                    "items"
+                ]
+            ),
+            timeout=120,
+            what="the second namespace's VM gone",
+        )
+        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)
+        eventually(
+            lambda: (
+                not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)["items"]
+            ),
+            timeout=120,
+            what="the clone gone",
+        )
+        (ground.snapshots(namespace) / image).unlink(missing_ok=True)
 
 
 def console(ground: testground.Ground, uid: str, node: str) -> str:

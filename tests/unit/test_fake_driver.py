@@ -569,7 +569,7 @@ ONE_UUID_CALLS: list[Callable[[FakeDriver, str], object]] = [
     lambda d, u: d.resume(u),
     lambda d, u: d.rescue(u, ImageRef(RESCUE)),
     lambda d, u: d.unrescue(u),
-    lambda d, u: d.snapshot(u, "snap"),
+    lambda d, u: d.snapshot(u, ImageRef("snap", namespace="ns")),
     lambda d, u: d.get_console_output(u),
     lambda d, u: d.get_vnc_console(u),
     lambda d, u: d.set_admin_password(u, "pw"),
@@ -904,20 +904,23 @@ def test_snapshot_copies_the_root_disk_into_the_image_store(driver: FakeDriver) 
     s = image_spec()
     driver.spawn(s)
     reported: list[int] = []
-    assert driver.snapshot(s.uuid, "snap.img", reported.append) == "snap.img"
-    assert driver.read_image("snap.img") == IMAGE_DATA
+    assert driver.snapshot(s.uuid, ImageRef("snap.img", namespace="ns"), reported.append) == "snap.img"
+    assert driver.read_image("snapshots/ns/snap.img") == IMAGE_DATA
     assert reported and reported[-1] == 100
-    with pytest.raises(InvalidInstanceSpec) as err:
-        driver.snapshot(s.uuid, "snap.img")
-    assert err.value.field == "spec.actions.snapshot.imageName"
-    driver.spawn(image_spec("from-snapshot", image=ImageRef("snap.img")))
+    for taken in ("snap.img", IMAGE):  # its own, or a public one: neither is replaced nor shadowed
+        with pytest.raises(InvalidInstanceSpec) as err:
+            driver.snapshot(s.uuid, ImageRef(taken, namespace="ns"))
+        assert err.value.field == "spec.actions.snapshot.imageName"
+    driver.spawn(image_spec("from-snapshot", image=ImageRef("snap.img", namespace="ns")))
+    with pytest.raises(ImageNotFound):  # another namespace never sees it, nor does the public tier
+        driver.spawn(image_spec("elsewhere", image=ImageRef("snap.img", namespace="other")))
 
 
 def test_snapshot_of_a_kernel_boot_has_no_root_disk(driver: FakeDriver) -> None:
     s = spec()
     driver.spawn(s)
     with pytest.raises(Unsupported, match="no root disk"):
-        driver.snapshot(s.uuid, "snap.img")
+        driver.snapshot(s.uuid, ImageRef("snap.img", namespace="ns"))
 
 
 # --- networking --------------------------------------------------------------------------------------

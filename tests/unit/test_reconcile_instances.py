@@ -267,7 +267,7 @@ def test_each_action_id_is_acted_on_once(node: Node) -> None:
 
     body = node.change("vm", actions={"snapshot": {"id": "s1", "imageName": "snap.img"}})
     assert body["status"]["actions"]["snapshot"]["phase"] == "Succeeded"
-    assert node.driver.read_image("snap.img") == STORE["disk.img"]
+    assert node.driver.read_image("snapshots/ns/snap.img") == STORE["disk.img"]
     body = node.change("vm", actions={"snapshot": {"id": "s2", "imageName": "snap.img"}})
     snapshot = body["status"]["actions"]["snapshot"]
     assert snapshot["phase"] == "Failed" and "already exists" in snapshot["message"]

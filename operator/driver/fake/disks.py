@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Iterable, Mapping
 
-from kubenova.driver.base import BlockStats, InvalidInstanceSpec, VolumeSpec
+from kubenova.driver.base import BlockStats, ImageRef, InvalidInstanceSpec, VolumeSpec
 
 # The instance folder's files, named as the libvirt driver names them.
 ROOT, SWAP, CONFIG_DRIVE, RESCUE_DISK = "disk", "disk.swap", "disk.config", "disk.rescue"
@@ -108,6 +108,11 @@ def iso_size(files: Mapping[str, bytes]) -> int:
 def boot_disk_names(count: int, taken: Collection[str] = ()) -> list[str]:
     """vda, vdb, … in order, around the names attached volumes hold (as the libvirt driver names them)."""
     return [name for name in (f"vd{chr(ord('a') + i)}" for i in range(26)) if name not in taken][:count]
+
+
+def snapshot_key(image: ImageRef) -> str:
+    """Where a namespace's own snapshot lives in the fake's image store (the public tier: its name)."""
+    return f"snapshots/{image.namespace}/{image.name}"
 
 
 def store_key(volume: VolumeSpec) -> str:

@@ -37,7 +37,16 @@ from kubenova.driver.base import (
     VolumeNotFound,
     check_rules,
 )
-from kubenova.driver.fake.disks import CONSOLE_LOG, GIB, UNRESCUE, Disk, Image, bases_of, plain_name
+from kubenova.driver.fake.disks import (
+    CONSOLE_LOG,
+    GIB,
+    UNRESCUE,
+    Disk,
+    Image,
+    bases_of,
+    plain_name,
+    snapshot_key,
+)
 from kubenova.driver.fake.instance import ACTIVE, Instance
 
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
@@ -306,7 +315,8 @@ class FakeHost(ComputeDriver):
     def _checked_image(self, ref: ImageRef, field: str) -> Image:
         """An image from the store, checked like the libvirt driver's image cache checks it."""
         plain_name(field, ref.name)
-        image = self._images.get(ref.name)
+        image = self._images.get(snapshot_key(ref)) if ref.namespace else None
+        image = image or self._images.get(ref.name)
         if image is None:
             raise ImageNotFound(
                 field,

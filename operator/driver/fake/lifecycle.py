@@ -14,7 +14,17 @@ from kubenova.driver.base import (
     RebootType,
     Unsupported,
 )
-from kubenova.driver.fake.disks import GIB, MIB, RESCUE_DISK, ROOT, SWAP, Device, bases_of, plain_name
+from kubenova.driver.fake.disks import (
+    GIB,
+    MIB,
+    RESCUE_DISK,
+    ROOT,
+    SWAP,
+    Device,
+    bases_of,
+    plain_name,
+    snapshot_key,
+)
 from kubenova.driver.fake.instance import ACTIVE, changed_fields
 from kubenova.driver.fake.instances import FakeInstances
 
@@ -196,7 +206,7 @@ class FakeLifecycle(FakeInstances):
             inst.rescue = inst.rescued_since = None
             self._boot(inst, now)
 
-    def snapshot(self, uuid: str, image_name: str, progress: Callable[[int], None] | None = None) -> str:
+    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
         with self._lock:
             root = self._get(uuid).files.get(ROOT)
             if root is None:
@@ -204,13 +214,14 @@ class FakeLifecycle(FakeInstances):
                     "snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)"
                 )
             field = "spec.actions.snapshot.imageName"
-            plain_name(field, image_name)
-            if image_name in self._images:
-                raise InvalidInstanceSpec(field, f"image {image_name!r} already exists in the image store")
-            self.add_image(image_name, bytes(root.data))
+            plain_name(field, image.name)
+            plain_name("metadata.namespace", image.namespace)
+            if image.name in self._images or snapshot_key(image) in self._images:
+                raise InvalidInstanceSpec(field, f"image {image.name!r} already exists in the image store")
+            self.add_image(snapshot_key(image), bytes(root.data))
         if progress is not None:
             progress(100)
-        return image_name
+        return image.name
 
     # --- pollers ----------------------------------------------------------------------------------
 

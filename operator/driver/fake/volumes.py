@@ -39,7 +39,9 @@ class FakeVolumes(FakeInstances):
                     "spec.device.name", f"{device} is already in use on instance {uuid}"
                 )
             if volume.from_image:
-                overlay = self._overlay(ImageRef(volume.name), "spec.image.name", now)
+                overlay = self._overlay(
+                    ImageRef(volume.name, namespace=volume.namespace), "spec.image.name", now
+                )
                 disk = inst.files.setdefault(f"disk.vol.{volume.name}", overlay)
             else:
                 disk = self._store_volume(volume)

@@ -108,7 +108,7 @@ class ImageCache:
 
     def base(self, image: ImageRef, field: str) -> pathlib.Path:
         """The cached base for an image, verified against its checksum when one is given."""
-        source = self.store.resolve(field, image.name)
+        source = self.store.find(field, image)
         digest = self._sha256(source)
         if image.checksum and image.checksum != f"sha256:{digest}":
             raise ImageChecksumMismatch(

@@ -224,7 +224,7 @@ class Lifecycle(LibvirtCore):
         (folder / UNRESCUE).unlink()
         (folder / RESCUE_DISK).unlink(missing_ok=True)
 
-    def snapshot(self, uuid: str, image_name: str, progress: Callable[[int], None] | None = None) -> str:
+    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
         guest = self._guest(uuid)
         root = self._dir(uuid) / ROOT
         if not root.exists():
@@ -232,10 +232,12 @@ class Lifecycle(LibvirtCore):
                 "snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)"
             )
         field = "spec.actions.snapshot.imageName"
-        dest = self.images.path(field, image_name)
-        if dest.exists() or dest.is_symlink():
-            raise InvalidInstanceSpec(field, f"image {image_name!r} already exists in the image store")
-        tmp = dest.with_name(partial_name(image_name))
+        if self.images.taken(field, image):
+            raise InvalidInstanceSpec(field, f"image {image.name!r} already exists in the image store")
+        own = self.images.snapshots(image.namespace)
+        own.root.mkdir(parents=True, exist_ok=True)
+        dest = own.path(field, image.name)
+        tmp = dest.with_name(partial_name(image.name))
         tmp.unlink(
             missing_ok=True
         )  # an interrupted snapshot's, or a link someone left: never written through
@@ -251,7 +253,7 @@ class Lifecycle(LibvirtCore):
                 guest.resume("resume after snapshot")
         if progress:
             progress(100)
-        return image_name
+        return image.name
 
     def poll_rebooting_instances(self, timeout: float) -> list[str]:
         now = time.monotonic()

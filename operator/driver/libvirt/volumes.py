@@ -16,7 +16,7 @@ class Volumes(LibvirtCore):
         guest = self._guest(uuid)
         used = [d.target for d in guest.devices().disks]
         if volume.from_image:
-            base = self.cache.base(ImageRef(volume.name), "spec.image.name")
+            base = self.cache.base(ImageRef(volume.name, namespace=volume.namespace), "spec.image.name")
             path = self._dir(uuid) / bounded(f"{VOLUME}{volume.name}")
             if not path.exists():
                 self.cache.overlay(base, path)

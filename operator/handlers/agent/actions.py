@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova import faults
-from kubenova.driver.base import ComputeDriver, DriverError, InstanceNotRunning, RebootType
+from kubenova.driver.base import ComputeDriver, DriverError, ImageRef, InstanceNotRunning, RebootType
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
@@ -141,9 +141,9 @@ class ActionRunner:
         return f"rebooted ({request['type'].lower()})"
 
     def _snapshot(self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
-        name = request["imageName"]
-        if interrupted and (self.images.root / name).is_file():
-            return f"image {name} is in the image store"
+        name, namespace = request["imageName"], body["metadata"]["namespace"]
+        if interrupted and (self.images.snapshots(namespace).root / name).is_file():
+            return f"image {name} is among the namespace's snapshots in the image store"
         last = [0.0]
 
         def progress(percent: int) -> None:
@@ -158,9 +158,9 @@ class ActionRunner:
                     },
                 )
 
-        self.driver.snapshot(uid, name, progress)
+        self.driver.snapshot(uid, ImageRef(name, namespace=namespace), progress)
         faults.point("snapshot.written")
-        return f"image {name} is in the image store"
+        return f"image {name} is among the namespace's snapshots in the image store"
 
     def _password_reset(self, body: Mapping[str, Any], uid: str) -> str:
         spec = body.get("spec") or {}

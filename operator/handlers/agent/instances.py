@@ -282,7 +282,7 @@ class InstanceAgent:
         uid, driver = meta["uid"], self.driver
         rescue = spec.get("rescue") or {}
         if rescue.get("enabled"):
-            driver.rescue(uid, ImageRef(rescue["image"]))
+            driver.rescue(uid, ImageRef(rescue["image"], namespace=meta["namespace"]))
         else:
             driver.unrescue(uid)
         state = driver.get_info(uid).state

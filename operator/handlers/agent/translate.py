@@ -88,7 +88,7 @@ def instance_spec(
         )
         if kernel
         else None,
-        image=ImageRef(image["name"], image.get("checksum")) if image else None,
+        image=ImageRef(image["name"], image.get("checksum"), namespace) if image else None,
         root_gib=(spec.get("rootDisk") or {}).get("sizeGiB"),
         ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
         swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
