@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import logging
 import os
 import sys
@@ -146,6 +147,18 @@ def parser() -> argparse.ArgumentParser:
         help="a reboot still unfinished after this many seconds is finished hard [180]",
     )
     agent.add_argument(
+        "--default-network",
+        action="append",
+        default=None,
+        help="a libvirt network every namespace's instances may join; repeat for more [default]",
+    )
+    agent.add_argument(
+        "--namespace-networks",
+        type=_namespace_networks,
+        default=_env("KUBENOVA_NAMESPACE_NETWORKS", "{}"),
+        help='more networks per namespace, as JSON: {"team-a": ["lab"]} [$KUBENOVA_NAMESPACE_NETWORKS]',
+    )
+    agent.add_argument(
         "--rescue-timeout",
         type=float,
         default=0.0,
@@ -155,12 +168,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _namespace_networks(text: str) -> dict[str, tuple[str, ...]]:
+    """``{"namespace": ["network", ...]}``; anything else is refused at start, not guessed at."""
+    try:
+        found = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(found, dict) or not all(
+        isinstance(nets, list) and all(isinstance(n, str) for n in nets) for nets in found.values()
+    ):
+        raise argparse.ArgumentTypeError('expected {"namespace": ["network", ...]}')
+    return {str(ns): tuple(nets) for ns, nets in found.items()}
+
+
 def _agent(args: argparse.Namespace) -> int:
     from kubenova.driver.base import ComputeDriver
     from kubenova.driver.images import ImageStore
     from kubenova.handlers.agent import app as agent
     from kubenova.handlers.agent import node_reporter
     from kubenova.handlers.agent.instances import Settings
+    from kubenova.handlers.agent.translate import NetworkAllowList
 
     images = ImageStore(args.image_store)
     driver: ComputeDriver
@@ -181,6 +208,10 @@ def _agent(args: argparse.Namespace) -> int:
         restart_delay=args.restart_delay,
         rescue_timeout=args.rescue_timeout,
         reboot_timeout=args.reboot_timeout,
+        networks=NetworkAllowList(
+            tuple(args.default_network or ["default"]),
+            args.namespace_networks,
+        ),
     )
     host_ip = args.host_ip or node_reporter.host_ip()
     agent.run(

@@ -153,6 +153,10 @@ def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
             libvirt_host.peer_uri(address),
             "--metrics-address",
             f"127.0.0.1:{METRICS_PORT + index}",
+            "--default-network",  # the node's default network; samples name libvirt's "default"
+            libvirt_host.NETWORK,
+            "--default-network",
+            "default",
             *AGENT_TEST_SETTINGS,
         ],
         f"--node {node} --libvirt-uri",

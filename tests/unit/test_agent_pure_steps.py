@@ -6,11 +6,17 @@ import pathlib
 
 import pytest
 
-from kubenova.driver.base import PowerState
+from kubenova.driver.base import InvalidInstanceSpec, PowerState
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent.actions import Due, answer, due, started
 from kubenova.handlers.agent.power import PowerPlan, PowerStep, follow, phase, power_plan, readiness
-from kubenova.handlers.agent.translate import SecretValues, definition_digest, driver_spec, vnc_secret_name
+from kubenova.handlers.agent.translate import (
+    NetworkAllowList,
+    SecretValues,
+    definition_digest,
+    driver_spec,
+    vnc_secret_name,
+)
 
 S = PowerState
 P = PowerStep
@@ -88,10 +94,39 @@ def test_translation_takes_secret_values_and_digests_only_what_shapes_the_domain
         "userData": "x",
     }
     body = {"metadata": {"uid": "u", "namespace": "ns", "name": "vm"}, "spec": spec}
-    made = driver_spec(body, spec["flavor"], ImageStore(tmp_path), SecretValues("pw", "from-secret", "vnc"))
+    made = driver_spec(
+        body,
+        spec["flavor"],
+        ImageStore(tmp_path),
+        SecretValues("pw", "from-secret", "vnc"),
+        NetworkAllowList(),
+    )
     assert (made.admin_password, made.user_data, made.vnc_password) == ("pw", "from-secret", "vnc")
     assert made.boot is not None and made.boot.kernel == str(tmp_path / "vmlinuz")
     assert made.revision == definition_digest(spec, spec["flavor"])
     assert definition_digest({**spec, "powerState": "Stopped"}, spec["flavor"]) == made.revision
     assert definition_digest(spec, {"vcpus": 2, "memoryMiB": 64}) != made.revision
     assert vnc_secret_name("vm") == "vm-vnc" and len(vnc_secret_name("x" * 253)) == 253
+
+
+def test_an_instance_joins_only_networks_open_to_its_namespace(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    networks = NetworkAllowList(("default",), {"lab-team": ("lab",)})
+
+    def translated(namespace: str, *names: str) -> None:
+        spec = {
+            "flavor": {"vcpus": 1, "memoryMiB": 64},
+            "boot": {"kernel": {"image": "vmlinuz"}},
+            "interfaces": [{"name": f"eth{i}", "network": n} for i, n in enumerate(names)],
+        }
+        body = {"metadata": {"uid": "u", "namespace": namespace, "name": "vm"}, "spec": spec}
+        driver_spec(body, spec["flavor"], ImageStore(tmp_path), SecretValues(None, None, None), networks)
+
+    translated("anyone", "default")
+    translated("lab-team", "default", "lab")
+    with pytest.raises(InvalidInstanceSpec) as refused:
+        translated("anyone", "default", "lab")
+    assert refused.value.field == "spec.interfaces[1].network"
+    assert "'lab' is not open to namespace anyone" in str(refused.value) and "agent.networks" in str(
+        refused.value
+    )

@@ -322,9 +322,16 @@ def test_a_foreign_secret_in_the_vnc_secrets_place_is_a_conflict(node: Node) -> 
 
 
 def test_interfaces_in_status_carry_their_mac(node: Node) -> None:
-    node.create("vm", interfaces=[{"name": "eth0", "network": "kubenova-test"}])
+    node.create("vm", interfaces=[{"name": "eth0", "network": "default"}])
     (iface,) = node.get("vm")["status"]["interfaces"]
-    assert iface["name"] == "eth0" and iface["network"] == "kubenova-test" and iface["macAddress"]
+    assert iface["name"] == "eth0" and iface["network"] == "default" and iface["macAddress"]
+
+
+def test_a_network_not_open_to_the_namespace_fails_the_spec_naming_the_field(node: Node) -> None:
+    uid = node.create("vm", interfaces=[{"name": "eth0", "network": "host-bridge"}])
+    body = node.get("vm")
+    assert body["status"]["phase"] == "Failed" and not node.driver.instance_exists(uid)
+    assert "spec.interfaces[0].network" in condition(body, "Ready")["message"]
 
 
 def test_a_domain_removed_behind_the_agents_back_is_said_and_made_again(node: Node) -> None:

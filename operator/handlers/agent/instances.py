@@ -41,7 +41,7 @@ from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.migration_turns import bound_elsewhere, holds
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
-from kubenova.handlers.agent.translate import definition_digest, driver_spec, unsupported
+from kubenova.handlers.agent.translate import NetworkAllowList, definition_digest, driver_spec, unsupported
 from kubenova.handlers.agent.volumes import waiting_for
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
@@ -87,6 +87,7 @@ class Settings:
     rescue_timeout: float = 0.0  # 0: never warn
     reboot_timeout: float = 180.0
     max_backoff: float = 300.0
+    networks: NetworkAllowList = dataclasses.field(default_factory=NetworkAllowList)
 
 
 class InstanceAgent:
@@ -380,7 +381,8 @@ class InstanceAgent:
 
     def driver_spec(self, instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
         """The driver's view of an instance with this flavor, its secrets read from their Secrets first."""
-        return driver_spec(instance, flavor, self.images, self.secrets.for_instance(instance))
+        secrets = self.secrets.for_instance(instance)
+        return driver_spec(instance, flavor, self.images, secrets, self.settings.networks)
 
     # --- deletion -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import base64
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubenova import api
@@ -115,10 +115,40 @@ def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkAllowList:
+    """The libvirt networks a namespace's instances may join on this node: the node's default network
+    for every namespace, and what the cluster admin opened to each namespace besides.
+
+    Joining a network by name is reaching whatever else is on it (another tenant's VMs, a host
+    bridge): without a list, any spec could name any network the node has.
+    """
+
+    default: tuple[str, ...] = ("default",)
+    namespaces: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def check(self, namespace: str, interfaces: Sequence[Interface]) -> None:
+        """InvalidInstanceSpec naming the first interface on a network the namespace may not join."""
+        allowed = (*self.default, *self.namespaces.get(namespace, ()))
+        for index, interface in enumerate(interfaces):
+            if interface.network not in allowed:
+                raise InvalidInstanceSpec(
+                    f"spec.interfaces[{index}].network",
+                    f"network {interface.network!r} is not open to namespace {namespace} on this node "
+                    f"(open: {', '.join(allowed) or 'none'}); a cluster admin opens more with the "
+                    "chart value agent.networks",
+                )
+
+
 def driver_spec(
-    instance: Mapping[str, Any], flavor: Mapping[str, Any], images: ImageStore, secrets: SecretValues
+    instance: Mapping[str, Any],
+    flavor: Mapping[str, Any],
+    images: ImageStore,
+    secrets: SecretValues,
+    networks: NetworkAllowList,
 ) -> InstanceSpec:
-    """The driver's view of an instance with this flavor (its own or a resize's), with its Secrets' values.
+    """The driver's view of an instance with this flavor (its own or a resize's), with its Secrets' values,
+    refused unless its interfaces join only networks its namespace may join.
 
     The revision is the digest of the spec it was made from, so a later look can tell whether the
     definition still matches the spec without reading any Secret.
@@ -129,18 +159,17 @@ def driver_spec(
         "flavor": dict(flavor),
         **({"userData": secrets.user_data} if secrets.user_data is not None else {}),
     }
-    return dataclasses.replace(
-        instance_spec(
-            meta["uid"],
-            meta["namespace"],
-            meta["name"],
-            resolved,  # type: ignore[arg-type]
-            images,
-            secrets.admin_password,
-            secrets.vnc_password,
-        ),
-        revision=definition_digest(spec, flavor),
+    made = instance_spec(
+        meta["uid"],
+        meta["namespace"],
+        meta["name"],
+        resolved,  # type: ignore[arg-type]
+        images,
+        secrets.admin_password,
+        secrets.vnc_password,
     )
+    networks.check(meta["namespace"], made.interfaces)
+    return dataclasses.replace(made, revision=definition_digest(spec, flavor))
 
 
 def vnc_secret_name(instance: str) -> str:
