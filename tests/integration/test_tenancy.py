@@ -462,6 +462,23 @@ def test_a_snapshot_boots_in_its_own_namespace_only(
         (ground.snapshots(namespace) / image).unlink(missing_ok=True)
 
 
+def test_a_network_not_open_to_the_namespace_is_refused_naming_the_field(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str, tenancy: Any
+) -> None:
+    nics = [{"name": "eth0", "network": libvirt_host.NETWORK}, {"name": "eth1", "network": "host-bridge"}]
+    uid = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, VIRTUALINSTANCES, make("vm", interfaces=nics)
+    )["metadata"]["uid"]
+    failed = eventually(
+        lambda: (o := get(custom, namespace, "vm")) and o.get("status", {}).get("phase") == "Failed" and o,
+        timeout=60,
+        what="the instance to fail on its network",
+    )
+    message = cond(failed, "Ready")["message"]
+    assert "spec.interfaces[1].network" in message and "'host-bridge' is not open to namespace" in message
+    assert not domains(ground, uid)
+
+
 def console(ground: testground.Ground, uid: str, node: str) -> str:
     path = ground.console_log(uid, node)
     return path.read_text(errors="replace") if path.exists() else ""
