@@ -5,9 +5,8 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
-import kopf
 import kubernetes
 
 from kubenova import api, faults
@@ -21,6 +20,7 @@ from kubenova.handlers.shared import (
     VOLUMEATTACHMENTS,
     StatusWriter,
     condition,
+    post_event,
     set_condition,
     unless_changed,
 )
@@ -99,8 +99,10 @@ def place(
         # Guarded as well: a pass holding an old copy must not call an instance bound meanwhile unschedulable.
         written = StatusWriter(custom, VIRTUALINSTANCES).write(body, patch, guard=True)
         if written is not None and written is not body:
-            # kopf takes a plain mapping too; the figures of this moment go into the Event only.
-            kopf.warn(cast(kopf.Body, dict(body)), reason="Unschedulable", message=exc.detail)
+            # The figures of this moment go into the Event only. Placement also runs from the controller's
+            # own retry timer, outside kopf's handler context, where kopf's Event poster cannot run.
+            core = kubernetes.client.CoreV1Api(custom.api_client)
+            post_event(core, body, "Unschedulable", exc.detail, "kubenova-controller")
         return None
     finalizers = list(meta.get("finalizers") or [])
     faults.point("placement.chosen")
