@@ -32,6 +32,10 @@ NET = "kubenova-net"
 MAC = "kubenova-mac"
 MAC_EVERY = 10
 WROTE = "kubenova-wrote"
+#: "kubenova-spoofing eth0 <address>": the guest (kubenova.spoof=<address>) now sends with a MAC that is not
+#: its own, as a hostile guest would; "kubenova-spoofed eth0" once it has sent for a while.
+SPOOFING = "kubenova-spoofing"
+SPOOFED = "kubenova-spoofed"
 #: "kubenova-size cpus=N memtotal-kib=M": what the guest's kernel sees (a resize shows here).
 SIZE = "kubenova-size"
 KERNEL = "kubenova-test-vmlinuz"
@@ -62,9 +66,11 @@ done
 role=guest
 write_dev=
 write_pattern=
+spoof_mac=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     kubenova.role=rescue) role=rescue ;;
+    kubenova.spoof=*) spoof_mac=${{arg#kubenova.spoof=}} ;;
     kubenova.write=*:*)
       spec=${{arg#kubenova.write=}}
       write_dev=${{spec%%:*}}
@@ -73,6 +79,7 @@ for arg in $(cat /proc/cmdline); do
 done
 case "$write_dev" in ''|*[!a-z0-9]*) write_dev= ;; esac
 case "$write_pattern" in ''|*[!A-Za-z0-9-]*) write_dev= ;; esac
+case "$spoof_mac" in ''|*[!0-9a-f:]*) spoof_mac= ;; esac
 
 if [ "$role" = rescue ]; then
   echo "{RESCUE_MARKER} kernel=$(uname -r)"
@@ -108,7 +115,17 @@ if [ -e /sys/class/net/eth0 ]; then
   ip link set eth0 up
   ip addr add {GUEST_ADDRESS} dev eth0
   echo "{NET} eth0 up"
-  ping -c 5 -W 1 {PEER_ADDRESS} >/dev/null 2>&1 &
+  if [ -n "$spoof_mac" ]; then
+    ping -c 3 -W 1 {PEER_ADDRESS} >/dev/null 2>&1
+    ip link set eth0 down
+    ip link set eth0 address "$spoof_mac"
+    ip link set eth0 up
+    echo "{SPOOFING} eth0 $spoof_mac"
+    ping -c 5 -W 1 {PEER_ADDRESS} >/dev/null 2>&1
+    echo "{SPOOFED} eth0"
+  else
+    ping -c 5 -W 1 {PEER_ADDRESS} >/dev/null 2>&1 &
+  fi
 fi
 
 # Hot-plugged disks appear later (PCI hotplug, devtmpfs makes the node): poll every tick.
@@ -131,6 +148,13 @@ done
 
 _DEV = re.compile(r"[a-z0-9]+")
 _PATTERN = re.compile(r"[A-Za-z0-9-]+")
+
+
+def spoof_hook(mac: str) -> str:
+    """The cmdline argument that makes the guest change its eth0 MAC to ``mac`` and send with it."""
+    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
+        raise ValueError(f"kubenova.spoof needs a lower-case MAC address, not {mac!r}")
+    return f"kubenova.spoof={mac}"
 
 
 def write_hook(dev: str, pattern: str) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import subprocess
+import threading
 import uuid
 
 import kubernetes
@@ -13,7 +15,7 @@ import libvirt
 
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from testground import ground as testground
-from testground import guest, procs
+from testground import guest, libvirt_host, procs
 from tests.helpers import eventually, listeners, on_every_interface
 from tests.integration.test_agent import console_text, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, domain, get, make
@@ -242,3 +244,55 @@ def test_nothing_listens_on_all_interfaces(
     found = listeners(ours)
     assert not [line for line in found if on_every_interface(line)], f"listens on every interface: {found}"
     assert len(found) >= 3, f"expected the agent's metrics, libvirtd and a VNC server among:\n{found}"
+
+
+class BridgeWatch:
+    """The source MACs of every frame that reaches a bridge (a raw packet socket on it), while in use."""
+
+    def __init__(self, bridge: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+        self.sock.bind((bridge, 0))
+        self.sock.settimeout(0.2)
+        self.seen: set[str] = set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                frame = self.sock.recv(2048)
+            except TimeoutError:
+                continue
+            self.seen.add(":".join(f"{b:02x}" for b in frame[6:12]))
+
+    def __enter__(self) -> BridgeWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_a_guest_sending_with_a_mac_not_its_own_is_dropped(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
+) -> None:
+    """The guest changes its MAC and pings, as a guest impersonating another would: the instance's filter
+    drops those frames (and ARP naming that MAC) before the bridge; its own frames still arrive."""
+    spoofed = "52:54:00:de:ad:01"
+    body = make("spoofer", interfaces=[{"name": "eth0", "network": libvirt_host.NETWORK}])
+    body["spec"]["boot"]["kernel"]["cmdline"] += f" {guest.spoof_hook(spoofed)}"
+    with BridgeWatch(libvirt_host.bridge(ground.node)) as watch:
+        uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)[
+            "metadata"
+        ]["uid"]
+        eventually(
+            lambda: f"{guest.SPOOFED} eth0" in console_text(ground, uid),
+            timeout=120,
+            what="the guest to send with a spoofed MAC",
+        )
+    own = wait_ready(custom, namespace, "spoofer")["status"]["interfaces"][0]["macAddress"]
+    assert f"{guest.SPOOFING} eth0 {spoofed}" in console_text(ground, uid)
+    assert own in watch.seen, f"the guest's own frames reach the bridge (seen: {sorted(watch.seen)})"
+    assert spoofed not in watch.seen, "a frame from the spoofed MAC reached the bridge"

@@ -17,7 +17,7 @@ METADATA_NS = "https://kubenova.io/xmlns/instance/v1"
 ET.register_namespace("kubenova", METADATA_NS)
 
 
-def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+def sub_element(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
     element = ET.SubElement(parent, tag, attrs)
     if text is not None:
         element.text = text
@@ -38,19 +38,19 @@ class GuestDisk:
 
     def format_dom(self) -> ET.Element:
         disk = ET.Element("disk", type="file", device=self.device)
-        _sub(
+        sub_element(
             disk,
             "driver",
             name="qemu",
             type=self.driver_type,
             cache="none" if self.device == "disk" else "default",
         )
-        _sub(disk, "source", file=self.source)
-        _sub(disk, "target", dev=self.target, bus=self.bus)
+        sub_element(disk, "source", file=self.source)
+        sub_element(disk, "target", dev=self.target, bus=self.bus)
         if self.read_only:
-            _sub(disk, "readonly")
+            sub_element(disk, "readonly")
         if self.serial:
-            _sub(disk, "serial", self.serial)
+            sub_element(disk, "serial", self.serial)
         return disk
 
     def to_xml(self) -> str:
@@ -91,14 +91,14 @@ class GuestInterface:
 
     def format_dom(self) -> ET.Element:
         iface = ET.Element("interface", type="network")
-        _sub(iface, "source", network=self.network)
+        sub_element(iface, "source", network=self.network)
         if self.mac:
-            _sub(iface, "mac", address=self.mac)
-        _sub(iface, "model", type=self.model)
+            sub_element(iface, "mac", address=self.mac)
+        sub_element(iface, "model", type=self.model)
         if self.filter:
-            _sub(iface, "filterref", filter=self.filter)
+            sub_element(iface, "filterref", filter=self.filter)
         if self.name:
-            _sub(iface, "alias", name=f"{USER_ALIAS}{self.name}")
+            sub_element(iface, "alias", name=f"{USER_ALIAS}{self.name}")
         return iface
 
     @classmethod
@@ -129,7 +129,7 @@ class GuestGraphics:
         graphics = ET.Element(
             "graphics", type="vnc", autoport="yes", listen=self.listen, passwd=self.password
         )
-        _sub(graphics, "listen", type="address", address=self.listen)
+        sub_element(graphics, "listen", type="address", address=self.listen)
         return graphics
 
     @classmethod
@@ -167,10 +167,11 @@ class GuestConfig:
 
     def format_dom(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
-        _sub(dom, "name", self.name)
-        _sub(dom, "uuid", self.uuid)
-        _sub(dom, "title", f"{self.namespace}/{self.instance_name}")  # whole, where the name had to be cut
-        meta = _sub(dom, "metadata")
+        sub_element(dom, "name", self.name)
+        sub_element(dom, "uuid", self.uuid)
+        title = f"{self.namespace}/{self.instance_name}"  # whole, where the name had to be cut
+        sub_element(dom, "title", title)
+        meta = sub_element(dom, "metadata")
         instance = ET.SubElement(
             meta, f"{{{METADATA_NS}}}instance", namespace=self.namespace, name=self.instance_name
         )
@@ -178,35 +179,35 @@ class GuestConfig:
             instance.set("revision", self.revision)
         for file, digest in sorted(self.drive.items()):
             ET.SubElement(instance, f"{{{METADATA_NS}}}drive", file=file, digest=digest)
-        _sub(dom, "memory", str(self.memory_mib), unit="MiB")
-        _sub(dom, "vcpu", str(self.vcpus))
-        os_el = _sub(dom, "os")
-        _sub(os_el, "type", "hvm", arch="x86_64")
+        sub_element(dom, "memory", str(self.memory_mib), unit="MiB")
+        sub_element(dom, "vcpu", str(self.vcpus))
+        os_el = sub_element(dom, "os")
+        sub_element(os_el, "type", "hvm", arch="x86_64")
         if self.kernel:
-            _sub(os_el, "kernel", self.kernel)
+            sub_element(os_el, "kernel", self.kernel)
             if self.initrd:
-                _sub(os_el, "initrd", self.initrd)
-            _sub(os_el, "cmdline", self.cmdline or "")
+                sub_element(os_el, "initrd", self.initrd)
+            sub_element(os_el, "cmdline", self.cmdline or "")
         else:
-            _sub(os_el, "boot", dev="hd")
-        _sub(_sub(dom, "features"), "acpi")
+            sub_element(os_el, "boot", dev="hd")
+        sub_element(sub_element(dom, "features"), "acpi")
         # A named model keeps guests migratable between hosts of different CPUs.
-        cpu = _sub(dom, "cpu", mode="custom", match="exact")
-        _sub(cpu, "model", "qemu64", fallback="forbid")
-        _sub(dom, "on_poweroff", "destroy")
-        _sub(dom, "on_reboot", "restart")
-        _sub(dom, "on_crash", "destroy")
-        devices = _sub(dom, "devices")
+        cpu = sub_element(dom, "cpu", mode="custom", match="exact")
+        sub_element(cpu, "model", "qemu64", fallback="forbid")
+        sub_element(dom, "on_poweroff", "destroy")
+        sub_element(dom, "on_reboot", "restart")
+        sub_element(dom, "on_crash", "destroy")
+        devices = sub_element(dom, "devices")
         for disk in self.disks:
             devices.append(disk.format_dom())
         for iface in self.interfaces:
             devices.append(iface.format_dom())
-        serial = _sub(devices, "serial", type="file")
-        _sub(serial, "source", path=self.console_path, append="on")
-        _sub(serial, "target", port="0")
+        serial = sub_element(devices, "serial", type="file")
+        sub_element(serial, "source", path=self.console_path, append="on")
+        sub_element(serial, "target", port="0")
         if self.graphics:
             devices.append(self.graphics.format_dom())
-        _sub(devices, "memballoon", model="none")
+        sub_element(devices, "memballoon", model="none")
         return dom
 
     def to_xml(self) -> str:
@@ -317,30 +318,6 @@ def domain_name(namespace: str, name: str) -> str:
     return f"{full[: MAX_DOMAIN_NAME - len(digest) - 1]}-{digest}"
 
 
-def firewall_filter(name: str, uuid: str, rules: list[tuple[str, str, int | None, int | None]]) -> str:
-    """An nwfilter: out is open, in only what a rule allows and answers to the guest's own traffic.
-
-    ``rules`` are (protocol, cidr, port_min, port_max); the fixed ``uuid`` lets a redefinition
-    replace the filter in place.
-    """
-    root = ET.Element("filter", name=name, chain="root")
-    _sub(root, "uuid", uuid)
-    _sub(_sub(root, "rule", action="accept", direction="out", priority="100"), "all")
-    _sub(
-        _sub(root, "rule", action="accept", direction="in", priority="200"),
-        "all",
-        state="ESTABLISHED,RELATED",
-    )
-    for protocol, cidr, port_min, port_max in rules:
-        address, _, mask = cidr.partition("/")
-        attrs = {"srcipaddr": address, "srcipmask": mask or "32"}
-        if port_min is not None and protocol in ("tcp", "udp"):
-            attrs.update(dstportstart=str(port_min), dstportend=str(port_max or port_min))
-        _sub(_sub(root, "rule", action="accept", direction="in", priority="300"), protocol, **attrs)
-    _sub(_sub(root, "rule", action="drop", direction="in", priority="1000"), "all")
-    return ET.tostring(root, encoding="unicode")
-
-
 _TARGET = re.compile(r"^(vd|sd)([a-z])$")
 
 
@@ -357,7 +334,7 @@ def rescue_definition(original: str, rescue_disk: str) -> str:
     for tag in ("kernel", "initrd", "cmdline", "boot"):
         for el in os_el.findall(tag):
             os_el.remove(el)
-    _sub(os_el, "boot", dev="hd")
+    sub_element(os_el, "boot", dev="hd")
     devices = root.find("devices")
     if devices is None:
         raise DriverError("the domain definition has no <devices>")
@@ -387,13 +364,15 @@ class CPUConfig:
 
     def format_dom(self) -> ET.Element:
         cpu = ET.Element("cpu")
-        _sub(cpu, "arch", self.arch)
-        _sub(cpu, "model", self.model)
+        sub_element(cpu, "arch", self.arch)
+        sub_element(cpu, "model", self.model)
         if self.vendor:
-            _sub(cpu, "vendor", self.vendor)
-        _sub(cpu, "topology", sockets=str(self.sockets), cores=str(self.cores), threads=str(self.threads))
+            sub_element(cpu, "vendor", self.vendor)
+        sub_element(
+            cpu, "topology", sockets=str(self.sockets), cores=str(self.cores), threads=str(self.threads)
+        )
         for feature in self.features:
-            _sub(cpu, "feature", policy="require", name=feature)
+            sub_element(cpu, "feature", policy="require", name=feature)
         return cpu
 
     def to_xml(self) -> str:
@@ -433,8 +412,8 @@ class StoragePool:
 
     def format_dom(self) -> ET.Element:
         pool = ET.Element("pool", type="dir")
-        _sub(pool, "name", self.name)
-        _sub(_sub(pool, "target"), "path", self.path)
+        sub_element(pool, "name", self.name)
+        sub_element(sub_element(pool, "target"), "path", self.path)
         return pool
 
     def to_xml(self) -> str:

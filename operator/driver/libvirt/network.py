@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Collection
 
 import libvirt
 
 from kubenova.driver.base import FirewallRule, Interface, InvalidInstanceSpec, check_rules
-from kubenova.driver.libvirt.config import firewall_filter
+from kubenova.driver.libvirt.config import sub_element
 from kubenova.driver.libvirt.core import LibvirtCore, filter_name
 from kubenova.driver.libvirt.errors import translate
 
@@ -49,3 +50,43 @@ class Network(LibvirtCore):
             return  # no filter: nothing to remove
         with translate("undefine nwfilter", uuid):
             nwfilter.undefine()
+
+
+def firewall_filter(name: str, uuid: str, rules: list[tuple[str, str, int | None, int | None]]) -> str:
+    """An nwfilter: out is open but for spoofed MACs, in only what a rule allows and answers to the guest's
+    own traffic.
+
+    ``rules`` are (protocol, cidr, port_min, port_max); the fixed ``uuid`` lets a redefinition
+    replace the filter in place.
+    """
+    root = ET.Element("filter", name=name, chain="root")
+    sub_element(root, "uuid", uuid)
+    # The guest sends only with its own MAC, in frames and in ARP ($MAC: libvirt's, per interface).
+    sub_element(
+        sub_element(root, "rule", action="drop", direction="out", priority="-750"),
+        "mac",
+        match="no",
+        srcmacaddr="$MAC",
+    )
+    sub_element(
+        sub_element(root, "rule", action="drop", direction="out", priority="-740"),
+        "arp",
+        match="no",
+        arpsrcmacaddr="$MAC",
+    )
+    sub_element(sub_element(root, "rule", action="accept", direction="out", priority="100"), "all")
+    sub_element(
+        sub_element(root, "rule", action="accept", direction="in", priority="200"),
+        "all",
+        state="ESTABLISHED,RELATED",
+    )
+    for protocol, cidr, port_min, port_max in rules:
+        address, _, mask = cidr.partition("/")
+        attrs = {"srcipaddr": address, "srcipmask": mask or "32"}
+        if port_min is not None and protocol in ("tcp", "udp"):
+            attrs.update(dstportstart=str(port_min), dstportend=str(port_max or port_min))
+        sub_element(
+            sub_element(root, "rule", action="accept", direction="in", priority="300"), protocol, **attrs
+        )
+    sub_element(sub_element(root, "rule", action="drop", direction="in", priority="1000"), "all")
+    return ET.tostring(root, encoding="unicode")
