@@ -14,9 +14,8 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from testground import ground as testground
-from tests.helpers import REPORT, eventually
+from tests.helpers import REPORT, empty_namespace
 
 
 @pytest.fixture(scope="session")
@@ -56,20 +55,7 @@ def namespace(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.Custo
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
     yield name
-    for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES):
-        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, name, plural)
-
-    def left() -> list[str]:
-        return [
-            f"{o['kind']} {o['metadata']['name']}"
-            for plural in (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)
-            for o in custom.list_namespaced_custom_object(GROUP, VERSION, name, plural)["items"]
-        ]
-
-    try:
-        eventually(lambda: not left(), timeout=180)
-    except AssertionError:
-        raise AssertionError(f"after the test, namespace {name} still holds {left()}") from None
+    empty_namespace(custom, name)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 from Crypto.Cipher import DES
 
+from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+
 T = TypeVar("T")
 
 
@@ -87,3 +89,24 @@ def log_problems(text: str) -> list[str]:
 
 #: Figures a test wants in the run's summary (the number of generated inputs, soak figures).
 REPORT: list[str] = []
+
+
+def empty_namespace(custom: Any, namespace: str, timeout: float = 180) -> None:
+    """Delete kubenova's objects in ``namespace`` and wait until their finalizers let them go (their
+    domains and disks are gone then). The namespace itself stays: without kube-controller-manager it
+    would stay Terminating."""
+    plurals = (MIGRATIONS, VOLUMEATTACHMENTS, VIRTUALINSTANCES)
+    for plural in plurals:
+        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+
+    def left() -> list[str]:
+        return [
+            f"{o['kind']} {o['metadata']['name']}"
+            for plural in plurals
+            for o in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+        ]
+
+    try:
+        eventually(lambda: not left(), timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"namespace {namespace} still holds {left()}") from None

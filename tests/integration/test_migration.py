@@ -15,7 +15,7 @@ from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
 from testground import guest, libvirt_host
-from tests.helpers import eventually
+from tests.helpers import empty_namespace, eventually
 from tests.integration.test_agent import delete_and_wait, wait_action, wait_ready
 from tests.integration.test_virtualinstance import get, make
 
@@ -525,13 +525,5 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
         delete_and_wait(custom, namespace, name)
         assert not has_domain(ground, target, uid) and not ground.instance_dir(uid, target).exists()
     finally:
-        for plural in (MIGRATIONS, VIRTUALINSTANCES):
-            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-        eventually(
-            lambda: (
-                not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)["items"]
-            ),
-            timeout=120,
-            what="the long-named instance gone",
-        )
+        empty_namespace(custom, namespace)
         snapshot.unlink(missing_ok=True)

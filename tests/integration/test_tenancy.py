@@ -31,7 +31,7 @@ from kubenova.handlers.shared import (
 )
 from testground import ground as testground
 from testground import guest, libvirt_host
-from tests.helpers import eventually
+from tests.helpers import empty_namespace, eventually
 from tests.integration import service_accounts
 from tests.integration.test_agent import patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, get, make
@@ -107,6 +107,14 @@ def running(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: st
     """(uid, node) of the instance once it runs."""
     obj = wait_ready(custom, namespace, name, timeout=180)
     return obj["metadata"]["uid"], obj["metadata"]["labels"][NODE_LABEL]
+
+
+def started(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, body: dict[str, Any]
+) -> tuple[str, str]:
+    """Create the instance as the admin; (uid, node) once it runs."""
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+    return running(custom, namespace, body["metadata"]["name"])
 
 
 def elsewhere(ground: testground.Ground, node: str) -> str:
@@ -191,8 +199,7 @@ def test_a_namespace_user_can_run_a_vm_but_never_bind_move_or_unbind_it(
 def test_a_label_edit_forced_by_an_admin_still_runs_one_domain(
     ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str, tenancy: Any
 ) -> None:
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("vm"))
-    uid, node = running(custom, namespace, "vm")
+    uid, node = started(custom, namespace, make("vm"))
     other = elsewhere(ground, node)
     move = {"metadata": {"labels": {NODE_LABEL: other}}}
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "vm", move)
@@ -224,8 +231,7 @@ def test_a_node_writes_only_its_own_objects(
     namespace: str,
     tenancy: dict[str, pathlib.Path],
 ) -> None:
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("vm"))
-    uid, victim = running(custom, namespace, "vm")
+    uid, victim = started(custom, namespace, make("vm"))
     attacker = elsewhere(ground, victim)
     objects, secrets = as_node(tenancy[f"agent-{attacker}"])
     # Another node's ComputeNode: its migrationURI would redirect migrations.
@@ -326,8 +332,7 @@ def test_secrets_of_a_namespace_that_did_not_opt_in_are_not_read_and_the_fix_is_
 def test_a_live_migration_moves_an_instance_between_two_nodes_each_writing_only_its_own(
     ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str, user: str
 ) -> None:
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make("vm"))
-    uid, source = running(custom, namespace, "vm")
+    uid, source = started(custom, namespace, make("vm"))
     target = elsewhere(ground, source)
     migration = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -389,17 +394,7 @@ def test_two_namespaces_asking_for_the_same_volume_name_share_no_bytes(
             with open(path, "rb") as f:
                 assert f.read(len(pattern)) == pattern.encode(), path
     finally:
-        for plural in (VOLUMEATTACHMENTS, VIRTUALINSTANCES):
-            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, other_namespace, plural)
-        eventually(
-            lambda: (
-                not custom.list_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES)[
-                    "items"
-                ]
-            ),
-            timeout=120,
-            what="the second namespace's VM gone",
-        )
+        empty_namespace(custom, other_namespace)
         for path, _ in written.values():
             path.unlink(missing_ok=True)
 
@@ -413,8 +408,7 @@ def test_a_snapshot_boots_in_its_own_namespace_only(
 ) -> None:
     image = f"snap-{namespace}.qcow2"
     body = make("img", boot={"image": {"name": guest.DISK_IMAGE}}, rootDisk={"sizeGiB": 1})
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
-    running(custom, namespace, "img")
+    started(custom, namespace, body)
     patch_spec(custom, namespace, "img", {"actions": {"snapshot": {"id": "s", "imageName": image}}})
     assert wait_action(custom, namespace, "img", "snapshot", "s", timeout=180)["phase"] == "Succeeded"
     other_namespace = f"{namespace}-b"
@@ -433,32 +427,12 @@ def test_a_snapshot_boots_in_its_own_namespace_only(
             what="the other namespace's instance to fail",
         )
         assert "spec.boot.image.name" in cond(failed, "Ready")["message"]
-        assert not (o := get(custom, other_namespace, "stranger")) or not domains(
-            ground, o["metadata"]["uid"]
-        )
+        assert not domains(ground, failed["metadata"]["uid"])
         # Its own namespace boots it.
         mine = make("clone", boot={"image": {"name": image}})
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, mine)
-        running(custom, namespace, "clone")
+        started(custom, namespace, mine)
     finally:
-        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES)
-        eventually(
-            lambda: (
-                not custom.list_namespaced_custom_object(GROUP, VERSION, other_namespace, VIRTUALINSTANCES)[
-                    "items"
-                ]
-            ),
-            timeout=120,
-            what="the second namespace's VM gone",
-        )
-        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)
-        eventually(
-            lambda: (
-                not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES)["items"]
-            ),
-            timeout=120,
-            what="the clone gone",
-        )
+        empty_namespace(custom, other_namespace)
         (ground.snapshots(namespace) / image).unlink(missing_ok=True)
 
 
