@@ -26,10 +26,14 @@ class ImageStore:
             raise InvalidInstanceSpec(field, f"{name!r} points outside the store {self.root}")
         return path
 
+    def namespace(self, namespace: str) -> ImageStore:
+        """The namespace's own folder of this store, ``<root>/<namespace>``: never another's, never
+        outside the store (a folder that is a link out is refused like any file)."""
+        return ImageStore(self.path("metadata.namespace", namespace))
+
     def snapshots(self, namespace: str) -> ImageStore:
         """The namespace's own snapshots: ``<root>/snapshots/<namespace>``, inside the store."""
-        folder = ImageStore(self.path("metadata.namespace", SNAPSHOTS)).path("metadata.namespace", namespace)
-        return ImageStore(folder)
+        return ImageStore(self.path("metadata.namespace", SNAPSHOTS)).namespace(namespace)
 
     def find(self, field: str, image: ImageRef) -> str:
         """The real path of an image: the namespace's own snapshot of that name, else the public one."""

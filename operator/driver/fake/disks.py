@@ -115,15 +115,15 @@ def snapshot_key(image: ImageRef) -> str:
     return f"snapshots/{image.namespace}/{image.name}"
 
 
-def store_key(volume: VolumeSpec) -> str:
+def store_key(namespace: str, name: str) -> str:
     """Where a store volume lives: its namespace's folder of the store."""
-    return f"{volume.namespace}/{volume.name}"
+    return f"{namespace}/{name}"
 
 
 def store_volume_name(device: Device) -> str | None:
     """The volume store entry behind a device; None for the instance's own disks and image overlays."""
     source = device.source
-    return store_key(source) if source is not None and not source.from_image else None
+    return store_key(source.namespace, source.name) if source is not None and not source.from_image else None
 
 
 def block_stats_of(counters: BlockCounters) -> BlockStats:

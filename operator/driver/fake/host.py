@@ -46,6 +46,7 @@ from kubenova.driver.fake.disks import (
     bases_of,
     plain_name,
     snapshot_key,
+    store_key,
 )
 from kubenova.driver.fake.instance import ACTIVE, Instance
 
@@ -139,12 +140,12 @@ class FakeHost(ComputeDriver):
     def read_volume(self, namespace: str, name: str) -> bytes:
         """The bytes written at the start of a namespace's volume; the rest of it reads as zeros."""
         with self._lock:
-            return bytes(self._volume(f"{namespace}/{name}").data)
+            return bytes(self._volume(store_key(namespace, name)).data)
 
     def volume_size(self, namespace: str, name: str) -> int:
         """A namespace's volume's virtual size in bytes."""
         with self._lock:
-            return self._volume(f"{namespace}/{name}").size
+            return self._volume(store_key(namespace, name)).size
 
     def instance_files(self, uuid: str) -> list[str]:
         """The instance folder as the libvirt driver would have it, defined instance or not."""

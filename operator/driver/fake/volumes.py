@@ -45,7 +45,7 @@ class FakeVolumes(FakeInstances):
                 disk = inst.files.setdefault(f"disk.vol.{volume.name}", overlay)
             else:
                 disk = self._store_volume(volume)
-                self._volume_holders[store_key(volume)] = (uuid, device)
+                self._volume_holders[store_key(volume.namespace, volume.name)] = (uuid, device)
             inst.volumes[device] = Device(disk, read_only=volume.read_only, source=volume)
             self._guest_writes(inst, now)
             return device
@@ -64,7 +64,7 @@ class FakeVolumes(FakeInstances):
     def _store_volume(self, volume: VolumeSpec) -> Disk:
         plain_name("spec.volume.name", volume.name)
         plain_name("metadata.namespace", volume.namespace)
-        key = store_key(volume)
+        key = store_key(volume.namespace, volume.name)
         holder = self._volume_holders.get(key)
         if holder is not None:
             raise DriverError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from kubenova.driver.base import DriverError, ImageRef, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
-from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.config import GuestDisk
 from kubenova.driver.libvirt.core import LibvirtCore
 from kubenova.driver.libvirt.disks import VOLUME, bounded, next_target
@@ -22,7 +21,7 @@ class Volumes(LibvirtCore):
                 self.cache.overlay(base, path)
             fmt = "qcow2"
         else:
-            store = self._namespace_volumes(volume.namespace)
+            store = self.volumes.namespace(volume.namespace)
             path = store.path("spec.volume.name", volume.name)
             if not path.exists():
                 if not volume.size_gib:
@@ -52,11 +51,6 @@ class Volumes(LibvirtCore):
         )
         guest.attach_disk(disk)
         return target
-
-    def _namespace_volumes(self, namespace: str) -> ImageStore:
-        """The namespace's own folder of the volume store; never another's, never outside the store."""
-        folder = self.volumes.path("metadata.namespace", namespace)
-        return ImageStore(folder)
 
     def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
         """Drop the disk from the persistent definition, then ask the running guest to release it.
