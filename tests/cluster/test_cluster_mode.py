@@ -20,6 +20,7 @@ from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINS
 from testground import cluster, kube, procs
 from testground import ground as testground
 from tests.helpers import REPORT, eventually, listeners, on_every_interface
+from tests.integration import service_accounts
 from tests.integration.test_agent import boots, delete_and_wait, ticks, wait_ready
 from tests.integration.test_install import expected_rows, kubenova_rows
 from tests.integration.test_virtualinstance import domain, make
@@ -204,17 +205,9 @@ def the_built_in_roles_carry_kubenovas_by_aggregation(
     """kube-controller-manager aggregates kubenova-view/-edit/-admin into view, edit and admin: a user
     holding only a built-in role gets exactly the rows of deploy/rbac/user-<role>.txt (the default test
     ground, without kube-controller-manager, binds them by hand)."""
-    rbac = kubernetes.client.RbacAuthorizationV1Api(core.api_client)
     for role in ("view", "edit", "admin"):
         user = f"{role}-user"
-        rbac.create_namespaced_role_binding(
-            namespace,
-            {
-                "metadata": {"name": user},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-                "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
-            },
-        )
+        service_accounts.bind_user(core.api_client, namespace, user, role)  # the built-in role alone
 
         def listed(user: str = user) -> str:
             return subprocess.run(

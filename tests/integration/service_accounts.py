@@ -161,17 +161,17 @@ AGGREGATED = {
 def grant(api_client: kubernetes.client.ApiClient, namespace: str, user: str, role: str) -> None:
     """Give ``user`` the built-in ``role`` in ``namespace``, with kubenova's part of it bound as
     aggregation would add it."""
-    rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
     for cluster_role in (role, *AGGREGATED[role]):
-        rbac.create_namespaced_role_binding(
-            namespace,
-            {
-                "metadata": {"name": f"{user}-{cluster_role}"},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": cluster_role,
-                },
-                "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
-            },
-        )
+        bind_user(api_client, namespace, user, cluster_role)
+
+
+def bind_user(api_client: kubernetes.client.ApiClient, namespace: str, user: str, cluster_role: str) -> None:
+    """A RoleBinding named <user>-<cluster role> giving ``user`` the ClusterRole in ``namespace``."""
+    kubernetes.client.RbacAuthorizationV1Api(api_client).create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": f"{user}-{cluster_role}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+            "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+        },
+    )
