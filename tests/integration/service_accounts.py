@@ -15,9 +15,10 @@ from collections.abc import Iterator, Sequence
 import kubernetes
 import yaml
 
-from kubenova.handlers.shared import LEASE_NAMESPACE
+from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE
 from testground import ground as testground
 from testground import kube, procs
+from tests.helpers import eventually
 
 CHART = kube.REPO / "charts" / "kubenova"
 RELEASE = "kubenova"
@@ -111,6 +112,9 @@ def opt_in(api_client: kubernetes.client.ApiClient, namespace: str) -> None:
             "subjects": [{"kind": "ServiceAccount", "name": "kubenova-agent", "namespace": LEASE_NAMESPACE}],
         },
     )
+    allowed(
+        api_client, f"system:serviceaccount:{LEASE_NAMESPACE}:kubenova-agent", namespace, "create", "secrets"
+    )
 
 
 @contextlib.contextmanager
@@ -163,6 +167,37 @@ def grant(api_client: kubernetes.client.ApiClient, namespace: str, user: str, ro
     aggregation would add it."""
     for cluster_role in (role, *AGGREGATED[role]):
         bind_user(api_client, namespace, user, cluster_role)
+    allowed(api_client, user, namespace, "get", "virtualinstances", GROUP)
+
+
+def allowed(
+    api_client: kubernetes.client.ApiClient,
+    user: str,
+    namespace: str,
+    verb: str,
+    resource: str,
+    group: str = "",
+) -> None:
+    """Wait until ``user`` may ``verb`` ``resource`` in ``namespace``. The apiserver's RBAC authorizer
+    reads bindings from a cache: until it has seen a new one, requests are still refused, and a test
+    would see RBAC's refusal instead of the one it plays."""
+    review = {
+        "spec": {
+            "user": user,
+            "resourceAttributes": {
+                "namespace": namespace,
+                "verb": verb,
+                "resource": resource,
+                "group": group,
+            },
+        }
+    }
+    authorization = kubernetes.client.AuthorizationV1Api(api_client)
+    eventually(
+        lambda: authorization.create_subject_access_review(review).status.allowed,
+        timeout=30,
+        what=f"{user} to be allowed to {verb} {resource} in {namespace}",
+    )
 
 
 def bind_user(api_client: kubernetes.client.ApiClient, namespace: str, user: str, cluster_role: str) -> None:
