@@ -105,6 +105,7 @@ def _virsh(bench: Bench, index: int) -> dict[str, float]:
                 "--p2p",
                 "--persistent",
                 "--undefinesource",
+                "--tls",  # as kubenova's own: the hosts force TLS on the migration stream
                 spec.uuid,
                 libvirt_host.peer_uri(testground.node_address(NODES[1])),
                 f"tcp://{testground.node_address(NODES[1])}",

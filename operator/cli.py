@@ -100,6 +100,20 @@ def parser() -> argparse.ArgumentParser:
         "[$KUBENOVA_MIGRATION_URI, qemu+tls://<host-ip>/system]",
     )
     agent.add_argument(
+        "--migration-pki-dir",
+        default=_env("KUBENOVA_MIGRATION_PKI_DIR"),
+        help="folder of this agent's libvirt client certificates (cacert.pem, clientcert.pem, clientkey.pem) "
+        "for fetching a cold migration's disks over qemu+tls [$KUBENOVA_MIGRATION_PKI_DIR, libvirt's "
+        "defaults: /etc/pki/CA, /etc/pki/libvirt]",
+    )
+    agent.add_argument(
+        "--insecure-migration",
+        action="store_true",
+        default=_env("KUBENOVA_INSECURE_MIGRATION") == "true",
+        help="test setups only: migrate to and from plain qemu+tcp peers, QEMU's stream without TLS "
+        "[$KUBENOVA_INSECURE_MIGRATION=true]",
+    )
+    agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
         help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]",
@@ -199,9 +213,15 @@ def _agent(args: argparse.Namespace) -> int:
         driver = FakeDriver(args.node, images={f.name: f.read_bytes() for f in files if f.is_file()})
     else:
         from kubenova.driver.libvirt.driver import LibvirtDriver
+        from kubenova.driver.libvirt.transport import MigrationTransport
 
         driver = LibvirtDriver(
-            args.libvirt_uri, args.domain_type, args.instances_dir, images, args.volume_store
+            args.libvirt_uri,
+            args.domain_type,
+            args.instances_dir,
+            images,
+            args.volume_store,
+            MigrationTransport(args.migration_pki_dir, args.insecure_migration),
         )
     settings = Settings(
         soft_reboot_timeout=args.soft_reboot_timeout,

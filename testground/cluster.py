@@ -281,8 +281,28 @@ def values(layout: Layout, node: str, image_store: pathlib.Path) -> dict[str, An
             "instancesDir": str(node_dir / "instances"),
             "volumeStore": str(node_dir / "volumes"),
             "migrationURI": libvirt_host.peer_uri("{host}"),
+            "migrationTLS": {"secretName": MIGRATION_SECRET},
         }
     }
+
+
+#: The node's migration certificate (testground.pki), as the chart's agent.migrationTLS.secretName.
+MIGRATION_SECRET = "kubenova-migration-tls"
+
+
+def migration_secret(layout: Layout, node: str) -> str:
+    """The Secret of the node's libvirt client certificate, as cert-manager would write it."""
+    folder = libvirt_host.client_pki(layout, node)
+    files = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": MIGRATION_SECRET, "namespace": LEASE_NAMESPACE},
+            "stringData": {key: (folder / name).read_text() for key, name in files.items()},
+        }
+    )
 
 
 def helm_install(

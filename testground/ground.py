@@ -151,6 +151,8 @@ def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
             address,
             "--migration-uri",
             libvirt_host.peer_uri(address),
+            "--migration-pki-dir",
+            str(libvirt_host.client_pki(ground.layout, node)),
             "--metrics-address",
             f"127.0.0.1:{METRICS_PORT + index}",
             "--default-network",  # the node's default network; samples name libvirt's "default"
@@ -283,6 +285,13 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
     cluster_images.ensure_kubenova_image(ground.layout, image_ref())
     if install:
+        procs.run(
+            [ground.kubectl, "apply", "-f", "-"],
+            "storing the node's migration certificate",
+            "",
+            env=ground.env(),
+            input=cluster_mode.migration_secret(ground.layout, ground.node),
+        )
         cluster_mode.helm_install(
             ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store
         )

@@ -4,7 +4,7 @@
 # for libvirt, then starts its virtlogd and libvirtd. The host's real libvirt
 # directories are never touched; everything lives under $1. With a second argument
 # (a host name, set in its own UTS namespace; "-" keeps the name) it also listens on
-# TCP, as libvirtd.conf says: a migration peer.
+# TLS, as libvirtd.conf says: a migration peer, with its own /etc/pki (testground.pki).
 set -euo pipefail
 host=$1
 peer=${2:-}
@@ -14,6 +14,10 @@ for pair in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/ca
   mkdir -p "${pair#*:}"
   mount --bind "$host/${pair%%:*}" "${pair#*:}"
 done
+if [ -d "$host/pki" ]; then
+  mkdir -p /etc/pki
+  mount --bind "$host/pki" /etc/pki
+fi
 virtlogd --daemon --pid-file="$host/virtlogd.pid"
 if [ -n "$peer" ]; then
   [ "$peer" = "-" ] || hostname "$peer"

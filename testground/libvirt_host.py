@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 
-from testground import procs
+from testground import pki, procs
 from testground.procs import Layout, TestGroundError
 
 SCRIPT = pathlib.Path(__file__).with_name("libvirt-host.sh")
@@ -47,8 +47,9 @@ def netns(node: str) -> str:
 
 
 def peer_uri(address: str) -> str:
-    """How one libvirtd reaches another for a peer-to-peer migration."""
-    return f"qemu+tcp://{address}/system"
+    """How one libvirtd reaches another for a peer-to-peer migration: TLS, with the test ground's
+    certificates (testground.pki)."""
+    return f"qemu+tls://{address}/system"
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -68,13 +69,18 @@ def ensure_bridge() -> None:
         _ip("link", "set", PEER_BRIDGE, "up")
 
 
+def peer_link(node: str) -> str:
+    """The outside end of the node's veth on the peer bridge: every packet of its migrations passes it."""
+    return f"kv-{node}"[:15]
+
+
 def _plumb(node: str, address: str) -> None:
     """A network namespace for the node, joined to the peer bridge by a veth pair."""
     ensure_bridge()
     subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True)
-    subprocess.run(["ip", "link", "del", f"kv-{node}"[:15]], capture_output=True)
+    subprocess.run(["ip", "link", "del", peer_link(node)], capture_output=True)
     procs.run(["ip", "netns", "add", netns(node)], "creating a network namespace", "run as root")
-    outside, inside = f"kv-{node}"[:15], f"kvi-{node}"[:15]
+    outside, inside = peer_link(node), f"kvi-{node}"[:15]
     _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
     _ip("link", "set", outside, "master", PEER_BRIDGE, "up")
     _ip("link", "set", inside, "netns", netns(node))
@@ -89,6 +95,12 @@ def bridge(node: str) -> str:
 
 def host_dir(layout: Layout, node: str) -> pathlib.Path:
     return layout.state / "nodes" / node / "libvirt"
+
+
+def client_pki(layout: Layout, node: str) -> pathlib.Path:
+    """The client certificates a process beside this host uses to reach another host's libvirtd over TLS
+    (the agent's --migration-pki-dir)."""
+    return pki.client_dir(host_dir(layout, node))
 
 
 def uri(layout: Layout, node: str) -> str:
@@ -112,7 +124,7 @@ def _responds(layout: Layout, node: str) -> bool:
 def start(layout: Layout, node: str, address: str | None = None) -> str:
     """Start (or find running) the libvirtd of `node` and return its URI.
 
-    With an ``address`` the host listens there on TCP, so libvirtd and QEMU can migrate guests
+    With an ``address`` the host listens there with TLS, so libvirtd and QEMU can migrate guests
     to and from it; every address but the bridge's own gets a network namespace of its own.
     """
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
@@ -142,10 +154,16 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
     )
     argv = ["unshare", "--mount", "--propagation", "private", "bash", str(SCRIPT), str(host)]
     if address:
-        # Test only: no TLS, no auth, on a test-only address (a veth of its own, or the bridge's).
-        conf += f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\nlisten_addr = "{address}"\n'
+        # TLS as in production (the control channel and, forced, QEMU's migration stream), on a
+        # test-only address (a veth of its own, or the bridge's); libvirt-host.sh mounts host/pki at
+        # /etc/pki, where both look for their certificates.
+        pki.issue(layout, node, address, host)
+        conf += f'listen_tcp = 0\nlisten_tls = 1\nlisten_addr = "{address}"\n'
         (host / "etc" / "qemu.conf").write_text(
-            QEMU_CONF + f'migration_address = "{address}"\nmigration_host = "{address}"\n'
+            QEMU_CONF
+            + f'migration_address = "{address}"\nmigration_host = "{address}"\n'
+            + 'migrate_tls_x509_cert_dir = "/etc/pki/qemu"\n'
+            + "migrate_tls_x509_verify = 1\nmigrate_tls_force = 1\n"
         )
         if address == BRIDGE_ADDRESS:
             ensure_bridge()
@@ -179,7 +197,7 @@ def revive_daemon(layout: Layout, node: str) -> None:
     keeper = _pid(host / "virtlogd.pid")
     if keeper is None:
         raise TestGroundError(f"virtlogd of {node} is gone too; stop() and start() the host instead")
-    listen = ["--listen"] if "listen_tcp = 1" in (host / "etc" / "libvirtd.conf").read_text() else []
+    listen = ["--listen"] if "listen_tls = 1" in (host / "etc" / "libvirtd.conf").read_text() else []
     procs.run(
         [
             "nsenter",
@@ -254,7 +272,7 @@ def stop(layout: Layout, node: str) -> bool:
     (host / "mnt-ns").unlink()
     _forget_bridge(node)
     if subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True).returncode == 0:
-        subprocess.run(["ip", "link", "del", f"kv-{node}"[:15]], capture_output=True)
+        subprocess.run(["ip", "link", "del", peer_link(node)], capture_output=True)
     for stale in ("libvirtd.pid", "virtlogd.pid"):
         (host / stale).unlink(missing_ok=True)
     return bool(victims)

@@ -25,6 +25,7 @@ from kubenova.driver.base import ComputeDriver, FirewallRule, ImageRef, Instance
 from kubenova.driver.fake import FakeDriver
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
+from kubenova.driver.libvirt.transport import MigrationTransport
 from testground import ground as testground
 from testground import guest, libvirt_host
 from tests.helpers import vnc_auth
@@ -199,7 +200,12 @@ def libvirt_peers(ground: testground.Ground) -> Iterator[tuple[Peer, Peer]]:
         root = ground.layout.state / "nodes" / node / "conformance"
         shutil.rmtree(root, ignore_errors=True)
         driver = LibvirtDriver(
-            local, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes"
+            local,
+            "qemu",
+            root / "instances",
+            ImageStore(ground.image_store),
+            root / "volumes",
+            MigrationTransport(libvirt_host.client_pki(ground.layout, node)),
         )
         driver.init_host(node)
         node_ground = dataclasses.replace(ground, node=node, libvirt_uri=local)

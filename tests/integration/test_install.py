@@ -62,15 +62,32 @@ def test_invalid_values_fail_on_the_schema_with_the_field_named(helm: str, groun
             setting
         )
         assert field in proc.stderr, proc.stderr
-    proc = run([helm, *TEMPLATE, "--set", "agent.libvirt.mode=sidecar"], ground, check=False)
-    assert proc.returncode != 0 and "set agent.libvirt.sidecar.image" in proc.stderr
+    for settings, fix in (
+        (["agent.libvirt.mode=sidecar"], "set agent.libvirt.sidecar.image"),
+        (
+            ["agent.libvirt.mode=sidecar", "agent.libvirt.sidecar.image=x"],
+            "set agent.migrationTLS.secretName",
+        ),
+        (
+            ["agent.migrationTLS.certManager.issuerRef.name=ca"],
+            "cert-manager (cert-manager.io/v1) is not installed",
+        ),
+        (["agent.migrationTLS.insecure=yes"], "insecure"),
+    ):
+        proc = run([helm, *TEMPLATE, *(f"--set={s}" for s in settings)], ground, check=False)
+        assert proc.returncode != 0 and fix in proc.stderr, proc.stderr
 
 
 def test_every_manifest_is_accepted_by_the_apiserver(helm: str, ground: testground.Ground) -> None:
     run([ground.kubectl, "apply", "--dry-run=server", "-k", str(REPO / "deploy")], ground)
     for values in (
         [],
-        ["--set", "agent.libvirt.mode=sidecar", "--set", "agent.libvirt.sidecar.image=libvirtd:x"],
+        [
+            "--set=agent.libvirt.mode=sidecar",
+            "--set=agent.libvirt.sidecar.image=libvirtd:x",
+            "--set=agent.migrationTLS.secretName=kubenova-migration-tls",
+        ],
+        ["--set=agent.migrationTLS.insecure=true"],
     ):
         rendered = run([helm, *TEMPLATE, "--namespace", LEASE_NAMESPACE, *values], ground).stdout
         proc = subprocess.run(
@@ -81,6 +98,36 @@ def test_every_manifest_is_accepted_by_the_apiserver(helm: str, ground: testgrou
             env=ground.env(),
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_with_cert_manager_the_chart_asks_for_the_migration_certificate(
+    helm: str, ground: testground.Ground
+) -> None:
+    """One certificate, server and client, for the names and addresses given; the agents mount its Secret."""
+    rendered = run(
+        [
+            helm,
+            *TEMPLATE,
+            "--set=agent.migrationTLS.secretName=kubenova-migration-tls",
+            "--set=agent.migrationTLS.certManager.issuerRef.name=kubenova-ca",
+            "--set=agent.migrationTLS.certManager.issuerRef.kind=ClusterIssuer",
+            "--set=agent.migrationTLS.certManager.ipAddresses={10.0.0.1,10.0.0.2}",
+            "--api-versions=cert-manager.io/v1",
+        ],
+        ground,
+    ).stdout
+    documents = [d for d in yaml.safe_load_all(rendered) if d]
+    (certificate,) = (d for d in documents if d["kind"] == "Certificate")
+    assert certificate["spec"]["secretName"] == "kubenova-migration-tls"
+    assert certificate["spec"]["issuerRef"] == {"name": "kubenova-ca", "kind": "ClusterIssuer"}
+    assert certificate["spec"]["ipAddresses"] == ["10.0.0.1", "10.0.0.2"]
+    assert {"server auth", "client auth"} <= set(certificate["spec"]["usages"])
+    (agent,) = (d for d in documents if d["kind"] == "DaemonSet")
+    pod = agent["spec"]["template"]["spec"]
+    assert {"name": "migration-pki", "mountPath": "/etc/kubenova/migration-pki", "readOnly": True} in pod[
+        "containers"
+    ][0]["volumeMounts"]
+    assert "--migration-pki-dir=/etc/kubenova/migration-pki" in pod["containers"][0]["args"]
 
 
 @pytest.fixture(scope="module")

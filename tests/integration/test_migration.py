@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
+import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -193,6 +197,89 @@ def test_live_migration_moves_a_running_guest_without_restarting_it(
     assert get(custom, namespace, "live")["status"]["interfaces"][0]["macAddress"] == mac
     delete_and_wait(custom, namespace, "live")
     assert not has_domain(ground, target, uid)
+
+
+class FlowWatch:
+    """The first payload bytes of each TCP connection through a link (a raw packet socket on it), as an
+    eavesdropper on the migration network sees them."""
+
+    def __init__(self, link: str) -> None:
+        # ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol.
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((link, 0))
+        self.sock.settimeout(0.2)
+        #: (source, source port, destination, destination port) -> the first payload bytes
+        self.first: dict[tuple[str, int, str, int], bytes] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                frame = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            ip = frame[14:]
+            if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] != socket.IPPROTO_TCP:
+                continue
+            tcp = ip[(ip[0] & 0x0F) * 4 :]
+            payload = tcp[(tcp[12] >> 4) * 4 :]
+            sport, dport = struct.unpack("!HH", tcp[:4])
+            key = (socket.inet_ntoa(ip[12:16]), sport, socket.inet_ntoa(ip[16:20]), dport)
+            if payload and key not in self.first:
+                self.first[key] = payload[:8]
+
+    def __enter__(self) -> FlowWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+#: libvirtd's TLS port, and the ports QEMU's migration stream and its NBD disk copy use.
+LIBVIRT_TLS_PORT, QEMU_PORTS = 16514, range(49152, 49216)
+
+
+def test_migration_is_encrypted_and_the_hosts_refuse_it_in_clear(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    """An eavesdropper on the migration network sees only TLS: libvirt's control channel (qemu+tls) and
+    QEMU's stream of memory and disks (VIR_MIGRATE_TLS) each begin with a TLS handshake. The hosts force
+    it: a migration asked for without TLS is refused, and no host listens for plain qemu+tcp."""
+    uid, source = running(ground, custom, namespace, vi("sealed"))
+    target = other(source)
+    address = testground.node_address(target)
+    plain = subprocess.run(
+        ["virsh", "-c", libvirt_host.uri(ground.layout, source), "migrate", "--live", "--p2p", "--persistent",
+         "--undefinesource", uid, libvirt_host.peer_uri(address), f"tcp://{address}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
+    assert has_domain(ground, source, uid), "the refused migration left the guest where it was"
+    clear = subprocess.run(["virsh", "-c", f"qemu+tcp://{address}/system", "version"], capture_output=True)
+    assert clear.returncode != 0, "a host answers plain qemu+tcp"
+
+    with FlowWatch(libvirt_host.peer_link(source)) as watch:
+        migrate(custom, namespace, "sealed-1", "sealed")
+        status = wait_phase(custom, namespace, "sealed-1", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert has_domain(ground, target, uid) and not has_domain(ground, source, uid)
+    # Each connection from the source to the target, as its first bytes show it.
+    opened = {
+        dport: first for (src, _, dst, dport), first in watch.first.items()
+        if (src, dst) == (testground.node_address(source), address)
+    }  # fmt: skip
+    assert LIBVIRT_TLS_PORT in opened, f"no control channel to the target (seen: {sorted(opened)})"
+    assert any(port in QEMU_PORTS for port in opened), f"no migration stream (seen: {sorted(opened)})"
+    clear_text = {port: first for port, first in opened.items() if first[:2] != b"\x16\x03"}
+    assert not clear_text, f"connections that did not begin with a TLS handshake: {clear_text}"
+    delete_and_wait(custom, namespace, "sealed")
 
 
 def test_live_block_migration_keeps_what_the_guest_wrote(

@@ -35,6 +35,7 @@ from kubenova.driver.libvirt.disks import CONFIG_DRIVE, EPHEMERAL, ROOT, SWAP, n
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.host import Host
 from kubenova.driver.libvirt.imagecache import ImageCache
+from kubenova.driver.libvirt.transport import MigrationTransport
 
 
 def filter_name(uuid: str) -> str:
@@ -58,8 +59,10 @@ class LibvirtCore(ComputeDriver):
         instances_dir: str | os.PathLike[str],
         images: ImageStore,
         volumes_dir: str | os.PathLike[str],
+        transport: MigrationTransport | None = None,
     ) -> None:
         self.host = Host(uri)
+        self.transport = transport or MigrationTransport()  # encrypted, with libvirt's own certificates
         self.domain_type = domain_type
         self.instances_dir = pathlib.Path(instances_dir)
         self.images = images

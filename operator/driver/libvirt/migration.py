@@ -12,7 +12,6 @@ import contextlib
 import pathlib
 import shutil
 import threading
-import urllib.parse
 from typing import Any
 
 import libvirt
@@ -20,7 +19,6 @@ import libvirt
 from kubenova.driver.base import (
     DriverError,
     InstanceSpec,
-    InvalidInstanceSpec,
     MigrationOutcome,
     MigrationProgress,
     PowerState,
@@ -101,7 +99,7 @@ class Migration(LibvirtCore):
             return
         pool_xml = StoragePool(name=f"kubenova-out-{uuid}", path=folders.pop()).to_xml()
         try:
-            source = libvirt.open(source_uri)
+            source = libvirt.open(self.transport.client_uri(source_uri))
         except libvirt.libvirtError as exc:
             raise DriverError(f"cannot reach the source host at {source_uri}: {exc}") from exc
         try:
@@ -157,14 +155,13 @@ class Migration(LibvirtCore):
         max_bandwidth_mib: int | None = None,
     ) -> None:
         guest = self._running(uuid, "live_migration")
-        host = urllib.parse.urlsplit(dest_uri).hostname
-        if not host:
-            raise InvalidInstanceSpec("targetNode", f"{dest_uri!r} names no host to migrate to")
+        host = self.transport.check(dest_uri).hostname
         flags = (
             libvirt.VIR_MIGRATE_LIVE
             | libvirt.VIR_MIGRATE_PEER2PEER
             | libvirt.VIR_MIGRATE_PERSIST_DEST
             | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            | self.transport.flags()
         )
         params: dict[str, Any] = {
             libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
