@@ -294,21 +294,32 @@ def migration_secret(layout: Layout, node: str) -> str:
     """The Secret of the node's libvirt client certificate, as cert-manager would write it."""
     folder = libvirt_host.client_pki(layout, node)
     files = {"ca.crt": "cacert.pem", "tls.crt": "clientcert.pem", "tls.key": "clientkey.pem"}
-    return yaml.safe_dump(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {"name": MIGRATION_SECRET, "namespace": LEASE_NAMESPACE},
-            "stringData": {key: (folder / name).read_text() for key, name in files.items()},
-        }
+    return yaml.safe_dump_all(
+        [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEASE_NAMESPACE}},
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "kubernetes.io/tls",
+                "metadata": {"name": MIGRATION_SECRET, "namespace": LEASE_NAMESPACE},
+                "stringData": {key: (folder / name).read_text() for key, name in files.items()},
+            },
+        ]
     )
 
 
 def helm_install(
     layout: Layout, helm: pathlib.Path, env: dict[str, str], node: str, image_store: pathlib.Path, *extra: str
 ) -> None:
-    """`helm upgrade --install` of the project's chart, waiting for its pods (helm's own --wait)."""
+    """`helm upgrade --install` of the project's chart, waiting for its pods (helm's own --wait), after the
+    Secret of the node's migration certificate it names."""
+    procs.run(
+        [str(kube.build_tools() / "kubectl"), "apply", "-f", "-"],
+        "storing the node's migration certificate",
+        "check the test ground's apiserver",
+        env=env,
+        input=migration_secret(layout, node),
+    )
     path = cluster_dir(layout) / "values.yaml"
     path.write_text(yaml.safe_dump(values(layout, node, image_store)))
     procs.run(

@@ -285,13 +285,6 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
     cluster_images.ensure_kubenova_image(ground.layout, image_ref())
     if install:
-        procs.run(
-            [ground.kubectl, "apply", "-f", "-"],
-            "storing the node's migration certificate",
-            "",
-            env=ground.env(),
-            input=cluster_mode.migration_secret(ground.layout, ground.node),
-        )
         cluster_mode.helm_install(
             ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store
         )

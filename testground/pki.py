@@ -41,7 +41,7 @@ def _openssl(*args: str, cwd: pathlib.Path) -> None:
 
 
 def _ca(layout: Layout) -> pathlib.Path:
-    folder = layout.state / "pki"
+    folder = layout.state / "migration-ca"  # not kube.ensure_pki's folder: its CA is another
     if not (folder / "ca.pem").exists():
         folder.mkdir(parents=True, exist_ok=True)
         _openssl("genrsa", "-out", "ca.key", "2048", cwd=folder)
