@@ -13,6 +13,7 @@ from typing import Any
 from bench.common import NAMESPACE, Bench, Result, apply_and_wait, delete_all, instance, ms, percentile
 from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
+from kubenova.driver.libvirt import qemu_hook
 from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, VERSION
 from testground import ground as testground
@@ -94,6 +95,10 @@ def _virsh(bench: Bench, index: int) -> dict[str, float]:
     try:
         driver.spawn(spec)
         _wait_ticking(driver.console_path(spec.uuid))
+        # The target's qemu hook admits only what its agent prepared: prepare the same definition here.
+        prepared = ground.instance_dir(spec.uuid, NODES[1]) / qemu_hook.INCOMING
+        prepared.parent.mkdir(parents=True, exist_ok=True)
+        prepared.write_text(driver.host.get_guest(spec.uuid).live_xml())
         started = time.monotonic()
         subprocess.run(
             [
@@ -132,6 +137,7 @@ def _virsh(bench: Bench, index: int) -> dict[str, float]:
         driver.destroy(spec.uuid)
         driver.host.close()  # type: ignore[attr-defined]
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(ground.instance_dir(spec.uuid, NODES[1]), ignore_errors=True)
 
 
 def run(bench: Bench, count: int) -> Result:

@@ -309,10 +309,16 @@ class PowerActionRequest(TypedDict, total=False):
     action: str
 
 
+class NodeNetworks(TypedDict, total=False):
+    default: list[str]
+    namespaces: dict[str, list[str]]
+
+
 class ComputeNodeSpec(TypedDict, total=False):
     enabled: bool
     maintenance: bool
     powerAction: PowerActionRequest
+    networks: NodeNetworks
 
 
 class CpuInfo(TypedDict, total=False):

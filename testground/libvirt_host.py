@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import time
 import uuid
 
+from kubenova.driver.libvirt import qemu_hook
 from testground import pki, procs
 from testground.procs import Layout, TestGroundError
 
@@ -121,11 +123,15 @@ def _responds(layout: Layout, node: str) -> bool:
     return proc.returncode == 0
 
 
-def start(layout: Layout, node: str, address: str | None = None) -> str:
+def start(
+    layout: Layout, node: str, address: str | None = None, instances: pathlib.Path | None = None
+) -> str:
     """Start (or find running) the libvirtd of `node` and return its URI.
 
     With an ``address`` the host listens there with TLS, so libvirtd and QEMU can migrate guests
-    to and from it; every address but the bridge's own gets a network namespace of its own.
+    to and from it; every address but the bridge's own gets a network namespace of its own. Its qemu
+    hook then admits only the incoming migrations the agent prepared in ``instances`` (the node's
+    ``instances`` folder unless named).
     """
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
     if missing:
@@ -158,6 +164,7 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
         # test-only address (a veth of its own, or the bridge's); libvirt-host.sh mounts host/pki at
         # /etc/pki, where both look for their certificates.
         pki.issue(layout, node, address, host)
+        _install_hook(host / "etc" / "hooks", instances or layout.state / "nodes" / node / "instances")
         conf += f'listen_tcp = 0\nlisten_tls = 1\nlisten_addr = "{address}"\n'
         (host / "etc" / "qemu.conf").write_text(
             QEMU_CONF
@@ -178,6 +185,22 @@ def start(layout: Layout, node: str, address: str | None = None) -> str:
     ns = os.readlink(f"/proc/{_pid(host / 'libvirtd.pid')}/ns/mnt")
     (host / "mnt-ns").write_text(ns)
     return uri(layout, node)
+
+
+#: The qemu hook as a node installs it (docs/install.md): only a migration wakes Python.
+HOOK = """#!/bin/sh
+[ "$2" = migrate ] || exit 0
+exec /usr/bin/python3 /etc/libvirt/hooks/kubenova_qemu_hook.py "$@"
+"""
+
+
+def _install_hook(hooks: pathlib.Path, instances: pathlib.Path) -> None:
+    """kubenova's qemu hook (kubenova.driver.libvirt.qemu_hook), read by libvirtd when it starts."""
+    hooks.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(qemu_hook.__file__, hooks / "kubenova_qemu_hook.py")
+    (hooks / "kubenova-hook.json").write_text(json.dumps({"instancesDir": str(instances)}))
+    (hooks / "qemu").write_text(HOOK)
+    (hooks / "qemu").chmod(0o755)
 
 
 def kill_daemon(layout: Layout, node: str) -> int:

@@ -6,9 +6,10 @@ import re
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from Crypto.Cipher import DES
 
@@ -110,3 +111,35 @@ def empty_namespace(custom: Any, namespace: str, timeout: float = 180) -> None:
         eventually(lambda: not left(), timeout=timeout)
     except AssertionError:
         raise AssertionError(f"namespace {namespace} still holds {left()}") from None
+
+
+class PacketWatch:
+    """Every frame through a network link (a raw packet socket on it, ETH_P_ALL: a bridge port's frames
+    reach only the taps that take every protocol), handed to ``seen`` on a thread of its own while in use."""
+
+    def __init__(self, link: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((link, 0))
+        self.sock.settimeout(0.2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def seen(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                frame = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.seen(frame)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.close()

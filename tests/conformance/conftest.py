@@ -196,8 +196,8 @@ def libvirt_peers(ground: testground.Ground) -> Iterator[tuple[Peer, Peer]]:
     """Two libvirtd hosts in network namespaces on a test bridge, like two nodes."""
     peers = []
     for node, address in (("mig-a", f"{libvirt_host.PEER_NET}.2"), ("mig-b", f"{libvirt_host.PEER_NET}.3")):
-        local = libvirt_host.start(ground.layout, node, address)
         root = ground.layout.state / "nodes" / node / "conformance"
+        local = libvirt_host.start(ground.layout, node, address, root / "instances")
         shutil.rmtree(root, ignore_errors=True)
         driver = LibvirtDriver(
             local,

@@ -565,6 +565,34 @@ def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[E
     assert target.probe.instance_files(spec.uuid) == []
 
 
+def test_a_definition_the_target_did_not_prepare_is_refused_there(peers: tuple[Env, Env, str]) -> None:
+    """A hostile source sends its own destination definition: here the target's running instance's root
+    disk instead of the prepared one. The target refuses it before anything runs (libvirt: kubenova's
+    qemu hook), and both guests go on where they were."""
+    source, target, target_uri = peers
+    victim = target.instance()
+    target.driver.spawn(victim)
+    spec, definition = prepared_migration(source, target)
+    forged = definition.replace(f"/{spec.uuid}/disk", f"/{victim.uuid}/disk")
+    if forged == definition:  # a definition without paths (the fake's): any other one is forged
+        forged = definition.replace(spec.uuid, victim.uuid)
+    with pytest.raises(DriverError) as refused:
+        source.driver.live_migration(spec.uuid, target_uri, forged)
+    if "<domain" in definition:
+        assert "kubenova refused the incoming migration" in str(refused.value), refused.value
+        assert f"/{victim.uuid}/disk" in str(refused.value)
+    target.driver.rollback_live_migration_at_destination(spec.uuid)
+    assert source.driver.get_info(spec.uuid).state is PowerState.RUNNING
+    before = ticks(source, spec.uuid)
+    eventually(
+        lambda: ticks(source, spec.uuid) > before, timeout=30, what="the counter to go on at the source"
+    )
+    assert not target.driver.instance_exists(spec.uuid)
+    assert target.driver.get_info(victim.uuid).state is PowerState.RUNNING
+    source.driver.destroy(spec.uuid)
+    target.driver.destroy(victim.uuid)
+
+
 # --- cold migration (resize) -----------------------------------------------------------------
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import kubernetes
 
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
+from testground import libvirt_host
 from tests.helpers import eventually
 from tests.integration.test_virtualinstance import cond, get, make
 
@@ -57,3 +59,39 @@ def test_capacity_matches_the_host_and_instances_are_counted(
     assert node["status"]["usage"]["memoryMiB"] >= 96
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "counted")
     eventually(lambda: get(custom, namespace, "counted") is None, timeout=60, what="deletion")
+
+
+def test_a_network_opened_in_the_computenode_starts_the_instance_that_waited_for_it(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
+) -> None:
+    """The cluster admin's allow-list lives in the ComputeNode too (it replaces the agent's flags) and
+    takes effect at once: a refused instance starts when its network is opened, without a spec change."""
+    closed = {"default": ["default"]}
+    opened = {"default": ["default"], "namespaces": {namespace: [libvirt_host.NETWORK]}}
+
+    def networks(value: dict[str, Any] | None) -> None:
+        custom.patch_cluster_custom_object(
+            GROUP, VERSION, COMPUTENODES, ground.node, {"spec": {"networks": value}}
+        )
+
+    networks(closed)
+    try:
+        body = make("waits", interfaces=[{"name": "eth0", "network": libvirt_host.NETWORK}])
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+        failed = eventually(
+            lambda: (
+                (o := get(custom, namespace, "waits")) and o.get("status", {}).get("phase") == "Failed" and o
+            ),
+            timeout=60,
+            what="the instance to be refused its network",
+        )
+        message = cond(failed, "Ready")["message"]
+        assert "spec.interfaces[0].network" in message and "ComputeNode's spec.networks" in message, message
+        networks(opened)
+        eventually(
+            lambda: (get(custom, namespace, "waits") or {}).get("status", {}).get("phase") == "Running",
+            timeout=90,
+            what="the instance to start once its network is open",
+        )
+    finally:
+        networks(None)

@@ -6,7 +6,6 @@ import re
 import socket
 import struct
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
 from testground import guest, libvirt_host
-from tests.helpers import empty_namespace, eventually
+from tests.helpers import PacketWatch, empty_namespace, eventually
 from tests.integration.test_agent import delete_and_wait, wait_action, wait_ready
 from tests.integration.test_virtualinstance import get, make
 
@@ -199,44 +198,25 @@ def test_live_migration_moves_a_running_guest_without_restarting_it(
     assert not has_domain(ground, target, uid)
 
 
-class FlowWatch:
-    """The first payload bytes of each TCP connection through a link (a raw packet socket on it), as an
-    eavesdropper on the migration network sees them."""
+class FlowWatch(PacketWatch):
+    """The first payload bytes of each TCP connection through a link, as an eavesdropper on the migration
+    network sees them."""
 
     def __init__(self, link: str) -> None:
-        # ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol.
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self.sock.bind((link, 0))
-        self.sock.settimeout(0.2)
+        super().__init__(link)
         #: (source, source port, destination, destination port) -> the first payload bytes
         self.first: dict[tuple[str, int, str, int], bytes] = {}
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self.done.is_set():
-            try:
-                frame = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            ip = frame[14:]
-            if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] != socket.IPPROTO_TCP:
-                continue
-            tcp = ip[(ip[0] & 0x0F) * 4 :]
-            payload = tcp[(tcp[12] >> 4) * 4 :]
-            sport, dport = struct.unpack("!HH", tcp[:4])
-            key = (socket.inet_ntoa(ip[12:16]), sport, socket.inet_ntoa(ip[16:20]), dport)
-            if payload and key not in self.first:
-                self.first[key] = payload[:8]
-
-    def __enter__(self) -> FlowWatch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.done.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
+    def seen(self, frame: bytes) -> None:
+        ip = frame[14:]
+        if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] != socket.IPPROTO_TCP:
+            return
+        tcp = ip[(ip[0] & 0x0F) * 4 :]
+        payload = tcp[(tcp[12] >> 4) * 4 :]
+        sport, dport = struct.unpack("!HH", tcp[:4])
+        key = (socket.inet_ntoa(ip[12:16]), sport, socket.inet_ntoa(ip[16:20]), dport)
+        if payload and key not in self.first:
+            self.first[key] = payload[:8]
 
 
 #: libvirtd's TLS port, and the ports QEMU's migration stream and its NBD disk copy use.

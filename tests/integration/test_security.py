@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 import subprocess
-import threading
 import uuid
 
 import kubernetes
@@ -16,7 +14,7 @@ import libvirt
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from testground import ground as testground
 from testground import guest, libvirt_host, procs
-from tests.helpers import eventually, listeners, on_every_interface
+from tests.helpers import PacketWatch, eventually, listeners, on_every_interface
 from tests.integration.test_agent import console_text, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, domain, get, make
 
@@ -246,33 +244,15 @@ def test_nothing_listens_on_all_interfaces(
     assert len(found) >= 3, f"expected the agent's metrics, libvirtd and a VNC server among:\n{found}"
 
 
-class BridgeWatch:
-    """The source MACs of every frame that reaches a bridge (a raw packet socket on it), while in use."""
+class BridgeWatch(PacketWatch):
+    """The source MACs of every frame that reaches a bridge, while in use."""
 
     def __init__(self, bridge: str) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-        self.sock.bind((bridge, 0))
-        self.sock.settimeout(0.2)
-        self.seen: set[str] = set()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(bridge)
+        self.macs: set[str] = set()
 
-    def _run(self) -> None:
-        while not self.done.is_set():
-            try:
-                frame = self.sock.recv(2048)
-            except TimeoutError:
-                continue
-            self.seen.add(":".join(f"{b:02x}" for b in frame[6:12]))
-
-    def __enter__(self) -> BridgeWatch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.done.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
+    def seen(self, frame: bytes) -> None:
+        self.macs.add(":".join(f"{b:02x}" for b in frame[6:12]))
 
 
 def test_a_guest_sending_with_a_mac_not_its_own_is_dropped(
@@ -294,5 +274,5 @@ def test_a_guest_sending_with_a_mac_not_its_own_is_dropped(
         )
     own = wait_ready(custom, namespace, "spoofer")["status"]["interfaces"][0]["macAddress"]
     assert f"{guest.SPOOFING} eth0 {spoofed}" in console_text(ground, uid)
-    assert own in watch.seen, f"the guest's own frames reach the bridge (seen: {sorted(watch.seen)})"
-    assert spoofed not in watch.seen, "a frame from the spoofed MAC reached the bridge"
+    assert own in watch.macs, f"the guest's own frames reach the bridge (seen: {sorted(watch.macs)})"
+    assert spoofed not in watch.macs, "a frame from the spoofed MAC reached the bridge"

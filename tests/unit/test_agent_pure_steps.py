@@ -130,3 +130,12 @@ def test_an_instance_joins_only_networks_open_to_its_namespace(tmp_path: pathlib
     assert "'lab' is not open to namespace anyone" in str(refused.value) and "agent.networks" in str(
         refused.value
     )
+
+
+def test_the_computenode_allow_list_replaces_the_agents_flags() -> None:
+    flags = NetworkAllowList(("default",), {"lab-team": ("lab",)})
+    assert flags.configured(None) is flags and flags.configured({}) is flags
+    closed = flags.configured({"default": []})
+    assert closed == NetworkAllowList((), {})
+    opened = flags.configured({"default": ["default"], "namespaces": {"other": ["lab", "lab2"]}})
+    assert opened == NetworkAllowList(("default",), {"other": ("lab", "lab2")})

@@ -25,7 +25,7 @@ from kubenova.driver.base import (
     ProgressCallback,
     check_handed_disks,
 )
-from kubenova.driver.libvirt import imagecache
+from kubenova.driver.libvirt import imagecache, qemu_hook
 from kubenova.driver.libvirt.config import StoragePool
 from kubenova.driver.libvirt.core import LibvirtCore
 from kubenova.driver.libvirt.disks import CONFIG_DRIVE, RESCUE_DISK, ROOT
@@ -140,7 +140,10 @@ class Migration(LibvirtCore):
         try:
             if instance.interfaces:
                 self.ensure_filtering_rules_for_instance(instance.uuid, ())
-            return self._guest_config(instance, folder).to_xml()
+            definition = self._guest_config(instance, folder).to_xml()
+            # What the qemu hook lets in: the source sends the definition, this host decides what runs.
+            (folder / qemu_hook.INCOMING).write_text(definition)
+            return definition
         except BaseException:
             self.rollback_live_migration_at_destination(instance.uuid)
             raise
@@ -197,6 +200,7 @@ class Migration(LibvirtCore):
 
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         guest = self._guest(uuid)
+        (self._dir(uuid) / qemu_hook.INCOMING).unlink(missing_ok=True)
         if guest.state() is not PowerState.RUNNING:
             raise DriverError(f"instance {uuid} arrived but is not running")
         stats = guest.job_stats(completed=True)  # the incoming job's figures stay here until the next job

@@ -124,6 +124,7 @@ class Agent:
         client: kubernetes.client.ApiClient,
     ) -> None:
         self.config = config
+        self.flag_networks = config.settings.networks  # what the agent's flags say, until spec.networks does
         self.driver = driver
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.queue = WorkQueue(WORKERS, config.settings.max_backoff)
@@ -300,6 +301,18 @@ class Agent:
         self.metrics.watch_events.labels(COMPUTENODES).inc()
         if type != "DELETED":
             self.reporter.power_action(body)
+            self._apply_networks((body.get("spec") or {}).get("networks"))
+
+    def _apply_networks(self, spec: Mapping[str, Any] | None) -> None:
+        """The ComputeNode's network allow-list, live: instances are looked at again when it changes, so
+        one waiting for a network starts once it is opened (running ones keep their networks)."""
+        networks = self.flag_networks.configured(spec)
+        if networks != self.config.settings.networks:
+            self.config.settings.networks = networks
+            uids = list(self.instance_cache.objects)
+            self.instances.reconsider.update(uids)
+            for uid in uids:
+                self.instance_cache.look(uid)
 
 
 def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:

@@ -127,6 +127,7 @@ class InstanceAgent:
         self.volumes = volumes
         self.migrations = migrations
         self.settings = settings or Settings()
+        self.reconsider: set[str] = set()  # Failed instances to look at once more despite no spec change
         self._stopped_outside: dict[str, float] = {}
         self.actions = ActionRunner(
             driver, images, secrets, events, self.write, self.settings.soft_reboot_timeout
@@ -231,7 +232,9 @@ class InstanceAgent:
         if AGENT_FINALIZER not in (meta.get("finalizers") or []):
             self._add_finalizer(body)  # the controller normally adds it when binding
         if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
-            return  # said already; waits for a spec change
+            if meta["uid"] not in self.reconsider:
+                return  # said already; waits for a spec change (or a new network allow-list)
+            self.reconsider.discard(meta["uid"])
         try:
             self._converge(body)
         except (SpecProblem, InvalidInstanceSpec) as exc:

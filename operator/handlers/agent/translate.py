@@ -127,6 +127,16 @@ class NetworkAllowList:
     default: tuple[str, ...] = ("default",)
     namespaces: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
+    def configured(self, spec: Mapping[str, Any] | None) -> NetworkAllowList:
+        """The list the node's ComputeNode sets (``spec.networks``, the cluster admin's live setting), else
+        this one (the agent's flags)."""
+        if not spec:
+            return self
+        return NetworkAllowList(
+            tuple(spec.get("default") or ()),
+            {ns: tuple(names) for ns, names in (spec.get("namespaces") or {}).items()},
+        )
+
     def check(self, namespace: str, interfaces: Sequence[Interface]) -> None:
         """InvalidInstanceSpec naming the first interface on a network the namespace may not join."""
         allowed = (*self.default, *self.namespaces.get(namespace, ()))
@@ -135,8 +145,8 @@ class NetworkAllowList:
                 raise InvalidInstanceSpec(
                     f"spec.interfaces[{index}].network",
                     f"network {interface.network!r} is not open to namespace {namespace} on this node "
-                    f"(open: {', '.join(allowed) or 'none'}); a cluster admin opens more with the "
-                    "chart value agent.networks",
+                    f"(open: {', '.join(allowed) or 'none'}); a cluster admin opens more in the "
+                    "ComputeNode's spec.networks or the chart value agent.networks",
                 )
 
 
