@@ -71,6 +71,10 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
     assert agent.spec.containers[0].image == image and controller.spec.containers[0].image == image
     assert agent.spec.node_name == ground.node and agent.metadata.owner_references[0].kind == "DaemonSet"
     assert controller.spec.service_account_name == "kubenova-controller", "its own ServiceAccount token"
+    # Ready, so the kubelet mounted the node's migration certificate: the agent's libvirt client folder.
+    pki = next(v for v in agent.spec.volumes if v.name == "migration-pki")
+    assert pki.secret.secret_name == cluster.MIGRATION_SECRET
+    assert "--migration-pki-dir=/etc/kubenova/migration-pki" in agent.spec.containers[0].args
 
     def registered() -> Any:
         found = custom.list_cluster_custom_object(

@@ -40,6 +40,7 @@ def as_libvirt_sends_it(xml: str, instances: pathlib.Path) -> str:
         "<backingStore/></backingStore>"
     )
     xml = xml.replace('<target dev="vda"', f'{backing}<target dev="vda"')
+    xml = xml.replace("<devices>", "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>")
     return xml.replace("</devices>", "<controller type='usb' index='0' model='piix3-uhci'/></devices>")
 
 
@@ -79,6 +80,7 @@ def test_the_prepared_definition_as_libvirt_sends_it_is_admitted(tmp_path: pathl
             "qemu-namespace:commandline",
         ),
         (lambda x, d: x.replace("</os>", "<kernel>/root/evil</kernel></os>"), "path:/root/evil"),
+        (lambda x, d: x.replace("/usr/bin/qemu-system-x86_64", "/tmp/qemu"), "emulator:/tmp/qemu"),
     ],
 )
 def test_a_forged_definition_is_refused_naming_what_it_reaches(

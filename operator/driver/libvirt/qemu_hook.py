@@ -11,8 +11,9 @@ stdin); a non-zero exit refuses the migration, and the source reports this hook'
 
 The check compares what reaches the host: every path (disks and their backing files, kernel, logs,
 sockets), every network, bridge and filter, and the emulator, must be one the agent's own definition
-names (backing files: the node's image cache); host devices, shared folders and raw QEMU arguments are
-refused outright. What libvirt adds itself (controllers, addresses, aliases) reaches nothing.
+names (backing files: the node's image cache; the emulator: the host's QEMU); host devices, shared
+folders and raw QEMU arguments are refused outright. What libvirt adds itself (controllers, addresses,
+aliases) reaches nothing.
 
 Standalone on purpose (the standard library only): libvirtd runs it on the host, where kubenova is not
 installed. Install it as /etc/libvirt/hooks/qemu (mode 0755) before libvirtd starts; a ``kubenova-hook.json``
@@ -33,6 +34,12 @@ DEFAULT_INSTANCES = "/var/lib/kubenova/instances"
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 #: Devices that hand the guest something of the host's.
 HOST_DEVICES = ("hostdev", "redirdev", "filesystem", "shmem", "smartcard")
+#: The host's own QEMU, which libvirt names when a definition names none (kubenova's do not).
+EMULATORS = frozenset(
+    f"{folder}/{name}"
+    for folder in ("/usr/bin", "/usr/libexec", "/usr/local/bin")
+    for name in ("qemu-system-x86_64", "qemu-system-aarch64", "qemu-kvm", "kvm")
+)
 #: Attributes that name a host file, device or socket.
 PATH_ATTRIBUTES = ("file", "dev", "dir", "path", "socket")
 
@@ -45,8 +52,10 @@ def host_resources(domain: ET.Element) -> Iterator[str]:
             yield f"qemu-namespace:{tag[len(QEMU_NS) :]}"
         elif tag in HOST_DEVICES:
             yield f"device:{tag}"
-        elif tag in ("kernel", "initrd", "loader", "nvram", "dtb", "emulator") and element.text:
+        elif tag in ("kernel", "initrd", "loader", "nvram", "dtb") and element.text:
             yield f"path:{element.text.strip()}"
+        elif tag == "emulator" and element.text:
+            yield f"emulator:{element.text.strip()}"
         elif tag == "interface":
             yield f"interface:{element.get('type')}"
         elif tag == "filterref":
@@ -76,7 +85,7 @@ def refusal(incoming: ET.Element, prepared: ET.Element, cache: pathlib.Path) -> 
     extra = []
     for resource in sorted(set(host_resources(incoming)) - allowed):
         inside_cache = pathlib.PurePath(resource.removeprefix("path:")).parent == pathlib.PurePath(cache)
-        if resource in backing and inside_cache:
+        if (resource in backing and inside_cache) or resource.removeprefix("emulator:") in EMULATORS:
             continue
         extra.append(resource)
     if extra:
