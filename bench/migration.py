@@ -165,8 +165,9 @@ def run(bench: Bench, count: int) -> Result:
     lines = [
         f"{count} running guests ({MEMORY_MIB} MiB, TCG) moved live between two libvirtd hosts in network "
         "namespaces, one at a time: through a `Migration` object, then the same guest definition spawned "
-        "straight through libvirt and moved with `virsh migrate --live --p2p --persistent --undefinesource`. "
-        "Figures in ms, kubenova / virsh.",
+        "straight through libvirt and moved with `virsh migrate --live --p2p --persistent --undefinesource "
+        "--tls`. Both are encrypted (qemu+tls, TLS on QEMU's stream, which the hosts force) and both pass "
+        "the target's qemu hook. Figures in ms, kubenova / virsh.",
         "",
         "| step | p50 | p95 |",
         "| --- | --- | --- |",
