@@ -43,8 +43,9 @@ class Node:
         return self.look(body)
 
     def look(self, body: dict[str, Any]) -> str:
-        """A watch event, then the queue's run of the object's key."""
-        uid = self.cache.seen("MODIFIED", body)
+        """The object as the apiserver has it now (a listing: current, whatever this node wrote before),
+        then the queue's run of the object's key."""
+        uid = self.cache.seen(None, body)
         self.agent.handle(uid)
         return uid
 

@@ -104,7 +104,7 @@ class Cluster:
         """Both agents see the newest Migration and take their turns until nobody has one left."""
         for _ in range(rounds):
             for each in (self.source, self.target):
-                uid = each.node.migrations.seen("MODIFIED", self.migration())
+                uid = each.node.migrations.seen(None, self.migration())  # read fresh: current
                 each.migrations.handle(uid)
         return self.migration()
 

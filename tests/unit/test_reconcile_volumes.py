@@ -36,7 +36,7 @@ class Volumes:
         return self.look(self.node.api.add(VOLUMEATTACHMENTS, body))
 
     def look(self, body: dict[str, Any]) -> str:
-        uid = self.cache.seen("MODIFIED", body)
+        uid = self.cache.seen(None, body)  # read fresh: current
         self.agent.handle(uid)
         return uid
 

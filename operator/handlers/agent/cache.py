@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,15 +13,15 @@ from kubenova.handlers.agent.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 
-def older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
-    """Whether ``body`` is an older version than ``than`` (etcd's resourceVersions are increasing
-    integers)."""
-    if than is None:
-        return False
-    try:
-        return int(body["metadata"]["resourceVersion"]) < int(than["metadata"]["resourceVersion"])
-    except (KeyError, ValueError):
-        return False
+#: How long an own write waits for its watch event before the watch is believed again: a watch that
+#: restarted after a newer version never delivers the written one (its re-list arrives as type None).
+WRITE_ECHO_TIMEOUT = 10.0
+#: How many delivered versions per object are remembered: more than can arrive while a write is answered.
+ECHOES = 16
+
+
+def version(body: Mapping[str, Any]) -> str:
+    return str(body["metadata"].get("resourceVersion", ""))
 
 
 class ObjectCache:
@@ -30,11 +32,18 @@ class ObjectCache:
     subscribes to ``on_forget``, so a long-lived agent does not grow.
     """
 
-    def __init__(self, queue: WorkQueue, kind: str) -> None:
+    def __init__(self, queue: WorkQueue, kind: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.queue = queue
         self.kind = kind
         self.objects: dict[str, dict[str, Any]] = {}
         self._forget: list[Callable[[str], None]] = []
+        self._clock = clock
+        #: uid -> when its cached body was stored (a re-list forgets only what it predates)
+        self._stored: dict[str, float] = {}
+        #: uid -> (resourceVersion of our own write, when): until its watch event, the watch is behind
+        self._awaiting: dict[str, tuple[str, float]] = {}
+        #: uid -> the versions its watch delivered lately: a write answered after its own echo is old news
+        self._delivered: dict[str, collections.deque[str]] = {}
 
     def on_forget(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(uid)`` once an object is gone from the cache."""
@@ -67,7 +76,14 @@ class ObjectCache:
     # --- what the watches say ----------------------------------------------------------------------
 
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
-        """Record a watch event (or a fresh body from our own write); returns the object's UID."""
+        """Record a watch event; returns the object's UID.
+
+        resourceVersions are opaque (Kubernetes never promises they grow as numbers; an etcd restore
+        breaks any such reading), so staleness is told by order instead: a watch delivers an object's
+        versions in order, so after our own write (``written``) every event before that version's own
+        is older than what we hold. A listing (type None, kopf's first list and re-lists) is always
+        current.
+        """
         uid = str(body["metadata"]["uid"])
         log.debug(
             "watch event %s for %s/%s (%s)",
@@ -77,23 +93,66 @@ class ObjectCache:
             uid,
         )
         if event_type == "DELETED":
-            self.objects.pop(uid, None)
-            self.queue.drop(uid)
-            for forget in self._forget:
-                forget(uid)
-        elif not older(body, self.objects.get(uid)):  # a queued event may predate our own last write
-            self.objects[uid] = dict(body)
+            self._drop(uid)
+            return uid
+        awaited = self._awaiting.get(uid)
+        if awaited is not None:
+            written, when = awaited
+            if (
+                event_type is not None
+                and version(body) != written
+                and self._clock() - when < WRITE_ECHO_TIMEOUT
+            ):
+                return uid  # from before our own write: what we hold is newer
+            del self._awaiting[uid]
+        self._delivered.setdefault(uid, collections.deque(maxlen=ECHOES)).append(version(body))
+        self._store(uid, body)
         return uid
 
-    def prune(self, listed: list[dict[str, Any]], version: str) -> None:
-        """Forget cached objects a fresh LIST at ``version`` no longer has (kopf's re-list after a broken
-        watch reports what exists, never what left the selector meanwhile)."""
+    def written(self, body: Mapping[str, Any]) -> None:
+        """Record the answer to our own write: newer than any event its watch has not delivered yet."""
+        uid = str(body["metadata"]["uid"])
+        if version(body) in self._delivered.get(uid, ()):
+            return  # the watch delivered this version already (and maybe newer ones since)
+        self._awaiting[uid] = (version(body), self._clock())
+        self._store(uid, body)
+
+    def current(self, body: Mapping[str, Any]) -> bool:
+        """Whether ``body`` is still the newest version held (or none is held any more)."""
+        held = self.objects.get(str(body["metadata"]["uid"]))
+        return held is None or version(held) == version(body)
+
+    def forget(self, body: Mapping[str, Any]) -> None:
+        """Forget the object here (it left this node), as if its watch had said it was deleted."""
+        self._drop(str(body["metadata"]["uid"]))
+
+    def prune(self, listed: list[dict[str, Any]], since: float) -> None:
+        """Forget cached objects a fresh LIST, started at ``since`` (this cache's clock), no longer has:
+        kopf's re-list after a broken watch reports what exists, never what left the selector meanwhile.
+        What was stored after the LIST started is newer than it and stays."""
         present = {item["metadata"]["uid"] for item in listed}
         for uid, body in list(self.objects.items()):
-            if uid not in present and not older({"metadata": {"resourceVersion": version}}, body):
+            if uid not in present and self._stored.get(uid, 0.0) < since:
                 log.info(
                     "forgetting %s/%s: it is no longer bound here",
                     body["metadata"]["namespace"],
                     body["metadata"]["name"],
                 )
-                self.seen("DELETED", body)
+                self._drop(uid)
+
+    def now(self) -> float:
+        """This cache's clock, for ``prune``."""
+        return self._clock()
+
+    def _store(self, uid: str, body: Mapping[str, Any]) -> None:
+        self.objects[uid] = dict(body)
+        self._stored[uid] = self._clock()
+
+    def _drop(self, uid: str) -> None:
+        self.objects.pop(uid, None)
+        self._stored.pop(uid, None)
+        self._awaiting.pop(uid, None)
+        self._delivered.pop(uid, None)
+        self.queue.drop(uid)
+        for forget in self._forget:
+            forget(uid)

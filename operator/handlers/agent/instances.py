@@ -36,7 +36,7 @@ from kubenova.driver.base import (
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import power
 from kubenova.handlers.agent.actions import ActionRunner
-from kubenova.handlers.agent.cache import ObjectCache, older
+from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.migration_turns import bound_elsewhere, holds
@@ -166,7 +166,7 @@ class InstanceAgent:
         if fresh is None or fresh is body:  # gone, or nothing to say
             return
         if body["metadata"]["uid"] in self.cache.objects:
-            self.cache.seen("MODIFIED", fresh)  # unless a newer version arrived meanwhile
+            self.cache.written(fresh)
         phase = patch.get("phase")
         if (
             phase and phase != status.get("phase") and phase not in ("Failed", "Pending")
@@ -202,8 +202,8 @@ class InstanceAgent:
                 body["metadata"]["name"],
                 self.node,
             )
-            if not older(body, self.cache.objects.get(uid)):  # a newer version seen meanwhile decides anew
-                self.cache.seen("DELETED", body)
+            if self.cache.current(body):  # a newer version seen meanwhile decides anew
+                self.cache.forget(body)
         except WaitFor as exc:
             self._retry_later(uid, body, exc.reason, str(exc))
         except DriverError as exc:

@@ -58,7 +58,7 @@ class Handover:
         fresh = self.status.write(body, patch)
         if fresh is None or fresh is body:  # gone (its watch event drops it here), or nothing new
             return
-        self.cache.seen("MODIFIED", fresh)
+        self.cache.written(fresh)
         body.clear()
         body.update(fresh)
 

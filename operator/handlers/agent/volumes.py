@@ -83,7 +83,7 @@ class VolumeAgent:
         """Patch status only when it changes something; the answer is the newest body."""
         fresh = self.status.write(body, patch)
         if fresh is not None and fresh is not body:
-            self.cache.seen("MODIFIED", fresh)
+            self.cache.written(fresh)
 
     def _handle(self, uid: str) -> None:
         body = self.cache.objects.get(uid)
