@@ -184,6 +184,41 @@ def test_a_source_agent_restarted_during_the_transfer_rolls_back(cluster: Cluste
     assert cluster.target.node.driver.instance_files(cluster.uid) == []
 
 
+def transferred_behind_the_agents_back(cluster: Cluster, step: str, **handoff: Any) -> None:
+    """The target prepared; then libvirt finished the transfer while the source's agent was away (a
+    peer-to-peer job runs in libvirtd), and the Migration still says ``step``."""
+    cluster.start("Live")
+    cluster.target.migrations.handle(cluster.target.node.migrations.seen("ADDED", cluster.migration()))
+    stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
+    status = stored["status"]
+    cluster.source.node.driver.live_migration(
+        cluster.uid, status["handoff"]["targetURI"], status["handoff"]["definition"]
+    )
+    status["step"] = step
+    status["handoff"].update(handoff)
+    cluster.api.touch(stored)
+
+
+def test_a_transfer_that_completed_while_the_source_agent_was_away_is_finished(cluster: Cluster) -> None:
+    transferred_behind_the_agents_back(cluster, "Transferring")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
+    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
+    assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-1"
+
+
+def test_a_rollback_never_destroys_the_only_running_copy(cluster: Cluster) -> None:
+    """The source's abort came too late (the job had just finished) and it asked for a rollback: the
+    target sees the guest running there, which only a completed migration does, and finishes instead."""
+    transferred_behind_the_agents_back(cluster, "RollbackTarget", outcome="Cancelled")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
+    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+    assert cluster.instance()["status"]["node"] == "node-1"
+
+
 def test_an_instance_deleted_during_the_migration_ends_it(cluster: Cluster) -> None:
     cluster.start("Live")
     del cluster.api.objects[(VIRTUALINSTANCES, "ns", "vm")]

@@ -22,6 +22,7 @@ from kubenova.driver.base import (
     InstanceNotFound,
     InstanceSpec,
     MigrationProgress,
+    PowerState,
 )
 from kubenova.handlers.agent.migration_handover import Handover
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, cancelled, flavor_of, typed
@@ -29,6 +30,8 @@ from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, cancelled, fl
 log = logging.getLogger(__name__)
 #: Progress of a live transfer is written at most this often.
 PROGRESS_INTERVAL = 2.0
+#: How long a guest paused by a migration job's last phase may take to resume here or leave.
+SETTLE_SECONDS = 30.0
 
 
 def progress_of(step: MigrationProgress) -> dict[str, Any]:
@@ -158,6 +161,9 @@ class LiveSteps:
                 max_bandwidth_mib=spec.get("bandwidthMiBps"),
             )
         except DriverError as exc:
+            if not self._runs_here(instance_uid):  # the job ended on the target after all
+                self.handover.hand_over(body, "FinishTarget", f"transferred despite: {exc}")
+                return
             if uid in self._aborted:
                 outcome, message = (
                     "Cancelled",
@@ -195,13 +201,15 @@ class LiveSteps:
             self.driver.abort_live_migration(body["status"]["instanceUID"])
 
     def transferring(self, body: dict[str, Any]) -> None:
-        """Found on start-up: this agent died during the transfer, so whether it finished is unknown."""
+        """Found on start-up: this agent died during the transfer, so whether it finished is unknown.
+        libvirtd goes on with a peer-to-peer job without us: abort it, then see where the guest ended."""
         instance_uid = body["status"]["instanceUID"]
         if self.driver.instance_exists(instance_uid):
             try:
                 self.driver.abort_live_migration(instance_uid)
             except DriverError:
-                pass  # no job was running any more
+                pass  # no job was running any more, or it is too far along to stop
+        if self._runs_here(instance_uid):
             self.handover.hand_over(
                 body,
                 "RollbackTarget",
@@ -213,6 +221,20 @@ class LiveSteps:
             self.handover.hand_over(
                 body, "FinishTarget", "the transfer completed while the source's agent restarted"
             )
+
+    def _runs_here(self, uid: str) -> bool:
+        """Whether the guest is still on this host once any migration job on it has ended: a domain
+        paused or stopped by the job's last phase either resumes here (it failed) or leaves (it
+        succeeded). One still paused at the deadline (the user's pause) is here."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            try:
+                state = self.driver.get_info(uid).state
+            except InstanceNotFound:
+                return False
+            if state not in (PowerState.PAUSED, PowerState.SHUTOFF) or time.monotonic() > deadline:
+                return True
+            time.sleep(0.5)
 
     def finish_target(self, body: dict[str, Any]) -> None:
         """Target, last: the guest runs here; the instance object follows it (status, then the label)."""
@@ -243,7 +265,14 @@ class LiveSteps:
         )
 
     def rollback_target(self, body: dict[str, Any]) -> None:
-        """Target: drop what pre_live_migration made, then end the Migration with the source's outcome."""
+        """Target: drop what pre_live_migration made, then end the Migration with the source's outcome;
+        unless the guest runs here: only a completed migration resumes it here, and then this is the only
+        running copy (the source's abort came too late), so the migration is finished instead."""
         status = body["status"]
-        self.driver.rollback_live_migration_at_destination(status["instanceUID"])
+        uid = status["instanceUID"]
+        if self.driver.instance_exists(uid) and self.driver.get_info(uid).state is PowerState.RUNNING:
+            log.warning("%s: the guest runs here after all; finishing instead of rolling back", uid)
+            self.finish_target(body)
+            return
+        self.driver.rollback_live_migration_at_destination(uid)
         self.handover.finish(body, status["handoff"].get("outcome", "Failed"), status.get("message", ""))
