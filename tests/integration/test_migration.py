@@ -6,6 +6,7 @@ import re
 import socket
 import struct
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -326,7 +327,10 @@ def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
     )
     status = wait_phase(custom, namespace, "slow", "Cancelled", "Failed", "Succeeded", timeout=60)["status"]
     assert status["phase"] == "Cancelled", status.get("message")
-    assert f"keeps running on {source}" in status["message"]
+    assert (
+        "cancelled during the transfer" in status["message"]
+        and f"keeps running on {source}" in status["message"]
+    )
     assert node_of(custom, namespace, "stay") == source
     assert has_domain(ground, source, uid) and not has_domain(ground, target, uid)
     assert not ground.instance_dir(uid, target).exists(), "nothing is left on the target"
@@ -336,6 +340,39 @@ def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
     )
     running_again(custom, namespace, "stay")
     delete_and_wait(custom, namespace, "stay")
+
+
+def test_deleting_an_instance_mid_transfer_stops_the_migration_and_deletes_it_at_once(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    """A user's delete never waits for a slow transfer: the transfer is aborted, the target rolled back,
+    the Migration says Cancelled and why, and the instance is gone within seconds from both nodes."""
+    uid, source = running(ground, custom, namespace, vi("doomed"))
+    target = other(source)
+    migrate(custom, namespace, "doomed-1", "doomed", bandwidthMiBps=1)  # minutes at 1 MiB/s
+    eventually(
+        lambda: (migration(custom, namespace, "doomed-1").get("status", {}).get("progress") or {}).get(
+            "dataProcessedBytes"
+        ),
+        timeout=60,
+        interval=0.2,
+        what="the transfer to report progress",
+    )
+    deleted = time.monotonic()
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "doomed")
+    eventually(
+        lambda: get(custom, namespace, "doomed") is None, timeout=10, interval=0.2, what="the instance gone"
+    )
+    gone_after = time.monotonic() - deleted
+    status = migration(custom, namespace, "doomed-1")["status"]
+    assert status["phase"] == "Cancelled" and "being deleted" in status["message"], status
+    for node in (source, target):
+        assert not has_domain(ground, node, uid), f"a domain is left on {node}"
+        assert not ground.instance_dir(uid, node).exists(), f"files are left on {node}"
+    print(f"instance deleted mid-transfer: gone in {gone_after:.1f}s")
 
 
 def test_a_migration_to_a_dead_target_fails_clearly_and_leaves_the_guest_alone(

@@ -36,6 +36,21 @@ class CancelDuringTransfer(MemoryStatusWriter):
         return super().write(body, patch, guard)
 
 
+class DeleteDuringTransfer(MemoryStatusWriter):
+    """The user deletes the instance just as the transfer starts (its finalizers hold it, being deleted)."""
+
+    cache: Any = None  # the source's instance cache, where its watch would put the deleting instance
+
+    def write(
+        self, body: Mapping[str, Any], patch: Mapping[str, Any], guard: bool = False
+    ) -> Mapping[str, Any] | None:
+        if patch.get("step") == "Transferring":
+            instance = self.api.objects[(VIRTUALINSTANCES, "ns", "vm")]
+            instance["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+            DeleteDuringTransfer.cache.seen(None, self.api.touch(instance))  # read fresh: current
+        return super().write(body, patch, guard)
+
+
 def side(
     tmp_path: pathlib.Path,
     api: FakeApiserver,
@@ -155,6 +170,30 @@ def test_a_live_migration_cancelled_during_the_transfer_is_aborted(tmp_path: pat
     assert done["status"]["phase"] == "Cancelled" and "during the transfer" in done["status"]["message"]
     assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
     assert cluster.target.node.driver.instance_files(cluster.uid) == []
+
+
+def test_deleting_the_instance_stops_its_transfer_and_the_delete_goes_on(tmp_path: pathlib.Path) -> None:
+    cluster = Cluster(tmp_path, DeleteDuringTransfer)
+    DeleteDuringTransfer.cache = cluster.source.node.cache
+    cluster.start("Live")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Cancelled", done["status"]["message"]
+    assert "the instance is being deleted during the transfer" in done["status"]["message"]
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+    assert cluster.target.node.driver.instance_files(cluster.uid) == []
+    cluster.source.node.agent.handle(cluster.uid)  # the end of the migration lets the delete go on
+    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+    assert cluster.api.get(VIRTUALINSTANCES, "ns", "vm") is None
+
+
+def test_a_deleting_instance_is_not_prepared_for(cluster: Cluster) -> None:
+    cluster.api.objects[(VIRTUALINSTANCES, "ns", "vm")]["metadata"]["deletionTimestamp"] = (
+        "2026-01-01T00:00:00Z"
+    )
+    cluster.start("Live")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Cancelled" and "being deleted" in done["status"]["message"]
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
 
 
 def test_a_target_whose_cpu_lacks_a_feature_refuses_before_anything_moves(cluster: Cluster) -> None:

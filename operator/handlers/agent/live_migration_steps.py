@@ -78,9 +78,19 @@ class LiveSteps:
         """Whether the migration's transfer runs here now (it holds a worker until it ends)."""
         return uid in self._transfers
 
+    def stopping(self, body: Mapping[str, Any]) -> str | None:
+        """Why the migration must stop where it is: cancelled, or its instance is being deleted (a user's
+        delete never waits for a transfer to end)."""
+        if cancelled(body):
+            return "cancelled"
+        instance = self.handover.instance_cache.objects.get(body["status"]["instanceUID"]) or {}
+        if instance.get("metadata", {}).get("deletionTimestamp"):
+            return "stopped: the instance is being deleted"
+        return None
+
     def abort(self, uid: str, body: Mapping[str, Any]) -> bool:
-        """Abort the migration's transfer running here if it was cancelled; whether it was cancelled."""
-        if uid not in self._transfers or not cancelled(body) or uid in self._aborted:
+        """Abort the migration's transfer running here if it must stop; whether it must."""
+        if uid not in self._transfers or not self.stopping(body) or uid in self._aborted:
             return False
         self._aborted.add(uid)
         try:
@@ -104,6 +114,11 @@ class LiveSteps:
             )
             return
         instance = self.handover.instance(body)
+        if instance["metadata"].get("deletionTimestamp"):
+            self.handover.finish(
+                body, "Cancelled", f"stopped: the instance is being deleted; nothing moved from {source}"
+            )
+            return
         cpu = (
             typed(self.objects.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source)).get("status")
             or {}
@@ -140,11 +155,12 @@ class LiveSteps:
         hands over to the target's rollback, and the guest keeps running here."""
         status, spec = body["status"], body["spec"]
         uid, instance_uid = body["metadata"]["uid"], status["instanceUID"]
-        if cancelled(body):
+        why = self.stopping(body)
+        if why:
             self.handover.hand_over(
                 body,
                 "RollbackTarget",
-                f"cancelled before the transfer; the instance stays on {self.node}",
+                f"{why} before the transfer; the instance stays on {self.node}",
                 handoff={"outcome": "Cancelled"},
             )
             return
@@ -165,9 +181,10 @@ class LiveSteps:
                 self.handover.hand_over(body, "FinishTarget", f"transferred despite: {exc}")
                 return
             if uid in self._aborted:
+                why = self.stopping(self.handover.cache.objects.get(uid, body)) or "cancelled"
                 outcome, message = (
                     "Cancelled",
-                    f"cancelled during the transfer; the instance keeps running on {self.node}",
+                    f"{why} during the transfer; it keeps running on {self.node}",
                 )
             else:
                 outcome, message = (
@@ -196,7 +213,7 @@ class LiveSteps:
             self.handover.write(body, {"progress": progress_of(step)})
         except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
             log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
-        if cancelled(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
+        if self.stopping(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
             self._aborted.add(uid)
             self.driver.abort_live_migration(body["status"]["instanceUID"])
 
