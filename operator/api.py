@@ -265,6 +265,7 @@ class MigrationSpec(TypedDict, total=False):
     confirmation: Confirmation
     decision: str
     bandwidthMiBps: int
+    completionTimeoutPerGiB: int
     cancel: bool
 
 

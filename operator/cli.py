@@ -114,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
         "[$KUBENOVA_INSECURE_MIGRATION=true]",
     )
     agent.add_argument(
+        "--migration-completion-timeout-per-gib",
+        type=float,
+        default=150.0,
+        help="a live transfer's deadline, in seconds per GiB of guest memory (at least 10 s); a Migration's "
+        "spec.completionTimeoutPerGiB overrides it [150]",
+    )
+    agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
         help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]",
@@ -244,6 +251,7 @@ def _agent(args: argparse.Namespace) -> int:
             diagnostics_interval=args.diagnostics_interval,
             image_cache_interval=args.image_cache_interval,
             image_cache_grace=args.image_cache_grace,
+            migration_timeout_per_gib=args.migration_completion_timeout_per_gib,
             settings=settings,
         ),
         driver,

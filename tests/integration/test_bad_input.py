@@ -142,6 +142,7 @@ PATHS: dict[str, list[tuple[str, st.SearchStrategy[Any]]]] = {
         ("spec.flavor", values),
         ("spec.type", texts),
         ("spec.bandwidthMiBps", ints),
+        ("spec.completionTimeoutPerGiB", ints),
         ("spec.decision", texts),
         ("spec.confirmation", values),
     ],

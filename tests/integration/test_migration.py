@@ -375,6 +375,34 @@ def test_deleting_an_instance_mid_transfer_stops_the_migration_and_deletes_it_at
     print(f"instance deleted mid-transfer: gone in {gone_after:.1f}s")
 
 
+def test_a_transfer_that_cannot_finish_in_time_fails_at_its_deadline_and_the_guest_stays(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    """1 MiB/s for a 128 MiB guest needs minutes; 1 s per GiB gives it the least deadline, 10 s."""
+    uid, source = running(ground, custom, namespace, vi("late"))
+    target = other(source)
+    started = time.monotonic()
+    migrate(custom, namespace, "late-1", "late", bandwidthMiBps=1, completionTimeoutPerGiB=1)
+    status = wait_phase(custom, namespace, "late-1", "Failed", "Succeeded", "Cancelled", timeout=90)["status"]
+    took = time.monotonic() - started
+    assert status["phase"] == "Failed", status.get("message")
+    assert "did not complete within 10 s" in status["message"] and "MiB moved" in status["message"]
+    assert f"keeps running on {source}" in status["message"]
+    assert node_of(custom, namespace, "late") == source
+    assert has_domain(ground, source, uid) and not has_domain(ground, target, uid)
+    assert not ground.instance_dir(uid, target).exists(), "nothing is left on the target"
+    before = ticks(ground, uid, source)
+    eventually(
+        lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on at the source"
+    )
+    assert console(ground, uid, source).count(guest.BOOT_MARKER) == 1, "no second boot"
+    print(f"migration deadline: Failed {took:.1f}s after its creation (deadline 10 s)")
+    delete_and_wait(custom, namespace, "late")
+
+
 def test_a_migration_to_a_dead_target_fails_clearly_and_leaves_the_guest_alone(
     ground: testground.Ground,
     custom: kubernetes.client.CustomObjectsApi,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kubenova.driver.base import PowerState
+from kubenova.handlers.agent import live_migration_steps
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.migration_steps import MigrationAgent
 from kubenova.handlers.shared import COMPUTENODES, MIGRATIONS, NODE_LABEL, VIRTUALINSTANCES
@@ -193,6 +194,23 @@ def test_a_deleting_instance_is_not_prepared_for(cluster: Cluster) -> None:
     cluster.start("Live")
     done = cluster.run()
     assert done["status"]["phase"] == "Cancelled" and "being deleted" in done["status"]["message"]
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+
+
+def test_a_transfer_past_its_deadline_fails_with_the_figures_and_the_guest_stays(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is reckoned from the guest's memory (128 MiB at 8 s per GiB: 1 s, at least 10 s); the
+    clock jumps past it at the transfer's first report."""
+    clock = iter([1000.0, 1000.0] + [5000.0] * 100)
+    monkeypatch.setattr(live_migration_steps.time, "monotonic", lambda: next(clock))
+    cluster.start("Live", completionTimeoutPerGiB=8)
+    done = cluster.run()
+    status = done["status"]
+    assert status["phase"] == "Failed", status["message"]
+    assert "did not complete within 10 s (8 s per GiB of 128 MiB, at least 10 s)" in status["message"]
+    assert "MiB moved" in status["message"] and "spec.completionTimeoutPerGiB" in status["message"]
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
     assert not cluster.target.node.driver.instance_exists(cluster.uid)
 
 

@@ -22,6 +22,7 @@ from kubenova.handlers.agent import diagnostics
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
+from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB
 from kubenova.handlers.agent.migration_steps import MigrationAgent
 from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.secret_reader import SecretReader
@@ -63,6 +64,8 @@ class AgentConfig:
     #: Nova's image_cache_manager_interval and remove_unused_original_minimum_age_seconds.
     image_cache_interval: float = 2400.0
     image_cache_grace: float = 86400.0
+    #: A live transfer's deadline per GiB of guest memory, unless its Migration names one.
+    migration_timeout_per_gib: float = DEFAULT_TIMEOUT_PER_GIB
     settings: Settings = dataclasses.field(default_factory=Settings)
 
 
@@ -166,6 +169,7 @@ class Agent:
             self.migration_cache,
             self.instance_cache,
             self.instances.driver_spec,
+            config.migration_timeout_per_gib,
         )
         self.reporter = NodeReporter(
             config.node,

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 2.0
 #: How long a guest paused by a migration job's last phase may take to resume here or leave.
 SETTLE_SECONDS = 30.0
+#: A live transfer's deadline per GiB of guest memory (KubeVirt's completionTimeoutPerGiB default), and
+#: the least any transfer gets (connecting, the first pass over a small guest).
+DEFAULT_TIMEOUT_PER_GIB, MIN_DEADLINE = 150.0, 10.0
 
 
 def progress_of(step: MigrationProgress) -> dict[str, Any]:
@@ -57,8 +60,11 @@ class LiveSteps:
         handover: Handover,
         spec_for: Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec],
         objects: kubernetes.client.CustomObjectsApi,
+        timeout_per_gib: float = DEFAULT_TIMEOUT_PER_GIB,
     ) -> None:
         """``spec_for(instance, flavor)``: the driver's view of the instance, its Secrets read."""
+        self.timeout_per_gib = timeout_per_gib
+        self._expired: dict[str, str] = {}  # migration uid -> why its transfer was stopped at its deadline
         self.node = node
         self.driver = driver
         self.handover = handover
@@ -168,19 +174,25 @@ class LiveSteps:
             body, "Transferring", f"transferring from {self.node} to {status['targetNode']}"
         )
         self._transfers[uid] = instance_uid
+        deadline = self._deadline(body)
         try:
             self.driver.live_migration(
                 instance_uid,
                 status["handoff"]["targetURI"],
                 status["handoff"]["definition"],
-                functools.partial(self._progress, body, [0.0]),
+                functools.partial(self._progress, body, [0.0], (time.monotonic() + deadline[0], deadline[1])),
                 max_bandwidth_mib=spec.get("bandwidthMiBps"),
             )
         except DriverError as exc:
             if not self._runs_here(instance_uid):  # the job ended on the target after all
                 self.handover.hand_over(body, "FinishTarget", f"transferred despite: {exc}")
                 return
-            if uid in self._aborted:
+            if uid in self._expired:  # stopped at its deadline
+                outcome, message = (
+                    "Failed",
+                    f"{self._expired[uid]}; the instance keeps running on {self.node}",
+                )
+            elif uid in self._aborted:
                 why = self.stopping(self.handover.cache.objects.get(uid, body)) or "cancelled"
                 outcome, message = (
                     "Cancelled",
@@ -195,6 +207,7 @@ class LiveSteps:
             return
         finally:
             self._transfers.pop(uid, None)
+            self._expired.pop(uid, None)
         self.handover.hand_over(
             body,
             "FinishTarget",
@@ -202,10 +215,34 @@ class LiveSteps:
             progress={**(status.get("progress") or {}), "percent": 100, "dataRemainingBytes": 0},
         )
 
-    def _progress(self, body: dict[str, Any], last: list[float], step: MigrationProgress) -> None:
+    def _deadline(self, body: Mapping[str, Any]) -> tuple[float, str]:
+        """The transfer's time limit, in seconds, and how it was reckoned."""
+        per_gib = float(body["spec"].get("completionTimeoutPerGiB") or self.timeout_per_gib)
+        instance = self.handover.instance_cache.objects.get(body["status"]["instanceUID"])
+        memory_mib = flavor_of(instance)["memoryMiB"] if instance else 1024
+        seconds = max(MIN_DEADLINE, per_gib * memory_mib / 1024)
+        return (
+            seconds,
+            f"{seconds:.0f} s ({per_gib:g} s per GiB of {memory_mib} MiB, at least {MIN_DEADLINE:g} s)",
+        )
+
+    def _progress(
+        self, body: dict[str, Any], last: list[float], deadline: tuple[float, str], step: MigrationProgress
+    ) -> None:
         """The transfer's progress callback: said at most every PROGRESS_INTERVAL (``last`` holds when it
-        was said), and a cancel the watch brought meanwhile aborts the transfer."""
+        was said); a cancel the watch brought meanwhile, or the deadline (``(when, reckoning)``), aborts
+        the transfer."""
         uid = body["metadata"]["uid"]
+        if time.monotonic() > deadline[0] and uid not in self._expired and uid not in self._aborted:
+            mib = 2**20
+            self._expired[uid] = (
+                f"the transfer did not complete within {deadline[1]}: {step.data_processed / mib:.1f} of "
+                f"{step.data_total / mib:.1f} MiB moved, {step.data_remaining / mib:.1f} MiB left after "
+                f"{step.iteration} iteration(s) (the guest writes memory faster than it is copied); raise "
+                "spec.bandwidthMiBps or spec.completionTimeoutPerGiB"
+            )
+            self.driver.abort_live_migration(body["status"]["instanceUID"])
+            return
         if time.monotonic() - last[0] < PROGRESS_INTERVAL:
             return
         last[0] = time.monotonic()
