@@ -8,6 +8,7 @@ in a daemon thread. Callbacks run on that thread and must only hand work off.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -23,6 +24,8 @@ from kubenova.driver.libvirt.guest import Guest
 log = logging.getLogger(__name__)
 
 LifecycleListener = Callable[[str, int, int], None]
+#: How long a caller waits for libvirtd to accept a new connection.
+OPEN_TIMEOUT = 10.0
 
 _loop_lock = threading.Lock()
 _loop_started = False
@@ -60,6 +63,7 @@ class Host:
         self._connection_listeners: list[Callable[[bool], None]] = []
         self._callback_id: int | None = None
         self._lost = False
+        self._attempt: concurrent.futures.Future[libvirt.virConnect] | None = None
 
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         """``listener(uuid, event, detail)`` for every domain lifecycle event, across reconnects."""
@@ -95,16 +99,22 @@ class Host:
         self._tell(False)
 
     def get_connection(self) -> libvirt.virConnect:
+        """The open connection, or a new one. Opening happens outside the lock and is bounded: a
+        libvirtd that accepts but never answers (stopped, wedged) would otherwise hold every caller."""
         with self._lock:
             if self._conn is not None and self._conn.isAlive():
                 return self._conn
             self._lost = self._lost or self._conn is not None  # died without the close callback
-            start_event_loop()
-            try:
-                conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise DriverError(f"cannot connect to libvirt at {self.uri}: {exc}") from exc
-            conn.setKeepAlive(5, 3)
+            self._conn = None
+        start_event_loop()
+        conn = self._open()
+        with self._lock:
+            if self._conn is not None:  # another caller's attempt finished first
+                if conn is not self._conn:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        conn.close()
+                return self._conn
+            conn.setKeepAlive(5, 3)  # a connection whose libvirtd stops answering closes within ~20 s
             conn.registerCloseCallback(self._closed, None)
             self._callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
@@ -185,6 +195,36 @@ class Host:
         """libvirt's verdict on running guests made for ``cpu`` here (a VIR_CPU_COMPARE_* code); libvirtError
         when libvirt cannot read the description."""
         return int(self.get_connection().compareCPU(cpu.to_xml(), 0))
+
+    def _open(self) -> libvirt.virConnect:
+        """libvirt.open, one attempt at a time on a thread of its own, waited for at most OPEN_TIMEOUT.
+        An attempt that outlives its wait goes on; whoever comes next takes its result."""
+        with self._lock:
+            attempt = self._attempt
+            if attempt is None:
+                attempt = self._attempt = concurrent.futures.Future()
+                # A daemon thread: a hung attempt must not keep the process from exiting.
+                threading.Thread(
+                    target=self._attempt_open, args=(attempt,), name="libvirt-open", daemon=True
+                ).start()
+        try:
+            return attempt.result(timeout=OPEN_TIMEOUT)
+        except concurrent.futures.TimeoutError as exc:
+            raise DriverError(
+                f"libvirtd at {self.uri} does not answer (no reply to a connection in {OPEN_TIMEOUT:g} s)"
+            ) from exc
+        except libvirt.libvirtError as exc:
+            raise DriverError(f"cannot connect to libvirt at {self.uri}: {exc}") from exc
+        finally:
+            with self._lock:
+                if attempt.done() and self._attempt is attempt:
+                    self._attempt = None
+
+    def _attempt_open(self, attempt: concurrent.futures.Future[libvirt.virConnect]) -> None:
+        try:
+            attempt.set_result(libvirt.open(self.uri))
+        except BaseException as exc:  # handed to whoever waits on the attempt
+            attempt.set_exception(exc)
 
     def close(self) -> None:
         with self._lock:
