@@ -238,8 +238,8 @@ class LiveSteps:
             self._expired[uid] = (
                 f"the transfer did not complete within {deadline[1]}: {step.data_processed / mib:.1f} of "
                 f"{step.data_total / mib:.1f} MiB moved, {step.data_remaining / mib:.1f} MiB left after "
-                f"{step.iteration} iteration(s) (the guest writes memory faster than it is copied); raise "
-                "spec.bandwidthMiBps or spec.completionTimeoutPerGiB"
+                f"{step.iteration} iteration(s); raise spec.bandwidthMiBps or spec.completionTimeoutPerGiB, "
+                "or move the guest when it writes less memory"
             )
             self.driver.abort_live_migration(body["status"]["instanceUID"])
             return
