@@ -231,10 +231,10 @@ class InstanceAgent:
         generation = meta.get("generation")
         if AGENT_FINALIZER not in (meta.get("finalizers") or []):
             self._add_finalizer(body)  # the controller normally adds it when binding
-        if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
-            if meta["uid"] not in self.reconsider:
-                return  # said already; waits for a spec change (or a new network allow-list)
-            self.reconsider.discard(meta["uid"])
+        again = meta["uid"] in self.reconsider  # once, after the network allow-list changed
+        self.reconsider.discard(meta["uid"])
+        if status.get("phase") == "Failed" and status.get("observedGeneration") == generation and not again:
+            return  # said already; waits for a spec change (or a new network allow-list)
         try:
             self._converge(body)
         except (SpecProblem, InvalidInstanceSpec) as exc:
