@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +45,8 @@ class ObjectCache:
         self._awaiting: dict[str, tuple[str, float]] = {}
         #: uid -> the versions its watch delivered lately: a write answered after its own echo is old news
         self._delivered: dict[str, collections.deque[str]] = {}
+        # Watch events (kopf's threads) and write answers (the queue's workers) meet here.
+        self._lock = threading.RLock()
 
     def on_forget(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(uid)`` once an object is gone from the cache."""
@@ -95,27 +98,29 @@ class ObjectCache:
         if event_type == "DELETED":
             self._drop(uid)
             return uid
-        awaited = self._awaiting.get(uid)
-        if awaited is not None:
-            written, when = awaited
-            if (
-                event_type is not None
-                and version(body) != written
-                and self._clock() - when < WRITE_ECHO_TIMEOUT
-            ):
-                return uid  # from before our own write: what we hold is newer
-            del self._awaiting[uid]
-        self._delivered.setdefault(uid, collections.deque(maxlen=ECHOES)).append(version(body))
-        self._store(uid, body)
+        with self._lock:
+            awaited = self._awaiting.get(uid)
+            if awaited is not None:
+                written, when = awaited
+                if (
+                    event_type is not None
+                    and version(body) != written
+                    and self._clock() - when < WRITE_ECHO_TIMEOUT
+                ):
+                    return uid  # from before our own write: what we hold is newer
+                del self._awaiting[uid]
+            self._delivered.setdefault(uid, collections.deque(maxlen=ECHOES)).append(version(body))
+            self._store(uid, body)
         return uid
 
     def written(self, body: Mapping[str, Any]) -> None:
         """Record the answer to our own write: newer than any event its watch has not delivered yet."""
         uid = str(body["metadata"]["uid"])
-        if version(body) in self._delivered.get(uid, ()):
-            return  # the watch delivered this version already (and maybe newer ones since)
-        self._awaiting[uid] = (version(body), self._clock())
-        self._store(uid, body)
+        with self._lock:
+            if version(body) in self._delivered.get(uid, ()):
+                return  # the watch delivered this version already (and maybe newer ones since)
+            self._awaiting[uid] = (version(body), self._clock())
+            self._store(uid, body)
 
     def current(self, body: Mapping[str, Any]) -> bool:
         """Whether ``body`` is still the newest version held (or none is held any more)."""
@@ -149,10 +154,11 @@ class ObjectCache:
         self._stored[uid] = self._clock()
 
     def _drop(self, uid: str) -> None:
-        self.objects.pop(uid, None)
-        self._stored.pop(uid, None)
-        self._awaiting.pop(uid, None)
-        self._delivered.pop(uid, None)
+        with self._lock:
+            self.objects.pop(uid, None)
+            self._stored.pop(uid, None)
+            self._awaiting.pop(uid, None)
+            self._delivered.pop(uid, None)
         self.queue.drop(uid)
         for forget in self._forget:
             forget(uid)
