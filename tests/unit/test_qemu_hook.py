@@ -81,6 +81,21 @@ def test_the_prepared_definition_as_libvirt_sends_it_is_admitted(tmp_path: pathl
         ),
         (lambda x, d: x.replace("</os>", "<kernel>/root/evil</kernel></os>"), "path:/root/evil"),
         (lambda x, d: x.replace("/usr/bin/qemu-system-x86_64", "/tmp/qemu"), "emulator:/tmp/qemu"),
+        (
+            lambda x, d: x.replace(
+                "</devices>", "<rng model='virtio'><backend model='random'>/dev/sda</backend></rng></devices>"
+            ),
+            "path:/dev/sda",
+        ),
+        (
+            lambda x, d: x.replace(
+                "</devices>",
+                "<disk type='network' device='disk'><source protocol='rbd' name='tenant-b/disk'>"
+                "<host name='ceph-mon' port='6789'/></source><auth username='admin'>"
+                "<secret type='ceph' uuid='1b2c'/></auth><target dev='vdz'/></disk></devices>",
+            ),
+            "secret:1b2c",
+        ),
     ],
 )
 def test_a_forged_definition_is_refused_naming_what_it_reaches(

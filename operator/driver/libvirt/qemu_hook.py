@@ -42,29 +42,38 @@ EMULATORS = frozenset(
 )
 #: Attributes that name a host file, device or socket.
 PATH_ATTRIBUTES = ("file", "dev", "dir", "path", "socket")
+#: Attributes of a disk's <source> that name storage beyond a file: a remote protocol, a pool, an image.
+STORAGE_ATTRIBUTES = ("protocol", "name", "pool", "volume")
 
 
 def host_resources(domain: ET.Element) -> Iterator[str]:
-    """What a definition reaches on the host, each as ``kind:value``."""
+    """What a definition reaches on the host, each as ``kind:value``: every absolute path in any text or
+    attribute (an rng backend, a loader, a channel socket as much as a disk), and every network, filter,
+    storage name, remote host and libvirt secret."""
     for element in domain.iter():
         tag = element.tag
+        text = (element.text or "").strip()
         if isinstance(tag, str) and tag.startswith(QEMU_NS):
             yield f"qemu-namespace:{tag[len(QEMU_NS) :]}"
         elif tag in HOST_DEVICES:
             yield f"device:{tag}"
-        elif tag in ("kernel", "initrd", "loader", "nvram", "dtb") and element.text:
-            yield f"path:{element.text.strip()}"
-        elif tag == "emulator" and element.text:
-            yield f"emulator:{element.text.strip()}"
+        elif tag == "emulator" and text:
+            yield f"emulator:{text}"
+        elif text.startswith("/"):
+            yield f"path:{text}"
         elif tag == "interface":
             yield f"interface:{element.get('type')}"
         elif tag == "filterref":
             yield f"filter:{element.get('filter')}"
-        if tag in ("source", "log"):
-            for name in PATH_ATTRIBUTES:
-                if element.get(name):
-                    yield f"path:{element.get(name)}"
-            for name in ("network", "bridge"):
+        elif tag == "secret":
+            yield f"secret:{element.get('uuid') or element.get('usage')}"
+        elif tag == "host" and element.get("name"):
+            yield f"host:{element.get('name')}:{element.get('port', '')}"
+        for name, value in element.attrib.items():
+            if value.startswith("/") or (tag in ("source", "log") and name in PATH_ATTRIBUTES):
+                yield f"path:{value}"
+        if tag == "source":
+            for name in ("network", "bridge", *STORAGE_ATTRIBUTES):
                 if element.get(name):
                     yield f"{name}:{element.get(name)}"
 
