@@ -305,6 +305,41 @@ def test_live_block_migration_keeps_what_the_guest_wrote(
     delete_and_wait(custom, namespace, "disk")
 
 
+def slow_transfer_under_way(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str
+) -> None:
+    """A Live Migration capped at 1 MiB/s (a 128 MiB guest takes minutes), once it reports progress."""
+    migrate(custom, namespace, name, instance, bandwidthMiBps=1)
+    eventually(
+        lambda: (migration(custom, namespace, name).get("status", {}).get("progress") or {}).get(
+            "dataProcessedBytes"
+        ),
+        timeout=60,
+        interval=0.2,
+        what="the transfer to report progress",
+    )
+
+
+def stayed_on_the_source(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    name: str,
+    uid: str,
+    source: str,
+) -> None:
+    """After a migration that did not move it: still bound to the source, its one domain there, nothing
+    on the target, the same guest going on."""
+    target = other(source)
+    assert node_of(custom, namespace, name) == source
+    assert has_domain(ground, source, uid) and not has_domain(ground, target, uid)
+    assert not ground.instance_dir(uid, target).exists(), "nothing is left on the target"
+    before = ticks(ground, uid, source)
+    eventually(
+        lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on at the source"
+    )
+
+
 def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
     ground: testground.Ground,
     custom: kubernetes.client.CustomObjectsApi,
@@ -312,16 +347,7 @@ def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
     nodes: tuple[str, str],
 ) -> None:
     uid, source = running(ground, custom, namespace, vi("stay"))
-    target = other(source)
-    migrate(custom, namespace, "slow", "stay", bandwidthMiBps=1)  # 128 MiB at 1 MiB/s: minutes
-    eventually(
-        lambda: (migration(custom, namespace, "slow").get("status", {}).get("progress") or {}).get(
-            "dataProcessedBytes"
-        ),
-        timeout=60,
-        interval=0.2,
-        what="the transfer to report progress",
-    )
+    slow_transfer_under_way(custom, namespace, "slow", "stay")
     custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, MIGRATIONS, "slow", {"spec": {"cancel": True}}
     )
@@ -331,13 +357,7 @@ def test_cancelling_a_live_migration_leaves_the_guest_running_on_the_source(
         "cancelled during the transfer" in status["message"]
         and f"keeps running on {source}" in status["message"]
     )
-    assert node_of(custom, namespace, "stay") == source
-    assert has_domain(ground, source, uid) and not has_domain(ground, target, uid)
-    assert not ground.instance_dir(uid, target).exists(), "nothing is left on the target"
-    before = ticks(ground, uid, source)
-    eventually(
-        lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on at the source"
-    )
+    stayed_on_the_source(ground, custom, namespace, "stay", uid, source)
     running_again(custom, namespace, "stay")
     delete_and_wait(custom, namespace, "stay")
 
@@ -352,15 +372,7 @@ def test_deleting_an_instance_mid_transfer_stops_the_migration_and_deletes_it_at
     the Migration says Cancelled and why, and the instance is gone within seconds from both nodes."""
     uid, source = running(ground, custom, namespace, vi("doomed"))
     target = other(source)
-    migrate(custom, namespace, "doomed-1", "doomed", bandwidthMiBps=1)  # minutes at 1 MiB/s
-    eventually(
-        lambda: (migration(custom, namespace, "doomed-1").get("status", {}).get("progress") or {}).get(
-            "dataProcessedBytes"
-        ),
-        timeout=60,
-        interval=0.2,
-        what="the transfer to report progress",
-    )
+    slow_transfer_under_way(custom, namespace, "doomed-1", "doomed")
     deleted = time.monotonic()
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "doomed")
     eventually(
@@ -383,7 +395,6 @@ def test_a_transfer_that_cannot_finish_in_time_fails_at_its_deadline_and_the_gue
 ) -> None:
     """1 MiB/s for a 128 MiB guest needs minutes; 1 s per GiB gives it the least deadline, 10 s."""
     uid, source = running(ground, custom, namespace, vi("late"))
-    target = other(source)
     started = time.monotonic()
     migrate(custom, namespace, "late-1", "late", bandwidthMiBps=1, completionTimeoutPerGiB=1)
     status = wait_phase(custom, namespace, "late-1", "Failed", "Succeeded", "Cancelled", timeout=90)["status"]
@@ -391,13 +402,7 @@ def test_a_transfer_that_cannot_finish_in_time_fails_at_its_deadline_and_the_gue
     assert status["phase"] == "Failed", status.get("message")
     assert "did not complete within 10 s" in status["message"] and "MiB moved" in status["message"]
     assert f"keeps running on {source}" in status["message"]
-    assert node_of(custom, namespace, "late") == source
-    assert has_domain(ground, source, uid) and not has_domain(ground, target, uid)
-    assert not ground.instance_dir(uid, target).exists(), "nothing is left on the target"
-    before = ticks(ground, uid, source)
-    eventually(
-        lambda: ticks(ground, uid, source) > before, timeout=30, what="the guest to go on at the source"
-    )
+    stayed_on_the_source(ground, custom, namespace, "late", uid, source)
     assert console(ground, uid, source).count(guest.BOOT_MARKER) == 1, "no second boot"
     print(f"migration deadline: Failed {took:.1f}s after its creation (deadline 10 s)")
     delete_and_wait(custom, namespace, "late")
