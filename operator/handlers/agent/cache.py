@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -14,15 +13,20 @@ from kubenova.handlers.agent.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 
-#: How long an own write waits for its watch event before the watch is believed again: a watch that
-#: restarted after a newer version never delivers the written one (its re-list arrives as type None).
-WRITE_ECHO_TIMEOUT = 10.0
-#: How many delivered versions per object are remembered: more than can arrive while a write is answered.
-ECHOES = 16
-
-
 def version(body: Mapping[str, Any]) -> str:
     return str(body["metadata"].get("resourceVersion", ""))
+
+
+def older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
+    """Whether ``body`` is an older version than ``than``. etcd's resourceVersions are increasing
+    integers; Kubernetes calls them opaque, but ordering by the watch alone fails with kopf, which
+    batches an object's events and so may never deliver the version our own write produced."""
+    if than is None:
+        return False
+    try:
+        return int(version(body)) < int(version(than))
+    except ValueError:
+        return False
 
 
 class ObjectCache:
@@ -41,10 +45,6 @@ class ObjectCache:
         self._clock = clock
         #: uid -> when its cached body was stored (a re-list forgets only what it predates)
         self._stored: dict[str, float] = {}
-        #: uid -> (resourceVersion of our own write, when): until its watch event, the watch is behind
-        self._awaiting: dict[str, tuple[str, float]] = {}
-        #: uid -> the versions its watch delivered lately: a write answered after its own echo is old news
-        self._delivered: dict[str, collections.deque[str]] = {}
         # Watch events (kopf's threads) and write answers (the queue's workers) meet here.
         self._lock = threading.RLock()
 
@@ -79,14 +79,8 @@ class ObjectCache:
     # --- what the watches say ----------------------------------------------------------------------
 
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> str:
-        """Record a watch event; returns the object's UID.
-
-        resourceVersions are opaque (Kubernetes never promises they grow as numbers; an etcd restore
-        breaks any such reading), so staleness is told by order instead: a watch delivers an object's
-        versions in order, so after our own write (``written``) every event before that version's own
-        is older than what we hold. A listing (type None, kopf's first list and re-lists) is always
-        current.
-        """
+        """Record a watch event; returns the object's UID. A queued event may predate our own last write:
+        an older version than the one held is dropped."""
         uid = str(body["metadata"]["uid"])
         log.debug(
             "watch event %s for %s/%s (%s)",
@@ -99,33 +93,17 @@ class ObjectCache:
             self._drop(uid)
             return uid
         with self._lock:
-            awaited = self._awaiting.get(uid)
-            if awaited is not None:
-                written, when = awaited
-                if (
-                    event_type is not None
-                    and version(body) != written
-                    and self._clock() - when < WRITE_ECHO_TIMEOUT
-                ):
-                    return uid  # from before our own write: what we hold is newer
-                del self._awaiting[uid]
-            self._delivered.setdefault(uid, collections.deque(maxlen=ECHOES)).append(version(body))
-            self._store(uid, body)
+            if not older(body, self.objects.get(uid)):
+                self._store(uid, body)
         return uid
 
     def written(self, body: Mapping[str, Any]) -> None:
-        """Record the answer to our own write: newer than any event its watch has not delivered yet."""
-        uid = str(body["metadata"]["uid"])
-        with self._lock:
-            if version(body) in self._delivered.get(uid, ()):
-                return  # the watch delivered this version already (and maybe newer ones since)
-            self._awaiting[uid] = (version(body), self._clock())
-            self._store(uid, body)
+        """Record the answer to our own write, unless the watch brought a newer version meanwhile."""
+        self.seen("MODIFIED", body)
 
     def current(self, body: Mapping[str, Any]) -> bool:
         """Whether ``body`` is still the newest version held (or none is held any more)."""
-        held = self.objects.get(str(body["metadata"]["uid"]))
-        return held is None or version(held) == version(body)
+        return not older(body, self.objects.get(str(body["metadata"]["uid"])))
 
     def forget(self, body: Mapping[str, Any]) -> None:
         """Forget the object here (it left this node), as if its watch had said it was deleted."""
@@ -157,8 +135,6 @@ class ObjectCache:
         with self._lock:
             self.objects.pop(uid, None)
             self._stored.pop(uid, None)
-            self._awaiting.pop(uid, None)
-            self._delivered.pop(uid, None)
         self.queue.drop(uid)
         for forget in self._forget:
             forget(uid)
