@@ -9,21 +9,12 @@ from kubenova.handlers.agent.cache import ObjectCache
 from tests.unit.reconcile_fakes import RecordingQueue
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def obj(version: str, uid: str = "u1", **extra: Any) -> dict[str, Any]:
     return {"metadata": {"uid": uid, "namespace": "ns", "name": uid, "resourceVersion": version}, **extra}
 
 
-def cache() -> tuple[ObjectCache, Clock]:
-    clock = Clock()
-    return ObjectCache(RecordingQueue(), "instance", clock), clock  # type: ignore[arg-type]
+def cache() -> ObjectCache:
+    return ObjectCache(RecordingQueue(), "instance")  # type: ignore[arg-type]
 
 
 def held(objects: ObjectCache, uid: str = "u1") -> str:
@@ -31,7 +22,7 @@ def held(objects: ObjectCache, uid: str = "u1") -> str:
 
 
 def test_events_from_before_our_own_write_are_stale() -> None:
-    objects, _ = cache()
+    objects = cache()
     objects.seen("ADDED", obj("5"))
     objects.written(obj("9"))
     objects.seen("MODIFIED", obj("7"))  # queued before our write: older than what we hold
@@ -41,28 +32,25 @@ def test_events_from_before_our_own_write_are_stale() -> None:
 
 
 def test_a_write_answered_after_a_newer_event_is_old_news() -> None:
-    objects, _ = cache()
+    objects = cache()
     objects.seen("MODIFIED", obj("10"))
     objects.written(obj("9"))
     assert held(objects) == "10"
 
 
 def test_a_relist_forgets_only_what_it_predates() -> None:
-    objects, clock = cache()
+    objects = cache()
     forgotten: list[str] = []
     objects.on_forget(forgotten.append)
     objects.seen("ADDED", obj("1", uid="gone"))
     objects.seen("ADDED", obj("1", uid="listed"))
-    clock.now += 1
-    started = objects.now()
-    clock.now += 1
-    objects.seen("ADDED", obj("2", uid="arrived"))  # after the LIST began: not in it, newer than it
-    objects.prune([obj("1", uid="listed")], started)
+    objects.seen("ADDED", obj("3", uid="arrived"))  # after the LIST at version 2: not in it, newer than it
+    objects.prune([obj("1", uid="listed")], "2")
     assert sorted(objects.objects) == ["arrived", "listed"] and forgotten == ["gone"]
 
 
 def test_current_says_whether_a_newer_version_arrived() -> None:
-    objects, _ = cache()
+    objects = cache()
     first = obj("1")
     objects.seen("ADDED", first)
     assert objects.current(first)

@@ -268,11 +268,10 @@ class Agent:
                 (self.volume_cache, VOLUMEATTACHMENTS, f"{NODE_LABEL}={node}"),
                 (self.migration_cache, MIGRATIONS, node_label(node)),
             ):
-                started = cache.now()
                 listed = typed(
                     self.custom.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
                 )
-                cache.prune(listed["items"], started)
+                cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
         except Exception as exc:  # the apiserver is away: the instances are still looked at below
             log.warning("re-listing this node's objects failed: %s", exc)
         for uid in list(self.instance_cache.objects):

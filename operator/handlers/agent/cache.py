@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,14 +36,11 @@ class ObjectCache:
     subscribes to ``on_forget``, so a long-lived agent does not grow.
     """
 
-    def __init__(self, queue: WorkQueue, kind: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, queue: WorkQueue, kind: str) -> None:
         self.queue = queue
         self.kind = kind
         self.objects: dict[str, dict[str, Any]] = {}
         self._forget: list[Callable[[str], None]] = []
-        self._clock = clock
-        #: uid -> when its cached body was stored (a re-list forgets only what it predates)
-        self._stored: dict[str, float] = {}
         # Watch events (kopf's threads) and write answers (the queue's workers) meet here.
         self._lock = threading.RLock()
 
@@ -94,7 +90,7 @@ class ObjectCache:
             return uid
         with self._lock:
             if not older(body, self.objects.get(uid)):
-                self._store(uid, body)
+                self.objects[uid] = dict(body)
         return uid
 
     def written(self, body: Mapping[str, Any]) -> None:
@@ -109,13 +105,12 @@ class ObjectCache:
         """Forget the object here (it left this node), as if its watch had said it was deleted."""
         self._drop(str(body["metadata"]["uid"]))
 
-    def prune(self, listed: list[dict[str, Any]], since: float) -> None:
-        """Forget cached objects a fresh LIST, started at ``since`` (this cache's clock), no longer has:
-        kopf's re-list after a broken watch reports what exists, never what left the selector meanwhile.
-        What was stored after the LIST started is newer than it and stays."""
+    def prune(self, listed: list[dict[str, Any]], version: str) -> None:
+        """Forget cached objects a fresh LIST at ``version`` no longer has (kopf's re-list after a broken
+        watch reports what exists, never what left the selector meanwhile)."""
         present = {item["metadata"]["uid"] for item in listed}
         for uid, body in list(self.objects.items()):
-            if uid not in present and self._stored.get(uid, 0.0) < since:
+            if uid not in present and not older({"metadata": {"resourceVersion": version}}, body):
                 log.info(
                     "forgetting %s/%s: it is no longer bound here",
                     body["metadata"]["namespace"],
@@ -123,18 +118,9 @@ class ObjectCache:
                 )
                 self._drop(uid)
 
-    def now(self) -> float:
-        """This cache's clock, for ``prune``."""
-        return self._clock()
-
-    def _store(self, uid: str, body: Mapping[str, Any]) -> None:
-        self.objects[uid] = dict(body)
-        self._stored[uid] = self._clock()
-
     def _drop(self, uid: str) -> None:
         with self._lock:
             self.objects.pop(uid, None)
-            self._stored.pop(uid, None)
         self.queue.drop(uid)
         for forget in self._forget:
             forget(uid)
