@@ -97,6 +97,7 @@ class VirtualInstanceSpec(TypedDict, total=False):
     ephemeralDisks: list[EphemeralDisk]
     swap: Swap
     interfaces: list[Interface]
+    runStrategy: str
     powerState: str
     rescue: Rescue
     userData: str
@@ -318,6 +319,7 @@ class NodeNetworks(TypedDict, total=False):
 class ComputeNodeSpec(TypedDict, total=False):
     enabled: bool
     maintenance: bool
+    fenced: bool
     powerAction: PowerActionRequest
     networks: NodeNetworks
 
@@ -363,6 +365,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     hypervisorVersion: str
     hostname: str
     hostIP: str
+    kubernetesNode: str
     migrationURI: str
     maintenance: Maintenance
     cpuModel: str

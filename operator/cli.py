@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     controller.add_argument(
         "--max-migrations", type=int, default=10, help="migrations running at once in the whole cluster [10]"
     )
+    controller.add_argument(
+        "--watch-nodes",
+        action="store_true",
+        help="read the cluster's Nodes (cluster mode): a Node deleted or tainted "
+        "node.kubernetes.io/out-of-service fences the ComputeNode whose agent ran there",
+    )
 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
@@ -121,9 +127,23 @@ def parser() -> argparse.ArgumentParser:
         "spec.completionTimeoutPerGiB overrides it [150]",
     )
     agent.add_argument(
+        "--lease-duration",
+        type=int,
+        default=40,
+        help="seconds of the heartbeat Lease, renewed every quarter of it; once it expires the controller "
+        "marks the node and its instances Ready=Unknown [40]",
+    )
+    agent.add_argument(
+        "--kubernetes-node",
+        default="",
+        help="the Kubernetes Node the agent runs on (cluster mode: the chart passes spec.nodeName); deleting "
+        "that Node or tainting it node.kubernetes.io/out-of-service fences this node",
+    )
+    agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
-        help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]",
+        help="host:port of the Prometheus /metrics endpoint and the /healthz and /readyz probes "
+        "[127.0.0.1:9464]",
     )
     agent.add_argument(
         "--resync-interval",
@@ -252,6 +272,8 @@ def _agent(args: argparse.Namespace) -> int:
             image_cache_interval=args.image_cache_interval,
             image_cache_grace=args.image_cache_grace,
             migration_timeout_per_gib=args.migration_completion_timeout_per_gib,
+            lease_seconds=args.lease_duration,
+            kubernetes_node=args.kubernetes_node,
             settings=settings,
         ),
         driver,
@@ -279,12 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("leaderelection").setLevel(logging.WARNING)  # logs every renewal
     if args.command == "controller":
-        from kubenova.handlers.controller import app as controller
+        from kubenova.handlers.controller import main as controller
 
         controller.run(
             args.lease_namespace,
             controller.MigrationLimits(args.max_migrations_per_node, args.max_migrations),
             args.health_address,
+            args.watch_nodes,
         )
     elif args.command == "probe":
         return _probe(args.url)

@@ -126,7 +126,7 @@ def set_condition(
     status_patch: MutableMapping[str, Any],
     status: Mapping[str, Any],
     type_: str,
-    value: bool,
+    value: bool | str,
     reason: str,
     message: str,
     generation: int | None = None,
@@ -134,10 +134,11 @@ def set_condition(
     """Write one condition into the patch, keeping the others and the transition time if unchanged.
 
     Conditions are patched as a whole list (merge patch), so the list starts from what the
-    status holds now, or from what this patch already wrote.
+    status holds now, or from what this patch already wrote. ``value`` is a bool, or "Unknown": what
+    the controller says for the objects of a node whose agent stopped answering.
     """
     current = status_patch.get("conditions", status.get("conditions") or [])
-    wanted = "True" if value else "False"
+    wanted = value if isinstance(value, str) else "True" if value else "False"
     conditions = []
     found = False
     for cond in current:

@@ -25,6 +25,9 @@ _STATES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
 }
 
+#: Why a shut-off domain stopped, when it was a failure rather than a shutdown or a destroy.
+_FAILED = (libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED)
+
 #: a guest that runs no QEMU guest agent answers a password change with one of these
 _NO_AGENT = (
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
@@ -57,6 +60,8 @@ class Guest:
             state = _STATES.get(code, PowerState.NOSTATE)
             if state is PowerState.SHUTOFF and self._domain.hasManagedSaveImage():
                 state = PowerState.SUSPENDED  # memory saved on disk: Nova's suspended
+            elif state is PowerState.SHUTOFF and self._domain.state()[1] in _FAILED:
+                state = PowerState.CRASHED  # QEMU died, not the guest's own shutdown: runStrategy tells
         return state, max_mem, mem, ncpu, cpu_time
 
     def state(self) -> PowerState:

@@ -16,15 +16,15 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova.driver.base import ComputeDriver
+from kubenova.driver.base import ComputeDriver, DriverError, RebootType
 from kubenova.driver.images import ImageStore
-from kubenova.handlers.agent import diagnostics
+from kubenova.handlers.agent import diagnostics, health
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
 from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB
 from kubenova.handlers.agent.migration_steps import MigrationAgent
-from kubenova.handlers.agent.node_reporter import RENEW_INTERVAL, REPORT_INTERVAL, NodeReporter
+from kubenova.handlers.agent.node_reporter import LEASE_SECONDS, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.secret_reader import SecretReader
 from kubenova.handlers.agent.volumes import VolumeAgent
 from kubenova.handlers.agent.workqueue import WorkQueue
@@ -66,6 +66,10 @@ class AgentConfig:
     image_cache_grace: float = 86400.0
     #: A live transfer's deadline per GiB of guest memory, unless its Migration names one.
     migration_timeout_per_gib: float = DEFAULT_TIMEOUT_PER_GIB
+    #: The heartbeat Lease's duration; the controller calls the node unreachable once it expires.
+    lease_seconds: int = LEASE_SECONDS
+    #: The Kubernetes Node this agent runs on (cluster mode), published on the ComputeNode.
+    kubernetes_node: str = ""
     settings: Settings = dataclasses.field(default_factory=Settings)
 
 
@@ -180,6 +184,8 @@ class Agent:
             lambda: set(self.instance_cache.objects),
             self.events.warn,
             config.migration_uri,
+            config.lease_seconds,
+            config.kubernetes_node,
         )
         self.metrics = diagnostics.Metrics()
         self._tasks: list[asyncio.Task[None]] = []
@@ -195,7 +201,11 @@ class Agent:
         await asyncio.to_thread(reporter.register)
         await asyncio.to_thread(reporter.renew)
         await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
-        self.metrics.serve(config.metrics_address)
+        health.serve(
+            config.metrics_address,
+            self.metrics.registry,
+            lambda: health.verdict(self.queue.stalled_for(), reporter.connected, config.settings.fenced),
+        )
         self.queue.start(
             {
                 "instance": self.instances.handle,
@@ -203,10 +213,11 @@ class Agent:
                 "volume": self.volumes.handle,
                 "migration": self.migrations.handle,
                 "hypervisor": self._hypervisor,
+                "fence": self._fence,
             }
         )
         jobs = [
-            _every(RENEW_INTERVAL, reporter.renew, "lease renewal"),
+            _every(config.lease_seconds / 4, reporter.renew, "lease renewal"),
             _every(REPORT_INTERVAL, reporter.report, "host report"),
             _every(config.resync_interval, self._resync, "resync"),
             _every(
@@ -250,7 +261,10 @@ class Agent:
         and every instance is looked at again, since its lifecycle events were lost meanwhile.
         """
         try:
-            self.reporter.report()
+            if up == "False" and self.reporter.connected:
+                self.reporter.lost()
+            else:
+                self.reporter.report()
         except Exception as exc:  # the apiserver may be away too; the condition is written next time
             log.warning("cannot write the hypervisor's state on the ComputeNode: %s", exc)
         if not self.reporter.connected:
@@ -278,7 +292,27 @@ class Agent:
             self.instance_cache.look(uid)
         for uid in list(self.migration_cache.objects):
             self.migration_cache.look(uid)
-        self.instances.poll()
+        self._poll()
+
+    def _poll(self) -> None:
+        """Nova's periodic tasks: stuck reboots are finished hard, long rescues are pointed out."""
+        settings = self.config.settings
+        for uid in self.driver.poll_rebooting_instances(settings.reboot_timeout):
+            log.warning("reboot of %s is stuck; rebooting hard", uid)
+            try:
+                self.driver.reboot(uid, RebootType.HARD)
+            except DriverError as exc:
+                log.warning("hard reboot of %s failed: %s", uid, exc)
+        if settings.rescue_timeout > 0:
+            for uid in self.driver.poll_rescued_instances(settings.rescue_timeout):
+                body = self.instance_cache.objects.get(uid)
+                if body is not None:
+                    self.events.warn(
+                        body,
+                        "RescueTimeout",
+                        f"in rescue for more than {settings.rescue_timeout:.0f}s; "
+                        "set spec.rescue.enabled to false to boot normally",
+                    )
 
     # --- kopf's event handlers: record the newest body, then ask for work --------------------------
 
@@ -306,6 +340,26 @@ class Agent:
         if type != "DELETED":
             self.reporter.power_action(body)
             self._apply_networks((body.get("spec") or {}).get("networks"))
+            fenced = bool((body.get("spec") or {}).get("fenced"))
+            if fenced != self.config.settings.fenced:
+                self.config.settings.fenced = fenced
+                self.queue.add(("fence", str(fenced)))
+            if self.reporter.seen(body):  # someone else (the controller) said otherwise meanwhile
+                self.queue.add(("hypervisor", "True"))
+
+    def _fence(self, fenced: str) -> None:
+        """Fenced: stop every guest here at once and start none (the controller may be starting them
+        elsewhere: the admin's signal says this host is down, and if it is not, it must act so).
+        Unfenced: every instance is looked at again."""
+        if fenced == "True":
+            log.warning("ComputeNode %s is fenced: stopping every guest on this host", self.config.node)
+            for uid in self.driver.list_instances():
+                try:
+                    self.driver.power_off(uid)
+                except DriverError as exc:
+                    log.warning("cannot stop %s on the fenced node: %s", uid, exc)
+        for uid in list(self.instance_cache.objects):
+            self.instance_cache.look(uid)
 
     def _apply_networks(self, spec: Mapping[str, Any] | None) -> None:
         """The ComputeNode's network allow-list, live: instances are looked at again when it changes, so

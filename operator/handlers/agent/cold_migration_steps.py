@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova.driver.base import ComputeDriver, DriverError, InstanceSpec
+from kubenova.handlers.agent import power
 from kubenova.handlers.agent.migration_handover import Handover
 from kubenova.handlers.shared import cancelled, flavor_of
 
@@ -69,7 +70,7 @@ class ColdSteps:
             return
         instance = self.handover.instance(body)
         flavor = dict(spec.get("flavor") or handoff["flavor"])
-        power_on = (instance.get("spec") or {}).get("powerState", "Running") != "Stopped"
+        power_on = power.wanted(instance.get("spec") or {}) != "Stopped"
         if not self.driver.instance_exists(status["instanceUID"]):
             try:
                 self.driver.finish_migration(
@@ -157,7 +158,7 @@ class ColdSteps:
         """Source, last: start the original again (unless the spec asks it stopped)."""
         status = body["status"]
         instance = self.handover.instance(body)
-        power_on = (instance.get("spec") or {}).get("powerState", "Running") != "Stopped"
+        power_on = power.wanted(instance.get("spec") or {}) != "Stopped"
         self.driver.finish_revert_migration(status["instanceUID"], power_on)
         outcome = status["handoff"].get("outcome", "Reverted")
         message = (

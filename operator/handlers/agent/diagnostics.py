@@ -58,11 +58,6 @@ class Metrics:
         )
         self._series: dict[str, set[tuple[prometheus_client.Gauge, tuple[str, ...]]]] = {}
 
-    def serve(self, address: str) -> None:
-        """Listen on host:port; the default host is loopback, so nothing is exposed unless configured."""
-        host, _, port = address.rpartition(":")
-        prometheus_client.start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
-
     def record(self, namespace: str, name: str, uid: str, diag: Diagnostics) -> None:
         labels = (namespace, name, uid)
         series = self._series.setdefault(uid, set())

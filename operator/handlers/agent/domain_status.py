@@ -29,7 +29,7 @@ def observed_status(
     meta, spec = body["metadata"], body.get("spec") or {}
     status = body.get("status") or {}
     uid, generation = meta["uid"], meta.get("generation")
-    want = spec.get("powerState", "Running")
+    want = power.wanted(spec)
     patch: dict[str, Any] = {
         "node": node,
         "domainUUID": uid,
@@ -70,7 +70,9 @@ def observed_status(
             "info": {**(status.get("info") or {}), "maxMemKiB": info.max_mem_kib, "vcpus": info.num_cpu},
         }
     )
-    ready, reason, message = power.readiness(want, power_state, stopped_outside, restart_delay)
+    ready, reason, message = power.readiness(
+        want, power_state, stopped_outside, restart_delay, spec.get("runStrategy", "Always")
+    )
     set_condition(patch, status, "Ready", ready, reason, message, generation)
     # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
     # the condition then present asks about: most looks need neither question.

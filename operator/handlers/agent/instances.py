@@ -31,7 +31,6 @@ from kubenova.driver.base import (
     InstanceSpec,
     InvalidInstanceSpec,
     PowerState,
-    RebootType,
 )
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import power
@@ -88,6 +87,8 @@ class Settings:
     reboot_timeout: float = 180.0
     max_backoff: float = 300.0
     networks: NetworkAllowList = dataclasses.field(default_factory=NetworkAllowList)
+    #: The node's ComputeNode says spec.fenced: no guest starts here.
+    fenced: bool = False
 
 
 class InstanceAgent:
@@ -231,7 +232,10 @@ class InstanceAgent:
         generation = meta.get("generation")
         if AGENT_FINALIZER not in (meta.get("finalizers") or []):
             self._add_finalizer(body)  # the controller normally adds it when binding
-        again = meta["uid"] in self.reconsider  # once, after the network allow-list changed
+        # Once after the network allow-list changed, or after the controller said Unknown meanwhile.
+        again = (
+            meta["uid"] in self.reconsider or (condition(status, "Ready") or {}).get("status") == "Unknown"
+        )
         self.reconsider.discard(meta["uid"])
         if status.get("phase") == "Failed" and status.get("observedGeneration") == generation and not again:
             return  # said already; waits for a spec change (or a new network allow-list)
@@ -252,7 +256,11 @@ class InstanceAgent:
 
     def _converge(self, body: dict[str, Any]) -> None:
         meta, spec = body["metadata"], body.get("spec") or {}
-        uid, want = meta["uid"], spec.get("powerState", "Running")
+        uid, want = meta["uid"], power.wanted(spec)
+        if self.settings.fenced:  # the node's agent stopped every guest; none starts
+            raise WaitFor(
+                "NodeFenced", f"{self.node} is fenced (ComputeNode spec.fenced): nothing starts here"
+            )
         missing = unsupported(spec)
         if missing:
             raise SpecProblem(
@@ -298,6 +306,7 @@ class InstanceAgent:
             self._stopped_outside.get(uid),
             time.monotonic(),
             self.settings.restart_delay,
+            spec.get("runStrategy", "Always"),
         )
         if decision.stopped_since is not None:
             self._stopped_outside[uid] = decision.stopped_since
@@ -374,7 +383,7 @@ class InstanceAgent:
         except DriverError as exc:
             log.warning("cannot read the state of %s: %s", uid, exc)
             return
-        want = (body.get("spec") or {}).get("powerState", "Running")
+        want = power.wanted(body.get("spec") or {})
         if state.value == status.get("powerState"):
             return
         if power.stopped_against_spec(want, state):
@@ -425,24 +434,3 @@ class InstanceAgent:
             body, "Deleted", f"the domain and the instance's own disks are gone from {self.node}", "Normal"
         )
         remove_finalizer(self.objects, body, VIRTUALINSTANCES)
-
-    # --- pollers --------------------------------------------------------------------------
-
-    def poll(self) -> None:
-        """Nova's periodic tasks: stuck reboots are finished hard, long rescues are pointed out."""
-        for uid in self.driver.poll_rebooting_instances(self.settings.reboot_timeout):
-            log.warning("reboot of %s is stuck; rebooting hard", uid)
-            try:
-                self.driver.reboot(uid, RebootType.HARD)
-            except DriverError as exc:
-                log.warning("hard reboot of %s failed: %s", uid, exc)
-        if self.settings.rescue_timeout > 0:
-            for uid in self.driver.poll_rescued_instances(self.settings.rescue_timeout):
-                body = self.cache.objects.get(uid)
-                if body is not None:
-                    self.events.warn(
-                        body,
-                        "RescueTimeout",
-                        f"in rescue for more than {self.settings.rescue_timeout:.0f}s; "
-                        "set spec.rescue.enabled to false to boot normally",
-                    )

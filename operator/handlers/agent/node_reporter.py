@@ -24,14 +24,15 @@ from kubenova.handlers.shared import (
     NODE_LABEL,
     VERSION,
     StatusWriter,
+    condition,
     now,
     set_condition,
     typed,
 )
 
 log = logging.getLogger(__name__)
+#: The heartbeat Lease's duration (kubelet's node lease defaults to 40 s); renewed four times as often.
 LEASE_SECONDS = 40
-RENEW_INTERVAL = 10.0
 REPORT_INTERVAL = 20.0
 HEARTBEAT_REFRESH = datetime.timedelta(minutes=5)
 #: Figures that move all the time (measured free memory): they ride along with a write another change
@@ -65,7 +66,13 @@ class NodeReporter:
         known_instances: Callable[[], Collection[str]],
         warn: Callable[[Mapping[str, Any], str, str], None],
         migration_uri: str = "",
+        lease_seconds: int = LEASE_SECONDS,
+        kubernetes_node: str = "",
     ) -> None:
+        """``kubernetes_node``: the Node the agent runs on (cluster mode), published so that deleting it
+        or tainting it out-of-service fences this node."""
+        self.lease_seconds = lease_seconds
+        self.kubernetes_node = kubernetes_node
         self.node = node
         self.driver = driver
         self.custom = custom
@@ -109,7 +116,7 @@ class NodeReporter:
     def renew(self) -> None:
         """Create or renew the heartbeat Lease."""
         stamp = datetime.datetime.now(datetime.UTC)
-        spec = {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": stamp}
+        spec = {"holderIdentity": self.node, "leaseDurationSeconds": self.lease_seconds, "renewTime": stamp}
         try:
             self.coordination.patch_namespaced_lease(lease_name(self.node), LEASE_NAMESPACE, {"spec": spec})
         except kubernetes.client.ApiException as exc:
@@ -124,7 +131,7 @@ class NodeReporter:
                     spec=kubernetes.client.V1LeaseSpec(
                         acquire_time=stamp,
                         holder_identity=self.node,
-                        lease_duration_seconds=LEASE_SECONDS,
+                        lease_duration_seconds=self.lease_seconds,
                         renew_time=stamp,
                     ),
                 ),
@@ -149,6 +156,33 @@ class NodeReporter:
             set_condition(patch, self.status, "Ready", False, "LibvirtUnreachable", str(exc))
         self._write(patch)
 
+    def lost(self) -> None:
+        """The libvirt connection closed (libvirtd died, or stopped answering keepalives): say so at
+        once, before the reconnection attempts, which may each wait for a libvirtd that never answers."""
+        self.connected = False
+        patch: dict[str, Any] = {}
+        set_condition(
+            patch,
+            self.status,
+            "Ready",
+            False,
+            "LibvirtUnreachable",
+            "the connection to libvirtd closed (it died or stopped answering); the agent reconnects "
+            "and places nothing here meanwhile",
+        )
+        self._write(patch)
+
+    def seen(self, body: Mapping[str, Any]) -> bool:
+        """The ComputeNode as the watch brought it; True when its Ready condition is not what this agent
+        last wrote (the controller marked the node Unknown while this agent was away): report again."""
+        theirs = condition(body.get("status") or {}, "Ready") or {}
+        mine = condition(self.status, "Ready") or {}
+        if (theirs.get("status"), theirs.get("reason")) == (mine.get("status"), mine.get("reason")):
+            return False
+        self.status = dict(body.get("status") or {})
+        self._last = None
+        return True
+
     def _figures(self) -> dict[str, Any]:
         stats = self.driver.get_host_stats(refresh=True)
         instances = self.driver.list_instances_detail()
@@ -162,6 +196,7 @@ class NodeReporter:
             "hypervisorVersion": stats.hypervisor_version,
             "hostname": stats.hostname,
             "hostIP": self.address,
+            **({"kubernetesNode": self.kubernetes_node} if self.kubernetes_node else {}),
             "migrationURI": self.migration_uri,
             "cpuModel": cpu.model,
             "cpuInfo": {

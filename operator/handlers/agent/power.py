@@ -2,6 +2,12 @@
 
 Pure functions of (spec, status, observed state); the instance reconciler reads the state, carries
 out the steps on the driver and writes what ``readiness`` and ``phase`` say.
+
+``spec.runStrategy`` takes KubeVirt's names and meanings onto ``spec.powerState``: ``Halted`` is
+powerState Stopped; ``Always`` (the default, and what kubenova always did) starts a guest that
+stopped outside Kubernetes again after the restart delay; ``RerunOnFailure`` does so only when it
+failed (QEMU crashed or was killed), not when the guest shut itself down; ``Manual`` never does.
+A guest left stopped starts again with a spec change (powerState Stopped, then Running).
 """
 
 from __future__ import annotations
@@ -48,6 +54,23 @@ class PowerPlan:
     look_again: bool = False
 
 
+def wanted(spec: Mapping[str, Any]) -> str:
+    """The power state the spec asks for: runStrategy Halted means Stopped, whatever powerState says."""
+    if spec.get("runStrategy") == "Halted":
+        return "Stopped"
+    return str(spec.get("powerState", "Running"))
+
+
+def restarts(strategy: str, state: PowerState) -> bool:
+    """Whether a guest found ``state`` after stopping outside Kubernetes is started again (after the
+    delay): under Always always, under RerunOnFailure only after a failure, under Manual never."""
+    if strategy == "Manual":
+        return False
+    if strategy == "RerunOnFailure":
+        return state is PowerState.CRASHED
+    return True
+
+
 def power_plan(want: str, state: PowerState) -> PowerPlan:
     """How to get from ``state`` to the spec's powerState ``want`` (Running, Stopped, Paused, Suspended)."""
     if want == "Stopped":
@@ -91,6 +114,7 @@ def follow(
     stopped_since: float | None,
     now: float,
     restart_delay: float,
+    strategy: str = "Always",
 ) -> PowerDecision:
     """What a look at the instance does about its power state.
 
@@ -107,7 +131,11 @@ def follow(
         and stopped_since is None
     ):
         stopped_since = now
-    if stopped and stopped_since is not None and now - stopped_since < restart_delay:
+    if (
+        stopped
+        and stopped_since is not None
+        and (now - stopped_since < restart_delay or not restarts(strategy, state))
+    ):
         return PowerDecision(None, stopped_since)
     return PowerDecision(power_plan(want, state), None)
 
@@ -122,10 +150,19 @@ def phase(state: PowerState, rescued: bool) -> str:
     return "Rescued" if rescued and state is PowerState.RUNNING else PHASES[state]
 
 
-def readiness(want: str, power: str, stopped_outside: bool, restart_delay: float) -> tuple[bool, str, str]:
+def readiness(
+    want: str, power: str, stopped_outside: bool, restart_delay: float, strategy: str = "Always"
+) -> tuple[bool, str, str]:
     """The Ready condition (status, reason, message): the reported ``power`` state against the spec's."""
     if power == want:
         return True, "PowerStateReached", f"the domain is {power}"
+    if stopped_outside and not restarts(strategy, PowerState(power)):
+        return (
+            False,
+            "StoppedOutsideKubernetes",
+            f"the domain became {power} without a spec change; spec.runStrategy {strategy} leaves it so: "
+            "set spec.powerState to Stopped, then to Running, to start it",
+        )
     if stopped_outside:
         return (
             False,

@@ -49,6 +49,8 @@ class WorkQueue:
         self._locks: dict[str, threading.Lock] = {}
         self._stopped = False
         self._threads: list[threading.Thread] = []
+        self._last_done = clock()
+        self._backlog_since = clock()  # when the keys now waiting began to wait
 
     # --- adding ----------------------------------------------------------------------------------
 
@@ -100,6 +102,8 @@ class WorkQueue:
         if key[1] in self._busy:
             self._dirty.add(key)
         elif key not in self._queued:
+            if not self._ready:
+                self._backlog_since = self._clock()
             self._queued.add(key)
             self._ready.append(key)
             self._cond.notify()
@@ -136,8 +140,18 @@ class WorkQueue:
                 self._cond.wait(timeout)
             return None
 
+    def stalled_for(self) -> float:
+        """Seconds that due work has waited without any worker finishing anything (0 when nothing
+        waits): a wedge, which a long piece of work (a live transfer holds its worker for minutes) is
+        not as long as the other workers move."""
+        with self._cond:
+            if not any(key[1] not in self._busy for key in self._ready):
+                return 0.0
+            return max(0.0, self._clock() - max(self._last_done, self._backlog_since))
+
     def _done(self, key: Key) -> None:
         with self._cond:
+            self._last_done = self._clock()
             self._busy.discard(key[1])
             for again in [k for k in self._dirty if k[1] == key[1]]:
                 self._dirty.discard(again)

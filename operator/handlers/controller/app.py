@@ -1,37 +1,29 @@
-"""The controller: cluster-wide decisions (placement, binding); never calls libvirt.
+"""The controller: cluster-wide decisions (placement, binding, node health, fencing); never calls libvirt.
 
-One replica is active: it holds a coordination Lease (client-go's leader election, from the
-official client) and runs kopf only while it does; losing the Lease ends the process, so a
-restarted replica starts clean. It uses only event handlers and in-memory indexes, so it
-adds no kopf finalizer and no bookkeeping annotation to users' objects.
+It uses only event handlers and in-memory indexes, so it adds no kopf finalizer and no bookkeeping
+annotation to users' objects; main.py runs it while this replica holds the leader Lease.
 """
 
 from __future__ import annotations
 
-import functools
-import http.server
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 import kubernetes
-from kubernetes.leaderelection import electionconfig, leaderelection
-from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from kubenova.handlers.controller import binding
+from kubenova.handlers.controller.fencing import Fencing
 from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
-from kubenova.handlers.controller.placement import HEARTBEAT_GRACE, NodeView, Usage
+from kubenova.handlers.controller.node_health import NodeHealth
+from kubenova.handlers.controller.placement import NodeView, Usage
 from kubenova.handlers.controller.reservations import Reservations
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
-    LEASE_NAMESPACE,
     MIGRATIONS,
     NODE_LABEL,
     VERSION,
@@ -48,19 +40,41 @@ VI = (GROUP, VERSION, VIRTUALINSTANCES)
 CN = (GROUP, VERSION, COMPUTENODES)
 VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
 MIG = (GROUP, VERSION, MIGRATIONS)
-LEADER_LEASE = "kubenova-controller"
 #: After a failed placement write, the next pass over every pending instance.
 PLACEMENT_RETRY = 5.0
 #: A pass over the pending instances at least this often, whatever the events said.
 PENDING_RESYNC = 60.0
+#: How often node health is judged (an expired Lease shows within its duration plus this).
+HEALTH_INTERVAL = 2.0
+#: Every how many health passes the planner and the fencing recovery look again while a node is down
+#: or fenced (events also ask for them).
+RECOVERY_EVERY = 5
+#: The Lease duration assumed when a Lease does not say.
+DEFAULT_LEASE_SECONDS = 40.0
 
 
-def _nodes(views: kopf.Index[str, Any], leases: kopf.Index[str, Any]) -> dict[str, NodeView]:
+def _nodes(
+    indexes: dict[str, kopf.Index[Any, Any]], unreachable: dict[str, float] | None = None
+) -> dict[str, NodeView]:
+    views, leases = indexes["node_views"], indexes["node_leases"]
+    down = unreachable or {}
+    kubernetes_nodes = indexes.get("kubernetes_nodes")
+    tainted = (
+        {name: next(iter(found)) for name, found in kubernetes_nodes.items()} if kubernetes_nodes else {}
+    )
     nodes = {}
     for name, found in views.items():
         labels, spec, status = next(iter(found))
         renewed = max((t for t in leases.get(name, []) if t), default=None)
-        nodes[name] = binding.node_view(name, labels, spec, status, renewed)
+        nodes[name] = binding.node_view(
+            name,
+            labels,
+            spec,
+            status,
+            renewed,
+            down.get(name),
+            tainted if kubernetes_nodes is not None else None,
+        )
     return nodes
 
 
@@ -108,13 +122,17 @@ class Controller:
         self.api = api
         self.reservations = Reservations()
         self.indexes: dict[str, kopf.Index[Any, Any]] = {}
-        self._renewals: dict[str, Any] = {}
+        self.health = NodeHealth(api, core)
+        self.fencing = Fencing(api, core)
         self.retry = _loop("retry-pending", self._retry_pending)
         _every(PENDING_RESYNC, self.retry)  # the safety net under the event-driven passes, like a resync
         self.plan = _loop("migrations", Planner(api, core, limits, self._capacity).run)
         _every(
             PENDING_RESYNC, self.plan
         )  # a pass that failed (apiserver away) is not lost until the next event
+        self._recover = _loop("fencing", self._fence_pass)
+        self._passes = 0
+        _every(HEALTH_INTERVAL, _loop("health", self._health_pass))  # _loop logs a failed pass
 
     # --- indexes (kopf keeps them; these say what goes in) ---------------------------------------
 
@@ -127,6 +145,12 @@ class Controller:
     @staticmethod
     def lease_entry(labels: kopf.Labels, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
         return {labels[NODE_LABEL]: binding.parse_time(spec.get("renewTime"))}
+
+    @staticmethod
+    def kubernetes_node_entry(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
+        """Each Node, and whether it is tainted out-of-service (Kubernetes' non-graceful shutdown)."""
+        taints = spec.get("taints") or []
+        return {name: any(t.get("key") == binding.OUT_OF_SERVICE_TAINT for t in taints)}
 
     @staticmethod
     def usage_entry(
@@ -168,7 +192,7 @@ class Controller:
                 node = binding.place(
                     self.api,
                     body,
-                    _nodes(indexes["node_views"], indexes["node_leases"]),
+                    _nodes(indexes, self.health.unreachable_for()),
                     self.reservations.totals(indexes["node_usage"]),
                 )
                 if node:
@@ -267,6 +291,7 @@ class Controller:
         self.plan()
         if type != "DELETED":
             self.retry()
+            self._recover()  # it may have just been fenced
             return
         for plural in (VIRTUALINSTANCES, VOLUMEATTACHMENTS):
             listed = typed(
@@ -278,13 +303,39 @@ class Controller:
                 if body["metadata"].get("deletionTimestamp"):
                     remove_finalizer(self.api, body, plural)
 
-    def lease_renewed(self, labels: kopf.Labels, spec: kopf.Spec, **found: Any) -> None:
+    def lease_renewed(self, type: str | None, labels: kopf.Labels, spec: kopf.Spec, **found: Any) -> None:
         """Most renewals change nothing; only a node whose agent had stopped reporting is news."""
         self._keep(**found)
-        node, renewed = labels[NODE_LABEL], binding.parse_time(spec.get("renewTime"))
-        previous, self._renewals[node] = self._renewals.get(node), renewed
-        if renewed and (previous is None or renewed - previous > HEARTBEAT_GRACE):
+        node = labels[NODE_LABEL]
+        if type == "DELETED":
+            self.health.forget(node)
+            return
+        was_down = node in self.health.unreachable_for()
+        first = self.health.renewed(
+            node,
+            binding.parse_time(spec.get("renewTime")),
+            float(spec.get("leaseDurationSeconds") or DEFAULT_LEASE_SECONDS),
+        )
+        if was_down or first:
             self.retry()
+
+    def _health_pass(self) -> None:
+        """Mark what became unreachable; let the planner end the migrations stuck on it; recover what a
+        fenced node ran."""
+        if "node_views" not in self.indexes:
+            return  # kopf has not handed the indexes over yet
+        self.health.check()
+        self._passes += 1
+        if self._passes % RECOVERY_EVERY:
+            return
+        if self.health.unreachable_for():
+            self.health.end_stuck_migrations()  # its watch event brings the planner's next pass
+        self._recover()
+
+    def _fence_pass(self) -> None:
+        nodes = _nodes(self.indexes, self.health.unreachable_for())
+        if any(view.fenced for view in nodes.values()):
+            self.fencing.recover(nodes)
 
     def migration_changed(self, **found: Any) -> None:
         """A Migration changed: the planner takes another look at all of them."""
@@ -294,13 +345,13 @@ class Controller:
     def _capacity(self) -> tuple[dict[str, NodeView], dict[str, Usage]]:
         with self.reservations.lock:
             return (
-                _nodes(self.indexes["node_views"], self.indexes["node_leases"]),
+                _nodes(self.indexes, self.health.unreachable_for()),
                 self.reservations.totals(self.indexes["node_usage"]),
             )
 
 
 #: The indexes the passes read outside kopf's handlers.
-INDEXES = ("node_views", "node_leases", "node_usage", "unbound")
+INDEXES = ("node_views", "node_leases", "node_usage", "unbound", "kubernetes_nodes")
 
 
 def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -313,8 +364,12 @@ def register(
     registry: kopf.OperatorRegistry,
     client: kubernetes.client.ApiClient,
     limits: MigrationLimits | None = None,
+    watch_nodes: bool = False,
 ) -> Controller:
-    """Wire kopf's handlers to one Controller: each decorated function is one call into it."""
+    """Wire kopf's handlers to one Controller: each decorated function is one call into it.
+
+    ``watch_nodes``: read the cluster's Nodes (cluster mode), so a deleted or out-of-service Node fences
+    the ComputeNode whose agent ran there."""
     c = Controller(
         kubernetes.client.CustomObjectsApi(client),
         kubernetes.client.CoreV1Api(client),
@@ -324,6 +379,8 @@ def register(
     kopf.on.startup(registry=registry)(_startup)
     kopf.index(*CN, registry=registry, id="node_views")(c.node_view_entry)
     kopf.index(*lease, registry=registry, id="node_leases", labels={NODE_LABEL: kopf.PRESENT})(c.lease_entry)
+    if watch_nodes:  # cluster mode: a deleted or out-of-service Node fences its ComputeNode
+        kopf.index("", "v1", "nodes", registry=registry, id="kubernetes_nodes")(c.kubernetes_node_entry)
     kopf.index(*VI, registry=registry, id="node_usage")(c.usage_entry)
     kopf.index(*VI, registry=registry, id="instance_nodes")(c.node_of_instance_entry)
     kopf.index(*VI, registry=registry, id="unbound", labels={NODE_LABEL: kopf.ABSENT})(c.unbound_entry)
@@ -347,62 +404,3 @@ def register(
     )
     kopf.on.event(*MIG, registry=registry, id="migration_changed")(c.migration_changed)
     return c
-
-
-class _Health(http.server.BaseHTTPRequestHandler):
-    """/healthz: the process answers (standbys too, so a liveness probe never kills a waiting replica)."""
-
-    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-        self.send_response(200 if self.path == "/healthz" else 404)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass  # one line per probe would drown the log
-
-
-def serve_health(address: str) -> None:
-    host, port = address.rsplit(":", 1)
-    server = http.server.ThreadingHTTPServer((host, int(port)), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
-
-
-def _lost_the_lease(lease_namespace: str) -> None:
-    """Exit at once: a fresh process starts clean, never a former leader that still acts."""
-    log.error(
-        "lost the leader Lease %s/%s; exiting so a fresh process takes over", lease_namespace, LEADER_LEASE
-    )
-    os._exit(1)
-
-
-def run(
-    lease_namespace: str = LEASE_NAMESPACE,
-    limits: MigrationLimits | None = None,
-    health_address: str = "",
-) -> None:
-    """Wait for the leader Lease, then run kopf; exit when the Lease is lost."""
-    if health_address:
-        serve_health(health_address)
-    registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(kopf.login_via_client)
-    kubernetes.config.load_config()
-    client = kubernetes.client.ApiClient()
-    client.user_agent = "kubenova-controller"  # names the field manager in managedFields
-    register(registry, client, limits)
-    identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    leading = threading.Event()
-    config = electionconfig.Config(
-        LeaseLock(LEADER_LEASE, lease_namespace, identity),
-        lease_duration=15,
-        renew_deadline=10,
-        retry_period=2,
-        onstarted_leading=leading.set,
-        onstopped_leading=functools.partial(_lost_the_lease, lease_namespace),
-    )
-    log.info("waiting for the leader Lease %s/%s as %s", lease_namespace, LEADER_LEASE, identity)
-    threading.Thread(target=leaderelection.LeaderElection(config).run, daemon=True, name="leader").start()
-    leading.wait()
-    log.info("leading as %s", identity)
-    # An explicit identity: kopf's default asks the passwd database for the user's name, and the
-    # image's non-root UID (or a platform's random one) has no entry there.
-    # kopf's Identity is a NewType of str, which mypy does not take a plain str for.
-    kopf.run(registry=registry, clusterwide=True, standalone=True, identity=identity)  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ from kubenova.handlers.shared import (
 )
 
 log = logging.getLogger(__name__)
+#: Kubernetes' taint for a Node that is shut down for good (non-graceful node shutdown): a fencing signal.
+OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 
 def request_of(spec: Mapping[str, Any]) -> Usage:
@@ -51,10 +53,15 @@ def node_view(
     spec: api.ComputeNodeSpec,
     status: api.ComputeNodeStatus,
     renewed: datetime.datetime | None = None,
+    unreachable_for: float | None = None,
+    kubernetes_nodes: Mapping[str, bool] | None = None,
 ) -> NodeView:
-    """The placement view of a node; liveness is the newer of its Lease renewal and its status heartbeat."""
+    """The placement view of a node; liveness is the newer of its Lease renewal and its status heartbeat,
+    and the controller's own reckoning of the Lease (``unreachable_for``). ``kubernetes_nodes``: the
+    cluster's Nodes (name -> tainted out-of-service), when the controller watches them."""
     beats = [t for t in (renewed, parse_time(status.get("heartbeatTime"))) if t is not None]
     capacity = status.get("capacity") or {}
+    ready = condition(status, "Ready") or {}
     return NodeView(
         name=name,
         enabled=bool(spec.get("enabled", True)),
@@ -64,7 +71,25 @@ def node_view(
         disk_gib=int(capacity.get("diskGiB", 0)),
         maintenance=bool(spec.get("maintenance", False)),
         labels=dict(labels),
+        unreachable_for=unreachable_for,
+        ready=ready.get("status") != "False",
+        fenced=fenced(spec, status, kubernetes_nodes),
     )
+
+
+def fenced(
+    spec: Mapping[str, Any], status: Mapping[str, Any], kubernetes_nodes: Mapping[str, bool] | None
+) -> bool:
+    """Whether the node is known to be down for good, so its guests may run elsewhere: an admin or a
+    node-health tool set spec.fenced, or (cluster mode) the Kubernetes Node its agent ran on was deleted
+    or tainted out-of-service, the signal of Kubernetes' non-graceful node shutdown. Never a Lease
+    timeout alone: a partitioned node may still run its guests."""
+    if spec.get("fenced"):
+        return True
+    node = status.get("kubernetesNode")
+    if not node or kubernetes_nodes is None:
+        return False
+    return node not in kubernetes_nodes or kubernetes_nodes[node]
 
 
 def place(

@@ -25,6 +25,12 @@ class NodeView:
     disk_gib: int = 0
     maintenance: bool = False
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Seconds since its agent's Lease expired, as the controller reckons it; None while it renews.
+    unreachable_for: float | None = None
+    #: Its agent says it cannot act (libvirtd does not answer): ComputeNode Ready=False.
+    ready: bool = True
+    #: An admin or a node-health tool says the node is down for good (spec.fenced, or its Node is gone).
+    fenced: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +116,12 @@ def _misfit(
         return "disabled", ""
     if node.maintenance:
         return "in maintenance", ""
+    if node.fenced:
+        return "fenced", ""
+    if node.unreachable_for is not None:
+        return "agent not reporting (its Lease expired)", ""
+    if not node.ready:
+        return "not ready (its agent cannot reach libvirt)", ""
     mismatch = sorted(k for k, v in (selector or {}).items() if node.labels.get(k) != v)
     if mismatch:
         return f"labels do not match spec.nodeSelector ({', '.join(mismatch)})", ""
