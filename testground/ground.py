@@ -125,8 +125,8 @@ def install_crds(ground: Ground) -> None:
     )
 
 
-def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
-    """The agent command of a node and the marker that finds its process again."""
+def agent_process(ground: Ground, node: str, *extra: str) -> tuple[list[str], str]:
+    """The agent command of a node (``extra``: more flags) and the marker that finds its process again."""
     address = node_address(node)
     index = int(node.rsplit("-", 1)[1])
     return (
@@ -160,6 +160,7 @@ def agent_process(ground: Ground, node: str) -> tuple[list[str], str]:
             "--default-network",
             "default",
             *AGENT_TEST_SETTINGS,
+            *extra,
         ],
         f"--node {node} --libvirt-uri",
     )
@@ -208,11 +209,11 @@ def start_kubenova(ground: Ground) -> None:
     _wait_registered(ground, ground.node)
 
 
-def add_node(ground: Ground, node: str) -> str:
-    """Another compute node: its own libvirtd in a network namespace and its own agent; returns its
-    address."""
+def add_node(ground: Ground, node: str, *agent_flags: str) -> str:
+    """Another compute node: its own libvirtd in a network namespace and its own agent (with
+    ``agent_flags`` added); returns its address."""
     libvirt_host.start(ground.layout, node, node_address(node))
-    _ensure_running(ground, {f"agent-{node}": agent_process(ground, node)})
+    _ensure_running(ground, {f"agent-{node}": agent_process(ground, node, *agent_flags)})
     _wait_registered(ground, node)
     return node_address(node)
 

@@ -203,6 +203,11 @@ def _install_hook(hooks: pathlib.Path, instances: pathlib.Path) -> None:
     (hooks / "qemu").chmod(0o755)
 
 
+def daemon_pid(layout: Layout, node: str) -> int | None:
+    """The pid of this host's libvirtd, while it runs."""
+    return _pid(host_dir(layout, node) / "libvirtd.pid")
+
+
 def kill_daemon(layout: Layout, node: str) -> int:
     """kill -9 of this host's libvirtd alone, as a crash would: virtlogd and the QEMUs keep running."""
     pid = _pid(host_dir(layout, node) / "libvirtd.pid")

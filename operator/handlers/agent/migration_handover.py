@@ -34,6 +34,11 @@ class Gone(Exception):
     """The instance this migration moves was deleted or replaced."""
 
 
+class Superseded(Exception):
+    """A step's write found the Migration changed since the step read it (the controller ended it while
+    this agent was away, or a user cancelled): the step stops, and runs again on the newest copy."""
+
+
 class Handover:
     """The writes of the migration steps; ``status`` writes Migrations, ``instance_status`` instances."""
 
@@ -53,9 +58,12 @@ class Handover:
         self.cache = cache
         self.instance_cache = instance_cache
 
-    def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
-        """Patch the Migration's status; its answer is the newest body."""
-        fresh = self.status.write(body, patch)
+    def write(self, body: dict[str, Any], patch: dict[str, Any], guard: bool = False) -> None:
+        """Patch the Migration's status; its answer is the newest body. ``guard``: only if the Migration is
+        still the version the step decided on (Superseded otherwise), as every step's hand-over is."""
+        fresh = self.status.write(body, patch, guard=guard)
+        if fresh is None and guard:
+            raise Superseded(f"migration {body['metadata']['name']} changed or went away meanwhile")
         if fresh is None or fresh is body:  # gone (its watch event drops it here), or nothing new
             return
         self.cache.written(fresh)
@@ -66,7 +74,9 @@ class Handover:
         """The last write of a migration; its instance is looked at again on this node."""
         faults.point(f"migration.{body['status']['step']}")
         self.write(
-            body, {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra}
+            body,
+            {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra},
+            guard=True,
         )
         self.events.post(
             body,
@@ -79,7 +89,7 @@ class Handover:
     def hand_over(self, body: dict[str, Any], step: str, message: str, **extra: Any) -> None:
         """Name the next step (the other node's, or this one's own)."""
         faults.point(f"migration.{body['status']['step']}")  # this step's work is done, not yet said
-        self.write(body, {"step": step, "message": message, **extra})
+        self.write(body, {"step": step, "message": message, **extra}, guard=True)
 
     def published_uri(self, node: str) -> str:
         """The migration URI ``node``'s own agent publishes in its ComputeNode (admission lets no other

@@ -29,7 +29,7 @@ from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.cold_migration_steps import ColdSteps
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB, LiveSteps
-from kubenova.handlers.agent.migration_handover import Gone, Handover
+from kubenova.handlers.agent.migration_handover import Gone, Handover, Superseded
 from kubenova.handlers.agent.migration_turns import owner
 from kubenova.handlers.shared import WritesStatus, is_final
 
@@ -92,6 +92,9 @@ class MigrationAgent:
         try:
             self._step(body)
             self.cache.succeeded(uid)
+        except Superseded as exc:  # the watch brings the newer version; its step decides anew
+            log.info("%s; its step runs again on the newest copy", exc)
+            self.cache.retry_later(uid)
         except (DriverError, kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
             log.warning("migration %s: %s; trying again", uid, exc)
             self.cache.retry_later(uid)

@@ -311,12 +311,12 @@ class Controller:
             self.health.forget(node)
             return
         was_down = node in self.health.unreachable_for()
-        first = self.health.renewed(
+        new = self.health.renewed(
             node,
             binding.parse_time(spec.get("renewTime")),
             float(spec.get("leaseDurationSeconds") or DEFAULT_LEASE_SECONDS),
         )
-        if was_down or first:
+        if was_down or new:
             self.retry()
 
     def _health_pass(self) -> None:
@@ -334,8 +334,13 @@ class Controller:
 
     def _fence_pass(self) -> None:
         nodes = _nodes(self.indexes, self.health.unreachable_for())
-        if any(view.fenced for view in nodes.values()):
-            self.fencing.recover(nodes)
+        if not any(view.fenced for view in nodes.values()):
+            return
+        unbound = self.fencing.recover(nodes)
+        for uid in unbound:  # its bind on the fenced node must not count as "bound a moment ago"
+            self.reservations.release(uid)
+        if unbound:
+            self.retry()
 
     def migration_changed(self, **found: Any) -> None:
         """A Migration changed: the planner takes another look at all of them."""

@@ -73,18 +73,21 @@ class Fencing:
         self.status = StatusWriter(custom, VIRTUALINSTANCES)
         self._said: set[tuple[str, str]] = set()  # (uid, why) already told in an Event
 
-    def recover(self, nodes: Mapping[str, NodeView]) -> None:
+    def recover(self, nodes: Mapping[str, NodeView]) -> list[str]:
+        """One pass; returns the uids of the instances it unbound (placement takes them next)."""
         fenced = [name for name, view in nodes.items() if view.fenced]
         if not fenced:
-            return
+            return []
         migrations = typed(self.custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS))["items"]
         migrating = {
             (m.get("status") or {}).get("instanceUID", "")
             for m in migrations
             if (m.get("status") or {}).get("step") and not is_final(m.get("status") or {})
         }
+        unbound: list[str] = []
         for node in fenced:
-            self._recover_node(node, migrating)
+            unbound.extend(self._recover_node(node, migrating))
+        return unbound
 
     def _list(self, plural: str, node: str) -> list[dict[str, Any]]:
         listed = typed(
@@ -94,7 +97,8 @@ class Fencing:
         )
         return list(listed["items"])
 
-    def _recover_node(self, node: str, migrating: set[str]) -> None:
+    def _recover_node(self, node: str, migrating: set[str]) -> list[str]:
+        unbound = []
         attached = set()
         for volume in self._list(VOLUMEATTACHMENTS, node):
             if volume["metadata"].get("deletionTimestamp"):
@@ -111,9 +115,11 @@ class Fencing:
             if why:
                 self._tell(instance, "NotRecovered", f"its node {node} is fenced; it stays there: {why}")
                 continue
-            self._unbind(instance, node)
+            if self._unbind(instance, node):
+                unbound.append(meta["uid"])
+        return unbound
 
-    def _unbind(self, instance: dict[str, Any], node: str) -> None:
+    def _unbind(self, instance: dict[str, Any], node: str) -> bool:
         """Status first (no node, Pending, why), then the label: placement takes it from there."""
         meta = instance["metadata"]
         message = f"its node {node} was fenced; kubenova starts it on another node with a new boot"
@@ -121,7 +127,7 @@ class Fencing:
         set_condition(patch, instance.get("status") or {}, "Ready", False, "NodeFenced", message)
         fresh = self.status.write(instance, patch, guard=True)
         if fresh is None:
-            return  # changed meanwhile, or gone: the next pass decides on a fresh copy
+            return False  # changed meanwhile, or gone: the next pass decides on a fresh copy
         try:
             self.custom.patch_namespaced_custom_object(
                 GROUP,
@@ -138,12 +144,13 @@ class Fencing:
             )
         except kubernetes.client.ApiException as exc:
             if exc.status in (404, 409):
-                return  # the next pass sees the status write and unbinds again
+                return False  # the next pass sees the status write and unbinds again
             raise
         log.warning(
             "%s/%s: node %s is fenced; unbound for a restart elsewhere", meta["namespace"], meta["name"], node
         )
         self._tell(instance, "Rescheduled", message, once=False)
+        return True
 
     def _tell(self, instance: Mapping[str, Any], reason: str, message: str, once: bool = True) -> None:
         key = (instance["metadata"]["uid"], message)

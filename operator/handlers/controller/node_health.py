@@ -113,13 +113,13 @@ class NodeHealth:
         self._marked: dict[str, float] = {}  # node -> when its objects were last marked Unknown
 
     def renewed(self, node: str, renew_time: datetime.datetime | None, duration: float) -> bool:
-        """Record a Lease as the watch brought it; whether it is news (a renewal not seen before)."""
+        """Record a Lease as the watch brought it (a renewal counts from when it is first seen); whether
+        the node is new to the controller."""
         with self._lock:
             known = self._renewals.get(node)
-            if known is not None and known.renew_time == renew_time:
-                return False
-            self._renewals[node] = _Renewal(renew_time, duration, self.clock())
-            return True
+            if known is None or known.renew_time != renew_time:
+                self._renewals[node] = _Renewal(renew_time, duration, self.clock())
+            return known is None
 
     def forget(self, node: str) -> None:
         """The Lease is gone (the node was removed): nothing to judge any more."""
