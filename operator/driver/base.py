@@ -32,6 +32,7 @@ from kubenova.driver.errors import (
 )
 from kubenova.driver.types import (
     BlockStats,
+    Convergence,
     CpuInfo,
     Diagnostics,
     FirewallRule,
@@ -98,6 +99,7 @@ __all__ = [
     "VolumeConnector",
     "MigrationProgress",
     "ProgressCallback",
+    "Convergence",
     "MigrationOutcome",
 ]
 
@@ -356,16 +358,27 @@ class ComputeDriver(abc.ABC):
         progress: ProgressCallback | None = None,
         block_migration: bool = True,
         max_bandwidth_mib: int | None = None,
+        convergence: Convergence | None = None,
     ) -> None:
-        """Live migration, source side: move the running instance; raises on failure (it stays here).
+        """Live migration, source side: move the running instance; raises on failure (it stays here, unless
+        the transfer was switched to post-copy).
 
         ``block_migration`` copies the disks' own data (no shared storage needed); on success
-        the source's files are removed.
+        the source's files are removed. ``max_bandwidth_mib`` caps pre-copy and post-copy alike.
         """
 
     @abc.abstractmethod
     def abort_live_migration(self, uuid: str) -> None:
-        """Cancel a live migration in progress; the instance keeps running here."""
+        """Cancel a live migration in progress; the instance keeps running here. Refused (DriverError) once
+        the transfer is in post-copy."""
+
+    @abc.abstractmethod
+    def live_migration_force_complete(self, uuid: str) -> None:
+        """Switch the transfer in progress to post-copy (it must have been started with
+        ``convergence.post_copy``): the guest goes on at the target at once and the rest of its memory
+        follows, each page once, so the transfer ends. Nova's name, and what its libvirt driver does when
+        post-copy is permitted. The point of no return: from here no host holds the whole guest until
+        the transfer ends, it cannot be aborted, and a failure loses the guest."""
 
     @abc.abstractmethod
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
