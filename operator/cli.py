@@ -121,6 +121,18 @@ def parser() -> argparse.ArgumentParser:
         "spec.completionTimeoutPerGiB overrides it [150]",
     )
     agent.add_argument(
+        "--migration-auto-converge",
+        action="store_true",
+        help="live transfers slow a guest that writes memory faster than the link carries it, unless a "
+        "Migration's spec.convergence says otherwise",
+    )
+    agent.add_argument(
+        "--migration-post-copy",
+        action="store_true",
+        help="live transfers that pre-copy cannot end switch to post-copy (a failure then loses the guest), "
+        "unless a Migration's spec.convergence says otherwise",
+    )
+    agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
         help="host:port of the Prometheus /metrics endpoint [127.0.0.1:9464]",
@@ -203,7 +215,7 @@ def _namespace_networks(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from kubenova.driver.base import ComputeDriver
+    from kubenova.driver.base import ComputeDriver, Convergence
     from kubenova.driver.images import ImageStore
     from kubenova.handlers.agent import app as agent
     from kubenova.handlers.agent import node_reporter
@@ -252,6 +264,7 @@ def _agent(args: argparse.Namespace) -> int:
             image_cache_interval=args.image_cache_interval,
             image_cache_grace=args.image_cache_grace,
             migration_timeout_per_gib=args.migration_completion_timeout_per_gib,
+            migration_convergence=Convergence(args.migration_auto_converge, args.migration_post_copy),
             settings=settings,
         ),
         driver,

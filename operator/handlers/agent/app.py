@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova.driver.base import ComputeDriver
+from kubenova.driver.base import ComputeDriver, Convergence
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import diagnostics
 from kubenova.handlers.agent.cache import ObjectCache
@@ -66,6 +66,8 @@ class AgentConfig:
     image_cache_grace: float = 86400.0
     #: A live transfer's deadline per GiB of guest memory, unless its Migration names one.
     migration_timeout_per_gib: float = DEFAULT_TIMEOUT_PER_GIB
+    #: How a live transfer may force its end, unless its Migration says.
+    migration_convergence: Convergence = Convergence()
     settings: Settings = dataclasses.field(default_factory=Settings)
 
 
@@ -170,6 +172,7 @@ class Agent:
             self.instance_cache,
             self.instances.driver_spec,
             config.migration_timeout_per_gib,
+            config.migration_convergence,
         )
         self.reporter = NodeReporter(
             config.node,
