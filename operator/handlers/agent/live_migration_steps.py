@@ -317,7 +317,8 @@ class LiveSteps:
     def _switch(self, body: dict[str, Any], watch: TransferWatch, step: MigrationProgress) -> None:
         """Switch to post-copy, said first: a restarted agent, and the instance's reconciler, must know
         that no host holds the whole guest. Not switched when that cannot be said (tried again at the next
-        report)."""
+        pass, or past the deadline at the next report); when libvirt refuses, the transfer goes on as one
+        without post-copy (the deadline aborts it)."""
         watch.post_copy_at = time.monotonic()
         try:
             self.handover.write(body, {"progress": progress_of(step, watch)})
