@@ -258,6 +258,11 @@ class Confirmation(TypedDict, total=False):
     autoConfirmSeconds: int
 
 
+class Convergence(TypedDict, total=False):
+    autoConverge: bool
+    postCopy: bool
+
+
 class MigrationSpec(TypedDict, total=False):
     instanceRef: InstanceRef
     type: str
@@ -267,6 +272,7 @@ class MigrationSpec(TypedDict, total=False):
     decision: str
     bandwidthMiBps: int
     completionTimeoutPerGiB: int
+    convergence: Convergence
     cancel: bool
 
 
@@ -279,6 +285,9 @@ class Progress(TypedDict, total=False):
     expectedDowntimeMs: int
     downtimeMs: int
     elapsedMs: int
+    mode: str
+    postCopyAfterMs: int
+    cpuThrottlePercent: int
 
 
 class Handoff(TypedDict, total=False):

@@ -140,6 +140,18 @@ def parser() -> argparse.ArgumentParser:
         "that Node or tainting it node.kubernetes.io/out-of-service fences this node",
     )
     agent.add_argument(
+        "--migration-auto-converge",
+        action="store_true",
+        help="live transfers slow a guest that writes memory faster than the link carries it, unless a "
+        "Migration's spec.convergence says otherwise",
+    )
+    agent.add_argument(
+        "--migration-post-copy",
+        action="store_true",
+        help="live transfers that pre-copy cannot end switch to post-copy (a failure then loses the guest), "
+        "unless a Migration's spec.convergence says otherwise",
+    )
+    agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
         help="host:port of the Prometheus /metrics endpoint and the /healthz and /readyz probes "
@@ -223,7 +235,7 @@ def _namespace_networks(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from kubenova.driver.base import ComputeDriver
+    from kubenova.driver.base import ComputeDriver, Convergence
     from kubenova.driver.images import ImageStore
     from kubenova.handlers.agent import app as agent
     from kubenova.handlers.agent import node_reporter
@@ -274,6 +286,7 @@ def _agent(args: argparse.Namespace) -> int:
             migration_timeout_per_gib=args.migration_completion_timeout_per_gib,
             lease_seconds=args.lease_duration,
             kubernetes_node=args.kubernetes_node,
+            migration_convergence=Convergence(args.migration_auto_converge, args.migration_post_copy),
             settings=settings,
         ),
         driver,

@@ -38,6 +38,9 @@ SPOOFING = "kubenova-spoofing"
 SPOOFED = "kubenova-spoofed"
 #: "kubenova-size cpus=N memtotal-kib=M": what the guest's kernel sees (a resize shows here).
 SIZE = "kubenova-size"
+#: "kubenova-dirty <MiB>": the guest (kubenova.dirty=<MiB>) has filled that much memory and now rewrites it
+#: without end, as a busy database would.
+DIRTY = "kubenova-dirty"
 KERNEL = "kubenova-test-vmlinuz"
 INITRD = "kubenova-test-initrd.img"
 DISK_IMAGE = "kubenova-test-disk.qcow2"
@@ -67,10 +70,12 @@ role=guest
 write_dev=
 write_pattern=
 spoof_mac=
+dirty_mib=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     kubenova.role=rescue) role=rescue ;;
     kubenova.spoof=*) spoof_mac=${{arg#kubenova.spoof=}} ;;
+    kubenova.dirty=*) dirty_mib=${{arg#kubenova.dirty=}} ;;
     kubenova.write=*:*)
       spec=${{arg#kubenova.write=}}
       write_dev=${{spec%%:*}}
@@ -80,6 +85,7 @@ done
 case "$write_dev" in ''|*[!a-z0-9]*) write_dev= ;; esac
 case "$write_pattern" in ''|*[!A-Za-z0-9-]*) write_dev= ;; esac
 case "$spoof_mac" in ''|*[!0-9a-f:]*) spoof_mac= ;; esac
+case "$dirty_mib" in ''|*[!0-9]*) dirty_mib= ;; esac
 
 if [ "$role" = rescue ]; then
   echo "{RESCUE_MARKER} kernel=$(uname -r)"
@@ -128,6 +134,21 @@ if [ -e /sys/class/net/eth0 ]; then
   fi
 fi
 
+# Memory that never settles: a file on the initramfs's RAM filesystem, read and written back in place
+# without end, so a live migration's pre-copy finds its pages dirty again at every pass. Random bytes, not
+# zeros: QEMU sends a zero page as a few bytes however often it is written.
+if [ -n "$dirty_mib" ]; then
+  dd if=/dev/urandom of=/dirty-seed bs=1048576 count=1 2>/dev/null
+  n=0
+  while [ "$n" -lt "$dirty_mib" ]; do
+    dd if=/dirty-seed of=/dirty bs=1048576 seek="$n" conv=notrunc 2>/dev/null
+    n=$((n + 1))
+  done
+  rm -f /dirty-seed
+  echo "{DIRTY} $dirty_mib"
+  while true; do dd if=/dirty of=/dirty bs=1048576 conv=notrunc 2>/dev/null; done &
+fi
+
 # Hot-plugged disks appear later (PCI hotplug, devtmpfs makes the node): poll every tick.
 written=
 i=0
@@ -167,6 +188,14 @@ def write_hook(dev: str, pattern: str) -> str:
             f"kubenova.write needs dev [a-z0-9]+ and pattern [A-Za-z0-9-]+, not {dev!r}:{pattern!r}"
         )
     return f"kubenova.write={dev}:{pattern}"
+
+
+def dirty_hook(mib: int) -> str:
+    """The cmdline argument that makes the guest fill ``mib`` MiB of its memory and rewrite them without
+    end (it prints ``DIRTY`` once it has begun). It must fit the guest's RAM filesystem, half its memory."""
+    if not 1 <= mib <= 4096:
+        raise ValueError(f"kubenova.dirty needs 1 to 4096 MiB, not {mib}")
+    return f"kubenova.dirty={mib}"
 
 
 def _kernel_package(cache: pathlib.Path) -> tuple[str, str]:

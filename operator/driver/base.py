@@ -6,17 +6,16 @@ meaning on one node is here. A driver that cannot do something raises ``Unsuppor
 with the reason; nothing is ever silently a no-op.
 
 The values it passes and returns live in ``kubenova.driver.types``, its errors in
-``kubenova.driver.errors``; this module re-exports both (``__all__``), so callers import
-everything from here.
+``kubenova.driver.errors``, the checks both drivers make in ``kubenova.driver.checks``; this module
+re-exports them (``__all__``), so callers import everything from here.
 """
 
 from __future__ import annotations
 
 import abc
-import ipaddress
-import posixpath
 from collections.abc import Callable, Collection
 
+from kubenova.driver.checks import check_handed_disks, check_instance, check_macs, check_rules
 from kubenova.driver.errors import (
     CPUIncompatible,
     DriverError,
@@ -33,6 +32,7 @@ from kubenova.driver.errors import (
 )
 from kubenova.driver.types import (
     BlockStats,
+    Convergence,
     CpuInfo,
     Diagnostics,
     FirewallRule,
@@ -63,6 +63,7 @@ __all__ = [
     "ComputeDriver",
     "check_instance",
     "check_macs",
+    "check_handed_disks",
     "DriverError",
     "InstanceNotFound",
     "InstanceExists",
@@ -98,72 +99,9 @@ __all__ = [
     "VolumeConnector",
     "MigrationProgress",
     "ProgressCallback",
+    "Convergence",
     "MigrationOutcome",
 ]
-
-
-def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
-    """What every driver refuses before it makes anything, so a refusal leaves nothing behind."""
-    if instance.memory_mib > host_memory_mib:
-        raise InsufficientResources(
-            "spec.flavor.memoryMiB",
-            f"{instance.memory_mib} MiB is more than the {host_memory_mib} MiB this host has",
-        )
-    if instance.vnc_password is not None and not 0 < len(instance.vnc_password) <= 8:
-        raise InvalidInstanceSpec(
-            "vncPassword",
-            "VNC passwords have 1 to 8 characters (a limit of the VNC protocol's authentication)",
-        )
-    if instance.boot is None and instance.image is None:
-        raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
-
-
-def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
-    """Refuse a MAC that another instance on the host has (``in_use``: MAC -> who): two NICs with one
-    address on a network confuse the switch and let one guest receive the other's traffic."""
-    for index, (iface, mac) in enumerate(zip(instance.interfaces, instance.macs(), strict=True)):
-        holder = in_use.get(mac.lower())
-        if holder is not None:
-            how = "is" if iface.mac else f"was derived for interface {iface.name!r} and is"
-            raise InvalidInstanceSpec(
-                f"spec.interfaces[{index}].macAddress",
-                f"{mac} {how} already used by {holder} on this host; set another macAddress",
-            )
-
-
-#: What an invalid rule is named after: the method's own argument, since no CRD carries firewall rules yet
-#: (a future spec.firewall brings them); never a spec field that does not exist.
-RULES_FIELD = "rules"
-PROTOCOLS = ("tcp", "udp", "icmp", "all")
-
-
-def check_rules(rules: Collection[FirewallRule]) -> None:
-    """Refuse a rule no firewall can express, naming it by its place, before anything is applied: a filter
-    half redefined would let in less, or more, than either the old rules or the new."""
-    for index, rule in enumerate(rules):
-        field = f"{RULES_FIELD}[{index}]"
-        if rule.protocol not in PROTOCOLS:
-            raise InvalidInstanceSpec(f"{field}.protocol", f"unknown protocol {rule.protocol!r}")
-        try:
-            ipaddress.ip_network(rule.cidr)
-        except ValueError as exc:
-            raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
-
-
-def check_handed_disks(uuid: str, disk_info: Collection[str]) -> None:
-    """Refuse a cold migration's hand-off that names any file but the moved instance's own: the list
-    travels in the Migration's status from the source, and taken as is, a forged one would make
-    the target fetch any file the source's libvirtd can read (another tenant's disk, a host secret)
-    into a guest. Only files directly in a folder named for the instance (instances/<uuid>/) pass.
-    """
-    for path in disk_info:
-        pure = posixpath.normpath(path)
-        folder, name = posixpath.split(pure)
-        if pure != path or not posixpath.isabs(path) or posixpath.basename(folder) != uuid or not name:
-            raise DriverError(
-                f"refused the source's hand-off: {path!r} is not a file of instances/{uuid}/, the "
-                "folder of the instance being moved"
-            )
 
 
 class ComputeDriver(abc.ABC):
@@ -420,16 +358,27 @@ class ComputeDriver(abc.ABC):
         progress: ProgressCallback | None = None,
         block_migration: bool = True,
         max_bandwidth_mib: int | None = None,
+        convergence: Convergence | None = None,
     ) -> None:
-        """Live migration, source side: move the running instance; raises on failure (it stays here).
+        """Live migration, source side: move the running instance; raises on failure (it stays here, unless
+        the transfer was switched to post-copy).
 
         ``block_migration`` copies the disks' own data (no shared storage needed); on success
-        the source's files are removed.
+        the source's files are removed. ``max_bandwidth_mib`` caps pre-copy and post-copy alike.
         """
 
     @abc.abstractmethod
     def abort_live_migration(self, uuid: str) -> None:
-        """Cancel a live migration in progress; the instance keeps running here."""
+        """Cancel a live migration in progress; the instance keeps running here. Refused (DriverError) once
+        the transfer is in post-copy."""
+
+    @abc.abstractmethod
+    def live_migration_force_complete(self, uuid: str) -> None:
+        """Switch the transfer in progress to post-copy (it must have been started with
+        ``convergence.post_copy``): the guest goes on at the target at once and the rest of its memory
+        follows, each page once, so the transfer ends. Nova's name, and what its libvirt driver does when
+        post-copy is permitted. The point of no return: from here no host holds the whole guest until
+        the transfer ends, it cannot be aborted, and a failure loses the guest."""
 
     @abc.abstractmethod
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:

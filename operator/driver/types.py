@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import hashlib
 from collections.abc import Callable
+from typing import ClassVar
 
 
 class PowerState(enum.Enum):
@@ -284,9 +285,29 @@ class MigrationProgress:
     data_remaining: int
     iteration: int
     expected_downtime_ms: int
+    #: how much auto-converge slows the guest's vCPUs now, in percent (0 when it does not)
+    cpu_throttle_percent: int = 0
 
 
 ProgressCallback = Callable[[MigrationProgress], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Convergence:
+    """How a live transfer may force its end when the guest writes memory faster than the link carries it
+    (a Migration's spec.convergence): pre-copy alone then never ends."""
+
+    #: Auto-converge's first throttle and its step at each memory pass, in percent of the guest's vCPU time.
+    #: QEMU's own 20 and 10 take eight passes to reach 90 %; over a capped link a pass of a busy guest takes
+    #: many seconds, so a guest that writes memory fast would run into its deadline first.
+    THROTTLE_INITIAL: ClassVar[int] = 40
+    THROTTLE_STEP: ClassVar[int] = 20
+
+    #: slow the guest's vCPUs a step at each memory pass until the copy keeps up (libvirt's auto-converge)
+    auto_converge: bool = False
+    #: allow ``live_migration_force_complete``: the guest goes on at the target, which fetches the pages it
+    #: still lacks from the source; certain to end, but a failure from then on loses the guest
+    post_copy: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -238,6 +238,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("mig-decision-unknown", with_(MIG, "spec.decision", "Maybe"), "spec.decision"),
     (
+        "mig-cold-convergence",
+        with_(MIG, "spec.convergence", {"postCopy": True}),
+        "spec.convergence applies to Live migrations only",
+    ),
+    (
+        "mig-post-copy-string",
+        with_(MIG, "spec.convergence", {"postCopy": "yes"}),
+        "spec.convergence.postCopy",
+    ),
+    (
         "mig-auto-confirm-negative",
         with_(MIG, "spec.confirmation", {"autoConfirmSeconds": -5}),
         "spec.confirmation.autoConfirmSeconds",
@@ -275,6 +285,12 @@ IMMUTABLE: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         "cannot change once made",
     ),
     ("mig-uncancel", with_(MIG, "spec.cancel", True), {"spec": {"cancel": False}}, "cannot go back to false"),
+    (
+        "mig-convergence",
+        with_(with_(MIG, "spec.type", "Live"), "spec.convergence", {"autoConverge": True}),
+        {"spec": {"convergence": {"postCopy": True}}},
+        "spec.convergence is immutable",
+    ),
     (
         "vi-root-disk-shrinks",
         with_(VI, "spec.rootDisk", {"sizeGiB": 2}),

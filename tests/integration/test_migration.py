@@ -408,6 +408,111 @@ def test_a_transfer_that_cannot_finish_in_time_fails_at_its_deadline_and_the_gue
     delete_and_wait(custom, namespace, "late")
 
 
+#: A guest that pre-copy cannot move: it rewrites 64 MiB of its 256 MiB without end, over a link capped at
+#: 8 MiB/s. The first memory pass carries what is not zero (the 64 MiB, the kernel, the initramfs's files:
+#: about 90 MiB, some 12 s); every pass after it carries the 64 MiB again (8 s), which the guest has
+#: rewritten long before (a dd of 64 MiB takes well under a second even under TCG), so what is left never
+#: shrinks to what the 300 ms of downtime allowed could carry (2.4 MiB). A quiet guest of this size moves in
+#: about 5 s. The deadline, 120 s per GiB of 256 MiB, is 30 s: six times what the quiet guest needs.
+BUSY_MIB, BUSY_MEMORY_MIB, BUSY_BANDWIDTH, BUSY_TIMEOUT_PER_GIB, BUSY_DEADLINE = 64, 256, 8, 120, 30
+
+
+def busy(
+    ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str
+) -> tuple[str, str]:
+    """Create a guest that rewrites BUSY_MIB of its memory without end; once it does, (uid, node)."""
+    cmdline = f"{guest.CMDLINE} {guest.dirty_hook(BUSY_MIB)}"
+    body = vi(
+        name,
+        flavor={"vcpus": 1, "memoryMiB": BUSY_MEMORY_MIB},
+        boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
+    )
+    uid, source = running(ground, custom, namespace, body)
+    eventually(
+        lambda: f"{guest.DIRTY} {BUSY_MIB}" in console(ground, uid, source),
+        timeout=30,
+        what="the guest to rewrite its memory",
+    )
+    return uid, source
+
+
+def test_a_guest_that_writes_memory_faster_than_the_link_fails_at_its_deadline_and_stays(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    """Without spec.convergence pre-copy goes round until the deadline aborts it (about 40 s in all)."""
+    uid, source = busy(ground, custom, namespace, "busy")
+    started = time.monotonic()
+    migrate(
+        custom,
+        namespace,
+        "busy-1",
+        "busy",
+        bandwidthMiBps=BUSY_BANDWIDTH,
+        completionTimeoutPerGiB=BUSY_TIMEOUT_PER_GIB,
+    )
+    status = wait_phase(custom, namespace, "busy-1", "Failed", "Succeeded", "Cancelled", timeout=90)["status"]
+    took = time.monotonic() - started
+    assert status["phase"] == "Failed", status.get("message")
+    assert f"did not complete within {BUSY_DEADLINE} s" in status["message"], status["message"]
+    assert f"keeps running on {source}" in status["message"]
+    assert status["progress"]["mode"] == "PreCopy" and status["progress"]["iteration"] >= 2
+    stayed_on_the_source(ground, custom, namespace, "busy", uid, source)
+    assert console(ground, uid, source).count(guest.BOOT_MARKER) == 1, "no second boot"
+    print(
+        f"busy guest without convergence: Failed {took:.1f}s after its creation (deadline {BUSY_DEADLINE} s)"
+    )
+    delete_and_wait(custom, namespace, "busy")
+
+
+def test_post_copy_moves_a_guest_that_pre_copy_cannot_and_it_goes_on_counting(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    """The same guest, cap and deadline as above, with spec.convergence.postCopy. The third pass begins with
+    as much left as the second (the 64 MiB), so the transfer switches to post-copy then (about 20 to 25 s
+    in; at the deadline, 30 s, at the latest), and ends once the rest has followed, each page once, at the
+    same 8 MiB/s: at most about 100 MiB more, some 12 s. About 40 s in all; 90 s allowed."""
+    uid, source = busy(ground, custom, namespace, "busier")
+    target = other(source)
+    started = time.monotonic()
+    migrate(
+        custom,
+        namespace,
+        "busier-1",
+        "busier",
+        bandwidthMiBps=BUSY_BANDWIDTH,
+        completionTimeoutPerGiB=BUSY_TIMEOUT_PER_GIB,
+        convergence={"postCopy": True},
+    )
+    status = wait_phase(custom, namespace, "busier-1", "Succeeded", "Failed", "Cancelled", timeout=90)[
+        "status"
+    ]
+    took = time.monotonic() - started
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["progress"]["mode"] == "PostCopy" and "converged with post-copy after" in status["message"]
+    assert status["progress"]["postCopyAfterMs"] <= (BUSY_DEADLINE + 5) * 1000, "switched by the deadline"
+    assert node_of(custom, namespace, "busier") == target
+    assert has_domain(ground, target, uid) and not has_domain(ground, source, uid)
+    # The same guest goes on counting on the target: no new boot.
+    first = eventually(
+        lambda: ticks(ground, uid, target) >= 0 and ticks(ground, uid, target),
+        timeout=30,
+        what="the counter on the target",
+    )
+    eventually(lambda: ticks(ground, uid, target) > first, timeout=30, what="the counter to go on")
+    assert guest.BOOT_MARKER not in console(ground, uid, target)
+    print(
+        f"busy guest with post-copy: Succeeded {took:.1f}s after its creation, switched after "
+        f"{status['progress']['postCopyAfterMs'] / 1000:.1f}s"
+    )
+    delete_and_wait(custom, namespace, "busier")
+
+
 def test_a_migration_to_a_dead_target_fails_clearly_and_leaves_the_guest_alone(
     ground: testground.Ground,
     custom: kubernetes.client.CustomObjectsApi,

@@ -21,6 +21,7 @@ from kubenova.driver import base, cloudinit, fake
 from kubenova.driver.base import (
     BlockStats,
     ComputeDriver,
+    Convergence,
     CPUIncompatible,
     CpuInfo,
     DriverError,
@@ -1180,6 +1181,88 @@ def test_an_abort_from_another_thread_stops_the_migration(driver: FakeDriver, ta
     with pytest.raises(DriverError, match="aborted"):
         driver.live_migration(s.uuid, target.uri, f"{target.uri}/{s.uuid}", abort_at_second_step)
     assert driver.instance_exists(s.uuid) and not target.instance_exists(s.uuid)
+
+
+def busy_guest(driver: FakeDriver, target: FakeDriver, mib: int = 64) -> InstanceSpec:
+    """A running guest that rewrites ``mib`` MiB of memory without end, its target prepared."""
+    s = spec(
+        boot=KernelBoot(f"/images/{KERNEL}", f"/images/{INITRD}", f"console=ttyS0 {guest.dirty_hook(mib)}")
+    )
+    driver.spawn(s)
+    target.pre_live_migration(s)
+    return s
+
+
+def test_pre_copy_alone_never_ends_for_a_guest_that_writes_memory_fast(
+    driver: FakeDriver, target: FakeDriver
+) -> None:
+    s = busy_guest(driver, target)
+    left: list[int] = []
+    with pytest.raises(DriverError, match="did not converge"):
+        driver.live_migration(
+            s.uuid, target.uri, f"{target.uri}/{s.uuid}", lambda p: left.append(p.data_remaining)
+        )
+    assert min(left) == 64 * 2**20, "every pass finds the guest's 64 MiB dirty again"
+    assert driver.get_info(s.uuid).state is PowerState.RUNNING and not target.instance_exists(s.uuid)
+
+
+def test_auto_converge_slows_the_guest_until_the_copy_keeps_up(
+    driver: FakeDriver, target: FakeDriver
+) -> None:
+    s = busy_guest(driver, target)
+    seen: list[MigrationProgress] = []
+    driver.live_migration(
+        s.uuid, target.uri, f"{target.uri}/{s.uuid}", seen.append, convergence=Convergence(auto_converge=True)
+    )
+    assert [p.cpu_throttle_percent for p in seen][:3] == [0, Convergence.THROTTLE_INITIAL, 60]
+    assert seen[-1].data_remaining <= 2**20 and target.instance_exists(s.uuid)
+
+
+def test_post_copy_ends_the_transfer_and_cannot_be_aborted(driver: FakeDriver, target: FakeDriver) -> None:
+    s = busy_guest(driver, target)
+
+    def switch_at_third_pass(p: MigrationProgress) -> None:
+        if p.iteration == 3:
+            driver.live_migration_force_complete(s.uuid)
+            with pytest.raises(DriverError, match="post-copy"):
+                driver.abort_live_migration(s.uuid)
+
+    driver.live_migration(
+        s.uuid,
+        target.uri,
+        f"{target.uri}/{s.uuid}",
+        switch_at_third_pass,
+        convergence=Convergence(post_copy=True),
+    )
+    assert target.get_info(s.uuid).state is PowerState.RUNNING and not driver.instance_exists(s.uuid)
+
+
+def test_post_copy_needs_a_transfer_that_allows_it(driver: FakeDriver, target: FakeDriver) -> None:
+    s = busy_guest(driver, target)
+    with pytest.raises(DriverError, match="no live migration"):
+        driver.live_migration_force_complete(s.uuid)
+
+    def switch(p: MigrationProgress) -> None:
+        with pytest.raises(DriverError, match="not started with post-copy allowed"):
+            driver.live_migration_force_complete(s.uuid)
+        driver.abort_live_migration(s.uuid)
+
+    with pytest.raises(DriverError, match="aborted"):
+        driver.live_migration(s.uuid, target.uri, f"{target.uri}/{s.uuid}", switch)
+
+
+def test_a_post_copy_that_fails_leaves_the_source_half_paused(driver: FakeDriver, target: FakeDriver) -> None:
+    s = busy_guest(driver, target)
+    driver.break_post_copy(s.uuid)
+    with pytest.raises(DriverError, match="post-copy"):
+        driver.live_migration(
+            s.uuid,
+            target.uri,
+            f"{target.uri}/{s.uuid}",
+            lambda p: driver.live_migration_force_complete(s.uuid),
+            convergence=Convergence(post_copy=True),
+        )
+    assert driver.get_info(s.uuid).state is PowerState.PAUSED
 
 
 def test_live_migration_to_a_host_that_has_the_name_rolls_back(

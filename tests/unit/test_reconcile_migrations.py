@@ -5,17 +5,19 @@ and an instance deleted meanwhile. The controller's part (choosing the target) i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from kubenova.driver.base import PowerState
+from kubenova.driver.base import Convergence, PowerState
 from kubenova.handlers.agent import live_migration_steps
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.migration_steps import MigrationAgent
 from kubenova.handlers.shared import COMPUTENODES, MIGRATIONS, NODE_LABEL, VIRTUALINSTANCES
+from testground import guest
 from tests.unit.agent_harness import Node, make_node
 from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter
 
@@ -78,7 +80,12 @@ def side(
 class Cluster:
     """A source and a target node; ``start`` does what the controller's planner does."""
 
-    def __init__(self, tmp_path: pathlib.Path, writer: type[MemoryStatusWriter] = MemoryStatusWriter) -> None:
+    def __init__(
+        self,
+        tmp_path: pathlib.Path,
+        writer: type[MemoryStatusWriter] = MemoryStatusWriter,
+        boot: dict[str, Any] | None = None,
+    ) -> None:
         self.api = FakeApiserver()
         self.source = side(tmp_path, self.api, "node-0", writer)
         self.target = side(tmp_path, self.api, "node-1")
@@ -86,7 +93,7 @@ class Cluster:
             cpu = dataclasses.asdict(each.node.driver.cpu)
             published = {"cpuInfo": cpu, "migrationURI": each.node.driver.uri}
             self.api.add(COMPUTENODES, {"metadata": {"name": each.node.name}, "status": published})
-        self.uid = self.source.node.create("vm", boot={"image": {"name": "disk.img"}})
+        self.uid = self.source.node.create("vm", boot=boot or {"image": {"name": "disk.img"}})
 
     def start(self, kind: str, **spec: Any) -> None:
         self.api.add(
@@ -212,6 +219,122 @@ def test_a_transfer_past_its_deadline_fails_with_the_figures_and_the_guest_stays
     assert "MiB moved" in status["message"] and "spec.completionTimeoutPerGiB" in status["message"]
     assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
     assert not cluster.target.node.driver.instance_exists(cluster.uid)
+
+
+#: A guest that rewrites 64 MiB of its 128 MiB without end: the fake's pre-copy never catches up with it.
+BUSY = {
+    "kernel": {"image": "vmlinuz", "initrd": "initrd.img", "cmdline": f"console=ttyS0 {guest.dirty_hook(64)}"}
+}
+
+
+def clock_jumps_at_report(monkeypatch: pytest.MonkeyPatch, report: int) -> None:
+    """The clock passes every deadline at the transfer's ``report``-th progress report (the transfer's own
+    start reads it once first)."""
+    clock = itertools.chain([1000.0] * report, itertools.repeat(5000.0))
+    monkeypatch.setattr(live_migration_steps.time, "monotonic", lambda: next(clock))
+
+
+def test_a_busy_guest_fails_at_its_deadline_without_convergence(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = Cluster(tmp_path, boot=BUSY)
+    clock_jumps_at_report(monkeypatch, 3)
+    cluster.start("Live")
+    status = cluster.run()["status"]
+    assert status["phase"] == "Failed" and "did not complete within" in status["message"], status["message"]
+    assert "spec.convergence" in status["message"] and status["progress"]["mode"] == "PreCopy"
+    assert cluster.source.node.state(cluster.uid) is PowerState.RUNNING
+    assert not cluster.target.node.driver.instance_exists(cluster.uid)
+
+
+def test_post_copy_ends_a_pre_copy_that_cannot_keep_up_and_says_so(tmp_path: pathlib.Path) -> None:
+    """No deadline is near: the third pass begins with all the second one had, so it switches then."""
+    cluster = Cluster(tmp_path, boot=BUSY)
+    cluster.start("Live", convergence={"autoConverge": False, "postCopy": True})
+    status = cluster.run()["status"]
+    assert status["phase"] == "Succeeded", status["message"]
+    assert "converged with post-copy after 0 s" in status["message"]
+    assert status["progress"]["mode"] == "PostCopy" and status["progress"]["postCopyAfterMs"] >= 0
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
+    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+    assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-1"
+
+
+def test_auto_converge_is_asked_for_and_said(tmp_path: pathlib.Path) -> None:
+    cluster = Cluster(tmp_path, boot=BUSY)
+    cluster.start("Live", convergence={"autoConverge": True, "postCopy": False})
+    status = cluster.run()["status"]
+    assert status["phase"] == "Succeeded", status["message"]
+    assert status["progress"]["mode"] == "PreCopy" and status["progress"]["cpuThrottlePercent"] == 99
+    assert "converged with auto-converge, the guest's vCPUs slowed by 99 %" in status["message"]
+
+
+def test_at_the_deadline_post_copy_comes_instead_of_the_abort(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With auto-converge too, post-copy waits for the deadline; there the transfer is switched, never
+    aborted, and the deadline does not count any more."""
+    cluster = Cluster(tmp_path, boot=BUSY)
+    aborts: list[str] = []
+    monkeypatch.setattr(cluster.source.node.driver, "abort_live_migration", aborts.append)
+    clock_jumps_at_report(monkeypatch, 2)
+    cluster.start("Live", convergence={"autoConverge": True, "postCopy": True})
+    status = cluster.run()["status"]
+    assert status["phase"] == "Succeeded" and status["progress"]["mode"] == "PostCopy", status["message"]
+    assert aborts == []
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
+
+
+def test_the_agents_default_convergence_serves_a_migration_that_names_none(tmp_path: pathlib.Path) -> None:
+    cluster = Cluster(tmp_path, boot=BUSY)
+    cluster.source.migrations.live.convergence = Convergence(post_copy=True)
+    cluster.start("Live")
+    assert cluster.run()["status"]["progress"]["mode"] == "PostCopy"
+
+
+def test_a_failure_after_the_switch_rolls_nothing_back_and_holds_both_halves(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Post-copy is the point of no return: the target's half runs with memory missing, the source's is
+    paused. Nothing destroys, resumes or rolls back either; the Migration says what a person can do."""
+    cluster = Cluster(tmp_path, boot=BUSY)
+    cluster.source.node.driver.break_post_copy(cluster.uid)
+    rollbacks: list[str] = []
+    monkeypatch.setattr(
+        cluster.target.node.driver, "rollback_live_migration_at_destination", rollbacks.append
+    )
+    cluster.start("Live", convergence={"postCopy": True})
+    status = cluster.run()["status"]
+    assert status["phase"] == "Failed" and "failed in post-copy" in status["message"], status["message"]
+    assert "no node holds the whole guest" in status["message"] and "--postcopy-resume" in status["message"]
+    assert rollbacks == [], "the target was not rolled back"
+    assert cluster.source.node.state(cluster.uid) is PowerState.PAUSED
+    cluster.source.node.agent.handle(cluster.uid)  # the instance side leaves the paused half alone
+    assert cluster.source.node.state(cluster.uid) is PowerState.PAUSED
+    assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-0"
+
+
+def test_a_source_restarted_in_post_copy_waits_for_the_transfer_and_never_aborts(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.start("Live", convergence={"postCopy": True})
+    cluster.target.migrations.handle(cluster.target.node.migrations.seen("ADDED", cluster.migration()))
+    stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
+    stored["status"]["step"] = "Transferring"  # said, switched, then the agent died
+    stored["status"]["progress"] = {"mode": "PostCopy"}
+    cluster.api.touch(stored)
+    aborts: list[str] = []
+    monkeypatch.setattr(cluster.source.node.driver, "abort_live_migration", aborts.append)
+    waiting = cluster.run()
+    assert waiting["status"]["step"] == "Transferring" and aborts == []
+    assert cluster.target.node.driver.instance_files(cluster.uid) != []
+    status = waiting["status"]
+    cluster.source.node.driver.live_migration(  # libvirtd finishes the job meanwhile
+        cluster.uid, status["handoff"]["targetURI"], status["handoff"]["definition"]
+    )
+    done = cluster.run()
+    assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
+    assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
 
 
 def test_a_target_whose_cpu_lacks_a_feature_refuses_before_anything_moves(cluster: Cluster) -> None:

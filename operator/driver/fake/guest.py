@@ -31,6 +31,9 @@ WROTE_LINE = "kubenova-wrote"
 #: guest writes land. Like the real guest, only the last such argument counts, and a
 #: malformed one switches the hook off.
 WRITE_HOOK = "kubenova.write="
+#: ``kubenova.dirty=<MiB>``: the guest rewrites that much of its memory over and over (the real guest's hook),
+#: faster than any capped link carries it, so a live transfer's pre-copy never catches up on its own.
+DIRTY_HOOK = "kubenova.dirty="
 _HOOK_DEVICE = re.compile(r"[a-z0-9]+")
 _HOOK_PATTERN = re.compile(r"[A-Za-z0-9-]+")
 
@@ -164,6 +167,17 @@ def parse_write_hook(boot: KernelBoot | None) -> tuple[str, str] | None:
     if not _HOOK_DEVICE.fullmatch(device) or not _HOOK_PATTERN.fullmatch(pattern):
         return None
     return device, pattern
+
+
+def parse_dirty_hook(boot: KernelBoot | None) -> int:
+    """The MiB the guest keeps rewriting: the last hook's; 0 without one, or with a malformed one (which the
+    real guest ignores)."""
+    values = [
+        arg.removeprefix(DIRTY_HOOK)
+        for arg in (boot.cmdline.split() if boot else ())
+        if arg.startswith(DIRTY_HOOK)
+    ]
+    return int(values[-1]) if values and values[-1].isdecimal() else 0
 
 
 def boot_lines(

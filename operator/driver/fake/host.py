@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from kubenova.driver.base import (
     ComputeDriver,
+    Convergence,
     CPUIncompatible,
     CpuInfo,
     DriverError,
@@ -118,6 +119,11 @@ class FakeHost(ComputeDriver):
         self._instance_dirs: dict[str, dict[str, Disk]] = {}
         self._prepared: dict[str, InstanceSpec] = {}
         self._aborts: set[str] = set()
+        #: the live transfers running from here, with how each may force its end
+        self._transfers: dict[str, Convergence] = {}
+        #: transfers switched to post-copy; and those whose link a test breaks once they are
+        self._post_copy: set[str] = set()
+        self._post_copy_breaks: set[str] = set()
         self._vifs: dict[str, dict[str, Interface]] = {}
         self._rules: dict[str, tuple[FirewallRule, ...]] = {}
         self._free_vnc: list[int] = []

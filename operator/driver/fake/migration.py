@@ -6,6 +6,7 @@ import posixpath
 from collections.abc import Mapping
 
 from kubenova.driver.base import (
+    Convergence,
     DriverError,
     InstanceSpec,
     MigrationOutcome,
@@ -15,11 +16,18 @@ from kubenova.driver.base import (
     check_handed_disks,
 )
 from kubenova.driver.fake.disks import CONFIG_DRIVE, MIB, Disk, bases_of, store_volume_name
+from kubenova.driver.fake.guest import parse_dirty_hook
 from kubenova.driver.fake.instance import ACTIVE, Instance
 from kubenova.driver.fake.instances import FakeInstances
 
 LIVE_MIGRATION_ITERATIONS = 3
 EXPECTED_DOWNTIME_MS = 30
+#: What the switch-over may leave to copy with the guest paused, and auto-converge's strongest throttle
+#: (QEMU's max-cpu-throttle).
+SWITCH_OVER_BYTES, THROTTLE_MAX = MIB, 99
+#: A pre-copy that does not converge runs until the agent stops it; the fake gives up after this many
+#: passes instead, so a unit test whose agent would not stop it fails rather than loops.
+PRECOPY_PASSES_AT_MOST = 30
 
 
 class FakeMigration(FakeInstances):
@@ -103,10 +111,14 @@ class FakeMigration(FakeInstances):
         progress: ProgressCallback | None = None,
         block_migration: bool = True,
         max_bandwidth_mib: int | None = None,
+        convergence: Convergence | None = None,
     ) -> None:
-        """Completes synchronously, in a few steps; an abort requested before a step stops it there.
+        """Completes synchronously, a memory pass a step; an abort requested before a step stops it there.
 
-        The fake's hosts share no storage, so the instance folder and attached volumes always travel.
+        A guest with the dirty hook writes its MiB again during every pass, so the copy ends only when
+        auto-converge has slowed it enough or the transfer was switched to post-copy; else it fails after
+        PRECOPY_PASSES_AT_MOST passes. The fake's hosts share no storage, so the instance folder and
+        attached volumes always travel.
         """
         if dest_definition != f"{dest_uri}/{uuid}":
             raise DriverError(f"{dest_definition!r} is not what pre_live_migration on {dest_uri} returned")
@@ -118,25 +130,20 @@ class FakeMigration(FakeInstances):
             total = inst.spec.memory_mib * MIB
             if block_migration:
                 total += sum(disk.size for disk in inst.files.values())
+            dirty = parse_dirty_hook(inst.spec.boot) * MIB
         with dest._lock:
             if uuid not in dest._prepared:
                 raise DriverError(
                     f"{dest.hostname} is not prepared for instance {uuid}; run pre_live_migration there first"
                 )
-        for iteration in range(1, LIVE_MIGRATION_ITERATIONS + 1):
+        with self._lock:
+            self._transfers[uuid] = convergence or Convergence()
+        try:
+            self._copy(uuid, total, dirty, progress)
+        finally:
             with self._lock:
-                self._check_abort(uuid)
-            done = total * iteration // LIVE_MIGRATION_ITERATIONS
-            if progress is not None:
-                progress(
-                    MigrationProgress(
-                        data_total=total,
-                        data_processed=done,
-                        data_remaining=total - done,
-                        iteration=iteration,
-                        expected_downtime_ms=EXPECTED_DOWNTIME_MS,
-                    )
-                )
+                self._transfers.pop(uuid, None)
+                self._post_copy.discard(uuid)
         with self._lock:
             self._check_abort(uuid)
             inst = self._get(uuid)
@@ -158,11 +165,65 @@ class FakeMigration(FakeInstances):
                     inst.guest.run(self._clock())
             raise
 
+    def _copy(self, uuid: str, total: int, dirty: int, progress: ProgressCallback | None) -> None:
+        """The memory passes, until what is left fits the switch-over or the transfer went to post-copy."""
+        convergence, throttle, done, iteration = self._transfers[uuid], 0, 0, 0
+        while True:
+            iteration += 1
+            with self._lock:
+                self._check_abort(uuid)
+                if uuid in self._post_copy:
+                    if uuid in self._post_copy_breaks:
+                        self._get(uuid).state = PowerState.PAUSED  # the source's half stays, paused
+                        raise DriverError(f"the post-copy migration of instance {uuid} failed: link broken")
+                    return  # the rest follows, each page once
+            if iteration > PRECOPY_PASSES_AT_MOST:
+                raise DriverError(f"pre-copy of instance {uuid} did not converge in {iteration - 1} passes")
+            done = max(done, total * iteration // LIVE_MIGRATION_ITERATIONS)
+            left = max(total - done, dirty * (100 - throttle) // 100)
+            if progress is not None:
+                progress(
+                    MigrationProgress(
+                        data_total=total,
+                        data_processed=done,
+                        data_remaining=left,
+                        iteration=iteration,
+                        expected_downtime_ms=EXPECTED_DOWNTIME_MS,
+                        cpu_throttle_percent=throttle,
+                    )
+                )
+            if iteration >= LIVE_MIGRATION_ITERATIONS and left <= SWITCH_OVER_BYTES:
+                return
+            if convergence.auto_converge and left > SWITCH_OVER_BYTES:
+                step = Convergence.THROTTLE_STEP if throttle else Convergence.THROTTLE_INITIAL
+                throttle = min(THROTTLE_MAX, throttle + step)
+
     def abort_live_migration(self, uuid: str) -> None:
-        """Marks the instance; its migration, running or next, stops at the next step and stays here."""
+        """Marks the instance; its migration, running or next, stops at the next step and stays here. Refused
+        in post-copy, as libvirt refuses it."""
         with self._lock:
             self._get(uuid)
+            if uuid in self._post_copy:
+                raise DriverError(
+                    f"the live migration of instance {uuid} is in post-copy; it cannot be aborted"
+                )
             self._aborts.add(uuid)
+
+    def live_migration_force_complete(self, uuid: str) -> None:
+        with self._lock:
+            self._get(uuid)
+            if uuid not in self._transfers:
+                raise DriverError(f"no live migration of instance {uuid} is running on {self.hostname}")
+            if not self._transfers[uuid].post_copy:
+                raise DriverError(
+                    f"the live migration of instance {uuid} was not started with post-copy allowed"
+                )
+            self._post_copy.add(uuid)
+
+    def break_post_copy(self, uuid: str) -> None:
+        """For tests: the link of the instance's transfer breaks once it is in post-copy (it fails there)."""
+        with self._lock:
+            self._post_copy_breaks.add(uuid)
 
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         with self._lock:

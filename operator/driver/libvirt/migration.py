@@ -17,6 +17,7 @@ from typing import Any
 import libvirt
 
 from kubenova.driver.base import (
+    Convergence,
     DriverError,
     InstanceSpec,
     MigrationOutcome,
@@ -53,8 +54,29 @@ def _report(guest: Guest, progress: ProgressCallback) -> None:
                 data_remaining=int(stats.get("data_remaining", 0)),
                 iteration=int(stats.get("memory_iteration", 0)),
                 expected_downtime_ms=int(stats.get("downtime", 0)),
+                cpu_throttle_percent=int(stats.get("auto_converge_throttle", 0)),
             )
         )
+
+
+def transfer_options(max_bandwidth_mib: int | None, convergence: Convergence) -> tuple[int, dict[str, Any]]:
+    """The flags and parameters of a transfer's rate and of how it may force its end.
+
+    The cap holds in post-copy too (QEMU's post-copy is unlimited unless told): a user who capped the
+    migration's traffic meant all of it.
+    """
+    flags, params = 0, dict[str, Any]()
+    if max_bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max_bandwidth_mib
+    if convergence.auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = Convergence.THROTTLE_INITIAL
+        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = Convergence.THROTTLE_STEP
+    if convergence.post_copy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if max_bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = max_bandwidth_mib
+    return flags, params
 
 
 class Migration(LibvirtCore):
@@ -156,17 +178,19 @@ class Migration(LibvirtCore):
         progress: ProgressCallback | None = None,
         block_migration: bool = True,
         max_bandwidth_mib: int | None = None,
+        convergence: Convergence | None = None,
     ) -> None:
         guest = self._running(uuid, "live_migration")
         host = self.transport.check(dest_uri).hostname
-        flags = (
+        flags, params = transfer_options(max_bandwidth_mib, convergence or Convergence())
+        flags |= (
             libvirt.VIR_MIGRATE_LIVE
             | libvirt.VIR_MIGRATE_PEER2PEER
             | libvirt.VIR_MIGRATE_PERSIST_DEST
             | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
             | self.transport.flags()
         )
-        params: dict[str, Any] = {
+        params |= {
             libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
             libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_definition,
             libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition,
@@ -176,8 +200,6 @@ class Migration(LibvirtCore):
             params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [
                 d.target for d in guest.devices().disks if not d.read_only
             ]
-        if max_bandwidth_mib:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max_bandwidth_mib
         outcome: list[BaseException] = []
         worker = threading.Thread(
             target=_migrate,
@@ -197,6 +219,9 @@ class Migration(LibvirtCore):
 
     def abort_live_migration(self, uuid: str) -> None:
         self._running(uuid, "abort_live_migration").abort_job()
+
+    def live_migration_force_complete(self, uuid: str) -> None:
+        self._running(uuid, "live_migration_force_complete").start_post_copy()
 
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         guest = self._guest(uuid)

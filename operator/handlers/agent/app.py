@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova.driver.base import ComputeDriver, DriverError, RebootType
+from kubenova.driver.base import ComputeDriver, Convergence, DriverError, RebootType
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import diagnostics, health
 from kubenova.handlers.agent.cache import ObjectCache
@@ -70,6 +70,8 @@ class AgentConfig:
     lease_seconds: int = LEASE_SECONDS
     #: The Kubernetes Node this agent runs on (cluster mode), published on the ComputeNode.
     kubernetes_node: str = ""
+    #: How a live transfer may force its end, unless its Migration says.
+    migration_convergence: Convergence = Convergence()
     settings: Settings = dataclasses.field(default_factory=Settings)
 
 
@@ -174,6 +176,7 @@ class Agent:
             self.instance_cache,
             self.instances.driver_spec,
             config.migration_timeout_per_gib,
+            config.migration_convergence,
         )
         self.reporter = NodeReporter(
             config.node,

@@ -1,11 +1,15 @@
 """The steps of a Live migration: prepare the target, transfer the running guest, finish or roll back.
 
 The transfer is the one step that must not run twice: it is marked ``Transferring`` before it starts,
-and an agent that finds its own ``Transferring`` step on start-up knows it died during the transfer.
+and an agent that finds its own ``Transferring`` step on start-up knows it died during the transfer. Its
+switch to post-copy (convergence.py says when) is the point of no return: it is marked in
+status.progress.mode before it is made, and from then on nothing aborts the transfer or rolls the target
+back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -16,6 +20,7 @@ import kubernetes
 
 from kubenova.driver.base import (
     ComputeDriver,
+    Convergence,
     CPUIncompatible,
     CpuInfo,
     DriverError,
@@ -23,6 +28,14 @@ from kubenova.driver.base import (
     InstanceSpec,
     MigrationProgress,
     PowerState,
+)
+from kubenova.handlers.agent.convergence import (
+    POST_COPY,
+    PRE_COPY,
+    Action,
+    TransferWatch,
+    convergence_of,
+    how_it_ended,
 )
 from kubenova.handlers.agent.migration_handover import Handover
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, cancelled, flavor_of, typed
@@ -37,10 +50,10 @@ SETTLE_SECONDS = 30.0
 DEFAULT_TIMEOUT_PER_GIB, MIN_DEADLINE = 150.0, 10.0
 
 
-def progress_of(step: MigrationProgress) -> dict[str, Any]:
+def progress_of(step: MigrationProgress, watch: TransferWatch) -> dict[str, Any]:
     """status.progress of a transfer under way; 100 % is said only once it has ended."""
     done = step.data_processed * 100 // step.data_total if step.data_total else 0
-    return {
+    return watch.figures() | {
         "percent": min(99, done),
         "dataTotalBytes": step.data_total,
         "dataProcessedBytes": step.data_processed,
@@ -61,9 +74,13 @@ class LiveSteps:
         spec_for: Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec],
         objects: kubernetes.client.CustomObjectsApi,
         timeout_per_gib: float = DEFAULT_TIMEOUT_PER_GIB,
+        convergence: Convergence | None = None,
     ) -> None:
-        """``spec_for(instance, flavor)``: the driver's view of the instance, its Secrets read."""
+        """``spec_for(instance, flavor)``: the driver's view of the instance, its Secrets read;
+        ``timeout_per_gib`` and ``convergence`` what a Migration that does not say gets."""
         self.timeout_per_gib = timeout_per_gib
+        self.convergence = convergence or Convergence()
+        self._watches: dict[str, TransferWatch] = {}  # migration uid -> its transfer's clock, while it runs
         self._expired: dict[str, str] = {}  # migration uid -> why its transfer was stopped at its deadline
         self.node = node
         self.driver = driver
@@ -99,6 +116,11 @@ class LiveSteps:
         if uid not in self._transfers or not self.stopping(body) or uid in self._aborted:
             return False
         self._aborted.add(uid)
+        if self._switched(uid):
+            log.warning(
+                "%s: in post-copy, the transfer cannot stop; it ends on its own", body["metadata"]["name"]
+            )
+            return True
         try:
             self.driver.abort_live_migration(self._transfers[uid])
         except DriverError as exc:
@@ -174,16 +196,25 @@ class LiveSteps:
             body, "Transferring", f"transferring from {self.node} to {status['targetNode']}"
         )
         self._transfers[uid] = instance_uid
-        deadline = self._deadline(body)
+        seconds, reckoning = self._deadline(body)
+        now = time.monotonic()
+        watch = self._watches[uid] = TransferWatch(now, now + seconds, convergence_of(spec, self.convergence))
         try:
             self.driver.live_migration(
                 instance_uid,
                 status["handoff"]["targetURI"],
                 status["handoff"]["definition"],
-                functools.partial(self._progress, body, [0.0], (time.monotonic() + deadline[0], deadline[1])),
+                functools.partial(self._progress, body, reckoning),
                 max_bandwidth_mib=spec.get("bandwidthMiBps"),
+                convergence=watch.convergence,
             )
         except DriverError as exc:
+            if watch.post_copy_at is not None and not self.driver.instance_exists(instance_uid):
+                self.handover.hand_over(body, "FinishTarget", f"transferred in post-copy despite: {exc}")
+                return
+            if watch.post_copy_at is not None:  # past the point of no return: roll nothing back
+                self.handover.finish(body, "Failed", self._lost(status, exc))
+                return
             if not self._runs_here(instance_uid):  # the job ended on the target after all
                 self.handover.hand_over(body, "FinishTarget", f"transferred despite: {exc}")
                 return
@@ -203,16 +234,42 @@ class LiveSteps:
                     "Failed",
                     f"the transfer failed: {exc}; the instance keeps running on {self.node}",
                 )
-            self.handover.hand_over(body, "RollbackTarget", message, handoff={"outcome": outcome})
+            self.handover.hand_over(
+                body,
+                "RollbackTarget",
+                message,
+                handoff={"outcome": outcome},
+                progress={**(body["status"].get("progress") or {}), "mode": PRE_COPY},  # never switched
+            )
             return
         finally:
             self._transfers.pop(uid, None)
             self._expired.pop(uid, None)
+            self._watches.pop(uid, None)
         self.handover.hand_over(
             body,
             "FinishTarget",
             f"transferred; {status['targetNode']} takes over",
-            progress={**(status.get("progress") or {}), "percent": 100, "dataRemainingBytes": 0},
+            progress={
+                **(body["status"].get("progress") or {}),
+                **watch.figures(),  # the last report's, which the rate of writes may have skipped
+                "percent": 100,
+                "dataRemainingBytes": 0,
+            },
+        )
+
+    def _switched(self, uid: str) -> bool:
+        watch = self._watches.get(uid)
+        return watch is not None and watch.post_copy_at is not None
+
+    def _lost(self, status: Mapping[str, Any], exc: DriverError) -> str:
+        """What a failure after the switch to post-copy means, and what a person can do about it."""
+        return (
+            f"the transfer failed in post-copy: {exc}; no node holds the whole guest: it ran on "
+            f"{status['targetNode']} with memory still on {self.node}, where it is paused. kubenova "
+            "destroys, resumes and rolls back neither half while this Migration exists: resume the "
+            "transfer by hand (virsh migrate --postcopy --postcopy-resume), or give the guest up "
+            f"(destroy both halves, then delete this Migration: the instance boots afresh on {self.node})"
         )
 
     def _deadline(self, body: Mapping[str, Any]) -> tuple[float, str]:
@@ -226,38 +283,72 @@ class LiveSteps:
             f"{seconds:.0f} s ({per_gib:g} s per GiB of {memory_mib} MiB, at least {MIN_DEADLINE:g} s)",
         )
 
-    def _progress(
-        self, body: dict[str, Any], last: list[float], deadline: tuple[float, str], step: MigrationProgress
-    ) -> None:
-        """The transfer's progress callback: said at most every PROGRESS_INTERVAL (``last`` holds when it
-        was said); a cancel the watch brought meanwhile, or the deadline (``(when, reckoning)``), aborts
-        the transfer."""
-        uid = body["metadata"]["uid"]
-        if time.monotonic() > deadline[0] and uid not in self._expired and uid not in self._aborted:
+    def _progress(self, body: dict[str, Any], reckoning: str, step: MigrationProgress) -> None:
+        """The transfer's progress callback: said at most every PROGRESS_INTERVAL; the deadline (reckoned as
+        ``reckoning`` says), or a cancel the watch brought meanwhile, aborts the transfer; the deadline, or a
+        pre-copy that cannot keep up, switches it to post-copy instead when the Migration allows it."""
+        uid, instance_uid = body["metadata"]["uid"], body["status"]["instanceUID"]
+        watch, now = self._watches[uid], time.monotonic()
+        action = watch.next(now, step)
+        if action is Action.ABORT and uid not in self._expired and uid not in self._aborted:
             mib = 2**20
             self._expired[uid] = (
-                f"the transfer did not complete within {deadline[1]}: {step.data_processed / mib:.1f} of "
+                f"the transfer did not complete within {reckoning}: {step.data_processed / mib:.1f} of "
                 f"{step.data_total / mib:.1f} MiB moved, {step.data_remaining / mib:.1f} MiB left after "
                 f"{step.iteration} iteration(s); raise spec.bandwidthMiBps or spec.completionTimeoutPerGiB, "
-                "or move the guest when it writes less memory"
+                "allow spec.convergence, or move the guest when it writes less memory"
             )
-            self.driver.abort_live_migration(body["status"]["instanceUID"])
+            self.driver.abort_live_migration(instance_uid)
             return
-        if time.monotonic() - last[0] < PROGRESS_INTERVAL:
+        if action is Action.POST_COPY and uid not in self._aborted:
+            self._switch(body, watch, step)
+        if now - watch.said < PROGRESS_INTERVAL:
             return
-        last[0] = time.monotonic()
+        watch.said = now
         try:
-            self.handover.write(body, {"progress": progress_of(step)})
+            self.handover.write(body, {"progress": progress_of(step, watch)})
         except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
             log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
         if self.stopping(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
             self._aborted.add(uid)
-            self.driver.abort_live_migration(body["status"]["instanceUID"])
+            if watch.post_copy_at is None:
+                self.driver.abort_live_migration(instance_uid)
+
+    def _switch(self, body: dict[str, Any], watch: TransferWatch, step: MigrationProgress) -> None:
+        """Switch to post-copy, said first: a restarted agent, and the instance's reconciler, must know
+        that no host holds the whole guest. Not switched when that cannot be said (tried again at the next
+        pass, or past the deadline at the next report); when libvirt refuses, the transfer goes on as one
+        without post-copy (the deadline aborts it)."""
+        watch.post_copy_at = time.monotonic()
+        try:
+            self.handover.write(body, {"progress": progress_of(step, watch)})
+            self.driver.live_migration_force_complete(body["status"]["instanceUID"])
+        except kubernetes.client.ApiException as exc:
+            watch.post_copy_at = None
+            log.warning("%s: not switched to post-copy: %s", body["metadata"]["name"], exc.reason)
+            return
+        except DriverError as exc:  # the job ended meanwhile, or libvirt refuses: go on as without post-copy
+            log.warning("%s: not switched to post-copy: %s", body["metadata"]["name"], exc)
+            watch.post_copy_at = None
+            watch.convergence = dataclasses.replace(watch.convergence, post_copy=False)
+            return
+        watch.said = watch.post_copy_at
+        log.info("%s: switched to post-copy", body["metadata"]["name"])
 
     def transferring(self, body: dict[str, Any]) -> None:
         """Found on start-up: this agent died during the transfer, so whether it finished is unknown.
         libvirtd goes on with a peer-to-peer job without us: abort it, then see where the guest ended."""
         instance_uid = body["status"]["instanceUID"]
+        if (body["status"].get("progress") or {}).get("mode") == POST_COPY:
+            if self.driver.instance_exists(instance_uid):  # it goes on in libvirtd, or it failed: wait
+                raise DriverError(
+                    f"the transfer was in post-copy when the agent on {self.node} restarted; nothing may "
+                    "stop it, so the agent waits for the guest to leave"
+                )
+            self.handover.hand_over(
+                body, "FinishTarget", "the transfer completed in post-copy while the agent restarted"
+            )
+            return
         if self.driver.instance_exists(instance_uid):
             try:
                 self.driver.abort_live_migration(instance_uid)
@@ -314,7 +405,9 @@ class LiveSteps:
         self.handover.finish(
             body,
             "Succeeded",
-            f"moved from {status['sourceNode']} to {self.node}" + (f" ({said})" if said else ""),
+            f"moved from {status['sourceNode']} to {self.node}"
+            + (f" ({said})" if said else "")
+            + how_it_ended(status.get("progress") or {}),
             progress={**(status.get("progress") or {}), **figures},
         )
 

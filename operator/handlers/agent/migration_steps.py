@@ -24,7 +24,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from kubenova.driver.base import ComputeDriver, DriverError, InstanceSpec
+from kubenova.driver.base import ComputeDriver, Convergence, DriverError, InstanceSpec
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.cold_migration_steps import ColdSteps
 from kubenova.handlers.agent.events import EventPoster
@@ -51,16 +51,17 @@ class MigrationAgent:
         instance_cache: ObjectCache,
         spec_for: Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec],
         timeout_per_gib: float = DEFAULT_TIMEOUT_PER_GIB,
+        convergence: Convergence | None = None,
     ) -> None:
         """``objects`` reads and labels the instances moved, ``status`` writes Migrations, ``instance_status``
         the instances'; ``spec_for(instance, flavor)`` is the driver's view of an instance, Secrets read;
-        ``timeout_per_gib`` a live transfer's deadline per GiB of guest memory, unless its Migration
-        says otherwise."""
+        ``timeout_per_gib`` a live transfer's deadline per GiB of guest memory and ``convergence`` how it
+        may force its end, unless its Migration says otherwise."""
         self.node = node
         self.cache = cache
         self.instance_cache = instance_cache
         handover = Handover(objects, status, instance_status, events, cache, instance_cache)
-        self.live = LiveSteps(node, driver, handover, spec_for, objects, timeout_per_gib)
+        self.live = LiveSteps(node, driver, handover, spec_for, objects, timeout_per_gib, convergence)
         self.cold = ColdSteps(node, driver, handover, spec_for)
         self.handover = handover
         self._settled: set[str] = set()  # final migrations whose instance was looked at again here

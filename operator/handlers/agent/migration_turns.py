@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kubenova.handlers.agent.convergence import POST_COPY
 from kubenova.handlers.shared import NODE_LABEL, cancelled, is_final
 
 #: Which side does each step; AwaitConfirmation belongs to the target for a revert, else the source.
@@ -41,7 +42,9 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
 
     "active": a migration of it is between steps (AwaitConfirmation excepted: the instance runs
     on the target then, and that agent looks after it as usual). "moved": its newest migration
-    took it away from this node; the watch will drop the object soon.
+    took it away from this node; the watch will drop the object soon. "lost": a live transfer failed
+    after its switch to post-copy, so neither node holds the whole guest; both halves are left to a
+    person until that Migration is deleted.
     """
     mine = [b for b in list(migrations) if (b.get("status") or {}).get("instanceUID") == instance_uid]
     if not mine:
@@ -50,6 +53,8 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
         status = body.get("status") or {}
         if not is_final(status) and status.get("step") != "AwaitConfirmation":
             return "active"
+        if status.get("phase") == "Failed" and (status.get("progress") or {}).get("mode") == POST_COPY:
+            return "lost"
     newest = max(mine, key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
     status = newest.get("status") or {}
     if status.get("phase") == "Succeeded" and status.get("sourceNode") == node:

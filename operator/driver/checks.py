@@ -1,0 +1,77 @@
+"""The checks both drivers make before they act, so the two refuse the same things in the same words.
+
+Re-exported by ``kubenova.driver.base``, where callers import them from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+from collections.abc import Collection
+
+from kubenova.driver.errors import DriverError, InsufficientResources, InvalidInstanceSpec
+from kubenova.driver.types import FirewallRule, InstanceSpec
+
+
+def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
+    """What every driver refuses before it makes anything, so a refusal leaves nothing behind."""
+    if instance.memory_mib > host_memory_mib:
+        raise InsufficientResources(
+            "spec.flavor.memoryMiB",
+            f"{instance.memory_mib} MiB is more than the {host_memory_mib} MiB this host has",
+        )
+    if instance.vnc_password is not None and not 0 < len(instance.vnc_password) <= 8:
+        raise InvalidInstanceSpec(
+            "vncPassword",
+            "VNC passwords have 1 to 8 characters (a limit of the VNC protocol's authentication)",
+        )
+    if instance.boot is None and instance.image is None:
+        raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+
+
+def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
+    """Refuse a MAC that another instance on the host has (``in_use``: MAC -> who): two NICs with one
+    address on a network confuse the switch and let one guest receive the other's traffic."""
+    for index, (iface, mac) in enumerate(zip(instance.interfaces, instance.macs(), strict=True)):
+        holder = in_use.get(mac.lower())
+        if holder is not None:
+            how = "is" if iface.mac else f"was derived for interface {iface.name!r} and is"
+            raise InvalidInstanceSpec(
+                f"spec.interfaces[{index}].macAddress",
+                f"{mac} {how} already used by {holder} on this host; set another macAddress",
+            )
+
+
+#: What an invalid rule is named after: the method's own argument, since no CRD carries firewall rules yet
+#: (a future spec.firewall brings them); never a spec field that does not exist.
+RULES_FIELD = "rules"
+PROTOCOLS = ("tcp", "udp", "icmp", "all")
+
+
+def check_rules(rules: Collection[FirewallRule]) -> None:
+    """Refuse a rule no firewall can express, naming it by its place, before anything is applied: a filter
+    half redefined would let in less, or more, than either the old rules or the new."""
+    for index, rule in enumerate(rules):
+        field = f"{RULES_FIELD}[{index}]"
+        if rule.protocol not in PROTOCOLS:
+            raise InvalidInstanceSpec(f"{field}.protocol", f"unknown protocol {rule.protocol!r}")
+        try:
+            ipaddress.ip_network(rule.cidr)
+        except ValueError as exc:
+            raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
+
+
+def check_handed_disks(uuid: str, disk_info: Collection[str]) -> None:
+    """Refuse a cold migration's hand-off that names any file but the moved instance's own: the list
+    travels in the Migration's status from the source, and taken as is, a forged one would make
+    the target fetch any file the source's libvirtd can read (another tenant's disk, a host secret)
+    into a guest. Only files directly in a folder named for the instance (instances/<uuid>/) pass.
+    """
+    for path in disk_info:
+        pure = posixpath.normpath(path)
+        folder, name = posixpath.split(pure)
+        if pure != path or not posixpath.isabs(path) or posixpath.basename(folder) != uuid or not name:
+            raise DriverError(
+                f"refused the source's hand-off: {path!r} is not a file of instances/{uuid}/, the "
+                "folder of the instance being moved"
+            )
