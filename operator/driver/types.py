@@ -159,13 +159,20 @@ class VolumeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class InstanceInfo:
-    """Nova's get_info: state, max/used memory (KiB), vCPUs and CPU time (ns)."""
+    """Nova's get_info: state, max/used memory (KiB), vCPUs and CPU time (ns), and why a guest is paused.
+
+    ``io_error``: PAUSED because a disk write failed and the hypervisor stopped the guest rather than
+    hand the error to it (QEMU's default for a full file system, ``werror=enospc``; libvirt's pause
+    reason IOERROR). Not in Nova's 2012 contract: resuming such a guest retries the write, so on a disk
+    that is still full it stops again at once, and the agent must not resume it in a loop.
+    """
 
     state: PowerState
     max_mem_kib: int
     mem_kib: int
     num_cpu: int
     cpu_time_ns: int
+    io_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

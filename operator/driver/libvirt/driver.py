@@ -33,6 +33,7 @@ from kubenova.driver.base import (
     InterfaceStats,
     InvalidCPUInfo,
     InvalidInstanceSpec,
+    PowerState,
     Unsupported,
     VncConsole,
     VolumeConnector,
@@ -197,7 +198,11 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
         return True
 
     def get_info(self, uuid: str) -> InstanceInfo:
-        return InstanceInfo(*self._guest(uuid).info())
+        guest = self._guest(uuid)
+        state, max_mem_kib, mem_kib, vcpus, cpu_time_ns = guest.info()
+        # The pause reason costs a second call, asked only of a paused domain.
+        io_error = state is PowerState.PAUSED and guest.paused_on_io_error()
+        return InstanceInfo(state, max_mem_kib, mem_kib, vcpus, cpu_time_ns, io_error)
 
     # --- guest access ----------------------------------------------------------------------
 
