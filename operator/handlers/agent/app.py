@@ -18,7 +18,7 @@ import kubernetes
 
 from kubenova.driver.base import ComputeDriver
 from kubenova.driver.images import ImageStore
-from kubenova.handlers.agent import diagnostics
+from kubenova.handlers.agent import diagnostics, pollers
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
@@ -278,7 +278,7 @@ class Agent:
             self.instance_cache.look(uid)
         for uid in list(self.migration_cache.objects):
             self.migration_cache.look(uid)
-        self.instances.poll()
+        pollers.poll(self.instances)
 
     # --- kopf's event handlers: record the newest body, then ask for work --------------------------
 
