@@ -227,6 +227,11 @@ class HostStats:
     hypervisor_version: str
     hostname: str
     cpu: CpuInfo
+    #: what the volume store's volumes and the namespaces' snapshots hold, rounded up, where they share the
+    #: instances' file system (0 where they live on another): disk no instance's request counts, which
+    #: placement must not promise again
+    volumes_gib: int = 0
+    snapshots_gib: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from kubenova.driver.fake.disks import (
     store_key,
 )
 from kubenova.driver.fake.instance import ACTIVE, Instance
+from kubenova.driver.images import SNAPSHOTS
 
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
 
@@ -222,6 +223,8 @@ class FakeHost(ComputeDriver):
             used += sum(disk.allocated for disk in disks)
             # what the copy-on-write disks may still take, each up to its virtual size
             growth = sum(disk.size - disk.allocated for disk in disks)
+            volumes = sum(disk.allocated for disk in self._volumes.values())
+            snapshots = sum(len(i.data) for key, i in self._images.items() if key.startswith(f"{SNAPSHOTS}/"))
         return HostStats(
             vcpus=self.vcpus,
             memory_mib=self.memory_mib,
@@ -233,6 +236,8 @@ class FakeHost(ComputeDriver):
             hypervisor_version="1.0.0",
             hostname=self.hostname,
             cpu=self.cpu,
+            volumes_gib=-(-volumes // GIB),
+            snapshots_gib=-(-snapshots // GIB),
         )
 
     def host_power_action(self, action: HostPowerAction) -> None:

@@ -38,6 +38,7 @@ from kubenova.driver.base import (
     VncConsole,
     VolumeConnector,
 )
+from kubenova.driver.images import SNAPSHOTS
 from kubenova.driver.libvirt import imagecache
 from kubenova.driver.libvirt.config import CPUConfig
 from kubenova.driver.libvirt.lifecycle import Lifecycle
@@ -88,7 +89,30 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
                 threads=cpu.threads,
                 features=cpu.features,
             ),
+            volumes_gib=self._held_gib(self.volumes.root),
+            snapshots_gib=self._held_gib(self.images.root / SNAPSHOTS),
         )
+
+    def _held_gib(self, folder: pathlib.Path) -> int:
+        """What the files under ``folder`` hold on the instances' file system, in GiB rounded up; 0 when the
+        folder is on another file system, whose space no instance's disk takes.
+
+        Allocated bytes, not sizes: a store volume is a sparse file, and its size (which the agent never
+        shrinks and kubenova never deletes) would count every volume ever made in full.
+        """
+        try:
+            if folder.stat().st_dev != self.instances_dir.stat().st_dev:
+                return 0
+        except OSError:  # a store that does not exist (yet) holds nothing
+            return 0
+        held = 0
+        for parent, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    held += os.lstat(os.path.join(parent, name)).st_blocks * 512
+                except OSError:  # gone meanwhile
+                    continue
+        return -(-held // 2**30)
 
     def _disk_over_commit(self) -> int:
         """Bytes the instances' disks may still claim on this host's instance file system (Nova's

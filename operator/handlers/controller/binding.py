@@ -54,7 +54,8 @@ def node_view(
 ) -> NodeView:
     """The placement view of a node; liveness is the newer of its Lease renewal and its status heartbeat."""
     beats = [t for t in (renewed, parse_time(status.get("heartbeatTime"))) if t is not None]
-    capacity = status.get("capacity") or {}
+    capacity, usage = status.get("capacity") or {}, status.get("usage") or {}
+    least = status.get("diskAvailableLeastGiB")
     return NodeView(
         name=name,
         enabled=bool(spec.get("enabled", True)),
@@ -64,6 +65,8 @@ def node_view(
         disk_gib=int(capacity.get("diskGiB", 0)),
         maintenance=bool(spec.get("maintenance", False)),
         labels=dict(labels),
+        stored_gib=int(usage.get("volumesGiB", 0)) + int(usage.get("snapshotsGiB", 0)),
+        disk_available_least_gib=int(least) if least is not None else None,
     )
 
 
