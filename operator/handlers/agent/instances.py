@@ -8,7 +8,8 @@ The controller adds the agent's finalizer when it binds the object, so a create 
 agent one write: the status that says Running.
 
 The pure steps live beside it: spec translation (translate.py), the power state machine
-(power.py) and the one-shot action protocol (actions.py); this module reads, orchestrates and writes.
+(power.py), when a guest paused on a full disk runs again (io_errors.py) and the one-shot action
+protocol (actions.py); this module reads, orchestrates and writes.
 """
 
 from __future__ import annotations
