@@ -349,6 +349,11 @@ class Resources(TypedDict, total=False):
     diskGiB: int
 
 
+class NodeUsage(Resources, total=False):
+    volumesGiB: int
+    snapshotsGiB: int
+
+
 class PowerActionStatus(TypedDict, total=False):
     id: str
     phase: str
@@ -380,7 +385,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     cpuModel: str
     cpuInfo: CpuInfo
     capacity: Resources
-    usage: Resources
+    usage: NodeUsage
     diskAvailableLeastGiB: int
     memoryFreeMiB: int
     instanceCount: int

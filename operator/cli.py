@@ -194,6 +194,19 @@ def parser() -> argparse.ArgumentParser:
         help="seconds before restarting a domain that stopped outside Kubernetes [10]",
     )
     agent.add_argument(
+        "--io-error-delay",
+        type=float,
+        default=30.0,
+        help="seconds before letting a guest paused on a disk I/O error (a full disk) run again; doubled "
+        "each time it stops again [30]",
+    )
+    agent.add_argument(
+        "--io-error-max-delay",
+        type=float,
+        default=600.0,
+        help="the longest wait between two such tries [600]",
+    )
+    agent.add_argument(
         "--reboot-timeout",
         type=float,
         default=180.0,
@@ -265,6 +278,8 @@ def _agent(args: argparse.Namespace) -> int:
     settings = Settings(
         soft_reboot_timeout=args.soft_reboot_timeout,
         restart_delay=args.restart_delay,
+        io_error_delay=args.io_error_delay,
+        io_error_max_delay=args.io_error_max_delay,
         rescue_timeout=args.rescue_timeout,
         reboot_timeout=args.reboot_timeout,
         networks=NetworkAllowList(

@@ -19,9 +19,15 @@ NODE = "node-0"
 #: The agent of NODE serves /metrics here (loopback only), node-N's at METRICS_PORT + N; below the
 #: ephemeral port range, like every port of the test ground (see kube.ETCD_PORT).
 METRICS_PORT = 29464
+#: How long the test ground's agents let a guest paused on a disk I/O error wait before it runs again
+#: (production: 30 s), doubled after each try.
+IO_ERROR_DELAY = 10
 #: Shorter waits than production so tests see each path soon: the test guest ignores ACPI, so a
 #: soft reboot always falls back to hard after the timeout.
-AGENT_TEST_SETTINGS = ("--soft-reboot-timeout", "5", "--restart-delay", "3", "--diagnostics-interval", "5")
+AGENT_TEST_SETTINGS = (
+    *("--soft-reboot-timeout", "5", "--restart-delay", "3", "--diagnostics-interval", "5"),
+    *("--io-error-delay", str(IO_ERROR_DELAY)),
+)
 #: One migration per node at a time, so a test can see one wait and cancel it.
 CONTROLLER_TEST_SETTINGS = ("--max-migrations-per-node", "1")
 
@@ -209,10 +215,26 @@ def start_kubenova(ground: Ground) -> None:
     _wait_registered(ground, ground.node)
 
 
-def add_node(ground: Ground, node: str, *agent_flags: str) -> str:
+def add_node(
+    ground: Ground,
+    node: str,
+    *agent_flags: str,
+    instances_mib: int | None = None,
+    console_log_max_bytes: int = libvirt_host.CONSOLE_LOG_MAX_BYTES,
+) -> str:
     """Another compute node: its own libvirtd in a network namespace and its own agent (with
-    ``agent_flags`` added); returns its address."""
-    libvirt_host.start(ground.layout, node, node_address(node))
+    ``agent_flags`` added); returns its address.
+
+    With ``instances_mib``, the node's instances folder is a tmpfs of that many MiB, so a test can fill it
+    (remove_node unmounts it); ``console_log_max_bytes`` is its virtlogd's cap on each console log.
+    """
+    if instances_mib is not None or console_log_max_bytes != libvirt_host.CONSOLE_LOG_MAX_BYTES:
+        # libvirtd's mount namespace is a copy made when it starts: a running one would keep the old folder
+        # (and its virtlogd the old cap).
+        libvirt_host.stop(ground.layout, node)
+    if instances_mib is not None:
+        _mount_tmpfs(ground.node_dir(node) / "instances", instances_mib)
+    libvirt_host.start(ground.layout, node, node_address(node), console_log_max_bytes=console_log_max_bytes)
     _ensure_running(ground, {f"agent-{node}": agent_process(ground, node, *agent_flags)})
     _wait_registered(ground, node)
     return node_address(node)
@@ -223,6 +245,7 @@ def remove_node(ground: Ground, node: str) -> None:
     would."""
     procs.stop(ground.layout, f"agent-{node}")
     libvirt_host.stop(ground.layout, node)
+    _unmount(ground.node_dir(node) / "instances")
     for kind, namespace in (("computenode", None), ("lease", LEASE_NAMESPACE)):
         name = node if kind == "computenode" else f"agent-{node}"
         argv = [ground.kubectl, "delete", kind, name, "--ignore-not-found", "--wait=false"]
@@ -231,6 +254,37 @@ def remove_node(ground: Ground, node: str) -> None:
             f"deleting the {kind} of {node}",
             "",
             env=ground.env(),
+        )
+
+
+def _mount_tmpfs(folder: pathlib.Path, mib: int) -> None:
+    """A tmpfs of ``mib`` MiB on ``folder`` (an earlier one there is unmounted first)."""
+    _unmount(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    procs.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755", "tmpfs", str(folder)],
+        f"mounting a {mib} MiB tmpfs on {folder}",
+        "run as root, where mount works",
+    )
+    # QEMU opens instance disks with O_DIRECT (cache='none'), which tmpfs takes only since Linux 6.6.
+    probe = folder / ".o_direct"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600))
+    except OSError as exc:
+        _unmount(folder)
+        raise TestGroundError(
+            f"this kernel's tmpfs refuses O_DIRECT ({exc}), which QEMU's disks need (cache='none'); "
+            "run on Linux 6.6 or later"
+        ) from exc
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _unmount(folder: pathlib.Path) -> None:
+    """Unmount whatever add_node mounted on ``folder`` (nothing when it is a plain folder)."""
+    while os.path.ismount(folder):
+        procs.run(
+            ["umount", str(folder)], f"unmounting {folder}", "see which process still uses it (fuser -m)"
         )
 
 
@@ -315,6 +369,7 @@ def down(layout: Layout | None = None) -> list[str]:
     for node_dir in sorted((layout.state / "nodes").glob("*")):
         if libvirt_host.stop(layout, node_dir.name):
             stopped.append(f"libvirtd of {node_dir.name}")
+        _unmount(node_dir / "instances")
     for name in ("kube-apiserver", "etcd"):
         if procs.stop(layout, name):
             stopped.append(name)

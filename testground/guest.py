@@ -32,6 +32,8 @@ NET = "kubenova-net"
 MAC = "kubenova-mac"
 MAC_EVERY = 10
 WROTE = "kubenova-wrote"
+#: "kubenova-filled <dev> <MiB>": the fill hook (kubenova.fill=<dev>) has written that many MiB of <dev>.
+FILLED = "kubenova-filled"
 #: "kubenova-spoofing eth0 <address>": the guest (kubenova.spoof=<address>) now sends with a MAC that is not
 #: its own, as a hostile guest would; "kubenova-spoofed eth0" once it has sent for a while.
 SPOOFING = "kubenova-spoofing"
@@ -69,6 +71,7 @@ done
 role=guest
 write_dev=
 write_pattern=
+fill_dev=
 spoof_mac=
 dirty_mib=
 for arg in $(cat /proc/cmdline); do
@@ -76,6 +79,7 @@ for arg in $(cat /proc/cmdline); do
     kubenova.role=rescue) role=rescue ;;
     kubenova.spoof=*) spoof_mac=${{arg#kubenova.spoof=}} ;;
     kubenova.dirty=*) dirty_mib=${{arg#kubenova.dirty=}} ;;
+    kubenova.fill=*) fill_dev=${{arg#kubenova.fill=}} ;;
     kubenova.write=*:*)
       spec=${{arg#kubenova.write=}}
       write_dev=${{spec%%:*}}
@@ -86,6 +90,7 @@ case "$write_dev" in ''|*[!a-z0-9]*) write_dev= ;; esac
 case "$write_pattern" in ''|*[!A-Za-z0-9-]*) write_dev= ;; esac
 case "$spoof_mac" in ''|*[!0-9a-f:]*) spoof_mac= ;; esac
 case "$dirty_mib" in ''|*[!0-9]*) dirty_mib= ;; esac
+case "$fill_dev" in ''|*[!a-z0-9]*) fill_dev= ;; esac
 
 if [ "$role" = rescue ]; then
   echo "{RESCUE_MARKER} kernel=$(uname -r)"
@@ -151,8 +156,20 @@ fi
 
 # Hot-plugged disks appear later (PCI hotplug, devtmpfs makes the node): poll every tick.
 written=
+filled=0
 i=0
 while true; do
+  # The fill hook: one more MiB of the disk every tick, straight to it (no page cache), until a write fails
+  # at its end. A full host file system pauses the guest inside the write, which goes on once it runs again.
+  if [ -n "$fill_dev" ] && [ -b "/dev/$fill_dev" ]; then
+    if tr '\\000' K </dev/zero \\
+        | dd of="/dev/$fill_dev" bs=1M count=1 seek=$filled iflag=fullblock oflag=direct 2>/dev/null; then
+      filled=$((filled + 1))
+      echo "{FILLED} $fill_dev $filled"
+    else
+      fill_dev=
+    fi
+  fi
   if [ -n "$write_dev" ] && [ -z "$written" ] && [ -b "/dev/$write_dev" ]; then
     printf '%s' "$write_pattern" | dd of="/dev/$write_dev" bs=512 conv=notrunc,fsync 2>/dev/null \\
       && sync && echo "{WROTE} $write_dev $write_pattern"
@@ -169,6 +186,14 @@ done
 
 _DEV = re.compile(r"[a-z0-9]+")
 _PATTERN = re.compile(r"[A-Za-z0-9-]+")
+
+
+def fill_hook(dev: str) -> str:
+    """The cmdline argument that makes the guest write one more MiB of /dev/`dev` every second, until the
+    disk's end: its disk file grows by as much on the host, so a test can fill the host's file system."""
+    if not _DEV.fullmatch(dev):
+        raise ValueError(f"kubenova.fill needs a device [a-z0-9]+, not {dev!r}")
+    return f"kubenova.fill={dev}"
 
 
 def spoof_hook(mac: str) -> str:

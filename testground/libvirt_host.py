@@ -33,7 +33,14 @@ security_driver = "none"
 namespaces = [ ]
 cgroup_controllers = [ ]
 remember_owner = 0
+# libvirt's default, said out loud: virtlogd writes the guests' console logs and caps them (virtlogd.conf).
+stdio_handler = "logd"
 """
+
+
+#: virtlogd's cap on each guest's console log: a file rolls over at this many bytes, and this many rolled-over
+#: ones are kept (console.log.1, …). libvirt's own defaults, written down so a test can ask for less.
+CONSOLE_LOG_MAX_BYTES, CONSOLE_LOG_BACKUPS = 2 * 2**20, 3
 
 
 #: Every test host gets this isolated libvirt network (a bridge with no uplink, no DHCP).
@@ -124,14 +131,20 @@ def _responds(layout: Layout, node: str) -> bool:
 
 
 def start(
-    layout: Layout, node: str, address: str | None = None, instances: pathlib.Path | None = None
+    layout: Layout,
+    node: str,
+    address: str | None = None,
+    instances: pathlib.Path | None = None,
+    console_log_max_bytes: int = CONSOLE_LOG_MAX_BYTES,
 ) -> str:
     """Start (or find running) the libvirtd of `node` and return its URI.
 
     With an ``address`` the host listens there with TLS, so libvirtd and QEMU can migrate guests
     to and from it; every address but the bridge's own gets a network namespace of its own. Its qemu
     hook then admits only the incoming migrations the agent prepared in ``instances`` (the node's
-    ``instances`` folder unless named).
+    ``instances`` folder unless named). Its virtlogd, which writes the guests' console logs (libvirt's
+    default ``stdio_handler = "logd"``), rolls each over at ``console_log_max_bytes``, as a node's
+    /etc/libvirt/virtlogd.conf says (docs/operations.md).
     """
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
     if missing:
@@ -150,6 +163,9 @@ def start(
     stop(layout, node)
     (host / "etc").mkdir(parents=True, exist_ok=True)
     (host / "etc" / "qemu.conf").write_text(QEMU_CONF)
+    (host / "etc" / "virtlogd.conf").write_text(
+        f"max_size = {console_log_max_bytes}\nmax_backups = {CONSOLE_LOG_BACKUPS}\n"
+    )
     uuid_file = host / "host-uuid"
     if not uuid_file.exists():  # libvirt refuses to migrate between hosts with one UUID
         uuid_file.write_text(str(uuid.uuid4()))

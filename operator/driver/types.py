@@ -160,13 +160,20 @@ class VolumeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class InstanceInfo:
-    """Nova's get_info: state, max/used memory (KiB), vCPUs and CPU time (ns)."""
+    """Nova's get_info: state, max/used memory (KiB), vCPUs and CPU time (ns), and why a guest is paused.
+
+    ``io_error``: PAUSED because a disk write failed and the hypervisor stopped the guest rather than
+    hand the error to it (QEMU's default for a full file system, ``werror=enospc``; libvirt's pause
+    reason IOERROR). Not in Nova's 2012 contract: resuming such a guest retries the write, so on a disk
+    that is still full it stops again at once, and the agent must not resume it in a loop.
+    """
 
     state: PowerState
     max_mem_kib: int
     mem_kib: int
     num_cpu: int
     cpu_time_ns: int
+    io_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +228,11 @@ class HostStats:
     hypervisor_version: str
     hostname: str
     cpu: CpuInfo
+    #: what the volume store's volumes and the namespaces' snapshots hold, rounded up, where they share the
+    #: instances' file system (0 where they live on another): disk no instance's request counts, which
+    #: placement must not promise again
+    volumes_gib: int = 0
+    snapshots_gib: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

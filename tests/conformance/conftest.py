@@ -3,7 +3,7 @@
 Each driver comes with a probe: the way a test looks at real effects *outside* the
 contract. For libvirt that is the real libvirtd, the files on the host and the real VNC
 server; for the fake it is the fake's own state. Console output is read through the
-contract: for libvirt it is the file QEMU's serial port writes, so it is a real effect too.
+contract: for libvirt it is the log of QEMU's serial port (virtlogd writes it), so it is a real effect too.
 """
 
 from __future__ import annotations

@@ -394,6 +394,24 @@ def test_a_volume_keeps_what_the_guest_wrote(env: Env) -> None:
     )  # destroy never takes a volume
 
 
+def test_host_stats_count_what_volumes_and_snapshots_hold(env: Env) -> None:
+    """Placement counts them as taken: no instance's request does (the test ground keeps its stores on the
+    instances' file system, where they count)."""
+    pattern = f"KN-{int(time.time())}"
+    spec = env.instance(cmdline=f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}", root_gib=1)
+    env.driver.spawn(spec)
+    console_has(env, spec.uuid, f"{guest.TICK} 0")
+    env.driver.attach_volume(spec.uuid, VolumeSpec("ns", f"vol-{spec.uuid[:8]}", size_gib=1), "")
+    console_has(env, spec.uuid, f"{guest.WROTE} vdb {pattern}", timeout=60)  # a sparse volume holds bytes now
+    name = f"snap-{spec.uuid[:8]}.qcow2"
+    try:
+        env.driver.snapshot(spec.uuid, ImageRef(name, namespace="ns"))
+        stats = env.driver.get_available_resource()
+        assert stats.volumes_gib >= 1 and stats.snapshots_gib >= 1
+    finally:
+        (env.probe.images / "snapshots" / "ns" / name).unlink(missing_ok=True)
+
+
 def test_stats_have_exact_counters_that_grow(env: Env) -> None:
     spec = env.instance(interfaces=(Interface("eth0", NETWORK),))
     env.driver.spawn(spec)

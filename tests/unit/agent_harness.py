@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from kubenova.driver.base import PowerState
@@ -65,19 +67,33 @@ class Node:
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
 
 
+class Clock:
+    """A monotonic clock that moves only when told to, for the agent and its driver alike."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def make_node(
     tmp_path: pathlib.Path,
     api: FakeApiserver | None = None,
     driver: FakeDriver | None = None,
     name: str = NODE,
+    clock: Callable[[], float] = time.monotonic,
     **settings: Any,
 ) -> Node:
     """A fresh agent process on node ``name``; ``api`` and ``driver`` given: one restarted on the same node,
-    or another node of the same cluster."""
+    or another node of the same cluster. ``clock``: the agent's and the new driver's (tests may move it)."""
     api = api or FakeApiserver()
     for file, data in STORE.items():
         (tmp_path / file).write_bytes(data)
-    driver = driver or FakeDriver(f"{name}-{uuid.uuid4().hex[:6]}", images=STORE)
+    driver = driver or FakeDriver(f"{name}-{uuid.uuid4().hex[:6]}", images=STORE, clock=clock)
     queue = RecordingQueue()
     caches = [ObjectCache(queue, kind) for kind in ("instance", "volume", "migration")]  # type: ignore[arg-type]
     status = MemoryStatusWriter(api, VIRTUALINSTANCES)
@@ -91,5 +107,6 @@ def make_node(
         SecretReader(api),  # type: ignore[arg-type]
         *caches,
         Settings(**{"soft_reboot_timeout": 5.0, **settings}),
+        clock,
     )
     return Node(name, api, driver, queue, *caches, status, agent)

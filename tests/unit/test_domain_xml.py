@@ -161,3 +161,30 @@ def test_a_storage_pool_round_trips_and_libvirt_accepts_it(tmp_path: pathlib.Pat
         defined.destroy()
     finally:
         conn.close()
+
+
+def test_the_serial_is_a_pty_whose_log_libvirt_keeps_and_the_console_path_reads_back() -> None:
+    cfg = config()
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(cfg.to_xml())
+        kept = dom.XMLDesc(0)
+        serial = ET.fromstring(kept).find("devices/serial")
+        assert serial is not None and serial.get("type") == "pty"
+        log = serial.find("log")
+        assert log is not None and (log.get("file"), log.get("append")) == ("/console/x.log", "on")
+        assert GuestConfig.parse_dom(kept).console_path == "/console/x.log"
+        dom.undefine()
+    finally:
+        conn.close()
+
+
+def test_an_older_definition_with_a_file_serial_keeps_its_console_path() -> None:
+    root = ET.fromstring(config().to_xml())
+    devices = root.find("devices")
+    assert devices is not None
+    for serial in devices.findall("serial"):
+        devices.remove(serial)
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path="/console/old.log", append="on")
+    assert GuestConfig.parse_dom(ET.tostring(root, encoding="unicode")).console_path == "/console/old.log"

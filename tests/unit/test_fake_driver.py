@@ -434,6 +434,29 @@ def test_power_off_of_a_paused_or_suspended_instance_stops_it(driver: FakeDriver
         assert boots(driver, s.uuid) == 2
 
 
+def test_a_guest_paused_on_a_full_disk_says_so_and_stops_again_until_there_is_room(
+    driver: FakeDriver, clock: Clock
+) -> None:
+    s, other = spec("a"), spec("b")
+    driver.spawn(s)
+    driver.spawn(other)
+    driver.pause(other.uuid)
+    driver.fill_instances_disk(s.uuid)
+    info = driver.get_info(s.uuid)
+    assert (info.state, info.io_error) == (PowerState.PAUSED, True)
+    assert driver.get_info(other.uuid).io_error is False  # paused by a user, not by the disk
+    ran = ticks(driver, s.uuid)
+    clock.advance(5)
+    driver.unpause(s.uuid)  # the guest retries its write: still no room
+    assert driver.get_info(s.uuid).io_error and ticks(driver, s.uuid) == ran
+    driver.free_instances_disk()
+    driver.unpause(s.uuid)
+    clock.advance(2)
+    info = driver.get_info(s.uuid)
+    assert (info.state, info.io_error) == (PowerState.RUNNING, False)
+    assert ticks(driver, s.uuid)[-1] > ran[-1] and boots(driver, s.uuid) == 1  # the same boot ran on
+
+
 def test_unpause_of_an_instance_that_is_not_paused_changes_nothing(driver: FakeDriver) -> None:
     s = spec()
     driver.spawn(s, power_on=False)

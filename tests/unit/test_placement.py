@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 import datetime
+from typing import Any
 
 import pytest
 
+from kubenova.handlers.controller.binding import node_view
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -78,6 +81,34 @@ def test_disk_counts_what_is_placed() -> None:
     with pytest.raises(Unschedulable, match="a: not enough free disk") as err:
         choose_node(Usage(1, 100, 7), None, nodes, {"a": Usage(1, 100, 6)}, NOW)
     assert "4 GiB of disk free, 7 GiB requested" in err.value.detail
+
+
+def test_disk_counts_what_volumes_and_snapshots_hold_and_what_the_node_measured() -> None:
+    stored = dataclasses.replace(node("a", disk=10), stored_gib=3)  # volumes and snapshots hold 3 GiB
+    assert choose_node(Usage(1, 100, 7), None, {"a": stored}, {}, NOW) == "a"
+    with pytest.raises(Unschedulable, match="a: not enough free disk") as err:
+        choose_node(Usage(1, 100, 5), None, {"a": stored}, {"a": Usage(1, 100, 3)}, NOW)
+    assert "4 GiB of disk free, 5 GiB requested" in err.value.detail
+    # Files kubenova never placed (or disks grown further than booked) leave less than the books say.
+    measured = dataclasses.replace(node("a", disk=10), disk_available_least_gib=2)
+    assert choose_node(Usage(1, 100, 2), None, {"a": measured}, {}, NOW) == "a"
+    with pytest.raises(Unschedulable, match="a: not enough free disk") as err:
+        choose_node(Usage(1, 100, 3), None, {"a": measured}, {}, NOW)
+    assert "2 GiB of disk free, 3 GiB requested" in err.value.detail
+    # A full node still takes an instance without disks of its own.
+    full = dataclasses.replace(node("a", disk=10), disk_available_least_gib=0)
+    assert choose_node(Usage(1, 100, 0), None, {"a": full}, {}, NOW) == "a"
+
+
+def test_a_node_view_reads_the_stores_and_the_measured_free_disk_from_status() -> None:
+    status: Any = {
+        "capacity": {"vcpus": 2, "memoryMiB": 1000, "diskGiB": 10},
+        "usage": {"vcpus": 1, "volumesGiB": 2, "snapshotsGiB": 1},
+        "diskAvailableLeastGiB": 4,
+    }
+    view = node_view("a", {}, {}, status, NOW)
+    assert (view.disk_gib, view.stored_gib, view.disk_available_least_gib) == (10, 3, 4)
+    assert node_view("a", {}, {}, {"capacity": {"diskGiB": 10}}, NOW).disk_available_least_gib is None
 
 
 def test_the_message_names_the_constraints_and_leaves_the_figures_to_the_detail() -> None:

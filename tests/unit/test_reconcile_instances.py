@@ -11,7 +11,7 @@ import pytest
 
 from kubenova.driver.base import PowerState
 from kubenova.handlers.shared import MIGRATIONS, NODE_LABEL, VIRTUALINSTANCES
-from tests.unit.agent_harness import FLAVOR, KERNEL, NODE, STORE, Node, make_node
+from tests.unit.agent_harness import FLAVOR, KERNEL, NODE, STORE, Clock, Node, make_node
 from tests.unit.reconcile_fakes import bound, condition
 
 
@@ -91,6 +91,54 @@ def test_a_stop_outside_kubernetes_is_shown_then_undone_after_the_restart_delay(
     node.look(node.get("vm"))
     assert node.state(uid) is PowerState.RUNNING
     assert condition(node.get("vm"), "Ready")["reason"] == "PowerStateReached"
+
+
+def test_a_guest_paused_on_a_full_disk_is_said_and_let_run_again_only_after_a_growing_delay(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    node = make_node(tmp_path, clock=clock, io_error_delay=30.0, io_error_max_delay=120.0)
+    uid = node.create("vm")
+    resumes: list[float] = []
+    unpause = node.driver.unpause
+    monkeypatch.setattr(node.driver, "unpause", lambda u: (resumes.append(clock.now - start), unpause(u)))
+    writes, events = len(node.status.patches), len(node.api.events)
+    start = clock.now
+    node.driver.fill_instances_disk(uid)
+    node.agent.observe(uid)  # libvirt's lifecycle event: paused, reason IOERROR
+    body = node.get("vm")
+    ready = condition(body, "Ready")
+    assert (body["status"]["powerState"], ready["status"], ready["reason"]) == ("Paused", "False", "IOError")
+    assert NODE in ready["message"] and "instances folder" in ready["message"]
+    # Ten minutes in which something looks every second (watch events, resyncs, lifecycle events): the guest
+    # is let run again at 30 s, then 60 s and 120 s (the most) after each try, and status stays as it was.
+    for _ in range(600):
+        node.look(node.get("vm"))
+        node.agent.observe(uid)
+        clock.advance(1)
+    assert resumes == [30, 90, 210, 330, 450, 570]
+    assert condition(node.get("vm"), "Ready") == ready
+    assert len(node.status.patches) - writes == 1  # the pause; a real guest may add two a try (ran, stopped)
+    assert node.api.reasons("vm")[events:] == ["Paused", "IOError"]  # a Warning once, not once per try
+    assert ("instance", uid) in [key for key, _ in node.queue.later]  # the try's own look is asked for
+
+    node.driver.free_instances_disk()  # an operator made room
+    clock.advance(120)
+    node.look(node.get("vm"))
+    body = node.get("vm")
+    assert node.state(uid) is PowerState.RUNNING and body["status"]["powerState"] == "Running"
+    assert condition(body, "Ready")["reason"] == "PowerStateReached"
+
+
+def test_a_guest_paused_on_a_full_disk_is_stopped_at_once_when_the_spec_says_so(
+    tmp_path: pathlib.Path,
+) -> None:
+    node = make_node(tmp_path, clock=Clock())
+    uid = node.create("vm")
+    node.driver.fill_instances_disk(uid)
+    node.agent.observe(uid)
+    body = node.change("vm", powerState="Stopped")
+    assert node.state(uid) is PowerState.SHUTOFF and condition(body, "Ready")["status"] == "True"
 
 
 def test_a_missing_secret_is_waited_for_and_said_once(node: Node) -> None:

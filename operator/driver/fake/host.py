@@ -50,6 +50,7 @@ from kubenova.driver.fake.disks import (
     store_key,
 )
 from kubenova.driver.fake.instance import ACTIVE, Instance
+from kubenova.driver.images import SNAPSHOTS
 
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
 
@@ -128,6 +129,8 @@ class FakeHost(ComputeDriver):
         self._rules: dict[str, tuple[FirewallRule, ...]] = {}
         self._free_vnc: list[int] = []
         self._next_vnc = 0
+        #: the file system of the instances' files has no room left (fill_instances_disk)
+        self._disk_full = False
         for name, data in (images or {}).items():
             self.add_image(name, data)
         self._registry[self.uri] = self
@@ -182,6 +185,24 @@ class FakeHost(ComputeDriver):
                     return password == inst.spec.vnc_password
         raise ConnectionRefusedError(f"no VNC server listens on {host}:{port}")
 
+    def fill_instances_disk(self, uuid: str) -> None:
+        """The file system of the instances' files fills up while the running guest ``uuid`` writes: QEMU
+        stops it rather than fail its write (``werror=enospc``), and libvirt says PAUSED, reason IOERROR.
+
+        Until free_instances_disk, a guest let run again retries its write and stops again at once.
+        """
+        with self._lock:
+            inst = self._get(uuid)
+            self._require(inst, PowerState.RUNNING)
+            self._disk_full = True
+            inst.guest.stop(self._clock())
+            inst.state, inst.io_error = PowerState.PAUSED, True
+
+    def free_instances_disk(self) -> None:
+        """Room again on the instances' file system (an operator freed space)."""
+        with self._lock:
+            self._disk_full = False
+
     def vifs(self, uuid: str) -> tuple[Interface, ...]:
         """What plug_vifs set up for the instance and unplug_vifs has not released."""
         with self._lock:
@@ -208,6 +229,8 @@ class FakeHost(ComputeDriver):
             used += sum(disk.allocated for disk in disks)
             # what the copy-on-write disks may still take, each up to its virtual size
             growth = sum(disk.size - disk.allocated for disk in disks)
+            volumes = sum(disk.allocated for disk in self._volumes.values())
+            snapshots = sum(len(i.data) for key, i in self._images.items() if key.startswith(f"{SNAPSHOTS}/"))
         return HostStats(
             vcpus=self.vcpus,
             memory_mib=self.memory_mib,
@@ -219,6 +242,8 @@ class FakeHost(ComputeDriver):
             hypervisor_version="1.0.0",
             hostname=self.hostname,
             cpu=self.cpu,
+            volumes_gib=-(-volumes // GIB),
+            snapshots_gib=-(-snapshots // GIB),
         )
 
     def host_power_action(self, action: HostPowerAction) -> None:

@@ -35,6 +35,8 @@ class Instance:
     rebooting_since: float | None = None
     #: the definition redefine made for the next boot, while the running one is still ``spec``
     defined: InstanceSpec | None = None
+    #: paused because a disk write failed (see FakeHost.fill_instances_disk)
+    io_error: bool = False
 
 
 def device_names(inst: Instance) -> set[str]:

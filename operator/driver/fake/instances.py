@@ -125,7 +125,7 @@ class FakeInstances(FakeHost):
     def _boot(self, inst: Instance, now: float) -> None:
         """A fresh boot: whatever ran (or was saved) is gone; the guest prints its boot lines."""
         self._apply_definition(inst, now)
-        inst.state = PowerState.RUNNING
+        inst.state, inst.io_error = PowerState.RUNNING, False
         layout = disk_layout(inst)
         for _, device in layout:  # the guest reads each disk's first sector to print its head
             device.counters.rd_req += 1
@@ -137,8 +137,14 @@ class FakeInstances(FakeHost):
         self._guest_writes(inst, now)
 
     def _continue(self, inst: Instance, now: float) -> None:
-        """Unpause or restore: the same boot runs on, so the tick count goes on where it stopped."""
-        inst.state = PowerState.RUNNING
+        """Unpause or restore: the same boot runs on, so the tick count goes on where it stopped.
+
+        A guest stopped on a failed write retries it first: with the disk still full it stops again.
+        """
+        if inst.io_error and self._disk_full:
+            inst.state = PowerState.PAUSED
+            return
+        inst.state, inst.io_error = PowerState.RUNNING, False
         inst.guest.run(now)
         self._guest_writes(inst, now)
 

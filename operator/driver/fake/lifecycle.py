@@ -64,7 +64,12 @@ class FakeLifecycle(FakeInstances):
             inst = self._get(uuid)
             memory_kib = inst.spec.memory_mib * 1024
             return InstanceInfo(
-                inst.state, memory_kib, memory_kib, inst.spec.vcpus, self._cpu_time_ns(inst, self._clock())
+                inst.state,
+                memory_kib,
+                memory_kib,
+                inst.spec.vcpus,
+                self._cpu_time_ns(inst, self._clock()),
+                io_error=inst.state is PowerState.PAUSED and inst.io_error,
             )
 
     # --- instances: life cycle --------------------------------------------------------------------

@@ -142,6 +142,25 @@ class GuestGraphics:
         )
 
 
+def console_serial(log: str) -> ET.Element:
+    """The guest's serial port: a pseudo-terminal whose output libvirt also logs to ``log``.
+
+    The log is bounded by virtlogd, not by kubenova. With qemu.conf's ``stdio_handler = "logd"`` (libvirt's
+    default) libvirt opens every character device's file through virtlogd and hands QEMU only a pipe
+    (libvirt's qemuProcessPrepareHostBackendChardevFileHelper, for a ``<log file>`` as for a file serial),
+    so a guest printing without end cannot fill the node's disk: virtlogd rolls the file over at its
+    ``max_size`` (2 MiB unless virtlogd.conf says otherwise) and keeps ``max_backups`` old ones
+    (``console.log.1``, …), whatever QEMU writes. A pty rather than a plain file serial, because the log is
+    the same file at the same path either way and the pty is what an interactive console attaches to
+    (``virsh console``). One cost of virtlogd: when a write to the log fails (the file system is full), it
+    stops logging that guest until its next boot.
+    """
+    serial = ET.Element("serial", type="pty")
+    sub_element(serial, "log", file=log, append="on")
+    sub_element(serial, "target", port="0")
+    return serial
+
+
 @dataclasses.dataclass
 class GuestConfig:
     """A whole domain definition."""
@@ -202,9 +221,7 @@ class GuestConfig:
             devices.append(disk.format_dom())
         for iface in self.interfaces:
             devices.append(iface.format_dom())
-        serial = sub_element(devices, "serial", type="file")
-        sub_element(serial, "source", path=self.console_path, append="on")
-        sub_element(serial, "target", port="0")
+        devices.append(console_serial(self.console_path))
         if self.graphics:
             devices.append(self.graphics.format_dom())
         sub_element(devices, "memballoon", model="none")
@@ -220,7 +237,8 @@ class GuestConfig:
         meta = root.find(f"metadata/{{{METADATA_NS}}}instance")
         memory = root.find("memory")
         os_el = root.find("os")
-        serial = root.find("devices/serial/source")
+        serial = root.find("devices/serial/log")  # an older definition's: a file serial's own source
+        serial = serial if serial is not None else root.find("devices/serial[@type='file']/source")
         graphics = root.find("devices/graphics[@type='vnc']")
 
         def text(tag: str) -> str | None:
@@ -233,7 +251,7 @@ class GuestConfig:
             instance_name=meta.get("name", "") if meta is not None else "",
             vcpus=int(root.findtext("vcpu", "0")),
             memory_mib=_mib(int(memory.text or 0), memory.get("unit", "KiB")) if memory is not None else 0,
-            console_path=serial.get("path", "") if serial is not None else "",
+            console_path=serial.get("file", serial.get("path", "")) if serial is not None else "",
             domain_type=root.get("type", "qemu"),
             kernel=text("kernel"),
             initrd=text("initrd"),

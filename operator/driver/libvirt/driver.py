@@ -33,10 +33,12 @@ from kubenova.driver.base import (
     InterfaceStats,
     InvalidCPUInfo,
     InvalidInstanceSpec,
+    PowerState,
     Unsupported,
     VncConsole,
     VolumeConnector,
 )
+from kubenova.driver.images import SNAPSHOTS
 from kubenova.driver.libvirt import imagecache
 from kubenova.driver.libvirt.config import CPUConfig
 from kubenova.driver.libvirt.lifecycle import Lifecycle
@@ -87,7 +89,30 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
                 threads=cpu.threads,
                 features=cpu.features,
             ),
+            volumes_gib=self._held_gib(self.volumes.root),
+            snapshots_gib=self._held_gib(self.images.root / SNAPSHOTS),
         )
+
+    def _held_gib(self, folder: pathlib.Path) -> int:
+        """What the files under ``folder`` hold on the instances' file system, in GiB rounded up; 0 when the
+        folder is on another file system, whose space no instance's disk takes.
+
+        Allocated bytes, not sizes: a store volume is a sparse file, and its size (which the agent never
+        shrinks and kubenova never deletes) would count every volume ever made in full.
+        """
+        try:
+            if folder.stat().st_dev != self.instances_dir.stat().st_dev:
+                return 0
+        except OSError:  # a store that does not exist (yet) holds nothing
+            return 0
+        held = 0
+        for parent, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    held += os.lstat(os.path.join(parent, name)).st_blocks * 512
+                except OSError:  # gone meanwhile
+                    continue
+        return -(-held // 2**30)
 
     def _disk_over_commit(self) -> int:
         """Bytes the instances' disks may still claim on this host's instance file system (Nova's
@@ -197,7 +222,11 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
         return True
 
     def get_info(self, uuid: str) -> InstanceInfo:
-        return InstanceInfo(*self._guest(uuid).info())
+        guest = self._guest(uuid)
+        state, max_mem_kib, mem_kib, vcpus, cpu_time_ns = guest.info()
+        # The pause reason costs a second call, asked only of a paused domain.
+        io_error = state is PowerState.PAUSED and guest.paused_on_io_error()
+        return InstanceInfo(state, max_mem_kib, mem_kib, vcpus, cpu_time_ns, io_error)
 
     # --- guest access ----------------------------------------------------------------------
 

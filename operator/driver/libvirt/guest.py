@@ -67,6 +67,12 @@ class Guest:
     def state(self) -> PowerState:
         return self.info()[0]
 
+    def paused_on_io_error(self) -> bool:
+        """Whether QEMU stopped the guest because a disk write failed (libvirt's pause reason IOERROR)."""
+        with translate("state", self.uuid):
+            code, reason = self._domain.state()
+        return bool(code == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+
     def instance_meta(self) -> InstanceMeta:
         """kubenova's metadata element; DriverError for a domain that has none (not ours)."""
         with translate("metadata", self.uuid):

@@ -16,9 +16,9 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova.driver.base import ComputeDriver, Convergence, DriverError, RebootType
+from kubenova.driver.base import ComputeDriver, Convergence, DriverError
 from kubenova.driver.images import ImageStore
-from kubenova.handlers.agent import diagnostics, health
+from kubenova.handlers.agent import diagnostics, health, pollers
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
@@ -295,27 +295,7 @@ class Agent:
             self.instance_cache.look(uid)
         for uid in list(self.migration_cache.objects):
             self.migration_cache.look(uid)
-        self._poll()
-
-    def _poll(self) -> None:
-        """Nova's periodic tasks: stuck reboots are finished hard, long rescues are pointed out."""
-        settings = self.config.settings
-        for uid in self.driver.poll_rebooting_instances(settings.reboot_timeout):
-            log.warning("reboot of %s is stuck; rebooting hard", uid)
-            try:
-                self.driver.reboot(uid, RebootType.HARD)
-            except DriverError as exc:
-                log.warning("hard reboot of %s failed: %s", uid, exc)
-        if settings.rescue_timeout > 0:
-            for uid in self.driver.poll_rescued_instances(settings.rescue_timeout):
-                body = self.instance_cache.objects.get(uid)
-                if body is not None:
-                    self.events.warn(
-                        body,
-                        "RescueTimeout",
-                        f"in rescue for more than {settings.rescue_timeout:.0f}s; "
-                        "set spec.rescue.enabled to false to boot normally",
-                    )
+        pollers.poll(self.instances)
 
     # --- kopf's event handlers: record the newest body, then ask for work --------------------------
 

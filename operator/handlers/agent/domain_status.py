@@ -1,7 +1,8 @@
 """What status says about an instance's domain: read from the driver now, never ever-changing counters.
 
-The power state, phase, Ready (from power.py), the flavor and memory the domain runs with, its VNC
-endpoint and interfaces, and RestartRequired while a spec change waits for the next boot.
+The power state, phase, Ready (from power.py, or io_errors.py for a guest paused on a full disk), the
+flavor and memory the domain runs with, its VNC endpoint and interfaces, and RestartRequired while a spec
+change waits for the next boot.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubenova.driver.base import ComputeDriver, DriverError, InstanceNotFound, PowerState
-from kubenova.handlers.agent import power
+from kubenova.handlers.agent import io_errors, power
 from kubenova.handlers.agent.translate import vnc_secret_name
 from kubenova.handlers.shared import condition, drop_condition, set_condition
 
@@ -73,6 +74,8 @@ def observed_status(
     ready, reason, message = power.readiness(
         want, power_state, stopped_outside, restart_delay, spec.get("runStrategy", "Always")
     )
+    if info.io_error:  # whatever the spec asks, the guest cannot go on until its disk has room
+        ready, reason, message = False, io_errors.REASON, io_errors.message(node)
     set_condition(patch, status, "Ready", ready, reason, message, generation)
     # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
     # the condition then present asks about: most looks need neither question.

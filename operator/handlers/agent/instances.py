@@ -8,7 +8,8 @@ The controller adds the agent's finalizer when it binds the object, so a create 
 agent one write: the status that says Running.
 
 The pure steps live beside it: spec translation (translate.py), the power state machine
-(power.py) and the one-shot action protocol (actions.py); this module reads, orchestrates and writes.
+(power.py), when a guest paused on a full disk runs again (io_errors.py) and the one-shot action
+protocol (actions.py); this module reads, orchestrates and writes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
@@ -33,7 +34,7 @@ from kubenova.driver.base import (
     PowerState,
 )
 from kubenova.driver.images import ImageStore
-from kubenova.handlers.agent import power
+from kubenova.handlers.agent import io_errors, power
 from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.domain_status import observed_status
@@ -86,6 +87,10 @@ class Settings:
     rescue_timeout: float = 0.0  # 0: never warn
     reboot_timeout: float = 180.0
     max_backoff: float = 300.0
+    #: A guest paused on a disk I/O error (a full disk) runs again after this long, then after twice as
+    #: long each time it stops again, at most io_error_max_delay (io_errors.py).
+    io_error_delay: float = 30.0
+    io_error_max_delay: float = 600.0
     networks: NetworkAllowList = dataclasses.field(default_factory=NetworkAllowList)
     #: The node's ComputeNode says spec.fenced: no guest starts here.
     fenced: bool = False
@@ -113,10 +118,11 @@ class InstanceAgent:
         volumes: ObjectCache,
         migrations: ObjectCache,
         settings: Settings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``objects`` reads and patches VirtualInstances (their metadata), ``status`` writes their status,
         ``secrets`` reads the Secrets they name; the caches are the node's instances, attachments and
-        migrations as the watches last saw them."""
+        migrations as the watches last saw them. ``clock`` is monotonic (tests move their own)."""
         self.node = node
         self.driver = driver
         self.images = images
@@ -128,8 +134,12 @@ class InstanceAgent:
         self.volumes = volumes
         self.migrations = migrations
         self.settings = settings or Settings()
+        self.clock = clock
         self.reconsider: set[str] = set()  # Failed instances to look at once more despite no spec change
         self._stopped_outside: dict[str, float] = {}
+        self.io_errors = io_errors.IOErrorRetries(
+            self.settings.io_error_delay, self.settings.io_error_max_delay, cache.schedule, clock
+        )
         self.actions = ActionRunner(
             driver, images, secrets, events, self.write, self.settings.soft_reboot_timeout
         )
@@ -141,6 +151,7 @@ class InstanceAgent:
     def _forget(self, uid: str) -> None:
         self.actions.forget(uid)
         self._stopped_outside.pop(uid, None)
+        self.io_errors.forget(uid)
 
     def held(self, uid: str) -> str | None:
         """Why a migration keeps the agent's hands off the instance ("active", "moved"), or None."""
@@ -297,14 +308,14 @@ class InstanceAgent:
             driver.rescue(uid, ImageRef(rescue["image"], namespace=meta["namespace"]))
         else:
             driver.unrescue(uid)
-        state = driver.get_info(uid).state
+        info = driver.get_info(uid)
         decision = power.follow(
             want,
-            state,
+            info.state,
             body.get("status") or {},
             meta.get("generation"),
             self._stopped_outside.get(uid),
-            time.monotonic(),
+            self.clock(),
             self.settings.restart_delay,
             spec.get("runStrategy", "Always"),
         )
@@ -312,7 +323,9 @@ class InstanceAgent:
             self._stopped_outside[uid] = decision.stopped_since
         else:
             self._stopped_outside.pop(uid, None)
-        if decision.plan is not None:  # else _restart_later_if_needed brings it back after the delay
+        if self.io_errors.hold(uid, info.io_error and want == "Running"):  # a resume would stop again
+            self.events.warn(body, io_errors.REASON, io_errors.message(self.node))
+        elif decision.plan is not None:  # else _restart_later_if_needed brings it back after the delay
             self._power(uid, want, decision.plan)
 
     def _still_here(self, body: dict[str, Any]) -> bool:
@@ -363,7 +376,7 @@ class InstanceAgent:
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
         uid = body["metadata"]["uid"]
         if uid in self._stopped_outside:
-            left = self.settings.restart_delay - (time.monotonic() - self._stopped_outside[uid])
+            left = self.settings.restart_delay - (self.clock() - self._stopped_outside[uid])
             self.cache.schedule(uid, max(0.0, left) + 0.1)
 
     # --- out-of-band changes ----------------------------------------------------------------
@@ -387,7 +400,7 @@ class InstanceAgent:
         if state.value == status.get("powerState"):
             return
         if power.stopped_against_spec(want, state):
-            self._stopped_outside.setdefault(uid, time.monotonic())
+            self._stopped_outside.setdefault(uid, self.clock())
         self.write(body, self._observed(body))
         self._restart_later_if_needed(body)
 

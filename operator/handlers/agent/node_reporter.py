@@ -212,6 +212,8 @@ class NodeReporter:
             "usage": {
                 "vcpus": sum(i.vcpus for i in instances),
                 "memoryMiB": sum(i.memory_mib for i in instances),
+                "volumesGiB": stats.volumes_gib,
+                "snapshotsGiB": stats.snapshots_gib,
             },
             "diskAvailableLeastGiB": stats.disk_available_least_gib,
             "memoryFreeMiB": stats.memory_free_mib,

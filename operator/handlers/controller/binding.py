@@ -60,7 +60,8 @@ def node_view(
     and the controller's own reckoning of the Lease (``unreachable_for``). ``kubernetes_nodes``: the
     cluster's Nodes (name -> tainted out-of-service), when the controller watches them."""
     beats = [t for t in (renewed, parse_time(status.get("heartbeatTime"))) if t is not None]
-    capacity = status.get("capacity") or {}
+    capacity, usage = status.get("capacity") or {}, status.get("usage") or {}
+    least = status.get("diskAvailableLeastGiB")
     ready = condition(status, "Ready") or {}
     return NodeView(
         name=name,
@@ -74,6 +75,8 @@ def node_view(
         unreachable_for=unreachable_for,
         ready=ready.get("status") != "False",
         fenced=fenced(spec, status, kubernetes_nodes),
+        stored_gib=int(usage.get("volumesGiB", 0)) + int(usage.get("snapshotsGiB", 0)),
+        disk_available_least_gib=int(least) if least is not None else None,
     )
 
 

@@ -31,6 +31,10 @@ class NodeView:
     ready: bool = True
     #: An admin or a node-health tool says the node is down for good (spec.fenced, or its Node is gone).
     fenced: bool = False
+    #: disk no instance's request counts: what the node's volumes and snapshots hold on it
+    stored_gib: int = 0
+    #: what the node measured free, less what its instances' disks may still grow (None: not reported)
+    disk_available_least_gib: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +142,12 @@ def _misfit(
             f"asks for more {' and '.join(too_big)} than the node has in all",
             _figures(request, capacity, "in all"),
         )
-    free = Usage(
-        capacity.vcpus - taken.vcpus,
-        capacity.memory_mib - taken.memory_mib,
-        capacity.disk_gib - taken.disk_gib,
-    )
+    # Disk by the books (capacity less every request and what volumes and snapshots hold) and as measured
+    # (disk_available_least, which also sees what kubenova never placed): the smaller of the two.
+    disk = capacity.disk_gib - taken.disk_gib - node.stored_gib
+    if node.disk_available_least_gib is not None:
+        disk = min(disk, node.disk_available_least_gib)
+    free = Usage(capacity.vcpus - taken.vcpus, capacity.memory_mib - taken.memory_mib, disk)
     short = _short(request, free)
     if short:
         return f"not enough free {' and '.join(short)}", _figures(request, free, "free")
