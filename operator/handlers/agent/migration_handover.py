@@ -20,6 +20,7 @@ from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
     MIGRATION_TARGET_LABEL,
+    MIGRATIONS,
     NODE_LABEL,
     VERSION,
     VIRTUALINSTANCES,
@@ -62,6 +63,8 @@ class Handover:
         """Patch the Migration's status; its answer is the newest body. ``guard``: only if the Migration is
         still the version the step decided on (Superseded otherwise), as every step's hand-over is."""
         fresh = self.status.write(body, patch, guard=guard)
+        if fresh is None and guard and self._only_spec_changed(body):
+            fresh = self.status.write(body, patch, guard=guard)  # a user's cancel: the step said its outcome
         if fresh is None and guard:
             raise Superseded(f"migration {body['metadata']['name']} changed or went away meanwhile")
         if fresh is None or fresh is body:  # gone (its watch event drops it here), or nothing new
@@ -69,6 +72,27 @@ class Handover:
         self.cache.written(fresh)
         body.clear()
         body.update(fresh)
+
+    def _only_spec_changed(self, body: dict[str, Any]) -> bool:
+        """After a refused guarded write: whether the Migration's status is still what the step read (a
+        user changed its spec, a cancel say, which the step's outcome already accounts for); then ``body``
+        takes the new version, for the write to be tried once more."""
+        meta = body["metadata"]
+        try:
+            fresh = typed(
+                self.objects.get_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"]
+                )
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        if fresh["metadata"]["uid"] != meta["uid"] or fresh.get("status") != body.get("status"):
+            return False
+        body.clear()
+        body.update(fresh)
+        return True
 
     def finish(self, body: dict[str, Any], phase: str, message: str, **extra: Any) -> None:
         """The last write of a migration; its instance is looked at again on this node."""
