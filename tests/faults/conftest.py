@@ -6,9 +6,13 @@ from typing import Any
 
 #: (step, component) -> "N s" from the kill to convergence, or "failed"
 RESULTS: dict[tuple[str, str], str] = {}
+#: One line per crash point of test_migration_kills.py.
+KILL_RESULTS: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in KILL_RESULTS:
+        terminalreporter.write_line(line)
     if not RESULTS:
         return
     from tests.faults.chaos import COMPONENTS

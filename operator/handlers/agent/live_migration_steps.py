@@ -18,6 +18,7 @@ from typing import Any
 
 import kubernetes
 
+from kubenova import faults
 from kubenova.driver.base import (
     ComputeDriver,
     Convergence,
@@ -287,6 +288,7 @@ class LiveSteps:
         """The transfer's progress callback: said at most every PROGRESS_INTERVAL; the deadline (reckoned as
         ``reckoning`` says), or a cancel the watch brought meanwhile, aborts the transfer; the deadline, or a
         pre-copy that cannot keep up, switches it to post-copy instead when the Migration allows it."""
+        faults.point("transfer.progress")  # mid-transfer: libvirtd goes on with the job without this agent
         uid, instance_uid = body["metadata"]["uid"], body["status"]["instanceUID"]
         watch, now = self._watches[uid], time.monotonic()
         action = watch.next(now, step)
