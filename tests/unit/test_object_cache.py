@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.cache import ObjectCache, compare
 from tests.unit.reconcile_fakes import RecordingQueue
 
 
@@ -58,3 +58,16 @@ def test_current_says_whether_a_newer_version_arrived() -> None:
     assert not objects.current(first)
     objects.forget(obj("2"))
     assert objects.current(first) and "u1" not in objects.objects
+
+
+def test_resource_versions_compare_as_kubernetes_defines_them() -> None:
+    """KEP-5504: integers of any length, compared as numbers, never as strings; anything else is not
+    comparable, and an event that cannot be compared is kept rather than dropped."""
+    assert compare("9", "10") == -1 and compare("10", "9") == 1 and compare("7", "7") == 0
+    huge = "1" + "0" * 40  # beyond 64 bits: still a resourceVersion
+    assert compare(huge, "99999999999999999999") == 1
+    assert compare("", "1") is None and compare("0x1f", "2") is None and compare("012", "13") is None
+    objects = cache()
+    objects.seen("ADDED", obj("5"))
+    objects.seen("MODIFIED", obj("opaque"))
+    assert held(objects) == "opaque"

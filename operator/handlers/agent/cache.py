@@ -16,16 +16,29 @@ def version(body: Mapping[str, Any]) -> str:
     return str(body["metadata"].get("resourceVersion", ""))
 
 
+def compare(a: str, b: str) -> int | None:
+    """-1, 0 or 1 as resourceVersion ``a`` is older than, the same as or newer than ``b`` (of one
+    resource), None when either is not a well-formed one.
+
+    Kubernetes 1.35 made resourceVersions comparable (KEP-5504: monotonically increasing integers of
+    any length, compared per resource, as client-go's ``CompareResourceVersion`` does); before, they
+    were opaque. Ordering by the watch alone is no substitute: kopf batches an object's events and may
+    never deliver the version our own write produced. An etcd restored from a backup keeps them
+    increasing when restored as Kubernetes documents it (etcdutl's --bump-revision and
+    --mark-compacted); docs/operations.md says so.
+    """
+    if (
+        not (a.isdigit() and b.isdigit())
+        or (a != "0" and a.startswith("0"))
+        or (b != "0" and b.startswith("0"))
+    ):
+        return None
+    return (int(a) > int(b)) - (int(a) < int(b))
+
+
 def older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
-    """Whether ``body`` is an older version than ``than``. etcd's resourceVersions are increasing
-    integers; Kubernetes calls them opaque, but ordering by the watch alone fails with kopf, which
-    batches an object's events and so may never deliver the version our own write produced."""
-    if than is None:
-        return False
-    try:
-        return int(version(body)) < int(version(than))
-    except ValueError:
-        return False
+    """Whether ``body`` is an older version than ``than``; a version that cannot be compared is not."""
+    return than is not None and compare(version(body), version(than)) == -1
 
 
 class ObjectCache:
@@ -105,12 +118,12 @@ class ObjectCache:
         """Forget the object here (it left this node), as if its watch had said it was deleted."""
         self._drop(str(body["metadata"]["uid"]))
 
-    def prune(self, listed: list[dict[str, Any]], version: str) -> None:
-        """Forget cached objects a fresh LIST at ``version`` no longer has (kopf's re-list after a broken
-        watch reports what exists, never what left the selector meanwhile)."""
+    def prune(self, listed: list[dict[str, Any]], listed_version: str) -> None:
+        """Forget cached objects a fresh LIST at ``listed_version`` no longer has (kopf's re-list after a
+        broken watch reports what exists, never what left the selector meanwhile)."""
         present = {item["metadata"]["uid"] for item in listed}
         for uid, body in list(self.objects.items()):
-            if uid not in present and not older({"metadata": {"resourceVersion": version}}, body):
+            if uid not in present and not older({"metadata": {"resourceVersion": listed_version}}, body):
                 log.info(
                     "forgetting %s/%s: it is no longer bound here",
                     body["metadata"]["namespace"],
