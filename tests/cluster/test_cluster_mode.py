@@ -83,6 +83,10 @@ def test_the_chart_runs_kubenova_on_a_real_node_and_guests_outlive_its_pods(
         return found and found[0].get("status", {}).get("capacity")
 
     eventually(registered, timeout=120, what="the pod's agent to register node-0")
+    # The agent names the Kubernetes Node it runs on: deleting that Node, or tainting it out-of-service,
+    # is a fencing signal the controller (which watches Nodes in cluster mode) acts on.
+    node_status = custom.get_cluster_custom_object(GROUP, VERSION, "computenodes", ground.node)["status"]
+    assert node_status["kubernetesNode"] == agent.spec.node_name
     the_pods_token_names_its_node_and_admission_keeps_it_there(ground, custom, agent.metadata.name)
     the_built_in_roles_carry_kubenovas_by_aggregation(ground, core, namespace)
 
