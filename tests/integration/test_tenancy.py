@@ -240,6 +240,14 @@ def test_a_node_writes_only_its_own_objects(
         lambda: objects.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, victim, redirect),
         f"may write only its own ComputeNode, not {victim}",
     )
+    # Fencing is an admin's word: a node fences neither another node (its instances would be stopped
+    # there and started elsewhere) nor itself (its instances would start elsewhere while it runs them).
+    for node in (victim, attacker):
+        forbidden(
+            lambda n=node: objects.patch_cluster_custom_object(
+                GROUP, VERSION, COMPUTENODES, n, {"spec": {"fenced": True}}
+            )
+        )
     # An instance bound to another node: its status, its finalizer, its binding.
     forbidden(
         lambda: objects.patch_namespaced_custom_object_status(
