@@ -154,7 +154,7 @@ def readiness(
     want: str, power: str, stopped_outside: bool, restart_delay: float, strategy: str = "Always"
 ) -> tuple[bool, str, str]:
     """The Ready condition (status, reason, message): the reported ``power`` state against the spec's."""
-    if power == want:
+    if power == want or (want == "Stopped" and power == PowerState.CRASHED.value):  # a crash stopped it
         return True, "PowerStateReached", f"the domain is {power}"
     if stopped_outside and not restarts(strategy, PowerState(power)):
         return (
