@@ -94,8 +94,9 @@ def test_fencing_signals_and_placement_refusals() -> None:
     assert not fenced({}, {"kubernetesNode": "k"}, None)  # Nodes not watched: no signal from them
     assert not fenced({}, {"kubernetesNode": "k"}, {"k": False})
     assert fenced({}, {"kubernetesNode": "k"}, {"k": True})  # tainted out-of-service
-    assert fenced({}, {"kubernetesNode": "k"}, {})  # the Node was deleted
-    assert not fenced({}, {}, {})  # the test ground: no Kubernetes Node at all
+    assert fenced({}, {"kubernetesNode": "k"}, {"other": False})  # the Node was deleted
+    assert not fenced({}, {"kubernetesNode": "k"}, {})  # no Node readable at all: no signal
+    assert not fenced({}, {}, {"k": False})  # the test ground: the agent names no Node
     ready = {"capacity": {"vcpus": 4, "memoryMiB": 4096, "diskGiB": 50}, "heartbeatTime": NOW.isoformat()}
     base = node_view("a", {}, {}, ready)  # type: ignore[arg-type]
     for view, why in (

@@ -202,6 +202,8 @@ class Agent:
         await asyncio.to_thread(self._know_migrations)
         await asyncio.to_thread(driver.init_host, config.node)
         await asyncio.to_thread(reporter.register)
+        # Known before the first instance event: a fenced node's agent must not start a guest meanwhile.
+        config.settings.fenced = bool(reporter.spec.get("fenced"))
         await asyncio.to_thread(reporter.renew)
         await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
         health.serve(
@@ -219,6 +221,8 @@ class Agent:
                 "fence": self._fence,
             }
         )
+        if config.settings.fenced:  # restarted on a fenced node: whatever runs here stops
+            self.queue.add(("fence", "True"))
         jobs = [
             _every(config.lease_seconds / 4, reporter.renew, "lease renewal"),
             _every(REPORT_INTERVAL, reporter.report, "host report"),

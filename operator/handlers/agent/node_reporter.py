@@ -86,6 +86,8 @@ class NodeReporter:
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.UTC)
         self._unknown: set[str] = set()
         self.status: dict[str, Any] = {}
+        #: The ComputeNode's spec as registration read it (before any watch event).
+        self.spec: dict[str, Any] = {}
         #: Whether the last report reached the hypervisor.
         self.connected = False
 
@@ -106,12 +108,9 @@ class NodeReporter:
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
                 raise
-        self.status = dict(
-            typed(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node)).get(
-                "status"
-            )
-            or {}
-        )
+        body = typed(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node))
+        self.status = dict(body.get("status") or {})
+        self.spec = dict(body.get("spec") or {})
 
     def renew(self) -> None:
         """Create or renew the heartbeat Lease."""

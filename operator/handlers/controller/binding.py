@@ -90,8 +90,8 @@ def fenced(
     if spec.get("fenced"):
         return True
     node = status.get("kubernetesNode")
-    if not node or kubernetes_nodes is None:
-        return False
+    if not node or not kubernetes_nodes:
+        return False  # no Node seen at all (not watched, or unreadable): absence then says nothing
     return node not in kubernetes_nodes or kubernetes_nodes[node]
 
 
