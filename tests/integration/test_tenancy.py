@@ -248,6 +248,13 @@ def test_a_node_writes_only_its_own_objects(
                 GROUP, VERSION, COMPUTENODES, n, {"spec": {"fenced": True}}
             )
         )
+    # Nor by naming a Kubernetes Node it does not run on (a missing Node is a fencing signal).
+    forbidden(
+        lambda: objects.patch_cluster_custom_object_status(
+            GROUP, VERSION, COMPUTENODES, attacker, {"status": {"kubernetesNode": "gone"}}
+        ),
+        "may name only its own Node",
+    )
     # An instance bound to another node: its status, its finalizer, its binding.
     forbidden(
         lambda: objects.patch_namespaced_custom_object_status(

@@ -92,11 +92,13 @@ def test_what_a_fenced_node_ran_starts_elsewhere_only_when_it_can_and_should() -
 def test_fencing_signals_and_placement_refusals() -> None:
     assert fenced({"fenced": True}, {}, None)
     assert not fenced({}, {"kubernetesNode": "k"}, None)  # Nodes not watched: no signal from them
-    assert not fenced({}, {"kubernetesNode": "k"}, {"k": False})
-    assert fenced({}, {"kubernetesNode": "k"}, {"k": True})  # tainted out-of-service
-    assert fenced({}, {"kubernetesNode": "k"}, {"other": False})  # the Node was deleted
-    assert not fenced({}, {"kubernetesNode": "k"}, {})  # no Node readable at all: no signal
-    assert not fenced({}, {}, {"k": False})  # the test ground: the agent names no Node
+    assert not fenced({}, {"kubernetesNode": "k"}, {"k": False}, 5.0)
+    assert fenced({}, {"kubernetesNode": "k"}, {"k": True}, 5.0)  # tainted out-of-service
+    assert fenced({}, {"kubernetesNode": "k"}, {"other": False}, 5.0)  # the Node was deleted
+    # ...but only once the agent stopped renewing its Lease: it never sees a Node signal itself.
+    assert not fenced({}, {"kubernetesNode": "k"}, {"other": False}, None)
+    assert not fenced({}, {"kubernetesNode": "k"}, {}, 5.0)  # no Node seen at all: no signal
+    assert not fenced({}, {}, {"k": False}, 5.0)  # the test ground: the agent names no Node
     ready = {"capacity": {"vcpus": 4, "memoryMiB": 4096, "diskGiB": 50}, "heartbeatTime": NOW.isoformat()}
     base = node_view("a", {}, {}, ready)  # type: ignore[arg-type]
     for view, why in (

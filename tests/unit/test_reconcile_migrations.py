@@ -306,7 +306,7 @@ def test_a_failure_after_the_switch_rolls_nothing_back_and_holds_both_halves(
     cluster.start("Live", convergence={"postCopy": True})
     status = cluster.run()["status"]
     assert status["phase"] == "Failed" and "failed in post-copy" in status["message"], status["message"]
-    assert "no node holds the whole guest" in status["message"] and "--postcopy-resume" in status["message"]
+    assert "no node holds the whole guest" in status["message"] and "give the guest up" in status["message"]
     assert rollbacks == [], "the target was not rolled back"
     assert cluster.source.node.state(cluster.uid) is PowerState.PAUSED
     cluster.source.node.agent.handle(cluster.uid)  # the instance side leaves the paused half alone

@@ -340,11 +340,12 @@ class Agent:
         Unfenced: every instance is looked at again."""
         if fenced == "True":
             log.warning("ComputeNode %s is fenced: stopping every guest on this host", self.config.node)
-            for uid in self.driver.list_instances():
-                try:
+            try:
+                for uid in self.driver.list_instances():
                     self.driver.power_off(uid)
-                except DriverError as exc:
-                    log.warning("cannot stop %s on the fenced node: %s", uid, exc)
+            except DriverError as exc:  # libvirt away: tried again until every guest here is stopped
+                log.warning("cannot stop the guests of the fenced node yet: %s", exc)
+                self.queue.add_after(("fence", fenced), RECONNECT_INTERVAL)
         for uid in list(self.instance_cache.objects):
             self.instance_cache.look(uid)
 

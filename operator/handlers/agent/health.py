@@ -17,8 +17,9 @@ from typing import Any
 import prometheus_client
 from prometheus_client.exposition import MetricsHandler
 
-#: Due work that no worker finished anything for this long: the agent is wedged; restart it.
-LIVENESS_STALL = 120.0
+#: Due work that no worker finished anything for this long: the agent is wedged; restart it. Long enough
+#: for every worker to be busy with a slow spawn (a base image copied) without a restart loop.
+LIVENESS_STALL = 300.0
 #: The same for readiness: the agent cannot act in time, though it may recover alone.
 READINESS_STALL = 30.0
 

@@ -268,10 +268,10 @@ class InstanceAgent:
     def _converge(self, body: dict[str, Any]) -> None:
         meta, spec = body["metadata"], body.get("spec") or {}
         uid, want = meta["uid"], power.wanted(spec)
-        if self.settings.fenced:  # the node's agent stopped every guest; none starts
-            raise WaitFor(
-                "NodeFenced", f"{self.node} is fenced (ComputeNode spec.fenced): nothing starts here"
-            )
+        if self.settings.fenced:  # every guest here stops, even one a spawn started during the fence
+            if self.driver.instance_exists(uid):
+                self.driver.power_off(uid)
+            raise WaitFor("NodeFenced", f"{self.node} is fenced (ComputeNode spec.fenced): nothing runs here")
         missing = unsupported(spec)
         if missing:
             raise SpecProblem(

@@ -268,9 +268,8 @@ class LiveSteps:
         return (
             f"the transfer failed in post-copy: {exc}; no node holds the whole guest: it ran on "
             f"{status['targetNode']} with memory still on {self.node}, where it is paused. kubenova "
-            "destroys, resumes and rolls back neither half while this Migration exists: resume the "
-            "transfer by hand (virsh migrate --postcopy --postcopy-resume), or give the guest up "
-            f"(destroy both halves, then delete this Migration: the instance boots afresh on {self.node})"
+            "destroys, resumes and rolls back neither half while this Migration exists: give the guest "
+            f"up (destroy both halves, then delete this Migration: the instance boots afresh on {self.node})"
         )
 
     def _deadline(self, body: Mapping[str, Any]) -> tuple[float, str]:
@@ -300,7 +299,7 @@ class LiveSteps:
                 f"{step.iteration} iteration(s); raise spec.bandwidthMiBps or spec.completionTimeoutPerGiB, "
                 "allow spec.convergence, or move the guest when it writes less memory"
             )
-            self.driver.abort_live_migration(instance_uid)
+            self._abort_job(instance_uid)
             return
         if action is Action.POST_COPY and uid not in self._aborted:
             self._switch(body, watch, step)
@@ -314,7 +313,15 @@ class LiveSteps:
         if self.stopping(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
             self._aborted.add(uid)
             if watch.post_copy_at is None:
-                self.driver.abort_live_migration(instance_uid)
+                self._abort_job(instance_uid)
+
+    def _abort_job(self, instance_uid: str) -> None:
+        """Abort from inside the transfer: a failure must not leave live_migration while its job runs on
+        (the step would judge a job still under way); the job ends, one way or the other, on its own."""
+        try:
+            self.driver.abort_live_migration(instance_uid)
+        except DriverError as exc:
+            log.warning("aborting the transfer of %s failed: %s; it runs on to its end", instance_uid, exc)
 
     def _switch(self, body: dict[str, Any], watch: TransferWatch, step: MigrationProgress) -> None:
         """Switch to post-copy, said first: a restarted agent, and the instance's reconciler, must know

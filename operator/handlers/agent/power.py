@@ -126,6 +126,13 @@ def follow(
     stopped = want != "Stopped" and state in (PowerState.SHUTOFF, PowerState.CRASHED)
     if (
         stopped
+        and not restarts(strategy, state)
+        and status.get("powerState") in ("Stopped", "Crashed")
+        and status.get("observedGeneration") == generation
+    ):  # left stopped before, as the strategy says (also across an agent restart, which forgot when)
+        return PowerDecision(None, stopped_since if stopped_since is not None else now)
+    if (
+        stopped
         and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState")
         and status.get("observedGeneration") == generation
         and stopped_since is None

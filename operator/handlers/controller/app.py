@@ -122,7 +122,7 @@ class Controller:
         self.api = api
         self.reservations = Reservations()
         self.indexes: dict[str, kopf.Index[Any, Any]] = {}
-        self.health = NodeHealth(api, core)
+        self.health = NodeHealth(api, core, known=lambda: list(self.indexes.get("node_views", {})))
         self.fencing = Fencing(api, core)
         self.retry = _loop("retry-pending", self._retry_pending)
         _every(PENDING_RESYNC, self.retry)  # the safety net under the event-driven passes, like a resync

@@ -74,24 +74,29 @@ def node_view(
         labels=dict(labels),
         unreachable_for=unreachable_for,
         ready=ready.get("status") != "False",
-        fenced=fenced(spec, status, kubernetes_nodes),
+        fenced=fenced(spec, status, kubernetes_nodes, unreachable_for),
         stored_gib=int(usage.get("volumesGiB", 0)) + int(usage.get("snapshotsGiB", 0)),
         disk_available_least_gib=int(least) if least is not None else None,
     )
 
 
 def fenced(
-    spec: Mapping[str, Any], status: Mapping[str, Any], kubernetes_nodes: Mapping[str, bool] | None
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    kubernetes_nodes: Mapping[str, bool] | None,
+    unreachable_for: float | None = None,
 ) -> bool:
     """Whether the node is known to be down for good, so its guests may run elsewhere: an admin or a
-    node-health tool set spec.fenced, or (cluster mode) the Kubernetes Node its agent ran on was deleted
-    or tainted out-of-service, the signal of Kubernetes' non-graceful node shutdown. Never a Lease
-    timeout alone: a partitioned node may still run its guests."""
+    node-health tool set spec.fenced (which a live agent obeys by stopping its guests), or (cluster mode)
+    the Kubernetes Node its agent ran on was deleted or tainted out-of-service, the signal of Kubernetes'
+    non-graceful node shutdown, and its agent's Lease expired too: the agent never sees a Node signal,
+    so a Node deleted under a live host must not start its guests twice. Never a Lease timeout alone:
+    a partitioned node may still run its guests."""
     if spec.get("fenced"):
         return True
     node = status.get("kubernetesNode")
-    if not node or not kubernetes_nodes:
-        return False  # no Node seen at all (not watched, or unreadable): absence then says nothing
+    if not node or not kubernetes_nodes or unreachable_for is None:
+        return False  # no Node seen at all (not watched): absence then says nothing
     return node not in kubernetes_nodes or kubernetes_nodes[node]
 
 

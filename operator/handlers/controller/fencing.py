@@ -54,6 +54,8 @@ def why_kept(
         return f"spec.runStrategy is {strategy}: kubenova does not start it elsewhere"
     if spec.get("powerState") == "Stopped":
         return "spec.powerState is Stopped: nothing to start"
+    if spec.get("nodeName"):
+        return f"spec.nodeName pins it to {node}"
     if (meta["namespace"], meta["name"]) in attached:
         return (
             f"a VolumeAttachment of it lives on {node}, so its disks cannot be rebuilt elsewhere; "
@@ -156,7 +158,8 @@ class Fencing:
         key = (instance["metadata"]["uid"], message)
         if once and key in self._said:
             return
-        self._said.add(key)
+        if once:
+            self._said.add(key)
         try:
             post_event(self.core, instance, reason, message, "kubenova-controller")
         except kubernetes.client.ApiException as exc:

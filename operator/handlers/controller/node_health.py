@@ -15,7 +15,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import kubernetes
@@ -104,10 +104,13 @@ class NodeHealth:
         custom: kubernetes.client.CustomObjectsApi,
         core: kubernetes.client.CoreV1Api,
         clock: Callable[[], float] = time.monotonic,
+        known: Callable[[], Collection[str]] | None = None,
     ) -> None:
+        """``known()``: the ComputeNodes that exist; a Lease left by a removed node is not judged."""
         self.custom = custom
         self.core = core
         self.clock = clock
+        self.known = known
         self._lock = threading.Lock()
         self._renewals: dict[str, _Renewal] = {}
         self._marked: dict[str, float] = {}  # node -> when its objects were last marked Unknown
@@ -130,11 +133,12 @@ class NodeHealth:
     def unreachable_for(self) -> dict[str, float]:
         """Seconds since each unreachable node's Lease expired (reachable nodes are not listed)."""
         now = self.clock()
+        known = self.known() if self.known else None
         with self._lock:
             return {
                 node: now - renewal.seen - renewal.duration
                 for node, renewal in self._renewals.items()
-                if now - renewal.seen > renewal.duration
+                if now - renewal.seen > renewal.duration and (known is None or node in known)
             }
 
     def check(self) -> None:
@@ -177,7 +181,8 @@ class NodeHealth:
                     log.warning("cannot post the MigrationFailed event: %s", exc.reason)
 
     def _mark(self, node: str) -> None:
-        if node not in self._marked:
+        first = node not in self._marked  # Events only then: an agent that answers back must not loop them
+        if first:
             log.warning(
                 "the agent of %s stopped renewing its Lease; its node and instances are Unknown", node
             )
@@ -189,7 +194,7 @@ class NodeHealth:
             raise
         _say_unknown(
             StatusWriter(self.custom, COMPUTENODES),
-            self.core,
+            self.core if first else None,
             body,
             f"the agent of {node} stopped renewing its Lease; what runs there is unknown until it is back. "
             "Its instances are not restarted elsewhere unless the node is fenced (spec.fenced; "
@@ -206,7 +211,7 @@ class NodeHealth:
                 continue
             _say_unknown(
                 writer,
-                self.core,
+                self.core if first else None,
                 instance,
                 f"its node {node} is unreachable (its agent stopped renewing its Lease); the guest may "
                 "still run there. It is restarted elsewhere only if the node is fenced",
@@ -215,11 +220,11 @@ class NodeHealth:
 
 def _say_unknown(
     writer: StatusWriter,
-    core: kubernetes.client.CoreV1Api,
+    core: kubernetes.client.CoreV1Api | None,
     body: dict[str, object],
     message: str,
 ) -> None:
-    """Ready=Unknown once (guarded: a write the agent made meanwhile wins), with one Event."""
+    """Ready=Unknown once (guarded: a write the agent made meanwhile wins), with an Event when ``core``."""
     status = body.get("status") or {}
     assert isinstance(status, dict)
     ready = condition(status, "Ready") or {}
@@ -227,7 +232,7 @@ def _say_unknown(
         return
     patch: dict[str, object] = {}
     set_condition(patch, status, "Ready", "Unknown", REASON, message)
-    if writer.write(body, patch, guard=True) is None:
+    if writer.write(body, patch, guard=True) is None or core is None:
         return  # changed meanwhile (its agent wrote?) or gone: the next pass looks again
     try:
         post_event(core, body, REASON, message, "kubenova-controller")
