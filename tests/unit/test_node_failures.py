@@ -130,6 +130,13 @@ def test_run_strategies_map_onto_the_power_state_and_decide_restarts() -> None:
     ):
         decision = power.follow("Running", state, status, 1, 0.0, 100.0, 10.0, strategy)
         assert (decision.plan is not None) == restarted, (strategy, state)
+    # An agent restarted meanwhile forgot when the guest stopped; the status still says it was left so.
+    left = {"powerState": "Stopped", "observedGeneration": 1}
+    assert power.follow("Running", PowerState.SHUTOFF, left, 1, None, 100.0, 10.0, "Manual").plan is None
+    assert power.follow(
+        "Running", PowerState.SHUTOFF, left, 2, None, 100.0, 10.0, "Manual"
+    ).plan  # spec changed
+    assert power.follow("Running", PowerState.SHUTOFF, left, 1, None, 100.0, 10.0, "Always").plan
     ready, reason, message = power.readiness("Running", "Stopped", True, 10.0, "Manual")
     assert not ready and reason == "StoppedOutsideKubernetes" and "set spec.powerState" in message
 
