@@ -31,7 +31,7 @@ def run(bench: Bench, count: int) -> Result:
         xml = ET.fromstring(ET.tostring(template))
         xml.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
         xml.find("name").text = f"bench_burst-{i}"  # type: ignore[union-attr]
-        xml.find("devices/serial/source").set("path", str(raw_dir / f"burst-{i}.log"))  # type: ignore[union-attr]
+        xml.find("devices/serial/log").set("file", str(raw_dir / f"burst-{i}.log"))  # type: ignore[union-attr]
         dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
         dom.create()
         return dom

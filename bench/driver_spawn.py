@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         xml.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
         xml.find("name").text = f"bench_raw-{i}"  # type: ignore[union-attr]
         console = root / f"raw-{i}.log"
-        xml.find("devices/serial/source").set("path", str(console))  # type: ignore[union-attr]
+        xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
         started = time.monotonic()
         dom = conn.createXML(ET.tostring(xml, encoding="unicode"), 0)
         raw_t.append(time.monotonic() - started)

@@ -76,7 +76,7 @@ def run(bench: Bench, runs: int) -> Result:
         xml.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
         xml.find("name").text = f"bench_raw-{i}"  # type: ignore[union-attr]
         console = raw_dir / f"raw-{i}.log"
-        xml.find("devices/serial/source").set("path", str(console))  # type: ignore[union-attr]
+        xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
         started = time.monotonic()
         dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
         dom.create()
