@@ -4,6 +4,7 @@ and an instance deleted meanwhile. The controller's part (choosing the target) i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import pathlib
@@ -489,3 +490,23 @@ def test_the_target_fetches_from_the_uri_the_source_publishes_not_the_hand_off(c
     waiting = cluster.run()
     assert waiting["status"]["phase"] == "AwaitingConfirmation", waiting["status"]
     assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
+
+
+def test_a_migration_ended_without_its_target_drops_what_the_target_prepared(cluster: Cluster) -> None:
+    """The controller ends a Migration whose target stopped answering in PrepareTarget; the target, back,
+    finds its hand-over refused (the Migration changed meanwhile) and then drops its preparation."""
+    cluster.start("Live")
+    target = cluster.target
+    body = target.node.migrations.seen(
+        None, copy.deepcopy(cluster.migration())
+    )  # what the frozen target holds
+    stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
+    stored["status"].update({"phase": "Failed", "step": "Done", "message": "the target is unreachable"})
+    cluster.api.touch(stored)  # the controller's guarded write, while the target was frozen
+    target.migrations.handle(body)  # the target acts on its stale copy: prepares, and its write is refused
+    assert cluster.migration()["status"]["phase"] == "Failed"
+    assert cluster.uid in target.node.driver._prepared  # noqa: SLF001 (prepared, then refused)
+    target.node.migrations.seen(None, cluster.migration())
+    target.migrations.handle(body)
+    assert cluster.uid not in target.node.driver._prepared  # noqa: SLF001
+    assert not target.node.driver.instance_exists(cluster.uid)

@@ -58,6 +58,7 @@ class MigrationAgent:
         ``timeout_per_gib`` a live transfer's deadline per GiB of guest memory and ``convergence`` how it
         may force its end, unless its Migration says otherwise."""
         self.node = node
+        self.driver = driver
         self.cache = cache
         self.instance_cache = instance_cache
         handover = Handover(objects, status, instance_status, events, cache, instance_cache)
@@ -88,6 +89,7 @@ class MigrationAgent:
             instance_uid = body["status"].get("instanceUID")
             if uid not in self._settled and instance_uid:  # the other node ended it: this side of it resumes
                 self._settled.add(uid)
+                self._drop_preparation(body)
                 self.instance_cache.schedule(instance_uid, 0.0)
             return
         try:
@@ -102,6 +104,26 @@ class MigrationAgent:
         except Exception:  # a bug must not stop the retries
             log.exception("migration %s failed", uid)
             self.cache.retry_later(uid)
+
+    def _drop_preparation(self, body: dict[str, Any]) -> None:
+        """A live Migration that ended without moving the guest here, possibly decided without this node
+        (the controller ends one whose target stopped answering before it said it prepared): what
+        pre_live_migration made here goes, unless a domain of the instance is here (it runs here for
+        another reason) or the transfer failed in post-copy (both halves are kept)."""
+        status = body["status"]
+        uid = status["instanceUID"]
+        if (
+            body["spec"].get("type") != "Live"
+            or status.get("targetNode") != self.node
+            or status.get("phase") == "Succeeded"
+            or (status.get("progress") or {}).get("mode") == "PostCopy"
+        ):
+            return
+        try:
+            if not self.driver.instance_exists(uid):
+                self.driver.rollback_live_migration_at_destination(uid)
+        except DriverError as exc:
+            log.warning("cannot drop what was prepared here for %s: %s", uid, exc)
 
     def _forget(self, uid: str) -> None:
         self.live.forget(uid)

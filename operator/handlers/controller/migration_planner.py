@@ -277,7 +277,7 @@ class Planner:
             )
         nodes, used = self.capacity()
         if source in nodes and (nodes[source].fenced or nodes[source].unreachable_for is not None):
-            raise Unschedulable(f"{source}, where {name!r} runs, is fenced or unreachable; nothing moves it")
+            raise _Wait(f"waiting: {source}, where {name!r} runs, is fenced or unreachable")
         wanted = spec.get("targetNode")
         if wanted == source:
             raise Unschedulable(f"spec.targetNode: {name!r} is on {source} already")
