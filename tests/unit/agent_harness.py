@@ -67,19 +67,6 @@ class Node:
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
 
 
-class Clock:
-    """A monotonic clock that moves only when told to, for the agent and its driver alike."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def make_node(
     tmp_path: pathlib.Path,
     api: FakeApiserver | None = None,

@@ -18,16 +18,9 @@ from kubenova.handlers.controller.binding import fenced, node_view
 from kubenova.handlers.controller.fencing import why_kept
 from kubenova.handlers.controller.node_health import MIGRATION_GRACE, NodeHealth, abandoned
 from kubenova.handlers.controller.placement import Unschedulable, Usage, choose_node
+from tests.unit.test_fake_driver import Clock
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_node_is_unreachable_a_lease_duration_after_the_controller_saw_its_last_renewal() -> None:

@@ -11,8 +11,9 @@ import pytest
 
 from kubenova.driver.base import PowerState
 from kubenova.handlers.shared import MIGRATIONS, NODE_LABEL, VIRTUALINSTANCES
-from tests.unit.agent_harness import FLAVOR, KERNEL, NODE, STORE, Clock, Node, make_node
+from tests.unit.agent_harness import FLAVOR, KERNEL, NODE, STORE, Node, make_node
 from tests.unit.reconcile_fakes import bound, condition
+from tests.unit.test_fake_driver import Clock
 
 
 @pytest.fixture
