@@ -118,6 +118,22 @@ class StatusWriter:
         return cast(dict[str, Any], fresh)
 
 
+def read_fresh(
+    custom: kubernetes.client.CustomObjectsApi, plural: str, meta: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The newest version of the namespaced object ``meta`` names, read from the apiserver (not a watch's
+    copy), or None when it is gone or was replaced by another object of the same name."""
+    try:
+        fresh = typed(
+            custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], plural, meta["name"])
+        )
+    except kubernetes.client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return fresh if fresh["metadata"]["uid"] == meta["uid"] else None
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -52,6 +52,7 @@ from kubenova.handlers.shared import (
     WritesStatus,
     condition,
     flavor_of,
+    read_fresh,
     remove_finalizer,
     set_condition,
     typed,
@@ -335,21 +336,8 @@ class InstanceAgent:
         Asked before a domain is created, the one act a stale copy must never cause: after a migration
         whose label change this agent missed, it would start a second copy of a guest running elsewhere.
         """
-        meta = body["metadata"]
-        try:
-            fresh = typed(
-                self.objects.get_namespaced_custom_object(
-                    GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"]
-                )
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        if (
-            fresh["metadata"]["uid"] != meta["uid"]
-            or (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node
-        ):
+        fresh = read_fresh(self.objects, VIRTUALINSTANCES, body["metadata"])
+        if fresh is None or (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node:
             return False
         body.clear()
         body.update(fresh)

@@ -27,6 +27,7 @@ from kubenova.handlers.shared import (
     WritesStatus,
     flavor_of,
     now,
+    read_fresh,
     typed,
 )
 
@@ -77,18 +78,8 @@ class Handover:
         """After a refused guarded write: whether the Migration's status is still what the step read (a
         user changed its spec, a cancel say, which the step's outcome already accounts for); then ``body``
         takes the new version, for the write to be tried once more."""
-        meta = body["metadata"]
-        try:
-            fresh = typed(
-                self.objects.get_namespaced_custom_object(
-                    GROUP, VERSION, meta["namespace"], MIGRATIONS, meta["name"]
-                )
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        if fresh["metadata"]["uid"] != meta["uid"] or fresh.get("status") != body.get("status"):
+        fresh = read_fresh(self.objects, MIGRATIONS, body["metadata"])
+        if fresh is None or fresh.get("status") != body.get("status"):
             return False
         body.clear()
         body.update(fresh)
