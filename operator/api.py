@@ -14,10 +14,16 @@ class Flavor(TypedDict, total=False):
     memoryMiB: int
 
 
+class SecretRef(TypedDict, total=False):
+    name: str
+
+
 class BootImage(TypedDict, total=False):
     name: str
     url: str
     checksum: str
+    registry: str
+    secretRef: SecretRef
 
 
 class KernelBootSpec(TypedDict, total=False):
@@ -132,10 +138,6 @@ class Console(TypedDict, total=False):
     logFile: str
 
 
-class SecretRef(TypedDict, total=False):
-    name: str
-
-
 class Vnc(TypedDict, total=False):
     host: str
     port: int
@@ -194,9 +196,20 @@ class InterfaceStatus(TypedDict, total=False):
     network: str
 
 
+class ImageImport(TypedDict, total=False):
+    phase: str
+    cached: bool
+    digest: str
+    bytes: int
+    totalBytes: int
+    percent: int
+    bytesPerSecond: int
+
+
 class VirtualInstanceStatus(TypedDict, total=False):
     phase: str
     node: str
+    image: ImageImport
     powerState: str
     domainUUID: str
     flavor: Flavor

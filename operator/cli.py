@@ -182,6 +182,18 @@ def parser() -> argparse.ArgumentParser:
         help="a cached base image no instance uses is removed after this many seconds unused [86400]",
     )
     agent.add_argument(
+        "--import-max-size-gib",
+        type=float,
+        default=50.0,
+        help="the largest boot image imported by url or from a registry, in GiB [50]",
+    )
+    agent.add_argument(
+        "--import-concurrency",
+        type=int,
+        default=2,
+        help="imports that run at once on this node; more wait for a slot [2]",
+    )
+    agent.add_argument(
         "--soft-reboot-timeout",
         type=float,
         default=60.0,

@@ -67,13 +67,18 @@ class Ground:
     def console_log(self, uid: str, node: str | None = None) -> pathlib.Path:
         return self.instance_dir(uid, node) / "console.log"
 
+    def images(self, node: str | None = None) -> pathlib.Path:
+        """A node's own image store: no two nodes share one, as on a real cluster."""
+        return self.node_dir(node) / "images"
+
     @property
     def image_store(self) -> pathlib.Path:
-        return self.layout.state / "images"
+        """The first node's image store."""
+        return self.images()
 
-    def snapshots(self, namespace: str) -> pathlib.Path:
-        """A namespace's own snapshots in the image store (kubenova's images.SNAPSHOTS)."""
-        return self.image_store / "snapshots" / namespace
+    def snapshots(self, namespace: str, node: str | None = None) -> pathlib.Path:
+        """A namespace's own snapshots in a node's image store (kubenova's images.SNAPSHOTS)."""
+        return self.images(node) / "snapshots" / namespace
 
     def volume_store(self, node: str | None = None) -> pathlib.Path:
         return self.node_dir(node) / "volumes"
@@ -148,7 +153,7 @@ def agent_process(ground: Ground, node: str, *extra: str) -> tuple[list[str], st
             "--domain-type",
             "qemu",
             "--image-store",
-            str(ground.image_store),
+            str(ground.images(node)),
             "--instances-dir",
             str(ground.node_dir(node) / "instances"),
             "--volume-store",
@@ -235,6 +240,7 @@ def add_node(
     if instances_mib is not None:
         _mount_tmpfs(ground.node_dir(node) / "instances", instances_mib)
     libvirt_host.start(ground.layout, node, node_address(node), console_log_max_bytes=console_log_max_bytes)
+    guest.ensure_images(ground.layout, ground.images(node))
     _ensure_running(ground, {f"agent-{node}": agent_process(ground, node, *agent_flags)})
     _wait_registered(ground, node)
     return node_address(node)
@@ -319,7 +325,7 @@ def up(
         libvirt_host.ensure_bridge()  # the apiserver's address: pods reach it, loopback they cannot
     kube.start_apiserver(layout, tools, pki, cluster=cluster)
     ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE, node_address(NODE)))
-    guest.ensure_images(layout, layout.state / "images")
+    guest.ensure_images(layout, ground.images())
     if cluster:
         start_cluster(ground, pki, install=start_kubenova_processes)
         return ground

@@ -21,6 +21,7 @@ from kubenova.driver.errors import (
     DriverError,
     ImageChecksumMismatch,
     ImageNotFound,
+    ImportFailed,
     InstanceExists,
     InstanceNotFound,
     InstanceNotRunning,
@@ -39,6 +40,8 @@ from kubenova.driver.types import (
     HostPowerAction,
     HostStats,
     ImageRef,
+    ImportCredentials,
+    ImportProgress,
     InjectedFile,
     InstanceDetail,
     InstanceInfo,
@@ -70,6 +73,7 @@ __all__ = [
     "InstanceNotRunning",
     "InvalidInstanceSpec",
     "ImageNotFound",
+    "ImportFailed",
     "ImageChecksumMismatch",
     "InsufficientResources",
     "InvalidCPUInfo",
@@ -81,6 +85,8 @@ __all__ = [
     "HostPowerAction",
     "KernelBoot",
     "ImageRef",
+    "ImportCredentials",
+    "ImportProgress",
     "Interface",
     "stable_mac",
     "FirewallRule",
@@ -148,6 +154,24 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def get_volume_connector(self) -> VolumeConnector:
         """How storage reaches this host."""
+
+    @abc.abstractmethod
+    def cached_image(self, image: ImageRef) -> str | None:
+        """The sha256 of an imported image (url or registry) already in the node's image cache, else None.
+
+        Only looks: no network. The agent asks before every spawn so an image is imported once per node.
+        """
+
+    @abc.abstractmethod
+    def import_image(
+        self, image: ImageRef, credentials: ImportCredentials | None, progress: ImportProgress
+    ) -> str:
+        """Bring an imported image into the node's image cache, verified; return its sha256.
+
+        Not in Nova's 2012 contract (Nova's spawn fetched from Glance inside itself): the agent runs it
+        off its work queue, since an import may take minutes, and shows ``progress`` in status. Raises
+        an ImportFailed naming the cause and the fix; one with ``transient`` set may succeed later.
+        """
 
     @abc.abstractmethod
     def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:

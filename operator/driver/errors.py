@@ -26,8 +26,10 @@ class InstanceNotRunning(DriverError):
 class InvalidInstanceSpec(DriverError):
     """The instance spec cannot work on this node; retrying will not help until it changes.
 
-    ``field`` names the spec field so the user can be told what to fix.
+    ``field`` names the spec field so the user can be told what to fix; ``reason`` is the condition's.
     """
+
+    reason = "InvalidSpec"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -41,6 +43,22 @@ class ImageNotFound(InvalidInstanceSpec):
 
 class ImageChecksumMismatch(InvalidInstanceSpec):
     """An image's content does not match the checksum the spec gave."""
+
+
+class ImportFailed(InvalidInstanceSpec):
+    """Importing an image (by url or from a registry) failed.
+
+    ``reason`` becomes the condition's reason (ImageNotFound, ImageUnauthorized, ImageTLSError,
+    ImageUnreachable, ImageTooLarge, ImageChecksumMismatch, ImageInvalid). ``transient`` says that trying
+    again later may succeed with the spec unchanged: the server may come back, a Secret may be fixed, the
+    file may be uploaded, the node's limit raised. Only a wrong checksum or a file that is no disk image
+    needs the spec itself to change.
+    """
+
+    def __init__(self, field: str, message: str, reason: str, transient: bool = False) -> None:
+        super().__init__(field, message)
+        self.reason = reason
+        self.transient = transient
 
 
 class InsufficientResources(InvalidInstanceSpec):

@@ -62,6 +62,39 @@ class ImageRef:
     name: str
     checksum: str | None = None
     namespace: str = ""
+    #: imported rather than taken from the store: an http(s) address (``checksum`` then required) ...
+    url: str | None = None
+    #: ... or a digest-pinned OCI reference (containerDisk layout); ``name`` is then empty
+    registry: str | None = None
+
+    @property
+    def imported(self) -> bool:
+        """Whether the image comes from outside the node (the image cache) instead of its store."""
+        return bool(self.url or self.registry)
+
+    @property
+    def source(self) -> str:
+        """What a person recognises the image by, for messages."""
+        return self.url or self.registry or self.name
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ImportCredentials:
+    """What an import needs from the instance's Secret; never logged (``repr`` shows no values)."""
+
+    username: str | None = None
+    password: str | None = None
+    #: PEM certificates to trust besides the system's
+    ca_pem: bytes | None = None
+    #: a kubernetes.io/dockerconfigjson Secret's ``.dockerconfigjson``: the entry for the registry's host
+    docker_config: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"ImportCredentials(username={self.username!r}, ...)"
+
+
+#: An import's progress: bytes received so far, and the total when the server said it.
+ImportProgress = Callable[[int, "int | None"], None]
 
 
 @dataclasses.dataclass(frozen=True)

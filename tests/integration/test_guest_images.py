@@ -141,7 +141,7 @@ def booted(
     name = f"guestimg-{uuid.uuid4().hex[:8]}"
     console = ground.node_dir() / "guestimg" / f"{name}.log"
     console.parent.mkdir(parents=True, exist_ok=True)
-    dom = conn.createXML(domain_xml(name, console, ground.layout.state / "images", cmdline, disks, tap))
+    dom = conn.createXML(domain_xml(name, console, ground.image_store, cmdline, disks, tap))
     try:
         yield Guest(dom, console)
     finally:
@@ -309,7 +309,7 @@ def test_disk_images_boot_through_the_bios(
     marker: str,
     other: str,
 ) -> None:
-    root = overlay(ground.layout.state / "images" / image, workdir / "root.qcow2")
+    root = overlay(ground.image_store / image, workdir / "root.qcow2")
     second = raw_disk(workdir / "second.raw", b"the-instance-disk", 4 << 20)
     with booted(ground, conn, None, [Disk(root, "vda"), Disk(second, "vdb", format="raw")]) as vm:
         assert vm.wait_for(marker).startswith(f"{marker} kernel=")

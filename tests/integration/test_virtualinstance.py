@@ -213,35 +213,6 @@ def test_node_name_is_immutable(
     eventually(lambda: get(custom, namespace, "pinned") is None, timeout=60, what="deletion")
 
 
-def test_a_field_the_agent_cannot_honour_yet_fails_clearly(
-    custom: kubernetes.client.CustomObjectsApi, hypervisor: libvirt.virConnect, namespace: str
-) -> None:
-    body = make(
-        "fetched",
-        boot={
-            "image": {
-                "name": "cirros.qcow2",
-                "url": "https://images.example/cirros.qcow2",
-                "checksum": "sha256:" + "0" * 64,
-            }
-        },
-    )
-    uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)[
-        "metadata"
-    ]["uid"]
-    obj = eventually(
-        lambda: (
-            (o := get(custom, namespace, "fetched")) and cond(o, "Ready").get("reason") == "Unsupported" and o
-        ),
-        timeout=60,
-        what="the Unsupported condition",
-    )
-    assert "spec.boot.image.url" in cond(obj, "Ready")["message"]
-    assert domain(hypervisor, uid) is None
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "fetched")
-    eventually(lambda: get(custom, namespace, "fetched") is None, timeout=60, what="deletion")
-
-
 def test_an_instance_placed_after_waiting_says_scheduled_whatever_the_agent_answers(
     ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
 ) -> None:

@@ -195,12 +195,6 @@ def test_bad_injected_file_content_names_its_index(node: Node) -> None:
     assert "spec.injectedFiles[0].content" in condition(node.get("vm"), "Ready")["message"]
 
 
-def test_a_field_the_agent_cannot_honour_yet_is_unsupported(node: Node) -> None:
-    node.create("vm", boot={"image": {"name": "disk.img", "url": "https://example.com/x"}})
-    ready = condition(node.get("vm"), "Ready")
-    assert ready["reason"] == "Unsupported" and "spec.boot.image.url" in ready["message"]
-
-
 def test_a_stale_copy_never_starts_a_domain(node: Node) -> None:
     body = node.api.add(VIRTUALINSTANCES, bound("vm", NODE, {"flavor": FLAVOR, "boot": KERNEL}))
     node.api.objects[(VIRTUALINSTANCES, "ns", "vm")]["metadata"]["labels"][NODE_LABEL] = "node-1"  # moved on

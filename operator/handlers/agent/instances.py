@@ -39,9 +39,10 @@ from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
+from kubenova.handlers.agent.imports import ImportRunning, Imports
 from kubenova.handlers.agent.migration_turns import bound_elsewhere, holds
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
-from kubenova.handlers.agent.translate import NetworkAllowList, definition_digest, driver_spec, unsupported
+from kubenova.handlers.agent.translate import NetworkAllowList, definition_digest, driver_spec
 from kubenova.handlers.agent.volumes import waiting_for
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
@@ -144,12 +145,14 @@ class InstanceAgent:
         self.actions = ActionRunner(
             driver, images, secrets, events, self.write, self.settings.soft_reboot_timeout
         )
+        self.imports = Imports(driver, cache.look, clock)
         cache.on_forget(self._forget)
         cache.on_forget(events.forget)
 
     # --- bookkeeping ---------------------------------------------------------------------
 
     def _forget(self, uid: str) -> None:
+        self.imports.forget(uid)
         self.actions.forget(uid)
         self._stopped_outside.pop(uid, None)
         self.io_errors.forget(uid)
@@ -208,6 +211,8 @@ class InstanceAgent:
             self._reconcile(body)
         except BeingDeleted:
             self._delete(body)
+        except ImportRunning:  # the import's progress and end look again; no backoff
+            self.cache.succeeded(uid)
         except NotHere:
             log.info(
                 "%s/%s is not bound to %s any more; forgetting it",
@@ -254,7 +259,7 @@ class InstanceAgent:
         try:
             self._converge(body)
         except (SpecProblem, InvalidInstanceSpec) as exc:
-            reason = exc.reason if isinstance(exc, SpecProblem) else "InvalidSpec"
+            reason = exc.reason
             patch: dict[str, Any] = {"phase": "Failed", "node": self.node, "observedGeneration": generation}
             set_condition(patch, status, "Ready", False, reason, str(exc), generation)
             self.write(body, patch)
@@ -273,22 +278,18 @@ class InstanceAgent:
             if self.driver.instance_exists(uid):
                 self.driver.power_off(uid)
             raise WaitFor("NodeFenced", f"{self.node} is fenced (ComputeNode spec.fenced): nothing runs here")
-        missing = unsupported(spec)
-        if missing:
-            raise SpecProblem(
-                "Unsupported",
-                f"{', '.join(missing)}: not implemented by this kubenova agent yet; "
-                "remove it from the spec to run the instance",
-            )
         driver = self.driver
         waiting: WaitFor | None = None
         if not driver.instance_exists(uid):
+            image = self.imports.ensure(body, self.write, self.secrets.image_credentials, self.node)
             if not self._still_here(body):
                 raise NotHere()
             refusal = bound_elsewhere(body, self.migrations.objects.values(), self.node)
             if refusal:  # never a second copy of a guest that may run where status says
                 raise WaitFor("BoundElsewhere", refusal)
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
+            if image is not None:
+                self.write(body, {"image": image})
         elif driver.defined_revision(uid) != definition_digest(spec, flavor_of(body)):
             # The spec changed in what makes the domain: the definition follows it, for the next boot
             # where the running domain cannot take it (_observed says so as RestartRequired).

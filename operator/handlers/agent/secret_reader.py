@@ -14,6 +14,7 @@ from typing import Any
 
 import kubernetes
 
+from kubenova.driver.base import ImportCredentials
 from kubenova.handlers.agent.translate import SecretValues, vnc_secret_name
 from kubenova.handlers.shared import GROUP, VERSION
 
@@ -63,18 +64,7 @@ class SecretReader:
         if not ref:
             return None
         key = ref.get("key", default_key)
-        try:
-            secret = self.core.read_namespaced_secret(ref["name"], namespace)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                raise WaitFor(
-                    "SecretMissing",
-                    f"{field}: Secret {ref['name']!r} does not exist in namespace {namespace}; create it",
-                ) from exc
-            if exc.status == 403:
-                raise not_opted_in(namespace, field) from exc
-            raise
-        data = (secret.data or {}).get(key)
+        data = self._data(namespace, ref["name"], field).get(key)
         if data is None:
             raise WaitFor(
                 "SecretMissing",
@@ -86,6 +76,42 @@ class SecretReader:
             raise WaitFor(
                 "SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 text"
             ) from None
+
+    def image_credentials(self, instance: Mapping[str, Any]) -> ImportCredentials | None:
+        """What the boot image's import needs from ``spec.boot.image.secretRef``: username and password
+        (or a ``.dockerconfigjson``) and a CA (``ca.crt``); None without a secretRef."""
+        namespace = instance["metadata"]["namespace"]
+        ref = (((instance.get("spec") or {}).get("boot") or {}).get("image") or {}).get("secretRef")
+        if not ref:
+            return None
+        field = "spec.boot.image.secretRef"
+        data = {k: base64.b64decode(v) for k, v in self._data(namespace, ref["name"], field).items()}
+        if not data.keys() & {"username", "password", "ca.crt", ".dockerconfigjson"}:
+            raise WaitFor(
+                "SecretInvalid",
+                f"{field}: Secret {ref['name']!r} has none of username, password, .dockerconfigjson, ca.crt; "
+                "add what the server asks for",
+            )
+        username, password = data.get("username"), data.get("password")
+        return ImportCredentials(
+            username=username.decode() if username is not None else None,
+            password=password.decode() if password is not None else None,
+            ca_pem=data.get("ca.crt"),
+            docker_config=data.get(".dockerconfigjson"),
+        )
+
+    def _data(self, namespace: str, name: str, field: str) -> dict[str, str]:
+        """A Secret's data (base64 values); a missing one is waited for, a forbidden one said so."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                missing = f"{field}: Secret {name!r} does not exist in namespace {namespace}; create it"
+                raise WaitFor("SecretMissing", missing) from exc
+            if exc.status == 403:
+                raise not_opted_in(namespace, field) from exc
+            raise
+        return {key: str(value) for key, value in (secret.data or {}).items()}
 
     def vnc_password(self, body: Mapping[str, Any]) -> str | None:
         """The instance's VNC password, kept in the Secret <name>-vnc (made once, owned by the instance).

@@ -24,9 +24,6 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import ImageStore
 
-#: Spec fields the API accepts but this agent does not act on yet; using one fails clearly.
-NOT_YET_IMPLEMENTED = ("boot.image.url",)
-
 #: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
 #: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
 RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
@@ -41,16 +38,11 @@ class SecretValues:
     vnc_password: str | None = None
 
 
-def unsupported(spec: Mapping[str, Any]) -> list[str]:
-    """The spec fields set here that this agent cannot honour yet, as user-facing paths."""
-    found = []
-    for path in NOT_YET_IMPLEMENTED:
-        node: Any = spec
-        for key in path.split("."):
-            node = node.get(key) if isinstance(node, Mapping) else None
-        if node not in (None, [], {}, ""):
-            found.append(f"spec.{path}")
-    return found
+def boot_image(image: api.BootImage, namespace: str) -> ImageRef:
+    """The driver's view of ``spec.boot.image``: a store name, or an address to import from."""
+    return ImageRef(
+        image.get("name", ""), image.get("checksum"), namespace, image.get("url"), image.get("registry")
+    )
 
 
 def instance_spec(
@@ -88,7 +80,7 @@ def instance_spec(
         )
         if kernel
         else None,
-        image=ImageRef(image["name"], image.get("checksum"), namespace) if image else None,
+        image=boot_image(image, namespace) if image else None,
         root_gib=(spec.get("rootDisk") or {}).get("sizeGiB"),
         ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
         swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
@@ -111,6 +103,9 @@ def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str
     when this changed, even after a restart, and never for a change of power state.
     """
     shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
+    image = (spec.get("boot") or {}).get("image")
+    if image:  # where an image comes from counts only until the root disk is made from it
+        shaping["boot"] = {**spec["boot"], "image": {"name": image.get("name", "")}}
     shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
