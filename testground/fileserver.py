@@ -6,7 +6,9 @@ header, status, bytes sent), so a test can count downloads and see a resume. Con
 
 - ``POST /_control/drop?path=/x.qcow2&fraction=0.5``: the next GET of that path sends that fraction of
   its body, then closes the connection;
-- ``POST /_control/fail?path=/x.qcow2&status=503&count=2``: the next ``count`` GETs of it get that status.
+- ``POST /_control/fail?path=/x.qcow2&status=503&count=2``: the next ``count`` GETs of it get that status;
+- ``POST /_control/rate?path=/x.qcow2&bps=1000000``: every later GET of it sends at most that many bytes a
+  second (so a test's downloads overlap).
 
 Run as ``python -m testground.fileserver --root DIR --bind ADDR --port N --log FILE [--cert C --key K]``,
 or in-process: ``FileServer(root, log).start()`` ... ``.stop()``.
@@ -15,15 +17,18 @@ or in-process: ``FileServer(root, log).start()`` ... ``.stop()``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import json
 import os
 import pathlib
 import re
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
@@ -46,10 +51,12 @@ class FileServer:
         self.log = pathlib.Path(log)
         self.drops: dict[str, float] = {}
         self.failures: dict[str, tuple[int, int]] = {}
+        self.rates: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.httpd = http.server.ThreadingHTTPServer((bind, port), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.files = self  # type: ignore[attr-defined]
+        self.idle = threading.Condition(self.lock)
+        self.in_flight = 0
+        self.httpd = _Server((bind, port), _Handler)
+        self.httpd.files = self
         self.scheme = "http"
         if cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -81,7 +88,10 @@ class FileServer:
             self._thread.join()
 
     def requests(self) -> list[dict[str, Any]]:
-        """The access log so far, one dict per request."""
+        """The access log so far, one dict per request, once no request is under way (a client may have
+        all its bytes a moment before the server logs them)."""
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight == 0, timeout=10)
         if not self.log.exists():
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
@@ -90,6 +100,28 @@ class FileServer:
         with self.lock, open(self.log, "a") as out:
             out.write(json.dumps(entry, sort_keys=True) + "\n")
 
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Count a request as under way until it is logged (or failed)."""
+        with self.lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.in_flight -= 1
+                self.idle.notify_all()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    files: FileServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (or refuses our certificate, as a TLS test's does) is no server error."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "kubenova-fileserver"
@@ -97,17 +129,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     @property
     def files(self) -> FileServer:
-        return self.server.files  # type: ignore[attr-defined,no-any-return]
+        assert isinstance(self.server, _Server)
+        return self.server.files
 
     def log_message(self, format: str, *args: Any) -> None:  # the JSON log says it all
         pass
 
     def do_POST(self) -> None:
+        with self.files.tracked():
+            self._control()
+
+    def _control(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         with self.files.lock:
             if url.path == "/_control/drop":
                 self.files.drops[query["path"]] = float(query.get("fraction", "0.5"))
+            elif url.path == "/_control/rate":
+                self.files.rates[query["path"]] = int(query["bps"])
             elif url.path == "/_control/fail":
                 self.files.failures[query["path"]] = (
                     int(query.get("status", "503")),
@@ -118,10 +157,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(204, 0)
 
     def do_HEAD(self) -> None:
-        self._serve(body=False)
+        with self.files.tracked():
+            self._serve(body=False)
 
     def do_GET(self) -> None:
-        self._serve(body=True)
+        with self.files.tracked():
+            self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
@@ -154,6 +195,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         with self.files.lock:
             fraction = self.files.drops.pop(path, None) if body else None
+            rate = self.files.rates.get(path)
         limit = length if fraction is None else int(length * fraction)
         self._start(status, headers)
         sent = 0
@@ -161,9 +203,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with open(file, "rb") as f:
                 f.seek(start)
                 while sent < limit:
-                    block = f.read(min(CHUNK, limit - sent))
+                    block = f.read(min(rate or CHUNK, CHUNK, limit - sent))
                     if not block:
                         break
+                    if rate:
+                        time.sleep(len(block) / rate)
                     try:
                         self.wfile.write(block)
                     except OSError:

@@ -69,7 +69,11 @@ class Reference:
         tag = None
         if ":" in path.rsplit("/", 1)[-1]:
             path, _, tag = path.rpartition(":")
-        if not (_HOST.fullmatch(host) and _PATH.fullmatch(path) and (tag is None or _TAG.fullmatch(tag))):
+        # Docker's rule: the first part names a host only with a dot, a port or as localhost; kubenova
+        # has no default registry, so a reference without one is refused rather than sent to Docker Hub.
+        is_host = "." in host or ":" in host or host == "localhost"
+        valid = _HOST.fullmatch(host) and _PATH.fullmatch(path) and (tag is None or _TAG.fullmatch(tag))
+        if not (is_host and valid):
             raise ImageImportRefused(
                 field, f"{text!r} is not a registry reference host[:port]/repository@sha256:<digest>; fix it"
             )
