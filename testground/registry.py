@@ -3,7 +3,9 @@
 Debian's ``docker-registry`` (the CNCF distribution registry 2.8), run as a process of our own
 (``docker-registry serve CONFIG``): its Debian service is never used. It speaks TLS with a certificate
 from the test ground's CA (``pki.server_certificate``) and asks for a user and password (an htpasswd
-file, bcrypt-hashed with pyca's ``bcrypt``: Apache's htpasswd tool is not needed).
+file, bcrypt-hashed with pyca's ``bcrypt``: Apache's htpasswd tool is not needed), or, as the large
+public registries do, for a bearer token from a token server (``TokenAuth``: the registry names the
+server in its 401, and checks the tokens' signatures against the server's certificate).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ class Registry:
     name: str = "registry"
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenAuth:
+    """The registry's ``auth.token`` section: where clients get tokens, and whose signature it trusts."""
+
+    realm: str  # the token server's URL
+    service: str
+    issuer: str
+    rootcertbundle: pathlib.Path  # the certificate (PEM) the tokens' x5c chain must lead to
+
+
 def htpasswd_line(user: str, password: str) -> str:
     """One line of an htpasswd file in the only scheme the registry reads: bcrypt."""
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
@@ -44,9 +56,17 @@ def htpasswd_line(user: str, password: str) -> str:
 
 
 def write_config(
-    folder: pathlib.Path, address: str, cert: pathlib.Path, key: pathlib.Path, htpasswd: pathlib.Path
+    folder: pathlib.Path,
+    address: str,
+    cert: pathlib.Path,
+    key: pathlib.Path,
+    htpasswd: pathlib.Path,
+    token: TokenAuth | None = None,
 ) -> pathlib.Path:
-    """The registry's config.yml: blobs under ``folder``/data, TLS, htpasswd authentication."""
+    """The registry's config.yml: blobs under ``folder``/data, TLS, htpasswd (or token) authentication."""
+    auth: dict[str, object] = {"htpasswd": {"realm": "kubenova test ground", "path": str(htpasswd)}}
+    if token:
+        auth = {"token": {**dataclasses.asdict(token), "rootcertbundle": str(token.rootcertbundle)}}
     config = {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text"},
@@ -60,7 +80,7 @@ def write_config(
             "secret": secrets.token_hex(16),
             "tls": {"certificate": str(cert), "key": str(key)},
         },
-        "auth": {"htpasswd": {"realm": "kubenova test ground", "path": str(htpasswd)}},
+        "auth": auth,
     }
     path = folder / "config.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -74,6 +94,7 @@ def start(
     user: str = "kubenova",
     password: str | None = None,
     name: str = "registry",
+    token: TokenAuth | None = None,
 ) -> Registry:
     """Start the registry at ``address`` (``ip:port``) with its state in ``folder``; ready when it answers."""
     if shutil.which(BINARY) is None:
@@ -86,7 +107,7 @@ def start(
     password = password or secrets.token_urlsafe(12)
     htpasswd = folder / "htpasswd"
     htpasswd.write_text(htpasswd_line(user, password))
-    config = write_config(folder, address, certificate.cert, certificate.key, htpasswd)
+    config = write_config(folder, address, certificate.cert, certificate.key, htpasswd, token)
     procs.stop(layout, name)
     procs.start(layout, name, [BINARY, "serve", str(config)], marker=str(config))
     registry = Registry(address, folder, user, password, certificate.ca, name)
