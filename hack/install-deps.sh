@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test ground needs (libvirtd, QEMU, tools for
-# the guest image) and the Python venv. Idempotent: installed packages are skipped.
+# the guest image, the container registry for image imports) and the Python venv.
+# Idempotent: installed packages are skipped.
 # --cluster adds what cluster mode's node needs (`python -m testground up --cluster`).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static cpio kmod
-      openssl iproute2 dosfstools mtools syslinux iptables)
+      openssl iproute2 dosfstools mtools syslinux iptables docker-registry)
 # containerd and runc run the pods, the CNI plugins wire them, buildah and mmdebstrap build the images,
 # gcc (and libc6-dev's static libc) compiles the pause binary.
 [ "${1:-}" = "--cluster" ] && pkgs+=(containerd runc containernetworking-plugins buildah mmdebstrap gcc libc6-dev)

@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pathlib
 import sys
 import urllib.error
 import urllib.request
@@ -268,13 +269,21 @@ def _agent(args: argparse.Namespace) -> int:
     from kubenova.handlers.agent.translate import NetworkAllowList
 
     images = ImageStore(args.image_store)
+    import_max_bytes = int(args.import_max_size_gib * 2**30)
     driver: ComputeDriver
     if args.driver == "fake":
         from kubenova.driver.fake import FakeDriver
+        from kubenova.driver.imports import Importer
 
         # The in-memory hypervisor knows the store's files by name, with their bytes.
         files = sorted(images.root.glob("*")) if images.root.is_dir() else []
-        driver = FakeDriver(args.node, images={f.name: f.read_bytes() for f in files if f.is_file()})
+        driver = FakeDriver(
+            args.node,
+            images={f.name: f.read_bytes() for f in files if f.is_file()},
+            importer=Importer(
+                pathlib.Path(args.instances_dir) / "_base", import_max_bytes, args.import_concurrency
+            ),
+        )
     else:
         from kubenova.driver.libvirt.driver import LibvirtDriver
         from kubenova.driver.libvirt.transport import MigrationTransport
@@ -286,6 +295,8 @@ def _agent(args: argparse.Namespace) -> int:
             images,
             args.volume_store,
             MigrationTransport(args.migration_pki_dir, args.insecure_migration),
+            import_max_bytes,
+            args.import_concurrency,
         )
     settings = Settings(
         soft_reboot_timeout=args.soft_reboot_timeout,

@@ -1,6 +1,7 @@
-"""The test ground's migration certificates: one CA, and per libvirtd host a key and a certificate for
+"""The test ground's certificates: one CA, and per libvirtd host a key and a certificate for
 its address, laid out where libvirtd and QEMU look for them (the host's /etc/pki), so that every
-migration between test hosts runs over TLS as production does (``qemu+tls`` and ``VIR_MIGRATE_TLS``).
+migration between test hosts runs over TLS as production does (``qemu+tls`` and ``VIR_MIGRATE_TLS``);
+and a certificate for each test server that speaks HTTPS (the registry, the file server).
 
 Made with the openssl command line once per test ground; a host's files are remade when its address
 changes.
@@ -8,6 +9,7 @@ changes.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
 import subprocess
@@ -58,29 +60,51 @@ def issue(layout: Layout, node: str, address: str, host: pathlib.Path) -> None:
     ``client_dir``."""
     ca = _ca(layout)
     folder = host / "cert"
-    stamp = folder / "address"
-    if not (stamp.exists() and stamp.read_text() == address):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        (folder / "ext.cnf").write_text(
-            f"subjectAltName = IP:{address}, DNS:{node}\n"
-            "keyUsage = critical, digitalSignature, keyEncipherment\n"
-            "extendedKeyUsage = serverAuth, clientAuth\n"
-        )
-        _openssl("genrsa", "-out", "key.pem", "2048", cwd=folder)
-        subject = f"/O=kubenova/CN={node}"
-        _openssl("req", "-new", "-key", "key.pem", "-out", "req.csr", "-subj", subject, cwd=folder)
-        _openssl(
-            "x509", "-req", "-in", "req.csr", "-CA", str(ca / "ca.pem"), "-CAkey", str(ca / "ca.key"),
-            "-CAcreateserial", "-out", "cert.pem", "-days", "3650", "-extfile", "ext.cnf", cwd=folder,
-        )  # fmt: skip
-        stamp.write_text(address)
+    _certificate(ca, folder, node, address)
     sources = {"ca": ca / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
     for root, files in ((host / "pki", SERVER_FILES), (client_dir(host), CLIENT_FILES)):
         for name, kind in files.items():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(sources[kind], root / name)
             (root / name).chmod(0o600 if kind == "key" else 0o644)
+
+
+def server_certificate(layout: Layout, name: str, address: str, folder: pathlib.Path) -> ServerCertificate:
+    """A key and certificate for a test server (the registry, the file server) at ``address``, signed by
+    the test ground's CA (``layout``'s: a test's own layout gives a CA of its own)."""
+    ca = _ca(layout)
+    _certificate(ca, folder, name, address)
+    return ServerCertificate(folder / "cert.pem", folder / "key.pem", ca / "ca.pem")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCertificate:
+    cert: pathlib.Path
+    key: pathlib.Path
+    ca: pathlib.Path
+
+
+def _certificate(ca: pathlib.Path, folder: pathlib.Path, name: str, address: str) -> None:
+    """``folder``/cert.pem and key.pem for ``name`` at the IP ``address``, remade when the address changes."""
+    stamp = folder / "address"
+    if stamp.exists() and stamp.read_text() == address:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "ext.cnf").write_text(
+        f"subjectAltName = IP:{address}, DNS:{name}\n"
+        "keyUsage = critical, digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth, clientAuth\n"
+    )
+    _openssl("genrsa", "-out", "key.pem", "2048", cwd=folder)
+    _openssl(
+        "req", "-new", "-key", "key.pem", "-out", "req.csr", "-subj", f"/O=kubenova/CN={name}", cwd=folder
+    )
+    _openssl(
+        "x509", "-req", "-in", "req.csr", "-CA", str(ca / "ca.pem"), "-CAkey", str(ca / "ca.key"),
+        "-CAcreateserial", "-out", "cert.pem", "-days", "3650", "-extfile", "ext.cnf", cwd=folder,
+    )  # fmt: skip
+    stamp.write_text(address)
 
 
 def client_dir(host: pathlib.Path) -> pathlib.Path:

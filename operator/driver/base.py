@@ -20,8 +20,17 @@ from kubenova.driver.errors import (
     CPUIncompatible,
     DriverError,
     ImageChecksumMismatch,
+    ImageDigestMismatch,
+    ImageImportError,
+    ImageImportRefused,
+    ImageInvalid,
     ImageNotFound,
-    ImportFailed,
+    ImageSourceNotFound,
+    ImageSourceUnavailable,
+    ImageSourceUnreachable,
+    ImageTLSError,
+    ImageTooLarge,
+    ImageUnauthorized,
     InstanceExists,
     InstanceNotFound,
     InstanceNotRunning,
@@ -31,6 +40,7 @@ from kubenova.driver.errors import (
     Unsupported,
     VolumeNotFound,
 )
+from kubenova.driver.transfer import Credentials, Progress
 from kubenova.driver.types import (
     BlockStats,
     Convergence,
@@ -40,8 +50,6 @@ from kubenova.driver.types import (
     HostPowerAction,
     HostStats,
     ImageRef,
-    ImportCredentials,
-    ImportProgress,
     InjectedFile,
     InstanceDetail,
     InstanceInfo,
@@ -62,6 +70,8 @@ from kubenova.driver.types import (
 )
 
 __all__ = [
+    "Credentials",
+    "Progress",
     "check_rules",
     "ComputeDriver",
     "check_instance",
@@ -73,8 +83,17 @@ __all__ = [
     "InstanceNotRunning",
     "InvalidInstanceSpec",
     "ImageNotFound",
-    "ImportFailed",
     "ImageChecksumMismatch",
+    "ImageImportError",
+    "ImageSourceUnavailable",
+    "ImageSourceUnreachable",
+    "ImageImportRefused",
+    "ImageSourceNotFound",
+    "ImageUnauthorized",
+    "ImageTLSError",
+    "ImageTooLarge",
+    "ImageDigestMismatch",
+    "ImageInvalid",
     "InsufficientResources",
     "InvalidCPUInfo",
     "CPUIncompatible",
@@ -85,8 +104,6 @@ __all__ = [
     "HostPowerAction",
     "KernelBoot",
     "ImageRef",
-    "ImportCredentials",
-    "ImportProgress",
     "Interface",
     "stable_mac",
     "FirewallRule",
@@ -163,14 +180,12 @@ class ComputeDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def import_image(
-        self, image: ImageRef, credentials: ImportCredentials | None, progress: ImportProgress
-    ) -> str:
+    def import_image(self, image: ImageRef, credentials: Credentials | None, progress: Progress) -> str:
         """Bring an imported image into the node's image cache, verified; return its sha256.
 
         Not in Nova's 2012 contract (Nova's spawn fetched from Glance inside itself): the agent runs it
         off its work queue, since an import may take minutes, and shows ``progress`` in status. Raises
-        an ImportFailed naming the cause and the fix; one with ``transient`` set may succeed later.
+        an ImageImportError naming the cause and the fix; one that is ``transient`` may succeed later.
         """
 
     @abc.abstractmethod

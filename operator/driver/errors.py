@@ -45,22 +45,6 @@ class ImageChecksumMismatch(InvalidInstanceSpec):
     """An image's content does not match the checksum the spec gave."""
 
 
-class ImportFailed(InvalidInstanceSpec):
-    """Importing an image (by url or from a registry) failed.
-
-    ``reason`` becomes the condition's reason (ImageNotFound, ImageUnauthorized, ImageTLSError,
-    ImageUnreachable, ImageTooLarge, ImageChecksumMismatch, ImageInvalid). ``transient`` says that trying
-    again later may succeed with the spec unchanged: the server may come back, a Secret may be fixed, the
-    file may be uploaded, the node's limit raised. Only a wrong checksum or a file that is no disk image
-    needs the spec itself to change.
-    """
-
-    def __init__(self, field: str, message: str, reason: str, transient: bool = False) -> None:
-        super().__init__(field, message)
-        self.reason = reason
-        self.transient = transient
-
-
 class InsufficientResources(InvalidInstanceSpec):
     """The host cannot give what the spec asks for (e.g. more memory than it has)."""
 
@@ -84,3 +68,83 @@ class Unsupported(DriverError):
         super().__init__(f"{operation} is not supported: {reason}")
         self.operation = operation
         self.reason = reason
+
+
+class ImageImportError(DriverError):
+    """An image could not be brought into the node's cache from a URL or a registry.
+
+    ``reason`` is one CamelCase word for a condition or an Event, ``field`` the spec field to look at
+    (the caller names the prefix, e.g. ``spec.boot.image``), ``message`` the cause and the fix. A plain
+    ``ImageImportError`` is transient (the agent retries with its backoff); the permanent kinds are also
+    ``InvalidInstanceSpec``, so they fail the instance until its spec (or the Secret it names) changes.
+    """
+
+    reason = "ImageUnavailable"
+    field: str
+    message: str
+
+    @property
+    def transient(self) -> bool:
+        """Whether retrying may succeed with nothing changed."""
+        return not isinstance(self, InvalidInstanceSpec)
+
+
+class ImageSourceUnavailable(ImageImportError):
+    """The source failed in a way that may pass (5xx, a reset or timed-out connection), after retries.
+
+    A partial download stays in the cache as a dot-file and the next attempt resumes it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ImageSourceUnreachable(ImageSourceUnavailable):
+    """No connection could be made (DNS, refused, connect timeout), after retries."""
+
+    reason = "ImageUnreachable"
+
+
+class ImageImportRefused(InvalidInstanceSpec, ImageImportError):
+    """A permanent import failure: nothing of it stays in the cache, and retrying cannot help."""
+
+    reason = "ImageImportFailed"
+
+
+class ImageSourceNotFound(ImageImportRefused):
+    """The server has no such file, repository or manifest (404)."""
+
+    reason = "ImageNotFound"
+
+
+class ImageUnauthorized(ImageImportRefused):
+    """The server refused the credentials, or wanted some and got none (401, 403)."""
+
+    reason = "ImageUnauthorized"
+
+
+class ImageTLSError(ImageImportRefused):
+    """The server's certificate could not be verified (unknown CA, wrong name, expired)."""
+
+    reason = "ImageTLSError"
+
+
+class ImageTooLarge(ImageImportRefused):
+    """The image is larger than the node accepts."""
+
+    reason = "ImageTooLarge"
+
+
+class ImageDigestMismatch(ImageImportRefused, ImageChecksumMismatch):
+    """What arrived does not hash to the digest the spec (or a manifest) named."""
+
+    reason = "ImageChecksumMismatch"
+
+
+class ImageInvalid(ImageImportRefused):
+    """What arrived is no usable disk image: a container image without ``disk/<name>``, a manifest that is
+    not JSON, a qcow2 with a backing file, a reference by tag."""
+
+    reason = "ImageInvalid"

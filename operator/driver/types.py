@@ -78,25 +78,6 @@ class ImageRef:
         return self.url or self.registry or self.name
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
-class ImportCredentials:
-    """What an import needs from the instance's Secret; never logged (``repr`` shows no values)."""
-
-    username: str | None = None
-    password: str | None = None
-    #: PEM certificates to trust besides the system's
-    ca_pem: bytes | None = None
-    #: a kubernetes.io/dockerconfigjson Secret's ``.dockerconfigjson``: the entry for the registry's host
-    docker_config: bytes | None = None
-
-    def __repr__(self) -> str:
-        return f"ImportCredentials(username={self.username!r}, ...)"
-
-
-#: An import's progress: bytes received so far, and the total when the server said it.
-ImportProgress = Callable[[int, "int | None"], None]
-
-
 @dataclasses.dataclass(frozen=True)
 class Interface:
     name: str

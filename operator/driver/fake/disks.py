@@ -110,6 +110,11 @@ def boot_disk_names(count: int, taken: Collection[str] = ()) -> list[str]:
     return [name for name in (f"vd{chr(ord('a') + i)}" for i in range(26)) if name not in taken][:count]
 
 
+def imported_key(digest: str) -> str:
+    """Where an image imported by url or from a registry lives in the fake's image store."""
+    return f"imported/{digest}"
+
+
 def snapshot_key(image: ImageRef) -> str:
     """Where a namespace's own snapshot lives in the fake's image store (the public tier: its name)."""
     return f"snapshots/{image.namespace}/{image.name}"

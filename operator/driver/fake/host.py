@@ -19,6 +19,7 @@ from kubenova.driver.base import (
     Convergence,
     CPUIncompatible,
     CpuInfo,
+    Credentials,
     DriverError,
     FirewallRule,
     HostPowerAction,
@@ -33,6 +34,7 @@ from kubenova.driver.base import (
     Interface,
     InvalidCPUInfo,
     PowerState,
+    Progress,
     Unsupported,
     VolumeConnector,
     VolumeNotFound,
@@ -45,12 +47,14 @@ from kubenova.driver.fake.disks import (
     Disk,
     Image,
     bases_of,
+    imported_key,
     plain_name,
     snapshot_key,
     store_key,
 )
 from kubenova.driver.fake.instance import ACTIVE, Instance
 from kubenova.driver.images import SNAPSHOTS
+from kubenova.driver.imports import Importer
 
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
 
@@ -89,7 +93,10 @@ class FakeHost(ComputeDriver):
         disk_gib: int = 100,
         cpu: CpuInfo | None = None,
         clock: Callable[[], float] = time.monotonic,
+        importer: Importer | None = None,
     ) -> None:
+        """``importer`` brings images in by url or from a registry, for real, into its folder (none: such an
+        image is Unsupported here)."""
         self.hostname = hostname or socket.gethostname()
         self.uri = uri or f"fake://{self.hostname}"
         self.vcpus = vcpus
@@ -105,6 +112,7 @@ class FakeHost(ComputeDriver):
             features=DEFAULT_CPU_FEATURES,
         )
         self._clock = clock
+        self._importer = importer
         # Re-entrant, so a test clock or callback may call back into the driver.
         self._lock = threading.RLock()
         self._images: dict[str, Image] = {}
@@ -261,6 +269,22 @@ class FakeHost(ComputeDriver):
     def get_volume_connector(self) -> VolumeConnector:
         return VolumeConnector(ip="127.0.0.1", initiator=None, host=self.hostname)
 
+    def cached_image(self, image: ImageRef) -> str | None:
+        with self._lock:
+            found = self._importer.cached(image) if self._importer else None
+            if found is None:
+                return None
+            if imported_key(found.name) not in self._images:
+                self._images[imported_key(found.name)] = Image(found.read_bytes(), found.name)
+            return found.name
+
+    def import_image(self, image: ImageRef, credentials: Credentials | None, progress: Progress) -> str:
+        if self._importer is None:
+            raise Unsupported("import_image", f"the fake host {self.hostname} was made without an importer")
+        digest = self._importer.fetch(image, credentials, progress).name
+        self.cached_image(image)  # its bytes, for the disks made from it
+        return digest
+
     def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
         """Removes cached bases (named by their sha256, like the libvirt driver's); the store stays as it
         is."""
@@ -346,6 +370,11 @@ class FakeHost(ComputeDriver):
 
     def _checked_image(self, ref: ImageRef, field: str) -> Image:
         """An image from the store, checked like the libvirt driver's image cache checks it."""
+        if ref.imported:
+            digest = self.cached_image(ref)
+            if digest is None:
+                raise ImageNotFound(field, f"{ref.source} is not in the image cache of {self.hostname} yet")
+            return self._images[imported_key(digest)]
         plain_name(field, ref.name)
         image = self._images.get(snapshot_key(ref)) if ref.namespace else None
         image = image or self._images.get(ref.name)

@@ -29,6 +29,7 @@ from kubenova.driver.base import (
     check_macs,
 )
 from kubenova.driver.images import ImageStore
+from kubenova.driver.imports import DEFAULT_MAX_BYTES, Importer
 from kubenova.driver.libvirt import configdrive, imagecache
 from kubenova.driver.libvirt.config import GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name
 from kubenova.driver.libvirt.disks import CONFIG_DRIVE, EPHEMERAL, ROOT, SWAP, next_target, own_disk
@@ -60,6 +61,8 @@ class LibvirtCore(ComputeDriver):
         images: ImageStore,
         volumes_dir: str | os.PathLike[str],
         transport: MigrationTransport | None = None,
+        import_max_bytes: int = DEFAULT_MAX_BYTES,
+        import_concurrency: int = 2,
     ) -> None:
         self.host = Host(uri)
         self.transport = transport or MigrationTransport()  # encrypted, with libvirt's own certificates
@@ -67,7 +70,8 @@ class LibvirtCore(ComputeDriver):
         self.instances_dir = pathlib.Path(instances_dir)
         self.images = images
         self.volumes = ImageStore(volumes_dir)
-        self.cache = ImageCache(images, self.instances_dir / "_base")
+        cache_dir = self.instances_dir / "_base"
+        self.cache = ImageCache(images, cache_dir, Importer(cache_dir, import_max_bytes, import_concurrency))
         self._rebooting: dict[str, float] = {}
         self._lock = threading.Lock()
 

@@ -21,6 +21,7 @@ from kubenova.driver.base import (
     BlockStats,
     CPUIncompatible,
     CpuInfo,
+    Credentials,
     Diagnostics,
     DriverError,
     HostPowerAction,
@@ -34,6 +35,7 @@ from kubenova.driver.base import (
     InvalidCPUInfo,
     InvalidInstanceSpec,
     PowerState,
+    Progress,
     Unsupported,
     VncConsole,
     VolumeConnector,
@@ -175,6 +177,13 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
         except OSError:
             ip = "127.0.0.1"
         return VolumeConnector(ip=ip, initiator=initiator, host=hostname)
+
+    def cached_image(self, image: ImageRef) -> str | None:
+        found = self.cache.importer.cached(image)
+        return found.name if found else None
+
+    def import_image(self, image: ImageRef, credentials: Credentials | None, progress: Progress) -> str:
+        return self.cache.importer.fetch(image, credentials, progress).name
 
     def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
         used = set()

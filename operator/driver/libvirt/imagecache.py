@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from kubenova.driver.base import DriverError, ImageChecksumMismatch, ImageRef
+from kubenova.driver.base import DriverError, ImageChecksumMismatch, ImageNotFound, ImageRef
 from kubenova.driver.images import ImageStore
+from kubenova.driver.imports import DEFAULT_MAX_BYTES, Importer
 
 
 def qemu_img(*args: str) -> str:
@@ -86,9 +87,14 @@ def convert(source: pathlib.Path, dest: pathlib.Path, progress: Callable[[int], 
 
 
 class ImageCache:
-    def __init__(self, store: ImageStore, cache_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, store: ImageStore, cache_dir: str | os.PathLike[str], importer: Importer | None = None
+    ) -> None:
+        """``importer`` brings images in by url or from a registry into ``cache_dir`` (none: it makes one
+        with the default limits)."""
         self.store = store
         self.dir = pathlib.Path(cache_dir)
+        self.importer = importer or Importer(self.dir, DEFAULT_MAX_BYTES)
         self._digests: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
 
@@ -108,6 +114,11 @@ class ImageCache:
 
     def base(self, image: ImageRef, field: str) -> pathlib.Path:
         """The cached base for an image, verified against its checksum when one is given."""
+        if image.imported:
+            found = self.importer.cached(image)
+            if found is None:
+                raise ImageNotFound(field, f"{image.source} is not in the image cache {self.dir} yet")
+            return found
         source = self.store.find(field, image)
         digest = self._sha256(source)
         if image.checksum and image.checksum != f"sha256:{digest}":

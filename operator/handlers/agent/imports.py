@@ -17,7 +17,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova import api
-from kubenova.driver.base import ComputeDriver, DriverError, ImageRef, ImportCredentials, ImportFailed
+from kubenova.driver.base import (
+    ComputeDriver,
+    Credentials,
+    DriverError,
+    ImageDigestMismatch,
+    ImageImportError,
+    ImageInvalid,
+    ImageRef,
+    ImageSourceUnavailable,
+)
 from kubenova.handlers.agent.secret_reader import WaitFor
 from kubenova.handlers.agent.translate import boot_image
 from kubenova.handlers.shared import set_condition
@@ -78,12 +87,12 @@ class Imports:
         return ImageRef("", image.checksum, "", image.url, image.registry)
 
     def wait(
-        self, uid: str, image: ImageRef, credentials: Callable[[], ImportCredentials | None]
+        self, uid: str, image: ImageRef, credentials: Callable[[], Credentials | None]
     ) -> dict[str, Any]:
         """The ``status.image`` of an instance whose image is in the node's cache; ImportRunning (after
         ``progress`` is written by the caller) while it is not.
 
-        Raises the import's ImportFailed once per waiting instance; the next look tries again.
+        Raises the import's ImageImportError once per waiting instance; the next look tries again.
         ``credentials`` is read only when an import starts (it may raise the agent's WaitFor).
         """
         digest = self.driver.cached_image(image)
@@ -128,7 +137,7 @@ class Imports:
         self,
         body: dict[str, Any],
         write: Callable[[dict[str, Any], dict[str, Any]], None],
-        credentials: Callable[[Mapping[str, Any]], ImportCredentials | None],
+        credentials: Callable[[Mapping[str, Any]], Credentials | None],
         node: str,
     ) -> dict[str, Any] | None:
         """Before a spawn: the ``status.image`` of an instance whose boot image is imported, once it is in
@@ -136,7 +145,8 @@ class Imports:
 
         While the import runs, its progress is written and ImportRunning raised. A failed import says its
         cause in Ready: WaitFor (retried with backoff) when it may pass with the spec unchanged (a server
-        down, a Secret to fix), the ImportFailed itself (Failed) when only the spec can fix it.
+        down, a Secret or the file to fix, a node limit to raise), the error itself (Failed) when only the
+        spec can fix it: a wrong checksum, a file that is no disk image.
         """
         meta = body["metadata"]
         spec_image = ((body.get("spec") or {}).get("boot") or {}).get("image") or {}
@@ -153,11 +163,11 @@ class Imports:
             set_condition(patch, status, "Ready", False, "Importing", message, meta.get("generation"))
             write(body, patch)
             raise
-        except ImportFailed as exc:
+        except ImageImportError as exc:
             write(body, {"image": {**self.progress(uid, image), "phase": "Failed"}})
-            if exc.transient:
-                raise WaitFor(exc.reason, str(exc)) from exc
-            raise
+            if isinstance(exc, (ImageDigestMismatch, ImageInvalid)):
+                raise
+            raise WaitFor(exc.reason, str(exc)) from exc
 
     def progress(self, uid: str, image: ImageRef) -> dict[str, Any]:
         """What ``status.image`` says while the instance waits."""
@@ -186,7 +196,7 @@ class Imports:
 
     # --- the import thread -----------------------------------------------------------------------
 
-    def _run(self, job: _Job, image: ImageRef, credentials: ImportCredentials | None) -> None:
+    def _run(self, job: _Job, image: ImageRef, credentials: Credentials | None) -> None:
         try:
             digest = self.driver.import_image(image, credentials, lambda got, of: self._moved(job, got, of))
         except DriverError as exc:
@@ -196,7 +206,7 @@ class Imports:
         except Exception as exc:  # a bug must still end the wait with a message
             log.exception("importing %s failed", image.source)
             with self._lock:
-                job.error = ImportFailed("spec.boot.image", f"the import failed: {exc}", "ImportFailed", True)
+                job.error = ImageSourceUnavailable("spec.boot.image", f"the import failed: {exc}")
                 job.untold = set(job.waiters)
         else:
             log.info("imported %s as sha256:%s", image.source, digest)

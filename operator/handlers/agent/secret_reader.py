@@ -14,7 +14,7 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.driver.base import ImportCredentials
+from kubenova.driver.base import Credentials
 from kubenova.handlers.agent.translate import SecretValues, vnc_secret_name
 from kubenova.handlers.shared import GROUP, VERSION
 
@@ -77,7 +77,7 @@ class SecretReader:
                 "SecretInvalid", f"{field}: the key {key!r} of Secret {ref['name']!r} is not UTF-8 text"
             ) from None
 
-    def image_credentials(self, instance: Mapping[str, Any]) -> ImportCredentials | None:
+    def image_credentials(self, instance: Mapping[str, Any]) -> Credentials | None:
         """What the boot image's import needs from ``spec.boot.image.secretRef``: username and password
         (or a ``.dockerconfigjson``) and a CA (``ca.crt``); None without a secretRef."""
         namespace = instance["metadata"]["namespace"]
@@ -93,11 +93,11 @@ class SecretReader:
                 "add what the server asks for",
             )
         username, password = data.get("username"), data.get("password")
-        return ImportCredentials(
+        return Credentials(
             username=username.decode() if username is not None else None,
             password=password.decode() if password is not None else None,
             ca_pem=data.get("ca.crt"),
-            docker_config=data.get(".dockerconfigjson"),
+            dockerconfigjson=data.get(".dockerconfigjson"),
         )
 
     def _data(self, namespace: str, name: str, field: str) -> dict[str, str]:
