@@ -159,7 +159,7 @@ def _extract(
         reader.verify()
     except ImageImportError:
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, ValueError) as exc:
         raise ImageInvalid(
             registry.field, f"layer {layer['digest']} is not a tar archive (gzip or plain): {exc}"
         ) from exc

@@ -119,7 +119,7 @@ class Importer:
         def cached() -> pathlib.Path | None:
             return final if final.exists() else None
 
-        return self._once(f"url-{digest}", (url, auth), cached, work, progress)
+        return self._once(digest, (url, auth), cached, work, progress)
 
     def fetch_oci(
         self,
@@ -143,7 +143,8 @@ class Importer:
                 digest = containerdisk.pull(registry, ref, part, self.max_bytes, report)
                 inspect(part, f"{field}.registry")
                 final = self.dir / digest
-                os.replace(part, final)  # the same bytes may be there already (another manifest): same file
+                if not final.exists():  # another manifest may hold the same disk: the file is the same
+                    os.replace(part, final)
             finally:
                 part.unlink(missing_ok=True)  # a layer cannot resume mid-way: every attempt starts over
             _write_atomically(index, digest)
@@ -248,6 +249,9 @@ class Importer:
                 os.utime(hit)
                 flight.result = hit
                 return hit
+        except OSError as exc:  # the cache's file system: full, read-only, gone
+            flight.error = DriverError(f"the image cache {self.dir} cannot take the image: {exc}")
+            raise flight.error from exc
         except BaseException as exc:
             flight.error = exc
             raise

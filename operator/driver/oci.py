@@ -28,7 +28,7 @@ from kubenova.driver.errors import (
     ImageTooLarge,
     ImageUnauthorized,
 )
-from kubenova.driver.transfer import Credentials, Http, basic_header, check_status
+from kubenova.driver.transfer import Credentials, Http, basic_header, check_status, read_body
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -117,30 +117,31 @@ class Registry:
         what: str,
         headers: Mapping[str, str] | None = None,
         body: bytes | Iterable[bytes] | None = None,
-        accept: Iterable[int] = (),
     ) -> urllib3.BaseHTTPResponse:
-        """One call; a 401 is answered once with the scheme the registry asked for. A body sent in pieces
-        (an iterable) cannot be sent twice: such calls come after one that authenticated."""
-        for first in (True, False):
-            all_headers = {"User-Agent": "kubenova", **(headers or {})}
-            if self._authorization:
-                all_headers["Authorization"] = self._authorization
-            resp = self.http.open(method, url, self.field, self._ca, all_headers, body)
-            if resp.status == 401 and first and isinstance(body, bytes | None):
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.drain_conn()
-                resp.release_conn()
-                self._authenticate(challenge, what)
-                continue
-            if resp.status in accept:
-                return resp
-            try:
-                check_status(resp, url, self.field, self._basic is not None, what)
-            except BaseException:
-                resp.release_conn()
-                raise
-            return resp
-        raise AssertionError("unreachable")
+        """One call, its status checked; a 401 is answered once with the scheme the registry asked for.
+        A body sent in pieces (an iterable) cannot be sent twice: such calls come after one that
+        authenticated."""
+        resp = self._send(method, url, headers, body)
+        if resp.status == 401 and isinstance(body, bytes | None):
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.drain_conn()
+            resp.release_conn()
+            self._authenticate(challenge, what)
+            resp = self._send(method, url, headers, body)
+        try:
+            check_status(resp, url, self.field, self._basic is not None, what)
+        except BaseException:
+            resp.release_conn()
+            raise
+        return resp
+
+    def _send(
+        self, method: str, url: str, headers: Mapping[str, str] | None, body: bytes | Iterable[bytes] | None
+    ) -> urllib3.BaseHTTPResponse:
+        all_headers = {"User-Agent": "kubenova", **(headers or {})}
+        if self._authorization:
+            all_headers["Authorization"] = self._authorization
+        return self.http.open(method, url, self.field, self._ca, all_headers, body)
 
     def _authenticate(self, challenge: str, what: str) -> None:
         scheme = challenge.split(" ", 1)[0].lower()
@@ -164,12 +165,14 @@ class Registry:
         resp = self.http.open("GET", token_url, self.field, self._ca, headers)
         try:
             check_status(resp, token_url, self.field, self._basic is not None, f"a token for {what}")
-            answer = json.loads(resp.read(MAX_MANIFEST))
-        except ValueError as exc:
-            raise ImageImportRefused(self.field, f"the token server {params['realm']} sent no JSON") from exc
-        finally:
+        except BaseException:
             resp.release_conn()
-        token = answer.get("token") or answer.get("access_token")
+            raise
+        try:
+            answer = json.loads(read_body(resp, MAX_MANIFEST, token_url, self.field))
+            token = answer.get("token") or answer.get("access_token")
+        except (ValueError, AttributeError) as exc:
+            raise ImageImportRefused(self.field, f"the token server {params['realm']} sent no JSON") from exc
         if not token:
             raise ImageUnauthorized(self.field, f"the token server {params['realm']} gave no token: {what}")
         self._authorization = f"Bearer {token}"
@@ -178,11 +181,9 @@ class Registry:
         """The manifest (or index) named by ``digest``, checked against it; returns (media type, JSON)."""
         what = f"the manifest {self.ref.host}/{self.ref.repository}@{digest}"
         accept = ", ".join((*MANIFESTS, *INDEXES))
-        resp = self.request("GET", self.url(f"manifests/{digest}"), what, {"Accept": accept})
-        try:
-            body = resp.read(MAX_MANIFEST + 1)
-        finally:
-            resp.release_conn()
+        url = self.url(f"manifests/{digest}")
+        resp = self.request("GET", url, what, {"Accept": accept})
+        body = read_body(resp, MAX_MANIFEST, url, self.field)
         if len(body) > MAX_MANIFEST:
             raise ImageTooLarge(self.field, f"{what} is over {MAX_MANIFEST} bytes: that is no manifest")
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -211,15 +212,15 @@ class Registry:
         it goes out rather than read twice.
         """
         empty = {"Content-Length": "0"}
-        resp = self.request("POST", self.url("blobs/uploads/"), "an upload", empty, b"", (202,))
+        resp = self.request("POST", self.url("blobs/uploads/"), "an upload", empty, b"")
         location = self._location(resp)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        resp = self.request("PATCH", location, "an upload", headers, body, (202,))
+        resp = self.request("PATCH", location, "an upload", headers, body)
         location = self._location(resp)
         digest = digest_of()
         separator = "&" if "?" in location else "?"
         put = f"{location}{separator}{urllib.parse.urlencode({'digest': digest})}"
-        resp = self.request("PUT", put, "an upload", empty, b"", (201,))
+        resp = self.request("PUT", put, "an upload", empty, b"")
         resp.release_conn()
         return digest
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import ssl
 import threading
 import time
@@ -149,14 +150,13 @@ class Http:
         ca_pem: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         body: bytes | Iterable[bytes] | None = None,
-        redirect: bool = True,
     ) -> urllib3.BaseHTTPResponse:
         """One request; the body is left unread (``preload_content=False``) for the caller to stream.
 
         Redirects are followed (a registry sends blobs to object storage), and urllib3 drops the
         ``Authorization`` header when one leads to another host.
         """
-        retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=10 * redirect)
+        retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=10)
         try:
             return self._pool(ca_pem, field).request(
                 method,
@@ -165,7 +165,6 @@ class Http:
                 body=body,
                 preload_content=False,
                 decode_content=False,
-                redirect=redirect,
                 retries=retries,
             )
         except MaxRetryError as exc:
@@ -177,11 +176,8 @@ class Http:
 def connection_error(exc: BaseException, url: str, field: str) -> ImageImportError:
     """What a failure to connect, to shake hands or to read means, and what fixes it."""
     host = urllib.parse.urlsplit(url).netloc
-    if (
-        isinstance(exc, SSLError)
-        and "CERTIFICATE_VERIFY_FAILED" in str(exc)
-        or isinstance(exc, ssl.SSLCertVerificationError)
-    ):
+    verify_failed = isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    if verify_failed or isinstance(exc, ssl.SSLCertVerificationError):
         return ImageTLSError(
             field,
             f"the certificate of {host} could not be verified ({_last_line(exc)}); give the CA that signed "
@@ -198,8 +194,19 @@ def connection_error(exc: BaseException, url: str, field: str) -> ImageImportErr
 
 def _last_line(exc: BaseException) -> str:
     """The innermost words of an urllib3 error, without its object reprs."""
-    text = str(exc)
-    return text.rsplit(": ", 1)[-1].strip(" ')\"") if ": " in text else text
+    text = re.sub(r" \(_ssl\.c:\d+\)", "", str(exc))
+    return text.rsplit(": ", 1)[-1].strip(" '\"") if ": " in text else text
+
+
+def read_body(resp: urllib3.BaseHTTPResponse, limit: int, url: str, field: str) -> bytes:
+    """A small body (a manifest, a token) whole: at most ``limit`` + 1 bytes, so a caller sees one too
+    long; a connection that fails meanwhile is an ImageImportError like any other."""
+    try:
+        return resp.read(limit + 1)
+    except (HTTPError, OSError) as exc:
+        raise connection_error(exc, url, field) from exc
+    finally:
+        resp.release_conn()
 
 
 def check_status(resp: urllib3.BaseHTTPResponse, url: str, field: str, credentials: bool, what: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -251,3 +253,34 @@ def test_credentials_never_go_over_plain_http(
         importer.fetch_url(server.url("disk.raw"), "sha256:" + "3" * 64, Credentials("user", "secret"))
     assert "use an https URL" in failed.value.message
     assert gets(server, "/disk.raw") == []
+
+
+def test_the_file_server_runs_as_a_command_serves_ranges_and_logs_each_request(
+    tmp_path: pathlib.Path,
+) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "x.img").write_bytes(b"0123456789")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "access.log"
+    argv = ["--root", tmp_path / "www", "--bind", "127.0.0.1", "--port", str(port), "--log", log]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testground.fileserver", *argv], cwd=REPO, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and b"serving" in proc.stdout.readline()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/x.img", headers={"Range": "bytes=4-"})
+        with urllib.request.urlopen(request) as answer:
+            assert (answer.status, answer.read()) == (206, b"456789")
+            assert answer.headers["Content-Range"] == "bytes 4-9/10"
+        deadline = time.monotonic() + 10  # the server logs a request once its last byte is out
+        while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {k: entry[k] for k in ("method", "path", "range", "status", "bytes")} == {
+        "method": "GET", "path": "/x.img", "range": "bytes=4-", "status": 206, "bytes": 6,
+    }  # fmt: skip
