@@ -12,7 +12,7 @@ import time
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
 from testground import cluster as cluster_mode
-from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, procs
+from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, procs, served
 from testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
@@ -27,6 +27,7 @@ IO_ERROR_DELAY = 10
 AGENT_TEST_SETTINGS = (
     *("--soft-reboot-timeout", "5", "--restart-delay", "3", "--diagnostics-interval", "5"),
     *("--io-error-delay", str(IO_ERROR_DELAY)),
+    *("--import-max-size-gib", str(served.AGENT_LIMIT_GIB)),
 )
 #: One migration per node at a time, so a test can see one wait and cancel it.
 CONTROLLER_TEST_SETTINGS = ("--max-migrations-per-node", "1")
@@ -68,13 +69,11 @@ class Ground:
         return self.instance_dir(uid, node) / "console.log"
 
     def images(self, node: str | None = None) -> pathlib.Path:
-        """A node's own image store: no two nodes share one, as on a real cluster."""
+        """A node's own image store (``image_store``: the first node's): no two nodes share one, as on a real
+        cluster."""
         return self.node_dir(node) / "images"
 
-    @property
-    def image_store(self) -> pathlib.Path:
-        """The first node's image store."""
-        return self.images()
+    image_store = property(images)
 
     def snapshots(self, namespace: str, node: str | None = None) -> pathlib.Path:
         """A namespace's own snapshots in a node's image store (kubenova's images.SNAPSHOTS)."""
@@ -326,6 +325,7 @@ def up(
     kube.start_apiserver(layout, tools, pki, cluster=cluster)
     ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE, node_address(NODE)))
     guest.ensure_images(layout, ground.images())
+    served.serve_test_images(layout, ground.image_store)
     if cluster:
         start_cluster(ground, pki, install=start_kubenova_processes)
         return ground

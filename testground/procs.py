@@ -85,6 +85,11 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def listening(port: int) -> bool:
+    """Whether something listens on the loopback port (a server we started is up)."""
+    return not _port_free(port)
+
+
 def check_port_free(port: int, what: str, env_var: str, grace: float = 10.0) -> None:
     """Fail clearly when another process holds the port; a just-killed one gets ``grace`` to let go of it.
 

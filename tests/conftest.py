@@ -15,12 +15,19 @@ import libvirt
 import pytest
 
 from testground import ground as testground
+from testground import served as testground_served
 from tests.helpers import REPORT, empty_namespace
 
 
 @pytest.fixture(scope="session")
 def ground() -> testground.Ground:
     return testground.up()
+
+
+@pytest.fixture(scope="session")
+def served(ground: testground.Ground) -> testground_served.Served:
+    """The file servers and the registry the test ground imports images from."""
+    return testground_served.info(ground.layout)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 INTERVAL = 2.0
 
 
+#: A merge patch that clears the figures of an import once it is over (they said how it went meanwhile).
+_NO_FIGURES = {"bytes": None, "totalBytes": None, "percent": None, "bytesPerSecond": None}
+
+
 class ImportRunning(Exception):
     """The instance waits for its image; the import's end (or its next progress) brings it back."""
 
@@ -106,7 +110,7 @@ class Imports:
                     job.waiters.discard(uid)
                     if not job.waiters:
                         del self._jobs[key]
-                return {"phase": "Ready", "cached": not waited, "digest": f"sha256:{digest}"}
+                return {"phase": "Ready", "cached": not waited, "digest": f"sha256:{digest}", **_NO_FIGURES}
             if job is not None and job.error is not None:
                 if uid in job.untold:
                     job.untold.discard(uid)
