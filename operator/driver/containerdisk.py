@@ -26,10 +26,9 @@ from kubenova.driver.errors import (
     ImageImportError,
     ImageInvalid,
     ImageSourceUnavailable,
-    ImageTooLarge,
 )
 from kubenova.driver.oci import INDEXES, OCI_MANIFEST, Reference, Registry
-from kubenova.driver.transfer import Progress, connection_error
+from kubenova.driver.transfer import Progress, connection_error, too_large
 
 CHUNK = 1 << 20
 #: Room for the tar headers around a disk in an uncompressed layer.
@@ -67,11 +66,7 @@ def _pull(registry: Registry, ref: Reference, part: pathlib.Path, max_bytes: int
                 f"layer {layer['digest']} is zstd-compressed; push the image with gzip or plain layers",
             )
         if layer["size"] > max_bytes + TAR_SLACK:
-            raise ImageTooLarge(
-                registry.field,
-                f"layer {layer['digest']} is {layer['size']} bytes; this node imports images of at most "
-                f"{max_bytes} bytes: use a smaller image or raise the agent's limit",
-            )
+            raise too_large(registry.field, f"layer {layer['digest']} is {layer['size']} bytes", max_bytes)
         found = _extract(registry, layer, part, max_bytes, progress)
         if found:
             return found
@@ -149,10 +144,8 @@ def _extract(
                 if not (member.isreg() and _is_disk(member.name)):
                     continue
                 if member.size > max_bytes:
-                    raise ImageTooLarge(
-                        registry.field,
-                        f"its disk {member.name} is {member.size} bytes; this node imports images of at most "
-                        f"{max_bytes} bytes: use a smaller image or raise the agent's limit",
+                    raise too_large(
+                        registry.field, f"its disk {member.name} is {member.size} bytes", max_bytes
                     )
                 found = _copy(tar, member, part)
                 break

@@ -22,7 +22,15 @@ from kubenova.driver.errors import (
     ImageSourceUnavailable,
     ImageTooLarge,
 )
-from kubenova.driver.transfer import Credentials, Http, Progress, basic_header, check_status, connection_error
+from kubenova.driver.transfer import (
+    Credentials,
+    Http,
+    Progress,
+    basic_header,
+    check_status,
+    connection_error,
+    too_large,
+)
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -159,9 +167,6 @@ def _attempt(
 
 
 def _too_large(url: str, field: str, size: int | None, max_bytes: int) -> ImageTooLarge:
-    what = f"is {size} bytes" if size is not None else "is larger than that"
-    return ImageTooLarge(
-        f"{field}.url",
-        f"{url} {what}; this node imports images of at most {max_bytes} bytes: "
-        "use a smaller image or raise the agent's limit",
+    return too_large(
+        f"{field}.url", f"{url} is {size} bytes" if size is not None else f"{url} is larger", max_bytes
     )

@@ -28,7 +28,7 @@ from kubenova.driver.errors import (
     ImageTooLarge,
     ImageUnauthorized,
 )
-from kubenova.driver.transfer import Credentials, Http, basic_header, check_status, read_body
+from kubenova.driver.transfer import Credentials, Http, basic_header, check_status, read_body, secret_field
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -149,7 +149,9 @@ class Registry:
         if scheme == "basic":
             if self._basic is None:
                 raise ImageUnauthorized(
-                    self.field, f"{self.ref.host} wants credentials for {what}; name a Secret with them"
+                    self.field,
+                    f"{self.ref.host} wants credentials for {what}; name a Secret with them in "
+                    f"{secret_field(self.field)}",
                 )
             self._authorization = basic_header(self._basic)
             return

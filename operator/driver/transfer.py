@@ -40,6 +40,7 @@ from kubenova.driver.errors import (
     ImageSourceUnavailable,
     ImageSourceUnreachable,
     ImageTLSError,
+    ImageTooLarge,
     ImageUnauthorized,
 )
 
@@ -173,6 +174,15 @@ class Http:
             raise connection_error(exc, url, field) from exc
 
 
+def too_large(field: str, what: str, max_bytes: int) -> ImageTooLarge:
+    """An image over the node's limit: ``what`` says how large it is (a sentence's subject and verb)."""
+    return ImageTooLarge(
+        field,
+        f"{what}; this node imports images of at most {max_bytes} bytes ({max_bytes / 2**30:.3g} GiB): use a "
+        "smaller image, or have the admin raise the limit (the chart's agent.imports.maxSizeGiB)",
+    )
+
+
 def connection_error(exc: BaseException, url: str, field: str) -> ImageImportError:
     """What a failure to connect, to shake hands or to read means, and what fixes it."""
     host = urllib.parse.urlsplit(url).netloc
@@ -180,8 +190,8 @@ def connection_error(exc: BaseException, url: str, field: str) -> ImageImportErr
     if verify_failed or isinstance(exc, ssl.SSLCertVerificationError):
         return ImageTLSError(
             field,
-            f"the certificate of {host} could not be verified ({_last_line(exc)}); give the CA that signed "
-            "it with the credentials, or fix the server's certificate",
+            f"the certificate of {host} could not be verified ({_last_line(exc)}); put the CA that signed "
+            "it in the key ca.crt of the Secret spec.boot.image.secretRef names, or fix the certificate",
         )
     if isinstance(exc, NewConnectionError | ConnectTimeoutError):
         return ImageSourceUnreachable(
@@ -209,6 +219,12 @@ def read_body(resp: urllib3.BaseHTTPResponse, limit: int, url: str, field: str) 
         resp.release_conn()
 
 
+def secret_field(field: str) -> str:
+    """The spec field that names the Secret of an import's credentials, beside ``field`` (its url or
+    registry)."""
+    return f"{field.rsplit('.', 1)[0]}.secretRef"
+
+
 def check_status(resp: urllib3.BaseHTTPResponse, url: str, field: str, credentials: bool, what: str) -> None:
     """Raise for any status but 2xx: 401/403 and 404 are permanent, 408, 429 and 5xx may pass."""
     status = resp.status
@@ -218,9 +234,10 @@ def check_status(resp: urllib3.BaseHTTPResponse, url: str, field: str, credentia
     host = urllib.parse.urlsplit(url).netloc
     if status in (401, 403):
         fix = (
-            "fix the username and password (or the dockerconfigjson entry for this host) in the Secret"
+            "fix the username and password (or the dockerconfigjson entry for this host) in the Secret "
+            f"{secret_field(field)} names"
             if credentials
-            else "name a Secret with credentials for it"
+            else f"name a Secret with credentials for it in {secret_field(field)}"
         )
         raise ImageUnauthorized(field, f"{host} refused access to {what} ({status}); {fix}")
     if status == 404:

@@ -224,7 +224,7 @@ def test_a_certificate_from_an_unknown_ca_fails_and_the_secrets_ca_is_added_to_t
     try:
         with pytest.raises(ImageTLSError) as failed:
             importer.fetch_url(files.url("disk.raw"), f"sha256:{digest}")
-        assert failed.value.reason == "ImageTLSError" and "give the CA" in failed.value.message
+        assert failed.value.reason == "ImageTLSError" and "ca.crt" in failed.value.message
         assert listing(cache) == []
         with_ca = Credentials(ca_pem=tls.ca.read_bytes())
         assert importer.fetch_url(files.url("disk.raw"), f"sha256:{digest}", with_ca) == cache / digest

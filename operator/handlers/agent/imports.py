@@ -161,9 +161,12 @@ class Imports:
         try:
             return self.wait(uid, image, lambda: credentials(body))
         except ImportRunning:
-            patch: dict[str, Any] = {"phase": "Importing", "node": node, "image": self.progress(uid, image)}
-            message = f"importing the boot image from {image.source}"
             status = body.get("status") or {}
+            progress = self.progress(uid, image)
+            if (status.get("image") or {}).get("phase") == "Failed" and progress["phase"] == "Queued":
+                raise  # another try of a failed import: its cause stays said until bytes flow again
+            patch: dict[str, Any] = {"phase": "Importing", "node": node, "image": progress}
+            message = f"importing the boot image from {image.source}"
             set_condition(patch, status, "Ready", False, "Importing", message, meta.get("generation"))
             write(body, patch)
             raise
