@@ -39,14 +39,17 @@ def image(url: str, checksum: str) -> dict[str, object]:
     return {"image": {"url": url, "checksum": f"sha256:{checksum}"}}
 
 
-def settle(node: Node, *names: str) -> None:
-    """Run the queue's looks as the agent's workers would, until the import thread has nothing more to say."""
+def settle(node: Node, *names: str, phase: str | None = None) -> None:
+    """Run the queue's looks as the agent's workers would, until the import thread has nothing more to say
+    (or, with ``phase``, until the instances are in it)."""
 
     def quiet() -> bool:
         for _ in range(len(node.queue.added)):
             kind, uid = node.queue.added.pop(0)
             if kind == "instance":
                 node.agent.handle(uid)
+        if phase:
+            return all(node.get(n)["status"].get("phase") == phase for n in names)
         return not any(
             node.get(n)["status"].get("image", {}).get("phase") in ("Queued", "Importing") for n in names
         )
@@ -101,7 +104,7 @@ def test_a_wrong_checksum_fails_until_the_spec_changes_and_a_missing_file_is_ret
     assert ("instance", missing_uid(node)) in node.queue.retried, "a file may still appear: retried"
 
     node.change("wrong", boot=image(files.url("disk.raw"), digest))  # the fix: the right checksum
-    settle(node, "wrong")
+    settle(node, "wrong", phase="Running")
     assert node.get("wrong")["status"]["phase"] == "Running"
 
 
