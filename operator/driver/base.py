@@ -15,10 +15,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Collection
 
-from kubenova.driver.checks import check_handed_disks, check_instance, check_macs, check_rules
+from kubenova.driver.checks import (
+    check_cpu_model,
+    check_handed_disks,
+    check_instance,
+    check_macs,
+    check_rules,
+)
 from kubenova.driver.errors import (
     CPUIncompatible,
     DriverError,
+    GuestAgentUnavailable,
     ImageChecksumMismatch,
     ImageNotFound,
     InstanceExists,
@@ -36,6 +43,9 @@ from kubenova.driver.types import (
     CpuInfo,
     Diagnostics,
     FirewallRule,
+    GuestAddress,
+    GuestAgentInfo,
+    GuestNIC,
     HostPowerAction,
     HostStats,
     ImageRef,
@@ -52,6 +62,7 @@ from kubenova.driver.types import (
     PowerState,
     ProgressCallback,
     RebootType,
+    SnapshotResult,
     VncConsole,
     VolumeConnector,
     VolumeSpec,
@@ -62,6 +73,7 @@ __all__ = [
     "check_rules",
     "ComputeDriver",
     "check_instance",
+    "check_cpu_model",
     "check_macs",
     "check_handed_disks",
     "DriverError",
@@ -75,6 +87,7 @@ __all__ = [
     "InvalidCPUInfo",
     "CPUIncompatible",
     "VolumeNotFound",
+    "GuestAgentUnavailable",
     "Unsupported",
     "PowerState",
     "RebootType",
@@ -96,6 +109,10 @@ __all__ = [
     "InterfaceStats",
     "Diagnostics",
     "VncConsole",
+    "GuestAddress",
+    "GuestNIC",
+    "GuestAgentInfo",
+    "SnapshotResult",
     "VolumeConnector",
     "MigrationProgress",
     "ProgressCallback",
@@ -127,6 +144,11 @@ class ComputeDriver(abc.ABC):
         Not in Nova's 2012 contract: the agent needs it to say so on its ComputeNode at once, and to
         look again at every instance whose events it may have missed meanwhile. A driver without a
         connection leaves it out.
+        """
+
+    def add_guest_agent_listener(self, listener: Callable[[str], None]) -> None:  # noqa: B027 (optional: no-op)
+        """Call ``listener(uuid)`` whenever the QEMU guest agent in an instance connects or goes away, from
+        any thread; a driver without such events leaves it out (the agent's periodic look notices instead).
         """
 
     @abc.abstractmethod
@@ -241,9 +263,19 @@ class ComputeDriver(abc.ABC):
         """Boot the instance normally again; an instance that is not in rescue is left as it is."""
 
     @abc.abstractmethod
-    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
+    def snapshot(
+        self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None
+    ) -> SnapshotResult:
         """Copy the root disk into a new image among ``image.namespace``'s own snapshots (never the public
-        tier, never a name either tier has already); returns its name."""
+        tier, never a name either tier has already). A running guest whose guest agent answers has its file
+        systems frozen while the disk is copied, and always thawed after; the result says whether they were.
+        """
+
+    @abc.abstractmethod
+    def unquiesce(self, uuid: str) -> None:
+        """Thaw the guest's file systems (Nova's later unquiesce), harmless when none is frozen: an agent
+        process that died during a snapshot may have left them frozen. A guest that a snapshot of this
+        process holds frozen right now is left to it."""
 
     # --- guest access ----------------------------------------------------------------------
 
@@ -256,8 +288,14 @@ class ComputeDriver(abc.ABC):
         """The password-protected VNC endpoint of a running instance."""
 
     @abc.abstractmethod
-    def set_admin_password(self, uuid: str, password: str) -> None:
-        """Change the guest's admin password (needs an agent in the guest)."""
+    def set_admin_password(self, uuid: str, password: str, user: str = "root") -> None:
+        """Change the password of ``user`` in the running guest through its QEMU guest agent (Nova's image
+        property os_admin_user, ``root`` unless it says); GuestAgentUnavailable when no agent answers."""
+
+    @abc.abstractmethod
+    def get_guest_agent_info(self, uuid: str) -> GuestAgentInfo:
+        """What the QEMU guest agent of the running instance says of the guest, asked with a short timeout;
+        GuestAgentUnavailable when none answers. Not in Nova's 2012 contract: status.guestAgent."""
 
     # --- diagnostics ---------------------------------------------------------------------
 

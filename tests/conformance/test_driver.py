@@ -300,7 +300,7 @@ def test_snapshot_makes_an_image_that_boots(env: Env) -> None:
     name = f"snap-{spec.uuid[:8]}.qcow2"
     progress: list[int] = []
     try:
-        assert env.driver.snapshot(spec.uuid, ImageRef(name, namespace="ns"), progress.append) == name
+        assert env.driver.snapshot(spec.uuid, ImageRef(name, namespace="ns"), progress.append).name == name
         assert progress and progress[-1] == 100
         assert env.driver.get_info(spec.uuid).state is PowerState.RUNNING
         # Another namespace's instance cannot boot it: it is the snapshotting namespace's own.

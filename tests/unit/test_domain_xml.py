@@ -10,17 +10,16 @@ import libvirt
 
 from kubenova.driver.libvirt.config import (
     METADATA_NS,
-    CPUConfig,
     GuestConfig,
     GuestDisk,
     GuestGraphics,
     GuestInterface,
     InstanceMeta,
     LiveDevices,
-    StoragePool,
     domain_name,
-    rescue_definition,
 )
+from kubenova.driver.libvirt.definitions import rescue_definition
+from kubenova.driver.libvirt.hostconfig import CPUConfig, StoragePool
 
 
 def config() -> GuestConfig:

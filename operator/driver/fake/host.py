@@ -21,6 +21,7 @@ from kubenova.driver.base import (
     CpuInfo,
     DriverError,
     FirewallRule,
+    GuestAgentInfo,
     HostPowerAction,
     HostStats,
     ImageChecksumMismatch,
@@ -49,10 +50,13 @@ from kubenova.driver.fake.disks import (
     snapshot_key,
     store_key,
 )
-from kubenova.driver.fake.instance import ACTIVE, Instance
+from kubenova.driver.fake.instance import ACTIVE, GuestAgent, Instance
 from kubenova.driver.images import SNAPSHOTS
 
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
+
+#: The named CPU models a fake host can give a guest (spec.cpu.model), a few of QEMU's.
+DEFAULT_CPU_MODELS = ("qemu64", "qemu32", "kvm64", "Nehalem", "Westmere", "SandyBridge")
 
 DEFAULT_CPU_FEATURES = (
     "fpu",
@@ -89,6 +93,7 @@ class FakeHost(ComputeDriver):
         disk_gib: int = 100,
         cpu: CpuInfo | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cpu_models: tuple[str, ...] = DEFAULT_CPU_MODELS,
     ) -> None:
         self.hostname = hostname or socket.gethostname()
         self.uri = uri or f"fake://{self.hostname}"
@@ -104,6 +109,7 @@ class FakeHost(ComputeDriver):
             threads=1,
             features=DEFAULT_CPU_FEATURES,
         )
+        self.cpu_models = cpu_models
         self._clock = clock
         # Re-entrant, so a test clock or callback may call back into the driver.
         self._lock = threading.RLock()
@@ -203,6 +209,14 @@ class FakeHost(ComputeDriver):
         with self._lock:
             self._disk_full = False
 
+    def install_guest_agent(self, uuid: str, info: GuestAgentInfo | None = None) -> GuestAgent:
+        """The guest runs a QEMU guest agent from now on (as if its image had one); the test may make it hang
+        or refuse to freeze through what this returns."""
+        with self._lock:
+            inst = self._get(uuid)
+            inst.agent = GuestAgent(info=info)
+            return inst.agent
+
     def vifs(self, uuid: str) -> tuple[Interface, ...]:
         """What plug_vifs set up for the instance and unplug_vifs has not released."""
         with self._lock:
@@ -244,6 +258,7 @@ class FakeHost(ComputeDriver):
             cpu=self.cpu,
             volumes_gib=-(-volumes // GIB),
             snapshots_gib=-(-snapshots // GIB),
+            cpu_models=self.cpu_models,
         )
 
     def host_power_action(self, action: HostPowerAction) -> None:

@@ -40,7 +40,7 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import SNAPSHOTS
 from kubenova.driver.libvirt import imagecache
-from kubenova.driver.libvirt.config import CPUConfig
+from kubenova.driver.libvirt.hostconfig import CPUConfig
 from kubenova.driver.libvirt.lifecycle import Lifecycle
 from kubenova.driver.libvirt.migration import Migration
 from kubenova.driver.libvirt.network import Network
@@ -91,7 +91,17 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
             ),
             volumes_gib=self._held_gib(self.volumes.root),
             snapshots_gib=self._held_gib(self.images.root / SNAPSHOTS),
+            cpu_models=self._cpu_models(),
         )
+
+    def _cpu_models(self) -> tuple[str, ...]:
+        """The named CPU models guests of this driver's domain type can get here; none when libvirt cannot
+        say (a KVM host whose /dev/kvm is missing): the host's other figures are still worth reporting."""
+        try:
+            return self.host.domain_capabilities(self.domain_type).cpu_models
+        except DriverError as exc:
+            log.warning("libvirt names no CPU model for %s domains here: %s", self.domain_type, exc)
+            return ()
 
     def _held_gib(self, folder: pathlib.Path) -> int:
         """What the files under ``folder`` hold on the instances' file system, in GiB rounded up; 0 when the
@@ -246,9 +256,6 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
         if graphics.port is None:
             raise DriverError("the VNC server has no port yet")
         return VncConsole(host=graphics.listen, port=graphics.port, password=graphics.password)
-
-    def set_admin_password(self, uuid: str, password: str) -> None:
-        self._running(uuid, "set_admin_password").set_user_password("root", password)
 
     # --- diagnostics -----------------------------------------------------------------------
 
