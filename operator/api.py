@@ -78,6 +78,7 @@ class SnapshotRequest(TypedDict, total=False):
 
 class PasswordResetRequest(TypedDict, total=False):
     id: str
+    user: str
 
 
 class Actions(TypedDict, total=False):
@@ -88,6 +89,10 @@ class Actions(TypedDict, total=False):
 
 class VncRequest(TypedDict, total=False):
     enabled: bool
+
+
+class GuestCpu(TypedDict, total=False):
+    model: str
 
 
 class VirtualInstanceSpec(TypedDict, total=False):
@@ -108,6 +113,7 @@ class VirtualInstanceSpec(TypedDict, total=False):
     nodeName: str
     vnc: VncRequest
     nodeSelector: dict[str, str]
+    cpu: GuestCpu
     actions: Actions
 
 
@@ -177,9 +183,14 @@ class ActionStatus(TypedDict, total=False):
     completionTime: str
 
 
+class SnapshotStatus(ActionStatus, total=False):
+    consistent: bool
+    consistencyReason: str
+
+
 class ActionsStatus(TypedDict, total=False):
     reboot: ActionStatus
-    snapshot: ActionStatus
+    snapshot: SnapshotStatus
     passwordReset: ActionStatus
 
 
@@ -194,6 +205,28 @@ class InterfaceStatus(TypedDict, total=False):
     network: str
 
 
+class GuestIPAddress(TypedDict, total=False):
+    address: str
+    prefix: int
+
+
+class GuestInterface(TypedDict, total=False):
+    name: str
+    macAddress: str
+    ipAddresses: list[GuestIPAddress]
+
+
+class GuestAgentStatus(TypedDict, total=False):
+    connected: bool
+    osID: str
+    osName: str
+    prettyName: str
+    osVersion: str
+    kernelRelease: str
+    hostname: str
+    interfaces: list[GuestInterface]
+
+
 class VirtualInstanceStatus(TypedDict, total=False):
     phase: str
     node: str
@@ -206,6 +239,7 @@ class VirtualInstanceStatus(TypedDict, total=False):
     ipAddresses: list[str]
     console: Console
     vnc: Vnc
+    guestAgent: GuestAgentStatus
     diagnostics: Diagnostics
     actions: ActionsStatus
     observedGeneration: int
@@ -384,6 +418,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     maintenance: Maintenance
     cpuModel: str
     cpuInfo: CpuInfo
+    cpuModels: list[str]
     capacity: Resources
     usage: NodeUsage
     diskAvailableLeastGiB: int

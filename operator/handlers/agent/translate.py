@@ -30,6 +30,10 @@ NOT_YET_IMPLEMENTED = ("boot.image.url",)
 #: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
 #: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
 RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
+#: What kubenova puts in every definition beyond the spec, as a number: a new one (2: the guest agent's
+#: channel, and the host's own CPU under KVM) changes every definition's digest, so each domain is defined
+#: anew once, for its next boot, without a spec change.
+DEFINITION_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,7 @@ def instance_spec(
         injected_files=tuple(files),
         admin_password=admin_password,
         vnc_password=vnc_password,
+        cpu_model=(spec.get("cpu") or {}).get("model"),
     )
 
 
@@ -112,6 +117,7 @@ def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str
     """
     shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
     shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    shaping["format"] = DEFINITION_FORMAT
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 
