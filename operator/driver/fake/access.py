@@ -89,6 +89,8 @@ class FakeGuestAccess(FakeHost):
             if inst.state is PowerState.PAUSED:
                 raise GuestAgentUnavailable(GUEST_PAUSED)
             agent = answering_agent(inst, "guest info")
+            if agent.frozen:  # qemu-ga answers nothing but a thaw while the guest is frozen
+                raise DriverError("guest info failed: the guest agent is frozen and answers only a thaw")
             return agent.info or made_up_info(inst)
 
     def unquiesce(self, uuid: str) -> None:
