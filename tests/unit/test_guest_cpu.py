@@ -260,3 +260,17 @@ def test_the_node_reporter_publishes_the_models_its_host_can_give() -> None:
     status = api.objects[(COMPUTENODES, None, "node-0")]["status"]
     assert status["cpuModels"] == ["qemu64", "Nehalem"]
     assert node_view("node-0", {}, {}, status).cpu_models == {"qemu64", "Nehalem"}
+
+
+def test_a_guest_with_a_named_model_moves_between_hosts_of_different_cpus(tmp_path: pathlib.Path) -> None:
+    """The target's host CPU is compared with the source's only for a guest that may run the source host's
+    own CPU; a named model needs only to be listed by the target."""
+    cluster = Cluster(tmp_path)
+    reboot = {"reboot": {"id": "r", "type": "Hard"}}
+    cluster.source.node.change("vm", cpu={"model": "Nehalem"}, actions=reboot)
+    source = cluster.api.objects[(COMPUTENODES, None, "node-0")]["status"]["cpuInfo"]
+    source["features"] = [*source["features"], "avx512-fake"]  # a newer source host
+    cluster.start("Live")
+    done = cluster.run()
+    assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
+    assert cluster.target.node.state(cluster.uid).value == "Running"
