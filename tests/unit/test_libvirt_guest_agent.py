@@ -11,8 +11,10 @@ import libvirt
 import pytest
 
 from kubenova.driver.base import GuestAgentUnavailable, InstanceNotFound, Unsupported
+from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt import guest as libvirt_guest
 from kubenova.driver.libvirt.config import GuestConfig
+from kubenova.driver.libvirt.driver import LibvirtDriver
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.host import Host
 
@@ -129,14 +131,15 @@ def test_an_older_agent_without_a_kind_of_information_still_says_the_rest() -> N
 
 
 def test_the_agent_lifecycle_event_reaches_every_listener_and_a_broken_one_harms_none() -> None:
-    host = Host("test:///default")
     seen: list[str] = []
 
     def broken(uuid: str) -> None:
         raise RuntimeError("a listener's bug")
 
-    host.add_guest_agent_listener(broken)
-    host.add_guest_agent_listener(seen.append)
+    driver = LibvirtDriver("test:///default", "qemu", "/nowhere", ImageStore("/nowhere"), "/nowhere")
+    host = driver.host
+    driver.add_guest_agent_listener(broken)
+    driver.add_guest_agent_listener(seen.append)
     host._agent_lifecycle(
         None,  # type: ignore[arg-type]
         Domain(),  # type: ignore[arg-type]

@@ -63,6 +63,9 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
         self.host.add_connection_listener(listener)
 
+    def add_guest_agent_listener(self, listener: Callable[[str], None]) -> None:
+        self.host.add_guest_agent_listener(listener)
+
     def get_available_resource(self) -> HostStats:
         conn = self.host.get_connection()
         cpus = conn.getInfo()[2]
