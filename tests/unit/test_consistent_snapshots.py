@@ -205,6 +205,17 @@ def test_libvirt_thaws_what_a_failed_freeze_may_have_frozen(
     assert guest.calls == ["freeze", "thaw", "pause", "copy", "resume"]
 
 
+def test_libvirt_thaws_an_agent_that_froze_nothing(
+    libvirt_driver: tuple[LibvirtDriver, RecordingGuest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu-ga counts itself frozen after a freeze of no file system, and answers nothing but a thaw."""
+    driver, guest = libvirt_driver
+    monkeypatch.setattr(guest, "freeze_filesystems", lambda: guest._call("freeze") or 0)
+    made = driver.snapshot(UID, IMAGE)
+    assert not made.consistent and "froze no file system" in made.reason
+    assert guest.calls == ["freeze", "thaw", "pause", "copy", "resume"]
+
+
 def test_libvirt_never_leaves_a_guest_frozen_without_trying_again(
     libvirt_driver: tuple[LibvirtDriver, RecordingGuest],
 ) -> None:

@@ -113,7 +113,9 @@ class GuestAgentAccess(LibvirtCore):
             with contextlib.suppress(DriverError):
                 guest.thaw_filesystems()
             return False, f"the guest agent could not freeze the guest's file systems: {exc}"
-        if count == 0:
+        if count == 0:  # qemu-ga still counts itself frozen, and answers nothing but a thaw
+            with contextlib.suppress(DriverError):
+                guest.thaw_filesystems()
             return False, "the guest agent froze no file system"
         return True, ""
 

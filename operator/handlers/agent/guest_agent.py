@@ -165,8 +165,9 @@ class GuestAgentWatch:
         with self._lock:
             self._pending.discard(uid)
         agent = self.instances
-        body = agent.cache.objects.get(uid)
-        if body is None or body["metadata"].get("deletionTimestamp") or agent.held(uid):
+        body = agent.cache.objects.get(uid) or {}
+        meta = body.get("metadata")  # read outside the object's lock: a write may be replacing it
+        if not meta or meta.get("deletionTimestamp") or agent.held(uid):
             return
         status = body.get("status") or {}
         if status.get("powerState") != "Running":
