@@ -20,6 +20,7 @@ from kubenova.driver.libvirt.config import GuestConfig, GuestCPU, domain_name
 from kubenova.driver.libvirt.hostconfig import DomainCapabilities
 from kubenova.driver.libvirt.lifecycle import changed_fields
 from kubenova.handlers.agent.node_reporter import NodeReporter
+from kubenova.handlers.agent.translate import PREVIOUS_FORMAT, definition_digest
 from kubenova.handlers.controller.binding import cpu_model_of, node_view
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 from kubenova.handlers.shared import COMPUTENODES
@@ -274,3 +275,36 @@ def test_a_guest_with_a_named_model_moves_between_hosts_of_different_cpus(tmp_pa
     done = cluster.run()
     assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
     assert cluster.target.node.state(cluster.uid).value == "Running"
+
+
+# --- an upgrade: definitions of the previous format ----------------------------------------------
+
+
+def made_by_the_previous_format(node: Node, uid: str) -> None:
+    """The domain as an older kubenova defined it: its revision the previous format's digest."""
+    inst = node.driver._instances[uid]
+    body = node.get("vm")
+    old = definition_digest(body["spec"], body["spec"]["flavor"], PREVIOUS_FORMAT)
+    inst.spec = dataclasses.replace(inst.spec, revision=old)
+
+
+def test_an_upgrade_redefines_each_domain_once_without_restart_required(node: Node) -> None:
+    uid = node.create("vm")
+    made_by_the_previous_format(node, uid)
+    node.look(node.get("vm"))
+    body = node.get("vm")
+    assert node.driver.defined_revision(uid) == definition_digest(body["spec"], body["spec"]["flavor"])
+    assert not condition(body, "RestartRequired") and condition(body, "Ready")["status"] == "True"
+
+
+def test_an_upgrade_says_nothing_of_a_secret_gone_since_the_first_boot(node: Node) -> None:
+    node.api.add_secret("ns", "pw", password="s3cret")
+    uid = node.create("vm", adminPasswordSecretRef={"name": "pw"})
+    del node.api.secrets[("ns", "pw")]  # hygiene after the first boot
+    made_by_the_previous_format(node, uid)
+    node.look(node.get("vm"))
+    assert condition(node.get("vm"), "Ready")["status"] == "True", "the user asked for nothing"
+    node.api.add_secret("ns", "pw", password="s3cret")
+    node.look(node.get("vm"))
+    body = node.get("vm")
+    assert node.driver.defined_revision(uid) == definition_digest(body["spec"], body["spec"]["flavor"])

@@ -32,8 +32,9 @@ NOT_YET_IMPLEMENTED = ("boot.image.url",)
 RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
 #: What kubenova puts in every definition beyond the spec, as a number: a new one (2: the guest agent's
 #: channel, and the host's own CPU under KVM) changes every definition's digest, so each domain is defined
-#: anew once, for its next boot, without a spec change.
-DEFINITION_FORMAT = 2
+#: anew once, for its next boot, without a spec change. A definition of the previous format whose Secrets
+#: are gone meanwhile stays as it is, unsaid: the user asked for nothing.
+DEFINITION_FORMAT, PREVIOUS_FORMAT = 2, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,15 +110,19 @@ def instance_spec(
     )
 
 
-def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str:
-    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor.
+def definition_digest(
+    spec: Mapping[str, Any], flavor: Mapping[str, Any], definition_format: int = DEFINITION_FORMAT
+) -> str:
+    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor,
+    in this definition format (the first one's digests named none).
 
     The driver keeps it with the definition (InstanceSpec.revision), so the agent redefines a domain only
     when this changed, even after a restart, and never for a change of power state.
     """
     shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
     shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
-    shaping["format"] = DEFINITION_FORMAT
+    if definition_format > 1:
+        shaping["format"] = definition_format
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 
