@@ -180,11 +180,10 @@ class GuestAgentWatch:
             if not held:
                 self.queue.add_after((KEY, uid), BUSY_RETRY)
                 return
-            body = agent.cache.objects.get(uid)
-            if body is not None and (body.get("status") or {}).get("powerState") == "Running":
-                agent.write(
-                    body, {"guestAgent": replacing((body.get("status") or {}).get("guestAgent"), wanted)}
-                )
+            fresh = agent.cache.objects.get(uid)  # held now: no write replaces it meanwhile
+            if fresh is not None and (fresh.get("status") or {}).get("powerState") == "Running":
+                old = (fresh.get("status") or {}).get("guestAgent")
+                agent.write(fresh, {"guestAgent": replacing(old, wanted)})
 
     def _ask(self, uid: str, macs: Collection[str]) -> dict[str, Any] | None:
         """status.guestAgent as the guest's agent answers now; None when there is nothing to say (the
