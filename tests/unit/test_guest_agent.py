@@ -8,6 +8,7 @@ import pathlib
 import re
 from typing import Any
 
+import kubernetes
 import pytest
 import yaml
 
@@ -166,6 +167,19 @@ def test_an_instance_the_main_queue_works_on_is_written_later_not_waited_for(nod
     node.queue.busy.clear()
     watch.refresh(uid)
     assert guest_agent_status(node)["connected"] is True
+
+
+def test_an_apiserver_that_refuses_the_write_costs_a_warning_not_the_worker(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uid = node.create("vm")
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise kubernetes.client.ApiException(status=503, reason="Service Unavailable")
+
+    monkeypatch.setattr(node.status, "write", refuse)
+    watch_of(node).refresh(uid)  # no exception: the next look writes it
+    assert guest_agent_status(node) is None
 
 
 def test_the_periodic_look_asks_only_for_running_instances(node: Node) -> None:

@@ -27,6 +27,9 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import kubernetes
+import urllib3
+
 from kubenova.driver.base import (
     DriverError,
     GuestAddress,
@@ -69,9 +72,15 @@ def address(claim: GuestAddress) -> dict[str, Any] | None:
     return {"address": str(ip), "prefix": claim.prefix}
 
 
+def mac_of(nic: GuestNIC) -> str:
+    """The interface's MAC in lower case; "" for what is no MAC."""
+    mac = nic.mac[:18].lower()
+    return mac if _MAC.fullmatch(mac) else ""
+
+
 def interface(nic: GuestNIC) -> dict[str, Any] | None:
     """One interface as status shows it; None for the loopback (no MAC, no address but loopback ones)."""
-    mac = nic.mac.lower() if _MAC.fullmatch(nic.mac.lower()) else ""
+    mac = mac_of(nic)
     found = [a for a in (address(claim) for claim in nic.addresses[: MAX_ADDRESSES * 4]) if a]
     if not found and mac in ("", _NO_MAC):
         return None
@@ -97,9 +106,9 @@ def guest_status(info: GuestAgentInfo, known_macs: Collection[str] = ()) -> dict
     ):
         if text(value):
             status[key] = text(value)
-    known = {mac.lower() for mac in known_macs}
-    own = [nic for nic in info.interfaces if nic.mac.lower() in known][:MAX_INTERFACES]
-    rest = [nic for nic in info.interfaces[: MAX_INTERFACES * 4] if nic.mac.lower() not in known]
+    known = {mac.lower() for mac in known_macs if mac}
+    own = [nic for nic in info.interfaces if mac_of(nic) in known][:MAX_INTERFACES]
+    rest = [nic for nic in info.interfaces[: MAX_INTERFACES * 4] if mac_of(nic) not in known]
     nics = own + sorted(rest, key=lambda nic: nic.name)
     interfaces = [entry for entry in (interface(nic) for nic in nics) if entry][:MAX_INTERFACES]
     if interfaces:
@@ -181,9 +190,15 @@ class GuestAgentWatch:
                 self.queue.add_after((KEY, uid), BUSY_RETRY)
                 return
             fresh = agent.cache.objects.get(uid)  # held now: no write replaces it meanwhile
-            if fresh is not None and (fresh.get("status") or {}).get("powerState") == "Running":
-                old = (fresh.get("status") or {}).get("guestAgent")
+            if fresh is None or (fresh.get("status") or {}).get("powerState") != "Running":
+                return
+            old = (fresh.get("status") or {}).get("guestAgent")
+            try:
                 agent.write(fresh, {"guestAgent": replacing(old, wanted)})
+            except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+                log.warning(
+                    "cannot write the guest agent's answer for %s: %s", uid, getattr(exc, "reason", exc)
+                )
 
     def _ask(self, uid: str, macs: Collection[str]) -> dict[str, Any] | None:
         """status.guestAgent as the guest's agent answers now; None when there is nothing to say (the
