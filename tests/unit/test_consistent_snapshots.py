@@ -205,6 +205,19 @@ def test_libvirt_thaws_what_a_failed_freeze_may_have_frozen(
     assert guest.calls == ["freeze", "thaw", "pause", "copy", "resume"]
 
 
+def test_libvirt_thaws_a_guest_whose_freeze_timed_out_or_has_the_next_look_try(
+    libvirt_driver: tuple[LibvirtDriver, RecordingGuest],
+) -> None:
+    """An agent that answers a freeze too late has frozen the guest all the same."""
+    driver, guest = libvirt_driver
+    guest.fail["freeze"] = GuestAgentUnavailable("timed out")
+    guest.fail["thaw"] = GuestAgentUnavailable("timed out")
+    made = driver.snapshot(UID, IMAGE)
+    assert not made.consistent and "no QEMU guest agent answered" in made.reason
+    assert guest.calls == ["freeze", "thaw", "pause", "copy", "resume"]
+    assert UID in driver._thaw_due, "the next look thaws it"
+
+
 def test_libvirt_thaws_an_agent_that_froze_nothing(
     libvirt_driver: tuple[LibvirtDriver, RecordingGuest], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,7 +93,7 @@ class GuestAgentAccess(LibvirtCore):
             self._frozen.add(uuid)
         frozen = False
         try:
-            frozen, reason = self._freeze(guest)
+            frozen, reason = self._freeze(uuid, guest)
             yield frozen, reason
         finally:
             try:
@@ -103,19 +103,24 @@ class GuestAgentAccess(LibvirtCore):
                 with self._lock:
                     self._frozen.discard(uuid)
 
-    def _freeze(self, guest: Guest) -> tuple[bool, str]:
+    def _freeze(self, uuid: str, guest: Guest) -> tuple[bool, str]:
         try:
             guest.require_agent()
-            count = guest.freeze_filesystems()
         except GuestAgentUnavailable as exc:
             return False, f"no QEMU guest agent answered ({exc})"
-        except DriverError as exc:  # some may be frozen: thaw what was
+        try:
+            count = guest.freeze_filesystems()
+        except DriverError as exc:
+            # Some may be frozen (an answer that came too late is a freeze all the same): thaw them, or
+            # have the next look try.
             with contextlib.suppress(DriverError):
-                guest.thaw_filesystems()
+                self._thaw(uuid, guest, attempts=1)
+            if isinstance(exc, GuestAgentUnavailable):
+                return False, f"no QEMU guest agent answered ({exc})"
             return False, f"the guest agent could not freeze the guest's file systems: {exc}"
         if count == 0:  # qemu-ga still counts itself frozen, and answers nothing but a thaw
             with contextlib.suppress(DriverError):
-                guest.thaw_filesystems()
+                self._thaw(uuid, guest, attempts=1)
             return False, "the guest agent froze no file system"
         return True, ""
 
