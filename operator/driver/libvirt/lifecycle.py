@@ -146,6 +146,8 @@ class Lifecycle(GuestAgentAccess):
             guest = None
         if guest is not None:
             guest.remove()
+        with self._lock:
+            self._thaw_due.discard(uuid)  # a guest that is gone has nothing frozen
         self.unfilter_instance(uuid)
         if destroy_disks:
             shutil.rmtree(self._dir(uuid), ignore_errors=True)
