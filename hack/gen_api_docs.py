@@ -21,6 +21,10 @@ ORDER = ["VirtualInstance", "VolumeAttachment", "Migration", "ComputeNode"]
 APPLIES = [
     ("`spec.flavor` (vCPUs, memory)", "next boot (`RestartRequired`)"),
     ("`spec.boot.kernel` (kernel, initrd, cmdline)", "next boot (`RestartRequired`)"),
+    (
+        "`spec.cpu.model`",
+        "next boot (`RestartRequired`); a model the node cannot give fails the instance, naming the field",
+    ),
     ("`spec.boot.image`", "fixed at creation (the root disk is made from it); refused at apply time"),
     (
         "`spec.rootDisk.sizeGiB`, `spec.ephemeralDisks[].sizeGiB`, `spec.swap.sizeMiB`",

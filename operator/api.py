@@ -1,7 +1,5 @@
-"""Typed views of the custom resources' spec and status, as the handlers read and write them.
-
-They mirror crds/ (the source of truth); tests/unit/test_api_types.py fails when a field
-is added to one and not the other. `total=False` because most fields are optional.
+"""Typed views of the custom resources' spec and status, as the handlers read and write them: they mirror
+crds/ (the source of truth; tests/unit/test_api_types.py compares), `total=False` as most fields are optional.
 """
 
 from __future__ import annotations
@@ -84,6 +82,7 @@ class SnapshotRequest(TypedDict, total=False):
 
 class PasswordResetRequest(TypedDict, total=False):
     id: str
+    user: str
 
 
 class Actions(TypedDict, total=False):
@@ -94,6 +93,10 @@ class Actions(TypedDict, total=False):
 
 class VncRequest(TypedDict, total=False):
     enabled: bool
+
+
+class GuestCpu(TypedDict, total=False):
+    model: str
 
 
 class VirtualInstanceSpec(TypedDict, total=False):
@@ -114,6 +117,7 @@ class VirtualInstanceSpec(TypedDict, total=False):
     nodeName: str
     vnc: VncRequest
     nodeSelector: dict[str, str]
+    cpu: GuestCpu
     actions: Actions
 
 
@@ -179,9 +183,14 @@ class ActionStatus(TypedDict, total=False):
     completionTime: str
 
 
+class SnapshotStatus(ActionStatus, total=False):
+    consistent: bool
+    consistencyReason: str
+
+
 class ActionsStatus(TypedDict, total=False):
     reboot: ActionStatus
-    snapshot: ActionStatus
+    snapshot: SnapshotStatus
     passwordReset: ActionStatus
 
 
@@ -206,6 +215,28 @@ class ImageImport(TypedDict, total=False):
     bytesPerSecond: int
 
 
+class GuestIPAddress(TypedDict, total=False):
+    address: str
+    prefix: int
+
+
+class GuestInterface(TypedDict, total=False):
+    name: str
+    macAddress: str
+    ipAddresses: list[GuestIPAddress]
+
+
+class GuestAgentStatus(TypedDict, total=False):
+    connected: bool
+    osID: str
+    osName: str
+    prettyName: str
+    osVersion: str
+    kernelRelease: str
+    hostname: str
+    interfaces: list[GuestInterface]
+
+
 class VirtualInstanceStatus(TypedDict, total=False):
     phase: str
     node: str
@@ -219,6 +250,7 @@ class VirtualInstanceStatus(TypedDict, total=False):
     ipAddresses: list[str]
     console: Console
     vnc: Vnc
+    guestAgent: GuestAgentStatus
     diagnostics: Diagnostics
     actions: ActionsStatus
     observedGeneration: int
@@ -397,6 +429,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     maintenance: Maintenance
     cpuModel: str
     cpuInfo: CpuInfo
+    cpuModels: list[str]
     capacity: Resources
     usage: NodeUsage
     diskAvailableLeastGiB: int

@@ -171,6 +171,13 @@ def parser() -> argparse.ArgumentParser:
         help="seconds between diagnostics reads into status and /metrics [60]",
     )
     agent.add_argument(
+        "--guest-agent-interval",
+        type=float,
+        default=30.0,
+        help="seconds between looks at every running guest's QEMU guest agent (status.guestAgent); its "
+        "connecting and going away are seen at once [30]",
+    )
+    agent.add_argument(
         "--image-cache-interval",
         type=float,
         default=2400.0,
@@ -319,6 +326,7 @@ def _agent(args: argparse.Namespace) -> int:
             metrics_address=args.metrics_address,
             resync_interval=args.resync_interval,
             diagnostics_interval=args.diagnostics_interval,
+            guest_agent_interval=args.guest_agent_interval,
             image_cache_interval=args.image_cache_interval,
             image_cache_grace=args.image_cache_grace,
             migration_timeout_per_gib=args.migration_completion_timeout_per_gib,

@@ -7,7 +7,7 @@ with the reason; nothing is ever silently a no-op.
 
 The values it passes and returns live in ``kubenova.driver.types``, its errors in
 ``kubenova.driver.errors``, the checks both drivers make in ``kubenova.driver.checks``; this module
-re-exports them (``__all__``), so callers import everything from here.
+re-exports them (``__all__``) but the image import errors, so callers import everything from here.
 """
 
 from __future__ import annotations
@@ -15,22 +15,19 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Collection
 
-from kubenova.driver.checks import check_handed_disks, check_instance, check_macs, check_rules
+from kubenova.driver.checks import (
+    check_cpu_model,
+    check_handed_disks,
+    check_instance,
+    check_macs,
+    check_rules,
+)
 from kubenova.driver.errors import (
     CPUIncompatible,
     DriverError,
+    GuestAgentUnavailable,
     ImageChecksumMismatch,
-    ImageDigestMismatch,
-    ImageImportError,
-    ImageImportRefused,
-    ImageInvalid,
     ImageNotFound,
-    ImageSourceNotFound,
-    ImageSourceUnavailable,
-    ImageSourceUnreachable,
-    ImageTLSError,
-    ImageTooLarge,
-    ImageUnauthorized,
     InstanceExists,
     InstanceNotFound,
     InstanceNotRunning,
@@ -47,6 +44,9 @@ from kubenova.driver.types import (
     CpuInfo,
     Diagnostics,
     FirewallRule,
+    GuestAddress,
+    GuestAgentInfo,
+    GuestNIC,
     HostPowerAction,
     HostStats,
     ImageRef,
@@ -63,6 +63,7 @@ from kubenova.driver.types import (
     PowerState,
     ProgressCallback,
     RebootType,
+    SnapshotResult,
     VncConsole,
     VolumeConnector,
     VolumeSpec,
@@ -75,6 +76,7 @@ __all__ = [
     "check_rules",
     "ComputeDriver",
     "check_instance",
+    "check_cpu_model",
     "check_macs",
     "check_handed_disks",
     "DriverError",
@@ -84,20 +86,11 @@ __all__ = [
     "InvalidInstanceSpec",
     "ImageNotFound",
     "ImageChecksumMismatch",
-    "ImageImportError",
-    "ImageSourceUnavailable",
-    "ImageSourceUnreachable",
-    "ImageImportRefused",
-    "ImageSourceNotFound",
-    "ImageUnauthorized",
-    "ImageTLSError",
-    "ImageTooLarge",
-    "ImageDigestMismatch",
-    "ImageInvalid",
     "InsufficientResources",
     "InvalidCPUInfo",
     "CPUIncompatible",
     "VolumeNotFound",
+    "GuestAgentUnavailable",
     "Unsupported",
     "PowerState",
     "RebootType",
@@ -119,6 +112,10 @@ __all__ = [
     "InterfaceStats",
     "Diagnostics",
     "VncConsole",
+    "GuestAddress",
+    "GuestNIC",
+    "GuestAgentInfo",
+    "SnapshotResult",
     "VolumeConnector",
     "MigrationProgress",
     "ProgressCallback",
@@ -152,6 +149,11 @@ class ComputeDriver(abc.ABC):
         connection leaves it out.
         """
 
+    def add_guest_agent_listener(self, listener: Callable[[str], None]) -> None:  # noqa: B027 (optional: no-op)
+        """Call ``listener(uuid)`` whenever the QEMU guest agent in an instance connects or goes away, from
+        any thread; a driver without such events leaves it out (the agent's periodic look notices instead).
+        """
+
     @abc.abstractmethod
     def get_available_resource(self) -> HostStats:
         """Capacity and identity of this hypervisor host."""
@@ -174,19 +176,13 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def cached_image(self, image: ImageRef) -> str | None:
-        """The sha256 of an imported image (url or registry) already in the node's image cache, else None.
-
-        Only looks: no network. The agent asks before every spawn so an image is imported once per node.
-        """
+        """The sha256 of an imported image (url or registry) in the node's cache, else None (no network)."""
 
     @abc.abstractmethod
     def import_image(self, image: ImageRef, credentials: Credentials | None, progress: Progress) -> str:
-        """Bring an imported image into the node's image cache, verified; return its sha256.
-
-        Not in Nova's 2012 contract (Nova's spawn fetched from Glance inside itself): the agent runs it
-        off its work queue, since an import may take minutes, and shows ``progress`` in status. Raises
-        an ImageImportError naming the cause and the fix; one that is ``transient`` may succeed later.
-        """
+        """Bring an imported image into the node's image cache, verified; return its sha256. Not Nova's (its
+        spawn fetched from Glance): the agent runs it off its work queue, as it may take minutes, showing
+        ``progress``; an ImageImportError names the cause and the fix."""
 
     @abc.abstractmethod
     def manage_image_cache(self, in_use: Collection[str], grace_seconds: float) -> list[str]:
@@ -280,9 +276,19 @@ class ComputeDriver(abc.ABC):
         """Boot the instance normally again; an instance that is not in rescue is left as it is."""
 
     @abc.abstractmethod
-    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
+    def snapshot(
+        self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None
+    ) -> SnapshotResult:
         """Copy the root disk into a new image among ``image.namespace``'s own snapshots (never the public
-        tier, never a name either tier has already); returns its name."""
+        tier, never a name either tier has already). A running guest whose guest agent answers has its file
+        systems frozen while the disk is copied, and always thawed after; the result says whether they were.
+        """
+
+    @abc.abstractmethod
+    def unquiesce(self, uuid: str) -> None:
+        """Thaw the guest's file systems (Nova's later unquiesce), harmless when none is frozen: an agent
+        process that died during a snapshot may have left them frozen. A guest that a snapshot of this
+        process holds frozen right now is left to it."""
 
     # --- guest access ----------------------------------------------------------------------
 
@@ -295,8 +301,14 @@ class ComputeDriver(abc.ABC):
         """The password-protected VNC endpoint of a running instance."""
 
     @abc.abstractmethod
-    def set_admin_password(self, uuid: str, password: str) -> None:
-        """Change the guest's admin password (needs an agent in the guest)."""
+    def set_admin_password(self, uuid: str, password: str, user: str = "root") -> None:
+        """Change the password of ``user`` in the running guest through its QEMU guest agent (Nova's image
+        property os_admin_user, ``root`` unless it says); GuestAgentUnavailable when no agent answers."""
+
+    @abc.abstractmethod
+    def get_guest_agent_info(self, uuid: str) -> GuestAgentInfo:
+        """What the QEMU guest agent of the running instance says of the guest, asked with a short timeout;
+        GuestAgentUnavailable when none answers. Not in Nova's 2012 contract: status.guestAgent."""
 
     # --- diagnostics ---------------------------------------------------------------------
 

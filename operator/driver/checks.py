@@ -10,7 +10,24 @@ import posixpath
 from collections.abc import Collection
 
 from kubenova.driver.errors import DriverError, InsufficientResources, InvalidInstanceSpec
-from kubenova.driver.types import FirewallRule, InstanceSpec
+from kubenova.driver.types import FirewallRule, InstanceSpec, PowerState
+
+#: What both drivers say when no guest agent can answer, in the same words.
+NO_GUEST_AGENT = (
+    "no QEMU guest agent is connected in the guest; install and start one in the image (Debian and Ubuntu: "
+    "the package qemu-guest-agent)"
+)
+GUEST_PAUSED = "the guest is paused, so its guest agent cannot answer"
+
+
+def not_running_reason(state: PowerState) -> str:
+    """Why a snapshot of a guest in ``state`` (not running) could not have its file systems frozen."""
+    if state is PowerState.PAUSED:
+        return GUEST_PAUSED
+    return (
+        f"the guest is not running ({state.value}): its disk is as the guest last left it, and kubenova "
+        "stops guests at once, like pulling the plug"
+    )
 
 
 def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
@@ -27,6 +44,18 @@ def check_instance(instance: InstanceSpec, host_memory_mib: int) -> None:
         )
     if instance.boot is None and instance.image is None:
         raise InvalidInstanceSpec("spec.boot", "the instance has neither a boot image nor a kernel")
+
+
+def check_cpu_model(instance: InstanceSpec, usable: Collection[str]) -> None:
+    """Refuse a spec.cpu.model this host cannot give a guest in full (``usable``: the models it can, its
+    ComputeNode's status.cpuModels), before anything is made: a guest that starts on a lesser CPU than it
+    was promised fails later, in ways far from the cause. Nova's compare_cpu, asked of the spec."""
+    if instance.cpu_model and instance.cpu_model not in usable:
+        raise InvalidInstanceSpec(
+            "spec.cpu.model",
+            f"this node cannot run CPU model {instance.cpu_model!r}; name one its ComputeNode lists in "
+            "status.cpuModels, or remove spec.cpu.model to get the host's own CPU (KVM) or qemu64 (TCG)",
+        )
 
 
 def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:

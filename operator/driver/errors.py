@@ -57,6 +57,11 @@ class CPUIncompatible(DriverError):
     """This host cannot run guests made for that CPU (migration would fail)."""
 
 
+class GuestAgentUnavailable(DriverError):
+    """No QEMU guest agent answers in the guest (none runs, it is not connected yet, or it hangs); a call
+    through it may work later, once the guest runs one."""
+
+
 class VolumeNotFound(DriverError):
     """No volume is attached at that device."""
 

@@ -147,6 +147,8 @@ class InstanceSpec:
     #: what the caller made this from (the agent: a digest of the spec), kept with the definition so that
     #: defined_revision tells whether the spec changed since, without reading anything else
     revision: str = ""
+    #: a named guest CPU model (spec.cpu.model), exactly; None: the host's own under KVM, qemu64 under TCG
+    cpu_model: str | None = None
 
     def macs(self) -> tuple[str, ...]:
         """Each interface's MAC, in order: the spec's, or the stable one derived for it."""
@@ -247,6 +249,8 @@ class HostStats:
     #: placement must not promise again
     volumes_gib: int = 0
     snapshots_gib: int = 0
+    #: the named CPU models a guest of this host's domain type can be given here (spec.cpu.model)
+    cpu_models: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +286,50 @@ class Diagnostics:
     memory_kib: int
     disks: dict[str, BlockStats]
     interfaces: dict[str, InterfaceStats]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestAddress:
+    """One IP address a guest says an interface of its has, with its prefix length."""
+
+    address: str
+    prefix: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestNIC:
+    """One network interface as the guest itself sees it: its own name for it, its MAC, its addresses."""
+
+    name: str
+    mac: str
+    addresses: tuple[GuestAddress, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestAgentInfo:
+    """What the QEMU guest agent in a running guest says about it ("" where the agent does not say).
+
+    Not in Nova's 2012 contract. Every value is the guest's own claim: a guest can say anything, so callers
+    bound what they keep and never act on it as on what the host knows.
+    """
+
+    os_id: str = ""
+    os_name: str = ""
+    os_pretty_name: str = ""
+    os_version: str = ""
+    kernel_release: str = ""
+    hostname: str = ""
+    interfaces: tuple[GuestNIC, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotResult:
+    """What snapshot made: the image's name, and whether the guest's file systems were quiesced (frozen by
+    its guest agent) while its disk was copied; ``reason`` says why not."""
+
+    name: str
+    consistent: bool
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from kubenova.driver.base import (
     CPUIncompatible,
     DriverError,
     FirewallRule,
+    GuestAgentUnavailable,
     HostPowerAction,
     ImageChecksumMismatch,
     ImageNotFound,
@@ -300,8 +301,9 @@ def test_snapshot_makes_an_image_that_boots(env: Env) -> None:
     name = f"snap-{spec.uuid[:8]}.qcow2"
     progress: list[int] = []
     try:
-        assert env.driver.snapshot(spec.uuid, ImageRef(name, namespace="ns"), progress.append) == name
-        assert progress and progress[-1] == 100
+        made = env.driver.snapshot(spec.uuid, ImageRef(name, namespace="ns"), progress.append)
+        assert made.name == name and progress and progress[-1] == 100
+        assert not made.consistent and "no QEMU guest agent answered" in made.reason, "the guest runs none"
         assert env.driver.get_info(spec.uuid).state is PowerState.RUNNING
         # Another namespace's instance cannot boot it: it is the snapshotting namespace's own.
         stranger = dataclasses.replace(env.image_instance(), image=ImageRef(name, namespace="other"))
@@ -352,12 +354,32 @@ def test_config_drive_carries_user_data_files_network_config_and_password(env: E
     assert vendor["write_files"][0]["path"] == "/etc/kubenova-motd"
 
 
-def test_unsupported_guest_operations_say_why(env: Env) -> None:
+def test_a_guest_without_a_guest_agent_is_told_apart_at_once(env: Env) -> None:
+    """The test guest runs no QEMU guest agent: every verb through it says so, naming the package, without
+    waiting for an agent that is not there."""
     spec = env.instance()
     env.driver.spawn(spec)
     console_has(env, spec.uuid, guest.BOOT_MARKER)
-    with pytest.raises(Unsupported, match="guest agent"):
-        env.driver.set_admin_password(spec.uuid, "x")
+    started = time.monotonic()
+    with pytest.raises(GuestAgentUnavailable, match="qemu-guest-agent"):
+        env.driver.set_admin_password(spec.uuid, "x", "debian")
+    with pytest.raises(GuestAgentUnavailable, match="qemu-guest-agent"):
+        env.driver.get_guest_agent_info(spec.uuid)
+    with pytest.raises(GuestAgentUnavailable, match="qemu-guest-agent"):
+        env.driver.unquiesce(spec.uuid)
+    assert time.monotonic() - started < 5
+
+
+def test_a_cpu_model_the_host_cannot_give_is_refused_and_one_it_can_is_given(env: Env) -> None:
+    models = env.driver.get_available_resource().cpu_models
+    assert "qemu64" in models and "KubenovaNoSuchCPU" not in models
+    refused = env.instance(cpu_model="KubenovaNoSuchCPU")
+    with pytest.raises(InvalidInstanceSpec) as why:
+        env.driver.spawn(refused)
+    assert why.value.field == "spec.cpu.model" and not env.driver.instance_exists(refused.uuid)
+    named = env.instance(cpu_model="qemu64")
+    env.driver.spawn(named)
+    console_has(env, named.uuid, guest.BOOT_MARKER)
 
 
 # --- volumes and diagnostics -----------------------------------------------------------------

@@ -8,11 +8,12 @@ the fake apiserver and the driver.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import itertools
 import types
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kubernetes
@@ -182,6 +183,7 @@ class RecordingQueue:
         self.later: list[tuple[Key, float]] = []
         self.retried: list[Key] = []
         self.forgotten: list[Key] = []
+        self.busy: set[str] = set()  # objects a worker holds (lock_if_free says so)
 
     def add(self, key: Key) -> None:
         self.added.append(key)
@@ -198,6 +200,10 @@ class RecordingQueue:
 
     def drop(self, uid: str) -> None:
         pass
+
+    @contextlib.contextmanager
+    def lock_if_free(self, uid: str) -> Iterator[bool]:
+        yield uid not in self.busy
 
 
 def bound(name: str, node: str, spec: Mapping[str, Any], namespace: str = "ns") -> dict[str, Any]:

@@ -8,19 +8,20 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
+from kubenova.driver.libvirt import qemu_hook
 from kubenova.driver.libvirt.config import (
     METADATA_NS,
-    CPUConfig,
+    GuestAgentChannel,
     GuestConfig,
     GuestDisk,
     GuestGraphics,
     GuestInterface,
     InstanceMeta,
     LiveDevices,
-    StoragePool,
     domain_name,
-    rescue_definition,
 )
+from kubenova.driver.libvirt.definitions import migration_definition, rescue_definition
+from kubenova.driver.libvirt.hostconfig import CPUConfig, StoragePool
 
 
 def config() -> GuestConfig:
@@ -188,3 +189,69 @@ def test_an_older_definition_with_a_file_serial_keeps_its_console_path() -> None
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path="/console/old.log", append="on")
     assert GuestConfig.parse_dom(ET.tostring(root, encoding="unicode")).console_path == "/console/old.log"
+
+
+def running_xml(cfg: GuestConfig, cpu: str, channel: bool) -> str:
+    """What a running domain's migratable XML says: the CPU libvirt gave it, a channel or none."""
+    root = ET.fromstring(cfg.to_xml())
+    old = root.find("cpu")
+    assert old is not None
+    root.remove(old)
+    root.append(ET.fromstring(cpu))
+    devices = root.find("devices")
+    assert devices is not None
+    if not channel:
+        for element in devices.findall("channel"):
+            devices.remove(element)
+    return ET.tostring(root, encoding="unicode")
+
+
+EXPANDED = (
+    "<cpu mode='custom' match='exact' check='full'><model fallback='forbid'>Skylake-Client-IBRS</model>"
+    "<vendor>Intel</vendor><feature policy='require' name='ssbd'/></cpu>"
+)
+
+
+def test_a_moving_guest_arrives_with_its_own_cpu_and_the_targets_paths(tmp_path: pathlib.Path) -> None:
+    source, target = config(), config()
+    target.domain_type = source.domain_type = "kvm"
+    target.console_path = "/target/console.log"
+    moved = ET.fromstring(migration_definition(target.to_xml(), running_xml(source, EXPANDED, channel=True)))
+    cpu = moved.find("cpu")
+    assert (
+        cpu is not None and cpu.findtext("model") == "Skylake-Client-IBRS" and cpu.find("feature") is not None
+    )
+    assert len(moved.findall("cpu")) == 1
+    assert GuestConfig.parse_dom(ET.tostring(moved, encoding="unicode")).console_path == "/target/console.log"
+    assert GuestAgentChannel.find(moved) is not None
+
+
+def test_a_guest_started_without_the_agents_channel_moves_without_it() -> None:
+    """A channel added under a running guest would change its devices mid-run: it waits for the next boot
+    (the target's persistent definition has it)."""
+    target = config()
+    moved = migration_definition(target.to_xml(), running_xml(config(), EXPANDED, channel=False))
+    assert GuestAgentChannel.find(ET.fromstring(moved)) is None
+    assert GuestAgentChannel.find(ET.fromstring(target.to_xml())) is not None
+
+
+def test_the_targets_hook_admits_the_definition_the_source_sends(tmp_path: pathlib.Path) -> None:
+    cfg = config()
+    folder = tmp_path / cfg.uuid
+    folder.mkdir()
+    (folder / qemu_hook.INCOMING).write_text(cfg.to_xml())
+    for channel in (True, False):
+        sent = migration_definition(cfg.to_xml(), running_xml(cfg, EXPANDED, channel))
+        assert qemu_hook.check_incoming(sent, tmp_path) is None
+
+
+def test_the_agents_channel_has_no_host_path_and_libvirt_reads_its_state() -> None:
+    element = GuestAgentChannel().format_dom()
+    assert not any(v.startswith("/") for e in element.iter() for v in e.attrib.values())
+    live = ET.fromstring(config().to_xml())
+    target = live.find("devices/channel/target")
+    assert target is not None
+    target.set("state", "connected")
+    assert LiveDevices.parse_dom(ET.tostring(live, encoding="unicode")).agent == GuestAgentChannel(
+        "connected"
+    )

@@ -21,7 +21,7 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 
-from kubenova.driver.base import ImageUnauthorized
+from kubenova.driver.errors import ImageUnauthorized
 from kubenova.driver.imports import Credentials, Importer
 from testground import pki, registry
 from testground.procs import Layout

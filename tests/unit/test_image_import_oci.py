@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from kubenova.driver import oci
-from kubenova.driver.base import (
+from kubenova.driver.errors import (
     ImageDigestMismatch,
     ImageImportRefused,
     ImageInvalid,

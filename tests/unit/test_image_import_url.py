@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kubenova.driver.base import (
+from kubenova.driver.base import InvalidInstanceSpec
+from kubenova.driver.errors import (
     ImageDigestMismatch,
     ImageImportError,
     ImageImportRefused,
@@ -25,7 +26,6 @@ from kubenova.driver.base import (
     ImageSourceUnreachable,
     ImageTLSError,
     ImageTooLarge,
-    InvalidInstanceSpec,
 )
 from kubenova.driver.imports import Credentials, Importer
 from testground.fileserver import FileServer

@@ -9,8 +9,8 @@ behaviour reads an injectable clock, so tests move time instead of waiting.
 
 The package, by role: ``guest`` is the guest simulator (console, clock, counters), ``disks`` the
 storage model, ``instance`` one instance; FakeDriver (``driver``) stacks the layers over the host's
-state (``host``): ``instances`` (making and booting), ``lifecycle``, ``access`` (console and
-diagnostics), ``volumes`` and ``migration``.
+state (``host``): ``instances`` (making and booting), ``lifecycle``, ``access`` (console, guest agent
+and diagnostics), ``volumes`` and ``migration``.
 """
 
 from __future__ import annotations

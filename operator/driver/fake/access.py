@@ -1,4 +1,5 @@
-"""What the fake host shows of a guest: its console, VNC, and the counters of its disks and interfaces."""
+"""What the fake host shows of a guest: its console, VNC, its guest agent, and the counters of its disks and
+interfaces."""
 
 from __future__ import annotations
 
@@ -6,15 +7,51 @@ from kubenova.driver.base import (
     BlockStats,
     Diagnostics,
     DriverError,
+    GuestAddress,
+    GuestAgentInfo,
+    GuestAgentUnavailable,
+    GuestNIC,
     InterfaceDetail,
     InterfaceStats,
+    PowerState,
     Unsupported,
     VncConsole,
     VolumeNotFound,
 )
+from kubenova.driver.checks import GUEST_PAUSED, NO_GUEST_AGENT
 from kubenova.driver.fake.disks import block_stats_of
 from kubenova.driver.fake.host import VNC_BASE_PORT, VNC_HOST, FakeHost
-from kubenova.driver.fake.instance import ACTIVE, disk_layout, tap_names
+from kubenova.driver.fake.instance import ACTIVE, GuestAgent, Instance, disk_layout, tap_names
+
+
+def answering_agent(inst: Instance, operation: str) -> GuestAgent:
+    """The guest's agent when it can answer now; else GuestAgentUnavailable, in the libvirt driver's words
+    (its channel says whether an agent is connected; a paused or hung one times out)."""
+    agent = inst.agent
+    if agent is None or inst.state not in ACTIVE:
+        raise GuestAgentUnavailable(NO_GUEST_AGENT)
+    if inst.state is PowerState.PAUSED or agent.hung:
+        raise GuestAgentUnavailable(f"{operation}: the guest agent did not answer (timed out)")
+    return agent
+
+
+def made_up_info(inst: Instance) -> GuestAgentInfo:
+    """What a plain Linux guest's agent says: named after the instance, its interfaces as eth0, eth1, … with
+    their MACs and an address each in 192.0.2.0/24 (documentation addresses), and a loopback."""
+    nics = [GuestNIC("lo", "00:00:00:00:00:00", (GuestAddress("127.0.0.1", 8),))]
+    nics += [
+        GuestNIC(f"eth{index}", mac, (GuestAddress(f"192.0.2.{10 + index}", 24),))
+        for index, mac in enumerate(inst.spec.macs())
+    ]
+    return GuestAgentInfo(
+        os_id="fake",
+        os_name="Fake Linux",
+        os_pretty_name="Fake Linux 1.0",
+        os_version="1.0",
+        kernel_release="6.1.0-fake",
+        hostname=inst.spec.name,
+        interfaces=tuple(nics),
+    )
 
 
 class FakeGuestAccess(FakeHost):
@@ -39,13 +76,30 @@ class FakeGuestAccess(FakeHost):
                 host=VNC_HOST, port=VNC_BASE_PORT + inst.vnc_index, password=inst.spec.vnc_password
             )
 
-    def set_admin_password(self, uuid: str, password: str) -> None:
+    def set_admin_password(self, uuid: str, password: str, user: str = "root") -> None:
         with self._lock:
-            self._require(self._get(uuid), *ACTIVE)
-        raise Unsupported(
-            "set_admin_password",
-            "the guest runs no QEMU guest agent; the password on the config drive applies at first boot",
-        )
+            inst = self._get(uuid)
+            self._require(inst, *ACTIVE)
+            answering_agent(inst, "set_admin_password").passwords[user] = password
+
+    def get_guest_agent_info(self, uuid: str) -> GuestAgentInfo:
+        with self._lock:
+            inst = self._get(uuid)
+            self._require(inst, *ACTIVE)
+            if inst.state is PowerState.PAUSED:
+                raise GuestAgentUnavailable(GUEST_PAUSED)
+            agent = answering_agent(inst, "guest info")
+            if agent.frozen:  # qemu-ga answers nothing but a thaw while the guest is frozen
+                raise DriverError("guest info failed: the guest agent is frozen and answers only a thaw")
+            return agent.info or made_up_info(inst)
+
+    def unquiesce(self, uuid: str) -> None:
+        """The fake's snapshot freezes and thaws under the host's lock, so no snapshot holds a guest frozen
+        while this runs."""
+        with self._lock:
+            inst = self._get(uuid)
+            if inst.state is PowerState.RUNNING:
+                answering_agent(inst, "unquiesce").frozen = False
 
     # --- diagnostics ------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from kubenova.driver.base import (
     Credentials,
     DriverError,
     FirewallRule,
+    GuestAgentInfo,
     HostPowerAction,
     HostStats,
     ImageChecksumMismatch,
@@ -52,11 +53,14 @@ from kubenova.driver.fake.disks import (
     snapshot_key,
     store_key,
 )
-from kubenova.driver.fake.instance import ACTIVE, Instance
+from kubenova.driver.fake.instance import ACTIVE, GuestAgent, Instance
 from kubenova.driver.images import SNAPSHOTS
 from kubenova.driver.imports import Importer
 
 VNC_HOST, VNC_BASE_PORT = "127.0.0.1", 5900
+
+#: The named CPU models a fake host can give a guest (spec.cpu.model), a few of QEMU's.
+DEFAULT_CPU_MODELS = ("qemu64", "qemu32", "kvm64", "Nehalem", "Westmere", "SandyBridge")
 
 DEFAULT_CPU_FEATURES = (
     "fpu",
@@ -94,6 +98,7 @@ class FakeHost(ComputeDriver):
         cpu: CpuInfo | None = None,
         clock: Callable[[], float] = time.monotonic,
         importer: Importer | None = None,
+        cpu_models: tuple[str, ...] = DEFAULT_CPU_MODELS,
     ) -> None:
         """``importer`` brings images in by url or from a registry, for real, into its folder (none: such an
         image is Unsupported here)."""
@@ -111,6 +116,7 @@ class FakeHost(ComputeDriver):
             threads=1,
             features=DEFAULT_CPU_FEATURES,
         )
+        self.cpu_models = cpu_models
         self._clock = clock
         self._importer = importer
         # Re-entrant, so a test clock or callback may call back into the driver.
@@ -211,6 +217,14 @@ class FakeHost(ComputeDriver):
         with self._lock:
             self._disk_full = False
 
+    def install_guest_agent(self, uuid: str, info: GuestAgentInfo | None = None) -> GuestAgent:
+        """The guest runs a QEMU guest agent from now on (as if its image had one); the test may make it hang
+        or refuse to freeze through what this returns."""
+        with self._lock:
+            inst = self._get(uuid)
+            inst.agent = GuestAgent(info=info)
+            return inst.agent
+
     def vifs(self, uuid: str) -> tuple[Interface, ...]:
         """What plug_vifs set up for the instance and unplug_vifs has not released."""
         with self._lock:
@@ -252,6 +266,7 @@ class FakeHost(ComputeDriver):
             cpu=self.cpu,
             volumes_gib=-(-volumes // GIB),
             snapshots_gib=-(-snapshots // GIB),
+            cpu_models=self.cpu_models,
         )
 
     def host_power_action(self, action: HostPowerAction) -> None:

@@ -5,12 +5,29 @@ from __future__ import annotations
 import dataclasses
 
 from kubenova.driver import cloudinit
-from kubenova.driver.base import InstanceSpec, PowerState
+from kubenova.driver.base import GuestAgentInfo, InstanceSpec, PowerState
 from kubenova.driver.fake.disks import ROOT, SWAP, Device, Disk, boot_disk_names
 from kubenova.driver.fake.guest import Guest
 
 #: The states in which an instance has a process: it holds memory, taps, a VNC server and counters.
 ACTIVE = (PowerState.RUNNING, PowerState.PAUSED)
+
+
+@dataclasses.dataclass
+class GuestAgent:
+    """A QEMU guest agent in the fake guest, as a test installs it (the real test guest runs none): connected
+    while the guest runs, across its boots and live migrations."""
+
+    #: what it says of the guest; None: a plain Linux guest named after the instance, with its interfaces
+    info: GuestAgentInfo | None = None
+    #: connected, but it never answers (each call ends in the driver's timeout)
+    hung: bool = False
+    #: it answers, but refuses to freeze (a guest whose fsfreeze hook fails)
+    refuses_freeze: bool = False
+    frozen: bool = False
+    #: how often it froze the guest's file systems, and the passwords it set, by user
+    freezes: int = 0
+    passwords: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -37,6 +54,8 @@ class Instance:
     defined: InstanceSpec | None = None
     #: paused because a disk write failed (see FakeHost.fill_instances_disk)
     io_error: bool = False
+    #: the guest's QEMU guest agent, when a test installed one (install_guest_agent)
+    agent: GuestAgent | None = None
 
 
 def device_names(inst: Instance) -> set[str]:
@@ -69,6 +88,8 @@ def changed_fields(running: InstanceSpec, defined: InstanceSpec) -> list[str]:
         fields.append("spec.flavor.vcpus")
     if running.memory_mib != defined.memory_mib:
         fields.append("spec.flavor.memoryMiB")
+    if running.cpu_model != defined.cpu_model:
+        fields.append("spec.cpu.model")
     if running.boot != defined.boot:
         fields.append("spec.boot.kernel")
 

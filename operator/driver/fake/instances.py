@@ -7,7 +7,14 @@ import posixpath
 from collections.abc import Mapping
 
 from kubenova.driver import cloudinit
-from kubenova.driver.base import ImageNotFound, InstanceSpec, PowerState, check_instance, check_macs
+from kubenova.driver.base import (
+    ImageNotFound,
+    InstanceSpec,
+    PowerState,
+    check_cpu_model,
+    check_instance,
+    check_macs,
+)
 from kubenova.driver.fake.disks import (
     CONFIG_DRIVE,
     GIB,
@@ -33,6 +40,7 @@ class FakeInstances(FakeHost):
         """Everything spawn can refuse, checked before anything is made, so a failure leaves nothing."""
         self._check_name_free(spec)
         check_instance(spec, self.memory_mib)
+        check_cpu_model(spec, self.cpu_models)
         if spec.interfaces:
             check_macs(
                 spec,
@@ -126,6 +134,8 @@ class FakeInstances(FakeHost):
         """A fresh boot: whatever ran (or was saved) is gone; the guest prints its boot lines."""
         self._apply_definition(inst, now)
         inst.state, inst.io_error = PowerState.RUNNING, False
+        if inst.agent is not None:  # a fresh kernel: nothing of the last boot is frozen
+            inst.agent.frozen = False
         layout = disk_layout(inst)
         for _, device in layout:  # the guest reads each disk's first sector to print its head
             device.counters.rd_req += 1

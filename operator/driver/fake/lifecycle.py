@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kubenova.driver.base import (
+    GuestAgentUnavailable,
     ImageRef,
     InstanceDetail,
     InstanceInfo,
@@ -12,8 +13,11 @@ from kubenova.driver.base import (
     InvalidInstanceSpec,
     PowerState,
     RebootType,
+    SnapshotResult,
     Unsupported,
 )
+from kubenova.driver.checks import not_running_reason
+from kubenova.driver.fake.access import answering_agent
 from kubenova.driver.fake.disks import (
     GIB,
     MIB,
@@ -25,11 +29,27 @@ from kubenova.driver.fake.disks import (
     plain_name,
     snapshot_key,
 )
-from kubenova.driver.fake.instance import ACTIVE, changed_fields
+from kubenova.driver.fake.instance import ACTIVE, Instance, changed_fields
 from kubenova.driver.fake.instances import FakeInstances
 
 #: How often the real driver looks whether a soft-rebooted guest has gone down.
 SOFT_REBOOT_POLL = 1.0
+
+
+def quiesce(inst: Instance) -> tuple[bool, str]:
+    """Freeze the guest's file systems as the libvirt driver's snapshot does: whether they are frozen, and
+    why not, in its words."""
+    if inst.state is not PowerState.RUNNING:
+        return False, not_running_reason(inst.state)
+    try:
+        agent = answering_agent(inst, "freeze the guest's file systems")
+    except GuestAgentUnavailable as exc:
+        return False, f"no QEMU guest agent answered ({exc})"
+    if agent.refuses_freeze:
+        return False, "the guest agent could not freeze the guest's file systems: its fsfreeze hook failed"
+    agent.frozen = True
+    agent.freezes += 1
+    return True, ""
 
 
 class FakeLifecycle(FakeInstances):
@@ -211,9 +231,14 @@ class FakeLifecycle(FakeInstances):
             inst.rescue = inst.rescued_since = None
             self._boot(inst, now)
 
-    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
+    def snapshot(
+        self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None
+    ) -> SnapshotResult:
+        """Frozen and thawed around the copy as the libvirt driver does, when the guest's agent answers;
+        the copy itself is instantaneous here."""
         with self._lock:
-            root = self._get(uuid).files.get(ROOT)
+            inst = self._get(uuid)
+            root = inst.files.get(ROOT)
             if root is None:
                 raise Unsupported(
                     "snapshot", "the instance has no root disk (direct kernel boot without spec.rootDisk)"
@@ -223,10 +248,13 @@ class FakeLifecycle(FakeInstances):
             plain_name("metadata.namespace", image.namespace)
             if image.name in self._images or snapshot_key(image) in self._images:
                 raise InvalidInstanceSpec(field, f"image {image.name!r} already exists in the image store")
+            consistent, reason = quiesce(inst)
             self.add_image(snapshot_key(image), bytes(root.data))
+            if inst.agent is not None:
+                inst.agent.frozen = False
         if progress is not None:
             progress(100)
-        return image.name
+        return SnapshotResult(image.name, consistent, reason)
 
     # --- pollers ----------------------------------------------------------------------------------
 

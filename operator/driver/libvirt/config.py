@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import xml.etree.ElementTree as ET
-
-from kubenova.driver.base import DriverError
 
 METADATA_NS = "https://kubenova.io/xmlns/instance/v1"
 ET.register_namespace("kubenova", METADATA_NS)
@@ -161,6 +158,80 @@ def console_serial(log: str) -> ET.Element:
     return serial
 
 
+#: The virtio-serial port the QEMU guest agent (qemu-ga) opens inside the guest.
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+#: The named model a TCG guest gets unless its spec names one: QEMU emulates it on any host, so the guest
+#: migrates between any two.
+TCG_MODEL = "qemu64"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestCPU:
+    """The guest's <cpu>: ``host-model`` (libvirt describes the host's CPU as a named model with features
+    when the domain starts, and keeps that description across live migrations), or exactly one named
+    ``model``, which a host that cannot give all of it refuses (``fallback='forbid'``) rather than start the
+    guest on a lesser one."""
+
+    mode: str = "custom"
+    model: str = TCG_MODEL
+
+    @classmethod
+    def for_guest(cls, domain_type: str, model: str | None) -> GuestCPU:
+        """A named model when the spec asks for one; else the host's own under KVM (no emulation cost), and
+        qemu64 under TCG, where a host CPU means nothing."""
+        if model:
+            return cls("custom", model)
+        return cls("host-model", "") if domain_type == "kvm" else cls()
+
+    def format_dom(self) -> ET.Element:
+        if self.mode == "host-model":
+            return ET.Element("cpu", mode="host-model")
+        cpu = ET.Element("cpu", mode="custom", match="exact")
+        sub_element(cpu, "model", self.model, fallback="forbid")
+        return cpu
+
+    @classmethod
+    def parse_dom(cls, element: ET.Element) -> GuestCPU:
+        """A definition's <cpu> (a running host-model domain's says custom, with the model it got)."""
+        return cls(mode=element.get("mode", "custom"), model=(element.findtext("model") or "").strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestAgentChannel:
+    """The port the QEMU guest agent talks through: a virtio-serial channel whose host side is a unix
+    socket at a path libvirt picks (so no definition names a host path for it, and a migration's target
+    picks its own).
+
+    ``state``: what a running domain's XML says of the guest's end, ``connected`` once an agent in the
+    guest has opened the port, ``disconnected`` otherwise; None in a definition. libvirt learns it from
+    QEMU without asking the agent, so reading it never waits on the guest.
+    """
+
+    state: str | None = None
+
+    def format_dom(self) -> ET.Element:
+        channel = ET.Element("channel", type="unix")
+        sub_element(channel, "target", type="virtio", name=GUEST_AGENT_PORT)
+        return channel
+
+    @staticmethod
+    def target_of(channel: ET.Element) -> ET.Element | None:
+        """The <target> of ``channel`` when it is the guest agent's channel, else None."""
+        target = channel.find("target")
+        if target is None or (target.get("type"), target.get("name")) != ("virtio", GUEST_AGENT_PORT):
+            return None
+        return target
+
+    @classmethod
+    def find(cls, domain: ET.Element) -> GuestAgentChannel | None:
+        """The domain's guest agent channel; None when it has none (defined before kubenova gave one)."""
+        for channel in domain.findall("devices/channel"):
+            target = cls.target_of(channel)
+            if target is not None:
+                return cls(state=target.get("state"))
+        return None
+
+
 @dataclasses.dataclass
 class GuestConfig:
     """A whole domain definition."""
@@ -183,6 +254,13 @@ class GuestConfig:
     drive: dict[str, str] = dataclasses.field(default_factory=dict)
     #: what the definition was made from (InstanceSpec.revision)
     revision: str = ""
+    #: the CPU model the spec asked for (InstanceSpec.cpu_model), kept in kubenova's metadata: a running
+    #: host-model domain's <cpu> names what libvirt expanded it to, not what was asked
+    cpu_model: str | None = None
+    #: the <cpu> element as a definition has it; None: the one ``domain_type`` and ``cpu_model`` call for
+    cpu: GuestCPU | None = None
+    #: whether the domain has the guest agent's channel (every definition kubenova makes has it)
+    guest_agent: bool = True
 
     def format_dom(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
@@ -196,6 +274,8 @@ class GuestConfig:
         )
         if self.revision:
             instance.set("revision", self.revision)
+        if self.cpu_model:
+            instance.set("cpu-model", self.cpu_model)
         for file, digest in sorted(self.drive.items()):
             ET.SubElement(instance, f"{{{METADATA_NS}}}drive", file=file, digest=digest)
         sub_element(dom, "memory", str(self.memory_mib), unit="MiB")
@@ -210,9 +290,7 @@ class GuestConfig:
         else:
             sub_element(os_el, "boot", dev="hd")
         sub_element(sub_element(dom, "features"), "acpi")
-        # A named model keeps guests migratable between hosts of different CPUs.
-        cpu = sub_element(dom, "cpu", mode="custom", match="exact")
-        sub_element(cpu, "model", "qemu64", fallback="forbid")
+        dom.append((self.cpu or GuestCPU.for_guest(self.domain_type, self.cpu_model)).format_dom())
         sub_element(dom, "on_poweroff", "destroy")
         sub_element(dom, "on_reboot", "restart")
         sub_element(dom, "on_crash", "destroy")
@@ -222,6 +300,8 @@ class GuestConfig:
         for iface in self.interfaces:
             devices.append(iface.format_dom())
         devices.append(console_serial(self.console_path))
+        if self.guest_agent:
+            devices.append(GuestAgentChannel().format_dom())
         if self.graphics:
             devices.append(self.graphics.format_dom())
         sub_element(devices, "memballoon", model="none")
@@ -240,6 +320,7 @@ class GuestConfig:
         serial = root.find("devices/serial/log")  # an older definition's: a file serial's own source
         serial = serial if serial is not None else root.find("devices/serial[@type='file']/source")
         graphics = root.find("devices/graphics[@type='vnc']")
+        cpu = root.find("cpu")
 
         def text(tag: str) -> str | None:
             return os_el.findtext(tag) if os_el is not None else None
@@ -263,6 +344,9 @@ class GuestConfig:
             if meta is not None
             else {},
             revision=meta.get("revision", "") if meta is not None else "",
+            cpu_model=(meta.get("cpu-model") or None) if meta is not None else None,
+            cpu=GuestCPU.parse_dom(cpu) if cpu is not None else None,
+            guest_agent=GuestAgentChannel.find(root) is not None,
         )
 
 
@@ -306,6 +390,7 @@ class LiveDevices:
     disks: list[GuestDisk]
     interfaces: list[GuestInterface]
     graphics: GuestGraphics | None
+    agent: GuestAgentChannel | None = None
 
     @classmethod
     def parse_dom(cls, xml: str) -> LiveDevices:
@@ -315,6 +400,7 @@ class LiveDevices:
             disks=[GuestDisk.parse_dom(d) for d in root.findall("devices/disk")],
             interfaces=[GuestInterface.parse_dom(i) for i in root.findall("devices/interface")],
             graphics=GuestGraphics.parse_dom(graphics) if graphics is not None else None,
+            agent=GuestAgentChannel.find(root),
         )
 
 
@@ -334,109 +420,3 @@ def domain_name(namespace: str, name: str) -> str:
         return full
     digest = hashlib.sha256(full.encode()).hexdigest()[:12]
     return f"{full[: MAX_DOMAIN_NAME - len(digest) - 1]}-{digest}"
-
-
-_TARGET = re.compile(r"^(vd|sd)([a-z])$")
-
-
-def rescue_definition(original: str, rescue_disk: str) -> str:
-    """The domain ``original`` booting ``rescue_disk`` (as vda) by BIOS, with its own disks moved one name on.
-
-    Everything else of the definition stays as libvirt wrote it; the device addresses go, so libvirt
-    assigns them afresh around the new first disk.
-    """
-    root = ET.fromstring(original)
-    os_el = root.find("os")
-    if os_el is None:
-        raise DriverError("the domain definition has no <os>")
-    for tag in ("kernel", "initrd", "cmdline", "boot"):
-        for el in os_el.findall(tag):
-            os_el.remove(el)
-    sub_element(os_el, "boot", dev="hd")
-    devices = root.find("devices")
-    if devices is None:
-        raise DriverError("the domain definition has no <devices>")
-    for target in devices.findall("disk/target"):
-        match = _TARGET.match(target.get("dev", ""))
-        if match:  # make room for the rescue disk in front
-            target.set("dev", match.group(1) + chr(ord(match.group(2)) + 1))
-    for disk in devices.findall("disk"):
-        address = disk.find("address")
-        if address is not None:
-            disk.remove(address)
-    devices.insert(0, GuestDisk(source=rescue_disk, target="vda").format_dom())
-    return ET.tostring(root, encoding="unicode")
-
-
-@dataclasses.dataclass(frozen=True)
-class CPUConfig:
-    """A host CPU: as libvirt's capabilities say (``parse_dom``), as compareCPU reads it (``format_dom``)."""
-
-    arch: str
-    model: str
-    vendor: str = ""
-    sockets: int = 1
-    cores: int = 1
-    threads: int = 1
-    features: tuple[str, ...] = ()
-
-    def format_dom(self) -> ET.Element:
-        cpu = ET.Element("cpu")
-        sub_element(cpu, "arch", self.arch)
-        sub_element(cpu, "model", self.model)
-        if self.vendor:
-            sub_element(cpu, "vendor", self.vendor)
-        sub_element(
-            cpu, "topology", sockets=str(self.sockets), cores=str(self.cores), threads=str(self.threads)
-        )
-        for feature in self.features:
-            sub_element(cpu, "feature", policy="require", name=feature)
-        return cpu
-
-    def to_xml(self) -> str:
-        return ET.tostring(self.format_dom(), encoding="unicode")
-
-    @classmethod
-    def parse_dom(cls, element: ET.Element, arch: str = "") -> CPUConfig:
-        """A ``<cpu>`` element; ``arch`` stands in when it names none."""
-        topology = element.find("topology")
-
-        def count(name: str) -> int:
-            return int(topology.get(name, 1)) if topology is not None else 1
-
-        return cls(
-            arch=element.findtext("arch", arch),
-            model=element.findtext("model", ""),
-            vendor=element.findtext("vendor", ""),
-            sockets=count("sockets"),
-            cores=count("cores"),
-            threads=count("threads"),
-            features=tuple(f.get("name", "") for f in element.findall("feature")),
-        )
-
-    @classmethod
-    def from_capabilities(cls, xml: str, arch: str = "") -> CPUConfig | None:
-        """The host CPU of libvirt's capabilities XML; None when it describes none."""
-        cpu = ET.fromstring(xml).find("host/cpu")
-        return cls.parse_dom(cpu, arch) if cpu is not None else None
-
-
-@dataclasses.dataclass(frozen=True)
-class StoragePool:
-    """A directory storage pool: its files become volumes libvirt can upload and download."""
-
-    name: str
-    path: str
-
-    def format_dom(self) -> ET.Element:
-        pool = ET.Element("pool", type="dir")
-        sub_element(pool, "name", self.name)
-        sub_element(sub_element(pool, "target"), "path", self.path)
-        return pool
-
-    def to_xml(self) -> str:
-        return ET.tostring(self.format_dom(), encoding="unicode")
-
-    @classmethod
-    def parse_dom(cls, element: ET.Element) -> StoragePool:
-        return cls(name=element.findtext("name", ""), path=element.findtext("target/path", ""))

@@ -25,6 +25,7 @@ from kubenova.driver.base import (
     InstanceExists,
     InstanceNotRunning,
     InstanceSpec,
+    check_cpu_model,
     check_instance,
     check_macs,
 )
@@ -73,6 +74,9 @@ class LibvirtCore(ComputeDriver):
         cache_dir = self.instances_dir / "_base"
         self.cache = ImageCache(images, cache_dir, Importer(cache_dir, import_max_bytes, import_concurrency))
         self._rebooting: dict[str, float] = {}
+        #: guests a snapshot holds frozen now, and guests whose thaw failed (thawed again at the next look)
+        self._frozen: set[str] = set()
+        self._thaw_due: set[str] = set()
         self._lock = threading.Lock()
 
     def _dir(self, uuid: str) -> pathlib.Path:
@@ -94,9 +98,15 @@ class LibvirtCore(ComputeDriver):
         other = self.host.find_guest_by_name(domain_name(instance.namespace, instance.name))
         if other is not None and other.uuid != instance.uuid:
             raise InstanceExists(f"a domain named {other.name} already exists with UUID {other.uuid}")
-        check_instance(instance, self.host.memory_mib())
+        self._check_instance(instance)
         if instance.interfaces:
             check_macs(instance, self._macs_in_use(instance.uuid))
+
+    def _check_instance(self, instance: InstanceSpec) -> None:
+        """What this host refuses of any definition: more memory than it has, a CPU model it cannot give."""
+        check_instance(instance, self.host.memory_mib())
+        if instance.cpu_model:
+            check_cpu_model(instance, self.host.domain_capabilities(self.domain_type).cpu_models)
 
     def _macs_in_use(self, uuid: str) -> dict[str, str]:
         """MAC -> "namespace/name" of every other domain on this host that has it (running or defined)."""
@@ -175,6 +185,7 @@ class LibvirtCore(ComputeDriver):
             graphics=GuestGraphics(password=instance.vnc_password) if instance.vnc_password else None,
             drive=drive,
             revision=instance.revision,
+            cpu_model=instance.cpu_model,
         )
 
     def _create(

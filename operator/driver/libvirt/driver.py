@@ -42,7 +42,7 @@ from kubenova.driver.base import (
 )
 from kubenova.driver.images import SNAPSHOTS
 from kubenova.driver.libvirt import imagecache
-from kubenova.driver.libvirt.config import CPUConfig
+from kubenova.driver.libvirt.hostconfig import CPUConfig
 from kubenova.driver.libvirt.lifecycle import Lifecycle
 from kubenova.driver.libvirt.migration import Migration
 from kubenova.driver.libvirt.network import Network
@@ -64,6 +64,9 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
 
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
         self.host.add_connection_listener(listener)
+
+    def add_guest_agent_listener(self, listener: Callable[[str], None]) -> None:
+        self.host.add_guest_agent_listener(listener)
 
     def get_available_resource(self) -> HostStats:
         conn = self.host.get_connection()
@@ -93,7 +96,17 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
             ),
             volumes_gib=self._held_gib(self.volumes.root),
             snapshots_gib=self._held_gib(self.images.root / SNAPSHOTS),
+            cpu_models=self._cpu_models(),
         )
+
+    def _cpu_models(self) -> tuple[str, ...]:
+        """The named CPU models guests of this driver's domain type can get here; none when libvirt cannot
+        say (a KVM host whose /dev/kvm is missing): the host's other figures are still worth reporting."""
+        try:
+            return self.host.domain_capabilities(self.domain_type).cpu_models
+        except DriverError as exc:
+            log.warning("libvirt names no CPU model for %s domains here: %s", self.domain_type, exc)
+            return ()
 
     def _held_gib(self, folder: pathlib.Path) -> int:
         """What the files under ``folder`` hold on the instances' file system, in GiB rounded up; 0 when the
@@ -255,9 +268,6 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
         if graphics.port is None:
             raise DriverError("the VNC server has no port yet")
         return VncConsole(host=graphics.listen, port=graphics.port, password=graphics.password)
-
-    def set_admin_password(self, uuid: str, password: str) -> None:
-        self._running(uuid, "set_admin_password").set_user_password("root", password)
 
     # --- diagnostics -----------------------------------------------------------------------
 

@@ -6,11 +6,14 @@ errors.py).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 
-from kubenova.driver.base import DriverError, PowerState, Unsupported
+from kubenova.driver.base import DriverError, GuestAgentUnavailable, PowerState, Unsupported
+from kubenova.driver.checks import NO_GUEST_AGENT
 from kubenova.driver.libvirt.config import METADATA_NS, GuestConfig, GuestDisk, InstanceMeta, LiveDevices
 from kubenova.driver.libvirt.errors import translate
 
@@ -28,12 +31,19 @@ _STATES = {
 #: Why a shut-off domain stopped, when it was a failure rather than a shutdown or a destroy.
 _FAILED = (libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED)
 
-#: a guest that runs no QEMU guest agent answers a password change with one of these
+#: What libvirt answers a call through the guest agent when none answers: not connected, timed out, out of
+#: step, or the domain has no channel for one ("not configured").
 _NO_AGENT = (
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+    libvirt.VIR_ERR_AGENT_UNSYNCED,
     libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
-    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
 )
+#: How long libvirt waits for the guest agent's answer to one command, in seconds; its guest-sync before
+#: each command waits 5 s at most besides. A hung agent costs a caller seconds, never a worker for long
+#: (libvirt's own default is to wait for ever).
+AGENT_TIMEOUT = 5
+#: Freezing flushes every file system's dirty data first, which a guest that writes a lot takes longer for.
+FREEZE_TIMEOUT = 60
 
 
 class Guest:
@@ -93,6 +103,11 @@ class Guest:
         """What the domain runs with now (its definition, when it is not running)."""
         with translate("XMLDesc", self.uuid):
             return str(self._domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
+
+    def migratable_xml(self) -> str:
+        """What the domain runs with now, as libvirt would send it to a migration's target (no secrets)."""
+        with translate("XMLDesc", self.uuid):
+            return str(self._domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
 
     def config_xml(self) -> str:
         """The persistent definition (with secrets), as it will boot next time."""
@@ -199,18 +214,74 @@ class Guest:
         with translate("interfaceStats", self.uuid):
             return tuple(int(v) for v in self._domain.interfaceStats(interface))
 
+    # --- the QEMU guest agent --------------------------------------------------------------
+
+    def require_agent(self) -> None:
+        """GuestAgentUnavailable unless an agent in the guest has opened its channel: read from the domain's
+        XML (libvirt learns it from QEMU), so a guest without one costs no wait."""
+        channel = self.devices().agent
+        if channel is None:
+            raise GuestAgentUnavailable(
+                "the domain was started without the guest agent's channel (defined by an older kubenova); "
+                "it has one from its next boot"
+            )
+        if channel.state != "connected":
+            raise GuestAgentUnavailable(NO_GUEST_AGENT)
+
+    @contextlib.contextmanager
+    def _agent(self, operation: str, timeout: int = AGENT_TIMEOUT) -> Iterator[None]:
+        """One call through the guest agent, waited for ``timeout`` seconds at most; no answer is
+        GuestAgentUnavailable, a command the agent does not offer Unsupported."""
+        with translate(operation, self.uuid):
+            try:
+                self._domain.agentSetResponseTimeout(timeout, 0)
+                yield
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in _NO_AGENT:
+                    raise GuestAgentUnavailable(
+                        f"{operation}: the guest agent did not answer ({exc})"
+                    ) from exc
+                if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
+                    raise Unsupported(
+                        operation,
+                        f"the guest's agent does not offer it (too old, or configured to refuse it): {exc}",
+                    ) from exc
+                raise
+
     def set_user_password(self, user: str, password: str) -> None:
-        """Through the QEMU guest agent; Unsupported when the guest runs none."""
-        try:
+        with self._agent("set_admin_password"):
             self._domain.setUserPassword(user, password, 0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in _NO_AGENT:
-                raise Unsupported(
-                    "set_admin_password",
-                    "the guest runs no QEMU guest agent; the password on the "
-                    "config drive applies at first boot",
-                ) from exc
-            raise DriverError(f"set_admin_password failed: {exc}") from exc
+
+    def guest_info(self) -> dict[str, str]:
+        """What the agent says of the guest's OS and host name (libvirt's guestInfo keys: ``os.name``,
+        ``hostname``, …); a kind of information an older agent does not offer is left out."""
+        found: dict[str, str] = {}
+        for kind in (libvirt.VIR_DOMAIN_GUEST_INFO_OS, libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME):
+            try:
+                with self._agent("guest info"):
+                    answer: dict[str, Any] = self._domain.guestInfo(kind, 0)
+            except Unsupported:
+                continue
+            found.update({str(key): str(value) for key, value in answer.items()})
+        return found
+
+    def agent_interfaces(self) -> dict[str, dict[str, Any]]:
+        """The guest's own interfaces as its agent lists them: name -> ``hwaddr`` and ``addrs``."""
+        with self._agent("guest interfaces"):
+            answer: dict[str, dict[str, Any]] = self._domain.interfaceAddresses(
+                libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0
+            )
+        return dict(answer)
+
+    def freeze_filesystems(self) -> int:
+        """Flush and freeze every file system of the guest; how many it froze."""
+        with self._agent("freeze the guest's file systems", FREEZE_TIMEOUT):
+            return int(self._domain.fsFreeze(None, 0))
+
+    def thaw_filesystems(self) -> int:
+        """Thaw every frozen file system of the guest (none frozen: nothing happens); how many it thawed."""
+        with self._agent("thaw the guest's file systems"):
+            return int(self._domain.fsThaw(None, 0))
 
     # --- migration -------------------------------------------------------------------------
 

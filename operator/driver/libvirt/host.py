@@ -17,9 +17,9 @@ from collections.abc import Callable
 import libvirt
 
 from kubenova.driver.base import DriverError
-from kubenova.driver.libvirt.config import CPUConfig
 from kubenova.driver.libvirt.errors import translate
 from kubenova.driver.libvirt.guest import Guest
+from kubenova.driver.libvirt.hostconfig import CPUConfig, DomainCapabilities
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,18 @@ class Host:
         self._lock = threading.Lock()
         self._listeners: list[LifecycleListener] = []
         self._connection_listeners: list[Callable[[bool], None]] = []
-        self._callback_id: int | None = None
+        self._agent_listeners: list[Callable[[str], None]] = []
+        self._callback_ids: list[int] = []
         self._lost = False
         self._attempt: concurrent.futures.Future[libvirt.virConnect] | None = None
 
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         """``listener(uuid, event, detail)`` for every domain lifecycle event, across reconnects."""
         self._listeners.append(listener)
+
+    def add_guest_agent_listener(self, listener: Callable[[str], None]) -> None:
+        """``listener(uuid)`` whenever a domain's guest agent connects or disconnects, across reconnects."""
+        self._agent_listeners.append(listener)
 
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
         """``listener(False)`` when the connection closes, ``listener(True)`` when a later one opens."""
@@ -90,11 +95,21 @@ class Host:
             except Exception:  # a listener's bug must not kill libvirt's event thread
                 log.exception("lifecycle listener failed")
 
+    def _agent_lifecycle(
+        self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _state: int, _reason: int, _opaque: object
+    ) -> None:
+        uuid = Guest(dom).uuid
+        for listener in self._agent_listeners:
+            try:
+                listener(uuid)
+            except Exception:  # a listener's bug must not kill libvirt's event thread
+                log.exception("guest agent listener failed")
+
     def _closed(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
         log.warning("libvirt connection to %s closed (reason %d); reconnecting on next use", self.uri, reason)
         with self._lock:
             self._conn = None
-            self._callback_id = None
+            self._callback_ids = []
             self._lost = True
         self._tell(False)
 
@@ -116,9 +131,14 @@ class Host:
                 return self._conn
             conn.setKeepAlive(5, 3)  # a connection whose libvirtd stops answering closes within ~20 s
             conn.registerCloseCallback(self._closed, None)
-            self._callback_id = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
-            )
+            self._callback_ids = [
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+                ),
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._agent_lifecycle, None
+                ),
+            ]
             self._conn = conn
             if self._lost:
                 self._lost = False
@@ -191,6 +211,14 @@ class Host:
             raise DriverError("libvirt's capabilities describe no host CPU")
         return cpu
 
+    def domain_capabilities(self, domain_type: str) -> DomainCapabilities:
+        """What libvirt says a domain of ``domain_type`` (kvm, qemu) can get on this host's architecture."""
+        conn = self.get_connection()
+        with translate("getDomainCapabilities"):
+            return DomainCapabilities.parse_dom(
+                conn.getDomainCapabilities(None, conn.getInfo()[0], None, domain_type, 0)
+            )
+
     def compare_cpu(self, cpu: CPUConfig) -> int:
         """libvirt's verdict on running guests made for ``cpu`` here (a VIR_CPU_COMPARE_* code); libvirtError
         when libvirt cannot read the description."""
@@ -232,7 +260,7 @@ class Host:
             if conn is None:
                 return
             with contextlib.suppress(libvirt.libvirtError):
-                if self._callback_id is not None:
-                    conn.domainEventDeregisterAny(self._callback_id)
+                for callback_id in self._callback_ids:
+                    conn.domainEventDeregisterAny(callback_id)
                 conn.unregisterCloseCallback()
                 conn.close()

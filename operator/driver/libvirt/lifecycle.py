@@ -17,13 +17,14 @@ from kubenova.driver.base import (
     InvalidInstanceSpec,
     PowerState,
     RebootType,
+    SnapshotResult,
     Unsupported,
-    check_instance,
     check_macs,
 )
 from kubenova.driver.libvirt import imagecache
-from kubenova.driver.libvirt.config import GuestConfig, rescue_definition
-from kubenova.driver.libvirt.core import LibvirtCore, filter_name
+from kubenova.driver.libvirt.config import GuestConfig
+from kubenova.driver.libvirt.core import filter_name
+from kubenova.driver.libvirt.definitions import rescue_definition
 from kubenova.driver.libvirt.disks import (
     CONFIG_DRIVE,
     EPHEMERAL,
@@ -35,6 +36,7 @@ from kubenova.driver.libvirt.disks import (
     partial_name,
 )
 from kubenova.driver.libvirt.guest import Guest
+from kubenova.driver.libvirt.guest_agent import GuestAgentAccess
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ def changed_fields(running: GuestConfig, defined: GuestConfig, folder: pathlib.P
         fields.append("spec.flavor.vcpus")
     if running.memory_mib != defined.memory_mib:
         fields.append("spec.flavor.memoryMiB")
+    if running.cpu_model != defined.cpu_model:
+        fields.append("spec.cpu.model")
     if (running.kernel, running.initrd, running.cmdline) != (defined.kernel, defined.initrd, defined.cmdline):
         fields.append("spec.boot.kernel")
 
@@ -71,7 +75,7 @@ def changed_fields(running: GuestConfig, defined: GuestConfig, folder: pathlib.P
     return list(dict.fromkeys(fields))
 
 
-class Lifecycle(LibvirtCore):
+class Lifecycle(GuestAgentAccess):
     def spawn(self, instance: InstanceSpec, power_on: bool = True) -> None:
         self._create(instance, power_on)
 
@@ -84,7 +88,7 @@ class Lifecycle(LibvirtCore):
         unrescue boots the new definition.
         """
         guest = self._guest(instance.uuid)
-        check_instance(instance, self.host.memory_mib())
+        self._check_instance(instance)
         folder = self._dir(instance.uuid)
         saved = folder / UNRESCUE
         current = GuestConfig.parse_dom(saved.read_text() if saved.exists() else guest.config_xml())
@@ -142,6 +146,8 @@ class Lifecycle(LibvirtCore):
             guest = None
         if guest is not None:
             guest.remove()
+        with self._lock:
+            self._thaw_due.discard(uuid)  # a guest that is gone has nothing frozen
         self.unfilter_instance(uuid)
         if destroy_disks:
             shutil.rmtree(self._dir(uuid), ignore_errors=True)
@@ -224,7 +230,12 @@ class Lifecycle(LibvirtCore):
         (folder / UNRESCUE).unlink()
         (folder / RESCUE_DISK).unlink(missing_ok=True)
 
-    def snapshot(self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None) -> str:
+    def snapshot(
+        self, uuid: str, image: ImageRef, progress: Callable[[int], None] | None = None
+    ) -> SnapshotResult:
+        """Freeze (through the guest agent), pause, copy, resume, thaw: the guest's file systems are clean on
+        the copy when its agent answers; a guest without one is paused during the copy all the same, so the
+        copy is at least what a power loss would leave."""
         guest = self._guest(uuid)
         root = self._dir(uuid) / ROOT
         if not root.exists():
@@ -241,19 +252,21 @@ class Lifecycle(LibvirtCore):
         tmp.unlink(
             missing_ok=True
         )  # an interrupted snapshot's, or a link someone left: never written through
-        paused = guest.state() is PowerState.RUNNING
-        if paused:  # a consistent copy: no guest writes while it is made
-            guest.pause("pause for snapshot")
-        try:
-            imagecache.convert(root, tmp, progress)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-            if paused:
-                guest.resume("resume after snapshot")
+        state = guest.state()
+        with self._quiesced(uuid, guest, state) as (consistent, reason):
+            paused = state is PowerState.RUNNING
+            if paused:  # no guest writes while the copy is made; the agent cannot answer from here on
+                guest.pause("pause for snapshot")
+            try:
+                imagecache.convert(root, tmp, progress)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+                if paused:
+                    guest.resume("resume after snapshot")
         if progress:
             progress(100)
-        return image.name
+        return SnapshotResult(image.name, consistent, reason)
 
     def poll_rebooting_instances(self, timeout: float) -> list[str]:
         now = time.monotonic()

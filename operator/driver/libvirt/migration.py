@@ -27,11 +27,12 @@ from kubenova.driver.base import (
     check_handed_disks,
 )
 from kubenova.driver.libvirt import imagecache, qemu_hook
-from kubenova.driver.libvirt.config import StoragePool
 from kubenova.driver.libvirt.core import LibvirtCore
+from kubenova.driver.libvirt.definitions import migration_definition
 from kubenova.driver.libvirt.disks import CONFIG_DRIVE, RESCUE_DISK, ROOT
 from kubenova.driver.libvirt.errors import translate
 from kubenova.driver.libvirt.guest import Guest
+from kubenova.driver.libvirt.hostconfig import StoragePool
 
 
 def _migrate(
@@ -192,7 +193,8 @@ class Migration(LibvirtCore):
         )
         params |= {
             libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
-            libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_definition,
+            # the guest's CPU and devices as it runs them; the target's own definition for its next boot
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: migration_definition(dest_definition, guest.migratable_xml()),
             libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition,
         }
         if block_migration:  # overlays travel over NBD; the bases are already on the target

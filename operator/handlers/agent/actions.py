@@ -14,7 +14,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova import faults
-from kubenova.driver.base import ComputeDriver, DriverError, ImageRef, InstanceNotRunning, RebootType
+from kubenova.driver.base import (
+    ComputeDriver,
+    DriverError,
+    GuestAgentUnavailable,
+    ImageRef,
+    InstanceNotRunning,
+    RebootType,
+    SnapshotResult,
+)
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
@@ -23,6 +31,8 @@ from kubenova.handlers.shared import now
 ACTIONS = ("reboot", "snapshot", "passwordReset")
 #: A snapshot's progress is written at most this often.
 PROGRESS_INTERVAL = 2.0
+#: Whose password a passwordReset sets unless it names a user: Nova's os_admin_user default.
+DEFAULT_ADMIN_USER = "root"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +80,21 @@ def answer(kind: str, request: Mapping[str, Any], result: Mapping[str, Any]) -> 
     return {"actions": {kind: {"id": request["id"], **result}}}
 
 
+def snapshot_answer(stored: str, made: SnapshotResult) -> dict[str, Any]:
+    """status.actions.snapshot's fields for a snapshot made: where it is, and whether it is consistent."""
+    if made.consistent:
+        return {
+            "message": f"{stored}; the guest's file systems were frozen while its disk was copied",
+            "consistent": True,
+            "consistencyReason": None,  # a merge patch: an earlier snapshot's reason goes
+        }
+    return {
+        "message": f"{stored}; crash-consistent only: {made.reason}",
+        "consistent": False,
+        "consistencyReason": made.reason,
+    }
+
+
 class ActionRunner:
     """Carries out the due actions of the instance reconciler; remembers what this process did."""
 
@@ -111,19 +136,22 @@ class ActionRunner:
             self.write(body, answer(item.kind, item.request, result))
         return any_acted
 
-    def _act(self, body: dict[str, Any], uid: str, item: Due) -> dict[str, str]:
+    def _act(self, body: dict[str, Any], uid: str, item: Due) -> dict[str, Any]:
         kind, request = item.kind, item.request
         try:
             if kind == "reboot":
-                message = self._reboot(uid, request, item.interrupted)
+                result = {"message": self._reboot(uid, request, item.interrupted)}
             elif kind == "snapshot":
-                message = self._snapshot(body, uid, request, item.interrupted)
+                result = self._snapshot(body, uid, request, item.interrupted)
             else:
-                message = self._password_reset(body, uid)
+                result = {"message": self._password_reset(body, uid, request)}
+        except GuestAgentUnavailable as exc:  # the Event's reason names the cause, not only the action
+            self.events.warn(body, "GuestAgentUnavailable", f"{kind} {request['id']}: {exc}")
+            return {"phase": "Failed", "message": str(exc)}
         except (DriverError, WaitFor) as exc:
             self.events.warn(body, f"{kind[0].upper()}{kind[1:]}Failed", f"{kind} {request['id']}: {exc}")
             return {"phase": "Failed", "message": str(exc)}
-        return {"phase": "Succeeded", "message": message}
+        return {"phase": "Succeeded", **result}
 
     def _reboot(self, uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
         if interrupted:
@@ -140,10 +168,20 @@ class ActionRunner:
             return f"the guest ignored the ACPI shutdown for {self.soft_reboot_timeout:.0f}s; rebooted hard"
         return f"rebooted ({request['type'].lower()})"
 
-    def _snapshot(self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool) -> str:
+    def _snapshot(
+        self, body: dict[str, Any], uid: str, request: Mapping[str, Any], interrupted: bool
+    ) -> dict[str, Any]:
+        """The image, and whether the guest's file systems were frozen while it was copied (``consistent``;
+        ``consistencyReason`` says why not)."""
         name, namespace = request["imageName"], body["metadata"]["namespace"]
+        stored = f"image {name} is among the namespace's snapshots in the image store"
         if interrupted and (self.images.snapshots(namespace).root / name).is_file():
-            return f"image {name} is among the namespace's snapshots in the image store"
+            return {
+                "message": stored,
+                "consistent": False,
+                "consistencyReason": "the agent restarted while the snapshot was made, so whether the "
+                "guest's file systems were frozen is unknown",
+            }
         last = [0.0]
 
         def progress(percent: int) -> None:
@@ -158,11 +196,11 @@ class ActionRunner:
                     },
                 )
 
-        self.driver.snapshot(uid, ImageRef(name, namespace=namespace), progress)
+        made = self.driver.snapshot(uid, ImageRef(name, namespace=namespace), progress)
         faults.point("snapshot.written")
-        return f"image {name} is among the namespace's snapshots in the image store"
+        return snapshot_answer(stored, made)
 
-    def _password_reset(self, body: Mapping[str, Any], uid: str) -> str:
+    def _password_reset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any]) -> str:
         spec = body.get("spec") or {}
         password = self.secrets.value(
             body["metadata"]["namespace"],
@@ -172,5 +210,11 @@ class ActionRunner:
         )
         if password is None:
             raise WaitFor("SecretMissing", "spec.adminPasswordSecretRef is not set")
-        self.driver.set_admin_password(uid, password)
-        return "the guest's admin password was set"
+        user = request.get("user") or DEFAULT_ADMIN_USER
+        try:
+            self.driver.set_admin_password(uid, password, user)
+        except GuestAgentUnavailable as exc:
+            raise GuestAgentUnavailable(f"cannot set the password of {user!r}: {exc}") from exc
+        except InstanceNotRunning as exc:
+            raise DriverError(f"cannot set the password of {user!r}: {exc}") from exc
+        return f"the password of {user!r} was set through the guest agent"

@@ -21,6 +21,7 @@ from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import diagnostics, health, pollers
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
+from kubenova.handlers.agent.guest_agent import GuestAgentWatch
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
 from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB
 from kubenova.handlers.agent.migration_steps import MigrationAgent
@@ -61,6 +62,8 @@ class AgentConfig:
     metrics_address: str = "127.0.0.1:9464"
     resync_interval: float = 30.0
     diagnostics_interval: float = 60.0
+    #: How often every running guest's agent is asked what status.guestAgent says (and at its events).
+    guest_agent_interval: float = 30.0
     #: Nova's image_cache_manager_interval and remove_unused_original_minimum_age_seconds.
     image_cache_interval: float = 2400.0
     image_cache_grace: float = 86400.0
@@ -190,6 +193,7 @@ class Agent:
             config.lease_seconds,
             config.kubernetes_node,
         )
+        self.guest_agent = GuestAgentWatch(self.instances)
         self.metrics = diagnostics.Metrics()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -199,6 +203,7 @@ class Agent:
         # libvirt's event thread only hands the UUID over; a worker reads the state.
         driver.add_lifecycle_listener(lambda uid, *_: self.queue.add(("observe", uid)))
         driver.add_connection_listener(lambda up: self.queue.add(("hypervisor", str(up))))
+        driver.add_guest_agent_listener(self.guest_agent.notice)
         await asyncio.to_thread(self._know_migrations)
         await asyncio.to_thread(driver.init_host, config.node)
         await asyncio.to_thread(reporter.register)
@@ -221,6 +226,7 @@ class Agent:
                 "fence": self._fence,
             }
         )
+        self.guest_agent.start()
         if config.settings.fenced:  # restarted on a fenced node: whatever runs here stops
             self.queue.add(("fence", "True"))
         jobs = [
@@ -233,6 +239,7 @@ class Agent:
                 "diagnostics",
             ),
             _every(config.image_cache_interval, self._manage_image_cache, "image cache"),
+            _every(config.guest_agent_interval, self.guest_agent.look_at_all, "guest agent look"),
         ]
         self._tasks.extend(asyncio.create_task(job) for job in jobs)
 
@@ -240,6 +247,7 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         self.queue.stop()
+        self.guest_agent.stop()
 
     def _manage_image_cache(self) -> None:
         """Nova's image cache manager: cached bases no instance here uses go after the grace period."""

@@ -2,7 +2,7 @@
 
 The power state, phase, Ready (from power.py, or io_errors.py for a guest paused on a full disk), the
 flavor and memory the domain runs with, its VNC endpoint and interfaces, and RestartRequired while a spec
-change waits for the next boot.
+change waits for the next boot. status.guestAgent is guest_agent.py's, cleared here once the guest stops.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def observed_status(
         info = driver.get_info(uid)
     except InstanceNotFound:
         patch.update({"powerState": PowerState.NOSTATE.value, "phase": "Pending"})
+        if status.get("guestAgent"):
+            patch["guestAgent"] = None
         set_condition(
             patch,
             status,
@@ -52,6 +54,8 @@ def observed_status(
         )
         return patch
     power_state = info.state.value
+    if status.get("guestAgent") and info.state not in (PowerState.RUNNING, PowerState.PAUSED):
+        patch["guestAgent"] = None  # what a guest agent said holds only while the guest runs
     if (spec.get("vnc") or {}).get("enabled") and info.state is PowerState.RUNNING:
         try:
             console = driver.get_vnc_console(uid)

@@ -17,16 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova import api
-from kubenova.driver.base import (
-    ComputeDriver,
-    Credentials,
-    DriverError,
-    ImageDigestMismatch,
-    ImageImportError,
-    ImageInvalid,
-    ImageRef,
-    ImageSourceUnavailable,
-)
+from kubenova.driver.base import ComputeDriver, Credentials, DriverError, ImageRef
+from kubenova.driver.errors import ImageDigestMismatch, ImageImportError, ImageInvalid, ImageSourceUnavailable
 from kubenova.handlers.agent.secret_reader import WaitFor
 from kubenova.handlers.agent.translate import boot_image
 from kubenova.handlers.shared import set_condition

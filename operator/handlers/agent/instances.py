@@ -42,7 +42,12 @@ from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.imports import ImportRunning, Imports
 from kubenova.handlers.agent.migration_turns import bound_elsewhere, holds
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
-from kubenova.handlers.agent.translate import NetworkAllowList, definition_digest, driver_spec
+from kubenova.handlers.agent.translate import (
+    PREVIOUS_FORMAT,
+    NetworkAllowList,
+    definition_digest,
+    driver_spec,
+)
 from kubenova.handlers.agent.volumes import waiting_for
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
@@ -290,13 +295,15 @@ class InstanceAgent:
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
             if image is not None:
                 self.write(body, {"image": image})
-        elif driver.defined_revision(uid) != definition_digest(spec, flavor_of(body)):
+        elif (defined := driver.defined_revision(uid)) != definition_digest(spec, flavor_of(body)):
             # The spec changed in what makes the domain: the definition follows it, for the next boot
             # where the running domain cannot take it (_observed says so as RestartRequired).
             try:
                 driver.redefine(self.driver_spec(body, flavor_of(body)))
             except WaitFor as exc:  # a Secret it needs is gone: the power state is still followed below
-                waiting = exc
+                # only a newer definition format asked for it, not the user: nothing to say
+                if defined != definition_digest(spec, flavor_of(body), PREVIOUS_FORMAT):
+                    waiting = exc
         self._follow(body, want)
         if waiting is not None:
             raise waiting

@@ -152,8 +152,11 @@ class LiveSteps:
             typed(self.objects.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, source)).get("status")
             or {}
         ).get("cpuInfo")
+        # A guest with a named model runs that model on any host that lists it (pre_live_migration checks);
+        # else its CPU may be the source host's own (host-model), which this host must have all of.
+        named = ((instance.get("spec") or {}).get("cpu") or {}).get("model")
         try:
-            if cpu:
+            if cpu and not named:
                 self.driver.compare_cpu(CpuInfo(**{**cpu, "features": tuple(cpu.get("features") or ())}))
             definition = self.driver.pre_live_migration(self.spec_for(instance, flavor_of(instance)))
         except CPUIncompatible as exc:

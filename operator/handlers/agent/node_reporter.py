@@ -207,6 +207,7 @@ class NodeReporter:
                 "threads": cpu.threads,
                 "features": list(cpu.features),
             },
+            "cpuModels": list(stats.cpu_models),
             "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},
             "usage": {
                 "vcpus": sum(i.vcpus for i in instances),

@@ -27,6 +27,11 @@ from kubenova.driver.images import ImageStore
 #: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
 #: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
 RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
+#: What kubenova puts in every definition beyond the spec, as a number: a new one (2: the guest agent's
+#: channel, and the host's own CPU under KVM) changes every definition's digest, so each domain is defined
+#: anew once, for its next boot, without a spec change. A definition of the previous format whose Secrets
+#: are gone meanwhile stays as it is, unsaid: the user asked for nothing.
+DEFINITION_FORMAT, PREVIOUS_FORMAT = 2, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,20 +98,26 @@ def instance_spec(
         injected_files=tuple(files),
         admin_password=admin_password,
         vnc_password=vnc_password,
+        cpu_model=(spec.get("cpu") or {}).get("model"),
     )
 
 
-def definition_digest(spec: Mapping[str, Any], flavor: Mapping[str, Any]) -> str:
-    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor.
+def definition_digest(
+    spec: Mapping[str, Any], flavor: Mapping[str, Any], definition_format: int = DEFINITION_FORMAT
+) -> str:
+    """A digest of what a domain's definition is made from: the spec but its runtime fields, with this flavor,
+    in this definition format (the first one's digests named none).
 
     The driver keeps it with the definition (InstanceSpec.revision), so the agent redefines a domain only
     when this changed, even after a restart, and never for a change of power state.
     """
     shaping = {k: v for k, v in spec.items() if k not in RUNTIME_FIELDS}
-    image = (spec.get("boot") or {}).get("image")
-    if image:  # where an image comes from counts only until the root disk is made from it
-        shaping["boot"] = {**spec["boot"], "image": {"name": image.get("name", "")}}
     shaping["flavor"] = {"vcpus": int(flavor["vcpus"]), "memoryMiB": int(flavor["memoryMiB"])}
+    if definition_format > 1:
+        shaping["format"] = definition_format
+        image = (spec.get("boot") or {}).get("image")
+        if image:  # where an image comes from counts only until the root disk is made from it
+            shaping["boot"] = {**spec["boot"], "image": {"name": image.get("name", "")}}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 

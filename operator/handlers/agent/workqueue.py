@@ -98,6 +98,19 @@ class WorkQueue:
         with lock:
             yield
 
+    @contextmanager
+    def lock_if_free(self, uid: str) -> Iterator[bool]:
+        """Hold the object only if nobody does now; yields whether it is held. For work outside the queue
+        that may as well wait for a later turn than for a long piece of work (a snapshot) to end."""
+        with self._cond:
+            lock = self._locks.setdefault(uid, threading.Lock())
+        held = lock.acquire(blocking=False)
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()
+
     def _add(self, key: Key) -> None:
         if key[1] in self._busy:
             self._dirty.add(key)

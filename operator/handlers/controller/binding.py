@@ -39,6 +39,12 @@ def request_of(spec: Mapping[str, Any]) -> Usage:
     return Usage(int(flavor.get("vcpus", 1)), int(flavor.get("memoryMiB", 0)), int(disk))
 
 
+def cpu_model_of(spec: Mapping[str, Any]) -> str | None:
+    """The instance's spec.cpu.model, which only nodes listing it in status.cpuModels can run."""
+    model = (spec.get("cpu") or {}).get("model")
+    return str(model) if model else None
+
+
 def parse_time(value: Any) -> datetime.datetime | None:
     if not value:
         return None
@@ -77,6 +83,7 @@ def node_view(
         fenced=fenced(spec, status, kubernetes_nodes, unreachable_for),
         stored_gib=int(usage.get("volumesGiB", 0)) + int(usage.get("snapshotsGiB", 0)),
         disk_available_least_gib=int(least) if least is not None else None,
+        cpu_models=frozenset(status.get("cpuModels") or ()),
     )
 
 
@@ -122,6 +129,7 @@ def place(
             used,
             datetime.datetime.now(datetime.UTC),
             spec.get("nodeSelector"),
+            cpu_model_of(spec),
         )
     except Unschedulable as exc:
         cond = condition(status, "Scheduled")

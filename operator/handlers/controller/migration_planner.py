@@ -17,7 +17,7 @@ from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.controller.binding import request_of
+from kubenova.handlers.controller.binding import cpu_model_of, request_of
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 from kubenova.handlers.shared import (
     COMPUTENODES,
@@ -295,6 +295,7 @@ class Planner:
                 used,
                 datetime.datetime.now(datetime.UTC),
                 ispec.get("nodeSelector"),
+                cpu_model_of(ispec),
             )
         except Unschedulable as exc:
             raise Unschedulable(f"no target: {exc}") from exc

@@ -35,6 +35,8 @@ class NodeView:
     stored_gib: int = 0
     #: what the node measured free, less what its instances' disks may still grow (None: not reported)
     disk_available_least_gib: int | None = None
+    #: the named CPU models a guest can get there (its status.cpuModels; empty: not reported)
+    cpu_models: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +89,12 @@ def choose_node(
     used: Mapping[str, Usage],
     now: datetime.datetime,
     selector: Mapping[str, str] | None = None,
+    cpu_model: str | None = None,
 ) -> str:
-    """The fitting node with the most free memory (spreads instances); raises Unschedulable."""
+    """The fitting node with the most free memory (spreads instances); raises Unschedulable.
+
+    ``cpu_model``: the instance's spec.cpu.model, which only a node listing it can run.
+    """
     if not nodes:
         raise Unschedulable("no ComputeNode is registered; start a kubenova agent on a node")
     candidates = [nodes[pinned]] if pinned and pinned in nodes else [] if pinned else list(nodes.values())
@@ -97,7 +103,7 @@ def choose_node(
     reasons, details = [], []
     best: tuple[int, str] | None = None
     for node in candidates:
-        reason, detail = _misfit(node, request, used.get(node.name, Usage()), now, selector)
+        reason, detail = _misfit(node, request, used.get(node.name, Usage()), now, selector, cpu_model)
         if reason:
             reasons.append(f"{node.name}: {reason}")
             details.append(f"{node.name}: {detail or reason}")
@@ -106,14 +112,28 @@ def choose_node(
         if best is None or free_memory > best[0]:
             best = (free_memory, node.name)
     if best is None:
+        if cpu_model and all(r.endswith(_cpu_misfit(cpu_model)) for r in reasons):
+            raise Unschedulable(
+                f"no ComputeNode can run CPU model {cpu_model!r} (spec.cpu.model): none lists it in its "
+                "status.cpuModels; name a model a node lists, or remove spec.cpu.model"
+            )
         raise Unschedulable(
             "no ComputeNode fits: " + "; ".join(reasons), "no ComputeNode fits: " + "; ".join(details)
         )
     return best[1]
 
 
+def _cpu_misfit(model: str) -> str:
+    return f"cannot run CPU model {model!r} (not in its status.cpuModels)"
+
+
 def _misfit(
-    node: NodeView, request: Usage, taken: Usage, now: datetime.datetime, selector: Mapping[str, str] | None
+    node: NodeView,
+    request: Usage,
+    taken: Usage,
+    now: datetime.datetime,
+    selector: Mapping[str, str] | None,
+    cpu_model: str | None,
 ) -> tuple[str, str]:
     """Why ``node`` cannot take the request ("" when it can), and the same with the figures."""
     if not node.enabled:
@@ -129,6 +149,8 @@ def _misfit(
     mismatch = sorted(k for k, v in (selector or {}).items() if node.labels.get(k) != v)
     if mismatch:
         return f"labels do not match spec.nodeSelector ({', '.join(mismatch)})", ""
+    if cpu_model and cpu_model not in node.cpu_models:
+        return _cpu_misfit(cpu_model), ""
     if node.heartbeat is None or now - node.heartbeat > HEARTBEAT_GRACE:
         return "agent not reporting", ""
     capacity = Usage(
