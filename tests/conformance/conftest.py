@@ -199,16 +199,17 @@ def libvirt_peers(ground: testground.Ground) -> Iterator[tuple[Peer, Peer]]:
         root = ground.layout.state / "nodes" / node / "conformance"
         local = libvirt_host.start(ground.layout, node, address, root / "instances")
         shutil.rmtree(root, ignore_errors=True)
+        node_ground = dataclasses.replace(ground, node=node, libvirt_uri=local)
+        guest.ensure_images(ground.layout, node_ground.image_store)  # each node its own store
         driver = LibvirtDriver(
             local,
             "qemu",
             root / "instances",
-            ImageStore(ground.image_store),
+            ImageStore(node_ground.image_store),
             root / "volumes",
             MigrationTransport(libvirt_host.client_pki(ground.layout, node)),
         )
         driver.init_host(node)
-        node_ground = dataclasses.replace(ground, node=node, libvirt_uri=local)
         peers.append(Peer(driver, LibvirtProbe(node_ground, driver, root), libvirt_host.peer_uri(address)))
     yield peers[0], peers[1]
     for peer, node in zip(peers, ("mig-a", "mig-b"), strict=True):
