@@ -5,12 +5,15 @@
 # --cluster adds what cluster mode's node needs (`python -m testground up --cluster`).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
+# mmdebstrap, fdisk (sfdisk) and syslinux-common (mbr.bin) build the Debian cloud image (testground/cloud_image.py),
+# openssh-client checks it.
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static cpio kmod
-      openssl iproute2 dosfstools mtools syslinux iptables docker-registry)
-# containerd and runc run the pods, the CNI plugins wire them, buildah and mmdebstrap build the images,
+      openssl iproute2 dosfstools mtools syslinux iptables
+      mmdebstrap fdisk syslinux-common openssh-client docker-registry)
+# containerd and runc run the pods, the CNI plugins wire them, buildah (with mmdebstrap) builds the images,
 # gcc (and libc6-dev's static libc) compiles the pause binary.
-[ "${1:-}" = "--cluster" ] && pkgs+=(containerd runc containernetworking-plugins buildah mmdebstrap gcc libc6-dev)
+[ "${1:-}" = "--cluster" ] && pkgs+=(containerd runc containernetworking-plugins buildah gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
