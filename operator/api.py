@@ -12,7 +12,7 @@ class Flavor(TypedDict, total=False):
     memoryMiB: int
 
 
-class SecretRef(TypedDict, total=False):
+class LocalObjectReference(TypedDict, total=False):
     name: str
 
 
@@ -21,7 +21,7 @@ class BootImage(TypedDict, total=False):
     url: str
     checksum: str
     registry: str
-    secretRef: SecretRef
+    secretRef: LocalObjectReference
 
 
 class KernelBootSpec(TypedDict, total=False):
@@ -78,6 +78,8 @@ class RebootRequest(TypedDict, total=False):
 class SnapshotRequest(TypedDict, total=False):
     id: str
     imageName: str
+    imageRef: str
+    secretRef: LocalObjectReference
 
 
 class PasswordResetRequest(TypedDict, total=False):
@@ -145,7 +147,7 @@ class Console(TypedDict, total=False):
 class Vnc(TypedDict, total=False):
     host: str
     port: int
-    passwordSecretRef: SecretRef
+    passwordSecretRef: LocalObjectReference
 
 
 class DiskStats(TypedDict, total=False):
@@ -186,6 +188,7 @@ class ActionStatus(TypedDict, total=False):
 class SnapshotStatus(ActionStatus, total=False):
     consistent: bool
     consistencyReason: str
+    imageRef: str
 
 
 class ActionsStatus(TypedDict, total=False):
@@ -257,10 +260,6 @@ class VirtualInstanceStatus(TypedDict, total=False):
     conditions: list[Condition]
 
 
-class InstanceRef(TypedDict, total=False):
-    name: str
-
-
 class VolumeSource(TypedDict, total=False):
     name: str
     sizeGiB: int
@@ -276,7 +275,7 @@ class Device(TypedDict, total=False):
 
 
 class VolumeAttachmentSpec(TypedDict, total=False):
-    instanceRef: InstanceRef
+    instanceRef: LocalObjectReference
     volume: VolumeSource
     image: ImageSource
     device: Device
@@ -309,7 +308,7 @@ class Convergence(TypedDict, total=False):
 
 
 class MigrationSpec(TypedDict, total=False):
-    instanceRef: InstanceRef
+    instanceRef: LocalObjectReference
     type: str
     targetNode: str
     flavor: Flavor

@@ -19,8 +19,10 @@ from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
 from testground import guest, libvirt_host
+from testground.served import Served
 from tests.helpers import PacketWatch, empty_namespace, eventually
 from tests.integration.test_agent import delete_and_wait, wait_action, wait_ready
+from tests.integration.test_images import serve
 from tests.integration.test_virtualinstance import get, make
 
 NODES = ("node-1", "node-2")
@@ -772,3 +774,69 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
     finally:
         empty_namespace(custom, namespace)
         snapshot.unlink(missing_ok=True)
+
+
+def test_an_instance_of_an_imported_image_moves_and_the_target_imports_it_first(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    served: Served,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    name, checksum = serve(served, served.root / guest.DISK_IMAGE)  # no node has these bytes yet
+    image = {"url": served.url(name), "checksum": checksum}
+    uid, source = running(
+        ground, custom, namespace, vi("imported", boot={"image": image}, rootDisk={"sizeGiB": 1})
+    )
+    migrate(custom, namespace, "move", "imported")
+    done = wait_phase(custom, namespace, "move", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    target = other(source)
+    assert node_of(custom, namespace, "imported") == target and has_domain(ground, target, uid)
+    before = ticks(ground, uid, target)
+    eventually(lambda: ticks(ground, uid, target) > before, timeout=30, what="the guest going on counting")
+    assert len([r for r in served.requests(name) if r["status"] == 200]) == 2, "once per node"
+
+
+def test_a_snapshot_pushed_to_the_registry_boots_on_another_node_both_ways(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+    served: Served,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "registry"},
+            "stringData": {"username": served.username, "password": served.password, "ca.crt": served.ca_pem},
+        },
+    )
+    pull = {"secretRef": {"name": "registry"}}
+    for here, there in ((nodes[0], ground.node), (ground.node, nodes[1])):
+        source = f"snap-{here}"
+        body = make(
+            source, nodeName=here, boot={"image": {"name": guest.DISK_IMAGE}}, rootDisk={"sizeGiB": 1}
+        )
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+        wait_ready(custom, namespace, source)
+        tag = f"{served.registry}/{namespace}/{source}:s1"
+        request = {"id": "s1", "imageName": f"{source}.qcow2", "imageRef": tag, **pull}
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, VIRTUALINSTANCES, source, {"spec": {"actions": {"snapshot": request}}}
+        )
+        snapshot = wait_action(custom, namespace, source, "snapshot", "s1")
+        assert snapshot["phase"] == "Succeeded" and snapshot["imageRef"].startswith(
+            tag.rsplit(":", 1)[0] + "@sha256:"
+        )
+        assert (ground.snapshots(namespace, here) / f"{source}.qcow2").is_file()
+        assert not (ground.snapshots(namespace, there) / f"{source}.qcow2").exists(), (
+            "each node its own store"
+        )
+
+        booted = f"from-{here}"
+        body = make(booted, nodeName=there, boot={"image": {"registry": snapshot["imageRef"], **pull}})
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+        uid = wait_ready(custom, namespace, booted, timeout=180)["metadata"]["uid"]
+        eventually(lambda u=uid, n=there: ticks(ground, u, n) >= 1, timeout=BOOT, what=f"{booted} on {there}")

@@ -9,6 +9,7 @@ carries them out on the driver.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +25,8 @@ from kubenova.driver.base import (
     SnapshotResult,
 )
 from kubenova.driver.images import ImageStore
+from kubenova.driver.imports import Importer
+from kubenova.driver.oci import Reference
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
 from kubenova.handlers.shared import now
@@ -198,7 +201,23 @@ class ActionRunner:
 
         made = self.driver.snapshot(uid, ImageRef(name, namespace=namespace), progress)
         faults.point("snapshot.written")
-        return snapshot_answer(stored, made)
+        result = snapshot_answer(stored, made)
+        if request.get("imageRef"):
+            result.update(self._push(namespace, request))
+        return result
+
+    def _push(self, namespace: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The snapshot pushed to ``imageRef`` as a containerDisk image: bootable on any node by digest."""
+        field = "spec.actions.snapshot.imageRef"
+        path = self.images.snapshots(namespace).resolve(field, request["imageName"])
+        auth = self.secrets.credentials(
+            namespace, request.get("secretRef"), "spec.actions.snapshot.secretRef"
+        )
+        digest = Importer(pathlib.Path(path).parent, 0).push_oci(path, request["imageRef"], auth, field=field)
+        ref = Reference.parse(request["imageRef"], field, pull=False)
+        pushed = f"{ref.host}/{ref.repository}@{digest}"
+        message = f"image {request['imageName']} is among the namespace's snapshots and at {pushed}"
+        return {"imageRef": pushed, "message": message}
 
     def _password_reset(self, body: Mapping[str, Any], uid: str, request: Mapping[str, Any]) -> str:
         spec = body.get("spec") or {}

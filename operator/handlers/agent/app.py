@@ -22,6 +22,7 @@ from kubenova.handlers.agent import diagnostics, health, pollers
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.guest_agent import GuestAgentWatch
+from kubenova.handlers.agent.imports import importing_first
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
 from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB
 from kubenova.handlers.agent.migration_steps import MigrationAgent
@@ -177,7 +178,7 @@ class Agent:
             self.events,
             self.migration_cache,
             self.instance_cache,
-            self.instances.driver_spec,
+            importing_first(self.instances.driver_spec, driver, self.instances.secrets.image_credentials),
             config.migration_timeout_per_gib,
             config.migration_convergence,
         )

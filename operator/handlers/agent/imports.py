@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova import api
-from kubenova.driver.base import ComputeDriver, Credentials, DriverError, ImageRef
+from kubenova.driver.base import ComputeDriver, Credentials, DriverError, ImageRef, InstanceSpec
 from kubenova.driver.errors import ImageDigestMismatch, ImageImportError, ImageInvalid, ImageSourceUnavailable
 from kubenova.handlers.agent.secret_reader import WaitFor
 from kubenova.handlers.agent.translate import boot_image
@@ -226,3 +226,21 @@ class Imports:
             waiters = list(job.waiters)
         for uid in waiters:
             self.look(uid)
+
+
+def importing_first(
+    spec_for: Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec],
+    driver: ComputeDriver,
+    credentials: Callable[[Mapping[str, Any]], Credentials | None],
+) -> Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec]:
+    """``spec_for`` for a migration's target, which needs the instance's imported image in its own cache
+    before it can make the root disk's overlay: imported there first, on the migration's step (the
+    source still runs the guest meanwhile)."""
+
+    def spec(instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
+        made = spec_for(instance, flavor)
+        if made.image and made.image.imported and driver.cached_image(made.image) is None:
+            driver.import_image(made.image, credentials(instance), lambda done, total: None)
+        return made
+
+    return spec

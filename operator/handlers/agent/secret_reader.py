@@ -78,13 +78,15 @@ class SecretReader:
             ) from None
 
     def image_credentials(self, instance: Mapping[str, Any]) -> Credentials | None:
-        """What the boot image's import needs from ``spec.boot.image.secretRef``: username and password
-        (or a ``.dockerconfigjson``) and a CA (``ca.crt``); None without a secretRef."""
-        namespace = instance["metadata"]["namespace"]
+        """What the boot image's import needs from ``spec.boot.image.secretRef``; None without one."""
         ref = (((instance.get("spec") or {}).get("boot") or {}).get("image") or {}).get("secretRef")
+        return self.credentials(instance["metadata"]["namespace"], ref, "spec.boot.image.secretRef")
+
+    def credentials(self, namespace: str, ref: Mapping[str, Any] | None, field: str) -> Credentials | None:
+        """A registry's or a file server's credentials from the Secret ``ref`` names: username and password
+        (or a ``.dockerconfigjson``) and a CA (``ca.crt``); None without a ref."""
         if not ref:
             return None
-        field = "spec.boot.image.secretRef"
         data = {k: base64.b64decode(v) for k, v in self._data(namespace, ref["name"], field).items()}
         if not data.keys() & {"username", "password", "ca.crt", ".dockerconfigjson"}:
             raise WaitFor(
