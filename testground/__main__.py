@@ -1,4 +1,5 @@
-"""The embedded test ground, from a source checkout: `.venv/bin/python -m testground up|down|status|env|demo`.
+"""The embedded test ground, from a source checkout: `.venv/bin/python -m testground
+up|down|status|env|images|demo`.
 
 etcd, kube-apiserver, libvirtd and kubenova itself (or, with `up --cluster`, a real node running
 kubenova's image from its helm chart). Not part of the installed `kubenova` distribution.
@@ -10,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from testground import ground, kube
+from testground import ground, kube, served
 from testground.procs import Layout, TestGroundError
 
 
@@ -39,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop everything the test ground started, even after a crash")
     sub.add_parser("status", help="show what is running")
     sub.add_parser("env", help="print the shell exports for kubectl")
+    sub.add_parser("images", help="what the test ground serves for spec.boot.image: url, checksum, registry")
     sub.add_parser("demo", help="start everything, boot the sample VM and show it Running, timed")
     return top
 
@@ -58,6 +60,8 @@ def run(action: str, start_kubenova: bool = True, nodes: int = 1, cluster: bool 
     elif action == "status":
         for name, state in ground.status().items() or {"test ground": "not started"}.items():
             print(f"{name:24} {state}")
+    elif action == "images":
+        print(served.describe(served.info(Layout.default())))
     elif action == "env":
         print(ground.exports(Layout.default(), kube.build_tools()))
     elif action == "demo":

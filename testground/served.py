@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -158,3 +159,18 @@ def info(layout: Layout) -> Served:
     data["root"] = pathlib.Path(data["root"])
     data["logs"] = tuple(pathlib.Path(p) for p in data["logs"])
     return Served(**data)
+
+
+def describe(served: Served) -> str:
+    """What a user pastes into spec.boot.image, for each served image."""
+    lines = []
+    for name in (served.cloud_image, guest.DISK_IMAGE):
+        digest = hashlib.sha256(pathlib.Path(served.root / name).read_bytes()).hexdigest()
+        lines += [f"{name}:", f"  url: {served.url(name)}", f"  checksum: sha256:{digest}"]
+    lines += [
+        f"{guest.DISK_IMAGE} in the registry (user {served.username}, password {served.password}):",
+        f"  registry: {served.disk_reference}",
+        "the servers' CA (ca.crt of a Secret for https and the registry):",
+        *(f"  {line}" for line in served.ca_pem.strip().splitlines()),
+    ]
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ from testground import ground as testground
 from testground.served import Served
 from tests.helpers import eventually
 from tests.integration.test_agent import console_text, patch_spec, wait_action, wait_ready
-from tests.integration.test_images import sha256
+from tests.integration.test_image_imports import sha256
 from tests.integration.test_virtualinstance import get, make
 
 MARKER = "KUBENOVA-CLOUD-USERDATA-RAN"

@@ -22,7 +22,7 @@ from testground import guest, libvirt_host
 from testground.served import Served
 from tests.helpers import PacketWatch, empty_namespace, eventually
 from tests.integration.test_agent import delete_and_wait, wait_action, wait_ready
-from tests.integration.test_images import serve
+from tests.integration.test_image_imports import serve
 from tests.integration.test_virtualinstance import get, make
 
 NODES = ("node-1", "node-2")

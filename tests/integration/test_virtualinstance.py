@@ -9,7 +9,6 @@ from typing import Any
 import kubernetes
 import libvirt
 import pytest
-import yaml
 
 from kubenova.handlers.shared import COMPUTENODES, GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
@@ -216,10 +215,10 @@ def test_node_name_is_immutable(
 def test_an_instance_placed_after_waiting_says_scheduled_whatever_the_agent_answers(
     ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, namespace: str
 ) -> None:
-    sample = yaml.safe_load((REPO / "deploy" / "samples" / "virtualinstance-image.yaml").read_text())
-    selector = sample["spec"]["nodeSelector"]
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, sample)
-    name = sample["metadata"]["name"]
+    selector = {"compute.kubenova.io/aggregate": "ssd"}  # no node has it yet; the image no node has either
+    body = make("web", nodeSelector=selector, boot={"image": {"name": "debian-12-genericcloud-amd64.qcow2"}})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+    name = body["metadata"]["name"]
     waiting = eventually(
         lambda: (
             (o := get(custom, namespace, name))
