@@ -17,7 +17,7 @@ import pathlib
 import platform
 import subprocess
 
-from bench import api_cost, burst, latency, memory, migration, reaction, scale
+from bench import api_cost, burst, imports, latency, memory, migration, reaction, scale
 from bench.common import Result, connect
 from testground import ground as testground
 from testground.kube import REPO
@@ -34,6 +34,7 @@ FULL = {
     "scale": 1000,
     "react": 10,
     "migrate": 5,
+    "imports": 3,
 }
 SMOKE = {
     "latency": 2,
@@ -45,6 +46,7 @@ SMOKE = {
     "scale": 6,
     "react": 2,
     "migrate": 1,
+    "imports": 1,
 }
 
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         scale.run(bench, counts["agents"], counts["scale"]),
         reaction.run(bench, counts["react"]),
         migration.run(bench, counts["migrate"]),
+        imports.run(bench, counts["imports"]),
     ]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = f"Run {stamp} on {machine()}" + (" — smoke counts, not figures to quote" if args.smoke else "")
