@@ -313,13 +313,13 @@ IMMUTABLE: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         "vi-boot-image-changed",
         with_(VI, "spec.boot", {"image": {"name": "a.qcow2"}}),
         {"spec": {"boot": {"image": {"name": "b.qcow2"}}}},
-        "spec.boot.image is fixed",
+        "spec.boot.image's name and kind of source are fixed",
     ),
     (
         "vi-kernel-to-image",
         VI,
         {"spec": {"boot": {"kernel": None, "image": {"name": "b.qcow2"}}}},
-        "spec.boot.image is fixed",
+        "spec.boot.image's name and kind of source are fixed",
     ),
 ]
 

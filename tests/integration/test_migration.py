@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 import socket
 import struct
@@ -730,13 +731,13 @@ def test_the_longest_names_the_api_accepts_run_snapshot_migrate_and_go(
     name = f"long-{uuid.uuid4().hex[:8]}.".ljust(252, "x") + "z"
     assert (len(namespace), len(name)) == (63, 253)
     core.create_namespace({"metadata": {"name": namespace}})
-    snapshot = ground.snapshots(namespace) / (
-        f"snap-{uuid.uuid4().hex}".ljust(247, "s") + ".qcow2"
-    )  # 253 too
+    snapshot_name = f"snap-{uuid.uuid4().hex}".ljust(247, "s") + ".qcow2"  # 253 too
+    snapshot = pathlib.Path("/nonexistent")
     try:
         uid, source = running(
             ground, custom, namespace, vi(name, rootDisk={"sizeGiB": 1}, vnc={"enabled": True})
         )
+        snapshot = ground.snapshots(namespace, source) / snapshot_name  # in the store of the node it runs on
         conn = libvirt.open(libvirt_host.uri(ground.layout, source))
         try:
             dom = conn.lookupByUUIDString(uid)
