@@ -40,31 +40,18 @@ BOOTED = "KUBENOVA-CLOUD-BOOTED"  # systemd reached basic.target from the disk
 CLOUD_INIT_DONE = "KUBENOVA-CLOUD-INIT-DONE"  # after cloud-final: "ok" or "errors", and the datasource
 AGENT_UP = "KUBENOVA-GUEST-AGENT-UP"  # qemu-ga holds the org.qemu.guest_agent.0 port open
 # minbase plus: the init system, device events (they start qemu-ga when its port appears), cloud-init and
-# what its modules call (growpart, sudo for the default user, ip for the networkd renderer), sshd, the kernel.
+# what its modules call (growpart, sudo for the default user, ip for the networkd renderer), resolved (so the
+# nameservers of a network config are used), sshd, the kernel.
 PACKAGES = (
-    "systemd-sysv",
-    "udev",
-    "cloud-init",
-    "cloud-guest-utils",
-    "sudo",
-    "iproute2",
-    "netbase",
-    "qemu-guest-agent",
-    "openssh-server",
-    "linux-image-cloud-amd64",
-)
+    "systemd-sysv udev cloud-init cloud-guest-utils sudo iproute2 netbase systemd-resolved qemu-guest-agent"
+    " openssh-server linux-image-cloud-amd64"
+).split()
 # What a short-lived test VM never needs at boot (or ever): each costs seconds under TCG or wakes up later.
+# getty-static starts gettys on tty2-6 where logind is missing (it is: no D-Bus).
 MASKED = (
-    "apt-daily.timer",
-    "apt-daily-upgrade.timer",
-    "dpkg-db-backup.timer",
-    "e2scrub_all.timer",
-    "e2scrub_reap.service",
-    "fstrim.timer",
-    "man-db.timer",
-    "systemd-pstore.service",
-    "cloud-config.service",
-)
+    "apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service"
+    " fstrim.timer man-db.timer systemd-pstore.service getty-static.service cloud-config.service"
+).split()
 # The initramfs only has to find the root disk: kubenova's root disk is virtio (or virtio-scsi); ext4 is built
 # in. Each module here is loaded at every boot (ata_piix alone probes the IDE ports for a second).
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod")
@@ -196,7 +183,8 @@ stages = {{"cloud_config_modules": [], "cloud_final_modules": final}}
 open("/etc/cloud/cloud.cfg.d/91_kubenova_stages.cfg", "w").write(yaml.safe_dump(stages))'
 
 echo localhost >"$root/etc/hostname"
-: >"$root/etc/resolv.conf"
+rm -f "$root"/etc/.resolv.conf.*.bak
+[ -L "$root/etc/resolv.conf" ] || : >"$root/etc/resolv.conf"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*.log
 """
 
