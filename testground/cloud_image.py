@@ -35,10 +35,13 @@ CLOUD_IMAGE = "kubenova-debian-12-cloud.qcow2"
 SUITE = "bookworm"
 #: cloud-init's default user on Debian (system_info.default_user in /etc/cloud/cloud.cfg).
 DEFAULT_USER = "debian"
-#: Serial console lines the image's own units print (to /dev/console, which is ttyS0): a test waits for them.
-BOOTED = "KUBENOVA-CLOUD-BOOTED"  # systemd reached basic.target from the disk
-CLOUD_INIT_DONE = "KUBENOVA-CLOUD-INIT-DONE"  # after cloud-final: "ok" or "errors", and the datasource
-AGENT_UP = "KUBENOVA-GUEST-AGENT-UP"  # qemu-ga holds the org.qemu.guest_agent.0 port open
+#: Serial console lines the image's own units print (to /dev/console, which is ttyS0), in the order they come:
+#: systemd runs from the mounted root disk ("KUBENOVA-CLOUD-BOOTED kernel=<release>"); qemu-ga holds its
+#: port open; cloud-init's last stage has ended ("... ok|errors datasource=<what it used>"; only with a
+#: config drive). sshd and the serial getty ("login:") come between the last two.
+BOOTED = "KUBENOVA-CLOUD-BOOTED"
+AGENT_UP = "KUBENOVA-GUEST-AGENT-UP"
+CLOUD_INIT_DONE = "KUBENOVA-CLOUD-INIT-DONE"
 # minbase plus: the init system, device events (they start qemu-ga when its port appears), cloud-init and
 # what its modules call (growpart, sudo for the default user, ip for the networkd renderer), resolved (so the
 # nameservers of a network config are used), sshd, the kernel.
@@ -99,26 +102,27 @@ case "$1" in
     ds=$(sed -n 's/.*"datasource": "\\([^"]*\\)".*/\\1/p' "$result")
     echo "{CLOUD_INIT_DONE} $status datasource=$ds" ;;
   agent-up)
-    # qemu-ga is Type=simple: wait (at most 5 s) until it holds the port open before saying so.
+    # qemu-ga is Type=simple: say so once it holds the port open (at once, in practice; at most 5 s).
     port=$(readlink -f /dev/virtio-ports/org.qemu.guest_agent.0)
     for _ in $(seq 50); do
-      ls -l "/proc/$2/fd" 2>/dev/null | grep -q -- "$port" && break
+      if ls -l "/proc/$2/fd" 2>/dev/null | grep -q -- "$port"; then echo "{AGENT_UP}"; break; fi
       sleep 0.1
-    done
-    echo "{AGENT_UP}" ;;
+    done ;;
 esac >/dev/console
 """
 _MARK = "/bin/sh /usr/local/lib/kubenova/guest-helper"
 _BOOTED_UNIT = f"""\
 [Unit]
-Description=kubenova: tell the serial console that the system has booted
+Description=kubenova: tell the serial console that the system runs from its disk
+DefaultDependencies=no
+After=local-fs.target
 
 [Service]
 Type=oneshot
 ExecStart={_MARK} booted
 
 [Install]
-WantedBy=multi-user.target
+WantedBy=sysinit.target
 """
 _CLOUD_INIT_DONE_UNIT = f"""\
 [Unit]
