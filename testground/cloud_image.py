@@ -185,8 +185,7 @@ cfg = yaml.safe_load(open("/etc/cloud/cloud.cfg"))
 final = cfg["cloud_config_modules"] + cfg["cloud_final_modules"]
 stages = {{"cloud_config_modules": [], "cloud_final_modules": final}}
 open("/etc/cloud/cloud.cfg.d/91_kubenova_stages.cfg", "w").write(yaml.safe_dump(stages))'
-
-echo localhost >"$root/etc/hostname"
+echo localhost >"$root/etc/hostname" && chmod 644 "$root/etc/hostname"  # mmdebstrap copied the host's
 rm -f "$root"/etc/.resolv.conf.*.bak
 [ -L "$root/etc/resolv.conf" ] || : >"$root/etc/resolv.conf"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*.log
