@@ -13,6 +13,7 @@ Run it as ``python -m testground.cloud_image --check`` (root; builds the image f
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shlex
 import socket
@@ -20,7 +21,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 
 from kubenova.driver import cloudinit
 from kubenova.driver.libvirt import configdrive
@@ -33,6 +33,7 @@ GUEST_ADDRESS = "10.0.2.20"  # QEMU user networking's subnet; DHCP would hand ou
 MAC = "52:54:00:6b:6e:01"
 INJECTED = ("/etc/kubenova-injected", b"injected by kubenova\n")
 HOSTNAME = "cloud-check"
+FIX = "apt-get install openssh-client qemu-utils"
 ROOT_GIB = 2  # the overlay is larger than the image: cloud-init's growpart and resizefs must use it
 
 USER_DATA = f"""#cloud-config
@@ -105,15 +106,25 @@ class _Agent:
         )
 
 
-def _ssh(key: pathlib.Path, port: int, user: str, command: str, timeout: float = 20) -> str:
+def _ssh_argv(key: pathlib.Path, port: int, user: str, command: str) -> list[str]:
     argv = ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
     argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    return [*argv, f"{user}@127.0.0.1", command]
+
+
+def _ssh(key: pathlib.Path, port: int, user: str, command: str, timeout: float = 20) -> str:
     proc = subprocess.run(
-        [*argv, f"{user}@127.0.0.1", command], capture_output=True, text=True, timeout=timeout
+        _ssh_argv(key, port, user, command), capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0:
         raise TestGroundError(f"ssh {user}: {command}: {proc.stderr.strip() or proc.returncode}")
     return proc.stdout
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time QEMU has used: with other work on the host's cores it says more than wall time does."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -146,112 +157,132 @@ def qemu_argv(
     ]  # fmt: skip
 
 
-def verify(image: pathlib.Path, work: pathlib.Path, timeout: float = 600) -> dict[str, float | str]:
-    """Boot `image` (through an overlay: the image stays untouched) and check it; seconds from QEMU's start
-    to each milestone, and what the guest said, by name. Raises TestGroundError on the first failure."""
-    key = work / "id_ed25519"
-    procs.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-        "making an ssh key",
-        "apt-get install openssh-client",
-    )
-    overlay, seed = work / "root.qcow2", work / "seed.iso"
-    console, agent_sock = work / "console.log", work / "qga.sock"
-    procs.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay)]
-        + [f"{ROOT_GIB}G"],
-        "making the overlay",
-        cloud_image.FIX,
-    )
+class _Boot:
+    """One QEMU run of the image and the probes a test would use, each polled without blocking for long."""
+
+    def __init__(self, argv: list[str], work: pathlib.Path, key: pathlib.Path, port: int) -> None:
+        self.work, self.key, self.port = work, key, port
+        self.console, self.agent_sock = work / "console.log", work / "qga.sock"
+        self.agent: _Agent | None = None
+        self.probe: subprocess.Popen[bytes] | None = None
+        self.start = time.monotonic()
+        with open(work / "qemu.log", "wb") as log:
+            self.qemu = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    def milestone(self) -> str:
+        """Seconds since QEMU started, and the CPU time it used (which says more on a busy host)."""
+        cpu = _cpu_seconds(self.qemu.pid)
+        return f"{time.monotonic() - self.start:.1f} s (QEMU CPU {cpu:.1f} s)"
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def agent_ready(self) -> bool:
+        if self.agent is None and self.agent_sock.exists():
+            self.agent = _Agent(self.agent_sock)
+        return self.agent is not None and self.agent.ready()
+
+    def ssh_ready(self) -> bool:
+        """One ssh attempt at a time: before the guest has its address, one hangs for seconds."""
+        if self.probe is not None and self.probe.poll() is not None:
+            if self.probe.returncode == 0:
+                return True
+            self.probe = None
+        if self.probe is None:
+            argv = _ssh_argv(self.key, self.port, cloud_image.DEFAULT_USER, "true")
+            self.probe = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return False
+
+    def close(self) -> None:
+        if self.probe is not None and self.probe.poll() is None:
+            self.probe.kill()
+        if self.agent is not None:
+            self.agent.sock.close()
+        procs.terminate(self.qemu.pid)
+        self.qemu.wait()
+
+
+def _seed(work: pathlib.Path, key: pathlib.Path) -> pathlib.Path:
+    """The config drive, made by kubenova's own code from an instance spec, as the agent makes it."""
     spec = InstanceSpec(
         uuid=str(uuid.uuid4()),
         name=HOSTNAME,
         namespace="default",
         vcpus=2,
         memory_mib=1024,
-        user_data=USER_DATA.format(key=(key.with_suffix(".pub")).read_text().strip()),
+        user_data=USER_DATA.format(key=key.with_suffix(".pub").read_text().strip()),
         network_config=NETWORK_CONFIG,
         injected_files=(InjectedFile(*INJECTED),),
         admin_password="kubenova-check",
     )
-    configdrive.write(cloudinit.files(spec), seed)
-    port = _free_port()
-    found: dict[str, float | str] = {}
-    start = time.monotonic()
-    with open(work / "qemu.log", "wb") as log:
-        qemu = subprocess.Popen(
-            qemu_argv(overlay, seed, console, agent_sock, port),
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
-    agent: _Agent | None = None
+    configdrive.write(cloudinit.files(spec), work / "seed.iso")
+    return work / "seed.iso"
+
+
+def verify(image: pathlib.Path, work: pathlib.Path, timeout: float = 600) -> dict[str, str]:
+    """Boot `image` (through an overlay: the image stays untouched) and check it: when each milestone came
+    (from QEMU's start), and what the guest said, by name. Raises TestGroundError on the first failure."""
+    key, overlay = work / "id_ed25519", work / "root.qcow2"
+    procs.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], "making an ssh key", FIX)
+    procs.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay)]
+        + [f"{ROOT_GIB}G"],
+        "making the overlay",
+        cloud_image.FIX,
+    )
+    seed, port = _seed(work, key), _free_port()
+    boot = _Boot(qemu_argv(overlay, seed, work / "console.log", work / "qga.sock", port), work, key, port)
+    markers = {
+        "booted marker": cloud_image.BOOTED,
+        "agent marker": cloud_image.AGENT_UP,
+        "runcmd marker": RUNCMD_MARKER,
+        "cloud-init done": cloud_image.CLOUD_INIT_DONE,
+        "login prompt": "login:",
+    }
+    found: dict[str, str] = {}
     try:
-
-        def seen(marker: str) -> Callable[[], bool]:
-            def check() -> bool:
-                text = console.read_text(errors="replace") if console.exists() else ""
-                return marker in text
-
-            return check
-
-        def agent_ready() -> bool:
-            nonlocal agent
-            if agent is None and agent_sock.exists():
-                agent = _Agent(agent_sock)
-            return agent is not None and agent.ready()
-
-        def ssh_ready() -> bool:
-            try:
-                _ssh(key, port, cloud_image.DEFAULT_USER, "true", timeout=10)
-                return True
-            except (TestGroundError, subprocess.TimeoutExpired):
-                return False
-
-        pending = {
-            "login prompt": seen("login:"),
-            "booted marker": seen(cloud_image.BOOTED),
-            "runcmd marker": seen(RUNCMD_MARKER),
-            "cloud-init done": seen(cloud_image.CLOUD_INIT_DONE),
-            "agent marker": seen(cloud_image.AGENT_UP),
-            "guest agent": agent_ready,
-            "ssh": ssh_ready,
-        }
-        while pending:
-            if qemu.poll() is not None:
-                raise TestGroundError(f"QEMU exited ({qemu.returncode}); see {work / 'qemu.log'}")
-            if time.monotonic() - start > timeout:
-                raise TestGroundError(f"not within {timeout:.0f}s: {', '.join(pending)}; see {console}")
-            for name, check in list(pending.items()):
-                if check():
-                    found[name] = round(time.monotonic() - start, 1)
-                    del pending[name]
-            time.sleep(0.5)
-        assert agent is not None
-        agent.call("guest-sync", 10, id=uuid.uuid4().int % 2**31)  # past every answer still queued
-        found["ping"] = json.dumps(agent.call("guest-ping", 10))
-        osinfo = agent.call("guest-get-osinfo", 10)
-        if not isinstance(osinfo, dict) or osinfo.get("id") != "debian":
-            raise TestGroundError(f"guest-get-osinfo: {osinfo}")
-        found["osinfo"] = f"{osinfo.get('pretty-name')} kernel {osinfo.get('kernel-release')}"
-        text = console.read_text(errors="replace")
-        done = next(line for line in text.splitlines() if cloud_image.CLOUD_INIT_DONE in line)
+        while len(found) < len(markers) + 2:
+            if boot.qemu.poll() is not None:
+                raise TestGroundError(f"QEMU exited ({boot.qemu.returncode}); see {work / 'qemu.log'}")
+            if time.monotonic() - boot.start > timeout:
+                missing = [name for name in [*markers, "guest agent", "ssh"] if name not in found]
+                raise TestGroundError(f"not within {timeout:.0f}s: {', '.join(missing)}; see {boot.console}")
+            text = boot.console_text()
+            for name, marker in markers.items():
+                if name not in found and marker in text:
+                    found[name] = boot.milestone()
+            for name, ready in (("guest agent", boot.agent_ready), ("ssh", boot.ssh_ready)):
+                if name not in found and ready():
+                    found[name] = boot.milestone()
+            time.sleep(0.2)
+        assert boot.agent is not None
+        found.update(_agent_checks(boot.agent))
+        done = next(line for line in boot.console_text().splitlines() if cloud_image.CLOUD_INIT_DONE in line)
         if f"{cloud_image.CLOUD_INIT_DONE} ok" not in done:
             raise TestGroundError(f"cloud-init reported errors: {done.strip()}")
         found["cloud-init"] = done.split(cloud_image.CLOUD_INIT_DONE, 1)[1].strip()
         found.update(_inside(key, port))
     finally:
-        if agent is not None:
-            agent.sock.close()
-        procs.terminate(qemu.pid)
-        qemu.wait()
+        boot.close()
     return found
 
 
-def _inside(key: pathlib.Path, port: int) -> dict[str, float | str]:
+def _agent_checks(agent: _Agent) -> dict[str, str]:
+    agent.call("guest-sync", 10, id=uuid.uuid4().int % 2**31)  # past every answer still queued
+    ping = agent.call("guest-ping", 10)
+    osinfo = agent.call("guest-get-osinfo", 10)
+    if not isinstance(osinfo, dict) or osinfo.get("id") != "debian":
+        raise TestGroundError(f"guest-get-osinfo: {osinfo}")
+    return {
+        "guest-ping": json.dumps(ping),
+        "guest-get-osinfo": f"{osinfo.get('pretty-name')} {osinfo.get('kernel-release')}",
+    }
+
+
+def _inside(key: pathlib.Path, port: int) -> dict[str, str]:
     """What cloud-init did, seen over ssh."""
     user = cloud_image.DEFAULT_USER
-    checks: dict[str, float | str] = {}
+    checks: dict[str, str] = {}
     if _ssh(key, port, "root", "id -u").strip() != "0":
         raise TestGroundError("ssh as root did not log in as root")
     address = _ssh(key, port, user, "ip -4 -o addr show dev eth0")
@@ -259,6 +290,9 @@ def _inside(key: pathlib.Path, port: int) -> dict[str, float | str]:
         raise TestGroundError(f"eth0 lacks the static address from network-config: {address.strip()}")
     checks["eth0"] = " ".join(address.split()[1:4])
     checks["networkd files"] = _ssh(key, port, user, "cd /etc/systemd/network && echo *.network").strip()
+    # resolved (no D-Bus for resolvectl) lists the network config's nameservers here
+    if "nameserver 10.0.2.3" not in _ssh(key, port, user, "cat /run/systemd/resolve/resolv.conf"):
+        raise TestGroundError("the nameserver from network-config is not in resolved's resolv.conf")
     path, content = INJECTED
     if _ssh(key, port, user, f"cat {shlex.quote(path)}").encode() != content:
         raise TestGroundError(f"the injected file {path} is missing or differs")

@@ -1,15 +1,13 @@
 """A real cloud guest for the test ground: Debian 12 with cloud-init, the QEMU guest agent and sshd.
 
 The busybox guest (guest.py) shows what a driver did to a VM; this image shows that a real distribution
-boots from what kubenova gives a VM and acts on it: cloud-init reads the NoCloud config drive (user-data,
-vendor-data, network-config), qemu-guest-agent answers on the org.qemu.guest_agent.0 port, sshd lets the
-key from user-data in. It is built once per digest of its inputs with mmdebstrap from the host's own apt
-sources and kept in the cache as a compressed qcow2 that boots by BIOS on its own: an MBR disk with a FAT
-partition (syslinux, the Debian cloud kernel and its initramfs) and an ext4 root, made from plain files
-(sfdisk, mkfs.vfat --offset, mtools, syslinux --offset, mkfs.ext4 -d -E offset): no loop devices, no
-mounts, no Docker. Under TCG it still takes tens of seconds to boot: keep it to the tests that need it.
-
-``python -m testground.cloud_image`` builds it (``--check`` also boots it in plain QEMU: cloud_check.py).
+boots from what kubenova gives a VM and acts on it: cloud-init reads the NoCloud config drive, qemu-ga
+answers on the org.qemu.guest_agent.0 port, sshd lets the key from user-data in. Built once per digest of
+its inputs with mmdebstrap from the host's own apt sources, kept in the cache as a compressed qcow2 that
+boots by BIOS on its own: an MBR disk with a FAT partition (syslinux, the cloud kernel and its initramfs)
+and an ext4 root, made from plain files (sfdisk, mkfs.vfat --offset, mtools, syslinux --offset,
+mkfs.ext4 -d -E offset): no loop devices, no mounts. Under TCG it takes 30 to 45 s to reach ssh: keep it
+to the tests that need it. ``python -m testground.cloud_image [--check]`` builds it (and checks it).
 """
 
 from __future__ import annotations
@@ -33,38 +31,29 @@ from testground.procs import Layout, TestGroundError
 #: The name the image gets in image stores.
 CLOUD_IMAGE = "kubenova-debian-12-cloud.qcow2"
 SUITE = "bookworm"
+BUILD_STEPS = 1  # part of the cache key: bump it when a build step changes (the key holds only its inputs)
 #: cloud-init's default user on Debian (system_info.default_user in /etc/cloud/cloud.cfg).
 DEFAULT_USER = "debian"
-#: Serial console lines the image's own units print (to /dev/console, which is ttyS0): a test waits for them.
-BOOTED = "KUBENOVA-CLOUD-BOOTED"  # systemd reached basic.target from the disk
-CLOUD_INIT_DONE = "KUBENOVA-CLOUD-INIT-DONE"  # after cloud-final: "ok" or "errors", and the datasource
-AGENT_UP = "KUBENOVA-GUEST-AGENT-UP"  # qemu-ga holds the org.qemu.guest_agent.0 port open
+#: Serial console lines the image's own units print (to /dev/console, which is ttyS0), in the order they come:
+#: systemd runs from the mounted root disk ("KUBENOVA-CLOUD-BOOTED kernel=<release>"); qemu-ga holds its
+#: port open; cloud-init's last stage has ended ("... ok|errors datasource=<what it used>"; only with a
+#: config drive). sshd and the serial getty ("login:") come between the last two.
+BOOTED = "KUBENOVA-CLOUD-BOOTED"
+AGENT_UP = "KUBENOVA-GUEST-AGENT-UP"
+CLOUD_INIT_DONE = "KUBENOVA-CLOUD-INIT-DONE"
 # minbase plus: the init system, device events (they start qemu-ga when its port appears), cloud-init and
-# what its modules call (growpart, sudo for the default user, ip for the networkd renderer), sshd, the kernel.
+# what its modules call (growpart, sudo for the default user, ip for the networkd renderer), resolved (so the
+# nameservers of a network config are used), sshd, the kernel.
 PACKAGES = (
-    "systemd-sysv",
-    "udev",
-    "cloud-init",
-    "cloud-guest-utils",
-    "sudo",
-    "iproute2",
-    "netbase",
-    "qemu-guest-agent",
-    "openssh-server",
-    "linux-image-cloud-amd64",
-)
+    "systemd-sysv udev cloud-init cloud-guest-utils sudo iproute2 netbase systemd-resolved qemu-guest-agent"
+    " openssh-server linux-image-cloud-amd64"
+).split()
 # What a short-lived test VM never needs at boot (or ever): each costs seconds under TCG or wakes up later.
+# getty-static starts gettys on tty2-6 where logind is missing (it is: no D-Bus).
 MASKED = (
-    "apt-daily.timer",
-    "apt-daily-upgrade.timer",
-    "dpkg-db-backup.timer",
-    "e2scrub_all.timer",
-    "e2scrub_reap.service",
-    "fstrim.timer",
-    "man-db.timer",
-    "systemd-pstore.service",
-    "cloud-config.service",
-)
+    "apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service"
+    " fstrim.timer man-db.timer systemd-pstore.service getty-static.service cloud-config.service"
+).split()
 # The initramfs only has to find the root disk: kubenova's root disk is virtio (or virtio-scsi); ext4 is built
 # in. Each module here is loaded at every boot (ata_piix alone probes the IDE ports for a second).
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod")
@@ -112,26 +101,27 @@ case "$1" in
     ds=$(sed -n 's/.*"datasource": "\\([^"]*\\)".*/\\1/p' "$result")
     echo "{CLOUD_INIT_DONE} $status datasource=$ds" ;;
   agent-up)
-    # qemu-ga is Type=simple: wait (at most 5 s) until it holds the port open before saying so.
+    # qemu-ga is Type=simple: say so once it holds the port open (at once, in practice; at most 5 s).
     port=$(readlink -f /dev/virtio-ports/org.qemu.guest_agent.0)
     for _ in $(seq 50); do
-      ls -l "/proc/$2/fd" 2>/dev/null | grep -q -- "$port" && break
+      if ls -l "/proc/$2/fd" 2>/dev/null | grep -q -- "$port"; then echo "{AGENT_UP}"; break; fi
       sleep 0.1
-    done
-    echo "{AGENT_UP}" ;;
+    done ;;
 esac >/dev/console
 """
 _MARK = "/bin/sh /usr/local/lib/kubenova/guest-helper"
 _BOOTED_UNIT = f"""\
 [Unit]
-Description=kubenova: tell the serial console that the system has booted
+Description=kubenova: tell the serial console that the system runs from its disk
+DefaultDependencies=no
+After=local-fs.target
 
 [Service]
 Type=oneshot
 ExecStart={_MARK} booted
 
 [Install]
-WantedBy=multi-user.target
+WantedBy=sysinit.target
 """
 _CLOUD_INIT_DONE_UNIT = f"""\
 [Unit]
@@ -194,9 +184,9 @@ cfg = yaml.safe_load(open("/etc/cloud/cloud.cfg"))
 final = cfg["cloud_config_modules"] + cfg["cloud_final_modules"]
 stages = {{"cloud_config_modules": [], "cloud_final_modules": final}}
 open("/etc/cloud/cloud.cfg.d/91_kubenova_stages.cfg", "w").write(yaml.safe_dump(stages))'
-
-echo localhost >"$root/etc/hostname"
-: >"$root/etc/resolv.conf"
+echo localhost >"$root/etc/hostname" && chmod 644 "$root/etc/hostname"  # mmdebstrap copied the host's
+rm -f "$root"/etc/.resolv.conf.*.bak
+[ -L "$root/etc/resolv.conf" ] || : >"$root/etc/resolv.conf"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*.log
 """
 
@@ -308,35 +298,30 @@ def _inputs() -> list[str]:
     """
     lists = sorted(APT_LISTS.glob("*_Packages*"))
     mmdebstrap = subprocess.run(["mmdebstrap", "--version"], capture_output=True, text=True).stdout.strip()
-    return [
-        "cloud-image-1",
-        SUITE,
+    fixed = [
+        f"{BUILD_STEPS} {SUITE} {DISK_MIB} {BOOT_MIB}",
         apt_sources(),
-        *PACKAGES,
-        *MASKED,
-        *EXCLUDED_PATHS,
-        *KEPT_PATHS,
-        *(f"{name}\0{text}" for name, text in sorted(_overlay().items())),
         _CUSTOMIZE,
         _syslinux_cfg(CMDLINE),
-        f"{DISK_MIB} {BOOT_MIB}",
-        mmdebstrap,
-        *(f"{p.name} {p.stat().st_mtime_ns}" for p in lists),
     ]
+    files = [f"{name}\0{text}" for name, text in sorted(_overlay().items())]
+    lists_state = [f"{p.name} {p.stat().st_mtime_ns}" for p in lists]
+    return [*fixed, *files, *PACKAGES, *MASKED, *EXCLUDED_PATHS, *KEPT_PATHS, mmdebstrap, *lists_state]
 
 
 def ensure_cloud_image(layout: Layout) -> pathlib.Path:
-    """The cached image (built on first use, a few minutes on 2 cores); never write to it: use an overlay."""
-    if os.geteuid() != 0:
-        raise TestGroundError("building the cloud image needs root (mmdebstrap --mode=root); run as root")
+    """The cached image (built on first use: about a minute); never write to it, boot an overlay of it."""
     for tool in ("mmdebstrap", "sfdisk", "mkfs.vfat", "mcopy", "syslinux", "mkfs.ext4", "qemu-img"):
         if shutil.which(tool) is None:
             raise TestGroundError(f"{tool} is missing; {FIX}")
-    if not MBR.exists():
-        raise TestGroundError(f"{MBR} is missing; apt-get install syslinux-common")
     cache = layout.cache / "cloud"
     cache.mkdir(parents=True, exist_ok=True)
-    return _cached(cache / f"{CLOUD_IMAGE.removesuffix('.qcow2')}-{_digest(*_inputs())}.qcow2", _build)
+    image = cache / f"{CLOUD_IMAGE.removesuffix('.qcow2')}-{_digest(*_inputs())}.qcow2"
+    if not image.exists() and os.geteuid() != 0:
+        raise TestGroundError("building the cloud image needs root (mmdebstrap --mode=root); run as root")
+    if not image.exists() and not MBR.exists():
+        raise TestGroundError(f"{MBR} is missing; apt-get install syslinux-common")
+    return _cached(image, _build)
 
 
 def cloud_image_digest(layout: Layout) -> str:
@@ -354,11 +339,11 @@ def cloud_image_digest(layout: Layout) -> str:
 
 
 def _build(dest: pathlib.Path) -> None:
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix="build.") as tmp:
-        work = pathlib.Path(tmp)
-        rootfs = work / "rootfs"
+    # Beside _cached's folder, not in it: only _remove may delete the tree mmdebstrap mounted things in.
+    work = pathlib.Path(tempfile.mkdtemp(dir=dest.parent.parent, prefix=".build."))
+    try:
+        rootfs, boot = work / "rootfs", work / "boot"
         _build_rootfs(work, rootfs)
-        boot = work / "boot"
         boot.mkdir()
         # The FAT partition boots the kernel; copies in the root's /boot would only take space.
         for pattern, name in (("vmlinuz-*", "vmlinuz"), ("initrd.img-*", "initrd.img")):
@@ -374,6 +359,19 @@ def _build(dest: pathlib.Path) -> None:
             "converting the cloud image to qcow2",
             FIX,
         )
+    finally:
+        _remove(work)
+
+
+def _remove(work: pathlib.Path) -> None:
+    """Delete a build folder, unless something is still mounted in it: mmdebstrap binds host /dev nodes,
+    /proc and /sys into the tree while it runs, and one that was killed may leave them there."""
+    mounts = [line.split()[4] for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()]
+    if any(m == str(work) or m.startswith(f"{work}/") for m in mounts):
+        raise TestGroundError(
+            f"{work} still has mounts (a killed mmdebstrap's): umount -R them, then delete it"
+        )
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _build_rootfs(work: pathlib.Path, rootfs: pathlib.Path) -> None:
@@ -417,12 +415,8 @@ def _make_disk(raw: pathlib.Path, rootfs: pathlib.Path, boot: pathlib.Path, geo:
         "making the cloud image's boot filesystem",
         FIX,
     )
-    for path in sorted(boot.iterdir()):
-        procs.run(
-            ["mcopy", "-i", f"{raw}@@{boot_offset}", str(path), f"::{path.name}"],
-            f"copying {path.name} onto the boot partition",
-            FIX,
-        )
+    files = [str(p) for p in sorted(boot.iterdir())]
+    procs.run(["mcopy", "-i", f"{raw}@@{boot_offset}", *files, "::"], "filling the boot partition", FIX)
     procs.run(["syslinux", "--offset", str(boot_offset), "--install", str(raw)], "installing syslinux", FIX)
     with raw.open("r+b") as f:  # boot code only (440 bytes): the partition table after it stays
         f.write(MBR.read_bytes()[:440])
