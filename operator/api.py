@@ -428,6 +428,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     maintenance: Maintenance
     cpuModel: str
     cpuInfo: CpuInfo
+    images: list[str]
     cpuModels: list[str]
     capacity: Resources
     usage: NodeUsage

@@ -58,3 +58,16 @@ class ImageStore:
                 "copy it there or fix the name",
             )
         return str(path.resolve())
+
+    def files(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """What the store holds now: the public images' names, and each namespace's snapshots as (namespace,
+        name); dot-files (a snapshot being written) are not there yet."""
+
+        def listed(folder: pathlib.Path) -> list[pathlib.Path]:
+            return [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+
+        public = [p.name for p in listed(self.root) if p.is_file()]
+        snapshots = [
+            (ns.name, p.name) for ns in listed(self.root / SNAPSHOTS) for p in listed(ns) if p.is_file()
+        ]
+        return public, snapshots

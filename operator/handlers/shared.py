@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol, cast
@@ -293,3 +294,19 @@ def is_final(status: Mapping[str, Any]) -> bool:
 def cancelled(body: Mapping[str, Any]) -> bool:
     """spec.cancel, or a deleted Migration: both stop it where it is."""
     return bool((body.get("spec") or {}).get("cancel")) or bool(body["metadata"].get("deletionTimestamp"))
+
+
+def store_keys(namespace: str, name: str) -> tuple[str, str]:
+    """How a ComputeNode's ``status.images`` may name a file an instance boots from: a public image of the
+    node's store by its name, the namespace's own snapshot of that name by a digest (ComputeNodes are
+    read cluster-wide; a namespace's snapshot names are its own)."""
+    return name, "snapshot-" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
+
+
+def store_needs(namespace: str, spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The store files an instance boots from (an image by name, a kernel and its initrd), as store_keys:
+    placement prefers a node whose store has them all."""
+    boot = spec.get("boot") or {}
+    image, kernel = boot.get("image") or {}, boot.get("kernel") or {}
+    names = [image.get("name"), kernel.get("image"), kernel.get("initrd")]
+    return tuple(store_keys(namespace, name) for name in names if name)

@@ -2,12 +2,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import pathlib
 from typing import Any
 
 import pytest
 
+from kubenova.driver.fake import FakeDriver
+from kubenova.driver.images import ImageStore
+from kubenova.handlers.agent.node_reporter import NodeReporter
 from kubenova.handlers.controller.binding import node_view
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
+from kubenova.handlers.shared import COMPUTENODES, store_keys, store_needs
+from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -128,3 +134,59 @@ def test_the_message_names_the_constraints_and_leaves_the_figures_to_the_detail(
     for taken in (Usage(), Usage(16, 1400, 90)):
         with pytest.raises(Unschedulable, match="a: asks for more disk than the node has in all"):
             choose_node(Usage(1, 10, 936), None, nodes, {"a": taken}, NOW)
+
+
+def test_a_node_whose_store_has_the_image_wins_over_more_free_memory() -> None:
+    spec = {"boot": {"image": {"name": "snap.qcow2"}}}
+    needs = store_needs("ns", spec)
+    own_snapshot = store_keys("ns", "snap.qcow2")[1]
+    nodes = {
+        "big": node("big", memory=8000),
+        "has": dataclasses.replace(node("has"), images=frozenset({own_snapshot})),
+        "other-ns": dataclasses.replace(
+            node("other-ns", memory=4000), images=frozenset({store_keys("x", "snap.qcow2")[1]})
+        ),
+    }
+    assert choose_node(Usage(1, 100), None, nodes, {}, NOW, needs=needs) == "has"
+    public = {"boot": {"kernel": {"image": "vmlinuz", "initrd": "initrd.img"}}}
+    nodes["half"] = dataclasses.replace(node("half", memory=9000), images=frozenset({"vmlinuz"}))
+    nodes["both"] = dataclasses.replace(node("both"), images=frozenset({"vmlinuz", "initrd.img"}))
+    assert choose_node(Usage(1, 100), None, nodes, {}, NOW, needs=store_needs("ns", public)) == "both"
+    # No node has it: placed all the same (the node's agent says the image is missing, naming the field).
+    assert (
+        choose_node(
+            Usage(1, 100), None, nodes, {}, NOW, needs=store_needs("ns", {"boot": {"image": {"name": "x"}}})
+        )
+        == "half"
+    )
+
+
+def test_a_snapshot_name_is_not_published_only_its_digest() -> None:
+    name, key = store_keys("tenant-a", "secret-project-plan.qcow2")
+    assert "secret" not in key and "tenant" not in key and key != store_keys("tenant-b", name)[1]
+
+
+def test_the_node_reporter_publishes_its_store_with_snapshots_by_digest(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "public.qcow2").write_bytes(b"x")
+    (tmp_path / ".half-copied.qcow2").write_bytes(b"x")
+    (tmp_path / "snapshots" / "tenant-a").mkdir(parents=True)
+    (tmp_path / "snapshots" / "tenant-a" / "plan.qcow2").write_bytes(b"x")
+    api = FakeApiserver()
+    api.add(COMPUTENODES, {"metadata": {"name": "node-0"}, "spec": {}})
+    reporter = NodeReporter(
+        "node-0",
+        FakeDriver("node-0"),
+        api,
+        None,
+        "10.0.0.1",
+        set,
+        lambda *_: None,
+        store=ImageStore(tmp_path),  # type: ignore[arg-type]
+    )
+    reporter.writer = MemoryStatusWriter(api, COMPUTENODES)  # type: ignore[assignment]
+    reporter.report()
+    status = api.objects[(COMPUTENODES, None, "node-0")]["status"]
+    assert status["images"] == sorted(["public.qcow2", store_keys("tenant-a", "plan.qcow2")[1]])
+    assert node_view("node-0", {}, {}, status).has(
+        store_needs("tenant-a", {"boot": {"image": {"name": "plan.qcow2"}}})
+    )

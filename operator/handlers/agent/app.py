@@ -193,6 +193,7 @@ class Agent:
             config.migration_uri,
             config.lease_seconds,
             config.kubernetes_node,
+            images,
         )
         self.guest_agent = GuestAgentWatch(self.instances)
         self.metrics = diagnostics.Metrics()

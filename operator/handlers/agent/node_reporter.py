@@ -17,6 +17,7 @@ from typing import Any
 import kubernetes
 
 from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
+from kubenova.driver.images import ImageStore
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -27,6 +28,7 @@ from kubenova.handlers.shared import (
     condition,
     now,
     set_condition,
+    store_keys,
     typed,
 )
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 #: The heartbeat Lease's duration (kubelet's node lease defaults to 40 s); renewed four times as often.
 LEASE_SECONDS = 40
 REPORT_INTERVAL = 20.0
+#: At most this many of the store's files are published (placement prefers nodes that have an image).
+MAX_IMAGES = 1000
 HEARTBEAT_REFRESH = datetime.timedelta(minutes=5)
 #: Figures that move all the time (measured free memory): they ride along with a write another change
 #: or the heartbeat causes, and never cause one themselves.
@@ -68,11 +72,13 @@ class NodeReporter:
         migration_uri: str = "",
         lease_seconds: int = LEASE_SECONDS,
         kubernetes_node: str = "",
+        store: ImageStore | None = None,
     ) -> None:
         """``kubernetes_node``: the Node the agent runs on (cluster mode), published so that deleting it
-        or tainting it out-of-service fences this node."""
+        or tainting it out-of-service fences this node; ``store``'s files are published for placement."""
         self.lease_seconds = lease_seconds
         self.kubernetes_node = kubernetes_node
+        self.store = store
         self.node = node
         self.driver = driver
         self.custom = custom
@@ -135,6 +141,15 @@ class NodeReporter:
                     ),
                 ),
             )
+
+    def _images(self) -> list[str]:
+        """The store's files as placement names them (shared.store_keys), at most MAX_IMAGES of them."""
+        if self.store is None:
+            return []
+        public, snapshots = self.store.files()
+        return sorted({*public, *(store_keys(namespace, name)[1] for namespace, name in snapshots)})[
+            :MAX_IMAGES
+        ]
 
     def report(self) -> None:
         """Publish host figures, usage and conditions when they differ from the last report."""
@@ -208,6 +223,7 @@ class NodeReporter:
                 "features": list(cpu.features),
             },
             "cpuModels": list(stats.cpu_models),
+            "images": self._images(),
             "capacity": {"vcpus": stats.vcpus, "memoryMiB": stats.memory_mib, "diskGiB": stats.disk_gib},
             "usage": {
                 "vcpus": sum(i.vcpus for i in instances),

@@ -22,6 +22,7 @@ from kubenova.handlers.shared import (
     condition,
     post_event,
     set_condition,
+    store_needs,
     unless_changed,
 )
 
@@ -84,6 +85,7 @@ def node_view(
         stored_gib=int(usage.get("volumesGiB", 0)) + int(usage.get("snapshotsGiB", 0)),
         disk_available_least_gib=int(least) if least is not None else None,
         cpu_models=frozenset(status.get("cpuModels") or ()),
+        images=frozenset(status.get("images") or ()),
     )
 
 
@@ -130,6 +132,7 @@ def place(
             datetime.datetime.now(datetime.UTC),
             spec.get("nodeSelector"),
             cpu_model_of(spec),
+            store_needs(namespace, spec),
         )
     except Unschedulable as exc:
         cond = condition(status, "Scheduled")

@@ -1,10 +1,9 @@
 """Migrations, controller side: choose the target, keep to the limits, empty nodes in maintenance.
 
-The controller only decides; the two agents carry a migration out (migrations.py). Its work
-is one planning pass at a time, in a thread of its own, that reads Migrations and
-ComputeNodes fresh from the apiserver: a pass never acts on stale copies of what the
-previous pass wrote, so it cannot start one migration twice or evacuate one instance twice.
-Events only ask for a pass.
+The controller only decides; the two agents carry a migration out (migrations.py). Its work is one
+planning pass at a time, in a thread of its own, that reads Migrations and ComputeNodes fresh from the
+apiserver: a pass never acts on stale copies of what the previous pass wrote, so it cannot start one
+migration twice or evacuate one instance twice. Events only ask for a pass.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from kubenova.handlers.shared import (
     now,
     post_event,
     remove_finalizer,
+    store_needs,
     typed,
     unless_changed,
 )
@@ -296,6 +296,7 @@ class Planner:
                 datetime.datetime.now(datetime.UTC),
                 ispec.get("nodeSelector"),
                 cpu_model_of(ispec),
+                store_needs(instance["metadata"]["namespace"], ispec),
             )
         except Unschedulable as exc:
             raise Unschedulable(f"no target: {exc}") from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 #: A node whose agent has not reported for this long takes no new instances.
 HEARTBEAT_GRACE = datetime.timedelta(seconds=60)
@@ -37,6 +37,12 @@ class NodeView:
     disk_available_least_gib: int | None = None
     #: the named CPU models a guest can get there (its status.cpuModels; empty: not reported)
     cpu_models: frozenset[str] = frozenset()
+    #: the files of its image store, as shared.store_keys name them (its status.images)
+    images: frozenset[str] = frozenset()
+
+    def has(self, needs: Sequence[Sequence[str]]) -> bool:
+        """Whether its store holds every file an instance boots from (each need: the names it may go by)."""
+        return all(any(key in self.images for key in need) for need in needs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +96,10 @@ def choose_node(
     now: datetime.datetime,
     selector: Mapping[str, str] | None = None,
     cpu_model: str | None = None,
+    needs: Sequence[Sequence[str]] = (),
 ) -> str:
-    """The fitting node with the most free memory (spreads instances); raises Unschedulable.
+    """The fitting node with the most free memory (spreads instances), among those whose image store
+    holds what the instance boots from (``needs``, see NodeView.has) if any does; raises Unschedulable.
 
     ``cpu_model``: the instance's spec.cpu.model, which only a node listing it can run.
     """
@@ -101,7 +109,7 @@ def choose_node(
     if pinned and not candidates:
         raise Unschedulable(f"spec.nodeName {pinned!r} names no registered ComputeNode")
     reasons, details = [], []
-    best: tuple[int, str] | None = None
+    best: tuple[bool, int, str] | None = None
     for node in candidates:
         reason, detail = _misfit(node, request, used.get(node.name, Usage()), now, selector, cpu_model)
         if reason:
@@ -109,8 +117,8 @@ def choose_node(
             details.append(f"{node.name}: {detail or reason}")
             continue
         free_memory = int(node.memory_mib * RAM_ALLOCATION_RATIO) - used.get(node.name, Usage()).memory_mib
-        if best is None or free_memory > best[0]:
-            best = (free_memory, node.name)
+        if best is None or (node.has(needs), free_memory) > best[:2]:
+            best = (node.has(needs), free_memory, node.name)
     if best is None:
         if cpu_model and all(r.endswith(_cpu_misfit(cpu_model)) for r in reasons):
             raise Unschedulable(
@@ -120,7 +128,7 @@ def choose_node(
         raise Unschedulable(
             "no ComputeNode fits: " + "; ".join(reasons), "no ComputeNode fits: " + "; ".join(details)
         )
-    return best[1]
+    return best[2]
 
 
 def _cpu_misfit(model: str) -> str:
