@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import queue
 import re
+import threading
 import urllib.parse
+from typing import Any
 
 from urllib3.exceptions import HTTPError
 
@@ -143,7 +146,7 @@ def _attempt(
             total = part.size + int(length)
         if total is not None and total > max_bytes:
             raise _too_large(url, field, total, max_bytes)
-        with open(part.path, "ab") as out:
+        with open(part.path, "ab") as out, _Hashing(part.hash) as hashing:
             stream = resp.stream(CHUNK)
             while True:
                 try:
@@ -155,7 +158,7 @@ def _attempt(
                 if part.size + len(chunk) > max_bytes:
                     raise _too_large(url, field, None, max_bytes)
                 out.write(chunk)
-                part.hash.update(chunk)
+                hashing.update(chunk)
                 part.size += len(chunk)
                 progress(part.size, total)
             out.flush()
@@ -164,6 +167,31 @@ def _attempt(
             raise ImageSourceUnavailable(f"{field}.url", f"{url} ended after {part.size} of {total} bytes")
     finally:
         resp.release_conn()
+
+
+class _Hashing:
+    """sha256 on a thread of its own while the body streams in: hashlib lets go of the GIL, so one core
+    hashes while the other reads and writes (hashing inline made an import 0.6× curl's speed)."""
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self.thread = threading.Thread(target=self._run, name="import-sha256", daemon=True)
+
+    def __enter__(self) -> _Hashing:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.chunks.put(None)
+        self.thread.join()  # every chunk written is hashed before the caller looks at the digest
+
+    def update(self, chunk: bytes) -> None:
+        self.chunks.put(chunk)
+
+    def _run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            self.digest.update(chunk)
 
 
 def _too_large(url: str, field: str, size: int | None, max_bytes: int) -> ImageTooLarge:

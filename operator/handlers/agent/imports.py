@@ -192,6 +192,8 @@ class Imports:
             for job in self._jobs.values():
                 job.waiters.discard(uid)
                 job.untold.discard(uid)
+            for key in [k for k, job in self._jobs.items() if job.done and not job.waiters]:
+                del self._jobs[key]  # nobody will ask for its outcome
 
     # --- the import thread -----------------------------------------------------------------------
 
