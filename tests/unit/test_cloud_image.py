@@ -25,8 +25,8 @@ def test_geometry_puts_the_root_partition_last_and_to_the_disk_end() -> None:
         Geometry.of(48, 48)
 
 
-@pytest.mark.skipif(shutil.which("sfdisk") is None, reason="sfdisk (Debian package fdisk) is not installed")
 def test_sfdisk_makes_the_partitions_the_tools_are_given_offsets_for(tmp_path: pathlib.Path) -> None:
+    assert shutil.which("sfdisk"), "sfdisk is missing: run hack/install-deps.sh (Debian package fdisk)"
     geo = Geometry.of(64, 8)
     disk = tmp_path / "disk.raw"
     with disk.open("wb") as f:
