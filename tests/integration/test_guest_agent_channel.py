@@ -8,7 +8,6 @@ that name that cause. A guest that runs an agent (Debian's cloud image) is anoth
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any
 
 import kubernetes
 import libvirt
@@ -19,16 +18,12 @@ from testground import ground as testground
 from testground import guest
 from tests.helpers import eventually
 from tests.integration.test_agent import delete_and_wait, patch_spec, wait_action, wait_ready
+from tests.integration.test_image_imports import create
 from tests.integration.test_virtualinstance import cond, domain, get, make
 
 AGENT_PORT = "org.qemu.guest_agent.0"
 #: A CPU model libvirt knows no host by.
 NO_SUCH_MODEL = "KubenovaNoSuchCPU"
-
-
-def create(custom: kubernetes.client.CustomObjectsApi, namespace: str, body: dict[str, Any]) -> str:
-    made = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
-    return str(made["metadata"]["uid"])
 
 
 def agent_channel(xml: str) -> ET.Element:

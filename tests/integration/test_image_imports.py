@@ -8,7 +8,6 @@ Debian cloud guest is tested in test_cloud_guest.py.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import shutil
@@ -27,6 +26,7 @@ from testground.served import Served
 from tests.helpers import eventually
 from tests.integration.test_agent import kubectl_columns, patch_spec, wait_ready
 from tests.integration.test_virtualinstance import cond, get, make
+from tests.unit.import_harness import sha256_of as sha256
 
 IMPORT_TIMEOUT = 120
 
@@ -39,14 +39,6 @@ def serve(served: Served, source: pathlib.Path) -> tuple[str, str]:
     with (served.root / name).open("ab") as f:
         f.write(os.urandom(512))
     return name, f"sha256:{sha256(served.root / name)}"
-
-
-def sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def from_url(name: str, url: str, checksum: str, **spec: Any) -> dict[str, Any]:

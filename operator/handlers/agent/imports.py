@@ -41,7 +41,6 @@ class ImportRunning(Exception):
 class _Job:
     """One image's import, shared by every instance waiting for it."""
 
-    image: ImageRef
     started: float
     waiters: set[str] = dataclasses.field(default_factory=set)
     received: int = 0
@@ -110,7 +109,7 @@ class Imports:
                     raise job.error
                 job = None  # told already: this look is the next try
             if job is None or job.digest is not None:  # a finished job whose file went meanwhile: anew
-                job = _Job(self._key(image), self.clock())
+                job = _Job(self.clock())
                 self._jobs[key] = job
                 start = True
             else:
