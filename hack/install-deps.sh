@@ -6,11 +6,11 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 # mmdebstrap, fdisk (sfdisk) and syslinux-common (mbr.bin) build the Debian cloud image (testground/cloud_image.py),
-# openssh-client checks it.
+# openssh-client checks it. dnsmasq-base: libvirt runs it for the nodes' default networks (DHCP).
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static cpio kmod
       openssl iproute2 dosfstools mtools syslinux iptables
-      mmdebstrap fdisk syslinux-common openssh-client docker-registry)
+      mmdebstrap fdisk syslinux-common openssh-client docker-registry dnsmasq-base)
 # containerd and runc run the pods, the CNI plugins wire them, buildah (with mmdebstrap) builds the images,
 # gcc (and libc6-dev's static libc) compiles the pause binary.
 [ "${1:-}" = "--cluster" ] && pkgs+=(containerd runc containernetworking-plugins buildah gcc libc6-dev)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from kubenova.api_network import Firewall, GuestAgentStatus, NodeNetwork, NodeNetworkSpec, ProviderFirewall
+
 
 class Flavor(TypedDict, total=False):
     vcpus: int
@@ -108,6 +110,7 @@ class VirtualInstanceSpec(TypedDict, total=False):
     ephemeralDisks: list[EphemeralDisk]
     swap: Swap
     interfaces: list[Interface]
+    firewall: Firewall
     runStrategy: str
     powerState: str
     rescue: Rescue
@@ -206,6 +209,7 @@ class InterfaceStatus(TypedDict, total=False):
     name: str
     macAddress: str
     network: str
+    ipAddress: str
 
 
 class ImageImport(TypedDict, total=False):
@@ -216,28 +220,6 @@ class ImageImport(TypedDict, total=False):
     totalBytes: int
     percent: int
     bytesPerSecond: int
-
-
-class GuestIPAddress(TypedDict, total=False):
-    address: str
-    prefix: int
-
-
-class GuestInterface(TypedDict, total=False):
-    name: str
-    macAddress: str
-    ipAddresses: list[GuestIPAddress]
-
-
-class GuestAgentStatus(TypedDict, total=False):
-    connected: bool
-    osID: str
-    osName: str
-    prettyName: str
-    osVersion: str
-    kernelRelease: str
-    hostname: str
-    interfaces: list[GuestInterface]
 
 
 class VirtualInstanceStatus(TypedDict, total=False):
@@ -374,6 +356,8 @@ class ComputeNodeSpec(TypedDict, total=False):
     maintenance: bool
     fenced: bool
     powerAction: PowerActionRequest
+    network: NodeNetworkSpec
+    firewall: ProviderFirewall
     networks: NodeNetworks
 
 
@@ -435,6 +419,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     diskAvailableLeastGiB: int
     memoryFreeMiB: int
     instanceCount: int
+    network: NodeNetwork
     instances: list[str]
     heartbeatTime: str
     powerAction: PowerActionStatus

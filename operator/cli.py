@@ -245,6 +245,28 @@ def parser() -> argparse.ArgumentParser:
         help='more networks per namespace, as JSON: {"team-a": ["lab"]} [$KUBENOVA_NAMESPACE_NETWORKS]',
     )
     agent.add_argument(
+        "--network-name",
+        default="kubenova",
+        help="the node's default network, which the agent keeps [kubenova]",
+    )
+    agent.add_argument("--network-bridge", default="knvm0", help="its bridge on the host [knvm0]")
+    agent.add_argument(
+        "--network-subnet",
+        default="",
+        help="its IPv4 subnet; unset: the one published before, else a free block of --network-pool",
+    )
+    agent.add_argument(
+        "--network-pool", default="10.222.0.0/16", help="where subnets come from [10.222.0.0/16]"
+    )
+    agent.add_argument("--network-prefix", type=int, default=24, help="the size of a node's block [24]")
+    agent.add_argument(
+        "--provider-firewall",
+        type=_provider_rules,
+        default=_env("KUBENOVA_PROVIDER_FIREWALL", "[]"),
+        help="provider rules for every instance here, as the ComputeNode's spec.firewall.ingress in JSON, "
+        "unless that is set [$KUBENOVA_PROVIDER_FIREWALL]",
+    )
+    agent.add_argument(
         "--rescue-timeout",
         type=float,
         default=0.0,
@@ -267,12 +289,27 @@ def _namespace_networks(text: str) -> dict[str, tuple[str, ...]]:
     return {str(ns): tuple(nets) for ns, nets in found.items()}
 
 
+def _provider_rules(text: str) -> tuple[object, ...]:
+    """A JSON list of provider rules, refused at start when it is not one."""
+    from kubenova.driver.base import DriverError, check_rules
+    from kubenova.handlers.agent.translate import provider_rules
+
+    try:
+        found = json.loads(text)
+        rules = provider_rules({"ingress": found if isinstance(found, list) else None})
+        check_rules(rules)
+    except (ValueError, TypeError, AttributeError, DriverError) as exc:
+        raise argparse.ArgumentTypeError(f"not a JSON list of provider rules: {exc}") from exc
+    return rules
+
+
 def _agent(args: argparse.Namespace) -> int:
     from kubenova.driver.base import ComputeDriver, Convergence
     from kubenova.driver.images import ImageStore
     from kubenova.handlers.agent import app as agent
     from kubenova.handlers.agent import node_reporter
     from kubenova.handlers.agent.instances import Settings
+    from kubenova.handlers.agent.node_network import NetworkSettings
     from kubenova.handlers.agent.translate import NetworkAllowList
 
     images = ImageStore(args.image_store)
@@ -313,8 +350,7 @@ def _agent(args: argparse.Namespace) -> int:
         rescue_timeout=args.rescue_timeout,
         reboot_timeout=args.reboot_timeout,
         networks=NetworkAllowList(
-            tuple(args.default_network or ["default"]),
-            args.namespace_networks,
+            tuple(args.default_network or ["default"]), args.namespace_networks, args.network_name
         ),
     )
     host_ip = args.host_ip or node_reporter.host_ip()
@@ -334,6 +370,14 @@ def _agent(args: argparse.Namespace) -> int:
             kubernetes_node=args.kubernetes_node,
             migration_convergence=Convergence(args.migration_auto_converge, args.migration_post_copy),
             settings=settings,
+            network=NetworkSettings(
+                args.network_name,
+                args.network_bridge,
+                args.network_subnet,
+                args.network_pool,
+                args.network_prefix,
+                args.provider_firewall,
+            ),
         ),
         driver,
         images,

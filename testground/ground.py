@@ -33,6 +33,11 @@ AGENT_TEST_SETTINGS = (
 CONTROLLER_TEST_SETTINGS = ("--max-migrations-per-node", "1")
 
 
+def node_subnet(node: str) -> str:
+    """Each node's default network has its own /24 (node-0: 10.222.0.0/24), as the chart's pool would give."""
+    return f"10.222.{int(node.rsplit('-', 1)[1])}.0/24"
+
+
 def node_address(node: str) -> str:
     """Each node's libvirtd listens for migrations on a test-only address of the knmig0 bridge."""
     index = int(node.rsplit("-", 1)[1])
@@ -169,6 +174,8 @@ def agent_process(ground: Ground, node: str, *extra: str) -> tuple[list[str], st
             libvirt_host.NETWORK,
             "--default-network",
             "default",
+            "--network-subnet",
+            node_subnet(node),
             *AGENT_TEST_SETTINGS,
             *extra,
         ],

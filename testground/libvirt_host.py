@@ -23,6 +23,7 @@ REQUIRED = {
     "qemu-img": "qemu-utils",
     "unshare": "util-linux",
     "virsh": "libvirt-clients",
+    "dnsmasq": "dnsmasq-base",  # the DHCP server of every node's default network
 }
 
 QEMU_CONF = """\

@@ -37,8 +37,10 @@ from kubenova.driver.errors import (
     Unsupported,
     VolumeNotFound,
 )
+from kubenova.driver.networking import NetworkingContract
 from kubenova.driver.transfer import Credentials, Progress
 from kubenova.driver.types import (
+    ALLOW_ALL,
     BlockStats,
     Convergence,
     CpuInfo,
@@ -60,6 +62,7 @@ from kubenova.driver.types import (
     KernelBoot,
     MigrationOutcome,
     MigrationProgress,
+    NodeNetwork,
     PowerState,
     ProgressCallback,
     RebootType,
@@ -100,6 +103,8 @@ __all__ = [
     "Interface",
     "stable_mac",
     "FirewallRule",
+    "ALLOW_ALL",
+    "NodeNetwork",
     "InjectedFile",
     "InstanceSpec",
     "VolumeSpec",
@@ -124,8 +129,9 @@ __all__ = [
 ]
 
 
-class ComputeDriver(abc.ABC):
-    """The node-local contract: one implementation per hypervisor (libvirt, fake)."""
+class ComputeDriver(NetworkingContract):
+    """The node-local contract: one implementation per hypervisor (libvirt, fake); networking is in
+    NetworkingContract."""
 
     # --- host -------------------------------------------------------------------------------
 
@@ -350,24 +356,6 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def detach_volume(self, uuid: str, device: str) -> None:
         """Detach; the volume's bytes stay in the store."""
-
-    # --- networking ----------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """Make sure the networks the interfaces join exist on this host."""
-
-    @abc.abstractmethod
-    def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """Release what plug_vifs set up for this instance."""
-
-    @abc.abstractmethod
-    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
-        """Install the instance's firewall (security group) rules."""
-
-    @abc.abstractmethod
-    def unfilter_instance(self, uuid: str) -> None:
-        """Remove the instance's firewall rules."""
 
     # --- migration -----------------------------------------------------------------------
 

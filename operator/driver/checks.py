@@ -71,8 +71,8 @@ def check_macs(instance: InstanceSpec, in_use: dict[str, str]) -> None:
             )
 
 
-#: What an invalid rule is named after: the method's own argument, since no CRD carries firewall rules yet
-#: (a future spec.firewall brings them); never a spec field that does not exist.
+#: What an invalid rule is named after: the method's own argument (the agent checks spec.firewall itself,
+#: and the CRD's schema before it, so a spec field is named where one is at fault).
 RULES_FIELD = "rules"
 PROTOCOLS = ("tcp", "udp", "icmp", "all")
 
@@ -84,6 +84,13 @@ def check_rules(rules: Collection[FirewallRule]) -> None:
         field = f"{RULES_FIELD}[{index}]"
         if rule.protocol not in PROTOCOLS:
             raise InvalidInstanceSpec(f"{field}.protocol", f"unknown protocol {rule.protocol!r}")
+        if rule.action not in ("accept", "drop"):
+            raise InvalidInstanceSpec(f"{field}.action", f"unknown action {rule.action!r}: accept or drop")
+        ports = [
+            p for p in (rule.port_min, rule.port_max) if p is not None and rule.protocol in ("tcp", "udp")
+        ]
+        if any(not 1 <= p <= 65535 for p in ports) or (len(ports) == 2 and ports[0] > ports[1]):
+            raise InvalidInstanceSpec(f"{field}.ports", f"ports {ports} are not a range within 1-65535")
         try:
             ipaddress.ip_network(rule.cidr)
         except ValueError as exc:

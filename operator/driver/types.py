@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import ipaddress
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -113,6 +114,38 @@ class FirewallRule:
     cidr: str = "0.0.0.0/0"
     port_min: int | None = None
     port_max: int | None = None
+    #: "accept" or "drop": an instance's own rules only accept; a node's provider rules may drop too
+    action: str = "accept"
+
+
+#: An instance's firewall when its spec says none: everything may come in, as to a pod without a
+#: NetworkPolicy.
+ALLOW_ALL = (FirewallRule("all"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeNetwork:
+    """The node's default network: a NAT network with DHCP on ``subnet`` (an IPv4 CIDR), bridged on
+    ``bridge``, that every namespace's interfaces without a network join.
+
+    The gateway is the subnet's first address (the host's end), DHCP hands out the rest.
+    """
+
+    name: str
+    bridge: str
+    subnet: str
+
+    @property
+    def gateway(self) -> str:
+        return str(next(ipaddress.ip_network(self.subnet).hosts()))
+
+    @property
+    def prefix(self) -> int:
+        return ipaddress.ip_network(self.subnet).prefixlen
+
+    def pool(self) -> list[str]:
+        """The addresses DHCP may hand out, lowest first: every host address but the gateway."""
+        return [str(a) for a in list(ipaddress.ip_network(self.subnet).hosts())[1:]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +182,8 @@ class InstanceSpec:
     revision: str = ""
     #: a named guest CPU model (spec.cpu.model), exactly; None: the host's own under KVM, qemu64 under TCG
     cpu_model: str | None = None
+    #: what may come in (spec.firewall); ALLOW_ALL when the spec says nothing
+    firewall: tuple[FirewallRule, ...] = ALLOW_ALL
 
     def macs(self) -> tuple[str, ...]:
         """Each interface's MAC, in order: the spec's, or the stable one derived for it."""

@@ -34,12 +34,12 @@ from kubenova.driver.base import (
     InstanceSpec,
     Interface,
     InvalidCPUInfo,
+    NodeNetwork,
     PowerState,
     Progress,
     Unsupported,
     VolumeConnector,
     VolumeNotFound,
-    check_rules,
 )
 from kubenova.driver.fake.disks import (
     CONSOLE_LOG,
@@ -141,6 +141,10 @@ class FakeHost(ComputeDriver):
         self._post_copy_breaks: set[str] = set()
         self._vifs: dict[str, dict[str, Interface]] = {}
         self._rules: dict[str, tuple[FirewallRule, ...]] = {}
+        self._provider: tuple[FirewallRule, ...] = ()
+        #: the node network, and the address reserved for each MAC on it
+        self._network: NodeNetwork | None = None
+        self._reserved: dict[str, str] = {}
         self._free_vnc: list[int] = []
         self._next_vnc = 0
         #: the file system of the instances' files has no room left (fill_instances_disk)
@@ -225,16 +229,6 @@ class FakeHost(ComputeDriver):
             inst.agent = GuestAgent(info=info)
             return inst.agent
 
-    def vifs(self, uuid: str) -> tuple[Interface, ...]:
-        """What plug_vifs set up for the instance and unplug_vifs has not released."""
-        with self._lock:
-            return tuple(self._vifs.get(uuid, {}).values())
-
-    def filtering_rules(self, uuid: str) -> tuple[FirewallRule, ...]:
-        """The firewall rules installed for the instance."""
-        with self._lock:
-            return self._rules.get(uuid, ())
-
     # --- host -------------------------------------------------------------------------------------
 
     def init_host(self, host: str) -> None:
@@ -316,31 +310,6 @@ class FakeHost(ComputeDriver):
             for digest in removed:
                 del self._bases[digest]
             return removed
-
-    # --- networking -------------------------------------------------------------------------------
-
-    def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """Recorded per instance, defined or not: spawn plugs its own, Nova plugs before a migration too."""
-        with self._lock:
-            if interfaces:
-                self._vifs.setdefault(uuid, {}).update((iface.name, iface) for iface in interfaces)
-
-    def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        with self._lock:
-            plugged = self._vifs.get(uuid, {})
-            for iface in interfaces:
-                plugged.pop(iface.name, None)
-            if not plugged:
-                self._vifs.pop(uuid, None)
-
-    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
-        check_rules(rules)
-        with self._lock:
-            self._rules[uuid] = tuple(rules)
-
-    def unfilter_instance(self, uuid: str) -> None:
-        with self._lock:
-            self._rules.pop(uuid, None)
 
     # --- look-ups and the image store (callers hold the lock) -------------------------------------
 

@@ -25,6 +25,7 @@ from kubenova.driver.base import (
     InstanceExists,
     InstanceNotRunning,
     InstanceSpec,
+    NodeNetwork,
     check_cpu_model,
     check_instance,
     check_macs,
@@ -78,6 +79,9 @@ class LibvirtCore(ComputeDriver):
         self._frozen: set[str] = set()
         self._thaw_due: set[str] = set()
         self._lock = threading.Lock()
+        #: the node's default network once ensure_node_network made it; its reservations under _net_lock
+        self.node_network: NodeNetwork | None = None
+        self._net_lock = threading.Lock()
 
     def _dir(self, uuid: str) -> pathlib.Path:
         return self.instances_dir / uuid
@@ -204,7 +208,7 @@ class LibvirtCore(ComputeDriver):
             if fill:
                 fill(folder)
             if instance.interfaces:  # in place before the first packet: no rules yet means nothing gets in
-                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+                self.ensure_filtering_rules_for_instance(instance.uuid, instance.firewall)
             config = self._guest_config(instance, folder)
             guest = self.host.define(config.to_xml(), instance.uuid)
             faults.point("spawn.defined")

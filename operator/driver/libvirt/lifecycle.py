@@ -98,7 +98,7 @@ class Lifecycle(GuestAgentAccess):
             if not self.host.has_nwfilter(
                 filter_name(instance.uuid)
             ):  # the first interface: its filter, with no rules yet
-                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+                self.ensure_filtering_rules_for_instance(instance.uuid, instance.firewall)
         desired = self._guest_config(instance, folder, current)
         if desired.to_xml() != current.to_xml():
             if saved.exists():

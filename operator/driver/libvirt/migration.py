@@ -162,7 +162,7 @@ class Migration(LibvirtCore):
         folder.mkdir(parents=True, exist_ok=True)
         try:
             if instance.interfaces:
-                self.ensure_filtering_rules_for_instance(instance.uuid, ())
+                self.ensure_filtering_rules_for_instance(instance.uuid, instance.firewall)
             definition = self._guest_config(instance, folder).to_xml()
             # What the qemu hook lets in: the source sends the definition, this host decides what runs.
             (folder / qemu_hook.INCOMING).write_text(definition)

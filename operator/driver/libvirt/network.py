@@ -1,19 +1,80 @@
-"""Interfaces on libvirt networks, and each instance's firewall (an nwfilter its interfaces reference)."""
+"""The node's default network, interfaces on libvirt networks, and each instance's firewall (an nwfilter
+its interfaces reference, which references the node's provider filter).
+
+The default network is libvirt's own NAT network with DHCP (dnsmasq), so a guest gets an address the way
+it would on any libvirt host. Each interface on it has a DHCP reservation for its MAC (made when its
+instance is plugged), so the guest keeps its address across boots, stop/start and agent restarts; the
+reservations of MACs no domain here has any more are dropped at the next plug.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import xml.etree.ElementTree as ET
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import libvirt
 
-from kubenova.driver.base import FirewallRule, Interface, InvalidInstanceSpec, check_rules
+from kubenova.driver.base import (
+    DriverError,
+    FirewallRule,
+    Interface,
+    InvalidInstanceSpec,
+    NodeNetwork,
+    check_rules,
+    stable_mac,
+)
+from kubenova.driver.libvirt import network_hook
 from kubenova.driver.libvirt.config import sub_element
 from kubenova.driver.libvirt.core import LibvirtCore, filter_name
 from kubenova.driver.libvirt.errors import translate
 
+#: The node's provider rules (Nova's provider firewall): every instance filter references it.
+PROVIDER_FILTER = "kubenova-provider"
+_UPDATE = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
 
 class Network(LibvirtCore):
+    def ensure_node_network(self, network: NodeNetwork) -> None:
+        conn = self.host.get_connection()
+        try:
+            net = conn.networkLookupByName(network.name)
+        except libvirt.libvirtError:
+            net = None
+        if net is not None and _subnet(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)) != network.subnet:
+            with translate("list the network's ports"):
+                ports = net.listAllPorts() if net.isActive() else []
+            if ports:
+                raise DriverError(
+                    f"network {network.name} has subnet {_subnet(net.XMLDesc(0))}, not {network.subnet}, "
+                    f"and {len(ports)} guest interfaces on it; stop them, or keep the subnet"
+                )
+            with translate("replace the node network"):
+                if net.isActive():
+                    net.destroy()
+                net.undefine()
+            net = None
+        with translate("define the node network"):
+            if net is None:
+                net = conn.networkDefineXML(network_xml(network))
+            if not net.isActive():
+                net.create()
+            if not net.autostart():
+                net.setAutostart(1)
+        self.node_network = network
+
+    def dhcp_leases(self) -> Mapping[str, str]:
+        if self.node_network is None:
+            return {}
+        with translate("read the DHCP leases"):
+            net = self.host.get_connection().networkLookupByName(self.node_network.name)
+            leases = net.DHCPLeases()
+        return {
+            str(lease["mac"]).lower(): str(lease["ipaddr"])
+            for lease in leases
+            if lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4
+        }
+
     def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
         conn = self.host.get_connection()
         for index, iface in enumerate(interfaces):
@@ -27,20 +88,69 @@ class Network(LibvirtCore):
             with translate("start network"):
                 if not network.isActive():
                     network.create()
+        own = [
+            iface.mac or stable_mac(uuid, iface.name)
+            for iface in interfaces
+            if self.node_network and iface.network == self.node_network.name
+        ]
+        if own:
+            self._reserve(own, set(self._macs_in_use(uuid)))
+
+    def _reserve(self, macs: list[str], others: set[str]) -> None:
+        """A DHCP reservation for each of ``macs`` that has none; reservations of MACs no other domain
+        here has go first (their instances were deleted or moved away)."""
+        assert self.node_network is not None
+        with self._net_lock, translate("reserve addresses on the node network"):
+            net = self.host.get_connection().networkLookupByName(self.node_network.name)
+            hosts = _reservations(net.XMLDesc(0))
+            for mac, ip in hosts.items():
+                if mac not in others and mac not in macs:
+                    net.update(
+                        libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                        -1,
+                        f"<host mac='{mac}' ip='{ip}'/>",
+                        _UPDATE,
+                    )
+            kept = {mac: ip for mac, ip in hosts.items() if mac in others or mac in macs}
+            leased = {ip for mac, ip in self.dhcp_leases().items() if mac not in macs}
+            taken = set(kept.values()) | leased
+            free = (ip for ip in self.node_network.pool() if ip not in taken)
+            for mac in macs:
+                if mac in kept:
+                    continue
+                address = next(free, None)
+                if address is None:
+                    raise DriverError(f"the node network {self.node_network.subnet} has no free address left")
+                net.update(
+                    libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                    libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                    -1,
+                    f"<host mac='{mac}' ip='{address}'/>",
+                    _UPDATE,
+                )
 
     def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """Nothing to release: libvirt removes an instance's taps when its domain stops, and the
-        networks plug_vifs started serve other instances too."""
+        """Nothing to release at once: libvirt removes an instance's taps when its domain stops, the
+        networks plug_vifs started serve other instances too, and the reservations of a domain that is
+        gone are dropped at the next plug."""
 
     def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
         """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at
         once."""
         check_rules(rules)
-        xml = firewall_filter(
-            filter_name(uuid), uuid, [(r.protocol, r.cidr, r.port_min, r.port_max) for r in rules]
-        )
+        conn = self.host.get_connection()
+        if not self.host.has_nwfilter(PROVIDER_FILTER):  # referenced: it must exist first
+            with translate("define the provider nwfilter"):
+                conn.nwfilterDefineXML(provider_filter(()))
         with translate("define nwfilter", uuid):
-            self.host.get_connection().nwfilterDefineXML(xml)
+            conn.nwfilterDefineXML(firewall_filter(filter_name(uuid), uuid, rules))
+
+    def refresh_provider_fw_rules(self, rules: Collection[FirewallRule]) -> None:
+        """Redefine the provider filter: libvirt re-applies every instance filter that references it."""
+        check_rules(rules)
+        with translate("define the provider nwfilter"):
+            self.host.get_connection().nwfilterDefineXML(provider_filter(rules))
 
     def unfilter_instance(self, uuid: str) -> None:
         conn = self.host.get_connection()
@@ -52,41 +162,88 @@ class Network(LibvirtCore):
             nwfilter.undefine()
 
 
-def firewall_filter(name: str, uuid: str, rules: list[tuple[str, str, int | None, int | None]]) -> str:
-    """An nwfilter: out is open but for spoofed MACs, in only what a rule allows and answers to the guest's
-    own traffic.
+def network_xml(network: NodeNetwork) -> str:
+    """A NAT network with DHCP over the whole subnet but the gateway, marked for the network hook (which
+    lets forwarded traffic in: the instances' own filters decide what reaches them)."""
+    root = ET.Element("network")
+    sub_element(root, "name", network.name)
+    ET.SubElement(sub_element(root, "metadata"), network_hook.MARKER, inbound="accept")
+    ET.SubElement(root, "forward", mode="nat")
+    ET.SubElement(root, "bridge", name=network.bridge, stp="off", delay="0")
+    pool = network.pool()
+    ip = ET.SubElement(root, "ip", address=network.gateway, prefix=str(network.prefix))
+    ET.SubElement(sub_element(ip, "dhcp"), "range", start=pool[0], end=pool[-1])
+    return ET.tostring(root, encoding="unicode")
 
-    ``rules`` are (protocol, cidr, port_min, port_max); the fixed ``uuid`` lets a redefinition
-    replace the filter in place.
+
+def _subnet(xml: str) -> str:
+    ip = ET.fromstring(xml).find("ip")
+    if ip is None:
+        return ""
+    return str(ipaddress.ip_interface(f"{ip.get('address')}/{ip.get('prefix') or ip.get('netmask')}").network)
+
+
+def _reservations(xml: str) -> dict[str, str]:
+    """MAC → address of the network's DHCP reservations."""
+    return {
+        str(host.get("mac")).lower(): str(host.get("ip"))
+        for host in ET.fromstring(xml).iterfind("ip/dhcp/host")
+        if host.get("mac") and host.get("ip")
+    }
+
+
+def _rule(root: ET.Element, action: str, direction: str, priority: int, protocol: str, **attrs: str) -> None:
+    sub_element(
+        sub_element(root, "rule", action=action, direction=direction, priority=str(priority)),
+        protocol,
+        **attrs,
+    )
+
+
+def _match(rule: FirewallRule) -> dict[str, str]:
+    address, _, mask = rule.cidr.partition("/")
+    attrs = {"srcipaddr": address, "srcipmask": mask or "32"}
+    if rule.port_min is not None and rule.protocol in ("tcp", "udp"):
+        attrs.update(dstportstart=str(rule.port_min), dstportend=str(rule.port_max or rule.port_min))
+    return attrs
+
+
+def provider_filter(rules: Collection[FirewallRule]) -> str:
+    """The node's provider rules, in their order, before everything an instance's own filter says (the
+    answers to its own traffic, DHCP, its rules)."""
+    root = ET.Element("filter", name=PROVIDER_FILTER, chain="root")
+    for index, rule in enumerate(rules):
+        _rule(root, rule.action, "in", 50 + index, rule.protocol, **_match(rule))
+    return ET.tostring(root, encoding="unicode")
+
+
+def firewall_filter(name: str, uuid: str, rules: Collection[FirewallRule]) -> str:
+    """An nwfilter: out is open but for spoofed MACs and DHCP answers; in only what a rule allows, DHCP's
+    answers, and answers to the guest's own traffic, after the node's provider rules.
+
+    The fixed ``uuid`` lets a redefinition replace the filter in place.
     """
     root = ET.Element("filter", name=name, chain="root")
     sub_element(root, "uuid", uuid)
+    ET.SubElement(root, "filterref", filter=PROVIDER_FILTER)
     # The guest sends only with its own MAC, in frames and in ARP ($MAC: libvirt's, per interface).
-    sub_element(
-        sub_element(root, "rule", action="drop", direction="out", priority="-750"),
-        "mac",
-        match="no",
-        srcmacaddr="$MAC",
+    _rule(root, "drop", "out", -750, "mac", match="no", srcmacaddr="$MAC")
+    _rule(root, "drop", "out", -740, "arp", match="no", arpsrcmacaddr="$MAC")
+    _rule(root, "drop", "out", 90, "udp", srcportstart="67", srcportend="67")  # no rogue DHCP server
+    _rule(root, "accept", "out", 100, "all")
+    _rule(
+        root,
+        "accept",
+        "in",
+        150,
+        "udp",
+        srcportstart="67",
+        srcportend="67",
+        dstportstart="68",
+        dstportend="68",
     )
-    sub_element(
-        sub_element(root, "rule", action="drop", direction="out", priority="-740"),
-        "arp",
-        match="no",
-        arpsrcmacaddr="$MAC",
-    )
-    sub_element(sub_element(root, "rule", action="accept", direction="out", priority="100"), "all")
-    sub_element(
-        sub_element(root, "rule", action="accept", direction="in", priority="200"),
-        "all",
-        state="ESTABLISHED,RELATED",
-    )
-    for protocol, cidr, port_min, port_max in rules:
-        address, _, mask = cidr.partition("/")
-        attrs = {"srcipaddr": address, "srcipmask": mask or "32"}
-        if port_min is not None and protocol in ("tcp", "udp"):
-            attrs.update(dstportstart=str(port_min), dstportend=str(port_max or port_min))
-        sub_element(
-            sub_element(root, "rule", action="accept", direction="in", priority="300"), protocol, **attrs
-        )
-    sub_element(sub_element(root, "rule", action="drop", direction="in", priority="1000"), "all")
+    _rule(root, "accept", "in", 200, "all", state="ESTABLISHED,RELATED")
+    for rule in rules:
+        _rule(root, "accept", "in", 300, rule.protocol, **_match(rule))
+    _rule(root, "drop", "in", 1000, "all")
     return ET.tostring(root, encoding="unicode")

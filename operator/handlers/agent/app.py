@@ -24,8 +24,10 @@ from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.guest_agent import GuestAgentWatch
 from kubenova.handlers.agent.imports import importing_first
 from kubenova.handlers.agent.instances import InstanceAgent, Settings
+from kubenova.handlers.agent.leases import LEASE_POLL, LeaseWatch
 from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB
 from kubenova.handlers.agent.migration_steps import MigrationAgent
+from kubenova.handlers.agent.node_network import NetworkKeeper, NetworkSettings
 from kubenova.handlers.agent.node_reporter import LEASE_SECONDS, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.secret_reader import SecretReader
 from kubenova.handlers.agent.volumes import VolumeAgent
@@ -77,6 +79,7 @@ class AgentConfig:
     #: How a live transfer may force its end, unless its Migration says.
     migration_convergence: Convergence = Convergence()
     settings: Settings = dataclasses.field(default_factory=Settings)
+    network: NetworkSettings = dataclasses.field(default_factory=NetworkSettings)
 
 
 def images_in_use(
@@ -182,6 +185,8 @@ class Agent:
             config.migration_timeout_per_gib,
             config.migration_convergence,
         )
+        self.network = NetworkKeeper(config.node, driver, self.custom, config.network, self.events.warn)
+        self.leases = LeaseWatch(driver, self.instance_cache)
         self.reporter = NodeReporter(
             config.node,
             driver,
@@ -194,6 +199,7 @@ class Agent:
             config.lease_seconds,
             config.kubernetes_node,
             images,
+            self.network,
         )
         self.guest_agent = GuestAgentWatch(self.instances)
         self.metrics = diagnostics.Metrics()
@@ -212,6 +218,7 @@ class Agent:
         # Known before the first instance event: a fenced node's agent must not start a guest meanwhile.
         config.settings.fenced = bool(reporter.spec.get("fenced"))
         await asyncio.to_thread(reporter.renew)
+        await asyncio.to_thread(self._network)  # spawns need it; its figures go with the first report
         await asyncio.to_thread(reporter.report)  # placement needs the capacity before anything else
         health.serve(
             config.metrics_address,
@@ -226,6 +233,7 @@ class Agent:
                 "migration": self.migrations.handle,
                 "hypervisor": self._hypervisor,
                 "fence": self._fence,
+                "network": lambda _: self._network(),
             }
         )
         self.guest_agent.start()
@@ -242,6 +250,7 @@ class Agent:
             ),
             _every(config.image_cache_interval, self._manage_image_cache, "image cache"),
             _every(config.guest_agent_interval, self.guest_agent.look_at_all, "guest agent look"),
+            _every(LEASE_POLL, self.leases.poll, "DHCP lease watch"),
         ]
         self._tasks.extend(asyncio.create_task(job) for job in jobs)
 
@@ -310,6 +319,7 @@ class Agent:
         for uid in list(self.migration_cache.objects):
             self.migration_cache.look(uid)
         pollers.poll(self.instances)
+        self._network()  # another node may have taken an overlapping subnet meanwhile
 
     # --- kopf's event handlers: record the newest body, then ask for work --------------------------
 
@@ -337,6 +347,13 @@ class Agent:
         if type != "DELETED":
             self.reporter.power_action(body)
             self._apply_networks((body.get("spec") or {}).get("networks"))
+            spec = body.get("spec") or {}
+            if (spec.get("network"), spec.get("firewall")) != (
+                self.reporter.spec.get("network"),
+                self.reporter.spec.get("firewall"),
+            ):
+                self.reporter.spec = dict(spec)
+                self.queue.add(("network", "spec"))
             fenced = bool((body.get("spec") or {}).get("fenced"))
             if fenced != self.config.settings.fenced:
                 self.config.settings.fenced = fenced
@@ -358,6 +375,10 @@ class Agent:
                 self.queue.add_after(("fence", fenced), RECONNECT_INTERVAL)
         for uid in list(self.instance_cache.objects):
             self.instance_cache.look(uid)
+
+    def _network(self) -> None:
+        """The node network and provider rules as the ComputeNode's spec (or the flags) say."""
+        self.network.ensure(self.reporter.spec, self.reporter.status)
 
     def _apply_networks(self, spec: Mapping[str, Any] | None) -> None:
         """The ComputeNode's network allow-list, live: instances are looked at again when it changes, so

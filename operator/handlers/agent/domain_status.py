@@ -7,13 +7,14 @@ change waits for the next boot. status.guestAgent is guest_agent.py's, cleared h
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from kubenova.driver.base import ComputeDriver, DriverError, InstanceNotFound, PowerState
 from kubenova.handlers.agent import io_errors, power
-from kubenova.handlers.agent.translate import vnc_secret_name
+from kubenova.handlers.agent.translate import DEFAULT_INTERFACE, vnc_secret_name
 from kubenova.handlers.shared import condition, drop_condition, set_condition
 
 log = logging.getLogger(__name__)
@@ -84,16 +85,19 @@ def observed_status(
     # Pending changes appear only with a spec change (a new generation) and go only with a boot, which
     # the condition then present asks about: most looks need neither question.
     ask = condition(status, "RestartRequired") or status.get("observedGeneration") != generation
+    running = info.state in (PowerState.RUNNING, PowerState.PAUSED)
     try:
-        interfaces = (
-            interfaces_of(driver, uid, spec) if spec.get("interfaces") or status.get("interfaces") else []
-        )
+        has_interfaces = spec.get("interfaces", [DEFAULT_INTERFACE]) or status.get("interfaces")
+        interfaces = interfaces_of(driver, uid, spec, running) if has_interfaces else []
         pending = driver.pending_changes(uid) if ask else []
     except DriverError as exc:  # the domain went away meanwhile: the next look says so
         log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
         return patch
     if interfaces or status.get("interfaces"):
         patch["interfaces"] = interfaces or None
+    addresses = ip_addresses(interfaces, status.get("guestAgent") or {}) if running else []
+    if addresses or status.get("ipAddresses"):
+        patch["ipAddresses"] = addresses or None
     if pending:
         set_condition(
             patch,
@@ -110,15 +114,33 @@ def observed_status(
     return patch
 
 
-def interfaces_of(driver: ComputeDriver, uid: str, spec: Mapping[str, Any]) -> list[dict[str, str]]:
+def interfaces_of(
+    driver: ComputeDriver, uid: str, spec: Mapping[str, Any], running: bool
+) -> list[dict[str, str]]:
     """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by
-    order)."""
-    named = [i["name"] for i in spec.get("interfaces") or []]
-    return [
-        {
-            "name": d.name or (named[index] if index < len(named) else f"#{index}"),
-            "macAddress": d.mac,
-            "network": d.network,
-        }
-        for index, d in enumerate(driver.list_interfaces_detail(uid))
-    ]
+    order), with the address the node network's DHCP leased to it while the guest runs."""
+    named = [i["name"] for i in spec.get("interfaces", [{"name": DEFAULT_INTERFACE}])]
+    leases = driver.dhcp_leases() if running else {}
+    found = []
+    for index, d in enumerate(driver.list_interfaces_detail(uid)):
+        entry = {"name": d.name or (named[index] if index < len(named) else f"#{index}"), "macAddress": d.mac}
+        entry["network"] = d.network
+        if leases.get(d.mac.lower()):
+            entry["ipAddress"] = leases[d.mac.lower()]
+        found.append(entry)
+    return found
+
+
+def ip_addresses(interfaces: list[dict[str, str]], guest_agent: Mapping[str, Any]) -> list[str]:
+    """The leased addresses, then what the guest agent says its own interfaces (by MAC) have, but for
+    link-local ones: the leases are the node's word, the rest the guest's."""
+    found = [i["ipAddress"] for i in interfaces if i.get("ipAddress")]
+    own = {i["macAddress"].lower() for i in interfaces}
+    for nic in guest_agent.get("interfaces") or []:
+        if (nic.get("macAddress") or "").lower() not in own:
+            continue
+        for claim in nic.get("ipAddresses") or []:
+            address = claim.get("address", "")
+            if address and address not in found and not ipaddress.ip_address(address).is_link_local:
+                found.append(address)
+    return found

@@ -39,6 +39,7 @@ from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
+from kubenova.handlers.agent.firewall import FirewallKeeper
 from kubenova.handlers.agent.imports import ImportRunning, Imports
 from kubenova.handlers.agent.migration_turns import bound_elsewhere, holds
 from kubenova.handlers.agent.secret_reader import SecretReader, WaitFor
@@ -151,6 +152,8 @@ class InstanceAgent:
             driver, images, secrets, events, self.write, self.settings.soft_reboot_timeout
         )
         self.imports = Imports(driver, cache.look, clock)
+        self.firewall = FirewallKeeper(driver)  # spec.firewall, live
+        cache.on_forget(self.firewall.forget)
         cache.on_forget(self._forget)
         cache.on_forget(events.forget)
 
@@ -304,6 +307,7 @@ class InstanceAgent:
                 # only a newer definition format asked for it, not the user: nothing to say
                 if defined != definition_digest(spec, flavor_of(body), PREVIOUS_FORMAT):
                     waiting = exc
+        self.firewall.follow(uid, spec)
         self._follow(body, want)
         if waiting is not None:
             raise waiting

@@ -18,6 +18,7 @@ import kubernetes
 
 from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
 from kubenova.driver.images import ImageStore
+from kubenova.handlers.agent.node_network import NetworkKeeper
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -73,12 +74,14 @@ class NodeReporter:
         lease_seconds: int = LEASE_SECONDS,
         kubernetes_node: str = "",
         store: ImageStore | None = None,
+        network: NetworkKeeper | None = None,
     ) -> None:
         """``kubernetes_node``: the Node the agent runs on (cluster mode), published so that deleting it
         or tainting it out-of-service fences this node; ``store``'s files are published for placement."""
         self.lease_seconds = lease_seconds
         self.kubernetes_node = kubernetes_node
         self.store = store
+        self.network = network
         self.node = node
         self.driver = driver
         self.custom = custom
@@ -94,6 +97,8 @@ class NodeReporter:
         self.status: dict[str, Any] = {}
         #: The ComputeNode's spec as registration read it (before any watch event).
         self.spec: dict[str, Any] = {}
+        #: The ComputeNode as Events name it (set by register).
+        self.ref: dict[str, Any] = {}
         #: Whether the last report reached the hypervisor.
         self.connected = False
 
@@ -117,6 +122,7 @@ class NodeReporter:
         body = typed(self.custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, self.node))
         self.status = dict(body.get("status") or {})
         self.spec = dict(body.get("spec") or {})
+        self.ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ComputeNode", "metadata": body["metadata"]}
 
     def renew(self) -> None:
         """Create or renew the heartbeat Lease."""
@@ -250,6 +256,8 @@ class NodeReporter:
             if unknown
             else "every kubenova domain on this host belongs to a VirtualInstance bound here",
         )
+        if self.network is not None:
+            figures.update(self.network.figures(self.status, self.ref))
         return figures
 
     def _write(self, patch: dict[str, Any]) -> None:

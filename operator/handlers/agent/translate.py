@@ -9,12 +9,15 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubenova import api
 from kubenova.driver.base import (
+    ALLOW_ALL,
+    FirewallRule,
     ImageRef,
     InjectedFile,
     InstanceSpec,
@@ -26,12 +29,15 @@ from kubenova.driver.images import ImageStore
 
 #: Spec fields that do not shape the domain's definition: a change of only these needs no redefine (and
 #: no Secret read: a VM whose password Secret was deleted after its first boot can still be stopped).
-RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName")
+RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName", "firewall")
 #: What kubenova puts in every definition beyond the spec, as a number: a new one (2: the guest agent's
-#: channel, and the host's own CPU under KVM) changes every definition's digest, so each domain is defined
+#: channel, and the host's own CPU under KVM; 3: an interface on the node's default network for a spec that
+#: names no interfaces) changes every definition's digest, so each domain is defined
 #: anew once, for its next boot, without a spec change. A definition of the previous format whose Secrets
 #: are gone meanwhile stays as it is, unsaid: the user asked for nothing.
-DEFINITION_FORMAT, PREVIOUS_FORMAT = 2, 1
+DEFINITION_FORMAT, PREVIOUS_FORMAT = 3, 2
+#: The interface an instance gets when its spec has no ``interfaces`` (an empty list means none).
+DEFAULT_INTERFACE = "default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +96,10 @@ def instance_spec(
         ephemeral_gib=tuple((d["name"], int(d["sizeGiB"])) for d in spec.get("ephemeralDisks") or []),
         swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
         interfaces=tuple(
-            Interface(i["name"], i["network"], i.get("macAddress"), i.get("model", "virtio"))
-            for i in spec.get("interfaces") or []
+            Interface(i["name"], i.get("network", ""), i.get("macAddress"), i.get("model", "virtio"))
+            for i in spec.get("interfaces", [{"name": DEFAULT_INTERFACE}])
         ),
+        firewall=firewall_rules(spec.get("firewall")),
         user_data=spec.get("userData"),
         network_config=spec.get("networkConfig"),
         injected_files=tuple(files),
@@ -121,6 +128,30 @@ def definition_digest(
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def firewall_rule(rule: Mapping[str, Any], action: str = "accept") -> FirewallRule:
+    """One rule of a spec.firewall (an instance's, or a ComputeNode's provider rules) as the driver's."""
+    port = rule.get("port")
+    cidr = str(ipaddress.ip_network(rule.get("cidr") or "0.0.0.0/0", strict=False))
+    return FirewallRule(
+        str(rule.get("protocol", "All")).lower(), cidr, port, rule.get("endPort", port), action
+    )
+
+
+def firewall_rules(firewall: Mapping[str, Any] | None) -> tuple[FirewallRule, ...]:
+    """What may come in: everything without ``ingress`` (a pod without a NetworkPolicy), else its rules."""
+    if not firewall or "ingress" not in firewall:
+        return ALLOW_ALL
+    return tuple(firewall_rule(rule) for rule in firewall["ingress"] or [])
+
+
+def provider_rules(firewall: Mapping[str, Any] | None) -> tuple[FirewallRule, ...]:
+    """A ComputeNode's (or the chart's) provider rules, in order: Deny drops, Allow accepts."""
+    return tuple(
+        firewall_rule(rule, "accept" if rule.get("action") == "Allow" else "drop")
+        for rule in (firewall or {}).get("ingress") or []
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class NetworkAllowList:
     """The libvirt networks a namespace's instances may join on this node: the node's default network
@@ -132,6 +163,9 @@ class NetworkAllowList:
 
     default: tuple[str, ...] = ("default",)
     namespaces: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    #: the node's default network (the agent keeps it): open to every namespace, and where an interface
+    #: that names no network goes
+    node: str = "kubenova"
 
     def configured(self, spec: Mapping[str, Any] | None) -> NetworkAllowList:
         """The list the node's ComputeNode sets (``spec.networks``, the cluster admin's live setting), else
@@ -141,11 +175,12 @@ class NetworkAllowList:
         return NetworkAllowList(
             tuple(spec.get("default") or ()),
             {ns: tuple(names) for ns, names in (spec.get("namespaces") or {}).items()},
+            self.node,
         )
 
     def check(self, namespace: str, interfaces: Sequence[Interface]) -> None:
         """InvalidInstanceSpec naming the first interface on a network the namespace may not join."""
-        allowed = (*self.default, *self.namespaces.get(namespace, ()))
+        allowed = (self.node, *self.default, *self.namespaces.get(namespace, ()))
         for index, interface in enumerate(interfaces):
             if interface.network not in allowed:
                 raise InvalidInstanceSpec(
@@ -184,8 +219,9 @@ def driver_spec(
         secrets.admin_password,
         secrets.vnc_password,
     )
-    networks.check(meta["namespace"], made.interfaces)
-    return dataclasses.replace(made, revision=definition_digest(spec, flavor))
+    interfaces = tuple(dataclasses.replace(i, network=i.network or networks.node) for i in made.interfaces)
+    networks.check(meta["namespace"], interfaces)
+    return dataclasses.replace(made, interfaces=interfaces, revision=definition_digest(spec, flavor))
 
 
 def vnc_secret_name(instance: str) -> str:
