@@ -11,7 +11,7 @@ import subprocess
 import time
 import uuid
 
-from kubenova.driver.libvirt import qemu_hook
+from kubenova.driver.libvirt import network_hook, qemu_hook
 from testground import pki, procs
 from testground.procs import Layout, TestGroundError
 
@@ -211,13 +211,23 @@ exec /usr/bin/python3 /etc/libvirt/hooks/kubenova_qemu_hook.py "$@"
 """
 
 
+#: The network hook as a node installs it (docs/install.md): only the operations it acts on wake Python.
+NETWORK_HOOK = """#!/bin/sh
+case "$2" in started|updated|stopped) ;; *) exit 0 ;; esac
+exec /usr/bin/python3 /etc/libvirt/hooks/kubenova_network_hook.py "$@"
+"""
+
+
 def _install_hook(hooks: pathlib.Path, instances: pathlib.Path) -> None:
-    """kubenova's qemu hook (kubenova.driver.libvirt.qemu_hook), read by libvirtd when it starts."""
+    """kubenova's qemu and network hooks (kubenova.driver.libvirt.qemu_hook, .network_hook), read by libvirtd
+    when it starts."""
     hooks.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(qemu_hook.__file__, hooks / "kubenova_qemu_hook.py")
     (hooks / "kubenova-hook.json").write_text(json.dumps({"instancesDir": str(instances)}))
-    (hooks / "qemu").write_text(HOOK)
-    (hooks / "qemu").chmod(0o755)
+    shutil.copyfile(network_hook.__file__, hooks / "kubenova_network_hook.py")
+    for name, wrapper in (("qemu", HOOK), ("network", NETWORK_HOOK)):
+        (hooks / name).write_text(wrapper)
+        (hooks / name).chmod(0o755)
 
 
 def daemon_pid(layout: Layout, node: str) -> int | None:
