@@ -57,7 +57,9 @@ class Network(LibvirtCore):
         with translate("define the node network"):
             if net is None:
                 net = conn.networkDefineXML(network_xml(network))
-            if not net.isActive():
+            if net.isActive():
+                _reassert_hook(net, network.gateway)
+            else:
                 net.create()
             if not net.autostart():
                 net.setAutostart(1)
@@ -162,12 +164,21 @@ class Network(LibvirtCore):
             nwfilter.undefine()
 
 
+def _reassert_hook(net: libvirt.virNetwork, gateway: str) -> None:
+    """Have libvirt run the network hook again (``updated``), so pods reach the guests after a libvirtd
+    restart or reload: libvirt re-creates its rules then, above the hook's, without calling it. The means:
+    a reservation no guest can have (the gateway's own address), added and removed again."""
+    host = f"<host mac='02:00:00:00:00:00' ip='{gateway}'/>"
+    for command in (libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE):
+        net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, host, _UPDATE)
+
+
 def network_xml(network: NodeNetwork) -> str:
     """A NAT network with DHCP over the whole subnet but the gateway, marked for the network hook (which
     lets forwarded traffic in: the instances' own filters decide what reaches them)."""
     root = ET.Element("network")
     sub_element(root, "name", network.name)
-    ET.SubElement(sub_element(root, "metadata"), network_hook.MARKER, inbound="accept")
+    sub_element(root, "metadata").append(network_hook.marker())
     ET.SubElement(root, "forward", mode="nat")
     ET.SubElement(root, "bridge", name=network.bridge, stp="off", delay="0")
     pool = network.pool()

@@ -296,6 +296,8 @@ class Agent:
         if not self.reporter.connected:
             self.queue.add_after(("hypervisor", "False"), RECONNECT_INTERVAL)
         elif up == "True":
+            self.network.forget()  # a restarted libvirtd shadows the network hook's rule: ensured anew
+            self._network()
             for uid in list(self.instance_cache.objects):
                 self.instance_cache.look(uid)
 

@@ -106,6 +106,10 @@ class NetworkKeeper:
             return
         self.problem = overlap(subnet, others)
 
+    def forget(self) -> None:
+        """libvirtd restarted: the next ensure makes the network and the provider rules again."""
+        self.network, self._provider = None, None
+
     def figures(self, status: Mapping[str, Any], node: Mapping[str, Any]) -> dict[str, Any]:
         """status.network and the NetworkReady condition, for the report of ``node`` (the ComputeNode,
         which a Warning names once per problem)."""
