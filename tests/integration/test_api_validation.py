@@ -264,6 +264,33 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.powerAction.action",
     ),
     ("cn-enabled-string", with_(CN, "spec.enabled", "yes"), "spec.enabled"),
+    ("cn-subnet-not-cidr", with_(CN, "spec.network.subnet", "10.222.0.0"), "spec.network.subnet"),
+    ("cn-subnet-too-big", with_(CN, "spec.network.subnet", "10.0.0.0/8"), "from /16 to /29"),
+    ("cn-subnet-host-bits", with_(CN, "spec.network.subnet", "10.222.0.7/24"), "spec.network.subnet"),
+    ("cn-provider-action", with_(CN, "spec.firewall", {"ingress": [{"action": "Maybe"}]}), "action"),
+    # spec.firewall: ports and sources
+    ("firewall-port-zero", with_(VI, "spec.firewall", {"ingress": [{"protocol": "TCP", "port": 0}]}), "port"),
+    (
+        "firewall-port-huge",
+        with_(VI, "spec.firewall", {"ingress": [{"protocol": "TCP", "port": 70000}]}),
+        "port",
+    ),
+    (
+        "firewall-range-backwards",
+        with_(VI, "spec.firewall", {"ingress": [{"protocol": "TCP", "port": 90, "endPort": 80}]}),
+        "endPort needs port",
+    ),
+    (
+        "firewall-icmp-port",
+        with_(VI, "spec.firewall", {"ingress": [{"protocol": "ICMP", "port": 1}]}),
+        "TCP and UDP",
+    ),
+    (
+        "firewall-bad-cidr",
+        with_(VI, "spec.firewall", {"ingress": [{"cidr": "10.0.0.300/8"}]}),
+        "IPv4 network",
+    ),
+    ("firewall-protocol", with_(VI, "spec.firewall", {"ingress": [{"protocol": "SCTP"}]}), "protocol"),
 ]
 
 # (id, valid manifest, change, text the rejection must contain): updates that must be refused.

@@ -10,6 +10,7 @@ reservations of MACs no domain here has any more are dropped at the next plug.
 from __future__ import annotations
 
 import ipaddress
+import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping
 
@@ -31,6 +32,7 @@ from kubenova.driver.libvirt.errors import translate
 
 #: The node's provider rules (Nova's provider firewall): every instance filter references it.
 PROVIDER_FILTER = "kubenova-provider"
+PROVIDER_UUID = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://kubenova.io/nwfilter/provider"))
 _UPDATE = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
 
 
@@ -144,15 +146,20 @@ class Network(LibvirtCore):
         conn = self.host.get_connection()
         if not self.host.has_nwfilter(PROVIDER_FILTER):  # referenced: it must exist first
             with translate("define the provider nwfilter"):
-                conn.nwfilterDefineXML(provider_filter(()))
+                conn.nwfilterDefineXML(provider_filter((), PROVIDER_UUID))
         with translate("define nwfilter", uuid):
             conn.nwfilterDefineXML(firewall_filter(filter_name(uuid), uuid, rules))
 
     def refresh_provider_fw_rules(self, rules: Collection[FirewallRule]) -> None:
         """Redefine the provider filter: libvirt re-applies every instance filter that references it."""
         check_rules(rules)
+        conn = self.host.get_connection()
+        try:  # a redefinition must keep the filter's UUID, whoever defined it first
+            uuid = conn.nwfilterLookupByName(PROVIDER_FILTER).UUIDString()
+        except libvirt.libvirtError:
+            uuid = PROVIDER_UUID
         with translate("define the provider nwfilter"):
-            self.host.get_connection().nwfilterDefineXML(provider_filter(rules))
+            conn.nwfilterDefineXML(provider_filter(rules, uuid))
 
     def unfilter_instance(self, uuid: str) -> None:
         conn = self.host.get_connection()
@@ -219,10 +226,12 @@ def _match(rule: FirewallRule) -> dict[str, str]:
     return attrs
 
 
-def provider_filter(rules: Collection[FirewallRule]) -> str:
+def provider_filter(rules: Collection[FirewallRule], uuid: str = "") -> str:
     """The node's provider rules, in their order, before everything an instance's own filter says (the
     answers to its own traffic, DHCP, its rules)."""
     root = ET.Element("filter", name=PROVIDER_FILTER, chain="root")
+    if uuid:
+        sub_element(root, "uuid", uuid)
     for index, rule in enumerate(rules):
         _rule(root, rule.action, "in", 50 + index, rule.protocol, **_match(rule))
     return ET.tostring(root, encoding="unicode")

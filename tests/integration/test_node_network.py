@@ -1,0 +1,206 @@
+"""The node's default network on the real test ground: a guest's address in status, kept across a stop and
+start; two guests reaching each other; spec.firewall and the node's provider rules deciding what gets in,
+seen from the guests' own traffic (the test guest's probe hook) and from the host."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import urllib.request
+from typing import Any
+
+import kubernetes
+import libvirt
+
+from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION
+from testground import ground as testground
+from testground import guest
+from tests.helpers import eventually
+from tests.integration.test_agent import console_text, delete_and_wait, patch_spec, wait_ready
+from tests.integration.test_image_imports import create
+from tests.integration.test_virtualinstance import get, make
+
+
+def leased(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> str | None:
+    """The address status says the node network's DHCP leased to the instance's first interface."""
+    status = (get(custom, namespace, name) or {}).get("status") or {}
+    interfaces = status.get("interfaces") or [{}]
+    address = interfaces[0].get("ipAddress")
+    return str(address) if address and (status.get("ipAddresses") or [None])[0] == address else None
+
+
+def wait_leased(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> str:
+    return eventually(lambda: leased(custom, namespace, name), 120, 0.2, f"an address for {name} in status")
+
+
+def probing(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, target: str
+) -> dict[str, Any]:
+    """A test guest that GETs http://<target>:80/ every second once it has its lease."""
+    return make(
+        name,
+        boot={
+            "kernel": {
+                "image": guest.KERNEL,
+                "initrd": guest.INITRD,
+                "cmdline": f"{guest.CMDLINE} {guest.probe_hook(f'{target}:{guest.HTTP_PORT}')}",
+            }
+        },
+    )
+
+
+def last_probe(ground: testground.Ground, uid: str, since: int) -> str | None:
+    """The newest probe result the guest printed after ``since`` characters of its console: ok or fail."""
+    found = re.findall(rf"{guest.PROBE} (ok|fail)", console_text(ground, uid)[since:])
+    return found[-1] if found else None
+
+
+def wait_probe(ground: testground.Ground, uid: str, want: str) -> None:
+    since = len(console_text(ground, uid))
+    eventually(lambda: last_probe(ground, uid, since) == want, 60, 0.5, f"the guest's probe to say {want}")
+
+
+def http_from_host(address: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://{address}:{guest.HTTP_PORT}/", timeout=2) as reply:
+            return str(reply.read().decode())
+    except OSError:
+        return None
+
+
+def tcp_from_host(address: str) -> str | None:
+    try:
+        with socket.create_connection((address, guest.TCP_PORT), timeout=2) as conn:
+            conn.settimeout(2)
+            return conn.recv(200).decode()
+    except OSError:
+        return None
+
+
+def test_an_instance_without_interfaces_gets_an_address_it_keeps_across_stop_and_start(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    hypervisor: libvirt.virConnect,
+    namespace: str,
+) -> None:
+    uid = create(custom, namespace, make("net-keep"))
+    address = wait_leased(custom, namespace, "net-keep")
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(testground.node_subnet(ground.node))
+    # the guest itself got it by DHCP
+    eventually(
+        lambda: f"{guest.DHCP} eth0 {address}/24" in console_text(ground, uid), 30, 0.5, "the DHCP line"
+    )
+    # reachable from the host (the network's gateway): the guest's web server names its MAC
+    body = eventually(lambda: http_from_host(address), 30, 0.5, "the guest's web server")
+    mac = get(custom, namespace, "net-keep")["status"]["interfaces"][0]["macAddress"]  # type: ignore[index]
+    assert body.strip() == f"{guest.HTTP} {mac}"
+
+    patch_spec(custom, namespace, "net-keep", {"powerState": "Stopped"})
+    wait_ready(custom, namespace, "net-keep", "Stopped")
+    eventually(
+        lambda: not ((get(custom, namespace, "net-keep") or {}).get("status") or {}).get("ipAddresses"),
+        30,
+        0.2,
+        "ipAddresses cleared while stopped",
+    )
+    patch_spec(custom, namespace, "net-keep", {"powerState": "Running"})
+    assert wait_leased(custom, namespace, "net-keep") == address
+    delete_and_wait(custom, namespace, "net-keep")
+
+
+def set_provider_rules(
+    custom: kubernetes.client.CustomObjectsApi, node: str, rules: list[Any] | None
+) -> None:
+    firewall = None if rules is None else {"ingress": rules}
+    custom.patch_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node, {"spec": {"firewall": firewall}})
+
+
+def test_guests_reach_each_other_and_the_firewall_admits_and_drops_what_it_says(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    create(custom, namespace, make("web"))
+    web = wait_leased(custom, namespace, "web")
+    client_uid = create(custom, namespace, probing(custom, namespace, "client", web))
+    client = wait_leased(custom, namespace, "client")
+    wait_probe(ground, client_uid, "ok")  # no spec.firewall: everything gets in
+    assert f"{guest.PROBE} ok {guest.HTTP} " in console_text(ground, client_uid)
+
+    # Only TCP 7000 may come in, applied to the running guest: the probe to port 80 now fails.
+    patch_spec(
+        custom, namespace, "web", {"firewall": {"ingress": [{"protocol": "TCP", "port": guest.TCP_PORT}]}}
+    )
+    wait_probe(ground, client_uid, "fail")
+    assert (tcp_from_host(web) or "").startswith(guest.TCP)  # port 7000 is open to the host
+    assert http_from_host(web) is None
+
+    # Port 80 from the client alone: the client gets in again, the host (another source) does not.
+    rules = [{"protocol": "TCP", "port": guest.HTTP_PORT, "cidr": f"{client}/32"}]
+    patch_spec(custom, namespace, "web", {"firewall": {"ingress": rules}})
+    wait_probe(ground, client_uid, "ok")
+    assert http_from_host(web) is None and tcp_from_host(web) is None
+
+    # A provider rule on the node drops the client's HTTP whatever the instance allows, until removed.
+    try:
+        deny = {"action": "Deny", "protocol": "TCP", "port": guest.HTTP_PORT, "cidr": f"{client}/32"}
+        set_provider_rules(custom, ground.node, [deny])
+        wait_probe(ground, client_uid, "fail")
+    finally:
+        set_provider_rules(custom, ground.node, None)
+    wait_probe(ground, client_uid, "ok")
+
+    # An empty ingress list lets nothing in.
+    patch_spec(custom, namespace, "web", {"firewall": {"ingress": []}})
+    wait_probe(ground, client_uid, "fail")
+    delete_and_wait(custom, namespace, "client")
+    delete_and_wait(custom, namespace, "web")
+
+
+def network_ready(custom: kubernetes.client.CustomObjectsApi, node: str) -> dict[str, Any]:
+    body = custom.get_cluster_custom_object(GROUP, VERSION, COMPUTENODES, node)
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == "NetworkReady"), {})
+
+
+def test_a_node_whose_subnet_overlaps_another_nodes_says_so_and_names_the_fix(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    core: kubernetes.client.CoreV1Api,
+) -> None:
+    ghost = "net-overlap-ghost"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ComputeNode",
+        "metadata": {"name": ghost},
+        "spec": {},
+    }
+    custom.create_cluster_custom_object(GROUP, VERSION, COMPUTENODES, body)
+    try:
+        status = {"status": {"network": {"subnet": "10.222.0.128/25"}}}
+        custom.patch_cluster_custom_object_status(GROUP, VERSION, COMPUTENODES, ghost, status)
+        # The agent looks at the other nodes' subnets when its own spec.firewall or spec.network changes.
+        set_provider_rules(custom, ground.node, [])
+        said = eventually(
+            lambda: (
+                (c := network_ready(custom, ground.node)).get("reason") == "SubnetOverlap"
+                and ghost in c.get("message", "")
+                and c
+            ),
+            60,
+            0.5,
+            "NetworkReady=False SubnetOverlap",
+        )
+        assert (
+            said["status"] == "False"
+            and ghost in said["message"]
+            and "spec.network.subnet" in said["message"]
+        )
+        events = core.list_event_for_all_namespaces(field_selector=f"involvedObject.name={ground.node}").items
+        assert any(e.reason == "SubnetOverlap" for e in events)
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, COMPUTENODES, ghost)
+        set_provider_rules(custom, ground.node, None)
+    eventually(
+        lambda: network_ready(custom, ground.node).get("status") == "True", 60, 0.5, "NetworkReady again"
+    )
