@@ -1,15 +1,17 @@
 """The test guest: Debian's cloud kernel with a busybox initramfs of our own.
 
-Its /init reports on the serial console what a driver did to the VM (disks, config drive,
-network, hot-plugged volumes, pause), so conformance tests can check real effects inside a
-real guest. The same kernel and initramfs also come as BIOS-bootable disk images (a normal
-one and a rescue one) for image-backed boots and rescue.
+Its /init (testground.guest_init) reports on the serial console what a driver did to the VM (disks,
+config drive, network, hot-plugged volumes, pause) and what its own traffic met (DHCP, probes of another
+address), so conformance tests can check real effects inside a real guest. The same kernel and initramfs
+also come as BIOS-bootable disk images (a normal one and a rescue one) for image-backed boots and rescue.
+This module builds them and makes the hooks: kernel command-line arguments that make the guest act.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import ipaddress
 import os
 import pathlib
 import re
@@ -19,38 +21,73 @@ import tempfile
 from collections.abc import Callable
 
 from testground import procs
+from testground.guest_init import (
+    BOOT_MARKER,
+    CD_FILE,
+    DHCP,
+    DHCP_SCRIPT,
+    DHCP_SCRIPT_PATH,
+    DIRTY,
+    DISK,
+    FILLED,
+    GUEST_ADDRESS,
+    HTTP,
+    HTTP_PORT,
+    INIT,
+    MAC,
+    MAC_EVERY,
+    NET,
+    PEER_ADDRESS,
+    PROBE,
+    RESCUE_MARKER,
+    SIZE,
+    SPOOFED,
+    SPOOFING,
+    TCP,
+    TCP_PORT,
+    TICK,
+    WROTE,
+)
 from testground.procs import Layout, TestGroundError
 
-BOOT_MARKER = "KUBENOVA-GUEST-BOOTED"
-RESCUE_MARKER = "KUBENOVA-RESCUE-BOOTED"
-TICK = "kubenova-guest-tick"
-DISK = "kubenova-disk"
-CD_FILE = "kubenova-cd-file"
-NET = "kubenova-net"
-#: "kubenova-mac eth0 <address>": the MAC the guest's eth0 has, before tick 0 and every tenth tick after it,
-#: so a guest that moved (live migration: no new boot) still says which address it sees.
-MAC = "kubenova-mac"
-MAC_EVERY = 10
-WROTE = "kubenova-wrote"
-#: "kubenova-filled <dev> <MiB>": the fill hook (kubenova.fill=<dev>) has written that many MiB of <dev>.
-FILLED = "kubenova-filled"
-#: "kubenova-spoofing eth0 <address>": the guest (kubenova.spoof=<address>) now sends with a MAC that is not
-#: its own, as a hostile guest would; "kubenova-spoofed eth0" once it has sent for a while.
-SPOOFING = "kubenova-spoofing"
-SPOOFED = "kubenova-spoofed"
-#: "kubenova-size cpus=N memtotal-kib=M": what the guest's kernel sees (a resize shows here).
-SIZE = "kubenova-size"
-#: "kubenova-dirty <MiB>": the guest (kubenova.dirty=<MiB>) has filled that much memory and now rewrites it
-#: without end, as a busy database would.
-DIRTY = "kubenova-dirty"
+# The markers and scripts live in guest_init; tests know them as guest.<NAME>.
+__all__ = [
+    "BOOT_MARKER",
+    "CD_FILE",
+    "DHCP",
+    "DIRTY",
+    "DISK",
+    "FILLED",
+    "GUEST_ADDRESS",
+    "HTTP",
+    "HTTP_PORT",
+    "MAC",
+    "MAC_EVERY",
+    "NET",
+    "PEER_ADDRESS",
+    "PROBE",
+    "RESCUE_MARKER",
+    "SIZE",
+    "SPOOFED",
+    "SPOOFING",
+    "TCP",
+    "TCP_PORT",
+    "TICK",
+    "WROTE",
+    "dirty_hook",
+    "ensure_images",
+    "fill_hook",
+    "probe_hook",
+    "spoof_hook",
+    "write_hook",
+]
+
 KERNEL = "kubenova-test-vmlinuz"
 INITRD = "kubenova-test-initrd.img"
 DISK_IMAGE = "kubenova-test-disk.qcow2"
 RESCUE_IMAGE = "kubenova-rescue-disk.qcow2"
 CMDLINE = "console=ttyS0 quiet panic=-1"
 RESCUE_CMDLINE = f"{CMDLINE} kubenova.role=rescue"
-GUEST_ADDRESS = "169.254.10.2/16"
-PEER_ADDRESS = "169.254.10.1"
 # virtio for disks and NICs, SCSI and IDE so sd*/sr* disks and CD-ROM config drives show
 # up too, isofs for config drives; their dependencies are resolved from modules.dep.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "sd_mod", "ata_piix", "sr_mod", "isofs")
@@ -58,134 +95,9 @@ DISK_IMAGE_MIB = 48
 APT_LISTS = pathlib.Path("/var/lib/apt/lists")
 BUSYBOX = pathlib.Path("/bin/busybox")
 
-INIT = f"""#!/bin/busybox sh
-# The kubenova test guest. Every line on stdout goes to the serial console (ttyS0).
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-for module in $(cat /lib/modules/order); do
-  insmod "/lib/modules/$module.ko"
-done
-
-role=guest
-write_dev=
-write_pattern=
-fill_dev=
-spoof_mac=
-dirty_mib=
-for arg in $(cat /proc/cmdline); do
-  case "$arg" in
-    kubenova.role=rescue) role=rescue ;;
-    kubenova.spoof=*) spoof_mac=${{arg#kubenova.spoof=}} ;;
-    kubenova.dirty=*) dirty_mib=${{arg#kubenova.dirty=}} ;;
-    kubenova.fill=*) fill_dev=${{arg#kubenova.fill=}} ;;
-    kubenova.write=*:*)
-      spec=${{arg#kubenova.write=}}
-      write_dev=${{spec%%:*}}
-      write_pattern=${{spec#*:}} ;;
-  esac
-done
-case "$write_dev" in ''|*[!a-z0-9]*) write_dev= ;; esac
-case "$write_pattern" in ''|*[!A-Za-z0-9-]*) write_dev= ;; esac
-case "$spoof_mac" in ''|*[!0-9a-f:]*) spoof_mac= ;; esac
-case "$dirty_mib" in ''|*[!0-9]*) dirty_mib= ;; esac
-case "$fill_dev" in ''|*[!a-z0-9]*) fill_dev= ;; esac
-
-if [ "$role" = rescue ]; then
-  echo "{RESCUE_MARKER} kernel=$(uname -r)"
-else
-  echo "{BOOT_MARKER} kernel=$(uname -r)"
-fi
-memtotal=$(awk '/^MemTotal/ {{print $2}}' /proc/meminfo)
-echo "{SIZE} cpus=$(grep -c ^processor /proc/cpuinfo) memtotal-kib=$memtotal"
-
-for dev in $(ls /sys/block | grep -E '^(vd|sd)' | sort); do
-  head=$(od -A n -t x1 -N 16 -v "/dev/$dev" | tr -d ' \\n')
-  echo "{DISK} $dev sectors=$(cat "/sys/block/$dev/size") head=$head"
-done
-
-# The config drive: an ISO9660 filesystem labelled cidata (NoCloud) or config-2 (OpenStack).
-for dev in $(ls /sys/block | grep -E '^(vd|sd|sr)' | sort); do
-  [ "$(dd if="/dev/$dev" bs=1 skip=32769 count=5 2>/dev/null)" = CD001 ] || continue
-  label=$(dd if="/dev/$dev" bs=1 skip=32808 count=32 2>/dev/null | tr -d ' ')
-  case "$label" in cidata|CIDATA|config-2|CONFIG-2) ;; *) continue ;; esac
-  mkdir -p /mnt/config
-  mount -t iso9660 -o ro "/dev/$dev" /mnt/config || continue
-  cd /mnt/config
-  find . -type f | sort | while read -r file; do
-    echo "{CD_FILE} ${{file#./}} $(base64 -w 0 "$file")"
-  done
-  cd /
-  umount /mnt/config
-  break
-done
-
-ip link set lo up
-if [ -e /sys/class/net/eth0 ]; then
-  ip link set eth0 up
-  ip addr add {GUEST_ADDRESS} dev eth0
-  echo "{NET} eth0 up"
-  if [ -n "$spoof_mac" ]; then
-    ping -c 3 -W 1 {PEER_ADDRESS} >/dev/null 2>&1
-    ip link set eth0 down
-    ip link set eth0 address "$spoof_mac"
-    ip link set eth0 up
-    echo "{SPOOFING} eth0 $spoof_mac"
-    ping -c 5 -W 1 {PEER_ADDRESS} >/dev/null 2>&1
-    echo "{SPOOFED} eth0"
-  else
-    ping -c 5 -W 1 {PEER_ADDRESS} >/dev/null 2>&1 &
-  fi
-fi
-
-# Memory that never settles: a file on the initramfs's RAM filesystem, read and written back in place
-# without end, so a live migration's pre-copy finds its pages dirty again at every pass. Random bytes, not
-# zeros: QEMU sends a zero page as a few bytes however often it is written.
-if [ -n "$dirty_mib" ]; then
-  dd if=/dev/urandom of=/dirty-seed bs=1048576 count=1 2>/dev/null
-  n=0
-  while [ "$n" -lt "$dirty_mib" ]; do
-    dd if=/dirty-seed of=/dirty bs=1048576 seek="$n" conv=notrunc 2>/dev/null
-    n=$((n + 1))
-  done
-  rm -f /dirty-seed
-  echo "{DIRTY} $dirty_mib"
-  while true; do dd if=/dirty of=/dirty bs=1048576 conv=notrunc 2>/dev/null; done &
-fi
-
-# Hot-plugged disks appear later (PCI hotplug, devtmpfs makes the node): poll every tick.
-written=
-filled=0
-i=0
-while true; do
-  # The fill hook: one more MiB of the disk every tick, straight to it (no page cache), until a write fails
-  # at its end. A full host file system pauses the guest inside the write, which goes on once it runs again.
-  if [ -n "$fill_dev" ] && [ -b "/dev/$fill_dev" ]; then
-    if tr '\\000' K </dev/zero \\
-        | dd of="/dev/$fill_dev" bs=1M count=1 seek=$filled iflag=fullblock oflag=direct 2>/dev/null; then
-      filled=$((filled + 1))
-      echo "{FILLED} $fill_dev $filled"
-    else
-      fill_dev=
-    fi
-  fi
-  if [ -n "$write_dev" ] && [ -z "$written" ] && [ -b "/dev/$write_dev" ]; then
-    printf '%s' "$write_pattern" | dd of="/dev/$write_dev" bs=512 conv=notrunc,fsync 2>/dev/null \\
-      && sync && echo "{WROTE} $write_dev $write_pattern"
-    written=1
-  fi
-  if [ -e /sys/class/net/eth0 ] && [ $((i % {MAC_EVERY})) = 0 ]; then
-    echo "{MAC} eth0 $(cat /sys/class/net/eth0/address)"
-  fi
-  echo "{TICK} $i"
-  i=$((i + 1))
-  sleep 1
-done
-"""
-
 _DEV = re.compile(r"[a-z0-9]+")
 _PATTERN = re.compile(r"[A-Za-z0-9-]+")
+_PROBE = re.compile(r"(?:http://)?(?P<ip>[0-9.]+):(?P<port>[1-9][0-9]{0,4})/?")
 
 
 def fill_hook(dev: str) -> str:
@@ -221,6 +133,23 @@ def dirty_hook(mib: int) -> str:
     if not 1 <= mib <= 4096:
         raise ValueError(f"kubenova.dirty needs 1 to 4096 MiB, not {mib}")
     return f"kubenova.dirty={mib}"
+
+
+def probe_hook(url: str) -> str:
+    """The cmdline argument that makes the guest, once it has a DHCP lease, GET ``http://<ip>:<port>/`` every
+    second and print PROBE's ``ok <first line>`` or ``fail``: one VM reaching another, or a firewall dropping
+    it, shown by the guest's own traffic. ``url`` is ``<ip>:<port>`` or ``http://<ip>:<port>/``, IPv4 only.
+
+    The guest ignores a malformed hook, which would read as a firewall dropping everything: refuse it here.
+    """
+    found = _PROBE.fullmatch(url)
+    try:
+        ip = ipaddress.IPv4Address(found["ip"]) if found else None
+    except ValueError:
+        ip = None
+    if found is None or ip is None or int(found["port"]) > 65535:
+        raise ValueError(f"kubenova.probe needs <IPv4 address>:<port 1-65535>, not {url!r}")
+    return f"kubenova.probe={ip}:{found['port']}"
 
 
 def _kernel_package(cache: pathlib.Path) -> tuple[str, str]:
@@ -319,8 +248,10 @@ def _build_initrd(dest: pathlib.Path, modules: pathlib.Path) -> None:
             (root / d).mkdir()
         shutil.copy2(BUSYBOX, root / "bin" / "busybox")
         shutil.copytree(modules, root / "lib" / "modules")
-        (root / "init").write_text(INIT)
-        (root / "init").chmod(0o755)
+        for path, text in (("init", INIT), (DHCP_SCRIPT_PATH.lstrip("/"), DHCP_SCRIPT)):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text)
+            (root / path).chmod(0o755)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         archive = subprocess.run(
             ["cpio", "-o", "-H", "newc", "--quiet"],
@@ -386,7 +317,7 @@ def ensure_images(layout: Layout, image_store: pathlib.Path) -> None:
     """Build (or take from the cache) kernel, initramfs and disk images, then place them in the image store.
 
     Every cache entry is named by a digest of what it is built from, so a change to the kernel
-    package, the module list, /init, busybox or the boot loader config builds afresh.
+    package, the module list, /init, its DHCP script, busybox or the boot loader config builds afresh.
     """
     if not BUSYBOX.exists():
         raise TestGroundError(f"{BUSYBOX} is missing; apt-get install busybox-static")
@@ -397,7 +328,7 @@ def ensure_images(layout: Layout, image_store: pathlib.Path) -> None:
         cache / f"kernel-{_digest(package, version, *MODULES)}", lambda d: _build_kernel(d, package, version)
     )
     kernel, modules = kernel_dir / "vmlinuz", kernel_dir / "modules"
-    initrd_key = _digest(kernel_dir.name, INIT, BUSYBOX.read_bytes())
+    initrd_key = _digest(kernel_dir.name, INIT, DHCP_SCRIPT, BUSYBOX.read_bytes())
     initrd = _cached(cache / f"initrd-{initrd_key}.img", lambda d: _build_initrd(d, modules))
     images = {KERNEL: kernel, INITRD: initrd}
     for name, cmdline in ((DISK_IMAGE, CMDLINE), (RESCUE_IMAGE, RESCUE_CMDLINE)):
