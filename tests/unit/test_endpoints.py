@@ -75,6 +75,7 @@ def instance(
             "interfaces": [nic] if interfaces is None else interfaces,
             # What the guest agent reports is never trusted: it must never reach a slice.
             "ipAddresses": ["192.0.2.66"],
+            "phase": "Running",
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         },
     }
@@ -160,6 +161,16 @@ def test_readiness_follows_the_ready_condition_and_deletion() -> None:
     unknown["status"]["conditions"] = [{"type": "Ready", "status": "Unknown"}]  # its node is unreachable
     body, _ = compute(service(), unknown)
     assert body["endpoints"][0]["conditions"]["ready"] is False
+
+
+def test_a_guest_stopped_paused_or_rescued_as_asked_is_ready_but_serves_nothing() -> None:
+    """Ready=True says the domain reached the power state the spec asks for; only a Running guest on its
+    own disk serves."""
+    for phase in ("Stopped", "Paused", "Suspended", "Rescued", "Pending"):
+        stopped = instance("vm")
+        stopped["status"]["phase"] = phase
+        body, _ = compute(service(), stopped)
+        assert body["endpoints"][0]["conditions"] == {"ready": False, "serving": False, "terminating": False}
 
 
 def test_an_instance_without_a_lease_or_a_node_is_left_out_quietly() -> None:

@@ -72,7 +72,13 @@ def instance_of(body: Mapping[str, Any]) -> Instance:
         if isinstance(nic, Mapping) and nic.get("ipAddress")
     )
     terminating = bool(meta.get("deletionTimestamp"))
-    ready = (condition(status, "Ready") or {}).get("status") == "True" and not terminating
+    # Ready says the domain reached the power state the spec asks for, which may be Stopped or Paused (or
+    # Running from a rescue image): an endpoint is ready only when the guest runs its own disk as well.
+    ready = (
+        (condition(status, "Ready") or {}).get("status") == "True"
+        and status.get("phase") == "Running"
+        and not terminating
+    )
     return Instance(
         meta.get("namespace") or "",
         meta["name"],
