@@ -305,6 +305,15 @@ def test_a_node_whose_network_changes_queues_every_service_but_its_first_listing
     moved = {**NETWORKS["node-a"], "subnet": "10.223.0.0/24"}
     c.node_changed("MODIFIED", "node-a", {"network": moved}, **handed_over(cluster))
     assert sorted(c.queue.pending()) == [("team-a", "web"), ("team-b", "web")]
+    c.queue.drain()
+    # Listed again after a watch gap, with the network it gained meanwhile: that is news.
+    c.node_changed(None, "node-b", {}, **handed_over(cluster))
+    assert c.queue.pending() == []
+    c.node_changed(None, "node-b", {"network": NETWORKS["node-b"]}, **handed_over(cluster))
+    assert len(c.queue.pending()) == 2
+    c.queue.drain()
+    c.node_changed("DELETED", "node-b", {"network": NETWORKS["node-b"]}, **handed_over(cluster))
+    assert len(c.queue.pending()) == 2
 
 
 def test_the_watches_ask_the_apiserver_for_opted_in_services_and_kubenovas_slices_only() -> None:

@@ -192,7 +192,7 @@ class ServiceEndpoints:
         self._lock = threading.Lock()
         #: Each labelled instance as its last event showed it: its old labels name the Services it left.
         self._seen: dict[Key, Instance] = {}
-        #: Each node's default network as last seen.
+        #: Each node's default network as last seen (None: the node reports none).
         self._networks: dict[str, Any] = {}
         #: The problems each Service was last told about, so an Event says each once.
         self._told: dict[Key, frozenset[Problem]] = {}
@@ -269,8 +269,8 @@ class ServiceEndpoints:
         with self._lock:
             known = name in self._networks
             old = self._networks.pop(name, None)
-            if network is not None:
-                self._networks[name] = network
+            if type != "DELETED":
+                self._networks[name] = network  # None too: a node seen without a network is known
         if old == network or (type is None and not known):
             return
         services = self.indexes.get("exposed_services") or {}
