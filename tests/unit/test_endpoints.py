@@ -163,6 +163,13 @@ def test_readiness_follows_the_ready_condition_and_deletion() -> None:
     assert body["endpoints"][0]["conditions"]["ready"] is False
 
 
+def test_a_service_that_publishes_not_ready_addresses_gets_every_endpoint_ready() -> None:
+    svc = service()
+    svc["spec"]["publishNotReadyAddresses"] = True
+    body, _ = compute(svc, instance("down", ready=False))
+    assert body["endpoints"][0]["conditions"] == {"ready": True, "serving": False, "terminating": False}
+
+
 def test_a_guest_stopped_paused_or_rescued_as_asked_is_ready_but_serves_nothing() -> None:
     """Ready=True says the domain reached the power state the spec asks for; only a Running guest on its
     own disk serves."""

@@ -193,11 +193,13 @@ def leased_address(
     return str(ip), None
 
 
-def endpoint(instance: Instance, address: str) -> dict[str, Any]:
+def endpoint(instance: Instance, address: str, publish_not_ready: bool = False) -> dict[str, Any]:
+    """One instance's endpoint. ``publish_not_ready``: the Service's spec.publishNotReadyAddresses, which
+    makes every endpoint ready (as Kubernetes does for pods); serving still says the truth."""
     return {
         "addresses": [address],
         "conditions": {
-            "ready": instance.ready,
+            "ready": instance.ready or publish_not_ready,
             "serving": instance.ready,
             "terminating": instance.terminating,
         },
@@ -232,7 +234,7 @@ def desired_slice(
         if problem is not None:
             problems.append(problem)
         if address is not None:
-            endpoints.append(endpoint(instance, address))
+            endpoints.append(endpoint(instance, address, bool(spec.get("publishNotReadyAddresses"))))
     if len(endpoints) > MAX_ENDPOINTS:
         problems.append(
             Problem(

@@ -155,7 +155,7 @@ def _service_view(body: Mapping[str, Any]) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {key: meta.get(key) for key in ("name", "namespace", "uid", "resourceVersion", "labels")},
-        "spec": {key: spec.get(key) for key in ("selector", "ports", "type")},
+        "spec": {key: spec.get(key) for key in ("selector", "ports", "type", "publishNotReadyAddresses")},
     }
 
 
