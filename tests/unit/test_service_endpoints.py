@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -19,6 +20,7 @@ from kubenova.handlers.controller.service_endpoints import (
     CONFLICT_RETRY,
     ERROR_RETRY,
     INDEXES,
+    WATCH_LAG,
     KeyQueue,
     ServiceEndpoints,
 )
@@ -35,30 +37,35 @@ class FakeDiscovery:
 
     def __init__(self) -> None:
         self.slices: dict[tuple[str, str], dict[str, Any]] = {}
-        self.writes: list[tuple[str, str]] = []
+        self.writes: list[tuple[str, str]] = []  # what succeeded
+        self.requests: list[tuple[str, str]] = []  # everything asked, refusals included
         self._versions = itertools.count(1)
 
-    def _store(self, namespace: str, body: Any) -> None:
+    def _store(self, namespace: str, body: Any) -> Any:
         plain = kubernetes.client.ApiClient().sanitize_for_serialization(body)
         plain["metadata"]["resourceVersion"] = str(next(self._versions))
         self.slices[(namespace, plain["metadata"]["name"])] = plain
+        return kubernetes.client.V1EndpointSlice.from_dict(copy.deepcopy(plain))
 
-    def create_namespaced_endpoint_slice(self, namespace: str, body: Any) -> None:
+    def create_namespaced_endpoint_slice(self, namespace: str, body: Any) -> Any:
+        self.requests.append(("create", body.metadata.name))
         if (namespace, body.metadata.name) in self.slices:
             raise _error(409)
         self.writes.append(("create", body.metadata.name))
-        self._store(namespace, body)
+        return self._store(namespace, body)
 
-    def replace_namespaced_endpoint_slice(self, name: str, namespace: str, body: Any) -> None:
+    def replace_namespaced_endpoint_slice(self, name: str, namespace: str, body: Any) -> Any:
+        self.requests.append(("replace", name))
         there = self.slices.get((namespace, name))
         if there is None:
             raise _error(404)
         if body.metadata.resource_version != there["metadata"]["resourceVersion"]:
             raise _error(409)
         self.writes.append(("replace", name))
-        self._store(namespace, body)
+        return self._store(namespace, body)
 
     def delete_namespaced_endpoint_slice(self, name: str, namespace: str) -> None:
+        self.requests.append(("delete", name))
         if self.slices.pop((namespace, name), None) is None:
             raise _error(404)
         self.writes.append(("delete", name))
@@ -202,22 +209,53 @@ def test_a_slice_of_ours_by_another_name_is_deleted(cluster: Cluster) -> None:
     assert set(cluster.discovery.slices) == {("team-a", "web-kubenova")}
 
 
-def test_a_write_on_a_stale_copy_waits_for_the_watch(cluster: Cluster) -> None:
-    """The slice index lags a write by a moment: a write decided on the older copy is refused (409),
-    and the next try, on the watch's fresh copy, finds nothing to write."""
+def test_a_sync_waits_for_the_watch_to_show_its_last_write(cluster: Cluster) -> None:
+    """The slice index lags a write by a moment. A sync in that moment writes nothing (a write decided on
+    the older copy would be refused, and count as a request all the same); the watch's event of the
+    write lets the next sync go on."""
     cluster.services.append(service())
     cluster.instances.append(instance("vm-0", ready=False))
     cluster.sync()
-    stale = cluster.watch()
+    c = cluster.controller
+    stale = c.indexes["kubenova_slices"]  # the index before the create's event
+    delay = c.sync(("team-a", "web"))
+    assert delay is not None and 0 < delay <= WATCH_LAG
     cluster.instances[0] = instance("vm-0")
-    cluster.sync()  # written
-    cluster.controller.indexes["kubenova_slices"] = stale["kubenova_slices"]
-    assert cluster.controller.sync(("team-a", "web")) == CONFLICT_RETRY
     cluster.watch()
-    cluster.controller.indexes["kubenova_slices"] = {}  # the create's copy not seen yet: 409 as well
+    fresh = cluster.slice()
+    c.indexes["kubenova_slices"] = stale
+    c.slice_changed("team-a", fresh["metadata"]["labels"], fresh["metadata"], **handed_over(cluster))
+    assert cluster.sync() is None  # the event came: the update goes out
+    assert cluster.discovery.requests == [("create", "web-kubenova"), ("replace", "web-kubenova")]
+
+
+def test_a_write_on_a_stale_copy_is_refused_and_tried_again(cluster: Cluster) -> None:
+    """Without kubenova's own write to wait for (someone else wrote, or the watch lost it for longer
+    than WATCH_LAG), a write on an older copy is refused (409) and tried again on a fresher one."""
+    cluster.services.append(service())
+    cluster.instances.append(instance("vm-0", ready=False))
+    cluster.sync()
+    stale = cluster.watch()["kubenova_slices"]
+    cluster.slice()["metadata"]["resourceVersion"] = "99"  # someone else's write
+    cluster.restart()
+    cluster.instances[0] = instance("vm-0")
+    cluster.watch()
+    cluster.controller.indexes["kubenova_slices"] = stale
     assert cluster.controller.sync(("team-a", "web")) == CONFLICT_RETRY
     assert cluster.sync() is None
     assert [verb for verb, _ in cluster.discovery.writes] == ["create", "replace"]
+
+
+def test_a_write_the_watch_never_shows_is_trusted_no_longer_than_watch_lag(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.services.append(service())
+    cluster.sync()
+    cluster.controller.indexes["kubenova_slices"] = {}
+    assert cluster.controller.sync(("team-a", "web")) is not None
+    later = time.monotonic() + WATCH_LAG
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert cluster.controller.sync(("team-a", "web")) == CONFLICT_RETRY  # it asks again: 409 (exists)
 
 
 def test_a_named_target_port_is_a_warning_event_said_once(cluster: Cluster) -> None:
@@ -287,8 +325,8 @@ def test_an_instance_event_queues_only_the_services_it_joins_or_leaves(cluster: 
 def test_service_and_slice_events_queue_their_service(cluster: Cluster) -> None:
     c = cluster.controller
     c.service_changed("team-a", "web", **handed_over(cluster))
-    c.slice_changed("team-a", {SERVICE_NAME_LABEL: "web"}, **handed_over(cluster))
-    c.slice_changed("team-a", {}, **handed_over(cluster))
+    c.slice_changed("team-a", {SERVICE_NAME_LABEL: "web"}, {"resourceVersion": "1"}, **handed_over(cluster))
+    c.slice_changed("team-a", {}, {"resourceVersion": "2"}, **handed_over(cluster))
     assert c.queue.pending() == [("team-a", "web")]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,9 @@ CN = (GROUP, VERSION, COMPUTENODES)
 #: After a write that lost a race (409: the slice watch had not caught up with a write yet; 404: the
 #: slice went meanwhile), the next try, on the fresher copy.
 CONFLICT_RETRY = 1.0
+#: How long a sync waits for the slice watch to show kubenova's own last write before it trusts the
+#: index's copy again (the watch's event of the write usually comes within milliseconds).
+WATCH_LAG = 5.0
 #: After any other failure (the apiserver away, a permission missing): the next try, doubling up to MAX_RETRY.
 ERROR_RETRY = 5.0
 MAX_RETRY = 300.0
@@ -194,6 +198,8 @@ class ServiceEndpoints:
         self._seen: dict[Key, Instance] = {}
         #: Each node's default network as last seen (None: the node reports none).
         self._networks: dict[str, Any] = {}
+        #: The resourceVersion of each slice's last write and when, until the slice watch shows it.
+        self._written: dict[Key, tuple[str, float]] = {}
         #: The problems each Service was last told about, so an Event says each once.
         self._told: dict[Key, frozenset[Problem]] = {}
 
@@ -230,13 +236,21 @@ class ServiceEndpoints:
         self._keep(found)
         self.queue.add((namespace or "", name))
 
-    def slice_changed(self, namespace: str | None, labels: kopf.Labels, **found: Any) -> None:
+    def slice_changed(
+        self, namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, **found: Any
+    ) -> None:
         """One of kubenova's slices changed or went: put back what someone else changed or deleted, and
-        delete one whose Service no longer opts in (it may have left while no controller ran)."""
+        delete one whose Service no longer opts in (it may have left while no controller ran). The
+        event of kubenova's own write says the index has caught up with it."""
         self._keep(found)
         service = labels.get(SERVICE_NAME_LABEL)
-        if service:
-            self.queue.add((namespace or "", service))
+        if not service:
+            return
+        key = (namespace or "", service)
+        with self._lock:
+            if self._written.get(key, ("", 0.0))[0] == meta.get("resourceVersion"):
+                del self._written[key]
+        self.queue.add(key)
 
     def instance_changed(
         self, type: str | None, namespace: str | None, name: str, body: kopf.Body, **found: Any
@@ -281,17 +295,22 @@ class ServiceEndpoints:
     # --- the sync ----------------------------------------------------------------------------------
 
     def sync(self, key: Key) -> float | None:
-        """Make the Service's slice what it should be, writing only what differs; a delay to try again
-        after when a write lost a race."""
+        """Make the Service's slice what it should be, writing only what differs. Returns a delay to try
+        again after while the slice watch has not shown the last write yet, or when a write lost a race."""
         namespace, name = key
         services = _values(self.indexes.get("exposed_services"), namespace)
         service = next((s for s in services if s["metadata"]["name"] == name), None)
         current = _values(self.indexes.get("kubenova_slices"), key)
         if service is None:
             self._told.pop(key, None)
+            with self._lock:
+                self._written.pop(key, None)
             for found in current:
                 self._delete(found)
             return None
+        waited = self._watch_lag(key, current)
+        if waited is not None:
+            return waited
         networks = self.indexes.get("node_networks") or {}
         desired, problems = desired_slice(
             service,
@@ -306,25 +325,53 @@ class ServiceEndpoints:
                 there = found
             else:  # a slice of ours by another name (an older naming): one slice per Service
                 self._delete(found)
+        if there is not None and unchanged(there, desired):
+            return None
         try:
-            if there is None:
-                self.discovery.create_namespaced_endpoint_slice(namespace, _model(desired))
-                log.info("created EndpointSlice %s/%s for Service %s", namespace, ours, name)
-            elif not unchanged(there, desired):
-                self.discovery.replace_namespaced_endpoint_slice(
-                    ours, namespace, _model(replacement(there, desired))
-                )
-                log.info("updated EndpointSlice %s/%s for Service %s", namespace, ours, name)
+            self._write(key, there, desired)
         except kubernetes.client.ApiException as exc:
             if exc.status in (404, 409):
                 return CONFLICT_RETRY
-            if (
-                exc.status == 422
-            ):  # the slice is invalid: a retry would say the same until the Service changes
-                self._post(service, "EndpointSliceRefused", f"EndpointSlice {ours} was refused: {exc.body}")
-                return None
-            raise
+            if exc.status != 422:
+                raise
+            # An invalid slice: trying again would be refused the same way until the Service changes.
+            self._post(service, "EndpointSliceRefused", f"EndpointSlice {ours} was refused: {exc.body}")
         return None
+
+    def _watch_lag(self, key: Key, current: list[dict[str, Any]]) -> float | None:
+        """How long to wait for the slice watch to show kubenova's last write of this slice, or None to go on.
+
+        Until it does, the index holds an older copy: a write decided on it would be refused (409) and
+        count as a request all the same. The watch's event of that write queues the key again; after
+        WATCH_LAG without it (someone else wrote since, or the watch is away) the index is trusted again."""
+        with self._lock:
+            written = self._written.get(key)
+            if written is None:
+                return None
+            version, at = written
+            waited = time.monotonic() - at
+            if waited < WATCH_LAG and not any(
+                s["metadata"].get("resourceVersion") == version for s in current
+            ):
+                return WATCH_LAG - waited
+            del self._written[key]
+            return None
+
+    def _write(self, key: Key, there: dict[str, Any] | None, desired: dict[str, Any]) -> None:
+        namespace, name = key
+        ours = desired["metadata"]["name"]
+        if there is None:
+            made = self.discovery.create_namespaced_endpoint_slice(namespace, _model(desired))
+            log.info("created EndpointSlice %s/%s for Service %s", namespace, ours, name)
+        else:
+            made = self.discovery.replace_namespaced_endpoint_slice(
+                ours, namespace, _model(replacement(there, desired))
+            )
+            log.info("updated EndpointSlice %s/%s for Service %s", namespace, ours, name)
+        version = made.metadata.resource_version if made.metadata else None
+        if version:
+            with self._lock:
+                self._written[key] = (version, time.monotonic())
 
     def _delete(self, found: Mapping[str, Any]) -> None:
         meta = found["metadata"]
