@@ -4,6 +4,7 @@ an event can change, and a restart that rewrites nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import time
@@ -224,7 +225,9 @@ def test_a_sync_waits_for_the_watch_to_show_its_last_write(cluster: Cluster) -> 
     cluster.watch()
     fresh = cluster.slice()
     c.indexes["kubenova_slices"] = stale
-    c.slice_changed("team-a", fresh["metadata"]["labels"], fresh["metadata"], **handed_over(cluster))
+    asyncio.run(
+        c.slice_changed("team-a", fresh["metadata"]["labels"], fresh["metadata"], **handed_over(cluster))
+    )
     assert cluster.sync() is None  # the event came: the update goes out
     assert cluster.discovery.requests == [("create", "web-kubenova"), ("replace", "web-kubenova")]
 
@@ -304,29 +307,33 @@ def test_an_instance_event_queues_only_the_services_it_joins_or_leaves(cluster: 
         service("other", namespace="team-b"),
     ]
     c, vm = cluster.controller, instance("vm-0")
-    c.instance_changed(None, "team-a", "vm-0", vm, **handed_over(cluster))
+    asyncio.run(c.instance_changed(None, "team-a", "vm-0", vm, **handed_over(cluster)))
     assert c.queue.pending() == [("team-a", "web")]
     c.queue.take()
     vm["status"]["diagnostics"] = {"updateTime": "now"}  # most status writes change no slice
-    c.instance_changed("MODIFIED", "team-a", "vm-0", vm, **handed_over(cluster))
+    asyncio.run(c.instance_changed("MODIFIED", "team-a", "vm-0", vm, **handed_over(cluster)))
     assert c.queue.pending() == []
     vm["metadata"]["labels"]["app"] = "db"  # leaves web, joins db
-    c.instance_changed("MODIFIED", "team-a", "vm-0", vm, **handed_over(cluster))
+    asyncio.run(c.instance_changed("MODIFIED", "team-a", "vm-0", vm, **handed_over(cluster)))
     assert sorted(c.queue.pending()) == [("team-a", "db"), ("team-a", "web")]
     c.queue.drain()
     vm["status"]["conditions"][0]["status"] = "False"
-    c.instance_changed("MODIFIED", "team-a", "vm-0", vm, **handed_over(cluster))
+    asyncio.run(c.instance_changed("MODIFIED", "team-a", "vm-0", vm, **handed_over(cluster)))
     assert c.queue.pending() == [("team-a", "db")]
     c.queue.drain()
-    c.instance_changed("DELETED", "team-a", "vm-0", vm, **handed_over(cluster))
+    asyncio.run(c.instance_changed("DELETED", "team-a", "vm-0", vm, **handed_over(cluster)))
     assert c.queue.pending() == [("team-a", "db")]
 
 
 def test_service_and_slice_events_queue_their_service(cluster: Cluster) -> None:
     c = cluster.controller
-    c.service_changed("team-a", "web", **handed_over(cluster))
-    c.slice_changed("team-a", {SERVICE_NAME_LABEL: "web"}, {"resourceVersion": "1"}, **handed_over(cluster))
-    c.slice_changed("team-a", {}, {"resourceVersion": "2"}, **handed_over(cluster))
+    asyncio.run(c.service_changed("team-a", "web", **handed_over(cluster)))
+    asyncio.run(
+        c.slice_changed(
+            "team-a", {SERVICE_NAME_LABEL: "web"}, {"resourceVersion": "1"}, **handed_over(cluster)
+        )
+    )
+    asyncio.run(c.slice_changed("team-a", {}, {"resourceVersion": "2"}, **handed_over(cluster)))
     assert c.queue.pending() == [("team-a", "web")]
 
 
@@ -335,22 +342,21 @@ def test_a_node_whose_network_changes_queues_every_service_but_its_first_listing
 ) -> None:
     cluster.services += [service(), service(namespace="team-b")]
     c = cluster.controller
-    c.node_changed(None, "node-a", {"network": NETWORKS["node-a"]}, **handed_over(cluster))
-    c.node_changed(
-        "MODIFIED", "node-a", {"network": NETWORKS["node-a"], "heartbeatTime": "x"}, **handed_over(cluster)
-    )
+    asyncio.run(c.node_changed(None, "node-a", {"network": NETWORKS["node-a"]}, **handed_over(cluster)))
+    heartbeat = {"network": NETWORKS["node-a"], "heartbeatTime": "x"}
+    asyncio.run(c.node_changed("MODIFIED", "node-a", heartbeat, **handed_over(cluster)))
     assert c.queue.pending() == []
     moved = {**NETWORKS["node-a"], "subnet": "10.223.0.0/24"}
-    c.node_changed("MODIFIED", "node-a", {"network": moved}, **handed_over(cluster))
+    asyncio.run(c.node_changed("MODIFIED", "node-a", {"network": moved}, **handed_over(cluster)))
     assert sorted(c.queue.pending()) == [("team-a", "web"), ("team-b", "web")]
     c.queue.drain()
     # Listed again after a watch gap, with the network it gained meanwhile: that is news.
-    c.node_changed(None, "node-b", {}, **handed_over(cluster))
+    asyncio.run(c.node_changed(None, "node-b", {}, **handed_over(cluster)))
     assert c.queue.pending() == []
-    c.node_changed(None, "node-b", {"network": NETWORKS["node-b"]}, **handed_over(cluster))
+    asyncio.run(c.node_changed(None, "node-b", {"network": NETWORKS["node-b"]}, **handed_over(cluster)))
     assert len(c.queue.pending()) == 2
     c.queue.drain()
-    c.node_changed("DELETED", "node-b", {"network": NETWORKS["node-b"]}, **handed_over(cluster))
+    asyncio.run(c.node_changed("DELETED", "node-b", {"network": NETWORKS["node-b"]}, **handed_over(cluster)))
     assert len(c.queue.pending()) == 2
 
 

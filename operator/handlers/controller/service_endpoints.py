@@ -230,13 +230,15 @@ class ServiceEndpoints:
         self.indexes.update({key: value for key, value in found.items() if key in INDEXES})
 
     # --- handlers: each only says which Services to look at again ------------------------------------
+    # Coroutines, though they hold a lock for a moment: they never wait on the network, and every event
+    # of every VirtualInstance and ComputeNode comes here, which should cost no hop to kopf's thread pool.
 
-    def service_changed(self, namespace: str | None, name: str, **found: Any) -> None:
+    async def service_changed(self, namespace: str | None, name: str, **found: Any) -> None:
         """Created, changed, deleted, or no longer opted in (DELETED from the label selector's view)."""
         self._keep(found)
         self.queue.add((namespace or "", name))
 
-    def slice_changed(
+    async def slice_changed(
         self, namespace: str | None, labels: kopf.Labels, meta: kopf.Meta, **found: Any
     ) -> None:
         """One of kubenova's slices changed or went: put back what someone else changed or deleted, and
@@ -252,7 +254,7 @@ class ServiceEndpoints:
                 del self._written[key]
         self.queue.add(key)
 
-    def instance_changed(
+    async def instance_changed(
         self, type: str | None, namespace: str | None, name: str, body: kopf.Body, **found: Any
     ) -> None:
         """Look again at the Services that select the instance now or selected it before, and only when
@@ -272,7 +274,7 @@ class ServiceEndpoints:
             if any(i is not None and selects(selector, i.labels) for i in (old, new)):
                 self.queue.add((namespace or "", service["metadata"]["name"]))
 
-    def node_changed(self, type: str | None, name: str, status: kopf.Status, **found: Any) -> None:
+    async def node_changed(self, type: str | None, name: str, status: kopf.Status, **found: Any) -> None:
         """A node's default network changed (or the node went): every Service is looked at again; rare.
 
         A node's first appearance in the initial listing asks for nothing: each Service's own initial
