@@ -52,8 +52,8 @@ SERVICES = ("", "v1", "services")
 SLICES = ("discovery.k8s.io", "v1", "endpointslices")
 VI = (GROUP, VERSION, VIRTUALINSTANCES)
 CN = (GROUP, VERSION, COMPUTENODES)
-#: After a write that lost a race (409: the slice watch had not caught up with a write yet; 404: the
-#: slice went meanwhile), the next try, on the fresher copy.
+#: After a write that lost a race (409: the slice changed since the copy it was decided on, or a create met
+#: one the watch had not shown yet; 404: the slice went meanwhile), the next try, on a fresher copy.
 CONFLICT_RETRY = 1.0
 #: How long a sync waits for the slice watch to show kubenova's own last write before it trusts the
 #: index's copy again (the watch's event of the write usually comes within milliseconds).
