@@ -26,6 +26,10 @@ AGENT_FINALIZER = f"{GROUP}/agent"
 #: it schedules the Migration, so that admission lets that node's agent take the instance over (the
 #: agent may write only objects bound to its node or targeted at it); the move removes it.
 MIGRATION_TARGET_LABEL = f"{GROUP}/migration-target"
+#: On a Service (never one of kubenova's kinds): "true" asks the controller to keep an EndpointSlice that
+#: points the Service at the VirtualInstances its selector matches (controller/endpoints.py). The plugin's
+#: `expose` verb sets it; users may set it by hand.
+EXPOSE_LABEL = f"{GROUP}/expose"
 #: Where the controller's leader Lease and the agents' heartbeat Leases live.
 LEASE_NAMESPACE = "kubenova-system"
 

@@ -73,6 +73,26 @@ def parser() -> argparse.ArgumentParser:
     migrate.add_argument("--live", action="store_true", help="keep it running (Live); default Cold")
     migrate.add_argument("--to", dest="target", help="the target ComputeNode [the controller chooses]")
     migrate.add_argument("--no-wait", action="store_true", help="return once the Migration exists")
+    expose = verbs.add_parser(
+        "expose",
+        help="put a Service in front of the instance (kubenova keeps its endpoints)",
+        description="Create or update (server-side apply) a Service labelled compute.kubenova.io/expose=true "
+        "whose selector is the instance's own labels (or --selector): kubenova's controller points it at "
+        "the instances it selects once they have an address on their node's default network.",
+    )
+    expose.add_argument("name")
+    expose.add_argument("--port", type=int, required=True, help="the Service's port")
+    expose.add_argument("--target-port", type=int, help="the port the guest listens on [--port]")
+    expose.add_argument("--name", dest="service_name", help="the Service's name [the instance's]")
+    expose.add_argument("--type", choices=("ClusterIP", "NodePort"), default="ClusterIP", help="[ClusterIP]")
+    expose.add_argument("--node-port", type=int, help="with --type NodePort: this node port [any free one]")
+    expose.add_argument("--protocol", choices=("TCP", "UDP"), default="TCP", help="[TCP]")
+    expose.add_argument(
+        "--selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="select on these labels (repeatable) [all the instance's own labels]",
+    )
     verbs.add_parser("diag", help="diagnostics as a table").add_argument("name")
     vnc = verbs.add_parser(
         "vnc", help="forward a local port to the guest's VNC server (on the instance's node)"
@@ -109,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             print(plugin.action(args.name, "snapshot", {"imageName": args.image}))
         elif args.verb == "migrate":
             print(plugin.migrate(args.name, args.live, args.target, not args.no_wait))
+        elif args.verb == "expose":
+            print(plugin.expose(args.name, args))
         elif args.verb == "diag":
             print(plugin.diag(args.name))
         elif args.verb == "vnc":

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
 
-from kubenova.handlers.shared import GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import EXPOSE_LABEL, GROUP, MIGRATIONS, VERSION, VIRTUALINSTANCES
 
 #: verb -> (spec.powerState it asks for, powerStates it makes sense from)
 POWER = {
@@ -25,6 +26,10 @@ POWER = {
     "resume": ("Running", ("Suspended",)),
 }
 FINAL = ("Succeeded", "Failed", "Cancelled", "Reverted", "AwaitingConfirmation")
+#: `expose` owns the fields it applies under this name (server-side apply).
+FIELD_MANAGER = "kubectl-kubenova"
+#: A Service's name: an RFC 1035 label.
+SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class Refused(Exception):
@@ -38,6 +43,7 @@ class Plugin:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_incluster_config()
         self.custom = kubernetes.client.CustomObjectsApi()
+        self.core = kubernetes.client.CoreV1Api(self.custom.api_client)
         if namespace is None:
             try:
                 namespace = kubernetes.config.list_kube_config_contexts()[1]["context"].get("namespace")
@@ -213,6 +219,44 @@ class Plugin:
 
         return self.wait(migration, ended, MIGRATIONS)
 
+    def expose(self, name: str, args: argparse.Namespace) -> str:
+        """Create or update (server-side apply) a Service in front of the instance: kubenova's controller
+        fills its endpoints from the instances it selects, once they have a leased address."""
+        instance = self.get(name)
+        service = service_for(instance, args)
+        service_name = service["metadata"]["name"]
+        try:
+            self.core.patch_namespaced_service(
+                service_name,
+                self.namespace,
+                service,
+                field_manager=FIELD_MANAGER,
+                _content_type="application/apply-patch+yaml",
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 409:
+                raise Refused(
+                    f"Service {service_name!r} exists and another manager owns fields expose would set "
+                    f"({_message(exc)}); change it with kubectl, or pass --name for another Service"
+                ) from exc
+            if exc.status == 422:
+                raise Refused(f"refused: {_message(exc)}") from exc
+            raise
+        spec = service["spec"]
+        port = spec["ports"][0]
+        selector = ",".join(f"{key}={value}" for key, value in sorted(spec["selector"].items()))
+        said = (
+            f"service/{service_name} ({spec['type']}) port {port['port']}/{port['protocol']} -> "
+            f"{port['targetPort']} of the VirtualInstances with {selector}"
+        )
+        labels = instance["metadata"].get("labels") or {}
+        if any(labels.get(key) != value for key, value in spec["selector"].items()):
+            said += (
+                f"\nnote: {name} is not among them until it has these labels: kubectl label vi {name} "
+                + (" ".join(f"{key}={value}" for key, value in sorted(spec["selector"].items())))
+            )
+        return said
+
     def diag(self, name: str) -> str:
         status = self.get(name).get("status") or {}
         diagnostics, info = status.get("diagnostics") or {}, status.get("info") or {}
@@ -275,3 +319,53 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
             raise Refused("--node-selector takes key=value")
         spec["nodeSelector"] = dict(pairs)
     return spec
+
+
+def own_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """The labels a user chose: kubenova's own (its binding, a migration's target) change as it places
+    and moves the instance, so a selector on them would lose the instance."""
+    return {key: value for key, value in labels.items() if not key.split("/")[0].endswith("kubenova.io")}
+
+
+def service_for(instance: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The Service `expose` applies: the opt-in label, a selector, one port. kubenova writes no user
+    object's metadata (GitOps sees no drift), so it cannot label the instance for the Service: the
+    selector is the instance's own labels (all of them, never kubenova's) or --selector."""
+    meta = instance["metadata"]
+    name = args.service_name or meta["name"]
+    if not SERVICE_NAME.fullmatch(name):
+        raise Refused(
+            f"{name!r} is no Service name (lowercase letters, digits and '-', starting with a letter, "
+            "at most 63 characters); pass --name"
+        )
+    labels = own_labels(meta.get("labels") or {})
+    if args.selector:
+        pairs = [item.split("=", 1) for item in args.selector]
+        if any(len(pair) != 2 or not pair[0] for pair in pairs):
+            raise Refused("--selector takes key=value")
+        selector = dict(pairs)
+    elif labels:
+        selector = labels
+    else:
+        raise Refused(
+            f"{meta['name']} has no labels for a Service to select it by: label it "
+            f"(kubectl label vi {meta['name']} app={meta['name']}) or pass --selector key=value"
+        )
+    for flag, value in (("--port", args.port), ("--target-port", args.target_port)):
+        if value is not None and not 1 <= value <= 65535:
+            raise Refused(f"{flag} takes a port number from 1 to 65535")
+    if args.node_port is not None and args.type != "NodePort":
+        raise Refused("--node-port needs --type NodePort")
+    port: dict[str, Any] = {
+        "port": args.port,
+        "targetPort": args.target_port or args.port,
+        "protocol": args.protocol,
+    }
+    if args.node_port is not None:
+        port["nodePort"] = args.node_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": {EXPOSE_LABEL: "true"}},
+        "spec": {"type": args.type, "selector": selector, "ports": [port]},
+    }

@@ -141,6 +141,7 @@ def test_the_kubectl_plugin_has_help_for_every_verb() -> None:
         "unrescue",
         "snapshot",
         "migrate",
+        "expose",
         "diag",
         "vnc",
         "console",

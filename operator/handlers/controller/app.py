@@ -1,4 +1,5 @@
-"""The controller: cluster-wide decisions (placement, binding, node health, fencing); never calls libvirt.
+"""The controller: cluster-wide decisions (placement, binding, node health, fencing) and the EndpointSlices
+of Services in front of VMs (service_endpoints.py); never calls libvirt.
 
 It uses only event handlers and in-memory indexes, so it adds no kopf finalizer and no bookkeeping
 annotation to users' objects; main.py runs it while this replica holds the leader Lease.
@@ -15,7 +16,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova.handlers.controller import binding
+from kubenova.handlers.controller import binding, service_endpoints
 from kubenova.handlers.controller.fencing import Fencing
 from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
 from kubenova.handlers.controller.node_health import NodeHealth
@@ -363,6 +364,7 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.batching.batch_window = 0.02
     talk_to_the_apiserver(settings)
+    service_endpoints.watch_settings(settings)
 
 
 def register(
@@ -408,4 +410,5 @@ def register(
         c.lease_renewed
     )
     kopf.on.event(*MIG, registry=registry, id="migration_changed")(c.migration_changed)
+    service_endpoints.register(registry, client)
     return c
