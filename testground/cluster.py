@@ -33,6 +33,10 @@ CNI_BRIDGE, NETWORK = "kncni0", "kubenova-pods"
 #: The pause image is built here from the pinned Kubernetes module's own pause.c (no registry).
 PAUSE_TAG = "3.10.2"
 PAUSE_IMAGE = f"localhost/kubenova-pause:{PAUSE_TAG}"
+#: A shell with wget, nc and httpd for test pods (a client or a server next to the VMs): Debian's static
+#: busybox in an image of its own (cluster_images.ensure_busybox_image). Not ``latest``: the kubelet would
+#: pull a ``latest`` image on every start, and there is no registry to pull it from.
+BUSYBOX_IMAGE = "localhost/kubenova-busybox:1"
 RELEASE = "kubenova"
 #: The node's processes. The Kubernetes ones keep their default ports, on NODE_IP (the kubelet's API,
 #: for logs and exec) or loopback (health and metrics) only.

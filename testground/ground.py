@@ -350,6 +350,7 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     node_tools = kube.build_node_tools()
     cluster_mode.start_containerd(ground.layout)
     cluster_images.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
+    cluster_images.ensure_busybox_image(ground.layout)
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
     cluster_images.ensure_kubenova_image(ground.layout, image_ref())
     if install:
