@@ -271,14 +271,22 @@ def revive_daemon(layout: Layout, node: str) -> None:
     procs.wait_for(lambda: _responds(layout, node), 30, f"libvirtd of {node}", host / "log" / "libvirtd.log")
 
 
-def _forget_bridge(node: str) -> None:
-    """Remove the test network's bridge and libvirt's iptables rules for it: both outlive a killed
-    libvirtd."""
-    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
-    for line in rules.splitlines():
-        if line.startswith("-A ") and f" {bridge(node)} " in f"{line} ":
-            subprocess.run(["iptables", "-D", *line.split()[1:]], capture_output=True)
-    subprocess.run(["ip", "link", "del", bridge(node)], capture_output=True)
+#: The bridge of the agent's default network (its --network-bridge default): node-0's is in the host's
+#: network namespace, the other nodes' go with theirs.
+NODE_BRIDGE = "knvm0"
+
+
+def _forget_bridge(name: str, subnet: str = "") -> None:
+    """Remove a bridge and libvirt's (and the network hook's) iptables rules for it: both outlive a killed
+    libvirtd, and a later libvirtd could not make its network on a bridge that is still there."""
+    for table in ("filter", "nat"):
+        rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True).stdout
+        for line in rules.splitlines():
+            if line.startswith("-A ") and (
+                f" {name} " in f"{line} " or (subnet and f" {subnet} " in f"{line} ")
+            ):
+                subprocess.run(["iptables", "-t", table, "-D", *line.split()[1:]], capture_output=True)
+    subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
 def _ensure_network(layout: Layout, node: str) -> None:
@@ -325,9 +333,11 @@ def stop(layout: Layout, node: str) -> bool:
     while any(procs.pid_alive(p) for p in victims) and time.monotonic() < deadline:
         time.sleep(0.05)
     (host / "mnt-ns").unlink()
-    _forget_bridge(node)
+    _forget_bridge(bridge(node))
     if subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True).returncode == 0:
         subprocess.run(["ip", "link", "del", peer_link(node)], capture_output=True)
+    else:  # the host's own network namespace: its default network's bridge and rules are there
+        _forget_bridge(NODE_BRIDGE, "10.222.0.0/24")
     for stale in ("libvirtd.pid", "virtlogd.pid"):
         (host / stale).unlink(missing_ok=True)
     return bool(victims)

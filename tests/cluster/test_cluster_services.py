@@ -38,9 +38,10 @@ def endpoint(discovery: kubernetes.client.DiscoveryV1Api, namespace: str, servic
 
 
 def fetch_in_pod(ground: testground.Ground, namespace: str, pod: str, url: str) -> tuple[bool, str]:
-    """busybox wget in the pod: (it answered, its output or error)."""
+    """busybox wget in the pod, under timeout (its -T crashes in Debian's static busybox 1.35): (it answered,
+    its output or error)."""
     proc = subprocess.run(
-        [ground.kubectl, "exec", "-n", namespace, pod, "--", "wget", "-q", "-T", "3", "-O", "-", url],
+        [ground.kubectl, "exec", "-n", namespace, pod, "--", "timeout", "3", "wget", "-q", "-O", "-", url],
         capture_output=True,
         text=True,
         env=ground.env(),

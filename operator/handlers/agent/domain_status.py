@@ -88,7 +88,8 @@ def observed_status(
     running = info.state in (PowerState.RUNNING, PowerState.PAUSED)
     try:
         has_interfaces = spec.get("interfaces", [DEFAULT_INTERFACE]) or status.get("interfaces")
-        interfaces = interfaces_of(driver, uid, spec, running) if has_interfaces else []
+        known = {i.get("macAddress"): i.get("ipAddress") for i in status.get("interfaces") or []}
+        interfaces = interfaces_of(driver, uid, spec, running, known) if has_interfaces else []
         pending = driver.pending_changes(uid) if ask else []
     except DriverError as exc:  # the domain went away meanwhile: the next look says so
         log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
@@ -115,12 +116,18 @@ def observed_status(
 
 
 def interfaces_of(
-    driver: ComputeDriver, uid: str, spec: Mapping[str, Any], running: bool
+    driver: ComputeDriver,
+    uid: str,
+    spec: Mapping[str, Any],
+    running: bool,
+    known: Mapping[str | None, str | None],
 ) -> list[dict[str, str]]:
     """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by
-    order), with the address the node network's DHCP leased to it while the guest runs."""
+    order), with the address the node network's DHCP leased to it: while the guest is stopped, the one it
+    had (``known``, by MAC), which its reservation keeps for its next boot, so a Service lists it as not
+    ready rather than forgetting it."""
     named = [i["name"] for i in spec.get("interfaces", [{"name": DEFAULT_INTERFACE}])]
-    leases = driver.dhcp_leases() if running else {}
+    leases = driver.dhcp_leases() if running else {m.lower(): a for m, a in known.items() if m and a}
     found = []
     for index, d in enumerate(driver.list_interfaces_detail(uid)):
         entry = {"name": d.name or (named[index] if index < len(named) else f"#{index}"), "macAddress": d.mac}
