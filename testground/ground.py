@@ -12,7 +12,7 @@ import time
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
 from testground import cluster as cluster_mode
-from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, procs, served
+from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, mounts, procs, served
 from testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
@@ -244,7 +244,7 @@ def add_node(
         # (and its virtlogd the old cap).
         libvirt_host.stop(ground.layout, node)
     if instances_mib is not None:
-        _mount_tmpfs(ground.node_dir(node) / "instances", instances_mib)
+        mounts.tmpfs(ground.node_dir(node) / "instances", instances_mib)
     libvirt_host.start(ground.layout, node, node_address(node), console_log_max_bytes=console_log_max_bytes)
     guest.ensure_images(ground.layout, ground.images(node))
     _ensure_running(ground, {f"agent-{node}": agent_process(ground, node, *agent_flags)})
@@ -257,7 +257,7 @@ def remove_node(ground: Ground, node: str) -> None:
     would."""
     procs.stop(ground.layout, f"agent-{node}")
     libvirt_host.stop(ground.layout, node)
-    _unmount(ground.node_dir(node) / "instances")
+    mounts.unmount(ground.node_dir(node) / "instances")
     for kind, namespace in (("computenode", None), ("lease", LEASE_NAMESPACE)):
         name = node if kind == "computenode" else f"agent-{node}"
         argv = [ground.kubectl, "delete", kind, name, "--ignore-not-found", "--wait=false"]
@@ -266,37 +266,6 @@ def remove_node(ground: Ground, node: str) -> None:
             f"deleting the {kind} of {node}",
             "",
             env=ground.env(),
-        )
-
-
-def _mount_tmpfs(folder: pathlib.Path, mib: int) -> None:
-    """A tmpfs of ``mib`` MiB on ``folder`` (an earlier one there is unmounted first)."""
-    _unmount(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    procs.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755", "tmpfs", str(folder)],
-        f"mounting a {mib} MiB tmpfs on {folder}",
-        "run as root, where mount works",
-    )
-    # QEMU opens instance disks with O_DIRECT (cache='none'), which tmpfs takes only since Linux 6.6.
-    probe = folder / ".o_direct"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600))
-    except OSError as exc:
-        _unmount(folder)
-        raise TestGroundError(
-            f"this kernel's tmpfs refuses O_DIRECT ({exc}), which QEMU's disks need (cache='none'); "
-            "run on Linux 6.6 or later"
-        ) from exc
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def _unmount(folder: pathlib.Path) -> None:
-    """Unmount whatever add_node mounted on ``folder`` (nothing when it is a plain folder)."""
-    while os.path.ismount(folder):
-        procs.run(
-            ["umount", str(folder)], f"unmounting {folder}", "see which process still uses it (fuser -m)"
         )
 
 
@@ -383,7 +352,7 @@ def down(layout: Layout | None = None) -> list[str]:
     for node_dir in sorted((layout.state / "nodes").glob("*")):
         if libvirt_host.stop(layout, node_dir.name):
             stopped.append(f"libvirtd of {node_dir.name}")
-        _unmount(node_dir / "instances")
+        mounts.unmount(node_dir / "instances")
     for name in ("kube-apiserver", "etcd"):
         if procs.stop(layout, name):
             stopped.append(name)
