@@ -17,7 +17,7 @@ import pathlib
 import platform
 import subprocess
 
-from bench import api_cost, burst, imports, latency, memory, migration, reaction, scale
+from bench import api_cost, burst, imports, latency, memory, migration, network, reaction, scale
 from bench.common import Result, connect
 from testground import ground as testground
 from testground.kube import REPO
@@ -35,6 +35,7 @@ FULL = {
     "react": 10,
     "migrate": 5,
     "imports": 3,
+    "network": 10,
 }
 SMOKE = {
     "latency": 2,
@@ -47,6 +48,7 @@ SMOKE = {
     "react": 2,
     "migrate": 1,
     "imports": 1,
+    "network": 1,
 }
 
 
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         reaction.run(bench, counts["react"]),
         migration.run(bench, counts["migrate"]),
         imports.run(bench, counts["imports"]),
+        network.run(bench, counts["network"]),
     ]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = f"Run {stamp} on {machine()}" + (" — smoke counts, not figures to quote" if args.smoke else "")
