@@ -16,6 +16,7 @@ from testground.served import Served
 from tests.helpers import eventually
 from tests.integration.test_agent import console_text, wait_ready
 from tests.integration.test_image_imports import sha256
+from tests.integration.test_node_network import wait_leased
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "samples"
 #: Samples that need more than one node or an image the test ground's store lacks: said in their comments.
@@ -66,6 +67,30 @@ def test_the_single_node_samples_reach_their_phase(
         ),
         timeout=120,
         what="demo-data Attached",
+    )
+
+    # The Service sample: the VM's leased address in the EndpointSlice kubenova's controller keeps.
+    vm, service = yaml.safe_load_all((SAMPLES / "virtualinstance-service.yaml").read_text())
+    for body in (vm, service):
+        body["metadata"].pop("namespace")
+    apply(custom, namespace, VIRTUALINSTANCES, vm)
+    core.create_namespaced_service(namespace, service)
+    address = wait_leased(custom, namespace, "hello")
+    discovery = kubernetes.client.DiscoveryV1Api(core.api_client)
+    eventually(
+        lambda: (
+            [
+                e.addresses
+                for s in discovery.list_namespaced_endpoint_slice(
+                    namespace, label_selector="kubernetes.io/service-name=hello"
+                ).items
+                for e in s.endpoints or []
+                if e.conditions.ready
+            ]
+            == [[address]]
+        ),
+        timeout=60,
+        what="the VM's address ready in the Service's EndpointSlice",
     )
 
     # The image sample, with the checksum the test ground's image has today (its comment says so).
