@@ -272,8 +272,14 @@ def revive_daemon(layout: Layout, node: str) -> None:
 
 
 #: The bridge of the agent's default network (its --network-bridge default): node-0's is in the host's
-#: network namespace, the other nodes' go with theirs.
+#: network namespace (the other nodes' go with theirs), and outlives its libvirtd, as on a real host.
 NODE_BRIDGE = "knvm0"
+
+
+def forget_node_network() -> None:
+    """Remove node-0's default network bridge and its rules, for a test ground that forgets its state (a
+    libvirtd made afresh could not make its network on a bridge that is still there)."""
+    _forget_bridge(NODE_BRIDGE, "10.222.0.0/24")
 
 
 def _forget_bridge(name: str, subnet: str = "") -> None:
@@ -336,8 +342,6 @@ def stop(layout: Layout, node: str) -> bool:
     _forget_bridge(bridge(node))
     if subprocess.run(["ip", "netns", "del", netns(node)], capture_output=True).returncode == 0:
         subprocess.run(["ip", "link", "del", peer_link(node)], capture_output=True)
-    else:  # the host's own network namespace: its default network's bridge and rules are there
-        _forget_bridge(NODE_BRIDGE, "10.222.0.0/24")
     for stale in ("libvirtd.pid", "virtlogd.pid"):
         (host / stale).unlink(missing_ok=True)
     return bool(victims)

@@ -14,10 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
-import libvirt
 
-from kubenova.driver.libvirt.core import filter_name
-from kubenova.driver.libvirt.network import firewall_filter
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES
 from testground import cloud_image, libvirt_host
 from testground import ground as testground
@@ -74,7 +71,6 @@ def test_the_debian_cloud_guest_takes_what_kubenova_gives_it(
     ground: testground.Ground,
     custom: kubernetes.client.CustomObjectsApi,
     core: kubernetes.client.CoreV1Api,
-    hypervisor: libvirt.virConnect,
     served: Served,
     namespace: str,
     tmp_path: pathlib.Path,
@@ -99,6 +95,7 @@ def test_the_debian_cloud_guest_takes_what_kubenova_gives_it(
         networkConfig=f"version: 2\nethernets:\n  eth0:\n    addresses: [{GUEST}/24]\n",
         injectedFiles=[{"path": INJECTED[0], "content": base64.b64encode(INJECTED[1]).decode()}],
         adminPasswordSecretRef={"name": "admin"},
+        firewall={"ingress": [{"protocol": "TCP", "port": 22}]},  # ssh only (and answers, and DHCP)
     )
     uid = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)[
         "metadata"
@@ -134,9 +131,7 @@ def test_the_debian_cloud_guest_takes_what_kubenova_gives_it(
     )
     assert agent["hostname"] == "cloud", agent
 
-    # ssh in with the key from userData: port 22 opened in the instance's filter as an admin would (the
-    # spec's own firewall comes with the networking work), over an address on the node's side.
-    hypervisor.nwfilterDefineXML(firewall_filter(filter_name(uid), uid, [("tcp", "0.0.0.0/0", 22, 22)]))
+    # ssh in with the key from userData, through spec.firewall's one rule, over an address on the node's side.
     with host_address(ground):
         answer = eventually(
             lambda: (r := ssh(key, f"cat {INJECTED[0]}; hostname")).returncode == 0 and r,

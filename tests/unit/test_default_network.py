@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from kubenova.driver.base import ALLOW_ALL, FirewallRule, Interface, NodeNetwork, stable_mac
+from kubenova.driver.base import ALLOW_ALL, DriverError, FirewallRule, Interface, NodeNetwork, stable_mac
 from kubenova.driver.fake import FakeDriver
 from kubenova.driver.libvirt.network import PROVIDER_FILTER, firewall_filter, network_xml, provider_filter
 from kubenova.handlers.agent.domain_status import ip_addresses
 from kubenova.handlers.agent.leases import LeaseWatch, macs_of
-from kubenova.handlers.agent.node_network import overlap, pick
+from kubenova.handlers.agent.node_network import overlap, pick, yields
 from kubenova.handlers.agent.translate import NetworkAllowList, firewall_rules, provider_rules
 from tests.unit.test_fake_driver import Clock, make_driver, spec
 
@@ -132,3 +132,18 @@ def test_a_rule_out_of_range_is_refused() -> None:
     driver: FakeDriver = make_driver(Clock())
     with pytest.raises(Exception, match="ports"):
         driver.ensure_filtering_rules_for_instance("u", [FirewallRule("tcp", "0.0.0.0/0", 90, 80)])
+
+
+def test_nodes_that_took_the_same_block_at_once_part_the_later_name_moves() -> None:
+    assert pick("10.222.0.0/16", 24, [], "node-a") != pick("10.222.0.0/16", 24, [], "node-b")
+    assert yields("10.222.5.0/24", "node-b", {"node-a": "10.222.5.0/24"})
+    assert not yields("10.222.5.0/24", "node-a", {"node-b": "10.222.5.0/24"})
+    assert not yields("10.222.5.0/24", "node-b", {"node-a": "10.222.6.0/24"})
+
+
+def test_a_full_node_network_is_a_driver_error_not_a_crash() -> None:
+    driver: FakeDriver = make_driver(Clock())
+    driver.ensure_node_network(NodeNetwork("kubenova", "knvm0", "10.222.3.0/30"))  # one guest address
+    driver.plug_vifs("a", [Interface("default", "kubenova")])
+    with pytest.raises(DriverError, match="no free address"):
+        driver.plug_vifs("b", [Interface("default", "kubenova")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from kubenova.driver.base import FirewallRule, Interface, NodeNetwork, check_rules, stable_mac
+from kubenova.driver.base import DriverError, FirewallRule, Interface, NodeNetwork, check_rules, stable_mac
 from kubenova.driver.fake.host import FakeHost
 from kubenova.driver.fake.instance import ACTIVE
 
@@ -64,7 +64,10 @@ class FakeNetwork(FakeHost):
             free = (ip for ip in self._network.pool() if ip not in taken)
             for mac in macs:
                 if mac not in self._reserved:
-                    self._reserved[mac] = next(free)
+                    address = next(free, None)
+                    if address is None:
+                        raise DriverError(f"the node network {self._network.subnet} has no free address left")
+                    self._reserved[mac] = address
 
     def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
         with self._lock:

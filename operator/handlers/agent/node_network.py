@@ -3,14 +3,17 @@ firewall, and what the ComputeNode says of both.
 
 The subnet comes from the cluster admin's ComputeNode ``spec.network.subnet``, else the agent's
 ``--network-subnet``, else the one this node published before (so a restart keeps every guest's address),
-else the first block of the chart's pool (``--network-pool``) that no other ComputeNode publishes. Two
-nodes on overlapping subnets cannot route to each other's guests: the agent says so on its ComputeNode
-(NetworkReady False, and an Event) and keeps its network, since the guests on it keep their addresses.
+else a free block of the chart's pool (``--network-pool``): the first no other ComputeNode publishes,
+from a place the node's name decides; of two nodes that took the same block at once, the one whose name
+sorts later moves at its next look (while no guest is on its network). Two nodes left on overlapping
+subnets cannot route to each other's guests: the agent says so on its ComputeNode (NetworkReady False,
+and an Event) and keeps its network, since the guests on it keep their addresses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping
@@ -39,10 +42,15 @@ class NetworkSettings:
     provider: tuple[FirewallRule, ...] = ()
 
 
-def pick(pool: str, prefix: int, taken: list[str]) -> str:
-    """The first block of ``pool`` that overlaps none of ``taken``; "" when the pool is full."""
+def pick(pool: str, prefix: int, taken: list[str], node: str = "") -> str:
+    """The first block of ``pool`` that overlaps none of ``taken``, looking from a place that ``node``'s
+    name decides (so nodes that start together rarely try the same block); "" when the pool is full."""
     used = [ipaddress.ip_network(t, strict=False) for t in taken]
-    for block in ipaddress.ip_network(pool).subnets(new_prefix=prefix):
+    blocks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = list(
+        ipaddress.ip_network(pool).subnets(new_prefix=prefix)
+    )
+    start = int(hashlib.sha256(node.encode()).hexdigest()[:8], 16) % len(blocks) if node else 0
+    for block in blocks[start:] + blocks[:start]:
         if not any(block.overlaps(u) for u in used):
             return str(block)
     return ""
@@ -79,13 +87,17 @@ class NetworkKeeper:
         say; what went wrong is kept for the next report (``problem``)."""
         settings = self.settings
         others = self._others()
+        fixed = (spec.get("network") or {}).get("subnet") or settings.subnet
         subnet = (
-            (spec.get("network") or {}).get("subnet")
-            or settings.subnet
+            fixed
             or (self.network.subnet if self.network else "")
             or (status.get("network") or {}).get("subnet")
-            or pick(settings.pool, settings.prefix, list(others.values()))
+            or pick(settings.pool, settings.prefix, list(others.values()), self.node)
         )
+        if not fixed and yields(subnet, self.node, others):
+            # Two nodes that started together took the same block: the later name moves (while no guest is
+            # on its network, which ensure_node_network refuses otherwise).
+            subnet = pick(settings.pool, settings.prefix, list(others.values()), self.node) or subnet
         if not subnet:
             self.problem = (
                 f"no free /{settings.prefix} left in the pool {settings.pool}; widen agent.network.pool"
@@ -131,6 +143,18 @@ class NetworkKeeper:
         if self.problem:
             self.warn(node, reason, self.problem)
         return patch
+
+
+def yields(subnet: str, node: str, others: Mapping[str, str]) -> bool:
+    """Whether ``subnet`` overlaps the subnet of a node whose name sorts before ``node``'s."""
+    mine = ipaddress.ip_network(subnet, strict=False)
+    for other, theirs in others.items():
+        try:
+            if other < node and mine.overlaps(ipaddress.ip_network(theirs, strict=False)):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def overlap(subnet: str, others: Mapping[str, str]) -> str:

@@ -156,9 +156,11 @@ class Controller:
     @staticmethod
     def usage_entry(
         uid: str, labels: kopf.Labels, spec: kopf.Spec, body: kopf.Body, **_: Any
-    ) -> dict[str, Any] | None:
+    ) -> dict[str, Any]:
         node = labels.get(NODE_LABEL)  # a resize's flavor counts once it is in status
-        return {node: (uid, binding.request_of({**spec, "flavor": flavor_of(body)}))} if node else None
+        # {} and never None for an unbound instance: kopf keeps an object's old entry when told None, so
+        # an instance unbound by fencing recovery would go on counting against its old node.
+        return {node: (uid, binding.request_of({**spec, "flavor": flavor_of(body)}))} if node else {}
 
     @staticmethod
     def node_of_instance_entry(
