@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
 
-from bench.common import NAMESPACE, Bench, Result, create_all_and_wait, delete_all, instance, ms
+from bench.common import (
+    NAMESPACE,
+    Bench,
+    Result,
+    create_all_and_wait,
+    delete_all,
+    instance,
+    ms,
+    raw_start,
+    raw_stop,
+)
 from kubenova.handlers.agent.app import WORKERS
 
 MEMORY_MIB = 64
@@ -27,22 +36,15 @@ def run(bench: Bench, count: int) -> Result:
     raw_dir = ground.node_dir() / "bench-raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(i: int) -> libvirt.virDomain:
-        xml = ET.fromstring(ET.tostring(template))
-        xml.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
-        xml.find("name").text = f"bench_burst-{i}"  # type: ignore[union-attr]
-        xml.find("devices/serial/log").set("file", str(raw_dir / f"burst-{i}.log"))  # type: ignore[union-attr]
-        dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
-        dom.create()
-        return dom
+    def start(i: int) -> tuple[libvirt.virDomain, libvirt.virNWFilter]:
+        return raw_start(conn, template, f"bench_burst-{i}", raw_dir / f"burst-{i}.log")
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         domains = list(pool.map(start, range(count)))
     raw = time.monotonic() - started
-    for dom in domains:
-        dom.destroy()
-        dom.undefine()
+    for dom, nwfilter in domains:
+        raw_stop(dom, nwfilter)
     for log in raw_dir.glob("burst-*.log"):
         log.unlink()
     conn.close()

@@ -10,11 +10,17 @@ import re
 import sys
 import time
 import urllib.request
+import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import kubernetes
+import libvirt
 
+from kubenova.driver.base import ALLOW_ALL
+from kubenova.driver.libvirt.core import filter_name
+from kubenova.driver.libvirt.network import firewall_filter
 from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
@@ -53,6 +59,30 @@ def connect(ground: testground.Ground) -> Bench:
         bench.core.create_namespace({"metadata": {"name": NAMESPACE}})
     delete_all(bench)
     return bench
+
+
+def raw_start(
+    conn: libvirt.virConnect, template: ET.Element, name: str, console: pathlib.Path
+) -> tuple[libvirt.virDomain, libvirt.virNWFilter]:
+    """kubenova's definition ``template`` under a new identity, defined and started the raw way (as a
+    person would with virsh), with the same firewall on its interfaces: the filter is defined here too."""
+    xml = ET.fromstring(ET.tostring(template))
+    raw_uuid = str(uuid.uuid4())
+    xml.find("uuid").text = raw_uuid  # type: ignore[union-attr]
+    xml.find("name").text = name  # type: ignore[union-attr]
+    xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
+    for ref in xml.iterfind("devices/interface/filterref"):
+        ref.set("filter", filter_name(raw_uuid))
+    nwfilter = conn.nwfilterDefineXML(firewall_filter(filter_name(raw_uuid), raw_uuid, ALLOW_ALL))
+    dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
+    dom.create()
+    return dom, nwfilter
+
+
+def raw_stop(dom: libvirt.virDomain, nwfilter: libvirt.virNWFilter) -> None:
+    dom.destroy()
+    dom.undefine()
+    nwfilter.undefine()
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -20,6 +19,8 @@ from bench.common import (
     list_version,
     ms,
     percentile,
+    raw_start,
+    raw_stop,
     running,
     vs,
     watch,
@@ -73,17 +74,12 @@ def run(bench: Bench, runs: int) -> Result:
         xml = ET.fromstring(conn.lookupByUUIDString(uid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         delete_all(bench)
         # The identical definition under a new identity: define + start, as a person would with virsh.
-        xml.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
-        xml.find("name").text = f"bench_raw-{i}"  # type: ignore[union-attr]
         console = raw_dir / f"raw-{i}.log"
-        xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
         started = time.monotonic()
-        dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
-        dom.create()
+        dom, nwfilter = raw_start(conn, xml, f"bench_raw-{i}", console)
         raw_t.append(time.monotonic() - started)
         raw_m.append(wait_marker(console, started))
-        dom.destroy()
-        dom.undefine()
+        raw_stop(dom, nwfilter)
         console.unlink()
     conn.close()
     overhead = [percentile(ours_t, p) - percentile(raw_t, p) for p in (50, 95)]

@@ -119,8 +119,13 @@ class Host:
         with self._lock:
             if self._conn is not None and self._conn.isAlive():
                 return self._conn
-            self._lost = self._lost or self._conn is not None  # died without the close callback
+            # Died without the close callback (keepalive closed it under a call in flight): said here.
+            silent = self._conn is not None and not self._lost
+            self._lost = self._lost or self._conn is not None
             self._conn = None
+        if silent:
+            log.warning("libvirt connection to %s is dead; reconnecting", self.uri)
+            self._tell(False)
         start_event_loop()
         conn = self._open()
         with self._lock:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from kubenova.driver.base import ComputeDriver, stable_mac
+from kubenova.driver.base import ComputeDriver, DriverError, stable_mac
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.translate import DEFAULT_INTERFACE
 
@@ -37,7 +37,10 @@ class LeaseWatch:
         self._lock = threading.Lock()
 
     def poll(self) -> None:
-        leases = self.driver.dhcp_leases()
+        try:
+            leases = self.driver.dhcp_leases()
+        except DriverError:  # libvirtd away: the node's report says so; the leases are read again next time
+            return
         with self._lock:
             last, self._last = self._last, leases
         changed = {mac for mac in {*leases, *last} if leases.get(mac) != last.get(mac)}
