@@ -65,6 +65,9 @@ class Host:
         self._callback_ids: list[int] = []
         self._lost = False
         self._attempt: concurrent.futures.Future[libvirt.virConnect] | None = None
+        #: Connections found dead before their close callback came: held until it does, since libvirt
+        #: calls it on a freed connection otherwise (a crash in libvirt.so).
+        self._dead: list[libvirt.virConnect] = []
 
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         """``listener(uuid, event, detail)`` for every domain lifecycle event, across reconnects."""
@@ -105,12 +108,15 @@ class Host:
             except Exception:  # a listener's bug must not kill libvirt's event thread
                 log.exception("guest agent listener failed")
 
-    def _closed(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
-        log.warning("libvirt connection to %s closed (reason %d); reconnecting on next use", self.uri, reason)
+    def _closed(self, conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
         with self._lock:
+            if any(conn is dead for dead in self._dead):  # already said when it was found dead
+                self._dead = [dead for dead in self._dead if dead is not conn]
+                return
             self._conn = None
             self._callback_ids = []
             self._lost = True
+        log.warning("libvirt connection to %s closed (reason %d); reconnecting on next use", self.uri, reason)
         self._tell(False)
 
     def get_connection(self) -> libvirt.virConnect:
@@ -119,8 +125,11 @@ class Host:
         with self._lock:
             if self._conn is not None and self._conn.isAlive():
                 return self._conn
-            # Died without the close callback (keepalive closed it under a call in flight): said here.
+            # Died without the close callback yet (keepalive closed it under a call in flight): said here,
+            # and held until the callback comes.
             silent = self._conn is not None and not self._lost
+            if silent:
+                self._dead.append(self._conn)
             self._lost = self._lost or self._conn is not None
             self._conn = None
         if silent:
