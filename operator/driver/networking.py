@@ -26,8 +26,9 @@ class NetworkingContract(abc.ABC):
         """
 
     @abc.abstractmethod
-    def dhcp_leases(self) -> Mapping[str, str]:
-        """MAC → IPv4 address of every lease on the node's default network that has not expired."""
+    def dhcp_leases(self, poll: bool = False) -> Mapping[str, str]:
+        """MAC → IPv4 address of every lease on the node's default network that has not expired;
+        ``poll`` for the one caller that asks every half second (it may have a connection of its own)."""
 
     @abc.abstractmethod
     def plug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:

@@ -31,7 +31,7 @@ class FakeNetwork(FakeHost):
                 self._reserved.clear()
             self._network = network
 
-    def dhcp_leases(self) -> Mapping[str, str]:
+    def dhcp_leases(self, poll: bool = False) -> Mapping[str, str]:
         """The reservation of each interface on the node network whose instance runs: a guest asks for
         its lease as it boots."""
         with self._lock:

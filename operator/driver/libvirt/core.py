@@ -82,6 +82,10 @@ class LibvirtCore(ComputeDriver):
         #: the node's default network once ensure_node_network made it; its reservations under _net_lock
         self.node_network: NodeNetwork | None = None
         self._net_lock = threading.Lock()
+        #: The lease watch's own connection, polled every half second from one thread: libvirt 9.0's
+        #: client crashes when keepalive closes a connection that several threads wait on, so the poll never
+        #: shares the main one.
+        self.lease_host = Host(uri, events=False)
 
     def _dir(self, uuid: str) -> pathlib.Path:
         return self.instances_dir / uuid

@@ -55,8 +55,11 @@ def start_event_loop() -> None:
 class Host:
     """Owns the connection; reopens it after libvirtd went away and re-registers the callbacks."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, events: bool = True) -> None:
+        """``events``: register the domain event callbacks (the main connection); a side connection one
+        thread uses alone (the DHCP lease watch) needs none."""
         self.uri = uri
+        self.events = events
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._listeners: list[LifecycleListener] = []
@@ -145,14 +148,18 @@ class Host:
                 return self._conn
             conn.setKeepAlive(5, 3)  # a connection whose libvirtd stops answering closes within ~20 s
             conn.registerCloseCallback(self._closed, None)
-            self._callback_ids = [
-                conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
-                ),
-                conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._agent_lifecycle, None
-                ),
-            ]
+            self._callback_ids = (
+                [
+                    conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+                    ),
+                    conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._agent_lifecycle, None
+                    ),
+                ]
+                if self.events
+                else []
+            )
             self._conn = conn
             if self._lost:
                 self._lost = False

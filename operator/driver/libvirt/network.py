@@ -67,11 +67,13 @@ class Network(LibvirtCore):
                 net.setAutostart(1)
         self.node_network = network
 
-    def dhcp_leases(self) -> Mapping[str, str]:
+    def dhcp_leases(self, poll: bool = False) -> Mapping[str, str]:
+        """``poll``: the lease watch's call, on its own connection (see ``lease_host``)."""
         if self.node_network is None:
             return {}
         with translate("read the DHCP leases"):
-            net = self.host.get_connection().networkLookupByName(self.node_network.name)
+            host = self.lease_host if poll else self.host
+            net = host.get_connection().networkLookupByName(self.node_network.name)
             leases = net.DHCPLeases()
         return {
             str(lease["mac"]).lower(): str(lease["ipaddr"])

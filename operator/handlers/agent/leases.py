@@ -38,7 +38,7 @@ class LeaseWatch:
 
     def poll(self) -> None:
         try:
-            leases = self.driver.dhcp_leases()
+            leases = self.driver.dhcp_leases(poll=True)
         except DriverError:  # libvirtd away: the node's report says so; the leases are read again next time
             return
         with self._lock:
