@@ -1,5 +1,5 @@
-"""Pod → Service → VM next to pod → Service → pod, on cluster mode's real node, in one run; writes
-docs/benchmarks-network.md (and .json).
+"""Pod → Service → VM next to pod → Service → pod, on cluster mode's real node, in one run, and the time
+from a DHCP lease to status.ipAddresses there; writes docs/benchmarks-network.md (and .json).
 
     python -m bench.service_path [--requests N]
 
@@ -20,8 +20,9 @@ from typing import Any
 
 import kubernetes
 
+from bench import network
 from bench.__main__ import machine
-from bench.common import percentile
+from bench.common import connect, percentile
 from kubenova.handlers.shared import EXPOSE_LABEL, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from testground import cluster, guest, kube, procs
 from testground import ground as testground
@@ -152,6 +153,7 @@ def render(figures: dict[str, Any], requests: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.service_path", description=__doc__)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--leases", type=int, default=5, help="instances for lease → status [5]")
     args = parser.parse_args(argv)
     ground = testground.up(start_kubenova_processes=False, cluster=True)
     helm = kube.build_helm()
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     client = kubernetes.config.new_client_from_config(config_file=str(ground.layout.kubeconfig))
     core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
     try:
+        leases = network.run(connect(ground), args.leases)
         vm_ip, pod_ip, netns = _setup(core, custom)
         for warm_up in (vm_ip, pod_ip):  # ARP, conntrack, the servers' page cache
             _probe(netns, warm_up, 10)
@@ -169,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
             [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"], "helm", ""
         )
     out = REPO / "docs" / "benchmarks-network.md"
-    out.write_text(render(figures, args.requests))
-    out.with_suffix(".json").write_text(json.dumps(figures, indent=1))
+    out.write_text(
+        render(figures, args.requests) + "\n".join(["", f"## {leases.title}", "", *leases.lines, ""])
+    )
+    out.with_suffix(".json").write_text(json.dumps({**figures, "leases": leases.figures}, indent=1))
     print(out.read_text())
 
 
