@@ -356,7 +356,7 @@ def down(layout: Layout | None = None) -> list[str]:
     for name in ("kube-apiserver", "etcd"):
         if procs.stop(layout, name):
             stopped.append(name)
-    libvirt_host.forget_node_network()
+    libvirt_host.forget_node_network(layout)
     stopped += cluster_clean.clean(layout)
     shutil.rmtree(layout.state, ignore_errors=True)
     return stopped

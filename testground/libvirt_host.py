@@ -276,10 +276,12 @@ def revive_daemon(layout: Layout, node: str) -> None:
 NODE_BRIDGE = "knvm0"
 
 
-def forget_node_network() -> None:
+def forget_node_network(layout: Layout) -> None:
     """Remove node-0's default network bridge and its rules, for a test ground that forgets its state (a
-    libvirtd made afresh could not make its network on a bridge that is still there)."""
-    _forget_bridge(NODE_BRIDGE, "10.222.0.0/24")
+    libvirtd made afresh could not make its network on a bridge that is still there): only when this
+    layout's node-0 made that network, never another test ground's (a test's own, in a temporary folder)."""
+    if (host_dir(layout, "node-0") / "etc" / "qemu" / "networks" / "kubenova.xml").exists():
+        _forget_bridge(NODE_BRIDGE, "10.222.0.0/24")
 
 
 def _forget_bridge(name: str, subnet: str = "") -> None:

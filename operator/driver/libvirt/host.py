@@ -113,8 +113,9 @@ class Host:
 
     def _closed(self, conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
         with self._lock:
-            if any(conn is dead for dead in self._dead):  # already said when it was found dead
+            if any(conn is dead for dead in self._dead):  # found dead on use before: now it may go
                 self._dead = [dead for dead in self._dead if dead is not conn]
+            if self._conn is not None and self._conn is not conn:  # an old connection's late word
                 return
             self._conn = None
             self._callback_ids = []
@@ -128,16 +129,10 @@ class Host:
         with self._lock:
             if self._conn is not None and self._conn.isAlive():
                 return self._conn
-            # Died without the close callback yet (keepalive closed it under a call in flight): said here,
-            # and held until the callback comes.
-            silent = self._conn is not None and not self._lost
-            if silent:
+            if self._conn is not None:  # died without the close callback yet: held until it comes
                 self._dead.append(self._conn)
             self._lost = self._lost or self._conn is not None
             self._conn = None
-        if silent:
-            log.warning("libvirt connection to %s is dead; reconnecting", self.uri)
-            self._tell(False)
         start_event_loop()
         conn = self._open()
         with self._lock:
