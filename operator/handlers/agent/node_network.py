@@ -122,10 +122,10 @@ class NetworkKeeper:
         """libvirtd restarted: the next ensure makes the network and the provider rules again."""
         self.network, self._provider = None, None
 
-    def figures(self, status: Mapping[str, Any], node: Mapping[str, Any]) -> dict[str, Any]:
+    def figures(self, patch: dict[str, Any], status: Mapping[str, Any], node: Mapping[str, Any]) -> None:
         """status.network and the NetworkReady condition, for the report of ``node`` (the ComputeNode,
-        which a Warning names once per problem)."""
-        patch: dict[str, Any] = {}
+        which a Warning names once per problem), into ``patch``: its conditions are one list with the
+        report's own."""
         net = self.network
         if net is not None:
             patch["network"] = {
@@ -142,7 +142,6 @@ class NetworkKeeper:
         set_condition(patch, status, "NetworkReady", ready, "NetworkReady" if ready else reason, message)
         if self.problem:
             self.warn(node, reason, self.problem)
-        return patch
 
 
 def yields(subnet: str, node: str, others: Mapping[str, str]) -> bool:

@@ -257,7 +257,7 @@ class NodeReporter:
             else "every kubenova domain on this host belongs to a VirtualInstance bound here",
         )
         if self.network is not None:
-            figures.update(self.network.figures(self.status, self.ref))
+            self.network.figures(figures, self.status, self.ref)
         return figures
 
     def _write(self, patch: dict[str, Any]) -> None:
