@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         core.delete_namespace(NAMESPACE)
         procs.run(
-            [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"], "helm", ""
+            [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
+            "helm uninstall",
+            "",
+            env=ground.env(),
         )
     out = REPO / "docs" / "benchmarks-network.md"
     out.write_text(
