@@ -14,7 +14,7 @@ from typing import Any
 
 from kubenova.driver.base import ComputeDriver, DriverError, InstanceNotFound, PowerState
 from kubenova.handlers.agent import io_errors, power
-from kubenova.handlers.agent.translate import DEFAULT_INTERFACE, vnc_secret_name
+from kubenova.handlers.agent.translate import spec_interfaces, vnc_secret_name
 from kubenova.handlers.shared import condition, drop_condition, set_condition
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def observed_status(
     ask = condition(status, "RestartRequired") or status.get("observedGeneration") != generation
     running = info.state in (PowerState.RUNNING, PowerState.PAUSED)
     try:
-        has_interfaces = spec.get("interfaces", [DEFAULT_INTERFACE]) or status.get("interfaces")
+        has_interfaces = spec_interfaces(spec) or status.get("interfaces")
         known = {i.get("macAddress"): i.get("ipAddress") for i in status.get("interfaces") or []}
         interfaces = interfaces_of(driver, uid, spec, running, known) if has_interfaces else []
         pending = driver.pending_changes(uid) if ask else []
@@ -126,7 +126,7 @@ def interfaces_of(
     order), with the address the node network's DHCP leased to it: while the guest is stopped, the one it
     had (``known``, by MAC), which its reservation keeps for its next boot, so a Service lists it as not
     ready rather than forgetting it."""
-    named = [i["name"] for i in spec.get("interfaces", [{"name": DEFAULT_INTERFACE}])]
+    named = [i["name"] for i in spec_interfaces(spec)]
     leases = driver.dhcp_leases() if running else {m.lower(): a for m, a in known.items() if m and a}
     found = []
     for index, d in enumerate(driver.list_interfaces_detail(uid)):

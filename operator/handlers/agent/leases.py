@@ -13,7 +13,7 @@ from typing import Any
 
 from kubenova.driver.base import ComputeDriver, DriverError, stable_mac
 from kubenova.handlers.agent.cache import ObjectCache
-from kubenova.handlers.agent.translate import DEFAULT_INTERFACE
+from kubenova.handlers.agent.translate import spec_interfaces
 
 #: Seconds between two reads of the leases.
 LEASE_POLL = 0.5
@@ -22,10 +22,7 @@ LEASE_POLL = 0.5
 def macs_of(body: Mapping[str, Any]) -> list[str]:
     """Each interface's MAC as the spec says or the driver derives it (stable_mac), in order."""
     uid, spec = body["metadata"]["uid"], body.get("spec") or {}
-    return [
-        (i.get("macAddress") or stable_mac(uid, i["name"])).lower()
-        for i in spec.get("interfaces", [{"name": DEFAULT_INTERFACE}])
-    ]
+    return [(i.get("macAddress") or stable_mac(uid, i["name"])).lower() for i in spec_interfaces(spec)]
 
 
 class LeaseWatch:

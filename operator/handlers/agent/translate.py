@@ -49,6 +49,12 @@ class SecretValues:
     vnc_password: str | None = None
 
 
+def spec_interfaces(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The spec's interfaces: without ``interfaces``, one named DEFAULT_INTERFACE on the node's network;
+    an empty list means none."""
+    return list(spec.get("interfaces", [{"name": DEFAULT_INTERFACE}]))
+
+
 def boot_image(image: api.BootImage, namespace: str) -> ImageRef:
     """The driver's view of ``spec.boot.image``: a store name, or an address to import from."""
     return ImageRef(
@@ -97,7 +103,7 @@ def instance_spec(
         swap_mib=(spec.get("swap") or {}).get("sizeMiB"),
         interfaces=tuple(
             Interface(i["name"], i.get("network", ""), i.get("macAddress"), i.get("model", "virtio"))
-            for i in spec.get("interfaces", [{"name": DEFAULT_INTERFACE}])
+            for i in spec_interfaces(spec)
         ),
         firewall=firewall_rules(spec.get("firewall")),
         user_data=spec.get("userData"),
