@@ -35,7 +35,7 @@ def _one(bench: Bench, name: str) -> tuple[float, float]:
     """(apply → lease, lease → status.ipAddresses) of one instance, in seconds."""
     version = list_version(bench)
     started = time.monotonic()
-    uid = create(bench, instance(name))
+    uid = create(bench, instance(name, node=bench.ground.node))  # the node whose leases are polled
     mac = stable_mac(uid, "default")
     found: dict[str, float] = {}
     stop = threading.Event()
