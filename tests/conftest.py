@@ -6,8 +6,9 @@ nothing here skips.
 
 from __future__ import annotations
 
+import pathlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import kubernetes
@@ -63,6 +64,36 @@ def namespace(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.Custo
     core.create_namespace({"metadata": {"name": name}})
     yield name
     empty_namespace(custom, name)
+
+
+#: Where the test ground's processes log (the default layout's; a test with another layout adds nothing).
+LOGS = pathlib.Path.home() / ".kubenova" / "dev" / "logs"
+#: Per test: each log's size when it started, so a failure shows what kubenova said meanwhile.
+_LOG_SIZES = pytest.StashKey[dict[pathlib.Path, int]]()
+#: The last lines kubenova logged, shown with a failure (CI keeps only its output, not the logs).
+LOG_LINES = 80
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_LOG_SIZES] = {log: log.stat().st_size for log in LOGS.glob("*.log")}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """A failed test's report carries the last lines the controller and the agents logged while it ran."""
+    report = yield
+    if report.failed and call.when == "call" and "ground" in getattr(item, "fixturenames", ()):
+        lines = []
+        for log, size in sorted(item.stash.get(_LOG_SIZES, {}).items()):
+            if log.name.startswith(("agent-", "controller")) and log.exists() and log.stat().st_size >= size:
+                with log.open("rb") as handle:
+                    handle.seek(size)
+                    said = handle.read().decode(errors="replace").splitlines()
+                lines += [f"{log.stem}: {line}" for line in said]
+        if lines:  # by time across the logs (each line starts with its timestamp)
+            lines.sort(key=lambda line: line.partition(": ")[2][:23])
+            report.sections.append(("kubenova's logs meanwhile", "\n".join(lines[-LOG_LINES:])))
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -127,12 +127,19 @@ def migration(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: 
 def wait_phase(
     custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, *phases: str, timeout: float = 180
 ) -> dict[str, Any]:
-    return eventually(
-        lambda: (m := migration(custom, namespace, name)).get("status", {}).get("phase") in phases and m,
-        timeout=timeout,
-        interval=0.2,
-        what=f"Migration {name} {'/'.join(phases)}",
-    )
+    """The Migration once its phase is one of ``phases``; a timeout names the phase and message it had."""
+    seen: dict[str, Any] = {}
+
+    def probe() -> dict[str, Any] | None:
+        seen.update(migration(custom, namespace, name))
+        return seen if seen.get("status", {}).get("phase") in phases else None
+
+    try:
+        found = eventually(probe, timeout=timeout, interval=0.2, what=f"Migration {name} {'/'.join(phases)}")
+        return dict(found)
+    except AssertionError as exc:
+        status = seen.get("status", {})
+        raise AssertionError(f"{exc}; it was {status.get('phase')}: {status.get('message')}") from None
 
 
 def running_again(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> None:
@@ -606,11 +613,16 @@ def test_cold_resize_confirm_revert_and_auto_confirm(
     assert reverted["phase"] == "Reverted", reverted.get("message")
     assert node_of(custom, namespace, "grow") == second
     assert has_domain(ground, second, uid) and not has_domain(ground, first, uid)
-    obj = eventually(
-        lambda: (o := wait_ready(custom, namespace, "grow")) and o["status"]["info"]["vcpus"] == 2 and o,
-        timeout=60,
-        what="the original flavor back",
-    )
+    try:
+        obj = eventually(
+            lambda: (o := wait_ready(custom, namespace, "grow")) and o["status"]["info"]["vcpus"] == 2 and o,
+            timeout=60,
+            what="the original flavor back",
+        )
+    except AssertionError as exc:
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "grow")
+        said = {key: status["status"].get(key) for key in ("info", "flavor", "phase")}
+        raise AssertionError(f"{exc}; status {said}") from None
     assert obj["status"]["flavor"] == bigger
     # Auto confirmation once the window passes (Nova's resize_confirm_window).
     migrate(

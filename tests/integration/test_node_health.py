@@ -264,6 +264,7 @@ def test_a_migration_whose_target_died_before_preparing_fails_and_frees_its_slot
     # The slot is free (one migration per node at a time on the test ground): the next one runs.
     eventually(lambda: node_ready(custom, target).get("status") == "True", timeout=60, what="target back")
     migrate(custom, namespace, "again", "stays", targetNode=target)
-    wait_phase(custom, namespace, "again", "Succeeded", timeout=180)
+    again = wait_phase(custom, namespace, "again", "Succeeded", "Failed", timeout=180)["status"]
+    assert again["phase"] == "Succeeded", again.get("message")
     assert wait_ready(custom, namespace, "stays")["metadata"]["labels"][NODE_LABEL] == target
     delete_and_wait(custom, namespace, "stays")
