@@ -510,3 +510,21 @@ def test_a_migration_ended_without_its_target_drops_what_the_target_prepared(clu
     target.migrations.handle(body)
     assert cluster.uid not in target.node.driver._prepared  # noqa: SLF001
     assert not target.node.driver.instance_exists(cluster.uid)
+
+
+def test_an_old_migration_ending_late_leaves_a_newer_ones_preparation(cluster: Cluster) -> None:
+    """A target that was away sees the old Migration's end only after a newer Migration of the same
+    instance to it is under way: what is prepared here is the newer one's and stays."""
+    cluster.start("Live")
+    target = cluster.target
+    stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
+    stored["status"].update({"phase": "Failed", "step": "Done", "message": "the target is unreachable"})
+    newer = copy.deepcopy(stored)
+    newer["metadata"].update({"name": "again", "uid": "uid-again"})
+    newer["status"].update({"phase": "Scheduling", "step": "PrepareTarget", "message": ""})
+    target.node.migrations.seen(None, cluster.api.add(MIGRATIONS, newer))
+    target.migrations.handle("uid-again")
+    assert cluster.uid in target.node.driver._prepared  # noqa: SLF001 (the newer one prepared here)
+    old = target.node.migrations.seen(None, cluster.api.touch(stored))
+    target.migrations.handle(old)
+    assert cluster.uid in target.node.driver._prepared  # noqa: SLF001 (kept for the newer one)

@@ -109,7 +109,9 @@ class MigrationAgent:
         """A live Migration that ended without moving the guest here, possibly decided without this node
         (the controller ends one whose target stopped answering before it said it prepared): what
         pre_live_migration made here goes, unless a domain of the instance is here (it runs here for
-        another reason) or the transfer failed in post-copy (both halves are kept)."""
+        another reason), the transfer failed in post-copy (both halves are kept), or a newer migration of
+        the instance comes here (a node that was away sees the old one end only then: its files are the
+        new one's)."""
         status = body["status"]
         uid = status["instanceUID"]
         if (
@@ -117,6 +119,11 @@ class MigrationAgent:
             or status.get("targetNode") != self.node
             or status.get("phase") == "Succeeded"
             or (status.get("progress") or {}).get("mode") == "PostCopy"
+            or any(
+                (other.get("status") or {}).get("instanceUID") == uid and not is_final(other["status"])
+                for other in list(self.cache.objects.values())
+                if other is not body
+            )
         ):
             return
         try:
