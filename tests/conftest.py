@@ -17,6 +17,7 @@ import pytest
 
 from testground import ground as testground
 from testground import served as testground_served
+from testground.procs import Layout
 from tests.helpers import REPORT, empty_namespace
 
 
@@ -67,7 +68,7 @@ def namespace(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.Custo
 
 
 #: Where the test ground's processes log (the default layout's; a test with another layout adds nothing).
-LOGS = pathlib.Path.home() / ".kubenova" / "dev" / "logs"
+LOGS = Layout.default().logfile("controller").parent
 #: Per test: each log's size when it started, so a failure shows what kubenova said meanwhile.
 _LOG_SIZES = pytest.StashKey[dict[pathlib.Path, int]]()
 #: The last lines kubenova logged, shown with a failure (CI keeps only its output, not the logs).

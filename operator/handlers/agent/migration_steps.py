@@ -122,7 +122,6 @@ class MigrationAgent:
             or any(
                 (other.get("status") or {}).get("instanceUID") == uid and not is_final(other["status"])
                 for other in list(self.cache.objects.values())
-                if other is not body
             )
         ):
             return
