@@ -195,6 +195,27 @@ def test_deleting_the_instance_stops_its_transfer_and_the_delete_goes_on(tmp_pat
     assert cluster.api.get(VIRTUALINSTANCES, "ns", "vm") is None
 
 
+def test_the_delete_of_an_instance_aborts_its_transfer_at_once(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete's watch event aborts the transfer under way, once, not at its next progress report
+    (which a slow or stalled job may not give)."""
+    cluster.start("Live")
+    source = cluster.source
+    aborts: list[str] = []
+    monkeypatch.setattr(source.node.driver, "abort_live_migration", aborts.append)
+    migration = source.node.migrations.seen(None, cluster.migration())
+    source.migrations.live._transfers[migration] = cluster.uid  # noqa: SLF001 (its transfer runs here)
+    source.migrations.instance_deleted(cluster.uid)
+    assert aborts == [], "an instance not being deleted keeps its transfer"
+    instance = cluster.api.objects[(VIRTUALINSTANCES, "ns", "vm")]
+    instance["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    source.node.cache.seen(None, cluster.api.touch(instance))
+    source.migrations.instance_deleted(cluster.uid)
+    source.migrations.instance_deleted(cluster.uid)
+    assert aborts == [cluster.uid]
+
+
 def test_a_deleting_instance_is_not_prepared_for(cluster: Cluster) -> None:
     cluster.api.objects[(VIRTUALINSTANCES, "ns", "vm")]["metadata"]["deletionTimestamp"] = (
         "2026-01-01T00:00:00Z"

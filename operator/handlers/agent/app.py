@@ -330,6 +330,8 @@ class Agent:
         uid = self.instance_cache.seen(type, body)
         if type != "DELETED":
             self.instance_cache.look(uid)
+        if body["metadata"].get("deletionTimestamp"):
+            self.migrations.instance_deleted(uid)
 
     def volume_event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
         self.metrics.watch_events.labels(VOLUMEATTACHMENTS).inc()

@@ -136,11 +136,19 @@ def collect(agent: InstanceAgent, metrics: Metrics) -> None:
             log.debug("no diagnostics for %s: %s", uid, exc)
             continue
         metrics.record(meta["namespace"], meta["name"], uid, diag)
-        status = body.get("status") or {}
-        figures = as_status(diag)
-        info = {**(status.get("info") or {}), "memKiB": diag.memory_kib, "cpuTimeNs": diag.cpu_time_ns}
-        old = {k: v for k, v in (status.get("diagnostics") or {}).items() if k != "updateTime"}
-        if old == figures and status.get("info") == info:
-            continue
         with agent.cache.queue.lock(uid):  # not while the queue works on it
-            agent.write(body, {"diagnostics": {**figures, "updateTime": now()}, "info": info})
+            _write(agent, uid, diag)
+
+
+def _write(agent: InstanceAgent, uid: str, diag: Diagnostics) -> None:
+    """Write the figures into the newest body, read under the object's lock: ``info`` is written whole, so
+    one read before a reconcile's write (a flavor changed by a resize, say) would put the old vcpus back."""
+    body = agent.cache.objects.get(uid)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    status = body.get("status") or {}
+    figures = as_status(diag)
+    info = {**(status.get("info") or {}), "memKiB": diag.memory_kib, "cpuTimeNs": diag.cpu_time_ns}
+    old = {k: v for k, v in (status.get("diagnostics") or {}).items() if k != "updateTime"}
+    if old != figures or status.get("info") != info:
+        agent.write(body, {"diagnostics": {**figures, "updateTime": now()}, "info": info})

@@ -114,9 +114,11 @@ class LiveSteps:
 
     def abort(self, uid: str, body: Mapping[str, Any]) -> bool:
         """Abort the migration's transfer running here if it must stop; whether it must."""
-        if uid not in self._transfers or not self.stopping(body) or uid in self._aborted:
+        why = self.stopping(body)
+        if uid not in self._transfers or not why or uid in self._aborted:
             return False
         self._aborted.add(uid)
+        log.info("%s: aborting the transfer (%s)", body["metadata"]["name"], why)
         if self._switched(uid):
             log.warning(
                 "%s: in post-copy, the transfer cannot stop; it ends on its own", body["metadata"]["name"]
@@ -313,8 +315,10 @@ class LiveSteps:
             self.handover.write(body, {"progress": progress_of(step, watch)})
         except kubernetes.client.ApiException as exc:  # progress is best effort; the transfer goes on
             log.warning("cannot write the progress of %s: %s", body["metadata"]["name"], exc.reason)
-        if self.stopping(self.handover.cache.objects.get(uid, body)) and uid not in self._aborted:
+        why = self.stopping(self.handover.cache.objects.get(uid, body))
+        if why and uid not in self._aborted:
             self._aborted.add(uid)
+            log.info("%s: aborting the transfer at its progress report (%s)", body["metadata"]["name"], why)
             if watch.post_copy_at is None:
                 self._abort_job(instance_uid)
 

@@ -81,6 +81,13 @@ class MigrationAgent:
             return
         self.cache.schedule(uid, 0.0)
 
+    def instance_deleted(self, instance_uid: str) -> None:
+        """A user deleted the instance: its transfer running here stops now, not at the next progress
+        report (a delete never waits for a transfer)."""
+        for uid, body in list(self.cache.objects.items()):
+            if (body.get("status") or {}).get("instanceUID") == instance_uid:
+                self.live.abort(uid, body)
+
     def handle(self, uid: str) -> None:
         body = self.cache.objects.get(uid)
         if body is None or self.live.running(uid):
