@@ -316,10 +316,10 @@ def test_live_block_migration_keeps_what_the_guest_wrote(
 
 
 def slow_transfer_under_way(
-    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str, **spec: Any
 ) -> None:
     """A Live Migration capped at 1 MiB/s (a 128 MiB guest takes minutes), once it reports progress."""
-    migrate(custom, namespace, name, instance, bandwidthMiBps=1)
+    migrate(custom, namespace, name, instance, bandwidthMiBps=1, **spec)
     eventually(
         lambda: (migration(custom, namespace, name).get("status", {}).get("progress") or {}).get(
             "dataProcessedBytes"
@@ -382,11 +382,12 @@ def test_deleting_an_instance_mid_transfer_stops_the_migration_and_deletes_it_at
     the Migration says Cancelled and why, and the instance is gone within seconds from both nodes."""
     uid, source = running(ground, custom, namespace, vi("doomed"))
     target = other(source)
-    slow_transfer_under_way(custom, namespace, "doomed-1", "doomed")
+    # A deadline far beyond the wait below (600 s per GiB of 128 MiB: 75 s), so only the delete can stop it.
+    slow_transfer_under_way(custom, namespace, "doomed-1", "doomed", completionTimeoutPerGiB=600)
     deleted = time.monotonic()
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, "doomed")
     eventually(
-        lambda: get(custom, namespace, "doomed") is None, timeout=10, interval=0.2, what="the instance gone"
+        lambda: get(custom, namespace, "doomed") is None, timeout=30, interval=0.2, what="the instance gone"
     )
     gone_after = time.monotonic() - deleted
     status = migration(custom, namespace, "doomed-1")["status"]
