@@ -87,12 +87,12 @@ def user_from_headers(config: AuthConfig, headers: Mapping[str, str]) -> User | 
     for header in config.group_headers:
         groups.extend(getall(header, []) if getall else [headers[header]] if header in headers else [])
     extra: dict[str, list[str]] = {}
-    for header in headers:
+    for header, value in headers.items():  # a multidict's items: every value of a repeated header
         for prefix in config.extra_prefixes:
             if header.lower().startswith(prefix.lower()) and len(header) > len(prefix):
                 # As the kube-apiserver writes them: lower case, "%"-escaped where a header cannot hold it.
                 key = urllib.parse.unquote(header[len(prefix) :].lower())
-                extra.setdefault(key, []).append(headers[header])
+                extra.setdefault(key, []).append(value)
     return User(name, tuple(groups), {k: tuple(v) for k, v in extra.items()})
 
 
