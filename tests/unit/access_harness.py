@@ -123,7 +123,8 @@ class FakeAgent:
             return web.json_response({"kind": "Status", "message": message}, status=status)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        async for msg in ws:
+        ending: int | None = None
+        while (msg := await ws.receive()).type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
             if self.vanish and request.transport:
                 request.transport.abort()
                 break
@@ -131,7 +132,11 @@ class FakeAgent:
                 await ws.close(code=self.close_with[0], message=self.close_with[1].encode())
                 break
             await ws.send_bytes(msg.data if msg.type is aiohttp.WSMsgType.BINARY else msg.data.encode())
-        self.endings.put_nowait(ws.close_code)
+        else:
+            # The code in the close frame the access server sent; ws.close_code may say 1006 when the
+            # server closed its end right after sending it, as it does.
+            ending = int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else None
+        self.endings.put_nowait(ending)
         return ws
 
 
@@ -153,3 +158,32 @@ async def fake_agent(pki: Pki, cert: Pair) -> AsyncIterator[FakeAgent]:
         yield agent
     finally:
         await runner.cleanup()
+
+
+#: What a WebSocket handshake sends; a plain GET with these reads the Status body of a refused one.
+UPGRADE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+def stream_path(name: str = "web", subresource: str = "console", namespace: str = "team-a") -> str:
+    return f"{GROUP_PATH}/namespaces/{namespace}/virtualinstances/{name}/{subresource}"
+
+
+async def refused(served: Served, path: str, headers: Mapping[str, str] = PROXY_HEADERS) -> tuple[int, Any]:
+    """Ask for a stream as the front proxy; the status and Status body of the refusal."""
+    async with served.session(served.pki.front_proxy) as http:
+        async with http.get(served.url + path, headers={**UPGRADE, **headers}) as answer:
+            assert answer.status != 101, "expected a refusal, got a stream"
+            return answer.status, await answer.json()
+
+
+@contextlib.asynccontextmanager
+async def stream(served: Served, path: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """A stream as the user gets it through the kube-apiserver's front proxy."""
+    async with served.session(served.pki.front_proxy) as http:
+        async with http.ws_connect(served.url + path, headers=PROXY_HEADERS, autoclose=False) as ws:
+            yield ws
