@@ -1,4 +1,4 @@
-"""The `kubenova` command: the controller and the node agent.
+"""The `kubenova` command: the controller, the node agent and the access server (console, VNC, port-forward).
 
 The embedded test ground is not part of it: from a source checkout it runs as `python -m testground`.
 """
@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="exit 0 when URL answers 200 (the pods' liveness probes)")
     probe.add_argument("url")
 
+    from kubenova.handlers.access.flags import add_parser as add_access
+
+    add_access(sub)
     controller = sub.add_parser(
         "controller", help="run the cluster controller (placement; never calls libvirt)"
     )
@@ -412,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
             args.health_address,
             args.watch_nodes,
         )
+    elif args.command == "access":
+        from kubenova.handlers.access import main as access
+
+        return access.run(args)
     elif args.command == "probe":
         return _probe(args.url)
     elif args.command == "agent":

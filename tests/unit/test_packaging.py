@@ -52,7 +52,7 @@ def test_console_script_lists_its_subcommands() -> None:
         text=True,
         check=True,
     ).stdout
-    for command in ("controller", "agent", "probe"):
+    for command in ("controller", "agent", "access", "probe"):
         assert command in out
     # The test ground left the shipped command: it runs from a checkout as `python -m testground`.
     proc = subprocess.run(
