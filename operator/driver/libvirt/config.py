@@ -164,10 +164,9 @@ def console_serial(log: str) -> ET.Element:
     (``console.log.1``, …), whatever QEMU writes. One cost of virtlogd: when a write to the log fails (the
     file system is full), it stops logging that guest until its next boot.
 
-    A socket rather than a pty (definition format 3 and before): the agent's access server connects to it
-    by a path it knows, where a pty's name is only known once the domain runs, and QEMU drops the
-    connection when the guest stops, which ends the console session at once. The log is the same file at
-    the same path either way.
+    A socket rather than a pty (definition format 3 and before): the agent's access server reaches it at a
+    path known beforehand, and QEMU drops the connection when the guest stops, which ends the session at
+    once. The log is the same file at the same path either way.
     """
     path = console_socket(log)
     if len(path.encode()) > MAX_SOCKET_PATH:
