@@ -11,6 +11,8 @@ from kubenova.driver.base import VncConsole
 from kubenova.driver.fake import FakeDriver
 from kubenova.handlers.agent.access_server import guest_address
 from kubenova.handlers.agent.access_settings import AccessSettings
+from kubenova.handlers.agent.node_reporter import NodeReporter
+from kubenova.handlers.shared import COMPUTENODES
 from tests.unit.agent_access_harness import (
     INITRD,
     KERNEL,
@@ -22,6 +24,7 @@ from tests.unit.agent_access_harness import (
     until_no_sessions,
 )
 from tests.unit.agent_access_pki import AccessPKI, make
+from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +194,19 @@ def test_the_access_server_is_off_without_its_certificates_and_publishes_its_end
     assert on.enabled and on.endpoint("10.0.0.4") == "10.0.0.4:9465"
     assert AccessSettings(advertise="node-a.example").endpoint("10.0.0.4") == "node-a.example:9465"
     assert AccessSettings(address="[::]:9000").endpoint("fd00::4") == "[fd00::4]:9000"
+
+
+def test_the_node_publishes_where_its_access_server_is_reached_and_withdraws_it_when_off() -> None:
+    api = FakeApiserver()
+    api.add(COMPUTENODES, {"metadata": {"name": "node-a"}, "spec": {}})
+    status = {}
+    for endpoint in ("10.0.0.4:9465", ""):
+        reporter = NodeReporter(
+            "node-a", FakeDriver("node-a"), api, None, "10.0.0.4", set, lambda *_: None,  # type: ignore[arg-type]
+            access_endpoint=endpoint,
+        )  # fmt: skip
+        reporter.writer = MemoryStatusWriter(api, COMPUTENODES)  # type: ignore[assignment]
+        reporter.status = dict(status)
+        reporter.report()
+        status = api.objects[(COMPUTENODES, None, "node-a")]["status"]
+        assert status.get("access") == ({"endpoint": endpoint} if endpoint else None)
