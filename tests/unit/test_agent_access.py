@@ -172,3 +172,17 @@ def test_the_fake_consoles_socket_path_fits_a_unix_socket(pki: AccessPKI) -> Non
             assert len(console.socket.encode()) <= 107 and pathlib.Path(console.socket).is_socket()
 
     asyncio.run(scenario())
+
+
+def test_a_bound_instance_whose_domain_is_not_made_yet_is_409(pki: AccessPKI) -> None:
+    async def scenario() -> None:
+        async with serving(pki) as served:
+            uid = spawn(served.driver, served.cache)
+            served.driver.destroy(uid)
+            for what in ("console", "console?log=true", "vnc"):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    async with served.connect(uid, what):
+                        pass
+                assert refused.value.status == 409
+
+    asyncio.run(scenario())

@@ -161,15 +161,15 @@ class AccessServer:
         return uid
 
     async def _driver_call(self, call: Any, uid: str) -> Any:
-        """``call(uid)`` in a thread, for a running instance: 404 when its domain is gone, 409 when it does
-        not run or lacks what was asked for (a VNC server)."""
+        """``call(uid)`` in a thread, for a running instance: 409 when it does not run (its domain not made
+        yet or gone meanwhile included: it is bound here) or lacks what was asked for (a VNC server)."""
         try:
             info = await asyncio.to_thread(self.driver.get_info, uid)
             if info.state not in RUNNING:
                 raise web.HTTPConflict(text=f"the instance is not running ({info.state.value})\n")
             return await asyncio.to_thread(call, uid)
         except InstanceNotFound:
-            raise web.HTTPNotFound(text=f"instance {uid} has no domain on this node\n") from None
+            raise web.HTTPConflict(text="the instance is not running (it has no domain here)\n") from None
         except DriverError as exc:  # not running meanwhile, or Unsupported (no VNC server)
             raise web.HTTPConflict(text=f"{exc}\n") from None
 
@@ -177,9 +177,7 @@ class AccessServer:
         """The console log, for a stopped instance too: as binary frames, then a normal close."""
         try:
             data = await asyncio.to_thread(self._log_bytes, uid)
-        except InstanceNotFound:
-            raise web.HTTPNotFound(text=f"instance {uid} has no domain on this node\n") from None
-        except (DriverError, OSError) as exc:
+        except (DriverError, OSError) as exc:  # no domain yet (InstanceNotFound) included
             raise web.HTTPConflict(text=f"cannot read the console log: {exc}\n") from None
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT)
         await ws.prepare(request)
