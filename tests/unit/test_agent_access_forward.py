@@ -26,6 +26,9 @@ from tests.unit.agent_access_harness import (
 from tests.unit.agent_access_pki import AccessPKI, make
 from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter
 
+#: The 'guest' is this host: its leased address, as status.interfaces says, is loopback.
+LOOPBACK = [{"name": "default", "macAddress": "52:54:00:00:00:01", "ipAddress": "127.0.0.1"}]
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> AccessPKI:
@@ -36,7 +39,7 @@ def test_a_port_forward_reaches_the_guests_tcp_service_both_ways(pki: AccessPKI)
     async def scenario() -> None:
         echo = await EchoServer().start()
         async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache, ipAddresses=["127.0.0.1"])
+            uid = spawn(served.driver, served.cache, interfaces=LOOPBACK)
             async with served.connect(uid, f"portforward?port={echo.port}") as ws:
                 payload = bytes(range(256)) * 1024  # binary, several frames' worth
                 await ws.send_bytes(payload)
@@ -50,7 +53,7 @@ def test_a_dropped_websocket_closes_the_guest_connection_at_once(pki: AccessPKI)
     async def scenario() -> None:
         echo = await EchoServer().start()
         async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache, ipAddresses=["127.0.0.1"])
+            uid = spawn(served.driver, served.cache, interfaces=LOOPBACK)
             async with served.connect(uid, f"portforward?port={echo.port}") as ws:
                 await ws.send_bytes(b"ping")
                 await receive_bytes(ws, b"ping")
@@ -70,7 +73,7 @@ def test_when_the_guest_closes_its_port_the_forward_ends_normally(pki: AccessPKI
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache, ipAddresses=["127.0.0.1"])
+            uid = spawn(served.driver, served.cache, interfaces=LOOPBACK)
             async with served.connect(uid, f"portforward?port={port}") as ws:
                 await receive_until_closed(ws)
             assert ws.close_code == 1000
@@ -83,7 +86,7 @@ def test_when_the_guest_closes_its_port_the_forward_ends_normally(pki: AccessPKI
 def test_a_port_outside_1_to_65535_is_400(pki: AccessPKI, port: str) -> None:
     async def scenario() -> None:
         async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache, ipAddresses=["127.0.0.1"])
+            uid = spawn(served.driver, served.cache, interfaces=LOOPBACK)
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 async with served.connect(uid, f"portforward?port={port}"):
                     pass
@@ -111,7 +114,7 @@ def test_a_refused_guest_port_closes_with_1011_and_the_reason(pki: AccessPKI) ->
         echo.close()  # nothing listens there any more
         await asyncio.sleep(0)
         async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache, ipAddresses=["127.0.0.1"])
+            uid = spawn(served.driver, served.cache, interfaces=LOOPBACK)
             async with served.connect(uid, f"portforward?port={port}") as ws:
                 message = await ws.receive()
             assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1011)
@@ -120,14 +123,21 @@ def test_a_refused_guest_port_closes_with_1011_and_the_reason(pki: AccessPKI) ->
     asyncio.run(scenario())
 
 
-def test_the_guest_address_is_the_status_first_else_a_lease_of_its_mac() -> None:
+def test_the_guest_address_is_a_leased_one_never_a_guest_agents_claim() -> None:
     body = {
         "metadata": {"uid": "u1"},
         "spec": {"interfaces": [{"name": "a", "macAddress": "52:54:00:AA:00:01"}]},
     }
-    assert guest_address({**body, "status": {"ipAddresses": ["10.0.0.5", "10.0.0.6"]}}, {}) == "10.0.0.5"
+    leased = [{"name": "a", "macAddress": "52:54:00:aa:00:01", "ipAddress": "10.222.0.5"}]
+    assert guest_address({**body, "status": {"interfaces": leased, "ipAddresses": ["10.222.0.5"]}}, {}) == (
+        "10.222.0.5"
+    )
     assert guest_address(body, {"52:54:00:aa:00:01": "10.222.0.9"}) == "10.222.0.9"
-    assert guest_address(body, {}) is None
+    claimed = {
+        **body,
+        "status": {"interfaces": [leased[0] | {"ipAddress": None}], "ipAddresses": ["127.0.0.1"]},
+    }
+    assert guest_address(claimed, {}) is None
 
 
 class VncDriver(FakeDriver):
@@ -210,3 +220,17 @@ def test_the_node_publishes_where_its_access_server_is_reached_and_withdraws_it_
         reporter.report()
         status = api.objects[(COMPUTENODES, None, "node-a")]["status"]
         assert status.get("access") == ({"endpoint": endpoint} if endpoint else None)
+
+
+def test_a_guest_claiming_the_nodes_loopback_gets_no_forward_there(pki: AccessPKI) -> None:
+    async def scenario() -> None:
+        echo = await EchoServer().start()  # a node-local service the guest would like to reach
+        async with serving(pki) as served:
+            uid = spawn(served.driver, served.cache, ipAddresses=["127.0.0.1"])  # its agent's claim only
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                async with served.connect(uid, f"portforward?port={echo.port}"):
+                    pass
+            assert refused.value.status == 409 and echo.connections == 0
+        echo.close()
+
+    asyncio.run(scenario())

@@ -7,7 +7,7 @@ Over mutual TLS (access_settings.py), as WebSockets carrying raw bytes both ways
   once, where refusing would lock them out until the dead session idled away); ``?log=true`` sends the
   console log and closes (1000), for a stopped instance too.
 - ``GET /v1/instances/{uid}/vnc``: the guest's VNC server (the client answers its password challenge).
-- ``GET /v1/instances/{uid}/portforward?port=N``: TCP to the guest's first address.
+- ``GET /v1/instances/{uid}/portforward?port=N``: TCP to the guest's first leased address.
 
 Only instances bound to this node (the agent's instance cache) are served (404 otherwise); one whose
 domain does not run gets 409. Sessions close with 1000 at a normal end, 4000 when idle, 4001 when taken
@@ -64,10 +64,13 @@ def client_name(request: web.Request) -> str | None:
 
 
 def guest_address(body: Mapping[str, Any], leases: Mapping[str, str]) -> str | None:
-    """The instance's first address as its status says, else the node's DHCP lease of one of its MACs."""
-    addresses = (body.get("status") or {}).get("ipAddresses") or []
-    if addresses:
-        return str(addresses[0])
+    """The address the node's DHCP leased the instance (its status's first interface that has one, else a
+    lease of one of its MACs read now). Never what the guest agent claims (status.ipAddresses may hold
+    such claims when no lease is known): a guest that claimed 127.0.0.1 would have the agent forward to
+    the node's own services. The same rule as Services' endpoints (docs/security.md)."""
+    for interface in (body.get("status") or {}).get("interfaces") or []:
+        if interface.get("ipAddress"):
+            return str(interface["ipAddress"])
     return next((leases[mac] for mac in macs_of(body) if mac in leases), None)
 
 
