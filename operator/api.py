@@ -402,6 +402,10 @@ class Maintenance(TypedDict, total=False):
     migrations: list[MaintenanceMigration]
 
 
+class NodeAccess(TypedDict, total=False):
+    endpoint: str
+
+
 class ComputeNodeStatus(TypedDict, total=False):
     hypervisorType: str
     hypervisorVersion: str
@@ -409,6 +413,7 @@ class ComputeNodeStatus(TypedDict, total=False):
     hostIP: str
     kubernetesNode: str
     migrationURI: str
+    access: NodeAccess
     maintenance: Maintenance
     cpuModel: str
     cpuInfo: CpuInfo

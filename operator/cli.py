@@ -15,6 +15,8 @@ import sys
 import urllib.error
 import urllib.request
 
+from kubenova.handlers.agent import access_settings
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
@@ -276,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
         help="warn (Event) when an instance stays in rescue longer than this; 0 never [0]",
     )
 
+    access_settings.add_arguments(agent)
     return top
 
 
@@ -381,6 +384,7 @@ def _agent(args: argparse.Namespace) -> int:
                 args.network_prefix,
                 args.provider_firewall,
             ),
+            access=access_settings.from_args(args),
         ),
         driver,
         images,

@@ -66,6 +66,7 @@ from kubenova.driver.types import (
     PowerState,
     ProgressCallback,
     RebootType,
+    SerialConsole,
     SnapshotResult,
     VncConsole,
     VolumeConnector,
@@ -116,6 +117,7 @@ __all__ = [
     "BlockStats",
     "InterfaceStats",
     "Diagnostics",
+    "SerialConsole",
     "VncConsole",
     "GuestAddress",
     "GuestNIC",
@@ -301,6 +303,12 @@ class ComputeDriver(NetworkingContract):
     @abc.abstractmethod
     def get_console_output(self, uuid: str) -> str:
         """What the guest printed on its serial console."""
+
+    @abc.abstractmethod
+    def get_serial_console(self, uuid: str) -> SerialConsole:
+        """The running instance's interactive serial console, for the agent's access server to relay (not in
+        Nova's 2012 contract; its get_serial_console came later); Unsupported for a domain started before
+        its serial port became a socket (it gets one at its next boot)."""
 
     @abc.abstractmethod
     def get_vnc_console(self, uuid: str) -> VncConsole:

@@ -368,6 +368,15 @@ class SnapshotResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class SerialConsole:
+    """Where the guest's serial port is reached on this host: ``socket``, a unix socket the hypervisor
+    listens on (one client at a time), and ``log``, the file that keeps everything the guest printed."""
+
+    socket: str
+    log: str
+
+
+@dataclasses.dataclass(frozen=True)
 class VncConsole:
     """Where to reach the VNC server; it always asks for ``password``."""
 

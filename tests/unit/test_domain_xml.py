@@ -7,7 +7,9 @@ import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
+import pytest
 
+from kubenova.driver.base import DriverError
 from kubenova.driver.libvirt import qemu_hook
 from kubenova.driver.libvirt.config import (
     METADATA_NS,
@@ -18,6 +20,7 @@ from kubenova.driver.libvirt.config import (
     GuestInterface,
     InstanceMeta,
     LiveDevices,
+    console_socket,
     domain_name,
 )
 from kubenova.driver.libvirt.definitions import migration_definition, rescue_definition
@@ -164,31 +167,67 @@ def test_a_storage_pool_round_trips_and_libvirt_accepts_it(tmp_path: pathlib.Pat
         conn.close()
 
 
-def test_the_serial_is_a_pty_whose_log_libvirt_keeps_and_the_console_path_reads_back() -> None:
+def test_the_serial_is_a_socket_qemu_listens_on_whose_log_libvirt_keeps() -> None:
     cfg = config()
     conn = libvirt.open("test:///default")
     try:
         dom = conn.defineXML(cfg.to_xml())
         kept = dom.XMLDesc(0)
         serial = ET.fromstring(kept).find("devices/serial")
-        assert serial is not None and serial.get("type") == "pty"
+        assert serial is not None and serial.get("type") == "unix"
+        source = serial.find("source")
+        assert source is not None and (source.get("mode"), source.get("path")) == (
+            "bind",
+            "/console/console.sock",
+        )
         log = serial.find("log")
         assert log is not None and (log.get("file"), log.get("append")) == ("/console/x.log", "on")
-        assert GuestConfig.parse_dom(kept).console_path == "/console/x.log"
+        parsed = GuestConfig.parse_dom(kept)
+        assert (parsed.console_path, parsed.console_socket) == ("/console/x.log", "/console/console.sock")
         dom.undefine()
     finally:
         conn.close()
 
 
-def test_an_older_definition_with_a_file_serial_keeps_its_console_path() -> None:
+def test_a_console_socket_path_too_long_for_a_unix_socket_is_refused_with_the_reason() -> None:
+    cfg = config()
+    cfg.console_path = "/" + "i" * 100 + "/console.log"
+    with pytest.raises(DriverError, match="at most 107.*--instances-dir"):
+        cfg.to_xml()
+    cfg.console_path = "/" + "i" * (107 - len("//console.sock")) + "/console.log"
+    assert len(console_socket(cfg.console_path)) == 107
+    cfg.to_xml()  # exactly at the limit: fits
+
+
+def older_serial(kind: str) -> str:
+    """config()'s definition with the serial an older format wrote: a pty with a log, or a plain file."""
     root = ET.fromstring(config().to_xml())
     devices = root.find("devices")
     assert devices is not None
     for serial in devices.findall("serial"):
         devices.remove(serial)
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path="/console/old.log", append="on")
-    assert GuestConfig.parse_dom(ET.tostring(root, encoding="unicode")).console_path == "/console/old.log"
+    serial = ET.SubElement(devices, "serial", type=kind)
+    if kind == "pty":
+        ET.SubElement(serial, "log", file="/console/old.log", append="on")
+    else:
+        ET.SubElement(serial, "source", path="/console/old.log", append="on")
+    ET.SubElement(serial, "target", port="0")
+    return ET.tostring(root, encoding="unicode")
+
+
+def test_an_older_definition_with_a_pty_serial_keeps_its_console_path_and_has_no_socket() -> None:
+    parsed = GuestConfig.parse_dom(older_serial("pty"))
+    assert (parsed.console_path, parsed.console_socket) == ("/console/old.log", "")
+
+
+def test_an_older_definition_with_a_file_serial_keeps_its_console_path() -> None:
+    parsed = GuestConfig.parse_dom(older_serial("file"))
+    assert (parsed.console_path, parsed.console_socket) == ("/console/old.log", "")
+
+
+def test_an_older_definition_is_written_anew_with_the_socket() -> None:
+    again = GuestConfig.parse_dom(GuestConfig.parse_dom(older_serial("pty")).to_xml())
+    assert again.console_socket == "/console/console.sock"
 
 
 def running_xml(cfg: GuestConfig, cpu: str, channel: bool) -> str:
@@ -222,7 +261,8 @@ def test_a_moving_guest_arrives_with_its_own_cpu_and_the_targets_paths(tmp_path:
         cpu is not None and cpu.findtext("model") == "Skylake-Client-IBRS" and cpu.find("feature") is not None
     )
     assert len(moved.findall("cpu")) == 1
-    assert GuestConfig.parse_dom(ET.tostring(moved, encoding="unicode")).console_path == "/target/console.log"
+    arrived = GuestConfig.parse_dom(ET.tostring(moved, encoding="unicode"))
+    assert (arrived.console_path, arrived.console_socket) == ("/target/console.log", "/target/console.sock")
     assert GuestAgentChannel.find(moved) is not None
 
 

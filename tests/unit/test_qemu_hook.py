@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -10,6 +12,14 @@ from kubenova.driver.libvirt import qemu_hook
 from kubenova.driver.libvirt.config import GuestConfig, GuestDisk, GuestInterface
 
 UUID = "6f1c3a52-1d7e-4f49-9a57-0c2d2b3f4e10"
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[pathlib.Path]:
+    """A short folder: the console socket's path in a definition must fit a unix socket's 107 bytes, and
+    pytest's own folders (named after the test) pass that."""
+    with tempfile.TemporaryDirectory(prefix="kn-hook-") as folder:
+        yield pathlib.Path(folder)
 
 
 def prepared(instances: pathlib.Path) -> str:

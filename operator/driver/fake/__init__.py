@@ -8,9 +8,9 @@ folder, config drive and image cache follow the libvirt driver's, and every time
 behaviour reads an injectable clock, so tests move time instead of waiting.
 
 The package, by role: ``guest`` is the guest simulator (console, clock, counters), ``disks`` the
-storage model, ``instance`` one instance; FakeDriver (``driver``) stacks the layers over the host's
-state (``host``): ``instances`` (making and booting), ``lifecycle``, ``access`` (console, guest agent
-and diagnostics), ``volumes`` and ``migration``.
+storage model, ``instance`` one instance, ``serial`` the console's socket (a real one, which echoes);
+FakeDriver (``driver``) stacks the layers over the host's state (``host``): ``instances`` (making and
+booting), ``lifecycle``, ``access`` (console, guest agent and diagnostics), ``volumes`` and ``migration``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@ interfaces."""
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+import tempfile
+import weakref
+
 from kubenova.driver.base import (
     BlockStats,
     Diagnostics,
@@ -14,6 +19,7 @@ from kubenova.driver.base import (
     InterfaceDetail,
     InterfaceStats,
     PowerState,
+    SerialConsole,
     Unsupported,
     VncConsole,
     VolumeNotFound,
@@ -22,6 +28,7 @@ from kubenova.driver.checks import GUEST_PAUSED, NO_GUEST_AGENT
 from kubenova.driver.fake.disks import block_stats_of
 from kubenova.driver.fake.host import VNC_BASE_PORT, VNC_HOST, FakeHost
 from kubenova.driver.fake.instance import ACTIVE, GuestAgent, Instance, disk_layout, tap_names
+from kubenova.driver.fake.serial import EchoConsole
 
 
 def answering_agent(inst: Instance, operation: str) -> GuestAgent:
@@ -62,6 +69,27 @@ class FakeGuestAccess(FakeHost):
     def get_console_output(self, uuid: str) -> str:
         with self._lock:
             return self._get(uuid).guest.render(self._clock())
+
+    def get_serial_console(self, uuid: str) -> SerialConsole:
+        """A real unix socket whose guest echoes (fake/serial.py), its log what the guest printed so far."""
+        with self._lock:
+            inst = self._get(uuid)
+            self._require(inst, *ACTIVE)
+            if self._console_dir is None:
+                self._console_dir = pathlib.Path(tempfile.mkdtemp(prefix="kubenova-fake-console-"))
+                weakref.finalize(self, shutil.rmtree, self._console_dir, True)
+            path, log = self._console_dir / f"{uuid}.sock", self._console_dir / f"{uuid}.log"
+            console = self._consoles.get(uuid)
+            if console is None or console.closed:
+                log.write_text(inst.guest.render(self._clock()))
+                console = EchoConsole(path, log, lambda: self._active(uuid))
+                self._consoles[uuid] = console
+            return SerialConsole(socket=str(path), log=str(log))
+
+    def _active(self, uuid: str) -> bool:
+        with self._lock:
+            inst = self._instances.get(uuid)
+            return inst is not None and inst.state in ACTIVE
 
     def get_vnc_console(self, uuid: str) -> VncConsole:
         with self._lock:

@@ -7,6 +7,7 @@ module each; they share this state and lock.
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import socket
 import threading
 import time
@@ -54,6 +55,7 @@ from kubenova.driver.fake.disks import (
     store_key,
 )
 from kubenova.driver.fake.instance import ACTIVE, GuestAgent, Instance
+from kubenova.driver.fake.serial import EchoConsole
 from kubenova.driver.images import SNAPSHOTS
 from kubenova.driver.imports import Importer
 
@@ -147,6 +149,9 @@ class FakeHost(ComputeDriver):
         self._reserved: dict[str, str] = {}
         self._free_vnc: list[int] = []
         self._next_vnc = 0
+        #: the serial sockets asked for so far (fake/serial.py), in a folder made at the first
+        self._consoles: dict[str, EchoConsole] = {}
+        self._console_dir: pathlib.Path | None = None
         #: the file system of the instances' files has no room left (fill_instances_disk)
         self._disk_full = False
         for name, data in (images or {}).items():

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pathlib
 import xml.etree.ElementTree as ET
+
+from kubenova.driver.errors import DriverError
 
 METADATA_NS = "https://kubenova.io/xmlns/instance/v1"
 ET.register_namespace("kubenova", METADATA_NS)
@@ -139,20 +142,40 @@ class GuestGraphics:
         )
 
 
+#: The interactive console's socket, beside the console log in the instance's folder.
+CONSOLE_SOCKET = "console.sock"
+#: A unix socket's path fits sockaddr_un's 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def console_socket(log: str) -> str:
+    """The serial console's socket: beside its log, so a migration's target (its own folder) has its own."""
+    return str(pathlib.PurePath(log).with_name(CONSOLE_SOCKET))
+
+
 def console_serial(log: str) -> ET.Element:
-    """The guest's serial port: a pseudo-terminal whose output libvirt also logs to ``log``.
+    """The guest's serial port: a unix socket QEMU listens on, whose output libvirt also logs to ``log``.
 
     The log is bounded by virtlogd, not by kubenova. With qemu.conf's ``stdio_handler = "logd"`` (libvirt's
     default) libvirt opens every character device's file through virtlogd and hands QEMU only a pipe
     (libvirt's qemuProcessPrepareHostBackendChardevFileHelper, for a ``<log file>`` as for a file serial),
     so a guest printing without end cannot fill the node's disk: virtlogd rolls the file over at its
     ``max_size`` (2 MiB unless virtlogd.conf says otherwise) and keeps ``max_backups`` old ones
-    (``console.log.1``, …), whatever QEMU writes. A pty rather than a plain file serial, because the log is
-    the same file at the same path either way and the pty is what an interactive console attaches to
-    (``virsh console``). One cost of virtlogd: when a write to the log fails (the file system is full), it
-    stops logging that guest until its next boot.
+    (``console.log.1``, …), whatever QEMU writes. One cost of virtlogd: when a write to the log fails (the
+    file system is full), it stops logging that guest until its next boot.
+
+    A socket rather than a pty (definition format 3 and before): the agent's access server reaches it at a
+    path known beforehand, and QEMU drops the connection when the guest stops, which ends the session at
+    once. The log is the same file at the same path either way.
     """
-    serial = ET.Element("serial", type="pty")
+    path = console_socket(log)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise DriverError(
+            f"the serial console's socket {path} is {len(path.encode())} bytes long; a unix socket's path "
+            f"may have at most {MAX_SOCKET_PATH}: give the agent a shorter --instances-dir"
+        )
+    serial = ET.Element("serial", type="unix")
+    sub_element(serial, "source", mode="bind", path=path)
     sub_element(serial, "log", file=log, append="on")
     sub_element(serial, "target", port="0")
     return serial
@@ -261,6 +284,9 @@ class GuestConfig:
     cpu: GuestCPU | None = None
     #: whether the domain has the guest agent's channel (every definition kubenova makes has it)
     guest_agent: bool = True
+    #: the serial console's socket as a definition has it; "" for an older one's pty or file serial. A
+    #: definition made here always has ``console_socket(console_path)``.
+    console_socket: str = ""
 
     def format_dom(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
@@ -319,6 +345,7 @@ class GuestConfig:
         os_el = root.find("os")
         serial = root.find("devices/serial/log")  # an older definition's: a file serial's own source
         serial = serial if serial is not None else root.find("devices/serial[@type='file']/source")
+        socket = root.find("devices/serial[@type='unix']/source")
         graphics = root.find("devices/graphics[@type='vnc']")
         cpu = root.find("cpu")
 
@@ -347,6 +374,7 @@ class GuestConfig:
             cpu_model=(meta.get("cpu-model") or None) if meta is not None else None,
             cpu=GuestCPU.parse_dom(cpu) if cpu is not None else None,
             guest_agent=GuestAgentChannel.find(root) is not None,
+            console_socket=socket.get("path", "") if socket is not None else "",
         )
 
 

@@ -36,6 +36,7 @@ from kubenova.driver.base import (
     InvalidInstanceSpec,
     PowerState,
     Progress,
+    SerialConsole,
     Unsupported,
     VncConsole,
     VolumeConnector,
@@ -258,6 +259,18 @@ class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
             return self.console_path(uuid).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def get_serial_console(self, uuid: str) -> SerialConsole:
+        config = self._running(uuid, "get_serial_console").live_config()
+        if not config.console_socket:
+            raise Unsupported(
+                "get_serial_console",
+                "the instance was started before its serial console became a socket; it gets one at its "
+                "next boot (stop and start it)",
+            )
+        return SerialConsole(
+            socket=config.console_socket, log=config.console_path or str(self.console_path(uuid))
+        )
 
     def get_vnc_console(self, uuid: str) -> VncConsole:
         graphics = self._running(uuid, "get_vnc_console").devices(secure=True).graphics

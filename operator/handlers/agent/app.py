@@ -19,6 +19,8 @@ import kubernetes
 from kubenova.driver.base import ComputeDriver, Convergence, DriverError
 from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import diagnostics, health, pollers
+from kubenova.handlers.agent.access_server import AccessServer
+from kubenova.handlers.agent.access_settings import AccessSettings
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.guest_agent import GuestAgentWatch
@@ -80,6 +82,8 @@ class AgentConfig:
     migration_convergence: Convergence = Convergence()
     settings: Settings = dataclasses.field(default_factory=Settings)
     network: NetworkSettings = dataclasses.field(default_factory=NetworkSettings)
+    #: The access server (consoles, VNC, port-forwards for the access API server); off without certificates.
+    access: AccessSettings = dataclasses.field(default_factory=AccessSettings)
 
 
 def images_in_use(
@@ -200,6 +204,10 @@ class Agent:
             config.kubernetes_node,
             images,
             self.network,
+            config.access.endpoint(config.host_ip) if config.access.enabled else "",
+        )
+        self.access = (
+            AccessServer(config.access, driver, self.instance_cache) if config.access.enabled else None
         )
         self.guest_agent = GuestAgentWatch(self.instances)
         self.metrics = diagnostics.Metrics()
@@ -225,6 +233,8 @@ class Agent:
             self.metrics.registry,
             lambda: health.verdict(self.queue.stalled_for(), reporter.connected, config.settings.fenced),
         )
+        if self.access is not None:
+            await self.access.start()
         self.queue.start(
             {
                 "instance": self.instances.handle,
@@ -409,6 +419,8 @@ def run(config: AgentConfig, driver: ComputeDriver, images: ImageStore) -> None:
 
     async def cleanup(**_: Any) -> None:
         agent.stop()
+        if agent.access is not None:
+            await agent.access.stop()
 
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(registry=registry)(startup)

@@ -75,9 +75,11 @@ class NodeReporter:
         kubernetes_node: str = "",
         store: ImageStore | None = None,
         network: NetworkKeeper | None = None,
+        access_endpoint: str = "",
     ) -> None:
         """``kubernetes_node``: the Node the agent runs on (cluster mode), published so that deleting it
-        or tainting it out-of-service fences this node; ``store``'s files are published for placement."""
+        or tainting it out-of-service fences this node; ``store``'s files are published for placement;
+        ``access_endpoint`` is where the access API server reaches this agent's access server ("": none)."""
         self.lease_seconds = lease_seconds
         self.kubernetes_node = kubernetes_node
         self.store = store
@@ -91,6 +93,7 @@ class NodeReporter:
         self.warn = warn
         self.writer = StatusWriter(custom, COMPUTENODES)
         self.migration_uri = migration_uri
+        self.access_endpoint = access_endpoint
         self._last: dict[str, Any] | None = None
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.UTC)
         self._unknown: set[str] = set()
@@ -218,6 +221,12 @@ class NodeReporter:
             "hostIP": self.address,
             **({"kubernetesNode": self.kubernetes_node} if self.kubernetes_node else {}),
             "migrationURI": self.migration_uri,
+            # None removes an endpoint an agent published before it was started without access
+            **(
+                {"access": {"endpoint": self.access_endpoint} if self.access_endpoint else None}
+                if self.access_endpoint or self.status.get("access")
+                else {}
+            ),
             "cpuModel": cpu.model,
             "cpuInfo": {
                 "arch": cpu.arch,

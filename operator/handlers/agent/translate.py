@@ -32,10 +32,11 @@ from kubenova.driver.images import ImageStore
 RUNTIME_FIELDS = ("powerState", "rescue", "actions", "nodeSelector", "nodeName", "firewall")
 #: What kubenova puts in every definition beyond the spec, as a number: a new one (2: the guest agent's
 #: channel, and the host's own CPU under KVM; 3: an interface on the node's default network for a spec that
-#: names no interfaces) changes every definition's digest, so each domain is defined
-#: anew once, for its next boot, without a spec change. A definition of the previous format whose Secrets
+#: names no interfaces; 4: the serial console a unix socket the agent relays, instead of a pty) changes
+#: every definition's digest, so each domain is defined anew once, for its next boot, without a spec
+#: change. A definition of the previous format whose Secrets
 #: are gone meanwhile stays as it is, unsaid: the user asked for nothing.
-DEFINITION_FORMAT, PREVIOUS_FORMAT = 3, 2
+DEFINITION_FORMAT, PREVIOUS_FORMAT = 4, 3
 #: The interface an instance gets when its spec has no ``interfaces`` (an empty list means none).
 DEFAULT_INTERFACE = "default"
 
