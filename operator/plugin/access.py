@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO, TextIO
+from typing import IO, Any, BinaryIO, TextIO
 
 import kubernetes
 
@@ -48,7 +48,7 @@ def ended(name: str, closed: stream.Closed) -> None:
 
 
 def console(
-    endpoint: stream.Endpoint, log: bool, follow: bool, stdin: int, stdout: BinaryIO, stderr: TextIO
+    endpoint: stream.Endpoint, log: bool, follow: bool, stdin: IO[Any], stdout: BinaryIO, stderr: TextIO
 ) -> None:
     """The serial console: with ``log`` the persistent boot log (then, with ``follow``, the live console);
     else interactive, stdin to the guest and its output to stdout, until Ctrl-] or the server's end."""
@@ -64,8 +64,8 @@ def console(
             return
     ws = endpoint.open("console")
     print(HINT.format(name=endpoint.name), file=stderr, flush=True)
-    with terminal.raw(stdin) as is_terminal:
-        result = terminal.session(ws, stdin, write)
+    with terminal.raw(stdin.fileno()) as is_terminal:
+        result = terminal.session(ws, stdin.fileno(), write)
     if is_terminal:
         print(file=stderr)  # raw mode left the cursor wherever the guest put it
     if result is not None:

@@ -175,7 +175,7 @@ def _access(plugin: Plugin, args: argparse.Namespace) -> int:
     if args.verb == "console" and args.instances_dir is not None:
         node.console(plugin, args.name, args.instances_dir, args.follow)
     elif args.verb == "console":
-        access.console(endpoint, args.log, args.follow, sys.stdin.fileno(), sys.stdout.buffer, sys.stderr)
+        access.console(endpoint, args.log, args.follow, sys.stdin, sys.stdout.buffer, sys.stderr)
     elif args.verb == "vnc" and args.on_node:
         node.vnc(plugin, args.name, args.port, _say)
     elif args.verb == "vnc":
