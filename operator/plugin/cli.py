@@ -158,6 +158,7 @@ def _access_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     forward.add_argument("ports", nargs="+", metavar="LOCAL:REMOTE")
     ssh = verbs.add_parser(
         "ssh",
+        usage="kubectl kubenova ssh [-h] [-l USER] [-p PORT] [-c COMMAND] name [-- SSH-ARGS ...]",
         help="ssh into the guest through port-forward",
         description="Run ssh against a port-forward to the guest's SSH port; the host key is kept under "
         "NAME.NAMESPACE (HostKeyAlias). Arguments after -- go to ssh before the destination.",
@@ -166,7 +167,6 @@ def _access_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ssh.add_argument("-l", "--user", help="login name [ssh's default]")
     ssh.add_argument("-p", "--port", type=int, default=22, help="the guest's SSH port [22]")
     ssh.add_argument("-c", "--command", help="run this command instead of a login shell")
-    ssh.add_argument("extra", nargs="*", metavar="-- SSH-ARGS", help="more ssh arguments (after --)")
 
 
 def _access(plugin: Plugin, args: argparse.Namespace) -> int:
@@ -197,8 +197,20 @@ def _say(line: str) -> None:
 ACCESS = ("console", "vnc", "port-forward", "ssh")
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments; what follows `--` is ssh's own (argparse would take it as kubenova's)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    top = parser()
+    args = top.parse_args(argv[: len(argv) - len(extra) - 1] if "--" in argv else argv)
+    if extra and args.verb != "ssh":
+        top.error(f"only ssh takes arguments after --, not {args.verb}")
+    args.extra = extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         plugin = Plugin(args.namespace, args.timeout, args.kubeconfig, args.context)
         if args.verb in ACCESS:
