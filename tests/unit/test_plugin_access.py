@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import ssl
 import sys
 import termios
 from collections.abc import Iterator
 
+import kubernetes
 import pytest
 from aiohttp import WSMsgType, web
 
@@ -222,3 +224,54 @@ def test_raw_mode_is_undone_however_the_session_ends() -> None:
         assert not is_terminal
     os.close(read)
     os.close(write)
+
+
+def test_follow_prints_the_log_then_attaches(
+    apiserver: Apiserver,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    async def log_or_console(request: web.Request, ws: web.WebSocketResponse) -> None:
+        if request.query.get("log") == "true":
+            await ws.send_bytes(b"boot log\n")
+            await ws.close()
+        else:
+            await echo_one_line(request, ws)
+
+    apiserver.script = log_or_console
+    stdin_with(monkeypatch, b"id\n")
+    assert kubenova(apiserver, tmp_path, "console", "web", "--log", "-f") == 0
+    assert capsysbinary.readouterr().out == b"boot log\necho:id\n"
+    assert [s.query for s in apiserver.seen] == [{"log": "true"}, {}]
+
+
+def test_the_kubeconfigs_tls_client_certificate_and_proxy_reach_the_websocket() -> None:
+    configuration = kubernetes.client.Configuration()
+    configuration.host = "https://api.example:6443/k8s/clusters/c-1"
+    configuration.verify_ssl = False
+    configuration.cert_file, configuration.key_file = "/tmp/cert.pem", "/tmp/key.pem"
+    configuration.api_key["authorization"] = "Bearer old"
+    configuration.refresh_api_key_hook = lambda c: c.api_key.update(authorization="Bearer fresh")
+    configuration.proxy = "http://me:p%40ss@proxy.example:3128"
+    configuration.no_proxy = "localhost, .internal"
+    options = stream.connect_options(configuration)
+    assert options["header"] == ["Authorization: Bearer fresh"]  # an exec plugin's token, refreshed
+    assert options["sslopt"] == {
+        "cert_reqs": ssl.CERT_NONE,
+        "check_hostname": False,
+        "certfile": "/tmp/cert.pem",
+        "keyfile": "/tmp/key.pem",
+    }
+    assert (options["http_proxy_host"], options["http_proxy_port"], options["proxy_type"]) == (
+        "proxy.example",
+        3128,
+        "http",
+    )
+    assert options["http_proxy_auth"] == ("me", "p@ss")
+    assert options["http_no_proxy"] == ["localhost", ".internal"]
+    endpoint = stream.Endpoint(configuration, "team", "web")
+    assert endpoint.url("portforward", {"port": "22"}) == (
+        "wss://api.example:6443/k8s/clusters/c-1/apis/subresources.compute.kubenova.io/v1alpha1/namespaces/"
+        "team/virtualinstances/web/portforward?port=22"
+    )
