@@ -4,17 +4,26 @@ Each verb writes only what a user could write by hand (a field of the instance's
 action id, a Migration) and then waits for kubenova's answer in status, so the plugin never
 holds state of its own and a GitOps user can do the same with YAML. Problems are one line on
 stderr and a non-zero exit.
+
+console, vnc, port-forward and ssh reach into the VM through the kube-apiserver (the subresources
+virtualinstances/console, /vnc and /portforward), so they work from any machine with a kubeconfig:
+  kubectl kubenova console web            # interactive serial console; escape with Ctrl-]
+  kubectl kubenova console web --log      # the persistent boot log
+  kubectl kubenova vnc desk               # a local VNC port, and a viewer when one is installed
+  kubectl kubenova port-forward web 8080:80 2222:22
+  kubectl kubenova ssh web -l debian
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 
 import kubernetes
 
-from kubenova.plugin import node
+from kubenova.plugin import access, node, stream
 from kubenova.plugin.verbs import POWER, Plugin, Refused
 
 
@@ -26,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
         "-n", "--namespace", help="the instance's namespace [the kubeconfig context's, or default]"
     )
     top.add_argument("--timeout", type=float, default=300, help="seconds to wait for kubenova's answer [300]")
+    top.add_argument("--kubeconfig", help="the kubeconfig file [$KUBECONFIG, or ~/.kube/config]")
+    top.add_argument("--context", help="the kubeconfig context [its current-context]")
     verbs = top.add_subparsers(dest="verb", required=True)
     create = verbs.add_parser("create", help="create a VirtualInstance and wait until it runs")
     create.add_argument("name")
@@ -94,27 +105,116 @@ def parser() -> argparse.ArgumentParser:
         help="select on these labels (repeatable) [all the instance's own labels]",
     )
     verbs.add_parser("diag", help="diagnostics as a table").add_argument("name")
-    vnc = verbs.add_parser(
-        "vnc", help="forward a local port to the guest's VNC server (on the instance's node)"
-    )
-    vnc.add_argument("name")
-    vnc.add_argument("--port", type=int, default=0, help="local port on 127.0.0.1 [any free one]")
-    console = verbs.add_parser("console", help="print the serial console log (on the instance's node)")
-    console.add_argument("name")
-    console.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    console.add_argument(
-        "--instances-dir",
-        type=pathlib.Path,
-        default=pathlib.Path("/var/lib/kubenova/instances"),
-        help="the agent's --instances-dir on this node [/var/lib/kubenova/instances]",
-    )
+    _access_verbs(verbs)
     return top
 
 
+def _access_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """console, vnc, port-forward and ssh: through the apiserver, with an on-node fallback for the first two
+    (a node's shell without a kubeconfig that may use the subresources)."""
+    console = verbs.add_parser(
+        "console",
+        help="the serial console through the apiserver (interactive; --log: the boot log)",
+        description="Attach to the guest's serial console through the kube-apiserver: keys go to the guest "
+        "(the terminal is in raw mode), its output comes back; Ctrl-] ends the session. One console per "
+        "instance: a newer one takes over. Piped stdin is sent as it is.",
+    )
+    console.add_argument("name")
+    console.add_argument("--log", action="store_true", help="print the persistent boot log and exit")
+    console.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="with --log: then attach; with --instances-dir: keep reading",
+    )
+    console.add_argument(
+        "--instances-dir",
+        type=pathlib.Path,
+        help="on the instance's node: read the log file in the agent's --instances-dir instead",
+    )
+    vnc = verbs.add_parser(
+        "vnc",
+        help="a local port to the guest's VNC server through the apiserver, and a viewer",
+        description="Listen on 127.0.0.1:PORT; each connection reaches the guest's VNC server through the "
+        "kube-apiserver. Launches --viewer, or remote-viewer or vncviewer when installed; the forward ends "
+        "when the viewer exits.",
+    )
+    vnc.add_argument("name")
+    vnc.add_argument("--port", type=int, default=0, help="local port on 127.0.0.1 [any free one]")
+    vnc.add_argument(
+        "--viewer", help="viewer command; {host} {port} {url} filled in, else the vnc:// URL added"
+    )
+    vnc.add_argument("--no-viewer", action="store_true", help="only forward; connect your own viewer")
+    vnc.add_argument(
+        "--on-node", action="store_true", help="on the instance's node: forward to its loopback VNC port"
+    )
+    forward = verbs.add_parser(
+        "port-forward",
+        help="forward local ports to the guest's TCP ports through the apiserver",
+        description="Like kubectl port-forward, to the guest's own address: LOCAL:REMOTE, REMOTE (the same "
+        "local port) or :REMOTE (any free local port), on 127.0.0.1, until Ctrl-C.",
+    )
+    forward.add_argument("name")
+    forward.add_argument("ports", nargs="+", metavar="LOCAL:REMOTE")
+    ssh = verbs.add_parser(
+        "ssh",
+        usage="kubectl kubenova ssh [-h] [-l USER] [-p PORT] [-c COMMAND] name [-- SSH-ARGS ...]",
+        help="ssh into the guest through port-forward",
+        description="Run ssh against a port-forward to the guest's SSH port; the host key is kept under "
+        "NAME.NAMESPACE (HostKeyAlias). Arguments after -- go to ssh before the destination.",
+    )
+    ssh.add_argument("name")
+    ssh.add_argument("-l", "--user", help="login name [ssh's default]")
+    ssh.add_argument("-p", "--port", type=int, default=22, help="the guest's SSH port [22]")
+    ssh.add_argument("-c", "--command", help="run this command instead of a login shell")
+
+
+def _access(plugin: Plugin, args: argparse.Namespace) -> int:
+    """The streaming verbs; the on-node fallbacks keep their old behaviour."""
+    endpoint = stream.Endpoint(plugin.configuration, plugin.namespace, args.name)
+    if args.verb == "console" and args.instances_dir is not None:
+        node.console(plugin, args.name, args.instances_dir, args.follow)
+    elif args.verb == "console":
+        access.console(endpoint, args.log, args.follow, sys.stdin, sys.stdout.buffer, sys.stderr)
+    elif args.verb == "vnc" and args.on_node:
+        node.vnc(plugin, args.name, args.port, _say)
+    elif args.verb == "vnc":
+        password = access.vnc_password(plugin, args.name)
+        command = functools.partial(access.viewer_command, args.viewer, args.no_viewer)
+        access.vnc(endpoint, args.port, command, password, _say)
+    elif args.verb == "port-forward":
+        access.port_forward(endpoint, args.ports, _say)
+    else:
+        return access.ssh(endpoint, args.user, args.port, args.extra, args.command)
+    return 0
+
+
+def _say(line: str) -> None:
+    """What a forward is doing, on stdout as kubectl port-forward says it; errors go to stderr."""
+    print(line, flush=True)
+
+
+ACCESS = ("console", "vnc", "port-forward", "ssh")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments; what follows `--` is ssh's own (argparse would take it as kubenova's)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    top = parser()
+    args = top.parse_args(argv[: len(argv) - len(extra) - 1] if "--" in argv else argv)
+    if extra and args.verb != "ssh":
+        top.error(f"only ssh takes arguments after --, not {args.verb}")
+    args.extra = extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
-        plugin = Plugin(args.namespace, args.timeout)
+        plugin = Plugin(args.namespace, args.timeout, args.kubeconfig, args.context)
+        if args.verb in ACCESS:
+            return _access(plugin, args)
         if args.verb == "create":
             print(plugin.create(args.name, args))
         elif args.verb == "delete":
@@ -131,14 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             print(plugin.migrate(args.name, args.live, args.target, not args.no_wait))
         elif args.verb == "expose":
             print(plugin.expose(args.name, args))
-        elif args.verb == "diag":
-            print(plugin.diag(args.name))
-        elif args.verb == "vnc":
-            node.vnc(plugin, args.name, args.port, lambda line: print(line, flush=True))
         else:
-            node.console(plugin, args.name, args.instances_dir, args.follow)
+            print(plugin.diag(args.name))
     except Refused as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{exc.prefix}{exc}", file=sys.stderr)
         return 1
     except kubernetes.config.ConfigException as exc:
         print(f"error: no cluster to talk to: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The verbs of `kubectl kubenova` that run on the instance's node: `vnc` forwards a loopback port to the
 guest's VNC server (which listens on that node's loopback only), `console` reads the serial console log
-(a file on that node)."""
+(a file on that node). They stay behind `vnc --on-node` and `console --instances-dir` for a node's shell
+whose user may not use the subresources that `access` goes through."""
 
 from __future__ import annotations
 

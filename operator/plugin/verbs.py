@@ -35,20 +35,29 @@ SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 class Refused(Exception):
     """One line for the user; the plugin exits 1."""
 
+    #: What the line starts with: the apiserver's own refusals are printed as kubectl prints them.
+    prefix = "error: "
+
 
 class Plugin:
-    def __init__(self, namespace: str | None, timeout: float) -> None:
+    def __init__(
+        self, namespace: str | None, timeout: float, kubeconfig: str | None = None, context: str | None = None
+    ) -> None:
+        # An own Configuration (not the client's global default): the streaming verbs build their
+        # WebSocket from the very credentials, CA and proxy these API calls use.
+        self.configuration = kubernetes.client.Configuration()
         try:
-            kubernetes.config.load_kube_config()
+            kubernetes.config.load_kube_config(
+                config_file=kubeconfig, context=context, client_configuration=self.configuration
+            )
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_incluster_config()
-        self.custom = kubernetes.client.CustomObjectsApi()
+            if kubeconfig or context:
+                raise
+            kubernetes.config.load_incluster_config(client_configuration=self.configuration)
+        self.custom = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(self.configuration))
         self.core = kubernetes.client.CoreV1Api(self.custom.api_client)
         if namespace is None:
-            try:
-                namespace = kubernetes.config.list_kube_config_contexts()[1]["context"].get("namespace")
-            except (kubernetes.config.ConfigException, KeyError, TypeError):
-                namespace = None
+            namespace = _context_namespace(kubeconfig, context)
         self.namespace = namespace or "default"
         self.timeout = timeout
 
@@ -282,6 +291,16 @@ class Plugin:
                 f"tx {nic.get('txBytes', 0)} B / {nic.get('txPackets', 0)} pkts"
             )
         return "\n".join(lines)
+
+
+def _context_namespace(kubeconfig: str | None, context: str | None) -> str | None:
+    """The namespace the chosen (or current) kubeconfig context names, as kubectl's -n defaults to it."""
+    try:
+        contexts, current = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+        chosen = next((c for c in contexts if c["name"] == context), None) if context else current
+        return str(chosen["context"].get("namespace") or "") or None
+    except (kubernetes.config.ConfigException, KeyError, TypeError):
+        return None
 
 
 def _message(exc: kubernetes.client.ApiException) -> str:

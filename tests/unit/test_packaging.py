@@ -145,6 +145,8 @@ def test_the_kubectl_plugin_has_help_for_every_verb() -> None:
         "diag",
         "vnc",
         "console",
+        "port-forward",
+        "ssh",
     )
     out = subprocess.run([plugin, "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("usage: kubectl kubenova")
