@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
-from testground import kube, libvirt_host, procs
+from testground import access, kube, libvirt_host, procs
 from testground.procs import Layout, TestGroundError
 
 NODE_IP = kube.CLUSTER_ADDRESS
@@ -277,8 +277,11 @@ def _proxy_config(layout: Layout, kubeconfig: pathlib.Path) -> pathlib.Path:
 def values(layout: Layout, node: str, image_store: pathlib.Path) -> dict[str, Any]:
     """The chart's values for this node: its libvirtd's socket folder and its folders, QEMU without KVM."""
     node_dir = layout.state / "nodes" / node
+    consoles = access.values(layout)
     return {
+        "access": consoles["access"],
         "agent": {
+            **consoles["agent"],
             "libvirt": {"mode": "host", "socketDir": str(libvirt_host.host_dir(layout, node) / "run")},
             "domainType": "qemu",
             "imageStore": str(image_store),
@@ -316,13 +319,14 @@ def helm_install(
     layout: Layout, helm: pathlib.Path, env: dict[str, str], node: str, image_store: pathlib.Path, *extra: str
 ) -> None:
     """`helm upgrade --install` of the project's chart, waiting for its pods (helm's own --wait), after the
-    Secret of the node's migration certificate it names."""
+    Secrets of the certificates it names (the node's migration certificate, the access server's and the
+    agent's stream end's)."""
     procs.run(
         [str(kube.build_tools() / "kubectl"), "apply", "-f", "-"],
-        "storing the node's migration certificate",
+        "storing the node's migration and access certificates",
         "check the test ground's apiserver",
         env=env,
-        input=migration_secret(layout, node),
+        input=migration_secret(layout, node) + "---\n" + access.manifest(layout, node, NODE_IP),
     )
     path = cluster_dir(layout) / "values.yaml"
     path.write_text(yaml.safe_dump(values(layout, node, image_store)))

@@ -25,6 +25,8 @@ FILLED = "kubenova-filled"
 #: its own, as a hostile guest would; "kubenova-spoofed eth0" once it has sent for a while.
 SPOOFING = "kubenova-spoofing"
 SPOOFED = "kubenova-spoofed"
+#: kubenova.shell=console: an interactive shell on the serial console (the console tests type into it).
+SHELL_ARG = "kubenova.shell=console"
 #: "kubenova-size cpus=N memtotal-kib=M": what the guest's kernel sees (a resize shows here).
 SIZE = "kubenova-size"
 #: "kubenova-dirty <MiB>": the guest (kubenova.dirty=<MiB>) has filled that much memory and now rewrites it
@@ -65,6 +67,7 @@ fill_dev=
 spoof_mac=
 dirty_mib=
 probe=
+shell=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     kubenova.role=rescue) role=rescue ;;
@@ -72,6 +75,7 @@ for arg in $(cat /proc/cmdline); do
     kubenova.dirty=*) dirty_mib=${{arg#kubenova.dirty=}} ;;
     kubenova.fill=*) fill_dev=${{arg#kubenova.fill=}} ;;
     kubenova.probe=*) probe=${{arg#kubenova.probe=}} ;;
+    kubenova.shell=console) shell=console ;;
     kubenova.write=*:*)
       spec=${{arg#kubenova.write=}}
       write_dev=${{spec%%:*}}
@@ -92,6 +96,11 @@ else
 fi
 memtotal=$(awk '/^MemTotal/ {{print $2}}' /proc/meminfo)
 echo "{SIZE} cpus=$(grep -c ^processor /proc/cpuinfo) memtotal-kib=$memtotal"
+if [ "$shell" = console ]; then
+  # A shell on the serial console (kubenova.shell=console), as a login prompt would give: what a user
+  # types through `kubectl kubenova console` runs, and its answer comes back the same way.
+  (while true; do setsid sh -i </dev/ttyS0 >/dev/ttyS0 2>&1; done) &
+fi
 
 for dev in $(ls /sys/block | grep -E '^(vd|sd)' | sort); do
   head=$(od -A n -t x1 -N 16 -v "/dev/$dev" | tr -d ' \\n')

@@ -12,7 +12,7 @@ import urllib.request
 
 import yaml
 
-from testground import procs
+from testground import access, procs
 from testground.procs import Layout, TestGroundError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -238,6 +238,7 @@ def start_apiserver(layout: Layout, tools: pathlib.Path, pki: pathlib.Path, clus
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
+                *access.front_proxy_flags(layout),  # aggregated APIs: the access server's users
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 *mode,
                 f"--service-account-issuer={ISSUER}",

@@ -283,7 +283,9 @@ def check_vnc(
     vi = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "virtualinstances", "vm")
     assert vi["status"]["vnc"]["host"] == "127.0.0.1", "the VNC server listens on the node's loopback only"
     environment = {**ground.env(), "PATH": f"{pathlib.Path(sys.executable).parent}:{ground.env()['PATH']}"}
-    forward = subprocess.Popen([*plugin, "vnc", "vm"], stdout=subprocess.PIPE, text=True, env=environment)
+    forward = subprocess.Popen(
+        [*plugin, "vnc", "vm", "--on-node"], stdout=subprocess.PIPE, text=True, env=environment
+    )
     try:
         line = forward.stdout.readline() if forward.stdout else ""
         address, _, password = line.split()[:3]
