@@ -20,7 +20,14 @@ if [ -d "$host/pki" ]; then
 fi
 virtlogd --daemon --pid-file="$host/virtlogd.pid"
 if [ -n "$peer" ]; then
-  [ "$peer" = "-" ] || hostname "$peer"
+  if [ "$peer" != "-" ]; then
+    # Its own name resolves from files: libvirtd looks its host name up in every migration, and a DNS
+    # server that does not answer (a sandboxed machine's) stalls each lookup for seconds, long enough to
+    # eat a small guest's whole transfer deadline. The copy is this namespace's only.
+    { cat /etc/hosts; echo "127.0.1.1 $peer"; } >"$host/hosts"
+    mount --bind "$host/hosts" /etc/hosts
+    hostname "$peer"
+  fi
   exec libvirtd --daemon --listen --pid-file="$host/libvirtd.pid"
 fi
 exec libvirtd --daemon --pid-file="$host/libvirtd.pid"
