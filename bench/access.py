@@ -24,25 +24,15 @@ import kubernetes
 import websocket
 
 from bench.__main__ import machine
-from bench.common import percentile
-from kubenova.handlers.shared import GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from bench.common import chart_installed, percentile, wait_for
+from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES
 from kubenova.plugin.stream import Endpoint
-from testground import cluster, guest, kube, procs
 from testground import ground as testground
+from testground import guest
 from testground.kube import REPO
 
 NAMESPACE = "bench-access"
 PROMPT_WAIT = 30.0
-
-
-def _wait(what: str, probe: Any, timeout: float = 240) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
 
 
 class Stream:
@@ -138,7 +128,7 @@ def _setup(custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.C
         )
         return status if status.get("phase") == "Running" and status.get("ipAddresses") else None
 
-    return dict(_wait("the VM Running with an address", leased))
+    return dict(wait_for("the VM Running with an address", leased))
 
 
 def _exists(custom: kubernetes.client.CustomObjectsApi) -> bool:
@@ -222,28 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mib", type=int, default=32)
     parser.add_argument("--fetches", type=int, default=3)
     args = parser.parse_args(argv)
-    ground = testground.up(start_kubenova_processes=False, cluster=True)
-    helm = kube.build_helm()
-    cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store)
-    client = kubernetes.config.new_client_from_config(config_file=str(ground.layout.kubeconfig))
-    core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
-    try:
-        address = _setup(custom, core)["ipAddresses"][0]
-        uid = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, "web")[
-            "metadata"
-        ]["uid"]
-        endpoint = Endpoint(client.configuration, NAMESPACE, "web")
-        figures = _measure(ground, endpoint, uid, address, args)
-    finally:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, "web")
-        _wait("the VM gone", lambda: not _exists(custom), 120)
-        core.delete_namespace(NAMESPACE)
-        procs.run(
-            [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
-            "helm uninstall",
-            "",
-            env=ground.env(),
-        )
+    with chart_installed() as (ground, client):
+        core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
+        try:
+            address = _setup(custom, core)["ipAddresses"][0]
+            uid = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, "web")[
+                "metadata"
+            ]["uid"]
+            figures = _measure(ground, Endpoint(client.configuration, NAMESPACE, "web"), uid, address, args)
+        finally:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, "web")
+            wait_for("the VM gone", lambda: not _exists(custom), 120)
+            core.delete_namespace(NAMESPACE)
     out = REPO / "docs" / "benchmarks-access.md"
     out.write_text(render(figures, args))
     out.with_suffix(".json").write_text(json.dumps(figures, indent=1))

@@ -4,6 +4,7 @@ the apiserver's own request counters, and extra agents on the in-memory driver."
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import pathlib
 import re
@@ -23,8 +24,8 @@ from kubenova.driver.libvirt.core import filter_name
 from kubenova.driver.libvirt.network import firewall_filter
 from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
+from testground import cluster, guest, kube, procs
 from testground import ground as testground
-from testground import guest, procs
 
 NAMESPACE = "bench"
 _SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
@@ -320,3 +321,33 @@ def metric(port: int, name: str) -> dict[str, float]:
             labels, _, value = line[len(name) :].rpartition(" ")
             found[labels] = float(value)
     return found
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 240) -> Any:
+    """Poll ``probe`` every half second until it returns something truthy (returned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def chart_installed() -> Iterator[tuple[testground.Ground, kubernetes.client.ApiClient]]:
+    """Cluster mode's node with kubenova's chart installed (helm), uninstalled afterwards however the
+    block ends: the ground and an admin client for the benchmarks that need pods (bench.service_path,
+    bench.access)."""
+    ground = testground.up(start_kubenova_processes=False, cluster=True)
+    helm = kube.build_helm()
+    cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store)
+    try:
+        yield ground, kubernetes.config.new_client_from_config(config_file=str(ground.layout.kubeconfig))
+    finally:
+        procs.run(
+            [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
+            "helm uninstall",
+            "",
+            env=ground.env(),
+        )

@@ -15,31 +15,19 @@ import argparse
 import datetime
 import json
 import subprocess
-import time
 from typing import Any
 
 import kubernetes
 
 from bench import network
 from bench.__main__ import machine
-from bench.common import connect, percentile
-from kubenova.handlers.shared import EXPOSE_LABEL, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
-from testground import cluster, guest, kube, procs
-from testground import ground as testground
+from bench.common import chart_installed, connect, percentile, wait_for
+from kubenova.handlers.shared import EXPOSE_LABEL, GROUP, VERSION, VIRTUALINSTANCES
+from testground import cluster, guest
 from testground.kube import REPO
 
 NAMESPACE = "bench-net"
 SERVER = "mkdir -p /www && echo kubenova-http pod > /www/index.html && exec httpd -f -p 80 -h /www"
-
-
-def _wait(what: str, probe: Any, timeout: float = 240) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
 
 
 def _pod(name: str, command: list[str], labels: dict[str, str]) -> dict[str, Any]:
@@ -114,8 +102,8 @@ def _setup(
         ).items
         return any(e.conditions.ready for s in slices for e in s.endpoints or [])
 
-    _wait("both Services' endpoints ready", lambda: ready("vm") and ready("pod"))
-    client = _wait("the client pod", lambda: core.read_namespaced_pod("client", NAMESPACE).status.pod_ip)
+    wait_for("both Services' endpoints ready", lambda: ready("vm") and ready("pod"))
+    client = wait_for("the client pod", lambda: core.read_namespaced_pod("client", NAMESPACE).status.pod_ip)
     return to_vm.spec.cluster_ip, to_pod.spec.cluster_ip, _netns_of(client)
 
 
@@ -155,25 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--leases", type=int, default=5, help="instances for lease → status [5]")
     args = parser.parse_args(argv)
-    ground = testground.up(start_kubenova_processes=False, cluster=True)
-    helm = kube.build_helm()
-    cluster.helm_install(ground.layout, helm, ground.env(), ground.node, ground.image_store)
-    client = kubernetes.config.new_client_from_config(config_file=str(ground.layout.kubeconfig))
-    core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
-    try:
-        leases = network.run(connect(ground), args.leases)
-        vm_ip, pod_ip, netns = _setup(core, custom)
-        for warm_up in (vm_ip, pod_ip):  # ARP, conntrack, the servers' page cache
-            _probe(netns, warm_up, 10)
-        figures = {"vm": _probe(netns, vm_ip, args.requests), "pod": _probe(netns, pod_ip, args.requests)}
-    finally:
-        core.delete_namespace(NAMESPACE)
-        procs.run(
-            [str(helm), "uninstall", cluster.RELEASE, "--namespace", LEASE_NAMESPACE, "--wait"],
-            "helm uninstall",
-            "",
-            env=ground.env(),
-        )
+    with chart_installed() as (ground, client):
+        core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
+        try:
+            leases = network.run(connect(ground), args.leases)
+            vm_ip, pod_ip, netns = _setup(core, custom)
+            for warm_up in (vm_ip, pod_ip):  # ARP, conntrack, the servers' page cache
+                _probe(netns, warm_up, 10)
+            figures = {"vm": _probe(netns, vm_ip, args.requests), "pod": _probe(netns, pod_ip, args.requests)}
+        finally:
+            core.delete_namespace(NAMESPACE)
     out = REPO / "docs" / "benchmarks-network.md"
     out.write_text(
         render(figures, args.requests) + "\n".join(["", f"## {leases.title}", "", *leases.lines, ""])
