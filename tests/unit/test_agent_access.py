@@ -123,28 +123,18 @@ def test_an_idle_console_closes_with_4000(pki: AccessPKI) -> None:
     asyncio.run(scenario())
 
 
-def test_the_console_closes_with_4002_when_the_guest_stops(pki: AccessPKI) -> None:
+@pytest.mark.parametrize("end", ["the guest stops", "the instance leaves this node"])
+def test_the_console_closes_with_4002_when_the_instance_stops_or_leaves(pki: AccessPKI, end: str) -> None:
     async def scenario() -> None:
         async with serving(pki) as served:
             uid = spawn(served.driver, served.cache)
             async with served.connect(uid, "console") as ws:
                 await ws.send_bytes(b"x")
                 await receive_bytes(ws, b"x")
-                await asyncio.to_thread(served.driver.power_off, uid)
-                await receive_until_closed(ws)
-            assert ws.close_code == 4002
-
-    asyncio.run(scenario())
-
-
-def test_every_session_closes_with_4002_when_the_instance_leaves_this_node(pki: AccessPKI) -> None:
-    async def scenario() -> None:
-        async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache)
-            async with served.connect(uid, "console") as ws:
-                await ws.send_bytes(b"x")
-                await receive_bytes(ws, b"x")
-                await asyncio.to_thread(served.cache.forget, {"metadata": {"uid": uid}})
+                if end == "the guest stops":
+                    await asyncio.to_thread(served.driver.power_off, uid)
+                else:
+                    await asyncio.to_thread(served.cache.forget, {"metadata": {"uid": uid}})
                 await receive_until_closed(ws)
             assert ws.close_code == 4002
 
