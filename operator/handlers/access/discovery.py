@@ -27,22 +27,36 @@ _GROUP = {
 
 
 def resource_list() -> dict[str, object]:
-    """The v1alpha1 APIResourceList: the subresources only; the VirtualInstances themselves are
-    ``compute.kubenova.io``'s."""
+    """The v1alpha1 APIResourceList: the subresources, and their parent with no verbs at all.
+
+    The parent is listed so that clients map ``virtualinstances.subresources.compute.kubenova.io`` to this
+    group: without it `kubectl auth can-i create virtualinstances.subresources.compute.kubenova.io
+    --subresource=console` finds no such resource and asks about another group, answering no for everyone.
+    It serves nothing (no verbs; every other path answers 404), and the VirtualInstances themselves stay
+    ``compute.kubenova.io``'s: the APIService's lower group priority keeps the bare name theirs.
+    """
+    parent = {
+        "name": VIRTUALINSTANCES,
+        "singularName": "virtualinstance",
+        "namespaced": True,
+        "kind": "VirtualInstance",
+        "verbs": [],
+    }
+    subresources = [
+        {
+            "name": f"{VIRTUALINSTANCES}/{sub}",
+            "singularName": "",
+            "namespaced": True,
+            "kind": "VirtualInstance",
+            "verbs": ["get", "create"],
+        }
+        for sub in SUBRESOURCES
+    ]
     return {
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": GROUP_VERSION,
-        "resources": [
-            {
-                "name": f"{VIRTUALINSTANCES}/{sub}",
-                "singularName": "",
-                "namespaced": True,
-                "kind": "VirtualInstance",
-                "verbs": ["get", "create"],
-            }
-            for sub in SUBRESOURCES
-        ],
+        "resources": [parent, *subresources],
     }
 
 
