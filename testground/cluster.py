@@ -269,8 +269,11 @@ def _proxy_config(layout: Layout, kubeconfig: pathlib.Path) -> pathlib.Path:
         # kube-proxy size the conntrack table. Zero means: leave it as it is.
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
     }
-    path = cluster_dir(layout) / "kube-proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, text = cluster_dir(layout) / "kube-proxy.yaml", yaml.safe_dump(config)
+    # kube-proxy exits when its configuration file is written, even with the same content: a second
+    # bring-up that finds it running must leave the file alone, or Services stop until the next one.
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
     return path
 
 
