@@ -292,7 +292,7 @@ def values(layout: Layout, node: str, image_store: pathlib.Path) -> dict[str, An
             "volumeStore": str(node_dir / "volumes"),
             "migrationURI": libvirt_host.peer_uri("{host}"),
             "migrationTLS": {"secretName": MIGRATION_SECRET},
-        }
+        },
     }
 
 
