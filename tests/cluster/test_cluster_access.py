@@ -247,4 +247,11 @@ def test_console_vnc_and_port_forward_from_a_laptop_as_a_namespace_editor(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(forged, timeout=10, context=insecure)
     assert refused.value.code == 401
+    anonymous = urllib.request.Request(  # through the kube-apiserver, with no credentials at all
+        f"https://{cluster.NODE_IP}:{kube.APISERVER_PORT}/apis/{SUBRESOURCES}/v1alpha1/namespaces/{namespace}"
+        "/virtualinstances/web/console?log=true"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, timeout=10, context=insecure)
+    assert refused.value.code in (401, 403), refused.value.code
     delete_and_wait(custom, namespace, "web")
