@@ -62,6 +62,15 @@ def connect(ground: testground.Ground) -> Bench:
     return bench
 
 
+def console_at(xml: ET.Element, console: pathlib.Path) -> None:
+    """Point a copied definition's serial console at ``console`` (its log) and a socket beside it: the
+    original's folder is not the copy's (and may be gone)."""
+    xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
+    socket = xml.find("devices/serial/source")  # QEMU makes the socket; its folder must exist
+    if socket is not None:
+        socket.set("path", str(console.with_suffix(".sock")))
+
+
 def raw_start(
     conn: libvirt.virConnect, template: ET.Element, name: str, console: pathlib.Path
 ) -> tuple[libvirt.virDomain, libvirt.virNWFilter]:
@@ -71,7 +80,7 @@ def raw_start(
     raw_uuid = str(uuid.uuid4())
     xml.find("uuid").text = raw_uuid  # type: ignore[union-attr]
     xml.find("name").text = name  # type: ignore[union-attr]
-    xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
+    console_at(xml, console)
     for ref in xml.iterfind("devices/interface/filterref"):
         ref.set("filter", filter_name(raw_uuid))
     nwfilter = conn.nwfilterDefineXML(firewall_filter(filter_name(raw_uuid), raw_uuid, ALLOW_ALL))

@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
+from bench.common import console_at
 from kubenova.driver.base import InstanceSpec, KernelBoot
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         xml.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
         xml.find("name").text = f"bench_raw-{i}"  # type: ignore[union-attr]
         console = root / f"raw-{i}.log"
-        xml.find("devices/serial/log").set("file", str(console))  # type: ignore[union-attr]
+        console_at(xml, console)
         started = time.monotonic()
         dom = conn.createXML(ET.tostring(xml, encoding="unicode"), 0)
         raw_t.append(time.monotonic() - started)
