@@ -135,19 +135,7 @@ def test_console_vnc_and_port_forward_from_a_laptop_as_a_namespace_editor(
     namespace: str,
 ) -> None:
     eventually(lambda: available(ground), 120, 1, "the APIService Available")
-    # The namespace opts in to the agent's use of its Secrets (the VNC password's), as the chart says.
-    kubernetes.client.RbacAuthorizationV1Api(api_client).create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "kubenova-agent-secrets"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "kubenova-agent-secrets",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "kubenova-agent", "namespace": LEASE_NAMESPACE}],
-        },
-    )
+    service_accounts.opt_in(api_client, namespace)  # the agent may make the VNC password's Secret
     body = make("web", vnc={"enabled": True})
     body["spec"]["boot"]["kernel"]["cmdline"] += f" {guest.SHELL_ARG}"
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
