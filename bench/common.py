@@ -85,7 +85,12 @@ def raw_start(
         ref.set("filter", filter_name(raw_uuid))
     nwfilter = conn.nwfilterDefineXML(firewall_filter(filter_name(raw_uuid), raw_uuid, ALLOW_ALL))
     dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
-    dom.create()
+    try:
+        dom.create()
+    except libvirt.libvirtError:  # nothing left behind for the next run to trip over
+        dom.undefine()
+        nwfilter.undefine()
+        raise
     return dom, nwfilter
 
 
