@@ -378,7 +378,8 @@ class LiveSteps:
                 f"instance stays on {self.node}; create a new Migration to move it",
                 handoff={"outcome": "Failed"},
             )
-        else:
+        else:  # what the transfer's own end removes here (its filter, its folder), which the death skipped
+            self.driver.destroy(instance_uid)
             self.handover.hand_over(
                 body, "FinishTarget", "the transfer completed while the source's agent restarted"
             )
