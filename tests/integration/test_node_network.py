@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shutil
 import socket
+import threading
 import urllib.request
 from typing import Any
 
 import kubernetes
 import libvirt
 
+from kubenova.driver.images import ImageStore
+from kubenova.driver.libvirt.driver import LibvirtDriver
+from kubenova.driver.types import Interface, NodeNetwork, stable_mac
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION
 from testground import ground as testground
 from testground import guest
@@ -204,3 +209,58 @@ def test_a_node_whose_subnet_overlaps_another_nodes_says_so_and_names_the_fix(
     eventually(
         lambda: network_ready(custom, ground.node).get("status") == "True", 60, 0.5, "NetworkReady again"
     )
+
+
+def test_reservations_made_while_the_agent_rechecks_its_network_never_trip_each_other(
+    ground: testground.Ground,
+) -> None:
+    """The agent re-checks its network (and re-asserts the hook by a reservation it adds and removes) while
+    a migration's target reserves an address: both edit the same DHCP section, and one of them failed
+    when the other removed an entry it had just read (CI: "couldn't locate a matching dhcp host entry")."""
+    root = ground.node_dir() / "network-race"
+    shutil.rmtree(root, ignore_errors=True)
+    driver = LibvirtDriver(
+        ground.libvirt_uri, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes"
+    )
+    network = NodeNetwork("kn-race", "knrace0", "10.223.250.0/28")
+    failures: list[BaseException] = []
+
+    def churn(work: Any) -> None:
+        try:
+            for i in range(10):
+                work(i)
+        except BaseException as exc:  # the test's verdict, from its own thread
+            failures.append(exc)
+
+    def reserve(i: int) -> None:
+        uid = f"race-{i % 4}"  # each reservation replaces the one before: a delete and an add each time
+        driver.plug_vifs(uid, [Interface("eth0", network.name, stable_mac(uid, "eth0"))])
+
+    driver.ensure_node_network(network)
+    try:
+        threads = [
+            threading.Thread(target=churn, args=(reserve,)),
+            threading.Thread(target=churn, args=(lambda _: driver.ensure_node_network(network),)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures
+        conn = libvirt.open(ground.libvirt_uri)
+        try:
+            xml = conn.networkLookupByName(network.name).XMLDesc(0)
+        finally:
+            conn.close()
+        # the last reservation is there, the hook's placeholder (the gateway's address) is not
+        assert stable_mac("race-3", "eth0") in xml and f"ip='{network.gateway}'" not in xml
+    finally:
+        conn = libvirt.open(ground.libvirt_uri)
+        try:
+            net = conn.networkLookupByName(network.name)
+            net.destroy()
+            net.undefine()
+        finally:
+            conn.close()
+        driver.host.close()
+        driver.lease_host.close()

@@ -38,6 +38,13 @@ _UPDATE = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AF
 
 class Network(LibvirtCore):
     def ensure_node_network(self, network: NodeNetwork) -> None:
+        """Define, start and keep the node network; under the reservations' lock, because re-asserting the
+        hook adds and removes a reservation that a concurrent ``_reserve`` would otherwise see and try to
+        delete too (an agent's re-check racing a migration's target preparation failed it so)."""
+        with self._net_lock:
+            self._ensure_node_network(network)
+
+    def _ensure_node_network(self, network: NodeNetwork) -> None:
         conn = self.host.get_connection()
         try:
             net = conn.networkLookupByName(network.name)

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 MIGRATION_FINALIZER = f"{GROUP}/migration"
 #: On the Migrations the controller creates to empty a node in maintenance; the value is the node.
 EVACUATION_LABEL = f"{GROUP}/evacuating"
+#: How many Migrations maintenance makes for one instance before it reports that the instance cannot move:
+#: a transfer that missed its deadline while the guest was busy, or a target that failed to prepare, is
+#: usually gone on the next try (KubeVirt retries evacuations too), and a drain must not hang on one.
+EVACUATION_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,16 +377,18 @@ class Planner:
                 if b["spec"]["instanceRef"]["name"] == imeta["name"]
                 and b["metadata"]["namespace"] == imeta["namespace"]
             ]
-            failed = [b for b in tries if b.get("status", {}).get("phase") == "Failed"]
-            if failed:
-                left.append(
-                    f"{imeta['namespace']}/{imeta['name']} ({failed[-1]['status'].get('message', 'failed')})"
-                )
-            elif not any(
+            if any(
                 not is_final(b.get("status") or {}) or (b.get("status") or {}).get("phase") == "Succeeded"
                 for b in tries
             ):
-                mine.append(self._evacuate(name, instance))
+                continue
+            failed = [b for b in tries if b.get("status", {}).get("phase") == "Failed"]
+            if len(failed) >= EVACUATION_ATTEMPTS:
+                left.append(
+                    f"{imeta['namespace']}/{imeta['name']} ({failed[-1]['status'].get('message', 'failed')})"
+                )
+            else:
+                mine.append(self._evacuate(name, instance, len(tries) + 1))
         migrations_status = [
             {
                 "instance": f"{b['metadata']['namespace']}/{b['spec']['instanceRef']['name']}",
@@ -409,7 +415,7 @@ class Planner:
             {"state": state, "startTime": since, "message": message, "migrations": migrations_status},
         )
 
-    def _evacuate(self, node: str, instance: Mapping[str, Any]) -> dict[str, Any]:
+    def _evacuate(self, node: str, instance: Mapping[str, Any], attempt: int) -> dict[str, Any]:
         """Create the Migration that moves one instance off a node in maintenance (Live if it runs)."""
         imeta = instance["metadata"]
         running = (instance.get("status") or {}).get("powerState") in ("Running", "Paused")
@@ -430,11 +436,13 @@ class Planner:
             self.custom.create_namespaced_custom_object(GROUP, VERSION, imeta["namespace"], MIGRATIONS, body)
         )
         log.info(
-            "maintenance of %s: migration %s/%s for %s",
+            "maintenance of %s: migration %s/%s for %s (attempt %d of %d)",
             node,
             imeta["namespace"],
             made["metadata"]["name"],
             imeta["name"],
+            attempt,
+            EVACUATION_ATTEMPTS,
         )
         return made
 
