@@ -684,10 +684,12 @@ def test_maintenance_empties_a_node_and_turning_it_off_cancels_what_has_not_star
         )
     finally:
         maintenance(custom, first, False)
-    assert (
-        sorted(e["phase"] for e in drained["migrations"] if e["instance"].startswith(f"{namespace}/"))
-        == ["Succeeded"] * 3
-    )
+    moves = [e for e in drained["migrations"] if e["instance"].startswith(f"{namespace}/")]
+    # each instance moved once; a move that failed was made again (EVACUATION_ATTEMPTS)
+    assert sorted(e["instance"] for e in moves if e["phase"] == "Succeeded") == [
+        f"{namespace}/{name}" for name in names
+    ]
+    assert {e["phase"] for e in moves} <= {"Succeeded", "Failed"}, moves
     assert all(node_of(custom, namespace, name) == second for name in names)
     eventually(
         lambda: "maintenance" not in node_status(custom, first),

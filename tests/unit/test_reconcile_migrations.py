@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubenova.driver.base import Convergence, PowerState
+from kubenova.driver.base import ALLOW_ALL, Convergence, PowerState
 from kubenova.handlers.agent import live_migration_steps
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.migration_steps import MigrationAgent
@@ -403,9 +403,13 @@ def transferred_behind_the_agents_back(cluster: Cluster, step: str, **handoff: A
 
 def test_a_transfer_that_completed_while_the_source_agent_was_away_is_finished(cluster: Cluster) -> None:
     transferred_behind_the_agents_back(cluster, "Transferring")
+    source = cluster.source.node.driver
+    # what the transfer's own end removes on the source, left behind by the agent that died before it
+    source.ensure_filtering_rules_for_instance(cluster.uid, ALLOW_ALL)
     done = cluster.run()
     assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
-    assert not cluster.source.node.driver.instance_exists(cluster.uid)
+    assert not source.instance_exists(cluster.uid)
+    assert source.filtering_rules(cluster.uid) == ()
     assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
     assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-1"
 

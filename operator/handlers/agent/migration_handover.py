@@ -7,6 +7,7 @@ and one label patch (``move_instance``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,8 @@ from kubenova.handlers.shared import (
     read_fresh,
     typed,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Gone(Exception):
@@ -93,11 +96,21 @@ class Handover:
             {"phase": phase, "step": "Done", "message": message, "completionTime": now(), **extra},
             guard=True,
         )
+        good = phase in ("Succeeded", "Reverted")
+        meta = body["metadata"]  # the why of a failure in the node's log too, where CI's output shows it
+        log.log(
+            logging.INFO if good else logging.WARNING,
+            "migration %s/%s: %s: %s",
+            meta["namespace"],
+            meta["name"],
+            phase,
+            message,
+        )
         self.events.post(
             body,
             phase if phase != "Succeeded" else "Migrated",
             message,
-            "Normal" if phase in ("Succeeded", "Reverted") else "Warning",
+            "Normal" if good else "Warning",
         )
         self.instance_cache.schedule(body["status"]["instanceUID"], 0.0)
 
