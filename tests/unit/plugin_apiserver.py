@@ -17,6 +17,8 @@ import yaml
 from aiohttp import WSMsgType, web
 
 Script = Callable[[web.Request, web.WebSocketResponse], Awaitable[None]]
+#: The instance "web" of namespace "team", where the tests' subresource requests go.
+PATH = "/apis/subresources.compute.kubenova.io/v1alpha1/namespaces/team/virtualinstances/web"
 
 
 @dataclasses.dataclass

@@ -9,27 +9,18 @@ import pathlib
 import ssl
 import sys
 import termios
-from collections.abc import Iterator
 
 import kubernetes
 import pytest
 from aiohttp import WSMsgType, web
 
 from kubenova.plugin import access, cli, stream, terminal
-from tests.unit.plugin_apiserver import Apiserver, kubeconfig, self_signed
+from tests.unit.plugin_apiserver import PATH, Apiserver, kubeconfig, self_signed
 
 FORBIDDEN = (
     'virtualinstances.compute.kubenova.io "web" is forbidden: User "alice" cannot get resource '
     '"virtualinstances/console" in API group "subresources.compute.kubenova.io" in the namespace "team"'
 )
-PATH = "/apis/subresources.compute.kubenova.io/v1alpha1/namespaces/team/virtualinstances/web"
-
-
-@pytest.fixture
-def apiserver() -> Iterator[Apiserver]:
-    server = Apiserver()
-    yield server
-    server.stop()
 
 
 def stdin_with(monkeypatch: pytest.MonkeyPatch, data: bytes, close: bool = True) -> int:

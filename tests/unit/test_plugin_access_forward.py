@@ -8,22 +8,13 @@ import pathlib
 import re
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
 from kubenova.plugin import access, cli, stream
 from kubenova.plugin.verbs import Plugin, Refused
-from tests.unit.plugin_apiserver import Apiserver, kubeconfig
-
-PATH = "/apis/subresources.compute.kubenova.io/v1alpha1/namespaces/team/virtualinstances/web"
-
-
-@pytest.fixture
-def apiserver() -> Iterator[Apiserver]:
-    server = Apiserver()
-    yield server
-    server.stop()
+from tests.unit.plugin_apiserver import PATH, Apiserver, kubeconfig
 
 
 def endpoint(apiserver: Apiserver, tmp_path: pathlib.Path, name: str = "web") -> stream.Endpoint:
