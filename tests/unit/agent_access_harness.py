@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid as uuidlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -86,6 +86,18 @@ async def serving(
         yield Served(server, driver, cache, port, pki)
     finally:
         await server.stop()
+
+
+def on_node(
+    pki: AccessPKI, scenario: Callable[[Served, str], Awaitable[None]], idle_timeout: float = 30.0
+) -> None:
+    """Run ``scenario`` against a fresh access server, with the UID of one running instance bound here."""
+
+    async def run() -> None:
+        async with serving(pki, idle_timeout=idle_timeout) as served:
+            await scenario(served, spawn(served.driver, served.cache))
+
+    asyncio.run(run())
 
 
 async def receive_until_closed(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> bytes:

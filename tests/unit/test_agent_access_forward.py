@@ -17,6 +17,8 @@ from tests.unit.agent_access_harness import (
     INITRD,
     KERNEL,
     EchoServer,
+    Served,
+    on_node,
     receive_bytes,
     receive_until_closed,
     serving,
@@ -96,15 +98,13 @@ def test_a_port_outside_1_to_65535_is_400(pki: AccessPKI, port: str) -> None:
 
 
 def test_an_instance_without_an_address_yet_is_409(pki: AccessPKI) -> None:
-    async def scenario() -> None:
-        async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache)
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                async with served.connect(uid, "portforward?port=22"):
-                    pass
-            assert refused.value.status == 409
+    async def scenario(served: Served, uid: str) -> None:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            async with served.connect(uid, "portforward?port=22"):
+                pass
+        assert refused.value.status == 409
 
-    asyncio.run(scenario())
+    on_node(pki, scenario)
 
 
 def test_a_refused_guest_port_closes_with_1011_and_the_reason(pki: AccessPKI) -> None:
@@ -172,29 +172,25 @@ def test_vnc_is_relayed_to_the_instances_vnc_server(pki: AccessPKI) -> None:
 def test_a_client_without_a_certificate_of_the_access_ca_is_refused_at_the_handshake(
     pki: AccessPKI, client: str | None
 ) -> None:
-    async def scenario() -> None:
-        async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache)
-            with pytest.raises(aiohttp.ClientError):
-                async with served.connect(uid, "console", client=client) as ws:
-                    await ws.receive()  # TLS 1.3: the server's refusal arrives after the client's handshake
-            assert not served.server.sessions
+    async def scenario(served: Served, uid: str) -> None:
+        with pytest.raises(aiohttp.ClientError):
+            async with served.connect(uid, "console", client=client) as ws:
+                await ws.receive()  # TLS 1.3: the server's refusal arrives after the client's handshake
+        assert not served.server.sessions
 
-    asyncio.run(scenario())
+    on_node(pki, scenario)
 
 
 def test_a_certificate_of_the_access_ca_with_another_name_is_403(pki: AccessPKI) -> None:
-    async def scenario() -> None:
-        async with serving(pki) as served:
-            uid = spawn(served.driver, served.cache)
-            for what in ("console", "console?log=true", "vnc", "portforward?port=22"):
-                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                    async with served.connect(uid, what, client="other-name"):
-                        pass
-                assert refused.value.status == 403
-            assert not served.server.sessions
+    async def scenario(served: Served, uid: str) -> None:
+        for what in ("console", "console?log=true", "vnc", "portforward?port=22"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                async with served.connect(uid, what, client="other-name"):
+                    pass
+            assert refused.value.status == 403
+        assert not served.server.sessions
 
-    asyncio.run(scenario())
+    on_node(pki, scenario)
 
 
 def test_the_access_server_is_off_without_its_certificates_and_publishes_its_endpoint() -> None:
