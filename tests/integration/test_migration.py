@@ -16,7 +16,7 @@ import kubernetes
 import libvirt
 import pytest
 
-from kubenova.handlers.controller.migration_planner import EVACUATION_LABEL
+from kubenova.handlers.controller.maintenance import EVACUATION_LABEL
 from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
 from testground import ground as testground
 from testground import guest, libvirt_host

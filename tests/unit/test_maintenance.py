@@ -1,4 +1,4 @@
-"""Maintenance's evacuations (the planner's _maintain) against an in-memory list of objects: a failed
+"""Maintenance's evacuations against an in-memory list of objects: a failed
 Migration is made again, up to EVACUATION_ATTEMPTS for one instance, then the instance is reported."""
 
 from __future__ import annotations
@@ -6,19 +6,14 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from kubenova.handlers.controller.migration_planner import (
-    EVACUATION_ATTEMPTS,
-    EVACUATION_LABEL,
-    MigrationLimits,
-    Planner,
-)
+from kubenova.handlers.controller.maintenance import EVACUATION_ATTEMPTS, EVACUATION_LABEL, Maintenance
 from kubenova.handlers.shared import MIGRATIONS, VIRTUALINSTANCES
 
 START = "2026-01-01T00:00:00Z"
 
 
 class Objects:
-    """The calls _maintain makes: instances listed, Migrations created, the node's status written."""
+    """The calls Maintenance makes: instances listed, Migrations created, the node's status written."""
 
     def __init__(self, instances: list[dict[str, Any]]) -> None:
         self.instances = instances
@@ -51,8 +46,8 @@ class Objects:
         self.node_status = patch["maintenance"]
 
 
-def draining(objects: Objects) -> tuple[Planner, dict[str, Any]]:
-    planner = Planner(objects, None, MigrationLimits(), lambda: ({}, {}))  # type: ignore[arg-type]
+def draining(objects: Objects) -> tuple[Maintenance, dict[str, Any]]:
+    planner = Maintenance(objects)  # type: ignore[arg-type]
     planner.node_status = objects  # type: ignore[assignment]
     node = {"metadata": {"name": "node-1"}, "spec": {"maintenance": True}}
     node["status"] = {"maintenance": {"state": "Draining", "startTime": START}}
@@ -72,15 +67,15 @@ def test_a_failed_evacuation_is_made_again_until_the_attempts_run_out_then_the_i
     objects = Objects([instance()])
     planner, node = draining(objects)
     for attempt in range(1, EVACUATION_ATTEMPTS + 1):
-        planner._maintain(node, objects.created)
+        planner.run(node, objects.created)
         assert len(objects.created) == attempt
         made = objects.created[-1]
         assert made["metadata"]["labels"] == {EVACUATION_LABEL: "node-1"}
         assert made["spec"] == {"instanceRef": {"name": "vm"}, "type": "Live"}
-        planner._maintain(node, objects.created)  # while it runs: nothing more
+        planner.run(node, objects.created)  # while it runs: nothing more
         assert len(objects.created) == attempt
         fail(made)
-    planner._maintain(node, objects.created)
+    planner.run(node, objects.created)
     assert len(objects.created) == EVACUATION_ATTEMPTS
     status = objects.node_status
     assert status["state"] == "Draining"
@@ -91,12 +86,12 @@ def test_a_failed_evacuation_is_made_again_until_the_attempts_run_out_then_the_i
 def test_an_evacuation_that_succeeded_after_a_failure_is_not_made_again() -> None:
     objects = Objects([instance()])
     planner, node = draining(objects)
-    planner._maintain(node, objects.created)
+    planner.run(node, objects.created)
     fail(objects.created[0])
-    planner._maintain(node, objects.created)
+    planner.run(node, objects.created)
     objects.created[1]["status"] = {"phase": "Succeeded", "step": "Done"}
     objects.instances.clear()  # rebound to the target
-    planner._maintain(node, objects.created)
+    planner.run(node, objects.created)
     assert len(objects.created) == 2
     assert objects.node_status["state"] == "Drained"
     assert "could not move" not in objects.node_status["message"]

@@ -17,6 +17,7 @@ from typing import Any
 import kubernetes
 
 from kubenova.handlers.controller.binding import cpu_model_of, request_of
+from kubenova.handlers.controller.maintenance import Maintenance, created, scheduled
 from kubenova.handlers.controller.placement import NodeView, Unschedulable, Usage, choose_node
 from kubenova.handlers.shared import (
     COMPUTENODES,
@@ -43,12 +44,6 @@ from kubenova.handlers.shared import (
 log = logging.getLogger(__name__)
 #: Keeps a running Migration until its agents have cleaned up, even when a user deletes it.
 MIGRATION_FINALIZER = f"{GROUP}/migration"
-#: On the Migrations the controller creates to empty a node in maintenance; the value is the node.
-EVACUATION_LABEL = f"{GROUP}/evacuating"
-#: How many Migrations maintenance makes for one instance before it reports that the instance cannot move:
-#: a transfer that missed its deadline while the guest was busy, or a target that failed to prepare, is
-#: usually gone on the next try (KubeVirt retries evacuations too), and a drain must not hang on one.
-EVACUATION_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +52,6 @@ class MigrationLimits:
 
     per_node: int = 2
     cluster: int = 10
-
-
-def _scheduled(body: Mapping[str, Any]) -> bool:
-    return bool((body.get("status") or {}).get("step"))
-
-
-def _created(body: Mapping[str, Any]) -> str:
-    return str(body["metadata"].get("creationTimestamp", ""))
 
 
 class Planner:
@@ -82,7 +69,7 @@ class Planner:
         self.limits = limits
         self.capacity = capacity
         self.status = StatusWriter(custom, MIGRATIONS)
-        self.node_status = StatusWriter(custom, COMPUTENODES)
+        self.maintenance = Maintenance(custom)
 
     def run(self) -> None:
         migrations = typed(self.custom.list_cluster_custom_object(GROUP, VERSION, MIGRATIONS))["items"]
@@ -91,9 +78,9 @@ class Planner:
         names = set(uris)
         for body in migrations:
             status = body.get("status") or {}
-            if body["metadata"].get("deletionTimestamp") and (not _scheduled(body) or is_final(status)):
+            if body["metadata"].get("deletionTimestamp") and (not scheduled(body) or is_final(status)):
                 remove_finalizer(self.custom, body, MIGRATIONS, MIGRATION_FINALIZER)
-            elif _scheduled(body) and not is_final(status):
+            elif scheduled(body) and not is_final(status):
                 gone = sorted({status["sourceNode"], status["targetNode"]} - names)
                 if gone:  # no agent is left to take its turn, like pods of a removed Node
                     self._end(
@@ -105,12 +92,12 @@ class Planner:
                     status["step"] = "Done"
                 else:
                     self._label(body)  # a pass that died between its two writes left them out
-        active = [b for b in migrations if _scheduled(b) and not is_final(b["status"])]
+        active = [b for b in migrations if scheduled(b) and not is_final(b["status"])]
         self._release_targets(active)
-        for body in sorted((b for b in migrations if not _scheduled(b)), key=_created):
+        for body in sorted((b for b in migrations if not scheduled(b)), key=created):
             self._schedule(body, active, uris)
         for node in nodes:
-            self._maintain(node, migrations)
+            self.maintenance.run(node, migrations)
 
     # --- one Migration -------------------------------------------------------------------
 
@@ -318,140 +305,6 @@ class Planner:
         return source, target
 
     # --- maintenance ---------------------------------------------------------------------
-
-    def _maintain(self, node: Mapping[str, Any], migrations: list[dict[str, Any]]) -> None:
-        name = node["metadata"]["name"]
-        wanted = bool((node.get("spec") or {}).get("maintenance"))
-        current = (node.get("status") or {}).get("maintenance") or {}
-        if not wanted and not current:
-            return
-        evacuations = sorted(
-            (b for b in migrations if (b["metadata"].get("labels") or {}).get(EVACUATION_LABEL) == name),
-            key=_created,
-        )
-        if not wanted:
-            cancelled_now = 0
-            for body in evacuations:
-                if not _scheduled(body) and not is_final(body.get("status") or {}) and not cancelled(body):
-                    meta = body["metadata"]
-                    self.custom.patch_namespaced_custom_object(
-                        GROUP,
-                        VERSION,
-                        meta["namespace"],
-                        MIGRATIONS,
-                        meta["name"],
-                        {"spec": {"cancel": True}},
-                    )
-                    cancelled_now += 1
-            if current.get("state") == "Draining":
-                self._node_status(
-                    name,
-                    current,
-                    {
-                        **current,
-                        "state": "Stopped",
-                        "message": "maintenance was turned off before the node was empty; "
-                        f"{cancelled_now} migrations that had not started were cancelled, "
-                        "the running ones finish",
-                    },
-                )
-            elif current.get("state") == "Drained":
-                self._node_status(name, current, None)
-            return
-        draining = current.get("state") in ("Draining", "Drained")
-        since = str(current.get("startTime") or now()) if draining else now()
-        instances = typed(
-            self.custom.list_cluster_custom_object(
-                GROUP, VERSION, VIRTUALINSTANCES, label_selector=f"{NODE_LABEL}={name}"
-            )
-        )["items"]
-        mine = [b for b in evacuations if _created(b) >= since]
-        left = []
-        for instance in instances:
-            imeta = instance["metadata"]
-            if imeta.get("deletionTimestamp"):
-                continue
-            tries = [
-                b
-                for b in mine
-                if b["spec"]["instanceRef"]["name"] == imeta["name"]
-                and b["metadata"]["namespace"] == imeta["namespace"]
-            ]
-            if any(
-                not is_final(b.get("status") or {}) or (b.get("status") or {}).get("phase") == "Succeeded"
-                for b in tries
-            ):
-                continue
-            failed = [b for b in tries if b.get("status", {}).get("phase") == "Failed"]
-            if len(failed) >= EVACUATION_ATTEMPTS:
-                left.append(
-                    f"{imeta['namespace']}/{imeta['name']} ({failed[-1]['status'].get('message', 'failed')})"
-                )
-            else:
-                mine.append(self._evacuate(name, instance, len(tries) + 1))
-        migrations_status = [
-            {
-                "instance": f"{b['metadata']['namespace']}/{b['spec']['instanceRef']['name']}",
-                "migration": b["metadata"]["name"],
-                "phase": (b.get("status") or {}).get("phase", "Pending"),
-                "percent": ((b.get("status") or {}).get("progress") or {}).get("percent", 0),
-            }
-            for b in mine
-        ]
-        remaining = [i for i in instances if not i["metadata"].get("deletionTimestamp")]
-        # Drained once nothing is bound here and every move has ended (an instance is rebound just before
-        # its Migration says Succeeded).
-        settled = all(is_final(b.get("status") or {}) for b in mine)
-        state = "Drained" if not remaining and settled else "Draining"
-        message = (
-            f"no instance is left on {name}"
-            if not remaining
-            else f"{len(remaining)} instances are still on {name}"
-            + (f"; these could not move: {'; '.join(left)}" if left else "")
-        )
-        self._node_status(
-            name,
-            current,
-            {"state": state, "startTime": since, "message": message, "migrations": migrations_status},
-        )
-
-    def _evacuate(self, node: str, instance: Mapping[str, Any], attempt: int) -> dict[str, Any]:
-        """Create the Migration that moves one instance off a node in maintenance (Live if it runs)."""
-        imeta = instance["metadata"]
-        running = (instance.get("status") or {}).get("powerState") in ("Running", "Paused")
-        spec: dict[str, Any] = {"instanceRef": {"name": imeta["name"]}, "type": "Live" if running else "Cold"}
-        if not running:  # nobody is there to confirm a move made for maintenance
-            spec["confirmation"] = {"policy": "Auto", "autoConfirmSeconds": 0}
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Migration",
-            "metadata": {
-                "generateName": f"evacuate-{imeta['name'][:40]}-",
-                "namespace": imeta["namespace"],
-                "labels": {EVACUATION_LABEL: node},
-            },
-            "spec": spec,
-        }
-        made: dict[str, Any] = typed(
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, imeta["namespace"], MIGRATIONS, body)
-        )
-        log.info(
-            "maintenance of %s: migration %s/%s for %s (attempt %d of %d)",
-            node,
-            imeta["namespace"],
-            made["metadata"]["name"],
-            imeta["name"],
-            attempt,
-            EVACUATION_ATTEMPTS,
-        )
-        return made
-
-    def _node_status(self, name: str, current: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> None:
-        if dict(current) == (dict(wanted) if wanted else {}):
-            return
-        self.node_status.write(
-            {"metadata": {"name": name}, "status": {"maintenance": dict(current)}}, {"maintenance": wanted}
-        )
 
 
 class _Wait(Exception):
