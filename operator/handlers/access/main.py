@@ -56,5 +56,9 @@ def run(args: argparse.Namespace) -> int:
     client = kubernetes.client.ApiClient()
     client.user_agent = "kubenova-access"
     app = build(args, KubernetesCluster(client))
-    web.run_app(app, host=host, port=port, ssl_context=app[FRONT_PROXY].ssl_context, print=None)
+    # No access log: the apiserver asks for discovery every few seconds, and each stream is logged with
+    # its user, instance and end (server.py), which says more than a request line.
+    web.run_app(
+        app, host=host, port=port, ssl_context=app[FRONT_PROXY].ssl_context, print=None, access_log=None
+    )
     return 0
