@@ -33,7 +33,10 @@ def point(name: str) -> None:
         os.rename(folder / f"{name}.arm", claimed)
     except OSError:
         return  # not armed, or another process took it
-    (folder / f"{name}.reached").write_text(f"{os.getpid()}\n{claimed.read_text().strip()}\n")
+    # written whole, then renamed: a test polling for the file never reads it empty
+    partial = folder / f"{name}.reached.{os.getpid()}"
+    partial.write_text(f"{os.getpid()}\n{claimed.read_text().strip()}\n")
+    os.rename(partial, folder / f"{name}.reached")
     claimed.unlink()
     deadline = time.monotonic() + HOLD_SECONDS
     go = folder / f"{name}.go"
