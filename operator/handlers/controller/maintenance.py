@@ -42,6 +42,7 @@ def scheduled(body: Mapping[str, Any]) -> bool:
 
 
 def created(body: Mapping[str, Any]) -> str:
+    """When the Migration was created, as the apiserver wrote it: RFC 3339 in UTC sorts as text."""
     return str(body["metadata"].get("creationTimestamp", ""))
 
 
