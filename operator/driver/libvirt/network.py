@@ -124,7 +124,8 @@ class Network(LibvirtCore):
             if not wanted:
                 return
             leased = {ip for mac, ip in self.dhcp_leases().items() if mac not in macs}
-            free = [ip for ip in self.node_network.pool() if ip not in set(hosts.values()) | leased]
+            taken = set(hosts.values()) | leased
+            free = [ip for ip in self.node_network.pool() if ip not in taken]
             if len(free) < len(wanted):
                 stale = {mac: ip for mac, ip in hosts.items() if mac not in others and mac not in macs}
                 for mac, ip in stale.items():
