@@ -274,6 +274,7 @@ class VolumeAttachmentStatus(TypedDict, total=False):
     phase: str
     node: str
     device: str
+    sizeBytes: int
     connector: Connector
     observedGeneration: int
     conditions: list[Condition]

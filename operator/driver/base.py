@@ -13,7 +13,7 @@ re-exports them (``__all__``) but the image import errors, so callers import eve
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from kubenova.driver.checks import (
     check_cpu_model,
@@ -62,6 +62,7 @@ from kubenova.driver.types import (
     KernelBoot,
     MigrationOutcome,
     MigrationProgress,
+    MovingVolume,
     NodeNetwork,
     PowerState,
     ProgressCallback,
@@ -109,6 +110,7 @@ __all__ = [
     "InjectedFile",
     "InstanceSpec",
     "VolumeSpec",
+    "MovingVolume",
     "InstanceInfo",
     "InstanceDetail",
     "InterfaceDetail",
@@ -142,20 +144,13 @@ class ComputeDriver(NetworkingContract):
         """Connect to the hypervisor; fails early if it is not reachable."""
 
     def add_lifecycle_listener(self, listener: Callable[[str], None]) -> None:  # noqa: B027 (optional: no-op)
-        """Call ``listener(uuid)`` whenever an instance's power state may have changed, from any thread.
-
-        Nova's later register_event_listener; a driver without events leaves it out and the
-        agent's periodic resync notices changes instead.
-        """
+        """Call ``listener(uuid)`` whenever an instance's power state may have changed, from any thread
+        (Nova's later register_event_listener); without events, the agent's periodic resync notices."""
 
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None:  # noqa: B027 (optional: no-op)
-        """Call ``listener(False)`` when the hypervisor connection is lost and ``listener(True)`` once it is
-        back.
-
-        Not in Nova's 2012 contract: the agent needs it to say so on its ComputeNode at once, and to
-        look again at every instance whose events it may have missed meanwhile. A driver without a
-        connection leaves it out.
-        """
+        """Call ``listener(False)`` when the hypervisor connection is lost, ``listener(True)`` once it is
+        back. Not Nova's: the agent says so on its ComputeNode at once, then looks again at every instance
+        whose events it may have missed. A driver without a connection leaves it out."""
 
     def add_guest_agent_listener(self, listener: Callable[[str], None]) -> None:  # noqa: B027 (optional: no-op)
         """Call ``listener(uuid)`` whenever the QEMU guest agent in an instance connects or goes away, from
@@ -364,6 +359,15 @@ class ComputeDriver(NetworkingContract):
     @abc.abstractmethod
     def detach_volume(self, uuid: str, device: str) -> None:
         """Detach; the volume's bytes stay in the store."""
+
+    @abc.abstractmethod
+    def store_volume_size(self, volume: VolumeSpec) -> int:
+        """A store volume's size in bytes (0 for an image's): a live migration's target makes its copy."""
+
+    @abc.abstractmethod
+    def drop_volume_copies(self, volumes: Sequence[VolumeSpec]) -> None:
+        """Delete the store volumes a migration left here that belong to the other node (a target undone,
+        a source after the fact); a target never receives a volume it has, so only copies go."""
 
     # --- migration -----------------------------------------------------------------------
 

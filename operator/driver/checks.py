@@ -97,17 +97,23 @@ def check_rules(rules: Collection[FirewallRule]) -> None:
             raise InvalidInstanceSpec(f"{field}.cidr", f"{rule.cidr!r} is not an IPv4 network") from exc
 
 
-def check_handed_disks(uuid: str, disk_info: Collection[str]) -> None:
+def check_handed_disks(
+    uuid: str, disk_info: Collection[str], volumes: Collection[tuple[str, str]] = ()
+) -> None:
     """Refuse a cold migration's hand-off that names any file but the moved instance's own: the list
     travels in the Migration's status from the source, and taken as is, a forged one would make
     the target fetch any file the source's libvirtd can read (another tenant's disk, a host secret)
-    into a guest. Only files directly in a folder named for the instance (instances/<uuid>/) pass.
+    into a guest. Only files directly in a folder named for the instance (instances/<uuid>/) pass, and
+    the store volumes its attachments name: ``volumes`` holds their (namespace, name), which must be the
+    file's folder and name (``<volume store>/<namespace>/<name>``).
     """
     for path in disk_info:
         pure = posixpath.normpath(path)
         folder, name = posixpath.split(pure)
-        if pure != path or not posixpath.isabs(path) or posixpath.basename(folder) != uuid or not name:
+        if pure != path or not posixpath.isabs(path) or not name:
+            raise DriverError(f"refused the source's hand-off: {path!r} is not a plain absolute path")
+        if posixpath.basename(folder) != uuid and (posixpath.basename(folder), name) not in volumes:
             raise DriverError(
-                f"refused the source's hand-off: {path!r} is not a file of instances/{uuid}/, the "
-                "folder of the instance being moved"
+                f"refused the source's hand-off: {path!r} is neither a file of instances/{uuid}/, the "
+                "folder of the instance being moved, nor a volume attached to it"
             )

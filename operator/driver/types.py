@@ -184,6 +184,9 @@ class InstanceSpec:
     cpu_model: str | None = None
     #: what may come in (spec.firewall); ALLOW_ALL when the spec says nothing
     firewall: tuple[FirewallRule, ...] = ALLOW_ALL
+    #: a migration's target only: the attached volumes that come along, which its definition must name
+    #: (spawn leaves volumes to attach_volume)
+    volumes: tuple[MovingVolume, ...] = ()
 
     def macs(self) -> tuple[str, ...]:
         """Each interface's MAC, in order: the spec's, or the stable one derived for it."""
@@ -204,6 +207,17 @@ class VolumeSpec:
     from_image: bool = False
     bus: str = "virtio"
     read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MovingVolume:
+    """An attached volume that moves with its instance: the guest device it keeps, and for a store volume
+    its size, so that the target can make the file the copy fills before the first byte arrives (QEMU's
+    mirror needs a target of exactly the source's size)."""
+
+    volume: VolumeSpec
+    device: str
+    size_bytes: int = 0
 
 
 # --- what the driver reports ---------------------------------------------------------------

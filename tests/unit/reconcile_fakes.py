@@ -93,6 +93,11 @@ class FakeApiserver:
             raise _missing(f"{plural}/{name}")
         return found
 
+    def list_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str
+    ) -> dict[str, Any]:
+        return {"items": [o for (p, ns, _), o in self.objects.items() if p == plural and ns == namespace]}
+
     def get_cluster_custom_object(self, group: str, version: str, plural: str, name: str) -> dict[str, Any]:
         found = self.get(plural, None, name)
         if found is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kubenova.driver.base import DriverError, ImageRef, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
 from kubenova.driver.fake.disks import (
     GIB,
@@ -49,6 +51,22 @@ class FakeVolumes(FakeInstances):
             inst.volumes[device] = Device(disk, read_only=volume.read_only, source=volume)
             self._guest_writes(inst, now)
             return device
+
+    def store_volume_size(self, volume: VolumeSpec) -> int:
+        if volume.from_image:
+            return 0
+        with self._lock:
+            disk = self._volumes.get(store_key(volume.namespace, volume.name))
+        if disk is None:
+            raise VolumeNotFound(f"volume {volume.name!r} is not in this host's store")
+        return disk.size
+
+    def drop_volume_copies(self, volumes: Sequence[VolumeSpec]) -> None:
+        with self._lock:
+            for volume in volumes:
+                key = store_key(volume.namespace, volume.name)
+                if not volume.from_image and key not in self._volume_holders:
+                    self._volumes.pop(key, None)
 
     def detach_volume(self, uuid: str, device: str) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ import hashlib
 import os
 import pathlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubenova import faults
@@ -22,10 +22,13 @@ from kubenova.driver import cloudinit
 from kubenova.driver.base import (
     ComputeDriver,
     DriverError,
+    ImageRef,
     InstanceExists,
     InstanceNotRunning,
     InstanceSpec,
+    MovingVolume,
     NodeNetwork,
+    VolumeSpec,
     check_cpu_model,
     check_instance,
     check_macs,
@@ -34,7 +37,16 @@ from kubenova.driver.images import ImageStore
 from kubenova.driver.imports import DEFAULT_MAX_BYTES, Importer
 from kubenova.driver.libvirt import configdrive, imagecache
 from kubenova.driver.libvirt.config import GuestConfig, GuestDisk, GuestGraphics, GuestInterface, domain_name
-from kubenova.driver.libvirt.disks import CONFIG_DRIVE, EPHEMERAL, ROOT, SWAP, next_target, own_disk
+from kubenova.driver.libvirt.disks import (
+    CONFIG_DRIVE,
+    EPHEMERAL,
+    ROOT,
+    SWAP,
+    VOLUME,
+    bounded,
+    next_target,
+    own_disk,
+)
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.host import Host
 from kubenova.driver.libvirt.imagecache import ImageCache
@@ -136,13 +148,52 @@ class LibvirtCore(ComputeDriver):
                     used[iface.mac.lower()] = owner
         return used
 
+    def _volume_file(self, uuid: str, volume: VolumeSpec) -> tuple[pathlib.Path, str]:
+        """Where a volume's bytes are on this host, and their format: a store volume in its namespace's
+        folder of the store, an image volume as an overlay in the instance's folder."""
+        if volume.from_image:
+            return self._dir(uuid) / bounded(f"{VOLUME}{volume.name}"), "qcow2"
+        return self._store_file(volume), "raw"
+
+    def _store_file(self, volume: VolumeSpec) -> pathlib.Path:
+        """A store volume's file: its namespace's own, never another's."""
+        return self.volumes.namespace(volume.namespace).path("spec.volume.name", volume.name)
+
+    def _volume_disk(self, uuid: str, moving: MovingVolume) -> GuestDisk:
+        path, fmt = self._volume_file(uuid, moving.volume)
+        return GuestDisk(
+            source=str(path),
+            target=moving.device,
+            driver_type=fmt,
+            bus=moving.volume.bus,
+            read_only=moving.volume.read_only,
+            serial=moving.volume.name[:20],
+        )
+
+    def _image_volume(self, uuid: str, volume: VolumeSpec) -> pathlib.Path:
+        """An image volume's overlay in the instance's folder, made over this host's copy of the image
+        unless it is there."""
+        path, _ = self._volume_file(uuid, volume)
+        if not path.exists():
+            base = self.cache.base(ImageRef(volume.name, namespace=volume.namespace), "spec.image.name")
+            self.cache.overlay(base, path)
+        return path
+
+    def _store_files(self, disks: Iterable[GuestDisk]) -> list[pathlib.Path]:
+        """The store volumes among a guest's disks: what leaves with a migrated instance."""
+        root = self.volumes.root
+        return [
+            pathlib.Path(d.source) for d in disks if d.source and pathlib.Path(d.source).is_relative_to(root)
+        ]
+
     def _guest_config(
         self, instance: InstanceSpec, folder: pathlib.Path, current: GuestConfig | None = None
     ) -> GuestConfig:
         """Create the instance's disks in its folder and describe the domain that uses them.
 
         With the ``current`` definition (a spec change), attached volumes stay as they are, and the config
-        drive is rewritten only when its files changed.
+        drive is rewritten only when its files changed; without it, the volumes a migration brings
+        (``instance.volumes``) are named at the devices they had.
         """
         own: list[tuple[pathlib.Path, dict[str, Any]]] = []
         if instance.image is not None:
@@ -163,7 +214,11 @@ class LibvirtCore(ComputeDriver):
             if current is None or current.drive != drive or not (folder / CONFIG_DRIVE).exists():
                 configdrive.write(files, folder / CONFIG_DRIVE)
             own.append((folder / CONFIG_DRIVE, {"driver_type": "raw", "read_only": True}))
-        volumes = [d for d in current.disks if not own_disk(d.source, folder)] if current else []
+        volumes = (
+            [d for d in current.disks if not own_disk(d.source, folder)]
+            if current
+            else [self._volume_disk(instance.uuid, v) for v in instance.volumes]
+        )
         used = {v.target for v in volumes}
         disks = []
         for path, kw in own:  # in guest order, around the names attached volumes hold

@@ -10,6 +10,8 @@ from kubenova.driver.base import DriverError
 
 ROOT, CONFIG_DRIVE, UNRESCUE, RESCUE_DISK = "disk", "disk.config", "unrescue.xml", "disk.rescue"
 SWAP, EPHEMERAL, VOLUME = "disk.swap", "disk.eph.", "disk.vol."
+#: The store volumes a migration's copy made on this host for the instance (one path a line).
+INCOMING_VOLUMES = "incoming-volumes"
 
 
 def bounded(file_name: str) -> str:

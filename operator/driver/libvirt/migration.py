@@ -24,12 +24,13 @@ from kubenova.driver.base import (
     MigrationProgress,
     PowerState,
     ProgressCallback,
+    VolumeSpec,
     check_handed_disks,
 )
 from kubenova.driver.libvirt import imagecache, qemu_hook
 from kubenova.driver.libvirt.core import LibvirtCore
 from kubenova.driver.libvirt.definitions import migration_definition
-from kubenova.driver.libvirt.disks import CONFIG_DRIVE, RESCUE_DISK, ROOT
+from kubenova.driver.libvirt.disks import CONFIG_DRIVE, INCOMING_VOLUMES, RESCUE_DISK, ROOT
 from kubenova.driver.libvirt.errors import translate
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.hostconfig import StoragePool
@@ -84,20 +85,21 @@ class Migration(LibvirtCore):
     # --- cold ------------------------------------------------------------------------------
 
     def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
-        """Stop the instance; its folder stays as it is for the target to fetch (the config drive is remade
-        there)."""
+        """Stop the instance; its folder and its store volumes stay as they are for the target to fetch
+        (the config drive is remade there)."""
         self.power_off(uuid)
-        return sorted(
-            str(p) for p in self._dir(uuid).glob("disk*") if p.name not in (CONFIG_DRIVE, RESCUE_DISK)
-        )
+        own = [p for p in self._dir(uuid).glob("disk*") if p.name not in (CONFIG_DRIVE, RESCUE_DISK)]
+        return sorted(str(p) for p in [*own, *self._store_files(self._guest(uuid).config_devices().disks)])
 
     def finish_migration(
         self, instance: InstanceSpec, disk_info: list[str], source_uri: str, power_on: bool = True
     ) -> None:
-        """Fetch each disk from the source's libvirtd as a storage-volume download, then define and start."""
+        """Fetch each disk (and each store volume) from the source's libvirtd as a storage-volume download,
+        then define and start; a failure leaves none of the fetched volumes behind."""
+        made: list[pathlib.Path] = []
 
         def fill(folder: pathlib.Path) -> None:
-            self._fetch_disks(instance.uuid, disk_info, source_uri, folder)
+            self._fetch_disks(instance, disk_info, source_uri, folder, made)
             root = folder / ROOT
             if instance.image is not None and root.exists():  # lean on this host's own copy of the base
                 imagecache.rebase(root, self.cache.base(instance.image, "spec.boot.image.name"))
@@ -108,41 +110,85 @@ class Migration(LibvirtCore):
             ):
                 imagecache.resize(root, f"{instance.root_gib}G")
 
-        self._create(instance, power_on, fill)
+        try:
+            self._create(instance, power_on, fill)
+        except BaseException:
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
 
-    def _fetch_disks(self, uuid: str, paths: list[str], source_uri: str, folder: pathlib.Path) -> None:
-        """A transient dir pool over the source's folder makes its files downloadable volumes."""
-        check_handed_disks(uuid, paths)
-        folders = {str(pathlib.PurePath(p).parent) for p in paths}
-        if len(folders) > 1:
-            raise DriverError(
-                f"the source's disks are spread over {sorted(folders)}; expected one instance folder"
-            )
-        if not folders:
+    def _fetch_disks(
+        self,
+        instance: InstanceSpec,
+        paths: list[str],
+        source_uri: str,
+        folder: pathlib.Path,
+        made: list[pathlib.Path],
+    ) -> None:
+        """A transient dir pool over each of the source's folders (the instance's, a namespace's in the
+        volume store) makes its files downloadable volumes; ``made`` collects the store files written."""
+        volumes = {(v.volume.namespace, v.volume.name): v.volume for v in instance.volumes}
+        check_handed_disks(instance.uuid, paths, volumes)
+        wanted: dict[str, list[tuple[str, pathlib.Path]]] = {}  # source folder -> (file, where it goes)
+        for path in map(pathlib.PurePath, paths):
+            volume = volumes.get((path.parent.name, path.name))
+            if volume is not None and not volume.from_image:
+                dest = self._claim_store_file(folder, volume)
+                made.append(dest)
+            else:
+                dest = folder / path.name
+            wanted.setdefault(str(path.parent), []).append((path.name, dest))
+        if not wanted:
             return
-        pool_xml = StoragePool(name=f"kubenova-out-{uuid}", path=folders.pop()).to_xml()
         try:
             source = libvirt.open(self.transport.client_uri(source_uri))
         except libvirt.libvirtError as exc:
             raise DriverError(f"cannot reach the source host at {source_uri}: {exc}") from exc
         try:
-            with translate("expose the source's disks", uuid):
-                pool = source.storagePoolCreateXML(pool_xml, 0)
-            try:
-                for name in (pathlib.PurePath(p).name for p in paths):
-                    with translate(f"fetch {name}", uuid), open(folder / name, "wb") as out:
-                        stream = source.newStream(0)
-                        pool.storageVolLookupByName(name).download(stream, 0, 0, 0)
-                        stream.recvAll(lambda _s, data, f: f.write(data), out)
-                        stream.finish()
-            finally:
-                with contextlib.suppress(libvirt.libvirtError):
-                    pool.destroy()
+            for index, (source_folder, files) in enumerate(sorted(wanted.items())):
+                pool_xml = StoragePool(
+                    name=f"kubenova-out-{instance.uuid}-{index}", path=source_folder
+                ).to_xml()
+                with translate("expose the source's disks", instance.uuid):
+                    pool = source.storagePoolCreateXML(pool_xml, 0)
+                try:
+                    for name, dest in files:
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with translate(f"fetch {name}", instance.uuid), open(dest, "wb") as out:
+                            stream = source.newStream(0)
+                            pool.storageVolLookupByName(name).download(stream, 0, 0, 0)
+                            stream.recvAll(lambda _s, data, f: f.write(data), out)
+                            stream.finish()
+                finally:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        pool.destroy()
         finally:
             source.close()
 
+    def _claim_store_file(self, folder: pathlib.Path, volume: VolumeSpec) -> pathlib.Path:
+        """The store file a migration's copy of ``volume`` goes to. One already there is refused (the copy
+        would overwrite another volume of that name) unless this instance's own earlier try made it,
+        as its folder records: a retry after the agent died mid-copy neither fails nor leaks."""
+        dest = self._store_file(volume)
+        marker = folder / INCOMING_VOLUMES
+        ours = marker.read_text().splitlines() if marker.exists() else []
+        if dest.exists() and str(dest) not in ours:
+            raise DriverError(
+                f"volume {volume.name!r} of namespace {volume.namespace} is in this node's store already; "
+                "moving the instance here would overwrite it: choose another node, or delete or rename "
+                "the volume here"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        with marker.open("a") as f:
+            f.write(f"{dest}\n")
+        return dest
+
     def confirm_migration(self, uuid: str) -> None:
+        """The instance stays on the target: its folder and the store volumes it took along go."""
+        moved = self._store_files(self._guest(uuid).config_devices().disks)
         self.destroy(uuid)
+        for path in moved:
+            path.unlink(missing_ok=True)
 
     def finish_revert_migration(self, uuid: str, power_on: bool = True) -> None:
         self._guest(uuid)
@@ -160,7 +206,9 @@ class Migration(LibvirtCore):
         self.plug_vifs(instance.uuid, instance.interfaces)
         folder = self._dir(instance.uuid)
         folder.mkdir(parents=True, exist_ok=True)
+        made: list[pathlib.Path] = []
         try:
+            self._receive_volumes(instance, folder, made)
             if instance.interfaces:
                 self.ensure_filtering_rules_for_instance(instance.uuid, instance.firewall)
             definition = self._guest_config(instance, folder).to_xml()
@@ -169,7 +217,28 @@ class Migration(LibvirtCore):
             return definition
         except BaseException:
             self.rollback_live_migration_at_destination(instance.uuid)
+            for path in made:
+                path.unlink(missing_ok=True)
             raise
+
+    def _receive_volumes(
+        self, instance: InstanceSpec, folder: pathlib.Path, made: list[pathlib.Path]
+    ) -> None:
+        """The files the block copy of the instance's volumes fills: an empty one of the source's size per
+        store volume (collected in ``made``), an overlay of this host's copy of the image per image volume."""
+        for moving in instance.volumes:
+            if moving.volume.from_image:
+                self._image_volume(instance.uuid, moving.volume)
+                continue
+            if moving.volume.read_only:
+                raise DriverError(
+                    f"volume {moving.volume.name!r} is attached read-only, and a live block copy moves only "
+                    "what the guest can write; stop the instance and use a Cold migration"
+                )
+            path = self._claim_store_file(folder, moving.volume)
+            made.append(path)
+            with open(path, "wb") as f:
+                f.truncate(moving.size_bytes)
 
     def live_migration(
         self,
@@ -202,6 +271,7 @@ class Migration(LibvirtCore):
             params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [
                 d.target for d in guest.devices().disks if not d.read_only
             ]
+        moved = self._store_files(guest.devices().disks)
         outcome: list[BaseException] = []
         worker = threading.Thread(
             target=_migrate,
@@ -218,6 +288,8 @@ class Migration(LibvirtCore):
             raise outcome[0]  # the instance still runs here
         self.unfilter_instance(uuid)
         shutil.rmtree(self._dir(uuid), ignore_errors=True)
+        for path in moved:  # their bytes are the target's now
+            path.unlink(missing_ok=True)
 
     def abort_live_migration(self, uuid: str) -> None:
         self._running(uuid, "abort_live_migration").abort_job()

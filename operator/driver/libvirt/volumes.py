@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
-from kubenova.driver.base import DriverError, ImageRef, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
-from kubenova.driver.libvirt.config import GuestDisk
+from kubenova.driver.base import DriverError, InvalidInstanceSpec, MovingVolume, VolumeNotFound, VolumeSpec
 from kubenova.driver.libvirt.core import LibvirtCore
-from kubenova.driver.libvirt.disks import VOLUME, bounded, next_target
+from kubenova.driver.libvirt.disks import next_target
 
 
 class Volumes(LibvirtCore):
@@ -15,24 +15,18 @@ class Volumes(LibvirtCore):
         guest = self._guest(uuid)
         used = [d.target for d in guest.devices().disks]
         if volume.from_image:
-            base = self.cache.base(ImageRef(volume.name, namespace=volume.namespace), "spec.image.name")
-            path = self._dir(uuid) / bounded(f"{VOLUME}{volume.name}")
-            if not path.exists():
-                self.cache.overlay(base, path)
-            fmt = "qcow2"
+            path = self._image_volume(uuid, volume)
         else:
-            store = self.volumes.namespace(volume.namespace)
-            path = store.path("spec.volume.name", volume.name)
+            path = self._store_file(volume)
             if not path.exists():
                 if not volume.size_gib:
                     raise InvalidInstanceSpec(
                         "spec.volume.sizeGiB",
                         f"volume {volume.name!r} does not exist; give a size to create it",
                     )
-                store.root.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "xb") as f:
                     f.truncate(volume.size_gib * 2**30)
-            fmt = "raw"
         disks = guest.devices().disks
         for existing in disks:
             if existing.source == str(path) and device in ("", existing.target):
@@ -41,16 +35,21 @@ class Volumes(LibvirtCore):
         if target in used:
             existing = next(d for d in disks if d.target == target)
             raise InvalidInstanceSpec("spec.device.name", f"{target} is already used by {existing.source}")
-        disk = GuestDisk(
-            source=str(path),
-            target=target,
-            driver_type=fmt,
-            bus=volume.bus,
-            read_only=volume.read_only,
-            serial=volume.name[:20],
-        )
-        guest.attach_disk(disk)
+        guest.attach_disk(self._volume_disk(uuid, MovingVolume(volume, target)))
         return target
+
+    def store_volume_size(self, volume: VolumeSpec) -> int:
+        if volume.from_image:
+            return 0
+        try:
+            return self._store_file(volume).stat().st_size
+        except FileNotFoundError as exc:
+            raise VolumeNotFound(f"volume {volume.name!r} is not in this node's store") from exc
+
+    def drop_volume_copies(self, volumes: Sequence[VolumeSpec]) -> None:
+        for volume in volumes:
+            if not volume.from_image:
+                self._store_file(volume).unlink(missing_ok=True)
 
     def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
         """Drop the disk from the persistent definition, then ask the running guest to release it.

@@ -32,7 +32,7 @@ from kubenova.handlers.agent.migration_steps import MigrationAgent
 from kubenova.handlers.agent.node_network import NetworkKeeper, NetworkSettings
 from kubenova.handlers.agent.node_reporter import LEASE_SECONDS, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.secret_reader import SecretReader
-from kubenova.handlers.agent.volumes import VolumeAgent
+from kubenova.handlers.agent.volumes import VolumeAgent, with_volumes
 from kubenova.handlers.agent.workqueue import WorkQueue
 from kubenova.handlers.shared import (
     COMPUTENODES,
@@ -185,7 +185,10 @@ class Agent:
             self.events,
             self.migration_cache,
             self.instance_cache,
-            importing_first(self.instances.driver_spec, driver, self.instances.secrets.image_credentials),
+            with_volumes(
+                importing_first(self.instances.driver_spec, driver, self.instances.secrets.image_credentials),
+                self.custom,
+            ),
             config.migration_timeout_per_gib,
             config.migration_convergence,
         )

@@ -149,6 +149,7 @@ class ColdSteps:
         status = body["status"]
         instance = self.handover.instance(body)
         self.driver.destroy(status["instanceUID"])
+        self.driver.drop_volume_copies(self.handover.volumes(body))
         self.handover.move_instance(instance, status["sourceNode"], status["handoff"]["flavor"])
         self.handover.hand_over(
             body, "RevertSource", f"reverting; {status['sourceNode']} starts the original again"

@@ -378,8 +378,9 @@ class LiveSteps:
                 f"instance stays on {self.node}; create a new Migration to move it",
                 handoff={"outcome": "Failed"},
             )
-        else:  # what the transfer's own end removes here (its filter, its folder), which the death skipped
+        else:  # what the transfer's own end removes here (filter, folder, volumes), which the death skipped
             self.driver.destroy(instance_uid)
+            self.driver.drop_volume_copies(self.handover.volumes(body))
             self.handover.hand_over(
                 body, "FinishTarget", "the transfer completed while the source's agent restarted"
             )
@@ -439,4 +440,5 @@ class LiveSteps:
             self.finish_target(body)
             return
         self.driver.rollback_live_migration_at_destination(uid)
+        self.driver.drop_volume_copies(self.handover.volumes(body))
         self.handover.finish(body, status["handoff"].get("outcome", "Failed"), status.get("message", ""))

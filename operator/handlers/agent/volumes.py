@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kubernetes
@@ -14,7 +15,9 @@ from kubenova.driver.base import (
     ComputeDriver,
     DriverError,
     InstanceNotFound,
+    InstanceSpec,
     InvalidInstanceSpec,
+    MovingVolume,
     VolumeNotFound,
     VolumeSpec,
 )
@@ -22,13 +25,62 @@ from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
+    GROUP,
+    VERSION,
     VOLUMEATTACHMENTS,
     WritesStatus,
     remove_finalizer,
     set_condition,
+    typed,
 )
 
 log = logging.getLogger(__name__)
+
+
+def volume_spec(body: Mapping[str, Any]) -> VolumeSpec:
+    """The driver's view of an attachment's volume."""
+    spec = body.get("spec") or {}
+    source = spec.get("volume") or spec.get("image") or {}
+    return VolumeSpec(
+        namespace=body["metadata"]["namespace"],
+        name=source["name"],
+        size_gib=source.get("sizeGiB"),
+        from_image="image" in spec,
+        bus=(spec.get("device") or {}).get("bus", "virtio"),
+        read_only=bool(spec.get("readOnly", False)),
+    )
+
+
+def attached_volumes(
+    objects: kubernetes.client.CustomObjectsApi, namespace: str, instance: str
+) -> tuple[MovingVolume, ...]:
+    """The instance's attachments that its domain has now, at their devices: what a migration moves.
+
+    Read from the API rather than this node's cache: on a migration's target they are still bound to
+    the source.
+    """
+    listed = typed(objects.list_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS))
+    return tuple(
+        MovingVolume(volume_spec(body), status["device"], int(status.get("sizeBytes") or 0))
+        for body in listed["items"]
+        if body["spec"]["instanceRef"]["name"] == instance
+        and (status := body.get("status") or {}).get("phase") == "Attached"
+        and status.get("device")
+    )
+
+
+def with_volumes(
+    spec_for: Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec],
+    objects: kubernetes.client.CustomObjectsApi,
+) -> Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSpec]:
+    """``spec_for`` for a migration's target: the instance's definition there names the volumes it brings."""
+
+    def spec(instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
+        meta = instance["metadata"]
+        moving = attached_volumes(objects, meta["namespace"], meta["name"])
+        return dataclasses.replace(spec_for(instance, flavor), volumes=moving)
+
+    return spec
 
 
 def waiting_for(attachments: Iterable[Mapping[str, Any]], namespace: str, name: str) -> list[str]:
@@ -110,7 +162,12 @@ class VolumeAgent:
             faults.point("volume.detached")
             remove_finalizer(self.objects, body, VOLUMEATTACHMENTS)
             return
-        if status.get("phase") == "Attached" and status.get("observedGeneration") == generation:
+        if (
+            status.get("phase") == "Attached"
+            and status.get("observedGeneration") == generation
+            and status.get("node") == self.node  # else it came with a migrated instance: say it is here
+            and ("sizeBytes" in status or "image" in spec)  # else attached before sizes were kept
+        ):
             return
         if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
             return
@@ -126,19 +183,13 @@ class VolumeAgent:
                 ),
             )
             return  # the instance's handler calls back once its domain exists
-        source = spec.get("volume") or spec.get("image") or {}
-        device = spec.get("device") or {}
-        volume = VolumeSpec(
-            namespace=body["metadata"]["namespace"],
-            name=source["name"],
-            size_gib=source.get("sizeGiB"),
-            from_image="image" in spec,
-            bus=device.get("bus", "virtio"),
-            read_only=bool(spec.get("readOnly", False)),
-        )
+        volume = volume_spec(body)
         try:
-            attached = driver.attach_volume(instance["metadata"]["uid"], volume, device.get("name", ""))
+            attached = driver.attach_volume(
+                instance["metadata"]["uid"], volume, (spec.get("device") or {}).get("name", "")
+            )
             connector = driver.get_volume_connector()
+            size = driver.store_volume_size(volume)
         except InvalidInstanceSpec as exc:
             patch = self._condition(body, "Failed", "InvalidSpec", str(exc))
             patch["observedGeneration"] = generation
@@ -159,6 +210,7 @@ class VolumeAgent:
                 "node": self.node,
                 "device": attached,
                 "observedGeneration": generation,
+                **({"sizeBytes": size} if size else {}),
                 "connector": {
                     "ip": connector.ip,
                     "host": connector.host,

@@ -173,9 +173,7 @@ class Controller:
         return {"pending": dict(body)}
 
     @staticmethod
-    def unbound_volume_entry(
-        namespace: str | None, spec: kopf.Spec, body: kopf.Body, **_: Any
-    ) -> dict[Any, Any]:
+    def volume_entry(namespace: str | None, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, spec["instanceRef"]["name"]): dict(body)}
 
     def _keep(self, **found: Any) -> None:
@@ -240,12 +238,27 @@ class Controller:
         labels: kopf.Labels,
         **indexes: Any,
     ) -> None:
-        """An instance got its node: attachments that waited for it follow it there."""
+        """An instance got its node, or moved: attachments that waited for it, or that it left behind on the
+        node it left, follow it there."""
         if type == "DELETED":
             return
         for body in list(indexes["unbound_volumes"].get((namespace, name), [])):
             if not body["metadata"].get("deletionTimestamp"):
                 binding.bind_volume(self.api, body, labels[NODE_LABEL])
+        for body in list(indexes["bound_volumes"].get((namespace, name), [])):
+            if (body["metadata"].get("labels") or {}).get(NODE_LABEL) != labels[NODE_LABEL]:
+                binding.follow_instance(self.api, body, labels[NODE_LABEL])
+
+    def volume_bound(
+        self, type: str | None, namespace: str | None, spec: kopf.Spec, body: kopf.Body, **indexes: Any
+    ) -> None:
+        """A bound attachment whose instance runs elsewhere (the controller was away when it moved)
+        follows it."""
+        node = next(
+            iter(indexes["instance_nodes"].get((namespace, spec["instanceRef"]["name"]), [None])), None
+        )
+        if type != "DELETED" and node and node != body["metadata"]["labels"].get(NODE_LABEL):
+            binding.follow_instance(self.api, body, node)
 
     # --- attachments -----------------------------------------------------------------------------
 
@@ -393,15 +406,17 @@ def register(
     kopf.index(*VI, registry=registry, id="node_usage")(c.usage_entry)
     kopf.index(*VI, registry=registry, id="instance_nodes")(c.node_of_instance_entry)
     kopf.index(*VI, registry=registry, id="unbound", labels={NODE_LABEL: kopf.ABSENT})(c.unbound_entry)
-    kopf.index(*VA, registry=registry, id="unbound_volumes", labels={NODE_LABEL: kopf.ABSENT})(
-        c.unbound_volume_entry
-    )
+    kopf.index(*VA, registry=registry, id="unbound_volumes", labels={NODE_LABEL: kopf.ABSENT})(c.volume_entry)
+    kopf.index(*VA, registry=registry, id="bound_volumes", labels={NODE_LABEL: kopf.PRESENT})(c.volume_entry)
     kopf.on.event(*VI, registry=registry, id="instance_changed")(c.instance_changed)
     kopf.on.event(*VI, registry=registry, id="instance_bound", labels={NODE_LABEL: kopf.PRESENT})(
         c.instance_bound
     )
     kopf.on.event(*VA, registry=registry, id="volume_unbound", labels={NODE_LABEL: kopf.ABSENT})(
         c.volume_unbound
+    )
+    kopf.on.event(*VA, registry=registry, id="volume_bound", labels={NODE_LABEL: kopf.PRESENT})(
+        c.volume_bound
     )
     for kind in (VI, VA):
         kopf.on.event(

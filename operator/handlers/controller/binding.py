@@ -210,3 +210,20 @@ def bind_volume(
             },
         )
     )
+
+
+def follow_instance(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], node: str) -> None:
+    """Move a bound attachment to the node its instance now runs on (a migration took the volume along):
+    that node's agent then says it is attached there. Guarded by the resourceVersion it was decided on."""
+    meta = body["metadata"]
+    if unless_changed(
+        lambda: custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            VOLUMEATTACHMENTS,
+            meta["name"],
+            {"metadata": {"labels": {NODE_LABEL: node}, "resourceVersion": meta["resourceVersion"]}},
+        )
+    ):
+        log.info("%s/%s follows its instance to %s", meta["namespace"], meta["name"], node)

@@ -251,21 +251,15 @@ class Planner:
                 f"a Live migration needs a running instance and {name!r} is {power or 'not running'};"
                 " use type: Cold"
             )
-        attached = [
-            va["metadata"]["name"]
-            for va in typed(
+        check_volumes(
+            spec["type"],
+            name,
+            typed(
                 self.custom.list_namespaced_custom_object(
                     GROUP, VERSION, imeta["namespace"], VOLUMEATTACHMENTS
                 )
-            )["items"]
-            if va["spec"]["instanceRef"]["name"] == name
-        ]
-        if attached:
-            raise Unschedulable(
-                f"VolumeAttachments {', '.join(sorted(attached))} are attached to {name!r}; moving "
-                "attached volumes is not supported yet, delete them first and attach them again "
-                "after the move"
-            )
+            )["items"],
+        )
         nodes, used = self.capacity()
         if source in nodes and (nodes[source].fenced or nodes[source].unreachable_for is not None):
             raise _Wait(f"waiting: {source}, where {name!r} runs, is fenced or unreachable")
@@ -305,6 +299,45 @@ class Planner:
         return source, target
 
     # --- maintenance ---------------------------------------------------------------------
+
+
+def check_volumes(kind: str, instance: str, attachments: list[dict[str, Any]]) -> None:
+    """Whether the instance's attachments let it move: a node-local volume moves with its one instance (the
+    block copy of a Live migration, the download of a Cold one); Unschedulable names what stops it and the
+    fix, _Wait what only needs a moment."""
+    for va in attachments:
+        meta, spec, status = va["metadata"], va["spec"], va.get("status") or {}
+        if spec["instanceRef"]["name"] != instance:
+            continue
+        name = meta["name"]
+        if meta.get("deletionTimestamp"):
+            raise _Wait(f"waiting: VolumeAttachment {name!r} is being detached")
+        if status.get("phase") == "Failed":
+            why = (status.get("conditions") or [{}])[-1].get("message", "")
+            raise Unschedulable(f"VolumeAttachment {name!r} failed ({why}); fix or delete it, then migrate")
+        if status.get("phase") != "Attached":
+            raise _Wait(f"waiting: VolumeAttachment {name!r} is not attached yet")
+        volume = (spec.get("volume") or {}).get("name")
+        if volume is None:
+            continue  # an image volume: an overlay in the instance's folder, copied like its disks
+        sharing = sorted(
+            o["spec"]["instanceRef"]["name"]
+            for o in attachments
+            if (o["spec"].get("volume") or {}).get("name") == volume
+            and o["spec"]["instanceRef"]["name"] != instance
+        )
+        if sharing:
+            raise Unschedulable(
+                f"volume {volume!r} ({name}) is attached to {', '.join(sharing)} too, and a node-local "
+                "volume moves with one instance; detach it there first"
+            )
+        if kind == "Live" and spec.get("readOnly"):
+            raise Unschedulable(
+                f"volume {volume!r} ({name}) is attached read-only, and a live block copy moves only what "
+                "the guest can write; stop the instance and use type: Cold, or attach it read-write"
+            )
+        if kind == "Live" and not status.get("sizeBytes"):
+            raise _Wait(f"waiting: the agent has not reported the size of volume {volume!r} yet")
 
 
 class _Wait(Exception):
