@@ -17,7 +17,15 @@ import libvirt
 import pytest
 
 from kubenova.handlers.controller.maintenance import EVACUATION_LABEL
-from kubenova.handlers.shared import COMPUTENODES, GROUP, MIGRATIONS, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from kubenova.handlers.shared import (
+    COMPUTENODES,
+    GROUP,
+    MIGRATIONS,
+    NODE_LABEL,
+    VERSION,
+    VIRTUALINSTANCES,
+    VOLUMEATTACHMENTS,
+)
 from testground import ground as testground
 from testground import guest, libvirt_host
 from testground.served import Served
@@ -313,6 +321,105 @@ def test_live_block_migration_keeps_what_the_guest_wrote(
         what="the target's guest to read the pattern at boot",
     )
     delete_and_wait(custom, namespace, "disk")
+
+
+def attachment(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
+    return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, name))
+
+
+def attached_on(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, node: str) -> None:
+    """The attachment says Attached on ``node``, and is bound there."""
+    eventually(
+        lambda: (
+            ((va := attachment(custom, namespace, name))["metadata"].get("labels") or {}).get(NODE_LABEL)
+            == node
+            and (va.get("status") or {}).get("node") == node
+            and va["status"].get("phase") == "Attached"
+        ),
+        timeout=60,
+        what=f"{name} Attached on {node}",
+    )
+
+
+def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
+    ground: testground.Ground,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    nodes: tuple[str, str],
+) -> None:
+    pattern = f"VOL-{uuid.uuid4().hex[:8]}"
+    cmdline = f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}"
+    body = vi(
+        "keeper",
+        rootDisk={"sizeGiB": 1},
+        boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
+    )
+    uid, source = running(ground, custom, namespace, body)
+    target = other(source)
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VOLUMEATTACHMENTS,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VolumeAttachment",
+            "metadata": {"name": "kept"},
+            "spec": {"instanceRef": {"name": "keeper"}, "volume": {"name": "kept", "sizeGiB": 1}},
+        },
+    )
+    attached_on(custom, namespace, "kept", source)
+    assert attachment(custom, namespace, "kept")["status"]["sizeBytes"] == 2**30
+    eventually(
+        lambda: f"{guest.WROTE} vdb {pattern}" in console(ground, uid, source),
+        timeout=BOOT,
+        what="the guest to write its pattern to the hot-plugged volume",
+    )
+    files = {node: ground.volume_store(node) / namespace / "kept" for node in NODES}
+    head = pattern.encode().ljust(16, bytes(1)).hex()
+    read_back = f"{guest.DISK} vdb sectors={2**30 // 512} head={head}"
+
+    # Live: the volume's bytes travel with the block copy; the attachment follows its instance.
+    migrate(custom, namespace, "vol-live", "keeper")
+    done = wait_phase(custom, namespace, "vol-live", "Succeeded", "Failed")["status"]
+    assert done["phase"] == "Succeeded", done.get("message")
+    attached_on(custom, namespace, "kept", target)
+    assert files[target].read_bytes()[: len(pattern)] == pattern.encode(), "the bytes are on the target"
+    assert not files[source].exists(), "the source's copy goes once the target has it"
+    custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VIRTUALINSTANCES,
+        "keeper",
+        {"spec": {"actions": {"reboot": {"id": "after-live", "type": "Hard"}}}},
+    )
+    assert wait_action(custom, namespace, "keeper", "reboot", "after-live")["phase"] == "Succeeded"
+    eventually(
+        lambda: read_back in console(ground, uid, target),
+        timeout=BOOT,
+        what="the guest to read its pattern back on the target at boot",
+    )
+
+    # Cold, back: the volume is downloaded with the disks; the source's copy stays until confirmed.
+    migrate(custom, namespace, "vol-cold", "keeper", type="Cold", confirmation={"policy": "Manual"})
+    waiting = wait_phase(custom, namespace, "vol-cold", "AwaitingConfirmation", "Failed")["status"]
+    assert waiting["phase"] == "AwaitingConfirmation", waiting.get("message")
+    eventually(
+        lambda: read_back in console(ground, uid, source),
+        timeout=BOOT,
+        what="the guest to read its pattern back after the cold move",
+    )
+    assert files[target].exists(), "kept until the move is confirmed"
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, MIGRATIONS, "vol-cold", {"spec": {"decision": "Confirm"}}
+    )
+    assert wait_phase(custom, namespace, "vol-cold", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
+    attached_on(custom, namespace, "kept", source)
+    assert not files[target].exists() and files[source].read_bytes()[: len(pattern)] == pattern.encode()
+    delete_and_wait(custom, namespace, "kept", VOLUMEATTACHMENTS)
+    delete_and_wait(custom, namespace, "keeper")
+    assert files[source].exists(), "a detached volume stays in its node's store"
 
 
 def slow_transfer_under_way(

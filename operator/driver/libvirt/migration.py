@@ -179,6 +179,7 @@ class Migration(LibvirtCore):
                 "the volume here"
             )
         folder.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with marker.open("a") as f:
             f.write(f"{dest}\n")
         return dest
