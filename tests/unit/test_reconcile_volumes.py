@@ -114,3 +114,20 @@ def test_an_attachment_whose_instance_is_gone_is_let_go_on_delete(volumes: Volum
     stored["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     volumes.look(volumes.node.api.touch(stored))
     assert volumes.node.api.get(VOLUMEATTACHMENTS, "ns", "data") is None
+
+
+def test_an_attachment_says_its_size_and_a_moved_one_is_said_attached_on_its_new_node(
+    volumes: Volumes,
+) -> None:
+    volumes.node.create("vm")
+    volumes.attach("data", "vm", volume={"name": "data", "sizeGiB": 1})
+    status = volumes.get("data")["status"]
+    assert status["sizeBytes"] == 2**30, "a live migration's target makes a copy of this size"
+    # As a migration leaves it: Attached, said by the node it came from; this node's look says it is here.
+    stored = volumes.node.api.objects[(VOLUMEATTACHMENTS, "ns", "data")]
+    stored["status"]["node"] = "elsewhere"
+    volumes.look(volumes.node.api.touch(stored))
+    assert (volumes.get("data")["status"]["node"], volumes.get("data")["status"]["phase"]) == (
+        NODE,
+        "Attached",
+    )
