@@ -327,6 +327,23 @@ def attachment(custom: kubernetes.client.CustomObjectsApi, namespace: str, name:
     return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, name))
 
 
+def attach(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str, **spec: Any
+) -> None:
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VOLUMEATTACHMENTS,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VolumeAttachment",
+            "metadata": {"name": name},
+            "spec": {"instanceRef": {"name": instance}, **spec},
+        },
+    )
+
+
 def attached_on(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, node: str) -> None:
     """The attachment says Attached on ``node``, and is bound there."""
     eventually(
@@ -356,20 +373,12 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     )
     uid, source = running(ground, custom, namespace, body)
     target = other(source)
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        VOLUMEATTACHMENTS,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "VolumeAttachment",
-            "metadata": {"name": "kept"},
-            "spec": {"instanceRef": {"name": "keeper"}, "volume": {"name": "kept", "sizeGiB": 1}},
-        },
-    )
+    attach(custom, namespace, "kept", "keeper", volume={"name": "kept", "sizeGiB": 1})
     attached_on(custom, namespace, "kept", source)
     assert attachment(custom, namespace, "kept")["status"]["sizeBytes"] == 2**30
+    # An image volume: an overlay in the instance's folder, over each node's own copy of the image.
+    attach(custom, namespace, "cd", "keeper", image={"name": guest.DISK_IMAGE}, readOnly=True)
+    attached_on(custom, namespace, "cd", source)
     eventually(
         lambda: f"{guest.WROTE} vdb {pattern}" in console(ground, uid, source),
         timeout=BOOT,
@@ -378,12 +387,14 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     files = {node: ground.volume_store(node) / namespace / "kept" for node in NODES}
     head = pattern.encode().ljust(16, bytes(1)).hex()
     read_back = f"{guest.DISK} vdb sectors={2**30 // 512} head={head}"
+    image_disk = f"{guest.DISK} vdc sectors={guest.DISK_IMAGE_MIB * 2**20 // 512} "
 
     # Live: the volume's bytes travel with the block copy; the attachment follows its instance.
     migrate(custom, namespace, "vol-live", "keeper")
     done = wait_phase(custom, namespace, "vol-live", "Succeeded", "Failed")["status"]
     assert done["phase"] == "Succeeded", done.get("message")
     attached_on(custom, namespace, "kept", target)
+    attached_on(custom, namespace, "cd", target)
     assert files[target].read_bytes()[: len(pattern)] == pattern.encode(), "the bytes are on the target"
     assert not files[source].exists(), "the source's copy goes once the target has it"
     custom.patch_namespaced_custom_object(
@@ -396,9 +407,9 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     )
     assert wait_action(custom, namespace, "keeper", "reboot", "after-live")["phase"] == "Succeeded"
     eventually(
-        lambda: read_back in console(ground, uid, target),
+        lambda: read_back in console(ground, uid, target) and image_disk in console(ground, uid, target),
         timeout=BOOT,
-        what="the guest to read its pattern back on the target at boot",
+        what="the guest to read its pattern back on the target at boot, and to see the image volume",
     )
 
     # Cold, back: the volume is downloaded with the disks; the source's copy stays until confirmed.
@@ -406,9 +417,9 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     waiting = wait_phase(custom, namespace, "vol-cold", "AwaitingConfirmation", "Failed")["status"]
     assert waiting["phase"] == "AwaitingConfirmation", waiting.get("message")
     eventually(
-        lambda: read_back in console(ground, uid, source),
+        lambda: read_back in console(ground, uid, source) and image_disk in console(ground, uid, source),
         timeout=BOOT,
-        what="the guest to read its pattern back after the cold move",
+        what="the guest to read its pattern back after the cold move, and to see the image volume",
     )
     assert files[target].exists(), "kept until the move is confirmed"
     custom.patch_namespaced_custom_object(
@@ -416,8 +427,10 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     )
     assert wait_phase(custom, namespace, "vol-cold", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
     attached_on(custom, namespace, "kept", source)
+    attached_on(custom, namespace, "cd", source)
     assert not files[target].exists() and files[source].read_bytes()[: len(pattern)] == pattern.encode()
-    delete_and_wait(custom, namespace, "kept", VOLUMEATTACHMENTS)
+    for name in ("kept", "cd"):
+        delete_and_wait(custom, namespace, name, VOLUMEATTACHMENTS)
     delete_and_wait(custom, namespace, "keeper")
     assert files[source].exists(), "a detached volume stays in its node's store"
 

@@ -19,6 +19,7 @@ import libvirt
 from kubenova.driver.base import (
     Convergence,
     DriverError,
+    ImageRef,
     InstanceSpec,
     MigrationOutcome,
     MigrationProgress,
@@ -103,6 +104,11 @@ class Migration(LibvirtCore):
             root = folder / ROOT
             if instance.image is not None and root.exists():  # lean on this host's own copy of the base
                 imagecache.rebase(root, self.cache.base(instance.image, "spec.boot.image.name"))
+            for moving in instance.volumes:  # an image volume's overlay too
+                overlay, _ = self._volume_file(instance.uuid, moving.volume)
+                if moving.volume.from_image and overlay.exists():
+                    image = ImageRef(moving.volume.name, namespace=moving.volume.namespace)
+                    imagecache.rebase(overlay, self.cache.base(image, "spec.image.name"))
             if (
                 instance.root_gib
                 and root.exists()
