@@ -13,7 +13,7 @@ re-exports them (``__all__``) but the image import errors, so callers import eve
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 
 from kubenova.driver.checks import (
     check_cpu_model,
@@ -365,9 +365,9 @@ class ComputeDriver(NetworkingContract):
         """A store volume's size in bytes (0 for an image's): a live migration's target makes its copy."""
 
     @abc.abstractmethod
-    def drop_volume_copies(self, volumes: Sequence[VolumeSpec]) -> None:
-        """Delete the store volumes a migration left here that belong to the other node (a target undone,
-        a source after the fact); a target never receives a volume it has, so only copies go."""
+    def drop_volume_copies(self, uuid: str) -> None:
+        """Delete the store volumes a migration left here for the other node: a target undone drops its
+        copies, a source whose transfer ended while its agent was away its originals (recorded ones only)."""
 
     # --- migration -----------------------------------------------------------------------
 

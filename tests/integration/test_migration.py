@@ -412,20 +412,27 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
         what="the guest to read its pattern back on the target at boot, and to see the image volume",
     )
 
-    # Cold, back: the volume is downloaded with the disks; the source's copy stays until confirmed.
-    migrate(custom, namespace, "vol-cold", "keeper", type="Cold", confirmation={"policy": "Manual"})
-    waiting = wait_phase(custom, namespace, "vol-cold", "AwaitingConfirmation", "Failed")["status"]
-    assert waiting["phase"] == "AwaitingConfirmation", waiting.get("message")
+    # Cold, back: the volume is downloaded with the disks; the source's copy stays until the decision.
+    # Reverted first (the copy goes, the original runs on), then confirmed (the original goes).
+    for name, decision in (("vol-revert", "Revert"), ("vol-cold", "Confirm")):
+        migrate(custom, namespace, name, "keeper", type="Cold", confirmation={"policy": "Manual"})
+        waiting = wait_phase(custom, namespace, name, "AwaitingConfirmation", "Failed")["status"]
+        assert waiting["phase"] == "AwaitingConfirmation", waiting.get("message")
+        attached_on(custom, namespace, "kept", source)
+        assert files[source].read_bytes()[: len(pattern)] == pattern.encode()
+        assert files[target].exists(), "kept until the decision"
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, MIGRATIONS, name, {"spec": {"decision": decision}}
+        )
+        ended = wait_phase(custom, namespace, name, "Succeeded", "Reverted", "Failed")["status"]
+        # A revert drops the copy: else the next move here would refuse to overwrite it.
+        wanted = {"Revert": "Reverted", "Confirm": "Succeeded"}[decision]
+        assert ended["phase"] == wanted, ended.get("message")
     eventually(
         lambda: read_back in console(ground, uid, source) and image_disk in console(ground, uid, source),
         timeout=BOOT,
         what="the guest to read its pattern back after the cold move, and to see the image volume",
     )
-    assert files[target].exists(), "kept until the move is confirmed"
-    custom.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, MIGRATIONS, "vol-cold", {"spec": {"decision": "Confirm"}}
-    )
-    assert wait_phase(custom, namespace, "vol-cold", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
     attached_on(custom, namespace, "kept", source)
     attached_on(custom, namespace, "cd", source)
     assert not files[target].exists() and files[source].read_bytes()[: len(pattern)] == pattern.encode()

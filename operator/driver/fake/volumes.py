@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from kubenova.driver.base import DriverError, ImageRef, InvalidInstanceSpec, VolumeNotFound, VolumeSpec
 from kubenova.driver.fake.disks import (
     GIB,
@@ -61,12 +59,8 @@ class FakeVolumes(FakeInstances):
             raise VolumeNotFound(f"volume {volume.name!r} is not in this host's store")
         return disk.size
 
-    def drop_volume_copies(self, volumes: Sequence[VolumeSpec]) -> None:
-        with self._lock:
-            for volume in volumes:
-                key = store_key(volume.namespace, volume.name)
-                if not volume.from_image and key not in self._volume_holders:
-                    self._volumes.pop(key, None)
+    def drop_volume_copies(self, uuid: str) -> None:
+        """Nothing to drop: the fake's volumes move in one step, when a migration succeeds (``_arrive``)."""
 
     def detach_volume(self, uuid: str, device: str) -> None:
         with self._lock:

@@ -10,8 +10,9 @@ from kubenova.driver.base import DriverError
 
 ROOT, CONFIG_DRIVE, UNRESCUE, RESCUE_DISK = "disk", "disk.config", "unrescue.xml", "disk.rescue"
 SWAP, EPHEMERAL, VOLUME = "disk.swap", "disk.eph.", "disk.vol."
-#: The store volumes a migration's copy made on this host for the instance (one path a line).
-INCOMING_VOLUMES = "incoming-volumes"
+#: In an instance's folder, one path a line: the store volumes a migration's copy made on this host (a
+#: target), and those a live transfer under way takes away (a source); see Migration.drop_volume_copies.
+INCOMING_VOLUMES, OUTGOING_VOLUMES = "incoming-volumes", "outgoing-volumes"
 
 
 def bounded(file_name: str) -> str:

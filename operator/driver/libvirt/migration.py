@@ -20,6 +20,7 @@ from kubenova.driver.base import (
     Convergence,
     DriverError,
     ImageRef,
+    InstanceNotFound,
     InstanceSpec,
     MigrationOutcome,
     MigrationProgress,
@@ -31,7 +32,7 @@ from kubenova.driver.base import (
 from kubenova.driver.libvirt import imagecache, qemu_hook
 from kubenova.driver.libvirt.core import LibvirtCore
 from kubenova.driver.libvirt.definitions import migration_definition
-from kubenova.driver.libvirt.disks import CONFIG_DRIVE, INCOMING_VOLUMES, RESCUE_DISK, ROOT
+from kubenova.driver.libvirt.disks import CONFIG_DRIVE, INCOMING_VOLUMES, OUTGOING_VOLUMES, RESCUE_DISK, ROOT
 from kubenova.driver.libvirt.errors import translate
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.hostconfig import StoragePool
@@ -89,6 +90,7 @@ class Migration(LibvirtCore):
         """Stop the instance; its folder and its store volumes stay as they are for the target to fetch
         (the config drive is remade there)."""
         self.power_off(uuid)
+        (self._dir(uuid) / INCOMING_VOLUMES).unlink(missing_ok=True)  # the arrival it recorded is over
         own = [p for p in self._dir(uuid).glob("disk*") if p.name not in (CONFIG_DRIVE, RESCUE_DISK)]
         return sorted(str(p) for p in [*own, *self._store_files(self._guest(uuid).config_devices().disks)])
 
@@ -191,11 +193,22 @@ class Migration(LibvirtCore):
         return dest
 
     def confirm_migration(self, uuid: str) -> None:
-        """The instance stays on the target: its folder and the store volumes it took along go."""
-        moved = self._store_files(self._guest(uuid).config_devices().disks)
-        self.destroy(uuid)
+        """The instance stays on the target: the store volumes it took along go, then its folder (in that
+        order, so that a retry after a crash between the two still finds them in the definition)."""
+        try:
+            moved = self._store_files(self._guest(uuid).config_devices().disks)
+        except InstanceNotFound:
+            moved = []
         for path in moved:
             path.unlink(missing_ok=True)
+        self.destroy(uuid)
+
+    def drop_volume_copies(self, uuid: str) -> None:
+        folder = self._dir(uuid)
+        for marker in (folder / INCOMING_VOLUMES, folder / OUTGOING_VOLUMES):
+            for path in marker.read_text().splitlines() if marker.exists() else []:
+                pathlib.Path(path).unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
 
     def finish_revert_migration(self, uuid: str, power_on: bool = True) -> None:
         self._guest(uuid)
@@ -279,6 +292,10 @@ class Migration(LibvirtCore):
                 d.target for d in guest.devices().disks if not d.read_only
             ]
         moved = self._store_files(guest.devices().disks)
+        folder = self._dir(uuid)
+        (folder / INCOMING_VOLUMES).unlink(missing_ok=True)  # the arrival it recorded is over
+        # What goes once the guest is gone, for an agent that dies before it sees the transfer end.
+        (folder / OUTGOING_VOLUMES).write_text("".join(f"{p}\n" for p in moved))
         outcome: list[BaseException] = []
         worker = threading.Thread(
             target=_migrate,
@@ -292,6 +309,7 @@ class Migration(LibvirtCore):
             if progress and worker.is_alive():
                 _report(guest, progress)
         if outcome:
+            (folder / OUTGOING_VOLUMES).unlink(missing_ok=True)
             raise outcome[0]  # the instance still runs here
         self.unfilter_instance(uuid)
         shutil.rmtree(self._dir(uuid), ignore_errors=True)
@@ -307,6 +325,7 @@ class Migration(LibvirtCore):
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         guest = self._guest(uuid)
         (self._dir(uuid) / qemu_hook.INCOMING).unlink(missing_ok=True)
+        (self._dir(uuid) / INCOMING_VOLUMES).unlink(missing_ok=True)  # the copies are the volumes now
         if guest.state() is not PowerState.RUNNING:
             raise DriverError(f"instance {uuid} arrived but is not running")
         stats = guest.job_stats(completed=True)  # the incoming job's figures stay here until the next job

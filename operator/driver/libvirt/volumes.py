@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from kubenova.driver.base import DriverError, InvalidInstanceSpec, MovingVolume, VolumeNotFound, VolumeSpec
 from kubenova.driver.libvirt.core import LibvirtCore
@@ -45,11 +44,6 @@ class Volumes(LibvirtCore):
             return self._store_file(volume).stat().st_size
         except FileNotFoundError as exc:
             raise VolumeNotFound(f"volume {volume.name!r} is not in this node's store") from exc
-
-    def drop_volume_copies(self, volumes: Sequence[VolumeSpec]) -> None:
-        for volume in volumes:
-            if not volume.from_image:
-                self._store_file(volume).unlink(missing_ok=True)
 
     def detach_volume(self, uuid: str, device: str, timeout: float = 30.0) -> None:
         """Drop the disk from the persistent definition, then ask the running guest to release it.

@@ -148,8 +148,8 @@ class ColdSteps:
         """Target: delete its copy and give the instance back to the source, old flavor included."""
         status = body["status"]
         instance = self.handover.instance(body)
+        self.driver.drop_volume_copies(status["instanceUID"])
         self.driver.destroy(status["instanceUID"])
-        self.driver.drop_volume_copies(self.handover.volumes(body))
         self.handover.move_instance(instance, status["sourceNode"], status["handoff"]["flavor"])
         self.handover.hand_over(
             body, "RevertSource", f"reverting; {status['sourceNode']} starts the original again"

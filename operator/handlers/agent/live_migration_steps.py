@@ -379,8 +379,8 @@ class LiveSteps:
                 handoff={"outcome": "Failed"},
             )
         else:  # what the transfer's own end removes here (filter, folder, volumes), which the death skipped
+            self.driver.drop_volume_copies(instance_uid)
             self.driver.destroy(instance_uid)
-            self.driver.drop_volume_copies(self.handover.volumes(body))
             self.handover.hand_over(
                 body, "FinishTarget", "the transfer completed while the source's agent restarted"
             )
@@ -439,6 +439,6 @@ class LiveSteps:
             log.warning("%s: the guest runs here after all; finishing instead of rolling back", uid)
             self.finish_target(body)
             return
+        self.driver.drop_volume_copies(uid)
         self.driver.rollback_live_migration_at_destination(uid)
-        self.driver.drop_volume_copies(self.handover.volumes(body))
         self.handover.finish(body, status["handoff"].get("outcome", "Failed"), status.get("message", ""))

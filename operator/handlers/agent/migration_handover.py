@@ -14,10 +14,9 @@ from typing import Any
 import kubernetes
 
 from kubenova import faults
-from kubenova.driver.base import DriverError, VolumeSpec
+from kubenova.driver.base import DriverError
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.events import EventPoster
-from kubenova.handlers.agent.volumes import attached_volumes
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -146,14 +145,6 @@ class Handover:
         if instance["metadata"]["uid"] != status.get("instanceUID"):
             raise Gone(f"VirtualInstance {name!r} was deleted and created again during the migration")
         return dict(instance)
-
-    def volumes(self, body: Mapping[str, Any]) -> list[VolumeSpec]:
-        """The store volumes attached to the instance the migration moves (whose copies a target undone
-        drops)."""
-        moving = attached_volumes(
-            self.objects, body["metadata"]["namespace"], body["spec"]["instanceRef"]["name"]
-        )
-        return [v.volume for v in moving if not v.volume.from_image]
 
     def move_instance(self, instance: Mapping[str, Any], node: str, flavor: dict[str, int] | None) -> None:
         """Bind the instance to ``node`` (the agents' watches follow the label) and record its flavor.

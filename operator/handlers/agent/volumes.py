@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,6 +36,8 @@ from kubenova.handlers.shared import (
 )
 
 log = logging.getLogger(__name__)
+#: What a guest's disk is called (``next_target``'s names), the only device a migration's target takes.
+DEVICE = re.compile(r"(vd|sd)[a-z]")
 
 
 def volume_spec(body: Mapping[str, Any]) -> VolumeSpec:
@@ -65,7 +68,7 @@ def attached_volumes(
         for body in listed["items"]
         if body["spec"]["instanceRef"]["name"] == instance
         and (status := body.get("status") or {}).get("phase") == "Attached"
-        and status.get("device")
+        and DEVICE.fullmatch(str(status.get("device", "")))  # a node wrote it: a disk name, nothing else
     )
 
 
