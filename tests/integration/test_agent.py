@@ -92,6 +92,23 @@ def restart_agent(ground: testground.Ground) -> None:
     testground.start_kubenova(ground)
 
 
+def attach(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str, **spec: Any
+) -> None:
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VOLUMEATTACHMENTS,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VolumeAttachment",
+            "metadata": {"name": name},
+            "spec": {"instanceRef": {"name": instance}, **spec},
+        },
+    )
+
+
 def delete_and_wait(
     custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, plural: str = VIRTUALINSTANCES
 ) -> None:
@@ -294,18 +311,7 @@ def test_volume_hot_attach_and_detach(
     ]["uid"]
     volume = f"vol-{namespace}"
     # Created before the instance is even placed: the attachment waits for it, then follows it.
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        VOLUMEATTACHMENTS,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "VolumeAttachment",
-            "metadata": {"name": "data"},
-            "spec": {"instanceRef": {"name": "withvol"}, "volume": {"name": volume, "sizeGiB": 1}},
-        },
-    )
+    attach(custom, namespace, "data", "withvol", volume={"name": volume, "sizeGiB": 1})
     wait_ready(custom, namespace, "withvol")
     va = eventually(
         lambda: (

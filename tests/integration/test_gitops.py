@@ -11,7 +11,7 @@ import kubernetes
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from testground import ground as testground
 from tests.helpers import eventually
-from tests.integration.test_agent import delete_and_wait, patch_spec, wait_action, wait_ready
+from tests.integration.test_agent import attach, delete_and_wait, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import get, make
 
 WRITES = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
@@ -85,21 +85,7 @@ def test_kubenova_never_writes_spec(
     patch_spec(custom, namespace, "gitops", {"actions": {"reboot": {"id": "g1", "type": "Hard"}}})
     user_changes += 1
     wait_action(custom, namespace, "gitops", "reboot", "g1")
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        VOLUMEATTACHMENTS,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "VolumeAttachment",
-            "metadata": {"name": "d"},
-            "spec": {
-                "instanceRef": {"name": "gitops"},
-                "volume": {"name": f"gitops-{namespace}", "sizeGiB": 1},
-            },
-        },
-    )
+    attach(custom, namespace, "d", "gitops", volume={"name": f"gitops-{namespace}", "sizeGiB": 1})
     va = eventually(
         lambda: (
             (v := custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, "d"))

@@ -30,7 +30,7 @@ from testground import ground as testground
 from testground import guest, libvirt_host
 from testground.served import Served
 from tests.helpers import PacketWatch, empty_namespace, eventually
-from tests.integration.test_agent import delete_and_wait, wait_action, wait_ready
+from tests.integration.test_agent import attach, delete_and_wait, wait_action, wait_ready
 from tests.integration.test_image_imports import serve
 from tests.integration.test_virtualinstance import get, make
 
@@ -325,23 +325,6 @@ def test_live_block_migration_keeps_what_the_guest_wrote(
 
 def attachment(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
     return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, name))
-
-
-def attach(
-    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, instance: str, **spec: Any
-) -> None:
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        VOLUMEATTACHMENTS,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "VolumeAttachment",
-            "metadata": {"name": name},
-            "spec": {"instanceRef": {"name": instance}, **spec},
-        },
-    )
 
 
 def attached_on(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, node: str) -> None:

@@ -15,7 +15,7 @@ from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATT
 from testground import ground as testground
 from testground import guest, libvirt_host, procs
 from tests.helpers import PacketWatch, eventually, listeners, on_every_interface
-from tests.integration.test_agent import console_text, patch_spec, wait_action, wait_ready
+from tests.integration.test_agent import attach, console_text, patch_spec, wait_action, wait_ready
 from tests.integration.test_virtualinstance import cond, domain, get, make
 
 
@@ -65,18 +65,7 @@ def test_a_spec_reaches_no_file_outside_the_stores(
         make_running = make("vm")
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, make_running)
         wait_ready(custom, namespace, "vm")
-        custom.create_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            VOLUMEATTACHMENTS,
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "VolumeAttachment",
-                "metadata": {"name": "evil"},
-                "spec": {"instanceRef": {"name": "vm"}, "volume": {"name": links[1].name, "sizeGiB": 1}},
-            },
-        )
+        attach(custom, namespace, "evil", "vm", volume={"name": links[1].name, "sizeGiB": 1})
         va = eventually(
             lambda: (
                 (

@@ -194,36 +194,30 @@ def bind_volume(
         set_condition(patch, status, "Ready", False, "InstanceNotPlaced", message, meta.get("generation"))
         StatusWriter(custom, VOLUMEATTACHMENTS).write(body, patch, guard=True)
         return
-    unless_changed(
-        lambda: custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            VOLUMEATTACHMENTS,
-            meta["name"],
-            {
-                "metadata": {
-                    "labels": {NODE_LABEL: instance_node},
-                    "resourceVersion": meta["resourceVersion"],
-                    "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
-                }
-            },
-        )
-    )
+    _label_volume(custom, meta, instance_node, [*(meta.get("finalizers") or []), AGENT_FINALIZER])
 
 
 def follow_instance(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], node: str) -> None:
     """Move a bound attachment to the node its instance now runs on (a migration took the volume along):
-    that node's agent then says it is attached there. Guarded by the resourceVersion it was decided on."""
+    that node's agent then says it is attached there."""
     meta = body["metadata"]
-    if unless_changed(
-        lambda: custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            VOLUMEATTACHMENTS,
-            meta["name"],
-            {"metadata": {"labels": {NODE_LABEL: node}, "resourceVersion": meta["resourceVersion"]}},
-        )
-    ):
+    if _label_volume(custom, meta, node):
         log.info("%s/%s follows its instance to %s", meta["namespace"], meta["name"], node)
+
+
+def _label_volume(
+    custom: kubernetes.client.CustomObjectsApi,
+    meta: Mapping[str, Any],
+    node: str,
+    finalizers: list[str] | None = None,
+) -> bool:
+    """Bind an attachment to ``node`` (and set its finalizers), guarded by the resourceVersion it was
+    decided on; False when it changed meanwhile."""
+    patch: dict[str, Any] = {"labels": {NODE_LABEL: node}, "resourceVersion": meta["resourceVersion"]}
+    if finalizers is not None:
+        patch["finalizers"] = finalizers
+    return unless_changed(
+        lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], VOLUMEATTACHMENTS, meta["name"], {"metadata": patch}
+        )
+    )
