@@ -367,7 +367,7 @@ class ComputeDriver(NetworkingContract):
     @abc.abstractmethod
     def drop_volume_copies(self, uuid: str) -> None:
         """Delete the store volumes a migration left here for the other node: a target undone drops its
-        copies, a source whose transfer ended while its agent was away its originals (recorded ones only)."""
+        copies, a source whose guest left though its call failed its originals (recorded ones only)."""
 
     # --- migration -----------------------------------------------------------------------
 

@@ -135,12 +135,14 @@ class Migration(LibvirtCore):
     ) -> None:
         """A transient dir pool over each of the source's folders (the instance's, a namespace's in the
         volume store) makes its files downloadable volumes; ``made`` collects the store files written."""
-        volumes = {(v.volume.namespace, v.volume.name): v.volume for v in instance.volumes}
+        volumes = {
+            (v.volume.namespace, v.volume.name): v.volume for v in instance.volumes if not v.volume.from_image
+        }
         check_handed_disks(instance.uuid, paths, volumes)
         wanted: dict[str, list[tuple[str, pathlib.Path]]] = {}  # source folder -> (file, where it goes)
         for path in map(pathlib.PurePath, paths):
             volume = volumes.get((path.parent.name, path.name))
-            if volume is not None and not volume.from_image:
+            if volume is not None:
                 dest = self._claim_store_file(folder, volume)
                 made.append(dest)
             else:
@@ -308,8 +310,7 @@ class Migration(LibvirtCore):
             worker.join(0.5)
             if progress and worker.is_alive():
                 _report(guest, progress)
-        if outcome:
-            (folder / OUTGOING_VOLUMES).unlink(missing_ok=True)
+        if outcome:  # the marker stays: the job may have ended on the target all the same (the agent looks)
             raise outcome[0]  # the instance still runs here
         self.unfilter_instance(uuid)
         shutil.rmtree(self._dir(uuid), ignore_errors=True)

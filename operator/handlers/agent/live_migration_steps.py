@@ -216,12 +216,14 @@ class LiveSteps:
             )
         except DriverError as exc:
             if watch.post_copy_at is not None and not self.driver.instance_exists(instance_uid):
+                self.driver.drop_volume_copies(instance_uid)
                 self.handover.hand_over(body, "FinishTarget", f"transferred in post-copy despite: {exc}")
                 return
             if watch.post_copy_at is not None:  # past the point of no return: roll nothing back
                 self.handover.finish(body, "Failed", self._lost(status, exc))
                 return
             if not self._runs_here(instance_uid):  # the job ended on the target after all
+                self.driver.drop_volume_copies(instance_uid)
                 self.handover.hand_over(body, "FinishTarget", f"transferred despite: {exc}")
                 return
             if uid in self._expired:  # stopped at its deadline
