@@ -281,48 +281,6 @@ def test_migration_is_encrypted_and_the_hosts_refuse_it_in_clear(
     delete_and_wait(custom, namespace, "sealed")
 
 
-def test_live_block_migration_keeps_what_the_guest_wrote(
-    ground: testground.Ground,
-    custom: kubernetes.client.CustomObjectsApi,
-    namespace: str,
-    nodes: tuple[str, str],
-) -> None:
-    pattern = f"LIVE-{uuid.uuid4().hex[:8]}"
-    cmdline = f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}"
-    body = vi(
-        "disk",
-        rootDisk={"sizeGiB": 1},
-        ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}],
-        boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
-    )
-    uid, source = running(ground, custom, namespace, body)
-    eventually(
-        lambda: f"{guest.WROTE} vdb {pattern}" in console(ground, uid, source),
-        timeout=BOOT,
-        what="the guest to write its pattern",
-    )
-    migrate(custom, namespace, "disk-1", "disk")
-    assert wait_phase(custom, namespace, "disk-1", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
-    target = other(source)
-    # A fresh boot on the target reads the disk back from its own copy.
-    custom.patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        VIRTUALINSTANCES,
-        "disk",
-        {"spec": {"actions": {"reboot": {"id": "after-move", "type": "Hard"}}}},
-    )
-    assert wait_action(custom, namespace, "disk", "reboot", "after-move")["phase"] == "Succeeded"
-    head = pattern.encode().ljust(16, bytes(1)).hex()
-    eventually(
-        lambda: f"{guest.DISK} vdb sectors={2**30 // 512} head={head}" in console(ground, uid, target),
-        timeout=BOOT,
-        what="the target's guest to read the pattern at boot",
-    )
-    delete_and_wait(custom, namespace, "disk")
-
-
 def attachment(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
     return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, name))
 
@@ -341,22 +299,31 @@ def attached_on(custom: kubernetes.client.CustomObjectsApi, namespace: str, name
     )
 
 
-def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
+def test_a_guests_disks_and_volumes_move_with_it_live_then_cold(
     ground: testground.Ground,
     custom: kubernetes.client.CustomObjectsApi,
     namespace: str,
     nodes: tuple[str, str],
 ) -> None:
-    pattern = f"VOL-{uuid.uuid4().hex[:8]}"
+    """What the guest wrote to its own disk (vdb, ephemeral), what a store volume holds (vdc, written on
+    the node before it was attached) and an image volume (vdd) move live, then cold, and the guest reads
+    them back at each new boot."""
+    pattern, stored = f"LIVE-{uuid.uuid4().hex[:8]}", f"VOL-{uuid.uuid4().hex[:8]}"
     cmdline = f"{guest.CMDLINE} {guest.write_hook('vdb', pattern)}"
     body = vi(
         "keeper",
         rootDisk={"sizeGiB": 1},
+        ephemeralDisks=[{"name": "scratch", "sizeGiB": 1}],
         boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
     )
     uid, source = running(ground, custom, namespace, body)
     target = other(source)
-    attach(custom, namespace, "kept", "keeper", volume={"name": "kept", "sizeGiB": 1})
+    files = {node: ground.volume_store(node) / namespace / "kept" for node in NODES}
+    files[source].parent.mkdir(parents=True, exist_ok=True)
+    with open(files[source], "xb") as f:
+        f.write(stored.encode())
+        f.truncate(2**30)
+    attach(custom, namespace, "kept", "keeper", volume={"name": "kept"})
     attached_on(custom, namespace, "kept", source)
     assert attachment(custom, namespace, "kept")["status"]["sizeBytes"] == 2**30
     # An image volume: an overlay in the instance's folder, over each node's own copy of the image.
@@ -365,12 +332,16 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     eventually(
         lambda: f"{guest.WROTE} vdb {pattern}" in console(ground, uid, source),
         timeout=BOOT,
-        what="the guest to write its pattern to the hot-plugged volume",
+        what="the guest to write its pattern to its disk",
     )
-    files = {node: ground.volume_store(node) / namespace / "kept" for node in NODES}
-    head = pattern.encode().ljust(16, bytes(1)).hex()
-    read_back = f"{guest.DISK} vdb sectors={2**30 // 512} head={head}"
-    image_disk = f"{guest.DISK} vdc sectors={guest.DISK_IMAGE_MIB * 2**20 // 512} "
+    lines = [
+        f"{guest.DISK} {dev} sectors={2**30 // 512} head={text.encode().ljust(16, bytes(1)).hex()}"
+        for dev, text in (("vdb", pattern), ("vdc", stored))
+    ] + [f"{guest.DISK} vdd sectors={guest.DISK_IMAGE_MIB * 2**20 // 512} "]
+
+    def read_back(node: str) -> bool:
+        text = console(ground, uid, node)
+        return all(line in text for line in lines)
 
     # Live: the volume's bytes travel with the block copy; the attachment follows its instance.
     migrate(custom, namespace, "vol-live", "keeper")
@@ -378,7 +349,7 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     assert done["phase"] == "Succeeded", done.get("message")
     attached_on(custom, namespace, "kept", target)
     attached_on(custom, namespace, "cd", target)
-    assert files[target].read_bytes()[: len(pattern)] == pattern.encode(), "the bytes are on the target"
+    assert files[target].read_bytes()[: len(stored)] == stored.encode(), "the bytes are on the target"
     assert not files[source].exists(), "the source's copy goes once the target has it"
     custom.patch_namespaced_custom_object(
         GROUP,
@@ -390,9 +361,9 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
     )
     assert wait_action(custom, namespace, "keeper", "reboot", "after-live")["phase"] == "Succeeded"
     eventually(
-        lambda: read_back in console(ground, uid, target) and image_disk in console(ground, uid, target),
+        lambda: read_back(target),
         timeout=BOOT,
-        what="the guest to read its pattern back on the target at boot, and to see the image volume",
+        what="the guest to read its disk and volumes back on the target at boot",
     )
 
     # Cold, back: the volume is downloaded with the disks; the source's copy stays until the decision.
@@ -402,7 +373,7 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
         waiting = wait_phase(custom, namespace, name, "AwaitingConfirmation", "Failed")["status"]
         assert waiting["phase"] == "AwaitingConfirmation", waiting.get("message")
         attached_on(custom, namespace, "kept", source)
-        assert files[source].read_bytes()[: len(pattern)] == pattern.encode()
+        assert files[source].read_bytes()[: len(stored)] == stored.encode()
         assert files[target].exists(), "kept until the decision"
         custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, MIGRATIONS, name, {"spec": {"decision": decision}}
@@ -412,13 +383,13 @@ def test_a_node_local_volume_moves_with_its_instance_live_then_cold(
         wanted = {"Revert": "Reverted", "Confirm": "Succeeded"}[decision]
         assert ended["phase"] == wanted, ended.get("message")
     eventually(
-        lambda: read_back in console(ground, uid, source) and image_disk in console(ground, uid, source),
+        lambda: read_back(source),
         timeout=BOOT,
-        what="the guest to read its pattern back after the cold move, and to see the image volume",
+        what="the guest to read its disk and volumes back after the cold moves",
     )
     attached_on(custom, namespace, "kept", source)
     attached_on(custom, namespace, "cd", source)
-    assert not files[target].exists() and files[source].read_bytes()[: len(pattern)] == pattern.encode()
+    assert not files[target].exists() and files[source].read_bytes()[: len(stored)] == stored.encode()
     for name in ("kept", "cd"):
         delete_and_wait(custom, namespace, name, VOLUMEATTACHMENTS)
     delete_and_wait(custom, namespace, "keeper")
