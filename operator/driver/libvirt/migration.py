@@ -12,6 +12,7 @@ import contextlib
 import pathlib
 import shutil
 import threading
+import time
 from typing import Any
 
 import libvirt
@@ -37,6 +38,9 @@ from kubenova.driver.libvirt.errors import translate
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.hostconfig import StoragePool
 
+#: How long a cold migration's fetch waits for another one to stop reading the same folder of the source.
+EXPOSE_WAIT = 300.0
+
 
 def _migrate(
     guest: Guest, dest_uri: str, params: dict[str, Any], flags: int, outcome: list[BaseException]
@@ -46,6 +50,26 @@ def _migrate(
         guest.migrate(dest_uri, params, flags)
     except BaseException as exc:
         outcome.append(exc)
+
+
+def expose(source: libvirt.virConnect, name: str, folder: str, uuid: str) -> libvirt.virStoragePool:
+    """A transient dir pool over one of the source's folders, which makes its files downloadable.
+
+    libvirt lets one pool read a folder: another migration's fetch from the same namespace's folder of
+    the volume store (two stopped instances evacuated at once) is waited for; a pool of this very fetch
+    left by an agent that died mid-copy is dropped first.
+    """
+    with contextlib.suppress(libvirt.libvirtError):
+        source.storagePoolLookupByName(name).destroy()
+    deadline = time.monotonic() + EXPOSE_WAIT
+    with translate("expose the source's disks", uuid):
+        while True:
+            try:
+                return source.storagePoolCreateXML(StoragePool(name=name, path=folder).to_xml(), 0)
+            except libvirt.libvirtError as exc:
+                if "conflict" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
 
 
 def _report(guest: Guest, progress: ProgressCallback) -> None:
@@ -156,11 +180,7 @@ class Migration(LibvirtCore):
             raise DriverError(f"cannot reach the source host at {source_uri}: {exc}") from exc
         try:
             for index, (source_folder, files) in enumerate(sorted(wanted.items())):
-                pool_xml = StoragePool(
-                    name=f"kubenova-out-{instance.uuid}-{index}", path=source_folder
-                ).to_xml()
-                with translate("expose the source's disks", instance.uuid):
-                    pool = source.storagePoolCreateXML(pool_xml, 0)
+                pool = expose(source, f"kubenova-out-{instance.uuid}-{index}", source_folder, instance.uuid)
                 try:
                     for name, dest in files:
                         dest.parent.mkdir(parents=True, exist_ok=True)
