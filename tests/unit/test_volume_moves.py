@@ -3,13 +3,16 @@ source's hand-off (a node is trusted with nothing but its own objects)."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import pytest
 
 from kubenova.driver.base import DriverError, check_handed_disks
+from kubenova.handlers.controller.app import Controller
 from kubenova.handlers.controller.binding import Unschedulable
 from kubenova.handlers.controller.migration_planner import _Wait, check_volumes
+from kubenova.handlers.shared import NODE_LABEL
 
 UID = "0b5e6c1e-6a55-4d43-9f4e-2d1a3c0e9b11"
 
@@ -67,3 +70,53 @@ def test_a_forged_hand_off_reaches_no_volume_but_the_moved_instances_own() -> No
     for forged in ("/srv/volumes/other-ns/data", "/srv/volumes/ns/secret", "/srv/volumes/ns/../x/data"):
         with pytest.raises(DriverError, match="refused the source's hand-off"):
             check_handed_disks(UID, [forged], attached)
+
+
+class PatchLog:
+    """The one call following makes of CustomObjectsApi, recorded."""
+
+    def __init__(self) -> None:
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+
+    def patch_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.patches.append((name, body))
+        return body
+
+
+def bound(name: str, node: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ns", "labels": {NODE_LABEL: node}, "resourceVersion": "7"},
+        "spec": {"instanceRef": {"name": "vm"}, "volume": {"name": name}},
+    }
+
+
+def test_attachments_follow_their_instance_when_it_moves_or_when_the_controller_was_away() -> None:
+    api = PatchLog()
+    controller = types.SimpleNamespace(api=api)
+    left, there = bound("left", "node-1"), bound("there", "node-2")
+    # The instance's label moved to node-2: the attachment left on node-1 follows, the other stays.
+    Controller.instance_bound(
+        controller,  # type: ignore[arg-type]
+        "MODIFIED",
+        "ns",
+        "vm",
+        {NODE_LABEL: "node-2"},
+        unbound_volumes={},
+        bound_volumes={("ns", "vm"): [left, there]},
+    )
+    want = {"metadata": {"labels": {NODE_LABEL: "node-2"}, "resourceVersion": "7"}}
+    assert api.patches == [("left", want)]
+    # Seen after the fact (a controller that was away during the move): the same.
+    api.patches.clear()
+    for body in (left, there):
+        Controller.volume_bound(
+            controller,  # type: ignore[arg-type]
+            "MODIFIED",
+            "ns",
+            body["spec"],
+            body,
+            instance_nodes={("ns", "vm"): ["node-2"]},
+        )
+    assert api.patches == [("left", want)]
