@@ -53,15 +53,6 @@ def test_the_single_node_samples_reach_their_phase(
     ground: testground.Ground, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api,
     served: Served, namespace: str,
 ) -> None:  # fmt: skip
-    # The image sample first: its Debian cloud guest takes longest to boot, the others run meanwhile. With
-    # the checksum the test ground's image has today (its comment says so).
-    web = sample("virtualinstance-image.yaml")
-    assert web["spec"]["boot"]["image"]["url"] == served.url(served.cloud_image)
-    web["spec"]["boot"]["image"]["checksum"] = f"sha256:{sha256(served.root / served.cloud_image)}"
-    core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "web-admin"}, "stringData": {"password": "pw"}}
-    )
-    apply(custom, namespace, VIRTUALINSTANCES, web)
     apply(custom, namespace, VIRTUALINSTANCES, sample("virtualinstance.yaml"))
     apply(custom, namespace, VIRTUALINSTANCES, sample("virtualinstance-power.yaml"))
     wait_ready(custom, namespace, "demo")
@@ -102,7 +93,14 @@ def test_the_single_node_samples_reach_their_phase(
         what="the VM's address ready in the Service's EndpointSlice",
     )
 
-    # The image sample, applied first: the image imported and the Debian guest up.
+    # The image sample, with the checksum the test ground's image has today (its comment says so).
+    web = sample("virtualinstance-image.yaml")
+    assert web["spec"]["boot"]["image"]["url"] == served.url(served.cloud_image)
+    web["spec"]["boot"]["image"]["checksum"] = f"sha256:{sha256(served.root / served.cloud_image)}"
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "web-admin"}, "stringData": {"password": "pw"}}
+    )
+    apply(custom, namespace, VIRTUALINSTANCES, web)
     uid = wait_ready(custom, namespace, "web", timeout=300)["metadata"]["uid"]
     eventually(
         lambda: "web booted on web" in console_text(ground, uid),
