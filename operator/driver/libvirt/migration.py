@@ -72,6 +72,11 @@ def expose(source: libvirt.virConnect, name: str, folder: str, uuid: str) -> lib
             time.sleep(0.5)
 
 
+def _recorded(marker: pathlib.Path) -> list[str]:
+    """The paths a migration recorded in one of the instance folder's markers (none if it has none)."""
+    return marker.read_text().splitlines() if marker.exists() else []
+
+
 def _report(guest: Guest, progress: ProgressCallback) -> None:
     stats = guest.job_stats()
     if stats and stats.get("data_total"):  # nothing to report before the job has sized its work
@@ -201,8 +206,7 @@ class Migration(LibvirtCore):
         as its folder records: a retry after the agent died mid-copy neither fails nor leaks."""
         dest = self._store_file(volume)
         marker = folder / INCOMING_VOLUMES
-        ours = marker.read_text().splitlines() if marker.exists() else []
-        if dest.exists() and str(dest) not in ours:
+        if dest.exists() and str(dest) not in _recorded(marker):
             raise DriverError(
                 f"volume {volume.name!r} of namespace {volume.namespace} is in this node's store already; "
                 "moving the instance here would overwrite it: choose another node, or delete or rename "
@@ -228,7 +232,7 @@ class Migration(LibvirtCore):
     def drop_volume_copies(self, uuid: str) -> None:
         folder = self._dir(uuid)
         for marker in (folder / INCOMING_VOLUMES, folder / OUTGOING_VOLUMES):
-            for path in marker.read_text().splitlines() if marker.exists() else []:
+            for path in _recorded(marker):
                 pathlib.Path(path).unlink(missing_ok=True)
             marker.unlink(missing_ok=True)
 
@@ -308,12 +312,11 @@ class Migration(LibvirtCore):
             libvirt.VIR_MIGRATE_PARAM_DEST_XML: migration_definition(dest_definition, guest.migratable_xml()),
             libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_definition,
         }
+        disks = guest.devices().disks
         if block_migration:  # overlays travel over NBD; the bases are already on the target
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
-            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [
-                d.target for d in guest.devices().disks if not d.read_only
-            ]
-        moved = self._store_files(guest.devices().disks)
+            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [d.target for d in disks if not d.read_only]
+        moved = self._store_files(disks)
         folder = self._dir(uuid)
         (folder / INCOMING_VOLUMES).unlink(missing_ok=True)  # the arrival it recorded is over
         # What goes once the guest is gone, for an agent that dies before it sees the transfer end.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -77,6 +77,11 @@ def _nodes(
             tainted if kubernetes_nodes is not None else None,
         )
     return nodes
+
+
+def _instance_node(indexes: Mapping[str, Any], namespace: str | None, spec: Mapping[str, Any]) -> str | None:
+    """The node an attachment's instance is bound to, from the instance_nodes index (None: not placed)."""
+    return next(iter(indexes["instance_nodes"].get((namespace, spec["instanceRef"]["name"]), [None])), None)
 
 
 def _loop(name: str, work: Callable[[], None]) -> Callable[[], None]:
@@ -254,9 +259,7 @@ class Controller:
     ) -> None:
         """A bound attachment whose instance runs elsewhere (the controller was away when it moved)
         follows it."""
-        node = next(
-            iter(indexes["instance_nodes"].get((namespace, spec["instanceRef"]["name"]), [None])), None
-        )
+        node = _instance_node(indexes, namespace, spec)
         if type != "DELETED" and node and node != body["metadata"]["labels"].get(NODE_LABEL):
             binding.follow_instance(self.api, body, node)
 
@@ -272,9 +275,7 @@ class Controller:
     ) -> None:
         if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
             return
-        node = next(
-            iter(indexes["instance_nodes"].get((namespace, spec["instanceRef"]["name"]), [None])), None
-        )
+        node = _instance_node(indexes, namespace, spec)
         binding.bind_volume(self.api, body, node)
 
     def release_from_removed_node(
