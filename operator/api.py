@@ -242,8 +242,13 @@ class VirtualInstanceStatus(TypedDict, total=False):
     conditions: list[Condition]
 
 
+class ClaimSource(TypedDict, total=False):
+    claimName: str
+
+
 class VolumeSource(TypedDict, total=False):
     name: str
+    persistentVolumeClaim: ClaimSource
     sizeGiB: int
 
 

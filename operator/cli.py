@@ -65,6 +65,13 @@ def parser() -> argparse.ArgumentParser:
         "node.kubernetes.io/out-of-service fences the ComputeNode whose agent ran there",
     )
 
+    controller.add_argument(
+        "--holder-image",
+        default=_env("KUBENOVA_HOLDER_IMAGE", ""),
+        help="the image of the pods that hold a claim on a VM's node (a pause image); empty: no claim "
+        "attachments [$KUBENOVA_HOLDER_IMAGE]",
+    )
+
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
     agent.add_argument(
@@ -160,8 +167,12 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
-        help="host:port of the Prometheus /metrics endpoint and the /healthz and /readyz probes "
-        "[127.0.0.1:9464]",
+        help="host:port of the Prometheus /metrics endpoint and the /healthz and /readyz probes [127.0.0.1:9464]",
+    )
+    agent.add_argument(
+        "--kubelet-dir",
+        default=_env("KUBELET_DIR", "/var/lib/kubelet"),
+        help="the kubelet's root folder, where it mounts claims for holder pods [$KUBELET_DIR]",
     )
     agent.add_argument(
         "--resync-interval",
@@ -374,6 +385,7 @@ def _agent(args: argparse.Namespace) -> int:
             migration_timeout_per_gib=args.migration_completion_timeout_per_gib,
             lease_seconds=args.lease_duration,
             kubernetes_node=args.kubernetes_node,
+            kubelet_dir=pathlib.Path(args.kubelet_dir),
             migration_convergence=Convergence(args.migration_auto_converge, args.migration_post_copy),
             settings=settings,
             network=NetworkSettings(
@@ -418,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             controller.MigrationLimits(args.max_migrations_per_node, args.max_migrations),
             args.health_address,
             args.watch_nodes,
+            args.holder_image,
         )
     elif args.command == "access":
         from kubenova.handlers.access import main as access

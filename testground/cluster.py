@@ -283,8 +283,10 @@ def values(layout: Layout, node: str, image_store: pathlib.Path) -> dict[str, An
     consoles = access.values(layout)
     return {
         "access": consoles["access"],
+        "controller": {"holderImage": PAUSE_IMAGE},
         "agent": {
             **consoles["agent"],
+            "kubeletDir": str(cluster_dir(layout) / "kubelet"),
             "libvirt": {"mode": "host", "socketDir": str(libvirt_host.host_dir(layout, node) / "run")},
             "domainType": "qemu",
             "imageStore": str(image_store),

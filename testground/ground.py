@@ -12,7 +12,17 @@ import time
 
 from kubenova.handlers.shared import LEASE_NAMESPACE
 from testground import cluster as cluster_mode
-from testground import cluster_clean, cluster_images, guest, kube, libvirt_host, mounts, procs, served
+from testground import (
+    cluster_clean,
+    cluster_images,
+    cluster_storage,
+    guest,
+    kube,
+    libvirt_host,
+    mounts,
+    procs,
+    served,
+)
 from testground.procs import Layout, TestGroundError
 
 NODE = "node-0"
@@ -298,8 +308,9 @@ def up(
     kube.start_etcd(layout, tools)
     if cluster:
         libvirt_host.ensure_bridge()  # the apiserver's address: pods reach it, loopback they cannot
+        cluster_storage.share_kubelet_dir(layout)  # before libvirtd: it sees the kubelet's mounts
     kube.start_apiserver(layout, tools, pki, cluster=cluster)
-    ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE, node_address(NODE)))
+    ground = Ground(layout, tools, NODE, libvirt_host.start(layout, NODE, node_address(NODE), slave=cluster))
     guest.ensure_images(layout, ground.images())
     served.serve_test_images(layout, ground.image_store)
     if cluster:
@@ -321,6 +332,7 @@ def start_cluster(ground: Ground, pki: pathlib.Path, install: bool) -> None:
     cluster_images.ensure_pause_image(ground.layout, kube.REPO / "hack" / "tools" / "node")
     cluster_images.ensure_busybox_image(ground.layout)
     cluster_mode.start_node(ground.layout, pki, ground.tools, node_tools, ground.node)
+    cluster_storage.start_provisioner(ground.layout, ground.tools / "kubectl", ground.env())
     cluster_images.ensure_kubenova_image(ground.layout, image_ref())
     if install:
         cluster_mode.helm_install(

@@ -50,6 +50,11 @@ def build_node_tools() -> pathlib.Path:
     return _go_build("build-tools.sh", "kubelet/kube-scheduler/kube-controller-manager/kube-proxy", "node")
 
 
+def build_storage_tools() -> pathlib.Path:
+    """The folder with local-path-provisioner (cluster mode's storage class)."""
+    return _go_build("build-tools.sh", "local-path-provisioner", "storage")
+
+
 def build_helm() -> pathlib.Path:
     """The helm binary, built once and cached by its go.sum (only the chart tests need it)."""
     return _go_build("build-helm.sh", "helm") / "helm"

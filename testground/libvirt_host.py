@@ -137,6 +137,7 @@ def start(
     address: str | None = None,
     instances: pathlib.Path | None = None,
     console_log_max_bytes: int = CONSOLE_LOG_MAX_BYTES,
+    slave: bool = False,
 ) -> str:
     """Start (or find running) the libvirtd of `node` and return its URI.
 
@@ -145,7 +146,8 @@ def start(
     hook then admits only the incoming migrations the agent prepared in ``instances`` (the node's
     ``instances`` folder unless named). Its virtlogd, which writes the guests' console logs (libvirt's
     default ``stdio_handler = "logd"``), rolls each over at ``console_log_max_bytes``, as a node's
-    /etc/libvirt/virtlogd.conf says (docs/operations.md).
+    /etc/libvirt/virtlogd.conf says (docs/operations.md). With ``slave`` its mount namespace receives this
+    one's later mounts under shared mounts (cluster mode: the kubelet's, see cluster_storage).
     """
     missing = [cmd for cmd in REQUIRED if shutil.which(cmd) is None]
     if missing:
@@ -175,7 +177,8 @@ def start(
         'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
         'unix_sock_rw_perms = "0770"\n'
     )
-    argv = ["unshare", "--mount", "--propagation", "private", "bash", str(SCRIPT), str(host)]
+    propagation = "slave" if slave else "private"
+    argv = ["unshare", "--mount", "--propagation", propagation, "bash", str(SCRIPT), str(host)]
     if address:
         # TLS as in production (the control channel and, forced, QEMU's migration stream), on a
         # test-only address (a veth of its own, or the bridge's); libvirt-host.sh mounts host/pki at

@@ -185,7 +185,6 @@ class InstanceSpec:
     #: what may come in (spec.firewall); ALLOW_ALL when the spec says nothing
     firewall: tuple[FirewallRule, ...] = ALLOW_ALL
     #: a migration's target only: the attached volumes that come along, which its definition must name
-    #: (spawn leaves volumes to attach_volume)
     volumes: tuple[MovingVolume, ...] = ()
 
     def macs(self) -> tuple[str, ...]:
@@ -197,8 +196,8 @@ class InstanceSpec:
 class VolumeSpec:
     """A volume to attach: from the node's volume store (created at size_gib when missing) or an image.
 
-    A store volume is its namespace's: ``<volume store>/<namespace>/<name>``, so two namespaces that
-    ask for the same name never share bytes.
+    A store volume is its namespace's (``<volume store>/<namespace>/<name>``): two namespaces never share
+    bytes. A claim's volume is at ``path``, found by the agent where the kubelet mounted it for a pod.
     """
 
     namespace: str
@@ -207,6 +206,7 @@ class VolumeSpec:
     from_image: bool = False
     bus: str = "virtio"
     read_only: bool = False
+    path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

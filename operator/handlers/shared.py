@@ -307,6 +307,16 @@ def store_keys(namespace: str, name: str) -> tuple[str, str]:
     return name, "snapshot-" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
 
 
+def claim_of(spec: Mapping[str, Any]) -> str | None:
+    """The PersistentVolumeClaim an attachment's spec names (spec.volume.persistentVolumeClaim), if any."""
+    return ((spec.get("volume") or {}).get("persistentVolumeClaim") or {}).get("claimName")
+
+
+def read_claim(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> dict[str, Any]:
+    """A PersistentVolumeClaim as a plain mapping (the client's names: volume_name, access_modes)."""
+    return typed(core.read_namespaced_persistent_volume_claim(name, namespace).to_dict())
+
+
 def store_needs(namespace: str, spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """The store files an instance boots from (an image by name, a kernel and its initrd), as store_keys:
     placement prefers a node whose store has them all."""

@@ -48,6 +48,8 @@ class FakeApiserver:
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, message)
         self.forbidden_secrets = False  # True: Secret reads answer 403, as in a namespace not opted in
+        self.claims: dict[tuple[str, str], kubernetes.client.V1PersistentVolumeClaim] = {}
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self._versions = itertools.count(1)
 
     # --- what a test sets up and looks at ------------------------------------------------------------
@@ -79,6 +81,24 @@ class FakeApiserver:
 
     def add_secret(self, namespace: str, name: str, **data: str) -> None:
         self.secrets[(namespace, name)] = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+
+    def add_claim(
+        self,
+        name: str,
+        phase: str = "Bound",
+        modes: tuple[str, ...] = ("ReadWriteOnce",),
+        mode: str = "Filesystem",
+    ) -> None:
+        """A PersistentVolumeClaim of namespace ns: Bound to PersistentVolume pv-<name>, or not yet."""
+        self.claims[("ns", name)] = kubernetes.client.V1PersistentVolumeClaim(
+            metadata=kubernetes.client.V1ObjectMeta(name=name, namespace="ns"),
+            spec=kubernetes.client.V1PersistentVolumeClaimSpec(
+                access_modes=list(modes),
+                volume_name=f"pv-{name}" if phase == "Bound" else None,
+                volume_mode=mode,
+            ),
+            status=kubernetes.client.V1PersistentVolumeClaimStatus(phase=phase, capacity={"storage": "1Gi"}),
+        )
 
     def reasons(self, name: str) -> list[str]:
         return [reason for obj, _, reason, _ in self.events if obj == name]
@@ -137,7 +157,27 @@ class FakeApiserver:
             return copy.deepcopy(stored)
         return self.touch(stored)
 
+    def patch_namespaced_custom_object_status(
+        self, group: str, version: str, namespace: str, plural: str, name: str, body: Any
+    ) -> dict[str, Any]:
+        return self.patch_namespaced_custom_object(group, version, namespace, plural, name, body)
+
     # --- CoreV1Api -----------------------------------------------------------------------------------
+
+    def read_namespaced_persistent_volume_claim(
+        self, name: str, namespace: str
+    ) -> kubernetes.client.V1PersistentVolumeClaim:
+        found = self.claims.get((namespace, name))
+        if found is None:
+            raise _missing(f"PersistentVolumeClaim {name}")
+        return found
+
+    def create_namespaced_pod(self, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+        key = (namespace, pod["metadata"]["name"])
+        if key in self.pods:
+            raise kubernetes.client.ApiException(status=409, reason="AlreadyExists")
+        self.pods[key] = pod
+        return pod
 
     def read_namespaced_secret(self, name: str, namespace: str) -> types.SimpleNamespace:
         if self.forbidden_secrets:  # a namespace that gave the agent no RoleBinding

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kubenova.handlers.agent.claims import Claims
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.volumes import VolumeAgent
 from kubenova.handlers.shared import VOLUMEATTACHMENTS
@@ -18,7 +19,7 @@ from tests.unit.reconcile_fakes import MemoryStatusWriter, bound, condition
 class Volumes:
     """The node's attachment reconciler beside its instance reconciler, on one apiserver and driver."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, kubelet: pathlib.Path) -> None:
         self.node = node
         self.cache = node.volumes
         self.agent = VolumeAgent(
@@ -29,6 +30,7 @@ class Volumes:
             EventPoster(node.api, NODE),  # type: ignore[arg-type]
             node.volumes,
             node.cache,
+            Claims(node.api, kubelet),  # type: ignore[arg-type]
         )
 
     def attach(self, name: str, instance: str, **spec: Any) -> str:
@@ -48,7 +50,7 @@ class Volumes:
 
 @pytest.fixture
 def volumes(tmp_path: pathlib.Path) -> Volumes:
-    return Volumes(make_node(tmp_path))
+    return Volumes(make_node(tmp_path), tmp_path / "kubelet")
 
 
 def test_an_attachment_waits_for_its_instance_then_attaches_once_the_domain_exists(volumes: Volumes) -> None:
@@ -131,3 +133,19 @@ def test_an_attachment_says_its_size_and_a_moved_one_is_said_attached_on_its_new
         NODE,
         "Attached",
     )
+
+
+def test_a_claim_that_is_not_on_the_node_yet_keeps_the_attachment_pending_and_attaches_nothing(
+    volumes: Volumes,
+) -> None:
+    instance = volumes.node.create("vm")
+    disks = volumes.node.driver.list_disks(instance)
+    volumes.node.api.add_claim("data", phase="Pending")
+    volumes.attach("pvc", "vm", volume={"persistentVolumeClaim": {"claimName": "data"}})
+    body = volumes.get("pvc")
+    assert body["status"]["phase"] == "Pending" and condition(body, "Ready")["reason"] == "ClaimPending"
+    assert "kubectl -n ns describe pvc data" in condition(body, "Ready")["message"]
+    assert volumes.node.driver.list_disks(instance) == disks
+    assert volumes.node.api.reasons("pvc") == ["ClaimPending"]
+    volumes.look(volumes.get("pvc"))  # the same wait again: no second Event
+    assert volumes.node.api.reasons("pvc") == ["ClaimPending"]

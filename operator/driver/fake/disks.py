@@ -125,10 +125,16 @@ def store_key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def volume_key(volume: VolumeSpec) -> str:
+    """A store volume's store_key; a claim's volume is known by its path on the node, as the libvirt
+    driver knows it (a path starts with /, a store key never does)."""
+    return volume.path or store_key(volume.namespace, volume.name)
+
+
 def store_volume_name(device: Device) -> str | None:
     """The volume store entry behind a device; None for the instance's own disks and image overlays."""
     source = device.source
-    return store_key(source.namespace, source.name) if source is not None and not source.from_image else None
+    return volume_key(source) if source is not None and not source.from_image else None
 
 
 def block_stats_of(counters: BlockCounters) -> BlockStats:

@@ -10,8 +10,8 @@ from kubenova.driver.fake.disks import (
     bases_of,
     free_device,
     plain_name,
-    store_key,
     store_volume_name,
+    volume_key,
 )
 from kubenova.driver.fake.instance import device_names
 from kubenova.driver.fake.instances import FakeInstances
@@ -45,7 +45,7 @@ class FakeVolumes(FakeInstances):
                 disk = inst.files.setdefault(f"disk.vol.{volume.name}", overlay)
             else:
                 disk = self._store_volume(volume)
-                self._volume_holders[store_key(volume.namespace, volume.name)] = (uuid, device)
+                self._volume_holders[volume_key(volume)] = (uuid, device)
             inst.volumes[device] = Device(disk, read_only=volume.read_only, source=volume)
             self._guest_writes(inst, now)
             return device
@@ -54,7 +54,7 @@ class FakeVolumes(FakeInstances):
         if volume.from_image:
             return 0
         with self._lock:
-            disk = self._volumes.get(store_key(volume.namespace, volume.name))
+            disk = self._volumes.get(volume_key(volume))
         if disk is None:
             raise VolumeNotFound(f"volume {volume.name!r} is not in this host's store")
         return disk.size
@@ -76,7 +76,9 @@ class FakeVolumes(FakeInstances):
     def _store_volume(self, volume: VolumeSpec) -> Disk:
         plain_name("spec.volume.name", volume.name)
         plain_name("metadata.namespace", volume.namespace)
-        key = store_key(volume.namespace, volume.name)
+        key = volume_key(volume)
+        if volume.path and key not in self._volumes:  # the claim's file exists on a real node
+            self._volumes[key] = Disk(GIB, bytearray())
         holder = self._volume_holders.get(key)
         if holder is not None:
             raise DriverError(

@@ -150,9 +150,12 @@ class LibvirtCore(ComputeDriver):
 
     def _volume_file(self, uuid: str, volume: VolumeSpec) -> tuple[pathlib.Path, str]:
         """Where a volume's bytes are on this host, and their format: a store volume in its namespace's
-        folder of the store, an image volume as an overlay in the instance's folder."""
+        folder of the store, an image volume as an overlay in the instance's folder, a claim's where its
+        holder pod has it."""
         if volume.from_image:
             return self._dir(uuid) / bounded(f"{VOLUME}{volume.name}"), "qcow2"
+        if volume.path:  # a claim's disk image or device, where the kubelet put it
+            return pathlib.Path(volume.path), "raw"
         return self._store_file(volume), "raw"
 
     def _store_file(self, volume: VolumeSpec) -> pathlib.Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from kubenova.driver.base import DriverError, InvalidInstanceSpec, MovingVolume, VolumeNotFound, VolumeSpec
@@ -15,6 +16,10 @@ class Volumes(LibvirtCore):
         used = [d.target for d in guest.devices().disks]
         if volume.from_image:
             path = self._image_volume(uuid, volume)
+        elif volume.path:
+            path, _ = self._volume_file(uuid, volume)
+            if not path.exists():
+                raise VolumeNotFound(f"claim {volume.name!r} is not at {path}")
         else:
             path = self._store_file(volume)
             if not path.exists():
@@ -41,6 +46,9 @@ class Volumes(LibvirtCore):
         if volume.from_image:
             return 0
         try:
+            if volume.path:  # a device's stat says 0: its end says its size
+                with open(volume.path, "rb") as f:
+                    return f.seek(0, os.SEEK_END)
             return self._store_file(volume).stat().st_size
         except FileNotFoundError as exc:
             raise VolumeNotFound(f"volume {volume.name!r} is not in this node's store") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import pathlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from kubenova.handlers.agent import diagnostics, health, pollers
 from kubenova.handlers.agent.access_server import AccessServer
 from kubenova.handlers.agent.access_settings import AccessSettings
 from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.claims import Claims
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.guest_agent import GuestAgentWatch
 from kubenova.handlers.agent.imports import importing_first
@@ -78,6 +80,8 @@ class AgentConfig:
     lease_seconds: int = LEASE_SECONDS
     #: The Kubernetes Node this agent runs on (cluster mode), published on the ComputeNode.
     kubernetes_node: str = ""
+    #: The kubelet's root folder, where it mounts claims for holder pods (cluster mode).
+    kubelet_dir: pathlib.Path = pathlib.Path("/var/lib/kubelet")
     #: How a live transfer may force its end, unless its Migration says.
     migration_convergence: Convergence = Convergence()
     settings: Settings = dataclasses.field(default_factory=Settings)
@@ -175,6 +179,7 @@ class Agent:
             self.events,
             self.volume_cache,
             self.instance_cache,
+            Claims(core, config.kubelet_dir),
         )
         self.migrations = MigrationAgent(
             config.node,

@@ -23,6 +23,7 @@ from kubenova.driver.base import (
     VolumeSpec,
 )
 from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.claims import ClaimNotReady, Claims
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.shared import (
     AGENT_FINALIZER,
@@ -30,6 +31,8 @@ from kubenova.handlers.shared import (
     VERSION,
     VOLUMEATTACHMENTS,
     WritesStatus,
+    claim_of,
+    condition,
     remove_finalizer,
     set_condition,
     typed,
@@ -46,7 +49,7 @@ def volume_spec(body: Mapping[str, Any]) -> VolumeSpec:
     source = spec.get("volume") or spec.get("image") or {}
     return VolumeSpec(
         namespace=body["metadata"]["namespace"],
-        name=source["name"],
+        name=claim_of(spec) or source["name"],
         size_gib=source.get("sizeGiB"),
         from_image="image" in spec,
         bus=(spec.get("device") or {}).get("bus", "virtio"),
@@ -110,10 +113,13 @@ class VolumeAgent:
         events: EventPoster,
         cache: ObjectCache,
         instance_cache: ObjectCache,
+        claims: Claims,
     ) -> None:
         """``objects`` patches the attachments' metadata (the finalizer), ``status`` writes their status;
-        ``instance_cache`` holds the node's instances, where each attachment finds its instance."""
+        ``instance_cache`` holds the node's instances, where each attachment finds its instance;
+        ``claims`` finds a claim's volume where the kubelet has it."""
         self.node = node
+        self.claims = claims
         self.driver = driver
         self.objects = objects
         self.status = status
@@ -188,11 +194,20 @@ class VolumeAgent:
             return  # the instance's handler calls back once its domain exists
         volume = volume_spec(body)
         try:
+            if claim := claim_of(spec):
+                found = self.claims.volume(meta["namespace"], claim, volume.read_only)
+                volume = dataclasses.replace(volume, path=found.path)
             attached = driver.attach_volume(
                 instance["metadata"]["uid"], volume, (spec.get("device") or {}).get("name", "")
             )
             connector = driver.get_volume_connector()
             size = driver.store_volume_size(volume)
+        except ClaimNotReady as exc:
+            if (condition(status, "Ready") or {}).get("reason") != exc.reason:
+                self.events.warn(body, exc.reason, str(exc))
+            self._write(body, self._condition(body, "Pending", exc.reason, str(exc)))
+            self.cache.retry_later(uid)
+            return
         except InvalidInstanceSpec as exc:
             patch = self._condition(body, "Failed", "InvalidSpec", str(exc))
             patch["observedGeneration"] = generation

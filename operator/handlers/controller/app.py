@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubenova.handlers.controller import binding, service_endpoints
+from kubenova.handlers.controller import binding, holders, service_endpoints
 from kubenova.handlers.controller.fencing import Fencing
 from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
 from kubenova.handlers.controller.node_health import NodeHealth
@@ -388,11 +388,12 @@ def register(
     client: kubernetes.client.ApiClient,
     limits: MigrationLimits | None = None,
     watch_nodes: bool = False,
+    holder_image: str = "",
 ) -> Controller:
     """Wire kopf's handlers to one Controller: each decorated function is one call into it.
 
     ``watch_nodes``: read the cluster's Nodes (cluster mode), so a deleted or out-of-service Node fences
-    the ComputeNode whose agent ran there."""
+    the ComputeNode whose agent ran there; ``holder_image``: the image of claims' holder pods."""
     c = Controller(
         kubernetes.client.CustomObjectsApi(client),
         kubernetes.client.CoreV1Api(client),
@@ -429,4 +430,5 @@ def register(
     )
     kopf.on.event(*MIG, registry=registry, id="migration_changed")(c.migration_changed)
     service_endpoints.register(registry, client)
+    holders.register(registry, client, holder_image)
     return c

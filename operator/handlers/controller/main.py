@@ -59,6 +59,7 @@ def run(
     limits: MigrationLimits | None = None,
     health_address: str = "",
     watch_nodes: bool = False,
+    holder_image: str = "",
 ) -> None:
     """Wait for the leader Lease, then run kopf; exit when the Lease is lost."""
     if health_address:
@@ -68,7 +69,7 @@ def run(
     kubernetes.config.load_config()
     client = kubernetes.client.ApiClient()
     client.user_agent = "kubenova-controller"  # names the field manager in managedFields
-    register(registry, client, limits, watch_nodes)
+    register(registry, client, limits, watch_nodes, holder_image)
     identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     leading = threading.Event()
     config = electionconfig.Config(

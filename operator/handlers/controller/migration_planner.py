@@ -30,11 +30,13 @@ from kubenova.handlers.shared import (
     VOLUMEATTACHMENTS,
     StatusWriter,
     cancelled,
+    claim_of,
     flavor_of,
     is_final,
     node_label,
     now,
     post_event,
+    read_claim,
     remove_finalizer,
     store_needs,
     typed,
@@ -259,6 +261,7 @@ class Planner:
                     GROUP, VERSION, imeta["namespace"], VOLUMEATTACHMENTS
                 )
             )["items"],
+            lambda claim: self._access_modes(imeta["namespace"], claim),
         )
         nodes, used = self.capacity()
         if source in nodes and (nodes[source].fenced or nodes[source].unreachable_for is not None):
@@ -298,18 +301,45 @@ class Planner:
                 )
         return source, target
 
+    def _access_modes(self, namespace: str, claim: str) -> list[str]:
+        """A claim's access modes; none for a claim that does not exist."""
+        try:
+            return list((read_claim(self.core, namespace, claim).get("spec") or {}).get("access_modes") or [])
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return []
+
     # --- maintenance ---------------------------------------------------------------------
 
 
-def check_volumes(kind: str, instance: str, attachments: list[dict[str, Any]]) -> None:
+def check_volumes(
+    kind: str,
+    instance: str,
+    attachments: list[dict[str, Any]],
+    access_modes: Callable[[str], list[str]] = lambda claim: [],
+) -> None:
     """Whether the instance's attachments let it move: a node-local volume moves with its one instance (the
-    block copy of a Live migration, the download of a Cold one); Unschedulable names what stops it and the
-    fix, _Wait what only needs a moment."""
+    block copy of a Live migration, the download of a Cold one), a claim's does not (yet); Unschedulable
+    names what stops it and the fix, _Wait what only needs a moment. ``access_modes``: a claim's."""
     for va in attachments:
         meta, spec, status = va["metadata"], va["spec"], va.get("status") or {}
         if spec["instanceRef"]["name"] != instance:
             continue
         name = meta["name"]
+        claim = claim_of(spec)
+        if claim:
+            modes = access_modes(claim)
+            why = (
+                "kubenova does not move an instance with a ReadWriteMany claim attached yet"
+                if "ReadWriteMany" in modes
+                else "its volume is usable on one node at a time"
+            )
+            raise Unschedulable(
+                f"VolumeAttachment {name!r} uses PersistentVolumeClaim {claim!r} "
+                f"({', '.join(modes) or 'no access modes'}) and {why}; delete the attachment, migrate, "
+                "then attach the claim again"
+            )
         if meta.get("deletionTimestamp"):
             raise _Wait(f"waiting: VolumeAttachment {name!r} is being detached")
         if status.get("phase") == "Failed":

@@ -1,0 +1,127 @@
+"""PersistentVolumeClaims, agent side: where this node's kubelet mounted a claim's volume for its holder pod.
+
+The controller runs one holder pod per claim attachment on the instance's node (controller/holders.py);
+the kubelet and the cluster's storage driver attach and mount the volume for it, as for any pod. The
+agent then finds the volume under the kubelet's pod folders, by the name of the PersistentVolume the
+claim is bound to, and hands that host path to the driver. It never takes a path from an object a
+tenant writes: the claim's binding (``spec.volumeName`` of a Bound claim) is the PersistentVolume
+controller's, and the folders are the kubelet's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import kubernetes
+from kubernetes.utils import parse_quantity
+
+from kubenova.driver.base import InvalidInstanceSpec
+from kubenova.handlers.shared import read_claim
+
+#: The guest's disk in a Filesystem-mode claim.
+DISK_IMAGE = "disk.img"
+#: What the disk image leaves to the file system (KubeVirt's default filesystemOverhead: 5.5 %).
+FILESYSTEM_OVERHEAD = 0.055
+MIB = 2**20
+
+
+class ClaimNotReady(Exception):
+    """The claim's volume is not on this node yet (no claim, not bound, not mounted): the attachment waits.
+
+    ``reason`` is the condition's; the message names the claim and what to do."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimVolume:
+    """A claim's volume on this node: the host path the guest's disk is at."""
+
+    path: str
+    block: bool
+
+
+def usable_bytes(capacity: str) -> int:
+    """The disk image's size in a claim of ``capacity``: what the file system leaves, in whole MiB."""
+    return int(float(parse_quantity(capacity)) * (1 - FILESYSTEM_OVERHEAD)) // MIB * MIB
+
+
+class Claims:
+    """Finds claims' volumes in the kubelet's folder (``--kubelet-dir``, mounted into the agent's pod with
+    HostToContainer propagation, so the kubelet's later mounts show)."""
+
+    def __init__(self, core: kubernetes.client.CoreV1Api, kubelet_dir: pathlib.Path) -> None:
+        self.core = core
+        self.kubelet_dir = kubelet_dir
+
+    def volume(self, namespace: str, claim: str, read_only: bool) -> ClaimVolume:
+        """The guest's disk for ``claim``: its device (Block), or disk.img in its mount (Filesystem), made
+        at the claim's size when missing."""
+        try:
+            pvc = read_claim(self.core, namespace, claim)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                raise ClaimNotReady(
+                    "ClaimNotFound",
+                    f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}; create it, "
+                    "and the attachment goes on",
+                ) from exc
+            raise
+        spec, status = pvc.get("spec") or {}, pvc.get("status") or {}
+        pv, phase = spec.get("volume_name"), status.get("phase") or "Pending"
+        if phase != "Bound" or not pv:
+            raise ClaimNotReady(
+                "ClaimPending",
+                f"PersistentVolumeClaim {claim!r} is {phase}: waiting for it to bind "
+                f"(kubectl -n {namespace} describe pvc {claim} says why not)",
+            )
+        block = spec.get("volume_mode") == "Block"
+        found = self._mounted(pv, block)
+        if found is None:
+            raise ClaimNotReady(
+                "ClaimNotMounted",
+                f"waiting for the kubelet to make volume {pv} of claim {claim!r} ready on this node for the "
+                "attachment's holder pod",
+            )
+        if block:
+            return ClaimVolume(str(found), True)
+        image = found / DISK_IMAGE
+        if not image.exists():
+            if read_only:
+                raise InvalidInstanceSpec(
+                    "spec.readOnly",
+                    f"claim {claim!r} holds no {DISK_IMAGE} yet, and a read-only attachment cannot make one; "
+                    "attach it read-write once",
+                )
+            size = usable_bytes((status.get("capacity") or {}).get("storage", "0"))
+            if size <= 0:
+                raise InvalidInstanceSpec(
+                    "spec.volume.persistentVolumeClaim", f"claim {claim!r} is too small for a disk"
+                )
+            _make_image(image, size)
+        return ClaimVolume(str(image), False)
+
+    def _mounted(self, pv: str, block: bool) -> pathlib.Path | None:
+        """The volume where the kubelet has it for a pod of this node: a mounted folder (the in-tree
+        plugins' ``volumes/<plugin>/<pv>``, CSI's ``.../<pv>/mount``) or a mapped device."""
+        pods = self.kubelet_dir / "pods"
+        if block:
+            return next((p for p in pods.glob(f"*/volumeDevices/*/{pv}") if p.exists()), None)
+        for folder in pods.glob(f"*/volumes/*/{pv}"):
+            for path in (folder / "mount", folder):
+                if os.path.ismount(path):
+                    return path
+        return None
+
+
+def _make_image(image: pathlib.Path, size: int) -> None:
+    """A sparse raw disk of ``size``, complete or absent: written under another name, then renamed."""
+    part = image.with_name(f".{image.name}.part")
+    with open(part, "wb") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
+    os.rename(part, image)
