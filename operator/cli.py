@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--metrics-address",
         default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
-        help="host:port of the Prometheus /metrics endpoint and the /healthz and /readyz probes [127.0.0.1:9464]",
+        help="host:port of the Prometheus /metrics endpoint, /healthz and /readyz [127.0.0.1:9464]",
     )
     agent.add_argument(
         "--kubelet-dir",
