@@ -220,6 +220,29 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("va-no-source", with_(VA, "spec.volume", None), "exactly one volume source"),
     ("va-volume-host-path", with_(VA, "spec.volume.name", "/dev/sda"), "spec.volume.name"),
     ("va-size-zero", with_(VA, "spec.volume.sizeGiB", 0), "spec.volume.sizeGiB"),
+    (
+        "va-claim-and-name",
+        with_(VA, "spec.volume.persistentVolumeClaim", {"claimName": "data"}),
+        "set exactly one of spec.volume.name",
+    ),
+    (
+        "va-claim-with-size",
+        with_(VA, "spec.volume", {"persistentVolumeClaim": {"claimName": "data"}, "sizeGiB": 1}),
+        "a claim has its own size",
+    ),
+    # Another namespace's claim cannot be named: a claim name is one DNS name, no namespace, no path.
+    (
+        "va-claim-other-namespace",
+        with_(VA, "spec.volume", {"persistentVolumeClaim": {"claimName": "kube-system/data"}}),
+        "spec.volume.persistentVolumeClaim.claimName",
+    ),
+    (
+        "va-claim-namespace-field",
+        with_(
+            VA, "spec.volume", {"persistentVolumeClaim": {"claimName": "data", "namespace": "kube-system"}}
+        ),
+        "namespace",
+    ),
     ("va-device-name", with_(VA, "spec.device", {"name": "hda"}), "spec.device.name"),
     ("va-device-bus-mismatch", with_(VA, "spec.device", {"name": "sdb", "bus": "virtio"}), "start with vd"),
     ("va-bus-unknown", with_(VA, "spec.device", {"bus": "ide"}), "spec.device.bus"),

@@ -390,6 +390,22 @@ def test_a_guests_disks_and_volumes_move_with_it_live_then_cold(
     attached_on(custom, namespace, "kept", source)
     attached_on(custom, namespace, "cd", source)
     assert not files[target].exists() and files[source].read_bytes()[: len(stored)] == stored.encode()
+
+    # A claim's volume does not move with its instance: the Migration is refused, naming claim and fix.
+    kubernetes.client.CoreV1Api(custom.api_client).create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "held"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+    attach(custom, namespace, "claimed", "keeper", volume={"persistentVolumeClaim": {"claimName": "held"}})
+    migrate(custom, namespace, "vol-claim", "keeper")
+    refused = wait_phase(custom, namespace, "vol-claim", "Succeeded", "Failed")["status"]
+    assert refused["phase"] == "Failed", refused
+    for said in ("'claimed'", "'held'", "ReadWriteOnce", "one node at a time", "attach the claim again"):
+        assert said in refused["message"], refused["message"]
+    delete_and_wait(custom, namespace, "claimed", VOLUMEATTACHMENTS)
     for name in ("kept", "cd"):
         delete_and_wait(custom, namespace, name, VOLUMEATTACHMENTS)
     delete_and_wait(custom, namespace, "keeper")

@@ -1,0 +1,139 @@
+"""A PersistentVolumeClaim as a VM's volume on a real node: the cluster's provisioner (local-path) makes the
+volume, the kubelet mounts it for the attachment's holder pod, the guest writes to it; the bytes stay in
+the volume after the attachment goes (and its holder pod with it), and another instance reads them.
+
+A second attachment of the same ReadWriteOnce claim, while the first holds it, fails with the claim's
+name and the fix, and no holder pod is made for it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import kubernetes
+import pytest
+
+from kubenova.handlers.agent.claims import DISK_IMAGE, usable_bytes
+from kubenova.handlers.controller.holders import ATTACHMENT_LABEL, holder_name
+from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
+from testground import cluster, cluster_storage, guest, kube
+from testground import ground as testground
+from tests.cluster.test_cluster_mode import ready_pod
+from tests.helpers import REPORT, eventually
+from tests.integration.test_agent import attach, console_text, delete_and_wait, wait_action, wait_ready
+from tests.integration.test_virtualinstance import make
+
+pytestmark = pytest.mark.cluster
+BOOT = 180
+
+
+def attachment(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, name)
+
+
+def phase(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, *wanted: str
+) -> dict[str, Any]:
+    return eventually(
+        lambda: (a := attachment(custom, namespace, name)).get("status", {}).get("phase") in wanted and a,
+        timeout=BOOT,
+        what=f"VolumeAttachment {name} {' or '.join(wanted)}",
+    )
+
+
+def holders(core: kubernetes.client.CoreV1Api, namespace: str) -> list[str]:
+    return [
+        p.metadata.name
+        for p in core.list_namespaced_pod(namespace, label_selector=ATTACHMENT_LABEL).items
+        if not p.metadata.deletion_timestamp
+    ]
+
+
+def kernel_vm(name: str, *hooks: str) -> dict[str, Any]:
+    cmdline = " ".join([guest.CMDLINE, *hooks])
+    return make(name, boot={"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}})
+
+
+def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them(
+    ground: testground.Ground,
+    core: kubernetes.client.CoreV1Api,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
+    ready_pod(core, "agent")
+    ready_pod(core, "controller")
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}},
+        },
+    )
+    pattern = f"PVC-{uuid.uuid4().hex[:8]}"
+    for name, hooks in (("writer", [guest.write_hook("vdb", pattern)]), ("reader", [])):
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, VIRTUALINSTANCES, kernel_vm(name, *hooks)
+        )
+    writer = wait_ready(custom, namespace, "writer", timeout=BOOT)["metadata"]["uid"]
+    reader = wait_ready(custom, namespace, "reader", timeout=BOOT)["metadata"]["uid"]
+    claim = {"persistentVolumeClaim": {"claimName": "data"}}
+
+    # The claim is provisioned for the holder pod (WaitForFirstConsumer), mounted, and hot-plugged.
+    attach(custom, namespace, "data-w", "writer", volume=claim)
+    attached = phase(custom, namespace, "data-w", "Attached", "Failed")["status"]
+    assert attached["phase"] == "Attached", attached
+    assert holders(core, namespace) == [holder_name("data-w")]
+    pod = core.read_namespaced_pod(holder_name("data-w"), namespace)
+    assert pod.spec.node_name == ground.node and pod.metadata.owner_references[0].name == "data-w"
+    eventually(
+        lambda: f"{guest.WROTE} vdb {pattern}" in console_text(ground, writer),
+        timeout=BOOT,
+        what="the guest to write its pattern to the claim",
+    )
+    capacity = core.read_namespaced_persistent_volume_claim("data", namespace).status.capacity["storage"]
+    assert attached["sizeBytes"] == usable_bytes(capacity)
+
+    # ReadWriteOnce: one attachment at a time; the second is refused, with no holder pod.
+    attach(custom, namespace, "data-r", "reader", volume=claim)
+    refused = phase(custom, namespace, "data-r", "Failed")["status"]
+    message = refused["conditions"][-1]["message"]
+    assert "'data'" in message and "'data-w'" in message and "detach it there first" in message, message
+    assert holders(core, namespace) == [holder_name("data-w")]
+    delete_and_wait(custom, namespace, "data-r", VOLUMEATTACHMENTS)
+
+    # Detached: the holder goes (the garbage collector, after the agent's detach); the bytes stay.
+    delete_and_wait(custom, namespace, "data-w", VOLUMEATTACHMENTS)
+    eventually(lambda: not holders(core, namespace), timeout=60, what="the holder pod to go")
+    folder = cluster_storage.claim_folder(ground.tools / "kubectl", ground.env(), namespace, "data")
+    assert folder.is_relative_to(cluster_storage.volumes_dir(ground.layout)), "the provisioner's volume"
+    with open(folder / DISK_IMAGE, "rb") as f:
+        assert f.read(len(pattern)) == pattern.encode(), "the guest's bytes are in the provisioned volume"
+
+    # Another instance gets the claim and reads the bytes at its next boot.
+    attach(custom, namespace, "data-r2", "reader", volume=claim)
+    assert phase(custom, namespace, "data-r2", "Attached", "Failed")["status"]["phase"] == "Attached"
+    custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        VIRTUALINSTANCES,
+        "reader",
+        {"spec": {"actions": {"reboot": {"id": "read", "type": "Hard"}}}},
+    )
+    assert wait_action(custom, namespace, "reader", "reboot", "read")["phase"] == "Succeeded"
+    head = pattern.encode().ljust(16, bytes(1)).hex()
+    eventually(
+        lambda: (
+            f"{guest.DISK} vdb sectors=" in console_text(ground, reader)
+            and f"head={head}" in console_text(ground, reader)
+        ),
+        timeout=BOOT,
+        what="the second instance to read the pattern from the claim",
+    )
+    delete_and_wait(custom, namespace, "data-r2", VOLUMEATTACHMENTS)
+    for name in ("writer", "reader"):
+        delete_and_wait(custom, namespace, name)
+    eventually(lambda: not holders(core, namespace), timeout=60, what="the last holder pod to go")
+    REPORT.append(f"cluster storage: claim {capacity} in {folder}, pattern read back by a second instance")
