@@ -95,10 +95,11 @@ def test_the_holder_pod_is_the_attachments_own_on_its_instances_node() -> None:
     assert (
         container["image"] == "localhost/pause:1" and container["volumeMounts"][0]["mountPath"] == "/volume"
     )
-    # A Block claim is the container's device, not a mount.
+    # A Block-mode claim is refused with what to use instead, and gets no holder.
     c.api.add_claim("raw", mode="Block")
-    c.ensure(va("r", "vm2", claim="raw"))
-    assert "volumeDevices" in c.api.pods[("ns", holder_name("r"))]["spec"]["containers"][0]
+    refused = c.ensure(va("r", "vm2", claim="raw"))
+    assert refused["status"]["phase"] == "Failed" and "use a Filesystem-mode claim" in str(refused["status"])
+    assert ("ns", holder_name("r")) not in c.api.pods
 
 
 def test_a_missing_claim_waits_and_a_taken_one_fails_with_no_holder() -> None:
@@ -134,14 +135,14 @@ def test_the_agent_waits_for_the_claim_to_exist_bind_and_be_mounted(tmp_path: pa
         if step != "missing":
             api.add_claim("data", phase=step)
         with pytest.raises(ClaimNotReady) as waits:
-            claims.volume("ns", "data", read_only=False)
+            claims.disk("ns", "data", read_only=False)
         reasons.append(waits.value.reason)
     assert reasons == ["ClaimNotFound", "ClaimPending", "ClaimNotMounted"]
     # A folder of that name that is no mount is not the volume: nothing is made in it.
     folder = tmp_path / "pods" / "uid" / "volumes" / "kubernetes.io~local-volume" / "pv-data"
     folder.mkdir(parents=True)
     with pytest.raises(ClaimNotReady):
-        claims.volume("ns", "data", read_only=False)
+        claims.disk("ns", "data", read_only=False)
     assert not any(folder.iterdir())
 
 

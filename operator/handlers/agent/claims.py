@@ -10,7 +10,6 @@ controller's, and the folders are the kubelet's.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 
@@ -37,14 +36,6 @@ class ClaimNotReady(Exception):
         self.reason = reason
 
 
-@dataclasses.dataclass(frozen=True)
-class ClaimVolume:
-    """A claim's volume on this node: the host path the guest's disk is at."""
-
-    path: str
-    block: bool
-
-
 def usable_bytes(capacity: str) -> int:
     """The disk image's size in a claim of ``capacity``: what the file system leaves, in whole MiB."""
     return int(float(parse_quantity(capacity)) * (1 - FILESYSTEM_OVERHEAD)) // MIB * MIB
@@ -58,9 +49,9 @@ class Claims:
         self.core = core
         self.kubelet_dir = kubelet_dir
 
-    def volume(self, namespace: str, claim: str, read_only: bool) -> ClaimVolume:
-        """The guest's disk for ``claim``: its device (Block), or disk.img in its mount (Filesystem), made
-        at the claim's size when missing."""
+    def disk(self, namespace: str, claim: str, read_only: bool) -> str:
+        """The host path of the guest's disk in ``claim``: disk.img in the volume's mount, made at the
+        claim's size when missing (the controller refuses Block-mode claims)."""
         try:
             pvc = read_claim(self.core, namespace, claim)
         except kubernetes.client.ApiException as exc:
@@ -79,16 +70,13 @@ class Claims:
                 f"PersistentVolumeClaim {claim!r} is {phase}: waiting for it to bind "
                 f"(kubectl -n {namespace} describe pvc {claim} says why not)",
             )
-        block = spec.get("volume_mode") == "Block"
-        found = self._mounted(pv, block)
+        found = self._mounted(pv)
         if found is None:
             raise ClaimNotReady(
                 "ClaimNotMounted",
                 f"waiting for the kubelet to make volume {pv} of claim {claim!r} ready on this node for the "
                 "attachment's holder pod",
             )
-        if block:
-            return ClaimVolume(str(found), True)
         image = found / DISK_IMAGE
         if not image.exists():
             if read_only:
@@ -103,15 +91,12 @@ class Claims:
                     "spec.volume.persistentVolumeClaim", f"claim {claim!r} is too small for a disk"
                 )
             _make_image(image, size)
-        return ClaimVolume(str(image), False)
+        return str(image)
 
-    def _mounted(self, pv: str, block: bool) -> pathlib.Path | None:
-        """The volume where the kubelet has it for a pod of this node: a mounted folder (the in-tree
-        plugins' ``volumes/<plugin>/<pv>``, CSI's ``.../<pv>/mount``) or a mapped device."""
-        pods = self.kubelet_dir / "pods"
-        if block:
-            return next((p for p in pods.glob(f"*/volumeDevices/*/{pv}") if p.exists()), None)
-        for folder in pods.glob(f"*/volumes/*/{pv}"):
+    def _mounted(self, pv: str) -> pathlib.Path | None:
+        """The volume where the kubelet mounted it for a pod of this node: the in-tree plugins'
+        ``volumes/<plugin>/<pv>``, CSI's ``.../<pv>/mount``."""
+        for folder in (self.kubelet_dir / "pods").glob(f"*/volumes/*/{pv}"):
             for path in (folder / "mount", folder):
                 if os.path.ismount(path):
                     return path

@@ -195,8 +195,8 @@ class VolumeAgent:
         volume = volume_spec(body)
         try:
             if claim := claim_of(spec):
-                found = self.claims.volume(meta["namespace"], claim, volume.read_only)
-                volume = dataclasses.replace(volume, path=found.path)
+                disk = self.claims.disk(meta["namespace"], claim, volume.read_only)
+                volume = dataclasses.replace(volume, path=disk)
             attached = driver.attach_volume(
                 instance["metadata"]["uid"], volume, (spec.get("device") or {}).get("name", "")
             )

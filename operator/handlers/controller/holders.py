@@ -55,7 +55,7 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def holder_pod(body: Mapping[str, Any], node: str, image: str, block: bool) -> dict[str, Any]:
+def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]:
     """The holder of an attachment's claim, on Kubernetes Node ``node``: it only keeps the volume there.
 
     Pinned by node affinity rather than spec.nodeName, so the scheduler still sees it: a claim of a
@@ -72,11 +72,8 @@ def holder_pod(body: Mapping[str, Any], node: str, image: str, block: bool) -> d
             "capabilities": {"drop": ["ALL"]},
         },
         "resources": {"requests": {"cpu": "1m", "memory": "4Mi"}, "limits": {"memory": "16Mi"}},
+        "volumeMounts": [{"name": "claim", "mountPath": "/volume", "readOnly": read_only}],
     }
-    if block:
-        container["volumeDevices"] = [{"name": "claim", "devicePath": "/dev/kubenova-volume"}]
-    else:
-        container["volumeMounts"] = [{"name": "claim", "mountPath": "/volume", "readOnly": read_only}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -247,12 +244,21 @@ class Holders:
             return
         others = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS)
         spec_of = pvc.get("spec") or {}
+        if spec_of.get("volume_mode") == "Block":
+            self._refuse(
+                body,
+                "BlockModeNotSupported",
+                f"PersistentVolumeClaim {claim!r} has volumeMode Block, and kubenova attaches "
+                "Filesystem-mode claims only (the guest's disk is a file in the volume); use a "
+                "Filesystem-mode claim",
+            )
+            return
         why = conflict(body, list(spec_of.get("access_modes") or []), typed(others)["items"])
         if why:
             self._refuse(body, "ClaimInUse", why)
             return
         node = self._kubernetes_node(meta["labels"][NODE_LABEL])
-        pod = holder_pod(body, node, self.image, spec_of.get("volume_mode") == "Block")
+        pod = holder_pod(body, node, self.image)
         try:
             self.core.create_namespaced_pod(namespace, cast("kubernetes.client.V1Pod", pod))
         except kubernetes.client.ApiException as exc:
