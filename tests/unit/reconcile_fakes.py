@@ -172,6 +172,26 @@ class FakeApiserver:
             raise _missing(f"PersistentVolumeClaim {name}")
         return found
 
+    def read_namespaced_pod(self, name: str, namespace: str) -> kubernetes.client.V1Pod:
+        pod = self.pods.get((namespace, name))
+        if pod is None:
+            raise _missing(f"Pod {name}")
+        return kubernetes.client.V1Pod(
+            metadata=kubernetes.client.V1ObjectMeta(
+                name=name,
+                owner_references=[
+                    kubernetes.client.V1OwnerReference(
+                        api_version=o["apiVersion"],
+                        kind=o["kind"],
+                        name=o["name"],
+                        uid=o["uid"],
+                        controller=o.get("controller"),
+                    )
+                    for o in pod["metadata"].get("ownerReferences") or []
+                ],
+            )
+        )
+
     def create_namespaced_pod(self, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
         key = (namespace, pod["metadata"]["name"])
         if key in self.pods:

@@ -119,6 +119,20 @@ def test_a_missing_claim_waits_and_a_taken_one_fails_with_no_holder() -> None:
     assert "ClaimInUse" in c.api.reasons("b")
 
 
+def test_a_pod_a_namespace_user_made_under_the_holders_name_is_not_taken_for_the_holder() -> None:
+    c = Controller()
+    c.api.add_claim("data")
+    c.api.pods[("ns", holder_name("a"))] = {"metadata": {"name": holder_name("a"), "ownerReferences": []}}
+    body = c.ensure(va("a", "vm1"))
+    assert condition(body, "Ready")["reason"] == "HolderNameTaken" and "delete it" in str(body["status"])
+    del c.api.pods[("ns", holder_name("a"))]
+    c.holders.ensure(body)  # its deletion wakes the attachment (the holder_gone watch)
+    owner = c.api.pods[("ns", holder_name("a"))]["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "uid-a"
+    c.holders.ensure(c.api.get(VOLUMEATTACHMENTS, "ns", "a") or {})  # made before: nothing more to say
+    assert "HolderNameTaken" in c.api.reasons("a") and len(c.api.reasons("a")) == 1
+
+
 def test_without_a_holder_image_claims_are_refused_with_the_setting_to_change() -> None:
     c = Controller(image="")
     c.api.add_claim("data")

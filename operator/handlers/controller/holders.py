@@ -264,8 +264,23 @@ class Holders:
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
                 raise
-            return  # made before: the pod is the attachment's own (its name says so, and its owner)
+            self._check_owner(body, pod["metadata"]["name"])
+            return
         log.info("holder pod %s/%s of claim %s on %s", namespace, pod["metadata"]["name"], claim, node)
+
+    def _check_owner(self, body: Mapping[str, Any], name: str) -> None:
+        """A pod of the holder's name exists: the attachment's own holder, made before, or one a namespace
+        user made in its place, which the attachment names (it holds nothing for kubenova)."""
+        found = typed(self.core.read_namespaced_pod(name, body["metadata"]["namespace"]).to_dict())
+        owners = (found.get("metadata") or {}).get("owner_references") or []
+        if not any(o["uid"] == body["metadata"]["uid"] and o.get("controller") for o in owners):
+            self._say(
+                body,
+                "Pending",
+                "HolderNameTaken",
+                f"pod {name!r} is not this attachment's holder (another owner); delete it, and kubenova "
+                "makes the holder",
+            )
 
     def _kubernetes_node(self, node: str) -> str:
         """The Kubernetes Node a ComputeNode's agent runs on (its status says), else the same name."""
