@@ -47,6 +47,7 @@ from testground.guest_init import (
     TCP,
     TCP_PORT,
     TICK,
+    TIMED,
     WROTE,
 )
 from testground.procs import Layout, TestGroundError
@@ -75,12 +76,14 @@ __all__ = [
     "TCP",
     "TCP_PORT",
     "TICK",
+    "TIMED",
     "WROTE",
     "dirty_hook",
     "ensure_images",
     "fill_hook",
     "probe_hook",
     "spoof_hook",
+    "timed_hook",
     "write_hook",
 ]
 
@@ -127,6 +130,14 @@ def write_hook(dev: str, pattern: str) -> str:
             f"kubenova.write needs dev [a-z0-9]+ and pattern [A-Za-z0-9-]+, not {dev!r}:{pattern!r}"
         )
     return f"kubenova.write={dev}:{pattern}"
+
+
+def timed_hook(devices: list[str], mib: int) -> str:
+    """The cmdline argument that makes the guest write ``mib`` MiB to each of ``devices`` in turn, once all
+    are there, and print TIMED with its uptime before and after each (a write throughput inside the guest)."""
+    if not devices or not all(_DEV.fullmatch(d) for d in devices) or not 1 <= mib <= 65536:
+        raise ValueError(f"kubenova.timed needs devices [a-z0-9]+ and 1 to 65536 MiB, not {devices}:{mib}")
+    return f"kubenova.timed={','.join(devices)}:{mib}"
 
 
 def dirty_hook(mib: int) -> str:

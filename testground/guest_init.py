@@ -21,6 +21,9 @@ MAC_EVERY = 10
 WROTE = "kubenova-wrote"
 #: "kubenova-filled <dev> <MiB>": the fill hook (kubenova.fill=<dev>) has written that many MiB of <dev>.
 FILLED = "kubenova-filled"
+#: "kubenova-timed <dev> <MiB> <start> <end>": the timed-write hook (kubenova.timed=<dev>[,<dev>...]:<MiB>)
+#: wrote that many MiB of zeros to <dev> with O_DIRECT, between those seconds of the guest's uptime.
+TIMED = "kubenova-timed"
 #: "kubenova-spoofing eth0 <address>": the guest (kubenova.spoof=<address>) now sends with a MAC that is not
 #: its own, as a hostile guest would; "kubenova-spoofed eth0" once it has sent for a while.
 SPOOFING = "kubenova-spoofing"
@@ -64,6 +67,8 @@ role=guest
 write_dev=
 write_pattern=
 fill_dev=
+timed_devs=
+timed_mib=
 spoof_mac=
 dirty_mib=
 probe=
@@ -74,6 +79,10 @@ for arg in $(cat /proc/cmdline); do
     kubenova.spoof=*) spoof_mac=${{arg#kubenova.spoof=}} ;;
     kubenova.dirty=*) dirty_mib=${{arg#kubenova.dirty=}} ;;
     kubenova.fill=*) fill_dev=${{arg#kubenova.fill=}} ;;
+    kubenova.timed=*:*)
+      spec=${{arg#kubenova.timed=}}
+      timed_devs=$(echo "${{spec%%:*}}" | tr , ' ')
+      timed_mib=${{spec#*:}} ;;
     kubenova.probe=*) probe=${{arg#kubenova.probe=}} ;;
     kubenova.shell=console) shell=console ;;
     kubenova.write=*:*)
@@ -87,6 +96,8 @@ case "$write_pattern" in ''|*[!A-Za-z0-9-]*) write_dev= ;; esac
 case "$spoof_mac" in ''|*[!0-9a-f:]*) spoof_mac= ;; esac
 case "$dirty_mib" in ''|*[!0-9]*) dirty_mib= ;; esac
 case "$fill_dev" in ''|*[!a-z0-9]*) fill_dev= ;; esac
+case "$timed_devs" in *[!a-z0-9' ']*) timed_devs= ;; esac
+case "$timed_mib" in ''|*[!0-9]*) timed_devs= ;; esac
 case "$probe" in *[!0-9.:]*) probe= ;; [0-9]*.*.*.*:[0-9]*) ;; *) probe= ;; esac
 
 if [ "$role" = rescue ]; then
@@ -198,6 +209,19 @@ while true; do
       echo "{FILLED} $fill_dev $filled"
     else
       fill_dev=
+    fi
+  fi
+  # The timed-write hook: once every device is there, each in turn, timed by the guest's own clock.
+  if [ -n "$timed_devs" ] && [ -z "$timed" ]; then
+    ready=1
+    for dev in $timed_devs; do [ -b "/dev/$dev" ] || ready=; done
+    if [ -n "$ready" ]; then
+      for dev in $timed_devs; do
+        start=$(cut -d' ' -f1 /proc/uptime)
+        dd if=/dev/zero of="/dev/$dev" bs=1M count="$timed_mib" oflag=direct 2>/dev/null
+        echo "{TIMED} $dev $timed_mib $start $(cut -d' ' -f1 /proc/uptime)"
+      done
+      timed=1
     fi
   fi
   if [ -n "$write_dev" ] && [ -z "$written" ] && [ -b "/dev/$write_dev" ]; then
