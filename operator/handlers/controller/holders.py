@@ -105,6 +105,8 @@ def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]
                     }
                 }
             },
+            # Wherever its VM is, like a DaemonSet's pod: a cordoned or tainted node keeps its guests' claims.
+            "tolerations": [{"operator": "Exists"}],
             "containers": [container],
             "volumes": [
                 {
