@@ -381,6 +381,7 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.batch_window = 0.02
     talk_to_the_apiserver(settings)
     service_endpoints.watch_settings(settings)
+    holders.watch_settings(settings)
 
 
 def register(

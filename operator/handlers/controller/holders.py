@@ -43,6 +43,7 @@ ATTACHMENT_LABEL = "compute.kubenova.io/volume-attachment"
 #: Claims several attachments may share, when each of them is read-only.
 SHAREABLE = frozenset({"ReadWriteMany", "ReadOnlyMany"})
 COMPONENT = "kubenova-controller"
+PODS = ("", "v1", "pods")
 
 
 def holder_name(attachment: str) -> str:
@@ -313,6 +314,11 @@ class Holders:
         post_event(self.core, body, reason, message, COMPONENT)
 
 
+def watch_settings(settings: kopf.OperatorSettings) -> None:
+    """A server-side label selector: only holder pods reach the controller, never the cluster's others."""
+    settings.watching.label_selectors[PODS] = ATTACHMENT_LABEL
+
+
 def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient, image: str) -> Holders:
     """Wire kopf's index and handlers to one Holders (app.py calls this)."""
     h = Holders(kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client), image)
@@ -321,7 +327,5 @@ def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClien
     kopf.index(*va, registry=registry, id="claim_volumes", labels=bound)(h.claim_entry)
     kopf.on.event(*va, registry=registry, id="volume_holder", labels=bound)(h.attachment_changed)
     kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry, id="claim_changed")(h.claim_changed)
-    kopf.on.event(
-        "", "v1", "pods", registry=registry, id="holder_gone", labels={ATTACHMENT_LABEL: kopf.PRESENT}
-    )(h.holder_gone)
+    kopf.on.event(*PODS, registry=registry, id="holder_gone")(h.holder_gone)
     return h
