@@ -117,6 +117,10 @@ def test_a_missing_claim_waits_and_a_taken_one_fails_with_no_holder() -> None:
     assert condition(taken, "Ready")["reason"] == "ClaimInUse"
     assert ("ns", holder_name("b")) not in c.api.pods
     assert "ClaimInUse" in c.api.reasons("b")
+    # Refused for good: once the claim is free, the failed attachment still gets no holder.
+    c.api.objects.pop((VOLUMEATTACHMENTS, "ns", "a"))
+    c.holders.ensure(taken)
+    assert ("ns", holder_name("b")) not in c.api.pods
 
 
 def test_a_pod_a_namespace_user_made_under_the_holders_name_is_not_taken_for_the_holder() -> None:

@@ -222,8 +222,10 @@ class Holders:
     def ensure(self, body: Mapping[str, Any]) -> None:
         """The holder of a bound attachment of a claim, on its node, made once the claim checks out; else
         the attachment says why not (a status condition and an Event)."""
-        meta, spec = body["metadata"], body["spec"]
+        meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
         namespace, claim = meta["namespace"], str(claim_of(spec))
+        if status.get("phase") == "Failed" and status.get("observedGeneration") == meta.get("generation"):
+            return  # refused for good (its spec cannot change): no holder, even once the claim is free
         if not self.image:
             self._refuse(
                 body,
