@@ -4,12 +4,14 @@ claims, and a claim serves one attachment unless it may be shared)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
 import pytest
 
-from kubenova.handlers.agent.claims import ClaimNotReady, Claims, usable_bytes
+from kubenova.driver.base import InvalidInstanceSpec
+from kubenova.handlers.agent.claims import ClaimNotReady, Claims, regular_disk, usable_bytes
 from kubenova.handlers.controller.binding import Unschedulable
 from kubenova.handlers.controller.holders import Holders, conflict, holder_name
 from kubenova.handlers.controller.migration_planner import check_volumes
@@ -162,6 +164,25 @@ def test_the_agent_waits_for_the_claim_to_exist_bind_and_be_mounted(tmp_path: pa
     with pytest.raises(ClaimNotReady):
         claims.disk("ns", "data", read_only=False)
     assert not any(folder.iterdir())
+
+
+def test_a_disk_image_a_namespace_user_swapped_for_a_link_is_refused(tmp_path: pathlib.Path) -> None:
+    """A pod of the namespace that mounts the claim too may put a link where the disk was; libvirtd would
+    follow it on the host (another namespace's volume, a host file)."""
+    secret = tmp_path / "another-namespaces-volume"
+    secret.write_bytes(b"theirs")
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / "disk.img").symlink_to(secret)
+    with pytest.raises(InvalidInstanceSpec, match="not a plain file"):
+        regular_disk(mount, "data")
+    (mount / "disk.img").unlink()
+    os.link(secret, mount / "disk.img")  # a hard link: the same bytes under two names
+    with pytest.raises(InvalidInstanceSpec, match="not a plain file"):
+        regular_disk(mount, "data")
+    (mount / "disk.img").unlink()
+    (mount / "disk.img").write_bytes(b"ours")
+    assert regular_disk(mount, "data") == str(mount / "disk.img")
 
 
 def test_the_disk_image_leaves_the_file_systems_share_of_the_claim() -> None:

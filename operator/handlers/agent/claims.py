@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 
 import kubernetes
 from kubernetes.utils import parse_quantity
@@ -91,7 +92,7 @@ class Claims:
                     "spec.volume.persistentVolumeClaim", f"claim {claim!r} is too small for a disk"
                 )
             _make_image(image, size)
-        return str(image)
+        return regular_disk(found, claim)
 
     def _mounted(self, pv: str) -> pathlib.Path | None:
         """The volume where the kubelet mounted it for a pod of this node: the in-tree plugins'
@@ -101,6 +102,20 @@ class Claims:
                 if os.path.ismount(path):
                     return path
         return None
+
+
+def regular_disk(mount: pathlib.Path, claim: str) -> str:
+    """disk.img in a claim's mount, if it is a plain file of the volume: a namespace user's pod that mounts
+    the same claim could replace it with a link, and libvirtd, on the host, would follow it anywhere."""
+    image = mount / DISK_IMAGE
+    found = image.lstat()
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+        raise InvalidInstanceSpec(
+            "spec.volume.persistentVolumeClaim",
+            f"{DISK_IMAGE} in claim {claim!r} is not a plain file (a link, or a device), so kubenova does "
+            "not attach it; delete it from the volume, then attach the claim again (a new disk is made)",
+        )
+    return str(image)
 
 
 def _make_image(image: pathlib.Path, size: int) -> None:
