@@ -81,7 +81,7 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
     claim = {"persistentVolumeClaim": {"claimName": "data"}}
 
     # The claim is provisioned for the holder pod (WaitForFirstConsumer), mounted, and hot-plugged.
-    attach(custom, namespace, "data-w", "writer", volume=claim)
+    attach(custom, namespace, "data-w", "writer", volume=claim, device={"name": "vdb"})
     attached = phase(custom, namespace, "data-w", "Attached", "Failed")["status"]
     assert attached["phase"] == "Attached", attached
     assert holders(core, namespace) == [holder_name("data-w")]
@@ -112,7 +112,7 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
         assert f.read(len(pattern)) == pattern.encode(), "the guest's bytes are in the provisioned volume"
 
     # Another instance gets the claim and reads the bytes at its next boot.
-    attach(custom, namespace, "data-r2", "reader", volume=claim)
+    attach(custom, namespace, "data-r2", "reader", volume=claim, device={"name": "vdb"})
     assert phase(custom, namespace, "data-r2", "Attached", "Failed")["status"]["phase"] == "Attached"
     custom.patch_namespaced_custom_object(
         GROUP,
