@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from kubenova.driver.base import InvalidInstanceSpec
-from kubenova.handlers.agent.claims import ClaimNotReady, Claims, regular_disk, usable_bytes
+from kubenova.handlers.agent.claims import ClaimNotReady, Claims, mount_points, regular_disk, usable_bytes
 from kubenova.handlers.controller.binding import Unschedulable
 from kubenova.handlers.controller.holders import Holders, conflict, holder_name
 from kubenova.handlers.controller.migration_planner import check_volumes
@@ -183,6 +183,19 @@ def test_a_disk_image_a_namespace_user_swapped_for_a_link_is_refused(tmp_path: p
     (mount / "disk.img").unlink()
     (mount / "disk.img").write_bytes(b"ours")
     assert regular_disk(mount, "data") == str(mount / "disk.img")
+
+
+def test_mount_points_are_read_from_mountinfo_with_its_escapes(tmp_path: pathlib.Path) -> None:
+    """Bind mounts of a folder of the same file system (local PersistentVolumes) are mounts too."""
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "243 230 254:0 /srv/pv-a /var/lib/kubelet/pods/u/volumes/kubernetes.io~local-volume/pv-a rw - ext4 x rw\n"
+        "244 230 254:0 /srv/b /mnt/with\\040space rw - ext4 /dev/vda rw\n"
+    )
+    assert mount_points(str(info)) == {
+        "/var/lib/kubelet/pods/u/volumes/kubernetes.io~local-volume/pv-a",
+        "/mnt/with space",
+    }
 
 
 def test_the_disk_image_leaves_the_file_systems_share_of_the_claim() -> None:

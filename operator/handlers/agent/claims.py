@@ -97,11 +97,24 @@ class Claims:
     def _mounted(self, pv: str) -> pathlib.Path | None:
         """The volume where the kubelet mounted it for a pod of this node: the in-tree plugins'
         ``volumes/<plugin>/<pv>``, CSI's ``.../<pv>/mount``."""
+        mounted = mount_points()
         for folder in (self.kubelet_dir / "pods").glob(f"*/volumes/*/{pv}"):
             for path in (folder / "mount", folder):
-                if os.path.ismount(path):
+                if str(path) in mounted:
                     return path
         return None
+
+
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
+    """Where something is mounted, as this process sees it. Not os.path.ismount: a bind mount of a folder of
+    the same file system (a local PersistentVolume's) has the device of its parent, and ismount says no."""
+    points = set()
+    for line in pathlib.Path(mountinfo).read_text().splitlines():
+        point = line.split()[4]
+        for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            point = point.replace(code, char)
+        points.add(point)
+    return points
 
 
 def regular_disk(mount: pathlib.Path, claim: str) -> str:
