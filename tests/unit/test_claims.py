@@ -189,11 +189,11 @@ def test_mount_points_are_read_from_mountinfo_with_its_escapes(tmp_path: pathlib
     """Bind mounts of a folder of the same file system (local PersistentVolumes) are mounts too."""
     info = tmp_path / "mountinfo"
     info.write_text(
-        "243 230 254:0 /srv/pv-a /var/lib/kubelet/pods/u/volumes/kubernetes.io~local-volume/pv-a rw - ext4 x rw\n"
+        "243 230 254:0 /srv/pv-a /var/lib/kubelet/pods/u/volumes/p~local/pv-a rw - ext4 x rw\n"
         "244 230 254:0 /srv/b /mnt/with\\040space rw - ext4 /dev/vda rw\n"
     )
     assert mount_points(str(info)) == {
-        "/var/lib/kubelet/pods/u/volumes/kubernetes.io~local-volume/pv-a",
+        "/var/lib/kubelet/pods/u/volumes/p~local/pv-a",
         "/mnt/with space",
     }
 
