@@ -16,6 +16,9 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 
 from bench import api_cost, burst, imports, latency, memory, migration, network, reaction, scale
 from bench.common import Result, connect
@@ -97,17 +100,23 @@ def main(argv: list[str] | None = None) -> None:
         ground.layout.state / "bench-smoke.md" if args.smoke else REPO / "docs" / "benchmarks.md"
     )
     bench = connect(ground)
-    results = [
-        latency.run(bench, counts["latency"]),
-        burst.run(bench, counts["burst"]),
-        api_cost.run(bench, counts["api"]),
-        memory.run(bench, counts["fake"], counts["real"]),
-        scale.run(bench, counts["agents"], counts["scale"]),
-        reaction.run(bench, counts["react"]),
-        migration.run(bench, counts["migrate"]),
-        imports.run(bench, counts["imports"]),
-        network.run(bench, counts["network"]),
+    sections: list[tuple[str, Callable[[], Result]]] = [
+        ("latency", lambda: latency.run(bench, counts["latency"])),
+        ("burst", lambda: burst.run(bench, counts["burst"])),
+        ("api cost", lambda: api_cost.run(bench, counts["api"])),
+        ("memory", lambda: memory.run(bench, counts["fake"], counts["real"])),
+        ("scale", lambda: scale.run(bench, counts["agents"], counts["scale"])),
+        ("reaction", lambda: reaction.run(bench, counts["react"])),
+        ("migration", lambda: migration.run(bench, counts["migrate"])),
+        ("imports", lambda: imports.run(bench, counts["imports"])),
+        ("network", lambda: network.run(bench, counts["network"])),
     ]
+    results = []
+    for index, (name, section) in enumerate(sections, 1):
+        print(f"[bench] {index}/{len(sections)} {name} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        results.append(section())
+        print(f"[bench] {name} took {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = f"Run {stamp} on {machine()}" + (" — smoke counts, not figures to quote" if args.smoke else "")
     out.write_text(render(results, header))
