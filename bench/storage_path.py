@@ -75,23 +75,33 @@ def run(
         "metadata": {"name": "writer"},
         "spec": {
             "flavor": {"vcpus": 1, "memoryMiB": 128},
+            "rootDisk": {"sizeGiB": 1},
             "boot": {"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
         },
     }
     uid = custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, vm)["metadata"][
         "uid"
     ]
+    # One after the other: the guest names hot-plugged disks in the order they come (its vda is the root).
     for body in (
         _attachment("local", "vdb", {"name": "bench-local", "sizeGiB": 1}),
         _attachment("claim", "vdc", {"persistentVolumeClaim": {"claimName": "data"}}),
     ):
         custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VOLUMEATTACHMENTS, body)
-
-    def attached() -> bool:
-        listed = custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VOLUMEATTACHMENTS)["items"]
-        return all((a.get("status") or {}).get("phase") == "Attached" for a in listed) and len(listed) == 2
-
-    wait_for("both volumes attached", attached, timeout=300)
+        name = body["metadata"]["name"]
+        wait_for(
+            f"volume {name} attached",
+            lambda n=name: (
+                (
+                    custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VOLUMEATTACHMENTS, n).get(
+                        "status"
+                    )
+                    or {}
+                ).get("phase")
+                == "Attached"
+            ),
+            timeout=300,
+        )
     log = ground.console_log(uid)
 
     def rounds_done() -> int:

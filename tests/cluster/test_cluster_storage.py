@@ -72,7 +72,8 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
         },
     )
     pattern = f"PVC-{uuid.uuid4().hex[:8]}"
-    for name, hooks in (("writer", [guest.write_hook("vdb", pattern)]), ("reader", [])):
+    # The guest names disks in the order it finds them: with no disk of its own, the claim is its vda.
+    for name, hooks in (("writer", [guest.write_hook("vda", pattern)]), ("reader", [])):
         custom.create_namespaced_custom_object(
             GROUP, VERSION, namespace, VIRTUALINSTANCES, kernel_vm(name, *hooks)
         )
@@ -88,7 +89,7 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
     pod = core.read_namespaced_pod(holder_name("data-w"), namespace)
     assert pod.spec.node_name == ground.node and pod.metadata.owner_references[0].name == "data-w"
     eventually(
-        lambda: f"{guest.WROTE} vdb {pattern}" in console_text(ground, writer),
+        lambda: f"{guest.WROTE} vda {pattern}" in console_text(ground, writer),
         timeout=BOOT,
         what="the guest to write its pattern to the claim",
     )
