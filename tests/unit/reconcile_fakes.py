@@ -150,7 +150,12 @@ class FakeApiserver:
                 raise kubernetes.client.ApiException(status=409, reason="Conflict")
             _merge(
                 stored,
-                {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "resourceVersion"}},
+                {
+                    **body,
+                    "metadata": {
+                        k: v for k, v in (body.get("metadata") or {}).items() if k != "resourceVersion"
+                    },
+                },
             )
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             del self.objects[(plural, namespace, name)]  # the last finalizer went: the object is gone
@@ -179,6 +184,7 @@ class FakeApiserver:
         return kubernetes.client.V1Pod(
             metadata=kubernetes.client.V1ObjectMeta(
                 name=name,
+                uid=pod["metadata"].get("uid"),
                 owner_references=[
                     kubernetes.client.V1OwnerReference(
                         api_version=o["apiVersion"],
@@ -192,12 +198,13 @@ class FakeApiserver:
             )
         )
 
-    def create_namespaced_pod(self, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    def create_namespaced_pod(self, namespace: str, pod: dict[str, Any]) -> kubernetes.client.V1Pod:
         key = (namespace, pod["metadata"]["name"])
         if key in self.pods:
             raise kubernetes.client.ApiException(status=409, reason="AlreadyExists")
+        pod["metadata"]["uid"] = str(uuid.uuid4())
         self.pods[key] = pod
-        return pod
+        return self.read_namespaced_pod(pod["metadata"]["name"], namespace)
 
     def read_namespaced_secret(self, name: str, namespace: str) -> types.SimpleNamespace:
         if self.forbidden_secrets:  # a namespace that gave the agent no RoleBinding

@@ -78,6 +78,9 @@ def test_the_holder_pod_is_the_attachments_own_on_its_instances_node() -> None:
     c.api.add_claim("data")
     c.ensure(va("a", "vm1", readOnly=False))
     pod = c.api.pods[("ns", holder_name("a"))]
+    # The attachment's status names its holder (only kubenova writes status): the agent uses no other pod.
+    said = c.api.get(VOLUMEATTACHMENTS, "ns", "a") or {}
+    assert said["status"]["holderPod"] == {"name": holder_name("a"), "uid": pod["metadata"]["uid"]}
     owner = pod["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
         "VolumeAttachment",
@@ -150,19 +153,26 @@ def test_without_a_holder_image_claims_are_refused_with_the_setting_to_change() 
 def test_the_agent_waits_for_the_claim_to_exist_bind_and_be_mounted(tmp_path: pathlib.Path) -> None:
     api = FakeApiserver()
     claims = Claims(api, tmp_path)  # type: ignore[arg-type]
+    holder = "0b5e6c1e-6a55-4d43-9f4e-2d1a3c0e9b11"
     reasons = []
-    for step in ("missing", "Pending", "Bound"):
-        if step != "missing":
+    for step, uid in (
+        ("no holder yet", ""),
+        ("forged", "../../etc"),
+        ("missing", holder),
+        ("Pending", holder),
+        ("Bound", holder),
+    ):
+        if step in ("Pending", "Bound"):
             api.add_claim("data", phase=step)
         with pytest.raises(ClaimNotReady) as waits:
-            claims.disk("ns", "data", read_only=False)
+            claims.disk("ns", "data", False, uid)
         reasons.append(waits.value.reason)
-    assert reasons == ["ClaimNotFound", "ClaimPending", "ClaimNotMounted"]
+    assert reasons == ["HolderPending", "HolderPending", "ClaimNotFound", "ClaimPending", "ClaimNotMounted"]
     # A folder of that name that is no mount is not the volume: nothing is made in it.
-    folder = tmp_path / "pods" / "uid" / "volumes" / "kubernetes.io~local-volume" / "pv-data"
+    folder = tmp_path / "pods" / holder / "volumes" / "kubernetes.io~local-volume" / "pv-data"
     folder.mkdir(parents=True)
     with pytest.raises(ClaimNotReady):
-        claims.disk("ns", "data", read_only=False)
+        claims.disk("ns", "data", False, holder)
     assert not any(folder.iterdir())
 
 

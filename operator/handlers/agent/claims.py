@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import stat
 
 import kubernetes
@@ -25,6 +26,8 @@ DISK_IMAGE = "disk.img"
 #: What the disk image leaves to the file system (KubeVirt's default filesystemOverhead: 5.5 %).
 FILESYSTEM_OVERHEAD = 0.055
 MIB = 2**20
+#: A pod's UID: the only shape of folder name the agent looks under.
+UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class ClaimNotReady(Exception):
@@ -50,9 +53,13 @@ class Claims:
         self.core = core
         self.kubelet_dir = kubelet_dir
 
-    def disk(self, namespace: str, claim: str, read_only: bool) -> str:
-        """The host path of the guest's disk in ``claim``: disk.img in the volume's mount, made at the
-        claim's size when missing (the controller refuses Block-mode claims)."""
+    def disk(self, namespace: str, claim: str, read_only: bool, holder: str) -> str:
+        """The host path of the guest's disk in ``claim``: disk.img in the volume's mount for the pod with
+        UID ``holder`` (the attachment's own, from its status), made at the claim's size when missing (the
+        controller refuses Block-mode claims). Never another pod's mount of the same claim: that one may
+        go (a holder of an earlier attachment, still unmounting) and take the disk with it."""
+        if not UID.fullmatch(holder):
+            raise ClaimNotReady("HolderPending", "waiting for kubenova's controller to make the holder pod")
         try:
             pvc = read_claim(self.core, namespace, claim)
         except kubernetes.client.ApiException as exc:
@@ -71,7 +78,7 @@ class Claims:
                 f"PersistentVolumeClaim {claim!r} is {phase}: waiting for it to bind "
                 f"(kubectl -n {namespace} describe pvc {claim} says why not)",
             )
-        found = self._mounted(pv)
+        found = self._mounted(holder, pv)
         if found is None:
             raise ClaimNotReady(
                 "ClaimNotMounted",
@@ -94,11 +101,11 @@ class Claims:
             _make_image(image, size)
         return regular_disk(found, claim)
 
-    def _mounted(self, pv: str) -> pathlib.Path | None:
-        """The volume where the kubelet mounted it for a pod of this node: the in-tree plugins'
-        ``volumes/<plugin>/<pv>``, CSI's ``.../<pv>/mount``."""
+    def _mounted(self, pod: str, pv: str) -> pathlib.Path | None:
+        """The volume where the kubelet mounted it for the pod: the in-tree plugins'
+        ``pods/<pod>/volumes/<plugin>/<pv>``, CSI's ``.../<pv>/mount``."""
         mounted = mount_points()
-        for folder in (self.kubelet_dir / "pods").glob(f"*/volumes/*/{pv}"):
+        for folder in (self.kubelet_dir / "pods" / pod / "volumes").glob(f"*/{pv}"):
             for path in (folder / "mount", folder):
                 if str(path) in mounted:
                     return path

@@ -195,7 +195,8 @@ class VolumeAgent:
         volume = volume_spec(body)
         try:
             if claim := claim_of(spec):
-                disk = self.claims.disk(meta["namespace"], claim, volume.read_only)
+                holder = str((status.get("holderPod") or {}).get("uid", ""))
+                disk = self.claims.disk(meta["namespace"], claim, volume.read_only, holder)
                 volume = dataclasses.replace(volume, path=disk)
             attached = driver.attach_volume(
                 instance["metadata"]["uid"], volume, (spec.get("device") or {}).get("name", "")

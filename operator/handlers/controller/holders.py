@@ -264,28 +264,40 @@ class Holders:
             return
         node = self._kubernetes_node(meta["labels"][NODE_LABEL])
         pod = holder_pod(body, node, self.image)
+        name = pod["metadata"]["name"]
         try:
-            self.core.create_namespaced_pod(namespace, cast("kubernetes.client.V1Pod", pod))
+            made = self.core.create_namespaced_pod(namespace, cast("kubernetes.client.V1Pod", pod))
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
                 raise
-            self._check_owner(body, pod["metadata"]["name"])
-            return
-        log.info("holder pod %s/%s of claim %s on %s", namespace, pod["metadata"]["name"], claim, node)
-
-    def _check_owner(self, body: Mapping[str, Any], name: str) -> None:
-        """A pod of the holder's name exists: the attachment's own holder, made before, or one a namespace
-        user made in its place, which the attachment names (it holds nothing for kubenova)."""
-        found = typed(self.core.read_namespaced_pod(name, body["metadata"]["namespace"]).to_dict())
-        owners = (found.get("metadata") or {}).get("owner_references") or []
-        if not any(o["uid"] == body["metadata"]["uid"] and o.get("controller") for o in owners):
-            self._say(
-                body,
-                "Pending",
-                "HolderNameTaken",
-                f"pod {name!r} is not this attachment's holder (another owner); delete it, and kubenova "
-                "makes the holder",
+            uid = self._own_holder(body, name)
+        else:
+            uid = made.metadata.uid if made.metadata else None
+            log.info("holder pod %s/%s of claim %s on %s", namespace, name, claim, node)
+        if uid and status.get("holderPod") != {"name": name, "uid": uid}:
+            # Status, which only kubenova writes: the agent uses this pod's mount of the claim, no other's.
+            StatusWriter(self.custom, VOLUMEATTACHMENTS).write(
+                body, {"holderPod": {"name": name, "uid": uid}}
             )
+
+    def _own_holder(self, body: Mapping[str, Any], name: str) -> str | None:
+        """The UID of the pod of the holder's name: the attachment's own holder, made before; None for one a
+        namespace user made in its place, which the attachment names (it holds nothing for kubenova)."""
+        found = typed(self.core.read_namespaced_pod(name, body["metadata"]["namespace"]).to_dict())
+        meta = found.get("metadata") or {}
+        if any(
+            o["uid"] == body["metadata"]["uid"] and o.get("controller")
+            for o in meta.get("owner_references") or []
+        ):
+            return str(meta["uid"])
+        self._say(
+            body,
+            "Pending",
+            "HolderNameTaken",
+            f"pod {name!r} is not this attachment's holder (another owner); delete it, and kubenova "
+            "makes the holder",
+        )
+        return None
 
     def _kubernetes_node(self, node: str) -> str:
         """The Kubernetes Node a ComputeNode's agent runs on (its status says), else the same name."""
