@@ -127,7 +127,7 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
     head = pattern.encode().ljust(16, bytes(1)).hex()
     eventually(
         lambda: (
-            f"{guest.DISK} vdb sectors=" in console_text(ground, reader)
+            f"{guest.DISK} vda sectors=" in console_text(ground, reader)
             and f"head={head}" in console_text(ground, reader)
         ),
         timeout=BOOT,
