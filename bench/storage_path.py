@@ -149,9 +149,9 @@ def render(figures: dict[str, list[float]], mib: int) -> str:
             *rows,
             "",
             f"Claim / node-local: **{ratio:.2f}×** (1.00× is parity). The claim is written second in every "
-            "round, after the same guest wrote to the node-local volume, so what separates the two is as much "
-            "the order as the path: both are a raw file behind QEMU on the same file system, and the claim's "
-            "path adds a bind mount, which costs nothing per write.",
+            "round, after the same guest wrote to the node-local volume, so what separates the two is as "
+            "much the order as the path: both are a raw file behind QEMU on the same file system, and the "
+            "claim's path adds a bind mount, which costs nothing per write.",
             "",
         ]
     )
