@@ -275,17 +275,12 @@ class Connector(TypedDict, total=False):
     host: str
 
 
-class HolderPod(TypedDict, total=False):
-    name: str
-    uid: str
-
-
 class VolumeAttachmentStatus(TypedDict, total=False):
     phase: str
     node: str
     device: str
     sizeBytes: int
-    holderPod: HolderPod
+    holderPodUID: str
     connector: Connector
     observedGeneration: int
     conditions: list[Condition]

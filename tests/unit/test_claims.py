@@ -80,7 +80,7 @@ def test_the_holder_pod_is_the_attachments_own_on_its_instances_node() -> None:
     pod = c.api.pods[("ns", holder_name("a"))]
     # The attachment's status names its holder (only kubenova writes status): the agent uses no other pod.
     said = c.api.get(VOLUMEATTACHMENTS, "ns", "a") or {}
-    assert said["status"]["holderPod"] == {"name": holder_name("a"), "uid": pod["metadata"]["uid"]}
+    assert said["status"]["holderPodUID"] == pod["metadata"]["uid"]
     owner = pod["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
         "VolumeAttachment",

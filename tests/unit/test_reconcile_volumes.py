@@ -143,7 +143,7 @@ def test_a_claim_that_is_not_on_the_node_yet_keeps_the_attachment_pending_and_at
     volumes.node.api.add_claim("data", phase="Pending")
     volumes.attach("pvc", "vm", volume={"persistentVolumeClaim": {"claimName": "data"}})
     assert condition(volumes.get("pvc"), "Ready")["reason"] == "HolderPending"  # the controller's pod first
-    holder = {"holderPod": {"name": "h", "uid": "0b5e6c1e-6a55-4d43-9f4e-2d1a3c0e9b11"}}
+    holder = {"holderPodUID": "0b5e6c1e-6a55-4d43-9f4e-2d1a3c0e9b11"}
     body = volumes.get("pvc")
     body["status"].update(holder)  # what the controller writes once it made the pod
     volumes.look(volumes.node.api.touch(body))

@@ -195,7 +195,7 @@ class VolumeAgent:
         volume = volume_spec(body)
         try:
             if claim := claim_of(spec):
-                holder = str((status.get("holderPod") or {}).get("uid", ""))
+                holder = str(status.get("holderPodUID", ""))
                 disk = self.claims.disk(meta["namespace"], claim, volume.read_only, holder)
                 volume = dataclasses.replace(volume, path=disk)
             attached = driver.attach_volume(

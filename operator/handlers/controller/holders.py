@@ -274,11 +274,9 @@ class Holders:
         else:
             uid = made.metadata.uid if made.metadata else None
             log.info("holder pod %s/%s of claim %s on %s", namespace, name, claim, node)
-        if uid and status.get("holderPod") != {"name": name, "uid": uid}:
+        if uid and status.get("holderPodUID") != uid:
             # Status, which only kubenova writes: the agent uses this pod's mount of the claim, no other's.
-            StatusWriter(self.custom, VOLUMEATTACHMENTS).write(
-                body, {"holderPod": {"name": name, "uid": uid}}
-            )
+            StatusWriter(self.custom, VOLUMEATTACHMENTS).write(body, {"holderPodUID": uid})
 
     def _own_holder(self, body: Mapping[str, Any], name: str) -> str | None:
         """The UID of the pod of the holder's name: the attachment's own holder, made before; None for one a
