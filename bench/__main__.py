@@ -41,7 +41,7 @@ FULL = {
     "network": 10,
 }
 SMOKE = {
-    "latency": 2,
+    "latency": 1,
     "burst": 3,
     "api": 1,
     "fake": 3,
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         ("latency", lambda: latency.run(bench, counts["latency"])),
         ("burst", lambda: burst.run(bench, counts["burst"])),
         ("api cost", lambda: api_cost.run(bench, counts["api"])),
-        ("memory", lambda: memory.run(bench, counts["fake"], counts["real"])),
+        ("memory", lambda: memory.run(bench, counts["fake"], counts["real"], 0.0 if args.smoke else 3.0)),
         ("scale", lambda: scale.run(bench, counts["agents"], counts["scale"])),
         ("reaction", lambda: reaction.run(bench, counts["react"])),
         ("migration", lambda: migration.run(bench, counts["migrate"])),

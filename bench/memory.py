@@ -28,7 +28,9 @@ def _libvirtd_pid(bench: Bench) -> int:
     return int(path.read_text().strip())
 
 
-def run(bench: Bench, fake_count: int, real_count: int) -> Result:
+def run(bench: Bench, fake_count: int, real_count: int, settle: float = 3.0) -> Result:
+    """``settle``: seconds to let RSS settle before each reading (the smoke run, which quotes no figure,
+    takes none); the real guests' reading waits four times as long, two diagnostics rounds."""
     layout = bench.ground.layout
     controller = procs.running_pid(layout, "controller")
     agent = procs.running_pid(layout, f"agent-{bench.ground.node}")
@@ -37,7 +39,7 @@ def run(bench: Bench, fake_count: int, real_count: int) -> Result:
     fake = procs.running_pid(layout, f"agent-{FAKE_NODE}")
     assert fake
     try:
-        time.sleep(3)
+        time.sleep(settle)
         fake_idle, controller_idle = rss_mib(fake), rss_mib(controller)
         create_all_and_wait(
             bench,
@@ -46,7 +48,7 @@ def run(bench: Bench, fake_count: int, real_count: int) -> Result:
                 for i in range(fake_count)
             ],
         )
-        time.sleep(3)
+        time.sleep(settle)
         fake_loaded, controller_loaded = rss_mib(fake), rss_mib(controller)
         delete_all(bench)
     finally:
@@ -55,7 +57,7 @@ def run(bench: Bench, fake_count: int, real_count: int) -> Result:
     agent_idle, libvirtd_idle = rss_mib(agent), rss_mib(libvirtd)
     for i in range(real_count):
         apply_and_wait(bench, instance(f"real-{i}", 64))
-    time.sleep(12)  # two diagnostics rounds of the test ground's agent: its caches and metrics are filled
+    time.sleep(settle * 4)  # two diagnostics rounds of the test ground's agent: caches and metrics filled
     agent_loaded, libvirtd_loaded = rss_mib(agent), rss_mib(libvirtd)
     delete_all(bench)
     per_fake = (fake_loaded - fake_idle) / fake_count * 1024
