@@ -41,7 +41,7 @@ FULL = {
     "network": 10,
 }
 SMOKE = {
-    "latency": 1,
+    "latency": 2,
     "burst": 3,
     "api": 1,
     "fake": 3,

@@ -24,7 +24,7 @@ def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:
     ):
         assert f". {title}\n" in text, title
     figures = json.loads(out.with_suffix(".json").read_text())
-    assert len(figures["Latency: apply → Running"]["kubenova_running_s"]) == 1
+    assert len(figures["Latency: apply → Running"]["kubenova_running_s"]) == 2
     assert figures["API cost"]["writes_per_create"] > 0
     scale = figures["Scale: 6 instances, 2 agents"]
     assert sum(scale["own"].values()) == 6
