@@ -154,7 +154,7 @@ class LibvirtCore(ComputeDriver):
         holder pod has it."""
         if volume.from_image:
             return self._dir(uuid) / bounded(f"{VOLUME}{volume.name}"), "qcow2"
-        if volume.path:  # a claim's disk image or device, where the kubelet put it
+        if volume.path:  # a claim's disk image, where the kubelet mounted the claim
             return pathlib.Path(volume.path), "raw"
         return self._store_file(volume), "raw"
 

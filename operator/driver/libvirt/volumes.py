@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import pathlib
 import time
 
 from kubenova.driver.base import DriverError, InvalidInstanceSpec, MovingVolume, VolumeNotFound, VolumeSpec
@@ -46,10 +46,8 @@ class Volumes(LibvirtCore):
         if volume.from_image:
             return 0
         try:
-            if volume.path:  # a device's stat says 0: its end says its size
-                with open(volume.path, "rb") as f:
-                    return f.seek(0, os.SEEK_END)
-            return self._store_file(volume).stat().st_size
+            path = pathlib.Path(volume.path) if volume.path else self._store_file(volume)  # a claim's disk
+            return path.stat().st_size
         except FileNotFoundError as exc:
             raise VolumeNotFound(f"volume {volume.name!r} is not in this node's store") from exc
 
