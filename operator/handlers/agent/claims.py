@@ -2,10 +2,11 @@
 
 The controller runs one holder pod per claim attachment on the instance's node (controller/holders.py);
 the kubelet and the cluster's storage driver attach and mount the volume for it, as for any pod. The
-agent then finds the volume under the kubelet's pod folders, by the name of the PersistentVolume the
-claim is bound to, and hands that host path to the driver. It never takes a path from an object a
-tenant writes: the claim's binding (``spec.volumeName`` of a Bound claim) is the PersistentVolume
-controller's, and the folders are the kubelet's.
+agent then finds the volume in the kubelet's folder of that pod (the controller names it in the
+attachment's status.holderPodUID), by the name of the PersistentVolume the claim is bound to, and hands
+that host path to the driver. It never takes a path from an object a tenant writes: the claim's binding
+(``spec.volumeName`` of a Bound claim) is the PersistentVolume controller's, status is kubenova's, and
+the folders are the kubelet's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 class ClaimNotReady(Exception):
-    """The claim's volume is not on this node yet (no claim, not bound, not mounted): the attachment waits.
+    """The claim's volume is not on this node yet (no holder, no claim, not bound, not mounted): it waits.
 
     ``reason`` is the condition's; the message names the claim and what to do."""
 
