@@ -312,9 +312,23 @@ def claim_of(spec: Mapping[str, Any]) -> str | None:
     return ((spec.get("volume") or {}).get("persistentVolumeClaim") or {}).get("claimName")
 
 
-def read_claim(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> dict[str, Any]:
-    """A PersistentVolumeClaim as a plain mapping (the client's names: volume_name, access_modes)."""
-    return typed(core.read_namespaced_persistent_volume_claim(name, namespace).to_dict())
+def read_claim(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> dict[str, Any] | None:
+    """A PersistentVolumeClaim as a plain mapping (the client's names: volume_name, access_modes); None when
+    there is no such claim."""
+    try:
+        return typed(core.read_namespaced_persistent_volume_claim(name, namespace).to_dict())
+    except kubernetes.client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def claim_missing(namespace: str, claim: str) -> str:
+    """What an attachment of a claim that does not exist says, the controller's and the agent's alike."""
+    return (
+        f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}; create it, and the "
+        "attachment goes on"
+    )
 
 
 def store_needs(namespace: str, spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ import kubernetes
 from kubernetes.utils import parse_quantity
 
 from kubenova.driver.base import InvalidInstanceSpec
-from kubenova.handlers.shared import read_claim
+from kubenova.handlers.shared import claim_missing, read_claim
 
 #: The guest's disk in a Filesystem-mode claim.
 DISK_IMAGE = "disk.img"
@@ -61,16 +61,9 @@ class Claims:
         go (a holder of an earlier attachment, still unmounting) and take the disk with it."""
         if not UID.fullmatch(holder):
             raise ClaimNotReady("HolderPending", "waiting for kubenova's controller to make the holder pod")
-        try:
-            pvc = read_claim(self.core, namespace, claim)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                raise ClaimNotReady(
-                    "ClaimNotFound",
-                    f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}; create it, "
-                    "and the attachment goes on",
-                ) from exc
-            raise
+        pvc = read_claim(self.core, namespace, claim)
+        if pvc is None:
+            raise ClaimNotReady("ClaimNotFound", claim_missing(namespace, claim))
         spec, status = pvc.get("spec") or {}, pvc.get("status") or {}
         pv, phase = spec.get("volume_name"), status.get("phase") or "Pending"
         if phase != "Bound" or not pv:

@@ -32,7 +32,6 @@ from kubenova.handlers.shared import (
     VOLUMEATTACHMENTS,
     WritesStatus,
     claim_of,
-    condition,
     remove_finalizer,
     set_condition,
     typed,
@@ -204,8 +203,7 @@ class VolumeAgent:
             connector = driver.get_volume_connector()
             size = driver.store_volume_size(volume)
         except ClaimNotReady as exc:
-            if (condition(status, "Ready") or {}).get("reason") != exc.reason:
-                self.events.warn(body, exc.reason, str(exc))
+            self.events.warn(body, exc.reason, str(exc))
             self._write(body, self._condition(body, "Pending", exc.reason, str(exc)))
             self.cache.retry_later(uid)
             return

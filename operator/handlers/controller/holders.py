@@ -29,6 +29,7 @@ from kubenova.handlers.shared import (
     VERSION,
     VOLUMEATTACHMENTS,
     StatusWriter,
+    claim_missing,
     claim_of,
     condition,
     post_event,
@@ -234,20 +235,10 @@ class Holders:
                 "controller.holderImage (the controller's --holder-image) to a pause image the nodes pull",
             )
             return
-        try:
-            pvc = read_claim(self.core, namespace, claim)
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 404:
-                raise
-            self._say(
-                body,
-                "Pending",
-                "ClaimNotFound",
-                f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}; create it, and "
-                "the attachment goes on",
-            )
+        pvc = read_claim(self.core, namespace, claim)
+        if pvc is None:
+            self._say(body, "Pending", "ClaimNotFound", claim_missing(namespace, claim))
             return
-        others = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS)
         spec_of = pvc.get("spec") or {}
         if spec_of.get("volume_mode") == "Block":
             self._refuse(
@@ -258,6 +249,7 @@ class Holders:
                 "Filesystem-mode claim",
             )
             return
+        others = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS)
         why = conflict(body, list(spec_of.get("access_modes") or []), typed(others)["items"])
         if why:
             self._refuse(body, "ClaimInUse", why)

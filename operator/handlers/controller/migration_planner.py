@@ -303,12 +303,8 @@ class Planner:
 
     def _access_modes(self, namespace: str, claim: str) -> list[str]:
         """A claim's access modes; none for a claim that does not exist."""
-        try:
-            return list((read_claim(self.core, namespace, claim).get("spec") or {}).get("access_modes") or [])
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 404:
-                raise
-            return []
+        pvc = read_claim(self.core, namespace, claim) or {}
+        return list((pvc.get("spec") or {}).get("access_modes") or [])
 
     # --- maintenance ---------------------------------------------------------------------
 
