@@ -24,7 +24,7 @@ from typing import Any
 import kubernetes
 
 from bench.__main__ import machine
-from bench.common import chart_installed, wait_for
+from bench.common import chart_installed, instance, wait_for
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from testground import guest
 from testground.kube import REPO
@@ -68,17 +68,9 @@ def run(
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
         },
     )
-    cmdline = f"{guest.CMDLINE} {guest.timed_hook(list(DEVICES), mib)}"
-    vm = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "VirtualInstance",
-        "metadata": {"name": "writer"},
-        "spec": {
-            "flavor": {"vcpus": 1, "memoryMiB": 128},
-            "rootDisk": {"sizeGiB": 1},
-            "boot": {"kernel": {"image": guest.KERNEL, "initrd": guest.INITRD, "cmdline": cmdline}},
-        },
-    }
+    vm = instance("writer", memory_mib=128)
+    vm["spec"]["rootDisk"] = {"sizeGiB": 1}
+    vm["spec"]["boot"]["kernel"]["cmdline"] += f" {guest.timed_hook(list(DEVICES), mib)}"
     uid = custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, vm)["metadata"][
         "uid"
     ]

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from kubenova.handlers.agent.claims import mount_points
 from testground import procs
 from testground.guest import APT_LISTS, _cached, _digest, _syslinux_cfg
 from testground.procs import Layout, TestGroundError
@@ -366,8 +367,7 @@ def _build(dest: pathlib.Path) -> None:
 def _remove(work: pathlib.Path) -> None:
     """Delete a build folder, unless something is still mounted in it: mmdebstrap binds host /dev nodes,
     /proc and /sys into the tree while it runs, and one that was killed may leave them there."""
-    mounts = [line.split()[4] for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()]
-    if any(m == str(work) or m.startswith(f"{work}/") for m in mounts):
+    if any(m == str(work) or m.startswith(f"{work}/") for m in mount_points()):
         raise TestGroundError(
             f"{work} still has mounts (a killed mmdebstrap's): umount -R them, then delete it"
         )

@@ -55,6 +55,11 @@ def cluster_dir(layout: Layout) -> pathlib.Path:
     return layout.state / "cluster"
 
 
+def kubelet_dir(layout: Layout) -> pathlib.Path:
+    """The kubelet's --root-dir: its pods' volumes are mounted below it (the chart's agent.kubeletDir)."""
+    return cluster_dir(layout) / "kubelet"
+
+
 def socket(layout: Layout) -> pathlib.Path:
     return cluster_dir(layout) / "containerd" / "containerd.sock"
 
@@ -203,7 +208,7 @@ def start_node(
             str(node_tools / "kubelet"),
             f"--config={_kubelet_config(layout, pki)}",
             f"--kubeconfig={configs['kubelet']}",
-            f"--root-dir={base / 'kubelet'}",
+            f"--root-dir={kubelet_dir(layout)}",
             f"--hostname-override={node}",
             f"--node-ip={NODE_IP}",
             "--v=1",
@@ -286,7 +291,7 @@ def values(layout: Layout, node: str, image_store: pathlib.Path) -> dict[str, An
         "controller": {"holderImage": PAUSE_IMAGE},
         "agent": {
             **consoles["agent"],
-            "kubeletDir": str(cluster_dir(layout) / "kubelet"),
+            "kubeletDir": str(kubelet_dir(layout)),
             "libvirt": {"mode": "host", "socketDir": str(libvirt_host.host_dir(layout, node) / "run")},
             "domainType": "qemu",
             "imageStore": str(image_store),

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 
+from kubenova.handlers.agent.claims import mount_points
 from testground.cluster import CNI_BRIDGE, NETWORK, cluster_dir, socket
 from testground.procs import Layout
 
@@ -90,9 +91,10 @@ def clean(layout: Layout) -> list[str]:
         if ours:
             subprocess.run(["ip", "netns", "del", path.name], capture_output=True)
     base = str(cluster_dir(layout))
-    mounts = [line.split()[4] for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()]
     for point in sorted(
-        (m for m in mounts if m.startswith(base) or m.startswith("/run/containerd/")), key=len, reverse=True
+        (m for m in mount_points() if m.startswith(base) or m.startswith("/run/containerd/")),
+        key=len,
+        reverse=True,
     ):
         subprocess.run(["umount", "-l", point], capture_output=True)
     proxy = cluster_dir(layout) / "kube-proxy"  # its iptables chains (a link to the binary start_node ran)

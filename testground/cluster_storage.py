@@ -17,8 +17,9 @@ import subprocess
 
 import yaml
 
+from kubenova.handlers.agent.claims import mount_points
 from testground import kube, procs
-from testground.cluster import BUSYBOX_IMAGE, cluster_dir
+from testground.cluster import BUSYBOX_IMAGE, cluster_dir, kubelet_dir
 from testground.procs import Layout
 
 STORAGE_CLASS = "local-path"
@@ -26,11 +27,6 @@ NAMESPACE = "local-path-storage"
 PROVISIONER = "rancher.io/local-path"
 CONFIG_MAP = "local-path-config"
 SERVICE_ACCOUNT = "local-path-provisioner"
-
-
-def kubelet_dir(layout: Layout) -> pathlib.Path:
-    """The kubelet's --root-dir: its pods' volumes are mounted below it."""
-    return cluster_dir(layout) / "kubelet"
 
 
 def volumes_dir(layout: Layout) -> pathlib.Path:
@@ -44,9 +40,8 @@ def share_kubelet_dir(layout: Layout) -> pathlib.Path:
     there too, as they do for a node's libvirtd, which runs in the host's mount namespace."""
     folder = kubelet_dir(layout)
     folder.mkdir(parents=True, exist_ok=True)
-    mounts = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
     what = "sharing the kubelet's folder"
-    if not any(line.split()[4] == str(folder) for line in mounts):
+    if str(folder) not in mount_points():
         procs.run(["mount", "--bind", str(folder), str(folder)], what, "run as root")
     procs.run(["mount", "--make-rshared", str(folder)], what, "run as root")
     return folder
