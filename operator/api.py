@@ -37,8 +37,13 @@ class Boot(TypedDict, total=False):
     kernel: KernelBootSpec
 
 
+class ClaimSource(TypedDict, total=False):
+    claimName: str
+
+
 class RootDisk(TypedDict, total=False):
     sizeGiB: int
+    persistentVolumeClaim: ClaimSource
 
 
 class EphemeralDisk(TypedDict, total=False):
@@ -225,6 +230,7 @@ class ImageImport(TypedDict, total=False):
 class VirtualInstanceStatus(TypedDict, total=False):
     phase: str
     node: str
+    holderPodUID: str
     image: ImageImport
     powerState: str
     domainUUID: str
@@ -240,10 +246,6 @@ class VirtualInstanceStatus(TypedDict, total=False):
     actions: ActionsStatus
     observedGeneration: int
     conditions: list[Condition]
-
-
-class ClaimSource(TypedDict, total=False):
-    claimName: str
 
 
 class VolumeSource(TypedDict, total=False):

@@ -167,6 +167,8 @@ class InstanceSpec:
     #: the root disk's base image (a copy-on-write overlay is made per instance)
     image: ImageRef | None = None
     root_gib: int | None = None
+    #: a root disk in a claim, not the instance's folder: (disk.img in its mount, the size to make it at)
+    root_claim: tuple[str, int] | None = None
     #: (name, size in GiB) of empty scratch disks
     ephemeral_gib: tuple[tuple[str, int], ...] = ()
     swap_mib: int | None = None
@@ -211,9 +213,9 @@ class VolumeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MovingVolume:
-    """An attached volume that moves with its instance: the guest device it keeps, and for a store volume
-    its size, so that the target can make the file the copy fills before the first byte arrives (QEMU's
-    mirror needs a target of exactly the source's size)."""
+    """An attached volume that moves with its instance: the guest device it keeps, and for a store volume its
+    size, so the target can make the file the copy fills before the first byte (QEMU's mirror needs a target
+    of exactly the source's size)."""
 
     volume: VolumeSpec
     device: str
@@ -227,10 +229,10 @@ class MovingVolume:
 class InstanceInfo:
     """Nova's get_info: state, max/used memory (KiB), vCPUs and CPU time (ns), and why a guest is paused.
 
-    ``io_error``: PAUSED because a disk write failed and the hypervisor stopped the guest rather than
-    hand the error to it (QEMU's default for a full file system, ``werror=enospc``; libvirt's pause
-    reason IOERROR). Not in Nova's 2012 contract: resuming such a guest retries the write, so on a disk
-    that is still full it stops again at once, and the agent must not resume it in a loop.
+    ``io_error``: PAUSED because a disk write failed and the hypervisor stopped the guest rather than hand
+    the error to it (QEMU's default for a full file system, ``werror=enospc``; libvirt's pause reason
+    IOERROR). Not in Nova's 2012 contract: resuming such a guest retries the write, so on a disk still
+    full it stops again at once, and the agent must not resume it in a loop.
     """
 
     state: PowerState
@@ -255,8 +257,7 @@ class InstanceDetail:
 
 @dataclasses.dataclass(frozen=True)
 class InterfaceDetail:
-    """One interface as the domain has it: its name in the spec ("" when the domain does not say), MAC,
-    network."""
+    """One interface as the domain has it: its spec name ("" if the domain does not say), MAC, network."""
 
     name: str
     mac: str
@@ -294,8 +295,7 @@ class HostStats:
     hostname: str
     cpu: CpuInfo
     #: what the volume store's volumes and the namespaces' snapshots hold, rounded up, where they share the
-    #: instances' file system (0 where they live on another): disk no instance's request counts, which
-    #: placement must not promise again
+    #: instances' file system (else 0): disk no instance's request counts, which placement must not promise
     volumes_gib: int = 0
     snapshots_gib: int = 0
     #: the named CPU models a guest of this host's domain type can be given here (spec.cpu.model)

@@ -312,6 +312,11 @@ def claim_of(spec: Mapping[str, Any]) -> str | None:
     return ((spec.get("volume") or {}).get("persistentVolumeClaim") or {}).get("claimName")
 
 
+def root_claim_of(spec: Mapping[str, Any]) -> str | None:
+    """The PersistentVolumeClaim an instance's root disk is in (spec.rootDisk.persistentVolumeClaim)."""
+    return ((spec.get("rootDisk") or {}).get("persistentVolumeClaim") or {}).get("claimName")
+
+
 def read_claim(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> dict[str, Any] | None:
     """A PersistentVolumeClaim as a plain mapping (the client's names: volume_name, access_modes); None when
     there is no such claim."""
@@ -324,10 +329,10 @@ def read_claim(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> 
 
 
 def claim_missing(namespace: str, claim: str) -> str:
-    """What an attachment of a claim that does not exist says, the controller's and the agent's alike."""
+    """What a user of a claim that does not exist says, the controller's and the agent's alike."""
     return (
-        f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}; create it, and the "
-        "attachment goes on"
+        f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}; create it, and kubenova "
+        "goes on"
     )
 
 

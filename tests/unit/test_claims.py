@@ -165,14 +165,14 @@ def test_the_agent_waits_for_the_claim_to_exist_bind_and_be_mounted(tmp_path: pa
         if step in ("Pending", "Bound"):
             api.add_claim("data", phase=step)
         with pytest.raises(ClaimNotReady) as waits:
-            claims.disk("ns", "data", False, uid)
+            claims.disk("ns", "data", False, {"holderPodUID": uid})
         reasons.append(waits.value.reason)
     assert reasons == ["HolderPending", "HolderPending", "ClaimNotFound", "ClaimPending", "ClaimNotMounted"]
     # A folder of that name that is no mount is not the volume: nothing is made in it.
     folder = tmp_path / "pods" / holder / "volumes" / "kubernetes.io~local-volume" / "pv-data"
     folder.mkdir(parents=True)
     with pytest.raises(ClaimNotReady):
-        claims.disk("ns", "data", False, holder)
+        claims.disk("ns", "data", False, {"holderPodUID": holder})
     assert not any(folder.iterdir())
 
 

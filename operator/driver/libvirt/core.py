@@ -5,7 +5,8 @@ migrations take.
 Each instance is a persistent domain whose UUID is the Kubernetes object's UID, with a folder of its own
 (``<instances>/<uuid>``) holding every file spawn creates: root overlay, ephemeral and swap disks, config
 drive, console log, rescue state. destroy removes that folder and nothing else: volumes and images live in
-their stores and are never deleted by an instance.
+their stores and are never deleted by an instance. A root disk in a PersistentVolumeClaim lives in the
+claim's volume; the folder keeps only a link to it, so it outlives the instance too.
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ class LibvirtCore(ComputeDriver):
         (``instance.volumes``) are named at the devices they had.
         """
         own: list[tuple[pathlib.Path, dict[str, Any]]] = []
-        if instance.image is not None:
+        if instance.root_claim:
+            own.append((self._claim_root(instance, folder), {"driver_type": "raw"}))
+        elif instance.image is not None:
             if not (folder / ROOT).exists():
                 base = self.cache.base(instance.image, "spec.boot.image.name")
                 self.cache.overlay(base, folder / ROOT, instance.root_gib)
@@ -253,6 +256,24 @@ class LibvirtCore(ComputeDriver):
             revision=instance.revision,
             cpu_model=instance.cpu_model,
         )
+
+    def _claim_root(self, instance: InstanceSpec, folder: pathlib.Path) -> pathlib.Path:
+        """A root disk in a claim: disk.img in the claim's volume, made from the image (or empty) unless it is
+        there (a new instance of the same claim boots what the last one left), and the folder's root disk a
+        link to it, so rescue, snapshots and the disk listings find it where every root disk is."""
+        assert instance.root_claim is not None
+        path, size = instance.root_claim
+        disk = pathlib.Path(path)
+        if not disk.exists():
+            base = self.cache.base(instance.image, "spec.boot.image.name") if instance.image else None
+            imagecache.make_raw(disk, size, base)
+        link = folder / ROOT
+        if not link.is_symlink() or os.readlink(link) != path:  # the holder pod, and its mount, may be new
+            part = folder / f".{ROOT}.link"
+            part.unlink(missing_ok=True)
+            part.symlink_to(path)
+            os.replace(part, link)
+        return link
 
     def _create(
         self, instance: InstanceSpec, power_on: bool, fill: Callable[[pathlib.Path], None] | None = None

@@ -19,7 +19,13 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from kubenova.driver.base import DriverError, ImageChecksumMismatch, ImageNotFound, ImageRef
+from kubenova.driver.base import (
+    DriverError,
+    ImageChecksumMismatch,
+    ImageNotFound,
+    ImageRef,
+    InvalidInstanceSpec,
+)
 from kubenova.driver.images import ImageStore
 from kubenova.driver.imports import DEFAULT_MAX_BYTES, Importer
 
@@ -56,6 +62,27 @@ def backing_file(path: str | os.PathLike[str]) -> str | None:
 def create_empty(path: str | os.PathLike[str], size: str) -> None:
     """An empty qcow2 disk of ``size`` (qemu-img's notation: "10G", "64M", bytes)."""
     qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+
+
+def make_raw(dest: pathlib.Path, size: int, base: pathlib.Path | None) -> None:
+    """A raw disk of ``size`` bytes at ``dest``, complete or absent (written under another name, then
+    renamed): the image's bytes when ``base`` is given, grown to ``size``, else empty; sparse either way.
+    Refused, naming the field, when the image needs more than ``size``."""
+    part = dest.with_name(f".{dest.name}.part")
+    part.unlink(missing_ok=True)
+    if base is not None:
+        needed = virtual_size(base)
+        if needed > size:
+            raise InvalidInstanceSpec(
+                "spec.rootDisk.persistentVolumeClaim",
+                f"image {base.name} needs a disk of {-(-needed // 2**20)} MiB, and the claim gives "
+                f"{size // 2**20} MiB (its capacity less what its file system keeps); use a larger claim",
+            )
+        qemu_img("convert", "-q", "-O", "raw", str(base), str(part))
+    with open(part, "ab") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
+    os.rename(part, dest)
 
 
 def resize(path: str | os.PathLike[str], size: str) -> None:

@@ -158,6 +158,7 @@ class Agent:
         core = kubernetes.client.CoreV1Api(client)
         self.events = EventPoster(core, config.node)
         instance_status = StatusWriter(self.custom, VIRTUALINSTANCES)
+        claims = Claims(core, config.kubelet_dir)
         self.instances = InstanceAgent(
             config.node,
             driver,
@@ -170,6 +171,7 @@ class Agent:
             self.volume_cache,
             self.migration_cache,
             config.settings,
+            claims=claims,
         )
         self.volumes = VolumeAgent(
             config.node,
@@ -179,7 +181,7 @@ class Agent:
             self.events,
             self.volume_cache,
             self.instance_cache,
-            Claims(core, config.kubelet_dir),
+            claims,
         )
         self.migrations = MigrationAgent(
             config.node,

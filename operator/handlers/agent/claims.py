@@ -1,12 +1,12 @@
 """PersistentVolumeClaims, agent side: where this node's kubelet mounted a claim's volume for its holder pod.
 
-The controller runs one holder pod per claim attachment on the instance's node (controller/holders.py);
-the kubelet and the cluster's storage driver attach and mount the volume for it, as for any pod. The
-agent then finds the volume in the kubelet's folder of that pod (the controller names it in the
-attachment's status.holderPodUID), by the name of the PersistentVolume the claim is bound to, and hands
-that host path to the driver. It never takes a path from an object a tenant writes: the claim's binding
-(``spec.volumeName`` of a Bound claim) is the PersistentVolume controller's, status is kubenova's, and
-the folders are the kubelet's.
+The controller runs one holder pod per claim attachment, and per instance whose root disk is a claim, on
+the instance's node (controller/holders.py); the kubelet and the cluster's storage driver attach and mount
+the volume for it, as for any pod. The agent then finds the volume in the kubelet's folder of that pod (the
+controller names it in the attachment's or instance's status.holderPodUID), by the name of the
+PersistentVolume the claim is bound to, and hands that host path to the driver. It never takes a path from
+an object a tenant writes: the claim's binding (``spec.volumeName`` of a Bound claim) is the
+PersistentVolume controller's, status is kubenova's, and the folders are the kubelet's.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import os
 import pathlib
 import re
 import stat
+from collections.abc import Mapping
+from typing import Any
 
 import kubernetes
 from kubernetes.utils import parse_quantity
 
 from kubenova.driver.base import InvalidInstanceSpec
-from kubenova.handlers.shared import claim_missing, read_claim
+from kubenova.handlers.agent.secret_reader import WaitFor
+from kubenova.handlers.shared import claim_missing, condition, read_claim, root_claim_of
 
 #: The guest's disk in a Filesystem-mode claim.
 DISK_IMAGE = "disk.img"
@@ -31,14 +34,14 @@ MIB = 2**20
 UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-class ClaimNotReady(Exception):
+#: What the controller says of a claim's user that has no holder yet: the agent says the same, not another.
+CONTROLLER_WAITS = ("ClaimNotFound", "HolderNameTaken")
+
+
+class ClaimNotReady(WaitFor):
     """The claim's volume is not on this node yet (no holder, no claim, not bound, not mounted): it waits.
 
     ``reason`` is the condition's; the message names the claim and what to do."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def usable_bytes(capacity: str) -> int:
@@ -54,18 +57,52 @@ class Claims:
         self.core = core
         self.kubelet_dir = kubelet_dir
 
-    def disk(self, namespace: str, claim: str, read_only: bool, holder: str) -> str:
-        """The host path of the guest's disk in ``claim``: disk.img in the volume's mount for the pod with
-        UID ``holder`` (the attachment's own, from its status), made at the claim's size when missing (the
-        controller refuses Block-mode claims). Never another pod's mount of the same claim: that one may
-        go (a holder of an earlier attachment, still unmounting) and take the disk with it."""
+    def disk(self, namespace: str, claim: str, read_only: bool, status: Mapping[str, Any]) -> str:
+        """The host path of an attachment's disk in ``claim``: disk.img in the volume's mount for the holder
+        pod its ``status`` names, made empty at the claim's size when missing (the controller refuses
+        Block-mode claims)."""
+        found, size = self._volume(namespace, claim, status, "spec.volume.persistentVolumeClaim")
+        image = found / DISK_IMAGE
+        if not image.exists():
+            if read_only:
+                raise InvalidInstanceSpec(
+                    "spec.readOnly",
+                    f"claim {claim!r} holds no {DISK_IMAGE} yet, and a read-only attachment cannot make one; "
+                    "attach it read-write once",
+                )
+            _make_image(image, size)
+        return regular_disk(found, claim)
+
+    def root(self, instance: Mapping[str, Any]) -> tuple[str, int] | None:
+        """An instance's root disk in its claim, if it has one: the host path of disk.img in the volume's
+        mount for its holder pod, and the size the driver makes it at, from the image, when missing."""
+        meta, spec = instance["metadata"], instance.get("spec") or {}
+        claim = root_claim_of(spec)
+        if claim is None:
+            return None
+        field = "spec.rootDisk.persistentVolumeClaim"
+        found, size = self._volume(meta["namespace"], claim, instance.get("status") or {}, field)
+        if (found / DISK_IMAGE).exists() or (found / DISK_IMAGE).is_symlink():
+            regular_disk(found, claim, field)
+        return str(found / DISK_IMAGE), size
+
+    def _volume(
+        self, namespace: str, claim: str, status: Mapping[str, Any], field: str
+    ) -> tuple[pathlib.Path, int]:
+        """Where the claim's volume is mounted for the holder pod ``status`` names (status.holderPodUID, the
+        controller's), and the size of a disk in it. Never another pod's mount of the same claim: that one
+        may go (a holder of an earlier user, still unmounting) and take the disk with it."""
+        holder = str(status.get("holderPodUID", ""))
         if not UID.fullmatch(holder):
+            said = condition(status, "Ready") or {}
+            if said.get("reason") in CONTROLLER_WAITS:
+                raise ClaimNotReady(said["reason"], str(said.get("message", "")))
             raise ClaimNotReady("HolderPending", "waiting for kubenova's controller to make the holder pod")
         pvc = read_claim(self.core, namespace, claim)
         if pvc is None:
             raise ClaimNotReady("ClaimNotFound", claim_missing(namespace, claim))
-        spec, status = pvc.get("spec") or {}, pvc.get("status") or {}
-        pv, phase = spec.get("volume_name"), status.get("phase") or "Pending"
+        spec, pvc_status = pvc.get("spec") or {}, pvc.get("status") or {}
+        pv, phase = spec.get("volume_name"), pvc_status.get("phase") or "Pending"
         if phase != "Bound" or not pv:
             raise ClaimNotReady(
                 "ClaimPending",
@@ -76,24 +113,13 @@ class Claims:
         if found is None:
             raise ClaimNotReady(
                 "ClaimNotMounted",
-                f"waiting for the kubelet to make volume {pv} of claim {claim!r} ready on this node for the "
-                "attachment's holder pod",
+                f"waiting for the kubelet to make volume {pv} of claim {claim!r} ready on this node for its "
+                "holder pod",
             )
-        image = found / DISK_IMAGE
-        if not image.exists():
-            if read_only:
-                raise InvalidInstanceSpec(
-                    "spec.readOnly",
-                    f"claim {claim!r} holds no {DISK_IMAGE} yet, and a read-only attachment cannot make one; "
-                    "attach it read-write once",
-                )
-            size = usable_bytes((status.get("capacity") or {}).get("storage", "0"))
-            if size <= 0:
-                raise InvalidInstanceSpec(
-                    "spec.volume.persistentVolumeClaim", f"claim {claim!r} is too small for a disk"
-                )
-            _make_image(image, size)
-        return regular_disk(found, claim)
+        size = usable_bytes((pvc_status.get("capacity") or {}).get("storage", "0"))
+        if size <= 0:
+            raise InvalidInstanceSpec(field, f"claim {claim!r} is too small for a disk")
+        return found, size
 
     def _mounted(self, pod: str, pv: str) -> pathlib.Path | None:
         """The volume where the kubelet mounted it for the pod: the in-tree plugins'
@@ -118,14 +144,14 @@ def mount_points(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
     return points
 
 
-def regular_disk(mount: pathlib.Path, claim: str) -> str:
+def regular_disk(mount: pathlib.Path, claim: str, field: str = "spec.volume.persistentVolumeClaim") -> str:
     """disk.img in a claim's mount, if it is a plain file of the volume: a namespace user's pod that mounts
     the same claim could replace it with a link, and libvirtd, on the host, would follow it anywhere."""
     image = mount / DISK_IMAGE
     found = image.lstat()
     if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
         raise InvalidInstanceSpec(
-            "spec.volume.persistentVolumeClaim",
+            field,
             f"{DISK_IMAGE} in claim {claim!r} is not a plain file (a link, or a device), so kubenova does "
             "not attach it; delete it from the volume, then attach the claim again (a new disk is made)",
         )

@@ -37,6 +37,7 @@ from kubenova.driver.images import ImageStore
 from kubenova.handlers.agent import io_errors, power
 from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache
+from kubenova.handlers.agent.claims import Claims
 from kubenova.handlers.agent.domain_status import observed_status
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.firewall import FirewallKeeper
@@ -127,10 +128,11 @@ class InstanceAgent:
         migrations: ObjectCache,
         settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        claims: Claims | None = None,
     ) -> None:
         """``objects`` reads and patches VirtualInstances (their metadata), ``status`` writes their status,
-        ``secrets`` reads the Secrets they name; the caches are the node's instances, attachments and
-        migrations as the watches last saw them. ``clock`` is monotonic (tests move their own)."""
+        ``secrets`` reads the Secrets they name, ``claims`` finds root disks' claims; the caches are the
+        node's instances, attachments and migrations as the watches last saw them. ``clock`` is monotonic."""
         self.node = node
         self.driver = driver
         self.images = images
@@ -143,6 +145,7 @@ class InstanceAgent:
         self.migrations = migrations
         self.settings = settings or Settings()
         self.clock = clock
+        self.claims = claims
         self.reconsider: set[str] = set()  # Failed instances to look at once more despite no spec change
         self._stopped_outside: dict[str, float] = {}
         self.io_errors = io_errors.IOErrorRetries(
@@ -405,27 +408,23 @@ class InstanceAgent:
         self._restart_later_if_needed(body)
 
     def driver_spec(self, instance: Mapping[str, Any], flavor: Mapping[str, Any]) -> InstanceSpec:
-        """The driver's view of an instance with this flavor, its secrets read from their Secrets first."""
-        secrets = self.secrets.for_instance(instance)
-        return driver_spec(instance, flavor, self.images, secrets, self.settings.networks)
+        """The driver's view of an instance with this flavor, its secrets read from their Secrets first, and
+        its root disk's claim found on this node (WaitFor until the kubelet has mounted it here)."""
+        made = driver_spec(
+            instance, flavor, self.images, self.secrets.for_instance(instance), self.settings.networks
+        )
+        root = self.claims.root(instance) if self.claims else None
+        return dataclasses.replace(made, root_claim=root) if root else made
 
     # --- deletion -------------------------------------------------------------------------
 
     def _add_finalizer(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
+        finalizers = [*(meta.get("finalizers") or []), AGENT_FINALIZER]
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
         fresh = typed(
             self.objects.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                meta["namespace"],
-                VIRTUALINSTANCES,
-                meta["name"],
-                {
-                    "metadata": {
-                        "finalizers": [*(meta.get("finalizers") or []), AGENT_FINALIZER],
-                        "resourceVersion": meta["resourceVersion"],
-                    }
-                },
+                GROUP, VERSION, meta["namespace"], VIRTUALINSTANCES, meta["name"], patch
             )
         )
         body.clear()

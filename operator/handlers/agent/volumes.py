@@ -194,8 +194,7 @@ class VolumeAgent:
         volume = volume_spec(body)
         try:
             if claim := claim_of(spec):
-                holder = str(status.get("holderPodUID", ""))
-                disk = self.claims.disk(meta["namespace"], claim, volume.read_only, holder)
+                disk = self.claims.disk(meta["namespace"], claim, volume.read_only, status)
                 volume = dataclasses.replace(volume, path=disk)
             attached = driver.attach_volume(
                 instance["metadata"]["uid"], volume, (spec.get("device") or {}).get("name", "")

@@ -7,12 +7,12 @@ instance twice. The contract is the admin's (docs/operations.md, "Fencing"): by 
 signal is set, the host's guests are dead.
 
 An instance is restarted elsewhere when its run strategy asks for it to run (Always,
-RerunOnFailure), its disks can be rebuilt (image or kernel boot; a VolumeAttachment lives on
-the fenced node) and no Migration of it is under way (the guest may have reached the other
-node). The controller unbinds it (status first, then the label, each guarded by the
-resourceVersion it decided on) and placement binds it anew like any pending instance: a new
-boot from its image on another node. Objects being deleted there are let go, as Kubernetes
-force-deletes the pods of an out-of-service Node.
+RerunOnFailure), its disks can be rebuilt (image or kernel boot; a VolumeAttachment, or a root
+disk in a PersistentVolumeClaim, lives on the fenced node) and no Migration of it is under way
+(the guest may have reached the other node). The controller unbinds it (status first, then the
+label, each guarded by the resourceVersion it decided on) and placement binds it anew like any
+pending instance: a new boot from its image on another node. Objects being deleted there are let
+go, as Kubernetes force-deletes the pods of an out-of-service Node.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from kubenova.handlers.shared import (
     is_final,
     post_event,
     remove_finalizer,
+    root_claim_of,
     set_condition,
     typed,
 )
@@ -60,6 +61,11 @@ def why_kept(
         return (
             f"a VolumeAttachment of it lives on {node}, so its disks cannot be rebuilt elsewhere; "
             "bring the node back, or delete the attachment"
+        )
+    if claim := root_claim_of(spec):
+        return (
+            f"its root disk is in PersistentVolumeClaim {claim!r}, and kubenova does not move such a disk "
+            "yet; bring the node back, or delete the instance and create it again"
         )
     if meta["uid"] in migrating:
         return "a Migration of it is under way, so the guest may run on its other node; end it first"

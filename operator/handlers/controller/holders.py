@@ -1,22 +1,22 @@
 """Holder pods, controller side: a PersistentVolumeClaim reaches a VM's node through a pod that uses it.
 
 kubenova does not attach or mount cluster storage itself: whatever CSI driver or provisioner the cluster
-runs does that for pods. So each attachment of a claim gets one small pod (the holder) on its instance's
-node that consumes the claim; the node's kubelet attaches and mounts the volume for it, and the agent
-hands the volume to the guest (agent/claims.py). The holder is owned by the attachment, so Kubernetes'
-garbage collector removes it once the attachment is gone, after the agent detached the disk; the claim
-and its data stay.
+runs does that for pods. So each user of a claim (a VolumeAttachment, or a VirtualInstance whose root disk
+is a claim) gets one small pod (the holder) on its instance's node that consumes the claim; the node's
+kubelet attaches and mounts the volume for it, and the agent hands the volume to the guest
+(agent/claims.py). The holder is owned by its user, so Kubernetes' garbage collector removes it once the
+user is gone, after the agent detached the disk or destroyed the domain; the claim and its data stay.
 
 The controller makes the holder, not the agent: a node is untrusted, and may not create pods in tenants'
-namespaces. Before it makes one, it checks the claim: that it exists, and that no other attachment
-uses it unless the claim allows it (ReadWriteMany or ReadOnlyMany, and every user read-only).
+namespaces. Before it makes one, it checks the claim: that it exists, and that no other user has it
+unless the claim allows it (ReadWriteMany or ReadOnlyMany, and every user read-only).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
@@ -27,6 +27,7 @@ from kubenova.handlers.shared import (
     GROUP,
     NODE_LABEL,
     VERSION,
+    VIRTUALINSTANCES,
     VOLUMEATTACHMENTS,
     StatusWriter,
     claim_missing,
@@ -34,23 +35,50 @@ from kubenova.handlers.shared import (
     condition,
     post_event,
     read_claim,
+    root_claim_of,
     set_condition,
     typed,
 )
 
 log = logging.getLogger(__name__)
-#: The label naming a holder's attachment (a hash when the name is too long for a label).
+#: The label naming a holder's attachment, or instance (a hash when the name is too long for a label).
 ATTACHMENT_LABEL = "compute.kubenova.io/volume-attachment"
-#: Claims several attachments may share, when each of them is read-only.
+INSTANCE_LABEL = "compute.kubenova.io/virtual-instance"
+#: Every holder pod carries it: the controller watches pods with it only.
+MANAGED_BY = "app.kubernetes.io/managed-by"
+#: Claims several users may share, when each of them is read-only.
 SHAREABLE = frozenset({"ReadWriteMany", "ReadOnlyMany"})
+#: The controller's own refusals of a claim: for good, as a claim cannot change in its user's spec.
+REFUSALS = frozenset({"ClaimInUse", "BlockModeNotSupported", "NoHolderImage"})
 COMPONENT = "kubenova-controller"
 PODS = ("", "v1", "pods")
+INSTANCE = "VirtualInstance"
+#: Per kind of claim user: its plural, its holder's name prefix and label.
+KINDS = {
+    "VolumeAttachment": (VOLUMEATTACHMENTS, "kubenova-holder-", ATTACHMENT_LABEL),
+    INSTANCE: (VIRTUALINSTANCES, "kubenova-root-", INSTANCE_LABEL),
+}
 
 
-def holder_name(attachment: str) -> str:
-    """The holder pod of an attachment: its name, unless that leaves no room for the prefix."""
-    name = f"kubenova-holder-{attachment}"
-    return name if len(name) <= 253 else f"kubenova-holder-{_digest(attachment)}"
+def kind_of(body: Mapping[str, Any]) -> str:
+    """A claim user's kind: an instance when its body says so, else an attachment."""
+    return INSTANCE if body.get("kind") == INSTANCE else "VolumeAttachment"
+
+
+def claim_use(body: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """The claim an attachment or an instance's root disk uses, if any, and whether only to read it."""
+    spec = body.get("spec") or {}
+    if kind_of(body) == INSTANCE:
+        return root_claim_of(spec), False
+    return claim_of(spec), bool(spec.get("readOnly", False))
+
+
+def holder_name(user: str, kind: str = "VolumeAttachment") -> str:
+    """The holder pod of an attachment (or an instance's root disk): its name, unless that leaves no room
+    for the prefix."""
+    prefix = KINDS[kind][1]
+    name = f"{prefix}{user}"
+    return name if len(name) <= 253 else f"{prefix}{_digest(user)}"
 
 
 def _digest(text: str) -> str:
@@ -58,13 +86,14 @@ def _digest(text: str) -> str:
 
 
 def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]:
-    """The holder of an attachment's claim, on Kubernetes Node ``node``: it only keeps the volume there.
+    """The holder of an attachment's (or an instance's) claim, on Kubernetes Node ``node``: it only keeps
+    the volume there.
 
     Pinned by node affinity rather than spec.nodeName, so the scheduler still sees it: a claim of a
     WaitForFirstConsumer class is provisioned on the node the scheduler picks for its first pod."""
-    meta, spec = body["metadata"], body["spec"]
+    meta, kind = body["metadata"], kind_of(body)
     name = meta["name"]
-    read_only = bool(spec.get("readOnly", False))
+    claim, read_only = claim_use(body)
     container: dict[str, Any] = {
         "name": "holder",
         "image": image,
@@ -80,16 +109,13 @@ def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": holder_name(name),
+            "name": holder_name(name, kind),
             "namespace": meta["namespace"],
-            "labels": {
-                ATTACHMENT_LABEL: name if len(name) <= 63 else _digest(name),
-                "app.kubernetes.io/managed-by": "kubenova",
-            },
+            "labels": {KINDS[kind][2]: name if len(name) <= 63 else _digest(name), MANAGED_BY: "kubenova"},
             "ownerReferences": [
                 {
                     "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "VolumeAttachment",
+                    "kind": kind,
                     "name": name,
                     "uid": meta["uid"],
                     "controller": True,
@@ -113,7 +139,7 @@ def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]
             "volumes": [
                 {
                     "name": "claim",
-                    "persistentVolumeClaim": {"claimName": claim_of(spec), "readOnly": read_only},
+                    "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only},
                 }
             ],
             "automountServiceAccountToken": False,
@@ -128,47 +154,54 @@ def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]
     }
 
 
-def conflict(body: Mapping[str, Any], access_modes: list[str], others: list[Mapping[str, Any]]) -> str | None:
-    """Why the attachment may not use its claim while ``others`` (the namespace's attachments) do, or None.
+def _age(user: Mapping[str, Any]) -> tuple[str, str, str]:
+    """Older first; a kind and a name tell apart two made in the same second."""
+    meta = user["metadata"]
+    return str(meta.get("creationTimestamp", "")), kind_of(user), meta["name"]
 
-    Of two attachments that want one claim, the older keeps it: the same answer however the events
-    arrive."""
-    meta, spec = body["metadata"], body["spec"]
-    claim = claim_of(spec)
 
-    def age(va: Mapping[str, Any]) -> tuple[str, str]:
-        return str(va["metadata"].get("creationTimestamp", "")), va["metadata"]["name"]
+def conflict(
+    body: Mapping[str, Any], access_modes: list[str], others: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """Why the attachment (or instance) may not use its claim while ``others`` (the namespace's attachments
+    and instances) do, or None.
 
+    Of two users that want one claim, the older keeps it: the same answer however the events arrive."""
+    claim, read_only = claim_use(body)
     for other in others:
-        ometa, ospec = other["metadata"], other.get("spec") or {}
+        ometa, ostatus = other["metadata"], other.get("status") or {}
+        oclaim, oread_only = claim_use(other)
         if (
-            ometa["name"] == meta["name"]
-            or claim_of(ospec) != claim
+            _age(other) >= _age(body)  # itself, or younger
+            or oclaim != claim
             or ometa.get("deletionTimestamp")
-            or (other.get("status") or {}).get("phase") == "Failed"
-            or age(other) > age(body)
+            or (
+                kind_of(other) != INSTANCE and ostatus.get("phase") == "Failed"
+            )  # an attachment's is for good
+            or (condition(ostatus, "Ready") or {}).get("reason") in REFUSALS
         ):
             continue
-        both_read_only = bool(spec.get("readOnly")) and bool(ospec.get("readOnly"))
-        if both_read_only and SHAREABLE & set(access_modes):
+        if read_only and oread_only and SHAREABLE & set(access_modes):
             continue
         modes = ", ".join(access_modes) or "no access modes"
+        if kind_of(other) == INSTANCE:
+            user, undo = f"the root disk of VirtualInstance {ometa['name']!r}", "delete that instance first"
+        else:
+            instance = (other.get("spec") or {})["instanceRef"]["name"]
+            user = f"VolumeAttachment {ometa['name']!r} of VirtualInstance {instance!r}"
+            undo = "detach it there first"
         fix = (
-            "attach it read-only in both, with a ReadWriteMany or ReadOnlyMany claim, or detach it there "
-            "first"
+            f"attach it read-only in both, with a ReadWriteMany or ReadOnlyMany claim, or {undo}"
             if SHAREABLE & set(access_modes)
-            else "a claim that is not ReadWriteMany or ReadOnlyMany serves one attachment; detach it there "
-            "first, or clone the claim"
+            else f"a claim that is not ReadWriteMany or ReadOnlyMany serves one user; {undo}, or clone it"
         )
-        return (
-            f"PersistentVolumeClaim {claim!r} ({modes}) is already used by VolumeAttachment "
-            f"{ometa['name']!r} of VirtualInstance {ospec['instanceRef']['name']!r}; {fix}"
-        )
+        return f"PersistentVolumeClaim {claim!r} ({modes}) is already used by {user}; {fix}"
     return None
 
 
 class Holders:
-    """Checks an attachment's claim and keeps its holder pod on the attachment's node."""
+    """Checks the claim of an attachment (or of an instance's root disk) and keeps its holder pod on the
+    instance's node."""
 
     def __init__(
         self, custom: kubernetes.client.CustomObjectsApi, core: kubernetes.client.CoreV1Api, image: str
@@ -182,51 +215,64 @@ class Holders:
     # --- kopf's side: the events that may call for a holder -----------------------------------------
 
     @staticmethod
-    def claim_entry(namespace: str | None, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        """Bound attachments of claims, by (namespace, claim): a claim that appears wakes them."""
-        claim = claim_of(spec)
+    def claim_entry(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        """Bound users of claims, by (namespace, claim): a claim that appears wakes them."""
+        claim = claim_use(body)[0]
         return {(namespace, claim): dict(body)} if claim else {}
 
-    def attachment_changed(
-        self, type: str | None, spec: Mapping[str, Any], body: Mapping[str, Any], **_: Any
-    ) -> None:
-        if type != "DELETED" and claim_of(spec) and not body["metadata"].get("deletionTimestamp"):
+    @staticmethod
+    def uses_claim(body: kopf.Body, **_: Any) -> bool:
+        """kopf's filter: an instance whose root disk is a claim (every other instance is none of this)."""
+        return claim_use(body)[0] is not None
+
+    def user_changed(self, type: str | None, body: Mapping[str, Any], **_: Any) -> None:
+        if type != "DELETED" and claim_use(body)[0] and not body["metadata"].get("deletionTimestamp"):
             self.ensure(body)
 
     def claim_changed(self, type: str | None, namespace: str | None, name: str, **indexes: Any) -> None:
-        """A claim was made (or changed): the attachments that waited for it go on."""
+        """A claim was made (or changed): the attachments and instances that waited for it go on."""
         if type != "DELETED":
-            for body in list(indexes["claim_volumes"].get((namespace, name), [])):
-                self.ensure(body)
+            for index in ("claim_volumes", "claim_instances"):
+                for body in list(indexes[index].get((namespace, name), [])):
+                    self.ensure(body)
 
     def holder_gone(self, type: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
-        """A holder pod was deleted (by hand, or evicted) while its attachment lives on: make it again."""
+        """A holder pod was deleted (by hand, evicted, or by the garbage collector after its user went)
+        while a user of its owner's name lives (the same, or one made again under that name, whose holder
+        waited for the name): make its holder."""
         owner: Mapping[str, Any] = next(iter(body["metadata"].get("ownerReferences") or []), {})
-        if type != "DELETED" or owner.get("kind") != "VolumeAttachment":
+        if type != "DELETED" or owner.get("kind") not in KINDS:
             return
         try:
-            attachment = typed(
+            user = typed(
                 self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, str(namespace), VOLUMEATTACHMENTS, owner["name"]
+                    GROUP, VERSION, str(namespace), KINDS[owner["kind"]][0], owner["name"]
                 )
             )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
-                return  # the attachment went first: the garbage collector's deletion
+                return  # the user went first: the garbage collector's deletion
             raise
-        labels = attachment["metadata"].get("labels") or {}
-        if attachment["metadata"]["uid"] == owner.get("uid") and NODE_LABEL in labels:
-            self.attachment_changed(None, attachment["spec"], attachment)
+        if NODE_LABEL in (user["metadata"].get("labels") or {}) and not user["metadata"].get(
+            "deletionTimestamp"
+        ):
+            self.ensure({**user, "kind": owner["kind"]}, again=True)
 
     # --- the holder -----------------------------------------------------------------------------------
 
-    def ensure(self, body: Mapping[str, Any]) -> None:
-        """The holder of a bound attachment of a claim, on its node, made once the claim checks out; else
-        the attachment says why not (a status condition and an Event)."""
-        meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
-        namespace, claim = meta["namespace"], str(claim_of(spec))
-        if status.get("phase") == "Failed" and status.get("observedGeneration") == meta.get("generation"):
-            return  # refused for good (its spec cannot change): no holder, even once the claim is free
+    def ensure(self, body: Mapping[str, Any], again: bool = False) -> None:
+        """The holder of a bound user of a claim, on its node, made once the claim checks out; else the user
+        says why not (a status condition and an Event). Once status names the holder there is nothing to do,
+        unless ``again``: the holder was deleted."""
+        meta, status, kind = body["metadata"], body.get("status") or {}, kind_of(body)
+        namespace, claim = meta["namespace"], str(claim_use(body)[0])
+        if status.get("observedGeneration") == meta.get("generation") and (
+            (condition(status, "Ready") or {}).get("reason") in REFUSALS
+            or (kind != INSTANCE and status.get("phase") == "Failed")
+        ):
+            return  # refused for good (the claim cannot change): no holder, even once the claim is free
+        if status.get("holderPodUID") and not again:
+            return
         if not self.image:
             self._refuse(
                 body,
@@ -249,8 +295,14 @@ class Holders:
                 "Filesystem-mode claim",
             )
             return
-        others = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS)
-        why = conflict(body, list(spec_of.get("access_modes") or []), typed(others)["items"])
+        others = [
+            {"kind": other_kind, **item}
+            for other_kind, (plural, _, _) in KINDS.items()
+            for item in typed(self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural))[
+                "items"
+            ]
+        ]
+        why = conflict(body, list(spec_of.get("access_modes") or []), others)
         if why:
             self._refuse(body, "ClaimInUse", why)
             return
@@ -268,7 +320,7 @@ class Holders:
             log.info("holder pod %s/%s of claim %s on %s", namespace, name, claim, node)
         if uid and status.get("holderPodUID") != uid:
             # Status, which only kubenova writes: the agent uses this pod's mount of the claim, no other's.
-            StatusWriter(self.custom, VOLUMEATTACHMENTS).write(body, {"holderPodUID": uid})
+            StatusWriter(self.custom, KINDS[kind][0]).write(body, {"holderPodUID": uid})
 
     def _own_holder(self, body: Mapping[str, Any], name: str) -> str | None:
         """The UID of the pod of the holder's name: the attachment's own holder, made before; None for one a
@@ -300,36 +352,41 @@ class Holders:
         return str((found.get("status") or {}).get("kubernetesNode") or node)
 
     def _refuse(self, body: Mapping[str, Any], reason: str, message: str) -> None:
-        """Failed for this generation: the agent leaves it so; a new attachment is the way on."""
+        """Failed for this generation: the agent leaves it so; a new attachment or instance is the way on."""
         self._say(body, "Failed", reason, message, observed=True)
 
     def _say(
         self, body: Mapping[str, Any], phase: str, reason: str, message: str, observed: bool = False
     ) -> None:
-        meta, status = body["metadata"], body.get("status") or {}
+        """A condition and an Event, once; an instance that waits keeps its phase (the agent's: Scheduled)."""
+        meta, status, kind = body["metadata"], body.get("status") or {}, kind_of(body)
         ready = condition(status, "Ready") or {}
+        if kind == INSTANCE and phase == "Pending":
+            phase = str(status.get("phase", ""))
         if status.get("phase") == phase and ready.get("reason") == reason and ready.get("message") == message:
             return  # said already: no write, no second Event
-        patch: dict[str, Any] = {"phase": phase}
+        patch: dict[str, Any] = {"phase": phase} if phase else {}
         if observed:
             patch["observedGeneration"] = meta.get("generation")
         set_condition(patch, status, "Ready", False, reason, message, meta.get("generation"))
-        StatusWriter(self.custom, VOLUMEATTACHMENTS).write(body, patch, guard=True)
-        post_event(self.core, body, reason, message, COMPONENT)
+        StatusWriter(self.custom, KINDS[kind][0]).write(body, patch, guard=True)
+        post_event(self.core, {"kind": kind, **body}, reason, message, COMPONENT)
 
 
 def watch_settings(settings: kopf.OperatorSettings) -> None:
     """A server-side label selector: only holder pods reach the controller, never the cluster's others."""
-    settings.watching.label_selectors[PODS] = ATTACHMENT_LABEL
+    settings.watching.label_selectors[PODS] = f"{MANAGED_BY}=kubenova"
 
 
 def register(registry: kopf.OperatorRegistry, client: kubernetes.client.ApiClient, image: str) -> Holders:
     """Wire kopf's index and handlers to one Holders (app.py calls this)."""
     h = Holders(kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client), image)
-    va = (GROUP, VERSION, VOLUMEATTACHMENTS)
+    va, vi = (GROUP, VERSION, VOLUMEATTACHMENTS), (GROUP, VERSION, VIRTUALINSTANCES)
     bound = {NODE_LABEL: kopf.PRESENT}
     kopf.index(*va, registry=registry, id="claim_volumes", labels=bound)(h.claim_entry)
-    kopf.on.event(*va, registry=registry, id="volume_holder", labels=bound)(h.attachment_changed)
+    kopf.on.event(*va, registry=registry, id="volume_holder", labels=bound)(h.user_changed)
+    kopf.index(*vi, registry=registry, id="claim_instances", labels=bound, when=h.uses_claim)(h.claim_entry)
+    kopf.on.event(*vi, registry=registry, id="root_holder", labels=bound, when=h.uses_claim)(h.user_changed)
     kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry, id="claim_changed")(h.claim_changed)
     kopf.on.event(*PODS, registry=registry, id="holder_gone")(h.holder_gone)
     return h

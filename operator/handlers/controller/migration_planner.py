@@ -38,6 +38,7 @@ from kubenova.handlers.shared import (
     post_event,
     read_claim,
     remove_finalizer,
+    root_claim_of,
     store_needs,
     typed,
     unless_changed,
@@ -252,6 +253,12 @@ class Planner:
             raise Unschedulable(
                 f"a Live migration needs a running instance and {name!r} is {power or 'not running'};"
                 " use type: Cold"
+            )
+        if root := root_claim_of(ispec):
+            raise Unschedulable(
+                f"{name!r} boots from PersistentVolumeClaim {root!r} (spec.rootDisk), and kubenova does not "
+                "move an instance whose root disk is a claim; delete it and create it again from the same "
+                "claim where the claim's storage reaches (spec.nodeSelector)"
             )
         check_volumes(
             spec["type"],
