@@ -1,9 +1,10 @@
-"""A PersistentVolumeClaim as a VM's volume on a real node: the cluster's provisioner (local-path) makes the
-volume, the kubelet mounts it for the attachment's holder pod, the guest writes to it; the bytes stay in
-the volume after the attachment goes (and its holder pod with it), and another instance reads them.
+"""PersistentVolumeClaims on a real node, as a VM's volume and as its root disk: the cluster's provisioner
+(local-path) makes the volume, the kubelet mounts it for a holder pod, the guest writes to it; the bytes
+stay in the volume after the attachment (or instance) goes, with its holder pod, and another instance
+finds them.
 
-A second attachment of the same ReadWriteOnce claim, while the first holds it, fails with the claim's
-name and the fix, and no holder pod is made for it.
+A second user of the same ReadWriteOnce claim, while the first holds it, fails with the claim's name and
+the fix, and no holder pod is made for it; so does a root disk claim too small for the image.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import kubernetes
 import pytest
 
 from kubenova.handlers.agent.claims import DISK_IMAGE, usable_bytes
-from kubenova.handlers.controller.holders import ATTACHMENT_LABEL, holder_name
+from kubenova.handlers.controller.holders import ATTACHMENT_LABEL, INSTANCE_LABEL, holder_name
 from kubenova.handlers.shared import GROUP, VERSION, VIRTUALINSTANCES, VOLUMEATTACHMENTS
 from testground import cluster, cluster_storage, guest, kube
 from testground import ground as testground
@@ -138,3 +139,116 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
         delete_and_wait(custom, namespace, name)
     eventually(lambda: not holders(core, namespace), timeout=60, what="the last holder pod to go")
     REPORT.append(f"cluster storage: claim {capacity} in {folder}, pattern read back by a second instance")
+
+
+def instance_phase(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, wanted: str) -> Any:
+    return eventually(
+        lambda: (
+            (vi := custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name))
+            .get("status", {})
+            .get("phase")
+            == wanted
+            and vi
+        ),
+        timeout=BOOT,
+        what=f"VirtualInstance {name} {wanted}",
+    )
+
+
+def root_holders(core: kubernetes.client.CoreV1Api, namespace: str) -> list[str]:
+    return [
+        p.metadata.name
+        for p in core.list_namespaced_pod(namespace, label_selector=INSTANCE_LABEL).items
+        if not p.metadata.deletion_timestamp
+    ]
+
+
+def disk_line(ground: testground.Ground, uid: str) -> str:
+    """The guest's ``DISK vda sectors=<n> head=<hex>`` line: its root disk as it found it at boot."""
+    return eventually(
+        lambda: next(
+            (line for line in console_text(ground, uid).splitlines() if f"{guest.DISK} vda " in line), ""
+        ),
+        timeout=BOOT,
+        what="the guest to read its root disk",
+    )
+
+
+def booting_from_claim(
+    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, claim: str, boot: dict[str, Any]
+) -> None:
+    body = make(name, boot=boot, rootDisk={"persistentVolumeClaim": {"claimName": claim}})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, body)
+
+
+def test_a_vm_boots_from_a_claim_and_the_next_instance_of_that_claim_finds_the_disk_as_it_was_left(
+    ground: testground.Ground,
+    core: kubernetes.client.CoreV1Api,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
+    ready_pod(core, "agent")
+    ready_pod(core, "controller")
+    for claim, size in (("root", "128Mi"), ("tiny", "32Mi")):
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+            },
+        )
+
+    # Booted from the claim: disk.img made there from the image, grown to the claim less the file system's.
+    booting_from_claim(custom, namespace, "vm", "root", {"image": {"name": guest.DISK_IMAGE}})
+    first = wait_ready(custom, namespace, "vm", timeout=BOOT)
+    eventually(lambda: guest.BOOT_MARKER in console_text(ground, first["metadata"]["uid"]), timeout=BOOT)
+    capacity = core.read_namespaced_persistent_volume_claim("root", namespace).status.capacity["storage"]
+    booted = disk_line(ground, first["metadata"]["uid"])
+    assert f"sectors={usable_bytes(capacity) // 512} " in booted, booted
+    head = booted.rsplit("head=", 1)[1]
+    assert head != "00" * 16, "the image's boot sector"
+    pod = core.read_namespaced_pod(holder_name("vm", "VirtualInstance"), namespace)
+    assert pod.metadata.owner_references[0].kind == "VirtualInstance" and pod.spec.node_name == ground.node
+    assert first["status"]["holderPodUID"] == pod.metadata.uid
+
+    # ReadWriteOnce: a second instance of the claim is refused, and gets no holder.
+    booting_from_claim(custom, namespace, "other", "root", {"image": {"name": guest.DISK_IMAGE}})
+    refused = instance_phase(custom, namespace, "other", "Failed")["status"]["conditions"]
+    assert any(
+        "'root'" in c["message"] and "the root disk of VirtualInstance 'vm'" in c["message"] for c in refused
+    )
+    # A claim too small for the image: refused with the field and the fix, nothing made in it.
+    booting_from_claim(custom, namespace, "small", "tiny", {"image": {"name": guest.DISK_IMAGE}})
+    failed = instance_phase(custom, namespace, "small", "Failed")["status"]["conditions"]
+    assert any(
+        "spec.rootDisk.persistentVolumeClaim" in c["message"] and "larger claim" in c["message"]
+        for c in failed
+    )
+    assert sorted(root_holders(core, namespace)) == sorted(
+        holder_name(n, "VirtualInstance") for n in ("vm", "small")
+    )
+    for name in ("other", "small"):
+        delete_and_wait(custom, namespace, name)
+
+    # Deleted: its holder goes, the disk stays in the provisioned volume.
+    delete_and_wait(custom, namespace, "vm")
+    eventually(lambda: not root_holders(core, namespace), timeout=60, what="the root holder pod to go")
+    folder = cluster_storage.claim_folder(ground.tools / "kubectl", ground.env(), namespace, "root")
+    with open(folder / DISK_IMAGE, "rb") as f:
+        assert f.read(16).hex() == head, "the disk is in the provisioned volume"
+
+    # Made again under the same name (its holder waits for the old one's to go), with a kernel boot that
+    # makes nothing from an image: the guest finds the disk the last one left, then writes to it.
+    pattern = f"ROOT-{uuid.uuid4().hex[:8]}"
+    booting_from_claim(
+        custom, namespace, "vm", "root", kernel_vm("x", guest.write_hook("vda", pattern))["spec"]["boot"]
+    )
+    again = wait_ready(custom, namespace, "vm", timeout=BOOT)["metadata"]["uid"]
+    assert disk_line(ground, again).endswith(f"head={head}"), "the data the last instance left"
+    eventually(lambda: f"{guest.WROTE} vda {pattern}" in console_text(ground, again), timeout=BOOT)
+    delete_and_wait(custom, namespace, "vm")
+    with open(folder / DISK_IMAGE, "rb") as f:
+        assert f.read(len(pattern)) == pattern.encode(), "the guest's write is in the provisioned volume"
+    eventually(lambda: not root_holders(core, namespace), timeout=60, what="the last root holder pod to go")
+    REPORT.append(f"cluster storage: root disk in claim {capacity}, booted, kept across delete and re-create")
