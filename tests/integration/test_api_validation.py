@@ -243,6 +243,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         ),
         "namespace",
     ),
+    (
+        "vi-root-claim-with-size",
+        with_(VI, "spec.rootDisk", {"persistentVolumeClaim": {"claimName": "data"}, "sizeGiB": 1}),
+        "drop spec.rootDisk.sizeGiB",
+    ),
+    (
+        "vi-root-claim-other-namespace",
+        with_(VI, "spec.rootDisk", {"persistentVolumeClaim": {"claimName": "kube-system/data"}}),
+        "spec.rootDisk.persistentVolumeClaim.claimName",
+    ),
     ("va-device-name", with_(VA, "spec.device", {"name": "hda"}), "spec.device.name"),
     ("va-device-bus-mismatch", with_(VA, "spec.device", {"name": "sdb", "bus": "virtio"}), "start with vd"),
     ("va-bus-unknown", with_(VA, "spec.device", {"bus": "ide"}), "spec.device.bus"),
@@ -364,6 +374,25 @@ IMMUTABLE: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         with_(VI, "spec.boot", {"image": {"name": "a.qcow2"}}),
         {"spec": {"boot": {"image": {"name": "b.qcow2"}}}},
         "spec.boot.image's name and kind of source are fixed",
+    ),
+    # A root disk's claim is the instance's disk: another claim, or none, would be another disk.
+    (
+        "vi-root-claim-changed",
+        with_(VI, "spec.rootDisk", {"persistentVolumeClaim": {"claimName": "a"}}),
+        {"spec": {"rootDisk": {"persistentVolumeClaim": {"claimName": "b"}}}},
+        "spec.rootDisk.persistentVolumeClaim is fixed when the instance is created",
+    ),
+    (
+        "vi-root-claim-added",
+        VI,
+        {"spec": {"rootDisk": {"persistentVolumeClaim": {"claimName": "b"}}}},
+        "create a new instance to boot from another claim",
+    ),
+    (
+        "vi-root-claim-removed",
+        with_(VI, "spec.rootDisk", {"persistentVolumeClaim": {"claimName": "a"}}),
+        {"spec": {"rootDisk": None}},
+        "is fixed when the instance is created (its disk is the root disk)",
     ),
     (
         "vi-kernel-to-image",

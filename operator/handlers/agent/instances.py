@@ -177,7 +177,7 @@ class InstanceAgent:
         for uid in waiting_for(self.volumes.objects.values(), namespace, name):
             self.volumes.look(uid)
 
-    def write(self, body: dict[str, Any], patch: dict[str, Any]) -> None:
+    def write(self, body: dict[str, Any], patch: dict[str, Any], guard: bool = False) -> None:
         """Patch status only when it changes something; keep the answer as the newest body.
 
         Every answer of this agent also says the instance is placed here: the controller binds with a
@@ -189,7 +189,7 @@ class InstanceAgent:
         scheduled = condition(patch, "Scheduled") or condition(status, "Scheduled") or {}
         if (scheduled.get("status"), scheduled.get("message")) != ("True", placed):
             set_condition(patch, status, "Scheduled", True, "Placed", placed)
-        fresh = self.status.write(body, patch)
+        fresh = self.status.write(body, patch, guard)
         if fresh is None or fresh is body:  # gone, or nothing to say
             return
         if body["metadata"]["uid"] in self.cache.objects:
@@ -250,7 +250,8 @@ class InstanceAgent:
         status = body.get("status") or {}
         patch: dict[str, Any] = {}
         set_condition(patch, status, "Ready", False, reason, message, body["metadata"].get("generation"))
-        self.write(body, patch)
+        # Guarded: a wait seen on a body the controller has changed since (a claim it refused) says nothing.
+        self.write(body, patch, guard=True)
         self.events.warn(body, reason, message)
         self.cache.retry_later(uid)
 

@@ -358,7 +358,8 @@ class Holders:
     def _say(
         self, body: Mapping[str, Any], phase: str, reason: str, message: str, observed: bool = False
     ) -> None:
-        """A condition and an Event, once; an instance that waits keeps its phase (the agent's: Scheduled)."""
+        """A condition and an Event, once (a write refused as the object changed is decided again on its next
+        event); an instance that waits keeps its phase (the agent's: Scheduled)."""
         meta, status, kind = body["metadata"], body.get("status") or {}, kind_of(body)
         ready = condition(status, "Ready") or {}
         if kind == INSTANCE and phase == "Pending":
@@ -369,8 +370,8 @@ class Holders:
         if observed:
             patch["observedGeneration"] = meta.get("generation")
         set_condition(patch, status, "Ready", False, reason, message, meta.get("generation"))
-        StatusWriter(self.custom, KINDS[kind][0]).write(body, patch, guard=True)
-        post_event(self.core, {"kind": kind, **body}, reason, message, COMPONENT)
+        if StatusWriter(self.custom, KINDS[kind][0]).write(body, patch, guard=True) is not None:
+            post_event(self.core, {"kind": kind, **body}, reason, message, COMPONENT)
 
 
 def watch_settings(settings: kopf.OperatorSettings) -> None:

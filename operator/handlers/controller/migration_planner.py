@@ -254,12 +254,6 @@ class Planner:
                 f"a Live migration needs a running instance and {name!r} is {power or 'not running'};"
                 " use type: Cold"
             )
-        if root := root_claim_of(ispec):
-            raise Unschedulable(
-                f"{name!r} boots from PersistentVolumeClaim {root!r} (spec.rootDisk), and kubenova does not "
-                "move an instance whose root disk is a claim; delete it and create it again from the same "
-                "claim where the claim's storage reaches (spec.nodeSelector)"
-            )
         check_volumes(
             spec["type"],
             name,
@@ -269,6 +263,7 @@ class Planner:
                 )
             )["items"],
             lambda claim: self._access_modes(imeta["namespace"], claim),
+            root_claim_of(ispec),
         )
         nodes, used = self.capacity()
         if source in nodes and (nodes[source].fenced or nodes[source].unreachable_for is not None):
@@ -321,10 +316,18 @@ def check_volumes(
     instance: str,
     attachments: list[dict[str, Any]],
     access_modes: Callable[[str], list[str]] = lambda claim: [],
+    root_claim: str | None = None,
 ) -> None:
-    """Whether the instance's attachments let it move: a node-local volume moves with its one instance (the
-    block copy of a Live migration, the download of a Cold one), a claim's does not (yet); Unschedulable
-    names what stops it and the fix, _Wait what only needs a moment. ``access_modes``: a claim's."""
+    """Whether the instance's disks let it move: a node-local volume moves with its one instance (the block
+    copy of a Live migration, the download of a Cold one), a claim's does not (yet), nor does a root disk in
+    a claim (``root_claim``); Unschedulable names what stops it and the fix, _Wait what only needs a
+    moment. ``access_modes``: a claim's."""
+    if root_claim:
+        raise Unschedulable(
+            f"{instance!r} boots from PersistentVolumeClaim {root_claim!r} (spec.rootDisk), and kubenova "
+            "does not move an instance whose root disk is a claim; delete it and create it again from the "
+            "same claim where the claim's storage reaches (spec.nodeSelector)"
+        )
     for va in attachments:
         meta, spec, status = va["metadata"], va["spec"], va.get("status") or {}
         if spec["instanceRef"]["name"] != instance:
