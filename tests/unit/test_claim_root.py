@@ -167,3 +167,14 @@ def test_an_instance_whose_root_disk_is_a_claim_neither_migrates_nor_restarts_el
             check_volumes(kind, "vm", [], root_claim="data")
     kept = why_kept(vi("vm"), set(), set(), "node-0") or ""
     assert "PersistentVolumeClaim 'data'" in kept and "bring the node back" in kept
+
+
+def test_a_holder_gone_wakes_no_instance_of_its_name_that_has_no_claim() -> None:
+    api, holders = controller()
+    api.add_claim("data")
+    ensured(api, holders, vi("vm", uid="old"))
+    old = api.pods.pop(("ns", "kubenova-root-vm"))
+    api.objects.pop((VIRTUALINSTANCES, "ns", "vm"))
+    api.add(VIRTUALINSTANCES, {**vi("vm", uid="new"), "spec": {}})  # made again, booting a local disk
+    holders.holder_gone("DELETED", "ns", old)  # type: ignore[arg-type]
+    assert not api.pods and not api.reasons("vm"), "nothing made, nothing said"

@@ -171,14 +171,15 @@ def conflict(
     for other in others:
         ometa, ostatus = other["metadata"], other.get("status") or {}
         oclaim, oread_only = claim_use(other)
+        # Not itself, nor a younger one; nor one refused for good (an attachment's failure always is).
+        failed = ostatus.get("phase") == "Failed" and kind_of(other) != INSTANCE
+        refused = (condition(ostatus, "Ready") or {}).get("reason") in REFUSALS
         if (
-            _age(other) >= _age(body)  # itself, or younger
+            _age(other) >= _age(body)
             or oclaim != claim
             or ometa.get("deletionTimestamp")
-            or (
-                kind_of(other) != INSTANCE and ostatus.get("phase") == "Failed"
-            )  # an attachment's is for good
-            or (condition(ostatus, "Ready") or {}).get("reason") in REFUSALS
+            or failed
+            or refused
         ):
             continue
         if read_only and oread_only and SHAREABLE & set(access_modes):
@@ -225,9 +226,9 @@ class Holders:
         """kopf's filter: an instance whose root disk is a claim (every other instance is none of this)."""
         return claim_use(body)[0] is not None
 
-    def user_changed(self, type: str | None, body: Mapping[str, Any], **_: Any) -> None:
+    def user_changed(self, type: str | None, body: Mapping[str, Any], again: bool = False, **_: Any) -> None:
         if type != "DELETED" and claim_use(body)[0] and not body["metadata"].get("deletionTimestamp"):
-            self.ensure(body)
+            self.ensure(body, again)
 
     def claim_changed(self, type: str | None, namespace: str | None, name: str, **indexes: Any) -> None:
         """A claim was made (or changed): the attachments and instances that waited for it go on."""
@@ -253,10 +254,9 @@ class Holders:
             if exc.status == 404:
                 return  # the user went first: the garbage collector's deletion
             raise
-        if NODE_LABEL in (user["metadata"].get("labels") or {}) and not user["metadata"].get(
-            "deletionTimestamp"
-        ):
-            self.ensure({**user, "kind": owner["kind"]}, again=True)
+        user = {**user, "kind": owner["kind"]}
+        if NODE_LABEL in (user["metadata"].get("labels") or {}) and claim_use(user)[0]:
+            self.user_changed("MODIFIED", user, again=True)
 
     # --- the holder -----------------------------------------------------------------------------------
 
@@ -298,9 +298,9 @@ class Holders:
         others = [
             {"kind": other_kind, **item}
             for other_kind, (plural, _, _) in KINDS.items()
-            for item in typed(self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural))[
-                "items"
-            ]
+            for item in typed(
+                self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+            ).get("items", [])
         ]
         why = conflict(body, list(spec_of.get("access_modes") or []), others)
         if why:
