@@ -4,11 +4,14 @@ stay in the volume after the attachment (or instance) goes, with its holder pod,
 finds them.
 
 A second user of the same ReadWriteOnce claim, while the first holds it, fails with the claim's name and
-the fix, and no holder pod is made for it; so does a root disk claim too small for the image.
+the fix, and no holder pod is made for it; so does a root disk claim too small for the image. A Block-mode
+claim (a local PersistentVolume over a loop device) is attached as the device itself.
 """
 
 from __future__ import annotations
 
+import pathlib
+import subprocess
 import uuid
 from typing import Any
 
@@ -252,3 +255,85 @@ def test_a_vm_boots_from_a_claim_and_the_next_instance_of_that_claim_finds_the_d
         assert f.read(len(pattern)) == pattern.encode(), "the guest's write is in the provisioned volume"
     eventually(lambda: not root_holders(core, namespace), timeout=60, what="the last root holder pod to go")
     REPORT.append(f"cluster storage: root disk in claim {capacity}, booted, kept across delete and re-create")
+
+
+def block_volume(
+    core: kubernetes.client.CoreV1Api, node: str, namespace: str, backing: str
+) -> tuple[str, str]:
+    """A Block-mode local PersistentVolume of node ``node`` over a loop device of the file ``backing`` (the
+    provisioner has no Block mode), in the class ``kubenova-block`` only ``namespace``'s claim asks for;
+    its name and the device."""
+    with open(backing, "wb") as f:
+        f.truncate(32 * 2**20)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", backing], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    name = f"kubenova-block-{namespace}"
+    term = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": "32Mi"},
+                "volumeMode": "Block",
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "kubenova-block",
+                "claimRef": {"namespace": namespace, "name": "raw"},
+                "local": {"path": device},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [term]}},
+            },
+        }
+    )
+    return name, device
+
+
+def test_a_block_mode_claim_is_attached_as_the_device_and_the_guests_bytes_are_on_it(
+    ground: testground.Ground,
+    core: kubernetes.client.CoreV1Api,
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    tmp_path: pathlib.Path,
+) -> None:
+    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
+    ready_pod(core, "agent")
+    ready_pod(core, "controller")
+    pv, device = block_volume(core, ground.node, namespace, str(tmp_path / "backing"))
+    try:
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": "raw"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "volumeMode": "Block",
+                    "storageClassName": "kubenova-block",
+                    "resources": {"requests": {"storage": "32Mi"}},
+                },
+            },
+        )
+        pattern = f"BLK-{uuid.uuid4().hex[:8]}"
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, VIRTUALINSTANCES, kernel_vm("vm", guest.write_hook("vda", pattern))
+        )
+        uid = wait_ready(custom, namespace, "vm", timeout=BOOT)["metadata"]["uid"]
+        attach(custom, namespace, "raw", "vm", volume={"persistentVolumeClaim": {"claimName": "raw"}})
+        attached = phase(custom, namespace, "raw", "Attached", "Failed")["status"]
+        assert attached["phase"] == "Attached", attached
+        assert attached["sizeBytes"] == 32 * 2**20, "the device's own size"
+        holder = core.read_namespaced_pod(holder_name("raw"), namespace).spec.containers[0]
+        assert holder.volume_devices[0].device_path == "/dev/kubenova-volume" and not holder.volume_mounts
+        eventually(
+            lambda: f"{guest.WROTE} vda {pattern}" in console_text(ground, uid),
+            timeout=BOOT,
+            what="the guest to write its pattern to the device",
+        )
+        delete_and_wait(custom, namespace, "raw", VOLUMEATTACHMENTS)
+        eventually(lambda: not holders(core, namespace), timeout=60, what="the holder pod to go")
+        with open(tmp_path / "backing", "rb") as f:
+            assert f.read(len(pattern)) == pattern.encode(), "the guest's bytes are on the claim's device"
+        delete_and_wait(custom, namespace, "vm")
+        REPORT.append(f"cluster storage: Block-mode claim on {device} attached as the device, pattern on it")
+    finally:
+        core.delete_persistent_volume(pv)
+        subprocess.run(["losetup", "-d", device], check=False)

@@ -4,13 +4,17 @@ image, and the refusals to move such an instance (its disk is where its claim's 
 
 from __future__ import annotations
 
+import os
 import pathlib
+import stat
 from typing import Any
 
 import pytest
 
 from kubenova.driver.base import InvalidInstanceSpec
 from kubenova.driver.libvirt import imagecache
+from kubenova.driver.libvirt.config import GuestDisk
+from kubenova.driver.libvirt.volumes import device_size
 from kubenova.handlers.agent import claims as agent_claims
 from kubenova.handlers.agent.claims import DISK_IMAGE, ClaimNotReady, Claims, usable_bytes
 from kubenova.handlers.controller.binding import Unschedulable
@@ -178,3 +182,30 @@ def test_a_holder_gone_wakes_no_instance_of_its_name_that_has_no_claim() -> None
     api.add(VIRTUALINSTANCES, {**vi("vm", uid="new"), "spec": {}})  # made again, booting a local disk
     holders.holder_gone("DELETED", "ns", old)  # type: ignore[arg-type]
     assert not api.pods and not api.reasons("vm"), "nothing made, nothing said"
+
+
+def test_a_block_mode_claim_is_no_root_disk_but_its_device_is_a_volume(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, holders = controller()
+    api.add_claim("raw", mode="Block")
+    refused = ensured(api, holders, vi("vm", claim="raw"))
+    assert condition(refused, "Ready")["reason"] == "BlockModeNotSupported" and not api.pods
+    # As a volume: the device the kubelet bind-mounted for the holder, in its folder (not the pod's link).
+    claims = Claims(api, tmp_path)  # type: ignore[arg-type]
+    plugins = tmp_path / "plugins" / "kubernetes.io~local-volume" / "volumeDevices" / "pv-raw"
+    plugins.mkdir(parents=True)
+    device = plugins / HOLDER
+    os.mknod(device, 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+    monkeypatch.setattr(agent_claims, "mount_points", lambda: set())
+    with pytest.raises(ClaimNotReady) as waits:
+        claims.disk("ns", "raw", False, {"holderPodUID": HOLDER})
+    assert waits.value.reason == "ClaimNotMounted", "a device node that is no mount is not the volume"
+    monkeypatch.setattr(agent_claims, "mount_points", lambda: {str(device)})
+    assert claims.disk("ns", "raw", False, {"holderPodUID": HOLDER}) == str(device)
+    # The driver names it as a block device, and reads its size from sysfs (0 when sysfs does not say).
+    disk = GuestDisk(source=str(device), target="vdb", driver_type="raw", block=True)
+    xml = disk.to_xml()
+    assert 'type="block"' in xml and f'dev="{device}"' in xml
+    assert GuestDisk.parse_dom(disk.format_dom()) == disk
+    assert device_size(os.makedev(250, 250)) == 0

@@ -100,11 +100,12 @@ def test_the_holder_pod_is_the_attachments_own_on_its_instances_node() -> None:
     assert (
         container["image"] == "localhost/pause:1" and container["volumeMounts"][0]["mountPath"] == "/volume"
     )
-    # A Block-mode claim is refused with what to use instead, and gets no holder.
+    # A Block-mode claim's holder maps the device, and mounts nothing.
     c.api.add_claim("raw", mode="Block")
-    refused = c.ensure(va("r", "vm2", claim="raw"))
-    assert refused["status"]["phase"] == "Failed" and "use a Filesystem-mode claim" in str(refused["status"])
-    assert ("ns", holder_name("r")) not in c.api.pods
+    c.ensure(va("r", "vm2", claim="raw"))
+    mapped = c.api.pods[("ns", holder_name("r"))]["spec"]["containers"][0]
+    assert mapped["volumeDevices"] == [{"name": "claim", "devicePath": "/dev/kubenova-volume"}]
+    assert "volumeMounts" not in mapped
 
 
 def test_a_missing_claim_waits_and_a_taken_one_fails_with_no_holder() -> None:

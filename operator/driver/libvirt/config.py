@@ -26,7 +26,7 @@ def sub_element(parent: ET.Element, tag: str, text: str | None = None, **attrs: 
 
 @dataclasses.dataclass
 class GuestDisk:
-    """A <disk>: a file (qcow2 overlay, raw volume or ISO) seen by the guest as ``target``."""
+    """A <disk>: a file (qcow2 overlay, raw volume, ISO) or a host ``block`` device, as ``target``."""
 
     source: str
     target: str
@@ -35,17 +35,13 @@ class GuestDisk:
     device: str = "disk"
     read_only: bool = False
     serial: str | None = None
+    block: bool = False
 
     def format_dom(self) -> ET.Element:
-        disk = ET.Element("disk", type="file", device=self.device)
-        sub_element(
-            disk,
-            "driver",
-            name="qemu",
-            type=self.driver_type,
-            cache="none" if self.device == "disk" else "default",
-        )
-        sub_element(disk, "source", file=self.source)
+        disk = ET.Element("disk", type="block" if self.block else "file", device=self.device)
+        cache = "none" if self.device == "disk" else "default"
+        sub_element(disk, "driver", name="qemu", type=self.driver_type, cache=cache)
+        sub_element(disk, "source", **{"dev" if self.block else "file": self.source})
         sub_element(disk, "target", dev=self.target, bus=self.bus)
         if self.read_only:
             sub_element(disk, "readonly")
@@ -59,14 +55,16 @@ class GuestDisk:
     @classmethod
     def parse_dom(cls, element: ET.Element) -> GuestDisk:
         source, target, driver = element.find("source"), element.find("target"), element.find("driver")
+        block = element.get("type") == "block"
         return cls(
-            source=source.get("file", "") if source is not None else "",
+            source=source.get("dev" if block else "file", "") if source is not None else "",
             target=target.get("dev", "") if target is not None else "",
             driver_type=driver.get("type", "raw") if driver is not None else "raw",
             bus=target.get("bus", "virtio") if target is not None else "virtio",
             device=element.get("device", "disk"),
             read_only=element.find("readonly") is not None,
             serial=element.findtext("serial"),
+            block=block,
         )
 
 
@@ -183,8 +181,7 @@ def console_serial(log: str) -> ET.Element:
 
 #: The virtio-serial port the QEMU guest agent (qemu-ga) opens inside the guest.
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
-#: The named model a TCG guest gets unless its spec names one: QEMU emulates it on any host, so the guest
-#: migrates between any two.
+#: A TCG guest's model unless its spec names one: QEMU emulates it on any host, so the guest moves anywhere.
 TCG_MODEL = "qemu64"
 
 
@@ -284,8 +281,7 @@ class GuestConfig:
     cpu: GuestCPU | None = None
     #: whether the domain has the guest agent's channel (every definition kubenova makes has it)
     guest_agent: bool = True
-    #: the serial console's socket as a definition has it; "" for an older one's pty or file serial. A
-    #: definition made here always has ``console_socket(console_path)``.
+    #: the console's socket as a definition has it (``console_socket(console_path)``; "" for an older pty)
     console_socket: str = ""
 
     def format_dom(self) -> ET.Element:
@@ -432,16 +428,16 @@ class LiveDevices:
         )
 
 
-#: libvirt names files after the domain (``<name>.xml.new``, ``<name>.log``, ``<name>.save``), and a file
-#: name has at most 255 bytes; a namespace (63) and a name (253) together can pass that.
+#: libvirt names files after the domain (``<name>.xml.new``, ``<name>.log``...), a name of at most 255 bytes,
+#: which a namespace (63) and a name (253) together can pass.
 MAX_DOMAIN_NAME = 200
 
 
 def domain_name(namespace: str, name: str) -> str:
     """``<namespace>_<name>``, readable in ``virsh list``; bounded, so every name the API accepts can run.
 
-    Kubernetes names cannot hold '_', so the pair cannot collide between namespaces. A longer pair
-    is cut and ends in a digest of the whole, which keeps it unique and the same on every node.
+    Kubernetes names cannot hold '_', so the pair cannot collide between namespaces. A longer pair is cut and
+    ends in a digest of the whole (unique, and the same on every node).
     """
     full = f"{namespace}_{name}"
     if len(full) <= MAX_DOMAIN_NAME:

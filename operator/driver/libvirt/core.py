@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -172,6 +173,7 @@ class LibvirtCore(ComputeDriver):
             bus=moving.volume.bus,
             read_only=moving.volume.read_only,
             serial=moving.volume.name[:20],
+            block=bool(moving.volume.path) and stat.S_ISBLK(path.stat().st_mode),  # a Block-mode claim's
         )
 
     def _image_volume(self, uuid: str, volume: VolumeSpec) -> pathlib.Path:

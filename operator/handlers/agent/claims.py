@@ -58,10 +58,12 @@ class Claims:
         self.kubelet_dir = kubelet_dir
 
     def disk(self, namespace: str, claim: str, read_only: bool, status: Mapping[str, Any]) -> str:
-        """The host path of an attachment's disk in ``claim``: disk.img in the volume's mount for the holder
-        pod its ``status`` names, made empty at the claim's size when missing (the controller refuses
-        Block-mode claims)."""
+        """The host path of an attachment's disk in ``claim``, for the holder pod its ``status`` names: a
+        Block-mode claim's device where the kubelet mapped it, else disk.img in the volume's mount, made
+        empty at the claim's size when missing."""
         found, size = self._volume(namespace, claim, status, "spec.volume.persistentVolumeClaim")
+        if stat.S_ISBLK(found.stat().st_mode):
+            return str(found)
         image = found / DISK_IMAGE
         if not image.exists():
             if read_only:
@@ -82,6 +84,8 @@ class Claims:
             return None
         field = "spec.rootDisk.persistentVolumeClaim"
         found, size = self._volume(meta["namespace"], claim, instance.get("status") or {}, field)
+        if not found.is_dir():  # the controller refuses a Block-mode claim as a root disk
+            raise InvalidInstanceSpec(field, f"claim {claim!r} is not a Filesystem-mode claim")
         if (found / DISK_IMAGE).exists() or (found / DISK_IMAGE).is_symlink():
             regular_disk(found, claim, field)
         return str(found / DISK_IMAGE), size
@@ -89,9 +93,10 @@ class Claims:
     def _volume(
         self, namespace: str, claim: str, status: Mapping[str, Any], field: str
     ) -> tuple[pathlib.Path, int]:
-        """Where the claim's volume is mounted for the holder pod ``status`` names (status.holderPodUID, the
-        controller's), and the size of a disk in it. Never another pod's mount of the same claim: that one
-        may go (a holder of an earlier user, still unmounting) and take the disk with it."""
+        """Where the claim's volume is mounted (a Block-mode claim's: mapped) for the holder pod ``status``
+        names (status.holderPodUID, the controller's), and the size of a disk in it. Never another pod's
+        mount of the same claim: that one may go (a holder of an earlier user, still unmounting) and take the
+        disk with it."""
         holder = str(status.get("holderPodUID", ""))
         if not UID.fullmatch(holder):
             said = condition(status, "Ready") or {}
@@ -109,7 +114,7 @@ class Claims:
                 f"PersistentVolumeClaim {claim!r} is {phase}: waiting for it to bind "
                 f"(kubectl -n {namespace} describe pvc {claim} says why not)",
             )
-        found = self._mounted(holder, pv)
+        found = self._mapped(holder, pv) if spec.get("volume_mode") == "Block" else self._mounted(holder, pv)
         if found is None:
             raise ClaimNotReady(
                 "ClaimNotMounted",
@@ -128,6 +133,18 @@ class Claims:
         for folder in (self.kubelet_dir / "pods" / pod / "volumes").glob(f"*/{pv}"):
             for path in (folder / "mount", folder):
                 if str(path) in mounted:
+                    return path
+        return None
+
+    def _mapped(self, pod: str, pv: str) -> pathlib.Path | None:
+        """A Block-mode volume's device as the kubelet mapped it for the pod, bind-mounted in its folder at
+        ``plugins/<plugin>/volumeDevices/<pv>/<pod>`` (CSI: ``plugins/kubernetes.io/csi/volumeDevices/<pv>/
+        dev/<pod>``), which the agent sees; not the pod's link in ``pods/<pod>/volumeDevices``, which names
+        the host's /dev."""
+        mounted = mount_points()
+        for pattern in (f"plugins/*/volumeDevices/{pv}/{pod}", f"plugins/*/*/volumeDevices/{pv}/dev/{pod}"):
+            for path in self.kubelet_dir.glob(pattern):
+                if str(path) in mounted and stat.S_ISBLK(path.stat().st_mode):
                     return path
         return None
 

@@ -85,9 +85,9 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]:
+def holder_pod(body: Mapping[str, Any], node: str, image: str, block: bool = False) -> dict[str, Any]:
     """The holder of an attachment's (or an instance's) claim, on Kubernetes Node ``node``: it only keeps
-    the volume there.
+    the volume there, mounted, or with ``block`` (a Block-mode claim) mapped as a device it never opens.
 
     Pinned by node affinity rather than spec.nodeName, so the scheduler still sees it: a claim of a
     WaitForFirstConsumer class is provisioned on the node the scheduler picks for its first pod."""
@@ -103,8 +103,11 @@ def holder_pod(body: Mapping[str, Any], node: str, image: str) -> dict[str, Any]
             "capabilities": {"drop": ["ALL"]},
         },
         "resources": {"requests": {"cpu": "1m", "memory": "4Mi"}, "limits": {"memory": "16Mi"}},
-        "volumeMounts": [{"name": "claim", "mountPath": "/volume", "readOnly": read_only}],
     }
+    if block:
+        container["volumeDevices"] = [{"name": "claim", "devicePath": "/dev/kubenova-volume"}]
+    else:
+        container["volumeMounts"] = [{"name": "claim", "mountPath": "/volume", "readOnly": read_only}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -286,13 +289,14 @@ class Holders:
             self._say(body, "Pending", "ClaimNotFound", claim_missing(namespace, claim))
             return
         spec_of = pvc.get("spec") or {}
-        if spec_of.get("volume_mode") == "Block":
+        block = spec_of.get("volume_mode") == "Block"
+        if block and kind == INSTANCE:
             self._refuse(
                 body,
                 "BlockModeNotSupported",
-                f"PersistentVolumeClaim {claim!r} has volumeMode Block, and kubenova attaches "
-                "Filesystem-mode claims only (the guest's disk is a file in the volume); use a "
-                "Filesystem-mode claim",
+                f"PersistentVolumeClaim {claim!r} has volumeMode Block, and a root disk is made from its "
+                "image in a Filesystem-mode claim only; use a Filesystem-mode claim (a Block-mode one can "
+                "be attached as a volume)",
             )
             return
         others = [
@@ -307,7 +311,7 @@ class Holders:
             self._refuse(body, "ClaimInUse", why)
             return
         node = self._kubernetes_node(meta["labels"][NODE_LABEL])
-        pod = holder_pod(body, node, self.image)
+        pod = holder_pod(body, node, self.image, block)
         name = pod["metadata"]["name"]
         try:
             made = self.core.create_namespaced_pod(namespace, cast("kubernetes.client.V1Pod", pod))
