@@ -32,26 +32,38 @@ pytestmark = pytest.mark.cluster
 BOOT = 180
 
 
-def attachment(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
-    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VOLUMEATTACHMENTS, name)
-
-
 def phase(
-    custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, *wanted: str
+    custom: kubernetes.client.CustomObjectsApi,
+    namespace: str,
+    name: str,
+    *wanted: str,
+    plural: str = VOLUMEATTACHMENTS,
 ) -> dict[str, Any]:
-    return eventually(
-        lambda: (a := attachment(custom, namespace, name)).get("status", {}).get("phase") in wanted and a,
-        timeout=BOOT,
-        what=f"VolumeAttachment {name} {' or '.join(wanted)}",
-    )
+    """The attachment (or with ``plural``, the instance) once its phase is one of ``wanted``."""
+
+    def found() -> Any:
+        body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        return body.get("status", {}).get("phase") in wanted and body
+
+    return eventually(found, timeout=BOOT, what=f"{plural} {name} {' or '.join(wanted)}")
 
 
-def holders(core: kubernetes.client.CoreV1Api, namespace: str) -> list[str]:
+def holders(core: kubernetes.client.CoreV1Api, namespace: str, label: str = ATTACHMENT_LABEL) -> list[str]:
+    """The holder pods of the namespace's attachments (or, by INSTANCE_LABEL, of its root disks), but those
+    going."""
     return [
         p.metadata.name
-        for p in core.list_namespaced_pod(namespace, label_selector=ATTACHMENT_LABEL).items
+        for p in core.list_namespaced_pod(namespace, label_selector=label).items
         if not p.metadata.deletion_timestamp
     ]
+
+
+@pytest.fixture(scope="module")
+def kubenova(ground: testground.Ground, core: kubernetes.client.CoreV1Api) -> None:
+    """kubenova installed by its chart, once for this module's tests."""
+    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
+    ready_pod(core, "agent")
+    ready_pod(core, "controller")
 
 
 def kernel_vm(name: str, *hooks: str) -> dict[str, Any]:
@@ -61,13 +73,11 @@ def kernel_vm(name: str, *hooks: str) -> dict[str, Any]:
 
 def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them(
     ground: testground.Ground,
+    kubenova: None,
     core: kubernetes.client.CoreV1Api,
     custom: kubernetes.client.CustomObjectsApi,
     namespace: str,
 ) -> None:
-    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
-    ready_pod(core, "agent")
-    ready_pod(core, "controller")
     core.create_namespaced_persistent_volume_claim(
         namespace,
         {
@@ -144,28 +154,6 @@ def test_a_claims_bytes_outlive_their_attachment_and_another_instance_reads_them
     REPORT.append(f"cluster storage: claim {capacity} in {folder}, pattern read back by a second instance")
 
 
-def instance_phase(custom: kubernetes.client.CustomObjectsApi, namespace: str, name: str, wanted: str) -> Any:
-    return eventually(
-        lambda: (
-            (vi := custom.get_namespaced_custom_object(GROUP, VERSION, namespace, VIRTUALINSTANCES, name))
-            .get("status", {})
-            .get("phase")
-            == wanted
-            and vi
-        ),
-        timeout=BOOT,
-        what=f"VirtualInstance {name} {wanted}",
-    )
-
-
-def root_holders(core: kubernetes.client.CoreV1Api, namespace: str) -> list[str]:
-    return [
-        p.metadata.name
-        for p in core.list_namespaced_pod(namespace, label_selector=INSTANCE_LABEL).items
-        if not p.metadata.deletion_timestamp
-    ]
-
-
 def disk_line(ground: testground.Ground, uid: str) -> str:
     """The guest's ``DISK vda sectors=<n> head=<hex>`` line: its root disk as it found it at boot."""
     return eventually(
@@ -186,13 +174,11 @@ def booting_from_claim(
 
 def test_a_vm_boots_from_a_claim_and_the_next_instance_of_that_claim_finds_the_disk_as_it_was_left(
     ground: testground.Ground,
+    kubenova: None,
     core: kubernetes.client.CoreV1Api,
     custom: kubernetes.client.CustomObjectsApi,
     namespace: str,
 ) -> None:
-    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
-    ready_pod(core, "agent")
-    ready_pod(core, "controller")
     for claim, size in (("root", "128Mi"), ("tiny", "32Mi")):
         core.create_namespaced_persistent_volume_claim(
             namespace,
@@ -217,18 +203,18 @@ def test_a_vm_boots_from_a_claim_and_the_next_instance_of_that_claim_finds_the_d
 
     # ReadWriteOnce: a second instance of the claim is refused, and gets no holder.
     booting_from_claim(custom, namespace, "other", "root", {"image": {"name": guest.DISK_IMAGE}})
-    refused = instance_phase(custom, namespace, "other", "Failed")["status"]["conditions"]
+    refused = phase(custom, namespace, "other", "Failed", plural=VIRTUALINSTANCES)["status"]["conditions"]
     assert any(
         "'root'" in c["message"] and "the root disk of VirtualInstance 'vm'" in c["message"] for c in refused
     )
     # A claim too small for the image: refused with the field and the fix, nothing made in it.
     booting_from_claim(custom, namespace, "small", "tiny", {"image": {"name": guest.DISK_IMAGE}})
-    failed = instance_phase(custom, namespace, "small", "Failed")["status"]["conditions"]
+    failed = phase(custom, namespace, "small", "Failed", plural=VIRTUALINSTANCES)["status"]["conditions"]
     assert any(
         "spec.rootDisk.persistentVolumeClaim" in c["message"] and "larger claim" in c["message"]
         for c in failed
     )
-    assert sorted(root_holders(core, namespace)) == sorted(
+    assert sorted(holders(core, namespace, INSTANCE_LABEL)) == sorted(
         holder_name(n, "VirtualInstance") for n in ("vm", "small")
     )
     for name in ("other", "small"):
@@ -236,7 +222,9 @@ def test_a_vm_boots_from_a_claim_and_the_next_instance_of_that_claim_finds_the_d
 
     # Deleted: its holder goes, the disk stays in the provisioned volume.
     delete_and_wait(custom, namespace, "vm")
-    eventually(lambda: not root_holders(core, namespace), timeout=60, what="the root holder pod to go")
+    eventually(
+        lambda: not holders(core, namespace, INSTANCE_LABEL), timeout=60, what="the root holder pod to go"
+    )
     folder = cluster_storage.claim_folder(ground.tools / "kubectl", ground.env(), namespace, "root")
     with open(folder / DISK_IMAGE, "rb") as f:
         assert f.read(16).hex() == head, "the disk is in the provisioned volume"
@@ -253,7 +241,11 @@ def test_a_vm_boots_from_a_claim_and_the_next_instance_of_that_claim_finds_the_d
     delete_and_wait(custom, namespace, "vm")
     with open(folder / DISK_IMAGE, "rb") as f:
         assert f.read(len(pattern)) == pattern.encode(), "the guest's write is in the provisioned volume"
-    eventually(lambda: not root_holders(core, namespace), timeout=60, what="the last root holder pod to go")
+    eventually(
+        lambda: not holders(core, namespace, INSTANCE_LABEL),
+        timeout=60,
+        what="the last root holder pod to go",
+    )
     REPORT.append(f"cluster storage: root disk in claim {capacity}, booted, kept across delete and re-create")
 
 
@@ -290,14 +282,12 @@ def block_volume(
 
 def test_a_block_mode_claim_is_attached_as_the_device_and_the_guests_bytes_are_on_it(
     ground: testground.Ground,
+    kubenova: None,
     core: kubernetes.client.CoreV1Api,
     custom: kubernetes.client.CustomObjectsApi,
     namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
-    cluster.helm_install(ground.layout, kube.build_helm(), ground.env(), ground.node, ground.image_store)
-    ready_pod(core, "agent")
-    ready_pod(core, "controller")
     pv, device = block_volume(core, ground.node, namespace, str(tmp_path / "backing"))
     try:
         core.create_namespaced_persistent_volume_claim(
