@@ -163,6 +163,15 @@ def _age(user: Mapping[str, Any]) -> tuple[str, str, str]:
     return str(meta.get("creationTimestamp", "")), kind_of(user), meta["name"]
 
 
+def given_up(user: Mapping[str, Any]) -> bool:
+    """Whether a user of a claim was refused for good: by the controller, or, for an attachment, by anyone
+    (its spec, claim included, cannot change)."""
+    status = user.get("status") or {}
+    return (condition(status, "Ready") or {}).get("reason") in REFUSALS or (
+        kind_of(user) != INSTANCE and status.get("phase") == "Failed"
+    )
+
+
 def conflict(
     body: Mapping[str, Any], access_modes: list[str], others: Sequence[Mapping[str, Any]]
 ) -> str | None:
@@ -172,18 +181,9 @@ def conflict(
     Of two users that want one claim, the older keeps it: the same answer however the events arrive."""
     claim, read_only = claim_use(body)
     for other in others:
-        ometa, ostatus = other["metadata"], other.get("status") or {}
-        oclaim, oread_only = claim_use(other)
-        # Not itself, nor a younger one; nor one refused for good (an attachment's failure always is).
-        failed = ostatus.get("phase") == "Failed" and kind_of(other) != INSTANCE
-        refused = (condition(ostatus, "Ready") or {}).get("reason") in REFUSALS
-        if (
-            _age(other) >= _age(body)
-            or oclaim != claim
-            or ometa.get("deletionTimestamp")
-            or failed
-            or refused
-        ):
+        ometa, (oclaim, oread_only) = other["metadata"], claim_use(other)
+        # Not itself, nor a younger one, nor one going, nor one refused for good.
+        if _age(other) >= _age(body) or oclaim != claim or ometa.get("deletionTimestamp") or given_up(other):
             continue
         if read_only and oread_only and SHAREABLE & set(access_modes):
             continue
@@ -257,9 +257,8 @@ class Holders:
             if exc.status == 404:
                 return  # the user went first: the garbage collector's deletion
             raise
-        user = {**user, "kind": owner["kind"]}
-        if NODE_LABEL in (user["metadata"].get("labels") or {}) and claim_use(user)[0]:
-            self.user_changed("MODIFIED", user, again=True)
+        if NODE_LABEL in (user["metadata"].get("labels") or {}):
+            self.user_changed("MODIFIED", {**user, "kind": owner["kind"]}, again=True)
 
     # --- the holder -----------------------------------------------------------------------------------
 
@@ -269,10 +268,7 @@ class Holders:
         unless ``again``: the holder was deleted."""
         meta, status, kind = body["metadata"], body.get("status") or {}, kind_of(body)
         namespace, claim = meta["namespace"], str(claim_use(body)[0])
-        if status.get("observedGeneration") == meta.get("generation") and (
-            (condition(status, "Ready") or {}).get("reason") in REFUSALS
-            or (kind != INSTANCE and status.get("phase") == "Failed")
-        ):
+        if status.get("observedGeneration") == meta.get("generation") and given_up(body):
             return  # refused for good (the claim cannot change): no holder, even once the claim is free
         if status.get("holderPodUID") and not again:
             return
