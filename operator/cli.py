@@ -15,11 +15,8 @@ import sys
 import urllib.error
 import urllib.request
 
+from kubenova.handlers import memory
 from kubenova.handlers.agent import access_settings
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     )
     controller.add_argument(
         "--lease-namespace",
-        default=_env("POD_NAMESPACE", "kubenova-system"),
+        default=os.environ.get("POD_NAMESPACE", "kubenova-system"),
         help="namespace of the leader-election Lease [$POD_NAMESPACE, kubenova-system]",
     )
     controller.add_argument(
@@ -67,38 +64,38 @@ def parser() -> argparse.ArgumentParser:
 
     controller.add_argument(
         "--holder-image",
-        default=_env("KUBENOVA_HOLDER_IMAGE", ""),
+        default=os.environ.get("KUBENOVA_HOLDER_IMAGE", ""),
         help="the image of the pods that hold a claim on a VM's node (a pause image); empty: no claim "
         "attachments [$KUBENOVA_HOLDER_IMAGE]",
     )
 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
-    agent.add_argument("--node", default=_env("NODE_NAME"), help="this node's name [$NODE_NAME]")
+    agent.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name [$NODE_NAME]")
     agent.add_argument(
         "--libvirt-uri",
-        default=_env("LIBVIRT_URI", "qemu:///system"),
+        default=os.environ.get("LIBVIRT_URI", "qemu:///system"),
         help="libvirt connection URI [$LIBVIRT_URI, qemu:///system]",
     )
     agent.add_argument(
         "--domain-type",
-        default=_env("KUBENOVA_DOMAIN_TYPE", "kvm"),
+        default=os.environ.get("KUBENOVA_DOMAIN_TYPE", "kvm"),
         choices=["kvm", "qemu"],
         help="kvm, or qemu for software emulation (TCG) [$KUBENOVA_DOMAIN_TYPE, kvm]",
     )
     agent.add_argument(
         "--image-store",
-        default=_env("KUBENOVA_IMAGE_STORE", "/var/lib/kubenova/images"),
+        default=os.environ.get("KUBENOVA_IMAGE_STORE", "/var/lib/kubenova/images"),
         help="folder of boot images a spec may name [$KUBENOVA_IMAGE_STORE]",
     )
     agent.add_argument(
         "--instances-dir",
-        default=_env("KUBENOVA_INSTANCES_DIR", "/var/lib/kubenova/instances"),
+        default=os.environ.get("KUBENOVA_INSTANCES_DIR", "/var/lib/kubenova/instances"),
         help="folder of the instances' own files: disks, config drives, console logs "
         "[$KUBENOVA_INSTANCES_DIR]",
     )
     agent.add_argument(
         "--volume-store",
-        default=_env("KUBENOVA_VOLUME_STORE", "/var/lib/kubenova/volumes"),
+        default=os.environ.get("KUBENOVA_VOLUME_STORE", "/var/lib/kubenova/volumes"),
         help="folder of volumes a VolumeAttachment may name [$KUBENOVA_VOLUME_STORE]",
     )
     agent.add_argument(
@@ -109,18 +106,18 @@ def parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--host-ip",
-        default=_env("HOST_IP"),
+        default=os.environ.get("HOST_IP"),
         help="the address other nodes reach this one on [$HOST_IP, the host name's address]",
     )
     agent.add_argument(
         "--migration-uri",
-        default=_env("KUBENOVA_MIGRATION_URI"),
+        default=os.environ.get("KUBENOVA_MIGRATION_URI"),
         help="libvirt URI other nodes' libvirtd use to migrate instances here "
         "[$KUBENOVA_MIGRATION_URI, qemu+tls://<host-ip>/system]",
     )
     agent.add_argument(
         "--migration-pki-dir",
-        default=_env("KUBENOVA_MIGRATION_PKI_DIR"),
+        default=os.environ.get("KUBENOVA_MIGRATION_PKI_DIR"),
         help="folder of this agent's libvirt client certificates (cacert.pem, clientcert.pem, clientkey.pem) "
         "for fetching a cold migration's disks over qemu+tls [$KUBENOVA_MIGRATION_PKI_DIR, libvirt's "
         "defaults: /etc/pki/CA, /etc/pki/libvirt]",
@@ -128,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--insecure-migration",
         action="store_true",
-        default=_env("KUBENOVA_INSECURE_MIGRATION") == "true",
+        default=os.environ.get("KUBENOVA_INSECURE_MIGRATION") == "true",
         help="test setups only: migrate to and from plain qemu+tcp peers, QEMU's stream without TLS "
         "[$KUBENOVA_INSECURE_MIGRATION=true]",
     )
@@ -166,12 +163,12 @@ def parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--metrics-address",
-        default=_env("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
+        default=os.environ.get("KUBENOVA_METRICS_ADDRESS", "127.0.0.1:9464"),
         help="host:port of the Prometheus /metrics endpoint, /healthz and /readyz [127.0.0.1:9464]",
     )
     agent.add_argument(
         "--kubelet-dir",
-        default=_env("KUBELET_DIR", "/var/lib/kubelet"),
+        default=os.environ.get("KUBELET_DIR", "/var/lib/kubelet"),
         help="the kubelet's root folder, where it mounts claims for holder pods [$KUBELET_DIR]",
     )
     agent.add_argument(
@@ -257,7 +254,7 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--namespace-networks",
         type=_namespace_networks,
-        default=_env("KUBENOVA_NAMESPACE_NETWORKS", "{}"),
+        default=os.environ.get("KUBENOVA_NAMESPACE_NETWORKS", "{}"),
         help='more networks per namespace, as JSON: {"team-a": ["lab"]} [$KUBENOVA_NAMESPACE_NETWORKS]',
     )
     agent.add_argument(
@@ -278,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--provider-firewall",
         type=_provider_rules,
-        default=_env("KUBENOVA_PROVIDER_FIREWALL", "[]"),
+        default=os.environ.get("KUBENOVA_PROVIDER_FIREWALL", "[]"),
         help="provider rules for every instance here, as the ComputeNode's spec.firewall.ingress in JSON, "
         "unless that is set [$KUBENOVA_PROVIDER_FIREWALL]",
     )
@@ -415,6 +412,8 @@ def _probe(url: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command != "probe":  # a long-lived process: before its first thread
+        memory.limit_arenas()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

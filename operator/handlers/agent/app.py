@@ -19,6 +19,7 @@ import kubernetes
 
 from kubenova.driver.base import ComputeDriver, Convergence, DriverError
 from kubenova.driver.images import ImageStore
+from kubenova.handlers import memory
 from kubenova.handlers.agent import diagnostics, health, pollers
 from kubenova.handlers.agent.access_server import AccessServer
 from kubenova.handlers.agent.access_settings import AccessSettings
@@ -342,6 +343,7 @@ class Agent:
             self.migration_cache.look(uid)
         pollers.poll(self.instances)
         self._network()  # another node may have taken an overlapping subnet meanwhile
+        memory.trim()  # what the round's lists and any burst since the last left behind
 
     # --- kopf's event handlers: record the newest body, then ask for work --------------------------
 
