@@ -38,6 +38,8 @@ class Result:
     title: str
     lines: list[str]
     figures: dict[str, Any]
+    #: the figure to show on stderr as the section ends ("" : its first table row)
+    headline: str = ""
 
 
 @dataclasses.dataclass
@@ -233,19 +235,19 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def request_counts(bench: Bench) -> collections.Counter[tuple[str, str, str]]:
-    """The apiserver's apiserver_request_total, by (verb, resource, subresource)."""
+def request_counts(bench: Bench, codes: bool = False) -> collections.Counter[tuple[str, ...]]:
+    """The apiserver's apiserver_request_total, by (verb, resource, subresource), and by the response's
+    code after those with ``codes`` (a write refused with 409 Conflict is a request but no write)."""
     text = (
         bench.client.rest_client.request("GET", f"{bench.client.configuration.host}/metrics").read().decode()
     )
-    counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    counts: collections.Counter[tuple[str, ...]] = collections.Counter()
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
-            counts[labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", "")] += int(
-                float(match["value"])
-            )
+            key = (labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", ""))
+            counts[key + ((labels.get("code", ""),) if codes else ())] += int(float(match["value"]))
     return counts
 
 
@@ -270,8 +272,11 @@ def fake_store(ground: testground.Ground) -> pathlib.Path:
     return store
 
 
-def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -> dict[str, int]:
-    """Start one agent process per name on the in-memory driver; returns name → metrics port."""
+def start_fake_agents(
+    bench: Bench, names: list[str], first_port: int = 29500, timeout: float = 120
+) -> dict[str, int]:
+    """Start one agent process per name on the in-memory driver; returns name → metrics port once all
+    registered (within ``timeout``: a hundred of them starting at once share two CPUs)."""
     ground, store = bench.ground, fake_store(bench.ground)
     ports = {}
     for index, node in enumerate(names):
@@ -296,7 +301,7 @@ def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -
             f"--node {node}",
             env=ground.env(),
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         nodes = {
             n["metadata"]["name"]
