@@ -4,6 +4,7 @@ the apiserver's own request counters, and extra agents on the in-memory driver."
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import pathlib
@@ -273,10 +274,11 @@ def fake_store(ground: testground.Ground) -> pathlib.Path:
 
 
 def start_fake_agents(
-    bench: Bench, names: list[str], first_port: int = 29500, timeout: float = 120
+    bench: Bench, names: list[str], first_port: int = 29500, timeout: float = 120, extra: Iterable[str] = ()
 ) -> dict[str, int]:
-    """Start one agent process per name on the in-memory driver; returns name → metrics port once all
-    registered (within ``timeout``: a hundred of them starting at once share two CPUs)."""
+    """Start one agent process per name on the in-memory driver (``extra``: more of its options); returns
+    name → metrics port once all registered (within ``timeout``: a hundred starting at once share two
+    CPUs)."""
     ground, store = bench.ground, fake_store(bench.ground)
     ports = {}
     for index, node in enumerate(names):
@@ -297,6 +299,7 @@ def start_fake_agents(
                 str(store),
                 "--metrics-address",
                 f"127.0.0.1:{ports[node]}",
+                *extra,
             ],
             f"--node {node}",
             env=ground.env(),
@@ -316,10 +319,12 @@ def start_fake_agents(
 
 
 def stop_fake_agents(bench: Bench, names: list[str]) -> None:
-    """Stop them and remove their nodes, so nothing is placed there afterwards."""
+    """Stop them (all at once: each may take its 10 s of grace, and a hundred in a row took minutes) and
+    remove their nodes, so nothing is placed there afterwards."""
     leases = kubernetes.client.CoordinationV1Api(bench.client)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        list(pool.map(lambda node: procs.stop(bench.ground.layout, f"agent-{node}"), names))
     for node in names:
-        procs.stop(bench.ground.layout, f"agent-{node}")
         for delete in (
             lambda n=node: bench.custom.delete_cluster_custom_object(GROUP, VERSION, COMPUTENODES, n),
             lambda n=node: leases.delete_namespaced_lease(lease_name(n), LEASE_NAMESPACE),

@@ -112,10 +112,19 @@ def _measure(bench: Bench, names: list[str], ports: dict[str, int], count: int) 
     }
 
 
+def diagnostics_interval(count: int) -> float:
+    """Seconds between the agents' diagnostics rounds: the agent's default (60) up to 1,000 instances, ten
+    minutes beyond. Each round writes every running instance's status once: at 10,000 instances and the
+    default that alone is 167 writes/s, several times what this 2-CPU machine's apiserver serves next to
+    the creates (about 20 instances/s here, five requests each); every ten minutes it is 17/s."""
+    return 60.0 if count <= 1000 else 600.0
+
+
 def run(bench: Bench, agents: int, count: int, plot_to: pathlib.Path | None = None) -> Result:
     names = [f"scale-{i:02d}" for i in range(agents)]
     say(f"scale: starting {agents} agent processes on the in-memory driver")
-    ports = start_fake_agents(bench, names, first_port=29500, timeout=120 + 3 * agents)
+    extra = ["--diagnostics-interval", f"{diagnostics_interval(count):.0f}"]
+    ports = start_fake_agents(bench, names, first_port=29500, timeout=120 + 3 * agents, extra=extra)
     try:
         for node in names:  # an aggregate of their own, so the real node takes none of these
             bench.custom.patch_cluster_custom_object(
@@ -171,7 +180,9 @@ def _result(raw: dict[str, Any], agents: int, count: int, plot_to: pathlib.Path 
         f"{count} VirtualInstances across {agents} simulated nodes: one agent process per node on the "
         f"in-memory driver ({agents} processes, {min(raw['agent_rss_mib']):.0f} to "
         f"{max(raw['agent_rss_mib']):.0f} MiB RSS each), all local on this {os.cpu_count()}-CPU machine with "
-        "the apiserver, etcd and the controller. One client creates them back to back.",
+        "the apiserver, etcd and the controller. One client creates them back to back. The agents' "
+        f"diagnostics rounds every {diagnostics_interval(count):.0f} s (`--diagnostics-interval`; "
+        "see `diagnostics_interval` in bench/scale.py for why not the default 60 s at 10,000).",
         "",
         "| figure | value | target |",
         "| --- | --- | --- |",

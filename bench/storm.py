@@ -53,6 +53,9 @@ class Messages:
 
     def __init__(self, bench: Bench) -> None:
         self.seen: dict[str, list[str]] = collections.defaultdict(list)
+        #: status changes the watch brought, by instance (each one a status write the apiserver took)
+        self.writes: collections.Counter[str] = collections.Counter()
+        self._status: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, args=(bench, list_version(bench)), daemon=True)
         self._thread.start()
@@ -69,9 +72,13 @@ class Messages:
             timeout_seconds=1200,
         ):
             obj = event["object"]
-            cond = condition(obj.get("status") or {}, "Scheduled")
+            name, status = obj["metadata"]["name"], obj.get("status") or {}
+            if status != self._status.get(name, {}):
+                self.writes[name] += 1
+            self._status[name] = status
+            cond = condition(status, "Scheduled")
             if cond and cond["status"] == "False":
-                said = self.seen[obj["metadata"]["name"]]
+                said = self.seen[name]
                 if not said or said[-1] != cond["message"]:
                     said.append(cond["message"])
             if self._stop.is_set():
@@ -79,6 +86,10 @@ class Messages:
 
     def pending(self) -> int:
         return len(self.seen)
+
+    def fillers_writes(self) -> int:
+        """Status writes to the filling instances (not pending ones) the watch saw."""
+        return sum(n for name, n in self.writes.items() if name.startswith("fill-"))
 
     def changes(self) -> int:
         """Reason changes after the first Unschedulable status, over every instance."""
@@ -129,7 +140,8 @@ def _get(bench: Bench, name: str) -> dict[str, Any]:
 
 
 def run(bench: Bench, pending: int, changes: int) -> Result:
-    start_fake_agents(bench, NODES, first_port=29700)
+    # No diagnostics rounds: the filling instances' status writes would count with the pending ones'.
+    start_fake_agents(bench, NODES, first_port=29700, extra=["--diagnostics-interval", "3600"])
     messages = Messages(bench)
     try:
         for node in NODES:
@@ -139,7 +151,8 @@ def run(bench: Bench, pending: int, changes: int) -> Result:
         for node in NODES:  # fill each node with one instance it can take
             create(bench, _body(f"fill-{node}"))
         wait_for("the nodes full", lambda: all(running(_get(bench, f"fill-{n}")) for n in NODES))
-        before = request_counts(bench, codes=True)
+        before = _quiet(bench)
+        fillers = messages.fillers_writes()
         for i in range(pending):
             create(bench, _body(f"pending-{i}"))
         wait_for("every instance pending", lambda: messages.pending() >= pending, timeout=300 + pending / 5)
@@ -147,18 +160,25 @@ def run(bench: Bench, pending: int, changes: int) -> Result:
         middle = _quiet(bench)
         _change_capacity(bench, changes)
         after = _quiet(bench)
+        fillers = messages.fillers_writes() - fillers
         delete_all(bench)
     finally:
         messages.stop()
         stop_fake_agents(bench, NODES)
-    return _result(_status_writes(before, middle), _status_writes(middle, after), messages, pending, changes)
+    first, during = _status_writes(before, middle), _status_writes(middle, after)
+    return _result(first, during, messages, fillers, pending, changes)
 
 
 def _result(
-    first: dict[str, int], during: dict[str, int], messages: Messages, pending: int, changes: int
+    first: dict[str, int],
+    during: dict[str, int],
+    messages: Messages,
+    fillers: int,
+    pending: int,
+    changes: int,
 ) -> Result:
     reasons = messages.changes()
-    total = sum(phase[k] for phase in (first, during) for k in ("status", "refused"))
+    total = sum(phase[k] for phase in (first, during) for k in ("status", "refused")) - fillers
     target = pending + reasons
     lines = [
         f"{len(NODES)} nodes on the in-memory driver, each full with one {BIG_MIB} MiB instance; {pending} "
@@ -172,7 +192,8 @@ def _result(
         f"| refused (409, an old copy) | {first['refused']} | {during['refused']} | |",
         f"| Events posted | {first['events']} | {during['events']} | |",
         f"| reason changes seen in status | | {reasons} | |",
-        f"| status writes in all, refused ones too | {total} | | ≤ {target}: "
+        f"| status writes to the filling instances (from the watch) | {fillers} | | |",
+        f"| status writes for the pending, refused ones too | {total} | | ≤ {target}: "
         f"{'met' if total <= target else 'missed'} |",
         "",
         "The status says which constraint fails on which node and never the figures (they move with every "
@@ -181,7 +202,15 @@ def _result(
     return Result(
         f"No write storms: {pending} pending, {changes} capacity changes",
         lines,
-        {"pending": pending, "changes": changes, "first": first, "during": during, "reason_changes": reasons},
+        {
+            "pending": pending,
+            "changes": changes,
+            "first": first,
+            "during": during,
+            "reason_changes": reasons,
+            "fillers_writes": fillers,
+            "pending_writes": total,
+        },
         headline=f"status writes {first['status']} (+{first['refused']} refused) + {during['status']} "
         f"(+{during['refused']}) during {changes} changes "
         f"(target ≤ {target})",
