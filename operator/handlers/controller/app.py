@@ -43,6 +43,8 @@ VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
 MIG = (GROUP, VERSION, MIGRATIONS)
 #: After a failed placement write, the next pass over every pending instance.
 PLACEMENT_RETRY = 5.0
+#: How long a placement pass decides on one reading of the nodes and their usage.
+VIEW_SECONDS = 1.0
 #: A pass over the pending instances at least this often, whatever the events said.
 PENDING_RESYNC = 60.0
 #: How often node health is judged (an expired Lease shows within its duration plus this).
@@ -188,12 +190,9 @@ class Controller:
     # --- instances -------------------------------------------------------------------------------
 
     def _place_pending(self) -> None:
-        """One pass over every unbound instance, all decided on one reading of the nodes and their usage.
-
-        Reading them costs a walk over every bound instance and every node: done once per instance, a
-        burst of 10,000 creates spent most of the controller's time there. Events only ask for a pass;
-        one runs at a time, so a burst's creates share a few passes.
-        """
+        """One pass over every unbound instance, on a reading of the nodes and their usage made each
+        VIEW_SECONDS: a reading walks every node and bound instance (made per instance, a burst cost the
+        square of its size); one older than the heartbeat grace calls live nodes dead."""
         if "unbound" not in self.indexes:
             return  # no node has been seen yet: nothing can be placed
         pending = [
@@ -201,12 +200,13 @@ class Controller:
             for body in list(self.indexes["unbound"].get("pending", []))
             if not body["metadata"].get("deletionTimestamp")
         ]
-        if not pending:
-            return
-        with self.reservations.lock:
-            nodes = _nodes(self.indexes, self.health.unreachable_for())
-            used = self.reservations.totals(self.indexes["node_usage"])
-            for body in pending:
+        fresh_until, nodes, used = 0.0, dict[str, NodeView](), dict[str, Usage]()
+        for body in pending:
+            with self.reservations.lock:  # taken per instance: a long pass must not stall the planner
+                if time.monotonic() > fresh_until:
+                    nodes = _nodes(self.indexes, self.health.unreachable_for())
+                    used = self.reservations.totals(self.indexes["node_usage"])
+                    fresh_until = time.monotonic() + VIEW_SECONDS
                 if not self._place(body, nodes, used):
                     return  # the apiserver is away: the timer's pass tries them all again
 
