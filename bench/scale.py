@@ -210,6 +210,8 @@ def _result(raw: dict[str, Any], agents: int, count: int, plot_to: pathlib.Path 
             f"| {role} | {s:.1f} | {s / (elapsed * (os.cpu_count() or 1)):.0%} |"
             for role, s in sorted(cpu.items(), key=lambda kv: -kv[1])
         ],
+        f"| all of these | {sum(cpu.values()):.1f} | "
+        f"{sum(cpu.values()) / (elapsed * (os.cpu_count() or 1)):.0%} |",
         "",
         "apiserver requests in the same window (`apiserver_request_total`; instances, Events, nodes, "
         "Leases):",
