@@ -220,9 +220,18 @@ def apply_and_wait(bench: Bench, body: dict[str, Any]) -> tuple[float, str]:
 
 
 def delete_all(bench: Bench, timeout: float = 600) -> None:
+    """Delete every bench instance and wait until they are gone. Thousands of them take the apiserver
+    longer than its request timeout (a 504 after deleting some): the call is made again until one
+    completes."""
     custom = bench.custom
-    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)
     deadline = time.monotonic() + timeout
+    while True:
+        try:
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)
+            break
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 504 or time.monotonic() > deadline:
+                raise
     while custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, limit=1)["items"]:
         if time.monotonic() > deadline:
             raise TimeoutError("the bench instances were not deleted")
