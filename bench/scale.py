@@ -225,7 +225,7 @@ def _result(raw: dict[str, Any], agents: int, count: int, plot_to: pathlib.Path 
     ]
     if plot_to is not None:
         lines += ["", f"![created, bound and Running over time]({plot_to.name})"]
-    if count < 10000:
+    if count < 10000 and (plot_to is None or plot_to.stem != "benchmarks-scale"):  # not from that doc itself
         lines += [
             "",
             "The run at 10,000 instances on 100 agents: `python -m bench --scale`, written to "
