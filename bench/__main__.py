@@ -2,6 +2,8 @@
 
     python -m bench            # the full run (about 15 minutes here); writes docs/benchmarks.md
     python -m bench --smoke    # tiny counts so the code never rots; writes under the test ground
+    python -m bench --scale    # only the scale run at 10000 instances on 100 agents and the write-storm
+                               # run; writes docs/benchmarks-scale.md and its plot (--scale N/AGENTS)
 
 Each section shows kubenova next to its baseline measured in the same run (raw libvirt, or the
 peers' published figures where there is no local baseline). No timing is asserted anywhere.
@@ -16,12 +18,12 @@ import os
 import pathlib
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
-from bench import api_cost, burst, imports, latency, memory, migration, network, reaction, scale
-from bench.common import Result, connect
+from bench import api_cost, burst, imports, latency, memory, migration, network, reaction, scale, storm
+from bench.common import Bench, Result, connect
+from bench.timeline import say
 from testground import ground as testground
 from testground.kube import REPO
 
@@ -35,6 +37,8 @@ FULL = {
     "real": 20,
     "agents": 20,
     "scale": 1000,
+    "pending": 1000,
+    "changes": 100,
     "react": 10,
     "migrate": 5,
     "imports": 3,
@@ -48,6 +52,8 @@ SMOKE = {
     "real": 1,
     "agents": 2,
     "scale": 6,
+    "pending": 4,
+    "changes": 3,
     "react": 2,
     "migrate": 1,
     "imports": 1,
@@ -87,36 +93,48 @@ def render(results: list[Result], header: str) -> str:
     return "\n".join(out)
 
 
+def headline(result: Result) -> str:
+    """The figure a section just measured: its own headline, else its first table row."""
+    rows = [line for line in result.lines if line.startswith("| ") and not line.startswith("| ---")]
+    return result.headline or (rows[1] if len(rows) > 1 else result.title)
+
+
+def scale_counts(value: str) -> tuple[int, int]:
+    """``N/AGENTS`` (10000/100) as two numbers."""
+    count, _, agents = value.partition("/")
+    return int(count), int(agents or 100)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="tiny counts; do not touch docs/")
+    parser.add_argument(
+        "--scale",
+        nargs="?",
+        const="10000/100",
+        metavar="N/AGENTS",
+        help="only the scale run (10000/100 unless given) and the write-storm run; "
+        "writes docs/benchmarks-scale.md",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="the markdown file [docs/benchmarks.md]")
     args = parser.parse_args(argv)
-    counts = SMOKE if args.smoke else FULL
+    counts = dict(SMOKE if args.smoke else FULL)
     ground = testground.up()
-    out = args.out or (
-        ground.layout.state / "bench-smoke.md" if args.smoke else REPO / "docs" / "benchmarks.md"
-    )
+    default = "benchmarks-scale.md" if args.scale else "benchmarks.md"
+    out = args.out or (ground.layout.state / "bench-smoke.md" if args.smoke else REPO / "docs" / default)
+    plot_to = out.with_suffix(".png")
     bench = connect(ground)
-    sections: list[tuple[str, Callable[[], Result]]] = [
-        ("latency", lambda: latency.run(bench, counts["latency"])),
-        ("burst", lambda: burst.run(bench, counts["burst"])),
-        ("api cost", lambda: api_cost.run(bench, counts["api"])),
-        ("memory", lambda: memory.run(bench, counts["fake"], counts["real"], 0.0 if args.smoke else 3.0)),
-        ("scale", lambda: scale.run(bench, counts["agents"], counts["scale"])),
-        ("reaction", lambda: reaction.run(bench, counts["react"])),
-        ("migration", lambda: migration.run(bench, counts["migrate"])),
-        ("imports", lambda: imports.run(bench, counts["imports"])),
-        ("network", lambda: network.run(bench, counts["network"])),
-    ]
-    results = []
-    for index, (name, section) in enumerate(sections, 1):
-        print(f"[bench] {index}/{len(sections)} {name} ...", file=sys.stderr, flush=True)
-        started = time.monotonic()
-        results.append(section())
-        print(f"[bench] {name} took {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    if args.scale:
+        counts["scale"], counts["agents"] = scale_counts(args.scale)
+        sections = [
+            ("scale", lambda: scale.run(bench, counts["agents"], counts["scale"], plot_to)),
+            ("write storm", lambda: storm.run(bench, counts["pending"], counts["changes"])),
+        ]
+    else:
+        sections = every_section(bench, counts, args.smoke, plot_to)
+    results = run_sections(sections)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = f"Run {stamp} on {machine()}" + (" — smoke counts, not figures to quote" if args.smoke else "")
     out.write_text(render(results, header))
@@ -124,6 +142,34 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"header": header, "counts": counts, **{r.title: r.figures for r in results}}, indent=1)
     )
     print(out.read_text())
+
+
+def every_section(
+    bench: Bench, counts: dict[str, int], smoke: bool, plot_to: pathlib.Path
+) -> list[tuple[str, Callable[[], Result]]]:
+    return [
+        ("latency", lambda: latency.run(bench, counts["latency"])),
+        ("burst", lambda: burst.run(bench, counts["burst"])),
+        ("api cost", lambda: api_cost.run(bench, counts["api"])),
+        ("memory", lambda: memory.run(bench, counts["fake"], counts["real"], 0.0 if smoke else 3.0)),
+        ("scale", lambda: scale.run(bench, counts["agents"], counts["scale"], plot_to)),
+        ("write storm", lambda: storm.run(bench, counts["pending"], counts["changes"])),
+        ("reaction", lambda: reaction.run(bench, counts["react"])),
+        ("migration", lambda: migration.run(bench, counts["migrate"])),
+        ("imports", lambda: imports.run(bench, counts["imports"])),
+        ("network", lambda: network.run(bench, counts["network"])),
+    ]
+
+
+def run_sections(sections: list[tuple[str, Callable[[], Result]]]) -> list[Result]:
+    """Each section in turn, saying on stderr which one runs and, as it ends, what it measured."""
+    results = []
+    for index, (name, section) in enumerate(sections, 1):
+        say(f"{index}/{len(sections)} {name} ...")
+        started = time.monotonic()
+        results.append(section())
+        say(f"{name} took {time.monotonic() - started:.1f} s: {headline(results[-1])}")
+    return results
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the apiserver's own request counters, and extra agents on the in-memory driver."
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import pathlib
@@ -38,6 +39,8 @@ class Result:
     title: str
     lines: list[str]
     figures: dict[str, Any]
+    #: the figure to show on stderr as the section ends ("" : its first table row)
+    headline: str = ""
 
 
 @dataclasses.dataclass
@@ -217,9 +220,18 @@ def apply_and_wait(bench: Bench, body: dict[str, Any]) -> tuple[float, str]:
 
 
 def delete_all(bench: Bench, timeout: float = 600) -> None:
+    """Delete every bench instance and wait until they are gone. Thousands of them take the apiserver
+    longer than its request timeout (a 504 after deleting some): the call is made again until one
+    completes."""
     custom = bench.custom
-    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)
     deadline = time.monotonic() + timeout
+    while True:
+        try:
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)
+            break
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 504 or time.monotonic() > deadline:
+                raise
     while custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, limit=1)["items"]:
         if time.monotonic() > deadline:
             raise TimeoutError("the bench instances were not deleted")
@@ -233,19 +245,19 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def request_counts(bench: Bench) -> collections.Counter[tuple[str, str, str]]:
-    """The apiserver's apiserver_request_total, by (verb, resource, subresource)."""
+def request_counts(bench: Bench, codes: bool = False) -> collections.Counter[tuple[str, ...]]:
+    """The apiserver's apiserver_request_total, by (verb, resource, subresource), and by the response's
+    code after those with ``codes`` (a write refused with 409 Conflict is a request but no write)."""
     text = (
         bench.client.rest_client.request("GET", f"{bench.client.configuration.host}/metrics").read().decode()
     )
-    counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    counts: collections.Counter[tuple[str, ...]] = collections.Counter()
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
-            counts[labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", "")] += int(
-                float(match["value"])
-            )
+            key = (labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", ""))
+            counts[key + ((labels.get("code", ""),) if codes else ())] += int(float(match["value"]))
     return counts
 
 
@@ -270,8 +282,12 @@ def fake_store(ground: testground.Ground) -> pathlib.Path:
     return store
 
 
-def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -> dict[str, int]:
-    """Start one agent process per name on the in-memory driver; returns name → metrics port."""
+def start_fake_agents(
+    bench: Bench, names: list[str], first_port: int = 29500, timeout: float = 120, extra: Iterable[str] = ()
+) -> dict[str, int]:
+    """Start one agent process per name on the in-memory driver (``extra``: more of its options); returns
+    name → metrics port once all registered (within ``timeout``: a hundred starting at once share two
+    CPUs)."""
     ground, store = bench.ground, fake_store(bench.ground)
     ports = {}
     for index, node in enumerate(names):
@@ -292,11 +308,12 @@ def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -
                 str(store),
                 "--metrics-address",
                 f"127.0.0.1:{ports[node]}",
+                *extra,
             ],
             f"--node {node}",
             env=ground.env(),
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         nodes = {
             n["metadata"]["name"]
@@ -311,10 +328,12 @@ def start_fake_agents(bench: Bench, names: list[str], first_port: int = 29500) -
 
 
 def stop_fake_agents(bench: Bench, names: list[str]) -> None:
-    """Stop them and remove their nodes, so nothing is placed there afterwards."""
+    """Stop them (all at once: each may take its 10 s of grace, and a hundred in a row took minutes) and
+    remove their nodes, so nothing is placed there afterwards."""
     leases = kubernetes.client.CoordinationV1Api(bench.client)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        list(pool.map(lambda node: procs.stop(bench.ground.layout, f"agent-{node}"), names))
     for node in names:
-        procs.stop(bench.ground.layout, f"agent-{node}")
         for delete in (
             lambda n=node: bench.custom.delete_cluster_custom_object(GROUP, VERSION, COMPUTENODES, n),
             lambda n=node: leases.delete_namespaced_lease(lease_name(n), LEASE_NAMESPACE),

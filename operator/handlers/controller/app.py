@@ -43,6 +43,8 @@ VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
 MIG = (GROUP, VERSION, MIGRATIONS)
 #: After a failed placement write, the next pass over every pending instance.
 PLACEMENT_RETRY = 5.0
+#: How long a placement pass decides on one reading of the nodes and their usage.
+VIEW_SECONDS = 1.0
 #: A pass over the pending instances at least this often, whatever the events said.
 PENDING_RESYNC = 60.0
 #: How often node health is judged (an expired Lease shows within its duration plus this).
@@ -130,12 +132,12 @@ class Controller:
         self.indexes: dict[str, kopf.Index[Any, Any]] = {}
         self.health = NodeHealth(api, core, known=lambda: list(self.indexes.get("node_views", {})))
         self.fencing = Fencing(api, core)
-        self.retry = _loop("retry-pending", self._retry_pending)
+        #: uid -> the resourceVersion an Unschedulable status was last written from (binding.place)
+        self._written: dict[str, str] = {}
+        self.retry = _loop("retry-pending", self._place_pending)
         _every(PENDING_RESYNC, self.retry)  # the safety net under the event-driven passes, like a resync
         self.plan = _loop("migrations", Planner(api, core, limits, self._capacity).run)
-        _every(
-            PENDING_RESYNC, self.plan
-        )  # a pass that failed (apiserver away) is not lost until the next event
+        _every(PENDING_RESYNC, self.plan)  # a failed pass (apiserver away) is not lost until the next event
         self._recover = _loop("fencing", self._fence_pass)
         self._passes = 0
         _every(HEALTH_INTERVAL, _loop("health", self._health_pass))  # _loop logs a failed pass
@@ -187,24 +189,35 @@ class Controller:
 
     # --- instances -------------------------------------------------------------------------------
 
-    def _place(self, body: kopf.Body | dict[str, Any]) -> None:
-        if body["metadata"].get("deletionTimestamp"):
-            return
-        indexes = self.indexes
+    def _place_pending(self) -> None:
+        """One pass over every unbound instance, on a reading of the nodes and their usage made each
+        VIEW_SECONDS: a reading walks every node and bound instance (made per instance, a burst cost the
+        square of its size); one older than the heartbeat grace calls live nodes dead."""
+        if "unbound" not in self.indexes:
+            return  # no node has been seen yet: nothing can be placed
+        pending = [
+            body
+            for body in list(self.indexes["unbound"].get("pending", []))
+            if not body["metadata"].get("deletionTimestamp")
+        ]
+        fresh_until, nodes, used = 0.0, dict[str, NodeView](), dict[str, Usage]()
+        for body in pending:
+            with self.reservations.lock:  # taken per instance: a long pass must not stall the planner
+                if time.monotonic() > fresh_until:
+                    nodes = _nodes(self.indexes, self.health.unreachable_for())
+                    used = self.reservations.totals(self.indexes["node_usage"])
+                    fresh_until = time.monotonic() + VIEW_SECONDS
+                if not self._place(body, nodes, used):
+                    return  # the apiserver is away: the timer's pass tries them all again
+
+    def _place(self, body: Mapping[str, Any], nodes: Mapping[str, NodeView], used: dict[str, Usage]) -> bool:
+        """Place one instance (under the reservations' lock), counting its bind in ``used`` at once; False
+        when the apiserver did not answer."""
+        uid = body["metadata"]["uid"]
+        if self.reservations.made(uid):
+            return True  # bound a moment ago: this is an older copy (its write would be refused)
         try:
-            with self.reservations.lock:
-                if self.reservations.made(body["metadata"]["uid"]):
-                    return  # bound a moment ago: this is an older copy (its write would be refused)
-                node = binding.place(
-                    self.api,
-                    body,
-                    _nodes(indexes, self.health.unreachable_for()),
-                    self.reservations.totals(indexes["node_usage"]),
-                )
-                if node:
-                    self.reservations.add(
-                        body["metadata"]["uid"], node, binding.request_of(body.get("spec") or {})
-                    )
+            node = binding.place(self.api, body, nodes, used, self._written)
         except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
             log.warning(
                 "placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
@@ -214,26 +227,28 @@ class Controller:
                 PLACEMENT_RETRY,
             )
             threading.Timer(PLACEMENT_RETRY, self.retry).start()
-
-    def _retry_pending(self) -> None:
-        if "unbound" not in self.indexes:
-            return  # no node has been seen yet: nothing can be placed
-        for body in list(self.indexes["unbound"].get("pending", [])):
-            self._place(body)
+            return False
+        if node:
+            request = binding.request_of(body.get("spec") or {})
+            self.reservations.add(uid, node, request)
+            used[node] = used.get(node, Usage()) + request
+        return True
 
     def instance_changed(
         self, type: str | None, uid: str, body: kopf.Body, labels: kopf.Labels, **found: Any
     ) -> None:
-        """Place an unbound instance; forget the reservation of a deleted one at once.
+        """Ask for a placement pass for an unbound instance; forget the reservation of a deleted one at once.
 
         kopf may fold "bound" and "deleted" into one event, so the usage index never counts such an
         instance, and its reservation would hold the capacity for a minute.
         """
         self._keep(**found)
+        if type == "DELETED" or NODE_LABEL in labels:
+            self._written.pop(uid, None)
         if type == "DELETED":
             self.reservations.release(uid)
         elif NODE_LABEL not in labels:
-            self._place(body)
+            self.retry()
 
     def instance_bound(
         self,

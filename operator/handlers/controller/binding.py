@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import kubernetes
@@ -114,12 +114,17 @@ def place(
     body: Mapping[str, Any],
     nodes: Mapping[str, NodeView],
     used: Mapping[str, Usage],
+    written: MutableMapping[str, str] | None = None,
 ) -> str | None:
     """Bind one unbound instance to a node and return it (None when it stays unbound).
 
     Binding is one write: the node label agents select on, plus the agent's finalizer, guarded
     by the resourceVersion so two controllers (or two events) can never bind one object twice.
     The agent writes the Scheduled condition together with the rest of its first status.
+
+    ``written``: uid -> the resourceVersion of the copy an Unschedulable status was last written from.
+    A pass that still holds that copy (its watch event has not come yet) writes nothing: the write it
+    would repeat was taken or refused already, and either way a newer copy is on its way.
     """
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
@@ -138,11 +143,15 @@ def place(
         cond = condition(status, "Scheduled")
         if cond and cond.get("reason") == "Unschedulable" and cond.get("message") == str(exc):
             return None  # already said; do not repeat the write or the Event
+        if written is not None and written.get(meta["uid"]) == meta["resourceVersion"]:
+            return None  # said from this very copy already
         patch: dict[str, Any] = {"phase": "Pending"}
         set_condition(patch, status, "Scheduled", False, "Unschedulable", str(exc), meta.get("generation"))
         # Guarded as well: a pass holding an old copy must not call an instance bound meanwhile unschedulable.
-        written = StatusWriter(custom, VIRTUALINSTANCES).write(body, patch, guard=True)
-        if written is not None and written is not body:
+        fresh = StatusWriter(custom, VIRTUALINSTANCES).write(body, patch, guard=True)
+        if written is not None:
+            written[meta["uid"]] = meta["resourceVersion"]
+        if fresh is not None and fresh is not body:
             # The figures of this moment go into the Event only. Placement also runs from the controller's
             # own retry timer, outside kopf's handler context, where kopf's Event poster cannot run.
             core = kubernetes.client.CoreV1Api(custom.api_client)
