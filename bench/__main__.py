@@ -21,7 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from bench import api_cost, burst, imports, latency, memory, migration, network, reaction, scale, storm
+from bench import api_cost, burst, image, imports, latency, memory, migration, network, reaction, scale, storm
 from bench.common import Bench, Result, connect
 from bench.timeline import say
 from testground import ground as testground
@@ -153,11 +153,12 @@ def every_section(
         ("api cost", lambda: api_cost.run(bench, counts["api"])),
         ("memory", lambda: memory.run(bench, counts["fake"], counts["real"], 0.0 if smoke else 3.0)),
         ("scale", lambda: scale.run(bench, counts["agents"], counts["scale"], plot_to)),
-        ("write storm", lambda: storm.run(bench, counts["pending"], counts["changes"])),
+        ("write storm", lambda: storm.run(bench, counts["pending"], counts["changes"], 5.0 - 4.0 * smoke)),
         ("reaction", lambda: reaction.run(bench, counts["react"])),
         ("migration", lambda: migration.run(bench, counts["migrate"])),
         ("imports", lambda: imports.run(bench, counts["imports"])),
         ("network", lambda: network.run(bench, counts["network"])),
+        ("image", image.run),
     ]
 
 

@@ -139,7 +139,9 @@ def _get(bench: Bench, name: str) -> dict[str, Any]:
     return dict(bench.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, name))
 
 
-def run(bench: Bench, pending: int, changes: int) -> Result:
+def run(bench: Bench, pending: int, changes: int, settle: float = 5.0) -> Result:
+    """``settle``: the seconds without a status write that count as quiet (the smoke run, which quotes
+    no figure, takes one)."""
     # No diagnostics rounds: the filling instances' status writes would count with the pending ones'.
     start_fake_agents(bench, NODES, first_port=29700, extra=["--diagnostics-interval", "3600"])
     messages = Messages(bench)
@@ -151,15 +153,15 @@ def run(bench: Bench, pending: int, changes: int) -> Result:
         for node in NODES:  # fill each node with one instance it can take
             create(bench, _body(f"fill-{node}"))
         wait_for("the nodes full", lambda: all(running(_get(bench, f"fill-{n}")) for n in NODES))
-        before = _quiet(bench)
+        before = _quiet(bench, settle)
         fillers = messages.fillers_writes()
         for i in range(pending):
             create(bench, _body(f"pending-{i}"))
         wait_for("every instance pending", lambda: messages.pending() >= pending, timeout=300 + pending / 5)
         say(f"storm: {pending} pending on a full cluster")
-        middle = _quiet(bench)
+        middle = _quiet(bench, settle)
         _change_capacity(bench, changes)
-        after = _quiet(bench)
+        after = _quiet(bench, settle)
         fillers = messages.fillers_writes() - fillers
         delete_all(bench)
     finally:

@@ -21,6 +21,8 @@ def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:
         "Scale: 6 instances, 2 agents",
         "Reaction: out-of-band stop → status",
         "Live migration",
+        "No write storms: 4 pending, 3 capacity changes",
+        "Image",
     ):
         assert f". {title}\n" in text, title
     figures = json.loads(out.with_suffix(".json").read_text())
@@ -31,3 +33,4 @@ def test_every_benchmark_runs_and_reports(ground: testground.Ground) -> None:
     assert all(scale["watch_events"][node] > 0 for node, own in scale["own"].items() if own)
     moves = figures["Live migration"]
     assert len(moves["kubenova"]) == len(moves["virsh"]) == 1 and moves["virsh"][0]["downtime_s"] > 0
+    assert 0 < moves["kubenova"][0]["arrived_s"] <= moves["kubenova"][0]["wall_s"]
