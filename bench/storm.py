@@ -11,8 +11,6 @@ import threading
 import time
 from typing import Any
 
-import kubernetes
-
 from bench.common import (
     FAKE_INITRD,
     FAKE_KERNEL,
@@ -29,6 +27,7 @@ from bench.common import (
     start_fake_agents,
     stop_fake_agents,
     wait_for,
+    watch,
 )
 from bench.timeline import say
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION, VIRTUALINSTANCES, condition
@@ -61,16 +60,7 @@ class Messages:
         self._thread.start()
 
     def _follow(self, bench: Bench, version: str) -> None:
-        stream = kubernetes.watch.Watch()
-        for event in stream.stream(
-            bench.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            NAMESPACE,
-            VIRTUALINSTANCES,
-            resource_version=version,
-            timeout_seconds=1200,
-        ):
+        for event in watch(bench, version, 1200):
             obj = event["object"]
             name, status = obj["metadata"]["name"], obj.get("status") or {}
             if status != self._status.get(name, {}):
@@ -82,7 +72,7 @@ class Messages:
                 if not said or said[-1] != cond["message"]:
                     said.append(cond["message"])
             if self._stop.is_set():
-                stream.stop()
+                return  # the generator's own end stops the watch
 
     def pending(self) -> int:
         return len(self.seen)

@@ -19,8 +19,8 @@ from typing import Any
 
 import kubernetes
 
-from bench.common import NAMESPACE, Bench, create, list_version, running
-from kubenova.handlers.shared import GROUP, NODE_LABEL, VERSION, VIRTUALINSTANCES
+from bench.common import Bench, create, list_version, running, watch
+from kubenova.handlers.shared import NODE_LABEL
 
 
 def say(line: str) -> None:
@@ -54,17 +54,8 @@ def _follow(bench: Bench, timeline: Timeline, version: str, stop: threading.Even
     """Feed every watch event of the bench namespace to ``timeline`` until ``stop``; a watch that ends
     (its timeout, a dropped connection) resumes from the last resourceVersion it saw."""
     while not stop.is_set():
-        stream = kubernetes.watch.Watch()
         try:
-            for event in stream.stream(
-                bench.custom.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                NAMESPACE,
-                VIRTUALINSTANCES,
-                resource_version=version,
-                timeout_seconds=60,
-            ):
+            for event in watch(bench, version, 60):
                 version = event["object"]["metadata"]["resourceVersion"]
                 timeline.seen(event["object"])
                 if stop.is_set():
@@ -73,8 +64,6 @@ def _follow(bench: Bench, timeline: Timeline, version: str, stop: threading.Even
             if exc.status != 410:
                 raise
             version = list_version(bench)  # expired: what happened meanwhile shows in the next events
-        finally:
-            stream.stop()
 
 
 def _progress(timeline: Timeline, total: int, section: str, stop: threading.Event, every: float) -> None:
