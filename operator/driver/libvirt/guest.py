@@ -295,14 +295,10 @@ class Guest:
         with translate("live migration", self.uuid):
             self._domain.migrateToURI3(dest_uri, params, flags)
 
-    def job_stats(self, completed: bool = False, keep: bool = False) -> dict[str, Any] | None:
-        """The current job's figures (or the last completed one's); None when there is no job to ask about.
-        libvirt forgets a completed job's figures once read, unless ``keep``."""
-        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
-        if keep:
-            flags |= libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+    def job_stats(self, completed: bool = False) -> dict[str, Any] | None:
+        """The current job's figures (or the last completed one's); None when there is no job to ask about."""
         try:
-            stats = self._domain.jobStats(flags)
+            stats = self._domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0)
         except libvirt.libvirtError:
             return None  # the job ended between the check and the call
         return dict(stats)

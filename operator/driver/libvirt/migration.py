@@ -347,18 +347,18 @@ class Migration(LibvirtCore):
         self._running(uuid, "live_migration_force_complete").start_post_copy()
 
     def live_migration_arrived(self, uuid: str) -> bool:
-        """Running here, defined for good, and the incoming job recorded as completed: libvirt's Finish has
+        """Running here, defined for good, and the incoming job's figures complete: libvirt's Finish has
         resumed the guest here (in post-copy, only once the last page came), whatever the source's
-        libvirtd still does (its Confirm stops the source's QEMU). libvirt resumes the guest a moment
-        before it records the completed job with its figures; until then this says False."""
+        libvirtd still does (its Confirm stops the source's QEMU)."""
         try:
             guest = self._guest(uuid)
         except InstanceNotFound:
             return False
-        if not guest.persistent() or guest.state() is not PowerState.RUNNING:
-            return False
-        stats = guest.job_stats(completed=True, keep=True) or {}  # the finish reads them again
-        return stats.get("type") == libvirt.VIR_DOMAIN_JOB_COMPLETED and "time_elapsed" in stats
+        return (
+            guest.persistent()
+            and guest.state() is PowerState.RUNNING
+            and bool(guest.job_stats(completed=True))
+        )
 
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         guest = self._guest(uuid)

@@ -27,7 +27,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from kubenova.driver.base import ComputeDriver, Convergence, DriverError, InstanceSpec, PowerState
+from kubenova.driver.base import ComputeDriver, Convergence, DriverError, InstanceSpec
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.cold_migration_steps import ColdSteps
 from kubenova.handlers.agent.convergence import POST_COPY
@@ -38,8 +38,6 @@ from kubenova.handlers.agent.migration_turns import owner
 from kubenova.handlers.shared import WritesStatus, is_final
 
 log = logging.getLogger(__name__)
-#: Seconds between looks at a guest resumed here whose incoming job libvirt has not yet recorded as done.
-ARRIVAL_RECHECK = 0.05
 
 
 class MigrationAgent:
@@ -187,14 +185,12 @@ class MigrationAgent:
         its agent hand over, while the guest already runs here. The source's own end goes on there; its
         hand-over then finds the Migration final. "Arrived" means the incoming job completed; a transfer
         in post-copy waits for the source's word, as before."""
-        status, uid = body["status"], body["status"]["instanceUID"]
+        status = body["status"]
         if (status.get("progress") or {}).get("mode") == POST_COPY:
             return
-        if self.driver.live_migration_arrived(uid):
+        if self.driver.live_migration_arrived(status["instanceUID"]):
             log.info("migration %s: the guest arrived; finishing before the source", body["metadata"]["name"])
             self.live.finish_target(body)
-        elif self.driver.instance_exists(uid) and self.driver.get_info(uid).state is PowerState.RUNNING:
-            self.cache.schedule(body["metadata"]["uid"], ARRIVAL_RECHECK)  # resumed, the job not yet recorded
 
     def _departing(self, body: dict[str, Any]) -> None:
         """Target, before it prepares: a migration straight back finds this host's copy of the guest still
