@@ -5,9 +5,7 @@ agents hand the migration to each other through the Migration's status, one step
 and every step belongs to exactly one node (``migration_turns.owner``), so no two processes ever
 act on the same move. A step writes its successor only after its driver call returned, so an agent
 restarted mid-step finds its own step again; the one step that must not run twice (the
-live transfer) is marked ``Transferring`` before it starts. One exception: during ``Transferring``
-the target finishes as soon as the guest has arrived (``_arrived``), which only a completed transfer
-does; its write is guarded by the copy it read, so the source's later hand-over is refused as stale.
+live transfer) is marked ``Transferring`` before it starts.
 
 While a migration of an instance is under way its agents leave the domain alone: the
 instance side asks ``migration_turns.holds`` before converging, so a resync never "repairs" a
