@@ -563,9 +563,7 @@ def test_live_migration_moves_a_running_guest_without_a_reboot(peers: tuple[Env,
     spec, definition = prepared_migration(source, target)
     steps: list[MigrationProgress] = []
     mac = guest_mac(source, spec.uuid)
-    assert not target.driver.live_migration_arrived(spec.uuid), "prepared is not arrived"
     source.driver.live_migration(spec.uuid, target_uri, definition, steps.append)
-    assert target.driver.live_migration_arrived(spec.uuid)
     target.driver.post_live_migration_at_destination(spec.uuid)
     assert macs(target, spec.uuid) == [mac] == [stable_mac(spec.uuid, "eth0")]
     assert not source.driver.instance_exists(spec.uuid)
@@ -596,7 +594,6 @@ def test_an_aborted_live_migration_leaves_the_guest_at_the_source(peers: tuple[E
         source.driver.live_migration(
             spec.uuid, target_uri, definition, abort_at_first_report, max_bandwidth_mib=1
         )
-    assert not target.driver.live_migration_arrived(spec.uuid), "an aborted transfer never arrives"
     target.driver.rollback_live_migration_at_destination(spec.uuid)
     assert steps and steps[0].data_total > 0
     assert source.driver.get_info(spec.uuid).state is PowerState.RUNNING

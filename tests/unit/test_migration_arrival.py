@@ -21,12 +21,26 @@ def cluster(tmp_path: pathlib.Path) -> Cluster:
     return Cluster(tmp_path)
 
 
+def arrival_told(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake hypervisor cannot tell an arrival (its default answer); here it says what libvirt's would:
+    the guest runs on the target."""
+    target = cluster.target.node.driver
+    monkeypatch.setattr(
+        target,
+        "live_migration_arrived",
+        lambda uid: target.instance_exists(uid) and target.get_info(uid).state is PowerState.RUNNING,
+    )
+
+
 def target_sees(cluster: Cluster) -> None:
     cluster.target.migrations.handle(cluster.target.node.migrations.seen(None, cluster.migration()))
 
 
-def test_the_target_finishes_once_the_guest_arrived_and_the_source_cleans_up_after(cluster: Cluster) -> None:
+def test_the_target_finishes_once_the_guest_arrived_and_the_source_cleans_up_after(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     transferred_behind_the_agents_back(cluster, "Transferring")  # the source's agent has not said so yet
+    arrival_told(cluster, monkeypatch)
     source = cluster.source.node.driver
     source.ensure_filtering_rules_for_instance(cluster.uid, ALLOW_ALL)  # what the source's end removes
     cluster.target.migrations.arriving(cluster.uid)  # the lifecycle event of the resumed guest
@@ -46,9 +60,10 @@ def test_the_target_finishes_once_the_guest_arrived_and_the_source_cleans_up_aft
     assert cluster.target.node.state(cluster.uid) is PowerState.RUNNING
 
 
-def test_a_guest_not_yet_arrived_is_waited_for(cluster: Cluster) -> None:
+def test_a_guest_not_yet_arrived_is_waited_for(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster.start("Live")
     target_sees(cluster)  # prepared: the hand-over says Transfer
+    arrival_told(cluster, monkeypatch)
     stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
     stored["status"]["step"] = "Transferring"
     cluster.api.touch(stored)
@@ -57,8 +72,11 @@ def test_a_guest_not_yet_arrived_is_waited_for(cluster: Cluster) -> None:
     assert cluster.instance()["metadata"]["labels"][NODE_LABEL] == "node-0"
 
 
-def test_a_transfer_in_post_copy_waits_for_the_source(cluster: Cluster) -> None:
+def test_a_transfer_in_post_copy_waits_for_the_source(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     transferred_behind_the_agents_back(cluster, "Transferring")
+    arrival_told(cluster, monkeypatch)
     stored = cluster.api.objects[(MIGRATIONS, "ns", "m")]
     stored["status"]["progress"] = {"mode": "PostCopy"}
     cluster.api.touch(stored)
@@ -66,10 +84,13 @@ def test_a_transfer_in_post_copy_waits_for_the_source(cluster: Cluster) -> None:
     assert cluster.migration()["status"]["step"] == "Transferring"
 
 
-def test_a_migration_straight_back_waits_for_the_last_copy_to_leave(cluster: Cluster) -> None:
+def test_a_migration_straight_back_waits_for_the_last_copy_to_leave(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """node-0's own transfer of the guest is still ending (its worker holds it) when a migration back
     to node-0 asks it to prepare: it waits for that end instead of failing on the copy still there."""
     transferred_behind_the_agents_back(cluster, "Transferring")
+    arrival_told(cluster, monkeypatch)
     target_sees(cluster)
     assert cluster.migration()["status"]["phase"] == "Succeeded"
     live = cluster.source.migrations.live

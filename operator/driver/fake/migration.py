@@ -225,12 +225,6 @@ class FakeMigration(FakeInstances):
         with self._lock:
             self._post_copy_breaks.add(uuid)
 
-    def live_migration_arrived(self, uuid: str) -> bool:
-        """The fake's transfer is whole when the guest lands here: arrived means running here."""
-        with self._lock:
-            found = self._instances.get(uuid)
-            return found is not None and found.state is PowerState.RUNNING
-
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         with self._lock:
             self._get(uuid)
