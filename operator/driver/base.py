@@ -1,8 +1,9 @@
 """The compute contract every node-local driver implements.
 
-Method names follow OpenStack Nova's ``ComputeDriver`` (2012.1) so the code can be read side by side with
-that contract; the handlers call nothing else. Every method that has a meaning on one node is here. A
-driver that cannot do something raises ``Unsupported`` with the reason; nothing is ever silently a no-op.
+Method names follow OpenStack Nova's ``ComputeDriver`` (2012.1) so the code can be read
+side by side with that contract; the handlers call nothing else. Every method that has a
+meaning on one node is here. A driver that cannot do something raises ``Unsupported``
+with the reason; nothing is ever silently a no-op.
 
 The values it passes and returns live in ``kubenova.driver.types``, its errors in
 ``kubenova.driver.errors``, the checks both drivers make in ``kubenova.driver.checks``; this module
@@ -411,8 +412,11 @@ class ComputeDriver(NetworkingContract):
         convergence: Convergence | None = None,
     ) -> None:
         """Live migration, source side: move the running instance; raises on failure (it stays here, unless
-        the transfer was switched to post-copy). ``block_migration`` copies the disks' own data (no shared
-        storage needed); on success the source's files are removed. ``max_bandwidth_mib`` caps both modes."""
+        the transfer was switched to post-copy).
+
+        ``block_migration`` copies the disks' own data (no shared storage needed); on success
+        the source's files are removed. ``max_bandwidth_mib`` caps pre-copy and post-copy alike.
+        """
 
     @abc.abstractmethod
     def abort_live_migration(self, uuid: str) -> None:
@@ -421,15 +425,11 @@ class ComputeDriver(NetworkingContract):
 
     @abc.abstractmethod
     def live_migration_force_complete(self, uuid: str) -> None:
-        """Switch the transfer in progress to post-copy (started with ``convergence.post_copy``): the guest
-        goes on at the target at once and the rest of its memory follows, each page once, so the transfer
-        ends. Nova's name, and what its libvirt driver does when post-copy is permitted. The point of no
-        return: from here no host holds the whole guest until the transfer ends; it cannot be aborted."""
-
-    def live_migration_arrived(self, uuid: str) -> bool:
-        """Live migration, target side: whether the transfer completed and the guest runs here, which may
-        be before the source let go of its copy; False where the driver cannot tell."""
-        return False
+        """Switch the transfer in progress to post-copy (it must have been started with
+        ``convergence.post_copy``): the guest goes on at the target at once and the rest of its memory
+        follows, each page once, so the transfer ends. Nova's name, and what its libvirt driver does when
+        post-copy is permitted. The point of no return: from here no host holds the whole guest until
+        the transfer ends, it cannot be aborted, and a failure loses the guest."""
 
     @abc.abstractmethod
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:

@@ -236,11 +236,8 @@ def migrated(run: Run, phases: tuple[str, ...]) -> None:
     expected = done["status"]["targetNode"] if done["status"]["phase"] == "Succeeded" else run.extra["source"]
     assert node == expected, (node, done["status"])
     other = PAIR[1] if node == PAIR[0] else PAIR[0]
-    # A Live Migration's target says Succeeded as soon as the guest arrived: the source's end may follow.
-    eventually(
-        lambda: not run.ground.instance_dir(run.uid, other).exists(),
-        timeout=30,
-        what="nothing of the instance left on the other node",
+    assert not run.ground.instance_dir(run.uid, other).exists(), (
+        "nothing of the instance is left on the other node"
     )
 
 

@@ -77,11 +77,6 @@ class Guest:
     def state(self) -> PowerState:
         return self.info()[0]
 
-    def persistent(self) -> bool:
-        """Defined for good (not only while it runs): an incoming guest is, once libvirt's Finish kept it."""
-        with translate("persistent", self.uuid):
-            return bool(self._domain.isPersistent())
-
     def paused_on_io_error(self) -> bool:
         """Whether QEMU stopped the guest because a disk write failed (libvirt's pause reason IOERROR)."""
         with translate("state", self.uuid):

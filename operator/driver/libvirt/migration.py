@@ -346,20 +346,6 @@ class Migration(LibvirtCore):
     def live_migration_force_complete(self, uuid: str) -> None:
         self._running(uuid, "live_migration_force_complete").start_post_copy()
 
-    def live_migration_arrived(self, uuid: str) -> bool:
-        """Running here, defined for good, and the incoming job's figures complete: libvirt's Finish has
-        resumed the guest here (in post-copy, only once the last page came), whatever the source's
-        libvirtd still does (its Confirm stops the source's QEMU)."""
-        try:
-            guest = self._guest(uuid)
-        except InstanceNotFound:
-            return False
-        return (
-            guest.persistent()
-            and guest.state() is PowerState.RUNNING
-            and bool(guest.job_stats(completed=True))
-        )
-
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
         guest = self._guest(uuid)
         (self._dir(uuid) / qemu_hook.INCOMING).unlink(missing_ok=True)

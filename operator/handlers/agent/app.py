@@ -1,8 +1,8 @@
 """The node agent: one per node; calls only the driver contract and writes status.
 
-kopf delivers the watch events of this node's objects (only event handlers: change handlers, timers or
-daemons would add kopf's finalizer and bookkeeping annotations to users' objects); everything else goes
-through one work queue (workqueue.py) drained by a fixed pool of threads.
+kopf delivers the watch events of this node's objects (only event handlers: change handlers, timers
+or daemons would add kopf's finalizer and bookkeeping annotations to users' objects); everything
+else goes through one work queue (workqueue.py) drained by a fixed pool of threads.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ class Agent:
         self.queue.start(
             {
                 "instance": self.instances.handle,
-                "observe": self._observe,
+                "observe": self.instances.observe,
                 "volume": self.volumes.handle,
                 "migration": self.migrations.handle,
                 "hypervisor": self._hypervisor,
@@ -302,9 +302,11 @@ class Agent:
             self.migration_cache.seen("ADDED", item)
 
     def _hypervisor(self, up: str) -> None:
-        """Say at once on the ComputeNode whether libvirt is reachable; while it is not, keep trying. The
-        report reconnects when libvirtd is back; the connection listener then adds "True" here, and every
-        instance is looked at again, since its lifecycle events were lost meanwhile."""
+        """Say at once on the ComputeNode whether libvirt is reachable; while it is not, keep trying.
+
+        The report reconnects when libvirtd is back; the connection listener then adds "True" here,
+        and every instance is looked at again, since its lifecycle events were lost meanwhile.
+        """
         try:
             if up == "False" and self.reporter.connected:
                 self.reporter.lost()
@@ -319,10 +321,6 @@ class Agent:
             self._network()
             for uid in list(self.instance_cache.objects):
                 self.instance_cache.look(uid)
-
-    def _observe(self, uid: str) -> None:
-        self.migrations.arriving(uid)  # a transfer to this node may have just ended: its target finishes
-        self.instances.observe(uid)
 
     def _resync(self) -> None:
         """Drop what left this node while a watch was broken (a re-list never says so), then look at all."""

@@ -99,9 +99,8 @@ class LiveSteps:
         }
 
     def running(self, uid: str) -> bool:
-        """Whether the migration's (or the instance's) transfer runs here now (it holds a worker until it
-        ends, its own end of the transfer included)."""
-        return uid in self._transfers or uid in self._transfers.values()
+        """Whether the migration's transfer runs here now (it holds a worker until it ends)."""
+        return uid in self._transfers
 
     def stopping(self, body: Mapping[str, Any]) -> str | None:
         """Why the migration must stop where it is: cancelled, or its instance is being deleted (a user's
@@ -223,7 +222,7 @@ class LiveSteps:
             if watch.post_copy_at is not None:  # past the point of no return: roll nothing back
                 self.handover.finish(body, "Failed", self._lost(status, exc))
                 return
-            if not self.runs_here(instance_uid):  # the job ended on the target after all
+            if not self._runs_here(instance_uid):  # the job ended on the target after all
                 self.driver.drop_volume_copies(instance_uid)
                 self.handover.hand_over(body, "FinishTarget", f"transferred despite: {exc}")
                 return
@@ -373,7 +372,7 @@ class LiveSteps:
                 self.driver.abort_live_migration(instance_uid)
             except DriverError:
                 pass  # no job was running any more, or it is too far along to stop
-        if self.runs_here(instance_uid):
+        if self._runs_here(instance_uid):
             self.handover.hand_over(
                 body,
                 "RollbackTarget",
@@ -388,7 +387,7 @@ class LiveSteps:
                 body, "FinishTarget", "the transfer completed while the source's agent restarted"
             )
 
-    def runs_here(self, uid: str) -> bool:
+    def _runs_here(self, uid: str) -> bool:
         """Whether the guest is still on this host once any migration job on it has ended: a domain
         paused or stopped by the job's last phase either resumes here (it failed) or leaves (it
         succeeded). One still paused at the deadline (the user's pause) is here."""

@@ -18,7 +18,6 @@ migration_handover.py.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,9 +27,8 @@ import urllib3
 from kubenova.driver.base import ComputeDriver, Convergence, DriverError, InstanceSpec
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.cold_migration_steps import ColdSteps
-from kubenova.handlers.agent.convergence import POST_COPY
 from kubenova.handlers.agent.events import EventPoster
-from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB, SETTLE_SECONDS, LiveSteps
+from kubenova.handlers.agent.live_migration_steps import DEFAULT_TIMEOUT_PER_GIB, LiveSteps
 from kubenova.handlers.agent.migration_handover import Gone, Handover, Superseded
 from kubenova.handlers.agent.migration_turns import owner
 from kubenova.handlers.shared import WritesStatus, is_final
@@ -83,14 +81,6 @@ class MigrationAgent:
             return
         self.cache.schedule(uid, 0.0)
 
-    def arriving(self, instance_uid: str) -> None:
-        """A lifecycle event of an instance's domain here: a live transfer to this node may have just
-        ended, which this target finishes without waiting for the source (``_arrived``)."""
-        for uid, body in list(self.cache.objects.items()):
-            status = body.get("status") or {}
-            if status.get("instanceUID") == instance_uid and status.get("targetNode") == self.node:
-                self.cache.schedule(uid, 0.0)
-
     def instance_deleted(self, instance_uid: str) -> None:
         """A user deleted the instance: its transfer running here stops now, not at the next progress
         report (a delete never waits for a transfer)."""
@@ -107,7 +97,6 @@ class MigrationAgent:
             if uid not in self._settled and instance_uid:  # the other node ended it: this side of it resumes
                 self._settled.add(uid)
                 self._drop_preparation(body)
-                self._drop_departed(body)
                 self.instance_cache.schedule(instance_uid, 0.0)
             return
         try:
@@ -136,8 +125,11 @@ class MigrationAgent:
             body["spec"].get("type") != "Live"
             or status.get("targetNode") != self.node
             or status.get("phase") == "Succeeded"
-            or (status.get("progress") or {}).get("mode") == POST_COPY
-            or self._moving(uid)
+            or (status.get("progress") or {}).get("mode") == "PostCopy"
+            or any(
+                (other.get("status") or {}).get("instanceUID") == uid and not is_final(other["status"])
+                for other in list(self.cache.objects.values())
+            )
         ):
             return
         try:
@@ -146,61 +138,6 @@ class MigrationAgent:
         except DriverError as exc:
             log.warning("cannot drop what was prepared here for %s: %s", uid, exc)
 
-    def _drop_departed(self, body: dict[str, Any]) -> None:
-        """The source of a live Migration its target finished (``_arrived``) may have died before its own
-        end of the transfer: what that end removes here (the filter, the folder, the volume copies) goes,
-        as after a transfer that completed while the agent restarted. Only once libvirt has removed the
-        domain, and never while another migration of the instance is under way (one coming back here
-        made its files; one that came back has its domain here)."""
-        status = body["status"]
-        uid = status["instanceUID"]
-        if (
-            body["spec"].get("type") != "Live"
-            or status.get("sourceNode") != self.node
-            or status.get("phase") != "Succeeded"
-            or self.live.running(uid)
-            or self._moving(uid)
-        ):
-            return
-        try:
-            if not self.driver.instance_exists(uid):
-                self.driver.drop_volume_copies(uid)
-                self.driver.destroy(uid)
-        except DriverError as exc:
-            log.warning("cannot drop what the transfer left here of %s: %s", uid, exc)
-
-    def _moving(self, instance_uid: str) -> bool:
-        """Whether a migration of the instance is under way."""
-        return any(
-            (other.get("status") or {}).get("instanceUID") == instance_uid and not is_final(other["status"])
-            for other in list(self.cache.objects.values())
-        )
-
-    def _arrived(self, body: dict[str, Any]) -> None:
-        """Target, while the source transfers: a guest that has arrived is finished here at once. In
-        libvirt's peer-to-peer migration the source's call returns only once its libvirtd has stopped the
-        source's copy (its Confirm phase; a TCG guest's QEMU takes about 1.4 s to go), and only then would
-        its agent hand over, while the guest already runs here. The source's own end goes on there; its
-        hand-over then finds the Migration final. "Arrived" means the incoming job completed; a transfer
-        in post-copy waits for the source's word, as before."""
-        status = body["status"]
-        if (status.get("progress") or {}).get("mode") == POST_COPY:
-            return
-        if self.driver.live_migration_arrived(status["instanceUID"]):
-            log.info("migration %s: the guest arrived; finishing before the source", body["metadata"]["name"])
-            self.live.finish_target(body)
-
-    def _departing(self, body: dict[str, Any]) -> None:
-        """Target, before it prepares: a migration straight back finds this host's copy of the guest still
-        leaving (its own transfer ending, the domain paused until libvirtd removes it) when the last one was
-        finished early; it waits for that, up to the time a paused guest gets to settle."""
-        instance_uid = body["status"]["instanceUID"]
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while self.live.running(instance_uid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self.driver.instance_exists(instance_uid):
-            self.live.runs_here(instance_uid)
-
     def _forget(self, uid: str) -> None:
         self.live.forget(uid)
         self._settled.discard(uid)
@@ -208,14 +145,9 @@ class MigrationAgent:
     def _step(self, body: dict[str, Any]) -> None:
         status = body.get("status") or {}
         role = {status.get("sourceNode"): "source", status.get("targetNode"): "target"}.get(self.node)
-        kind, step = body["spec"]["type"], str(status.get("step") or "")
-        if role == "target" and kind == "Live" and step == "Transferring" and not is_final(status):
-            self._arrived(body)
-            return
         if role is None or is_final(status) or owner(body) != role:
             return
-        if role == "target" and kind == "Live" and step == "PrepareTarget":
-            self._departing(body)
+        kind, step = body["spec"]["type"], status["step"]
         log.info(
             "migration %s/%s: %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"], step, role
         )
