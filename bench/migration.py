@@ -237,12 +237,15 @@ def run(bench: Bench, count: int) -> Result:
         "Where the wall time goes: libvirt's job (the source libvirtd connects to the target's, which starts "
         "QEMU to receive; the memory copy; the switch-over) ends with the guest resumed on the target. "
         "Then, in peer-to-peer migration, the source's libvirtd stops the source's QEMU (Confirm), which "
-        "takes a TCG guest here over a second, and only then does `virsh migrate` return. kubenova's "
-        "target agent finishes the Migration as soon as the guest has arrived (libvirt's lifecycle event, "
-        "then one status write, the instance's new binding, and the Migration's Succeeded), so the "
-        "source's teardown runs beside it. Before the transfer, the hand-over through the apiserver (the "
-        "controller's plan, the target preparing and writing its definition, the source's Transferring) "
-        "is the rest. libvirt's figures are read on the target (`virsh domjobinfo --completed`).",
+        "takes a TCG guest here over a second, and only then does the migration call return, to virsh as "
+        "to kubenova's source agent, whose hand-over to the target (one status write, the target's "
+        "finish: the instance's binding and the Migration's Succeeded) follows. Before the transfer, the "
+        "hand-over through the apiserver (the controller's plan, the target preparing and writing its "
+        "definition, the source's Transferring) is the rest. A target that finishes as soon as the guest "
+        "runs there would not wait for the source's teardown, but libvirt's Finish can still fail and "
+        "resume the source after the guest ran on the target (seen with the source's agent killed "
+        "mid-transfer), so kubenova waits for the source's word. "
+        "libvirt's figures are read on the target (`virsh domjobinfo --completed`).",
     ]
     return Result(
         "Live migration",
