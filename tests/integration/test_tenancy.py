@@ -46,6 +46,7 @@ def tenancy(
 ) -> Iterator[dict[str, pathlib.Path]]:
     """Two nodes; kubenova installed by its chart and running under its own ServiceAccounts."""
     libvirt_host.start(ground.layout, OTHER, testground.node_address(OTHER))
+    guest.ensure_images(ground.layout, ground.images(OTHER))  # as add_node does: the migration test boots one
     try:
         with (
             service_accounts.chart_installed(ground),
