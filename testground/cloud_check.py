@@ -13,7 +13,6 @@ Run it as ``python -m testground.cloud_image --check`` (root; builds the image f
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shlex
 import socket
@@ -121,12 +120,6 @@ def _ssh(key: pathlib.Path, port: int, user: str, command: str, timeout: float =
     return proc.stdout
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time QEMU has used: with other work on the host's cores it says more than wall time does."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -171,7 +164,7 @@ class _Boot:
 
     def milestone(self) -> str:
         """Seconds since QEMU started, and the CPU time it used (which says more on a busy host)."""
-        cpu = _cpu_seconds(self.qemu.pid)
+        cpu = procs.cpu_seconds(self.qemu.pid)  # with other work on the cores, more telling than wall time
         return f"{time.monotonic() - self.start:.1f} s (QEMU CPU {cpu:.1f} s)"
 
     def console_text(self) -> str:

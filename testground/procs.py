@@ -172,3 +172,9 @@ def run(argv: Sequence[str], what: str, fix: str, **kwargs: object) -> subproces
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise TestGroundError(f"{what} failed: {last[0]}; {fix}")
     return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (FileNotFoundError once it is gone)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
