@@ -159,7 +159,7 @@ def test_a_pass_holding_an_old_copy_never_calls_a_bound_instance_unschedulable(
         GROUP, VERSION, namespace, VIRTUALINSTANCES, make("bound")
     )
     obj = wait_ready(custom, namespace, "bound")
-    assert binding.place(custom, created, {}, {}) is None  # no node fits the old copy
+    assert binding.choose(custom, created, {}, {}) is None  # no node fits the old copy
     fresh = get(custom, namespace, "bound")
     assert fresh["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"], "nothing was written"
     assert cond(fresh, "Scheduled")["status"] == "True" and fresh["status"]["phase"] == obj["status"]["phase"]

@@ -51,12 +51,12 @@ def test_passes_holding_the_same_old_copy_write_its_status_once(api: CountingApi
     used = {"a": Usage(1, 1000)}
     written: dict[str, str] = {}
     for memory in (1000, 1001, 1002):  # the node's capacity moves; the instance still does not fit
-        assert binding.place(api, old, full_node(memory), used, written) is None
+        assert binding.choose(api, old, full_node(memory), used, written) is None
     assert api.status_writes == 1
     fresh = api.get(VIRTUALINSTANCES, "ns", "vm")
     assert fresh is not None and condition(fresh, "Scheduled")["reason"] == "Unschedulable"
     for memory in (1003, 1004):  # the copy the watch brings: the same words, nothing to write
-        assert binding.place(api, fresh, full_node(memory), used, written) is None
+        assert binding.choose(api, fresh, full_node(memory), used, written) is None
     assert api.status_writes == 1
     assert [reason for _, _, reason, _ in api.events] == ["Unschedulable"]  # the figures went there, once
 
@@ -67,10 +67,10 @@ def test_a_new_reason_is_written_from_the_fresh_copy(api: CountingApiserver) -> 
         {"metadata": {"name": "vm", "namespace": "ns"}, "spec": {"flavor": {"vcpus": 1, "memoryMiB": 900}}},
     )
     written: dict[str, str] = {}
-    binding.place(api, old, full_node(1000), {"a": Usage(1, 1000)}, written)
+    binding.choose(api, old, full_node(1000), {"a": Usage(1, 1000)}, written)
     fresh = api.get(VIRTUALINSTANCES, "ns", "vm")
     assert fresh is not None
-    binding.place(api, fresh, full_node(1000), {"a": Usage(128, 1000)}, written)  # now vCPUs too
+    binding.choose(api, fresh, full_node(1000), {"a": Usage(128, 1000)}, written)  # now vCPUs too
     assert api.status_writes == 2
     now = api.get(VIRTUALINSTANCES, "ns", "vm")
     assert now is not None and "vCPUs and memory" in condition(now, "Scheduled")["message"]

@@ -323,7 +323,9 @@ class Agent:
                 self.instance_cache.look(uid)
 
     def _resync(self) -> None:
-        """Drop what left this node while a watch was broken (a re-list never says so), then look at all."""
+        """Drop what left this node while a watch was broken (a re-list never says so), then look at all.
+        The lists are the watch cache's copy ("0"): from etcd, every agent's round read all of the cluster's
+        instances to filter them. prune keeps what the watch brought since the copy."""
         node = self.config.node
         try:
             for cache, plural, selector in (
@@ -331,9 +333,10 @@ class Agent:
                 (self.volume_cache, VOLUMEATTACHMENTS, f"{NODE_LABEL}={node}"),
                 (self.migration_cache, MIGRATIONS, node_label(node)),
             ):
-                listed = typed(
-                    self.custom.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
+                found = self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, plural, label_selector=selector, resource_version="0"
                 )
+                listed = typed(found)
                 cache.prune(listed["items"], listed["metadata"]["resourceVersion"])
         except Exception as exc:  # the apiserver is away: the instances are still looked at below
             log.warning("re-listing this node's objects failed: %s", exc)

@@ -8,9 +8,7 @@ annotation to users' objects; main.py runs it while this replica holds the leade
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -20,7 +18,9 @@ from kubenova.handlers.controller import binding, holders, service_endpoints
 from kubenova.handlers.controller.fencing import Fencing
 from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
 from kubenova.handlers.controller.node_health import NodeHealth
+from kubenova.handlers.controller.passes import every, on_request
 from kubenova.handlers.controller.placement import NodeView, Usage
+from kubenova.handlers.controller.placing import Placing
 from kubenova.handlers.controller.reservations import Reservations
 from kubenova.handlers.shared import (
     COMPUTENODES,
@@ -41,12 +41,8 @@ VI = (GROUP, VERSION, VIRTUALINSTANCES)
 CN = (GROUP, VERSION, COMPUTENODES)
 VA = (GROUP, VERSION, VOLUMEATTACHMENTS)
 MIG = (GROUP, VERSION, MIGRATIONS)
-#: After a failed placement write, the next pass over every pending instance.
-PLACEMENT_RETRY = 5.0
-#: How long a placement pass decides on one reading of the nodes and their usage.
-VIEW_SECONDS = 1.0
-#: A pass over the pending instances at least this often, whatever the events said.
-PENDING_RESYNC = 60.0
+#: A planner pass at least this often, whatever the events said.
+PLANNER_RESYNC = 60.0
 #: How often node health is judged (an expired Lease shows within its duration plus this).
 HEALTH_INTERVAL = 2.0
 #: Every how many health passes the planner and the fencing recovery look again while a node is down
@@ -86,32 +82,6 @@ def _instance_node(indexes: Mapping[str, Any], namespace: str | None, spec: Mapp
     return next(iter(indexes["instance_nodes"].get((namespace, spec["instanceRef"]["name"]), [None])), None)
 
 
-def _loop(name: str, work: Callable[[], None]) -> Callable[[], None]:
-    """Run ``work`` in a thread of its own, once per request, however many requests piled up meanwhile."""
-    wanted = threading.Event()
-
-    def loop() -> None:
-        while True:
-            wanted.wait()
-            wanted.clear()
-            try:
-                work()
-            except Exception:  # the next request tries again
-                log.exception("%s failed", name)
-
-    threading.Thread(target=loop, daemon=True, name=name).start()
-    return wanted.set
-
-
-def _every(interval: float, work: Callable[[], None]) -> None:
-    def loop() -> None:
-        while True:
-            time.sleep(interval)
-            work()
-
-    threading.Thread(target=loop, daemon=True, name="resync").start()
-
-
 class Controller:
     """Everything the active controller knows and decides: the indexes as kopf last handed them over, the
     reservations of its recent binds, and the two passes (pending instances, migrations) that events ask for.
@@ -132,15 +102,13 @@ class Controller:
         self.indexes: dict[str, kopf.Index[Any, Any]] = {}
         self.health = NodeHealth(api, core, known=lambda: list(self.indexes.get("node_views", {})))
         self.fencing = Fencing(api, core)
-        #: uid -> the resourceVersion an Unschedulable status was last written from (binding.place)
-        self._written: dict[str, str] = {}
-        self.retry = _loop("retry-pending", self._place_pending)
-        _every(PENDING_RESYNC, self.retry)  # the safety net under the event-driven passes, like a resync
-        self.plan = _loop("migrations", Planner(api, core, limits, self._capacity).run)
-        _every(PENDING_RESYNC, self.plan)  # a failed pass (apiserver away) is not lost until the next event
-        self._recover = _loop("fencing", self._fence_pass)
+        self.placing = Placing(api, self.reservations, self._pending, self._view)
+        self.retry = self.placing.request
+        self.plan = on_request("migrations", Planner(api, core, limits, self._capacity).run)
+        every(PLANNER_RESYNC, self.plan)  # a failed pass (apiserver away) is not lost until the next event
+        self._recover = on_request("fencing", self._fence_pass)
         self._passes = 0
-        _every(HEALTH_INTERVAL, _loop("health", self._health_pass))  # _loop logs a failed pass
+        every(HEALTH_INTERVAL, on_request("health", self._health_pass))  # a failed pass is logged
 
     # --- indexes (kopf keeps them; these say what goes in) ---------------------------------------
 
@@ -189,50 +157,21 @@ class Controller:
 
     # --- instances -------------------------------------------------------------------------------
 
-    def _place_pending(self) -> None:
-        """One pass over every unbound instance, on a reading of the nodes and their usage made each
-        VIEW_SECONDS: a reading walks every node and bound instance (made per instance, a burst cost the
-        square of its size); one older than the heartbeat grace calls live nodes dead."""
+    def _pending(self) -> list[Mapping[str, Any]] | None:
+        """The unbound instances not being deleted; None before any node was seen (nothing can be placed)."""
         if "unbound" not in self.indexes:
-            return  # no node has been seen yet: nothing can be placed
-        pending = [
+            return None
+        return [
             body
             for body in list(self.indexes["unbound"].get("pending", []))
             if not body["metadata"].get("deletionTimestamp")
         ]
-        fresh_until, nodes, used = 0.0, dict[str, NodeView](), dict[str, Usage]()
-        for body in pending:
-            with self.reservations.lock:  # taken per instance: a long pass must not stall the planner
-                if time.monotonic() > fresh_until:
-                    nodes = _nodes(self.indexes, self.health.unreachable_for())
-                    used = self.reservations.totals(self.indexes["node_usage"])
-                    fresh_until = time.monotonic() + VIEW_SECONDS
-                if not self._place(body, nodes, used):
-                    return  # the apiserver is away: the timer's pass tries them all again
 
-    def _place(self, body: Mapping[str, Any], nodes: Mapping[str, NodeView], used: dict[str, Usage]) -> bool:
-        """Place one instance (under the reservations' lock), counting its bind in ``used`` at once; False
-        when the apiserver did not answer."""
-        uid = body["metadata"]["uid"]
-        if self.reservations.made(uid):
-            return True  # bound a moment ago: this is an older copy (its write would be refused)
-        try:
-            node = binding.place(self.api, body, nodes, used, self._written)
-        except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
-            log.warning(
-                "placing %s/%s failed (%s); all pending instances get another pass in %.0fs",
-                body["metadata"]["namespace"],
-                body["metadata"]["name"],
-                exc,
-                PLACEMENT_RETRY,
-            )
-            threading.Timer(PLACEMENT_RETRY, self.retry).start()
-            return False
-        if node:
-            request = binding.request_of(body.get("spec") or {})
-            self.reservations.add(uid, node, request)
-            used[node] = used.get(node, Usage()) + request
-        return True
+    def _view(self) -> tuple[dict[str, NodeView], dict[str, Usage]]:
+        """The nodes and their usage with the reservations; the caller holds the reservations' lock."""
+        return _nodes(self.indexes, self.health.unreachable_for()), self.reservations.totals(
+            self.indexes["node_usage"]
+        )
 
     def instance_changed(
         self, type: str | None, uid: str, body: kopf.Body, labels: kopf.Labels, **found: Any
@@ -244,7 +183,7 @@ class Controller:
         """
         self._keep(**found)
         if type == "DELETED" or NODE_LABEL in labels:
-            self._written.pop(uid, None)
+            self.placing.forget(uid)
         if type == "DELETED":
             self.reservations.release(uid)
         elif NODE_LABEL not in labels:
@@ -381,10 +320,7 @@ class Controller:
 
     def _capacity(self) -> tuple[dict[str, NodeView], dict[str, Usage]]:
         with self.reservations.lock:
-            return (
-                _nodes(self.indexes, self.health.unreachable_for()),
-                self.reservations.totals(self.indexes["node_usage"]),
-            )
+            return self._view()
 
 
 #: The indexes the passes read outside kopf's handlers.

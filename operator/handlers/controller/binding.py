@@ -109,27 +109,22 @@ def fenced(
     return node not in kubernetes_nodes or kubernetes_nodes[node]
 
 
-def place(
+def choose(
     custom: kubernetes.client.CustomObjectsApi,
     body: Mapping[str, Any],
     nodes: Mapping[str, NodeView],
     used: Mapping[str, Usage],
     written: MutableMapping[str, str] | None = None,
 ) -> str | None:
-    """Bind one unbound instance to a node and return it (None when it stays unbound).
-
-    Binding is one write: the node label agents select on, plus the agent's finalizer, guarded
-    by the resourceVersion so two controllers (or two events) can never bind one object twice.
-    The agent writes the Scheduled condition together with the rest of its first status.
+    """The node an unbound instance goes to; None when none fits, after saying why in its status (once).
 
     ``written``: uid -> the resourceVersion of the copy an Unschedulable status was last written from.
     A pass that still holds that copy (its watch event has not come yet) writes nothing: the write it
     would repeat was taken or refused already, and either way a newer copy is on its way.
     """
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
-    namespace, name = meta["namespace"], meta["name"]
     try:
-        node = choose_node(
+        return choose_node(
             request_of(spec),
             spec.get("nodeName"),
             nodes,
@@ -137,7 +132,7 @@ def place(
             datetime.datetime.now(datetime.UTC),
             spec.get("nodeSelector"),
             cpu_model_of(spec),
-            store_needs(namespace, spec),
+            store_needs(meta["namespace"], spec),
         )
     except Unschedulable as exc:
         cond = condition(status, "Scheduled")
@@ -157,6 +152,17 @@ def place(
             core = kubernetes.client.CoreV1Api(custom.api_client)
             post_event(core, body, "Unschedulable", exc.detail, "kubenova-controller")
         return None
+
+
+def bind(custom: kubernetes.client.CustomObjectsApi, body: Mapping[str, Any], node: str) -> bool:
+    """Bind one instance to the node ``choose`` named; False when it changed or went meanwhile.
+
+    Binding is one write: the node label agents select on, plus the agent's finalizer, guarded
+    by the resourceVersion so two controllers (or two passes) can never bind one object twice.
+    The agent writes the Scheduled condition together with the rest of its first status.
+    """
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
     finalizers = list(meta.get("finalizers") or [])
     faults.point("placement.chosen")
     if not unless_changed(
@@ -177,9 +183,9 @@ def place(
             },
         )
     ):
-        return None
+        return False
     log.info("bound %s/%s to %s", namespace, name, node)
-    return node
+    return True
 
 
 def bind_volume(

@@ -157,8 +157,10 @@ class Planner:
         the target node must not keep a hold on the instance."""
         moving = {b["status"].get("instanceUID") for b in active}
         labelled = typed(
+            # The watch cache's copy ("0"): this runs on every node's report, and from etcd it read every
+            # instance of the cluster to find the few labelled. A label the copy misses goes next pass.
             self.custom.list_cluster_custom_object(
-                GROUP, VERSION, VIRTUALINSTANCES, label_selector=MIGRATION_TARGET_LABEL
+                GROUP, VERSION, VIRTUALINSTANCES, label_selector=MIGRATION_TARGET_LABEL, resource_version="0"
             )
         )["items"]
         for instance in labelled:
