@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import kubernetes
+import urllib3
 import libvirt
 
 from kubenova.driver.base import ALLOW_ALL
@@ -221,16 +222,16 @@ def apply_and_wait(bench: Bench, body: dict[str, Any]) -> tuple[float, str]:
 
 def delete_all(bench: Bench, timeout: float = 600) -> None:
     """Delete every bench instance and wait until they are gone. Thousands of them take the apiserver
-    longer than its request timeout (a 504 after deleting some): the call is made again until one
-    completes."""
+    longer than its request timeout (a 504 after deleting some, or at 10,000 the connection closed
+    without an answer): the call is made again until one completes."""
     custom = bench.custom
     deadline = time.monotonic() + timeout
     while True:
         try:
             custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES)
             break
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 504 or time.monotonic() > deadline:
+        except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+            if getattr(exc, "status", 504) != 504 or time.monotonic() > deadline:
                 raise
     while custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, VIRTUALINSTANCES, limit=1)["items"]:
         if time.monotonic() > deadline:

@@ -12,7 +12,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from kubenova.handlers.controller import placing
+from kubenova.handlers.controller import passes, placing
 from kubenova.handlers.controller.placement import NodeView, Usage
 from kubenova.handlers.controller.placing import Placing
 from kubenova.handlers.controller.reservations import Reservations
@@ -146,3 +146,21 @@ def test_a_failed_bind_stops_the_pass_and_asks_for_one_retry(
     assert caplog.text.count("another pass") == 1
     away.clear()  # back: the retry binds them all
     wait_for(lambda: len(bound(api)) == 100)
+
+
+class Growing(dict[str, list[int]]):
+    """An index kopf changes while a pass copies it: the first two copies fail as a growing dict's would."""
+
+    failures = 2
+
+    def items(self) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("dictionary changed size during iteration")
+        return super().items()
+
+
+def test_a_copy_of_an_index_that_changed_meanwhile_is_made_again() -> None:
+    index = Growing(a=[1, 2], b=[3])
+    assert passes.snapshot(index) == [("a", [1, 2]), ("b", [3])]
+    assert index.failures == 0

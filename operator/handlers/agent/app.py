@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -36,7 +36,7 @@ from kubenova.handlers.agent.node_network import NetworkKeeper, NetworkSettings
 from kubenova.handlers.agent.node_reporter import LEASE_SECONDS, REPORT_INTERVAL, NodeReporter
 from kubenova.handlers.agent.secret_reader import SecretReader
 from kubenova.handlers.agent.volumes import VolumeAgent, with_volumes
-from kubenova.handlers.agent.workqueue import WorkQueue
+from kubenova.handlers.agent.workqueue import WorkQueue, every
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -122,15 +122,6 @@ def configure(settings: kopf.OperatorSettings, node: str) -> None:
     settings.batching.batch_window = 0.02  # act on the newest state of an object quickly
     settings.execution.max_workers = EXECUTOR_WORKERS
     talk_to_the_apiserver(settings)
-
-
-async def _every(interval: float, work: Callable[[], None], what: str) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(work)
-        except Exception as exc:  # a periodic task outlives a failed round (apiserver or libvirt hiccup)
-            log.warning("%s failed: %s", what, exc)
 
 
 class Agent:
@@ -261,17 +252,17 @@ class Agent:
         if config.settings.fenced:  # restarted on a fenced node: whatever runs here stops
             self.queue.add(("fence", "True"))
         jobs = [
-            _every(config.lease_seconds / 4, reporter.renew, "lease renewal"),
-            _every(REPORT_INTERVAL, reporter.report, "host report"),
-            _every(config.resync_interval, self._resync, "resync"),
-            _every(
+            every(config.lease_seconds / 4, reporter.renew, "lease renewal"),
+            every(REPORT_INTERVAL, reporter.report, "host report"),
+            every(config.resync_interval, self._resync, "resync"),
+            every(
                 config.diagnostics_interval,
-                lambda: diagnostics.collect(self.instances, self.metrics),
+                lambda: diagnostics.collect(self.instances, self.metrics, config.diagnostics_interval / 2),
                 "diagnostics",
             ),
-            _every(config.image_cache_interval, self._manage_image_cache, "image cache"),
-            _every(config.guest_agent_interval, self.guest_agent.look_at_all, "guest agent look"),
-            _every(LEASE_POLL, self.leases.poll, "DHCP lease watch"),
+            every(config.image_cache_interval, self._manage_image_cache, "image cache"),
+            every(config.guest_agent_interval, self.guest_agent.look_at_all, "guest agent look"),
+            every(LEASE_POLL, self.leases.poll, "DHCP lease watch"),
         ]
         self._tasks.extend(asyncio.create_task(job) for job in jobs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import prometheus_client
@@ -118,15 +119,25 @@ def as_status(diag: Diagnostics) -> dict[str, Any]:
     }
 
 
-def collect(agent: InstanceAgent, metrics: Metrics) -> None:
-    """One pass over this node's instances; a status write only where a counter moved."""
+def collect(agent: InstanceAgent, metrics: Metrics, spread: float = 0.0) -> None:
+    """One pass over this node's instances; a status write only where a counter moved.
+
+    The writes are spread evenly over ``spread`` seconds. Agents started together run their rounds
+    together: at 10,000 instances on 100 nodes, a round written at once was 10,000 status writes within
+    two minutes, and the apiserver's fair queuing then gave a user's creates one slot in a hundred (they
+    fell from 15 to 0.5 a second until it passed)."""
     metrics.instances.set(len(agent.cache.objects))
     for gone in metrics.tracked() - set(agent.cache.objects):
         metrics.forget(gone)
-    for uid, body in list(agent.cache.objects.items()):
+    running = [
+        (uid, body)
+        for uid, body in list(agent.cache.objects.items())
+        if not body["metadata"].get("deletionTimestamp") and "powerState" in (body.get("status") or {})
+    ]
+    gap = spread / len(running) if running else 0.0
+    for uid, body in running:
+        time.sleep(gap)
         meta = body["metadata"]
-        if meta.get("deletionTimestamp") or "powerState" not in (body.get("status") or {}):
-            continue
         try:
             diag = agent.driver.get_diagnostics(uid)
         except InstanceNotRunning:

@@ -15,6 +15,7 @@ bookkeeping:
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -180,3 +181,16 @@ class WorkQueue:
                 log.exception("%s %s failed", *key)
             finally:
                 self._done(key)
+
+
+async def every(interval: float, work: Callable[[], None], what: str) -> None:
+    """The agent's periodic work (resync, reports, diagnostics), each round in a thread so kopf's loop never
+    waits, every ``interval`` from each round's start: a round spread over time keeps its period."""
+    due = time.monotonic() + interval
+    while True:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        due = time.monotonic() + interval
+        try:
+            await asyncio.to_thread(work)
+        except Exception as exc:  # a periodic task outlives a failed round (apiserver or libvirt hiccup)
+            log.warning("%s failed: %s", what, exc)

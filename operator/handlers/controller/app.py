@@ -18,7 +18,7 @@ from kubenova.handlers.controller import binding, holders, service_endpoints
 from kubenova.handlers.controller.fencing import Fencing
 from kubenova.handlers.controller.migration_planner import MigrationLimits, Planner
 from kubenova.handlers.controller.node_health import NodeHealth
-from kubenova.handlers.controller.passes import every, on_request
+from kubenova.handlers.controller.passes import every, on_request, snapshot
 from kubenova.handlers.controller.placement import NodeView, Usage
 from kubenova.handlers.controller.placing import Placing
 from kubenova.handlers.controller.reservations import Reservations
@@ -59,12 +59,13 @@ def _nodes(
     down = unreachable or {}
     kubernetes_nodes = indexes.get("kubernetes_nodes")
     tainted = (
-        {name: next(iter(found)) for name, found in kubernetes_nodes.items()} if kubernetes_nodes else {}
+        {name: found[0] for name, found in snapshot(kubernetes_nodes) if found} if kubernetes_nodes else {}
     )
+    renewals = dict(snapshot(leases))
     nodes = {}
-    for name, found in views.items():
-        labels, spec, status = next(iter(found))
-        renewed = max((t for t in leases.get(name, []) if t), default=None)
+    for name, found in snapshot(views):
+        labels, spec, status = found[0]
+        renewed = max((t for t in renewals.get(name, []) if t), default=None)
         nodes[name] = binding.node_view(
             name,
             labels,
@@ -161,11 +162,8 @@ class Controller:
         """The unbound instances not being deleted; None before any node was seen (nothing can be placed)."""
         if "unbound" not in self.indexes:
             return None
-        return [
-            body
-            for body in list(self.indexes["unbound"].get("pending", []))
-            if not body["metadata"].get("deletionTimestamp")
-        ]
+        unbound = dict(snapshot(self.indexes["unbound"])).get("pending", [])
+        return [body for body in unbound if not body["metadata"].get("deletionTimestamp")]
 
     def _view(self) -> tuple[dict[str, NodeView], dict[str, Usage]]:
         """The nodes and their usage with the reservations; the caller holds the reservations' lock."""

@@ -7,6 +7,7 @@ import time
 
 import kopf
 
+from kubenova.handlers.controller.passes import snapshot
 from kubenova.handlers.controller.placement import Usage
 
 #: How long a bind the usage index has not seen holds its capacity (a deleted instance may never show up).
@@ -40,7 +41,7 @@ class Reservations:
     def totals(self, index: kopf.Index[str, tuple[str, Usage]]) -> dict[str, Usage]:
         totals: dict[str, Usage] = {}
         seen = set()
-        for node, entries in index.items():
+        for node, entries in snapshot(index):
             for uid, usage in entries:
                 seen.add(uid)
                 totals[node] = totals.get(node, Usage()) + usage
