@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import kubernetes
-import urllib3
 import libvirt
+import urllib3
 
 from kubenova.driver.base import ALLOW_ALL
 from kubenova.driver.libvirt.core import filter_name
