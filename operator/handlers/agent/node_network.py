@@ -74,10 +74,7 @@ class NetworkKeeper:
 
     def _others(self) -> dict[str, str]:
         """Every other node's published subnet, by node."""
-        # The watch cache's copy ("0"): subnets change rarely, and every agent asks every resync.
-        listed = typed(
-            self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES, resource_version="0")
-        )
+        listed = typed(self.custom.list_cluster_custom_object(GROUP, VERSION, COMPUTENODES))
         return {
             item["metadata"]["name"]: subnet
             for item in listed["items"]
