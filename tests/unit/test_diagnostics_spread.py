@@ -8,8 +8,6 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from kubenova.driver.types import Diagnostics
 from kubenova.handlers.agent import diagnostics
 
@@ -40,18 +38,34 @@ class Round:
         )
 
 
-def test_the_writes_are_spread_over_the_time_given(monkeypatch: pytest.MonkeyPatch) -> None:
+class Pauses:
+    """Stands in for the agent's stopping Event: records each wait; ``stop_after`` waits, says it stopped."""
+
+    def __init__(self, events: list[tuple[str, Any]], stop_after: int = 1000) -> None:
+        self.events, self.left = events, stop_after
+
+    def wait(self, seconds: float) -> bool:
+        self.events.append(("sleep", seconds))
+        self.left -= 1
+        return self.left < 0
+
+
+def test_the_writes_are_spread_over_the_time_given() -> None:
     found = Round(4)
-    monkeypatch.setattr(diagnostics.time, "sleep", lambda seconds: found.events.append(("sleep", seconds)))
-    diagnostics.collect(found.agent, diagnostics.Metrics(), spread=30.0)  # type: ignore[arg-type]
+    diagnostics.collect(found.agent, diagnostics.Metrics(), 30.0, Pauses(found.events))  # type: ignore[arg-type]
     assert found.events == [event for i in range(4) for event in (("sleep", 7.5), ("write", f"vm-{i}"))], (
         "a quarter of the time before each of the four running instances; none for the one being deleted"
     )
 
 
-def test_without_a_spread_nothing_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_spread_nothing_waits() -> None:
     found = Round(3)
-    monkeypatch.setattr(diagnostics.time, "sleep", lambda seconds: found.events.append(("sleep", seconds)))
-    diagnostics.collect(found.agent, diagnostics.Metrics())  # type: ignore[arg-type]
+    diagnostics.collect(found.agent, diagnostics.Metrics(), 0.0, Pauses(found.events))  # type: ignore[arg-type]
     assert [kind for kind, _ in found.events if kind == "write"] == ["write"] * 3
     assert all(seconds == 0 for kind, seconds in found.events if kind == "sleep")
+
+
+def test_a_stopping_agent_ends_the_round_between_writes() -> None:
+    found = Round(4)
+    diagnostics.collect(found.agent, diagnostics.Metrics(), 30.0, Pauses(found.events, 2))  # type: ignore[arg-type]
+    assert [name for kind, name in found.events if kind == "write"] == ["vm-0", "vm-1"]

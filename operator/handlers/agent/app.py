@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -214,6 +215,7 @@ class Agent:
         self.guest_agent = GuestAgentWatch(self.instances)
         self.metrics = diagnostics.Metrics()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = threading.Event()  # ends a diagnostics round waiting between its writes
 
     async def start(self) -> None:
         """Know this node's migrations, reach libvirt, register the node, then drain the queue."""
@@ -257,7 +259,9 @@ class Agent:
             every(config.resync_interval, self._resync, "resync"),
             every(
                 config.diagnostics_interval,
-                lambda: diagnostics.collect(self.instances, self.metrics, config.diagnostics_interval / 2),
+                lambda: diagnostics.collect(
+                    self.instances, self.metrics, config.diagnostics_interval / 2, self._stopping
+                ),
                 "diagnostics",
             ),
             every(config.image_cache_interval, self._manage_image_cache, "image cache"),
@@ -267,6 +271,7 @@ class Agent:
         self._tasks.extend(asyncio.create_task(job) for job in jobs)
 
     def stop(self) -> None:
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         self.queue.stop()
