@@ -57,7 +57,7 @@ class Placing:
         self._pending = pending
         self._view = view
         #: uid -> the resourceVersion an Unschedulable status was last written from (binding.choose)
-        self.written: dict[str, str] = {}
+        self._written: dict[str, str] = {}
         self._binds = ThreadPoolExecutor(BIND_WORKERS, thread_name_prefix="bind")
         self._slots = threading.BoundedSemaphore(BIND_WORKERS + BIND_BACKLOG)
         self._away = threading.Event()  # a write failed: this pass stops, the timer's tries them all again
@@ -68,7 +68,7 @@ class Placing:
 
     def forget(self, uid: str) -> None:
         """The instance was bound or deleted: what was written for it no longer matters."""
-        self.written.pop(uid, None)
+        self._written.pop(uid, None)
 
     def _pass(self) -> None:
         """One pass over every unbound instance, on a reading of the nodes and their usage made each
@@ -105,7 +105,7 @@ class Placing:
         if self.reservations.made(uid):
             return None  # bound a moment ago, or its bind is in flight: this is an older copy
         try:
-            node = binding.choose(self.api, body, nodes, used, self.written)
+            node = binding.choose(self.api, body, nodes, used, self._written)
         except Exception as exc:  # the apiserver or etcd is away: an event handler's failure is not retried
             self._failed(body, exc)
             return None
