@@ -35,7 +35,8 @@ def run(bench: Bench, fake_count: int, real_count: int, settle: float = 3.0) -> 
     controller = procs.running_pid(layout, "controller")
     agent = procs.running_pid(layout, f"agent-{bench.ground.node}")
     assert controller and agent, "the test ground's controller and agent run"
-    start_fake_agents(bench, [FAKE_NODE], first_port=39490)
+    # Below Linux's ephemeral ports (see testground.kube.ETCD_PORT): an outgoing connection took 39490 once.
+    start_fake_agents(bench, [FAKE_NODE], first_port=29690)
     fake = procs.running_pid(layout, f"agent-{FAKE_NODE}")
     assert fake
     try:

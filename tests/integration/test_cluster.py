@@ -59,7 +59,7 @@ def fake_agent(
             "--image-store",
             str(ground.image_store),
             "--metrics-address",
-            "127.0.0.1:39465",
+            "127.0.0.1:29480",
         ],
         f"--node {FAKE_NODE}",
         env=ground.env(),
