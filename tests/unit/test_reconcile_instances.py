@@ -94,6 +94,30 @@ def test_a_stop_outside_kubernetes_is_shown_then_undone_after_the_restart_delay(
     assert condition(node.get("vm"), "Ready")["reason"] == "PowerStateReached"
 
 
+def test_a_stop_that_lands_while_a_handle_runs_is_still_one_outside_kubernetes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: virsh destroy right after an agent restart, whose first pass was still handling the
+    instance; the handle wrote Stopped, and the lifecycle event then found nothing new to say."""
+    node = make_node(tmp_path, restart_delay=30.0)
+    uid = node.create("vm")
+    follow = node.agent._follow
+
+    def follow_then_destroyed(body: dict[str, Any], want: str) -> None:
+        follow(body, want)  # it saw the domain run
+        node.driver.power_off(uid)  # virsh destroy, before the handle's status write
+
+    monkeypatch.setattr(node.agent, "_follow", follow_then_destroyed)
+    node.look(node.get("vm"))
+    monkeypatch.undo()
+    node.agent.observe(uid)  # the lifecycle event, after the handle's write
+    body = node.get("vm")
+    assert body["status"]["powerState"] == "Stopped"
+    assert condition(body, "Ready")["reason"] == "StoppedOutsideKubernetes"
+    node.look(node.get("vm"))  # the restart delay holds: not started again at once
+    assert node.state(uid) is PowerState.SHUTOFF
+
+
 def test_a_guest_paused_on_a_full_disk_is_said_and_let_run_again_only_after_a_growing_delay(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

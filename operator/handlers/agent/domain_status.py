@@ -20,6 +20,19 @@ from kubenova.handlers.shared import condition, drop_condition, set_condition
 log = logging.getLogger(__name__)
 
 
+def unsaid_stop(driver: ComputeDriver, body: Mapping[str, Any]) -> bool:
+    """Whether the domain is stopped against the spec while the status still says it runs: a stop made
+    outside Kubernetes. Asked at every status write, not only at the lifecycle event's: a stop that lands
+    while a handle runs (after it saw the domain run) is written by that handle, and the event's look then
+    finds the status saying Stopped already."""
+    try:
+        state = driver.get_info(body["metadata"]["uid"]).state
+    except DriverError:  # missing or unreadable: not a stop, and observed_status says what it is
+        return False
+    want = power.wanted(body.get("spec") or {})
+    return power.unsaid_stop(want, state, body.get("status") or {}, body["metadata"].get("generation"))
+
+
 def observed_status(
     driver: ComputeDriver, node: str, body: Mapping[str, Any], stopped_outside: bool, restart_delay: float
 ) -> dict[str, Any]:

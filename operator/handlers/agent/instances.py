@@ -7,9 +7,9 @@ which compares the domain with the spec and writes `status` only when something 
 The controller adds the agent's finalizer when it binds the object, so a create costs the
 agent one write: the status that says Running.
 
-The pure steps live beside it: spec translation (translate.py), the power state machine
-(power.py), when a guest paused on a full disk runs again (io_errors.py) and the one-shot action
-protocol (actions.py); this module reads, orchestrates and writes.
+The pure steps live beside it: spec translation (translate.py), the power state machine (power.py), when a
+guest paused on a full disk runs again (io_errors.py), the one-shot actions (actions.py); this module reads,
+orchestrates and writes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from kubenova.handlers.agent import io_errors, power
 from kubenova.handlers.agent.actions import ActionRunner
 from kubenova.handlers.agent.cache import ObjectCache
 from kubenova.handlers.agent.claims import Claims
-from kubenova.handlers.agent.domain_status import observed_status
+from kubenova.handlers.agent.domain_status import observed_status, unsaid_stop
 from kubenova.handlers.agent.events import EventPoster
 from kubenova.handlers.agent.firewall import FirewallKeeper
 from kubenova.handlers.agent.imports import ImportRunning, Imports
@@ -90,8 +90,7 @@ class Settings:
     """The agent's tunables; defaults follow Nova's where Nova has one."""
 
     soft_reboot_timeout: float = 60.0
-    #: After a domain stops outside Kubernetes while its spec says Running, wait this long
-    #: before starting it again, so the stop is visible and a crashing guest cannot spin.
+    #: A domain stopped outside Kubernetes starts again after this long: the stop shows, a crash cannot spin.
     restart_delay: float = 10.0
     rescue_timeout: float = 0.0  # 0: never warn
     reboot_timeout: float = 180.0
@@ -373,8 +372,11 @@ class InstanceAgent:
             plan = power.power_plan(want, self.driver.get_info(uid).state)
 
     def _observed(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The status fields that follow from what libvirt reports now."""
-        stopped_outside = body["metadata"]["uid"] in self._stopped_outside
+        """The status fields from what libvirt reports now; a stop made meanwhile is outside (unsaid_stop)."""
+        uid = body["metadata"]["uid"]
+        if uid not in self._stopped_outside and unsaid_stop(self.driver, body):
+            self._stopped_outside[uid] = self.clock()
+        stopped_outside = uid in self._stopped_outside
         return observed_status(self.driver, self.node, body, stopped_outside, self.settings.restart_delay)
 
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
@@ -400,10 +402,9 @@ class InstanceAgent:
         except DriverError as exc:
             log.warning("cannot read the state of %s: %s", uid, exc)
             return
-        want = power.wanted(body.get("spec") or {})
         if state.value == status.get("powerState"):
             return
-        if power.stopped_against_spec(want, state):
+        if power.stopped_against_spec(power.wanted(body.get("spec") or {}), state):
             self._stopped_outside.setdefault(uid, self.clock())
         self.write(body, self._observed(body))
         self._restart_later_if_needed(body)

@@ -131,12 +131,7 @@ def follow(
         and status.get("observedGeneration") == generation
     ):  # left stopped before, as the strategy says (also across an agent restart, which forgot when)
         return PowerDecision(None, stopped_since if stopped_since is not None else now)
-    if (
-        stopped
-        and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState")
-        and status.get("observedGeneration") == generation
-        and stopped_since is None
-    ):
+    if stopped_since is None and unsaid_stop(want, state, status, generation):
         stopped_since = now
     if (
         stopped
@@ -145,6 +140,17 @@ def follow(
     ):
         return PowerDecision(None, stopped_since)
     return PowerDecision(power_plan(want, state), None)
+
+
+def unsaid_stop(want: str, state: PowerState, status: Mapping[str, Any], generation: int | None) -> bool:
+    """Whether ``state`` is a stop against the spec that the status, which last said the domain ran (for
+    this generation), does not know of: one made outside Kubernetes."""
+    return (
+        want != "Stopped"
+        and state in (PowerState.SHUTOFF, PowerState.CRASHED)
+        and status.get("powerState") not in (None, "Stopped", "Crashed", "NoState")
+        and status.get("observedGeneration") == generation
+    )
 
 
 def stopped_against_spec(want: str, state: PowerState) -> bool:
