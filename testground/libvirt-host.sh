@@ -7,6 +7,9 @@
 # TLS, as libvirtd.conf says: a migration peer, with its own /etc/pki (testground.pki).
 set -euo pipefail
 host=$1
+# libvirtd runs under reaper.py, which reaps its exited QEMUs at once (this machine's PID 1 takes a second or
+# more, and libvirt waits for a zombie: every destroy took 1.4 s).
+reaper="$(dirname "$0")/reaper.py"
 peer=${2:-}
 for d in etc run lib cache log; do mkdir -p "$host/$d"; done
 mkdir -p "$host/lib/qemu" "$host/lib/images"
@@ -28,6 +31,6 @@ if [ -n "$peer" ]; then
     mount --bind "$host/hosts" /etc/hosts
     hostname "$peer"
   fi
-  exec libvirtd --daemon --listen --pid-file="$host/libvirtd.pid"
+  exec /usr/bin/python3 "$reaper" libvirtd --daemon --listen --pid-file="$host/libvirtd.pid"
 fi
-exec libvirtd --daemon --pid-file="$host/libvirtd.pid"
+exec /usr/bin/python3 "$reaper" libvirtd --daemon --pid-file="$host/libvirtd.pid"

@@ -16,6 +16,8 @@ from testground import pki, procs
 from testground.procs import Layout, TestGroundError
 
 SCRIPT = pathlib.Path(__file__).with_name("libvirt-host.sh")
+#: What libvirtd runs under: it reaps the QEMUs that exit at once (reaper.py says why).
+REAPER = pathlib.Path(__file__).with_name("reaper.py")
 REQUIRED = {
     "libvirtd": "libvirt-daemon-system",
     "virtlogd": "libvirt-daemon-system",
@@ -263,6 +265,8 @@ def revive_daemon(layout: Layout, node: str) -> None:
             "--mount",
             "--net",
             "--uts",
+            "/usr/bin/python3",
+            str(REAPER),
             "libvirtd",
             "--daemon",
             *listen,
