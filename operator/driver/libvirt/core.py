@@ -96,6 +96,8 @@ class LibvirtCore(ComputeDriver):
         #: the node's default network once ensure_node_network made it; its reservations under _net_lock
         self.node_network: NodeNetwork | None = None
         self._net_lock = threading.Lock()
+        #: a live migration's target: the DHCP reservations being made behind its transfer (Network)
+        self._reserving: dict[str, threading.Thread] = {}
         #: The lease watch's own connection, polled every half second from one thread: libvirt 9.0's
         #: client crashes when keepalive closes a connection that several threads wait on, so the poll never
         #: shares the main one.

@@ -52,7 +52,7 @@ from kubenova.driver.libvirt.volumes import Volumes
 log = logging.getLogger(__name__)
 
 
-class LibvirtDriver(Lifecycle, Volumes, Network, Migration):
+class LibvirtDriver(Lifecycle, Volumes, Migration, Network):
     # --- host ------------------------------------------------------------------------------
 
     def init_host(self, host: str) -> None:

@@ -31,12 +31,12 @@ from kubenova.driver.base import (
     check_handed_disks,
 )
 from kubenova.driver.libvirt import imagecache, qemu_hook
-from kubenova.driver.libvirt.core import LibvirtCore
 from kubenova.driver.libvirt.definitions import migration_definition
 from kubenova.driver.libvirt.disks import CONFIG_DRIVE, INCOMING_VOLUMES, OUTGOING_VOLUMES, RESCUE_DISK, ROOT
 from kubenova.driver.libvirt.errors import translate
 from kubenova.driver.libvirt.guest import Guest
 from kubenova.driver.libvirt.hostconfig import StoragePool
+from kubenova.driver.libvirt.network import Network
 
 #: How long a cold migration's fetch waits for another one to stop reading the same folder of the source.
 EXPOSE_WAIT = 300.0
@@ -112,7 +112,7 @@ def transfer_options(max_bandwidth_mib: int | None, convergence: Convergence) ->
     return flags, params
 
 
-class Migration(LibvirtCore):
+class Migration(Network):  # a live migration's target plugs its interfaces behind the transfer
     # --- cold ------------------------------------------------------------------------------
 
     def migrate_disk_and_power_off(self, uuid: str, dest_uri: str) -> list[str]:
@@ -249,7 +249,7 @@ class Migration(LibvirtCore):
         if self.instance_exists(instance.uuid):
             raise DriverError(f"instance {instance.uuid} already has a domain on this host")
         self._check_fits(instance)
-        self.plug_vifs(instance.uuid, instance.interfaces)
+        self.plug_vifs_behind(instance.uuid, instance.interfaces)  # the transfer does not wait for DHCP
         folder = self._dir(instance.uuid)
         folder.mkdir(parents=True, exist_ok=True)
         made: list[pathlib.Path] = []
@@ -347,6 +347,7 @@ class Migration(LibvirtCore):
         self._running(uuid, "live_migration_force_complete").start_post_copy()
 
     def post_live_migration_at_destination(self, uuid: str) -> MigrationOutcome:
+        self.plugged(uuid)
         guest = self._guest(uuid)
         (self._dir(uuid) / qemu_hook.INCOMING).unlink(missing_ok=True)
         (self._dir(uuid) / INCOMING_VOLUMES).unlink(missing_ok=True)  # the copies are the volumes now
@@ -363,4 +364,5 @@ class Migration(LibvirtCore):
 
     def rollback_live_migration_at_destination(self, uuid: str) -> None:
         """Remove what pre_live_migration made; a domain that did arrive is removed too."""
+        self.plugged(uuid)
         self.destroy(uuid)
