@@ -234,17 +234,16 @@ def run(bench: Bench, count: int) -> Result:
         f"Wall time over libvirt's own job time, p50: kubenova {ratio(ours):.2f}×, virsh {ratio(raw):.2f}× "
         f"(target ≤ {TARGET_RATIO}×: {'met' if ratio(ours) <= TARGET_RATIO else 'missed'}).",
         "",
-        "Where the wall time goes: libvirt's job (the source libvirtd connects to the target's, which starts "
-        "QEMU to receive; the memory copy; the switch-over) ends with the guest resumed on the target. "
-        "Then, in peer-to-peer migration, the source's libvirtd stops the source's QEMU (Confirm), which "
-        "takes a TCG guest here over a second, and only then does the migration call return, to virsh as "
-        "to kubenova's source agent, whose hand-over to the target (one status write, the target's "
-        "finish: the instance's binding and the Migration's Succeeded) follows. Before the transfer, the "
-        "hand-over through the apiserver (the controller's plan, the target preparing and writing its "
-        "definition, the source's Transferring) is the rest. A target that finishes as soon as the guest "
-        "runs there would not wait for the source's teardown, but libvirt's Finish can still fail and "
-        "resume the source after the guest ran on the target (seen with the source's agent killed "
-        "mid-transfer), so kubenova waits for the source's word. "
+        "Where the wall time goes: the controller's plan and the target's preparation (its definition and "
+        "filter; its DHCP reservation is made behind the transfer, as each change of a libvirt network takes "
+        "~0.6 s) come before the source's migration call. That call holds libvirt's job (the source's "
+        "libvirtd connects to the target's, which starts QEMU to receive; the memory and disk copy; the "
+        "switch-over) and then libvirt's Confirm on the source (its QEMU stopped, its filter removed). One "
+        "status write then hands the Migration to the target, whose finish (the instance's binding, the "
+        "Migration's Succeeded) is three more. virsh's guest has no NIC, hence no filter to set up or tear "
+        "down: its job is the shorter. The test ground runs libvirtd under a subreaper "
+        "(testground/reaper.py): this machine's PID 1 reaps an exited QEMU only every second or so, and "
+        "libvirt waits for it, which had put 1.4 s of Confirm into both walls. "
         "libvirt's figures are read on the target (`virsh domjobinfo --completed`).",
     ]
     return Result(

@@ -32,7 +32,7 @@ from testground.served import Served
 from tests.helpers import PacketWatch, empty_namespace, eventually
 from tests.integration.test_agent import attach, delete_and_wait, wait_action, wait_ready
 from tests.integration.test_image_imports import serve
-from tests.integration.test_virtualinstance import get, make
+from tests.integration.test_virtualinstance import cond, get, make
 
 NODES = ("node-1", "node-2")
 POOL = "test.kubenova.io/pool"
@@ -648,6 +648,14 @@ def test_a_migration_to_a_dead_target_fails_clearly_and_leaves_the_guest_alone(
     assert not has_domain(ground, target, uid)
     assert wait_ready(custom, namespace, "alone")["status"]["node"] == source
     delete_and_wait(custom, namespace, "alone")
+    # The next test finds the target as this one found it: Ready, once its agent has looked at libvirt again
+    # (the next test's migration to it failed "not ready" once destroys stopped taking 1.4 s each).
+    computenode = (GROUP, VERSION, COMPUTENODES, target)
+    eventually(
+        lambda: cond(custom.get_cluster_custom_object(*computenode), "Ready").get("status") == "True",
+        timeout=60,
+        what=f"{target} Ready again",
+    )
 
 
 def size_line(ground: testground.Ground, uid: str, node: str) -> tuple[int, int] | None:

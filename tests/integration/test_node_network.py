@@ -294,3 +294,15 @@ def test_a_gone_instances_reservation_stays_while_the_pool_has_room_and_goes_whe
         new = plug(driver, network, "new")  # no room: the stale ones make way
         hosts = reservations(driver, network)
         assert new in hosts and not any(mac in hosts for mac in gone)
+
+
+def test_a_migration_target_reserves_its_address_behind_the_transfer(ground: testground.Ground) -> None:
+    """pre_live_migration plugs the arriving interfaces at once and reserves their addresses on a thread
+    (each change of the network takes libvirt ~0.6 s, which the transfer need not wait for); the
+    migration's end joins it, after which the reservation is there."""
+    with scratch_network(ground, "10.223.250.0/29") as (driver, network):
+        mac = stable_mac("arriving", "eth0")
+        driver.plug_vifs_behind("arriving", [Interface("eth0", network.name, mac)])
+        driver.plugged("arriving")
+        assert mac in reservations(driver, network)
+        driver.plugged("arriving")  # joined once; a second end (a retried step) has nothing to wait for
