@@ -123,9 +123,8 @@ class Network(LibvirtCore):
     def _reserve_or_say(self, uuid: str, macs: list[str], others: set[str]) -> None:
         try:
             self._reserve(macs, others)
-        except (
-            DriverError
-        ) as exc:  # said, not raised: the guest runs here and keeps its address until its lease ends
+        except DriverError as exc:
+            # said, not raised: the guest runs here, and keeps its address until its lease ends
             log.warning("cannot reserve the addresses of %s on the node network: %s", uuid, exc)
 
     def _own_macs(self, uuid: str, interfaces: Collection[Interface]) -> list[str]:
