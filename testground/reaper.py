@@ -52,8 +52,6 @@ def main(argv: list[str]) -> None:
             os.wait()
         except ChildProcessError:  # nothing left to reap: the daemon and every QEMU it started are gone
             return
-        except InterruptedError:
-            continue
 
 
 if __name__ == "__main__":
