@@ -69,14 +69,6 @@ from kubenova.handlers.shared import (
 log = logging.getLogger(__name__)
 
 
-class SpecProblem(Exception):
-    """Retrying cannot help until the spec changes; ``reason`` is the condition's reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class NotHere(Exception):
     """The object moved to another node or went away; this agent's copy was stale."""
 
@@ -269,7 +261,7 @@ class InstanceAgent:
             return  # said already; waits for a spec change (or a new network allow-list)
         try:
             self._converge(body)
-        except (SpecProblem, InvalidInstanceSpec) as exc:
+        except InvalidInstanceSpec as exc:
             reason = exc.reason
             patch: dict[str, Any] = {"phase": "Failed", "node": self.node, "observedGeneration": generation}
             set_condition(patch, status, "Ready", False, reason, str(exc), generation)
