@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubenova.driver.base import ComputeDriver, DriverError, InstanceNotFound, PowerState
@@ -20,26 +20,25 @@ from kubenova.handlers.shared import condition, drop_condition, set_condition
 log = logging.getLogger(__name__)
 
 
-def unsaid_stop(driver: ComputeDriver, body: Mapping[str, Any]) -> bool:
-    """Whether the domain is stopped against the spec while the status still says it runs: a stop made
-    outside Kubernetes. Asked at every status write, not only at the lifecycle event's: a stop that lands
-    while a handle runs (after it saw the domain run) is written by that handle, and the event's look then
-    finds the status saying Stopped already."""
-    try:
-        state = driver.get_info(body["metadata"]["uid"]).state
-    except DriverError:  # missing or unreadable: not a stop, and observed_status says what it is
-        return False
-    want = power.wanted(body.get("spec") or {})
-    return power.unsaid_stop(want, state, body.get("status") or {}, body["metadata"].get("generation"))
+def unsaid_stop(body: Mapping[str, Any], state: PowerState) -> bool:
+    """power.unsaid_stop for an instance found in ``state``: stopped against its spec while its status
+    still says it runs."""
+    meta, status = body["metadata"], body.get("status") or {}
+    return power.unsaid_stop(power.wanted(body.get("spec") or {}), state, status, meta.get("generation"))
 
 
 def observed_status(
-    driver: ComputeDriver, node: str, body: Mapping[str, Any], stopped_outside: bool, restart_delay: float
+    driver: ComputeDriver,
+    node: str,
+    body: Mapping[str, Any],
+    stopped_outside: Callable[[PowerState], bool],
+    restart_delay: float,
 ) -> dict[str, Any]:
     """The status fields that follow from what libvirt reports now (no ever-changing counters).
 
-    ``stopped_outside``: the domain stopped outside Kubernetes and the agent starts it again after
-    ``restart_delay``, which the Ready condition says.
+    ``stopped_outside(state)``: whether the domain, found in ``state``, stopped outside Kubernetes and the
+    agent starts it again after ``restart_delay``, which the Ready condition says. It is asked with the state
+    read here, so that the agent can mark a stop this very look is the first to see (power.unsaid_stop).
     """
     meta, spec = body["metadata"], body.get("spec") or {}
     status = body.get("status") or {}
@@ -90,7 +89,7 @@ def observed_status(
         }
     )
     ready, reason, message = power.readiness(
-        want, power_state, stopped_outside, restart_delay, spec.get("runStrategy", "Always")
+        want, power_state, stopped_outside(info.state), restart_delay, spec.get("runStrategy", "Always")
     )
     if info.io_error:  # whatever the spec asks, the guest cannot go on until its disk has room
         ready, reason, message = False, io_errors.REASON, io_errors.message(node)

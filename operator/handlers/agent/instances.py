@@ -366,10 +366,13 @@ class InstanceAgent:
     def _observed(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """The status fields from what libvirt reports now; a stop made meanwhile is outside (unsaid_stop)."""
         uid = body["metadata"]["uid"]
-        if uid not in self._stopped_outside and unsaid_stop(self.driver, body):
-            self._stopped_outside[uid] = self.clock()
-        stopped_outside = uid in self._stopped_outside
-        return observed_status(self.driver, self.node, body, stopped_outside, self.settings.restart_delay)
+
+        def outside(state: PowerState) -> bool:  # the state observed_status read: a stop it is first to see
+            if unsaid_stop(body, state):
+                self._stopped_outside.setdefault(uid, self.clock())
+            return uid in self._stopped_outside
+
+        return observed_status(self.driver, self.node, body, outside, self.settings.restart_delay)
 
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
         uid = body["metadata"]["uid"]
