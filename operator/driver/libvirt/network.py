@@ -168,8 +168,8 @@ class Network(LibvirtCore):
             free = [ip for ip in self.node_network.pool() if ip not in taken]
             if len(free) < len(wanted):
                 stale = {mac: ip for mac, ip in hosts.items() if mac not in others and mac not in macs}
-                for mac, ip in stale.items():
-                    if not check_only:
+                if not check_only:  # a check counts their room; only the reservation itself drops them
+                    for mac, ip in stale.items():
                         _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, mac, ip)
                 taken = {ip for mac, ip in hosts.items() if mac not in stale} | leased
                 free = [ip for ip in self.node_network.pool() if ip not in taken]
