@@ -11,16 +11,19 @@ import shutil
 import socket
 import threading
 import urllib.request
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import kubernetes
 import libvirt
+import pytest
 
+from kubenova.driver.base import DriverError
 from kubenova.driver.images import ImageStore
 from kubenova.driver.libvirt.driver import LibvirtDriver
-from kubenova.driver.types import Interface, NodeNetwork, stable_mac
+from kubenova.driver.types import InstanceSpec, Interface, KernelBoot, NodeNetwork, stable_mac
 from kubenova.handlers.shared import COMPUTENODES, GROUP, VERSION
 from testground import ground as testground
 from testground import guest
@@ -306,3 +309,36 @@ def test_a_migration_target_reserves_its_address_behind_the_transfer(ground: tes
         driver.plugged("arriving")
         assert mac in reservations(driver, network)
         driver.plugged("arriving")  # joined once; a second end (a retried step) has nothing to wait for
+
+
+def test_a_spawn_reserves_beside_its_start_and_a_failed_one_waits_for_that_before_cleaning_up(
+    ground: testground.Ground,
+) -> None:
+    """spawn reserves the address on a thread while it defines and starts the domain (libvirt takes ~0.6 s
+    per change of the network) and returns only once the reservation is there; a spawn that fails joins
+    that thread too, so nothing of it runs on after the failure."""
+    store = ImageStore(ground.image_store)
+    with scratch_network(ground, "10.223.250.0/29") as (driver, network):
+
+        def spec(name: str, kernel: str) -> InstanceSpec:
+            return InstanceSpec(
+                uuid=str(uuid.uuid4()),
+                name=name,
+                namespace="t",
+                vcpus=1,
+                memory_mib=64,
+                boot=KernelBoot(kernel, store.resolve("i", guest.INITRD), guest.CMDLINE),
+                interfaces=(Interface("eth0", network.name),),
+            )
+
+        started = spec("reserving", store.resolve("k", guest.KERNEL))
+        driver.spawn(started)
+        try:
+            assert driver.instance_exists(started.uuid)
+            assert stable_mac(started.uuid, "eth0") in reservations(driver, network)
+            broken = spec("broken", str(ground.node_dir() / "no-such-vmlinuz"))  # QEMU cannot start
+            with pytest.raises(DriverError):
+                driver.spawn(broken)
+            assert not driver._reserving and not driver.instance_exists(broken.uuid)
+        finally:
+            driver.destroy(started.uuid)

@@ -16,7 +16,7 @@ import os
 import pathlib
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from kubenova import faults
@@ -28,6 +28,7 @@ from kubenova.driver.base import (
     InstanceExists,
     InstanceNotRunning,
     InstanceSpec,
+    Interface,
     MovingVolume,
     NodeNetwork,
     VolumeSpec,
@@ -96,7 +97,7 @@ class LibvirtCore(ComputeDriver):
         #: the node's default network once ensure_node_network made it; its reservations under _net_lock
         self.node_network: NodeNetwork | None = None
         self._net_lock = threading.Lock()
-        #: a live migration's target: the DHCP reservations being made behind its transfer (Network)
+        #: DHCP reservations being made behind a spawn or a live migration's transfer (Network)
         self._reserving: dict[str, threading.Thread] = {}
         #: The lease watch's own connection, polled every half second from one thread: libvirt 9.0's
         #: client crashes when keepalive closes a connection that several threads wait on, so the poll never
@@ -279,6 +280,14 @@ class LibvirtCore(ComputeDriver):
             os.replace(part, link)
         return link
 
+    def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """plug_vifs with the DHCP reservations on a thread that ``plugged`` joins (Network's)."""
+        raise NotImplementedError
+
+    def plugged(self, uuid: str) -> None:
+        """Wait for what plug_vifs_behind started (Network's)."""
+        raise NotImplementedError
+
     def _create(
         self, instance: InstanceSpec, power_on: bool, fill: Callable[[pathlib.Path], None] | None = None
     ) -> None:
@@ -288,10 +297,12 @@ class LibvirtCore(ComputeDriver):
                 self.power_on(instance.uuid)
             return
         self._check_fits(instance)
-        self.plug_vifs(instance.uuid, instance.interfaces)
+        # The DHCP reservation (~0.6 s of libvirt's network update) is made beside the define and start,
+        # and is there before spawn returns; a network with no room refuses here, before anything is made.
+        self.plug_vifs_behind(instance.uuid, instance.interfaces)
         folder = self._dir(instance.uuid)
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             if fill:
                 fill(folder)
             if instance.interfaces:  # in place before the first packet: no rules yet means nothing gets in
@@ -302,5 +313,7 @@ class LibvirtCore(ComputeDriver):
             if power_on:
                 guest.launch()
         except BaseException:
+            self.plugged(instance.uuid)
             self.destroy(instance.uuid)  # a failed spawn leaves nothing behind
             raise
+        self.plugged(instance.uuid)

@@ -98,10 +98,11 @@ class Network(LibvirtCore):
             self._reserve(own, set(self._macs_in_use(uuid)))
 
     def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """plug_vifs for a live migration's target: the networks at once (the arriving QEMU's taps join
-        them), the DHCP reservations on a thread that ``plugged`` joins. Each change of the network takes
-        libvirt ~0.6 s (measured), which the transfer need not wait for: the guest keeps its address
-        until it renews its lease. A network with no room refuses the migration here, before it starts."""
+        """plug_vifs for a spawn or a live migration's target: the networks at once (the new QEMU's taps
+        join them), the DHCP reservations on a thread that ``plugged`` joins. Each change of the network
+        takes libvirt ~0.6 s (measured), which the start or the transfer need not wait for: a starting
+        guest asks for its address seconds later, an arriving one keeps its own until it renews its lease.
+        A network with no room refuses here, before anything starts."""
         self._start_networks(interfaces)
         own = self._own_macs(uuid, interfaces)
         if not own:
