@@ -224,7 +224,7 @@ ROUNDS = 10
 @contextlib.contextmanager
 def scratch_network(ground: testground.Ground, subnet: str) -> Iterator[tuple[LibvirtDriver, NodeNetwork]]:
     """A libvirt driver on node-0's libvirtd with a node network of its own (``subnet``), removed after."""
-    root = ground.node_dir() / "network-scratch"
+    root = ground.node_dir() / "netx"  # short: a console socket's path must fit 107 bytes
     shutil.rmtree(root, ignore_errors=True)
     driver = LibvirtDriver(
         ground.libvirt_uri, "qemu", root / "instances", ImageStore(ground.image_store), root / "volumes"
