@@ -311,12 +311,12 @@ def test_a_migration_target_reserves_its_address_behind_the_transfer(ground: tes
         driver.plugged("arriving")  # joined once; a second end (a retried step) has nothing to wait for
 
 
-def test_a_spawn_reserves_beside_its_start_and_a_failed_one_waits_for_that_before_cleaning_up(
+def test_a_spawn_reserves_after_its_start_and_a_failed_one_reserves_nothing(
     ground: testground.Ground,
 ) -> None:
-    """spawn reserves the address on a thread while it defines and starts the domain (libvirt takes ~0.6 s
-    per change of the network) and returns only once the reservation is there; a spawn that fails joins
-    that thread too, so nothing of it runs on after the failure."""
+    """spawn reserves the address on a thread once the domain started: libvirt takes ~0.6 s per change of
+    the network, and a start waits for one in progress (both need the network). A spawn that fails
+    reserves nothing."""
     store = ImageStore(ground.image_store)
     with scratch_network(ground, "10.223.250.0/29") as (driver, network):
 
@@ -335,10 +335,26 @@ def test_a_spawn_reserves_beside_its_start_and_a_failed_one_waits_for_that_befor
         driver.spawn(started)
         try:
             assert driver.instance_exists(started.uuid)
+            driver.plugged(started.uuid)
             assert stable_mac(started.uuid, "eth0") in reservations(driver, network)
             broken = spec("broken", str(ground.node_dir() / "no-such-vmlinuz"))  # QEMU cannot start
             with pytest.raises(DriverError):
                 driver.spawn(broken)
-            assert not driver._reserving and not driver.instance_exists(broken.uuid)
+            assert broken.uuid not in driver._reserving and not driver.instance_exists(broken.uuid)
+            assert stable_mac(broken.uuid, "eth0") not in reservations(driver, network)
         finally:
             driver.destroy(started.uuid)
+
+
+def test_a_guest_that_asked_before_its_reservation_keeps_the_address_it_got(
+    ground: testground.Ground,
+) -> None:
+    """A reservation made behind a start can come after the guest's DHCP request: the lease it holds
+    becomes its reservation, so its address does not change at the next renewal."""
+    with scratch_network(ground, "10.223.250.0/29") as (driver, network):
+        mac = stable_mac("early", "eth0")
+        driver.dhcp_leases = lambda poll=False: {mac: "10.223.250.5"}  # type: ignore[method-assign]
+        driver.plug_vifs_behind("early", [Interface("eth0", network.name, mac)])
+        driver.plugged("early")
+        hosts = ET.fromstring(f"<hosts>{reservations(driver, network)}</hosts>")
+        assert {host.get("mac"): host.get("ip") for host in hosts} == {mac: "10.223.250.5"}

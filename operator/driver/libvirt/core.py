@@ -280,12 +280,12 @@ class LibvirtCore(ComputeDriver):
             os.replace(part, link)
         return link
 
-    def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """plug_vifs with the DHCP reservations on a thread that ``plugged`` joins (Network's)."""
+    def check_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """Networks started and room for the addresses (Network's)."""
         raise NotImplementedError
 
-    def plugged(self, uuid: str) -> None:
-        """Wait for what plug_vifs_behind started (Network's)."""
+    def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """The DHCP reservations on a thread (Network's)."""
         raise NotImplementedError
 
     def _create(
@@ -297,12 +297,10 @@ class LibvirtCore(ComputeDriver):
                 self.power_on(instance.uuid)
             return
         self._check_fits(instance)
-        # The DHCP reservation (~0.6 s of libvirt's network update) is made beside the define and start,
-        # and is there before spawn returns; a network with no room refuses here, before anything is made.
-        self.plug_vifs_behind(instance.uuid, instance.interfaces)
+        self.check_vifs(instance.uuid, instance.interfaces)
         folder = self._dir(instance.uuid)
+        folder.mkdir(parents=True, exist_ok=True)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             if fill:
                 fill(folder)
             if instance.interfaces:  # in place before the first packet: no rules yet means nothing gets in
@@ -313,7 +311,7 @@ class LibvirtCore(ComputeDriver):
             if power_on:
                 guest.launch()
         except BaseException:
-            self.plugged(instance.uuid)
             self.destroy(instance.uuid)  # a failed spawn leaves nothing behind
             raise
-        self.plugged(instance.uuid)
+        # The DHCP reservation after the start: made during it, it held the start up for as long (~0.6 s).
+        self.plug_vifs_behind(instance.uuid, instance.interfaces)

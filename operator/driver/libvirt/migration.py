@@ -249,6 +249,7 @@ class Migration(Network):  # a live migration's target plugs its interfaces behi
         if self.instance_exists(instance.uuid):
             raise DriverError(f"instance {instance.uuid} already has a domain on this host")
         self._check_fits(instance)
+        self.check_vifs(instance.uuid, instance.interfaces)
         self.plug_vifs_behind(instance.uuid, instance.interfaces)  # the transfer does not wait for DHCP
         folder = self._dir(instance.uuid)
         folder.mkdir(parents=True, exist_ok=True)

@@ -97,36 +97,43 @@ class Network(LibvirtCore):
         if own:
             self._reserve(own, set(self._macs_in_use(uuid)))
 
-    def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
-        """plug_vifs for a spawn or a live migration's target: the networks at once (the new QEMU's taps
-        join them), the DHCP reservations on a thread that ``plugged`` joins. Each change of the network
-        takes libvirt ~0.6 s (measured), which the start or the transfer need not wait for: a starting
-        guest asks for its address seconds later, an arriving one keeps its own until it renews its lease.
-        A network with no room refuses here, before anything starts."""
+    def check_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """What plug_vifs_behind's reservations need, before anything is made: the networks started (the
+        new QEMU's taps join them) and room on the node network, or a refusal that names it."""
         self._start_networks(interfaces)
         own = self._own_macs(uuid, interfaces)
-        if not own:
-            return
-        others = set(self._macs_in_use(uuid))
-        self._reserve(own, others, check_only=True)
-        thread = threading.Thread(
-            target=self._reserve_or_say, args=(uuid, own, others), name=f"reserve-{uuid}", daemon=True
-        )
-        self._reserving[uuid] = thread
-        thread.start()
+        if own:
+            self._reserve(own, set(self._macs_in_use(uuid)), check_only=True)
+
+    def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
+        """The DHCP reservations of a started spawn or a live migration's target, on a thread that
+        ``plugged`` may join (after check_vifs). Each change of the network takes libvirt ~0.6 s
+        (measured), and a domain's start waits for it (both need the network), which the guest need not:
+        a starting guest asks for its address seconds later, and keeps the one it got if it asked first
+        (see ``_reserve``); an arriving one keeps its own until it renews its lease."""
+        own = self._own_macs(uuid, interfaces)
+        if own:
+            thread = threading.Thread(
+                target=self._reserve_or_say, args=(uuid, own), name=f"reserve-{uuid}", daemon=True
+            )
+            self._reserving[uuid] = thread
+            thread.start()
 
     def plugged(self, uuid: str) -> None:
-        """Wait for the reservations plug_vifs_behind made on a thread (none: nothing to wait for)."""
+        """Wait for the reservations plug_vifs_behind makes on a thread (none left: nothing to wait for)."""
         thread = self._reserving.pop(uuid, None)
         if thread is not None:
             thread.join()
 
-    def _reserve_or_say(self, uuid: str, macs: list[str], others: set[str]) -> None:
+    def _reserve_or_say(self, uuid: str, macs: list[str]) -> None:
         try:
-            self._reserve(macs, others)
+            self._reserve(macs, set(self._macs_in_use(uuid)))
         except DriverError as exc:
             # said, not raised: the guest runs here, and keeps its address until its lease ends
             log.warning("cannot reserve the addresses of %s on the node network: %s", uuid, exc)
+        finally:
+            if self._reserving.get(uuid) is threading.current_thread():  # done: nothing left to join
+                self._reserving.pop(uuid, None)
 
     def _own_macs(self, uuid: str, interfaces: Collection[Interface]) -> list[str]:
         """The MACs of the instance's interfaces on the node's default network (the ones it reserves)."""
@@ -164,7 +171,8 @@ class Network(LibvirtCore):
             wanted = [mac for mac in macs if mac not in hosts]
             if not wanted:
                 return
-            leased = {ip for mac, ip in self.dhcp_leases().items() if mac not in macs}
+            leases = self.dhcp_leases()
+            leased = {ip for mac, ip in leases.items() if mac not in macs}
             taken = set(hosts.values()) | leased
             free = [ip for ip in self.node_network.pool() if ip not in taken]
             if len(free) < len(wanted):
@@ -178,8 +186,11 @@ class Network(LibvirtCore):
                 raise DriverError(f"the node network {self.node_network.subnet} has no free address left")
             if check_only:
                 return
-            for mac, address in zip(wanted, free, strict=False):
-                _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, mac, address)
+            # A guest that asked before its reservation was made (one made behind its start) keeps its lease.
+            kept = {mac: leases[mac] for mac in wanted if leases.get(mac) in free}
+            rest = iter(ip for ip in free if ip not in kept.values())
+            for mac in wanted:
+                _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, mac, kept.get(mac) or next(rest))
 
     def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
         """Nothing to release at once: libvirt removes an instance's taps when its domain stops, the

@@ -152,6 +152,7 @@ class Agent:
         self.events = EventPoster(core, config.node)
         instance_status = StatusWriter(self.custom, VIRTUALINSTANCES)
         claims = Claims(core, config.kubelet_dir)
+        self.leases = LeaseWatch(driver, self.instance_cache)
         self.instances = InstanceAgent(
             config.node,
             driver,
@@ -165,6 +166,7 @@ class Agent:
             self.migration_cache,
             config.settings,
             claims=claims,
+            leases=self.leases.current,
         )
         self.volumes = VolumeAgent(
             config.node,
@@ -193,7 +195,6 @@ class Agent:
             config.migration_convergence,
         )
         self.network = NetworkKeeper(config.node, driver, self.custom, config.network, self.events.warn)
-        self.leases = LeaseWatch(driver, self.instance_cache)
         self.reporter = NodeReporter(
             config.node,
             driver,

@@ -33,6 +33,7 @@ def observed_status(
     body: Mapping[str, Any],
     stopped_outside: Callable[[PowerState], bool],
     restart_delay: float,
+    leases: Callable[[], Mapping[str, str]],
 ) -> dict[str, Any]:
     """The status fields that follow from what libvirt reports now (no ever-changing counters).
 
@@ -101,7 +102,7 @@ def observed_status(
     try:
         has_interfaces = spec_interfaces(spec) or status.get("interfaces")
         known = {i.get("macAddress"): i.get("ipAddress") for i in status.get("interfaces") or []}
-        interfaces = interfaces_of(driver, uid, spec, running, known) if has_interfaces else []
+        interfaces = interfaces_of(driver, uid, spec, running, known, leases) if has_interfaces else []
         pending = driver.pending_changes(uid) if ask else []
     except DriverError as exc:  # the domain went away meanwhile: the next look says so
         log.warning("cannot read the interfaces or pending changes of %s: %s", uid, exc)
@@ -133,19 +134,20 @@ def interfaces_of(
     spec: Mapping[str, Any],
     running: bool,
     known: Mapping[str | None, str | None],
+    leases: Callable[[], Mapping[str, str]],
 ) -> list[dict[str, str]]:
     """Each interface's MAC as the domain has it, under its spec name (domains that do not say: by
-    order), with the address the node network's DHCP leased to it: while the guest is stopped, the one it
-    had (``known``, by MAC), which its reservation keeps for its next boot, so a Service lists it as not
-    ready rather than forgetting it."""
+    order), with the address the node network's DHCP leased to it (``leases``): while the guest is
+    stopped, the one it had (``known``, by MAC), which its reservation keeps for its next boot, so a
+    Service lists it as not ready rather than forgetting it."""
     named = [i["name"] for i in spec_interfaces(spec)]
-    leases = driver.dhcp_leases() if running else {m.lower(): a for m, a in known.items() if m and a}
+    by_mac = leases() if running else {m.lower(): a for m, a in known.items() if m and a}
     found = []
     for index, d in enumerate(driver.list_interfaces_detail(uid)):
         entry = {"name": d.name or (named[index] if index < len(named) else f"#{index}"), "macAddress": d.mac}
         entry["network"] = d.network
-        if leases.get(d.mac.lower()):
-            entry["ipAddress"] = leases[d.mac.lower()]
+        if by_mac.get(d.mac.lower()):
+            entry["ipAddress"] = by_mac[d.mac.lower()]
         found.append(entry)
     return found
 

@@ -32,6 +32,12 @@ class FirewallKeeper:
         with self._lock:
             self._applied[uid] = rules
 
+    def spawned(self, uid: str, spec: Mapping[str, Any]) -> None:
+        """The spawn defined the filter with the spec's rules: defining it again would have libvirt
+        re-apply it to the new guest's taps (a rebuild of its firewall rules) for nothing."""
+        with self._lock:
+            self._applied[uid] = firewall_rules(spec.get("firewall"))
+
     def forget(self, uid: str) -> None:
         with self._lock:
             self._applied.pop(uid, None)

@@ -120,10 +120,12 @@ class InstanceAgent:
         settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
         claims: Claims | None = None,
+        leases: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         """``objects`` reads and patches VirtualInstances (their metadata), ``status`` writes their status,
         ``secrets`` reads the Secrets they name, ``claims`` finds root disks' claims; the caches are the
-        node's instances, attachments and migrations as the watches last saw them. ``clock`` is monotonic."""
+        node's instances, attachments and migrations as the watches last saw them. ``clock`` is monotonic;
+        ``leases`` the lease watch's last read (a status write never waits on libvirt's network)."""
         self.node = node
         self.driver = driver
         self.images = images
@@ -136,6 +138,7 @@ class InstanceAgent:
         self.migrations = migrations
         self.settings = settings or Settings()
         self.clock = clock
+        self.leases = leases or driver.dhcp_leases
         self.claims = claims
         self.reconsider: set[str] = set()  # Failed instances to look at once more despite no spec change
         self._stopped_outside: dict[str, float] = {}
@@ -248,8 +251,7 @@ class InstanceAgent:
 
     def _reconcile(self, body: dict[str, Any]) -> None:
         meta, spec = body["metadata"], body.get("spec") or {}
-        status = body.get("status") or {}
-        generation = meta.get("generation")
+        status, generation = body.get("status") or {}, meta.get("generation")
         if AGENT_FINALIZER not in (meta.get("finalizers") or []):
             self._add_finalizer(body)  # the controller normally adds it when binding
         # Once after the network allow-list changed, or after the controller said Unknown meanwhile.
@@ -291,6 +293,7 @@ class InstanceAgent:
             if refusal:  # never a second copy of a guest that may run where status says
                 raise WaitFor("BoundElsewhere", refusal)
             driver.spawn(self.driver_spec(body, flavor_of(body)), power_on=want != "Stopped")
+            self.firewall.spawned(uid, spec)
             if image is not None:
                 self.write(body, {"image": image})
         elif (defined := driver.defined_revision(uid)) != definition_digest(spec, flavor_of(body)):
@@ -372,7 +375,9 @@ class InstanceAgent:
                 self._stopped_outside.setdefault(uid, self.clock())
             return uid in self._stopped_outside
 
-        return observed_status(self.driver, self.node, body, outside, self.settings.restart_delay)
+        return observed_status(
+            self.driver, self.node, body, outside, self.settings.restart_delay, self.leases
+        )
 
     def _restart_later_if_needed(self, body: Mapping[str, Any]) -> None:
         uid = body["metadata"]["uid"]

@@ -33,6 +33,11 @@ class LeaseWatch:
         self._last: Mapping[str, str] = {}
         self._lock = threading.Lock()
 
+    def current(self) -> Mapping[str, str]:
+        """The leases as the last poll read them (none before the first: it looks at their instances)."""
+        with self._lock:
+            return self._last
+
     def poll(self) -> None:
         try:
             leases = self.driver.dhcp_leases(poll=True)
