@@ -128,6 +128,24 @@ def test_a_new_or_changed_lease_has_its_instance_looked_at() -> None:
     assert cache.looked == [s.uuid, s.uuid]
 
 
+def test_status_takes_the_last_polled_leases_and_reads_them_itself_only_before_the_first_poll() -> None:
+    """Status writes read no leases from libvirt (a DHCP reservation in progress holds its network
+    ~0.6 s), but an agent that just started has polled nothing yet: its first writes must not drop an
+    address the status had."""
+    driver: FakeDriver = make_driver(Clock())
+    driver.ensure_node_network(NET)
+    s = spec(interfaces=(Interface("default", "kubenova"),))
+    driver.spawn(s)
+    leased = {stable_mac(s.uuid, "default"): "10.222.3.2"}
+    watch = LeaseWatch(driver, _Cache({}))  # type: ignore[arg-type]
+    assert watch.current() == leased  # no poll yet: read now
+    watch.poll()
+    driver.power_off(s.uuid)
+    assert watch.current() == leased  # the last poll's, until the next
+    watch.poll()
+    assert watch.current() == {}
+
+
 def test_a_rule_out_of_range_is_refused() -> None:
     driver: FakeDriver = make_driver(Clock())
     with pytest.raises(Exception, match="ports"):

@@ -30,13 +30,15 @@ class LeaseWatch:
 
     def __init__(self, driver: ComputeDriver, cache: ObjectCache) -> None:
         self.driver, self.cache = driver, cache
-        self._last: Mapping[str, str] = {}
+        self._last: Mapping[str, str] | None = None  # before the first poll
         self._lock = threading.Lock()
 
     def current(self) -> Mapping[str, str]:
-        """The leases as the last poll read them (none before the first: it looks at their instances)."""
+        """The leases as the last poll read them; before the first (an agent that just started), read now,
+        so that no status write drops an address it had."""
         with self._lock:
-            return self._last
+            last = self._last
+        return self.driver.dhcp_leases() if last is None else last
 
     def poll(self) -> None:
         try:
@@ -44,7 +46,7 @@ class LeaseWatch:
         except DriverError:  # libvirtd away: the node's report says so; the leases are read again next time
             return
         with self._lock:
-            last, self._last = self._last, leases
+            last, self._last = self._last or {}, leases
         changed = {mac for mac in {*leases, *last} if leases.get(mac) != last.get(mac)}
         if not changed:
             return
