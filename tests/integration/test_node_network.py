@@ -311,39 +311,80 @@ def test_a_migration_target_reserves_its_address_behind_the_transfer(ground: tes
         driver.plugged("arriving")  # joined once; a second end (a retried step) has nothing to wait for
 
 
+def scratch_spec(
+    ground: testground.Ground, network: NodeNetwork, name: str, kernel: str = ""
+) -> InstanceSpec:
+    """The test guest on the scratch network (``kernel``: a path of its own, the test kernel if empty)."""
+    store = ImageStore(ground.image_store)
+    return InstanceSpec(
+        uuid=str(uuid.uuid4()),
+        name=name,
+        namespace="t",
+        vcpus=1,
+        memory_mib=64,
+        boot=KernelBoot(
+            kernel or store.resolve("k", guest.KERNEL), store.resolve("i", guest.INITRD), guest.CMDLINE
+        ),
+        interfaces=(Interface("eth0", network.name),),
+    )
+
+
 def test_a_spawn_reserves_after_its_start_and_a_failed_one_reserves_nothing(
     ground: testground.Ground,
 ) -> None:
     """spawn reserves the address on a thread once the domain started: libvirt takes ~0.6 s per change of
     the network, and a start waits for one in progress (both need the network). A spawn that fails
     reserves nothing."""
-    store = ImageStore(ground.image_store)
     with scratch_network(ground, "10.223.250.0/29") as (driver, network):
-
-        def spec(name: str, kernel: str) -> InstanceSpec:
-            return InstanceSpec(
-                uuid=str(uuid.uuid4()),
-                name=name,
-                namespace="t",
-                vcpus=1,
-                memory_mib=64,
-                boot=KernelBoot(kernel, store.resolve("i", guest.INITRD), guest.CMDLINE),
-                interfaces=(Interface("eth0", network.name),),
-            )
-
-        started = spec("reserving", store.resolve("k", guest.KERNEL))
+        started = scratch_spec(ground, network, "reserving")
         driver.spawn(started)
         try:
             assert driver.instance_exists(started.uuid)
             driver.plugged(started.uuid)
             assert stable_mac(started.uuid, "eth0") in reservations(driver, network)
-            broken = spec("broken", str(ground.node_dir() / "no-such-vmlinuz"))  # QEMU cannot start
+            broken = scratch_spec(ground, network, "broken", str(ground.node_dir() / "no-such-vmlinuz"))
             with pytest.raises(DriverError):
-                driver.spawn(broken)
+                driver.spawn(broken)  # QEMU cannot start
             assert broken.uuid not in driver._reserving and not driver.instance_exists(broken.uuid)
             assert stable_mac(broken.uuid, "eth0") not in reservations(driver, network)
         finally:
             driver.destroy(started.uuid)
+
+
+def test_an_agent_that_died_before_a_reservation_makes_it_when_it_starts_again(
+    ground: testground.Ground,
+) -> None:
+    """The reservation comes after the start: an agent killed in between leaves a guest without one, and
+    its next start (a new driver's first ensure_node_network) makes it."""
+    with scratch_network(ground, "10.223.250.0/29") as (driver, network):
+        running = scratch_spec(ground, network, "orphan")
+        driver.spawn(running)
+        again = LibvirtDriver(
+            ground.libvirt_uri, "qemu", driver.instances_dir, driver.images, driver.volumes.root
+        )
+        try:
+            driver.plugged(running.uuid)
+            mac = stable_mac(running.uuid, "eth0")
+            net = driver.host.get_connection().networkLookupByName(network.name)
+            host = ET.fromstring(f"<hosts>{reservations(driver, network)}</hosts>").find(
+                f"host[@mac='{mac}']"
+            )
+            assert host is not None
+            flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                ET.tostring(host, encoding="unicode"),
+                flags,
+            )  # as if the agent had died before making it
+            assert mac not in reservations(driver, network)
+            again.ensure_node_network(network)
+            assert mac in reservations(again, network)
+        finally:
+            driver.destroy(running.uuid)
+            again.host.close()
+            again.lease_host.close()
 
 
 def test_a_guest_that_asked_before_its_reservation_keeps_the_address_it_got(

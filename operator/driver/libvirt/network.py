@@ -45,7 +45,28 @@ class Network(LibvirtCore):
         hook adds and removes a reservation that a concurrent ``_reserve`` would otherwise see and try to
         delete too (an agent's re-check racing a migration's target preparation failed it so)."""
         with self._net_lock:
+            first = self.node_network is None
             self._ensure_node_network(network)
+        if first:
+            self._reserve_missing(network)
+
+    def _reserve_missing(self, network: NodeNetwork) -> None:
+        """Once per agent: a reservation for each interface here on the node network that has none. A
+        spawn reserves after its start, so an agent that died in between (or a migration's target whose
+        agent died during the transfer) left a guest on a lease alone, which another guest could take
+        while it is stopped."""
+        macs = []
+        for guest in self.host.list_guests():
+            try:
+                macs += [
+                    i.mac.lower() for i in guest.devices().interfaces if i.network == network.name and i.mac
+                ]
+            except DriverError:
+                continue  # gone meanwhile
+        try:
+            self._reserve(macs, set(macs))
+        except DriverError as exc:  # said, not raised: the guests run and keep their leases meanwhile
+            log.warning("cannot reserve the addresses of this node's guests on %s: %s", network.name, exc)
 
     def _ensure_node_network(self, network: NodeNetwork) -> None:
         conn = self.host.get_connection()
