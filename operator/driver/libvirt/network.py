@@ -9,6 +9,7 @@ reservations of MACs no domain here has any more are dropped at the next plug.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -55,15 +56,12 @@ class Network(LibvirtCore):
         spawn reserves after its start, so an agent that died in between (or a migration's target whose
         agent died during the transfer) left a guest on a lease alone, which another guest could take
         while it is stopped."""
-        macs = []
-        for guest in self.host.list_guests():
-            try:
-                macs += [
-                    i.mac.lower() for i in guest.devices().interfaces if i.network == network.name and i.mac
-                ]
-            except DriverError:
-                continue  # gone meanwhile
+        macs: list[str] = []
         try:
+            for guest in self.host.list_guests():
+                with contextlib.suppress(DriverError):  # gone meanwhile
+                    interfaces = guest.devices().interfaces
+                    macs += [i.mac.lower() for i in interfaces if i.network == network.name and i.mac]
             self._reserve(macs, set(macs))
         except DriverError as exc:  # said, not raised: the guests run and keep their leases meanwhile
             log.warning("cannot reserve the addresses of this node's guests on %s: %s", network.name, exc)
