@@ -31,7 +31,7 @@ lint: deps  ## ruff (lint and format), the import contracts, mypy strict over th
 	$(VENV)/bin/lint-imports
 	MYPYPATH=hack/mypy-path $(VENV)/bin/mypy --strict -p kubenova.driver -p kubenova.handlers
 
-bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 15 minutes)
+bench: deps  ## every benchmark, next to its baseline; writes docs/benchmarks.md (about 50 minutes on 2 CPUs, 20 of them the burst)
 	$(VENV)/bin/python -m bench
 
 image:  ## the container image, built without Docker (buildah), its entry point run once

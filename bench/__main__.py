@@ -1,6 +1,6 @@
 """Run every benchmark against the test ground and write docs/benchmarks.md and a JSON file.
 
-    python -m bench            # the full run (about 15 minutes here); writes docs/benchmarks.md
+    python -m bench            # the full run (about 50 minutes on 2 CPUs); writes docs/benchmarks.md
     python -m bench --smoke    # tiny counts so the code never rots; writes under the test ground
     python -m bench --scale    # only the scale run at 10000 instances on 100 agents and the write-storm
                                # run; writes docs/benchmarks-scale.md and its plot (--scale N/AGENTS)
