@@ -62,7 +62,7 @@ class Network(LibvirtCore):
                 with contextlib.suppress(DriverError):  # gone meanwhile
                     interfaces = guest.devices().interfaces
                     macs += [i.mac.lower() for i in interfaces if i.network == network.name and i.mac]
-            self._reserve(macs, set(macs))
+            self._reserve("", macs)  # no domain's own: every domain's MACs are others'
         except DriverError as exc:  # said, not raised: the guests run and keep their leases meanwhile
             log.warning("cannot reserve the addresses of this node's guests on %s: %s", network.name, exc)
 
@@ -114,7 +114,7 @@ class Network(LibvirtCore):
         self._start_networks(interfaces)
         own = self._own_macs(uuid, interfaces)
         if own:
-            self._reserve(own, set(self._macs_in_use(uuid)))
+            self._reserve(uuid, own)
 
     def check_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
         """What plug_vifs_behind's reservations need, before anything is made: the networks started (the
@@ -122,7 +122,7 @@ class Network(LibvirtCore):
         self._start_networks(interfaces)
         own = self._own_macs(uuid, interfaces)
         if own:
-            self._reserve(own, set(self._macs_in_use(uuid)), check_only=True)
+            self._reserve(uuid, own, check_only=True)
 
     def plug_vifs_behind(self, uuid: str, interfaces: Collection[Interface]) -> None:
         """The DHCP reservations of a started spawn or a live migration's target, on a thread that
@@ -146,7 +146,7 @@ class Network(LibvirtCore):
 
     def _reserve_or_say(self, uuid: str, macs: list[str]) -> None:
         try:
-            self._reserve(macs, set(self._macs_in_use(uuid)))
+            self._reserve(uuid, macs)
         except DriverError as exc:
             # said, not raised: the guest runs here, and keeps its address until its lease ends
             log.warning("cannot reserve the addresses of %s on the node network: %s", uuid, exc)
@@ -176,13 +176,15 @@ class Network(LibvirtCore):
                 if not network.isActive():
                     network.create()
 
-    def _reserve(self, macs: list[str], others: set[str], check_only: bool = False) -> None:
-        """A DHCP reservation for each of ``macs`` that has none (``check_only``: only whether there is room).
+    def _reserve(self, uuid: str, macs: list[str], check_only: bool = False) -> None:
+        """A DHCP reservation for each of ``macs`` (domain ``uuid``'s) that has none (``check_only``: only
+        whether there is room).
 
         Reservations of MACs no other domain here has (instances deleted or moved away) go only when the
         pool has no room otherwise: each change of the network takes libvirt ~0.7 s (dnsmasq and the
         firewall reloaded), and dropping them at every plug made each spawn after a delete that much
-        slower. One that stays keeps a returning instance's address."""
+        slower. One that stays keeps a returning instance's address. Which MACs other domains have (a
+        read of every definition here) is asked only then."""
         assert self.node_network is not None
         with self._net_lock, translate("reserve addresses on the node network"):
             net = self.host.get_connection().networkLookupByName(self.node_network.name)
@@ -195,6 +197,7 @@ class Network(LibvirtCore):
             taken = set(hosts.values()) | leased
             free = [ip for ip in self.node_network.pool() if ip not in taken]
             if len(free) < len(wanted):
+                others = self._macs_in_use(uuid)
                 stale = {mac: ip for mac, ip in hosts.items() if mac not in others and mac not in macs}
                 if not check_only:  # a check counts their room; only the reservation itself drops them
                     for mac, ip in stale.items():
