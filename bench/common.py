@@ -23,7 +23,7 @@ import urllib3
 
 from kubenova.driver.base import ALLOW_ALL
 from kubenova.driver.libvirt.core import filter_name
-from kubenova.driver.libvirt.network import firewall_filter
+from kubenova.driver.libvirt.firewall import firewall_filter
 from kubenova.handlers.agent.node_reporter import lease_name
 from kubenova.handlers.shared import COMPUTENODES, GROUP, LEASE_NAMESPACE, VERSION, VIRTUALINSTANCES
 from testground import cluster, guest, kube, procs

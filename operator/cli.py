@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import logging
 import os
 import pathlib
@@ -16,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from kubenova.handlers import memory
-from kubenova.handlers.agent import access_settings
+from kubenova.handlers.agent import access_settings, network_flags
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,40 +245,6 @@ def parser() -> argparse.ArgumentParser:
         help="a reboot still unfinished after this many seconds is finished hard [180]",
     )
     agent.add_argument(
-        "--default-network",
-        action="append",
-        default=None,
-        help="a libvirt network every namespace's instances may join; repeat for more [default]",
-    )
-    agent.add_argument(
-        "--namespace-networks",
-        type=_namespace_networks,
-        default=os.environ.get("KUBENOVA_NAMESPACE_NETWORKS", "{}"),
-        help='more networks per namespace, as JSON: {"team-a": ["lab"]} [$KUBENOVA_NAMESPACE_NETWORKS]',
-    )
-    agent.add_argument(
-        "--network-name",
-        default="kubenova",
-        help="the node's default network, which the agent keeps [kubenova]",
-    )
-    agent.add_argument("--network-bridge", default="knvm0", help="its bridge on the host [knvm0]")
-    agent.add_argument(
-        "--network-subnet",
-        default="",
-        help="its IPv4 subnet; unset: the one published before, else a free block of --network-pool",
-    )
-    agent.add_argument(
-        "--network-pool", default="10.222.0.0/16", help="where subnets come from [10.222.0.0/16]"
-    )
-    agent.add_argument("--network-prefix", type=int, default=24, help="the size of a node's block [24]")
-    agent.add_argument(
-        "--provider-firewall",
-        type=_provider_rules,
-        default=os.environ.get("KUBENOVA_PROVIDER_FIREWALL", "[]"),
-        help="provider rules for every instance here, as the ComputeNode's spec.firewall.ingress in JSON, "
-        "unless that is set [$KUBENOVA_PROVIDER_FIREWALL]",
-    )
-    agent.add_argument(
         "--rescue-timeout",
         type=float,
         default=0.0,
@@ -287,34 +252,8 @@ def parser() -> argparse.ArgumentParser:
     )
 
     access_settings.add_arguments(agent)
+    network_flags.add_arguments(agent)
     return top
-
-
-def _namespace_networks(text: str) -> dict[str, tuple[str, ...]]:
-    """``{"namespace": ["network", ...]}``; anything else is refused at start, not guessed at."""
-    try:
-        found = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
-    if not isinstance(found, dict) or not all(
-        isinstance(nets, list) and all(isinstance(n, str) for n in nets) for nets in found.values()
-    ):
-        raise argparse.ArgumentTypeError('expected {"namespace": ["network", ...]}')
-    return {str(ns): tuple(nets) for ns, nets in found.items()}
-
-
-def _provider_rules(text: str) -> tuple[object, ...]:
-    """A JSON list of provider rules, refused at start when it is not one."""
-    from kubenova.driver.base import DriverError, check_rules
-    from kubenova.handlers.agent.translate import provider_rules
-
-    try:
-        found = json.loads(text)
-        rules = provider_rules({"ingress": found if isinstance(found, list) else None})
-        check_rules(rules)
-    except (ValueError, TypeError, AttributeError, DriverError) as exc:
-        raise argparse.ArgumentTypeError(f"not a JSON list of provider rules: {exc}") from exc
-    return rules
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -355,6 +294,7 @@ def _agent(args: argparse.Namespace) -> int:
             MigrationTransport(args.migration_pki_dir, args.insecure_migration),
             import_max_bytes,
             args.import_concurrency,
+            args.libvirt_dnsmasq_dir,
         )
     settings = Settings(
         soft_reboot_timeout=args.soft_reboot_timeout,

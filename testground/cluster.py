@@ -292,7 +292,11 @@ def values(layout: Layout, node: str, image_store: pathlib.Path) -> dict[str, An
         "agent": {
             **consoles["agent"],
             "kubeletDir": str(kubelet_dir(layout)),
-            "libvirt": {"mode": "host", "socketDir": str(libvirt_host.host_dir(layout, node) / "run")},
+            "libvirt": {
+                "mode": "host",
+                "socketDir": str(libvirt_host.host_dir(layout, node) / "run"),
+                "dnsmasqDir": str(libvirt_host.dnsmasq_dir(layout, node)),
+            },
             "domainType": "qemu",
             "imageStore": str(image_store),
             "instancesDir": str(node_dir / "instances"),

@@ -164,6 +164,8 @@ def agent_process(ground: Ground, node: str, *extra: str) -> tuple[list[str], st
             node,
             "--libvirt-uri",
             libvirt_host.uri(ground.layout, node),
+            "--libvirt-dnsmasq-dir",
+            str(libvirt_host.dnsmasq_dir(ground.layout, node)),
             "--domain-type",
             "qemu",
             "--image-store",

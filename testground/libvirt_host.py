@@ -109,6 +109,12 @@ def host_dir(layout: Layout, node: str) -> pathlib.Path:
     return layout.state / "nodes" / node / "libvirt"
 
 
+def dnsmasq_dir(layout: Layout, node: str) -> pathlib.Path:
+    """The host's /var/lib/libvirt/dnsmasq (libvirt-host.sh mounts its lib folder there), where the agent
+    keeps the node network's DHCP reservations."""
+    return host_dir(layout, node) / "lib" / "dnsmasq"
+
+
 def client_pki(layout: Layout, node: str) -> pathlib.Path:
     """The client certificates a process beside this host uses to reach another host's libvirtd over TLS
     (the agent's --migration-pki-dir)."""

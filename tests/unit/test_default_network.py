@@ -9,7 +9,8 @@ import pytest
 
 from kubenova.driver.base import ALLOW_ALL, DriverError, FirewallRule, Interface, NodeNetwork, stable_mac
 from kubenova.driver.fake import FakeDriver
-from kubenova.driver.libvirt.network import PROVIDER_FILTER, firewall_filter, network_xml, provider_filter
+from kubenova.driver.libvirt.firewall import PROVIDER_FILTER, firewall_filter, provider_filter
+from kubenova.driver.libvirt.network import network_xml
 from kubenova.handlers.agent.domain_status import ip_addresses
 from kubenova.handlers.agent.leases import LeaseWatch, macs_of
 from kubenova.handlers.agent.node_network import overlap, pick, yields

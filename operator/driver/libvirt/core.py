@@ -80,6 +80,7 @@ class LibvirtCore(ComputeDriver):
         transport: MigrationTransport | None = None,
         import_max_bytes: int = DEFAULT_MAX_BYTES,
         import_concurrency: int = 2,
+        dnsmasq_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = Host(uri)
         self.transport = transport or MigrationTransport()  # encrypted, with libvirt's own certificates
@@ -97,6 +98,10 @@ class LibvirtCore(ComputeDriver):
         #: the node's default network once ensure_node_network made it; its reservations under _net_lock
         self.node_network: NodeNetwork | None = None
         self._net_lock = threading.Lock()
+        #: libvirtd's dnsmasq folder as the agent sees it, and the node network's reservation folder in it
+        #: once ensure_node_network found that its dnsmasq reads there (Network)
+        self.dnsmasq_dir = pathlib.Path(dnsmasq_dir) if dnsmasq_dir else None
+        self._hosts_dir: pathlib.Path | None = None
         #: DHCP reservations being made behind a spawn or a live migration's transfer (Network)
         self._reserving: dict[str, threading.Thread] = {}
         #: The lease watch's own connection, polled every half second from one thread: libvirt 9.0's

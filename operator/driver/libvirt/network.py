@@ -1,10 +1,16 @@
-"""The node's default network, interfaces on libvirt networks, and each instance's firewall (an nwfilter
-its interfaces reference, which references the node's provider filter).
+"""The node's default network and interfaces on libvirt networks (each instance's firewall: firewall.py).
 
 The default network is libvirt's own NAT network with DHCP (dnsmasq), so a guest gets an address the way
 it would on any libvirt host. Each interface on it has a DHCP reservation for its MAC (made when its
 instance is plugged), so the guest keeps its address across boots, stop/start and agent restarts; the
-reservations of MACs no domain here has any more are dropped at the next plug.
+reservations of MACs no domain here has any more are dropped when the pool needs their room.
+
+A reservation is a file in the network's dnsmasq hosts folder (``dhcp-hostsdir``, one file per MAC, as
+ironic-inspector's PXE filter keeps them), which dnsmasq reads as soon as it appears. A reservation in the
+network's definition (``virNetworkUpdate``) costs libvirt ~0.6 s of firewall and hook reloads, during which
+a domain's start on the same host waits: that was the whole of kubenova's overhead over a bare libvirt
+start. The folder is where libvirtd keeps its dnsmasq files, as the agent sees it (``--libvirt-dnsmasq-dir``);
+an agent that cannot reach it keeps reservations in the definition, as before.
 """
 
 from __future__ import annotations
@@ -12,35 +18,40 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
+import pathlib
+import shutil
 import threading
-import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping
 
 import libvirt
 
-from kubenova.driver.base import (
-    DriverError,
-    FirewallRule,
-    Interface,
-    InvalidInstanceSpec,
-    NodeNetwork,
-    check_rules,
-    stable_mac,
-)
+from kubenova.driver.base import DriverError, Interface, InvalidInstanceSpec, NodeNetwork, stable_mac
 from kubenova.driver.libvirt import network_hook
 from kubenova.driver.libvirt.config import sub_element
-from kubenova.driver.libvirt.core import LibvirtCore, filter_name
 from kubenova.driver.libvirt.errors import translate
+from kubenova.driver.libvirt.firewall import Firewall
 
-#: The node's provider rules (Nova's provider firewall): every instance filter references it.
-PROVIDER_FILTER = "kubenova-provider"
-PROVIDER_UUID = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://kubenova.io/nwfilter/provider"))
 log = logging.getLogger(__name__)
 _UPDATE = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+#: Where libvirtd keeps each network's dnsmasq files, as libvirtd (and its dnsmasq, run as nobody) sees it.
+LIBVIRT_DNSMASQ_DIR = "/var/lib/libvirt/dnsmasq"
+_DNSMASQ = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+_HOSTSDIR = "dhcp-hostsdir="
+ET.register_namespace("dnsmasq", _DNSMASQ)
 
 
-class Network(LibvirtCore):
+def hosts_dir_name(network: str) -> str:
+    """The network's reservation folder, beside libvirt's own ``<network>.hostsfile``."""
+    return f"{network}.hostsdir"
+
+
+def _libvirt_hosts_dir(network: NodeNetwork) -> str:
+    return f"{LIBVIRT_DNSMASQ_DIR}/{hosts_dir_name(network.name)}"
+
+
+class Network(Firewall):
     def ensure_node_network(self, network: NodeNetwork) -> None:
         """Define, start and keep the node network; under the reservations' lock, because re-asserting the
         hook adds and removes a reservation that a concurrent ``_reserve`` would otherwise see and try to
@@ -72,19 +83,29 @@ class Network(LibvirtCore):
             net = conn.networkLookupByName(network.name)
         except libvirt.libvirtError:
             net = None
+        folder = self._folder_of(network)
         if net is not None and _subnet(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)) != network.subnet:
-            with translate("list the network's ports"):
-                ports = net.listAllPorts() if net.isActive() else []
+            ports = self._ports(net)
             if ports:
                 raise DriverError(
                     f"network {network.name} has subnet {_subnet(net.XMLDesc(0))}, not {network.subnet}, "
-                    f"and {len(ports)} guest interfaces on it; stop them, or keep the subnet"
+                    f"and {ports} guest interfaces on it; stop them, or keep the subnet"
                 )
-            with translate("replace the node network"):
-                if net.isActive():
-                    net.destroy()
-                net.undefine()
+            _replace(net)
             net = None
+            if folder is not None:  # the old subnet's addresses
+                shutil.rmtree(folder, ignore_errors=True)
+        elif net is not None and folder and _HOSTSDIR not in net.XMLDesc(0) and not self._ports(net):
+            # defined before reservations were files: they move into the folder, then the network is made
+            # again with it (one that guests use now keeps its definition's reservations until then)
+            folder.mkdir(mode=0o755, exist_ok=True)
+            for mac, ip in _reservations(net.XMLDesc(0)).items():
+                _write_reservation(folder, mac, ip)
+            _replace(net)
+            net = None
+        if folder is not None:
+            folder.mkdir(mode=0o755, exist_ok=True)  # before dnsmasq starts: it watches only what is there
+            folder.chmod(0o755)  # dnsmasq reads it as nobody
         with translate("define the node network"):
             if net is None:
                 net = conn.networkDefineXML(network_xml(network))
@@ -95,6 +116,41 @@ class Network(LibvirtCore):
             if not net.autostart():
                 net.setAutostart(1)
         self.node_network = network
+        self._hosts_dir = folder if folder is not None and self._dnsmasq_reads(network) else None
+
+    def _folder_of(self, network: NodeNetwork) -> pathlib.Path | None:
+        """The network's reservation folder as this agent sees it; None unless libvirtd's dnsmasq folder is
+        there (``--libvirt-dnsmasq-dir``)."""
+        if self.dnsmasq_dir is None or not self.dnsmasq_dir.is_dir():
+            return None
+        return self.dnsmasq_dir / hosts_dir_name(network.name)
+
+    def _dnsmasq_reads(self, network: NodeNetwork) -> bool:
+        """Whether the network's running dnsmasq reads the folder this agent writes: the configuration
+        libvirt wrote for it, in the agent's view of libvirtd's dnsmasq folder, names both the folder and the
+        network's bridge. Otherwise (another libvirtd's folder, a network that guests kept from before)
+        reservations stay in the network's definition, and the agent says so."""
+        assert self.dnsmasq_dir is not None
+        try:
+            conf = (self.dnsmasq_dir / f"{network.name}.conf").read_text()
+        except OSError:
+            conf = ""
+        wanted = {_HOSTSDIR + _libvirt_hosts_dir(network), f"interface={network.bridge}"}
+        if wanted <= set(conf.splitlines()):
+            return True
+        log.warning(
+            "libvirtd's dnsmasq does not read %s for network %s (is --libvirt-dnsmasq-dir its %s, and was "
+            "the network started with it?): each DHCP reservation changes the network's definition, ~0.6 s",
+            self.dnsmasq_dir,
+            network.name,
+            LIBVIRT_DNSMASQ_DIR,
+        )
+        return False
+
+    @staticmethod
+    def _ports(net: libvirt.virNetwork) -> int:
+        with translate("list the network's ports"):
+            return len(net.listAllPorts()) if net.isActive() else 0
 
     def dhcp_leases(self, poll: bool = False) -> Mapping[str, str]:
         """``poll``: the lease watch's call, on its own connection (see ``lease_host``)."""
@@ -181,14 +237,15 @@ class Network(LibvirtCore):
         whether there is room).
 
         Reservations of MACs no other domain here has (instances deleted or moved away) go only when the
-        pool has no room otherwise: each change of the network takes libvirt ~0.7 s (dnsmasq and the
-        firewall reloaded), and dropping them at every plug made each spawn after a delete that much
-        slower. One that stays keeps a returning instance's address. Which MACs other domains have (a
-        read of every definition here) is asked only then."""
+        pool has no room otherwise: dnsmasq forgets a reservation only when it reloads (a signal, which
+        libvirt sends at a change of the network, ~0.7 s with its firewall reloaded), and one that stays
+        keeps a returning instance's address. Which MACs other domains have (a read of every definition
+        here) is asked only then."""
         assert self.node_network is not None
         with self._net_lock, translate("reserve addresses on the node network"):
             net = self.host.get_connection().networkLookupByName(self.node_network.name)
-            hosts = _reservations(net.XMLDesc(0))
+            defined = _reservations(net.XMLDesc(0))  # made before reservations were files, or without them
+            hosts = {**defined, **self._reserved_files()}
             wanted = [mac for mac in macs if mac not in hosts]
             if not wanted:
                 return
@@ -200,8 +257,7 @@ class Network(LibvirtCore):
                 others = self._macs_in_use(uuid)
                 stale = {mac: ip for mac, ip in hosts.items() if mac not in others and mac not in macs}
                 if not check_only:  # a check counts their room; only the reservation itself drops them
-                    for mac, ip in stale.items():
-                        _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, mac, ip)
+                    self._drop(net, stale, defined)
                 taken = {ip for mac, ip in hosts.items() if mac not in stale} | leased
                 free = [ip for ip in self.node_network.pool() if ip not in taken]
             if len(free) < len(wanted):
@@ -212,43 +268,43 @@ class Network(LibvirtCore):
             kept = {mac: leases[mac] for mac in wanted if leases.get(mac) in free}
             rest = iter(ip for ip in free if ip not in kept.values())
             for mac in wanted:
-                _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, mac, kept.get(mac) or next(rest))
+                ip = kept.get(mac) or next(rest)
+                if self._hosts_dir is not None:
+                    _write_reservation(self._hosts_dir, mac, ip)
+                else:
+                    _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, mac, ip)
+
+    def _reserved_files(self) -> dict[str, str]:
+        """MAC -> address of the reservations in the network's folder (none without one)."""
+        if self._hosts_dir is None:
+            return {}
+        hosts = {}
+        for path in self._hosts_dir.iterdir():
+            if path.name.startswith("."):  # one being written (dnsmasq skips them too)
+                continue
+            with contextlib.suppress(OSError):  # dropped meanwhile
+                mac, _, ip = path.read_text().strip().partition(",")
+                hosts[mac.lower()] = ip
+        return hosts
+
+    def _drop(self, net: libvirt.virNetwork, stale: Mapping[str, str], defined: Mapping[str, str]) -> None:
+        """Drop the ``stale`` reservations; a dropped file's dnsmasq forgets at the reload that the network's
+        change (the hook's, ``_reassert_hook``) makes it do."""
+        assert self.node_network is not None
+        files = False
+        for mac, ip in stale.items():
+            if mac in defined:
+                _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, mac, ip)
+            elif self._hosts_dir is not None:
+                (self._hosts_dir / _file_name(mac)).unlink(missing_ok=True)
+                files = True
+        if files:
+            _reassert_hook(net, self.node_network.gateway)
 
     def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
         """Nothing to release at once: libvirt removes an instance's taps when its domain stops, the
         networks plug_vifs started serve other instances too, and the reservations of a domain that is
         gone are dropped by a later plug that needs their room."""
-
-    def ensure_filtering_rules_for_instance(self, uuid: str, rules: Collection[FirewallRule]) -> None:
-        """(Re)define the instance's nwfilter; libvirt applies a redefinition to running interfaces at
-        once."""
-        check_rules(rules)
-        conn = self.host.get_connection()
-        if not self.host.has_nwfilter(PROVIDER_FILTER):  # referenced: it must exist first
-            with translate("define the provider nwfilter"):
-                conn.nwfilterDefineXML(provider_filter((), PROVIDER_UUID))
-        with translate("define nwfilter", uuid):
-            conn.nwfilterDefineXML(firewall_filter(filter_name(uuid), uuid, rules))
-
-    def refresh_provider_fw_rules(self, rules: Collection[FirewallRule]) -> None:
-        """Redefine the provider filter: libvirt re-applies every instance filter that references it."""
-        check_rules(rules)
-        conn = self.host.get_connection()
-        try:  # a redefinition must keep the filter's UUID, whoever defined it first
-            uuid = conn.nwfilterLookupByName(PROVIDER_FILTER).UUIDString()
-        except libvirt.libvirtError:
-            uuid = PROVIDER_UUID
-        with translate("define the provider nwfilter"):
-            conn.nwfilterDefineXML(provider_filter(rules, uuid))
-
-    def unfilter_instance(self, uuid: str) -> None:
-        conn = self.host.get_connection()
-        try:
-            nwfilter = conn.nwfilterLookupByName(filter_name(uuid))
-        except libvirt.libvirtError:
-            return  # no filter: nothing to remove
-        with translate("undefine nwfilter", uuid):
-            nwfilter.undefine()
 
 
 def _update(net: libvirt.virNetwork, command: int, mac: str, ip: str) -> None:
@@ -256,6 +312,26 @@ def _update(net: libvirt.virNetwork, command: int, mac: str, ip: str) -> None:
     net.update(
         command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, f"<host mac='{mac}' ip='{ip}'/>", _UPDATE
     )
+
+
+def _file_name(mac: str) -> str:
+    return mac.replace(":", "-")
+
+
+def _write_reservation(folder: pathlib.Path, mac: str, ip: str) -> None:
+    """The reservation of ``mac`` as a file dnsmasq reads when it is renamed into place, whole."""
+    path = folder / _file_name(mac)
+    partial = folder / f".{path.name}"
+    partial.write_text(f"{mac},{ip}\n")
+    partial.chmod(0o644)  # dnsmasq reads it as nobody
+    os.replace(partial, path)
+
+
+def _replace(net: libvirt.virNetwork) -> None:
+    with translate("replace the node network"):
+        if net.isActive():
+            net.destroy()
+        net.undefine()
 
 
 def _reassert_hook(net: libvirt.virNetwork, gateway: str) -> None:
@@ -268,7 +344,8 @@ def _reassert_hook(net: libvirt.virNetwork, gateway: str) -> None:
 
 def network_xml(network: NodeNetwork) -> str:
     """A NAT network with DHCP over the whole subnet but the gateway, marked for the network hook (which
-    lets forwarded traffic in: the instances' own filters decide what reaches them)."""
+    lets forwarded traffic in: the instances' own filters decide what reaches them), whose dnsmasq reads
+    reservations from the network's folder too."""
     root = ET.Element("network")
     sub_element(root, "name", network.name)
     sub_element(root, "metadata").append(network_hook.marker())
@@ -277,6 +354,8 @@ def network_xml(network: NodeNetwork) -> str:
     pool = network.pool()
     ip = ET.SubElement(root, "ip", address=network.gateway, prefix=str(network.prefix))
     ET.SubElement(sub_element(ip, "dhcp"), "range", start=pool[0], end=pool[-1])
+    options = ET.SubElement(root, f"{{{_DNSMASQ}}}options")
+    ET.SubElement(options, f"{{{_DNSMASQ}}}option", value=_HOSTSDIR + _libvirt_hosts_dir(network))
     return ET.tostring(root, encoding="unicode")
 
 
@@ -294,62 +373,3 @@ def _reservations(xml: str) -> dict[str, str]:
         for host in ET.fromstring(xml).iterfind("ip/dhcp/host")
         if host.get("mac") and host.get("ip")
     }
-
-
-def _rule(root: ET.Element, action: str, direction: str, priority: int, protocol: str, **attrs: str) -> None:
-    sub_element(
-        sub_element(root, "rule", action=action, direction=direction, priority=str(priority)),
-        protocol,
-        **attrs,
-    )
-
-
-def _match(rule: FirewallRule) -> dict[str, str]:
-    address, _, mask = rule.cidr.partition("/")
-    attrs = {"srcipaddr": address, "srcipmask": mask or "32"}
-    if rule.port_min is not None and rule.protocol in ("tcp", "udp"):
-        attrs.update(dstportstart=str(rule.port_min), dstportend=str(rule.port_max or rule.port_min))
-    return attrs
-
-
-def provider_filter(rules: Collection[FirewallRule], uuid: str = "") -> str:
-    """The node's provider rules, in their order, before everything an instance's own filter says (the
-    answers to its own traffic, DHCP, its rules)."""
-    root = ET.Element("filter", name=PROVIDER_FILTER, chain="root")
-    if uuid:
-        sub_element(root, "uuid", uuid)
-    for index, rule in enumerate(rules):
-        _rule(root, rule.action, "in", 50 + index, rule.protocol, **_match(rule))
-    return ET.tostring(root, encoding="unicode")
-
-
-def firewall_filter(name: str, uuid: str, rules: Collection[FirewallRule]) -> str:
-    """An nwfilter: out is open but for spoofed MACs and DHCP answers; in only what a rule allows, DHCP's
-    answers, and answers to the guest's own traffic, after the node's provider rules.
-
-    The fixed ``uuid`` lets a redefinition replace the filter in place.
-    """
-    root = ET.Element("filter", name=name, chain="root")
-    sub_element(root, "uuid", uuid)
-    ET.SubElement(root, "filterref", filter=PROVIDER_FILTER)
-    # The guest sends only with its own MAC, in frames and in ARP ($MAC: libvirt's, per interface).
-    _rule(root, "drop", "out", -750, "mac", match="no", srcmacaddr="$MAC")
-    _rule(root, "drop", "out", -740, "arp", match="no", arpsrcmacaddr="$MAC")
-    _rule(root, "drop", "out", 90, "udp", srcportstart="67", srcportend="67")  # no rogue DHCP server
-    _rule(root, "accept", "out", 100, "all")
-    _rule(
-        root,
-        "accept",
-        "in",
-        150,
-        "udp",
-        srcportstart="67",
-        srcportend="67",
-        dstportstart="68",
-        dstportend="68",
-    )
-    _rule(root, "accept", "in", 200, "all", state="ESTABLISHED,RELATED")
-    for rule in rules:
-        _rule(root, "accept", "in", 300, rule.protocol, **_match(rule))
-    _rule(root, "drop", "in", 1000, "all")
-    return ET.tostring(root, encoding="unicode")
