@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -200,16 +201,31 @@ def _ensure_running(ground: Ground, processes: dict[str, tuple[list[str], str]])
     stamp = ground.layout.state / "kubenova.fingerprint"
     fingerprint = source_fingerprint()
     current = stamp.exists() and stamp.read_text() == fingerprint
-    if not current:  # every kubenova process runs the same code: none may stay stale
-        for pidfile in (ground.layout.state / "pids").glob("*.pid"):
-            if pidfile.stem == "controller" or pidfile.stem.startswith("agent-"):
-                procs.stop(ground.layout, pidfile.stem)
+    if not current:  # every kubenova process runs the same code: none may stay stale, each starts again
+        processes = {**_stale(ground), **processes}
     for name, (argv, marker) in processes.items():
         if procs.running_pid(ground.layout, name):
             continue
         procs.stop(ground.layout, name)
         procs.start(ground.layout, name, argv, marker, env=ground.env())
     stamp.write_text(fingerprint)
+
+
+def _stale(ground: Ground) -> dict[str, tuple[list[str], str]]:
+    """Stop every kubenova process (the controller, each node's agent), and say how each was started: an
+    added node's agent too, which a later add_node or up would otherwise leave stopped."""
+    found = {}
+    for pidfile in sorted((ground.layout.state / "pids").glob("*.pid")):
+        name = pidfile.stem
+        if name != "controller" and not name.startswith("agent-"):
+            continue
+        pid = procs.running_pid(ground.layout, name)
+        with contextlib.suppress(OSError, IndexError):  # gone meanwhile: nothing to start again
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] if pid else []
+            if argv:
+                found[name] = ([arg.decode() for arg in argv], pidfile.read_text().splitlines()[1])
+        procs.stop(ground.layout, name)
+    return found
 
 
 def _wait_registered(ground: Ground, node: str) -> None:

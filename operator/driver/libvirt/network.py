@@ -23,7 +23,7 @@ import pathlib
 import shutil
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import libvirt
 
@@ -91,21 +91,25 @@ class Network(Firewall):
                     f"network {network.name} has subnet {_subnet(net.XMLDesc(0))}, not {network.subnet}, "
                     f"and {ports} guest interfaces on it; stop them, or keep the subnet"
                 )
+            if folder is not None:  # the old subnet's addresses go first: a crash then leaves none behind
+                _clear(folder)
             _replace(net)
             net = None
-            if folder is not None:  # the old subnet's addresses
-                shutil.rmtree(folder, ignore_errors=True)
-        elif net is not None and folder and _HOSTSDIR not in net.XMLDesc(0) and not self._ports(net):
+        elif (
+            net is not None
+            and folder is not None
+            and _HOSTSDIR not in net.XMLDesc(0)
+            and not self._ports(net)
+            and self._libvirtds(network) <= self._conf(network)
+        ):
             # defined before reservations were files: they move into the folder, then the network is made
             # again with it (one that guests use now keeps its definition's reservations until then)
-            folder.mkdir(mode=0o755, exist_ok=True)
-            for mac, ip in _reservations(net.XMLDesc(0)).items():
-                _write_reservation(folder, mac, ip)
+            _clear(folder)
+            with _files(folder):
+                for mac, ip in _reservations(net.XMLDesc(0)).items():
+                    _write_reservation(folder, mac, ip)
             _replace(net)
             net = None
-        if folder is not None:
-            folder.mkdir(mode=0o755, exist_ok=True)  # before dnsmasq starts: it watches only what is there
-            folder.chmod(0o755)  # dnsmasq reads it as nobody
         with translate("define the node network"):
             if net is None:
                 net = conn.networkDefineXML(network_xml(network))
@@ -119,24 +123,44 @@ class Network(Firewall):
         self._hosts_dir = folder if folder is not None and self._dnsmasq_reads(network) else None
 
     def _folder_of(self, network: NodeNetwork) -> pathlib.Path | None:
-        """The network's reservation folder as this agent sees it; None unless libvirtd's dnsmasq folder is
-        there (``--libvirt-dnsmasq-dir``)."""
-        if self.dnsmasq_dir is None or not self.dnsmasq_dir.is_dir():
+        """The network's reservation folder as this agent sees it, made before the network starts (dnsmasq
+        watches only a folder that is there; libvirtd makes its own dnsmasq folder only at its first network
+        with DHCP, so that is made here too). None without ``--libvirt-dnsmasq-dir``, or if it cannot be
+        made (said in the log)."""
+        if self.dnsmasq_dir is None:
             return None
-        return self.dnsmasq_dir / hosts_dir_name(network.name)
+        folder = self.dnsmasq_dir / hosts_dir_name(network.name)
+        try:
+            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+            folder.chmod(0o755)  # dnsmasq reads it as nobody
+        except OSError as exc:
+            log.warning("cannot make %s, so reservations change the network's definition: %s", folder, exc)
+            return None
+        return folder
 
-    def _dnsmasq_reads(self, network: NodeNetwork) -> bool:
-        """Whether the network's running dnsmasq reads the folder this agent writes: the configuration
-        libvirt wrote for it, in the agent's view of libvirtd's dnsmasq folder, names both the folder and the
-        network's bridge. Otherwise (another libvirtd's folder, a network that guests kept from before)
-        reservations stay in the network's definition, and the agent says so."""
+    def _conf(self, network: NodeNetwork) -> set[str]:
+        """The lines of the dnsmasq configuration libvirt wrote for the network, in the agent's view of
+        libvirtd's dnsmasq folder (none if it is not there)."""
         assert self.dnsmasq_dir is not None
         try:
-            conf = (self.dnsmasq_dir / f"{network.name}.conf").read_text()
+            return set((self.dnsmasq_dir / f"{network.name}.conf").read_text().splitlines())
         except OSError:
-            conf = ""
-        wanted = {_HOSTSDIR + _libvirt_hosts_dir(network), f"interface={network.bridge}"}
-        if wanted <= set(conf.splitlines()):
+            return set()
+
+    @staticmethod
+    def _libvirtds(network: NodeNetwork) -> set[str]:
+        """Lines that only the configuration of this network, written by a libvirtd whose dnsmasq folder is
+        LIBVIRT_DNSMASQ_DIR, has: its bridge, and libvirt's own hosts file there."""
+        return {
+            f"interface={network.bridge}",
+            f"dhcp-hostsfile={LIBVIRT_DNSMASQ_DIR}/{network.name}.hostsfile",
+        }
+
+    def _dnsmasq_reads(self, network: NodeNetwork) -> bool:
+        """Whether the network's running dnsmasq reads the folder this agent writes: the configuration is
+        libvirtd's (``_libvirtds``) and names the folder. Otherwise (another folder, a network that guests
+        kept from before) reservations stay in the network's definition, and the agent says so."""
+        if self._libvirtds(network) | {_HOSTSDIR + _libvirt_hosts_dir(network)} <= self._conf(network):
             return True
         log.warning(
             "libvirtd's dnsmasq does not read %s for network %s (is --libvirt-dnsmasq-dir its %s, and was "
@@ -242,7 +266,7 @@ class Network(Firewall):
         keeps a returning instance's address. Which MACs other domains have (a read of every definition
         here) is asked only then."""
         assert self.node_network is not None
-        with self._net_lock, translate("reserve addresses on the node network"):
+        with self._net_lock, translate("reserve addresses on the node network"), _files(self._hosts_dir):
             net = self.host.get_connection().networkLookupByName(self.node_network.name)
             defined = _reservations(net.XMLDesc(0))  # made before reservations were files, or without them
             hosts = {**defined, **self._reserved_files()}
@@ -278,27 +302,31 @@ class Network(Firewall):
         """MAC -> address of the reservations in the network's folder (none without one)."""
         if self._hosts_dir is None:
             return {}
+        assert self.node_network is not None
+        subnet = ipaddress.ip_network(self.node_network.subnet)
         hosts = {}
         for path in self._hosts_dir.iterdir():
             if path.name.startswith("."):  # one being written (dnsmasq skips them too)
                 continue
-            with contextlib.suppress(OSError):  # dropped meanwhile
+            with contextlib.suppress(OSError, ValueError):  # dropped meanwhile, or not one of ours
                 mac, _, ip = path.read_text().strip().partition(",")
-                hosts[mac.lower()] = ip
+                if ipaddress.ip_address(ip) in subnet:  # another subnet's: not in the way of this one's
+                    hosts[mac.lower()] = ip
         return hosts
 
     def _drop(self, net: libvirt.virNetwork, stale: Mapping[str, str], defined: Mapping[str, str]) -> None:
         """Drop the ``stale`` reservations; a dropped file's dnsmasq forgets at the reload that the network's
         change (the hook's, ``_reassert_hook``) makes it do."""
         assert self.node_network is not None
-        files = False
+        files = signalled = False
         for mac, ip in stale.items():
             if mac in defined:
                 _update(net, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, mac, ip)
+                signalled = True  # libvirt has dnsmasq reload at every change of the network
             elif self._hosts_dir is not None:
                 (self._hosts_dir / _file_name(mac)).unlink(missing_ok=True)
                 files = True
-        if files:
+        if files and not signalled:
             _reassert_hook(net, self.node_network.gateway)
 
     def unplug_vifs(self, uuid: str, interfaces: Collection[Interface]) -> None:
@@ -325,6 +353,22 @@ def _write_reservation(folder: pathlib.Path, mac: str, ip: str) -> None:
     partial.write_text(f"{mac},{ip}\n")
     partial.chmod(0o644)  # dnsmasq reads it as nobody
     os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def _files(folder: pathlib.Path | None) -> Iterator[None]:
+    """An error of the reservation files as a DriverError that names their folder."""
+    try:
+        yield
+    except OSError as exc:
+        raise DriverError(f"the DHCP reservations in {folder}: {exc}") from exc
+
+
+def _clear(folder: pathlib.Path) -> None:
+    with _files(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o755)
+        folder.chmod(0o755)
 
 
 def _replace(net: libvirt.virNetwork) -> None:
