@@ -235,8 +235,8 @@ def run(bench: Bench, count: int) -> Result:
         f"(target ≤ {TARGET_RATIO}×: {'met' if ratio(ours) <= TARGET_RATIO else 'missed'}).",
         "",
         "Where the wall time goes: the controller's plan and the target's preparation (its definition and "
-        "filter; its DHCP reservation is made behind the transfer, as each change of a libvirt network takes "
-        "~0.6 s) come before the source's migration call. That call holds libvirt's job (the source's "
+        "filter; its DHCP reservation, a file dnsmasq reads, is written behind the transfer) come before the "
+        "source's migration call. That call holds libvirt's job (the source's "
         "libvirtd connects to the target's, which starts QEMU to receive; the memory and disk copy; the "
         "switch-over) and then libvirt's Confirm on the source (its QEMU stopped, its filter removed). One "
         "status write then hands the Migration to the target, whose finish (the instance's binding, the "
