@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -212,19 +211,13 @@ def _ensure_running(ground: Ground, processes: dict[str, tuple[list[str], str]])
 
 
 def _stale(ground: Ground) -> dict[str, tuple[list[str], str]]:
-    """Stop every kubenova process (the controller, each node's agent), and say how each was started: an
-    added node's agent too, which a later add_node or up would otherwise leave stopped."""
+    """Stop each kubenova process and say how it was started, so it starts again (added nodes' agents too)."""
     found = {}
     for pidfile in sorted((ground.layout.state / "pids").glob("*.pid")):
-        name = pidfile.stem
-        if name != "controller" and not name.startswith("agent-"):
-            continue
-        pid = procs.running_pid(ground.layout, name)
-        with contextlib.suppress(OSError, IndexError):  # gone meanwhile: nothing to start again
-            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] if pid else []
-            if argv:
-                found[name] = ([arg.decode() for arg in argv], pidfile.read_text().splitlines()[1])
-        procs.stop(ground.layout, name)
+        if pidfile.stem == "controller" or pidfile.stem.startswith("agent-"):
+            if (started := procs.started_as(ground.layout, pidfile.stem)) is not None:
+                found[pidfile.stem] = started
+            procs.stop(ground.layout, pidfile.stem)
     return found
 
 

@@ -75,6 +75,17 @@ def running_pid(layout: Layout, name: str) -> int | None:
     return None
 
 
+def started_as(layout: Layout, name: str) -> tuple[list[str], str] | None:
+    """How our running process ``name`` was started: its argv and its marker (None if it does not run)."""
+    pid = running_pid(layout, name)
+    try:
+        argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] if pid else []
+        marker = layout.pidfile(name).read_text().split("\n")[1]
+    except (OSError, IndexError):  # gone meanwhile
+        return None
+    return ([arg.decode() for arg in argv], marker) if argv else None
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
