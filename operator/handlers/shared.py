@@ -232,8 +232,14 @@ def remove_finalizer(
             raise
 
 
+class EventSink(Protocol):
+    """What posts Events: the agent's CoreV1, or the controller's CoreV1Api, which takes the same mapping."""
+
+    def create_namespaced_event(self, namespace: str, body: Any) -> Any: ...
+
+
 def post_event(
-    core: kubernetes.client.CoreV1Api,
+    core: EventSink,
     body: Mapping[str, Any],
     reason: str,
     message: str,
@@ -244,26 +250,27 @@ def post_event(
     meta = body["metadata"]
     stamp = datetime.datetime.now(datetime.UTC)
     namespace = meta.get("namespace") or "default"  # where Events about cluster-scoped objects go
+    involved = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "name": meta["name"],
+        "namespace": meta.get("namespace"),
+        "uid": meta["uid"],
+        "resourceVersion": meta.get("resourceVersion"),
+    }
     core.create_namespaced_event(
         namespace,
-        kubernetes.client.CoreV1Event(
-            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta['name']}."),
-            involved_object=kubernetes.client.V1ObjectReference(
-                api_version=body.get("apiVersion"),
-                kind=body.get("kind"),
-                name=meta["name"],
-                namespace=meta.get("namespace"),
-                uid=meta["uid"],
-                resource_version=meta.get("resourceVersion"),
-            ),
-            reason=reason,
-            message=message[:1024],
-            type=type_,
-            count=1,
-            first_timestamp=stamp,
-            last_timestamp=stamp,
-            source=kubernetes.client.V1EventSource(component=component),
-        ),
+        {
+            "metadata": {"generateName": f"{meta['name']}."},
+            "involvedObject": {key: value for key, value in involved.items() if value is not None},
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "count": 1,
+            "firstTimestamp": stamp,  # the client writes datetimes as RFC 3339
+            "lastTimestamp": stamp,
+            "source": {"component": component},
+        },
     )
 
 
@@ -317,11 +324,18 @@ def root_claim_of(spec: Mapping[str, Any]) -> str | None:
     return ((spec.get("rootDisk") or {}).get("persistentVolumeClaim") or {}).get("claimName")
 
 
-def read_claim(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> dict[str, Any] | None:
-    """A PersistentVolumeClaim as a plain mapping (the client's names: volume_name, access_modes); None when
-    there is no such claim."""
+class ClaimSource(Protocol):
+    """What reads claims: the agent's CoreV1 (a mapping), or the controller's CoreV1Api (a model)."""
+
+    def read_namespaced_persistent_volume_claim(self, name: str, namespace: str) -> Any: ...
+
+
+def read_claim(core: ClaimSource, namespace: str, name: str) -> dict[str, Any] | None:
+    """A PersistentVolumeClaim in the API's own names (spec.volumeName, spec.accessModes); None when there
+    is no such claim."""
     try:
-        return typed(core.read_namespaced_persistent_volume_claim(name, namespace).to_dict())
+        found = core.read_namespaced_persistent_volume_claim(name, namespace)
+        return typed(found if isinstance(found, dict) else found.to_dict(serialize=True))
     except kubernetes.client.ApiException as exc:
         if exc.status == 404:
             return None

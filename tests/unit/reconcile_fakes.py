@@ -11,7 +11,6 @@ import base64
 import contextlib
 import copy
 import itertools
-import types
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -48,7 +47,7 @@ class FakeApiserver:
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, message)
         self.forbidden_secrets = False  # True: Secret reads answer 403, as in a namespace not opted in
-        self.claims: dict[tuple[str, str], kubernetes.client.V1PersistentVolumeClaim] = {}
+        self.claims: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self._versions = itertools.count(1)
 
@@ -90,14 +89,14 @@ class FakeApiserver:
         mode: str = "Filesystem",
     ) -> None:
         """A PersistentVolumeClaim of namespace ns: Bound to PersistentVolume pv-<name>, or not yet."""
-        self.claims[("ns", name)] = kubernetes.client.V1PersistentVolumeClaim(
-            metadata=kubernetes.client.V1ObjectMeta(name=name, namespace="ns"),
-            spec=kubernetes.client.V1PersistentVolumeClaimSpec(
-                access_modes=list(modes),
-                volume_name=f"pv-{name}" if phase == "Bound" else None,
-                volume_mode=mode,
-            ),
-            status=kubernetes.client.V1PersistentVolumeClaimStatus(phase=phase, capacity={"storage": "1Gi"}),
+        self.claims[("ns", name)] = dict(
+            metadata={"name": name, "namespace": "ns"},
+            spec={
+                "accessModes": list(modes),
+                **({"volumeName": f"pv-{name}"} if phase == "Bound" else {}),
+                "volumeMode": mode,
+            },
+            status={"phase": phase, "capacity": {"storage": "1Gi"}},
         )
 
     def reasons(self, name: str) -> list[str]:
@@ -169,13 +168,11 @@ class FakeApiserver:
 
     # --- CoreV1Api -----------------------------------------------------------------------------------
 
-    def read_namespaced_persistent_volume_claim(
-        self, name: str, namespace: str
-    ) -> kubernetes.client.V1PersistentVolumeClaim:
+    def read_namespaced_persistent_volume_claim(self, name: str, namespace: str) -> dict[str, Any]:
         found = self.claims.get((namespace, name))
         if found is None:
             raise _missing(f"PersistentVolumeClaim {name}")
-        return found
+        return copy.deepcopy(found)
 
     def read_namespaced_pod(self, name: str, namespace: str) -> kubernetes.client.V1Pod:
         pod = self.pods.get((namespace, name))
@@ -206,21 +203,23 @@ class FakeApiserver:
         self.pods[key] = pod
         return self.read_namespaced_pod(pod["metadata"]["name"], namespace)
 
-    def read_namespaced_secret(self, name: str, namespace: str) -> types.SimpleNamespace:
+    def read_namespaced_secret(self, name: str, namespace: str) -> dict[str, Any]:
         if self.forbidden_secrets:  # a namespace that gave the agent no RoleBinding
             raise kubernetes.client.ApiException(status=403, reason="Forbidden")
         data = self.secrets.get((namespace, name))
         if data is None:
             raise _missing(f"Secret {name}")
-        return types.SimpleNamespace(data=dict(data))
+        return {"data": dict(data)}
 
-    def create_namespaced_secret(self, namespace: str, secret: kubernetes.client.V1Secret) -> None:
-        if (namespace, secret.metadata.name) in self.secrets:
+    def create_namespaced_secret(self, namespace: str, secret: dict[str, Any]) -> None:
+        name = secret["metadata"]["name"]
+        if (namespace, name) in self.secrets:
             raise kubernetes.client.ApiException(status=409, reason="AlreadyExists")
-        self.add_secret(namespace, secret.metadata.name, **secret.string_data)
+        self.add_secret(namespace, name, **secret["stringData"])
 
-    def create_namespaced_event(self, namespace: str, event: kubernetes.client.CoreV1Event) -> None:
-        self.events.append((event.involved_object.name, event.type, event.reason, event.message))
+    def create_namespaced_event(self, namespace: str, event: dict[str, Any]) -> None:
+        said = (event["involvedObject"]["name"], event["type"], event["reason"], event["message"])
+        self.events.append(said)
 
 
 class MemoryStatusWriter:

@@ -77,7 +77,8 @@ class FakeCore:
         self.events: list[tuple[str, str, str, str]] = []  # (object, type, reason, message)
 
     def create_namespaced_event(self, namespace: str, event: Any) -> None:
-        self.events.append((event.involved_object.name, event.type, event.reason, event.message))
+        said = (event["involvedObject"]["name"], event["type"], event["reason"], event["message"])
+        self.events.append(said)
 
 
 class Cluster:

@@ -38,6 +38,7 @@ from kubenova.handlers.agent.node_reporter import LEASE_SECONDS, REPORT_INTERVAL
 from kubenova.handlers.agent.secret_reader import SecretReader
 from kubenova.handlers.agent.volumes import VolumeAgent, with_volumes
 from kubenova.handlers.agent.workqueue import WorkQueue, every
+from kubenova.handlers.core_v1 import CoreV1
 from kubenova.handlers.shared import (
     COMPUTENODES,
     GROUP,
@@ -148,7 +149,7 @@ class Agent:
         self.instance_cache = ObjectCache(self.queue, "instance")
         self.volume_cache = ObjectCache(self.queue, "volume")
         self.migration_cache = ObjectCache(self.queue, "migration")
-        core = kubernetes.client.CoreV1Api(client)
+        core = CoreV1(client)  # not the client's CoreV1Api: its models would be a fifth of the agent's RSS
         self.events = EventPoster(core, config.node)
         instance_status = StatusWriter(self.custom, VIRTUALINSTANCES)
         claims = Claims(core, config.kubelet_dir)

@@ -18,11 +18,11 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-import kubernetes
 from kubernetes.utils import parse_quantity
 
 from kubenova.driver.base import InvalidInstanceSpec
 from kubenova.handlers.agent.secret_reader import WaitFor
+from kubenova.handlers.core_v1 import CoreV1
 from kubenova.handlers.shared import claim_missing, condition, read_claim, root_claim_of
 
 #: The guest's disk in a Filesystem-mode claim.
@@ -53,7 +53,7 @@ class Claims:
     """Finds claims' volumes in the kubelet's folder (``--kubelet-dir``, mounted into the agent's pod with
     HostToContainer propagation, so the kubelet's later mounts show)."""
 
-    def __init__(self, core: kubernetes.client.CoreV1Api, kubelet_dir: pathlib.Path) -> None:
+    def __init__(self, core: CoreV1, kubelet_dir: pathlib.Path) -> None:
         self.core = core
         self.kubelet_dir = kubelet_dir
 
@@ -107,14 +107,14 @@ class Claims:
         if pvc is None:
             raise ClaimNotReady("ClaimNotFound", claim_missing(namespace, claim))
         spec, pvc_status = pvc.get("spec") or {}, pvc.get("status") or {}
-        pv, phase = spec.get("volume_name"), pvc_status.get("phase") or "Pending"
+        pv, phase = spec.get("volumeName"), pvc_status.get("phase") or "Pending"
         if phase != "Bound" or not pv:
             raise ClaimNotReady(
                 "ClaimPending",
                 f"PersistentVolumeClaim {claim!r} is {phase}: waiting for it to bind "
                 f"(kubectl -n {namespace} describe pvc {claim} says why not)",
             )
-        found = self._mapped(holder, pv) if spec.get("volume_mode") == "Block" else self._mounted(holder, pv)
+        found = self._mapped(holder, pv) if spec.get("volumeMode") == "Block" else self._mounted(holder, pv)
         if found is None:
             raise ClaimNotReady(
                 "ClaimNotMounted",

@@ -9,13 +9,14 @@ from typing import Any
 
 import kubernetes
 
+from kubenova.handlers.core_v1 import CoreV1
 from kubenova.handlers.shared import post_event
 
 log = logging.getLogger(__name__)
 
 
 class EventPoster:
-    def __init__(self, core: kubernetes.client.CoreV1Api, node: str) -> None:
+    def __init__(self, core: CoreV1, node: str) -> None:
         self.core = core
         self.component = f"kubenova-agent/{node}"
         self._warned: set[tuple[str, str]] = set()

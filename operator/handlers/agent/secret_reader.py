@@ -16,6 +16,7 @@ import kubernetes
 
 from kubenova.driver.base import Credentials
 from kubenova.handlers.agent.translate import SecretValues, vnc_secret_name
+from kubenova.handlers.core_v1 import CoreV1
 from kubenova.handlers.shared import GROUP, VERSION
 
 
@@ -40,7 +41,7 @@ def not_opted_in(namespace: str, field: str) -> WaitFor:
 class SecretReader:
     """Reads and makes Secrets through the core API it is given (a fake one in unit tests)."""
 
-    def __init__(self, core: kubernetes.client.CoreV1Api) -> None:
+    def __init__(self, core: CoreV1) -> None:
         self.core = core
 
     def for_instance(self, instance: Mapping[str, Any]) -> SecretValues:
@@ -113,7 +114,7 @@ class SecretReader:
             if exc.status == 403:
                 raise not_opted_in(namespace, field) from exc
             raise
-        return {key: str(value) for key, value in (secret.data or {}).items()}
+        return {key: str(value) for key, value in (secret.get("data") or {}).items()}
 
     def vnc_password(self, body: Mapping[str, Any]) -> str | None:
         """The instance's VNC password, kept in the Secret <name>-vnc (made once, owned by the instance).
@@ -131,21 +132,21 @@ class SecretReader:
         try:
             self.core.create_namespaced_secret(
                 meta["namespace"],
-                kubernetes.client.V1Secret(
-                    metadata=kubernetes.client.V1ObjectMeta(
-                        name=name,
-                        labels={f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
-                        owner_references=[
-                            kubernetes.client.V1OwnerReference(
-                                api_version=f"{GROUP}/{VERSION}",
-                                kind="VirtualInstance",
-                                name=meta["name"],
-                                uid=meta["uid"],
-                            )
+                {
+                    "metadata": {
+                        "name": name,
+                        "labels": {f"{GROUP}/vnc-for": meta["uid"]},  # a name may be too long for a label
+                        "ownerReferences": [
+                            {
+                                "apiVersion": f"{GROUP}/{VERSION}",
+                                "kind": "VirtualInstance",
+                                "name": meta["name"],
+                                "uid": meta["uid"],
+                            }
                         ],
-                    ),
-                    string_data={"password": password},
-                ),
+                    },
+                    "stringData": {"password": password},
+                },
             )
             return password
         except kubernetes.client.ApiException as exc:
@@ -154,7 +155,7 @@ class SecretReader:
             if exc.status != 409:
                 raise
         existing = self.core.read_namespaced_secret(name, meta["namespace"])
-        data = (existing.data or {}).get("password")
+        data = (existing.get("data") or {}).get("password")
         if data is None:  # a Secret of that name that kubenova did not make
             raise WaitFor(
                 "SecretConflict",

@@ -285,7 +285,7 @@ class Holders:
             self._say(body, "Pending", "ClaimNotFound", claim_missing(namespace, claim))
             return
         spec_of = pvc.get("spec") or {}
-        block = spec_of.get("volume_mode") == "Block"
+        block = spec_of.get("volumeMode") == "Block"
         if block and kind == INSTANCE:
             self._refuse(
                 body,
@@ -302,7 +302,7 @@ class Holders:
                 self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
             ).get("items", [])
         ]
-        why = conflict(body, list(spec_of.get("access_modes") or []), others)
+        why = conflict(body, list(spec_of.get("accessModes") or []), others)
         if why:
             self._refuse(body, "ClaimInUse", why)
             return

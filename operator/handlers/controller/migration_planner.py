@@ -308,7 +308,7 @@ class Planner:
     def _access_modes(self, namespace: str, claim: str) -> list[str]:
         """A claim's access modes; none for a claim that does not exist."""
         pvc = read_claim(self.core, namespace, claim) or {}
-        return list((pvc.get("spec") or {}).get("access_modes") or [])
+        return list((pvc.get("spec") or {}).get("accessModes") or [])
 
     # --- maintenance ---------------------------------------------------------------------
 
