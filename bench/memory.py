@@ -82,9 +82,9 @@ def run(bench: Bench, fake_count: int, real_count: int, settle: float = 3.0) -> 
         f"({'met' if per_real <= 1024 and per_fake <= 1024 else 'missed'}), agent ≤ 80 MiB at 100 VMs "
         f"({'met' if fake_loaded <= 80 else f'missed: {fake_loaded:.0f} MiB'}). Most of an agent's RSS "
         "is code before any work: Python with kopf and the official client (which kopf loads too) is "
-        "about 62 MiB here, and the official client's CoreV1Api, whose module loads its ~250 pydantic models "
-        "at the first use, 20 MiB more (the agent makes four core/v1 calls: Events, two on Secrets, one "
-        "on claims).",
+        "about 62 MiB here. The agent does without the client's CoreV1Api, whose module loads ~250 pydantic "
+        "models at its first use (20 MiB): its four core/v1 calls go through the client's ApiClient as JSON "
+        "(handlers/core_v1.py).",
     ]
     return Result(
         "Memory",
