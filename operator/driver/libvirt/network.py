@@ -131,8 +131,7 @@ class Network(Firewall):
             return None
         folder = self.dnsmasq_dir / hosts_dir_name(network.name)
         try:
-            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
-            folder.chmod(0o755)  # dnsmasq reads it as nobody
+            _make(folder)
         except OSError as exc:
             log.warning("cannot make %s, so reservations change the network's definition: %s", folder, exc)
             return None
@@ -364,11 +363,15 @@ def _files(folder: pathlib.Path | None) -> Iterator[None]:
         raise DriverError(f"the DHCP reservations in {folder}: {exc}") from exc
 
 
+def _make(folder: pathlib.Path) -> None:
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    folder.chmod(0o755)  # dnsmasq reads it as nobody (mkdir's mode is cut by the umask)
+
+
 def _clear(folder: pathlib.Path) -> None:
     with _files(folder):
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(mode=0o755)
-        folder.chmod(0o755)
+        _make(folder)
 
 
 def _replace(net: libvirt.virNetwork) -> None:
