@@ -65,12 +65,11 @@ def moved(step: str, phase: str, source: str = "node-1", kind: str = "Live") -> 
     }
 
 
-def test_an_instance_is_held_while_a_step_runs_but_not_while_awaiting_confirmation() -> None:
+def test_an_instance_is_held_while_a_step_runs_and_on_the_source_while_awaiting_confirmation() -> None:
     assert holds(migrations_of(moved("Transfer", "Migrating")), "vm", "node-1") == "active"
-    assert (
-        holds(migrations_of(moved("AwaitConfirmation", "AwaitingConfirmation", kind="Cold")), "vm", "node-1")
-        is None
-    )
+    awaiting = migrations_of(moved("AwaitConfirmation", "AwaitingConfirmation", kind="Cold"))
+    assert holds(awaiting, "vm", "node-2") is None  # the target runs it and looks after it
+    assert holds(awaiting, "vm", "node-1") == "awaiting"  # the source's stopped copy stays as it is
     assert holds(migrations_of(moved("Transfer", "Migrating")), "other-vm", "node-1") is None
 
 

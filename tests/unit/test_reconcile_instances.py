@@ -281,6 +281,24 @@ def test_an_instance_that_left_for_another_node_is_not_started_again(node: Node)
     assert not node.driver.instance_exists(uid)
 
 
+def test_a_resize_source_leaves_its_stopped_copy_alone_while_the_decision_is_awaited(node: Node) -> None:
+    """The source's watch may bring the target's status write (resize gone, status.node the target)
+    before the label's change: that copy must neither redefine the stopped domain nor start it."""
+    uid = node.create("vm")
+    node.driver.power_off(uid)  # PowerOffSource stopped it; the target runs the instance now
+    awaiting = migration(uid, "AwaitConfirmation", "AwaitingConfirmation")
+    awaiting["spec"]["type"] = "Cold"
+    awaiting["status"]["targetNode"] = "node-9"
+    node.migrations.seen("ADDED", node.api.add(MIGRATIONS, awaiting))
+    defined = node.driver.defined_revision(uid)
+    body = node.get("vm")
+    body["spec"]["flavor"] = {"vcpus": 2, "memoryMiB": 256}  # a flavor the stopped copy does not have
+    body["status"]["node"] = "node-9"
+    node.look(body)
+    assert node.state(uid) is PowerState.SHUTOFF, "a second copy of a guest that runs on the target"
+    assert node.driver.defined_revision(uid) == defined
+
+
 def test_an_instance_whose_status_names_another_node_is_not_started_here(node: Node) -> None:
     """A label moved by hand (an admin: users are refused by admission) does not start a second copy."""
     body = bound("vm", NODE, {"flavor": FLAVOR, "boot": KERNEL})

@@ -41,7 +41,10 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
     """Why the instance's domain must be left alone on ``node`` now, or None.
 
     "active": a migration of it is between steps (AwaitConfirmation excepted: the instance runs
-    on the target then, and that agent looks after it as usual). "moved": its newest migration
+    on the target then, and that agent looks after it as usual). "awaiting": a resize awaits its
+    decision and ``node`` is its source, whose stopped copy stays as it is: a look at a copy of the
+    instance still bound here (the label's change not yet seen) would redefine it with the spec's
+    flavor and start it, a second copy of a guest that runs on the target. "moved": its newest migration
     took it away from this node; the watch will drop the object soon. "lost": a live transfer failed
     after its switch to post-copy, so neither node holds the whole guest; both halves are left to a
     person until that Migration is deleted.
@@ -53,6 +56,8 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
         status = body.get("status") or {}
         if not is_final(status) and status.get("step") != "AwaitConfirmation":
             return "active"
+        if status.get("step") == "AwaitConfirmation" and status.get("sourceNode") == node:
+            return "awaiting"
         if status.get("phase") == "Failed" and (status.get("progress") or {}).get("mode") == POST_COPY:
             return "lost"
     newest = max(mine, key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
