@@ -38,6 +38,14 @@ def test_a_write_answered_after_a_newer_event_is_old_news() -> None:
     assert held(objects) == "10"
 
 
+def test_a_write_answered_after_the_object_left_does_not_bring_it_back() -> None:
+    objects = cache()
+    objects.seen("ADDED", obj("5"))
+    objects.seen("DELETED", obj("6"))  # its label moved it to another node while our write was on its way
+    objects.written(obj("5"))
+    assert "u1" not in objects.objects
+
+
 def test_a_relist_forgets_only_what_it_predates() -> None:
     objects = cache()
     forgotten: list[str] = []

@@ -107,8 +107,14 @@ class ObjectCache:
         return uid
 
     def written(self, body: Mapping[str, Any]) -> None:
-        """Record the answer to our own write, unless the watch brought a newer version meanwhile."""
-        self.seen("MODIFIED", body)
+        """Record the answer to our own write, unless the watch brought a newer version meanwhile, or said
+        the object left (deleted, or its label moved it to another node) while the write was on its way:
+        an answer never brings back what the watch dropped, which no later event would drop again."""
+        uid = str(body["metadata"]["uid"])
+        with self._lock:
+            held = self.objects.get(uid)
+            if held is not None and not older(body, held):
+                self.objects[uid] = dict(body)
 
     def current(self, body: Mapping[str, Any]) -> bool:
         """Whether ``body`` is still the newest version held (or none is held any more)."""

@@ -186,8 +186,7 @@ class InstanceAgent:
         fresh = self.status.write(body, patch, guard)
         if fresh is None or fresh is body:  # gone, or nothing to say
             return
-        if body["metadata"]["uid"] in self.cache.objects:
-            self.cache.written(fresh)
+        self.cache.written(fresh)
         phase = patch.get("phase")
         if (
             phase and phase != status.get("phase") and phase not in ("Failed", "Pending")
