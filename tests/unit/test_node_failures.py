@@ -13,6 +13,7 @@ import pytest
 
 from kubenova.driver.base import PowerState
 from kubenova.handlers.agent import health, power
+from kubenova.handlers.agent.app import Agent
 from kubenova.handlers.agent.workqueue import WorkQueue
 from kubenova.handlers.controller.binding import fenced, node_view
 from kubenova.handlers.controller.fencing import why_kept
@@ -159,3 +160,40 @@ def test_a_queue_stalls_only_while_due_work_waits_and_nothing_finishes() -> None
     assert queue.stalled_for() == pytest.approx(60.0)
     gate.set()
     queue.stop()
+
+
+class Reporter:
+    """The reporter's side of a libvirt connection: ``reachable`` is whether a report would reconnect."""
+
+    def __init__(self) -> None:
+        self.connected, self.reachable, self.said = True, True, []
+
+    def lost(self) -> None:
+        self.connected = False
+        self.said.append("lost")
+
+    def report(self) -> None:
+        self.connected = self.reachable
+        self.said.append("ready" if self.reachable else "unreachable")
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.later: list[tuple[str, str]] = []
+
+    def add_after(self, key: tuple[str, str], delay: float) -> None:
+        self.later.append(key)
+
+
+def test_a_reconnection_attempt_due_after_libvirt_is_back_does_not_say_it_is_lost_again() -> None:
+    agent: Any = type("AgentState", (), {})()
+    agent.reporter, agent.queue = Reporter(), Queue()
+    agent.reporter.reachable = False
+    Agent._hypervisor(agent, "False")  # the connection listener: libvirtd died
+    Agent._hypervisor(agent, "False")  # the second connection's close, while it is still away
+    assert agent.reporter.said == ["lost", "unreachable"] and agent.queue.later
+    attempt = agent.queue.later[-1]
+    agent.reporter.reachable = True  # something else (a spawn, the host report) reconnected meanwhile
+    agent.reporter.report()
+    Agent._hypervisor(agent, attempt[1])  # the attempt queued while it was away comes due
+    assert agent.reporter.said[-1] == "ready" and agent.reporter.connected

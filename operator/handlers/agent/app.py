@@ -303,7 +303,9 @@ class Agent:
         """Say at once on the ComputeNode whether libvirt is reachable; while it is not, keep trying.
 
         The report reconnects when libvirtd is back; the connection listener then adds "True" here,
-        and every instance is looked at again, since its lifecycle events were lost meanwhile.
+        and every instance is looked at again, since its lifecycle events were lost meanwhile. Attempts
+        are queued as "Retry", not as the listener's "False": one due after something else reconnected
+        would say libvirt is lost again, and placements would be refused though libvirtd answers.
         """
         try:
             if up == "False" and self.reporter.connected:
@@ -313,7 +315,7 @@ class Agent:
         except Exception as exc:  # the apiserver may be away too; the condition is written next time
             log.warning("cannot write the hypervisor's state on the ComputeNode: %s", exc)
         if not self.reporter.connected:
-            self.queue.add_after(("hypervisor", "False"), RECONNECT_INTERVAL)
+            self.queue.add_after(("hypervisor", "Retry"), RECONNECT_INTERVAL)
         elif up == "True":
             self.network.forget()  # a restarted libvirtd shadows the network hook's rule: ensured anew
             self._network()

@@ -56,7 +56,11 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
         status = body.get("status") or {}
         if not is_final(status) and status.get("step") != "AwaitConfirmation":
             return "active"
-        if status.get("step") == "AwaitConfirmation" and status.get("sourceNode") == node:
+        if (
+            not is_final(status)
+            and status.get("step") == "AwaitConfirmation"
+            and status.get("sourceNode") == node
+        ):
             return "awaiting"
         if status.get("phase") == "Failed" and (status.get("progress") or {}).get("mode") == POST_COPY:
             return "lost"
