@@ -3,6 +3,7 @@ it, which instances of a fenced node start elsewhere, what a run strategy restar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import threading
@@ -12,13 +13,16 @@ from typing import Any
 import pytest
 
 from kubenova.driver.base import PowerState
+from kubenova.driver.fake import FakeDriver
 from kubenova.handlers.agent import health, power
 from kubenova.handlers.agent.app import Agent
+from kubenova.handlers.agent.node_reporter import NodeReporter
 from kubenova.handlers.agent.workqueue import WorkQueue
 from kubenova.handlers.controller.binding import fenced, node_view
 from kubenova.handlers.controller.fencing import why_kept
 from kubenova.handlers.controller.node_health import MIGRATION_GRACE, NodeHealth, abandoned
 from kubenova.handlers.controller.placement import Unschedulable, Usage, choose_node
+from tests.unit.reconcile_fakes import FakeApiserver, MemoryStatusWriter
 from tests.unit.test_fake_driver import Clock
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -197,3 +201,22 @@ def test_a_reconnection_attempt_due_after_libvirt_is_back_does_not_say_it_is_los
     agent.reporter.report()
     Agent._hypervisor(agent, attempt[1])  # the attempt queued while it was away comes due
     assert agent.reporter.said[-1] == "ready" and agent.reporter.connected
+
+
+def test_the_watch_bringing_the_lost_report_after_the_recovery_is_old_news() -> None:
+    """Only a newer word on Ready (the controller's Unknown) makes the agent report again."""
+    api = FakeApiserver()
+    api.add("computenodes", {"metadata": {"name": "node-0"}, "spec": {}})
+    reporter = NodeReporter("node-0", FakeDriver("node-0"), api, None, "10.0.0.1", set, lambda *_: None)
+    reporter.writer = MemoryStatusWriter(api, "computenodes")  # type: ignore[assignment]
+    reporter.report()
+    reporter.lost()
+    lost = copy.deepcopy(api.objects[("computenodes", None, "node-0")])
+    reporter.report()
+    back = copy.deepcopy(api.objects[("computenodes", None, "node-0")])
+    assert not reporter.seen(lost), "the False it replaced, delivered late"
+    assert not reporter.seen(back)
+    unknown = copy.deepcopy(back)
+    unknown["status"]["conditions"] = [{"type": "Ready", "status": "Unknown", "reason": "NodeUnreachable"}]
+    unknown["metadata"]["resourceVersion"] = str(int(back["metadata"]["resourceVersion"]) + 1)
+    assert reporter.seen(unknown)

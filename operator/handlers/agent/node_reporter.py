@@ -18,6 +18,7 @@ import kubernetes
 
 from kubenova.driver.base import ComputeDriver, DriverError, HostPowerAction, Unsupported
 from kubenova.driver.images import ImageStore
+from kubenova.handlers.agent.cache import older
 from kubenova.handlers.agent.node_network import NetworkKeeper
 from kubenova.handlers.shared import (
     COMPUTENODES,
@@ -98,6 +99,7 @@ class NodeReporter:
         self._last_beat = datetime.datetime.min.replace(tzinfo=datetime.UTC)
         self._unknown: set[str] = set()
         self.status: dict[str, Any] = {}
+        self._saved: Mapping[str, Any] | None = None  # the ComputeNode as this agent's last write left it
         #: The ComputeNode's spec as registration read it (before any watch event).
         self.spec: dict[str, Any] = {}
         #: The ComputeNode as Events name it (set by register).
@@ -198,6 +200,8 @@ class NodeReporter:
     def seen(self, body: Mapping[str, Any]) -> bool:
         """The ComputeNode as the watch brought it; True when its Ready condition is not what this agent
         last wrote (the controller marked the node Unknown while this agent was away): report again."""
+        if older(body, self._saved):  # queued before our last write (a libvirtd back: the False it replaced)
+            return False
         theirs = condition(body.get("status") or {}, "Ready") or {}
         mine = condition(self.status, "Ready") or {}
         if (theirs.get("status"), theirs.get("reason")) == (mine.get("status"), mine.get("reason")):
@@ -284,6 +288,7 @@ class NodeReporter:
             log.warning("ComputeNode %s is gone; the agent registers it again when it restarts", self.node)
             return
         self.status = dict(fresh.get("status") or {})
+        self._saved = {"metadata": dict(fresh.get("metadata") or {})}
 
     def power_action(self, body: Mapping[str, Any]) -> None:
         """Nova's host_power_action, once per request id; Unsupported is a condition, not a retry."""
