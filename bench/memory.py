@@ -85,11 +85,10 @@ def run(bench: Bench, fake_count: int, real_count: int, settle: float = 3.0) -> 
         f"({'met' if agent_loaded <= 80 else 'missed'}: `import libvirt` alone adds about 10 MiB, libvirt's "
         "client library and the libraries it links, which the in-memory driver does not load); ≤ 100 KiB "
         f"per instance beyond that ({per_fake:.0f} KiB: {'met' if per_fake <= 100 else 'missed'}). "
-        "Most of an agent's RSS "
-        "is code before any work: Python with kopf and the official client (which kopf loads too) is "
-        "about 62 MiB here. The agent does without the client's CoreV1Api, whose module loads ~250 pydantic "
-        "models at its first use (20 MiB): its four core/v1 calls go through the client's ApiClient as JSON "
-        "(handlers/core_v1.py).",
+        "Most of an agent's RSS is code before any work: Python with kopf and the official client "
+        "(which kopf loads too) is about 62 MiB here. The agent does without the client's CoreV1Api, "
+        "whose module loads ~250 pydantic models at its first use (20 MiB): its four core/v1 calls go "
+        "through the client's ApiClient as JSON (handlers/core_v1.py).",
     ]
     return Result(
         "Memory",

@@ -54,14 +54,11 @@ def holds(migrations: Iterable[Mapping[str, Any]], instance_uid: str, node: str)
         return None
     for body in mine:
         status = body.get("status") or {}
-        if not is_final(status) and status.get("step") != "AwaitConfirmation":
-            return "active"
-        if (
-            not is_final(status)
-            and status.get("step") == "AwaitConfirmation"
-            and status.get("sourceNode") == node
-        ):
-            return "awaiting"
+        if not is_final(status):
+            if status.get("step") != "AwaitConfirmation":
+                return "active"
+            if status.get("sourceNode") == node:
+                return "awaiting"
         if status.get("phase") == "Failed" and (status.get("progress") or {}).get("mode") == POST_COPY:
             return "lost"
     newest = max(mine, key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
